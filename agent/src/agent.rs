@@ -1,0 +1,183 @@
+//! The daemon: loads the data path, keeps enrollment in line with the config,
+//! serves the admin socket, and stops on SIGTERM/SIGINT.
+//!
+//! Stopping (or crashing) leaves the eBPF programs attached on purpose:
+//! enrolled workloads fail closed (outbound connects are refused, inbound
+//! SYNs dropped) instead of bypassing the mesh, and the next agent picks the
+//! pinned state up. `nodemesh uninstall` removes the node's data path.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::admin::{self, Query, Responder};
+use crate::config::{self, Config, ConfigStore, LoadOptions};
+use crate::dns::{self, Upstream};
+use crate::ebpf::Datapath;
+use crate::proxy::{Direction, Proxy, Timeouts};
+use crate::workloads::Enroller;
+
+/// Re-check enrollment this often even without config changes: a workload's
+/// network namespace may appear after its config.
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+pub struct Settings {
+    pub config_dir: PathBuf,
+    pub node: String,
+    pub admin_socket: PathBuf,
+    pub bpffs: PathBuf,
+    pub upstream_dns: Option<SocketAddr>,
+    pub load: LoadOptions,
+    pub timeouts: Timeouts,
+}
+
+struct Node {
+    settings: Settings,
+    started: Instant,
+    config: Arc<ConfigStore>,
+    proxy: Arc<Proxy>,
+    enroller: Enroller,
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the agent loads eBPF programs and must run as root");
+    let config = Arc::new(match Config::load_dir(&settings.config_dir, &settings.load) {
+        Ok(cfg) => ConfigStore::new(cfg),
+        Err(e) => {
+            // Start anyway, so `nodemesh status` shows the error and a fix is
+            // picked up by the watcher.
+            log::error!("configuration rejected, starting with none:\n{e}");
+            let store = ConfigStore::new(Config::empty());
+            store.reject(&e);
+            store
+        }
+    });
+    let (datapath, orig_dst) =
+        Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
+    let proxy = Arc::new(Proxy::new(config.clone(), orig_dst, settings.timeouts));
+    let upstream = Upstream { addr: dns_upstream(settings.upstream_dns), timeout: Duration::from_secs(2) };
+    let enroller = Enroller::new(
+        settings.node.clone(),
+        settings.load.cluster_domain.clone(),
+        upstream,
+        proxy.clone(),
+        datapath,
+    );
+    let admin = admin::bind(&settings.admin_socket)?;
+    let node = Arc::new(Node { settings, started: Instant::now(), config: config.clone(), proxy, enroller });
+    node.enroller.reconcile(&config.current());
+    log::info!(
+        "node {} ready: {} workload(s) enrolled, config generation {}, admin socket {}",
+        node.settings.node,
+        node.enroller.enrolled_count(),
+        config.generation(),
+        node.settings.admin_socket.display()
+    );
+
+    tokio::spawn(admin::serve(admin, node.clone()));
+    let watcher = tokio::spawn(config::watch_dir(node.settings.config_dir.clone(), node.settings.load.clone(), config.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(node.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    watcher.abort();
+    reconciler.abort();
+    let _ = std::fs::remove_file(&node.settings.admin_socket);
+    log::info!(
+        "stopped; eBPF programs stay attached so enrolled workloads fail closed until an agent \
+         is back (`nodemesh uninstall --node-name {}` removes them)",
+        node.settings.node
+    );
+    Ok(())
+}
+
+async fn reconcile_loop(node: Arc<Node>) {
+    let mut changes = node.config.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RECONCILE_EVERY) => {}
+        }
+        node.enroller.reconcile(&node.config.current());
+    }
+}
+
+/// `--upstream-dns`, else the node's first resolv.conf nameserver.
+fn dns_upstream(flag: Option<SocketAddr>) -> SocketAddr {
+    flag.or_else(|| {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+        dns::upstream_from_resolv_conf(&conf).map(|ip| SocketAddr::new(ip, 53))
+    })
+    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 53], 53)))
+}
+
+impl Responder for Node {
+    fn answer(&self, query: Query) -> serde_json::Value {
+        let cfg = self.config.current();
+        match query {
+            Query::Status => self.status(&cfg),
+            Query::Workloads => json!(self.enroller.status(&cfg)),
+            Query::Services => services(&cfg),
+            Query::Connections => json!(self.proxy.recent_connections()),
+        }
+    }
+}
+
+impl Node {
+    fn status(&self, cfg: &Config) -> serde_json::Value {
+        let on_node = cfg.workloads().iter().filter(|w| w.node == self.settings.node).count();
+        json!({
+            "node": self.settings.node,
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "config": {
+                "dir": self.settings.config_dir,
+                "generation": self.config.generation(),
+                "last_error": self.config.last_error(),
+                "namespaces": cfg.namespaces().count(),
+                "workloads": cfg.workloads().len(),
+                "services": cfg.services().len(),
+            },
+            "ebpf": self.enroller.with_datapath(|d| d.status()),
+            "workloads": {
+                "on_node": on_node,
+                "enrolled": self.enroller.enrolled_count(),
+                "failures": self.enroller.failures(),
+            },
+            "connections": {
+                "outbound": self.proxy.counts(Direction::Outbound),
+                "inbound": self.proxy.counts(Direction::Inbound),
+                "awaiting_accept": self.proxy.pending_original_destinations(),
+            },
+        })
+    }
+}
+
+fn services(cfg: &Config) -> serde_json::Value {
+    let services: Vec<_> = cfg
+        .services()
+        .iter()
+        .map(|s| {
+            let endpoints: Vec<_> = cfg
+                .endpoints(s)
+                .map(|w| json!({ "workload": w.key(), "addresses": w.addresses, "node": w.node }))
+                .collect();
+            json!({
+                "namespace": s.namespace,
+                "name": s.name,
+                "cluster_ip": s.cluster_ip,
+                "ports": s.ports,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!(services)
+}

@@ -1,0 +1,131 @@
+//! How the CLI prints the agent's answers: aligned tables for people, the raw
+//! JSON (`-o json`) for scripts.
+
+use serde_json::Value;
+
+use crate::admin::Query;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn print(query: Query, answer: &Value, output: Output) {
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(answer).unwrap_or_default());
+        return;
+    }
+    let rows = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    match query {
+        Query::Status => print_status(answer),
+        Query::Workloads => table(
+            &["NAMESPACE", "NAME", "NODE", "ADDRESSES", "STATE"],
+            rows(answer).iter().map(|w| {
+                vec![text(&w["namespace"]), text(&w["name"]), text(&w["node"]), list(&w["addresses"]), text(&w["state"])]
+            }),
+        ),
+        Query::Services => table(
+            &["NAMESPACE", "NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS"],
+            rows(answer).iter().map(|s| {
+                let ports = rows(&s["ports"])
+                    .iter()
+                    .map(|p| format!("{}->{}/{}", p["port"], p["target_port"], text(&p["protocol"])))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let endpoints = rows(&s["endpoints"]).iter().map(|e| text(&e["workload"])).collect::<Vec<_>>().join(",");
+                let ip = if s["cluster_ip"].is_null() { "None".to_owned() } else { text(&s["cluster_ip"]) };
+                vec![text(&s["namespace"]), text(&s["name"]), ip, ports, endpoints]
+            }),
+        ),
+        Query::Connections => table(
+            &["DIRECTION", "SOURCE", "ORIGINAL-DESTINATION", "SERVICE", "DESTINATION", "UPSTREAM", "SENT", "RECEIVED", "OUTCOME"],
+            rows(answer).iter().map(|c| {
+                let source = match c["source_workload"].as_str() {
+                    Some(w) => format!("{w} ({})", text(&c["source"])),
+                    None => text(&c["source"]),
+                };
+                vec![
+                    text(&c["direction"]),
+                    source,
+                    text(&c["original_destination"]),
+                    text(&c["service"]),
+                    text(&c["destination_workload"]),
+                    text(&c["upstream"]),
+                    text(&c["bytes_sent"]),
+                    text(&c["bytes_received"]),
+                    text(&c["outcome"]),
+                ]
+            }),
+        ),
+    }
+}
+
+fn print_status(s: &Value) {
+    let c = &s["config"];
+    println!("node:        {} (agent {} pid {}, up {}s)", text(&s["node"]), text(&s["version"]), s["pid"], s["uptime_seconds"]);
+    println!(
+        "config:      {} generation {}: {} namespace(s), {} workload(s), {} service(s)",
+        text(&c["dir"]),
+        c["generation"],
+        c["namespaces"],
+        c["workloads"],
+        c["services"]
+    );
+    match c["last_error"].as_str() {
+        Some(e) => println!("last error:  {}", e.replace('\n', "\n             ")),
+        None => println!("last error:  none"),
+    }
+    let w = &s["workloads"];
+    println!("workloads:   {} enrolled of {} on this node", w["enrolled"], w["on_node"]);
+    if let Some(failures) = w["failures"].as_object() {
+        for (key, e) in failures {
+            println!("             {key}: {}", text(e));
+        }
+    }
+    let conns = &s["connections"];
+    for dir in ["outbound", "inbound"] {
+        let d = &conns[dir];
+        println!("{:<12} {} open, {} total, {} failed", format!("{dir}:"), d["open"], d["total"], d["failed"]);
+    }
+    let e = &s["ebpf"];
+    println!("eBPF pins:   {}", text(&e["pin_dir"]));
+    println!("programs:");
+    for p in e["programs"].as_array().into_iter().flatten() {
+        println!("  {:<14} {}", text(&p["name"]), text(&p["attach"]));
+    }
+    println!("maps:");
+    for m in e["maps"].as_array().into_iter().flatten() {
+        println!("  {:<14} {} entries", text(&m["name"]), m["entries"]);
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn list(v: &Value) -> String {
+    v.as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default()
+}
+
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,938 @@
+//! Reading a configuration directory into a validated [`Config`].
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use super::model::{self, Metadata, NamespaceDoc, Object, ServiceSpec, TargetPort, WorkloadSpec};
+use super::{
+    Config, ConfigError, ConfigErrors, Index, LoadOptions, Namespace, Service, ServicePort,
+    Workload,
+};
+
+impl Config {
+    /// Loads every `*.yaml` / `*.yml` file of `dir` (not recursive, hidden files skipped) in
+    /// file name order. Fails with every problem found, not just the first.
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
+        let files = yaml_files(dir).map_err(|e| {
+            ConfigErrors(vec![file_error(
+                dir,
+                format!("cannot read config directory: {e}"),
+            )])
+        })?;
+        let mut loader = Loader::default();
+        for file in &files {
+            loader.load_file(file);
+        }
+        loader.finish(opts)
+    }
+}
+
+fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|name| name.as_encoded_bytes().starts_with(b"."));
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        // `metadata` follows symlinks: ConfigMap volumes expose files as links into `..data`.
+        if !hidden && yaml && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn file_error(file: &Path, message: String) -> ConfigError {
+    ConfigError {
+        file: file.to_owned(),
+        object: None,
+        field: None,
+        message,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Namespace,
+    Workload,
+    Service,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Namespace, Kind::Workload, Kind::Service];
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Workload => "nodemesh.io/v1alpha1",
+            Kind::Namespace | Kind::Service => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Workload => "Workload",
+            Kind::Service => "Service",
+        }
+    }
+}
+
+/// Where an object was defined, for error messages.
+struct Origin {
+    file: PathBuf,
+    object: String,
+}
+
+impl Origin {
+    fn error(&self, field: Option<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            object: Some(self.object.clone()),
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.object, self.file.display())
+    }
+}
+
+/// A parsed service whose cluster IP may still have to be allocated.
+struct ServiceDraft {
+    service: Service,
+    allocate_ip: bool,
+}
+
+/// Field-level problems of one object: (field path, message).
+#[derive(Default)]
+struct Issues(Vec<(String, String)>);
+
+impl Issues {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push((field.into(), message.into()));
+    }
+}
+
+#[derive(Default)]
+struct Loader {
+    errors: Vec<ConfigError>,
+    /// File of the first definition of each object, to report duplicates.
+    defined_in: HashMap<String, PathBuf>,
+    namespaces: Vec<Namespace>,
+    workloads: Vec<(Origin, Workload)>,
+    services: Vec<(Origin, ServiceDraft)>,
+}
+
+impl Loader {
+    fn load_file(&mut self, file: &Path) {
+        let text = match fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                return self
+                    .errors
+                    .push(file_error(file, format!("cannot read file: {e}")))
+            }
+        };
+        for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            match Value::deserialize(document) {
+                Ok(Value::Null) => {}
+                Ok(value) => self.load_document(file, i + 1, value),
+                Err(e) => {
+                    // The parser cannot resynchronize after a syntax error.
+                    return self
+                        .errors
+                        .push(file_error(file, format!("invalid YAML: {e}")));
+                }
+            }
+        }
+    }
+
+    fn load_document(&mut self, file: &Path, number: usize, value: Value) {
+        let mut origin = Origin {
+            file: file.to_owned(),
+            object: format!("document {number}"),
+        };
+        let Value::Mapping(mut doc) = value else {
+            return self.errors.push(origin.error(
+                None,
+                "expected a mapping with apiVersion, kind and metadata",
+            ));
+        };
+        let api_version = doc.remove("apiVersion");
+        let kind = doc.remove("kind");
+        let (api_version, kind_name) = (
+            api_version.as_ref().and_then(Value::as_str),
+            kind.as_ref().and_then(Value::as_str),
+        );
+        let Some(kind) = Kind::ALL
+            .into_iter()
+            .find(|k| Some(k.api_version()) == api_version && Some(k.name()) == kind_name)
+        else {
+            let supported: Vec<_> = Kind::ALL
+                .iter()
+                .map(|k| format!("{} {}", k.api_version(), k.name()))
+                .collect();
+            return self.errors.push(origin.error(
+                None,
+                format!(
+                    "unsupported apiVersion {:?} with kind {:?} (supported: {})",
+                    api_version.unwrap_or_default(),
+                    kind_name.unwrap_or_default(),
+                    supported.join(", ")
+                ),
+            ));
+        };
+
+        if let Some(object) = object_name(kind, &doc) {
+            origin.object = object;
+            match self.defined_in.entry(origin.object.clone()) {
+                Entry::Occupied(first) => {
+                    let message = format!("duplicate definition, first defined in {}", first.get().display());
+                    return self.errors.push(origin.error(None, message));
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(file.to_owned());
+                }
+            }
+        }
+
+        match kind {
+            Kind::Namespace => {
+                if let Some(namespace) = self.parse(&origin, doc, namespace) {
+                    self.namespaces.push(namespace);
+                }
+            }
+            Kind::Workload => {
+                if let Some(workload) = self.parse(&origin, doc, workload) {
+                    self.workloads.push((origin, workload));
+                }
+            }
+            Kind::Service => {
+                if let Some(draft) = self.parse(&origin, doc, service) {
+                    self.services.push((origin, draft));
+                }
+            }
+        }
+    }
+
+    /// Deserializes `doc` as `T` and converts it, recording every problem found.
+    fn parse<T: DeserializeOwned, U>(
+        &mut self,
+        origin: &Origin,
+        doc: Mapping,
+        convert: fn(T, &mut Issues) -> U,
+    ) -> Option<U> {
+        let typed = serde_path_to_error::deserialize(Value::Mapping(doc)).map_err(|e| {
+            let field = e.path().to_string();
+            let field = (field != ".").then_some(field);
+            origin.error(field, e.into_inner().to_string())
+        });
+        let mut issues = Issues::default();
+        match typed.map(|typed| convert(typed, &mut issues)) {
+            Ok(item) if issues.0.is_empty() => Some(item),
+            Ok(_) => {
+                let errors = issues.0.into_iter();
+                self.errors.extend(errors.map(|(f, m)| origin.error(Some(f), m)));
+                None
+            }
+            Err(error) => {
+                self.errors.push(error);
+                None
+            }
+        }
+    }
+
+    fn finish(mut self, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
+        self.workloads
+            .sort_by(|(_, a), (_, b)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.services.sort_by(|(_, a), (_, b)| {
+            let (a, b) = (&a.service, &b.service);
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+
+        let mut workload_by_address = HashMap::new();
+        for (i, (origin, workload)) in self.workloads.iter().enumerate() {
+            for (j, &ip) in workload.addresses.iter().enumerate() {
+                if let Err(owner) = claim(&mut workload_by_address, ip, i) {
+                    let message = format!("address {ip} is already used by {}", self.workloads[owner].0);
+                    self.errors.push(origin.error(Some(format!("spec.addresses[{j}]")), message));
+                }
+            }
+        }
+
+        let mut service_by_cluster_ip = HashMap::new();
+        for (i, (origin, draft)) in self.services.iter().enumerate() {
+            let Some(ip) = draft.service.cluster_ip else { continue };
+            if let Err(owner) = claim(&mut service_by_cluster_ip, ip, i) {
+                let message = format!("cluster IP {ip} is already used by {}", self.services[owner].0);
+                self.errors.push(origin.error(Some("spec.clusterIP".into()), message));
+            }
+        }
+        // After all explicit addresses are claimed, so that they always win.
+        for (i, (origin, draft)) in self.services.iter_mut().enumerate() {
+            if !draft.allocate_ip {
+                continue;
+            }
+            let service = &mut draft.service;
+            let key = service.key();
+            match allocate_cluster_ip(opts.service_cidr, &key, &service_by_cluster_ip) {
+                Some(ip) => {
+                    service.cluster_ip = Some(ip);
+                    service_by_cluster_ip.insert(ip, i);
+                }
+                None => {
+                    let (addr, prefix) = opts.service_cidr;
+                    let message = format!("no free cluster IP left in service CIDR {addr}/{prefix}");
+                    self.errors.push(origin.error(None, message));
+                }
+            }
+        }
+
+        if !self.errors.is_empty() {
+            return Err(ConfigErrors(self.errors));
+        }
+
+        let workloads: Vec<_> = self.workloads.into_iter().map(|(_, w)| w).collect();
+        let services: Vec<_> = self.services.into_iter().map(|(_, d)| d.service).collect();
+        let mut service_by_name = HashMap::<_, HashMap<_, _>>::new();
+        for (i, service) in services.iter().enumerate() {
+            service_by_name
+                .entry(service.namespace.clone())
+                .or_default()
+                .insert(service.name.clone(), i);
+        }
+        let endpoints = services.iter().map(|s| select(s, &workloads)).collect();
+        Ok(Config {
+            namespaces: self.namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            workloads,
+            services,
+            cluster_domain: opts.cluster_domain.trim_end_matches('.').to_ascii_lowercase(),
+            index: Index {
+                workload_by_address,
+                service_by_cluster_ip,
+                service_by_name,
+                endpoints,
+            },
+        })
+    }
+}
+
+/// `Kind namespace/name` (`Namespace name`), read leniently from the raw document so that
+/// errors found while deserializing it can already name it.
+fn object_name(kind: Kind, doc: &Mapping) -> Option<String> {
+    let metadata = doc.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?;
+    Some(match kind {
+        Kind::Namespace => format!("Namespace {name}"),
+        Kind::Workload | Kind::Service => {
+            let namespace = metadata.get("namespace").and_then(Value::as_str);
+            format!("{} {}/{name}", kind.name(), namespace.unwrap_or(model::DEFAULT))
+        }
+    })
+}
+
+/// Records `owner` for `ip`, or returns the owner that already has it.
+fn claim(owners: &mut HashMap<IpAddr, usize>, ip: IpAddr, owner: usize) -> Result<(), usize> {
+    match owners.entry(ip) {
+        Entry::Occupied(existing) => Err(*existing.get()),
+        Entry::Vacant(slot) => {
+            slot.insert(owner);
+            Ok(())
+        }
+    }
+}
+
+/// Indices of the workloads selected by `service`; `workloads` is sorted by namespace.
+fn select(service: &Service, workloads: &[Workload]) -> Vec<usize> {
+    if service.selector.is_empty() {
+        return Vec::new();
+    }
+    let start = workloads.partition_point(|w| w.namespace < service.namespace);
+    let len = workloads[start..].partition_point(|w| w.namespace == service.namespace);
+    (start..start + len)
+        .filter(|&i| {
+            let labels = &workloads[i].labels;
+            service.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .collect()
+}
+
+/// Picks the cluster IP of a service that does not set one.
+///
+/// The FNV-1a hash of `namespace/name` selects a host address of the CIDR (network and
+/// broadcast addresses excluded); linear probing then skips addresses already taken by
+/// explicit cluster IPs or by services allocated before (services are processed in
+/// namespace, name order). The hash is fixed rather than std's randomized one, so the same
+/// files always yield the same addresses across restarts and reloads, and adding a service
+/// only moves another one whose address it takes.
+fn allocate_cluster_ip(
+    (network, prefix): (Ipv4Addr, u8),
+    key: &str,
+    taken: &HashMap<IpAddr, usize>,
+) -> Option<IpAddr> {
+    let host_bits = 32u32.saturating_sub(prefix.into());
+    let network = u32::from(network) & u32::MAX.checked_shl(host_bits).unwrap_or(0);
+    let hosts = (1u64 << host_bits).saturating_sub(2);
+    let start = fnv1a(key.as_bytes()).checked_rem(hosts)?;
+    (0..hosts)
+        .map(|i| {
+            let offset = u32::try_from((start + i) % hosts).expect("fewer than 2^32 hosts");
+            IpAddr::V4(Ipv4Addr::from(network + 1 + offset))
+        })
+        .find(|ip| !taken.contains_key(ip))
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn namespace(doc: NamespaceDoc, issues: &mut Issues) -> Namespace {
+    check_metadata(&doc.metadata, issues);
+    Namespace {
+        name: doc.metadata.name,
+        labels: doc.metadata.labels,
+    }
+}
+
+fn workload(doc: Object<WorkloadSpec>, issues: &mut Issues) -> Workload {
+    check_metadata(&doc.metadata, issues);
+    let spec = doc.spec;
+    check_dns_label(&spec.service_account, "spec.serviceAccount", issues);
+    if !spec.netns.is_absolute() {
+        issues.add("spec.netns", "must be an absolute path");
+    }
+    if spec.addresses.is_empty() {
+        issues.add("spec.addresses", "at least one address is required");
+    }
+    for (i, &ip) in spec.addresses.iter().enumerate() {
+        check_unicast(ip, format!("spec.addresses[{i}]"), issues);
+    }
+    if spec.node.is_empty() {
+        issues.add("spec.node", "must not be empty");
+    }
+    let Metadata {
+        name,
+        namespace,
+        labels,
+        ..
+    } = doc.metadata;
+    Workload {
+        name,
+        namespace,
+        labels,
+        service_account: spec.service_account,
+        netns: spec.netns,
+        addresses: spec.addresses,
+        node: spec.node,
+    }
+}
+
+fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
+    check_metadata(&doc.metadata, issues);
+    let spec = doc.spec;
+    if let Some(other) = spec.r#type.as_deref().filter(|&t| t != "ClusterIP") {
+        issues.add(
+            "spec.type",
+            format!("unsupported service type {other:?}, only ClusterIP is supported"),
+        );
+    }
+    let (cluster_ip, allocate_ip) = match spec.cluster_ip.as_deref() {
+        None | Some("") => (None, true),
+        Some("None") => (None, false),
+        Some(ip) => match ip.parse() {
+            Ok(ip) => {
+                check_unicast(ip, "spec.clusterIP".into(), issues);
+                (Some(ip), false)
+            }
+            Err(_) => {
+                let message = format!("invalid IP address {ip:?} (use None for a headless service)");
+                issues.add("spec.clusterIP", message);
+                (None, false)
+            }
+        },
+    };
+
+    let mut ports = Vec::with_capacity(spec.ports.len());
+    let mut seen = HashSet::new();
+    for (i, p) in spec.ports.into_iter().enumerate() {
+        let field = |name: &str| format!("spec.ports[{i}].{name}");
+        let port = port_number(p.port, field("port"), issues);
+        let target_port = match p.target_port {
+            None => port,
+            Some(TargetPort::Number(n)) => port_number(n, field("targetPort"), issues),
+            Some(TargetPort::Name(name)) => {
+                let message = format!(
+                    "named port {name:?} is not supported since Workloads declare no ports, use a number"
+                );
+                issues.add(field("targetPort"), message);
+                None
+            }
+        };
+        if let Some(port) = port.filter(|&port| !seen.insert(port)) {
+            issues.add(field("port"), format!("duplicate port {port}"));
+        }
+        if let (Some(port), Some(target_port)) = (port, target_port) {
+            ports.push(ServicePort {
+                name: p.name,
+                port,
+                target_port,
+                protocol: p.protocol,
+                app_protocol: p.app_protocol,
+            });
+        }
+    }
+
+    let Metadata {
+        name,
+        namespace,
+        labels,
+        ..
+    } = doc.metadata;
+    ServiceDraft {
+        service: Service {
+            name,
+            namespace,
+            labels,
+            selector: spec.selector,
+            ports,
+            cluster_ip,
+        },
+        allocate_ip,
+    }
+}
+
+fn check_metadata(metadata: &Metadata, issues: &mut Issues) {
+    check_dns_label(&metadata.name, "metadata.name", issues);
+    check_dns_label(&metadata.namespace, "metadata.namespace", issues);
+}
+
+fn check_dns_label(value: &str, field: &str, issues: &mut Issues) {
+    let valid = (1..=63).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if !valid {
+        issues.add(
+            field,
+            format!(
+                "invalid name {value:?}: must be 1 to 63 lowercase letters, digits or '-', \
+                 starting and ending with a letter or digit (DNS-1123 label)"
+            ),
+        );
+    }
+}
+
+fn check_unicast(ip: IpAddr, field: String, issues: &mut Issues) {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        issues.add(field, format!("{ip} is not a unicast address"));
+    }
+}
+
+fn port_number(n: i64, field: String, issues: &mut Issues) -> Option<u16> {
+    let port = u16::try_from(n).ok().filter(|&p| p != 0);
+    if port.is_none() {
+        issues.add(field, "must be between 1 and 65535");
+    }
+    port
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::super::test_support::TestDir;
+    use super::super::{Config, ConfigErrors, LoadOptions, Protocol};
+
+    const NAMESPACES: &str = "
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {nodemesh.io/mesh: enabled}
+  annotations: {owner: team-a}
+  uid: 6a1f0c3e-1d2b-4c5d-8e9f-0a1b2c3d4e5f
+  resourceVersion: \"42\"
+  creationTimestamp: 2024-01-01T00:00:00Z
+---
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+";
+
+    const WORKLOADS: &str = "
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata:
+  name: web-b
+  namespace: shop
+  labels: {app: web, version: v2}
+spec:
+  netns: /var/run/netns/web-b
+  addresses: [10.0.0.2, fd00::2]
+  node: node-2
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-a, namespace: shop, labels: {app: web}}
+spec: {serviceAccount: web, netns: /var/run/netns/web-a, addresses: [10.0.0.1], node: node-1}
+---
+# Same labels, other namespace: never selected by shop services.
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: batch, labels: {app: web}}
+spec: {netns: /var/run/netns/batch, addresses: [10.0.0.3], node: node-1}
+";
+
+    const SERVICES: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, appProtocol: http}
+  - {port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  type: ClusterIP
+  clusterIP: 192.168.7.7   # outside the service CIDR, which is allowed
+  ports: [{port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peers, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: web, version: v2}
+  ports: [{port: 7000}]
+";
+
+    fn service(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+        )
+    }
+
+    fn workload(name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+        )
+    }
+
+    fn load_with(files: &[(&str, &str)], opts: &LoadOptions) -> Result<Config, ConfigErrors> {
+        let dir = TestDir::new();
+        for (name, contents) in files {
+            dir.write(name, contents);
+        }
+        Config::load_dir(dir.path(), opts)
+    }
+
+    fn load(files: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        load_with(files, &LoadOptions::default())
+    }
+
+    fn errors(files: &[(&str, &str)]) -> Vec<String> {
+        let errors = load(files).expect_err("load should fail").0;
+        errors.iter().map(ToString::to_string).collect()
+    }
+
+    /// Asserts that loading `files` fails with exactly one error containing all `parts`.
+    #[track_caller]
+    fn assert_error(files: &[(&str, &str)], parts: &[&str]) {
+        let errors = errors(files);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        for part in parts {
+            assert!(errors[0].contains(part), "{:?} lacks {part:?}", errors[0]);
+        }
+    }
+
+    fn valid() -> Config {
+        let dir = TestDir::new();
+        dir.write("namespaces.yaml", NAMESPACES);
+        dir.write("workloads.yml", WORKLOADS);
+        dir.write("services.yaml", SERVICES);
+        // Ignored: hidden, other extensions, subdirectories.
+        dir.write(".hidden.yaml", "garbage: [");
+        dir.write("README.md", "garbage: [");
+        std::fs::create_dir_all(dir.path().join("sub.yaml")).unwrap();
+        dir.write("sub.yaml/nested.yaml", "garbage: [");
+        Config::load_dir(dir.path(), &LoadOptions::default()).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn keys<'a, T: 'a>(items: impl IntoIterator<Item = &'a T>, key: fn(&T) -> String) -> Vec<String> {
+        items.into_iter().map(key).collect()
+    }
+
+    #[test]
+    fn loads_a_valid_directory() {
+        let config = valid();
+        let names: Vec<_> = config.namespaces().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["legacy", "shop"]);
+        assert!(config.namespace("shop").unwrap().mesh_enabled());
+        assert!(!config.namespace("legacy").unwrap().mesh_enabled());
+
+        let workloads = config.workloads();
+        assert_eq!(
+            keys(workloads, |w| w.key()),
+            ["default/batch", "shop/web-a", "shop/web-b"]
+        );
+        let (batch, web_a, web_b) = (&workloads[0], &workloads[1], &workloads[2]);
+        assert_eq!(web_a.service_account, "web");
+        assert_eq!(web_b.service_account, "default");
+        assert_eq!(web_b.node, "node-2");
+        assert_eq!(web_b.netns.to_str(), Some("/var/run/netns/web-b"));
+        assert!(config.is_enrolled(web_a));
+        assert!(!config.is_enrolled(batch), "namespace without a Namespace document");
+        assert_eq!(config.workload_by_address(ip("fd00::2")), Some(web_b));
+        assert_eq!(config.workload_by_address(ip("10.0.0.3")), Some(batch));
+        assert_eq!(config.workload_by_address(ip("10.0.0.9")), None);
+
+        let services = config.services();
+        assert_eq!(keys(services, |s| s.key()), ["shop/db", "shop/peers", "shop/web"]);
+        let (db, peers, web) = (&services[0], &services[1], &services[2]);
+        assert_eq!(db.cluster_ip, Some(ip("192.168.7.7")));
+        assert_eq!(peers.cluster_ip, None);
+        let Some(IpAddr::V4(web_ip)) = web.cluster_ip else { panic!("no cluster IP allocated") };
+        assert_eq!(web_ip.octets()[..2], [10, 96]);
+        assert_eq!(config.service_by_cluster_ip(IpAddr::V4(web_ip)), Some(web));
+        assert_eq!(config.service_by_cluster_ip(ip("192.168.7.7")), Some(db));
+
+        let http = web.port(80).unwrap();
+        assert_eq!((http.name.as_deref(), http.target_port), (Some("http"), 8080));
+        assert_eq!((http.protocol, http.app_protocol.as_deref()), (Protocol::Tcp, Some("http")));
+        let dns = web.port(53).unwrap();
+        assert_eq!((dns.target_port, dns.protocol), (53, Protocol::Udp));
+        assert_eq!(web.port(81), None);
+        assert_eq!(serde_yaml::to_string(&Protocol::Udp).unwrap(), "UDP\n");
+
+        assert_eq!(keys(config.endpoints(web), |w| w.key()), ["shop/web-a", "shop/web-b"]);
+        assert_eq!(keys(config.endpoints(peers), |w| w.key()), ["shop/web-b"]);
+        assert_eq!(config.endpoints(db).count(), 0, "empty selector selects nothing");
+    }
+
+    #[test]
+    fn resolves_service_names() {
+        let config = valid();
+        let resolve = |name, namespace| config.resolve_service_name(name, namespace).map(|s| s.key());
+        let web = Some("shop/web".to_owned());
+        assert_eq!(resolve("web", "shop"), web);
+        assert_eq!(resolve("web", "default"), None);
+        assert_eq!(resolve("web.shop", "default"), web);
+        assert_eq!(resolve("web.shop.svc", "default"), web);
+        assert_eq!(resolve("web.shop.svc.cluster.local", "default"), web);
+        assert_eq!(resolve("WEB.Shop.SVC.Cluster.Local.", "default"), web);
+        assert_eq!(resolve("web.shop.svc.other.local", "default"), None);
+        assert_eq!(resolve("web.shop.pod", "default"), None);
+        assert_eq!(resolve("web.other", "shop"), None);
+
+        let opts = LoadOptions {
+            cluster_domain: "Mesh.Example.".to_owned(),
+            ..LoadOptions::default()
+        };
+        let config = load_with(&[("s.yaml", SERVICES)], &opts).unwrap();
+        let resolve = |name| config.resolve_service_name(name, "default").map(|s| s.key());
+        assert_eq!(resolve("web.shop.svc.mesh.example."), web);
+        assert_eq!(resolve("web.shop.svc.cluster.local"), None);
+    }
+
+    fn cluster_ips(config: &Config) -> Vec<(String, Option<IpAddr>)> {
+        config.services().iter().map(|s| (s.key(), s.cluster_ip)).collect()
+    }
+
+    #[test]
+    fn allocated_cluster_ips_are_stable() {
+        let base: String = ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .map(|name| service("shop", name, "{ports: [{port: 80}]}"))
+            .collect();
+        let first = cluster_ips(&load(&[("s.yaml", &base)]).unwrap());
+        assert_eq!(first, cluster_ips(&load(&[("s.yaml", &base)]).unwrap()));
+        for (_, ip) in &first {
+            let Some(IpAddr::V4(ip)) = ip else { panic!("{ip:?}") };
+            assert_eq!(ip.octets()[..2], [10, 96]);
+            assert!(![[0, 0], [255, 255]].contains(&[ip.octets()[2], ip.octets()[3]]));
+        }
+        let unique: std::collections::HashSet<_> = first.iter().map(|(_, ip)| ip).collect();
+        assert_eq!(unique.len(), first.len());
+
+        // An unrelated service, sorted first, leaves the others alone.
+        let extra = service("aaa", "zzz", "{ports: [{port: 80}]}");
+        let grown = cluster_ips(&load(&[("s.yaml", &base), ("t.yaml", &extra)]).unwrap());
+        assert_eq!(grown[1..], first[..]);
+
+        // An explicit address taking shop/a's slot wins; shop/a probes to the next one.
+        let Some(IpAddr::V4(a_ip)) = first[0].1 else { unreachable!() };
+        let pinned = service("shop", "pinned", &format!("{{clusterIP: {a_ip}, ports: [{{port: 80}}]}}"));
+        let moved = cluster_ips(&load(&[("s.yaml", &base), ("t.yaml", &pinned)]).unwrap());
+        let next = Ipv4Addr::from(u32::from(a_ip) + 1);
+        assert_eq!(moved[0], ("shop/a".to_owned(), Some(IpAddr::V4(next))));
+        assert_eq!(moved[5], ("shop/pinned".to_owned(), Some(IpAddr::V4(a_ip))));
+        assert_eq!(moved[1..5], first[1..]);
+    }
+
+    #[test]
+    fn reports_an_exhausted_service_cidr() {
+        let opts = LoadOptions {
+            service_cidr: (Ipv4Addr::new(10, 0, 0, 0), 30),
+            ..LoadOptions::default()
+        };
+        let two: String = ["a", "b"]
+            .into_iter()
+            .map(|name| service("shop", name, "{ports: [{port: 80}]}"))
+            .collect();
+        let mut ips: Vec<_> = cluster_ips(&load_with(&[("s.yaml", &two)], &opts).unwrap())
+            .into_iter()
+            .map(|(_, ip)| ip.unwrap())
+            .collect();
+        ips.sort();
+        assert_eq!(ips, [ip("10.0.0.1"), ip("10.0.0.2")]);
+
+        let three = two + &service("shop", "c", "{ports: [{port: 80}]}");
+        let errors = load_with(&[("s.yaml", &three)], &opts).unwrap_err().0;
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("no free cluster IP left in service CIDR 10.0.0.0/30"));
+    }
+
+    #[test]
+    fn error_display_names_file_object_and_field() {
+        let dir = TestDir::new();
+        dir.write("services.yaml", &service("shop", "web", "{ports: [{port: 0}]}"));
+        let errors = Config::load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
+        let expected = format!(
+            "{}: Service shop/web: spec.ports[0].port: must be between 1 and 65535",
+            dir.path().join("services.yaml").display()
+        );
+        assert_eq!(errors.to_string(), expected);
+        let error = &errors.0[0];
+        assert_eq!(error.object.as_deref(), Some("Service shop/web"));
+        assert_eq!(error.field.as_deref(), Some("spec.ports[0].port"));
+    }
+
+    #[test]
+    fn rejects_unsupported_kinds() {
+        let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
+        let supported = "(supported: v1 Namespace, nodemesh.io/v1alpha1 Workload, v1 Service)";
+        assert_error(
+            &[("x.yaml", deployment)],
+            &["x.yaml: document 1: ", "\"apps/v1\"", "\"Deployment\"", supported],
+        );
+        let wrong_group = "apiVersion: v1\nkind: Workload\nmetadata: {name: web}\n";
+        assert_error(&[("x.yaml", wrong_group)], &["\"v1\" with kind \"Workload\""]);
+        assert_error(&[("x.yaml", "[1, 2]")], &["document 1: expected a mapping"]);
+    }
+
+    #[test]
+    fn rejects_invalid_documents() {
+        let w = |spec: &str| workload("a", spec);
+        let s = |spec: &str| service("shop", "web", spec);
+        let cases = [
+            (w("{netns: /n, addresses: [10.0.0.1]}"), "Workload shop/a: spec: missing field `node`"),
+            (w("{netns: n, addresses: [10.0.0.1], node: n1}"), "Workload shop/a: spec.netns: must be an absolute path"),
+            (w("{netns: /n, addresses: [], node: n1}"), "Workload shop/a: spec.addresses: at least one address"),
+            (w("{netns: /n, addresses: [10.0.0.1, 10.0.0.300], node: n1}"), "Workload shop/a: spec.addresses[1]: invalid IP address"),
+            (w("{netns: /n, addresses: [0.0.0.0], node: n1}"), "spec.addresses[0]: 0.0.0.0 is not a unicast address"),
+            (w("{netns: /n, addresses: [10.0.0.1], node: n1, ports: [80]}"), "Workload shop/a: spec.ports: unknown field `ports`"),
+            (w("{netns: /n, addresses: [10.0.0.1], node: ''}"), "Workload shop/a: spec.node: must not be empty"),
+            (w("{serviceAccount: Web, netns: /n, addresses: [10.0.0.1], node: n1}"), "spec.serviceAccount: invalid name \"Web\""),
+            (s("{ports: [{port: 70000}]}"), "Service shop/web: spec.ports[0].port: must be between 1 and 65535"),
+            (s("{ports: [{port: 80, targetPort: -1}]}"), "spec.ports[0].targetPort: must be between 1 and 65535"),
+            (s("{ports: [{port: 80}, {port: 80, protocol: UDP}]}"), "spec.ports[1].port: duplicate port 80"),
+            (s("{ports: [{port: 80, targetPort: http}]}"), "spec.ports[0].targetPort: named port \"http\" is not supported since Workloads declare no ports"),
+            (s("{ports: [{port: 80, protocol: SCTP}]}"), "spec.ports[0].protocol: unknown variant `SCTP`"),
+            (s("{ports: [{port: 80, nodePort: 30080}]}"), "Service shop/web: spec.ports[0].nodePort: unknown field `nodePort`"),
+            (s("{type: NodePort, ports: [{port: 80}]}"), "spec.type: unsupported service type \"NodePort\""),
+            (s("{clusterIP: 10.96.0.300, ports: [{port: 80}]}"), "spec.clusterIP: invalid IP address \"10.96.0.300\""),
+            (service("shop", "Web_1", "{}"), "Service shop/Web_1: metadata.name: invalid name \"Web_1\""),
+            (service("shop", "-web", "{}"), "metadata.name: invalid name \"-web\""),
+            (service(&"n".repeat(64), "web", "{}"), "metadata.namespace: invalid name"),
+            ("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, lables: {}}\n".into(), "Namespace shop: metadata.lables: unknown field `lables`"),
+            ("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: 1}}\n".into(), "Namespace shop: metadata.labels.a: invalid type: integer"),
+            ("apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {}\n".into(), "x.yaml: document 1: metadata: missing field `name`"),
+            ("kind: [".into(), "x.yaml: invalid YAML: "),
+        ];
+        for (doc, expected) in cases {
+            assert_error(&[("x.yaml", &doc)], &[expected]);
+        }
+    }
+
+    #[test]
+    fn rejects_duplicates_and_collisions() {
+        let web = service("shop", "web", "{ports: [{port: 80}]}");
+        let errors = errors(&[("a.yaml", &web), ("b.yaml", &web)]);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("b.yaml: Service shop/web: duplicate definition, first defined in "));
+        assert!(errors[0].ends_with("a.yaml"));
+        assert_error(&[("a.yaml", &format!("{web}{web}"))], &["a.yaml: Service shop/web: duplicate", "first defined in"]);
+
+        let spec = "{netns: /n, addresses: [fd00::1, 10.0.0.1], node: n1}";
+        let shared = format!("{}{}", workload("a", spec), workload("b", "{netns: /n, addresses: [10.0.0.1], node: n1}"));
+        assert_error(
+            &[("w.yaml", &shared)],
+            &["w.yaml: Workload shop/b: spec.addresses[0]: address 10.0.0.1 is already used by Workload shop/a (", "w.yaml)"],
+        );
+
+        let pinned = |name| service("shop", name, "{clusterIP: 10.96.0.10, ports: [{port: 80}]}");
+        assert_error(
+            &[("a.yaml", &pinned("one")), ("b.yaml", &pinned("two"))],
+            &["b.yaml: Service shop/two: spec.clusterIP: cluster IP 10.96.0.10 is already used by Service shop/one (", "a.yaml)"],
+        );
+    }
+
+    #[test]
+    fn collects_all_errors() {
+        let bad_service = service("shop", "Web", "{ports: [{port: 0}, {port: 80, targetPort: 99999}]}");
+        let third = format!("{}{}{}", workload("a", "{netns: /n, addresses: [10.0.0.1], node: n1}"), workload("b", "{netns: /n, addresses: [10.0.0.1], node: n1}"), "---\napiVersion: v1\nkind: Namespace\nmetadata: {}\n");
+        let errors = errors(&[
+            ("1.yaml", &bad_service),
+            ("2.yaml", "apiVersion: apps/v1\nkind: Deployment\n"),
+            ("3.yaml", &third),
+        ]);
+        let expected = [
+            "1.yaml: Service shop/Web: metadata.name: invalid name",
+            "1.yaml: Service shop/Web: spec.ports[0].port: must be between",
+            "1.yaml: Service shop/Web: spec.ports[1].targetPort: must be between",
+            "2.yaml: document 1: unsupported apiVersion",
+            "3.yaml: document 3: metadata: missing field `name`",
+            "3.yaml: Workload shop/b: spec.addresses[0]: address 10.0.0.1 is already used",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, expected) in errors.iter().zip(expected) {
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn reports_a_missing_directory() {
+        let dir = TestDir::new();
+        let missing = dir.path().join("missing");
+        let errors = Config::load_dir(&missing, &LoadOptions::default()).unwrap_err();
+        let expected = format!("{}: cannot read config directory: ", missing.display());
+        assert!(errors.to_string().starts_with(&expected), "{errors}");
+    }
+}

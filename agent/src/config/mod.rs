@@ -1,0 +1,299 @@
+//! Local YAML configuration of the mesh.
+//!
+//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services) is validated
+//! as a whole into an immutable [`Config`] snapshot; [`watch_dir`] hot-reloads it into a
+//! [`ConfigStore`] that the request path reads without locking.
+
+mod load;
+mod model;
+mod watch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use watch::{watch_dir, ConfigStore, WatchError};
+
+/// Label that enrolls the workloads of a namespace in the mesh.
+const MESH_LABEL: &str = "nodemesh.io/mesh";
+
+/// Cluster-wide settings that are not part of the manifests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoadOptions {
+    /// Range that cluster IPs are allocated from when a Service does not set one.
+    pub service_cidr: (Ipv4Addr, u8),
+    /// Suffix of fully qualified service names (`web.shop.svc.<cluster_domain>`).
+    pub cluster_domain: String,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 16),
+            cluster_domain: "cluster.local".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Namespace {
+    pub fn mesh_enabled(&self) -> bool {
+        self.labels.get(MESH_LABEL).is_some_and(|v| v == "enabled")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Network namespace of the workload, e.g. `/var/run/netns/pod-a`.
+    pub netns: PathBuf,
+    pub addresses: Vec<IpAddr>,
+    /// Node the workload runs on.
+    pub node: String,
+}
+
+impl Workload {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+    /// `None` for a headless service.
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<IpAddr>,
+}
+
+impl Service {
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: Protocol,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// Immutable, validated snapshot of the configuration directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    namespaces: BTreeMap<String, Namespace>,
+    /// Sorted by namespace, name.
+    workloads: Vec<Workload>,
+    /// Sorted by namespace, name.
+    services: Vec<Service>,
+    /// Lowercase, without trailing dot.
+    cluster_domain: String,
+    #[serde(skip)]
+    index: Index,
+}
+
+/// Lookup tables built at load time so that request-path queries are O(1).
+#[derive(Debug, Clone, Default)]
+struct Index {
+    workload_by_address: HashMap<IpAddr, usize>,
+    service_by_cluster_ip: HashMap<IpAddr, usize>,
+    /// namespace → name → service; nested so that lookups by `&str` need no allocation.
+    service_by_name: HashMap<String, HashMap<String, usize>>,
+    /// Selected workloads of each service, parallel to `Config::services`.
+    endpoints: Vec<Vec<usize>>,
+}
+
+impl Config {
+    pub fn empty() -> Config {
+        Config {
+            namespaces: BTreeMap::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            cluster_domain: LoadOptions::default().cluster_domain,
+            index: Index::default(),
+        }
+    }
+
+    /// Sorted by name.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.namespaces.values()
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+
+    pub fn workloads(&self) -> &[Workload] {
+        &self.workloads
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    /// Whether the workload's namespace is declared and mesh enabled.
+    pub fn is_enrolled(&self, workload: &Workload) -> bool {
+        self.namespace(&workload.namespace)
+            .is_some_and(Namespace::mesh_enabled)
+    }
+
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+        let &i = self.index.workload_by_address.get(&ip)?;
+        Some(&self.workloads[i])
+    }
+
+    pub fn service_by_cluster_ip(&self, ip: IpAddr) -> Option<&Service> {
+        let &i = self.index.service_by_cluster_ip.get(&ip)?;
+        Some(&self.services[i])
+    }
+
+    /// Workloads (on any node) of the service's namespace whose labels contain its whole
+    /// selector; an empty selector selects nothing.
+    ///
+    /// The service is matched by namespace and name, so one taken from an older snapshot
+    /// yields the endpoints of its current version.
+    pub fn endpoints<'a>(&'a self, service: &Service) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.service_index(&service.namespace, &service.name)
+            .map_or(&[][..], |i| &self.index.endpoints[i])
+            .iter()
+            .map(|&i| &self.workloads[i])
+    }
+
+    /// Resolves `svc` (in `client_namespace`), `svc.ns`, `svc.ns.svc` or
+    /// `svc.ns.svc.<cluster domain>`, case-insensitively and ignoring a trailing dot.
+    pub fn resolve_service_name(&self, name: &str, client_namespace: &str) -> Option<&Service> {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let mut labels = name.splitn(3, '.');
+        let service = labels.next()?;
+        let namespace = match (labels.next(), labels.next()) {
+            (None, _) => client_namespace,
+            (Some(namespace), None) => namespace,
+            (Some(namespace), Some(rest))
+                if rest == "svc" || rest.strip_prefix("svc.") == Some(self.cluster_domain.as_str()) =>
+            {
+                namespace
+            }
+            _ => return None,
+        };
+        Some(&self.services[self.service_index(namespace, service)?])
+    }
+
+    fn service_index(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.index.service_by_name.get(namespace)?.get(name).copied()
+    }
+}
+
+/// One problem found while loading the configuration directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigError {
+    /// The offending file, or the directory itself when it cannot be read.
+    pub file: PathBuf,
+    /// `Kind namespace/name` (`Namespace name` for namespaces), or `document N` (1-based)
+    /// when the document has no usable name.
+    pub object: Option<String>,
+    /// Path of the field inside the document, e.g. `spec.ports[0].port`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        for part in [&self.object, &self.field].into_iter().flatten() {
+            write!(f, "{part}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in one load, so that they can all be fixed in one go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[cfg(test)]
+mod test_support {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub struct TestDir(PathBuf);
+
+    impl TestDir {
+        pub fn new() -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "nodemesh-config-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+
+        pub fn write(&self, name: &str, contents: &str) {
+            fs::write(self.0.join(name), contents).unwrap();
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}

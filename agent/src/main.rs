@@ -1,0 +1,165 @@
+//! `nodemesh`: the node agent (`nodemesh agent`) and the node-local CLI that
+//! asks it what the mesh is doing.
+
+mod admin;
+mod agent;
+mod cli;
+mod config;
+mod dns;
+mod ebpf;
+mod netns;
+mod proxy;
+mod workloads;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "nodemesh", version, about = "Sidecar-free service mesh: node agent and CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (as root).
+    Agent(AgentArgs),
+    /// Data path, config and connection summary of the node.
+    Status(QueryArgs),
+    /// Configured workloads and whether they are enrolled here.
+    Workloads(QueryArgs),
+    /// Services, their cluster IPs and endpoints.
+    Services(QueryArgs),
+    /// Recently finished connections through the node's proxy.
+    Connections(QueryArgs),
+    /// Detach and remove a node's eBPF programs and maps (after its agent stopped).
+    Uninstall {
+        #[arg(long)]
+        node_name: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Directory of YAML documents (Namespace, Workload, Service), hot-reloaded.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// This node's name, as Workloads' `spec.node` names it.
+    #[arg(long)]
+    node_name: String,
+    /// Admin socket (default /run/nodemesh/<node-name>.sock).
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// Resolver for names outside the mesh (default: first nameserver of /etc/resolv.conf).
+    #[arg(long)]
+    upstream_dns: Option<SocketAddr>,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Range for Services without a clusterIP.
+    #[arg(long, default_value = "10.96.0.0/16", value_parser = parse_cidr)]
+    service_cidr: (Ipv4Addr, u8),
+    /// Give up connecting upstream after this long (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Reset connections idle in both directions this long.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Proxy worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    /// The agent's admin socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The node whose agent to ask (when several run here).
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: cli::Output,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => run_agent(args),
+        Command::Status(q) => show(q, admin::Query::Status),
+        Command::Workloads(q) => show(q, admin::Query::Workloads),
+        Command::Services(q) => show(q, admin::Query::Services),
+        Command::Connections(q) => show(q, admin::Query::Connections),
+        Command::Uninstall { node_name, bpffs } => ebpf::uninstall(&bpffs, &node_name)
+            .map(|links| println!("node {node_name}: detached {links} eBPF link(s) and removed its pins"))
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodemesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let settings = agent::Settings {
+        admin_socket: args
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from(admin::SOCKET_DIR).join(format!("{}.sock", args.node_name))),
+        config_dir: args.config_dir,
+        node: args.node_name,
+        bpffs: args.bpffs,
+        upstream_dns: args.upstream_dns,
+        load: config::LoadOptions { service_cidr: args.service_cidr, cluster_domain: args.cluster_domain },
+        timeouts: proxy::Timeouts { connect: args.connect_timeout, idle: args.idle_timeout },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .enable_all()
+        .build()?
+        .block_on(agent::run(settings))
+}
+
+fn show(q: QueryArgs, query: admin::Query) -> anyhow::Result<()> {
+    let socket = admin::locate(q.socket, q.node.as_deref())?;
+    let answer = admin::query(&socket, query)?;
+    if let Some(error) = answer.get("error") {
+        anyhow::bail!("the agent answered: {error}");
+    }
+    cli::print(query, &answer, q.output);
+    Ok(())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 5m, 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    })
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("`{s}` is not an IPv4 CIDR like 10.96.0.0/16");
+    let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&len) {
+        return Err(format!("`{s}`: the prefix must be between /8 and /30"));
+    }
+    Ok((ip.parse().map_err(|_| bad())?, len))
+}

@@ -1,0 +1,41 @@
+//! Connections to a workload: sk_lookup hands the agent the SYN, so the
+//! accepted socket's local address is what the client asked for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::relay::{self, Transferred};
+use super::{accept_loop, peer, Direction, Pod, Proxy};
+
+pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener) {
+    let served = pod.clone();
+    accept_loop(listener, "inbound", pod, move |client, peer| {
+        let (proxy, pod) = (proxy.clone(), served.clone());
+        async move { handle(&proxy, &pod, client, peer).await }
+    })
+    .await
+}
+
+async fn handle(proxy: &Proxy, pod: &Pod, client: TcpStream, peer: SocketAddr) {
+    let Ok(app) = client.local_addr() else {
+        return;
+    };
+    let mut tracked = proxy.track(Direction::Inbound, peer, app);
+    tracked.record.source_workload = proxy.config.current().workload_by_address(peer.ip()).map(|w| w.key());
+    tracked.record.destination_workload = Some(pod.key.clone());
+    tracked.record.upstream = Some(app);
+    let outcome = deliver(proxy, pod, &client, app).await;
+    if outcome.is_err() {
+        relay::reset(&client);
+    }
+    tracked.finish(outcome);
+}
+
+async fn deliver(proxy: &Proxy, pod: &Pod, client: &TcpStream, app: SocketAddr) -> Result<Transferred, String> {
+    let server = peer::deliver(pod, app, proxy.timeouts.connect)
+        .await
+        .map_err(|e| format!("delivering to {app}: {e}"))?;
+    relay::relay(client, &server, proxy.timeouts.idle).await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,285 @@
+//! The shared per-node proxy: one outbound and one inbound listener inside
+//! each enrolled workload's network namespace, all served by this process.
+//!
+//! - `outbound`: connections the workload opens (redirected by connect4/6).
+//! - `inbound`: connections to the workload's addresses (steered by sk_lookup).
+//! - `peer`: the hop from one agent to the workload behind another (plain TCP
+//!   today; the single place mutual TLS will replace).
+//! - `relay`: the byte copy both directions share.
+
+mod inbound;
+mod outbound;
+mod peer;
+pub mod relay;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nodemesh_common::AGENT_MARK;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::task::JoinHandle;
+
+use crate::config::ConfigStore;
+use crate::ebpf::OrigDstTable;
+use crate::netns::NetNs;
+
+pub use inbound::serve as serve_inbound;
+pub use outbound::serve as serve_outbound;
+
+/// Timeouts applied to every proxied connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub idle: Duration,
+}
+
+/// An enrolled workload, as its listeners know it.
+#[derive(Debug)]
+pub struct Pod {
+    /// `namespace/name`.
+    pub key: String,
+    pub namespace: String,
+    pub netns: NetNs,
+}
+
+impl Pod {
+    /// A TCP listener owned by the agent inside the workload's namespace.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let socket = self.netns.enter(|| {
+            let socket = agent_socket(addr)?;
+            socket.set_reuseaddr(true)?;
+            Ok(socket)
+        })?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    }
+
+    /// A TCP socket owned by the agent inside the workload's namespace,
+    /// optionally bound to `source`.
+    fn socket(&self, family_of: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket> {
+        let socket = self.netns.enter(|| agent_socket(family_of))?;
+        if let Some(source) = source {
+            socket.bind(source)?;
+        }
+        Ok(socket)
+    }
+}
+
+/// A non-blocking TCP socket carrying the agent's mark, so the eBPF programs
+/// never redirect it (the agent's own traffic must not loop back to itself).
+fn agent_socket(family_of: SocketAddr) -> io::Result<TcpSocket> {
+    let domain = if family_of.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), None)?;
+    socket.set_mark(AGENT_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(TcpSocket::from_std_stream(socket.into()))
+}
+
+/// Which way a connection goes relative to the workload.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// One finished connection, as `nodemesh connections` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    pub direction: Direction,
+    /// The workload that opened the connection, when it is known: for
+    /// outbound, from the namespace it connected from (unforgeable); for
+    /// inbound, from the peer address (not authenticated until mTLS).
+    pub source_workload: Option<String>,
+    pub source: SocketAddr,
+    /// What the client asked for (a pod IP, a cluster IP...).
+    pub original_destination: SocketAddr,
+    pub service: Option<String>,
+    pub destination_workload: Option<String>,
+    /// Where the agent actually connected.
+    pub upstream: Option<SocketAddr>,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// `ok`, or why the connection failed.
+    pub outcome: String,
+}
+
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+pub struct DirectionCounts {
+    pub open: u64,
+    pub total: u64,
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    open: AtomicU64,
+    total: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> DirectionCounts {
+        DirectionCounts {
+            open: self.open.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How many finished connections the agent remembers for `nodemesh connections`.
+const RECENT_CONNECTIONS: usize = 512;
+
+/// State shared by every listener of the node.
+pub struct Proxy {
+    pub config: Arc<ConfigStore>,
+    orig_dst: OrigDstTable,
+    timeouts: Timeouts,
+    outbound: Counters,
+    inbound: Counters,
+    recent: Mutex<VecDeque<ConnectionRecord>>,
+    /// Round-robin position per service.
+    next_endpoint: Mutex<HashMap<String, usize>>,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<ConfigStore>, orig_dst: OrigDstTable, timeouts: Timeouts) -> Proxy {
+        Proxy {
+            config,
+            orig_dst,
+            timeouts,
+            outbound: Counters::default(),
+            inbound: Counters::default(),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
+            next_endpoint: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn counts(&self, direction: Direction) -> DirectionCounts {
+        self.counters(direction).snapshot()
+    }
+
+    /// Established redirected connections not yet accepted by the agent.
+    pub fn pending_original_destinations(&self) -> usize {
+        self.orig_dst.len()
+    }
+
+    pub fn recent_connections(&self) -> Vec<ConnectionRecord> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    fn counters(&self, direction: Direction) -> &Counters {
+        match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
+    /// Tracks a connection from accept to close; `finish` records it.
+    fn track(&self, direction: Direction, source: SocketAddr, original_destination: SocketAddr) -> Tracked<'_> {
+        let counters = self.counters(direction);
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        counters.total.fetch_add(1, Ordering::Relaxed);
+        Tracked {
+            proxy: self,
+            started: std::time::Instant::now(),
+            record: ConnectionRecord {
+                direction,
+                source_workload: None,
+                source,
+                original_destination,
+                service: None,
+                destination_workload: None,
+                upstream: None,
+                started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                duration_ms: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                outcome: String::new(),
+            },
+        }
+    }
+
+    /// Index of the next endpoint of a service, round robin.
+    fn next_index(&self, service: &str, endpoints: usize) -> Option<usize> {
+        if endpoints == 0 {
+            return None;
+        }
+        let mut next = self.next_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        let position = next.entry(service.to_owned()).or_insert(0);
+        let chosen = *position % endpoints;
+        *position = position.wrapping_add(1);
+        Some(chosen)
+    }
+}
+
+struct Tracked<'a> {
+    proxy: &'a Proxy,
+    started: std::time::Instant,
+    record: ConnectionRecord,
+}
+
+impl Tracked<'_> {
+    fn finish(mut self, outcome: Result<relay::Transferred, String>) {
+        let counters = self.proxy.counters(self.record.direction);
+        counters.open.fetch_sub(1, Ordering::Relaxed);
+        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(t) => {
+                self.record.bytes_sent = t.sent;
+                self.record.bytes_received = t.received;
+                self.record.outcome = "ok".into();
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.record.outcome = e;
+            }
+        }
+        log::debug!("{:?}", self.record);
+        let mut recent = self.proxy.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_CONNECTIONS {
+            recent.pop_front();
+        }
+        recent.push_back(self.record);
+    }
+}
+
+/// Accept loop shared by both directions; each connection gets its own task.
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &str, pod: Arc<Pod>, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("{} {what} listener: accept failed: {e}", pod.key);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Handles of the tasks serving one workload; dropping them stops serving.
+pub struct PodTasks(pub Vec<JoinHandle<()>>);
+
+impl Drop for PodTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}

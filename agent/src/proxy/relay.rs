@@ -1,0 +1,158 @@
+//! Byte relay between a client and an upstream connection.
+//!
+//! Half-close is preserved (EOF on one side becomes a FIN on the other), a
+//! reset on either side resets the other, and a connection idle in both
+//! directions for `idle` is reset. Buffers are bounded and only allocated
+//! once data flows, so idle connections cost no buffer memory.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const BUFFER: usize = 16 * 1024;
+
+/// Bytes moved in each direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Transferred {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Relays until both directions are closed, either side fails, or nothing
+/// moves for `idle`. On failure both sockets are reset.
+pub async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> io::Result<Transferred> {
+    let start = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let up = copy(client, upstream, start, &last_activity);
+    let down = copy(upstream, client, start, &last_activity);
+    let outcome = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r.map(|(sent, received)| Transferred { sent, received }),
+        () = idle_timeout(start, &last_activity, idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    };
+    if outcome.is_err() {
+        reset(client);
+        reset(upstream);
+    }
+    outcome
+}
+
+/// Closes with RST instead of FIN when the socket is dropped.
+pub fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+async fn copy(from: &TcpStream, to: &TcpStream, start: Instant, last: &AtomicU64) -> io::Result<u64> {
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        if buf.is_empty() {
+            buf.resize(BUFFER, 0);
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
+                _ => return Ok(total),
+            }
+        }
+        write_all(to, &buf[..n]).await?;
+        total += n as u64;
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn idle_timeout(start: Instant, last: &AtomicU64, idle: Duration) {
+    loop {
+        let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        tokio::time::sleep_until(deadline).await;
+        if start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle <= Instant::now() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of real loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            relay(&proxy_client, &proxy_upstream, Duration::from_secs(5)).await
+        });
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        // The server can still answer after the client's half-close.
+        server.write_all(b"pong").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"pong");
+        let t = relay.await.unwrap().unwrap();
+        assert_eq!((t.sent, t.received), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn reset_on_one_side_resets_the_other() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, server) = pair().await;
+        let relay = tokio::spawn(async move {
+            relay(&proxy_client, &proxy_upstream, Duration::from_secs(5)).await
+        });
+        reset(&server);
+        drop(server);
+        assert!(relay.await.unwrap().is_err());
+        let mut buf = [0u8; 1];
+        let err = client.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, _server) = pair().await;
+        let relay = tokio::spawn(async move {
+            relay(&proxy_client, &proxy_upstream, Duration::from_millis(200)).await
+        });
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let mut buf = [0u8; 1];
+        assert!(client.read(&mut buf).await.is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! Which workloads on this node are in the mesh, kept in line with the config.
+//!
+//! A workload is enrolled when it runs on this node and its namespace carries
+//! `nodemesh.io/mesh: enabled`. Enrolling opens the agent's listeners inside
+//! the workload's network namespace, then tells the kernel to steer its
+//! traffic there; un-enrolling does the reverse. Open connections are left to
+//! finish either way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nodemesh_common::{DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use serde::Serialize;
+
+use crate::config::{Config, ConfigStore, Workload};
+use crate::dns::{self, Lookup, Resolver, Upstream};
+use crate::ebpf::Datapath;
+use crate::netns::NetNs;
+use crate::proxy::{self, Pod, PodTasks, Proxy};
+
+/// How a configured workload stands on this node.
+#[derive(Debug, Serialize)]
+pub struct WorkloadStatus {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub service_account: String,
+    pub netns: String,
+    pub enrolled: bool,
+    /// `enrolled`, `not in mesh`, `on another node`, or the enrollment error.
+    pub state: String,
+}
+
+struct Enrolled {
+    workload: Workload,
+    pod: Arc<Pod>,
+    _tasks: PodTasks,
+}
+
+pub struct Enroller {
+    node: String,
+    cluster_domain: String,
+    dns_upstream: Upstream,
+    proxy: Arc<Proxy>,
+    datapath: Mutex<Datapath>,
+    enrolled: Mutex<HashMap<String, Enrolled>>,
+    /// Enrollment failures by workload, retried on every reconcile.
+    failures: Mutex<BTreeMap<String, String>>,
+    next_id: AtomicU32,
+}
+
+impl Enroller {
+    pub fn new(node: String, cluster_domain: String, dns_upstream: Upstream, proxy: Arc<Proxy>, datapath: Datapath) -> Self {
+        Enroller {
+            node,
+            cluster_domain,
+            dns_upstream,
+            proxy,
+            datapath: Mutex::new(datapath),
+            enrolled: Mutex::new(HashMap::new()),
+            failures: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU32::new(1),
+        }
+    }
+
+    pub fn with_datapath<T>(&self, f: impl FnOnce(&Datapath) -> T) -> T {
+        f(&self.datapath.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn enrolled_count(&self) -> usize {
+        self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn failures(&self) -> BTreeMap<String, String> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Brings enrollment in line with `cfg`. Must run inside the runtime.
+    pub fn reconcile(&self, cfg: &Config) {
+        let desired: HashMap<String, &Workload> = cfg
+            .workloads()
+            .iter()
+            .filter(|w| w.node == self.node && cfg.is_enrolled(w))
+            .map(|w| (w.key(), w))
+            .collect();
+        let mut enrolled = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut datapath = self.datapath.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.retain(|key, _| desired.contains_key(key));
+
+        let stale: Vec<String> = enrolled
+            .iter()
+            .filter(|(key, e)| desired.get(*key).is_none_or(|w| !same_placement(w, &e.workload)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(gone) = enrolled.remove(&key) {
+                if let Err(e) = datapath.unenroll(gone.pod.netns.cookie(), &gone.workload.addresses) {
+                    log::warn!("un-enrolling {key}: {e}");
+                }
+                log::info!("un-enrolled {key}");
+            }
+        }
+        for (key, workload) in desired {
+            if enrolled.contains_key(&key) {
+                continue;
+            }
+            match self.enroll(&mut datapath, workload) {
+                Ok(e) => {
+                    log::info!("enrolled {key} (netns {}, {:?})", workload.netns.display(), workload.addresses);
+                    failures.remove(&key);
+                    enrolled.insert(key, e);
+                }
+                Err(e) => {
+                    if failures.get(&key) != Some(&e) {
+                        log::warn!("cannot enroll {key}: {e}");
+                    }
+                    failures.insert(key, e);
+                }
+            }
+        }
+        forget_previous_run(&mut datapath, &enrolled);
+    }
+
+    fn enroll(&self, datapath: &mut Datapath, workload: &Workload) -> Result<Enrolled, String> {
+        let netns = NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
+        let pod = Arc::new(Pod { key: workload.key(), namespace: workload.namespace.clone(), netns });
+        let listen = |addr: SocketAddr| pod.listen(addr).map_err(|e| format!("listening on {addr} in the workload: {e}"));
+        let outbound = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?;
+        let inbound = listen(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PORT))?;
+        let dns = self.dns_socket(&pod)?;
+        // IPv6 is optional in a workload: without ::1 its v6 connects fail.
+        let outbound6 = pod
+            .listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))
+            .inspect_err(|e| log::debug!("{}: no IPv6 outbound listener: {e}", pod.key))
+            .ok();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        datapath
+            .enroll(&pod.netns, id, &workload.addresses, &inbound)
+            .map_err(|e| format!("attaching the data path: {e}"))?;
+
+        let proxy = &self.proxy;
+        let mut tasks = vec![
+            tokio::spawn(proxy::serve_outbound(proxy.clone(), pod.clone(), outbound)),
+            tokio::spawn(proxy::serve_inbound(proxy.clone(), pod.clone(), inbound)),
+        ];
+        if let Some(v6) = outbound6 {
+            tasks.push(tokio::spawn(proxy::serve_outbound(proxy.clone(), pod.clone(), v6)));
+        }
+        let resolver = Arc::new(MeshResolver {
+            config: proxy.config.clone(),
+            namespace: workload.namespace.clone(),
+            cluster_suffix: format!(".{}", self.cluster_domain),
+        });
+        let (upstream, key) = (self.dns_upstream, pod.key.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dns::serve(dns, resolver, upstream).await {
+                log::warn!("{key}: DNS responder stopped: {e}");
+            }
+        }));
+        Ok(Enrolled { workload: workload.clone(), pod, _tasks: PodTasks(tasks) })
+    }
+
+    fn dns_socket(&self, pod: &Pod) -> Result<tokio::net::UdpSocket, String> {
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), DNS_PORT);
+        let socket = pod
+            .netns
+            .enter(|| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM.nonblocking(), None)?;
+                s.set_mark(nodemesh_common::AGENT_MARK)?;
+                Ok(s)
+            })
+            .and_then(|s| s.bind(&addr.into()).map(|()| s))
+            .map_err(|e| format!("DNS socket on {addr} in the workload: {e}"))?;
+        tokio::net::UdpSocket::from_std(socket.into()).map_err(|e| e.to_string())
+    }
+
+    /// Every configured workload and how it stands here.
+    pub fn status(&self, cfg: &Config) -> Vec<WorkloadStatus> {
+        let enrolled = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        cfg.workloads()
+            .iter()
+            .map(|w| {
+                let key = w.key();
+                let is_enrolled = enrolled.contains_key(&key);
+                let state = if is_enrolled {
+                    "enrolled".to_owned()
+                } else if let Some(e) = failures.get(&key) {
+                    format!("error: {e}")
+                } else if w.node != self.node {
+                    "on another node".to_owned()
+                } else {
+                    "not in mesh".to_owned()
+                };
+                WorkloadStatus {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                    node: w.node.clone(),
+                    addresses: w.addresses.clone(),
+                    service_account: w.service_account.clone(),
+                    netns: w.netns.display().to_string(),
+                    enrolled: is_enrolled,
+                    state,
+                }
+            })
+            .collect()
+    }
+}
+
+fn same_placement(a: &Workload, b: &Workload) -> bool {
+    a.netns == b.netns && a.addresses == b.addresses && a.namespace == b.namespace
+}
+
+/// Removes what a previous agent run enrolled and this one does not.
+fn forget_previous_run(datapath: &mut Datapath, enrolled: &HashMap<String, Enrolled>) {
+    let cookies: Vec<u64> = enrolled.values().map(|e| e.pod.netns.cookie()).collect();
+    let addresses: Vec<IpAddr> = enrolled.values().flat_map(|e| e.workload.addresses.iter().copied()).collect();
+    let stale_addresses: Vec<IpAddr> = datapath
+        .inbound_addresses()
+        .into_iter()
+        .filter(|a| !addresses.contains(a))
+        .collect();
+    for cookie in datapath.enrolled_cookies().into_iter().filter(|c| !cookies.contains(c)) {
+        log::info!("forgetting network namespace {cookie} enrolled by a previous run");
+        if let Err(e) = datapath.unenroll(cookie, &stale_addresses) {
+            log::warn!("forgetting netns {cookie}: {e}");
+        }
+    }
+    if !stale_addresses.is_empty() {
+        let _ = datapath.unenroll(0, &stale_addresses);
+    }
+}
+
+/// Answers Service names for one workload (short names are relative to its
+/// namespace) and leaves every other name to the upstream resolver.
+struct MeshResolver {
+    config: Arc<ConfigStore>,
+    namespace: String,
+    /// `.cluster.local`: names under it are ours, known or not.
+    cluster_suffix: String,
+}
+
+impl Resolver for MeshResolver {
+    fn lookup(&self, name: &str) -> Lookup {
+        let cfg = self.config.current();
+        match cfg.resolve_service_name(name, &self.namespace) {
+            Some(service) => match service.cluster_ip {
+                Some(ip) => Lookup::Addresses(vec![ip]),
+                // Headless: the endpoints themselves.
+                None => Lookup::Addresses(cfg.endpoints(service).flat_map(|w| w.addresses.iter().copied()).collect()),
+            },
+            None if name.ends_with(&self.cluster_suffix) => Lookup::NxDomain,
+            None => Lookup::Forward,
+        }
+    }
+}

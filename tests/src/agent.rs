@@ -1,0 +1,373 @@
+//! A handle on a `nodemesh` agent running in a node of a [`Topology`].
+//!
+//! The agent's process is owned by the [`Agent`] (not by the topology), so
+//! that dropping the agent can stop it and then run `nodemesh uninstall`
+//! before the topology deletes the node's namespace. Declare the topology
+//! first so it drops last:
+//!
+//! ```no_run
+//! # use nodemesh_testbed::{Agent, Topology};
+//! # fn main() -> anyhow::Result<()> {
+//! let mut topo = Topology::new()?;
+//! topo.add_node("node-a")?;
+//! let config = topo.work_dir().join("config-a");
+//! let agent = Agent::start(&mut topo, "node-a", &config)?;
+//! println!("{}", agent.status_json()?);
+//! # Ok(()) }
+//! ```
+
+use crate::topology::{pid_alive, Topology};
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long [`Agent::start`] waits for `nodemesh status` to succeed.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_POLL: Duration = Duration::from_millis(50);
+/// How long [`Agent::stop`] waits after SIGTERM before SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The `nodemesh` binary under test: `$NODEMESH_BIN`, else
+/// `$CARGO_TARGET_DIR/release/nodemesh`, else
+/// `<workspace>/target/release/nodemesh`. Panics with a hint when missing.
+pub fn nodemesh_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NODEMESH_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            panic!(
+                "NODEMESH_BIN={} does not exist: run `cargo xtask test` (it builds the agent)",
+                p.display()
+            );
+        }
+        return p;
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent directory");
+    let mut candidates = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(workspace.join(t).join("release/nodemesh"));
+    }
+    candidates.push(workspace.join("target/release/nodemesh"));
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "the nodemesh binary was not found at {} and NODEMESH_BIN is not set: \
+         run `cargo xtask test` (it builds the agent in release mode and runs the tests)",
+        candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    );
+}
+
+/// A running (or stopped) agent; see the module documentation.
+pub struct Agent {
+    node: String,
+    node_name: String,
+    netns: String,
+    netns_path: PathBuf,
+    config_dir: PathBuf,
+    socket: PathBuf,
+    log_path: PathBuf,
+    bin: PathBuf,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    last_exit: Option<ExitStatus>,
+    starts: u32,
+}
+
+impl Agent {
+    /// Starts `nodemesh agent --config-dir DIR --node-name NODE_NAME
+    /// --admin-socket SOCK` in the node's namespace (`nsenter --net=`, so
+    /// bpffs and cgroup2 stay visible), logging to
+    /// `work_dir/agent-<node>.log`, and waits (≤ 20 s) until `nodemesh status
+    /// -o json --socket SOCK` succeeds. Creates `config_dir` if needed.
+    pub fn start(topo: &mut Topology, node: &str, config_dir: &Path) -> Result<Agent> {
+        Agent::start_with(topo, node, config_dir, &nodemesh_bin(), &[])
+    }
+
+    /// Like [`start`](Self::start) with an explicit binary and extra
+    /// arguments appended to `nodemesh agent …` (kept for restarts).
+    pub fn start_with(
+        topo: &mut Topology,
+        node: &str,
+        config_dir: &Path,
+        bin: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let info = topo.node(node).clone();
+        fs::create_dir_all(config_dir)
+            .with_context(|| format!("creating {}", config_dir.display()))?;
+        let config_dir = fs::canonicalize(config_dir)?;
+        let mut agent = Agent {
+            node: info.name.clone(),
+            node_name: info.node_name.clone(),
+            netns: info.netns.clone(),
+            netns_path: info.netns_path.clone(),
+            config_dir,
+            socket: topo.work_dir().join(format!("{node}.sock")),
+            log_path: topo.work_dir().join(format!("agent-{node}.log")),
+            bin: bin.to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+            last_exit: None,
+            starts: 0,
+        };
+        // On error `agent` drops here: stopped and uninstalled.
+        agent.launch(topo)?;
+        Ok(agent)
+    }
+
+    fn launch(&mut self, topo: &Topology) -> Result<()> {
+        self.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        writeln!(
+            log,
+            "==== nodemesh-testbed: starting agent on {} (start #{}) ====",
+            self.node_name, self.starts
+        )?;
+        let err = log.try_clone()?;
+        let bin = self.bin.to_string_lossy().into_owned();
+        let config_dir = self.config_dir.to_string_lossy().into_owned();
+        let socket = self.socket.to_string_lossy().into_owned();
+        let mut args = vec![
+            bin.as_str(),
+            "agent",
+            "--config-dir",
+            &config_dir,
+            "--node-name",
+            &self.node_name,
+            "--admin-socket",
+            &socket,
+        ];
+        args.extend(self.extra_args.iter().map(String::as_str));
+        let mut cmd = topo.command_in(&self.netns, &args)?;
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.stdout(log).stderr(err).process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", args.join(" ")))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    self.last_exit = Some(status);
+                    bail!(
+                        "agent on {} exited during startup ({status}); log:\n{}",
+                        self.node,
+                        self.log_tail(80)
+                    );
+                }
+            }
+            let out = self.cli(&["status", "-o", "json"])?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let last = format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            if Instant::now() >= deadline {
+                bail!(
+                    "agent on {} not ready after {:?} (last `nodemesh status`: {last}); log:\n{}",
+                    self.node,
+                    READY_TIMEOUT,
+                    self.log_tail(80)
+                );
+            }
+            std::thread::sleep(READY_POLL);
+        }
+    }
+
+    /// The test's name of the node (`NodeInfo::name`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The agent's `--node-name`.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The config directory the agent watches.
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    /// The admin socket, `work_dir/<node>.sock`.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The agent's log file, `work_dir/agent-<node>.log`.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Pid of the running agent, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// True while the agent process runs.
+    pub fn is_running(&self) -> bool {
+        self.pid().is_some_and(pid_alive)
+    }
+
+    /// How the agent process last exited (after [`kill`](Self::kill),
+    /// [`stop`](Self::stop) or a failed start).
+    pub fn last_exit(&self) -> Option<ExitStatus> {
+        self.last_exit
+    }
+
+    /// Runs `nodemesh <args> --socket SOCK` and returns its output, whatever
+    /// its exit status.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null());
+        cmd.output()
+            .with_context(|| format!("cannot run `nodemesh {}`", args.join(" ")))
+    }
+
+    /// `nodemesh status -o json`, parsed.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = self.cli(&["status", "-o", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "`nodemesh status -o json` on {} failed ({}): {}",
+                self.node,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`nodemesh status -o json` printed invalid JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn signal_and_wait(&mut self, sig: Signal, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Not reaped yet, so the pid (= process group id) is still ours.
+        let pgid = Pid::from_raw(child.id() as i32);
+        let _ = killpg(pgid, sig);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && pid_alive(child.id()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(child.id()) {
+            eprintln!(
+                "agent on {} still running {grace:?} after {sig}: sending SIGKILL",
+                self.node
+            );
+        }
+        let _ = killpg(pgid, Signal::SIGKILL);
+        self.last_exit = child.wait().ok();
+    }
+
+    /// Crashes the agent: SIGKILL, then waits for it to exit.
+    pub fn kill(&mut self) {
+        self.signal_and_wait(Signal::SIGKILL, Duration::ZERO);
+    }
+
+    /// Stops the agent gracefully: SIGTERM, then waits (SIGKILL after 15 s).
+    pub fn stop(&mut self) {
+        self.signal_and_wait(Signal::SIGTERM, STOP_TIMEOUT);
+    }
+
+    /// Starts the agent again with the same arguments (stopping it first if
+    /// it still runs) and waits until it is ready.
+    pub fn restart(&mut self, topo: &mut Topology) -> Result<()> {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.launch(topo)
+    }
+
+    /// The agent's log so far (all starts).
+    pub fn log(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Runs `nodemesh uninstall --node-name NODE_NAME` in the node's
+    /// namespace (or the machine's, if that is gone).
+    pub fn uninstall(&self) -> Result<()> {
+        let mut cmd = if self.netns_path.exists() {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", self.netns_path.display()))
+                .arg(&self.bin);
+            c
+        } else {
+            Command::new(&self.bin)
+        };
+        cmd.args(["uninstall", "--node-name", &self.node_name])
+            .stdin(Stdio::null());
+        let out = cmd.output().context("cannot run `nodemesh uninstall`")?;
+        if !out.status.success() {
+            bail!(
+                "`nodemesh uninstall --node-name {}` failed ({}): {} {}",
+                self.node_name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- agent log of {} ({}) ----\n{}",
+                self.node,
+                self.log_path.display(),
+                self.log_tail(200)
+            );
+        }
+        if let Err(e) = self.uninstall() {
+            eprintln!("agent on {}: {e:#}", self.node);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Test bed for nodemesh: builds a whole cluster out of network namespaces
+//! on one machine and drives real agents and real workloads inside it.
+//!
+//! * [`topology`] — nodes, pods and the links between them; spawns processes
+//!   inside them and cleans everything up on drop, even when a test panics.
+//! * [`config`] — writes the agent's YAML configuration (Namespace, Workload,
+//!   Service) into a config directory.
+//! * [`agent`] — starts, crashes, restarts and queries a `nodemesh` agent.
+//! * [`workload_apps`] — small real servers and clients run inside pods
+//!   (HTTP echo, TCP echo, curl).
+//!
+//! Nothing built here lives in the machine's own network namespace, so
+//! traffic that escapes redirection stays inside the test topology.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod config;
+pub mod topology;
+pub mod workload_apps;
+
+pub use agent::{nodemesh_bin, Agent};
+pub use topology::{netns_with_prefix, NodeInfo, PodInfo, Topology};

@@ -1,0 +1,290 @@
+//! The node data path on real namespaces: eBPF redirection of enrolled
+//! workloads into the agent, service load balancing, DNS, enrollment at
+//! runtime, several nodes, bad config, and the agent being down.
+
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nodemesh_testbed::agent::Agent;
+use nodemesh_testbed::config;
+use nodemesh_testbed::workload_apps::{curl, curl_raw, start_http_echo};
+use nodemesh_testbed::{netns_with_prefix, Topology};
+use serde_json::Value;
+
+/// Address the agent uses to hand inbound connections to an application: a
+/// server that sees it was reached through the mesh.
+const THROUGH_AGENT: &str = "127.0.0.6";
+const WEB_IP: &str = "10.96.0.20";
+
+/// A node with an enrolled namespace `shop` (client, web) and a plain
+/// namespace `plain` (outsider, plainweb), each server an HTTP echo on 8080.
+struct Shop {
+    topo: Topology,
+    config_dir: PathBuf,
+}
+
+impl Shop {
+    fn new() -> Result<Shop> {
+        let mut topo = Topology::new()?;
+        topo.add_node("node-a")?;
+        for pod in ["client", "web", "outsider", "plainweb"] {
+            topo.add_pod("node-a", pod)?;
+        }
+        start_http_echo(&mut topo, "web", 8080, "web")?;
+        start_http_echo(&mut topo, "plainweb", 8080, "plainweb")?;
+        let config_dir = topo.work_dir().join("config");
+        std::fs::create_dir_all(&config_dir)?;
+        let shop = Shop { topo, config_dir };
+        shop.write_config(true)?;
+        Ok(shop)
+    }
+
+    fn write_config(&self, shop_in_mesh: bool) -> Result<()> {
+        let t = &self.topo;
+        config::write(
+            &self.config_dir,
+            "mesh.yaml",
+            &[
+                config::namespace("shop", shop_in_mesh),
+                config::namespace("plain", false),
+                config::workload(t.pod("client"), "shop", &[("app", "client")]),
+                config::workload(t.pod("web"), "shop", &[("app", "web")]),
+                config::workload(t.pod("outsider"), "plain", &[("app", "outsider")]),
+                config::workload(t.pod("plainweb"), "plain", &[("app", "plainweb")]),
+                config::service("web", "shop", &[("app", "web")], 80, 8080, Some(WEB_IP)),
+                config::service("plainweb", "plain", &[("app", "plainweb")], 80, 8080, None),
+            ],
+        )
+    }
+
+    fn agent(&mut self) -> Result<Agent> {
+        let dir = self.config_dir.clone();
+        Agent::start(&mut self.topo, "node-a", &dir)
+    }
+
+    /// GET `url` from `pod`; returns the echo's JSON (server name, client).
+    fn get(&self, pod: &str, url: &str) -> Result<Value> {
+        let (status, body) = curl(&self.topo, pod, url, &[])?;
+        anyhow::ensure!(status == 200, "GET {url} from {pod}: {status} {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+}
+
+fn client_ip(echo: &Value) -> String {
+    let client = echo["client"].as_str().unwrap_or_default();
+    client.rsplit_once(':').map_or(client, |(ip, _)| ip).to_owned()
+}
+
+fn connections(agent: &Agent) -> Vec<Value> {
+    let out = agent.cli(&["connections", "-o", "json"]).expect("nodemesh connections");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().cloned().unwrap_or_default()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+fn enrolled(agent: &Agent) -> u64 {
+    agent.status_json().map_or(0, |s| s["workloads"]["enrolled"].as_u64().unwrap_or(0))
+}
+
+fn assert_node_gone(node_name: &str) {
+    let pins = Path::new("/sys/fs/bpf/nodemesh").join(node_name);
+    assert!(!pins.exists(), "{} left behind", pins.display());
+}
+
+#[test]
+fn enrolled_client_reaches_pod_ip_cluster_ip_and_service_names_through_the_agent() {
+    let mut shop = Shop::new().unwrap();
+    let agent = shop.agent().unwrap();
+    let web = shop.topo.pod("web").address.to_string();
+    let client = shop.topo.pod("client").address.to_string();
+
+    let urls = [
+        format!("http://{web}:8080/"),
+        format!("http://{WEB_IP}/"),
+        "http://web/".to_owned(),
+        "http://web.shop/".to_owned(),
+        "http://web.shop.svc.cluster.local/".to_owned(),
+    ];
+    for url in &urls {
+        let echo = shop.get("client", url).unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+        assert_eq!(echo["server"], "web", "{url}");
+        assert_eq!(client_ip(&echo), THROUGH_AGENT, "{url} did not come in through the agent");
+    }
+
+    // Every request was seen once on the way out and once on the way in: the
+    // agent never loops on its own connections.
+    let records = connections(&agent);
+    let outbound: Vec<&Value> = records.iter().filter(|c| c["direction"] == "outbound").collect();
+    let inbound: Vec<&Value> = records.iter().filter(|c| c["direction"] == "inbound").collect();
+    assert_eq!(outbound.len(), urls.len(), "{records:#?}");
+    assert_eq!(inbound.len(), urls.len(), "{records:#?}");
+    for c in &outbound {
+        assert_eq!(c["source_workload"], "shop/client");
+        assert_eq!(c["destination_workload"], "shop/web");
+        assert_eq!(c["outcome"], "ok");
+    }
+    assert_eq!(outbound[0]["original_destination"], format!("{web}:8080"));
+    for c in &outbound[1..] {
+        assert_eq!(c["original_destination"], format!("{WEB_IP}:80"));
+        assert_eq!(c["service"], "shop/web");
+        assert_eq!(c["upstream"], format!("{web}:8080"));
+    }
+    for c in &inbound {
+        assert_eq!(c["source_workload"], "shop/client");
+        assert!(c["source"].as_str().unwrap().starts_with(&client), "{c}");
+    }
+
+    let status = agent.status_json().unwrap();
+    assert_eq!(status["workloads"]["enrolled"], 2, "{status:#}");
+    assert_eq!(status["connections"]["outbound"]["total"], urls.len() as u64);
+    assert_eq!(status["connections"]["inbound"]["total"], urls.len() as u64);
+    assert_eq!(status["ebpf"]["programs"].as_array().unwrap().len(), 8);
+    let node_name = agent.node_name().to_owned();
+    let prefix = shop.topo.prefix().to_owned();
+    drop(agent);
+    drop(shop);
+    assert_node_gone(&node_name);
+    assert!(netns_with_prefix(&prefix).is_empty());
+}
+
+#[test]
+fn unlabelled_namespaces_are_untouched_and_labels_apply_at_runtime() {
+    let mut shop = Shop::new().unwrap();
+    let agent = shop.agent().unwrap();
+    let outsider = shop.topo.pod("outsider").address.to_string();
+    let plainweb = shop.topo.pod("plainweb").address.to_string();
+
+    // Outside the mesh on both ends: direct, the agent sees nothing.
+    let echo = shop.get("outsider", &format!("http://{plainweb}:8080/")).unwrap();
+    assert_eq!(client_ip(&echo), outsider);
+    assert!(connections(&agent).is_empty());
+
+    // Un-labelling `shop` releases its workloads for new connections.
+    shop.write_config(false).unwrap();
+    wait_for("shop to leave the mesh", || enrolled(&agent) == 0);
+    let web = shop.topo.pod("web").address.to_string();
+    let client = shop.topo.pod("client").address.to_string();
+    let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
+    assert_eq!(client_ip(&echo), client, "traffic still captured after un-labelling");
+
+    // Labelling it again captures new connections, without a restart.
+    shop.write_config(true).unwrap();
+    wait_for("shop to join the mesh", || enrolled(&agent) == 2);
+    let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
+    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    let pid = agent.pid();
+    assert_eq!(agent.status_json().unwrap()["pid"], pid.unwrap());
+}
+
+#[test]
+fn invalid_config_is_rejected_precisely_and_the_last_good_one_keeps_serving() {
+    let mut shop = Shop::new().unwrap();
+    let agent = shop.agent().unwrap();
+    let generation = agent.status_json().unwrap()["config"]["generation"].as_u64().unwrap();
+
+    config::write_raw(
+        &shop.config_dir,
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: shop}\nspec:\n  ports:\n    - port: 0\n",
+    )
+    .unwrap();
+    wait_for("the rejection", || {
+        agent.status_json().is_ok_and(|s| s["config"]["last_error"].is_string())
+    });
+    let status = agent.status_json().unwrap();
+    let error = status["config"]["last_error"].as_str().unwrap();
+    assert!(error.contains("broken.yaml"), "{error}");
+    assert!(error.contains("Service shop/broken"), "{error}");
+    assert!(error.contains("spec.ports[0].port"), "{error}");
+    assert_eq!(status["config"]["generation"].as_u64().unwrap(), generation);
+    let text = String::from_utf8(agent.cli(&["status"]).unwrap().stdout).unwrap();
+    assert!(text.contains("spec.ports[0].port"), "{text}");
+
+    // Traffic keeps flowing on the last good config.
+    let echo = shop.get("client", &format!("http://{WEB_IP}/")).unwrap();
+    assert_eq!(echo["server"], "web");
+
+    // Fixing the file applies it and clears the error.
+    config::remove(&shop.config_dir, "broken.yaml").unwrap();
+    wait_for("the fix", || {
+        agent.status_json().is_ok_and(|s| s["config"]["last_error"].is_null())
+    });
+}
+
+#[test]
+fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
+    let mut shop = Shop::new().unwrap();
+    let mut agent = shop.agent().unwrap();
+    let web = shop.topo.pod("web").address.to_string();
+    shop.get("client", &format!("http://{web}:8080/")).unwrap();
+
+    agent.kill();
+    // Outbound from an enrolled workload: refused at once, never sent direct.
+    let out = curl_raw(&shop.topo, "client", &format!("http://{web}:8080/"), &[]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("onnect"), "{out:?}");
+    // Inbound to an enrolled workload: dropped, never delivered unmeshed.
+    let out = curl_raw(&shop.topo, "outsider", &format!("http://{web}:8080/"), &["--max-time", "2"]).unwrap();
+    assert!(!out.status.success(), "reached {web} while the agent was down: {out:?}");
+    // Workloads outside the mesh are unaffected.
+    let plainweb = shop.topo.pod("plainweb").address.to_string();
+    shop.get("outsider", &format!("http://{plainweb}:8080/")).unwrap();
+
+    agent.restart(&mut shop.topo).unwrap();
+    wait_for("re-enrollment", || enrolled(&agent) == 2);
+    let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
+    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    let echo = shop.get("outsider", &format!("http://{web}:8080/")).unwrap();
+    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+}
+
+#[test]
+fn cross_node_traffic_goes_through_both_agents() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node("node-a").unwrap();
+    topo.add_node("node-b").unwrap();
+    topo.add_pod("node-a", "client").unwrap();
+    topo.add_pod("node-b", "server").unwrap();
+    start_http_echo(&mut topo, "server", 8080, "server").unwrap();
+    let dir = topo.work_dir().join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    config::write(
+        &dir,
+        "mesh.yaml",
+        &[
+            config::namespace("shop", true),
+            config::workload(topo.pod("client"), "shop", &[("app", "client")]),
+            config::workload(topo.pod("server"), "shop", &[("app", "server")]),
+            config::service("server", "shop", &[("app", "server")], 80, 8080, None),
+        ],
+    )
+    .unwrap();
+    let a = Agent::start(&mut topo, "node-a", &dir).unwrap();
+    let b = Agent::start(&mut topo, "node-b", &dir).unwrap();
+
+    let (status, body) = curl(&topo, "client", "http://server.shop/", &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let echo: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echo["server"], "server");
+    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+
+    let out = connections(&a);
+    assert_eq!(out.len(), 1, "{out:#?}");
+    assert_eq!(out[0]["direction"], "outbound");
+    assert_eq!(out[0]["source_workload"], "shop/client");
+    assert_eq!(out[0]["service"], "shop/server");
+    let inb = connections(&b);
+    assert_eq!(inb.len(), 1, "{inb:#?}");
+    assert_eq!(inb[0]["direction"], "inbound");
+    assert_eq!(inb[0]["source_workload"], "shop/client");
+    assert_eq!(inb[0]["destination_workload"], "shop/server");
+}

@@ -1,0 +1,396 @@
+//! `cargo xtask <command>`: setup, build, test, demo and bench automation.
+//!
+//! Arguments are parsed by hand to keep this binary's build lean.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  setup            install what building and testing need (idempotent, quick
+                   when everything is present; must run as root)
+  build            setup, then `cargo build --release -p nodemesh`
+  test [ARGS]      build, then `cargo test --release --workspace ARGS` with
+                   NODEMESH_BIN set (e.g. `cargo xtask test -- topology`)
+  demo             (not yet implemented)
+  bench            (not yet implemented)
+";
+
+/// Debian packages the build and the tests need.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "curl",
+    "bpftool",
+    "nghttp2-client",
+    "wrk",
+    "python3",
+    "procps",
+];
+
+/// LLVM whose major matches the nightly toolchain's (see DESIGN.md).
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const BPFFS: &str = "/sys/fs/bpf";
+/// Netns names made by the test bed start with this.
+const TEST_NETNS_PREFIX: &str = "nm";
+/// Where the agent pins its programs, maps and links.
+const PIN_DIR: &str = "/sys/fs/bpf/nodemesh";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let Some((cmd, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        bail!("no command given");
+    };
+    let no_args = |name: &str| -> Result<()> {
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            bail!("`{name}` takes no arguments, got {rest:?}")
+        }
+    };
+    match cmd.as_str() {
+        "setup" => {
+            no_args("setup")?;
+            setup()
+        }
+        "build" => {
+            no_args("build")?;
+            setup()?;
+            build()
+        }
+        "test" => {
+            setup()?;
+            build()?;
+            test(rest)
+        }
+        // TODO(lead): demo — build a topology with nodemesh_testbed, start
+        // agents and workloads, show `nodemesh status` and some traffic.
+        "demo" => bail!("`demo` is not yet implemented"),
+        // TODO(lead): bench — oha (16 keep-alive connections, 1 KB
+        // responses, HTTP/1.1) direct vs meshed in one run; see DESIGN.md.
+        "bench" => bail!("`bench` is not yet implemented"),
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprint!("{USAGE}");
+            bail!("unknown command `{other}`")
+        }
+    }
+}
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// `$CARGO_HOME/bin`, else `~/.cargo/bin`.
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"))
+        .join("bin")
+}
+
+/// PATH with `extra` directories in front (skipping ones already on it).
+fn path_with(extra: &[&Path]) -> OsString {
+    let current = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&current).collect();
+    for dir in extra.iter().rev() {
+        if !dirs.iter().any(|d| d == dir) {
+            dirs.insert(0, dir.to_path_buf());
+        }
+    }
+    std::env::join_paths(dirs).unwrap_or(current)
+}
+
+/// Finds a program on PATH or in the cargo bin directory.
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let cargo_bin = cargo_bin_dir();
+    std::env::split_paths(&path_with(&[&cargo_bin]))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The cargo that runs us (`$CARGO`), else `cargo` from PATH.
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.env("PATH", path_with(&[&cargo_bin_dir()]));
+    c
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a command with inherited stdio; a failure names the command.
+fn status(cmd: &mut Command) -> Result<()> {
+    let line = display(cmd);
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !st.success() {
+        bail!("`{line}` failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs a command quietly; returns stdout if it succeeded.
+fn output_ok(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stdin(std::process::Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn effective_uid() -> Result<u32> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .context("no Uid line in /proc/self/status")
+}
+
+fn setup() -> Result<()> {
+    if effective_uid()? != 0 {
+        bail!(
+            "`cargo xtask setup` must run as root: it installs Debian packages, \
+             mounts bpffs, and the tests create network namespaces and load eBPF programs"
+        );
+    }
+    let mut installed_something = false;
+
+    // Debian packages: one dpkg-query for all of them.
+    let query = Command::new("dpkg-query")
+        .arg("-W")
+        .arg("-f=${Package} ${Status}\\n")
+        .args(DEBIAN_PACKAGES)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run dpkg-query (is this a Debian machine?)")?;
+    let present: Vec<String> = String::from_utf8_lossy(&query.stdout)
+        .lines()
+        .filter(|l| l.ends_with(" install ok installed"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|p| p.split(':').next().unwrap_or(p).to_string())
+        .collect();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !present.iter().any(|q| q == p))
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        status(Command::new("apt-get").arg("update"))?;
+        status(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing),
+        )?;
+        installed_something = true;
+    }
+
+    // rust-src for the nightly that builds the eBPF programs.
+    let rustup = find_tool("rustup").context("rustup not found on PATH or in ~/.cargo/bin")?;
+    let components = output_ok(Command::new(&rustup).args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: installing rust-src for the nightly toolchain");
+        status(Command::new(&rustup).args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        installed_something = true;
+    }
+
+    // bpf-linker, built against the same LLVM major as the nightly.
+    let linker_ok = find_tool("bpf-linker")
+        .and_then(|p| output_ok(Command::new(p).arg("--version")))
+        .is_some();
+    if !linker_ok {
+        println!("setup: installing bpf-linker with LLVM 22 (about 90 s)");
+        status(
+            cargo()
+                .env("PATH", path_with(&[Path::new(LLVM_BIN), &cargo_bin_dir()]))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ]),
+        )?;
+        installed_something = true;
+    }
+
+    // oha, the load generator `bench` uses.
+    if find_tool("oha").is_none() {
+        println!(
+            "setup: installing oha (load generator for `cargo xtask bench`; takes a few minutes)"
+        );
+        status(cargo().args(["install", "oha", "--locked"]))?;
+        installed_something = true;
+    }
+
+    // bpffs, where the agent pins its programs and maps.
+    if !bpffs_mounted()? {
+        println!("setup: mounting bpffs at {BPFFS}");
+        status(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        installed_something = true;
+    }
+
+    if !installed_something {
+        println!("setup: everything is present");
+    }
+    Ok(())
+}
+
+fn bpffs_mounted() -> Result<bool> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let _source = f.next();
+        f.next() == Some(BPFFS) && f.next() == Some("bpf")
+    }))
+}
+
+/// `$CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
+fn build() -> Result<()> {
+    println!("build: cargo build --release -p nodemesh");
+    status(
+        cargo()
+            .current_dir(root())
+            .args(["build", "--release", "-p", "nodemesh"]),
+    )
+}
+
+/// The package name in `agent-ebpf/Cargo.toml`, if that crate exists: it
+/// targets bpfel-unknown-none and is not tested on the host.
+fn ebpf_package() -> Option<String> {
+    let manifest = std::fs::read_to_string(root().join("agent-ebpf/Cargo.toml")).ok()?;
+    let mut in_package = false;
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package {
+            if let Some(v) = line.strip_prefix("name") {
+                let v = v.trim_start().strip_prefix('=')?.trim();
+                return Some(v.trim_matches('"').to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Reports (never fails on) what earlier runs may have left behind.
+fn report_leftovers(when: &str) {
+    let netns = nodemesh_testbed::netns_with_prefix(TEST_NETNS_PREFIX);
+    if !netns.is_empty() {
+        println!(
+            "test: warning: {} network namespace(s) named {TEST_NETNS_PREFIX}* left {when}: {}",
+            netns.len(),
+            netns.join(" ")
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir(PIN_DIR) {
+        let pins: Vec<String> = dir
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !pins.is_empty() {
+            println!(
+                "test: warning: {} entr{} left in {PIN_DIR} {when}: {}",
+                pins.len(),
+                if pins.len() == 1 { "y" } else { "ies" },
+                pins.join(" ")
+            );
+        }
+    }
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let bin = target_dir().join("release/nodemesh");
+    if !bin.is_file() {
+        bail!("the build did not produce {}", bin.display());
+    }
+    report_leftovers("before the tests");
+
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["test", "--release"])
+        .env("NODEMESH_BIN", &bin)
+        .env("RUST_TEST_THREADS", "2");
+    // `--workspace` unless packages were chosen explicitly (before `--`).
+    let cargo_args = extra.split(|a| a == "--").next().unwrap_or_default();
+    let chose_packages = cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p"));
+    if !chose_packages {
+        cmd.arg("--workspace");
+        if let Some(ebpf) = ebpf_package() {
+            cmd.args(["--exclude", &ebpf]);
+        }
+    }
+    cmd.args(extra);
+    println!("test: {} (NODEMESH_BIN={})", display(&cmd), bin.display());
+    let result = status(&mut cmd);
+
+    report_leftovers("after the tests");
+    result
+}
