@@ -44,6 +44,9 @@ const TEST_NETNS_PREFIX: &str = "nm";
 /// Where the agent pins its programs, maps and links.
 const PIN_DIR: &str = "/sys/fs/bpf/nodemesh";
 
+mod bench;
+mod demo;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
@@ -82,12 +85,17 @@ fn run(args: &[String]) -> Result<()> {
             build()?;
             test(rest)
         }
-        // TODO(lead): demo — build a topology with nodemesh_testbed, start
-        // agents and workloads, show `nodemesh status` and some traffic.
-        "demo" => bail!("`demo` is not yet implemented"),
-        // TODO(lead): bench — oha (16 keep-alive connections, 1 KB
-        // responses, HTTP/1.1) direct vs meshed in one run; see DESIGN.md.
-        "bench" => bail!("`bench` is not yet implemented"),
+        "demo" => {
+            no_args("demo")?;
+            setup()?;
+            build()?;
+            demo::run(&target_dir().join("release/nodemesh"))
+        }
+        "bench" => {
+            setup()?;
+            build()?;
+            bench::run(&target_dir().join("release/nodemesh"), rest)
+        }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -267,15 +275,6 @@ fn setup() -> Result<()> {
                     "llvm-22",
                 ]),
         )?;
-        installed_something = true;
-    }
-
-    // oha, the load generator `bench` uses.
-    if find_tool("oha").is_none() {
-        println!(
-            "setup: installing oha (load generator for `cargo xtask bench`; takes a few minutes)"
-        );
-        status(cargo().args(["install", "oha", "--locked"]))?;
         installed_something = true;
     }
 
