@@ -58,8 +58,7 @@ static COOKIE_ORIG: LruHashMap<u64, SockAddr> = LruHashMap::pinned(MAX_PENDING_C
 /// Original destination of an established redirected connection, read (and
 /// deleted) by the agent after `accept()`.
 #[map]
-static ORIG_DST: LruHashMap<OrigDstKey, SockAddr> =
-    LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+static ORIG_DST: LruHashMap<OrigDstKey, SockAddr> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
 
 /// Addresses of enrolled workloads whose inbound connections are captured.
 #[map]
@@ -133,11 +132,22 @@ fn steer4(ctx: &SockAddrContext, connect: bool) -> i32 {
     };
     remember(
         ctx,
-        SockAddr { addr: [ip, 0, 0, 0], port, family: AF_INET, _pad: 0 },
+        SockAddr {
+            addr: [ip, 0, 0, 0],
+            port,
+            family: AF_INET,
+            _pad: 0,
+        },
     );
     addr.user_ip4 = LOOPBACK_V4;
     set_user_port(addr, to);
-    debug!(ctx, "redirect {:i}:{} -> 127.0.0.1:{}", u32::from_be(ip), port, to);
+    debug!(
+        ctx,
+        "redirect {:i}:{} -> 127.0.0.1:{}",
+        u32::from_be(ip),
+        port,
+        to
+    );
     ALLOW
 }
 
@@ -170,9 +180,19 @@ fn steer6(ctx: &SockAddrContext, connect: bool) -> i32 {
         return ALLOW;
     };
     let orig = if mapped {
-        SockAddr { addr: [ip[3], 0, 0, 0], port, family: AF_INET, _pad: 0 }
+        SockAddr {
+            addr: [ip[3], 0, 0, 0],
+            port,
+            family: AF_INET,
+            _pad: 0,
+        }
     } else {
-        SockAddr { addr: ip, port, family: AF_INET6, _pad: 0 }
+        SockAddr {
+            addr: ip,
+            port,
+            family: AF_INET6,
+            _pad: 0,
+        }
     };
     remember(ctx, orig);
     addr.user_ip6 = if mapped {
@@ -262,9 +282,15 @@ pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
     };
     // The agent sees a v4-mapped client as IPv6 when it came through connect6.
     let key = if ctx.family() == u32::from(AF_INET6) {
-        OrigDstKey { family: AF_INET6, ..key }
+        OrigDstKey {
+            family: AF_INET6,
+            ..key
+        }
     } else {
-        OrigDstKey { family: AF_INET, ..key }
+        OrigDstKey {
+            family: AF_INET,
+            ..key
+        }
     };
     let _ = ORIG_DST.insert(key, orig, 0);
     let _ = COOKIE_ORIG.remove(cookie);
@@ -281,9 +307,15 @@ pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
         if lookup.remote_ip4 == PASSTHROUGH_V4 {
             return SK_PASS;
         }
-        AddrKey { addr: [lookup.local_ip4, 0, 0, 0], family: u32::from(AF_INET) }
+        AddrKey {
+            addr: [lookup.local_ip4, 0, 0, 0],
+            family: u32::from(AF_INET),
+        }
     } else {
-        AddrKey { addr: read_ctx_ip6(&lookup.local_ip6), family: u32::from(AF_INET6) }
+        AddrKey {
+            addr: read_ctx_ip6(&lookup.local_ip6),
+            family: u32::from(AF_INET6),
+        }
     };
     if INBOUND_ADDRS.get_ptr(key).is_none() {
         return SK_PASS;

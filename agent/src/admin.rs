@@ -42,7 +42,9 @@ pub enum AdminError {
          `nodemesh agent --config-dir DIR --node-name NODE`, or point at its socket with --socket"
     )]
     NoAgent(PathBuf),
-    #[error("the agent behind {0} is not answering (it may have stopped); is `nodemesh agent` running?")]
+    #[error(
+        "the agent behind {0} is not answering (it may have stopped); is `nodemesh agent` running?"
+    )]
     NotAnswering(PathBuf),
     #[error("permission denied on {0}: the admin socket is root-only, run this as root")]
     Permission(PathBuf),
@@ -56,7 +58,10 @@ pub enum AdminError {
 
 /// Binds the admin socket, readable and writable by root only.
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    let io = |source| AdminError::Io { path: path.to_owned(), source };
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -65,7 +70,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     }
     // A socket left by a crashed agent; refuse to steal a live one.
     if UnixStream::connect(path).is_ok() {
-        return Err(io(io::Error::new(io::ErrorKind::AddrInUse, "another agent is serving this socket")));
+        return Err(io(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another agent is serving this socket",
+        )));
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(io)?;
@@ -84,7 +92,8 @@ pub async fn serve(listener: UnixListener, responder: Arc<dyn Responder>) {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             let mut reader = tokio::io::BufReader::new(read);
-            let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
             let answer = match read {
                 Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => responder.answer(req.get),
@@ -121,7 +130,11 @@ pub fn locate(socket: Option<PathBuf>, node: Option<&str>) -> Result<PathBuf, Ad
         0 => Err(AdminError::NoAgent(dir.join("<node>.sock"))),
         1 => Ok(sockets.remove(0)),
         _ => Err(AdminError::Ambiguous(
-            sockets.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            sockets
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         )),
     }
 }
@@ -133,10 +146,18 @@ pub fn query(socket: &Path, get: Query) -> Result<serde_json::Value, AdminError>
         io::ErrorKind::NotFound => AdminError::NoAgent(path.clone()),
         io::ErrorKind::ConnectionRefused => AdminError::NotAnswering(path.clone()),
         io::ErrorKind::PermissionDenied => AdminError::Permission(path.clone()),
-        _ => AdminError::Io { path: path.clone(), source: e },
+        _ => AdminError::Io {
+            path: path.clone(),
+            source: e,
+        },
     })?;
-    let io = |source| AdminError::Io { path: path.clone(), source };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    let io = |source| AdminError::Io {
+        path: path.clone(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
     let mut request = serde_json::to_vec(&Request { get }).expect("serializable request");
     request.push(b'\n');
     stream.write_all(&request).map_err(io)?;

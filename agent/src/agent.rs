@@ -44,22 +44,30 @@ struct Node {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the agent loads eBPF programs and must run as root");
-    let config = Arc::new(match Config::load_dir(&settings.config_dir, &settings.load) {
-        Ok(cfg) => ConfigStore::new(cfg),
-        Err(e) => {
-            // Start anyway, so `nodemesh status` shows the error and a fix is
-            // picked up by the watcher.
-            log::error!("configuration rejected, starting with none:\n{e}");
-            let store = ConfigStore::new(Config::empty());
-            store.reject(&e);
-            store
-        }
-    });
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the agent loads eBPF programs and must run as root"
+    );
+    let config = Arc::new(
+        match Config::load_dir(&settings.config_dir, &settings.load) {
+            Ok(cfg) => ConfigStore::new(cfg),
+            Err(e) => {
+                // Start anyway, so `nodemesh status` shows the error and a fix is
+                // picked up by the watcher.
+                log::error!("configuration rejected, starting with none:\n{e}");
+                let store = ConfigStore::new(Config::empty());
+                store.reject(&e);
+                store
+            }
+        },
+    );
     let (datapath, orig_dst) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
     let proxy = Arc::new(Proxy::new(config.clone(), orig_dst, settings.timeouts));
-    let upstream = Upstream { addr: dns_upstream(settings.upstream_dns), timeout: Duration::from_secs(2) };
+    let upstream = Upstream {
+        addr: dns_upstream(settings.upstream_dns),
+        timeout: Duration::from_secs(2),
+    };
     let enroller = Enroller::new(
         settings.node.clone(),
         settings.load.cluster_domain.clone(),
@@ -68,7 +76,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         datapath,
     );
     let admin = admin::bind(&settings.admin_socket)?;
-    let node = Arc::new(Node { settings, started: Instant::now(), config: config.clone(), proxy, enroller });
+    let node = Arc::new(Node {
+        settings,
+        started: Instant::now(),
+        config: config.clone(),
+        proxy,
+        enroller,
+    });
     node.enroller.reconcile(&config.current());
     log::info!(
         "node {} ready: {} workload(s) enrolled, config generation {}, admin socket {}",
@@ -79,7 +93,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
 
     tokio::spawn(admin::serve(admin, node.clone()));
-    let watcher = tokio::spawn(config::watch_dir(node.settings.config_dir.clone(), node.settings.load.clone(), config.clone()));
+    let watcher = tokio::spawn(config::watch_dir(
+        node.settings.config_dir.clone(),
+        node.settings.load.clone(),
+        config.clone(),
+    ));
     let reconciler = tokio::spawn(reconcile_loop(node.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -132,7 +150,11 @@ impl Responder for Node {
 
 impl Node {
     fn status(&self, cfg: &Config) -> serde_json::Value {
-        let on_node = cfg.workloads().iter().filter(|w| w.node == self.settings.node).count();
+        let on_node = cfg
+            .workloads()
+            .iter()
+            .filter(|w| w.node == self.settings.node)
+            .count();
         json!({
             "node": self.settings.node,
             "version": env!("CARGO_PKG_VERSION"),

@@ -13,7 +13,10 @@ pub enum Output {
 
 pub fn print(query: Query, answer: &Value, output: Output) {
     if let Output::Json = output {
-        println!("{}", serde_json::to_string_pretty(answer).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(answer).unwrap_or_default()
+        );
         return;
     }
     let rows = |v: &Value| v.as_array().cloned().unwrap_or_default();
@@ -22,7 +25,13 @@ pub fn print(query: Query, answer: &Value, output: Output) {
         Query::Workloads => table(
             &["NAMESPACE", "NAME", "NODE", "ADDRESSES", "STATE"],
             rows(answer).iter().map(|w| {
-                vec![text(&w["namespace"]), text(&w["name"]), text(&w["node"]), list(&w["addresses"]), text(&w["state"])]
+                vec![
+                    text(&w["namespace"]),
+                    text(&w["name"]),
+                    text(&w["node"]),
+                    list(&w["addresses"]),
+                    text(&w["state"]),
+                ]
             }),
         ),
         Query::Services => table(
@@ -30,16 +39,47 @@ pub fn print(query: Query, answer: &Value, output: Output) {
             rows(answer).iter().map(|s| {
                 let ports = rows(&s["ports"])
                     .iter()
-                    .map(|p| format!("{}->{}/{}", p["port"], p["target_port"], text(&p["protocol"])))
+                    .map(|p| {
+                        format!(
+                            "{}->{}/{}",
+                            p["port"],
+                            p["target_port"],
+                            text(&p["protocol"])
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(",");
-                let endpoints = rows(&s["endpoints"]).iter().map(|e| text(&e["workload"])).collect::<Vec<_>>().join(",");
-                let ip = if s["cluster_ip"].is_null() { "None".to_owned() } else { text(&s["cluster_ip"]) };
-                vec![text(&s["namespace"]), text(&s["name"]), ip, ports, endpoints]
+                let endpoints = rows(&s["endpoints"])
+                    .iter()
+                    .map(|e| text(&e["workload"]))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let ip = if s["cluster_ip"].is_null() {
+                    "None".to_owned()
+                } else {
+                    text(&s["cluster_ip"])
+                };
+                vec![
+                    text(&s["namespace"]),
+                    text(&s["name"]),
+                    ip,
+                    ports,
+                    endpoints,
+                ]
             }),
         ),
         Query::Connections => table(
-            &["DIRECTION", "SOURCE", "ORIGINAL-DESTINATION", "SERVICE", "DESTINATION", "UPSTREAM", "SENT", "RECEIVED", "OUTCOME"],
+            &[
+                "DIRECTION",
+                "SOURCE",
+                "ORIGINAL-DESTINATION",
+                "SERVICE",
+                "DESTINATION",
+                "UPSTREAM",
+                "SENT",
+                "RECEIVED",
+                "OUTCOME",
+            ],
             rows(answer).iter().map(|c| {
                 let source = match c["source_workload"].as_str() {
                     Some(w) => format!("{w} ({})", text(&c["source"])),
@@ -63,7 +103,13 @@ pub fn print(query: Query, answer: &Value, output: Output) {
 
 fn print_status(s: &Value) {
     let c = &s["config"];
-    println!("node:        {} (agent {} pid {}, up {}s)", text(&s["node"]), text(&s["version"]), s["pid"], s["uptime_seconds"]);
+    println!(
+        "node:        {} (agent {} pid {}, up {}s)",
+        text(&s["node"]),
+        text(&s["version"]),
+        s["pid"],
+        s["uptime_seconds"]
+    );
     println!(
         "config:      {} generation {}: {} namespace(s), {} workload(s), {} service(s)",
         text(&c["dir"]),
@@ -77,7 +123,10 @@ fn print_status(s: &Value) {
         None => println!("last error:  none"),
     }
     let w = &s["workloads"];
-    println!("workloads:   {} enrolled of {} on this node", w["enrolled"], w["on_node"]);
+    println!(
+        "workloads:   {} enrolled of {} on this node",
+        w["enrolled"], w["on_node"]
+    );
     if let Some(failures) = w["failures"].as_object() {
         for (key, e) in failures {
             println!("             {key}: {}", text(e));
@@ -86,7 +135,13 @@ fn print_status(s: &Value) {
     let conns = &s["connections"];
     for dir in ["outbound", "inbound"] {
         let d = &conns[dir];
-        println!("{:<12} {} open, {} total, {} failed", format!("{dir}:"), d["open"], d["total"], d["failed"]);
+        println!(
+            "{:<12} {} open, {} total, {} failed",
+            format!("{dir}:"),
+            d["open"],
+            d["total"],
+            d["failed"]
+        );
     }
     let e = &s["ebpf"];
     println!("eBPF pins:   {}", text(&e["pin_dir"]));
@@ -109,7 +164,9 @@ fn text(v: &Value) -> String {
 }
 
 fn list(v: &Value) -> String {
-    v.as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
 }
 
 fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
@@ -121,7 +178,11 @@ fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());

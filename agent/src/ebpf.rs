@@ -50,9 +50,15 @@ pub enum EbpfError {
     #[error("loading the eBPF programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("eBPF map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("eBPF link {path}: {reason}")]
     Link { path: String, reason: String },
     #[error("no cgroup2 file system is mounted (looked in /proc/self/mountinfo)")]
@@ -100,7 +106,11 @@ impl OrigDstTable {
 
     /// Redirected connections established but not yet accepted.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).keys().count()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .count()
     }
 }
 
@@ -130,21 +140,28 @@ impl Datapath {
         ensure_bpffs(bpffs)?;
         let pins = pin_dir(bpffs, node);
         for dir in ["maps", "links"] {
-            fs::create_dir_all(pins.join(dir)).map_err(io_err(format!("creating {}", pins.display())))?;
+            fs::create_dir_all(pins.join(dir))
+                .map_err(io_err(format!("creating {}", pins.display())))?;
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.join("maps")).load(PROGRAMS)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.join("maps"))
+            .load(PROGRAMS)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => drop(tokio::spawn(forward_logs(logger))),
             Err(e) => log::warn!("eBPF logs unavailable: {e}"),
         }
         let cgroup = cgroup2_root()?;
-        let cgroup_dir = fs::File::open(&cgroup).map_err(io_err(format!("opening {}", cgroup.display())))?;
+        let cgroup_dir =
+            fs::File::open(&cgroup).map_err(io_err(format!("opening {}", cgroup.display())))?;
         for &name in CGROUP_PROGRAMS {
             let link = attach_cgroup_program(&mut ebpf, name, &cgroup_dir)?;
             replace_pinned(link, &pins.join("links").join(name))?;
         }
         let sk_lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP)?;
-        sk_lookup.load().map_err(|source| EbpfError::Program { name: SK_LOOKUP, source })?;
+        sk_lookup.load().map_err(|source| EbpfError::Program {
+            name: SK_LOOKUP,
+            source,
+        })?;
 
         let orig_dst = OrigDstTable(Mutex::new(take_map(&mut ebpf, "ORIG_DST")?));
         let datapath = Datapath {
@@ -170,23 +187,45 @@ impl Datapath {
         let sk_lookup: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP)?;
         let id = sk_lookup
             .attach(netns)
-            .map_err(|source| EbpfError::Program { name: SK_LOOKUP, source })?;
+            .map_err(|source| EbpfError::Program {
+                name: SK_LOOKUP,
+                source,
+            })?;
         let link = sk_lookup
             .take_link(id)
-            .map_err(|source| EbpfError::Program { name: SK_LOOKUP, source })?;
-        let link = FdLink::try_from(link).map_err(|e| link_err("sk_lookup", e))?;
+            .map_err(|source| EbpfError::Program {
+                name: SK_LOOKUP,
+                source,
+            })?;
+        let link = FdLink::from(link);
         replace_pinned(link, &self.sk_lookup_pin(netns.cookie()))?;
         for key in addresses.iter().filter(|ip| ip.is_ipv4()).map(addr_key) {
             self.inbound_socks
                 .insert(key, inbound_listener.as_raw_fd(), 0)
-                .map_err(|source| EbpfError::Map { name: "INBOUND_SOCKS", source })?;
+                .map_err(|source| EbpfError::Map {
+                    name: "INBOUND_SOCKS",
+                    source,
+                })?;
             self.inbound_addrs
                 .insert(key, 1, 0)
-                .map_err(|source| EbpfError::Map { name: "INBOUND_ADDRS", source })?;
+                .map_err(|source| EbpfError::Map {
+                    name: "INBOUND_ADDRS",
+                    source,
+                })?;
         }
         self.enrolled
-            .insert(netns.cookie(), Enrollment { workload_id, flags: 0 }, 0)
-            .map_err(|source| EbpfError::Map { name: "ENROLLED", source })
+            .insert(
+                netns.cookie(),
+                Enrollment {
+                    workload_id,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|source| EbpfError::Map {
+                name: "ENROLLED",
+                source,
+            })
     }
 
     /// Stops capturing a workload's new connections (open ones carry on).
@@ -206,7 +245,11 @@ impl Datapath {
 
     /// Addresses captured in the pinned map, including by a previous run.
     pub fn inbound_addresses(&self) -> Vec<IpAddr> {
-        self.inbound_addrs.keys().filter_map(Result::ok).map(|k| addr_from_key(&k)).collect()
+        self.inbound_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| addr_from_key(&k))
+            .collect()
     }
 
     pub fn status(&self) -> EbpfStatus {
@@ -223,9 +266,17 @@ impl Datapath {
         });
         let maps = MAPS
             .iter()
-            .map(|&name| MapStatus { name: name.into(), entries: self.map_entries(name) })
+            .map(|&name| MapStatus {
+                name: name.into(),
+                entries: self.map_entries(name),
+            })
             .collect();
-        EbpfStatus { pin_dir: self.pins.clone(), cgroup: self.cgroup.clone(), programs, maps }
+        EbpfStatus {
+            pin_dir: self.pins.clone(),
+            cgroup: self.cgroup.clone(),
+            programs,
+            maps,
+        }
     }
 
     fn map_entries(&self, name: &str) -> usize {
@@ -242,19 +293,21 @@ impl Datapath {
     }
 
     fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
-        self.pins.join("links").join(format!("sk_lookup_{netns_cookie}"))
+        self.pins
+            .join("links")
+            .join(format!("sk_lookup_{netns_cookie}"))
     }
 }
 
 /// Hands the programs' log records to the agent's logger. The logger must be
-/// drained continuously, or the programs' log buffer fills up.
-async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(mut fd) = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) else {
-        return;
-    };
-    while let Ok(mut ready) = fd.readable_mut().await {
-        ready.get_inner_mut().flush();
-        ready.clear_ready();
+/// drained continuously, or the programs' log buffer fills up; they only log
+/// at debug level, so a periodic drain is enough (and needs no unsafe fd
+/// registration).
+async fn forward_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        logger.flush();
     }
 }
 
@@ -278,7 +331,11 @@ pub fn uninstall(bpffs: &Path, node: &str) -> Result<usize, EbpfError> {
     Ok(removed)
 }
 
-fn attach_cgroup_program(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, EbpfError> {
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+) -> Result<FdLink, EbpfError> {
     let prog_err = |source| EbpfError::Program { name, source };
     match ebpf.program_mut(name) {
         Some(Program::CgroupSockAddr(p)) => {
@@ -304,7 +361,9 @@ where
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| link_err(name, "missing from the eBPF object"))?;
-    program.try_into().map_err(|source| EbpfError::Program { name, source })
+    program
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -318,14 +377,20 @@ where
 }
 
 fn link_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
-    EbpfError::Link { path: what.to_owned(), reason: e.to_string() }
+    EbpfError::Link {
+        path: what.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 /// Pins `link` at `path`; a link pinned there before (by a previous agent) is
 /// detached only after the new one is attached, so nothing escapes meanwhile.
 fn replace_pinned(link: FdLink, path: &Path) -> Result<(), EbpfError> {
-    let previous = PinnedLink::from_pin(path).ok().and_then(|old| old.unpin().ok());
-    link.pin(path).map_err(|e| link_err(&path.display().to_string(), e))?;
+    let previous = PinnedLink::from_pin(path)
+        .ok()
+        .and_then(|old| old.unpin().ok());
+    link.pin(path)
+        .map_err(|e| link_err(&path.display().to_string(), e))?;
     drop(previous);
     Ok(())
 }
@@ -333,7 +398,8 @@ fn replace_pinned(link: FdLink, path: &Path) -> Result<(), EbpfError> {
 fn unpin_link(path: &Path) -> Result<(), EbpfError> {
     match PinnedLink::from_pin(path) {
         Ok(link) => {
-            link.unpin().map_err(io_err(format!("unpinning {}", path.display())))?;
+            link.unpin()
+                .map_err(io_err(format!("unpinning {}", path.display())))?;
             Ok(())
         }
         Err(_) if !path.exists() => Ok(()),
@@ -343,14 +409,20 @@ fn unpin_link(path: &Path) -> Result<(), EbpfError> {
 
 fn addr_key(ip: &IpAddr) -> AddrKey {
     match ip {
-        IpAddr::V4(v4) => AddrKey { addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0], family: AF_INET.into() },
+        IpAddr::V4(v4) => AddrKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: AF_INET.into(),
+        },
         IpAddr::V6(v6) => {
             let o = v6.octets();
             let mut addr = [0u32; 4];
             for (i, chunk) in o.chunks_exact(4).enumerate() {
                 addr[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
             }
-            AddrKey { addr, family: AF_INET6.into() }
+            AddrKey {
+                addr,
+                family: AF_INET6.into(),
+            }
         }
     }
 }
@@ -376,21 +448,29 @@ fn sock_addr_to_std(a: &SockAddr) -> SocketAddr {
 }
 
 fn ensure_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
-    let mounts = fs::read_to_string("/proc/self/mounts").map_err(io_err("reading /proc/self/mounts"))?;
-    let mounted = mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == bpffs.to_str() && l.split_whitespace().nth(2) == Some("bpf"));
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").map_err(io_err("reading /proc/self/mounts"))?;
+    let mounted = mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == bpffs.to_str() && l.split_whitespace().nth(2) == Some("bpf")
+    });
     if !mounted {
         fs::create_dir_all(bpffs).map_err(io_err(format!("creating {}", bpffs.display())))?;
-        nix::mount::mount(Some("bpf"), bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| io_err(format!("mounting bpffs at {}", bpffs.display()))(e.into()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| io_err(format!("mounting bpffs at {}", bpffs.display()))(e.into()))?;
     }
     Ok(())
 }
 
 /// The cgroup2 mount (not always /sys/fs/cgroup: hybrid hosts use .../unified).
 fn cgroup2_root() -> Result<PathBuf, EbpfError> {
-    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading /proc/self/mountinfo"))?;
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err("reading /proc/self/mountinfo"))?;
     mounts
         .lines()
         .find_map(|line| {

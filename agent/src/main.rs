@@ -19,7 +19,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "nodemesh", version, about = "Sidecar-free service mesh: node agent and CLI")]
+#[command(
+    name = "nodemesh",
+    version,
+    about = "Sidecar-free service mesh: node agent and CLI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,9 @@ fn main() -> ExitCode {
         Command::Services(q) => show(q, admin::Query::Services),
         Command::Connections(q) => show(q, admin::Query::Connections),
         Command::Uninstall { node_name, bpffs } => ebpf::uninstall(&bpffs, &node_name)
-            .map(|links| println!("node {node_name}: detached {links} eBPF link(s) and removed its pins"))
+            .map(|links| {
+                println!("node {node_name}: detached {links} eBPF link(s) and removed its pins")
+            })
             .map_err(anyhow::Error::from),
     };
     match result {
@@ -114,15 +120,21 @@ fn main() -> ExitCode {
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let settings = agent::Settings {
-        admin_socket: args
-            .admin_socket
-            .unwrap_or_else(|| PathBuf::from(admin::SOCKET_DIR).join(format!("{}.sock", args.node_name))),
+        admin_socket: args.admin_socket.unwrap_or_else(|| {
+            PathBuf::from(admin::SOCKET_DIR).join(format!("{}.sock", args.node_name))
+        }),
         config_dir: args.config_dir,
         node: args.node_name,
         bpffs: args.bpffs,
         upstream_dns: args.upstream_dns,
-        load: config::LoadOptions { service_cidr: args.service_cidr, cluster_domain: args.cluster_domain },
-        timeouts: proxy::Timeouts { connect: args.connect_timeout, idle: args.idle_timeout },
+        load: config::LoadOptions {
+            service_cidr: args.service_cidr,
+            cluster_domain: args.cluster_domain,
+        },
+        timeouts: proxy::Timeouts {
+            connect: args.connect_timeout,
+            idle: args.idle_timeout,
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))
@@ -144,7 +156,9 @@ fn show(q: QueryArgs, query: admin::Query) -> anyhow::Result<()> {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 5m, 1h"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 5m, 1h"))?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
         "s" | "" => Duration::from_secs(n),

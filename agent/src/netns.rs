@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sched::{setns, CloneFlags};
 
@@ -17,7 +17,6 @@ use nix::sched::{setns, CloneFlags};
 #[derive(Debug)]
 pub struct NetNs {
     file: File,
-    path: PathBuf,
     cookie: u64,
 }
 
@@ -25,16 +24,15 @@ impl NetNs {
     pub fn open(path: &Path) -> io::Result<NetNs> {
         let file = File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let mut ns = NetNs { file, path: path.to_owned(), cookie: 0 };
+        let mut ns = NetNs {
+            file,
+            cookie: 0,
+        };
         ns.cookie = ns.enter(|| {
             let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
             netns_cookie(&probe)
         })?;
         Ok(ns)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The kernel's id for this namespace (what `bpf_get_netns_cookie` returns).

@@ -53,7 +53,13 @@ pub struct Enroller {
 }
 
 impl Enroller {
-    pub fn new(node: String, cluster_domain: String, dns_upstream: Upstream, proxy: Arc<Proxy>, datapath: Datapath) -> Self {
+    pub fn new(
+        node: String,
+        cluster_domain: String,
+        dns_upstream: Upstream,
+        proxy: Arc<Proxy>,
+        datapath: Datapath,
+    ) -> Self {
         Enroller {
             node,
             cluster_domain,
@@ -71,11 +77,17 @@ impl Enroller {
     }
 
     pub fn enrolled_count(&self) -> usize {
-        self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.enrolled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     pub fn failures(&self) -> BTreeMap<String, String> {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Brings enrollment in line with `cfg`. Must run inside the runtime.
@@ -93,12 +105,17 @@ impl Enroller {
 
         let stale: Vec<String> = enrolled
             .iter()
-            .filter(|(key, e)| desired.get(*key).is_none_or(|w| !same_placement(w, &e.workload)))
+            .filter(|(key, e)| {
+                desired
+                    .get(*key)
+                    .is_none_or(|w| !same_placement(w, &e.workload))
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
             if let Some(gone) = enrolled.remove(&key) {
-                if let Err(e) = datapath.unenroll(gone.pod.netns.cookie(), &gone.workload.addresses) {
+                if let Err(e) = datapath.unenroll(gone.pod.netns.cookie(), &gone.workload.addresses)
+                {
                     log::warn!("un-enrolling {key}: {e}");
                 }
                 log::info!("un-enrolled {key}");
@@ -110,7 +127,11 @@ impl Enroller {
             }
             match self.enroll(&mut datapath, workload) {
                 Ok(e) => {
-                    log::info!("enrolled {key} (netns {}, {:?})", workload.netns.display(), workload.addresses);
+                    log::info!(
+                        "enrolled {key} (netns {}, {:?})",
+                        workload.netns.display(),
+                        workload.addresses
+                    );
                     failures.remove(&key);
                     enrolled.insert(key, e);
                 }
@@ -126,9 +147,13 @@ impl Enroller {
     }
 
     fn enroll(&self, datapath: &mut Datapath, workload: &Workload) -> Result<Enrolled, String> {
-        let netns = NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
-        let pod = Arc::new(Pod { key: workload.key(), namespace: workload.namespace.clone(), netns });
-        let listen = |addr: SocketAddr| pod.listen(addr).map_err(|e| format!("listening on {addr} in the workload: {e}"));
+        let netns =
+            NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
+        let pod = Arc::new(Pod { key: workload.key(), netns });
+        let listen = |addr: SocketAddr| {
+            pod.listen(addr)
+                .map_err(|e| format!("listening on {addr} in the workload: {e}"))
+        };
         let outbound = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?;
         let inbound = listen(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PORT))?;
         let dns = self.dns_socket(&pod)?;
@@ -148,7 +173,11 @@ impl Enroller {
             tokio::spawn(proxy::serve_inbound(proxy.clone(), pod.clone(), inbound)),
         ];
         if let Some(v6) = outbound6 {
-            tasks.push(tokio::spawn(proxy::serve_outbound(proxy.clone(), pod.clone(), v6)));
+            tasks.push(tokio::spawn(proxy::serve_outbound(
+                proxy.clone(),
+                pod.clone(),
+                v6,
+            )));
         }
         let resolver = Arc::new(MeshResolver {
             config: proxy.config.clone(),
@@ -161,7 +190,11 @@ impl Enroller {
                 log::warn!("{key}: DNS responder stopped: {e}");
             }
         }));
-        Ok(Enrolled { workload: workload.clone(), pod, _tasks: PodTasks(tasks) })
+        Ok(Enrolled {
+            workload: workload.clone(),
+            pod,
+            _tasks: PodTasks(tasks),
+        })
     }
 
     fn dns_socket(&self, pod: &Pod) -> Result<tokio::net::UdpSocket, String> {
@@ -169,7 +202,11 @@ impl Enroller {
         let socket = pod
             .netns
             .enter(|| {
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM.nonblocking(), None)?;
+                let s = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::DGRAM.nonblocking(),
+                    None,
+                )?;
                 s.set_mark(nodemesh_common::AGENT_MARK)?;
                 Ok(s)
             })
@@ -218,13 +255,20 @@ fn same_placement(a: &Workload, b: &Workload) -> bool {
 /// Removes what a previous agent run enrolled and this one does not.
 fn forget_previous_run(datapath: &mut Datapath, enrolled: &HashMap<String, Enrolled>) {
     let cookies: Vec<u64> = enrolled.values().map(|e| e.pod.netns.cookie()).collect();
-    let addresses: Vec<IpAddr> = enrolled.values().flat_map(|e| e.workload.addresses.iter().copied()).collect();
+    let addresses: Vec<IpAddr> = enrolled
+        .values()
+        .flat_map(|e| e.workload.addresses.iter().copied())
+        .collect();
     let stale_addresses: Vec<IpAddr> = datapath
         .inbound_addresses()
         .into_iter()
         .filter(|a| !addresses.contains(a))
         .collect();
-    for cookie in datapath.enrolled_cookies().into_iter().filter(|c| !cookies.contains(c)) {
+    for cookie in datapath
+        .enrolled_cookies()
+        .into_iter()
+        .filter(|c| !cookies.contains(c))
+    {
         log::info!("forgetting network namespace {cookie} enrolled by a previous run");
         if let Err(e) = datapath.unenroll(cookie, &stale_addresses) {
             log::warn!("forgetting netns {cookie}: {e}");
@@ -251,7 +295,11 @@ impl Resolver for MeshResolver {
             Some(service) => match service.cluster_ip {
                 Some(ip) => Lookup::Addresses(vec![ip]),
                 // Headless: the endpoints themselves.
-                None => Lookup::Addresses(cfg.endpoints(service).flat_map(|w| w.addresses.iter().copied()).collect()),
+                None => Lookup::Addresses(
+                    cfg.endpoints(service)
+                        .flat_map(|w| w.addresses.iter().copied())
+                        .collect(),
+                ),
             },
             None if name.ends_with(&self.cluster_suffix) => Lookup::NxDomain,
             None => Lookup::Forward,

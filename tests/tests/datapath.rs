@@ -74,13 +74,26 @@ impl Shop {
 
 fn client_ip(echo: &Value) -> String {
     let client = echo["client"].as_str().unwrap_or_default();
-    client.rsplit_once(':').map_or(client, |(ip, _)| ip).to_owned()
+    client
+        .rsplit_once(':')
+        .map_or(client, |(ip, _)| ip)
+        .to_owned()
 }
 
 fn connections(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli(&["connections", "-o", "json"]).expect("nodemesh connections");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().cloned().unwrap_or_default()
+    let out = agent
+        .cli(&["connections", "-o", "json"])
+        .expect("nodemesh connections");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -92,7 +105,9 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn enrolled(agent: &Agent) -> u64 {
-    agent.status_json().map_or(0, |s| s["workloads"]["enrolled"].as_u64().unwrap_or(0))
+    agent
+        .status_json()
+        .map_or(0, |s| s["workloads"]["enrolled"].as_u64().unwrap_or(0))
 }
 
 fn assert_node_gone(node_name: &str) {
@@ -115,16 +130,28 @@ fn enrolled_client_reaches_pod_ip_cluster_ip_and_service_names_through_the_agent
         "http://web.shop.svc.cluster.local/".to_owned(),
     ];
     for url in &urls {
-        let echo = shop.get("client", url).unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+        let echo = shop
+            .get("client", url)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
         assert_eq!(echo["server"], "web", "{url}");
-        assert_eq!(client_ip(&echo), THROUGH_AGENT, "{url} did not come in through the agent");
+        assert_eq!(
+            client_ip(&echo),
+            THROUGH_AGENT,
+            "{url} did not come in through the agent"
+        );
     }
 
     // Every request was seen once on the way out and once on the way in: the
     // agent never loops on its own connections.
     let records = connections(&agent);
-    let outbound: Vec<&Value> = records.iter().filter(|c| c["direction"] == "outbound").collect();
-    let inbound: Vec<&Value> = records.iter().filter(|c| c["direction"] == "inbound").collect();
+    let outbound: Vec<&Value> = records
+        .iter()
+        .filter(|c| c["direction"] == "outbound")
+        .collect();
+    let inbound: Vec<&Value> = records
+        .iter()
+        .filter(|c| c["direction"] == "inbound")
+        .collect();
     assert_eq!(outbound.len(), urls.len(), "{records:#?}");
     assert_eq!(inbound.len(), urls.len(), "{records:#?}");
     for c in &outbound {
@@ -145,7 +172,10 @@ fn enrolled_client_reaches_pod_ip_cluster_ip_and_service_names_through_the_agent
 
     let status = agent.status_json().unwrap();
     assert_eq!(status["workloads"]["enrolled"], 2, "{status:#}");
-    assert_eq!(status["connections"]["outbound"]["total"], urls.len() as u64);
+    assert_eq!(
+        status["connections"]["outbound"]["total"],
+        urls.len() as u64
+    );
     assert_eq!(status["connections"]["inbound"]["total"], urls.len() as u64);
     assert_eq!(status["ebpf"]["programs"].as_array().unwrap().len(), 8);
     let node_name = agent.node_name().to_owned();
@@ -164,7 +194,9 @@ fn unlabelled_namespaces_are_untouched_and_labels_apply_at_runtime() {
     let plainweb = shop.topo.pod("plainweb").address.to_string();
 
     // Outside the mesh on both ends: direct, the agent sees nothing.
-    let echo = shop.get("outsider", &format!("http://{plainweb}:8080/")).unwrap();
+    let echo = shop
+        .get("outsider", &format!("http://{plainweb}:8080/"))
+        .unwrap();
     assert_eq!(client_ip(&echo), outsider);
     assert!(connections(&agent).is_empty());
 
@@ -174,7 +206,11 @@ fn unlabelled_namespaces_are_untouched_and_labels_apply_at_runtime() {
     let web = shop.topo.pod("web").address.to_string();
     let client = shop.topo.pod("client").address.to_string();
     let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
-    assert_eq!(client_ip(&echo), client, "traffic still captured after un-labelling");
+    assert_eq!(
+        client_ip(&echo),
+        client,
+        "traffic still captured after un-labelling"
+    );
 
     // Labelling it again captures new connections, without a restart.
     shop.write_config(true).unwrap();
@@ -189,7 +225,9 @@ fn unlabelled_namespaces_are_untouched_and_labels_apply_at_runtime() {
 fn invalid_config_is_rejected_precisely_and_the_last_good_one_keeps_serving() {
     let mut shop = Shop::new().unwrap();
     let agent = shop.agent().unwrap();
-    let generation = agent.status_json().unwrap()["config"]["generation"].as_u64().unwrap();
+    let generation = agent.status_json().unwrap()["config"]["generation"]
+        .as_u64()
+        .unwrap();
 
     config::write_raw(
         &shop.config_dir,
@@ -198,7 +236,9 @@ fn invalid_config_is_rejected_precisely_and_the_last_good_one_keeps_serving() {
     )
     .unwrap();
     wait_for("the rejection", || {
-        agent.status_json().is_ok_and(|s| s["config"]["last_error"].is_string())
+        agent
+            .status_json()
+            .is_ok_and(|s| s["config"]["last_error"].is_string())
     });
     let status = agent.status_json().unwrap();
     let error = status["config"]["last_error"].as_str().unwrap();
@@ -216,7 +256,9 @@ fn invalid_config_is_rejected_precisely_and_the_last_good_one_keeps_serving() {
     // Fixing the file applies it and clears the error.
     config::remove(&shop.config_dir, "broken.yaml").unwrap();
     wait_for("the fix", || {
-        agent.status_json().is_ok_and(|s| s["config"]["last_error"].is_null())
+        agent
+            .status_json()
+            .is_ok_and(|s| s["config"]["last_error"].is_null())
     });
 }
 
@@ -231,19 +273,34 @@ fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
     // Outbound from an enrolled workload: refused at once, never sent direct.
     let out = curl_raw(&shop.topo, "client", &format!("http://{web}:8080/"), &[]).unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("onnect"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("onnect"),
+        "{out:?}"
+    );
     // Inbound to an enrolled workload: dropped, never delivered unmeshed.
-    let out = curl_raw(&shop.topo, "outsider", &format!("http://{web}:8080/"), &["--max-time", "2"]).unwrap();
-    assert!(!out.status.success(), "reached {web} while the agent was down: {out:?}");
+    let out = curl_raw(
+        &shop.topo,
+        "outsider",
+        &format!("http://{web}:8080/"),
+        &["--max-time", "2"],
+    )
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "reached {web} while the agent was down: {out:?}"
+    );
     // Workloads outside the mesh are unaffected.
     let plainweb = shop.topo.pod("plainweb").address.to_string();
-    shop.get("outsider", &format!("http://{plainweb}:8080/")).unwrap();
+    shop.get("outsider", &format!("http://{plainweb}:8080/"))
+        .unwrap();
 
     agent.restart(&mut shop.topo).unwrap();
     wait_for("re-enrollment", || enrolled(&agent) == 2);
     let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
     assert_eq!(client_ip(&echo), THROUGH_AGENT);
-    let echo = shop.get("outsider", &format!("http://{web}:8080/")).unwrap();
+    let echo = shop
+        .get("outsider", &format!("http://{web}:8080/"))
+        .unwrap();
     assert_eq!(client_ip(&echo), THROUGH_AGENT);
 }
 

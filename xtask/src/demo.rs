@@ -15,7 +15,12 @@ pub fn run(nodemesh: &Path) -> Result<()> {
     step("Building two nodes out of network namespaces");
     topo.add_node("node-a")?;
     topo.add_node("node-b")?;
-    for (node, pod) in [("node-a", "client"), ("node-a", "web-1"), ("node-a", "legacy"), ("node-b", "web-2")] {
+    for (node, pod) in [
+        ("node-a", "client"),
+        ("node-a", "web-1"),
+        ("node-a", "legacy"),
+        ("node-b", "web-2"),
+    ] {
         let p = topo.add_pod(node, pod)?;
         println!("  pod {pod:<7} on {node}  {}", p.address);
     }
@@ -64,9 +69,14 @@ pub fn run(nodemesh: &Path) -> Result<()> {
     ];
     for (pod, url) in &requests {
         let (status, body) = curl(&topo, *pod, url, &[])?;
-        let echo: Value = serde_json::from_str(&body).with_context(|| format!("{url} answered {body:?}"))?;
+        let echo: Value =
+            serde_json::from_str(&body).with_context(|| format!("{url} answered {body:?}"))?;
         let seen_from = echo["client"].as_str().unwrap_or("?");
-        let how = if seen_from.starts_with("127.0.0.6:") { "via the agent" } else { "directly" };
+        let how = if seen_from.starts_with("127.0.0.6:") {
+            "via the agent"
+        } else {
+            "directly"
+        };
         println!(
             "  {pod:<6} GET {url:<38} -> {status} from {:<5} (server saw {seen_from}, {how})",
             echo["server"].as_str().unwrap_or("?")
@@ -100,7 +110,11 @@ fn step(title: &str) {
 fn show(agent: &Agent, args: &[&str]) -> Result<()> {
     let out = agent.cli(args)?;
     if !out.status.success() {
-        bail!("nodemesh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "nodemesh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     println!("\n$ nodemesh {}", args.join(" "));
     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -115,7 +129,11 @@ fn wait_enrolled(agent: &Agent, expected: u64) -> Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{} did not enroll {expected} workload(s): {status:#}\n{}", agent.node(), agent.log());
+            bail!(
+                "{} did not enroll {expected} workload(s): {status:#}\n{}",
+                agent.node(),
+                agent.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

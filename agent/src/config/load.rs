@@ -201,7 +201,10 @@ impl Loader {
             origin.object = object;
             match self.defined_in.entry(origin.object.clone()) {
                 Entry::Occupied(first) => {
-                    let message = format!("duplicate definition, first defined in {}", first.get().display());
+                    let message = format!(
+                        "duplicate definition, first defined in {}",
+                        first.get().display()
+                    );
                     return self.errors.push(origin.error(None, message));
                 }
                 Entry::Vacant(slot) => {
@@ -246,7 +249,8 @@ impl Loader {
             Ok(item) if issues.0.is_empty() => Some(item),
             Ok(_) => {
                 let errors = issues.0.into_iter();
-                self.errors.extend(errors.map(|(f, m)| origin.error(Some(f), m)));
+                self.errors
+                    .extend(errors.map(|(f, m)| origin.error(Some(f), m)));
                 None
             }
             Err(error) => {
@@ -268,18 +272,28 @@ impl Loader {
         for (i, (origin, workload)) in self.workloads.iter().enumerate() {
             for (j, &ip) in workload.addresses.iter().enumerate() {
                 if let Err(owner) = claim(&mut workload_by_address, ip, i) {
-                    let message = format!("address {ip} is already used by {}", self.workloads[owner].0);
-                    self.errors.push(origin.error(Some(format!("spec.addresses[{j}]")), message));
+                    let message = format!(
+                        "address {ip} is already used by {}",
+                        self.workloads[owner].0
+                    );
+                    self.errors
+                        .push(origin.error(Some(format!("spec.addresses[{j}]")), message));
                 }
             }
         }
 
         let mut service_by_cluster_ip = HashMap::new();
         for (i, (origin, draft)) in self.services.iter().enumerate() {
-            let Some(ip) = draft.service.cluster_ip else { continue };
+            let Some(ip) = draft.service.cluster_ip else {
+                continue;
+            };
             if let Err(owner) = claim(&mut service_by_cluster_ip, ip, i) {
-                let message = format!("cluster IP {ip} is already used by {}", self.services[owner].0);
-                self.errors.push(origin.error(Some("spec.clusterIP".into()), message));
+                let message = format!(
+                    "cluster IP {ip} is already used by {}",
+                    self.services[owner].0
+                );
+                self.errors
+                    .push(origin.error(Some("spec.clusterIP".into()), message));
             }
         }
         // After all explicit addresses are claimed, so that they always win.
@@ -296,7 +310,8 @@ impl Loader {
                 }
                 None => {
                     let (addr, prefix) = opts.service_cidr;
-                    let message = format!("no free cluster IP left in service CIDR {addr}/{prefix}");
+                    let message =
+                        format!("no free cluster IP left in service CIDR {addr}/{prefix}");
                     self.errors.push(origin.error(None, message));
                 }
             }
@@ -317,10 +332,17 @@ impl Loader {
         }
         let endpoints = services.iter().map(|s| select(s, &workloads)).collect();
         Ok(Config {
-            namespaces: self.namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            namespaces: self
+                .namespaces
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .collect(),
             workloads,
             services,
-            cluster_domain: opts.cluster_domain.trim_end_matches('.').to_ascii_lowercase(),
+            cluster_domain: opts
+                .cluster_domain
+                .trim_end_matches('.')
+                .to_ascii_lowercase(),
             index: Index {
                 workload_by_address,
                 service_by_cluster_ip,
@@ -340,7 +362,11 @@ fn object_name(kind: Kind, doc: &Mapping) -> Option<String> {
         Kind::Namespace => format!("Namespace {name}"),
         Kind::Workload | Kind::Service => {
             let namespace = metadata.get("namespace").and_then(Value::as_str);
-            format!("{} {}/{name}", kind.name(), namespace.unwrap_or(model::DEFAULT))
+            format!(
+                "{} {}/{name}",
+                kind.name(),
+                namespace.unwrap_or(model::DEFAULT)
+            )
         }
     })
 }
@@ -366,7 +392,10 @@ fn select(service: &Service, workloads: &[Workload]) -> Vec<usize> {
     (start..start + len)
         .filter(|&i| {
             let labels = &workloads[i].labels;
-            service.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            service
+                .selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
         })
         .collect()
 }
@@ -461,7 +490,8 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
                 (Some(ip), false)
             }
             Err(_) => {
-                let message = format!("invalid IP address {ip:?} (use None for a headless service)");
+                let message =
+                    format!("invalid IP address {ip:?} (use None for a headless service)");
                 issues.add("spec.clusterIP", message);
                 (None, false)
             }
@@ -685,7 +715,10 @@ spec:
         s.parse().unwrap()
     }
 
-    fn keys<'a, T: 'a>(items: impl IntoIterator<Item = &'a T>, key: fn(&T) -> String) -> Vec<String> {
+    fn keys<'a, T: 'a>(
+        items: impl IntoIterator<Item = &'a T>,
+        key: fn(&T) -> String,
+    ) -> Vec<String> {
         items.into_iter().map(key).collect()
     }
 
@@ -708,38 +741,63 @@ spec:
         assert_eq!(web_b.node, "node-2");
         assert_eq!(web_b.netns.to_str(), Some("/var/run/netns/web-b"));
         assert!(config.is_enrolled(web_a));
-        assert!(!config.is_enrolled(batch), "namespace without a Namespace document");
+        assert!(
+            !config.is_enrolled(batch),
+            "namespace without a Namespace document"
+        );
         assert_eq!(config.workload_by_address(ip("fd00::2")), Some(web_b));
         assert_eq!(config.workload_by_address(ip("10.0.0.3")), Some(batch));
         assert_eq!(config.workload_by_address(ip("10.0.0.9")), None);
 
         let services = config.services();
-        assert_eq!(keys(services, |s| s.key()), ["shop/db", "shop/peers", "shop/web"]);
+        assert_eq!(
+            keys(services, |s| s.key()),
+            ["shop/db", "shop/peers", "shop/web"]
+        );
         let (db, peers, web) = (&services[0], &services[1], &services[2]);
         assert_eq!(db.cluster_ip, Some(ip("192.168.7.7")));
         assert_eq!(peers.cluster_ip, None);
-        let Some(IpAddr::V4(web_ip)) = web.cluster_ip else { panic!("no cluster IP allocated") };
+        let Some(IpAddr::V4(web_ip)) = web.cluster_ip else {
+            panic!("no cluster IP allocated")
+        };
         assert_eq!(web_ip.octets()[..2], [10, 96]);
         assert_eq!(config.service_by_cluster_ip(IpAddr::V4(web_ip)), Some(web));
         assert_eq!(config.service_by_cluster_ip(ip("192.168.7.7")), Some(db));
 
         let http = web.port(80).unwrap();
-        assert_eq!((http.name.as_deref(), http.target_port), (Some("http"), 8080));
-        assert_eq!((http.protocol, http.app_protocol.as_deref()), (Protocol::Tcp, Some("http")));
+        assert_eq!(
+            (http.name.as_deref(), http.target_port),
+            (Some("http"), 8080)
+        );
+        assert_eq!(
+            (http.protocol, http.app_protocol.as_deref()),
+            (Protocol::Tcp, Some("http"))
+        );
         let dns = web.port(53).unwrap();
         assert_eq!((dns.target_port, dns.protocol), (53, Protocol::Udp));
         assert_eq!(web.port(81), None);
         assert_eq!(serde_yaml::to_string(&Protocol::Udp).unwrap(), "UDP\n");
 
-        assert_eq!(keys(config.endpoints(web), |w| w.key()), ["shop/web-a", "shop/web-b"]);
+        assert_eq!(
+            keys(config.endpoints(web), |w| w.key()),
+            ["shop/web-a", "shop/web-b"]
+        );
         assert_eq!(keys(config.endpoints(peers), |w| w.key()), ["shop/web-b"]);
-        assert_eq!(config.endpoints(db).count(), 0, "empty selector selects nothing");
+        assert_eq!(
+            config.endpoints(db).count(),
+            0,
+            "empty selector selects nothing"
+        );
     }
 
     #[test]
     fn resolves_service_names() {
         let config = valid();
-        let resolve = |name, namespace| config.resolve_service_name(name, namespace).map(|s| s.key());
+        let resolve = |name, namespace| {
+            config
+                .resolve_service_name(name, namespace)
+                .map(|s| s.key())
+        };
         let web = Some("shop/web".to_owned());
         assert_eq!(resolve("web", "shop"), web);
         assert_eq!(resolve("web", "default"), None);
@@ -756,13 +814,21 @@ spec:
             ..LoadOptions::default()
         };
         let config = load_with(&[("s.yaml", SERVICES)], &opts).unwrap();
-        let resolve = |name| config.resolve_service_name(name, "default").map(|s| s.key());
+        let resolve = |name| {
+            config
+                .resolve_service_name(name, "default")
+                .map(|s| s.key())
+        };
         assert_eq!(resolve("web.shop.svc.mesh.example."), web);
         assert_eq!(resolve("web.shop.svc.cluster.local"), None);
     }
 
     fn cluster_ips(config: &Config) -> Vec<(String, Option<IpAddr>)> {
-        config.services().iter().map(|s| (s.key(), s.cluster_ip)).collect()
+        config
+            .services()
+            .iter()
+            .map(|s| (s.key(), s.cluster_ip))
+            .collect()
     }
 
     #[test]
@@ -774,7 +840,9 @@ spec:
         let first = cluster_ips(&load(&[("s.yaml", &base)]).unwrap());
         assert_eq!(first, cluster_ips(&load(&[("s.yaml", &base)]).unwrap()));
         for (_, ip) in &first {
-            let Some(IpAddr::V4(ip)) = ip else { panic!("{ip:?}") };
+            let Some(IpAddr::V4(ip)) = ip else {
+                panic!("{ip:?}")
+            };
             assert_eq!(ip.octets()[..2], [10, 96]);
             assert!(![[0, 0], [255, 255]].contains(&[ip.octets()[2], ip.octets()[3]]));
         }
@@ -787,8 +855,14 @@ spec:
         assert_eq!(grown[1..], first[..]);
 
         // An explicit address taking shop/a's slot wins; shop/a probes to the next one.
-        let Some(IpAddr::V4(a_ip)) = first[0].1 else { unreachable!() };
-        let pinned = service("shop", "pinned", &format!("{{clusterIP: {a_ip}, ports: [{{port: 80}}]}}"));
+        let Some(IpAddr::V4(a_ip)) = first[0].1 else {
+            unreachable!()
+        };
+        let pinned = service(
+            "shop",
+            "pinned",
+            &format!("{{clusterIP: {a_ip}, ports: [{{port: 80}}]}}"),
+        );
         let moved = cluster_ips(&load(&[("s.yaml", &base), ("t.yaml", &pinned)]).unwrap());
         let next = Ipv4Addr::from(u32::from(a_ip) + 1);
         assert_eq!(moved[0], ("shop/a".to_owned(), Some(IpAddr::V4(next))));
@@ -816,13 +890,18 @@ spec:
         let three = two + &service("shop", "c", "{ports: [{port: 80}]}");
         let errors = load_with(&[("s.yaml", &three)], &opts).unwrap_err().0;
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().contains("no free cluster IP left in service CIDR 10.0.0.0/30"));
+        assert!(errors[0]
+            .to_string()
+            .contains("no free cluster IP left in service CIDR 10.0.0.0/30"));
     }
 
     #[test]
     fn error_display_names_file_object_and_field() {
         let dir = TestDir::new();
-        dir.write("services.yaml", &service("shop", "web", "{ports: [{port: 0}]}"));
+        dir.write(
+            "services.yaml",
+            &service("shop", "web", "{ports: [{port: 0}]}"),
+        );
         let errors = Config::load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
         let expected = format!(
             "{}: Service shop/web: spec.ports[0].port: must be between 1 and 65535",
@@ -840,10 +919,18 @@ spec:
         let supported = "(supported: v1 Namespace, nodemesh.io/v1alpha1 Workload, v1 Service)";
         assert_error(
             &[("x.yaml", deployment)],
-            &["x.yaml: document 1: ", "\"apps/v1\"", "\"Deployment\"", supported],
+            &[
+                "x.yaml: document 1: ",
+                "\"apps/v1\"",
+                "\"Deployment\"",
+                supported,
+            ],
         );
         let wrong_group = "apiVersion: v1\nkind: Workload\nmetadata: {name: web}\n";
-        assert_error(&[("x.yaml", wrong_group)], &["\"v1\" with kind \"Workload\""]);
+        assert_error(
+            &[("x.yaml", wrong_group)],
+            &["\"v1\" with kind \"Workload\""],
+        );
         assert_error(&[("x.yaml", "[1, 2]")], &["document 1: expected a mapping"]);
     }
 
@@ -886,12 +973,21 @@ spec:
         let web = service("shop", "web", "{ports: [{port: 80}]}");
         let errors = errors(&[("a.yaml", &web), ("b.yaml", &web)]);
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("b.yaml: Service shop/web: duplicate definition, first defined in "));
+        assert!(
+            errors[0].contains("b.yaml: Service shop/web: duplicate definition, first defined in ")
+        );
         assert!(errors[0].ends_with("a.yaml"));
-        assert_error(&[("a.yaml", &format!("{web}{web}"))], &["a.yaml: Service shop/web: duplicate", "first defined in"]);
+        assert_error(
+            &[("a.yaml", &format!("{web}{web}"))],
+            &["a.yaml: Service shop/web: duplicate", "first defined in"],
+        );
 
         let spec = "{netns: /n, addresses: [fd00::1, 10.0.0.1], node: n1}";
-        let shared = format!("{}{}", workload("a", spec), workload("b", "{netns: /n, addresses: [10.0.0.1], node: n1}"));
+        let shared = format!(
+            "{}{}",
+            workload("a", spec),
+            workload("b", "{netns: /n, addresses: [10.0.0.1], node: n1}")
+        );
         assert_error(
             &[("w.yaml", &shared)],
             &["w.yaml: Workload shop/b: spec.addresses[0]: address 10.0.0.1 is already used by Workload shop/a (", "w.yaml)"],
@@ -906,8 +1002,17 @@ spec:
 
     #[test]
     fn collects_all_errors() {
-        let bad_service = service("shop", "Web", "{ports: [{port: 0}, {port: 80, targetPort: 99999}]}");
-        let third = format!("{}{}{}", workload("a", "{netns: /n, addresses: [10.0.0.1], node: n1}"), workload("b", "{netns: /n, addresses: [10.0.0.1], node: n1}"), "---\napiVersion: v1\nkind: Namespace\nmetadata: {}\n");
+        let bad_service = service(
+            "shop",
+            "Web",
+            "{ports: [{port: 0}, {port: 80, targetPort: 99999}]}",
+        );
+        let third = format!(
+            "{}{}{}",
+            workload("a", "{netns: /n, addresses: [10.0.0.1], node: n1}"),
+            workload("b", "{netns: /n, addresses: [10.0.0.1], node: n1}"),
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {}\n"
+        );
         let errors = errors(&[
             ("1.yaml", &bad_service),
             ("2.yaml", "apiVersion: apps/v1\nkind: Deployment\n"),

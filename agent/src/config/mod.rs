@@ -204,7 +204,8 @@ impl Config {
             (None, _) => client_namespace,
             (Some(namespace), None) => namespace,
             (Some(namespace), Some(rest))
-                if rest == "svc" || rest.strip_prefix("svc.") == Some(self.cluster_domain.as_str()) =>
+                if rest == "svc"
+                    || rest.strip_prefix("svc.") == Some(self.cluster_domain.as_str()) =>
             {
                 namespace
             }
@@ -214,7 +215,11 @@ impl Config {
     }
 
     fn service_index(&self, namespace: &str, name: &str) -> Option<usize> {
-        self.index.service_by_name.get(namespace)?.get(name).copied()
+        self.index
+            .service_by_name
+            .get(namespace)?
+            .get(name)
+            .copied()
     }
 }
 

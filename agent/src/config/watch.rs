@@ -138,7 +138,11 @@ async fn watch(dir: &Path, opts: &LoadOptions, store: &ConfigStore) -> io::Resul
         match watched {
             Some(wd) => {
                 let events = next_events(&inotify).await?;
-                if false && events.iter().any(|e| e.wd == wd && e.mask.intersects(WATCH_LOST)) {
+                if false
+                    && events
+                        .iter()
+                        .any(|e| e.wd == wd && e.mask.intersects(WATCH_LOST))
+                {
                     // Still needed after a move; after a deletion the kernel already removed it.
                     let _ = inotify.get_ref().0.rm_watch(wd);
                     watched = None;
@@ -222,7 +226,10 @@ mod tests {
     }
 
     async fn next_generation(rx: &mut tokio::sync::watch::Receiver<u64>) -> u64 {
-        timeout(TIMEOUT, rx.changed()).await.expect("no reload").unwrap();
+        timeout(TIMEOUT, rx.changed())
+            .await
+            .expect("no reload")
+            .unwrap();
         *rx.borrow_and_update()
     }
 
@@ -239,7 +246,11 @@ mod tests {
 
     fn ports(store: &ConfigStore) -> Vec<u16> {
         let config = store.current();
-        config.services().iter().flat_map(|s| s.ports.iter().map(|p| p.port)).collect()
+        config
+            .services()
+            .iter()
+            .flat_map(|s| s.ports.iter().map(|p| p.port))
+            .collect()
     }
 
     #[tokio::test]
@@ -249,7 +260,11 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         let store = Arc::new(ConfigStore::new(Config::empty()));
         let mut rx = store.subscribe();
-        let watcher = tokio::spawn(watch_dir(dir.clone(), LoadOptions::default(), store.clone()));
+        let watcher = tokio::spawn(watch_dir(
+            dir.clone(),
+            LoadOptions::default(),
+            store.clone(),
+        ));
         sleep(Duration::from_millis(50)).await; // Let it install the watch.
 
         fs::write(dir.join("mesh.yaml"), NAMESPACE).unwrap();
@@ -259,10 +274,16 @@ mod tests {
 
         fs::write(dir.join("web.yaml"), service(0)).unwrap();
         let error = rejection(&store).await;
-        assert!(error.contains("web.yaml: Service shop/web: spec.ports[0].port: "), "{error}");
+        assert!(
+            error.contains("web.yaml: Service shop/web: spec.ports[0].port: "),
+            "{error}"
+        );
         assert_eq!(store.generation(), 2);
         assert!(!rx.has_changed().unwrap());
-        assert!(store.current().services().is_empty(), "old config keeps serving");
+        assert!(
+            store.current().services().is_empty(),
+            "old config keeps serving"
+        );
 
         fs::write(dir.join("web.yaml"), service(80)).unwrap();
         assert_eq!(next_generation(&mut rx).await, 3);
@@ -281,7 +302,9 @@ mod tests {
 
         // Deleted, and recreated only after the watcher noticed: it polls until it is back.
         fs::remove_dir_all(&dir).unwrap();
-        assert!(rejection(&store).await.contains("cannot read config directory"));
+        assert!(rejection(&store)
+            .await
+            .contains("cannot read config directory"));
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("web.yaml"), service(83)).unwrap();
         assert_eq!(next_generation(&mut rx).await, 6);

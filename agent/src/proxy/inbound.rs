@@ -23,7 +23,11 @@ async fn handle(proxy: &Proxy, pod: &Pod, client: TcpStream, peer: SocketAddr) {
         return;
     };
     let mut tracked = proxy.track(Direction::Inbound, peer, app);
-    tracked.record.source_workload = proxy.config.current().workload_by_address(peer.ip()).map(|w| w.key());
+    tracked.record.source_workload = proxy
+        .config
+        .current()
+        .workload_by_address(peer.ip())
+        .map(|w| w.key());
     tracked.record.destination_workload = Some(pod.key.clone());
     tracked.record.upstream = Some(app);
     let outcome = deliver(proxy, pod, &client, app).await;
@@ -33,9 +37,16 @@ async fn handle(proxy: &Proxy, pod: &Pod, client: TcpStream, peer: SocketAddr) {
     tracked.finish(outcome);
 }
 
-async fn deliver(proxy: &Proxy, pod: &Pod, client: &TcpStream, app: SocketAddr) -> Result<Transferred, String> {
+async fn deliver(
+    proxy: &Proxy,
+    pod: &Pod,
+    client: &TcpStream,
+    app: SocketAddr,
+) -> Result<Transferred, String> {
     let server = peer::deliver(pod, app, proxy.timeouts.connect)
         .await
         .map_err(|e| format!("delivering to {app}: {e}"))?;
-    relay::relay(client, &server, proxy.timeouts.idle).await.map_err(|e| e.to_string())
+    relay::relay(client, &server, proxy.timeouts.idle)
+        .await
+        .map_err(|e| e.to_string())
 }

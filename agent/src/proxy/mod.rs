@@ -43,7 +43,6 @@ pub struct Timeouts {
 pub struct Pod {
     /// `namespace/name`.
     pub key: String,
-    pub namespace: String,
     pub netns: NetNs,
 }
 
@@ -73,7 +72,11 @@ impl Pod {
 /// A non-blocking TCP socket carrying the agent's mark, so the eBPF programs
 /// never redirect it (the agent's own traffic must not loop back to itself).
 fn agent_socket(family_of: SocketAddr) -> io::Result<TcpSocket> {
-    let domain = if family_of.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if family_of.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), None)?;
     socket.set_mark(AGENT_MARK)?;
     socket.set_tcp_nodelay(true)?;
@@ -173,7 +176,12 @@ impl Proxy {
     }
 
     pub fn recent_connections(&self) -> Vec<ConnectionRecord> {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     fn counters(&self, direction: Direction) -> &Counters {
@@ -184,7 +192,12 @@ impl Proxy {
     }
 
     /// Tracks a connection from accept to close; `finish` records it.
-    fn track(&self, direction: Direction, source: SocketAddr, original_destination: SocketAddr) -> Tracked<'_> {
+    fn track(
+        &self,
+        direction: Direction,
+        source: SocketAddr,
+        original_destination: SocketAddr,
+    ) -> Tracked<'_> {
         let counters = self.counters(direction);
         counters.open.fetch_add(1, Ordering::Relaxed);
         counters.total.fetch_add(1, Ordering::Relaxed);
@@ -199,7 +212,9 @@ impl Proxy {
                 service: None,
                 destination_workload: None,
                 upstream: None,
-                started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                started_unix_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
                 duration_ms: 0,
                 bytes_sent: 0,
                 bytes_received: 0,

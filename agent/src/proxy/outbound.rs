@@ -23,7 +23,10 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener) {
 async fn handle(proxy: &Proxy, pod: &Pod, client: TcpStream, peer: SocketAddr) {
     let Some(orig) = proxy.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that dialled the listener itself gets here.
-        log::warn!("{}: connection from {peer} has no recorded destination; refused", pod.key);
+        log::warn!(
+            "{}: connection from {peer} has no recorded destination; refused",
+            pod.key
+        );
         relay::reset(&client);
         return;
     };
@@ -47,11 +50,17 @@ async fn forward(
     let server = peer::connect(pod, upstream, proxy.timeouts.connect)
         .await
         .map_err(|e| format!("connecting to {upstream}: {e}"))?;
-    relay::relay(client, &server, proxy.timeouts.idle).await.map_err(|e| e.to_string())
+    relay::relay(client, &server, proxy.timeouts.idle)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Where the connection really goes; fills in the service and workload.
-fn destination(proxy: &Proxy, cfg: &Config, record: &mut ConnectionRecord) -> Result<SocketAddr, String> {
+fn destination(
+    proxy: &Proxy,
+    cfg: &Config,
+    record: &mut ConnectionRecord,
+) -> Result<SocketAddr, String> {
     let orig = record.original_destination;
     let Some(service) = cfg.service_by_cluster_ip(orig.ip()) else {
         record.destination_workload = cfg.workload_by_address(orig.ip()).map(|w| w.key());

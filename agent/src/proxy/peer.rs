@@ -28,9 +28,16 @@ pub async fn deliver(pod: &Pod, app: SocketAddr, timeout: Duration) -> io::Resul
     connect_within(pod.socket(app, source)?, app, timeout).await
 }
 
-async fn connect_within(socket: TcpSocket, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+async fn connect_within(
+    socket: TcpSocket,
+    to: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     match tokio::time::timeout(timeout, socket.connect(to)).await {
         Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )),
     }
 }

@@ -24,7 +24,11 @@ pub struct Transferred {
 
 /// Relays until both directions are closed, either side fails, or nothing
 /// moves for `idle`. On failure both sockets are reset.
-pub async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> io::Result<Transferred> {
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+) -> io::Result<Transferred> {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     let up = copy(client, upstream, start, &last_activity);
@@ -45,7 +49,12 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-async fn copy(from: &TcpStream, to: &TcpStream, start: Instant, last: &AtomicU64) -> io::Result<u64> {
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    start: Instant,
+    last: &AtomicU64,
+) -> io::Result<u64> {
     let mut buf = Vec::new();
     let mut total = 0u64;
     loop {
@@ -101,7 +110,9 @@ mod tests {
     /// A connected pair of real loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (b, _) = listener.accept().await.unwrap();
         (a, b)
     }
