@@ -345,3 +345,70 @@ fn cross_node_traffic_goes_through_both_agents() {
     assert_eq!(inb[0]["source_workload"], "shop/client");
     assert_eq!(inb[0]["destination_workload"], "shop/server");
 }
+
+/// A stand-in for the node's resolver: answers every A query with 192.0.2.7.
+const UPSTREAM_DNS_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, peer = s.recvfrom(512)
+    end = 12
+    while q[end] != 0:
+        end += q[end] + 1
+    question = q[12:end + 5]
+    answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([192, 0, 2, 7])
+    s.sendto(q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question + answer, peer)
+"#;
+
+#[test]
+fn mesh_dns_answers_services_and_forwards_other_names_to_the_node_resolver() {
+    let mut shop = Shop::new().unwrap();
+    let node = shop.topo.node("node-a").clone();
+    let script = shop.topo.work_dir().join("upstream_dns.py");
+    std::fs::write(&script, UPSTREAM_DNS_PY).unwrap();
+    let gateway = node.gateway.to_string();
+    shop.topo
+        .spawn_in(&node.netns, &["python3", script.to_str().unwrap(), &gateway], "upstream-dns")
+        .unwrap();
+    wait_for("the upstream resolver", || {
+        let out = shop.topo.run_in(&node.netns, &["ss", "-Hlun", "sport", "53"]).unwrap();
+        !out.stdout.is_empty()
+    });
+    let dir = shop.config_dir.clone();
+    let upstream = format!("{gateway}:53");
+    let _agent = Agent::start_with(
+        &mut shop.topo,
+        "node-a",
+        &dir,
+        &nodemesh_testbed::nodemesh_bin(),
+        &["--upstream-dns", &upstream],
+    )
+    .unwrap();
+
+    let lookup = |pod: &str, name: &str| {
+        let netns = shop.topo.pod(pod).netns.clone();
+        let out = shop.topo.run_in(&netns, &["timeout", "3", "getent", "ahostsv4", name]).unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_owned()
+    };
+    assert_eq!(lookup("client", "web"), WEB_IP);
+    assert_eq!(lookup("client", "web.shop.svc.cluster.local"), WEB_IP);
+    assert_eq!(lookup("client", "example.test"), "192.0.2.7");
+    // Names under the cluster domain that do not exist are not forwarded.
+    assert_eq!(lookup("client", "nosuch.shop.svc.cluster.local"), "");
+    // Outside the mesh nothing is captured: the pod's resolv.conf points at
+    // an address nobody serves, so the name does not resolve.
+    assert_eq!(lookup("outsider", "web.shop.svc.cluster.local"), "");
+}
+
+#[test]
+fn the_cli_says_clearly_when_no_agent_is_running() {
+    let out = std::process::Command::new(nodemesh_testbed::nodemesh_bin())
+        .args(["status", "--socket", "/run/nodemesh-test-nowhere/x.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no nodemesh agent is running"), "{err}");
+    assert!(err.contains("nodemesh agent --config-dir"), "{err}");
+}
