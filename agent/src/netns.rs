@@ -24,10 +24,7 @@ impl NetNs {
     pub fn open(path: &Path) -> io::Result<NetNs> {
         let file = File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let mut ns = NetNs {
-            file,
-            cookie: 0,
-        };
+        let mut ns = NetNs { file, cookie: 0 };
         ns.cookie = ns.enter(|| {
             let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
             netns_cookie(&probe)
@@ -43,16 +40,26 @@ impl NetNs {
     /// Runs `f` with the current thread inside this namespace. `f` must be
     /// short and must not yield to other tasks (it only creates sockets).
     pub fn enter<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        let home = File::open("/proc/thread-self/ns/net")?;
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let result = f();
-        // Failing to return would leave a runtime thread in a workload's
-        // namespace: nothing sane can continue after that.
-        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            panic!("cannot return to the agent's network namespace: {e}");
-        }
-        result
+        HOME.with(|home| {
+            let home = home
+                .as_ref()
+                .map_err(|e| io::Error::new(e.kind(), format!("own network namespace: {e}")))?;
+            setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            let result = f();
+            // Failing to return would leave a runtime thread in a workload's
+            // namespace: nothing sane can continue after that.
+            if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+                panic!("cannot return to the agent's network namespace: {e}");
+            }
+            result
+        })
     }
+}
+
+thread_local! {
+    /// The agent's own namespace, opened once per thread (on first use, when
+    /// the thread is at home: `enter` always returns).
+    static HOME: io::Result<File> = File::open("/proc/thread-self/ns/net");
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+): the cookie of the socket's namespace.

@@ -149,7 +149,10 @@ impl Enroller {
     fn enroll(&self, datapath: &mut Datapath, workload: &Workload) -> Result<Enrolled, String> {
         let netns =
             NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
-        let pod = Arc::new(Pod { key: workload.key(), netns });
+        let pod = Arc::new(Pod {
+            key: workload.key(),
+            netns,
+        });
         let listen = |addr: SocketAddr| {
             pod.listen(addr)
                 .map_err(|e| format!("listening on {addr} in the workload: {e}"))

@@ -369,10 +369,17 @@ fn mesh_dns_answers_services_and_forwards_other_names_to_the_node_resolver() {
     std::fs::write(&script, UPSTREAM_DNS_PY).unwrap();
     let gateway = node.gateway.to_string();
     shop.topo
-        .spawn_in(&node.netns, &["python3", script.to_str().unwrap(), &gateway], "upstream-dns")
+        .spawn_in(
+            &node.netns,
+            &["python3", script.to_str().unwrap(), &gateway],
+            "upstream-dns",
+        )
         .unwrap();
     wait_for("the upstream resolver", || {
-        let out = shop.topo.run_in(&node.netns, &["ss", "-Hlun", "sport", "53"]).unwrap();
+        let out = shop
+            .topo
+            .run_in(&node.netns, &["ss", "-Hlun", "sport", "53"])
+            .unwrap();
         !out.stdout.is_empty()
     });
     let dir = shop.config_dir.clone();
@@ -388,8 +395,15 @@ fn mesh_dns_answers_services_and_forwards_other_names_to_the_node_resolver() {
 
     let lookup = |pod: &str, name: &str| {
         let netns = shop.topo.pod(pod).netns.clone();
-        let out = shop.topo.run_in(&netns, &["timeout", "3", "getent", "ahostsv4", name]).unwrap();
-        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_owned()
+        let out = shop
+            .topo
+            .run_in(&netns, &["timeout", "3", "getent", "ahostsv4", name])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_owned()
     };
     assert_eq!(lookup("client", "web"), WEB_IP);
     assert_eq!(lookup("client", "web.shop.svc.cluster.local"), WEB_IP);

@@ -267,55 +267,8 @@ impl Loader {
             let (a, b) = (&a.service, &b.service);
             (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
         });
-
-        let mut workload_by_address = HashMap::new();
-        for (i, (origin, workload)) in self.workloads.iter().enumerate() {
-            for (j, &ip) in workload.addresses.iter().enumerate() {
-                if let Err(owner) = claim(&mut workload_by_address, ip, i) {
-                    let message = format!(
-                        "address {ip} is already used by {}",
-                        self.workloads[owner].0
-                    );
-                    self.errors
-                        .push(origin.error(Some(format!("spec.addresses[{j}]")), message));
-                }
-            }
-        }
-
-        let mut service_by_cluster_ip = HashMap::new();
-        for (i, (origin, draft)) in self.services.iter().enumerate() {
-            let Some(ip) = draft.service.cluster_ip else {
-                continue;
-            };
-            if let Err(owner) = claim(&mut service_by_cluster_ip, ip, i) {
-                let message = format!(
-                    "cluster IP {ip} is already used by {}",
-                    self.services[owner].0
-                );
-                self.errors
-                    .push(origin.error(Some("spec.clusterIP".into()), message));
-            }
-        }
-        // After all explicit addresses are claimed, so that they always win.
-        for (i, (origin, draft)) in self.services.iter_mut().enumerate() {
-            if !draft.allocate_ip {
-                continue;
-            }
-            let service = &mut draft.service;
-            let key = service.key();
-            match allocate_cluster_ip(opts.service_cidr, &key, &service_by_cluster_ip) {
-                Some(ip) => {
-                    service.cluster_ip = Some(ip);
-                    service_by_cluster_ip.insert(ip, i);
-                }
-                None => {
-                    let (addr, prefix) = opts.service_cidr;
-                    let message =
-                        format!("no free cluster IP left in service CIDR {addr}/{prefix}");
-                    self.errors.push(origin.error(None, message));
-                }
-            }
-        }
+        let workload_by_address = self.index_addresses();
+        let service_by_cluster_ip = self.assign_cluster_ips(opts.service_cidr);
 
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
@@ -350,6 +303,63 @@ impl Loader {
                 endpoints,
             },
         })
+    }
+
+    /// Indexes workloads by address, reporting addresses used twice.
+    fn index_addresses(&mut self) -> HashMap<IpAddr, usize> {
+        let mut owners = HashMap::new();
+        for (i, (origin, workload)) in self.workloads.iter().enumerate() {
+            for (j, &ip) in workload.addresses.iter().enumerate() {
+                if let Err(owner) = claim(&mut owners, ip, i) {
+                    let message = format!(
+                        "address {ip} is already used by {}",
+                        self.workloads[owner].0
+                    );
+                    self.errors
+                        .push(origin.error(Some(format!("spec.addresses[{j}]")), message));
+                }
+            }
+        }
+        owners
+    }
+
+    /// Indexes services by cluster IP, allocating the missing ones (see
+    /// [`allocate_cluster_ip`]) and reporting addresses used twice.
+    fn assign_cluster_ips(&mut self, cidr: (Ipv4Addr, u8)) -> HashMap<IpAddr, usize> {
+        let mut owners = HashMap::new();
+        for (i, (origin, draft)) in self.services.iter().enumerate() {
+            let Some(ip) = draft.service.cluster_ip else {
+                continue;
+            };
+            if let Err(owner) = claim(&mut owners, ip, i) {
+                let message = format!(
+                    "cluster IP {ip} is already used by {}",
+                    self.services[owner].0
+                );
+                self.errors
+                    .push(origin.error(Some("spec.clusterIP".into()), message));
+            }
+        }
+        // Only once all explicit addresses are claimed, so that they always win.
+        for (i, (origin, draft)) in self.services.iter_mut().enumerate() {
+            if !draft.allocate_ip {
+                continue;
+            }
+            let service = &mut draft.service;
+            match allocate_cluster_ip(cidr, &service.key(), &owners) {
+                Some(ip) => {
+                    service.cluster_ip = Some(ip);
+                    owners.insert(ip, i);
+                }
+                None => {
+                    let (addr, prefix) = cidr;
+                    let message =
+                        format!("no free cluster IP left in service CIDR {addr}/{prefix}");
+                    self.errors.push(origin.error(None, message));
+                }
+            }
+        }
+        owners
     }
 }
 
@@ -508,7 +518,8 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
             Some(TargetPort::Number(n)) => port_number(n, field("targetPort"), issues),
             Some(TargetPort::Name(name)) => {
                 let message = format!(
-                    "named port {name:?} is not supported since Workloads declare no ports, use a number"
+                    "named port {name:?} is not supported since Workloads declare no ports, \
+                     use a number"
                 );
                 issues.add(field("targetPort"), message);
                 None
@@ -661,13 +672,15 @@ spec:
 
     fn service(namespace: &str, name: &str, spec: &str) -> String {
         format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+            "---\napiVersion: v1\nkind: Service\n\
+             metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
         )
     }
 
     fn workload(name: &str, spec: &str) -> String {
         format!(
-            "---\napiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+            "---\napiVersion: nodemesh.io/v1alpha1\nkind: Workload\n\
+             metadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
         )
     }
 
@@ -939,28 +952,94 @@ spec:
         let w = |spec: &str| workload("a", spec);
         let s = |spec: &str| service("shop", "web", spec);
         let cases = [
-            (w("{netns: /n, addresses: [10.0.0.1]}"), "Workload shop/a: spec: missing field `node`"),
-            (w("{netns: n, addresses: [10.0.0.1], node: n1}"), "Workload shop/a: spec.netns: must be an absolute path"),
-            (w("{netns: /n, addresses: [], node: n1}"), "Workload shop/a: spec.addresses: at least one address"),
-            (w("{netns: /n, addresses: [10.0.0.1, 10.0.0.300], node: n1}"), "Workload shop/a: spec.addresses[1]: invalid IP address"),
-            (w("{netns: /n, addresses: [0.0.0.0], node: n1}"), "spec.addresses[0]: 0.0.0.0 is not a unicast address"),
-            (w("{netns: /n, addresses: [10.0.0.1], node: n1, ports: [80]}"), "Workload shop/a: spec.ports: unknown field `ports`"),
-            (w("{netns: /n, addresses: [10.0.0.1], node: ''}"), "Workload shop/a: spec.node: must not be empty"),
-            (w("{serviceAccount: Web, netns: /n, addresses: [10.0.0.1], node: n1}"), "spec.serviceAccount: invalid name \"Web\""),
-            (s("{ports: [{port: 70000}]}"), "Service shop/web: spec.ports[0].port: must be between 1 and 65535"),
-            (s("{ports: [{port: 80, targetPort: -1}]}"), "spec.ports[0].targetPort: must be between 1 and 65535"),
-            (s("{ports: [{port: 80}, {port: 80, protocol: UDP}]}"), "spec.ports[1].port: duplicate port 80"),
-            (s("{ports: [{port: 80, targetPort: http}]}"), "spec.ports[0].targetPort: named port \"http\" is not supported since Workloads declare no ports"),
-            (s("{ports: [{port: 80, protocol: SCTP}]}"), "spec.ports[0].protocol: unknown variant `SCTP`"),
-            (s("{ports: [{port: 80, nodePort: 30080}]}"), "Service shop/web: spec.ports[0].nodePort: unknown field `nodePort`"),
-            (s("{type: NodePort, ports: [{port: 80}]}"), "spec.type: unsupported service type \"NodePort\""),
-            (s("{clusterIP: 10.96.0.300, ports: [{port: 80}]}"), "spec.clusterIP: invalid IP address \"10.96.0.300\""),
-            (service("shop", "Web_1", "{}"), "Service shop/Web_1: metadata.name: invalid name \"Web_1\""),
-            (service("shop", "-web", "{}"), "metadata.name: invalid name \"-web\""),
-            (service(&"n".repeat(64), "web", "{}"), "metadata.namespace: invalid name"),
-            ("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, lables: {}}\n".into(), "Namespace shop: metadata.lables: unknown field `lables`"),
-            ("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: 1}}\n".into(), "Namespace shop: metadata.labels.a: invalid type: integer"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {}\n".into(), "x.yaml: document 1: metadata: missing field `name`"),
+            (
+                w("{netns: /n, addresses: [10.0.0.1]}"),
+                "Workload shop/a: spec: missing field `node`",
+            ),
+            (
+                w("{netns: n, addresses: [10.0.0.1], node: n1}"),
+                "Workload shop/a: spec.netns: must be an absolute path",
+            ),
+            (
+                w("{netns: /n, addresses: [], node: n1}"),
+                "Workload shop/a: spec.addresses: at least one address",
+            ),
+            (
+                w("{netns: /n, addresses: [10.0.0.1, 10.0.0.300], node: n1}"),
+                "Workload shop/a: spec.addresses[1]: invalid IP address",
+            ),
+            (
+                w("{netns: /n, addresses: [0.0.0.0], node: n1}"),
+                "spec.addresses[0]: 0.0.0.0 is not a unicast address",
+            ),
+            (
+                w("{netns: /n, addresses: [10.0.0.1], node: n1, ports: [80]}"),
+                "Workload shop/a: spec.ports: unknown field `ports`",
+            ),
+            (
+                w("{netns: /n, addresses: [10.0.0.1], node: ''}"),
+                "Workload shop/a: spec.node: must not be empty",
+            ),
+            (
+                w("{serviceAccount: Web, netns: /n, addresses: [10.0.0.1], node: n1}"),
+                "spec.serviceAccount: invalid name \"Web\"",
+            ),
+            (
+                s("{ports: [{port: 70000}]}"),
+                "Service shop/web: spec.ports[0].port: must be between 1 and 65535",
+            ),
+            (
+                s("{ports: [{port: 80, targetPort: -1}]}"),
+                "spec.ports[0].targetPort: must be between 1 and 65535",
+            ),
+            (
+                s("{ports: [{port: 80}, {port: 80, protocol: UDP}]}"),
+                "spec.ports[1].port: duplicate port 80",
+            ),
+            (
+                s("{ports: [{port: 80, targetPort: http}]}"),
+                "spec.ports[0].targetPort: named port \"http\" is not supported",
+            ),
+            (
+                s("{ports: [{port: 80, protocol: SCTP}]}"),
+                "spec.ports[0].protocol: unknown variant `SCTP`",
+            ),
+            (
+                s("{ports: [{port: 80, nodePort: 30080}]}"),
+                "Service shop/web: spec.ports[0].nodePort: unknown field `nodePort`",
+            ),
+            (
+                s("{type: NodePort, ports: [{port: 80}]}"),
+                "spec.type: unsupported service type \"NodePort\"",
+            ),
+            (
+                s("{clusterIP: 10.96.0.300, ports: [{port: 80}]}"),
+                "spec.clusterIP: invalid IP address \"10.96.0.300\"",
+            ),
+            (
+                service("shop", "Web_1", "{}"),
+                "Service shop/Web_1: metadata.name: invalid name \"Web_1\"",
+            ),
+            (
+                service("shop", "-web", "{}"),
+                "metadata.name: invalid name \"-web\"",
+            ),
+            (
+                service(&"n".repeat(64), "web", "{}"),
+                "metadata.namespace: invalid name",
+            ),
+            (
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, lables: {}}\n".into(),
+                "Namespace shop: metadata.lables: unknown field `lables`",
+            ),
+            (
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: 1}}\n".into(),
+                "Namespace shop: metadata.labels.a: invalid type: integer",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {}\n".into(),
+                "x.yaml: document 1: metadata: missing field `name`",
+            ),
             ("kind: [".into(), "x.yaml: invalid YAML: "),
         ];
         for (doc, expected) in cases {
@@ -990,13 +1069,21 @@ spec:
         );
         assert_error(
             &[("w.yaml", &shared)],
-            &["w.yaml: Workload shop/b: spec.addresses[0]: address 10.0.0.1 is already used by Workload shop/a (", "w.yaml)"],
+            &[
+                "w.yaml: Workload shop/b: spec.addresses[0]: ",
+                "address 10.0.0.1 is already used by Workload shop/a (",
+                "w.yaml)",
+            ],
         );
 
         let pinned = |name| service("shop", name, "{clusterIP: 10.96.0.10, ports: [{port: 80}]}");
         assert_error(
             &[("a.yaml", &pinned("one")), ("b.yaml", &pinned("two"))],
-            &["b.yaml: Service shop/two: spec.clusterIP: cluster IP 10.96.0.10 is already used by Service shop/one (", "a.yaml)"],
+            &[
+                "b.yaml: Service shop/two: spec.clusterIP: ",
+                "cluster IP 10.96.0.10 is already used by Service shop/one (",
+                "a.yaml)",
+            ],
         );
     }
 

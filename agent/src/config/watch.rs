@@ -138,10 +138,9 @@ async fn watch(dir: &Path, opts: &LoadOptions, store: &ConfigStore) -> io::Resul
         match watched {
             Some(wd) => {
                 let events = next_events(&inotify).await?;
-                if false
-                    && events
-                        .iter()
-                        .any(|e| e.wd == wd && e.mask.intersects(WATCH_LOST))
+                if events
+                    .iter()
+                    .any(|e| e.wd == wd && e.mask.intersects(WATCH_LOST))
                 {
                     // Still needed after a move; after a deletion the kernel already removed it.
                     let _ = inotify.get_ref().0.rm_watch(wd);
@@ -222,7 +221,10 @@ mod tests {
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 
     fn service(port: u32) -> String {
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{ports: [{{port: {port}}}]}}\n")
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+             spec: {{ports: [{{port: {port}}}]}}\n"
+        )
     }
 
     async fn next_generation(rx: &mut tokio::sync::watch::Receiver<u64>) -> u64 {
