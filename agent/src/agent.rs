@@ -93,11 +93,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
 
     tokio::spawn(admin::serve(admin, node.clone()));
-    let watcher = tokio::spawn(config::watch_dir(
+    let (dir, load, store) = (
         node.settings.config_dir.clone(),
         node.settings.load.clone(),
         config.clone(),
-    ));
+    );
+    let watcher = tokio::spawn(async move {
+        let Err(e) = config::watch_dir(dir, load, store).await;
+        log::error!("{e}: configuration changes will not be applied until the agent restarts");
+    });
     let reconciler = tokio::spawn(reconcile_loop(node.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -43,7 +43,7 @@ pub fn print(query: Query, answer: &Value, output: Output) {
                         format!(
                             "{}->{}/{}",
                             p["port"],
-                            p["target_port"],
+                            p["targetPort"],
                             text(&p["protocol"])
                         )
                     })

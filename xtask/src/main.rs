@@ -18,7 +18,9 @@ commands:
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`)
   demo             (not yet implemented)
-  bench            (not yet implemented)
+  bench [--duration 10s | --quick]
+                   build, then measure direct vs meshed (oha, nginx, iperf3)
+                   on two nodes; results in target/bench/results.json
 ";
 
 /// Debian packages the build and the tests need.
@@ -34,6 +36,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "wrk",
     "python3",
     "procps",
+    // `cargo xtask bench`: the HTTP backend and the bulk-TCP tool.
+    "nginx",
+    "iperf3",
 ];
 
 /// LLVM whose major matches the nightly toolchain's (see DESIGN.md).

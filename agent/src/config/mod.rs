@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use watch::{watch_dir, ConfigStore, WatchError};
+pub use watch::{watch_dir, ConfigStore};
 
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
