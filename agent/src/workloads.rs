@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigStore, Workload};
 use crate::dns::{self, Lookup, Resolver, Upstream};
 use crate::ebpf::Datapath;
 use crate::netns::NetNs;
-use crate::proxy::{self, Pod, PodTasks, Proxy};
+use crate::proxy::{self, Direction, Pod, PodTasks, Proxy};
 
 /// How a configured workload stands on this node.
 #[derive(Debug, Serialize)]
@@ -170,20 +170,24 @@ impl Enroller {
             .enroll(&pod.netns, id, &workload.addresses, &inbound)
             .map_err(|e| format!("attaching the data path: {e}"))?;
 
-        let proxy = &self.proxy;
-        let mut tasks = vec![
-            tokio::spawn(proxy::serve_outbound(proxy.clone(), pod.clone(), outbound)),
-            tokio::spawn(proxy::serve_inbound(proxy.clone(), pod.clone(), inbound)),
-        ];
-        if let Some(v6) = outbound6 {
-            tasks.push(tokio::spawn(proxy::serve_outbound(
-                proxy.clone(),
-                pod.clone(),
-                v6,
-            )));
-        }
+        let listeners = [
+            (outbound, Direction::Outbound),
+            (inbound, Direction::Inbound),
+        ]
+        .into_iter()
+        .chain(outbound6.map(|v6| (v6, Direction::Outbound)));
+        let mut tasks: Vec<_> = listeners
+            .map(|(listener, direction)| {
+                tokio::spawn(proxy::serve(
+                    self.proxy.clone(),
+                    pod.clone(),
+                    listener,
+                    direction,
+                ))
+            })
+            .collect();
         let resolver = Arc::new(MeshResolver {
-            config: proxy.config.clone(),
+            config: self.proxy.config.clone(),
             namespace: workload.namespace.clone(),
             cluster_suffix: format!(".{}", self.cluster_domain),
         });

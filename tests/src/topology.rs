@@ -179,6 +179,25 @@ pub fn run_checked(cmd: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// Connects namespace `ns` (interface `iface`, `address`/24, up) to the
+/// bridge in `bridge_ns` through a veth pair whose other end is `peer`.
+fn plug(ns: &str, iface: &str, bridge_ns: &str, peer: &str, address: Ipv4Addr) -> Result<()> {
+    ip(&[
+        "-n", ns, "link", "add", iface, "type", "veth", "peer", "name", peer, "netns", bridge_ns,
+    ])?;
+    ip(&["-n", bridge_ns, "link", "set", peer, "master", BRIDGE, "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{address}/24"),
+        "dev",
+        iface,
+    ])?;
+    ip(&["-n", ns, "link", "set", iface, "up"])
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let mut cmd = vec!["ip"];
     cmd.extend_from_slice(args);
@@ -341,41 +360,8 @@ impl Topology {
         ])?;
         ip(&["-n", ns, "link", "set", BRIDGE, "up"])?;
         // Uplink to the fabric.
-        let peer = format!("n{i}");
-        ip(&[
-            "-n",
-            ns,
-            "link",
-            "add",
-            NODE_UPLINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            &self.fabric,
-        ])?;
-        ip(&[
-            "-n",
-            &self.fabric,
-            "link",
-            "set",
-            &peer,
-            "master",
-            BRIDGE,
-            "up",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/24", node.address),
-            "dev",
-            NODE_UPLINK,
-        ])?;
-        ip(&["-n", ns, "link", "set", NODE_UPLINK, "up"])?;
+        let fabric = self.fabric.clone();
+        plug(ns, NODE_UPLINK, &fabric, &format!("n{i}"), node.address)?;
         // Routes between this node's pod subnet and every other node's.
         for other in &self.nodes {
             let k = other.index;
@@ -438,41 +424,7 @@ impl Topology {
 
     fn setup_pod(&mut self, node: &NodeInfo, pod: &PodInfo, j: usize) -> Result<()> {
         let ns = pod.netns.as_str();
-        let peer = format!("vp{j}");
-        ip(&[
-            "-n",
-            ns,
-            "link",
-            "add",
-            POD_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            &node.netns,
-        ])?;
-        ip(&[
-            "-n",
-            &node.netns,
-            "link",
-            "set",
-            &peer,
-            "master",
-            BRIDGE,
-            "up",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/24", pod.address),
-            "dev",
-            POD_IFACE,
-        ])?;
-        ip(&["-n", ns, "link", "set", POD_IFACE, "up"])?;
+        plug(ns, POD_IFACE, &node.netns, &format!("vp{j}"), pod.address)?;
         ip(&[
             "-n",
             ns,

@@ -143,6 +143,11 @@ fn enrolled_client_reaches_pod_ip_cluster_ip_and_service_names_through_the_agent
 
     // Every request was seen once on the way out and once on the way in: the
     // agent never loops on its own connections.
+    // A connection is recorded when both sides have closed, which may be just
+    // after curl has exited.
+    wait_for("every connection to be recorded", || {
+        connections(&agent).len() == 2 * urls.len()
+    });
     let records = connections(&agent);
     let outbound: Vec<&Value> = records
         .iter()
@@ -334,6 +339,9 @@ fn cross_node_traffic_goes_through_both_agents() {
     assert_eq!(echo["server"], "server");
     assert_eq!(client_ip(&echo), THROUGH_AGENT);
 
+    wait_for("both agents to record the connection", || {
+        connections(&a).len() == 1 && connections(&b).len() == 1
+    });
     let out = connections(&a);
     assert_eq!(out.len(), 1, "{out:#?}");
     assert_eq!(out[0]["direction"], "outbound");

@@ -1,6 +1,1333 @@
-//! `cargo xtask bench` (being written).
-use std::path::Path;
+//! `cargo xtask bench [--duration 10s | --quick]`: what the mesh costs,
+//! measured against a direct, un-meshed run on the same topology in the same
+//! invocation (DESIGN.md, "Targets to design for").
+//!
+//! Topology: two nodes (one agent each), a `client` pod on node-a and a
+//! `server` pod on node-b, so meshed traffic takes the design's two-agent
+//! path (outbound on the client's node, inbound on the server's node). The
+//! server pod runs nginx (one worker, 1 KB `return 200` responses, so the
+//! backend is not the bottleneck) and an iperf3 server; the load comes from
+//! oha and the iperf3 client in the client pod.
+//!
+//! Every phase runs first DIRECT (the pods' namespace is not labelled: the
+//! agents run but capture nothing), then MESHED (the same config with the
+//! namespace labelled `nodemesh.io/mesh: enabled`), same pods, same
+//! addresses:
+//! 1. HTTP/1.1 max throughput: 16 keep-alive connections, 1 KB responses;
+//! 2. latency at a fixed 2000 req/s over 16 connections (p50, p90, p99);
+//! 3. connection rate: a new TCP connection per request, 16 concurrent;
+//! 4. bulk TCP: iperf3, one stream.
+//!
+//! During phase 1 the CPU time of both agents (and, for context, of oha,
+//! nginx and the whole machine) is sampled from /proc; the agents' RSS is
+//! read after the meshed run. Results are printed as a table with the
+//! design targets beside the meshed figures (informative only: a missed
+//! target never fails the command; errors in the traffic do) and written to
+//! `target/bench/results.json`.
+//!
+//! Benchmark-harness tuning, applied to every namespace of the topology in
+//! both modes alike: `net.ipv4.tcp_tw_reuse=1` and a wide ephemeral port
+//! range, so that the connection-rate phase (tens of thousands of short
+//! connections to one address) does not run out of ports because of
+//! TIME_WAIT.
 
-pub fn run(_nodemesh: &Path, _args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("`bench` is not yet implemented")
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nodemesh_testbed::workload_apps::wait_listening;
+use nodemesh_testbed::{config, Agent, Topology};
+use serde_json::{json, Value};
+
+const USAGE: &str = "\
+usage: cargo xtask bench [--duration DURATION | --quick]
+
+  --duration D   length of each oha phase, e.g. 10s, 1500ms, 1m (default 10s)
+  --quick        smoke run: 3 s phases
+";
+
+/// The Kubernetes namespace of both pods.
+const NAMESPACE: &str = "bench";
+const CLIENT: &str = "client";
+const SERVER: &str = "server";
+const HTTP_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+/// oha connections (design: 16 keep-alive connections).
+const CONNECTIONS: u32 = 16;
+/// The fixed rate of the latency phase, req/s.
+const FIXED_RATE: u32 = 2000;
+/// nginx's response body size.
+const BODY_SIZE: usize = 1024;
+/// Longest iperf3 run.
+const BULK_MAX: Duration = Duration::from_secs(5);
+const WARMUP: Duration = Duration::from_secs(1);
+/// A phase fails when more than this fraction of its requests failed.
+const MAX_ERROR_FRACTION: f64 = 0.01;
+/// How long the agents get to apply a config change.
+const CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
+/// oha's name for requests cut off by `-z` (not a server error).
+const OHA_DEADLINE_ERROR: &str = "aborted due to deadline";
+
+// Design targets (DESIGN.md, "Targets to design for").
+const TARGET_RPS_PERCENT: f64 = 48.0;
+const TARGET_P50_DELTA_MS: f64 = 0.15;
+const TARGET_CPU_MS_PER_1000: f64 = 40.0;
+const TARGET_RSS_MB: f64 = 12.0;
+const TARGET_BULK_PERCENT: f64 = 60.0;
+
+pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
+    let Some(opts) = Options::parse(args)? else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    let oha = Oha::find_or_install()?;
+    let nginx = find_program("nginx", &["/usr/sbin/nginx"])?;
+    let iperf3 = find_program("iperf3", &["/usr/bin/iperf3"])?;
+    let clk_tck = clock_ticks_per_second();
+    let load_before = loadavg();
+
+    println!(
+        "bench: {} per oha phase, {} iperf3, {CONNECTIONS} connections, {BODY_SIZE} B responses \
+         (oha {}, {} CPUs, load average {})",
+        human(opts.duration),
+        human(opts.bulk),
+        oha.version,
+        num_cpus(),
+        load_before
+    );
+    let mut bench = Bench::new(nodemesh, &oha, &nginx, &iperf3, &opts, clk_tck)?;
+    let result = bench.measure_both();
+    let (direct, meshed) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Collect the logs before the work directory goes with `bench`.
+            let logs = bench.logs();
+            drop(bench);
+            return Err(e.context(format!("bench failed; logs:\n{logs}")));
+        }
+    };
+    drop(bench);
+    println!("bench: topology removed");
+
+    let rows = table(&direct, &meshed);
+    println!();
+    print!("{}", render(&rows));
+    println!(
+        "\nTargets are the design's for L7 + mTLS through two agents (informative only).\n\
+         p99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU.\n\
+         Machine load average before the run: {load_before}; other work on the machine skews the figures."
+    );
+    print!("{}", cpu_breakdown(&direct, &meshed));
+
+    let doc = json!({
+        "settings": {
+            "duration_seconds": opts.duration.as_secs_f64(),
+            "bulk_seconds": opts.bulk.as_secs_f64(),
+            "connections": CONNECTIONS,
+            "fixed_rate": FIXED_RATE,
+            "body_bytes": BODY_SIZE,
+            "oha": oha.version,
+            "cpus": num_cpus(),
+            "load_average_before": load_before,
+            "clock_ticks_per_second": clk_tck,
+        },
+        "direct": direct.to_json(),
+        "meshed": meshed.to_json(),
+        "comparison": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+    });
+    let out_dir = super::target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out = out_dir.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("\nbench: results written to {}", out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- options
+
+struct Options {
+    /// Length of each oha phase.
+    duration: Duration,
+    /// Length of the iperf3 run.
+    bulk: Duration,
+}
+
+impl Options {
+    /// `None` for `--help`.
+    fn parse(args: &[String]) -> Result<Option<Options>> {
+        let mut duration = Duration::from_secs(10);
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--quick" => duration = Duration::from_secs(3),
+                "--duration" => {
+                    let v = it.next().context("--duration needs a value, e.g. 10s")?;
+                    duration = parse_duration(v)?;
+                }
+                "-h" | "--help" => return Ok(None),
+                other => match other.strip_prefix("--duration=") {
+                    Some(v) => duration = parse_duration(v)?,
+                    None => {
+                        eprint!("{USAGE}");
+                        bail!("unknown bench argument {other:?}");
+                    }
+                },
+            }
+        }
+        if duration < Duration::from_secs(1) {
+            bail!("--duration must be at least 1s");
+        }
+        Ok(Some(Options {
+            duration,
+            bulk: duration.min(BULK_MAX),
+        }))
+    }
+}
+
+/// `10s`, `1500ms`, `2m`, or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<Duration> {
+    let bad = || format!("bad duration {s:?}: use e.g. 10s, 1500ms or 1m");
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().with_context(bad)?;
+    if !v.is_finite() || v <= 0.0 || v * scale > 24.0 * 3600.0 {
+        bail!(bad());
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+// ---------------------------------------------------------------- tools
+
+fn find_program(name: &str, fallbacks: &[&str]) -> Result<PathBuf> {
+    if let Some(p) = super::find_tool(name) {
+        return Ok(p);
+    }
+    fallbacks
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!("{name} not found: `cargo xtask setup` installs it (Debian package {name})")
+        })
+}
+
+/// The installed oha and the flags its version understands.
+struct Oha {
+    path: PathBuf,
+    version: String,
+    /// `--output-format json` (oha ≥ 1.5) or `-j` (older).
+    json_args: Vec<&'static str>,
+    /// `-w`: wait for requests in flight at the deadline instead of
+    /// aborting them.
+    wait_flag: Option<&'static str>,
+}
+
+impl Oha {
+    fn find_or_install() -> Result<Oha> {
+        let path = match super::find_tool("oha") {
+            Some(p) => p,
+            None => {
+                println!(
+                    "bench: installing the load generator: cargo install oha --locked \
+                     (takes a few minutes, once)"
+                );
+                super::status(super::cargo().args(["install", "oha", "--locked"]))?;
+                super::find_tool("oha").context("`cargo install oha` did not install oha")?
+            }
+        };
+        let help = super::output_ok(std::process::Command::new(&path).arg("--help"))
+            .with_context(|| format!("`{} --help` failed", path.display()))?;
+        let version = super::output_ok(std::process::Command::new(&path).arg("--version"))
+            .map(|v| v.trim().trim_start_matches("oha").trim().to_string())
+            .unwrap_or_else(|| "?".into());
+        let json_args = if help.contains("--output-format") {
+            vec!["--output-format", "json"]
+        } else if help.contains("--json") || help.contains("-j,") {
+            vec!["-j"]
+        } else {
+            bail!(
+                "{} supports neither --output-format json nor -j",
+                path.display()
+            );
+        };
+        let wait_flag = if help.contains("--wait-ongoing-requests-after-deadline") {
+            Some("--wait-ongoing-requests-after-deadline")
+        } else {
+            None
+        };
+        for flag in ["--no-tui", "--disable-keepalive", "-q ", "-z "] {
+            if !help.contains(flag.trim_end()) {
+                bail!("{} does not understand {flag}", path.display());
+            }
+        }
+        Ok(Oha {
+            path,
+            version,
+            json_args,
+            wait_flag,
+        })
+    }
+}
+
+fn clock_ticks_per_second() -> u64 {
+    super::output_ok(std::process::Command::new("getconf").arg("CLK_TCK"))
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+// ---------------------------------------------------------------- /proc
+
+/// `(utime, stime)` in clock ticks of a process (all its threads).
+fn proc_cpu_ticks(pid: u32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let fields = stat_fields(&stat);
+    // Fields after the command: state is field 3, utime 14, stime 15.
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("field {n} of /proc/{pid}/stat: {stat:?}"))
+    };
+    Ok((field(14)?, field(15)?))
+}
+
+/// The fields of a /proc stat line after `(comm)`.
+fn stat_fields(stat: &str) -> Vec<&str> {
+    match stat.rfind(')') {
+        Some(i) => stat[i + 1..].split_whitespace().collect(),
+        None => Vec::new(),
+    }
+}
+
+/// CPU ticks of this process's waited-for children (cutime + cstime): oha
+/// and iperf3 run as such children, one at a time.
+fn children_cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .map(|s| {
+            let f = stat_fields(&s);
+            // cutime is field 16, cstime 17.
+            [16, 17]
+                .iter()
+                .filter_map(|n| f.get(n - 3)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Machine-wide CPU ticks from /proc/stat: (busy, steal, total).
+fn machine_ticks() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest
+    // time is already included in user.
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let steal = v.get(7).copied().unwrap_or(0);
+    (total - idle - steal, steal, total)
+}
+
+/// (VmRSS, VmHWM) of a process in KiB.
+fn proc_memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let get = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {key} in /proc/{pid}/status"))
+    };
+    Ok((get("VmRSS:")?, get("VmHWM:")?))
+}
+
+// ---------------------------------------------------------------- results
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Direct,
+    Meshed,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Meshed => "meshed",
+        }
+    }
+}
+
+/// One oha run, parsed.
+#[derive(Default, Debug)]
+struct HttpRun {
+    /// Responses with a 2xx status.
+    ok: u64,
+    non_2xx: u64,
+    /// Failed requests (connection errors, timeouts), deadline aborts
+    /// excluded.
+    errors: u64,
+    error_kinds: BTreeMap<String, u64>,
+    seconds: f64,
+    /// 2xx responses per second.
+    rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+}
+
+impl HttpRun {
+    fn from_oha(doc: &Value) -> Result<HttpRun> {
+        let seconds = doc["summary"]["total"]
+            .as_f64()
+            .context("oha JSON has no summary.total")?;
+        let mut run = HttpRun {
+            seconds,
+            ..HttpRun::default()
+        };
+        if let Some(codes) = doc["statusCodeDistribution"].as_object() {
+            for (code, n) in codes {
+                let n = n.as_u64().unwrap_or(0);
+                if code.starts_with('2') {
+                    run.ok += n;
+                } else {
+                    run.non_2xx += n;
+                }
+            }
+        }
+        if let Some(errors) = doc["errorDistribution"].as_object() {
+            for (kind, n) in errors {
+                let n = n.as_u64().unwrap_or(0);
+                if kind != OHA_DEADLINE_ERROR {
+                    run.errors += n;
+                    run.error_kinds.insert(kind.clone(), n);
+                }
+            }
+        }
+        let pct = |p: &str| doc["latencyPercentiles"][p].as_f64().unwrap_or(f64::NAN) * 1000.0;
+        run.p50_ms = pct("p50");
+        run.p90_ms = pct("p90");
+        run.p99_ms = pct("p99");
+        run.rps = if seconds > 0.0 {
+            run.ok as f64 / seconds
+        } else {
+            0.0
+        };
+        Ok(run)
+    }
+
+    fn attempted(&self) -> u64 {
+        self.ok + self.non_2xx + self.errors
+    }
+
+    fn error_fraction(&self) -> f64 {
+        match self.attempted() {
+            0 => 1.0,
+            n => (self.non_2xx + self.errors) as f64 / n as f64,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "ok": self.ok,
+            "non_2xx": self.non_2xx,
+            "errors": self.errors,
+            "error_kinds": self.error_kinds,
+            "seconds": self.seconds,
+            "requests_per_second": self.rps,
+            "p50_ms": self.p50_ms,
+            "p90_ms": self.p90_ms,
+            "p99_ms": self.p99_ms,
+        })
+    }
+}
+
+/// CPU time over one phase, in milliseconds.
+#[derive(Default, Debug)]
+struct CpuUse {
+    /// Per agent (node-a, node-b): user, system.
+    agents: [(f64, f64); 2],
+    nginx: f64,
+    /// oha (a waited-for child of this process).
+    load_generator: f64,
+    /// Whole machine, all CPUs: busy (user + system + irq), and steal.
+    machine_busy: f64,
+    machine_steal: f64,
+    wall: f64,
+}
+
+impl CpuUse {
+    fn agents_total(&self) -> f64 {
+        self.agents.iter().map(|(u, s)| u + s).sum()
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "agent_node_a_ms": { "user": self.agents[0].0, "system": self.agents[0].1 },
+            "agent_node_b_ms": { "user": self.agents[1].0, "system": self.agents[1].1 },
+            "agents_total_ms": self.agents_total(),
+            "nginx_ms": self.nginx,
+            "oha_ms": self.load_generator,
+            "machine_busy_ms": self.machine_busy,
+            "machine_steal_ms": self.machine_steal,
+            "wall_ms": self.wall,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CpuSnapshot {
+    agents: [(u64, u64); 2],
+    nginx: u64,
+    children: u64,
+    machine: (u64, u64, u64),
+    at: Instant,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Captured {
+    /// New outbound connections on node-a's agent.
+    outbound_a: u64,
+    /// New inbound connections on node-b's agent.
+    inbound_b: u64,
+    failed: u64,
+}
+
+#[derive(Debug)]
+struct ModeResult {
+    mode: Mode,
+    throughput: HttpRun,
+    throughput_cpu: CpuUse,
+    latency: HttpRun,
+    conn_rate: HttpRun,
+    conn_rate_cpu: CpuUse,
+    bulk_bits_per_second: f64,
+    memory: [Memory; 2],
+    captured: Captured,
+}
+
+impl ModeResult {
+    /// Agent CPU ms (both agents) per 1000 requests in the max-throughput
+    /// phase.
+    fn agent_cpu_per_1000(&self) -> f64 {
+        per_1000(self.throughput_cpu.agents_total(), self.throughput.ok)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "http_max_throughput": self.throughput.to_json(),
+            "http_max_throughput_cpu": self.throughput_cpu.to_json(),
+            "agent_cpu_ms_per_1000_requests": self.agent_cpu_per_1000(),
+            "http_fixed_rate": self.latency.to_json(),
+            "connection_rate": self.conn_rate.to_json(),
+            "connection_rate_cpu": self.conn_rate_cpu.to_json(),
+            "bulk_tcp_bits_per_second": self.bulk_bits_per_second,
+            "agent_memory_kib": {
+                "node_a": { "rss": self.memory[0].rss_kib, "peak": self.memory[0].hwm_kib },
+                "node_b": { "rss": self.memory[1].rss_kib, "peak": self.memory[1].hwm_kib },
+            },
+            "connections_through_agents": {
+                "outbound_node_a": self.captured.outbound_a,
+                "inbound_node_b": self.captured.inbound_b,
+                "failed": self.captured.failed,
+            },
+        })
+    }
+}
+
+fn per_1000(ms: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        f64::NAN
+    } else {
+        ms * 1000.0 / requests as f64
+    }
+}
+
+// ---------------------------------------------------------------- the bench
+
+struct Bench<'a> {
+    // Field order is drop order: the agents stop and uninstall their eBPF
+    // programs before the topology deletes the namespaces they run in.
+    agents: Vec<Agent>,
+    topo: Topology,
+    oha: &'a Oha,
+    iperf3: PathBuf,
+    opts: &'a Options,
+    config_dir: PathBuf,
+    client_netns: String,
+    server_ip: String,
+    nginx_pid: u32,
+    clk_tck: u64,
+}
+
+impl<'a> Bench<'a> {
+    fn new(
+        nodemesh: &Path,
+        oha: &'a Oha,
+        nginx: &Path,
+        iperf3: &Path,
+        opts: &'a Options,
+        clk_tck: u64,
+    ) -> Result<Bench<'a>> {
+        // Locals drop in reverse order: on an error below, agents already
+        // started stop before `topo` goes.
+        let mut topo = Topology::new()?;
+        println!(
+            "bench: building the topology ({}): node-a + pod {CLIENT}, node-b + pod {SERVER}",
+            topo.prefix()
+        );
+        topo.add_node("node-a")?;
+        topo.add_node("node-b")?;
+        let client = topo.add_pod("node-a", CLIENT)?;
+        let server = topo.add_pod("node-b", SERVER)?;
+        for ns in [
+            topo.node("node-a").netns.clone(),
+            topo.node("node-b").netns.clone(),
+            client.netns.clone(),
+            server.netns.clone(),
+        ] {
+            topo.run_in_ok(
+                &ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.tcp_tw_reuse=1",
+                    "net.ipv4.ip_local_port_range=10000 65000",
+                ],
+            )
+            .with_context(|| format!("tuning TCP in {ns}"))?;
+        }
+
+        let nginx_pid = start_nginx(&mut topo, nginx, &server.netns)?;
+        let iperf3_s = iperf3.to_string_lossy().into_owned();
+        let port = IPERF_PORT.to_string();
+        topo.spawn_in(
+            &server.netns,
+            &[&iperf3_s, "-s", "-p", &port],
+            "iperf3-server",
+        )?;
+        wait_listening(&topo, &server.netns, IPERF_PORT)?;
+
+        let config_dir = topo.work_dir().join("config");
+        write_config(&topo, &config_dir, Mode::Direct)?;
+        println!("bench: starting one agent per node");
+        let a = Agent::start_with(&mut topo, "node-a", &config_dir, nodemesh, &[])?;
+        let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &[])?;
+        let bench = Bench {
+            agents: vec![a, b],
+            topo,
+            oha,
+            iperf3: iperf3.to_path_buf(),
+            opts,
+            config_dir,
+            client_netns: client.netns.clone(),
+            server_ip: server.address.to_string(),
+            nginx_pid,
+            clk_tck,
+        };
+        bench.wait_mode(Mode::Direct)?;
+        Ok(bench)
+    }
+
+    fn measure_both(&mut self) -> Result<(ModeResult, ModeResult)> {
+        let direct = self.measure(Mode::Direct)?;
+        write_config(&self.topo, &self.config_dir, Mode::Meshed)?;
+        self.wait_mode(Mode::Meshed)?;
+        let meshed = self.measure(Mode::Meshed)?;
+        Ok((direct, meshed))
+    }
+
+    /// Waits until both agents run the config of `mode`: both workloads
+    /// known, and enrolled (meshed) or not (direct).
+    fn wait_mode(&self, mode: Mode) -> Result<()> {
+        let want_enrolled = u64::from(mode == Mode::Meshed);
+        let deadline = Instant::now() + CONFIG_TIMEOUT;
+        for agent in &self.agents {
+            loop {
+                let status = agent.status_json()?;
+                let ready = status["config"]["workloads"].as_u64() == Some(2)
+                    && status["workloads"]["on_node"].as_u64() == Some(1)
+                    && status["workloads"]["enrolled"].as_u64() == Some(want_enrolled);
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the agent on {} did not reach the {} configuration \
+                         ({want_enrolled} workload enrolled) within {CONFIG_TIMEOUT:?}: {status:#}",
+                        agent.node(),
+                        mode.name()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn measure(&mut self, mode: Mode) -> Result<ModeResult> {
+        let name = mode.name();
+        println!("\n== {} ==", name.to_uppercase());
+        let url = format!("http://{}:{HTTP_PORT}/", self.server_ip);
+        let conns = CONNECTIONS.to_string();
+        let d = self.opts.duration;
+        let counts_before = self.agent_counts()?;
+
+        self.oha(&["-c", &conns, "-z", &human(WARMUP), &url], "warm-up")?;
+
+        println!(
+            "  [1/4] HTTP/1.1 max throughput: {CONNECTIONS} keep-alive connections, {}",
+            human(d)
+        );
+        let before = self.cpu_snapshot()?;
+        let throughput = self.oha(&["-c", &conns, "-z", &human(d), &url], "max throughput")?;
+        let throughput_cpu = self.cpu_since(&before)?;
+        println!(
+            "        {:.0} req/s, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req",
+            throughput.rps,
+            throughput.p50_ms,
+            per_1000(throughput_cpu.agents_total(), throughput.ok)
+        );
+
+        println!(
+            "  [2/4] latency at {FIXED_RATE} req/s over {CONNECTIONS} connections, {}",
+            human(d)
+        );
+        let rate = FIXED_RATE.to_string();
+        let latency = self.oha(
+            &["-c", &conns, "-q", &rate, "-z", &human(d), &url],
+            "fixed rate",
+        )?;
+        println!(
+            "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+            latency.rps, latency.p50_ms, latency.p90_ms, latency.p99_ms
+        );
+
+        println!(
+            "  [3/4] connection rate: a new connection per request, {CONNECTIONS} concurrent, {}",
+            human(d)
+        );
+        let before = self.cpu_snapshot()?;
+        let conn_rate = self.oha(
+            &["-c", &conns, "--disable-keepalive", "-z", &human(d), &url],
+            "connection rate",
+        )?;
+        let conn_rate_cpu = self.cpu_since(&before)?;
+        println!("        {:.0} connections/s", conn_rate.rps);
+
+        println!("  [4/4] bulk TCP: iperf3, {}", human(self.opts.bulk));
+        let bulk = self.iperf3()?;
+        println!("        {:.2} Gbit/s", bulk / 1e9);
+
+        let counts_after = self.agent_counts()?;
+        let captured = Captured {
+            outbound_a: counts_after[0].0.saturating_sub(counts_before[0].0),
+            inbound_b: counts_after[1].1.saturating_sub(counts_before[1].1),
+            failed: (counts_after[0].2 + counts_after[1].2)
+                .saturating_sub(counts_before[0].2 + counts_before[1].2),
+        };
+        match mode {
+            Mode::Direct if captured.outbound_a + captured.inbound_b > 0 => bail!(
+                "the direct run went through the agents ({} outbound on node-a, {} inbound on \
+                 node-b): the un-labelled namespace was captured",
+                captured.outbound_a,
+                captured.inbound_b
+            ),
+            // At least the 16 keep-alive connections of each oha run.
+            Mode::Meshed
+                if captured.outbound_a < u64::from(CONNECTIONS)
+                    || captured.inbound_b < u64::from(CONNECTIONS) =>
+            {
+                bail!(
+                    "the meshed run did not go through both agents ({} outbound on node-a, {} \
+                     inbound on node-b)",
+                    captured.outbound_a,
+                    captured.inbound_b
+                )
+            }
+            _ => {}
+        }
+        if mode == Mode::Meshed {
+            println!(
+                "        agents proxied {} outbound (node-a) / {} inbound (node-b) connections, {} failed",
+                captured.outbound_a, captured.inbound_b, captured.failed
+            );
+        }
+        let memory = self.agent_memory()?;
+        Ok(ModeResult {
+            mode,
+            throughput,
+            throughput_cpu,
+            latency,
+            conn_rate,
+            conn_rate_cpu,
+            bulk_bits_per_second: bulk,
+            memory,
+            captured,
+        })
+    }
+
+    /// Runs oha in the client pod and checks that (almost) every request
+    /// succeeded.
+    fn oha(&self, args: &[&str], what: &str) -> Result<HttpRun> {
+        self.check_agents()?;
+        let oha = self.oha.path.to_string_lossy().into_owned();
+        let mut cmd = vec![oha.as_str(), "--no-tui"];
+        cmd.extend(self.oha.json_args.iter().copied());
+        if let Some(w) = self.oha.wait_flag {
+            cmd.push(w);
+        }
+        cmd.extend_from_slice(args);
+        let out = self
+            .topo
+            .command_in(&self.client_netns, &cmd)?
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("cannot run `{}`", cmd.join(" ")))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!(
+                "{what}: `{}` failed ({}): {}",
+                cmd.join(" "),
+                out.status,
+                stderr.trim()
+            );
+        }
+        let doc: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{what}: oha printed invalid JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        let run = HttpRun::from_oha(&doc).with_context(|| format!("{what}: {doc}"))?;
+        if run.error_fraction() > MAX_ERROR_FRACTION || run.ok == 0 {
+            bail!(
+                "{what}: {} of {} requests failed ({} non-2xx, errors {:?}; oha: `{}`)",
+                run.non_2xx + run.errors,
+                run.attempted(),
+                run.non_2xx,
+                run.error_kinds,
+                cmd.join(" ")
+            );
+        }
+        self.check_agents()?;
+        Ok(run)
+    }
+
+    /// Runs the iperf3 client in the client pod; returns bits/s received.
+    fn iperf3(&self) -> Result<f64> {
+        self.check_agents()?;
+        let iperf3 = self.iperf3.to_string_lossy().into_owned();
+        let port = IPERF_PORT.to_string();
+        let secs = format!("{}", self.opts.bulk.as_secs().max(1));
+        let cmd = [
+            iperf3.as_str(),
+            "-c",
+            &self.server_ip,
+            "-p",
+            &port,
+            "-t",
+            &secs,
+            "-J",
+        ];
+        let out = self.topo.run_in(&self.client_netns, &cmd)?;
+        let doc: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`{}` printed invalid JSON ({}): {} {}",
+                cmd.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if let Some(err) = doc["error"].as_str() {
+            bail!("`{}` failed: {err}", cmd.join(" "));
+        }
+        if !out.status.success() {
+            bail!("`{}` failed ({})", cmd.join(" "), out.status);
+        }
+        let bps = doc["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| {
+                format!("no end.sum_received.bits_per_second in iperf3's JSON: {doc}")
+            })?;
+        self.check_agents()?;
+        Ok(bps)
+    }
+
+    fn check_agents(&self) -> Result<()> {
+        for agent in &self.agents {
+            if !agent.is_running() {
+                bail!(
+                    "the agent on {} has exited ({:?})",
+                    agent.node(),
+                    agent.last_exit()
+                );
+            }
+        }
+        if !self.topo.is_running(self.nginx_pid) {
+            bail!("nginx has exited");
+        }
+        Ok(())
+    }
+
+    fn agent_pids(&self) -> Result<[u32; 2]> {
+        let pid = |i: usize| -> Result<u32> {
+            self.agents[i]
+                .pid()
+                .with_context(|| format!("the agent on {} is not running", self.agents[i].node()))
+        };
+        Ok([pid(0)?, pid(1)?])
+    }
+
+    /// Per agent: (outbound total, inbound total, failed in both directions).
+    fn agent_counts(&self) -> Result<[(u64, u64, u64); 2]> {
+        let mut out = [(0, 0, 0); 2];
+        for (i, agent) in self.agents.iter().enumerate() {
+            let s = agent.status_json()?;
+            let c = &s["connections"];
+            let n = |v: &Value| v.as_u64().unwrap_or(0);
+            out[i] = (
+                n(&c["outbound"]["total"]),
+                n(&c["inbound"]["total"]),
+                n(&c["outbound"]["failed"]) + n(&c["inbound"]["failed"]),
+            );
+        }
+        Ok(out)
+    }
+
+    fn agent_memory(&self) -> Result<[Memory; 2]> {
+        let pids = self.agent_pids()?;
+        let mut out = [Memory::default(); 2];
+        for (m, pid) in out.iter_mut().zip(pids) {
+            let (rss_kib, hwm_kib) = proc_memory_kib(pid)?;
+            *m = Memory { rss_kib, hwm_kib };
+        }
+        Ok(out)
+    }
+
+    fn cpu_snapshot(&self) -> Result<CpuSnapshot> {
+        let pids = self.agent_pids()?;
+        Ok(CpuSnapshot {
+            agents: [proc_cpu_ticks(pids[0])?, proc_cpu_ticks(pids[1])?],
+            nginx: proc_cpu_ticks(self.nginx_pid).map(|(u, s)| u + s)?,
+            children: children_cpu_ticks(),
+            machine: machine_ticks(),
+            at: Instant::now(),
+        })
+    }
+
+    fn cpu_since(&self, before: &CpuSnapshot) -> Result<CpuUse> {
+        let now = self.cpu_snapshot()?;
+        let ms = |ticks: u64| ticks as f64 * 1000.0 / self.clk_tck as f64;
+        let agent = |i: usize| {
+            (
+                ms(now.agents[i].0.saturating_sub(before.agents[i].0)),
+                ms(now.agents[i].1.saturating_sub(before.agents[i].1)),
+            )
+        };
+        Ok(CpuUse {
+            agents: [agent(0), agent(1)],
+            nginx: ms(now.nginx.saturating_sub(before.nginx)),
+            load_generator: ms(now.children.saturating_sub(before.children)),
+            machine_busy: ms(now.machine.0.saturating_sub(before.machine.0)),
+            machine_steal: ms(now.machine.1.saturating_sub(before.machine.1)),
+            wall: now.at.duration_since(before.at).as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Tails of the agents', nginx's and iperf3's logs, for error messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for agent in &self.agents {
+            let log = agent.log();
+            let _ = writeln!(
+                out,
+                "---- agent on {} ({}) ----\n{}",
+                agent.node(),
+                agent.log_path().display(),
+                tail(&log, 60)
+            );
+        }
+        let error_log = self.topo.work_dir().join("nginx-error.log");
+        let _ = writeln!(
+            out,
+            "---- nginx error log ----\n{}",
+            tail(&std::fs::read_to_string(&error_log).unwrap_or_default(), 30)
+        );
+        for log in ["nginx", "iperf3-server"] {
+            let _ = writeln!(
+                out,
+                "---- {log} output ----\n{}",
+                tail(&self.topo.read_log(log), 30)
+            );
+        }
+        out
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Namespace `bench` (labelled only when meshed) with the two workloads.
+fn write_config(topo: &Topology, dir: &Path, mode: Mode) -> Result<()> {
+    config::write(
+        dir,
+        "bench.yaml",
+        &[
+            config::namespace(NAMESPACE, mode == Mode::Meshed),
+            config::workload(topo.pod(CLIENT), NAMESPACE, &[("app", CLIENT)]),
+            config::workload(topo.pod(SERVER), NAMESPACE, &[("app", SERVER)]),
+        ],
+    )
+}
+
+/// nginx in the foreground, one process, 1 KB `return 200`; every path it
+/// writes is in the work directory.
+fn start_nginx(topo: &mut Topology, nginx: &Path, netns: &str) -> Result<u32> {
+    let dir = topo.work_dir().join("nginx");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let d = dir.display();
+    let body = "x".repeat(BODY_SIZE);
+    let conf = format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {w}/nginx-error.log;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    default_type text/plain;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {HTTP_PORT} backlog=4096;
+        location / {{
+            return 200 \"{body}\";
+        }}
+    }}
+}}
+",
+        w = topo.work_dir().display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;
+    let nginx = nginx.to_string_lossy().into_owned();
+    let prefix = format!("{d}/");
+    let error_log = topo.work_dir().join("nginx-error.log");
+    let conf_s = conf_path.to_string_lossy().into_owned();
+    let error_s = error_log.to_string_lossy().into_owned();
+    let pid = topo.spawn_in(
+        netns,
+        &[&nginx, "-p", &prefix, "-e", &error_s, "-c", &conf_s],
+        "nginx",
+    )?;
+    wait_listening(topo, netns, HTTP_PORT).with_context(|| {
+        format!(
+            "nginx did not start; error log:\n{}",
+            tail(&std::fs::read_to_string(&error_log).unwrap_or_default(), 20)
+        )
+    })?;
+    Ok(pid)
+}
+
+// ---------------------------------------------------------------- report
+
+struct Row {
+    metric: String,
+    direct: String,
+    meshed: String,
+    ratio: String,
+    /// (target text, met)
+    target: Option<(String, bool)>,
+    key: &'static str,
+    values: Value,
+}
+
+impl Row {
+    fn to_json(&self) -> Value {
+        json!({
+            "metric": self.key,
+            "values": self.values,
+            "target": self.target.as_ref().map(|(t, _)| t.clone()),
+            "target_met": self.target.as_ref().map(|(_, met)| *met),
+        })
+    }
+}
+
+fn check(met: bool) -> &'static str {
+    if met {
+        "✓"
+    } else {
+        "✗"
+    }
+}
+
+fn percent(meshed: f64, direct: f64) -> f64 {
+    if direct > 0.0 {
+        meshed / direct * 100.0
+    } else {
+        f64::NAN
+    }
+}
+
+fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
+    debug_assert_eq!((direct.mode, meshed.mode), (Mode::Direct, Mode::Meshed));
+    let mut rows = Vec::new();
+
+    let (d, m) = (direct.throughput.rps, meshed.throughput.rps);
+    let pct = percent(m, d);
+    rows.push(Row {
+        metric: format!("HTTP/1.1 req/s ({CONNECTIONS} conns)"),
+        direct: format!("{d:.0}"),
+        meshed: format!("{m:.0}"),
+        ratio: format!("{pct:.1} %"),
+        target: Some((
+            format!("≥ {TARGET_RPS_PERCENT:.0} %"),
+            pct >= TARGET_RPS_PERCENT,
+        )),
+        key: "http_rps",
+        values: json!({ "direct": d, "meshed": m, "percent": pct }),
+    });
+
+    for (label, key, get, target) in [
+        (
+            "p50",
+            "p50_ms",
+            (|r: &HttpRun| r.p50_ms) as fn(&HttpRun) -> f64,
+            Some(TARGET_P50_DELTA_MS),
+        ),
+        ("p90", "p90_ms", |r: &HttpRun| r.p90_ms, None),
+        ("p99", "p99_ms", |r: &HttpRun| r.p99_ms, None),
+    ] {
+        let (d, m) = (get(&direct.latency), get(&meshed.latency));
+        let delta = m - d;
+        rows.push(Row {
+            metric: format!("{label} @{FIXED_RATE} req/s"),
+            direct: format!("{d:.3} ms"),
+            meshed: format!("{m:.3} ms"),
+            ratio: format!("{delta:+.3} ms"),
+            target: target.map(|t| (format!("≤ +{t:.2} ms"), delta <= t)),
+            key,
+            values: json!({ "direct": d, "meshed": m, "delta": delta }),
+        });
+    }
+
+    let (d, m) = (direct.latency.rps, meshed.latency.rps);
+    rows.push(Row {
+        metric: format!("achieved rate (target {FIXED_RATE})"),
+        direct: format!("{d:.0}"),
+        meshed: format!("{m:.0}"),
+        ratio: format!("{:.1} %", percent(m, d)),
+        target: None,
+        key: "fixed_rate_achieved",
+        values: json!({ "direct": d, "meshed": m }),
+    });
+
+    let (d, m) = (direct.conn_rate.rps, meshed.conn_rate.rps);
+    rows.push(Row {
+        metric: format!("new connections/s ({CONNECTIONS} conc.)"),
+        direct: format!("{d:.0}"),
+        meshed: format!("{m:.0}"),
+        ratio: format!("{:.1} %", percent(m, d)),
+        target: None,
+        key: "connections_per_second",
+        values: json!({ "direct": d, "meshed": m, "percent": percent(m, d) }),
+    });
+
+    let (d, m) = (direct.bulk_bits_per_second, meshed.bulk_bits_per_second);
+    let pct = percent(m, d);
+    rows.push(Row {
+        metric: "bulk TCP (iperf3)".into(),
+        direct: format!("{:.2} Gbit/s", d / 1e9),
+        meshed: format!("{:.2} Gbit/s", m / 1e9),
+        ratio: format!("{pct:.1} %"),
+        target: Some((
+            format!("≥ {TARGET_BULK_PERCENT:.0} %"),
+            pct >= TARGET_BULK_PERCENT,
+        )),
+        key: "bulk_bits_per_second",
+        values: json!({ "direct": d, "meshed": m, "percent": pct }),
+    });
+
+    let cpu = meshed.agent_cpu_per_1000();
+    let cpu_direct = direct.agent_cpu_per_1000();
+    rows.push(Row {
+        metric: "agent CPU per 1000 req (both)".into(),
+        direct: "-".into(),
+        meshed: format!("{cpu:.1} ms"),
+        ratio: String::new(),
+        target: Some((
+            format!("≤ {TARGET_CPU_MS_PER_1000:.0} ms"),
+            cpu <= TARGET_CPU_MS_PER_1000,
+        )),
+        key: "agent_cpu_ms_per_1000_requests",
+        values: json!({ "direct": cpu_direct, "meshed": cpu }),
+    });
+
+    let cpu_conn = per_1000(meshed.conn_rate_cpu.agents_total(), meshed.conn_rate.ok);
+    rows.push(Row {
+        metric: "agent CPU per 1000 new conns".into(),
+        direct: "-".into(),
+        meshed: format!("{cpu_conn:.1} ms"),
+        ratio: String::new(),
+        target: None,
+        key: "agent_cpu_ms_per_1000_connections",
+        values: json!({ "meshed": cpu_conn }),
+    });
+
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    let [a, b] = meshed.memory;
+    let worst = mb(a.rss_kib.max(b.rss_kib));
+    rows.push(Row {
+        metric: "agent RSS node-a / node-b".into(),
+        direct: "-".into(),
+        meshed: format!(
+            "{:.1} / {:.1} MB (peak {:.1} / {:.1})",
+            mb(a.rss_kib),
+            mb(b.rss_kib),
+            mb(a.hwm_kib),
+            mb(b.hwm_kib)
+        ),
+        ratio: String::new(),
+        target: Some((format!("≤ {TARGET_RSS_MB:.0} MB"), worst <= TARGET_RSS_MB)),
+        key: "agent_rss_mb",
+        values: json!({
+            "node_a": { "rss": mb(a.rss_kib), "peak": mb(a.hwm_kib) },
+            "node_b": { "rss": mb(b.rss_kib), "peak": mb(b.hwm_kib) },
+        }),
+    });
+    rows
+}
+
+fn render(rows: &[Row]) -> String {
+    let width = |f: &dyn Fn(&Row) -> &str, title: &str| {
+        rows.iter()
+            .map(|r| f(r).chars().count())
+            .chain([title.len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let w0 = width(&|r| &r.metric, "metric");
+    let w1 = width(&|r| &r.direct, "direct");
+    let w2 = width(&|r| &r.meshed, "meshed");
+    let w3 = width(&|r| &r.ratio, "ratio");
+    let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(s.chars().count())));
+    let lpad =
+        |s: &str, w: usize| format!("{}{s}", " ".repeat(w.saturating_sub(s.chars().count())));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  {}  {}  {}  target",
+        pad("metric", w0),
+        lpad("direct", w1),
+        lpad("meshed", w2),
+        lpad("ratio", w3)
+    );
+    for r in rows {
+        let target = match &r.target {
+            Some((t, met)) => format!("{t} {}", check(*met)),
+            None => String::new(),
+        };
+        let line = format!(
+            "{}  {}  {}  {}  {target}",
+            pad(&r.metric, w0),
+            lpad(&r.direct, w1),
+            lpad(&r.meshed, w2),
+            lpad(&r.ratio, w3)
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// Where the CPU went in the max-throughput and connection-rate phases.
+fn cpu_breakdown(direct: &ModeResult, meshed: &ModeResult) -> String {
+    let mut out = String::from(
+        "\nCPU ms per 1000 requests (max-throughput phase / connection-rate phase):\n",
+    );
+    for r in [direct, meshed] {
+        for (phase, cpu, n) in [
+            ("throughput", &r.throughput_cpu, r.throughput.ok),
+            ("conn rate ", &r.conn_rate_cpu, r.conn_rate.ok),
+        ] {
+            let p = |ms: f64| per_1000(ms, n);
+            let accounted = cpu.agents_total() + cpu.nginx + cpu.load_generator;
+            let _ = writeln!(
+                out,
+                "  {} {phase}: oha {:.1}, nginx {:.1}, agents {:.1} (user {:.1} + sys {:.1}), \
+                 rest incl. softirq {:.1}; machine busy {:.0} % of {} CPUs, steal {:.1} %",
+                r.mode.name(),
+                p(cpu.load_generator),
+                p(cpu.nginx),
+                p(cpu.agents_total()),
+                p(cpu.agents[0].0 + cpu.agents[1].0),
+                p(cpu.agents[0].1 + cpu.agents[1].1),
+                p((cpu.machine_busy - accounted).max(0.0)),
+                cpu.machine_busy / (cpu.wall * num_cpus() as f64) * 100.0,
+                num_cpus(),
+                cpu.machine_steal / (cpu.wall * num_cpus() as f64) * 100.0,
+            );
+        }
+    }
+    out
 }

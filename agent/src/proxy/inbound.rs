@@ -4,21 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::relay::{self, Transferred};
-use super::{accept_loop, peer, Direction, Pod, Proxy};
+use super::{peer, Direction, Pod, Proxy};
 
-pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener) {
-    let served = pod.clone();
-    accept_loop(listener, "inbound", pod, move |client, peer| {
-        let (proxy, pod) = (proxy.clone(), served.clone());
-        async move { handle(&proxy, &pod, client, peer).await }
-    })
-    .await
-}
-
-async fn handle(proxy: &Proxy, pod: &Pod, client: TcpStream, peer: SocketAddr) {
+pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
+    let (proxy, pod) = (&*proxy, &*pod);
     let Ok(app) = client.local_addr() else {
         return;
     };

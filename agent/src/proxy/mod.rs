@@ -28,9 +28,6 @@ use crate::config::ConfigStore;
 use crate::ebpf::OrigDstTable;
 use crate::netns::NetNs;
 
-pub use inbound::serve as serve_inbound;
-pub use outbound::serve as serve_outbound;
-
 /// Timeouts applied to every proxied connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -267,21 +264,22 @@ impl Tracked<'_> {
     }
 }
 
-/// Accept loop shared by both directions; each connection gets its own task.
-async fn accept_loop<F, Fut>(listener: TcpListener, what: &str, pod: Arc<Pod>, handle: F)
-where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
+/// Serves one of a workload's listeners; each connection gets its own task,
+/// so stopping the listener leaves open connections to finish.
+pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, direction: Direction) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer));
+                let (proxy, pod) = (proxy.clone(), pod.clone());
+                match direction {
+                    Direction::Outbound => tokio::spawn(outbound::handle(proxy, pod, stream, peer)),
+                    Direction::Inbound => tokio::spawn(inbound::handle(proxy, pod, stream, peer)),
+                };
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                log::warn!("{} {what} listener: accept failed: {e}", pod.key);
+                log::warn!("{} {direction:?} listener: accept failed: {e}", pod.key);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
