@@ -434,3 +434,109 @@ fn the_cli_says_clearly_when_no_agent_is_running() {
     assert!(err.contains("no nodemesh agent is running"), "{err}");
     assert!(err.contains("nodemesh agent --config-dir"), "{err}");
 }
+
+#[test]
+fn an_agent_that_cannot_start_says_why() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node("node-a").unwrap();
+    let dir = topo.work_dir().join("config");
+    let err = Agent::start_with(
+        &mut topo,
+        "node-a",
+        &dir,
+        &nodemesh_testbed::nodemesh_bin(),
+        &["--service-cidr", "10.96.0.0/40"],
+    )
+    .err()
+    .expect("the agent must refuse a bad flag");
+    let message = format!("{err:#}");
+    assert!(message.contains("--service-cidr"), "{message}");
+    assert!(
+        message.contains("prefix must be between /8 and /30"),
+        "{message}"
+    );
+}
+
+/// A TCP client for the L4 checks: `send N` sends N bytes, half-closes and
+/// reads to the end; `idle S` waits S seconds before reading. It prints the
+/// bytes received and how the connection ended: EOF or RESET.
+const TCP_CLIENT_PY: &str = r#"
+import socket, sys, time
+host, port, mode, arg = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+got = 0
+try:
+    s = socket.create_connection((host, port), timeout=10)
+    if mode == "send":
+        s.sendall(b"x" * int(arg))
+        s.shutdown(socket.SHUT_WR)
+    else:
+        time.sleep(arg)
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            print(got, "EOF")
+            break
+        got += len(chunk)
+except ConnectionResetError:
+    print(got, "RESET")
+"#;
+
+#[test]
+fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
+    let mut shop = Shop::new().unwrap();
+    nodemesh_testbed::workload_apps::start_tcp_echo(&mut shop.topo, "web", 9000).unwrap();
+    let dir = shop.config_dir.clone();
+    let agent = Agent::start_with(
+        &mut shop.topo,
+        "node-a",
+        &dir,
+        &nodemesh_testbed::nodemesh_bin(),
+        &["--idle-timeout", "1s"],
+    )
+    .unwrap();
+    let script = shop.topo.work_dir().join("tcp_client.py");
+    std::fs::write(&script, TCP_CLIENT_PY).unwrap();
+    let web = shop.topo.pod("web").address.to_string();
+    let run = |port: &str, mode: &str, arg: &str| {
+        let netns = shop.topo.pod("client").netns.clone();
+        let cmd = ["python3", script.to_str().unwrap(), &web, port, mode, arg];
+        let out = shop.topo.run_in(&netns, &cmd).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+
+    // 1 MB out, half-close, all of it echoed back, then a clean EOF.
+    assert_eq!(run("9000", "send", "1000000"), "1000000 EOF");
+    // Nothing listens on 9999: the application's refusal reaches the client
+    // as a reset, through both halves of the agent.
+    assert_eq!(run("9999", "send", "10"), "0 RESET");
+    // Silent for longer than --idle-timeout: the agent resets it.
+    assert_eq!(run("9000", "idle", "2.5"), "0 RESET");
+
+    wait_for("the connection records", || connections(&agent).len() == 6);
+    let records = connections(&agent);
+    let outcomes: Vec<&str> = records
+        .iter()
+        .map(|c| c["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "ok").count(),
+        2,
+        "{records:#?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.contains("delivering to") && o.contains("refused")),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| o.contains("idle timeout")),
+        "{outcomes:?}"
+    );
+}
