@@ -18,7 +18,7 @@ use crate::admin::{self, Query, Responder};
 use crate::config::{self, Config, ConfigStore, LoadOptions};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
-use crate::proxy::{Direction, Proxy, Timeouts};
+use crate::proxy::{self, Direction, Proxy};
 use crate::workloads::Enroller;
 
 /// Re-check enrollment this often even without config changes: a workload's
@@ -32,7 +32,7 @@ pub struct Settings {
     pub bpffs: PathBuf,
     pub upstream_dns: Option<SocketAddr>,
     pub load: LoadOptions,
-    pub timeouts: Timeouts,
+    pub proxy: proxy::Settings,
 }
 
 struct Node {
@@ -63,7 +63,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let (datapath, orig_dst) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
-    let proxy = Arc::new(Proxy::new(config.clone(), orig_dst, settings.timeouts));
+    let proxy = Arc::new(Proxy::new(config.clone(), orig_dst, settings.proxy));
     let upstream = Upstream {
         addr: dns_upstream(settings.upstream_dns),
         timeout: Duration::from_secs(2),

@@ -136,11 +136,12 @@ fn print_status(s: &Value) {
     for dir in ["outbound", "inbound"] {
         let d = &conns[dir];
         println!(
-            "{:<12} {} open, {} total, {} failed",
+            "{:<12} {} open, {} total, {} failed, {} rejected at the per-workload limit",
             format!("{dir}:"),
             d["open"],
             d["total"],
-            d["failed"]
+            d["failed"],
+            d["rejected"]
         );
     }
     let e = &s["ebpf"];

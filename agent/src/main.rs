@@ -77,6 +77,9 @@ struct AgentArgs {
     /// Reset connections idle in both directions this long.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// Open connections one workload may hold; beyond, new ones are reset.
+    #[arg(long, default_value_t = 4096)]
+    max_connections_per_workload: usize,
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -131,9 +134,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             service_cidr: args.service_cidr,
             cluster_domain: args.cluster_domain,
         },
-        timeouts: proxy::Timeouts {
-            connect: args.connect_timeout,
-            idle: args.idle_timeout,
+        proxy: proxy::Settings {
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections_per_workload: args.max_connections_per_workload,
         },
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use nodemesh_common::{DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 use crate::config::{Config, ConfigStore, Workload};
 use crate::dns::{self, Lookup, Resolver, Upstream};
@@ -152,13 +153,18 @@ impl Enroller {
         let pod = Arc::new(Pod {
             key: workload.key(),
             netns,
+            connections: Arc::new(Semaphore::new(
+                self.proxy.settings().max_connections_per_workload,
+            )),
         });
         let listen = |addr: SocketAddr| {
             pod.listen(addr)
                 .map_err(|e| format!("listening on {addr} in the workload: {e}"))
         };
         let outbound = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?;
-        let inbound = listen(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PORT))?;
+        // Loopback: sk_lookup hands it SYNs for any of the workload's
+        // addresses, and nothing can reach it on those addresses directly.
+        let inbound = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT))?;
         let dns = self.dns_socket(&pod)?;
         // IPv6 is optional in a workload: without ::1 its v6 connects fail.
         let outbound6 = pod

@@ -517,8 +517,12 @@ fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
     assert_eq!(run("9999", "send", "10"), "0 RESET");
     // Silent for longer than --idle-timeout: the agent resets it.
     assert_eq!(run("9000", "idle", "2.5"), "0 RESET");
+    // The agent's own ports are not a way to make it loop on itself.
+    assert_eq!(run("15006", "send", "10"), "0 RESET");
 
-    wait_for("the connection records", || connections(&agent).len() == 6);
+    // 3 connections recorded out and in; the last one only out (its inbound
+    // half is refused before it is tracked).
+    wait_for("the connection records", || connections(&agent).len() == 7);
     let records = connections(&agent);
     let outcomes: Vec<&str> = records
         .iter()
@@ -539,4 +543,63 @@ fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
         outcomes.iter().any(|o| o.contains("idle timeout")),
         "{outcomes:?}"
     );
+}
+
+/// Opens `n` connections to host:port and holds them for a while.
+const HOLD_CONNECTIONS_PY: &str = r#"
+import socket, sys, time
+held = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(int(sys.argv[3]))]
+print("holding", len(held), flush=True)
+time.sleep(30)
+"#;
+
+#[test]
+fn a_workload_at_its_connection_limit_is_refused_at_once_and_others_are_not() {
+    let mut shop = Shop::new().unwrap();
+    let dir = shop.config_dir.clone();
+    let agent = Agent::start_with(
+        &mut shop.topo,
+        "node-a",
+        &dir,
+        &nodemesh_testbed::nodemesh_bin(),
+        &["--max-connections-per-workload", "2"],
+    )
+    .unwrap();
+    let script = shop.topo.work_dir().join("hold.py");
+    std::fs::write(&script, HOLD_CONNECTIONS_PY).unwrap();
+    let plainweb = shop.topo.pod("plainweb").address.to_string();
+    let client_ns = shop.topo.pod("client").netns.clone();
+    shop.topo
+        .spawn_in(
+            &client_ns,
+            &["python3", script.to_str().unwrap(), &plainweb, "8080", "2"],
+            "hold",
+        )
+        .unwrap();
+    wait_for("the client to hold two connections", || {
+        agent
+            .status_json()
+            .is_ok_and(|s| s["connections"]["outbound"]["open"] == 2)
+    });
+
+    // The noisy client gets nothing more...
+    let out = curl_raw(
+        &shop.topo,
+        "client",
+        &format!("http://{plainweb}:8080/"),
+        &[],
+    )
+    .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let status = agent.status_json().unwrap();
+    assert_eq!(
+        status["connections"]["outbound"]["rejected"], 1,
+        "{status:#}"
+    );
+    // ...while another workload is served as usual.
+    let web = shop.topo.pod("web").address.to_string();
+    let echo = shop
+        .get("outsider", &format!("http://{web}:8080/"))
+        .unwrap();
+    assert_eq!(client_ip(&echo), THROUGH_AGENT);
 }

@@ -7,13 +7,24 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::relay::{self, Transferred};
-use super::{peer, Direction, Pod, Proxy};
+use super::{peer, Direction, Pod, Proxy, AGENT_PORTS};
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let (proxy, pod) = (&*proxy, &*pod);
     let Ok(app) = client.local_addr() else {
         return;
     };
+    // Only SYNs steered by sk_lookup belong here. Anything else (a workload
+    // dialling the listener itself, or an agent port) would make the agent
+    // deliver to itself in a loop.
+    if app.ip().is_loopback() || AGENT_PORTS.contains(&app.port()) {
+        log::warn!(
+            "{}: refused inbound connection to {app} from {peer}",
+            pod.key
+        );
+        relay::reset(&client);
+        return;
+    }
     let mut tracked = proxy.track(Direction::Inbound, peer, app);
     tracked.record.source_workload = proxy
         .config
@@ -35,10 +46,10 @@ async fn deliver(
     client: &TcpStream,
     app: SocketAddr,
 ) -> Result<Transferred, String> {
-    let server = peer::deliver(pod, app, proxy.timeouts.connect)
+    let server = peer::deliver(pod, app, proxy.settings.connect_timeout)
         .await
         .map_err(|e| format!("delivering to {app}: {e}"))?;
-    relay::relay(client, &server, proxy.timeouts.idle)
+    relay::relay(client, &server, proxy.settings.idle_timeout)
         .await
         .map_err(|e| e.to_string())
 }

@@ -19,20 +19,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nodemesh_common::AGENT_MARK;
+use nodemesh_common::{AGENT_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::ConfigStore;
 use crate::ebpf::OrigDstTable;
 use crate::netns::NetNs;
 
-/// Timeouts applied to every proxied connection.
+/// Ports of the agent's own listeners inside a workload.
+const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
+
+/// Limits applied to every proxied connection.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub idle: Duration,
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Open connections (both directions) one workload may hold in the
+    /// shared proxy; beyond it new ones are reset at once, so one tenant
+    /// cannot exhaust the agent for the others.
+    pub max_connections_per_workload: usize,
 }
 
 /// An enrolled workload, as its listeners know it.
@@ -41,6 +49,8 @@ pub struct Pod {
     /// `namespace/name`.
     pub key: String,
     pub netns: NetNs,
+    /// Permits for the workload's open connections.
+    pub connections: Arc<Semaphore>,
 }
 
 impl Pod {
@@ -116,6 +126,8 @@ pub struct DirectionCounts {
     pub open: u64,
     pub total: u64,
     pub failed: u64,
+    /// Refused at accept: the workload was at its connection limit.
+    pub rejected: u64,
 }
 
 #[derive(Default)]
@@ -123,6 +135,7 @@ struct Counters {
     open: AtomicU64,
     total: AtomicU64,
     failed: AtomicU64,
+    rejected: AtomicU64,
 }
 
 impl Counters {
@@ -131,6 +144,7 @@ impl Counters {
             open: self.open.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
         }
     }
 }
@@ -142,7 +156,7 @@ const RECENT_CONNECTIONS: usize = 512;
 pub struct Proxy {
     pub config: Arc<ConfigStore>,
     orig_dst: OrigDstTable,
-    timeouts: Timeouts,
+    settings: Settings,
     outbound: Counters,
     inbound: Counters,
     recent: Mutex<VecDeque<ConnectionRecord>>,
@@ -151,16 +165,20 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<ConfigStore>, orig_dst: OrigDstTable, timeouts: Timeouts) -> Proxy {
+    pub fn new(config: Arc<ConfigStore>, orig_dst: OrigDstTable, settings: Settings) -> Proxy {
         Proxy {
             config,
             orig_dst,
-            timeouts,
+            settings,
             outbound: Counters::default(),
             inbound: Counters::default(),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
             next_endpoint: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     pub fn counts(&self, direction: Direction) -> DirectionCounts {
@@ -270,12 +288,23 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, dire
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Ok(permit) = pod.connections.clone().try_acquire_owned() else {
+                    proxy
+                        .counters(direction)
+                        .rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    relay::reset(&stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
-                match direction {
-                    Direction::Outbound => tokio::spawn(outbound::handle(proxy, pod, stream, peer)),
-                    Direction::Inbound => tokio::spawn(inbound::handle(proxy, pod, stream, peer)),
-                };
+                tokio::spawn(async move {
+                    match direction {
+                        Direction::Outbound => outbound::handle(proxy, pod, stream, peer).await,
+                        Direction::Inbound => inbound::handle(proxy, pod, stream, peer).await,
+                    }
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

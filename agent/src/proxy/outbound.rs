@@ -39,10 +39,10 @@ async fn forward(
 ) -> Result<Transferred, String> {
     let upstream = destination(proxy, &proxy.config.current(), record)?;
     record.upstream = Some(upstream);
-    let server = peer::connect(pod, upstream, proxy.timeouts.connect)
+    let server = peer::connect(pod, upstream, proxy.settings.connect_timeout)
         .await
         .map_err(|e| format!("connecting to {upstream}: {e}"))?;
-    relay::relay(client, &server, proxy.timeouts.idle)
+    relay::relay(client, &server, proxy.settings.idle_timeout)
         .await
         .map_err(|e| e.to_string())
 }
