@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--duration 10s | --quick]`: what the mesh costs,
+//! `cargo xtask bench [--duration 10s | --quick] [--rounds N]`: what the mesh costs,
 //! measured against a direct, un-meshed run on the same topology in the same
 //! invocation (DESIGN.md, "Targets to design for").
 //!
@@ -9,6 +9,10 @@
 //! backend is not the bottleneck) and an iperf3 server; the load comes from
 //! oha and the iperf3 client in the client pod.
 //!
+//! `--rounds N` repeats the whole direct + meshed sequence and reports
+//! medians: on shared 2-vCPU VMs one round's direct req/s varies by up to
+//! ±20 % from run to run.
+//!
 //! Every phase runs first DIRECT (the pods' namespace is not labelled: the
 //! agents run but capture nothing), then MESHED (the same config with the
 //! namespace labelled `nodemesh.io/mesh: enabled`), same pods, same
@@ -18,9 +22,12 @@
 //! 3. connection rate: a new TCP connection per request, 16 concurrent;
 //! 4. bulk TCP: iperf3, one stream.
 //!
-//! During phase 1 the CPU time of both agents (and, for context, of oha,
-//! nginx and the whole machine) is sampled from /proc; the agents' RSS is
-//! read after the meshed run. Results are printed as a table with the
+//! During every phase the CPU time of both agents, the servers, the load
+//! generator and the whole machine is sampled from /proc: the agents' CPU
+//! per 1000 requests comes from phase 1, and a phase in which other work or
+//! hypervisor steal took a noticeable share of the machine is flagged. The
+//! agents' RSS (and peak) is read after every phase; the table shows it
+//! after the last meshed phase. Results are printed as a table with the
 //! design targets beside the meshed figures (informative only: a missed
 //! target never fails the command; errors in the traffic do) and written to
 //! `target/bench/results.json`.
@@ -43,10 +50,11 @@ use nodemesh_testbed::{config, Agent, Topology};
 use serde_json::{json, Value};
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--duration DURATION | --quick]
+usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
 
   --duration D   length of each oha phase, e.g. 10s, 1500ms, 1m (default 10s)
   --quick        smoke run: 3 s phases
+  --rounds N     repeat direct + meshed N times and report medians (default 1)
 ";
 
 /// The Kubernetes namespace of both pods.
@@ -70,6 +78,11 @@ const MAX_ERROR_FRACTION: f64 = 0.01;
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
 /// oha's name for requests cut off by `-z` (not a server error).
 const OHA_DEADLINE_ERROR: &str = "aborted due to deadline";
+/// CPUs of other work during a phase above which the bench warns that the
+/// figures are skewed.
+const INTERFERENCE_CPUS: f64 = 0.2;
+/// The same for CPU time stolen by the hypervisor.
+const STEAL_CPUS: f64 = 0.1;
 
 // Design targets (DESIGN.md, "Targets to design for").
 const TARGET_RPS_PERCENT: f64 = 48.0;
@@ -99,14 +112,14 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         load_before
     );
     let mut bench = Bench::new(nodemesh, &oha, &nginx, &iperf3, &opts, clk_tck)?;
-    let result = bench.measure_both();
+    let result = bench.measure_rounds();
     let (direct, meshed) = match result {
         Ok(r) => r,
         Err(e) => {
             // Collect the logs before the work directory goes with `bench`.
             let logs = bench.logs();
             drop(bench);
-            return Err(e.context(format!("bench failed; logs:\n{logs}")));
+            return Err(anyhow::anyhow!("{e:#}\n\nbench failed; logs:\n{logs}"));
         }
     };
     drop(bench);
@@ -117,14 +130,35 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     print!("{}", render(&rows));
     println!(
         "\nTargets are the design's for L7 + mTLS through two agents (informative only).\n\
-         p99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU.\n\
-         Machine load average before the run: {load_before}; other work on the machine skews the figures."
+         p99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU."
     );
+    let warnings: Vec<&String> = direct
+        .iter()
+        .chain(&meshed)
+        .flat_map(|r| &r.warnings)
+        .collect();
+    if warnings.is_empty() {
+        println!(
+            "No phase saw other work above {INTERFERENCE_CPUS} CPU or steal above {STEAL_CPUS} CPU."
+        );
+    }
+    for w in warnings {
+        println!("warning: {w}");
+    }
+    if opts.rounds > 1 {
+        println!("Figures are medians of {} rounds.", opts.rounds);
+    } else {
+        println!(
+            "One round: direct req/s varies by up to ±20 % between runs on shared 2-vCPU VMs; \
+             use --rounds 3 (medians) before drawing conclusions."
+        );
+    }
     print!("{}", cpu_breakdown(&direct, &meshed));
 
     let doc = json!({
         "settings": {
             "duration_seconds": opts.duration.as_secs_f64(),
+            "rounds": opts.rounds,
             "bulk_seconds": opts.bulk.as_secs_f64(),
             "connections": CONNECTIONS,
             "fixed_rate": FIXED_RATE,
@@ -134,8 +168,8 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             "load_average_before": load_before,
             "clock_ticks_per_second": clk_tck,
         },
-        "direct": direct.to_json(),
-        "meshed": meshed.to_json(),
+        "direct": direct.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
+        "meshed": meshed.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
         "comparison": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
     });
     let out_dir = super::target_dir().join("bench");
@@ -154,12 +188,15 @@ struct Options {
     duration: Duration,
     /// Length of the iperf3 run.
     bulk: Duration,
+    /// Direct + meshed rounds; the table shows medians.
+    rounds: usize,
 }
 
 impl Options {
     /// `None` for `--help`.
     fn parse(args: &[String]) -> Result<Option<Options>> {
         let mut duration = Duration::from_secs(10);
+        let mut rounds = 1;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             match arg.as_str() {
@@ -168,14 +205,21 @@ impl Options {
                     let v = it.next().context("--duration needs a value, e.g. 10s")?;
                     duration = parse_duration(v)?;
                 }
+                "--rounds" => {
+                    let v = it.next().context("--rounds needs a number")?;
+                    rounds = parse_rounds(v)?;
+                }
                 "-h" | "--help" => return Ok(None),
-                other => match other.strip_prefix("--duration=") {
-                    Some(v) => duration = parse_duration(v)?,
-                    None => {
+                other => {
+                    if let Some(v) = other.strip_prefix("--duration=") {
+                        duration = parse_duration(v)?;
+                    } else if let Some(v) = other.strip_prefix("--rounds=") {
+                        rounds = parse_rounds(v)?;
+                    } else {
                         eprint!("{USAGE}");
                         bail!("unknown bench argument {other:?}");
                     }
-                },
+                }
             }
         }
         if duration < Duration::from_secs(1) {
@@ -184,7 +228,15 @@ impl Options {
         Ok(Some(Options {
             duration,
             bulk: duration.min(BULK_MAX),
+            rounds,
         }))
+    }
+}
+
+fn parse_rounds(s: &str) -> Result<usize> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=20).contains(&n) => Ok(n),
+        _ => bail!("bad --rounds {s:?}: use a number from 1 to 20"),
     }
 }
 
@@ -369,6 +421,28 @@ fn machine_ticks() -> (u64, u64, u64) {
     (total - idle - steal, steal, total)
 }
 
+/// Voluntary plus involuntary context switches of all threads of a process,
+/// and its number of threads.
+fn proc_context_switches(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut switches = 0;
+    let mut threads = 0;
+    for task in tasks.filter_map(|t| t.ok()) {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        threads += 1;
+        switches += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    (switches, threads)
+}
+
 /// (VmRSS, VmHWM) of a process in KiB.
 fn proc_memory_kib(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -490,13 +564,18 @@ impl HttpRun {
 struct CpuUse {
     /// Per agent (node-a, node-b): user, system.
     agents: [(f64, f64); 2],
-    nginx: f64,
-    /// oha (a waited-for child of this process).
+    /// nginx and the iperf3 server.
+    servers: f64,
+    /// oha or the iperf3 client (a waited-for child of this process).
     load_generator: f64,
     /// Whole machine, all CPUs: busy (user + system + irq), and steal.
     machine_busy: f64,
     machine_steal: f64,
     wall: f64,
+    /// Context switches of both agents' threads.
+    agent_context_switches: u64,
+    /// Threads per agent at the end of the phase.
+    agent_threads: [u64; 2],
 }
 
 impl CpuUse {
@@ -504,16 +583,45 @@ impl CpuUse {
         self.agents.iter().map(|(u, s)| u + s).sum()
     }
 
+    /// Busy CPU time on the machine not charged to the agents, the servers
+    /// or the load generator: other processes, and kernel work (softirq) run
+    /// outside their context.
+    fn other(&self) -> f64 {
+        (self.machine_busy - self.agents_total() - self.servers - self.load_generator).max(0.0)
+    }
+
+    /// A warning when other work took a noticeable share of the machine.
+    fn interference(&self, phase: &str) -> Option<String> {
+        let cpus = if self.wall > 0.0 {
+            self.other() / self.wall
+        } else {
+            0.0
+        };
+        let steal = if self.wall > 0.0 {
+            self.machine_steal / self.wall
+        } else {
+            0.0
+        };
+        (cpus > INTERFERENCE_CPUS || steal > STEAL_CPUS).then(|| {
+            format!(
+                "{phase}: other work used {cpus:.2} CPU and steal {steal:.2} CPU: figures skewed"
+            )
+        })
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "agent_node_a_ms": { "user": self.agents[0].0, "system": self.agents[0].1 },
             "agent_node_b_ms": { "user": self.agents[1].0, "system": self.agents[1].1 },
             "agents_total_ms": self.agents_total(),
-            "nginx_ms": self.nginx,
-            "oha_ms": self.load_generator,
+            "servers_ms": self.servers,
+            "load_generator_ms": self.load_generator,
+            "other_ms": self.other(),
             "machine_busy_ms": self.machine_busy,
             "machine_steal_ms": self.machine_steal,
             "wall_ms": self.wall,
+            "agent_context_switches": self.agent_context_switches,
+            "agent_threads": self.agent_threads,
         })
     }
 }
@@ -521,9 +629,11 @@ impl CpuUse {
 #[derive(Clone, Copy)]
 struct CpuSnapshot {
     agents: [(u64, u64); 2],
-    nginx: u64,
+    servers: u64,
     children: u64,
     machine: (u64, u64, u64),
+    /// Per agent: (context switches, threads).
+    agent_switches: [(u64, u64); 2],
     at: Instant,
 }
 
@@ -548,14 +658,27 @@ struct ModeResult {
     throughput: HttpRun,
     throughput_cpu: CpuUse,
     latency: HttpRun,
+    latency_cpu: CpuUse,
     conn_rate: HttpRun,
     conn_rate_cpu: CpuUse,
+    bulk_cpu: CpuUse,
+    /// Phases during which other work used a noticeable share of the CPUs.
+    warnings: Vec<String>,
     bulk_bits_per_second: f64,
-    memory: [Memory; 2],
+    /// Agent memory after each phase: (phase, [node-a, node-b]).
+    memory_trace: Vec<(&'static str, [Memory; 2])>,
     captured: Captured,
 }
 
 impl ModeResult {
+    /// Agent memory after the last phase.
+    fn memory(&self) -> [Memory; 2] {
+        self.memory_trace
+            .last()
+            .map(|(_, m)| *m)
+            .unwrap_or_default()
+    }
+
     /// Agent CPU ms (both agents) per 1000 requests in the max-throughput
     /// phase.
     fn agent_cpu_per_1000(&self) -> f64 {
@@ -568,13 +691,17 @@ impl ModeResult {
             "http_max_throughput_cpu": self.throughput_cpu.to_json(),
             "agent_cpu_ms_per_1000_requests": self.agent_cpu_per_1000(),
             "http_fixed_rate": self.latency.to_json(),
+            "http_fixed_rate_cpu": self.latency_cpu.to_json(),
             "connection_rate": self.conn_rate.to_json(),
             "connection_rate_cpu": self.conn_rate_cpu.to_json(),
             "bulk_tcp_bits_per_second": self.bulk_bits_per_second,
-            "agent_memory_kib": {
-                "node_a": { "rss": self.memory[0].rss_kib, "peak": self.memory[0].hwm_kib },
-                "node_b": { "rss": self.memory[1].rss_kib, "peak": self.memory[1].hwm_kib },
-            },
+            "bulk_tcp_cpu": self.bulk_cpu.to_json(),
+            "warnings": self.warnings,
+            "agent_memory_kib": self
+                .memory_trace
+                .iter()
+                .map(|(phase, m)| memory_json(phase, m))
+                .collect::<Vec<_>>(),
             "connections_through_agents": {
                 "outbound_node_a": self.captured.outbound_a,
                 "inbound_node_b": self.captured.inbound_b,
@@ -582,6 +709,14 @@ impl ModeResult {
             },
         })
     }
+}
+
+fn memory_json(after: &str, m: &[Memory; 2]) -> Value {
+    json!({
+        "after": after,
+        "node_a": { "rss": m[0].rss_kib, "peak": m[0].hwm_kib },
+        "node_b": { "rss": m[1].rss_kib, "peak": m[1].hwm_kib },
+    })
 }
 
 fn per_1000(ms: f64, requests: u64) -> f64 {
@@ -606,6 +741,7 @@ struct Bench<'a> {
     client_netns: String,
     server_ip: String,
     nginx_pid: u32,
+    iperf3_server_pid: u32,
     clk_tck: u64,
 }
 
@@ -650,7 +786,7 @@ impl<'a> Bench<'a> {
         let nginx_pid = start_nginx(&mut topo, nginx, &server.netns)?;
         let iperf3_s = iperf3.to_string_lossy().into_owned();
         let port = IPERF_PORT.to_string();
-        topo.spawn_in(
+        let iperf3_server_pid = topo.spawn_in(
             &server.netns,
             &[&iperf3_s, "-s", "-p", &port],
             "iperf3-server",
@@ -672,17 +808,27 @@ impl<'a> Bench<'a> {
             client_netns: client.netns.clone(),
             server_ip: server.address.to_string(),
             nginx_pid,
+            iperf3_server_pid,
             clk_tck,
         };
         bench.wait_mode(Mode::Direct)?;
         Ok(bench)
     }
 
-    fn measure_both(&mut self) -> Result<(ModeResult, ModeResult)> {
-        let direct = self.measure(Mode::Direct)?;
-        write_config(&self.topo, &self.config_dir, Mode::Meshed)?;
-        self.wait_mode(Mode::Meshed)?;
-        let meshed = self.measure(Mode::Meshed)?;
+    /// `rounds` times: every phase direct, then every phase meshed.
+    fn measure_rounds(&mut self) -> Result<(Vec<ModeResult>, Vec<ModeResult>)> {
+        let (mut direct, mut meshed) = (Vec::new(), Vec::new());
+        for round in 1..=self.opts.rounds {
+            if round > 1 {
+                println!("\n######## round {round} of {}", self.opts.rounds);
+                write_config(&self.topo, &self.config_dir, Mode::Direct)?;
+                self.wait_mode(Mode::Direct)?;
+            }
+            direct.push(self.measure(Mode::Direct)?);
+            write_config(&self.topo, &self.config_dir, Mode::Meshed)?;
+            self.wait_mode(Mode::Meshed)?;
+            meshed.push(self.measure(Mode::Meshed)?);
+        }
         Ok((direct, meshed))
     }
 
@@ -703,9 +849,11 @@ impl<'a> Bench<'a> {
                 if Instant::now() > deadline {
                     bail!(
                         "the agent on {} did not reach the {} configuration \
-                         ({want_enrolled} workload enrolled) within {CONFIG_TIMEOUT:?}: {status:#}",
+                         ({want_enrolled} workload enrolled) within {CONFIG_TIMEOUT:?}: \
+                         {status:#}\nagent log:\n{}",
                         agent.node(),
-                        mode.name()
+                        mode.name(),
+                        tail(&agent.log(), 40)
                     );
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -721,6 +869,7 @@ impl<'a> Bench<'a> {
         let conns = CONNECTIONS.to_string();
         let d = self.opts.duration;
         let counts_before = self.agent_counts()?;
+        let mut memory_trace = vec![("start", self.agent_memory()?)];
 
         self.oha(&["-c", &conns, "-z", &human(WARMUP), &url], "warm-up")?;
 
@@ -731,6 +880,7 @@ impl<'a> Bench<'a> {
         let before = self.cpu_snapshot()?;
         let throughput = self.oha(&["-c", &conns, "-z", &human(d), &url], "max throughput")?;
         let throughput_cpu = self.cpu_since(&before)?;
+        memory_trace.push(("max throughput", self.agent_memory()?));
         println!(
             "        {:.0} req/s, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req",
             throughput.rps,
@@ -743,10 +893,13 @@ impl<'a> Bench<'a> {
             human(d)
         );
         let rate = FIXED_RATE.to_string();
+        let before = self.cpu_snapshot()?;
         let latency = self.oha(
             &["-c", &conns, "-q", &rate, "-z", &human(d), &url],
             "fixed rate",
         )?;
+        let latency_cpu = self.cpu_since(&before)?;
+        memory_trace.push(("fixed rate", self.agent_memory()?));
         println!(
             "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
             latency.rps, latency.p50_ms, latency.p90_ms, latency.p99_ms
@@ -762,11 +915,28 @@ impl<'a> Bench<'a> {
             "connection rate",
         )?;
         let conn_rate_cpu = self.cpu_since(&before)?;
+        memory_trace.push(("connection rate", self.agent_memory()?));
         println!("        {:.0} connections/s", conn_rate.rps);
 
         println!("  [4/4] bulk TCP: iperf3, {}", human(self.opts.bulk));
+        let before = self.cpu_snapshot()?;
         let bulk = self.iperf3()?;
+        let bulk_cpu = self.cpu_since(&before)?;
+        memory_trace.push(("bulk", self.agent_memory()?));
         println!("        {:.2} Gbit/s", bulk / 1e9);
+
+        let warnings: Vec<String> = [
+            ("max throughput", &throughput_cpu),
+            ("fixed rate", &latency_cpu),
+            ("connection rate", &conn_rate_cpu),
+            ("bulk", &bulk_cpu),
+        ]
+        .iter()
+        .filter_map(|(phase, cpu)| cpu.interference(&format!("{name} {phase}")))
+        .collect();
+        for w in &warnings {
+            println!("  warning: {w}");
+        }
 
         let counts_after = self.agent_counts()?;
         let captured = Captured {
@@ -802,16 +972,18 @@ impl<'a> Bench<'a> {
                 captured.outbound_a, captured.inbound_b, captured.failed
             );
         }
-        let memory = self.agent_memory()?;
         Ok(ModeResult {
             mode,
             throughput,
             throughput_cpu,
             latency,
+            latency_cpu,
             conn_rate,
             conn_rate_cpu,
+            bulk_cpu,
+            warnings,
             bulk_bits_per_second: bulk,
-            memory,
+            memory_trace,
             captured,
         })
     }
@@ -851,6 +1023,9 @@ impl<'a> Bench<'a> {
         })?;
         let run = HttpRun::from_oha(&doc).with_context(|| format!("{what}: {doc}"))?;
         if run.error_fraction() > MAX_ERROR_FRACTION || run.ok == 0 {
+            // A dead agent or backend is the likelier cause: say so first.
+            self.check_agents()
+                .with_context(|| format!("{what}: requests failed"))?;
             bail!(
                 "{what}: {} of {} requests failed ({} non-2xx, errors {:?}; oha: `{}`)",
                 run.non_2xx + run.errors,
@@ -881,6 +1056,7 @@ impl<'a> Bench<'a> {
             "-J",
         ];
         let out = self.topo.run_in(&self.client_netns, &cmd)?;
+        self.check_agents().context("bulk TCP")?;
         let doc: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "`{}` printed invalid JSON ({}): {} {}",
@@ -901,18 +1077,13 @@ impl<'a> Bench<'a> {
             .with_context(|| {
                 format!("no end.sum_received.bits_per_second in iperf3's JSON: {doc}")
             })?;
-        self.check_agents()?;
         Ok(bps)
     }
 
     fn check_agents(&self) -> Result<()> {
         for agent in &self.agents {
             if !agent.is_running() {
-                bail!(
-                    "the agent on {} has exited ({:?})",
-                    agent.node(),
-                    agent.last_exit()
-                );
+                bail!("the agent on {} has exited", agent.node());
             }
         }
         if !self.topo.is_running(self.nginx_pid) {
@@ -960,9 +1131,16 @@ impl<'a> Bench<'a> {
         let pids = self.agent_pids()?;
         Ok(CpuSnapshot {
             agents: [proc_cpu_ticks(pids[0])?, proc_cpu_ticks(pids[1])?],
-            nginx: proc_cpu_ticks(self.nginx_pid).map(|(u, s)| u + s)?,
+            servers: [self.nginx_pid, self.iperf3_server_pid]
+                .iter()
+                .map(|&pid| proc_cpu_ticks(pid).map(|(u, s)| u + s))
+                .sum::<Result<u64>>()?,
             children: children_cpu_ticks(),
             machine: machine_ticks(),
+            agent_switches: [
+                proc_context_switches(pids[0]),
+                proc_context_switches(pids[1]),
+            ],
             at: Instant::now(),
         })
     }
@@ -978,11 +1156,19 @@ impl<'a> Bench<'a> {
         };
         Ok(CpuUse {
             agents: [agent(0), agent(1)],
-            nginx: ms(now.nginx.saturating_sub(before.nginx)),
+            servers: ms(now.servers.saturating_sub(before.servers)),
             load_generator: ms(now.children.saturating_sub(before.children)),
             machine_busy: ms(now.machine.0.saturating_sub(before.machine.0)),
             machine_steal: ms(now.machine.1.saturating_sub(before.machine.1)),
             wall: now.at.duration_since(before.at).as_secs_f64() * 1000.0,
+            agent_context_switches: (0..2)
+                .map(|i| {
+                    now.agent_switches[i]
+                        .0
+                        .saturating_sub(before.agent_switches[i].0)
+                })
+                .sum(),
+            agent_threads: [now.agent_switches[0].1, now.agent_switches[1].1],
         })
     }
 
@@ -1130,11 +1316,23 @@ fn percent(meshed: f64, direct: f64) -> f64 {
     }
 }
 
-fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
-    debug_assert_eq!((direct.mode, meshed.mode), (Mode::Direct, Mode::Meshed));
+/// The median of `f` over the rounds.
+fn median(rounds: &[ModeResult], f: impl Fn(&ModeResult) -> f64) -> f64 {
+    let mut v: Vec<f64> = rounds.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The comparison, from the medians over the rounds of each mode.
+fn table(direct: &[ModeResult], meshed: &[ModeResult]) -> Vec<Row> {
     let mut rows = Vec::new();
 
-    let (d, m) = (direct.throughput.rps, meshed.throughput.rps);
+    let both = |f: fn(&ModeResult) -> f64| (median(direct, f), median(meshed, f));
+    let (d, m) = both(|r| r.throughput.rps);
     let pct = percent(m, d);
     rows.push(Row {
         metric: format!("HTTP/1.1 req/s ({CONNECTIONS} conns)"),
@@ -1159,7 +1357,10 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
         ("p90", "p90_ms", |r: &HttpRun| r.p90_ms, None),
         ("p99", "p99_ms", |r: &HttpRun| r.p99_ms, None),
     ] {
-        let (d, m) = (get(&direct.latency), get(&meshed.latency));
+        let (d, m) = (
+            median(direct, |r| get(&r.latency)),
+            median(meshed, |r| get(&r.latency)),
+        );
         let delta = m - d;
         rows.push(Row {
             metric: format!("{label} @{FIXED_RATE} req/s"),
@@ -1172,7 +1373,7 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
         });
     }
 
-    let (d, m) = (direct.latency.rps, meshed.latency.rps);
+    let (d, m) = both(|r| r.latency.rps);
     rows.push(Row {
         metric: format!("achieved rate (target {FIXED_RATE})"),
         direct: format!("{d:.0}"),
@@ -1183,7 +1384,7 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
         values: json!({ "direct": d, "meshed": m }),
     });
 
-    let (d, m) = (direct.conn_rate.rps, meshed.conn_rate.rps);
+    let (d, m) = both(|r| r.conn_rate.rps);
     rows.push(Row {
         metric: format!("new connections/s ({CONNECTIONS} conc.)"),
         direct: format!("{d:.0}"),
@@ -1194,7 +1395,7 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
         values: json!({ "direct": d, "meshed": m, "percent": percent(m, d) }),
     });
 
-    let (d, m) = (direct.bulk_bits_per_second, meshed.bulk_bits_per_second);
+    let (d, m) = both(|r| r.bulk_bits_per_second);
     let pct = percent(m, d);
     rows.push(Row {
         metric: "bulk TCP (iperf3)".into(),
@@ -1209,8 +1410,7 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
         values: json!({ "direct": d, "meshed": m, "percent": pct }),
     });
 
-    let cpu = meshed.agent_cpu_per_1000();
-    let cpu_direct = direct.agent_cpu_per_1000();
+    let (cpu_direct, cpu) = both(ModeResult::agent_cpu_per_1000);
     rows.push(Row {
         metric: "agent CPU per 1000 req (both)".into(),
         direct: "-".into(),
@@ -1224,7 +1424,9 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
         values: json!({ "direct": cpu_direct, "meshed": cpu }),
     });
 
-    let cpu_conn = per_1000(meshed.conn_rate_cpu.agents_total(), meshed.conn_rate.ok);
+    let cpu_conn = median(meshed, |r| {
+        per_1000(r.conn_rate_cpu.agents_total(), r.conn_rate.ok)
+    });
     rows.push(Row {
         metric: "agent CPU per 1000 new conns".into(),
         direct: "-".into(),
@@ -1236,19 +1438,14 @@ fn table(direct: &ModeResult, meshed: &ModeResult) -> Vec<Row> {
     });
 
     let mb = |kib: u64| kib as f64 / 1024.0;
-    let [a, b] = meshed.memory;
+    // After the last meshed run.
+    let [a, b] = meshed.last().map(ModeResult::memory).unwrap_or_default();
     let worst = mb(a.rss_kib.max(b.rss_kib));
     rows.push(Row {
         metric: "agent RSS node-a / node-b".into(),
         direct: "-".into(),
-        meshed: format!(
-            "{:.1} / {:.1} MB (peak {:.1} / {:.1})",
-            mb(a.rss_kib),
-            mb(b.rss_kib),
-            mb(a.hwm_kib),
-            mb(b.hwm_kib)
-        ),
-        ratio: String::new(),
+        meshed: format!("{:.1} / {:.1} MB", mb(a.rss_kib), mb(b.rss_kib)),
+        ratio: format!("peak {:.1} / {:.1}", mb(a.hwm_kib), mb(b.hwm_kib)),
         target: Some((format!("≤ {TARGET_RSS_MB:.0} MB"), worst <= TARGET_RSS_MB)),
         key: "agent_rss_mb",
         values: json!({
@@ -1300,34 +1497,71 @@ fn render(rows: &[Row]) -> String {
     out
 }
 
-/// Where the CPU went in the max-throughput and connection-rate phases.
-fn cpu_breakdown(direct: &ModeResult, meshed: &ModeResult) -> String {
+/// Where the CPU went in the max-throughput and connection-rate phases, and
+/// how the agents' memory evolved.
+fn cpu_breakdown(direct: &[ModeResult], meshed: &[ModeResult]) -> String {
+    let cpus = num_cpus() as f64;
     let mut out = String::from(
-        "\nCPU ms per 1000 requests (max-throughput phase / connection-rate phase):\n",
+        "\nCPU ms per 1000 requests (max throughput) or per 1000 connections (connection rate):\n",
     );
-    for r in [direct, meshed] {
+    let several = direct.len() > 1;
+    let rounds = direct.iter().zip(meshed).enumerate();
+    for (r, round) in rounds.flat_map(|(i, (d, m))| [(d, i + 1), (m, i + 1)]) {
+        let label = if several {
+            format!("round {round} {}", r.mode.name())
+        } else {
+            r.mode.name().to_string()
+        };
         for (phase, cpu, n) in [
             ("throughput", &r.throughput_cpu, r.throughput.ok),
             ("conn rate ", &r.conn_rate_cpu, r.conn_rate.ok),
         ] {
             let p = |ms: f64| per_1000(ms, n);
-            let accounted = cpu.agents_total() + cpu.nginx + cpu.load_generator;
+            let _ = write!(
+                out,
+                "  {label} {phase}: oha {:.1}, nginx {:.1}, agents {:.1}",
+                p(cpu.load_generator),
+                p(cpu.servers),
+                p(cpu.agents_total()),
+            );
+            if r.mode == Mode::Meshed {
+                let _ = write!(
+                    out,
+                    " (user {:.1} + sys {:.1}; {:.2} context switches per request; {} + {} threads)",
+                    p(cpu.agents[0].0 + cpu.agents[1].0),
+                    p(cpu.agents[0].1 + cpu.agents[1].1),
+                    cpu.agent_context_switches as f64 / n.max(1) as f64,
+                    cpu.agent_threads[0],
+                    cpu.agent_threads[1],
+                );
+            }
             let _ = writeln!(
                 out,
-                "  {} {phase}: oha {:.1}, nginx {:.1}, agents {:.1} (user {:.1} + sys {:.1}), \
-                 rest incl. softirq {:.1}; machine busy {:.0} % of {} CPUs, steal {:.1} %",
-                r.mode.name(),
-                p(cpu.load_generator),
-                p(cpu.nginx),
-                p(cpu.agents_total()),
-                p(cpu.agents[0].0 + cpu.agents[1].0),
-                p(cpu.agents[0].1 + cpu.agents[1].1),
-                p((cpu.machine_busy - accounted).max(0.0)),
-                cpu.machine_busy / (cpu.wall * num_cpus() as f64) * 100.0,
-                num_cpus(),
-                cpu.machine_steal / (cpu.wall * num_cpus() as f64) * 100.0,
+                ", not attributed {:.1}; machine busy {:.0} % of {cpus} CPUs, steal {:.1} %",
+                p(cpu.other()),
+                cpu.machine_busy / (cpu.wall * cpus) * 100.0,
+                cpu.machine_steal / (cpu.wall * cpus) * 100.0,
             );
         }
+    }
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    out.push_str("\nAgent memory after each phase, RSS (peak) MB, node-a / node-b");
+    out.push_str(if several { " (last round):\n" } else { ":\n" });
+    for r in direct.last().into_iter().chain(meshed.last()) {
+        let line: Vec<String> = r
+            .memory_trace
+            .iter()
+            .map(|(phase, [a, b])| {
+                format!(
+                    "{phase} {:.1} ({:.1}) / {:.1} ({:.1})",
+                    mb(a.rss_kib),
+                    mb(a.hwm_kib),
+                    mb(b.rss_kib),
+                    mb(b.hwm_kib)
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "  {}: {}", r.mode.name(), line.join("; "));
     }
     out
 }

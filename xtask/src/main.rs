@@ -18,7 +18,7 @@ commands:
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`)
   demo             (not yet implemented)
-  bench [--duration 10s | --quick]
+  bench [--duration 10s | --quick] [--rounds N]
                    build, then measure direct vs meshed (oha, nginx, iperf3)
                    on two nodes; results in target/bench/results.json
 ";

@@ -3,7 +3,9 @@
 //! Half-close is preserved (EOF on one side becomes a FIN on the other), a
 //! reset on either side resets the other, and a connection idle in both
 //! directions for `idle` is reset. Buffers are bounded and only allocated
-//! once data flows, so idle connections cost no buffer memory.
+//! once data flows, so idle connections cost no buffer memory; they start
+//! small (request/response traffic) and grow while reads keep filling them
+//! (bulk transfers), up to a fixed maximum.
 
 use std::io;
 use std::net::Shutdown;
@@ -13,7 +15,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-const BUFFER: usize = 16 * 1024;
+const FIRST_BUFFER: usize = 16 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy)]
@@ -60,13 +63,14 @@ async fn copy(
     loop {
         from.readable().await?;
         if buf.is_empty() {
-            buf.resize(BUFFER, 0);
+            buf.resize(FIRST_BUFFER, 0);
         }
         let n = match from.try_read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        let full = n == buf.len();
         if n == 0 {
             match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
@@ -75,6 +79,9 @@ async fn copy(
         }
         write_all(to, &buf[..n]).await?;
         total += n as u64;
+        if full && buf.len() < MAX_BUFFER {
+            buf.resize(buf.len() * 2, 0);
+        }
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
