@@ -60,8 +60,19 @@ impl Shop {
     }
 
     fn agent(&mut self) -> Result<Agent> {
+        self.agent_with(&[])
+    }
+
+    /// The node's agent, started with extra `nodemesh agent` flags.
+    fn agent_with(&mut self, flags: &[&str]) -> Result<Agent> {
         let dir = self.config_dir.clone();
-        Agent::start(&mut self.topo, "node-a", &dir)
+        Agent::start_with(
+            &mut self.topo,
+            "node-a",
+            &dir,
+            &nodemesh_testbed::nodemesh_bin(),
+            flags,
+        )
     }
 
     /// GET `url` from `pod`; returns the echo's JSON (server name, client).
@@ -390,16 +401,8 @@ fn mesh_dns_answers_services_and_forwards_other_names_to_the_node_resolver() {
             .unwrap();
         !out.stdout.is_empty()
     });
-    let dir = shop.config_dir.clone();
     let upstream = format!("{gateway}:53");
-    let _agent = Agent::start_with(
-        &mut shop.topo,
-        "node-a",
-        &dir,
-        &nodemesh_testbed::nodemesh_bin(),
-        &["--upstream-dns", &upstream],
-    )
-    .unwrap();
+    let _agent = shop.agent_with(&["--upstream-dns", &upstream]).unwrap();
 
     let lookup = |pod: &str, name: &str| {
         let netns = shop.topo.pod(pod).netns.clone();
@@ -485,15 +488,7 @@ except ConnectionResetError:
 fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
     let mut shop = Shop::new().unwrap();
     nodemesh_testbed::workload_apps::start_tcp_echo(&mut shop.topo, "web", 9000).unwrap();
-    let dir = shop.config_dir.clone();
-    let agent = Agent::start_with(
-        &mut shop.topo,
-        "node-a",
-        &dir,
-        &nodemesh_testbed::nodemesh_bin(),
-        &["--idle-timeout", "1s"],
-    )
-    .unwrap();
+    let agent = shop.agent_with(&["--idle-timeout", "1s"]).unwrap();
     let script = shop.topo.work_dir().join("tcp_client.py");
     std::fs::write(&script, TCP_CLIENT_PY).unwrap();
     let web = shop.topo.pod("web").address.to_string();
@@ -556,15 +551,9 @@ time.sleep(30)
 #[test]
 fn a_workload_at_its_connection_limit_is_refused_at_once_and_others_are_not() {
     let mut shop = Shop::new().unwrap();
-    let dir = shop.config_dir.clone();
-    let agent = Agent::start_with(
-        &mut shop.topo,
-        "node-a",
-        &dir,
-        &nodemesh_testbed::nodemesh_bin(),
-        &["--max-connections-per-workload", "2"],
-    )
-    .unwrap();
+    let agent = shop
+        .agent_with(&["--max-connections-per-workload", "2"])
+        .unwrap();
     let script = shop.topo.work_dir().join("hold.py");
     std::fs::write(&script, HOLD_CONNECTIONS_PY).unwrap();
     let plainweb = shop.topo.pod("plainweb").address.to_string();
