@@ -17,7 +17,7 @@
 //!   reply's source rewritten back to the resolver the application asked.
 //! - `sk_lookup`: attached per enrolled network namespace; steers every TCP
 //!   SYN for the workload's addresses to the agent's inbound listener, and
-//!   drops it when the agent is not there (fail closed).
+//!   refuses it when the agent is not there (fail closed).
 #![no_std]
 #![no_main]
 

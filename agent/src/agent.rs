@@ -2,8 +2,8 @@
 //! serves the admin socket, and stops on SIGTERM/SIGINT.
 //!
 //! Stopping (or crashing) leaves the eBPF programs attached on purpose:
-//! enrolled workloads fail closed (outbound connects are refused, inbound
-//! SYNs dropped) instead of bypassing the mesh, and the next agent picks the
+//! enrolled workloads fail closed (outbound and inbound connects are
+//! refused) instead of bypassing the mesh, and the next agent picks the
 //! pinned state up. `nodemesh uninstall` removes the node's data path.
 
 use std::net::SocketAddr;

@@ -230,12 +230,22 @@ impl Datapath {
 
     /// Stops capturing a workload's new connections (open ones carry on).
     pub fn unenroll(&mut self, netns_cookie: u64, addresses: &[IpAddr]) -> Result<(), EbpfError> {
+        self.release_addresses(addresses);
+        self.release_namespace(netns_cookie)
+    }
+
+    /// Stops redirecting a namespace's connects and detaches its sk_lookup.
+    pub fn release_namespace(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
         let _ = self.enrolled.remove(&netns_cookie);
+        unpin_link(&self.sk_lookup_pin(netns_cookie))
+    }
+
+    /// Stops capturing connections to these addresses.
+    pub fn release_addresses(&mut self, addresses: &[IpAddr]) {
         for key in addresses.iter().map(addr_key) {
             let _ = self.inbound_addrs.remove(&key);
             let _ = self.inbound_socks.remove(&key);
         }
-        unpin_link(&self.sk_lookup_pin(netns_cookie))
     }
 
     /// Namespaces enrolled in the pinned map, including by a previous run.

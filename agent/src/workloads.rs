@@ -277,18 +277,16 @@ fn forget_previous_run(datapath: &mut Datapath, enrolled: &HashMap<String, Enrol
         .into_iter()
         .filter(|a| !addresses.contains(a))
         .collect();
+    datapath.release_addresses(&stale_addresses);
     for cookie in datapath
         .enrolled_cookies()
         .into_iter()
         .filter(|c| !cookies.contains(c))
     {
         log::info!("forgetting network namespace {cookie} enrolled by a previous run");
-        if let Err(e) = datapath.unenroll(cookie, &stale_addresses) {
+        if let Err(e) = datapath.release_namespace(cookie) {
             log::warn!("forgetting netns {cookie}: {e}");
         }
-    }
-    if !stale_addresses.is_empty() {
-        let _ = datapath.unenroll(0, &stale_addresses);
     }
 }
 

@@ -293,7 +293,7 @@ fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
         String::from_utf8_lossy(&out.stderr).contains("onnect"),
         "{out:?}"
     );
-    // Inbound to an enrolled workload: dropped, never delivered unmeshed.
+    // Inbound to an enrolled workload: refused, never delivered unmeshed.
     let out = curl_raw(
         &shop.topo,
         "outsider",
@@ -304,6 +304,11 @@ fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
     assert!(
         !out.status.success(),
         "reached {web} while the agent was down: {out:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Failed to connect"),
+        "not refused at once: {err}"
     );
     // Workloads outside the mesh are unaffected.
     let plainweb = shop.topo.pod("plainweb").address.to_string();
@@ -318,6 +323,37 @@ fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
         .get("outsider", &format!("http://{web}:8080/"))
         .unwrap();
     assert_eq!(client_ip(&echo), THROUGH_AGENT);
+
+    // A stopped agent (SIGTERM) fails closed just the same.
+    agent.stop();
+    let out = curl_raw(&shop.topo, "client", &format!("http://{web}:8080/"), &[]).unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    agent.restart(&mut shop.topo).unwrap();
+    wait_for("re-enrollment", || enrolled(&agent) == 2);
+    shop.get("client", &format!("http://{web}:8080/")).unwrap();
+
+    // Leaving the mesh while no agent runs: the next agent releases what the
+    // previous one pinned, and traffic flows directly again.
+    agent.kill();
+    shop.write_config(false).unwrap();
+    agent.restart(&mut shop.topo).unwrap();
+    let client = shop.topo.pod("client").address.to_string();
+    let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
+    assert_eq!(client_ip(&echo), client);
+    let outsider = shop.topo.pod("outsider").address.to_string();
+    let echo = shop
+        .get("outsider", &format!("http://{web}:8080/"))
+        .unwrap();
+    assert_eq!(client_ip(&echo), outsider);
+    let status = agent.status_json().unwrap();
+    for map in status["ebpf"]["maps"].as_array().unwrap() {
+        if map["name"] != "COOKIE_ORIG" {
+            assert_eq!(
+                map["entries"], 0,
+                "{map} still holds the previous run's entries"
+            );
+        }
+    }
 }
 
 #[test]
