@@ -525,8 +525,9 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
                 None
             }
         };
-        if let Some(port) = port.filter(|&port| !seen.insert(port)) {
-            issues.add(field("port"), format!("duplicate port {port}"));
+        if let Some(port) = port.filter(|&port| !seen.insert((port, p.protocol))) {
+            let message = format!("duplicate port {port}/{}", p.protocol);
+            issues.add(field("port"), message);
         }
         if let (Some(port), Some(target_port)) = (port, target_port) {
             ports.push(ServicePort {
@@ -777,7 +778,7 @@ spec:
         assert_eq!(config.service_by_cluster_ip(IpAddr::V4(web_ip)), Some(web));
         assert_eq!(config.service_by_cluster_ip(ip("192.168.7.7")), Some(db));
 
-        let http = web.port(80).unwrap();
+        let http = web.port(80, Protocol::Tcp).unwrap();
         assert_eq!(
             (http.name.as_deref(), http.target_port),
             (Some("http"), 8080)
@@ -786,9 +787,10 @@ spec:
             (http.protocol, http.app_protocol.as_deref()),
             (Protocol::Tcp, Some("http"))
         );
-        let dns = web.port(53).unwrap();
+        let dns = web.port(53, Protocol::Udp).unwrap();
         assert_eq!((dns.target_port, dns.protocol), (53, Protocol::Udp));
-        assert_eq!(web.port(81), None);
+        assert_eq!(web.port(53, Protocol::Tcp), None);
+        assert_eq!(web.port(81, Protocol::Tcp), None);
         assert_eq!(serde_yaml::to_string(&Protocol::Udp).unwrap(), "UDP\n");
 
         assert_eq!(
@@ -993,8 +995,8 @@ spec:
                 "spec.ports[0].targetPort: must be between 1 and 65535",
             ),
             (
-                s("{ports: [{port: 80}, {port: 80, protocol: UDP}]}"),
-                "spec.ports[1].port: duplicate port 80",
+                s("{ports: [{port: 80}, {port: 8080}, {port: 80, protocol: TCP}]}"),
+                "spec.ports[2].port: duplicate port 80/TCP",
             ),
             (
                 s("{ports: [{port: 80, targetPort: http}]}"),
@@ -1045,6 +1047,22 @@ spec:
         for (doc, expected) in cases {
             assert_error(&[("x.yaml", &doc)], &[expected]);
         }
+    }
+
+    #[test]
+    fn one_port_number_may_serve_tcp_and_udp() {
+        let dns = service(
+            "kube-system",
+            "dns",
+            "{clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}, {port: 53, targetPort: 5353}]}",
+        );
+        let config = load(&[("dns.yaml", &dns)]).expect("53/UDP and 53/TCP together are valid");
+        let dns = &config.services()[0];
+        assert_eq!(dns.port(53, Protocol::Udp).map(|p| p.target_port), Some(53));
+        assert_eq!(
+            dns.port(53, Protocol::Tcp).map(|p| p.target_port),
+            Some(5353)
+        );
     }
 
     #[test]

@@ -85,8 +85,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn port(&self, port: u16) -> Option<&ServicePort> {
-        self.ports.iter().find(|p| p.port == port)
+    /// The port definition for `port` over `protocol` (Kubernetes allows the
+    /// same number once per protocol, e.g. DNS on 53/TCP and 53/UDP).
+    pub fn port(&self, port: u16, protocol: Protocol) -> Option<&ServicePort> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == protocol)
     }
 
     /// `namespace/name`.
@@ -111,6 +115,15 @@ pub enum Protocol {
     #[default]
     Tcp,
     Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
 }
 
 /// Immutable, validated snapshot of the configuration directory.

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::relay::{self, Transferred};
 use super::{peer, ConnectionRecord, Direction, Pod, Proxy};
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let (proxy, pod) = (&*proxy, &*pod);
@@ -60,7 +60,7 @@ fn destination(
     };
     let key = service.key();
     let port = service
-        .port(orig.port())
+        .port(orig.port(), Protocol::Tcp)
         .ok_or_else(|| format!("service {key} has no port {}", orig.port()))?;
     let endpoints: Vec<_> = cfg.endpoints(service).collect();
     let chosen = proxy
