@@ -59,25 +59,39 @@ pub(super) fn median(rounds: &[ModeResult], f: impl Fn(&ModeResult) -> f64) -> f
     }
 }
 
+/// A figure compared as meshed over direct, with an optional "at least
+/// this percentage of direct" target.
+fn ratio_row(
+    metric: String,
+    key: &'static str,
+    (d, m): (f64, f64),
+    show: fn(f64) -> String,
+    target: Option<f64>,
+) -> Row {
+    let pct = percent(m, d);
+    Row {
+        metric,
+        direct: show(d),
+        meshed: show(m),
+        ratio: format!("{pct:.1} %"),
+        target: target.map(|t| (format!("≥ {t:.0} %"), pct >= t)),
+        key,
+        values: json!({ "direct": d, "meshed": m, "percent": pct }),
+    }
+}
+
 /// The comparison, from the medians over the rounds of each mode.
 pub(super) fn table(direct: &[ModeResult], meshed: &[ModeResult]) -> Vec<Row> {
     let mut rows = Vec::new();
 
     let both = |f: fn(&ModeResult) -> f64| (median(direct, f), median(meshed, f));
-    let (d, m) = both(|r| r.throughput.rps);
-    let pct = percent(m, d);
-    rows.push(Row {
-        metric: format!("HTTP/1.1 req/s ({CONNECTIONS} conns)"),
-        direct: format!("{d:.0}"),
-        meshed: format!("{m:.0}"),
-        ratio: format!("{pct:.1} %"),
-        target: Some((
-            format!("≥ {TARGET_RPS_PERCENT:.0} %"),
-            pct >= TARGET_RPS_PERCENT,
-        )),
-        key: "http_rps",
-        values: json!({ "direct": d, "meshed": m, "percent": pct }),
-    });
+    rows.push(ratio_row(
+        format!("HTTP/1.1 req/s ({CONNECTIONS} conns)"),
+        "http_rps",
+        both(|r| r.throughput.rps),
+        |v| format!("{v:.0}"),
+        Some(TARGET_RPS_PERCENT),
+    ));
 
     for (label, key, get, target) in [
         (
@@ -116,31 +130,21 @@ pub(super) fn table(direct: &[ModeResult], meshed: &[ModeResult]) -> Vec<Row> {
         values: json!({ "direct": d, "meshed": m }),
     });
 
-    let (d, m) = both(|r| r.conn_rate.rps);
-    rows.push(Row {
-        metric: format!("new connections/s ({CONNECTIONS} conc.)"),
-        direct: format!("{d:.0}"),
-        meshed: format!("{m:.0}"),
-        ratio: format!("{:.1} %", percent(m, d)),
-        target: None,
-        key: "connections_per_second",
-        values: json!({ "direct": d, "meshed": m, "percent": percent(m, d) }),
-    });
+    rows.push(ratio_row(
+        format!("new connections/s ({CONNECTIONS} conc.)"),
+        "connections_per_second",
+        both(|r| r.conn_rate.rps),
+        |v| format!("{v:.0}"),
+        None,
+    ));
 
-    let (d, m) = both(|r| r.bulk_bits_per_second);
-    let pct = percent(m, d);
-    rows.push(Row {
-        metric: "bulk TCP (iperf3)".into(),
-        direct: format!("{:.2} Gbit/s", d / 1e9),
-        meshed: format!("{:.2} Gbit/s", m / 1e9),
-        ratio: format!("{pct:.1} %"),
-        target: Some((
-            format!("≥ {TARGET_BULK_PERCENT:.0} %"),
-            pct >= TARGET_BULK_PERCENT,
-        )),
-        key: "bulk_bits_per_second",
-        values: json!({ "direct": d, "meshed": m, "percent": pct }),
-    });
+    rows.push(ratio_row(
+        "bulk TCP (iperf3)".into(),
+        "bulk_bits_per_second",
+        both(|r| r.bulk_bits_per_second),
+        |v| format!("{:.2} Gbit/s", v / 1e9),
+        Some(TARGET_BULK_PERCENT),
+    ));
 
     let (cpu_direct, cpu) = both(ModeResult::agent_cpu_per_1000);
     rows.push(Row {
