@@ -9,6 +9,7 @@ mod dns;
 mod ebpf;
 mod netns;
 mod proxy;
+mod routing;
 mod workloads;
 
 use std::net::{Ipv4Addr, SocketAddr};

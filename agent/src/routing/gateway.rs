@@ -1,0 +1,1 @@
+//! Gateway API HTTPRoute (to be written).

@@ -1,0 +1,1 @@
+//! Istio networking.istio.io VirtualService and DestinationRule (to be written).

@@ -1,0 +1,498 @@
+//! L7 routing: Istio `VirtualService` / `DestinationRule` and Gateway API
+//! `HTTPRoute`, compiled at load time into one immutable [`RoutingTable`].
+//!
+//! The table is indexed by Service (`namespace/name`), so a request costs one
+//! hash lookup plus the ordered match of that Service's own routes, however
+//! many routes the mesh holds. Everything here is plain data: the proxy
+//! executes it, `nodemesh routes` and `explain` print it.
+
+mod gateway;
+mod istio;
+mod matching;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use matching::RequestInfo;
+
+/// Routes and traffic policies of every Service that has any.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoutingTable {
+    /// Service key → the routes that apply to requests for it.
+    hosts: HashMap<String, VirtualHost>,
+    /// Service key → its DestinationRule, resolved.
+    policies: HashMap<String, DestinationPolicy>,
+    /// Conflicts resolved and settings accepted but not enforced; reported by
+    /// `nodemesh status` and `nodemesh routes`.
+    pub warnings: Vec<String>,
+}
+
+impl RoutingTable {
+    pub fn new(
+        hosts: HashMap<String, VirtualHost>,
+        policies: HashMap<String, DestinationPolicy>,
+        warnings: Vec<String>,
+    ) -> RoutingTable {
+        RoutingTable {
+            hosts,
+            policies,
+            warnings,
+        }
+    }
+
+    /// The routes bound to a Service, if any object routes it.
+    pub fn host(&self, service: &str) -> Option<&VirtualHost> {
+        self.hosts.get(service)
+    }
+
+    /// The DestinationRule of a Service, if it has one.
+    pub fn policy(&self, service: &str) -> Option<&DestinationPolicy> {
+        self.policies.get(service)
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.hosts.values().map(|h| h.routes.len()).sum()
+    }
+}
+
+/// The routes of one Service, in the order they are tried.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualHost {
+    /// `VirtualService ns/name` or `HTTPRoute ns/name`, and its file.
+    pub origin: String,
+    pub routes: Vec<HttpRoute>,
+}
+
+impl VirtualHost {
+    /// The first route with a matching match block (or no match blocks), and
+    /// the index of the block that matched. Istio answers 404 when none does.
+    pub fn select(&self, request: &RequestInfo<'_>) -> Option<(&HttpRoute, Option<usize>)> {
+        self.routes.iter().find_map(|route| {
+            if route.matches.is_empty() {
+                return Some((route, None));
+            }
+            route
+                .matches
+                .iter()
+                .position(|m| m.matches(request))
+                .map(|i| (route, Some(i)))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    /// The route's own name, or `http[i]` / `rules[i]`.
+    pub name: String,
+    /// Alternatives (OR); within one, every condition must hold (AND).
+    pub matches: Vec<RequestMatch>,
+    pub action: RouteAction,
+    /// Whole-request deadline, retries included. `None`: no deadline.
+    #[serde(with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// `None`: Istio's default policy ([`RetryPolicy::istio_default`]).
+    pub retries: Option<RetryPolicy>,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<Mirror>,
+    pub headers: HeaderOps,
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RouteAction {
+    /// Weighted destinations; weights are relative (Istio's sum to 100).
+    Forward(Vec<WeightedDestination>),
+    Redirect(Redirect),
+    DirectResponse {
+        status: u16,
+        #[serde(serialize_with = "lossy_bytes")]
+        body: Bytes,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedDestination {
+    pub destination: Destination,
+    pub weight: u32,
+    /// Header edits applied only when this destination is picked.
+    pub headers: HeaderOps,
+}
+
+/// A Service (resolved to `namespace/name`), optionally narrowed to a subset
+/// and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub service: String,
+    pub subset: Option<String>,
+    /// `None`: the port the client connected to.
+    pub port: Option<u16>,
+}
+
+/// Conditions on one request; all present ones must hold.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMatch {
+    pub name: Option<String>,
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    /// Lowercase header name → condition.
+    pub headers: Vec<(String, StringMatch)>,
+    /// Lowercase header names whose condition must *not* hold.
+    pub without_headers: Vec<(String, StringMatch)>,
+    pub query_params: Vec<(String, StringMatch)>,
+    pub port: Option<u16>,
+    /// Labels the calling workload must carry.
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+    /// Istio's `ignoreUriCase`: the uri condition ignores ASCII case.
+    pub ignore_uri_case: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// Gateway API `PathPrefix`: whole path segments only (`/a` matches
+    /// `/a` and `/a/b`, not `/ab`).
+    PathPrefix(String),
+    /// Anchored: must match the whole value, as in Envoy (RE2 syntax).
+    Regex(#[serde(serialize_with = "regex_source")] regex::Regex),
+    /// The header or parameter is present, whatever its value.
+    Present,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Retries after the first try (Istio's `attempts`); 0 disables retries.
+    pub attempts: u32,
+    #[serde(with = "opt_duration")]
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+}
+
+impl RetryPolicy {
+    /// What Istio configures when a route sets no `retries`.
+    pub fn istio_default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                unavailable: true,
+                cancelled: true,
+                retriable_status_codes: vec![503],
+                ..RetryOn::default()
+            },
+        }
+    }
+}
+
+/// Envoy's `x-envoy-retry-on` / `x-envoy-retry-grpc-on` conditions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryOn {
+    /// Any 5xx, or no response at all (reset, connect failure, timeout).
+    pub server_error: bool,
+    /// 502, 503, 504, or a connect failure.
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub retriable_4xx: bool,
+    pub refused_stream: bool,
+    /// Statuses retried as listed (Istio also accepts bare codes in `retryOn`).
+    pub retriable_status_codes: Vec<u16>,
+    // gRPC statuses, read from `grpc-status`.
+    pub cancelled: bool,
+    pub deadline_exceeded: bool,
+    pub internal: bool,
+    pub resource_exhausted: bool,
+    pub unavailable: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[serde(with = "duration")]
+    pub fixed_delay: Duration,
+    /// 0–100; Istio applies the fault to every request when unset.
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub status: AbortStatus,
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AbortStatus {
+    Http(u16),
+    /// A gRPC status code (`UNAVAILABLE` → 14), sent as a trailers-only reply.
+    Grpc(u32),
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    pub destination: Destination,
+    /// 0–100 (Istio's default when unset: 100).
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOps {
+    pub request: HeaderEdits,
+    pub response: HeaderEdits,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+}
+
+/// Lowercase names; values as written.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderEdits {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    pub path: Option<PathRewrite>,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathRewrite {
+    /// Istio `rewrite.uri` / Gateway `ReplacePrefixMatch`: replaces the prefix
+    /// that matched, or the whole path when the match was not a prefix.
+    MatchedPrefix(String),
+    /// Gateway `ReplaceFullPath`.
+    Full(String),
+    /// Istio `uriRegexRewrite`: every match of the regex is replaced
+    /// (`\1`-style groups are accepted).
+    Regex {
+        #[serde(serialize_with = "regex_source")]
+        pattern: regex::Regex,
+        rewrite: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathRewrite>,
+    /// 301 unless set.
+    pub status: u16,
+}
+
+/// One Service's DestinationRule, resolved per subset and port.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationPolicy {
+    pub origin: String,
+    pub policy: TrafficPolicy,
+    /// Overrides per Service port (`portLevelSettings`).
+    pub ports: Vec<(u16, TrafficPolicy)>,
+    pub subsets: Vec<Subset>,
+}
+
+impl DestinationPolicy {
+    pub fn subset(&self, name: &str) -> Option<&Subset> {
+        self.subsets.iter().find(|s| s.name == name)
+    }
+
+    /// The policy for `port` of `subset`: the subset's settings, else the
+    /// port's, else the rule's, each field group (loadBalancer,
+    /// connectionPool, outlierDetection) taken whole from the most specific
+    /// level that sets it, as Istio does.
+    pub fn effective(&self, subset: Option<&str>, port: u16) -> TrafficPolicy {
+        let mut policy = self.policy.clone();
+        if let Some((_, p)) = self.ports.iter().find(|(n, _)| *n == port) {
+            policy = p.clone().over(policy);
+        }
+        if let Some(s) = subset.and_then(|s| self.subset(s)) {
+            if let Some((_, p)) = s.ports.iter().find(|(n, _)| *n == port) {
+                policy = p.clone().over(policy);
+            }
+            policy = s.policy.clone().over(policy);
+        }
+        policy
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    /// Endpoints of the Service carrying all of these labels.
+    pub labels: BTreeMap<String, String>,
+    pub policy: TrafficPolicy,
+    pub ports: Vec<(u16, TrafficPolicy)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// `None`: the default, peak-EWMA with two random choices.
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl TrafficPolicy {
+    /// This policy's field groups where set, `base`'s elsewhere.
+    fn over(self, base: TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: self.load_balancer.or(base.load_balancer),
+            connection_pool: self.connection_pool.or(base.connection_pool),
+            outlier_detection: self.outlier_detection.or(base.outlier_detection),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    RoundRobin,
+    /// Fewest requests in flight of two random endpoints.
+    LeastRequest,
+    Random,
+    ConsistentHash(HashKey),
+}
+
+/// What a consistent hash is computed from; requests without it are spread
+/// at random.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashKey {
+    Header(String),
+    Cookie(String),
+    QueryParameter(String),
+    SourceIp,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPool {
+    /// Connections to all endpoints of the destination, per calling workload.
+    pub max_connections: Option<u32>,
+    #[serde(with = "opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// HTTP/1.1 requests that may wait for a connection; beyond it, 503 at once.
+    pub http1_max_pending_requests: Option<u32>,
+    /// Requests in flight to the destination; beyond it, 503 at once.
+    pub http2_max_requests: Option<u32>,
+    /// A connection is closed after this many requests (0/None: unlimited).
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Retries in flight to the destination.
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// 0 disables. Istio's default: 5.
+    pub consecutive_5xx_errors: u32,
+    /// 502, 503, 504 and connect failures; 0 disables.
+    pub consecutive_gateway_errors: u32,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Ejected for this times the number of ejections so far.
+    #[serde(with = "duration")]
+    pub base_ejection_time: Duration,
+    /// Istio's default: 10; at least one endpoint may always be ejected.
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx_errors: 5,
+            consecutive_gateway_errors: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        }
+    }
+}
+
+fn regex_source<S: serde::Serializer>(re: &regex::Regex, s: S) -> Result<S::Ok, S::Error> {
+    // Stored anchored as `^(?:…)$`; show what the user wrote.
+    let source = re.as_str();
+    let source = source
+        .strip_prefix("^(?:")
+        .and_then(|r| r.strip_suffix(")$"))
+        .unwrap_or(source);
+    s.serialize_str(source)
+}
+
+fn lossy_bytes<S: serde::Serializer>(body: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(body))
+}
+
+/// Durations print as Istio writes them (`1.5s`).
+pub mod duration {
+    use std::time::Duration;
+
+    pub fn format(d: Duration) -> String {
+        format!("{}s", d.as_secs_f64())
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+}
