@@ -81,6 +81,11 @@ struct AgentArgs {
     /// Open connections one workload may hold; beyond, new ones are reset.
     #[arg(long, default_value_t = 4096)]
     max_connections_per_workload: usize,
+    /// How long to wait for a client's first bytes on a Service port whose
+    /// protocol is not declared, before treating it as opaque TCP. A server
+    /// that speaks first is never delayed by it.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    protocol_detection_timeout: Duration,
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -138,6 +143,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         proxy: proxy::Settings {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,
+            protocol_detection_timeout: args.protocol_detection_timeout,
             max_connections_per_workload: args.max_connections_per_workload,
         },
     };

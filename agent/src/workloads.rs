@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 
 use nodemesh_common::{DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 use crate::config::{Config, ConfigStore, Workload};
 use crate::dns::{self, Lookup, Resolver, Upstream};
@@ -150,13 +149,11 @@ impl Enroller {
     fn enroll(&self, datapath: &mut Datapath, workload: &Workload) -> Result<Enrolled, String> {
         let netns =
             NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
-        let pod = Arc::new(Pod {
-            key: workload.key(),
+        let pod = Arc::new(Pod::new(
+            workload.key(),
             netns,
-            connections: Arc::new(Semaphore::new(
-                self.proxy.settings().max_connections_per_workload,
-            )),
-        });
+            self.proxy.settings().max_connections_per_workload,
+        ));
         let listen = |addr: SocketAddr| {
             pod.listen(addr)
                 .map_err(|e| format!("listening on {addr} in the workload: {e}"))

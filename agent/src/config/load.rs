@@ -302,6 +302,7 @@ impl Loader {
                 service_by_name,
                 endpoints,
             },
+            routing: Default::default(),
         })
     }
 

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 pub use watch::{watch_dir, ConfigStore};
 
+use crate::routing::RoutingTable;
+
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
 
@@ -138,6 +140,8 @@ pub struct Config {
     cluster_domain: String,
     #[serde(skip)]
     index: Index,
+    #[serde(skip)]
+    routing: RoutingTable,
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -159,7 +163,13 @@ impl Config {
             services: Vec::new(),
             cluster_domain: LoadOptions::default().cluster_domain,
             index: Index::default(),
+            routing: RoutingTable::default(),
         }
+    }
+
+    /// Routes and destination policies (VirtualService, DestinationRule, HTTPRoute).
+    pub fn routing(&self) -> &RoutingTable {
+        &self.routing
     }
 
     /// Sorted by name.
@@ -225,6 +235,22 @@ impl Config {
             _ => return None,
         };
         Some(&self.services[self.service_index(namespace, service)?])
+    }
+
+    /// The service `namespace/name`.
+    pub fn service_by_key(&self, key: &str) -> Option<&Service> {
+        let (namespace, name) = key.split_once('/')?;
+        Some(&self.services[self.service_index(namespace, name)?])
+    }
+
+    /// The workload `namespace/name` (workloads are sorted by that key).
+    pub fn workload_by_key(&self, key: &str) -> Option<&Workload> {
+        let (namespace, name) = key.split_once('/')?;
+        let i = self
+            .workloads
+            .binary_search_by(|w| (w.namespace.as_str(), w.name.as_str()).cmp(&(namespace, name)))
+            .ok()?;
+        Some(&self.workloads[i])
     }
 
     fn service_index(&self, namespace: &str, name: &str) -> Option<usize> {

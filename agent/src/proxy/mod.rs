@@ -6,8 +6,12 @@
 //! - `peer`: the hop from one agent to the workload behind another (plain TCP
 //!   today; the single place mutual TLS will replace).
 //! - `relay`: the byte copy both directions share.
+//! - `detect`: HTTP/1.1, HTTP/2 or opaque, on connections to a Service.
+//! - `l7`: requests routed one by one (VirtualService, DestinationRule...).
 
+mod detect;
 mod inbound;
+mod l7;
 mod outbound;
 mod peer;
 pub mod relay;
@@ -37,6 +41,8 @@ const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
 pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Longest wait for a client's first bytes on an undeclared port.
+    pub protocol_detection_timeout: Duration,
     /// Open connections (both directions) one workload may hold in the
     /// shared proxy; beyond it new ones are reset at once, so one tenant
     /// cannot exhaust the agent for the others.
@@ -44,16 +50,29 @@ pub struct Settings {
 }
 
 /// An enrolled workload, as its listeners know it.
-#[derive(Debug)]
 pub struct Pod {
     /// `namespace/name`.
     pub key: String,
     pub netns: NetNs,
     /// Permits for the workload's open connections.
     pub connections: Arc<Semaphore>,
+    /// L7 connections to endpoints opened for this workload.
+    pool: Arc<l7::Pool>,
+    /// DestinationRule connection limits of this workload.
+    limits: l7::WorkloadLimits,
 }
 
 impl Pod {
+    pub fn new(key: String, netns: NetNs, max_connections: usize) -> Pod {
+        Pod {
+            key,
+            netns,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            pool: Arc::default(),
+            limits: l7::WorkloadLimits::default(),
+        }
+    }
+
     /// A TCP listener owned by the agent inside the workload's namespace.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let socket = self.netns.enter(|| {
@@ -111,8 +130,10 @@ pub struct ConnectionRecord {
     pub original_destination: SocketAddr,
     pub service: Option<String>,
     pub destination_workload: Option<String>,
-    /// Where the agent actually connected.
+    /// Where the agent actually connected (per request, not here, on L7).
     pub upstream: Option<SocketAddr>,
+    /// `tcp`, `http/1.1` or `h2`.
+    pub protocol: &'static str,
     pub started_unix_ms: u64,
     pub duration_ms: u64,
     pub bytes_sent: u64,
@@ -162,6 +183,8 @@ pub struct Proxy {
     recent: Mutex<VecDeque<ConnectionRecord>>,
     /// Round-robin position per service.
     next_endpoint: Mutex<HashMap<String, usize>>,
+    /// L7 endpoint state (latency, ejections) per destination.
+    clusters: l7::Clusters,
 }
 
 impl Proxy {
@@ -174,6 +197,7 @@ impl Proxy {
             inbound: Counters::default(),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
             next_endpoint: Mutex::new(HashMap::new()),
+            clusters: l7::Clusters::default(),
         }
     }
 
@@ -227,6 +251,7 @@ impl Proxy {
                 service: None,
                 destination_workload: None,
                 upstream: None,
+                protocol: "tcp",
                 started_unix_ms: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),

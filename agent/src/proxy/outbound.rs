@@ -1,18 +1,19 @@
-//! Connections a workload opens: recover where it wanted to go, pick the
-//! endpoint (a Service's cluster IP is load-balanced over its workloads), and
-//! connect on its behalf.
+//! Connections a workload opens: recover where it wanted to go, then either
+//! route its HTTP requests one by one (L7) or pick one endpoint for the whole
+//! connection and relay bytes (L4). A Service's cluster IP is load-balanced
+//! over its workloads; anything else goes where it was addressed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::detect::{self, Declared, Detected};
 use super::relay::{self, Transferred};
-use super::{peer, ConnectionRecord, Direction, Pod, Proxy};
+use super::{l7, peer, ConnectionRecord, Direction, Pod, Proxy};
 use crate::config::{Config, Protocol};
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
-    let (proxy, pod) = (&*proxy, &*pod);
     let Some(orig) = proxy.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that dialled the listener itself gets here.
         log::warn!(
@@ -24,27 +25,158 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: S
     };
     let mut tracked = proxy.track(Direction::Outbound, peer, orig);
     tracked.record.source_workload = Some(pod.key.clone());
-    let outcome = forward(proxy, pod, &client, &mut tracked.record).await;
-    if outcome.is_err() {
-        relay::reset(&client);
-    }
+    let outcome = dispatch(&proxy, &pod, client, &mut tracked.record).await;
     tracked.finish(outcome);
 }
 
-async fn forward(
-    proxy: &Proxy,
-    pod: &Pod,
-    client: &TcpStream,
+/// Chooses L7 or L4 for the connection and serves it.
+async fn dispatch(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    client: TcpStream,
     record: &mut ConnectionRecord,
 ) -> Result<Transferred, String> {
+    let orig = record.original_destination;
+    let declared = {
+        let config = proxy.config.current();
+        let service = config.service_by_cluster_ip(orig.ip());
+        if let Some(service) = service {
+            record.service = Some(service.key());
+        }
+        service
+            .and_then(|s| s.port(orig.port(), Protocol::Tcp))
+            .map(detect::declared)
+    };
+    match declared {
+        // Not a Service (a pod IP, an outside address) or declared opaque.
+        None | Some(Declared::Opaque) => l4(proxy, pod, client, record).await,
+        // The client speaks first; wait for it as long as it idles.
+        Some(Declared::Http) => match detect::sniff(&client, proxy.settings.idle_timeout).await {
+            Detected::Opaque => l4(proxy, pod, client, record).await,
+            http => serve_l7(proxy, pod, client, record, http).await,
+        },
+        Some(Declared::Unknown) => detect_or_relay(proxy, pod, client, record).await,
+    }
+}
+
+/// On an undeclared port the endpoint is dialled while the client's first
+/// bytes are awaited: if the server speaks first (SMTP, MySQL...), relaying
+/// starts at once; if the client speaks HTTP, the spare connection is
+/// dropped and the requests are routed.
+async fn detect_or_relay(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    client: TcpStream,
+    record: &mut ConnectionRecord,
+) -> Result<Transferred, String> {
+    let (detected, connected) = {
+        let sniffing = detect::sniff(&client, proxy.settings.protocol_detection_timeout);
+        tokio::pin!(sniffing);
+        let connecting = connect_as(proxy, pod, record.clone());
+        tokio::pin!(connecting);
+        let first = tokio::select! {
+            detected = &mut sniffing => Err(detected),
+            connected = &mut connecting => Ok(connected),
+        };
+        match first {
+            Err(Detected::Opaque) => (Detected::Opaque, Some(connecting.await)),
+            Err(http) => (http, None),
+            Ok((endpoint, Ok(server))) => {
+                let client_spoke = tokio::select! {
+                    detected = &mut sniffing => Some(detected),
+                    _ = server.readable() => None,
+                };
+                match client_spoke {
+                    Some(Detected::Opaque) | None => {
+                        (Detected::Opaque, Some((endpoint, Ok(server))))
+                    }
+                    Some(http) => (http, None),
+                }
+            }
+            Ok(failed) => (Detected::Opaque, Some(failed)),
+        }
+    };
+    match connected {
+        None => serve_l7(proxy, pod, client, record, detected).await,
+        Some((endpoint, server)) => {
+            *record = endpoint;
+            match server {
+                Ok(server) => relay_to(proxy, &client, &server).await,
+                Err(e) => {
+                    relay::reset(&client);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// [`connect`] on a copy of the record, so it can run while detection
+/// decides whether the connection is needed at all.
+async fn connect_as(
+    proxy: &Proxy,
+    pod: &Pod,
+    mut record: ConnectionRecord,
+) -> (ConnectionRecord, Result<TcpStream, String>) {
+    let server = connect(proxy, pod, &mut record).await;
+    (record, server)
+}
+
+async fn serve_l7(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    client: TcpStream,
+    record: &mut ConnectionRecord,
+    detected: Detected,
+) -> Result<Transferred, String> {
+    let http2 = detected == Detected::Http2;
+    record.protocol = if http2 { "h2" } else { "http/1.1" };
+    let orig = record.original_destination;
+    l7::serve(proxy.clone(), pod.clone(), client, orig, http2).await?;
+    Ok(Transferred::default())
+}
+
+/// Relays the whole connection to one endpoint.
+async fn l4(
+    proxy: &Proxy,
+    pod: &Pod,
+    client: TcpStream,
+    record: &mut ConnectionRecord,
+) -> Result<Transferred, String> {
+    match connect(proxy, pod, record).await {
+        Ok(server) => relay_to(proxy, &client, &server).await,
+        Err(e) => {
+            relay::reset(&client);
+            Err(e)
+        }
+    }
+}
+
+async fn relay_to(
+    proxy: &Proxy,
+    client: &TcpStream,
+    server: &TcpStream,
+) -> Result<Transferred, String> {
+    let outcome = relay::relay(client, server, proxy.settings.idle_timeout)
+        .await
+        .map_err(|e| e.to_string());
+    if outcome.is_err() {
+        relay::reset(client);
+    }
+    outcome
+}
+
+/// Picks the endpoint (filling in the record) and connects to it.
+async fn connect(
+    proxy: &Proxy,
+    pod: &Pod,
+    record: &mut ConnectionRecord,
+) -> Result<TcpStream, String> {
     let upstream = destination(proxy, &proxy.config.current(), record)?;
     record.upstream = Some(upstream);
-    let server = peer::connect(pod, upstream, proxy.settings.connect_timeout)
+    peer::connect(pod, upstream, proxy.settings.connect_timeout)
         .await
-        .map_err(|e| format!("connecting to {upstream}: {e}"))?;
-    relay::relay(client, &server, proxy.settings.idle_timeout)
-        .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("connecting to {upstream}: {e}"))
 }
 
 /// Where the connection really goes; fills in the service and workload.

@@ -1,0 +1,500 @@
+//! Executing one route for one request: faults, the weighted destination,
+//! mirrors, then attempts under the retry policy, the per-try timeout and
+//! the route's overall timeout.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use super::balance::{ClusterKey, HashInput, Observation, Pick};
+use super::body::{self, Body, Guarded, Replay};
+use super::limits::{Admitted, Overflow};
+use super::upstream::{Dial, UpstreamError, DEFAULT_IDLE_TIMEOUT};
+use super::{edit, tunnel, Downstream};
+use crate::config::{Config, Protocol};
+use crate::routing::{
+    AbortStatus, Destination, HttpRoute, RequestMatch, RetryOn, RetryPolicy,
+    RouteAction, TrafficPolicy,
+};
+
+/// Envoy's retry back-off: exponential from 25 ms, capped at ten times that,
+/// with full jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+
+/// Hop-by-hop headers: they describe one connection and are not forwarded.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// What the request matched, against one config snapshot.
+pub struct Plan<'a> {
+    pub config: &'a Config,
+    pub service_key: &'a str,
+    /// `None`: no VirtualService or HTTPRoute binds the Service; it is served
+    /// by its own endpoints with Istio's default retry policy.
+    pub route: Option<&'a HttpRoute>,
+    pub matched: Option<&'a RequestMatch>,
+    pub authority: String,
+    pub grpc: bool,
+    pub source_ip: Option<IpAddr>,
+}
+
+/// A destination resolved against the snapshot.
+pub struct Target {
+    pub key: ClusterKey,
+    pub endpoints: Vec<SocketAddr>,
+    pub policy: TrafficPolicy,
+}
+
+fn resolve(config: &Config, dest: &Destination, port: u16, ipv4: bool) -> Option<Target> {
+    let service = config.service_by_key(&dest.service)?;
+    let port = dest.port.unwrap_or(port);
+    let target_port = service.port(port, Protocol::Tcp)?.target_port;
+    let rule = config.routing().policy(&dest.service);
+    let labels = match &dest.subset {
+        Some(subset) => Some(&rule?.subset(subset)?.labels),
+        None => None,
+    };
+    let endpoints = config
+        .endpoints(service)
+        .filter(|w| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .filter_map(|w| {
+            let ip = w.addresses.iter().find(|ip| ip.is_ipv4() == ipv4);
+            ip.or(w.addresses.first())
+                .map(|&ip| SocketAddr::new(ip, target_port))
+        })
+        .collect();
+    Some(Target {
+        key: ClusterKey {
+            service: dest.service.clone(),
+            subset: dest.subset.clone(),
+            port,
+        },
+        endpoints,
+        policy: rule
+            .map(|r| r.effective(dest.subset.as_deref(), port))
+            .unwrap_or_default(),
+    })
+}
+
+/// True for `percentage` percent of calls.
+fn hit(percentage: f64) -> bool {
+    fastrand::f64() * 100.0 < percentage
+}
+
+pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) -> Response<Body> {
+    let route = plan.route;
+    let fault = route.and_then(|r| r.fault.as_ref());
+    if let Some(fault) = fault {
+        if let Some(delay) = fault.delay.as_ref().filter(|d| hit(d.percentage)) {
+            tokio::time::sleep(delay.fixed_delay).await;
+        }
+        if let Some(abort) = fault.abort.as_ref().filter(|a| hit(a.percentage)) {
+            return match abort.status {
+                AbortStatus::Http(code) => body::local_reply(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "fault filter abort",
+                    false,
+                ),
+                AbortStatus::Grpc(code) => body::grpc_reply(code, "fault filter abort"),
+            };
+        }
+    }
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let own = Destination {
+        service: plan.service_key.to_owned(),
+        subset: None,
+        port: None,
+    };
+    let (destination, destination_headers) = match route.map(|r| &r.action) {
+        None => (&own, None),
+        Some(RouteAction::Redirect(redirect)) => {
+            return edit::redirect(redirect, &plan.authority, &path_and_query, plan.matched)
+        }
+        Some(RouteAction::DirectResponse { status, body }) => {
+            let mut reply = Response::new(body::full(body.clone()));
+            *reply.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            return reply;
+        }
+        Some(RouteAction::Forward(destinations)) => {
+            let total: u32 = destinations.iter().map(|d| d.weight).sum();
+            let mut roll = fastrand::u32(..total.max(1));
+            let chosen = destinations
+                .iter()
+                .find(|d| {
+                    let found = roll < d.weight;
+                    roll = roll.saturating_sub(d.weight);
+                    found
+                })
+                .or(destinations.first());
+            match chosen {
+                Some(d) => (&d.destination, Some(&d.headers)),
+                None => {
+                    return body::local_reply(StatusCode::INTERNAL_SERVER_ERROR, "route has no destination", plan.grpc)
+                }
+            }
+        }
+    };
+    let port = down.service_addr.port();
+    let ipv4 = down.service_addr.is_ipv4();
+    let Some(target) = resolve(plan.config, destination, port, ipv4) else {
+        return body::local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", plan.grpc);
+    };
+    if tunnel::is_upgrade(&request) {
+        return tunnel::run(down, &target, request).await;
+    }
+
+    let (parts, incoming) = request.into_parts();
+    let mut head = Head {
+        method: parts.method,
+        path_and_query,
+        authority: plan.authority.clone(),
+        headers: parts.headers,
+        http2: down.http2,
+    };
+    for name in HOP_BY_HOP {
+        head.headers.remove(name);
+    }
+    let edits = [route.map(|r| &r.headers), destination_headers];
+    for ops in edits.iter().flatten() {
+        edit::apply(&mut head.headers, &ops.request);
+    }
+    if let Some(rewrite) = route.and_then(|r| r.rewrite.as_ref()) {
+        if let Some(path) = &rewrite.path {
+            head.path_and_query = edit::rewrite_path(path, &head.path_and_query, plan.matched);
+        }
+        if let Some(authority) = &rewrite.authority {
+            head.authority = authority.clone();
+        }
+    }
+    let replay = Replay::new(body::incoming(incoming));
+
+    if let Some(route) = route.filter(|r| !r.mirrors.is_empty()) {
+        replay.prefetch_if_small().await;
+        for mirror in route.mirrors.iter().filter(|m| hit(m.percentage)) {
+            let (Some((bytes, trailers)), Some(target)) = (
+                replay.complete_copy(),
+                resolve(plan.config, &mirror.destination, port, ipv4),
+            ) else {
+                continue;
+            };
+            let mut copy = head.clone();
+            copy.authority = shadow(&copy.authority);
+            let request = copy.request(body::with_trailers(bytes, trailers));
+            tokio::spawn(send_mirror(down.attempts(target), request, plan.source_ip));
+        }
+    }
+
+    // Istio turns timeouts and retries off on routes that inject faults.
+    let (timeout, retries) = match route {
+        Some(r) if r.fault.is_some() => (None, RetryPolicy { attempts: 0, ..RetryPolicy::istio_default() }),
+        Some(r) => (r.timeout, r.retries.clone().unwrap_or_else(RetryPolicy::istio_default)),
+        None => (None, RetryPolicy::istio_default()),
+    };
+    let attempts = down.attempts(target);
+    let hash = HashInput {
+        headers: &head.headers,
+        query: head.path_and_query.split_once('?').map(|(_, q)| q),
+        source_ip: plan.source_ip,
+    };
+    let tries = attempts.run(&head, &replay, &retries, &hash, plan.grpc);
+    let mut response = match timeout {
+        Some(limit) => tokio::time::timeout(limit, tries).await.unwrap_or_else(|_| {
+            body::local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", plan.grpc)
+        }),
+        None => tries.await,
+    };
+    for name in ["connection", "keep-alive", "transfer-encoding", "proxy-connection"] {
+        response.headers_mut().remove(name);
+    }
+    for ops in edits.iter().flatten() {
+        edit::apply(response.headers_mut(), &ops.response);
+    }
+    response
+}
+
+/// `reviews:9080` → `reviews-shadow:9080`, as Envoy marks mirrored requests.
+fn shadow(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+async fn send_mirror(attempts: Attempts, request: Request<Body>, source_ip: Option<IpAddr>) {
+    let headers = HeaderMap::new();
+    let hash = HashInput {
+        headers: &headers,
+        query: None,
+        source_ip,
+    };
+    let Some(pick) = attempts.cluster.pick(&attempts.target.endpoints, &[], attempts.lb(), &hash) else {
+        return;
+    };
+    let dial = attempts.dial(pick.addr);
+    if let Ok(response) = attempts.pod.pool.send(&attempts.pod, dial, request).await {
+        use http_body_util::BodyExt;
+        // Read to the end so the connection goes back to the pool.
+        let _ = response.into_body().collect().await;
+    }
+}
+
+/// The upstream request, built again for every attempt.
+#[derive(Clone)]
+pub struct Head {
+    method: Method,
+    path_and_query: String,
+    authority: String,
+    headers: HeaderMap,
+    http2: bool,
+}
+
+impl Head {
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.headers_mut() = self.headers.clone();
+        let uri = if self.http2 {
+            *request.version_mut() = Version::HTTP_2;
+            format!("http://{}{}", self.authority, self.path_and_query)
+        } else {
+            if let Ok(host) = HeaderValue::from_str(&self.authority) {
+                request.headers_mut().insert(header::HOST, host);
+            }
+            self.path_and_query.clone()
+        };
+        *request.uri_mut() = uri.parse().unwrap_or_default();
+        request
+    }
+}
+
+/// Everything attempts to one destination need, owned so mirrors can run
+/// in their own task.
+pub struct Attempts {
+    pod: std::sync::Arc<crate::proxy::Pod>,
+    cluster: std::sync::Arc<super::balance::Cluster>,
+    target: Target,
+    connect_timeout: Duration,
+}
+
+impl Downstream {
+    fn attempts(&self, target: Target) -> Attempts {
+        let pool = target.policy.connection_pool.clone().unwrap_or_default();
+        Attempts {
+            pod: self.pod.clone(),
+            cluster: self.proxy.clusters.get(&target.key),
+            connect_timeout: pool
+                .connect_timeout
+                .unwrap_or(self.proxy.settings.connect_timeout),
+            target,
+        }
+    }
+}
+
+impl Attempts {
+    fn lb(&self) -> Option<&crate::routing::LoadBalancer> {
+        self.target.policy.load_balancer.as_ref()
+    }
+
+    fn dial(&self, addr: SocketAddr) -> Dial {
+        let pool = self.target.policy.connection_pool.as_ref();
+        Dial {
+            addr,
+            http2: false,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: pool
+                .and_then(|p| p.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            max_requests_per_connection: pool
+                .and_then(|p| p.max_requests_per_connection)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Tries the request until an answer that the policy does not retry,
+    /// or until the attempts (or a replayable body) run out.
+    async fn run(
+        &self,
+        head: &Head,
+        replay: &Replay,
+        policy: &RetryPolicy,
+        hash: &HashInput<'_>,
+        grpc: bool,
+    ) -> Response<Body> {
+        let default_pool = Default::default();
+        let pool_settings = self.target.policy.connection_pool.as_ref().unwrap_or(&default_pool);
+        let limits = self.pod.limits.get(&self.target.key, pool_settings);
+        let outlier = self.target.policy.outlier_detection.as_ref();
+        let mut tried = Vec::new();
+        let mut last = None;
+        let mut attempt = 0;
+        let mut stale_retried = false;
+        while attempt <= policy.attempts {
+            if attempt > 0 {
+                let cap = (BACKOFF_BASE * 2u32.pow(attempt.min(4) - 1)).min(BACKOFF_BASE * 10);
+                tokio::time::sleep(cap.mul_f64(fastrand::f64())).await;
+            }
+            let Some(body) = replay.attempt() else { break };
+            let Some(pick) = self.cluster.pick(&self.target.endpoints, &tried, self.lb(), hash) else {
+                break;
+            };
+            tried.push(pick.addr);
+            let admitted = match limits.admit(!head.http2).await {
+                Ok(admitted) => admitted,
+                Err(Overflow) => return overflow(grpc),
+            };
+            let mut dial = self.dial(pick.addr);
+            dial.http2 = head.http2;
+            let sent = self.pod.pool.send(&self.pod, dial, head.request(body));
+            let result = match policy.per_try_timeout {
+                Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
+                None => Some(sent.await),
+            };
+            if let Some(Err(UpstreamError::Stale(_))) = &result {
+                // The endpoint closed an idle connection under us: try again
+                // on a fresh one, without counting it against the endpoint.
+                if !stale_retried {
+                    stale_retried = true;
+                    tried.pop();
+                    continue;
+                }
+            }
+            let outcome = Outcome::of(result, &policy.retry_on, grpc);
+            self.cluster
+                .observe(&pick, outcome.observation, outlier, self.target.endpoints.len());
+            let last_try = attempt == policy.attempts;
+            match outcome.response {
+                Ok(response) if !outcome.retriable || last_try => {
+                    return response.map(|b| Guarded::wrap(b, (admitted, pick), release));
+                }
+                Err(reply) if !outcome.retriable || last_try => return reply,
+                Ok(response) => last = Some(response),
+                Err(reply) => last = Some(reply),
+            }
+            attempt += 1;
+        }
+        last.unwrap_or_else(|| {
+            body::local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", grpc)
+        })
+    }
+}
+
+fn release(_: (Admitted, Pick)) {}
+
+fn overflow(grpc: bool) -> Response<Body> {
+    let mut reply = body::local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        grpc,
+    );
+    reply
+        .headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    reply
+}
+
+/// One attempt, classified.
+struct Outcome {
+    observation: Observation,
+    retriable: bool,
+    /// The endpoint's answer, or the proxy's reply when there was none.
+    response: Result<Response<Body>, Response<Body>>,
+}
+
+impl Outcome {
+    /// `result` is `None` when the per-try timeout fired.
+    fn of(
+        result: Option<Result<Response<Body>, UpstreamError>>,
+        on: &RetryOn,
+        grpc: bool,
+    ) -> Outcome {
+        let failed = |retriable: bool, status: StatusCode, reason: &str| Outcome {
+            observation: Observation::Failure,
+            retriable,
+            response: Err(body::local_reply(status, reason, grpc)),
+        };
+        match result {
+            None => failed(
+                on.server_error || on.gateway_error || on.reset,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+            ),
+            Some(Err(UpstreamError::Connect(_))) => failed(
+                on.connect_failure || on.server_error || on.gateway_error,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            ),
+            Some(Err(UpstreamError::Reset(_) | UpstreamError::Stale(_))) => failed(
+                on.reset || on.server_error || on.refused_stream,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
+            Some(Ok(response)) => {
+                let status = response.status().as_u16();
+                let grpc_status = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u32>().ok());
+                Outcome {
+                    observation: Observation::Status(status),
+                    retriable: retries_status(on, status)
+                        || grpc_status.is_some_and(|code| retries_grpc(on, code)),
+                    response: Ok(response),
+                }
+            }
+        }
+    }
+}
+
+fn retries_status(on: &RetryOn, status: u16) -> bool {
+    (on.server_error && status >= 500)
+        || (on.gateway_error && matches!(status, 502..=504))
+        || (on.retriable_4xx && status == 409)
+        || on.retriable_status_codes.contains(&status)
+}
+
+fn retries_grpc(on: &RetryOn, code: u32) -> bool {
+    match code {
+        1 => on.cancelled,
+        4 => on.deadline_exceeded,
+        8 => on.resource_exhausted,
+        13 => on.internal,
+        14 => on.unavailable,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_host_keeps_the_port() {
+        assert_eq!(shadow("reviews:9080"), "reviews-shadow:9080");
+        assert_eq!(shadow("reviews"), "reviews-shadow");
+    }
+
+    #[test]
+    fn istio_default_retries_503_and_connect_failures_only() {
+        let on = RetryPolicy::istio_default().retry_on;
+        assert!(retries_status(&on, 503));
+        assert!(!retries_status(&on, 500));
+        assert!(retries_grpc(&on, 14));
+        assert!(!retries_grpc(&on, 13));
+    }
+}

@@ -1,0 +1,71 @@
+//! HTTP/1.1 Upgrade (WebSocket and friends) and CONNECT: after the
+//! endpoint agrees, both connections are spliced and bytes pass through.
+
+use http::header::{CONNECTION, UPGRADE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{self, Body};
+use super::forward::Target;
+use super::Downstream;
+use crate::proxy::peer;
+
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() <= http::Version::HTTP_11
+        && (request.method() == Method::CONNECT
+            || (request.headers().contains_key(UPGRADE)
+                && request
+                    .headers()
+                    .get_all(CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))))
+}
+
+/// Forwards the upgrade request on a connection of its own (it is never
+/// returned to a pool), and splices once the endpoint switches protocols.
+pub async fn run(down: &Downstream, target: &Target, mut request: Request<Incoming>) -> Response<Body> {
+    let fail = |reason: &str| body::local_reply(StatusCode::SERVICE_UNAVAILABLE, reason, false);
+    let cluster = down.proxy.clusters.get(&target.key);
+    let headers = http::HeaderMap::new();
+    let hash = super::balance::HashInput {
+        headers: &headers,
+        query: None,
+        source_ip: None,
+    };
+    let Some(pick) = cluster.pick(&target.endpoints, &[], None, &hash) else {
+        return fail("no healthy upstream");
+    };
+    let stream = match peer::connect(&down.pod, pick.addr, down.proxy.settings.connect_timeout).await {
+        Ok(stream) => stream,
+        Err(e) => return fail(&format!("upstream connect error: {e}")),
+    };
+    let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok(pair) => pair,
+        Err(e) => return fail(&format!("upstream handshake: {e}")),
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let client_side = hyper::upgrade::on(&mut request);
+    let connect = request.method() == Method::CONNECT;
+    let mut response = match send.send_request(request.map(body::incoming)).await {
+        Ok(response) => response,
+        Err(e) => return fail(&format!("upstream reset: {e}")),
+    };
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (connect && response.status().is_success());
+    if switched {
+        let server_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) {
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+            drop(pick);
+        });
+        return response.map(|_| body::empty());
+    }
+    response.map(body::incoming)
+}

@@ -1,0 +1,195 @@
+//! Connections from the proxy to endpoints, pooled per calling workload: a
+//! connection opened for one workload is never reused for another, since
+//! it carries that workload's identity (its namespace and address).
+//!
+//! HTTP/1.1 connections carry one request at a time and return to the pool
+//! once the response has been read to its end; HTTP/2 connections are shared
+//! by all concurrent requests to one endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::body::{self, Body, Guarded};
+use crate::proxy::{peer, Pod};
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// Idle connections are closed after this long unless the DestinationRule
+/// says otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to talk to one endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// 0: unlimited.
+    pub max_requests_per_connection: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection failure: {0}")]
+    Connect(std::io::Error),
+    /// The request failed on a connection taken from the pool, before any
+    /// response: the endpoint closed it while idle. Safe to try again.
+    #[error("pooled connection closed: {0}")]
+    Stale(hyper::Error),
+    #[error("reset before response: {0}")]
+    Reset(hyper::Error),
+}
+
+struct Idle {
+    send: http1::SendRequest<Body>,
+    since: Instant,
+    used: u32,
+}
+
+/// The connection pool of one calling workload.
+#[derive(Default)]
+pub struct Pool {
+    http1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+}
+
+/// A connection on its way back to the pool once its response ends.
+struct Returning {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    send: http1::SendRequest<Body>,
+    used: u32,
+    max_requests: u32,
+}
+
+impl Pool {
+    pub async fn send(
+        self: &Arc<Self>,
+        from: &Pod,
+        dial: Dial,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        if dial.http2 {
+            self.send_http2(from, dial, request).await
+        } else {
+            self.send_http1(from, dial, request).await
+        }
+    }
+
+    fn take_idle(&self, dial: &Dial) -> Option<Idle> {
+        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.get_mut(&dial.addr)?;
+        while let Some(conn) = conns.pop() {
+            if conn.send.is_ready() && conn.since.elapsed() < dial.idle_timeout {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    async fn send_http1(
+        self: &Arc<Self>,
+        from: &Pod,
+        dial: Dial,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let (mut send, used, reused) = match self.take_idle(&dial) {
+            Some(idle) => (idle.send, idle.used, true),
+            None => {
+                let stream = peer::connect(from, dial.addr, dial.connect_timeout)
+                    .await
+                    .map_err(UpstreamError::Connect)?;
+                let (send, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                (send, 0, false)
+            }
+        };
+        let response = match send.send_request(request).await {
+            Ok(response) => response,
+            Err(e) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
+                return Err(UpstreamError::Stale(e))
+            }
+            Err(e) => return Err(UpstreamError::Reset(e)),
+        };
+        let returning = Returning {
+            pool: self.clone(),
+            addr: dial.addr,
+            send,
+            used: used + 1,
+            max_requests: dial.max_requests_per_connection,
+        };
+        Ok(response.map(|b| Guarded::wrap(body::incoming(b), returning, Returning::give_back)))
+    }
+
+    async fn send_http2(
+        &self,
+        from: &Pod,
+        dial: Dial,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let existing = self
+            .http2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&dial.addr)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let (mut send, reused) = match existing {
+            Some(send) => (send, true),
+            None => {
+                let stream = peer::connect(from, dial.addr, dial.connect_timeout)
+                    .await
+                    .map_err(UpstreamError::Connect)?;
+                let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                self.http2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(dial.addr, send.clone());
+                (send, false)
+            }
+        };
+        match send.send_request(request).await {
+            Ok(response) => Ok(response.map(body::incoming)),
+            Err(e) if reused && e.is_canceled() => Err(UpstreamError::Stale(e)),
+            Err(e) => Err(UpstreamError::Reset(e)),
+        }
+    }
+}
+
+impl Returning {
+    fn give_back(self) {
+        if self.send.is_closed()
+            || (self.max_requests > 0 && self.used >= self.max_requests)
+        {
+            return;
+        }
+        let mut idle = self.pool.http1.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.entry(self.addr).or_default();
+        if conns.len() < MAX_IDLE_PER_ENDPOINT {
+            conns.push(Idle {
+                send: self.send,
+                since: Instant::now(),
+                used: self.used,
+            });
+        }
+    }
+}
