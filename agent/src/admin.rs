@@ -16,13 +16,15 @@ use tokio::net::UnixListener;
 pub const SOCKET_DIR: &str = "/run/nodemesh";
 
 /// What the CLI can ask for.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Query {
     Status,
     Workloads,
     Services,
     Connections,
+    Routes,
+    Explain(crate::proxy::ExplainRequest),
 }
 
 #[derive(Serialize, Deserialize)]

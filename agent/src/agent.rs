@@ -148,6 +148,11 @@ impl Responder for Node {
             Query::Workloads => json!(self.enroller.status(&cfg)),
             Query::Services => services(&cfg),
             Query::Connections => json!(self.proxy.recent_connections()),
+            Query::Routes => self.proxy.routes(&cfg),
+            Query::Explain(ask) => self
+                .proxy
+                .explain(&cfg, &ask)
+                .unwrap_or_else(|e| json!({ "error": e })),
         }
     }
 }

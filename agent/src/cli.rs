@@ -11,7 +11,7 @@ pub enum Output {
     Json,
 }
 
-pub fn print(query: Query, answer: &Value, output: Output) {
+pub fn print(query: &Query, answer: &Value, output: Output) {
     if let Output::Json = output {
         println!(
             "{}",
@@ -22,6 +22,8 @@ pub fn print(query: Query, answer: &Value, output: Output) {
     let rows = |v: &Value| v.as_array().cloned().unwrap_or_default();
     match query {
         Query::Status => print_status(answer),
+        Query::Routes => print_routes(answer),
+        Query::Explain(_) => print_explain(answer),
         Query::Workloads => table(
             &["NAMESPACE", "NAME", "NODE", "ADDRESSES", "STATE"],
             rows(answer).iter().map(|w| {
@@ -189,5 +191,54 @@ fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     line(headers.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_routes(answer: &Value) {
+    let services = answer["services"].as_array().cloned().unwrap_or_default();
+    let rows = services.iter().flat_map(|s| {
+        let routes = s["routes"].as_array().cloned().unwrap_or_default();
+        routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let service = if i == 0 { text(&s["service"]) } else { String::new() };
+                vec![
+                    service,
+                    text(&r["name"]),
+                    text(&r["match"]),
+                    text(&r["action"]),
+                    text(&r["policy"]),
+                ]
+            })
+            .collect::<Vec<_>>()
+    });
+    table(&["SERVICE", "ROUTE", "MATCH", "DESTINATIONS", "POLICY"], rows);
+    if let Some(ejected) = answer["ejected"].as_object().filter(|e| !e.is_empty()) {
+        println!("\nEjected endpoints (outlier detection):");
+        for (cluster, addrs) in ejected {
+            println!("  {cluster}: {}", list(addrs));
+        }
+    }
+    for warning in answer["warnings"].as_array().into_iter().flatten() {
+        println!("warning: {}", text(warning));
+    }
+}
+
+fn print_explain(answer: &Value) {
+    for key in ["summary", "service", "protocol", "origin", "route", "matchedBy", "policy", "retries"] {
+        if !answer[key].is_null() {
+            println!("{key:<10} {}", text(&answer[key]));
+        }
+    }
+    for d in answer["destinations"].as_array().into_iter().flatten() {
+        let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
+        println!("\n→ {}{subset} ({})", text(&d["service"]), text(&d["chance"]));
+        if !d["trafficPolicy"].is_null() {
+            println!("  policy    {}", text(&d["trafficPolicy"]));
+        }
+        for e in d["endpoints"].as_array().into_iter().flatten() {
+            println!("  endpoint  {}", text(e));
+        }
     }
 }

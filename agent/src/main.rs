@@ -42,6 +42,24 @@ enum Command {
     Services(QueryArgs),
     /// Recently finished connections through the node's proxy.
     Connections(QueryArgs),
+    /// The effective L7 routing table of every Service.
+    Routes(QueryArgs),
+    /// Which route, subset, endpoints, faults, timeout and retries a request
+    /// would get; nothing is sent.
+    Explain {
+        /// The calling workload, `namespace/name`.
+        #[arg(long)]
+        from: String,
+        /// e.g. http://reviews:9080/reviews/1
+        url: String,
+        /// A request header, `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(short = 'X', long = "request", default_value = "GET")]
+        method: String,
+        #[command(flatten)]
+        query: QueryArgs,
+    },
     /// Detach and remove a node's eBPF programs and maps (after its agent stopped).
     Uninstall {
         #[arg(long)]
@@ -112,6 +130,22 @@ fn main() -> ExitCode {
         Command::Workloads(q) => show(q, admin::Query::Workloads),
         Command::Services(q) => show(q, admin::Query::Services),
         Command::Connections(q) => show(q, admin::Query::Connections),
+        Command::Routes(q) => show(q, admin::Query::Routes),
+        Command::Explain {
+            from,
+            url,
+            headers,
+            method,
+            query,
+        } => parse_headers(&headers).and_then(|headers| {
+            let ask = proxy::ExplainRequest {
+                from,
+                url,
+                headers,
+                method,
+            };
+            show(query, admin::Query::Explain(ask))
+        }),
         Command::Uninstall { node_name, bpffs } => ebpf::uninstall(&bpffs, &node_name)
             .map(|links| {
                 println!("node {node_name}: detached {links} eBPF link(s) and removed its pins")
@@ -156,12 +190,23 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
 fn show(q: QueryArgs, query: admin::Query) -> anyhow::Result<()> {
     let socket = admin::locate(q.socket, q.node.as_deref())?;
-    let answer = admin::query(&socket, query)?;
+    let answer = admin::query(&socket, query.clone())?;
     if let Some(error) = answer.get("error") {
         anyhow::bail!("the agent answered: {error}");
     }
-    cli::print(query, &answer, q.output);
+    cli::print(&query, &answer, q.output);
     Ok(())
+}
+
+/// `-H 'name: value'`, as curl takes them.
+fn parse_headers(headers: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    headers
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((name, value)) => Ok((name.trim().to_owned(), value.trim().to_owned())),
+            None => anyhow::bail!("header `{h}` is not `name: value`"),
+        })
+        .collect()
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

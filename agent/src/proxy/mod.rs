@@ -173,6 +173,8 @@ impl Counters {
 /// How many finished connections the agent remembers for `nodemesh connections`.
 const RECENT_CONNECTIONS: usize = 512;
 
+pub use l7::ExplainRequest;
+
 /// State shared by every listener of the node.
 pub struct Proxy {
     pub config: Arc<ConfigStore>,
@@ -199,6 +201,20 @@ impl Proxy {
             next_endpoint: Mutex::new(HashMap::new()),
             clusters: l7::Clusters::default(),
         }
+    }
+
+    /// The effective routing table (`nodemesh routes`).
+    pub fn routes(&self, config: &crate::config::Config) -> serde_json::Value {
+        l7::inspect::routes(self, config)
+    }
+
+    /// What a request would go through (`nodemesh explain`).
+    pub fn explain(
+        &self,
+        config: &crate::config::Config,
+        ask: &ExplainRequest,
+    ) -> Result<serde_json::Value, String> {
+        l7::inspect::explain(self, config, ask)
     }
 
     pub fn settings(&self) -> &Settings {

@@ -496,3 +496,82 @@ mod opt_duration {
         }
     }
 }
+
+impl std::fmt::Display for StringMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StringMatch::Exact(s) => write!(f, "={s}"),
+            StringMatch::Prefix(s) => write!(f, " prefix {s}"),
+            StringMatch::PathPrefix(s) => write!(f, " path-prefix {s}"),
+            StringMatch::Regex(re) => {
+                let source = re.as_str();
+                let source = source
+                    .strip_prefix("^(?:")
+                    .and_then(|r| r.strip_suffix(")$"))
+                    .unwrap_or(source);
+                write!(f, " ~ /{source}/")
+            }
+            StringMatch::Present => f.write_str(" present"),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestMatch {
+    /// One line, e.g. `uri prefix /reviews, header end-user=jason`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        let fields = [("uri", &self.uri), ("scheme", &self.scheme), ("method", &self.method), ("authority", &self.authority)];
+        for (name, m) in fields {
+            if let Some(m) = m {
+                parts.push(format!("{name}{m}"));
+            }
+        }
+        parts.extend(self.headers.iter().map(|(h, m)| format!("header {h}{m}")));
+        parts.extend(self.without_headers.iter().map(|(h, m)| format!("without header {h}{m}")));
+        parts.extend(self.query_params.iter().map(|(q, m)| format!("query {q}{m}")));
+        if let Some(port) = self.port {
+            parts.push(format!("port {port}"));
+        }
+        parts.extend(self.source_labels.iter().map(|(k, v)| format!("source label {k}={v}")));
+        if let Some(ns) = &self.source_namespace {
+            parts.push(format!("source namespace {ns}"));
+        }
+        if parts.is_empty() {
+            parts.push("any request".into());
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+impl std::fmt::Display for RetryPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.attempts == 0 {
+            return f.write_str("no retries");
+        }
+        let on = &self.retry_on;
+        let flags = [
+            (on.server_error, "5xx"),
+            (on.gateway_error, "gateway-error"),
+            (on.reset, "reset"),
+            (on.connect_failure, "connect-failure"),
+            (on.retriable_4xx, "retriable-4xx"),
+            (on.refused_stream, "refused-stream"),
+            (on.cancelled, "cancelled"),
+            (on.deadline_exceeded, "deadline-exceeded"),
+            (on.internal, "internal"),
+            (on.resource_exhausted, "resource-exhausted"),
+            (on.unavailable, "unavailable"),
+        ];
+        let mut conditions: Vec<String> = flags
+            .iter()
+            .filter(|(set, _)| *set)
+            .map(|(_, name)| (*name).to_owned())
+            .collect();
+        conditions.extend(on.retriable_status_codes.iter().map(u16::to_string));
+        write!(f, "{} retries on {}", self.attempts, conditions.join(","))?;
+        if let Some(t) = self.per_try_timeout {
+            write!(f, ", {} per try", duration::format(t))?;
+        }
+        Ok(())
+    }
+}

@@ -54,7 +54,7 @@ pub struct Target {
     pub policy: TrafficPolicy,
 }
 
-fn resolve(config: &Config, dest: &Destination, port: u16, ipv4: bool) -> Option<Target> {
+pub fn resolve(config: &Config, dest: &Destination, port: u16, ipv4: bool) -> Option<Target> {
     let service = config.service_by_key(&dest.service)?;
     let port = dest.port.unwrap_or(port);
     let target_port = service.port(port, Protocol::Tcp)?.target_port;

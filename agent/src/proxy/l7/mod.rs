@@ -14,6 +14,7 @@ mod balance;
 mod body;
 mod edit;
 mod forward;
+pub mod inspect;
 mod limits;
 mod tunnel;
 mod upstream;
@@ -29,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 pub use balance::Clusters;
+pub use inspect::ExplainRequest;
 pub use body::Body;
 pub use limits::WorkloadLimits;
 pub use upstream::Pool;
