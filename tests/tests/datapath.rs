@@ -53,7 +53,7 @@ impl Shop {
                 config::workload(t.pod("web"), "shop", &[("app", "web")]),
                 config::workload(t.pod("outsider"), "plain", &[("app", "outsider")]),
                 config::workload(t.pod("plainweb"), "plain", &[("app", "plainweb")]),
-                config::service("web", "shop", &[("app", "web")], 80, 8080, Some(WEB_IP)),
+                l4_service("web", "shop", &[("app", "web")], Some(WEB_IP)),
                 config::service("plainweb", "plain", &[("app", "plainweb")], 80, 8080, None),
             ],
         )
@@ -105,6 +105,18 @@ fn connections(agent: &Agent) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
+}
+
+/// A Service on 80 → 8080 whose port is declared opaque TCP (`tcp-web`), so
+/// that connections are relayed and recorded one for one; the L7 path (and
+/// its pooled connections) is covered by `l7.rs`.
+fn l4_service(name: &str, namespace: &str, selector: &[(&str, &str)], ip: Option<&str>) -> String {
+    let port = config::ServicePort {
+        name: "tcp-web",
+        port: 80,
+        target_port: 8080,
+    };
+    config::service_with_ports(name, namespace, selector, &[port], ip)
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -373,7 +385,7 @@ fn cross_node_traffic_goes_through_both_agents() {
             config::namespace("shop", true),
             config::workload(topo.pod("client"), "shop", &[("app", "client")]),
             config::workload(topo.pod("server"), "shop", &[("app", "server")]),
-            config::service("server", "shop", &[("app", "server")], 80, 8080, None),
+            l4_service("server", "shop", &[("app", "server")], None),
         ],
     )
     .unwrap();

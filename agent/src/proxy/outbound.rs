@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -59,16 +60,27 @@ async fn dispatch(
     }
 }
 
-/// On an undeclared port the endpoint is dialled while the client's first
-/// bytes are awaited: if the server speaks first (SMTP, MySQL...), relaying
-/// starts at once; if the client speaks HTTP, the spare connection is
-/// dropped and the requests are routed.
+/// On an undeclared port, a client that has not spoken within this grace is
+/// probably waiting for the server to speak first.
+const CLIENT_FIRST_GRACE: Duration = Duration::from_millis(10);
+
+/// On an undeclared port a client normally speaks at once and is detected
+/// with no cost. If it is silent past a short grace, the endpoint is dialled
+/// while its first bytes are still awaited: a server that speaks first
+/// (SMTP, MySQL...) starts the relay at once; if the client then speaks
+/// HTTP, the spare connection is dropped and the requests are routed.
 async fn detect_or_relay(
     proxy: &Arc<Proxy>,
     pod: &Arc<Pod>,
     client: TcpStream,
     record: &mut ConnectionRecord,
 ) -> Result<Transferred, String> {
+    if let Ok(Ok(())) = tokio::time::timeout(CLIENT_FIRST_GRACE, client.readable()).await {
+        return match detect::sniff(&client, proxy.settings.protocol_detection_timeout).await {
+            Detected::Opaque => l4(proxy, pod, client, record).await,
+            http => serve_l7(proxy, pod, client, record, http).await,
+        };
+    }
     let (detected, connected) = {
         let sniffing = detect::sniff(&client, proxy.settings.protocol_detection_timeout);
         tokio::pin!(sniffing);
