@@ -1,6 +1,7 @@
 //! Local YAML configuration of the mesh.
 //!
-//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services) is validated
+//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services, and the
+//! routing kinds of [`crate::routing`]) is validated
 //! as a whole into an immutable [`Config`] snapshot; [`watch_dir`] hot-reloads it into a
 //! [`ConfigStore`] that the request path reads without locking.
 
@@ -15,7 +16,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use load::{check_dns_label, check_metadata, port_number, Issues, Origin};
+pub(crate) use model::{Metadata, Object};
 pub use watch::{watch_dir, ConfigStore};
+
+use crate::routing::RoutingTable;
 
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -138,6 +143,7 @@ pub struct Config {
     cluster_domain: String,
     #[serde(skip)]
     index: Index,
+    routing: RoutingTable,
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -159,7 +165,18 @@ impl Config {
             services: Vec::new(),
             cluster_domain: LoadOptions::default().cluster_domain,
             index: Index::default(),
+            routing: RoutingTable::default(),
         }
+    }
+
+    /// VirtualServices, DestinationRules and HTTPRoutes, compiled per Service.
+    pub fn routing(&self) -> &RoutingTable {
+        &self.routing
+    }
+
+    /// Lowercase, without trailing dot (`cluster.local`).
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
     }
 
     /// Sorted by name.
