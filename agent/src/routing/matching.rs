@@ -34,10 +34,7 @@ impl RequestMatch {
             && self.port.is_none_or(|p| p == r.port)
             && self.method.as_ref().is_none_or(|m| m.matches(r.method))
             && self.scheme.as_ref().is_none_or(|m| m.matches(r.scheme))
-            && self
-                .authority
-                .as_ref()
-                .is_none_or(|m| m.matches(r.authority))
+            && self.authority.as_ref().is_none_or(|m| m.matches(r.authority))
             && self
                 .source_namespace
                 .as_ref()
@@ -93,9 +90,7 @@ impl StringMatch {
             StringMatch::Prefix(p) => value
                 .get(..p.len())
                 .is_some_and(|head| head.eq_ignore_ascii_case(p)),
-            StringMatch::PathPrefix(p) => {
-                path_prefix(&value.to_ascii_lowercase(), &p.to_ascii_lowercase())
-            }
+            StringMatch::PathPrefix(p) => path_prefix(&value.to_ascii_lowercase(), &p.to_ascii_lowercase()),
             // Istio ignores `ignoreUriCase` for regexes too; `(?i)` is the way.
             StringMatch::Regex(_) | StringMatch::Present => self.matches(value),
         }
@@ -114,11 +109,7 @@ fn path_prefix(path: &str, prefix: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn info<'a>(
-        path: &'a str,
-        headers: &'a HeaderMap,
-        labels: &'a BTreeMap<String, String>,
-    ) -> RequestInfo<'a> {
+    fn info<'a>(path: &'a str, headers: &'a HeaderMap, labels: &'a BTreeMap<String, String>) -> RequestInfo<'a> {
         let (path, query) = match path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path, None),
