@@ -425,7 +425,13 @@ fn bind_http_routes(
     // Service → (route, the ports it is attached to; `None`: all).
     let mut attached = BTreeMap::<String, Vec<(usize, Option<BTreeSet<u16>>)>>::new();
     for (i, (origin, route)) in routes.iter_mut().enumerate() {
-        for (_, draft) in &mut route.routes {
+        // Routes for Gateways only may name anything; they are not applied.
+        let drafts = if route.parents.is_empty() {
+            &mut [][..]
+        } else {
+            &mut route.routes[..]
+        };
+        for (_, draft) in drafts {
             let namespace = &route.meta.namespace;
             resolve_destinations(
                 config,

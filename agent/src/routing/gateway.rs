@@ -233,6 +233,9 @@ pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> Htt
     let namespace = &doc.metadata.namespace;
     let spec = doc.spec;
     let mut warnings = Warnings::default();
+    if spec.parent_refs.is_empty() {
+        warnings.add("spec.parentRefs", "no parent: the route applies to nothing");
+    }
     let mut parents = Vec::new();
     for (i, p) in spec.parent_refs.into_iter().enumerate() {
         let field = format!("spec.parentRefs[{i}]");
@@ -260,12 +263,7 @@ pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> Htt
             field,
         });
     }
-    if parents.is_empty() {
-        warnings.add(
-            "spec.parentRefs",
-            "no Service parent: the route applies to nothing",
-        );
-    } else if !spec.hostnames.is_empty() {
+    if !parents.is_empty() && !spec.hostnames.is_empty() {
         warnings.add(
             "spec.hostnames",
             "ignored: a route attached to a Service applies to all its traffic",

@@ -10,6 +10,8 @@ mod compile;
 mod gateway;
 mod istio;
 mod matching;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
