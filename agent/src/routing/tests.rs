@@ -942,3 +942,94 @@ fn http_routes_for_one_service_merge_by_precedence() {
     assert_eq!(select(reviews, "/api/v1", &[]), "exact");
     assert_eq!(select(reviews, "/apiary", &[]), "catch-all");
 }
+
+#[test]
+fn istio_actions_matches_and_header_edits() {
+    let vs = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  exportTo: ['*']
+  http:
+  - name: gone
+    match:
+    - uri: {prefix: /old}
+      withoutHeaders: {x-keep: {}}
+      queryParams: {debug: {exact: 'yes'}}
+      sourceLabels: {app: productpage}
+      port: 9080
+    redirect: {uri: /new, authority: reviews.example}
+  - name: teapot
+    match: [{uri: {exact: /tea}, method: {exact: BREW}}]
+    directResponse: {status: 418, body: {bytes: SSdtIGEgdGVhcG90}}
+  - name: rewritten
+    match: [{uri: {regex: '/v[0-9]+/.*'}, ignoreUriCase: true}]
+    rewrite: {uriRegexRewrite: {match: '^/v([0-9]+)/', rewrite: '/api/\\1/'}, authority: reviews-v2}
+    headers:
+      request: {set: {X-Version: v2}, add: {X-Trace: 'on'}, remove: [Cookie]}
+      response: {remove: [server]}
+    route: [{destination: {host: reviews, subset: v2}, headers: {response: {set: {x-subset: v2}}}}]
+    corsPolicy: {allowOrigins: [{exact: 'https://example.com'}], maxAge: 24h}
+";
+    let table = table(&[("dr.yaml", DESTINATION_RULE_ALL), ("vs.yaml", vs)]);
+    let routes = &host(&table, "default/reviews").routes;
+    let m = &routes[0].matches[0];
+    assert!(matches!(&m.without_headers[..], [(n, StringMatch::Present)] if n == "x-keep"));
+    assert!(
+        matches!(&m.query_params[..], [(n, StringMatch::Exact(v))] if n == "debug" && v == "yes")
+    );
+    assert_eq!(
+        (m.port, m.source_labels["app"].as_str()),
+        (Some(9080), "productpage")
+    );
+    let RouteAction::Redirect(redirect) = &routes[0].action else {
+        unreachable!()
+    };
+    assert_eq!(
+        (redirect.status, redirect.authority.as_deref()),
+        (301, Some("reviews.example"))
+    );
+    assert!(matches!(&redirect.path, Some(PathRewrite::Full(p)) if p == "/new"));
+    let RouteAction::DirectResponse { status, body } = &routes[1].action else {
+        unreachable!()
+    };
+    assert_eq!((*status, &body[..]), (418, &b"I'm a teapot"[..]));
+    let rewritten = &routes[2];
+    assert!(rewritten.matches[0].ignore_uri_case);
+    let Some(Rewrite {
+        path: Some(PathRewrite::Regex { pattern, rewrite }),
+        authority,
+    }) = &rewritten.rewrite
+    else {
+        panic!("{:?}", rewritten.rewrite)
+    };
+    assert_eq!(
+        (pattern.as_str(), rewrite.as_str()),
+        ("^/v([0-9]+)/", "/api/\\1/")
+    );
+    assert_eq!(authority.as_deref(), Some("reviews-v2"));
+    let request = &rewritten.headers.request;
+    assert_eq!(request.set, [("x-version".to_owned(), "v2".to_owned())]);
+    assert_eq!(request.add, [("x-trace".to_owned(), "on".to_owned())]);
+    assert_eq!(request.remove, ["cookie"]);
+    let RouteAction::Forward(destinations) = &rewritten.action else {
+        unreachable!()
+    };
+    assert_eq!(
+        destinations[0].headers.response.set,
+        [("x-subset".to_owned(), "v2".to_owned())]
+    );
+    assert_eq!(table.warnings.len(), 1, "{:#?}", table.warnings);
+    assert!(table.warnings[0].ends_with("spec.http[2].corsPolicy: accepted, not enforced"));
+    // Anchored: the whole path must match.
+    assert_eq!(
+        select(host(&table, "default/reviews"), "/v1/x", &[]),
+        "rewritten"
+    );
+    assert_eq!(
+        select(host(&table, "default/reviews"), "/x/v1/x", &[]),
+        "none"
+    );
+}
