@@ -176,6 +176,8 @@ impl Node {
                 "namespaces": cfg.namespaces().count(),
                 "workloads": cfg.workloads().len(),
                 "services": cfg.services().len(),
+                "http_routes": cfg.routing().route_count(),
+                "routing_warnings": cfg.routing().warnings,
             },
             "ebpf": self.enroller.with_datapath(|d| d.status()),
             "workloads": {

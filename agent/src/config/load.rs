@@ -12,6 +12,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
+use crate::routing::{self, RoutingTable};
+
 use super::model::{self, Metadata, NamespaceDoc, Object, ServiceSpec, TargetPort, WorkloadSpec};
 use super::{
     Config, ConfigError, ConfigErrors, Index, LoadOptions, Namespace, Service, ServicePort,
@@ -67,15 +69,38 @@ enum Kind {
     Namespace,
     Workload,
     Service,
+    VirtualService,
+    DestinationRule,
+    HttpRoute,
 }
 
-impl Kind {
-    const ALL: [Kind; 3] = [Kind::Namespace, Kind::Workload, Kind::Service];
+const ISTIO_NETWORKING: &[&str] = &[
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
 
-    fn api_version(self) -> &'static str {
+impl Kind {
+    const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Workload,
+        Kind::Service,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::HttpRoute,
+    ];
+
+    /// Every version is read with the same schema: they differ only in
+    /// maturity, not in fields.
+    fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::Workload => "nodemesh.io/v1alpha1",
-            Kind::Namespace | Kind::Service => "v1",
+            Kind::Workload => &["nodemesh.io/v1alpha1"],
+            Kind::Namespace | Kind::Service => &["v1"],
+            Kind::VirtualService | Kind::DestinationRule => ISTIO_NETWORKING,
+            Kind::HttpRoute => &[
+                "gateway.networking.k8s.io/v1",
+                "gateway.networking.k8s.io/v1beta1",
+            ],
         }
     }
 
@@ -84,18 +109,36 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Workload => "Workload",
             Kind::Service => "Service",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::HttpRoute => "HTTPRoute",
+        }
+    }
+
+    /// `group/v1|v1beta1 Kind`, for the list of supported kinds.
+    fn describe(self) -> String {
+        let versions = self.api_versions();
+        let (group, _) = versions[0].rsplit_once('/').unwrap_or(("", ""));
+        let versions: Vec<_> = versions
+            .iter()
+            .map(|v| v.rsplit_once('/').map_or(*v, |(_, v)| v))
+            .collect();
+        let versions = versions.join("|");
+        match group {
+            "" => format!("{versions} {}", self.name()),
+            _ => format!("{group}/{versions} {}", self.name()),
         }
     }
 }
 
 /// Where an object was defined, for error messages.
-struct Origin {
+pub(crate) struct Origin {
     file: PathBuf,
     object: String,
 }
 
 impl Origin {
-    fn error(&self, field: Option<String>, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn error(&self, field: Option<String>, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
             object: Some(self.object.clone()),
@@ -119,10 +162,10 @@ struct ServiceDraft {
 
 /// Field-level problems of one object: (field path, message).
 #[derive(Default)]
-struct Issues(Vec<(String, String)>);
+pub(crate) struct Issues(Vec<(String, String)>);
 
 impl Issues {
-    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push((field.into(), message.into()));
     }
 }
@@ -135,6 +178,7 @@ struct Loader {
     namespaces: Vec<Namespace>,
     workloads: Vec<(Origin, Workload)>,
     services: Vec<(Origin, ServiceDraft)>,
+    routing: routing::Drafts,
 }
 
 impl Loader {
@@ -178,14 +222,11 @@ impl Loader {
             api_version.as_ref().and_then(Value::as_str),
             kind.as_ref().and_then(Value::as_str),
         );
-        let Some(kind) = Kind::ALL
-            .into_iter()
-            .find(|k| Some(k.api_version()) == api_version && Some(k.name()) == kind_name)
-        else {
-            let supported: Vec<_> = Kind::ALL
-                .iter()
-                .map(|k| format!("{} {}", k.api_version(), k.name()))
-                .collect();
+        let Some(kind) = Kind::ALL.into_iter().find(|k| {
+            api_version.is_some_and(|v| k.api_versions().contains(&v))
+                && Some(k.name()) == kind_name
+        }) else {
+            let supported: Vec<_> = Kind::ALL.iter().map(|k| k.describe()).collect();
             return self.errors.push(origin.error(
                 None,
                 format!(
@@ -227,6 +268,21 @@ impl Loader {
             Kind::Service => {
                 if let Some(draft) = self.parse(&origin, doc, service) {
                     self.services.push((origin, draft));
+                }
+            }
+            Kind::VirtualService => {
+                if let Some(draft) = self.parse(&origin, doc, routing::virtual_service) {
+                    self.routing.virtual_services.push((origin, draft));
+                }
+            }
+            Kind::DestinationRule => {
+                if let Some(draft) = self.parse(&origin, doc, routing::destination_rule) {
+                    self.routing.destination_rules.push((origin, draft));
+                }
+            }
+            Kind::HttpRoute => {
+                if let Some(draft) = self.parse(&origin, doc, routing::http_route) {
+                    self.routing.http_routes.push((origin, draft));
                 }
             }
         }
@@ -284,7 +340,7 @@ impl Loader {
                 .insert(service.name.clone(), i);
         }
         let endpoints = services.iter().map(|s| select(s, &workloads)).collect();
-        Ok(Config {
+        let mut config = Config {
             namespaces: self
                 .namespaces
                 .into_iter()
@@ -302,8 +358,14 @@ impl Loader {
                 service_by_name,
                 endpoints,
             },
-            routing: Default::default(),
-        })
+            routing: RoutingTable::default(),
+        };
+        // Routes refer to Services, so they are resolved once all are known.
+        config.routing = routing::compile(&config, self.routing, &mut self.errors);
+        if !self.errors.is_empty() {
+            return Err(ConfigErrors(self.errors));
+        }
+        Ok(config)
     }
 
     /// Indexes workloads by address, reporting addresses used twice.
@@ -371,7 +433,7 @@ fn object_name(kind: Kind, doc: &Mapping) -> Option<String> {
     let name = metadata.get("name")?.as_str()?;
     Some(match kind {
         Kind::Namespace => format!("Namespace {name}"),
-        Kind::Workload | Kind::Service => {
+        _ => {
             let namespace = metadata.get("namespace").and_then(Value::as_str);
             format!(
                 "{} {}/{name}",
@@ -560,12 +622,12 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
     }
 }
 
-fn check_metadata(metadata: &Metadata, issues: &mut Issues) {
+pub(crate) fn check_metadata(metadata: &Metadata, issues: &mut Issues) {
     check_dns_label(&metadata.name, "metadata.name", issues);
     check_dns_label(&metadata.namespace, "metadata.namespace", issues);
 }
 
-fn check_dns_label(value: &str, field: &str, issues: &mut Issues) {
+pub(crate) fn check_dns_label(value: &str, field: &str, issues: &mut Issues) {
     let valid = (1..=63).contains(&value.len())
         && value
             .bytes()
@@ -589,7 +651,7 @@ fn check_unicast(ip: IpAddr, field: String, issues: &mut Issues) {
     }
 }
 
-fn port_number(n: i64, field: String, issues: &mut Issues) -> Option<u16> {
+pub(crate) fn port_number(n: i64, field: String, issues: &mut Issues) -> Option<u16> {
     let port = u16::try_from(n).ok().filter(|&p| p != 0);
     if port.is_none() {
         issues.add(field, "must be between 1 and 65535");
@@ -932,7 +994,10 @@ spec:
     #[test]
     fn rejects_unsupported_kinds() {
         let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
-        let supported = "(supported: v1 Namespace, nodemesh.io/v1alpha1 Workload, v1 Service)";
+        let supported = "(supported: v1 Namespace, nodemesh.io/v1alpha1 Workload, v1 Service, \
+                         networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
+                         networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
+                         gateway.networking.k8s.io/v1|v1beta1 HTTPRoute)";
         assert_error(
             &[("x.yaml", deployment)],
             &[

@@ -1,6 +1,7 @@
 //! Local YAML configuration of the mesh.
 //!
-//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services) is validated
+//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services, and the
+//! routing kinds of [`crate::routing`]) is validated
 //! as a whole into an immutable [`Config`] snapshot; [`watch_dir`] hot-reloads it into a
 //! [`ConfigStore`] that the request path reads without locking.
 
@@ -15,6 +16,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use load::{check_dns_label, check_metadata, port_number, Issues, Origin};
+pub(crate) use model::{Metadata, Object};
 pub use watch::{watch_dir, ConfigStore};
 
 use crate::routing::RoutingTable;
@@ -167,9 +170,14 @@ impl Config {
         }
     }
 
-    /// Routes and destination policies (VirtualService, DestinationRule, HTTPRoute).
+    /// VirtualServices, DestinationRules and HTTPRoutes, compiled per Service.
     pub fn routing(&self) -> &RoutingTable {
         &self.routing
+    }
+
+    /// Lowercase, without trailing dot (`cluster.local`).
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
     }
 
     /// Sorted by name.
@@ -306,7 +314,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 #[cfg(test)]
-mod test_support {
+pub(crate) mod test_support {
     use std::fs;
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -28,6 +28,9 @@ pub struct NamespaceDoc {
 pub struct Object<S> {
     pub metadata: Metadata,
     pub spec: S,
+    /// Written by controllers (exported manifests carry it); never read.
+    #[serde(rename = "status")]
+    _status: Option<IgnoredAny>,
 }
 
 /// Strict like everything else, since a typo such as `namepsace` would silently move an
@@ -52,8 +55,8 @@ pub struct Metadata {
     _resource_version: Option<IgnoredAny>,
     #[serde(rename = "generation")]
     _generation: Option<IgnoredAny>,
-    #[serde(rename = "creationTimestamp")]
-    _creation_timestamp: Option<IgnoredAny>,
+    /// RFC 3339; orders conflicting routing objects (the oldest wins, as in Istio).
+    pub creation_timestamp: Option<String>,
     #[serde(rename = "deletionTimestamp")]
     _deletion_timestamp: Option<IgnoredAny>,
     #[serde(rename = "deletionGracePeriodSeconds")]

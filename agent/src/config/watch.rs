@@ -176,9 +176,13 @@ async fn next_events(inotify: &AsyncFd<InotifyFd>) -> io::Result<Vec<InotifyEven
 fn reload(dir: &Path, opts: &LoadOptions, store: &ConfigStore) {
     match Config::load_dir(dir, opts) {
         Ok(config) => {
+            for warning in &config.routing().warnings {
+                log::warn!("{warning}");
+            }
+            let routes = config.routing().route_count();
             store.replace(config);
             log::info!(
-                "loaded config generation {} from {}",
+                "loaded config generation {} from {} ({routes} HTTP routes)",
                 store.generation(),
                 dir.display()
             );

@@ -6,9 +6,12 @@
 //! many routes the mesh holds. Everything here is plain data: the proxy
 //! executes it, `nodemesh routes` and `explain` print it.
 
+mod compile;
 mod gateway;
 mod istio;
 mod matching;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -16,6 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
+pub(crate) use compile::{compile, Drafts};
+pub(crate) use gateway::http_route;
+pub(crate) use istio::{destination_rule, virtual_service};
 pub use matching::RequestInfo;
 
 /// Routes and traffic policies of every Service that has any.

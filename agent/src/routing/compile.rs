@@ -1,0 +1,771 @@
+//! What the Istio and Gateway API translations share: value parsing
+//! (durations, regexes, header names, labels) and the cross-object step that
+//! binds routes to Services, checks references and settles conflicts.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError, Issues, Metadata, Origin, Protocol, Service};
+
+use super::{Destination, DestinationPolicy, HttpRoute, RouteAction, RoutingTable, VirtualHost};
+
+/// Routing objects checked one by one, waiting for the Services to be known.
+#[derive(Default)]
+pub(crate) struct Drafts {
+    pub virtual_services: Vec<(Origin, VirtualServiceDraft)>,
+    pub destination_rules: Vec<(Origin, DestinationRuleDraft)>,
+    pub http_routes: Vec<(Origin, HttpRouteDraft)>,
+}
+
+/// What conflicts between objects are settled by.
+pub(super) struct Meta {
+    pub namespace: String,
+    pub name: String,
+    pub created: Option<String>,
+}
+
+impl Meta {
+    pub fn new(metadata: &Metadata) -> Meta {
+        Meta {
+            namespace: metadata.namespace.clone(),
+            name: metadata.name.clone(),
+            created: metadata.creation_timestamp.clone(),
+        }
+    }
+
+    /// Oldest first (RFC 3339 UTC strings sort by time), objects without a
+    /// timestamp last, then by namespace/name.
+    fn rank(&self) -> (bool, &str, &str, &str) {
+        let created = self.created.as_deref();
+        (
+            created.is_none(),
+            created.unwrap_or(""),
+            &self.namespace,
+            &self.name,
+        )
+    }
+}
+
+pub(crate) struct VirtualServiceDraft {
+    pub(super) meta: Meta,
+    /// `spec.hosts` as written.
+    pub(super) hosts: Vec<String>,
+    /// False when `gateways` is set without `mesh`: the object then only
+    /// configures gateways, which nodemesh is not.
+    pub(super) mesh: bool,
+    pub(super) routes: Vec<RouteDraft>,
+    pub(super) warnings: Warnings,
+}
+
+pub(crate) struct DestinationRuleDraft {
+    pub(super) meta: Meta,
+    pub(super) host: String,
+    /// `origin` is filled in once bound.
+    pub(super) policy: DestinationPolicy,
+    pub(super) warnings: Warnings,
+}
+
+pub(crate) struct HttpRouteDraft {
+    pub(super) meta: Meta,
+    pub(super) parents: Vec<ParentRef>,
+    /// One route per rule and match, so that matches of all rules (and of
+    /// all routes attached to a Service) can be ordered by precedence.
+    pub(super) routes: Vec<(Precedence, RouteDraft)>,
+    pub(super) warnings: Warnings,
+}
+
+/// A Service parent of an HTTPRoute (GAMMA).
+pub(super) struct ParentRef {
+    pub field: String,
+    /// `name.namespace`.
+    pub host: String,
+    pub port: Option<u16>,
+    pub section_name: Option<String>,
+}
+
+/// Gateway API match precedence, most specific first: path kind (Exact,
+/// PathPrefix, RegularExpression), prefix length, method, header count,
+/// query parameter count; then rule and match index. Route age and name
+/// come from [`Meta`].
+pub(super) type Precedence = (
+    (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>),
+    (usize, usize),
+);
+
+/// A compiled route whose destinations still name hosts as written.
+pub(super) struct RouteDraft {
+    pub route: HttpRoute,
+    /// Path of each destination's field, in [`destinations_mut`] order.
+    pub destination_fields: Vec<String>,
+    /// A redirect port without a new authority: it must be a port of the
+    /// Service the route is bound to.
+    pub redirect_port: Option<(String, u16)>,
+}
+
+/// Forwarding destinations, then mirrors.
+fn destinations_mut(route: &mut HttpRoute) -> impl Iterator<Item = &mut Destination> {
+    let forward = match &mut route.action {
+        RouteAction::Forward(destinations) => destinations.as_mut_slice(),
+        _ => &mut [],
+    };
+    forward
+        .iter_mut()
+        .map(|w| &mut w.destination)
+        .chain(route.mirrors.iter_mut().map(|m| &mut m.destination))
+}
+
+/// Settings that are valid but that nodemesh does not act on, and other
+/// things worth telling: (field, message).
+#[derive(Default)]
+pub(super) struct Warnings(pub Vec<(String, String)>);
+
+impl Warnings {
+    pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push((field.into(), message.into()));
+    }
+
+    pub fn not_enforced(&mut self, field: impl Into<String>) {
+        self.add(field, "accepted, not enforced");
+    }
+}
+
+/// Field names of a destination, which differ between the APIs.
+struct DestinationFields {
+    host: &'static str,
+    port: &'static str,
+}
+
+const ISTIO_FIELDS: DestinationFields = DestinationFields {
+    host: "host",
+    port: "port.number",
+};
+const GATEWAY_FIELDS: DestinationFields = DestinationFields {
+    host: "name",
+    port: "port",
+};
+
+/// Binds every draft to the Services it routes, reporting broken references
+/// in `errors` and resolved conflicts as warnings.
+pub(crate) fn compile(
+    config: &Config,
+    drafts: Drafts,
+    errors: &mut Vec<ConfigError>,
+) -> RoutingTable {
+    let mut warnings = Vec::new();
+    let objects = (drafts
+        .virtual_services
+        .iter()
+        .map(|(o, d)| (o, &d.warnings)))
+    .chain(
+        drafts
+            .destination_rules
+            .iter()
+            .map(|(o, d)| (o, &d.warnings)),
+    )
+    .chain(drafts.http_routes.iter().map(|(o, d)| (o, &d.warnings)));
+    for (origin, object_warnings) in objects {
+        for (field, message) in &object_warnings.0 {
+            warnings.push(format!("{origin}: {field}: {message}"));
+        }
+    }
+    let policies = bind_destination_rules(config, &drafts.destination_rules, &mut warnings);
+    let mut hosts = bind_virtual_services(
+        config,
+        drafts.virtual_services,
+        &policies,
+        errors,
+        &mut warnings,
+    );
+    bind_http_routes(
+        config,
+        drafts.http_routes,
+        &policies,
+        &mut hosts,
+        errors,
+        &mut warnings,
+    );
+    RoutingTable::new(
+        hosts.into_iter().collect(),
+        policies.into_iter().collect(),
+        warnings,
+    )
+}
+
+/// The Services an Istio host names: `(wildcard, services)`. Short names are
+/// relative to the object's namespace.
+fn services_for_host<'c>(
+    config: &'c Config,
+    host: &str,
+    namespace: &str,
+) -> (bool, Vec<&'c Service>) {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let suffix = match host.as_str() {
+        "*" => Some(String::new()),
+        _ => host.strip_prefix('*').map(str::to_owned),
+    };
+    let Some(suffix) = suffix else {
+        return (
+            false,
+            config
+                .resolve_service_name(&host, namespace)
+                .into_iter()
+                .collect(),
+        );
+    };
+    let domain = config.cluster_domain();
+    let services = config
+        .services()
+        .iter()
+        .filter(|s| format!("{}.{}.svc.{domain}", s.name, s.namespace).ends_with(&suffix));
+    (true, services.collect())
+}
+
+/// `name.namespace`, as destinations are written and errors name them.
+fn short_name(service: &Service) -> String {
+    format!("{}.{}", service.name, service.namespace)
+}
+
+fn bind_destination_rules(
+    config: &Config,
+    rules: &[(Origin, DestinationRuleDraft)],
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, DestinationPolicy> {
+    // Service → (specificity, rule): an exact host beats any wildcard, and a
+    // longer wildcard a shorter one.
+    let mut candidates = BTreeMap::<String, Vec<(usize, usize)>>::new();
+    for (i, (origin, rule)) in rules.iter().enumerate() {
+        let (wildcard, services) = services_for_host(config, &rule.host, &rule.meta.namespace);
+        if services.is_empty() {
+            warnings.push(format!(
+                "{origin}: spec.host: {:?} matches no Service; the rule applies to nothing",
+                rule.host
+            ));
+        }
+        let specificity = if wildcard {
+            rule.host.len()
+        } else {
+            usize::MAX
+        };
+        for service in services {
+            candidates
+                .entry(service.key())
+                .or_default()
+                .push((specificity, i));
+        }
+    }
+    let mut policies = BTreeMap::new();
+    for (service, mut candidates) in candidates {
+        let best = candidates.iter().map(|c| c.0).max();
+        candidates.retain(|c| Some(c.0) == best);
+        candidates.sort_by(|a, b| rules[a.1].1.meta.rank().cmp(&rules[b.1].1.meta.rank()));
+        let (winner_origin, winner) = &rules[candidates[0].1];
+        let mut policy = winner.policy.clone();
+        policy.origin = winner_origin.to_string();
+        for &(_, other) in &candidates[1..] {
+            let (origin, other) = &rules[other];
+            let (mut merged, mut ignored) = (Vec::new(), Vec::new());
+            for subset in &other.policy.subsets {
+                if policy.subset(&subset.name).is_some() {
+                    ignored.push(subset.name.as_str());
+                } else {
+                    merged.push(subset.name.as_str());
+                    policy.subsets.push(subset.clone());
+                }
+            }
+            let mut message = format!(
+                "Service {service}: {origin} also applies; {winner_origin} is older and wins, \
+                 subsets [{}] are merged from the other",
+                merged.join(", ")
+            );
+            if !ignored.is_empty() {
+                message += &format!(
+                    ", subsets [{}] are already defined and ignored",
+                    ignored.join(", ")
+                );
+            }
+            warnings.push(message);
+        }
+        policies.insert(service, policy);
+    }
+    policies
+}
+
+/// Resolves the destinations of `draft` to Services, checking subsets and
+/// ports.
+fn resolve_destinations(
+    config: &Config,
+    draft: &mut RouteDraft,
+    namespace: &str,
+    policies: &BTreeMap<String, DestinationPolicy>,
+    names: &DestinationFields,
+    origin: &Origin,
+    errors: &mut Vec<ConfigError>,
+) {
+    let fields = &draft.destination_fields;
+    for (destination, field) in destinations_mut(&mut draft.route).zip(fields) {
+        let Some(service) = config.resolve_service_name(&destination.service, namespace) else {
+            let message = format!("{:?} is not a Service", destination.service);
+            errors.push(origin.error(Some(format!("{field}.{}", names.host)), message));
+            continue;
+        };
+        let key = service.key();
+        if let Some(subset) = &destination.subset {
+            if policies.get(&key).and_then(|p| p.subset(subset)).is_none() {
+                let message = format!(
+                    "subset {subset} is not defined by any DestinationRule for {}",
+                    short_name(service)
+                );
+                errors.push(origin.error(Some(format!("{field}.subset")), message));
+            }
+        }
+        if let Some(port) = destination.port {
+            if service.port(port, Protocol::Tcp).is_none() {
+                let message = format!("{port} is not a TCP port of Service {key}");
+                errors.push(origin.error(Some(format!("{field}.{}", names.port)), message));
+            }
+        }
+        destination.service = key;
+    }
+}
+
+fn bind_virtual_services(
+    config: &Config,
+    mut services: Vec<(Origin, VirtualServiceDraft)>,
+    policies: &BTreeMap<String, DestinationPolicy>,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, VirtualHost> {
+    // Service → (wildcard, virtual service).
+    let mut candidates = BTreeMap::<String, Vec<(bool, usize)>>::new();
+    for (i, (origin, vs)) in services.iter_mut().enumerate() {
+        if !vs.mesh {
+            continue;
+        }
+        for route in &mut vs.routes {
+            let namespace = &vs.meta.namespace;
+            resolve_destinations(
+                config,
+                route,
+                namespace,
+                policies,
+                &ISTIO_FIELDS,
+                origin,
+                errors,
+            );
+        }
+        for (h, host) in vs.hosts.iter().enumerate() {
+            let (wildcard, bound) = services_for_host(config, host, &vs.meta.namespace);
+            if bound.is_empty() {
+                let message = format!(
+                    "{origin}: spec.hosts[{h}]: {host:?} matches no Service; nothing is routed by it"
+                );
+                warnings.push(message);
+            }
+            for service in bound {
+                if !wildcard {
+                    check_redirect_ports(service, &vs.routes, origin, errors);
+                }
+                let entry = candidates.entry(service.key()).or_default();
+                match entry.iter_mut().find(|(_, j)| *j == i) {
+                    Some(existing) => existing.0 &= wildcard,
+                    None => entry.push((wildcard, i)),
+                }
+            }
+        }
+    }
+    let mut hosts = BTreeMap::new();
+    for (service, mut candidates) in candidates {
+        candidates.sort_by(|a, b| {
+            let rank = |(wildcard, i): (bool, usize)| (wildcard, services[i].1.meta.rank());
+            rank(*a).cmp(&rank(*b))
+        });
+        let (wildcard, winner) = candidates[0];
+        let winner_origin = &services[winner].0;
+        // A wildcard losing to an exact host is the intended way to override it.
+        for &(_, other) in candidates[1..].iter().filter(|(w, _)| *w == wildcard) {
+            warnings.push(format!(
+                "Service {service}: {} also binds it and is ignored for it; {winner_origin} is older \
+                 and wins (Istio applies one VirtualService per host)",
+                services[other].0
+            ));
+        }
+        let routes = services[winner].1.routes.iter().map(|r| r.route.clone());
+        let host = VirtualHost {
+            origin: winner_origin.to_string(),
+            routes: routes.collect(),
+        };
+        hosts.insert(service, host);
+    }
+    hosts
+}
+
+fn check_redirect_ports(
+    service: &Service,
+    routes: &[RouteDraft],
+    origin: &Origin,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (field, port) in routes.iter().filter_map(|r| r.redirect_port.as_ref()) {
+        if service.port(*port, Protocol::Tcp).is_none() {
+            let message = format!("{port} is not a TCP port of Service {}", service.key());
+            errors.push(origin.error(Some(field.clone()), message));
+        }
+    }
+}
+
+fn bind_http_routes(
+    config: &Config,
+    mut routes: Vec<(Origin, HttpRouteDraft)>,
+    policies: &BTreeMap<String, DestinationPolicy>,
+    hosts: &mut BTreeMap<String, VirtualHost>,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) {
+    // Service → (route, the ports it is attached to; `None`: all).
+    let mut attached = BTreeMap::<String, Vec<(usize, Option<BTreeSet<u16>>)>>::new();
+    for (i, (origin, route)) in routes.iter_mut().enumerate() {
+        // Routes for Gateways only may name anything; they are not applied.
+        let drafts = if route.parents.is_empty() {
+            &mut [][..]
+        } else {
+            &mut route.routes[..]
+        };
+        for (_, draft) in drafts {
+            let namespace = &route.meta.namespace;
+            resolve_destinations(
+                config,
+                draft,
+                namespace,
+                policies,
+                &GATEWAY_FIELDS,
+                origin,
+                errors,
+            );
+        }
+        let mut ports_by_service = BTreeMap::<String, Option<BTreeSet<u16>>>::new();
+        for parent in &route.parents {
+            let Some(service) = config.resolve_service_name(&parent.host, "") else {
+                warnings.push(format!(
+                    "{origin}: {}: parent Service {} does not exist; the route is not attached to it",
+                    parent.field, parent.host
+                ));
+                continue;
+            };
+            let port = match (parent.port, &parent.section_name) {
+                (Some(port), _) if service.port(port, Protocol::Tcp).is_none() => {
+                    let message = format!("{port} is not a TCP port of Service {}", service.key());
+                    errors.push(origin.error(Some(format!("{}.port", parent.field)), message));
+                    continue;
+                }
+                (Some(port), _) => Some(port),
+                (None, Some(section)) => {
+                    let named = service.ports.iter().find(|p| {
+                        p.protocol == Protocol::Tcp && p.name.as_deref() == Some(section.as_str())
+                    });
+                    let Some(named) = named else {
+                        let message =
+                            format!("Service {} has no port named {section:?}", service.key());
+                        errors.push(
+                            origin.error(Some(format!("{}.sectionName", parent.field)), message),
+                        );
+                        continue;
+                    };
+                    Some(named.port)
+                }
+                (None, None) => None,
+            };
+            let ports = ports_by_service
+                .entry(service.key())
+                .or_insert_with(|| Some(BTreeSet::new()));
+            match (ports.as_mut(), port) {
+                (Some(ports), Some(port)) => {
+                    ports.insert(port);
+                }
+                (_, None) => *ports = None,
+                (None, Some(_)) => {}
+            }
+        }
+        for (service, ports) in ports_by_service {
+            attached.entry(service).or_default().push((i, ports));
+        }
+    }
+
+    for (service, attached) in attached {
+        if let Some(host) = hosts.get(&service) {
+            for (i, _) in attached {
+                warnings.push(format!(
+                    "Service {service}: {} is ignored for it; {} routes it and a VirtualService \
+                     wins over an HTTPRoute",
+                    routes[i].0, host.origin
+                ));
+            }
+            continue;
+        }
+        let mut ordered: Vec<_> = attached
+            .iter()
+            .flat_map(|(i, ports)| {
+                let route = &routes[*i].1;
+                route
+                    .routes
+                    .iter()
+                    .map(move |(precedence, draft)| (precedence, &route.meta, draft, ports))
+            })
+            .collect();
+        ordered.sort_by(|(a, a_meta, ..), (b, b_meta, ..)| {
+            (a.0, a_meta.rank(), a.1).cmp(&(b.0, b_meta.rank(), b.1))
+        });
+        let routes_for_service = ordered.into_iter().map(|(_, _, draft, ports)| {
+            let mut route = draft.route.clone();
+            if let Some(ports) = ports {
+                let matches = std::mem::take(&mut route.matches);
+                route.matches = matches
+                    .iter()
+                    .flat_map(|m| {
+                        ports.iter().map(|&port| super::RequestMatch {
+                            port: Some(port),
+                            ..m.clone()
+                        })
+                    })
+                    .collect();
+            }
+            route
+        });
+        let origins: Vec<_> = attached
+            .iter()
+            .map(|(i, _)| routes[*i].0.to_string())
+            .collect();
+        let host = VirtualHost {
+            origin: origins.join(", "),
+            routes: routes_for_service.collect(),
+        };
+        hosts.insert(service, host);
+    }
+}
+
+/// Go's duration syntax (`7s`, `0.5s`, `500ms`, `1m30s`), which both Istio
+/// and the Gateway API use.
+pub(super) fn duration(
+    text: &str,
+    field: impl Into<String>,
+    issues: &mut Issues,
+) -> Option<Duration> {
+    let parsed = parse_duration(text);
+    if parsed.is_none() {
+        issues.add(
+            field,
+            format!(
+                "invalid duration {text:?}: expected a number with a unit (h, m, s, ms, us, ns), \
+                 e.g. \"7s\", \"0.5s\", \"500ms\" or \"1m30s\""
+            ),
+        );
+    }
+    parsed
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut nanos: u128 = 0;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(number_end);
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let unit: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return None,
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+            return None;
+        }
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().ok()?
+        };
+        // Digits beyond nanosecond precision of the largest unit do not matter.
+        let fraction = &fraction[..fraction.len().min(13)];
+        let scale = 10u128.pow(u32::try_from(fraction.len()).ok()?);
+        let fraction: u128 = if fraction.is_empty() {
+            0
+        } else {
+            fraction.parse().ok()?
+        };
+        nanos = nanos.checked_add(
+            whole
+                .checked_mul(unit)?
+                .checked_add(fraction * unit / scale)?,
+        )?;
+        rest = tail;
+    }
+    Some(Duration::from_nanos(u64::try_from(nanos).ok()?))
+}
+
+/// Compiles `source` to match whole values only, as Envoy's RE2 matchers do.
+pub(super) fn full_match_regex(
+    source: &str,
+    field: String,
+    issues: &mut Issues,
+) -> Option<regex::Regex> {
+    regex(&format!("^(?:{source})$"), field, issues)
+}
+
+/// Compiles `source` as written, with a size limit: configuration must not
+/// be able to make the proxy build huge automata.
+pub(super) fn regex(source: &str, field: String, issues: &mut Issues) -> Option<regex::Regex> {
+    let compiled = regex::RegexBuilder::new(source)
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20)
+        .build();
+    compiled
+        .map_err(|e| issues.add(field, format!("invalid regex: {e}")))
+        .ok()
+}
+
+/// Lowercased; `None` (and an issue) unless a valid HTTP header name.
+pub(super) fn header_name(name: &str, field: String, issues: &mut Issues) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    match http::HeaderName::from_bytes(lower.as_bytes()) {
+        Ok(_) => Some(lower),
+        Err(_) => {
+            issues.add(field, format!("invalid header name {name:?}"));
+            None
+        }
+    }
+}
+
+pub(super) fn header_value(value: &str, field: String, issues: &mut Issues) -> bool {
+    let valid = http::HeaderValue::from_str(value).is_ok();
+    if !valid {
+        issues.add(field, format!("invalid header value {value:?}"));
+    }
+    valid
+}
+
+/// A count that Istio and the Gateway API declare as a signed 32-bit integer.
+pub(super) fn count(n: i64, field: String, issues: &mut Issues) -> Option<u32> {
+    let count = u32::try_from(n).ok().filter(|&n| i32::try_from(n).is_ok());
+    if count.is_none() {
+        issues.add(field, "must be between 0 and 2147483647");
+    }
+    count
+}
+
+/// A percentage, 0 to 100.
+pub(super) fn percent(value: f64, field: String, issues: &mut Issues) -> f64 {
+    if !(0.0..=100.0).contains(&value) {
+        issues.add(field, "must be between 0 and 100");
+    }
+    value
+}
+
+/// Kubernetes label syntax: `[prefix/]name` keys, values of up to 63
+/// characters.
+pub(super) fn labels(labels: &BTreeMap<String, String>, field: &str, issues: &mut Issues) {
+    fn name(s: &str) -> bool {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    }
+    for (key, value) in labels {
+        let (prefix, key_name) = key.rsplit_once('/').unwrap_or(("", key));
+        let prefix_ok = prefix.len() <= 253
+            && prefix
+                .split('.')
+                .all(|l| prefix.is_empty() || (!l.is_empty() && name(l) && !l.contains('_')));
+        if key_name.is_empty() || !name(key_name) || !prefix_ok {
+            issues.add(
+                format!("{field}.{key}"),
+                format!("invalid label key {key:?}"),
+            );
+        }
+        if !name(value) {
+            issues.add(
+                format!("{field}.{key}"),
+                format!("invalid label value {value:?}"),
+            );
+        }
+    }
+}
+
+/// An Istio host: a DNS name, `*`, or `*.` followed by a DNS name.
+pub(super) fn check_host(host: &str, field: String, issues: &mut Issues) {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let valid = host == "*"
+        || (!name.is_empty()
+            && name.len() <= 253
+            && name.trim_end_matches('.').split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }));
+    if !valid {
+        issues.add(
+            field,
+            format!("invalid host {host:?}: expected a DNS name, * or *.domain"),
+        );
+    }
+}
+
+/// Group ranks for [`Precedence`]: Exact before PathPrefix before regex.
+pub(super) fn path_rank(m: Option<&super::StringMatch>) -> (u8, Reverse<usize>) {
+    match m {
+        Some(super::StringMatch::Exact(_)) => (0, Reverse(0)),
+        Some(super::StringMatch::PathPrefix(p) | super::StringMatch::Prefix(p)) => {
+            (1, Reverse(p.len()))
+        }
+        _ => (2, Reverse(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_go_durations() {
+        let ok = |s: &str| parse_duration(s).unwrap();
+        assert_eq!(ok("7s"), Duration::from_secs(7));
+        assert_eq!(ok("0.5s"), Duration::from_millis(500));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("1m30s"), Duration::from_secs(90));
+        assert_eq!(ok("1h"), Duration::from_secs(3600));
+        assert_eq!(ok("1.5h"), Duration::from_secs(5400));
+        assert_eq!(ok("10us"), Duration::from_micros(10));
+        assert_eq!(ok("0"), Duration::ZERO);
+        assert_eq!(ok(".25s"), Duration::from_millis(250));
+        for bad in [
+            "",
+            "7",
+            "7 s",
+            "-1s",
+            "1d",
+            "s",
+            "1.2.3s",
+            ".s",
+            "1s2",
+            "99999999999999h",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+}
