@@ -202,7 +202,11 @@ fn print_routes(answer: &Value) {
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
-                let service = if i == 0 { text(&s["service"]) } else { String::new() };
+                let service = if i == 0 {
+                    text(&s["service"])
+                } else {
+                    String::new()
+                };
                 vec![
                     service,
                     text(&r["name"]),
@@ -213,7 +217,10 @@ fn print_routes(answer: &Value) {
             })
             .collect::<Vec<_>>()
     });
-    table(&["SERVICE", "ROUTE", "MATCH", "DESTINATIONS", "POLICY"], rows);
+    table(
+        &["SERVICE", "ROUTE", "MATCH", "DESTINATIONS", "POLICY"],
+        rows,
+    );
     if let Some(ejected) = answer["ejected"].as_object().filter(|e| !e.is_empty()) {
         println!("\nEjected endpoints (outlier detection):");
         for (cluster, addrs) in ejected {
@@ -226,14 +233,30 @@ fn print_routes(answer: &Value) {
 }
 
 fn print_explain(answer: &Value) {
-    for key in ["summary", "service", "protocol", "origin", "route", "matchedBy", "policy", "retries"] {
+    for key in [
+        "summary",
+        "service",
+        "protocol",
+        "origin",
+        "route",
+        "matchedBy",
+        "policy",
+        "retries",
+    ] {
         if !answer[key].is_null() {
             println!("{key:<10} {}", text(&answer[key]));
         }
     }
     for d in answer["destinations"].as_array().into_iter().flatten() {
-        let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
-        println!("\n→ {}{subset} ({})", text(&d["service"]), text(&d["chance"]));
+        let subset = d["subset"]
+            .as_str()
+            .map(|s| format!(" subset {s}"))
+            .unwrap_or_default();
+        println!(
+            "\n→ {}{subset} ({})",
+            text(&d["service"]),
+            text(&d["chance"])
+        );
         if !d["trafficPolicy"].is_null() {
             println!("  policy    {}", text(&d["trafficPolicy"]));
         }

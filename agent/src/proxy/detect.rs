@@ -13,7 +13,14 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// HTTP/1 methods that start a request we route; anything else is opaque.
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
     b"TRACE ",
 ];
 
@@ -35,14 +42,16 @@ pub enum Declared {
 }
 
 pub fn declared(port: &ServicePort) -> Declared {
-    let name = port.name.as_deref().map(|n| n.split('-').next().unwrap_or(n));
+    let name = port
+        .name
+        .as_deref()
+        .map(|n| n.split('-').next().unwrap_or(n));
     let Some(protocol) = port.app_protocol.as_deref().or(name) else {
         return Declared::Unknown;
     };
     match protocol.to_ascii_lowercase().as_str() {
-        "http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" | "kubernetes.io/ws" => {
-            Declared::Http
-        }
+        "http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c"
+        | "kubernetes.io/ws" => Declared::Http,
         "tcp" | "tls" | "https" | "mysql" | "mongo" | "redis" | "kubernetes.io/wss" => {
             Declared::Opaque
         }

@@ -34,7 +34,10 @@ impl RequestMatch {
             && self.port.is_none_or(|p| p == r.port)
             && self.method.as_ref().is_none_or(|m| m.matches(r.method))
             && self.scheme.as_ref().is_none_or(|m| m.matches(r.scheme))
-            && self.authority.as_ref().is_none_or(|m| m.matches(r.authority))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|m| m.matches(r.authority))
             && self
                 .source_namespace
                 .as_ref()
@@ -90,7 +93,9 @@ impl StringMatch {
             StringMatch::Prefix(p) => value
                 .get(..p.len())
                 .is_some_and(|head| head.eq_ignore_ascii_case(p)),
-            StringMatch::PathPrefix(p) => path_prefix(&value.to_ascii_lowercase(), &p.to_ascii_lowercase()),
+            StringMatch::PathPrefix(p) => {
+                path_prefix(&value.to_ascii_lowercase(), &p.to_ascii_lowercase())
+            }
             // Istio ignores `ignoreUriCase` for regexes too; `(?i)` is the way.
             StringMatch::Regex(_) | StringMatch::Present => self.matches(value),
         }
@@ -109,7 +114,11 @@ fn path_prefix(path: &str, prefix: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn info<'a>(path: &'a str, headers: &'a HeaderMap, labels: &'a BTreeMap<String, String>) -> RequestInfo<'a> {
+    fn info<'a>(
+        path: &'a str,
+        headers: &'a HeaderMap,
+        labels: &'a BTreeMap<String, String>,
+    ) -> RequestInfo<'a> {
         let (path, query) = match path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path, None),

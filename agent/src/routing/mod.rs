@@ -526,19 +526,36 @@ impl std::fmt::Display for RequestMatch {
     /// One line, e.g. `uri prefix /reviews, header end-user=jason`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
-        let fields = [("uri", &self.uri), ("scheme", &self.scheme), ("method", &self.method), ("authority", &self.authority)];
+        let fields = [
+            ("uri", &self.uri),
+            ("scheme", &self.scheme),
+            ("method", &self.method),
+            ("authority", &self.authority),
+        ];
         for (name, m) in fields {
             if let Some(m) = m {
                 parts.push(format!("{name}{m}"));
             }
         }
         parts.extend(self.headers.iter().map(|(h, m)| format!("header {h}{m}")));
-        parts.extend(self.without_headers.iter().map(|(h, m)| format!("without header {h}{m}")));
-        parts.extend(self.query_params.iter().map(|(q, m)| format!("query {q}{m}")));
+        parts.extend(
+            self.without_headers
+                .iter()
+                .map(|(h, m)| format!("without header {h}{m}")),
+        );
+        parts.extend(
+            self.query_params
+                .iter()
+                .map(|(q, m)| format!("query {q}{m}")),
+        );
         if let Some(port) = self.port {
             parts.push(format!("port {port}"));
         }
-        parts.extend(self.source_labels.iter().map(|(k, v)| format!("source label {k}={v}")));
+        parts.extend(
+            self.source_labels
+                .iter()
+                .map(|(k, v)| format!("source label {k}={v}")),
+        );
         if let Some(ns) = &self.source_namespace {
             parts.push(format!("source namespace {ns}"));
         }

@@ -124,7 +124,12 @@ pub struct HashInput<'a> {
 
 impl Cluster {
     fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
-        if let Some(e) = self.endpoints.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+        if let Some(e) = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+        {
             return e.clone();
         }
         self.endpoints
@@ -150,8 +155,16 @@ impl Cluster {
             candidates.iter().map(|&a| (a, self.endpoint(a))).collect();
         let healthy: Vec<_> = all.iter().filter(|(_, e)| !e.is_ejected(now)).collect();
         // Envoy's panic mode: with every endpoint ejected, use them all.
-        let pool = if healthy.is_empty() { all.iter().collect() } else { healthy };
-        let fresh: Vec<_> = pool.iter().filter(|(a, _)| !avoid.contains(a)).copied().collect();
+        let pool = if healthy.is_empty() {
+            all.iter().collect()
+        } else {
+            healthy
+        };
+        let fresh: Vec<_> = pool
+            .iter()
+            .filter(|(a, _)| !avoid.contains(a))
+            .copied()
+            .collect();
         let pool = if fresh.is_empty() { pool } else { fresh };
         let (addr, endpoint) = match pool.len() {
             0 => return None,
@@ -249,8 +262,7 @@ impl Cluster {
         // Envoy always allows one ejection, whatever the percentage.
         let allowed = (cluster_size * od.max_ejection_percent as usize / 100).max(1);
         let healthy_after = (cluster_size - ejected.min(cluster_size)).saturating_sub(1);
-        if ejected >= allowed
-            || healthy_after * 100 < cluster_size * od.min_health_percent as usize
+        if ejected >= allowed || healthy_after * 100 < cluster_size * od.min_health_percent as usize
         {
             return;
         }
@@ -341,7 +353,9 @@ mod tests {
     use super::*;
 
     fn addrs(n: u8) -> Vec<SocketAddr> {
-        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i], 80))).collect()
+        (1..=n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect()
     }
 
     fn no_hash() -> HashInput<'static> {
@@ -358,7 +372,12 @@ mod tests {
         let cluster = Cluster::default();
         let eps = addrs(3);
         let picked: Vec<_> = (0..6)
-            .map(|_| cluster.pick(&eps, &[], Some(&LoadBalancer::RoundRobin), &no_hash()).unwrap().addr)
+            .map(|_| {
+                cluster
+                    .pick(&eps, &[], Some(&LoadBalancer::RoundRobin), &no_hash())
+                    .unwrap()
+                    .addr
+            })
             .collect();
         assert_eq!(&picked[..3], &picked[3..]);
         for e in &eps {
@@ -397,11 +416,16 @@ mod tests {
         // 10 % of 3 rounds down to 0, but one ejection is always allowed.
         assert_eq!(cluster.ejected(), vec![eps[0]]);
         for _ in 0..20 {
-            assert_ne!(cluster.pick(&eps, &[], None, &no_hash()).unwrap().addr, eps[0]);
+            assert_ne!(
+                cluster.pick(&eps, &[], None, &no_hash()).unwrap().addr,
+                eps[0]
+            );
         }
         // A request that already tried the others may still use it... no:
         // ejected endpoints are skipped while any other is healthy.
-        let p = cluster.pick(&eps, &[eps[1], eps[2]], None, &no_hash()).unwrap();
+        let p = cluster
+            .pick(&eps, &[eps[1], eps[2]], None, &no_hash())
+            .unwrap();
         assert_ne!(p.addr, eps[0]);
     }
 
@@ -412,10 +436,17 @@ mod tests {
         let lb = LoadBalancer::ConsistentHash(HashKey::Header("x-user".into()));
         let mut headers = http::HeaderMap::new();
         headers.insert("x-user", "alice".parse().unwrap());
-        let input = HashInput { headers: &headers, query: None, source_ip: None };
+        let input = HashInput {
+            headers: &headers,
+            query: None,
+            source_ip: None,
+        };
         let first = cluster.pick(&eps, &[], Some(&lb), &input).unwrap().addr;
         for _ in 0..10 {
-            assert_eq!(cluster.pick(&eps, &[], Some(&lb), &input).unwrap().addr, first);
+            assert_eq!(
+                cluster.pick(&eps, &[], Some(&lb), &input).unwrap().addr,
+                first
+            );
         }
     }
 }

@@ -24,7 +24,9 @@ pub fn empty() -> Body {
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// `data`, then `trailers` if any (gRPC carries its status in trailers).
@@ -65,9 +67,10 @@ pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<Bo
     }
     let mut response = Response::new(full(format!("{message}\n")));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
     response
 }
 
@@ -75,7 +78,10 @@ pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<Bo
 pub fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     let mut response = Response::new(empty());
     let headers = response.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     headers.insert("grpc-status", HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         headers.insert("grpc-message", v);
@@ -166,7 +172,9 @@ impl Replay {
         if !known {
             return;
         }
-        let Some(mut body) = self.attempt() else { return };
+        let Some(mut body) = self.attempt() else {
+            return;
+        };
         while let Some(Ok(_)) = body.frame().await {}
     }
 }

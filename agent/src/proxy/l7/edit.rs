@@ -136,7 +136,10 @@ mod tests {
             "/v1/bookRatings/2?x=1"
         );
         let m = prefix_match("/api/");
-        assert_eq!(rewrite_path(&PathRewrite::MatchedPrefix("/".into()), "/api/x", Some(&m)), "/x");
+        assert_eq!(
+            rewrite_path(&PathRewrite::MatchedPrefix("/".into()), "/api/x", Some(&m)),
+            "/x"
+        );
         // Not a prefix match: the whole path is replaced.
         assert_eq!(rewrite_path(&r, "/ratings/2", None), "/v1/bookRatings");
     }
@@ -147,7 +150,10 @@ mod tests {
             pattern: regex::Regex::new("^/service/([^/]+)(/.*)$").unwrap(),
             rewrite: "\\2/instance/\\1".into(),
         };
-        assert_eq!(rewrite_path(&r, "/service/foo/v1/api", None), "/v1/api/instance/foo");
+        assert_eq!(
+            rewrite_path(&r, "/service/foo/v1/api", None),
+            "/v1/api/instance/foo"
+        );
     }
 
     #[test]

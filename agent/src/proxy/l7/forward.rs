@@ -16,8 +16,8 @@ use super::upstream::{Dial, UpstreamError, DEFAULT_IDLE_TIMEOUT};
 use super::{edit, tunnel, Downstream};
 use crate::config::{Config, Protocol};
 use crate::routing::{
-    AbortStatus, Destination, HttpRoute, RequestMatch, RetryOn, RetryPolicy,
-    RouteAction, TrafficPolicy,
+    AbortStatus, Destination, HttpRoute, RequestMatch, RetryOn, RetryPolicy, RouteAction,
+    TrafficPolicy,
 };
 
 /// Envoy's retry back-off: exponential from 25 ms, capped at ten times that,
@@ -142,7 +142,11 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
             match chosen {
                 Some(d) => (&d.destination, Some(&d.headers)),
                 None => {
-                    return body::local_reply(StatusCode::INTERNAL_SERVER_ERROR, "route has no destination", plan.grpc)
+                    return body::local_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "route has no destination",
+                        plan.grpc,
+                    )
                 }
             }
         }
@@ -150,7 +154,11 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
     let port = down.service_addr.port();
     let ipv4 = down.service_addr.is_ipv4();
     let Some(target) = resolve(plan.config, destination, port, ipv4) else {
-        return body::local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", plan.grpc);
+        return body::local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            plan.grpc,
+        );
     };
     if tunnel::is_upgrade(&request) {
         return tunnel::run(down, &target, request).await;
@@ -199,8 +207,17 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
 
     // Istio turns timeouts and retries off on routes that inject faults.
     let (timeout, retries) = match route {
-        Some(r) if r.fault.is_some() => (None, RetryPolicy { attempts: 0, ..RetryPolicy::istio_default() }),
-        Some(r) => (r.timeout, r.retries.clone().unwrap_or_else(RetryPolicy::istio_default)),
+        Some(r) if r.fault.is_some() => (
+            None,
+            RetryPolicy {
+                attempts: 0,
+                ..RetryPolicy::istio_default()
+            },
+        ),
+        Some(r) => (
+            r.timeout,
+            r.retries.clone().unwrap_or_else(RetryPolicy::istio_default),
+        ),
         None => (None, RetryPolicy::istio_default()),
     };
     let attempts = down.attempts(target);
@@ -211,12 +228,23 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
     };
     let tries = attempts.run(&head, &replay, &retries, &hash, plan.grpc);
     let mut response = match timeout {
-        Some(limit) => tokio::time::timeout(limit, tries).await.unwrap_or_else(|_| {
-            body::local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", plan.grpc)
-        }),
+        Some(limit) => tokio::time::timeout(limit, tries)
+            .await
+            .unwrap_or_else(|_| {
+                body::local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    plan.grpc,
+                )
+            }),
         None => tries.await,
     };
-    for name in ["connection", "keep-alive", "transfer-encoding", "proxy-connection"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "proxy-connection",
+    ] {
         response.headers_mut().remove(name);
     }
     for ops in edits.iter().flatten() {
@@ -242,7 +270,10 @@ async fn send_mirror(attempts: Attempts, request: Request<Body>, source_ip: Opti
         query: None,
         source_ip,
     };
-    let Some(pick) = attempts.cluster.pick(&attempts.target.endpoints, &[], attempts.lb(), &hash) else {
+    let Some(pick) = attempts
+        .cluster
+        .pick(&attempts.target.endpoints, &[], attempts.lb(), &hash)
+    else {
         return;
     };
     let dial = attempts.dial(pick.addr);
@@ -336,7 +367,12 @@ impl Attempts {
         grpc: bool,
     ) -> Response<Body> {
         let default_pool = Default::default();
-        let pool_settings = self.target.policy.connection_pool.as_ref().unwrap_or(&default_pool);
+        let pool_settings = self
+            .target
+            .policy
+            .connection_pool
+            .as_ref()
+            .unwrap_or(&default_pool);
         let limits = self.pod.limits.get(&self.target.key, pool_settings);
         let outlier = self.target.policy.outlier_detection.as_ref();
         let mut tried = Vec::new();
@@ -349,7 +385,10 @@ impl Attempts {
                 tokio::time::sleep(cap.mul_f64(fastrand::f64())).await;
             }
             let Some(body) = replay.attempt() else { break };
-            let Some(pick) = self.cluster.pick(&self.target.endpoints, &tried, self.lb(), hash) else {
+            let Some(pick) = self
+                .cluster
+                .pick(&self.target.endpoints, &tried, self.lb(), hash)
+            else {
                 break;
             };
             tried.push(pick.addr);
@@ -374,8 +413,12 @@ impl Attempts {
                 }
             }
             let outcome = Outcome::of(result, &policy.retry_on, grpc);
-            self.cluster
-                .observe(&pick, outcome.observation, outlier, self.target.endpoints.len());
+            self.cluster.observe(
+                &pick,
+                outcome.observation,
+                outlier,
+                self.target.endpoints.len(),
+            );
             let last_try = attempt == policy.attempts;
             match outcome.response {
                 Ok(response) if !outcome.retriable || last_try => {

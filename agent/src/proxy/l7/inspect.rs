@@ -38,7 +38,10 @@ pub fn routes(proxy: &Proxy, config: &Config) -> Value {
         .ejections()
         .into_iter()
         .map(|(key, addrs)| {
-            let subset = key.subset.map(|s| format!(" subset {s}")).unwrap_or_default();
+            let subset = key
+                .subset
+                .map(|s| format!(" subset {s}"))
+                .unwrap_or_default();
             (
                 format!("{}:{}{subset}", key.service, key.port),
                 addrs.iter().map(SocketAddr::to_string).collect(),
@@ -108,8 +111,17 @@ fn action_summary(_config: &Config, action: &RouteAction) -> String {
             destinations
                 .iter()
                 .map(|d| {
-                    let subset = d.destination.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
-                    let port = d.destination.port.map(|p| format!(":{p}")).unwrap_or_default();
+                    let subset = d
+                        .destination
+                        .subset
+                        .as_deref()
+                        .map(|s| format!(" subset {s}"))
+                        .unwrap_or_default();
+                    let port = d
+                        .destination
+                        .port
+                        .map(|p| format!(":{p}"))
+                        .unwrap_or_default();
                     format!(
                         "{}{port}{subset} {}%",
                         d.destination.service,
@@ -128,7 +140,11 @@ fn policy_summary(route: &HttpRoute) -> String {
     let mut parts = Vec::new();
     if let Some(fault) = &route.fault {
         if let Some(d) = &fault.delay {
-            parts.push(format!("delay {} for {}%", duration::format(d.fixed_delay), d.percentage));
+            parts.push(format!(
+                "delay {} for {}%",
+                duration::format(d.fixed_delay),
+                d.percentage
+            ));
         }
         if let Some(a) = &fault.abort {
             let status = match a.status {
@@ -148,8 +164,16 @@ fn policy_summary(route: &HttpRoute) -> String {
         }
     }
     for m in &route.mirrors {
-        let subset = m.destination.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
-        parts.push(format!("mirror {}% to {}{subset}", m.percentage, m.destination.service));
+        let subset = m
+            .destination
+            .subset
+            .as_deref()
+            .map(|s| format!(" subset {s}"))
+            .unwrap_or_default();
+        parts.push(format!(
+            "mirror {}% to {}{subset}",
+            m.percentage, m.destination.service
+        ));
     }
     if !route.headers.is_empty() {
         parts.push("header edits".into());
@@ -165,8 +189,13 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
     let source = config
         .workload_by_key(&ask.from)
         .ok_or_else(|| format!("no workload {} (expected namespace/name)", ask.from))?;
-    let uri: http::Uri = ask.url.parse().map_err(|e| format!("bad URL {}: {e}", ask.url))?;
-    let host = uri.host().ok_or_else(|| format!("URL {} has no host", ask.url))?;
+    let uri: http::Uri = ask
+        .url
+        .parse()
+        .map_err(|e| format!("bad URL {}: {e}", ask.url))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("URL {} has no host", ask.url))?;
     let port = uri.port_u16().unwrap_or(80);
     let service = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
         Ok(ip) => config.service_by_cluster_ip(ip),
@@ -179,13 +208,17 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
     };
     let key = service.key();
     if service.port(port, Protocol::Tcp).is_none() {
-        return Ok(json!({"summary": format!("Service {key} has no port {port}: the connection would be refused")}));
+        return Ok(
+            json!({"summary": format!("Service {key} has no port {port}: the connection would be refused")}),
+        );
     }
     let protocol = protocol_of(service, port);
     let mut headers = HeaderMap::new();
     for (name, value) in &ask.headers {
-        let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|e| format!("header {name}: {e}"))?;
-        let value = HeaderValue::from_str(value.trim()).map_err(|e| format!("header {name}: {e}"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|e| format!("header {name}: {e}"))?;
+        let value =
+            HeaderValue::from_str(value.trim()).map_err(|e| format!("header {name}: {e}"))?;
         headers.append(name, value);
     }
     let authority = uri.authority().map_or(host.to_owned(), |a| a.to_string());
@@ -214,7 +247,17 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
             out["origin"] = json!("default: no VirtualService or HTTPRoute binds this Service");
             out["route"] = json!("default");
             out["retries"] = json!(format!("{} (Istio default)", RetryPolicy::istio_default()));
-            (None, vec![(crate::routing::Destination { service: key.clone(), subset: None, port: None }, 100)])
+            (
+                None,
+                vec![(
+                    crate::routing::Destination {
+                        service: key.clone(),
+                        subset: None,
+                        port: None,
+                    },
+                    100,
+                )],
+            )
         }
         Some(host) => {
             out["origin"] = json!(host.origin);
@@ -223,10 +266,14 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
                 return Ok(out);
             };
             out["route"] = json!(route.name);
-            out["matchedBy"] = json!(matched.map_or("any request".to_owned(), |i| route.matches[i].to_string()));
+            out["matchedBy"] =
+                json!(matched.map_or("any request".to_owned(), |i| route.matches[i].to_string()));
             out["policy"] = json!(policy_summary(route));
             let destinations = match &route.action {
-                RouteAction::Forward(ds) => ds.iter().map(|d| (d.destination.clone(), d.weight)).collect(),
+                RouteAction::Forward(ds) => ds
+                    .iter()
+                    .map(|d| (d.destination.clone(), d.weight))
+                    .collect(),
                 other => {
                     out["summary"] = json!(action_summary(config, other));
                     return Ok(out);
@@ -252,14 +299,22 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
         .collect();
     out["destinations"] = json!(picks);
     if let Some(route) = route {
-        out["summary"] = json!(format!("route {} → {}", route.name, action_summary(config, &route.action)));
+        out["summary"] = json!(format!(
+            "route {} → {}",
+            route.name,
+            action_summary(config, &route.action)
+        ));
     } else {
         out["summary"] = json!(format!("default route → {key}"));
     }
     Ok(out)
 }
 
-fn endpoints(config: &Config, target: &Target, ejected: &[(super::balance::ClusterKey, Vec<SocketAddr>)]) -> Vec<String> {
+fn endpoints(
+    config: &Config,
+    target: &Target,
+    ejected: &[(super::balance::ClusterKey, Vec<SocketAddr>)],
+) -> Vec<String> {
     let out_now: Vec<SocketAddr> = ejected
         .iter()
         .filter(|(k, _)| *k == target.key)
@@ -269,8 +324,15 @@ fn endpoints(config: &Config, target: &Target, ejected: &[(super::balance::Clust
         .endpoints
         .iter()
         .map(|addr| {
-            let name = config.workload_by_address(addr.ip()).map(|w| w.key()).unwrap_or_default();
-            let state = if out_now.contains(addr) { " (ejected)" } else { "" };
+            let name = config
+                .workload_by_address(addr.ip())
+                .map(|w| w.key())
+                .unwrap_or_default();
+            let state = if out_now.contains(addr) {
+                " (ejected)"
+            } else {
+                ""
+            };
             format!("{name} {addr}{state}")
         })
         .collect()
@@ -283,7 +345,10 @@ fn traffic_policy(policy: &TrafficPolicy) -> String {
     };
     let mut parts = vec![format!("load balancing {lb}")];
     if let Some(pool) = &policy.connection_pool {
-        parts.push(format!("connection pool {}", serde_json::to_string(pool).unwrap_or_default()));
+        parts.push(format!(
+            "connection pool {}",
+            serde_json::to_string(pool).unwrap_or_default()
+        ));
     }
     if let Some(od) = &policy.outlier_detection {
         parts.push(format!(

@@ -30,8 +30,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 pub use balance::Clusters;
-pub use inspect::ExplainRequest;
 pub use body::Body;
+pub use inspect::ExplainRequest;
 pub use limits::WorkloadLimits;
 pub use upstream::Pool;
 

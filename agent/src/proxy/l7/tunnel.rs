@@ -20,12 +20,19 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
                     .get_all(CONNECTION)
                     .iter()
                     .filter_map(|v| v.to_str().ok())
-                    .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))))
+                    .any(|v| {
+                        v.split(',')
+                            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                    })))
 }
 
 /// Forwards the upgrade request on a connection of its own (it is never
 /// returned to a pool), and splices once the endpoint switches protocols.
-pub async fn run(down: &Downstream, target: &Target, mut request: Request<Incoming>) -> Response<Body> {
+pub async fn run(
+    down: &Downstream,
+    target: &Target,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
     let fail = |reason: &str| body::local_reply(StatusCode::SERVICE_UNAVAILABLE, reason, false);
     let cluster = down.proxy.clusters.get(&target.key);
     let headers = http::HeaderMap::new();
@@ -37,10 +44,11 @@ pub async fn run(down: &Downstream, target: &Target, mut request: Request<Incomi
     let Some(pick) = cluster.pick(&target.endpoints, &[], None, &hash) else {
         return fail("no healthy upstream");
     };
-    let stream = match peer::connect(&down.pod, pick.addr, down.proxy.settings.connect_timeout).await {
-        Ok(stream) => stream,
-        Err(e) => return fail(&format!("upstream connect error: {e}")),
-    };
+    let stream =
+        match peer::connect(&down.pod, pick.addr, down.proxy.settings.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(e) => return fail(&format!("upstream connect error: {e}")),
+        };
     let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
         Err(e) => return fail(&format!("upstream handshake: {e}")),

@@ -177,9 +177,7 @@ impl Pool {
 
 impl Returning {
     fn give_back(self) {
-        if self.send.is_closed()
-            || (self.max_requests > 0 && self.used >= self.max_requests)
-        {
+        if self.send.is_closed() || (self.max_requests > 0 && self.used >= self.max_requests) {
             return;
         }
         let mut idle = self.pool.http1.lock().unwrap_or_else(|e| e.into_inner());
