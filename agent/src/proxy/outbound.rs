@@ -112,13 +112,7 @@ async fn detect_or_relay(
         None => serve_l7(proxy, pod, client, record, detected).await,
         Some((endpoint, server)) => {
             *record = endpoint;
-            match server {
-                Ok(server) => relay_to(proxy, &client, &server).await,
-                Err(e) => {
-                    relay::reset(&client);
-                    Err(e)
-                }
-            }
+            relay_connected(proxy, &client, server).await
         }
     }
 }
@@ -155,10 +149,20 @@ async fn l4(
     client: TcpStream,
     record: &mut ConnectionRecord,
 ) -> Result<Transferred, String> {
-    match connect(proxy, pod, record).await {
-        Ok(server) => relay_to(proxy, &client, &server).await,
+    let server = connect(proxy, pod, record).await;
+    relay_connected(proxy, &client, server).await
+}
+
+/// Relays to `server`, or resets the client if connecting failed.
+async fn relay_connected(
+    proxy: &Proxy,
+    client: &TcpStream,
+    server: Result<TcpStream, String>,
+) -> Result<Transferred, String> {
+    match server {
+        Ok(server) => relay_to(proxy, client, &server).await,
         Err(e) => {
-            relay::reset(&client);
+            relay::reset(client);
             Err(e)
         }
     }
