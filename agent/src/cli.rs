@@ -73,6 +73,7 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
         Query::Connections => table(
             &[
                 "DIRECTION",
+                "PROTOCOL",
                 "SOURCE",
                 "ORIGINAL-DESTINATION",
                 "SERVICE",
@@ -89,6 +90,7 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
                 };
                 vec![
                     text(&c["direction"]),
+                    text(&c["protocol"]),
                     source,
                     text(&c["original_destination"]),
                     text(&c["service"]),
