@@ -274,23 +274,14 @@ pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
         return 0;
     };
     let orig = *orig;
+    // Keyed by the family the agent's listener sees the client in: a
+    // dual-stack socket that dialled a v4-mapped address (gRPC's clients do)
+    // arrives on the IPv4 listener, and its `orig` was recorded as IPv4.
     let key = OrigDstKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         port: ctx.local_port() as u16,
         family: orig.family,
         _pad: 0,
-    };
-    // The agent sees a v4-mapped client as IPv6 when it came through connect6.
-    let key = if ctx.family() == u32::from(AF_INET6) {
-        OrigDstKey {
-            family: AF_INET6,
-            ..key
-        }
-    } else {
-        OrigDstKey {
-            family: AF_INET,
-            ..key
-        }
     };
     let _ = ORIG_DST.insert(key, orig, 0);
     let _ = COOKIE_ORIG.remove(cookie);
