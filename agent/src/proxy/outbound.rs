@@ -75,7 +75,9 @@ async fn detect_or_relay(
     client: TcpStream,
     record: &mut ConnectionRecord,
 ) -> Result<Transferred, String> {
-    if let Ok(Ok(())) = tokio::time::timeout(CLIENT_FIRST_GRACE, client.readable()).await {
+    // `peek`, not `readable()`: readiness may be reported spuriously.
+    let spoke = tokio::time::timeout(CLIENT_FIRST_GRACE, client.peek(&mut [0u8; 1])).await;
+    if let Ok(Ok(_)) = spoke {
         return match detect::sniff(&client, proxy.settings.protocol_detection_timeout).await {
             Detected::Opaque => l4(proxy, pod, client, record).await,
             http => serve_l7(proxy, pod, client, record, http).await,
@@ -94,9 +96,10 @@ async fn detect_or_relay(
             Err(Detected::Opaque) => (Detected::Opaque, Some(connecting.await)),
             Err(http) => (http, None),
             Ok((endpoint, Ok(server))) => {
+                let mut first = [0u8; 1];
                 let client_spoke = tokio::select! {
                     detected = &mut sniffing => Some(detected),
-                    _ = server.readable() => None,
+                    _ = server.peek(&mut first) => None,
                 };
                 match client_spoke {
                     Some(Detected::Opaque) | None => {
