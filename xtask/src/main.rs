@@ -35,6 +35,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "wrk",
     "python3",
+    // The L7 tests' gRPC client.
+    "python3-grpcio",
     "procps",
     // `cargo xtask bench`: the HTTP backend and the bulk-TCP tool.
     "nginx",
