@@ -8,6 +8,8 @@
 //! * [`agent`] — starts, crashes, restarts and queries a `nodemesh` agent.
 //! * [`workload_apps`] — small real servers and clients run inside pods
 //!   (HTTP echo, TCP echo, curl).
+//! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
+//!   Bookinfo on it.
 //!
 //! Nothing built here lives in the machine's own network namespace, so
 //! traffic that escapes redirection stays inside the test topology.
@@ -15,6 +17,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod mesh;
 pub mod topology;
 pub mod workload_apps;
 

@@ -292,3 +292,75 @@ pub fn curl<P: PodRef + ?Sized>(
         .with_context(|| format!("curl {url}: cannot parse status from {stdout:?}"))?;
     Ok((status, body.to_string()))
 }
+
+/// One answer of [`curl_many`]: status `0` when the transfer failed
+/// (refused, reset, timed out).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    /// curl's `time_total`.
+    pub seconds: f64,
+    /// The answer says `x-envoy-overloaded: true`: the mesh shed it.
+    pub overloaded: bool,
+    pub body: String,
+}
+
+impl Reply {
+    /// The body as JSON, if it is.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(&self.body).ok()
+    }
+
+    /// The `version` of the `mesh-app` that answered, else `status <code>`.
+    pub fn version(&self) -> String {
+        match self.json() {
+            Some(doc) if doc["version"].is_string() => doc["version"].as_str().unwrap().into(),
+            _ => format!("status {}", self.status),
+        }
+    }
+}
+
+/// Marks the end of each transfer in curl's output.
+const REPLY_END: &str = "\n@@%{http_code} %{time_total} %header{x-envoy-overloaded}@@\n";
+
+/// Requests every URL in `urls` with one curl process inside `pod`
+/// (`--max-time 10` per transfer, keep-alive between them). With `-Z`
+/// (parallel transfers) pass `-o /dev/null` once per URL too: curl may
+/// write several bodies before their ends.
+pub fn curl_many<P: PodRef + ?Sized, S: AsRef<str>>(
+    topo: &Topology,
+    pod: &P,
+    urls: &[S],
+    extra_args: &[&str],
+) -> Result<Vec<Reply>> {
+    let netns = &topo.pod(pod.pod_name()).netns;
+    let mut cmd = vec!["curl", "--max-time", "10", "-sS", "-w", REPLY_END];
+    cmd.extend_from_slice(extra_args);
+    cmd.extend(urls.iter().map(AsRef::as_ref));
+    let out = topo.run_in(netns, &cmd)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<Reply> = stdout
+        .split_terminator("@@\n")
+        .map(|chunk| {
+            let (body, end) = chunk.rsplit_once("\n@@").unwrap_or(("", chunk));
+            let mut fields = end.split(' ');
+            Reply {
+                status: fields.next().and_then(|f| f.parse().ok()).unwrap_or(0),
+                seconds: fields.next().and_then(|f| f.parse().ok()).unwrap_or(0.0),
+                overloaded: fields.next() == Some("true"),
+                body: body.trim_end().to_owned(),
+            }
+        })
+        .collect();
+    if replies.len() != urls.len() {
+        bail!(
+            "curl in {} printed {} replies for {} URLs ({}): {}",
+            pod.pod_name(),
+            replies.len(),
+            urls.len(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(replies)
+}
