@@ -400,3 +400,29 @@ pub fn count_by(replies: &[Reply], key: impl Fn(&Reply) -> String) -> BTreeMap<S
     }
     counts
 }
+
+/// `yaml` (documents separated by `---`) with the object named `name`
+/// replaced by `replacement`, as `kubectl apply` of the replacement would
+/// leave it. Panics if there is no such object.
+pub fn replace_object(yaml: &str, name: &str, replacement: &str) -> String {
+    let marker = format!("\n  name: {name}\n");
+    let docs: Vec<&str> = yaml
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .collect();
+    assert!(
+        docs.iter().any(|d| d.contains(&marker)),
+        "no object named {name} in {yaml}"
+    );
+    docs.iter()
+        .map(|doc| {
+            if doc.contains(&marker) {
+                replacement
+            } else {
+                doc
+            }
+        })
+        .map(|doc| doc.trim_end().to_owned() + "\n")
+        .collect::<Vec<_>>()
+        .join("---\n")
+}

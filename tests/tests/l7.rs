@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config::ServicePort;
-use nodemesh_testbed::mesh::{count_by, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{count_by, replace_object, Mesh, CLIENT};
 use nodemesh_testbed::workload_apps::{python3, start_tcp_echo, wait_listening, Reply};
 use serde_json::Value;
 
@@ -110,10 +110,7 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
 
     // Istio's request-routing task: end-user jason → reviews v2, others v1.
     let all_v1 = example("virtual-service-all-v1");
-    let with_reviews = |reviews: &str| {
-        let old = all_v1.split("---\n").nth(1).unwrap();
-        all_v1.replace(old, &format!("{reviews}\n"))
-    };
+    let with_reviews = |reviews: &str| replace_object(&all_v1, "reviews", reviews);
     mesh.apply(
         "virtual-service-all-v1.yaml",
         &with_reviews(&example("virtual-service-reviews-test-v2")),

@@ -1,114 +1,148 @@
-//! `cargo xtask demo`: a two-node mesh built from network namespaces, real
-//! HTTP servers and curl, and what the agents saw. Everything is removed at
-//! the end, also on failure.
+//! `cargo xtask demo`: Istio's Bookinfo on a two-node mesh built from
+//! network namespaces, routed by Istio's own sample YAML: everything to v1,
+//! `end-user: jason` to reviews v2, a 50/50 split, and an injected fault,
+//! each shown with the counts curl observed. Everything is removed at the
+//! end, also on failure.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nodemesh_testbed::workload_apps::{curl, start_http_echo};
-use nodemesh_testbed::{config, Agent, Topology};
-use serde_json::Value;
+use nodemesh_testbed::mesh::{count_by, replace_object, Mesh, CLIENT};
+use nodemesh_testbed::workload_apps::Reply;
 
-pub fn run(nodemesh: &Path) -> Result<()> {
-    let mut topo = Topology::new()?;
-    step("Building two nodes out of network namespaces");
-    topo.add_node("node-a")?;
-    topo.add_node("node-b")?;
-    for (node, pod) in [
-        ("node-a", "client"),
-        ("node-a", "web-1"),
-        ("node-a", "legacy"),
-        ("node-b", "web-2"),
-    ] {
-        let p = topo.add_pod(node, pod)?;
-        println!("  pod {pod:<7} on {node}  {}", p.address);
+const PRODUCTPAGE: &str = "http://productpage:9080/productpage";
+const REQUESTS: usize = 200;
+const SPLIT_REQUESTS: usize = 1000;
+const EXAMPLES: &str = "deploy/examples/bookinfo";
+/// The config file with the VirtualServices applied so far.
+const APPLIED: &str = "virtual-services.yaml";
+const JASON: &[&str] = &["-H", "end-user: jason"];
+
+pub fn run(nodemesh: &Path, mesh_app: &Path, root: &Path) -> Result<()> {
+    // The test bed finds the agent binary through this variable.
+    std::env::set_var("NODEMESH_BIN", nodemesh);
+    let examples = root.join(EXAMPLES);
+    let example = |name: &str| -> Result<String> {
+        let path = examples.join(format!("{name}.yaml"));
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+
+    step("Bookinfo on two nodes (network namespaces), one mesh-app process per pod");
+    let mut mesh = Mesh::new(mesh_app)?;
+    mesh.bookinfo()?;
+    for pod in mesh.topo().pods() {
+        println!("  pod {:<15} on {}  {}", pod.name, pod.node, pod.address);
     }
-    for web in ["web-1", "web-2"] {
-        start_http_echo(&mut topo, web, 8080, web)?;
-    }
-
-    let dir = topo.work_dir().join("config");
-    std::fs::create_dir_all(&dir)?;
-    config::write(
-        &dir,
-        "shop.yaml",
-        &[
-            config::namespace("shop", true),
-            config::namespace("legacy", false),
-            config::workload(topo.pod("client"), "shop", &[("app", "client")]),
-            config::workload(topo.pod("web-1"), "shop", &[("app", "web")]),
-            config::workload(topo.pod("web-2"), "shop", &[("app", "web")]),
-            config::workload(topo.pod("legacy"), "legacy", &[("app", "legacy")]),
-            config::service("web", "shop", &[("app", "web")], 80, 8080, None),
-        ],
-    )?;
-    println!("\n  config ({}):\n", dir.join("shop.yaml").display());
-    for line in std::fs::read_to_string(dir.join("shop.yaml"))?.lines() {
-        println!("    {line}");
-    }
-
-    step("Starting one agent per node");
-    let a = Agent::start_with(&mut topo, "node-a", &dir, nodemesh, &[])?;
-    let b = Agent::start_with(&mut topo, "node-b", &dir, nodemesh, &[])?;
-    wait_enrolled(&a, 2)?;
-    wait_enrolled(&b, 1)?;
-    show(&a, &["status"])?;
-    show(&a, &["workloads"])?;
-    show(&a, &["services"])?;
-
-    step("Sending requests (curl inside the pods; applications unchanged)");
-    let web1 = topo.pod("web-1").address;
-    let requests = [
-        ("client", "http://web/".to_owned()),
-        ("client", "http://web.shop.svc.cluster.local/".to_owned()),
-        ("client", "http://web.shop/".to_owned()),
-        ("client", "http://web/".to_owned()),
-        ("client", format!("http://{web1}:8080/")),
-        ("legacy", format!("http://{web1}:8080/")),
-    ];
-    for (pod, url) in &requests {
-        let (status, body) = curl(&topo, *pod, url, &[])?;
-        let echo: Value =
-            serde_json::from_str(&body).with_context(|| format!("{url} answered {body:?}"))?;
-        let seen_from = echo["client"].as_str().unwrap_or("?");
-        let how = if seen_from.starts_with("127.0.0.6:") {
-            "via the agent"
-        } else {
-            "directly"
-        };
-        println!(
-            "  {pod:<6} GET {url:<38} -> {status} from {:<5} (server saw {seen_from}, {how})",
-            echo["server"].as_str().unwrap_or("?")
-        );
-    }
-
-    step("What the agents saw");
-    println!("node-a:");
-    show(&a, &["connections"])?;
-    println!("node-b:");
-    show(&b, &["connections"])?;
     println!(
-        "\nshop/client is in a labelled namespace: every connection it opens goes through node-a's\n\
-         agent, which knows the caller by its network namespace and the original destination\n\
-         from eBPF, load-balances the Service, and hands off to the destination node's agent.\n\
-         legacy/legacy is not in the mesh: its connection is only captured on the way in."
+        "\n  productpage calls details and reviews; reviews v2 and v3 call ratings.\n  \
+         Config: {EXAMPLES}/destination-rule-all.yaml (Istio's sample, unchanged)."
     );
 
+    step("Starting one agent per node");
+    mesh.start(&[])?;
+    show(&mesh, &["services"])?;
+
+    // One file holds the VirtualServices applied so far; replacing an
+    // object in it is what `kubectl apply` of Istio's next sample does.
+    let mut applied = example("virtual-service-all-v1")?;
+    step(&format!(
+        "Istio's virtual-service-all-v1.yaml: {REQUESTS} requests to productpage"
+    ));
+    mesh.apply(APPLIED, &applied)?;
+    let pages = mesh.get_many(CLIENT, PRODUCTPAGE, REQUESTS, &[])?;
+    report(
+        "reviews version seen by productpage",
+        &reviews_versions(&pages),
+    );
+
+    step("Header-based route: virtual-service-reviews-test-v2.yaml (end-user: jason → v2)");
+    let test_v2 = example("virtual-service-reviews-test-v2")?;
+    applied = replace_object(&applied, "reviews", &test_v2);
+    mesh.apply(APPLIED, &applied)?;
+    let jason = mesh.get_many(CLIENT, PRODUCTPAGE, REQUESTS, JASON)?;
+    let others = mesh.get_many(CLIENT, PRODUCTPAGE, REQUESTS, &[])?;
+    report("end-user: jason", &reviews_versions(&jason));
+    report("anyone else    ", &reviews_versions(&others));
+    show(&mesh, &["routes"])?;
+    show(
+        &mesh,
+        &[
+            "explain",
+            "--from",
+            "default/client",
+            "http://reviews:9080/reviews/0",
+            "-H",
+            "end-user: jason",
+        ],
+    )?;
+
+    step(&format!(
+        "Weighted split: virtual-service-reviews-50-v3.yaml, {SPLIT_REQUESTS} requests"
+    ));
+    let split = example("virtual-service-reviews-50-v3")?;
+    mesh.apply(APPLIED, &replace_object(&applied, "reviews", &split))?;
+    let pages = mesh.get_many(CLIENT, PRODUCTPAGE, SPLIT_REQUESTS, &[])?;
+    report("reviews version", &reviews_versions(&pages));
+
+    step("Fault: virtual-service-ratings-test-abort.yaml (HTTP 500 from ratings for jason)");
+    let abort = example("virtual-service-ratings-test-abort")?;
+    applied = replace_object(&applied, "ratings", &abort);
+    mesh.apply(APPLIED, &applied)?;
+    let jason = mesh.get_many(CLIENT, PRODUCTPAGE, REQUESTS, JASON)?;
+    let others = mesh.get_many(CLIENT, PRODUCTPAGE, REQUESTS, &[])?;
+    report("end-user: jason", &ratings_statuses(&jason));
+    report("anyone else    ", &ratings_statuses(&others));
+
+    step("What the agent on node-a saw");
+    show(&mesh, &["status"])?;
+
     step("Cleaning up");
-    drop(a);
-    drop(b);
-    drop(topo);
+    drop(mesh);
     println!("  agents stopped and uninstalled, namespaces removed");
     Ok(())
+}
+
+/// Which reviews version productpage got, per request.
+fn reviews_versions(pages: &[Reply]) -> BTreeMap<String, u64> {
+    count_by(pages, |page| match page.json() {
+        Some(doc) => doc["calls"][1]["body"]["version"]
+            .as_str()
+            .map_or("reviews unavailable".into(), |v| format!("reviews {v}")),
+        None => format!("productpage answered {}", page.status),
+    })
+}
+
+/// What ratings answered the reviews that called it, per request.
+fn ratings_statuses(pages: &[Reply]) -> BTreeMap<String, u64> {
+    count_by(pages, |page| {
+        let doc = page.json().unwrap_or_default();
+        let reviews = &doc["calls"][1]["body"];
+        match &reviews["calls"][0]["status"] {
+            serde_json::Value::Null => format!(
+                "reviews {} (calls no ratings)",
+                reviews["version"].as_str().unwrap_or("?")
+            ),
+            status => format!("ratings answered {status} to reviews"),
+        }
+    })
+}
+
+fn report(what: &str, counts: &BTreeMap<String, u64>) {
+    let total: u64 = counts.values().sum();
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(k, n)| format!("{k}: {n} ({:.1}%)", *n as f64 * 100.0 / total as f64))
+        .collect();
+    println!("  {what}: {}", parts.join(", "));
 }
 
 fn step(title: &str) {
     println!("\n== {title}");
 }
 
-fn show(agent: &Agent, args: &[&str]) -> Result<()> {
-    let out = agent.cli(args)?;
+fn show(mesh: &Mesh, args: &[&str]) -> Result<()> {
+    let out = mesh.agent("node-a").cli(args)?;
     if !out.status.success() {
         bail!(
             "nodemesh {}: {}",
@@ -116,25 +150,14 @@ fn show(agent: &Agent, args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    println!("\n$ nodemesh {}", args.join(" "));
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| match a.contains(' ') {
+            true => format!("'{a}'"),
+            false => a.to_string(),
+        })
+        .collect();
+    println!("\n$ nodemesh {}", quoted.join(" "));
     print!("{}", String::from_utf8_lossy(&out.stdout));
     Ok(())
-}
-
-fn wait_enrolled(agent: &Agent, expected: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = agent.status_json()?;
-        if status["workloads"]["enrolled"].as_u64() == Some(expected) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not enroll {expected} workload(s): {status:#}\n{}",
-                agent.node(),
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

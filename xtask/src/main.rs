@@ -14,10 +14,12 @@ usage: cargo xtask <command> [args]
 commands:
   setup            install what building and testing need (idempotent, quick
                    when everything is present; must run as root)
-  build            setup, then `cargo build --release -p nodemesh`
+  build            setup, then build the agent and the test application
+                   (`mesh-app`) in release mode
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`)
-  demo             (not yet implemented)
+  demo             build, then run Istio's Bookinfo on a two-node mesh and
+                   show routing by header, a weighted split and a fault
   bench [--duration 10s | --quick] [--rounds N]
                    build, then measure direct vs meshed (oha, nginx, iperf3)
                    on two nodes; results in target/bench/results.json
@@ -96,7 +98,12 @@ fn run(args: &[String]) -> Result<()> {
             no_args("demo")?;
             setup()?;
             build()?;
-            demo::run(&target_dir().join("release/nodemesh"))
+            let release = target_dir().join("release");
+            demo::run(
+                &release.join("nodemesh"),
+                &release.join("mesh-app"),
+                &root(),
+            )
         }
         "bench" => {
             setup()?;
@@ -316,13 +323,23 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// The agent, and `mesh-app`, the application the demo runs in its pods.
 fn build() -> Result<()> {
-    println!("build: cargo build --release -p nodemesh");
-    status(
-        cargo()
-            .current_dir(root())
-            .args(["build", "--release", "-p", "nodemesh"]),
-    )
+    let mut cmd = cargo();
+    cmd.current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "nodemesh",
+        "-p",
+        "nodemesh-testbed",
+        "--bin",
+        "nodemesh",
+        "--bin",
+        "mesh-app",
+    ]);
+    println!("build: {}", display(&cmd));
+    status(&mut cmd)
 }
 
 /// Reports (never fails on) what earlier runs may have left behind.
