@@ -124,12 +124,18 @@ impl Mesh {
 
     /// Adds a Service selecting `app: NAME` with any ports.
     pub fn service(&mut self, name: &str, ports: &[ServicePort<'_>]) {
+        self.service_selecting(name, &[("app", name)], ports);
+    }
+
+    /// Adds a Service with any selector and ports.
+    pub fn service_selecting(
+        &mut self,
+        name: &str,
+        selector: &[(&str, &str)],
+        ports: &[ServicePort<'_>],
+    ) {
         self.base.push(config::service_with_ports(
-            name,
-            NAMESPACE,
-            &[("app", name)],
-            ports,
-            None,
+            name, NAMESPACE, selector, ports, None,
         ));
     }
 

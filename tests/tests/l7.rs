@@ -350,6 +350,72 @@ fn aborts_answer_503_for_a_share_of_requests_and_grpc_aborts_carry_a_grpc_status
     assert_eq!(others, BTreeMap::from([("v1".into(), 50)]));
 }
 
+/// Gateway API for the mesh: an HTTPRoute attached to the reviews
+/// Service, with backends that are Services of one version each.
+const REVIEWS_HTTPROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+    port: 9080
+  rules:
+  - matches:
+    - headers:
+      - name: end-user
+        value: jason
+    backendRefs:
+    - name: reviews-v2
+      port: 9080
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set:
+        - name: x-routed-by
+          value: httproute
+    backendRefs:
+    - name: reviews-v1
+      port: 9080
+      weight: 90
+    - name: reviews-v3
+      port: 9080
+      weight: 10
+"#;
+
+#[test]
+fn an_httproute_on_a_service_matches_headers_splits_by_weight_and_edits_headers() {
+    let mut mesh = Mesh::new(app_bin()).unwrap();
+    mesh.bookinfo().unwrap();
+    for version in ["v1", "v2", "v3"] {
+        let port = ServicePort {
+            name: "http",
+            port: 9080,
+            target_port: 9080,
+        };
+        let name = format!("reviews-{version}");
+        mesh.service_selecting(&name, &[("app", "reviews"), ("version", version)], &[port]);
+    }
+    mesh.start(&[]).unwrap();
+    mesh.apply("reviews-httproute.yaml", REVIEWS_HTTPROUTE)
+        .unwrap();
+
+    let jason = mesh.get_many(CLIENT, REVIEWS, 100, JASON).unwrap();
+    assert_eq!(versions(&jason), BTreeMap::from([("v2".into(), 100)]));
+    let others = mesh.get_many(CLIENT, REVIEWS, SPLIT_REQUESTS, &[]).unwrap();
+    let split = versions(&others);
+    assert_eq!(
+        count(&split, "v1") + count(&split, "v3"),
+        SPLIT_REQUESTS as u64,
+        "{split:?}"
+    );
+    assert_share(&split, "v3", 10.0);
+    let echoed = others[0].json().unwrap();
+    assert_eq!(echoed["headers"]["x-routed-by"], "httproute", "{echoed:#}");
+}
+
 /// A mesh with Service `flaky` (endpoints as given) and the client.
 fn flaky_mesh(endpoints: &[(&str, &[&str])]) -> Mesh {
     let mut mesh = Mesh::new(app_bin()).unwrap();
