@@ -577,12 +577,59 @@ if len(sys.argv) > 3:
 print(c.makefile().readline().strip())
 "#;
 
+/// Answers any request with `101 Switching Protocols`, then echoes bytes:
+/// the shape of a WebSocket server, without the framing.
+const UPGRADE_SERVER_PY: &str = r#"
+import socket, sys, threading
+def serve(c):
+    f = c.makefile("rb")
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+    while True:
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks to upgrade, then sends a line over the upgraded connection; prints
+/// the status line and what came back.
+const UPGRADE_CLIENT_PY: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.sendall(b"GET /chat HTTP/1.1\r\nHost: ws\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+f = c.makefile("rb")
+status = f.readline().decode().strip()
+while f.readline() not in (b"\r\n", b""):
+    pass
+c.sendall(b"after the upgrade\n")
+print(status + " | " + f.readline().decode().strip())
+"#;
+
 #[test]
-fn http1_h2c_and_grpc_are_routed_while_opaque_and_server_first_tcp_pass() {
+fn http1_h2c_grpc_and_upgrades_are_routed_while_opaque_and_server_first_tcp_pass() {
     let mut mesh = Mesh::new(app_bin()).unwrap();
     mesh.bookinfo().unwrap();
     let echo = mesh.pod("node-b", "echo", &[("app", "echo")]).unwrap();
     let banner = mesh.pod("node-b", "banner", &[("app", "banner")]).unwrap();
+    let ws = mesh.pod("node-b", "ws", &[("app", "ws")]).unwrap();
+    mesh.service(
+        "ws",
+        &[ServicePort {
+            name: "http-ws",
+            port: 80,
+            target_port: 8080,
+        }],
+    );
     mesh.service(
         "echo",
         &[ServicePort {
@@ -604,6 +651,8 @@ fn http1_h2c_and_grpc_are_routed_while_opaque_and_server_first_tcp_pass() {
     for (file, text) in [
         ("banner_server.py", BANNER_SERVER_PY),
         ("tcp_client.py", TCP_CLIENT_PY),
+        ("upgrade_server.py", UPGRADE_SERVER_PY),
+        ("upgrade_client.py", UPGRADE_CLIENT_PY),
     ] {
         nodemesh_testbed::config::write_raw(&work, file, text).unwrap();
     }
@@ -613,6 +662,14 @@ fn http1_h2c_and_grpc_are_routed_while_opaque_and_server_first_tcp_pass() {
         .spawn_in(&banner.netns, &[python3(), &server, "2525"], "banner")
         .unwrap();
     wait_listening(mesh.topo(), &banner.netns, 2525).unwrap();
+    let server = work
+        .join("upgrade_server.py")
+        .to_string_lossy()
+        .into_owned();
+    mesh.topo_mut()
+        .spawn_in(&ws.netns, &[python3(), &server, "8080"], "ws")
+        .unwrap();
+    wait_listening(mesh.topo(), &ws.netns, 8080).unwrap();
     // Detection would wait 30 s for a silent client: the banner arriving
     // within the client's 5 s shows a server-first protocol is not held.
     mesh.start(&["--protocol-detection-timeout", "30s"])
@@ -647,18 +704,25 @@ fn http1_h2c_and_grpc_are_routed_while_opaque_and_server_first_tcp_pass() {
     assert_eq!(others, BTreeMap::from([("v1".into(), 50)]));
 
     // Opaque TCP and a server-first protocol through the same agents.
-    let client = work.join("tcp_client.py").to_string_lossy().into_owned();
     let client_netns = mesh.topo().pod(CLIENT).netns.clone();
-    let tcp = |args: &[&str]| {
-        let mut cmd = vec![python3(), client.as_str()];
+    let run = |script: &str, args: &[&str]| {
+        let script = work.join(script).to_string_lossy().into_owned();
+        let mut cmd = vec![python3(), script.as_str()];
         cmd.extend_from_slice(args);
         mesh.topo().run_in_ok(&client_netns, &cmd).unwrap()
     };
+    let echoed = run("tcp_client.py", &["echo", "7000", "opaque bytes"]);
+    assert_eq!(echoed.trim(), "opaque bytes");
     assert_eq!(
-        tcp(&["echo", "7000", "opaque bytes"]).trim(),
-        "opaque bytes"
+        run("tcp_client.py", &["banner", "2525"]).trim(),
+        "220 banner ready"
     );
-    assert_eq!(tcp(&["banner", "2525"]).trim(), "220 banner ready");
+    // An HTTP Upgrade on an HTTP port: routed, then spliced.
+    let upgraded = run("upgrade_client.py", &["ws", "80"]);
+    assert_eq!(
+        upgraded.trim(),
+        "HTTP/1.1 101 Switching Protocols | after the upgrade"
+    );
     let out = mesh
         .agent("node-a")
         .cli(&["connections", "-o", "json"])
@@ -669,10 +733,11 @@ fn http1_h2c_and_grpc_are_routed_while_opaque_and_server_first_tcp_pass() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|c| c["service"].as_str().is_some_and(|s| s.contains(service)))
+            .filter(|c| c["service"].as_str() == Some(&format!("default/{service}")))
             .map(|c| c["protocol"].as_str().unwrap_or("?").to_owned())
             .collect()
     };
     assert_eq!(protocols("echo"), ["tcp"], "{connections:#}");
     assert_eq!(protocols("banner"), ["tcp"], "{connections:#}");
+    assert_eq!(protocols("ws"), ["http/1.1"], "{connections:#}");
 }
