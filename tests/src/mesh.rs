@@ -298,10 +298,15 @@ impl Mesh {
         curl_many(&self.topo, pod, &urls, args)
     }
 
+    /// One GET of `url` from `pod`, whatever the answer.
+    pub fn get_one(&self, pod: &str, url: &str, args: &[&str]) -> Result<Reply> {
+        Ok(curl_many(&self.topo, pod, &[url], args)?.remove(0))
+    }
+
     /// One GET of `url` from `pod`; its JSON body, failing on anything but
     /// a 200 with JSON.
     pub fn get_json(&self, pod: &str, url: &str, args: &[&str]) -> Result<Value> {
-        let reply = curl_many(&self.topo, pod, &[url], args)?.remove(0);
+        let reply = self.get_one(pod, url, args)?;
         match reply.json() {
             Some(doc) if reply.status == 200 => Ok(doc),
             _ => bail!("GET {url} from {pod}: {reply:?}"),

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 const REVIEWS: &str = "http://reviews:9080/reviews/0";
 const RATINGS: &str = "http://ratings:9080/ratings/0";
+const PRODUCTPAGE: &str = "http://productpage:9080/productpage";
 const JASON: &[&str] = &["-H", "end-user: jason"];
 /// Requests per split measurement: at 2000 a 50/50 split's standard
 /// deviation is 1.1 points, so ±5 points is beyond 4 sigma.
@@ -55,6 +56,11 @@ fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
             .to_owned(),
         None => format!("status {}", r.status),
     })
+}
+
+/// Counts in which every one of `n` replies had `key`.
+fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
+    BTreeMap::from([(key.to_owned(), n)])
 }
 
 #[track_caller]
@@ -98,13 +104,8 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     )
     .unwrap();
 
-    let pages = mesh
-        .get_many(CLIENT, "http://productpage:9080/productpage", 200, &[])
-        .unwrap();
-    assert_eq!(
-        reviews_versions(&pages),
-        BTreeMap::from([("v1".into(), 200)])
-    );
+    let pages = mesh.get_many(CLIENT, PRODUCTPAGE, 200, &[]).unwrap();
+    assert_eq!(reviews_versions(&pages), only("v1", 200));
     let page = pages[0].json().unwrap();
     assert_eq!(page["calls"][0]["body"]["name"], "details-v1", "{page:#}");
 
@@ -116,20 +117,10 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
         &with_reviews(&example("virtual-service-reviews-test-v2")),
     )
     .unwrap();
-    let jason = mesh
-        .get_many(CLIENT, "http://productpage:9080/productpage", 200, JASON)
-        .unwrap();
-    let others = mesh
-        .get_many(CLIENT, "http://productpage:9080/productpage", 200, &[])
-        .unwrap();
-    assert_eq!(
-        reviews_versions(&jason),
-        BTreeMap::from([("v2".into(), 200)])
-    );
-    assert_eq!(
-        reviews_versions(&others),
-        BTreeMap::from([("v1".into(), 200)])
-    );
+    let jason = mesh.get_many(CLIENT, PRODUCTPAGE, 200, JASON).unwrap();
+    let others = mesh.get_many(CLIENT, PRODUCTPAGE, 200, &[]).unwrap();
+    assert_eq!(reviews_versions(&jason), only("v2", 200));
+    assert_eq!(reviews_versions(&others), only("v1", 200));
     // v2 calls ratings, and the header travelled with the call.
     let page = jason[0].json().unwrap();
     let ratings = &page["calls"][1]["body"]["calls"][0];
@@ -189,7 +180,7 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
         assert!(error.contains(part), "{part:?} not in {error}");
     }
     let jason = mesh.get_many(CLIENT, REVIEWS, 50, JASON).unwrap();
-    assert_eq!(versions(&jason), BTreeMap::from([("v2".into(), 50)]));
+    assert_eq!(versions(&jason), only("v2", 50));
 
     // Replacing the route with v3 applies to new requests, same agent.
     mesh.apply(
@@ -198,7 +189,7 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     )
     .unwrap();
     let all = mesh.get_many(CLIENT, REVIEWS, 50, JASON).unwrap();
-    assert_eq!(versions(&all), BTreeMap::from([("v3".into(), 50)]));
+    assert_eq!(versions(&all), only("v3", 50));
     assert_eq!(mesh.agent("node-a").pid(), agent_pid, "the agent restarted");
 }
 
@@ -220,7 +211,7 @@ fn a_7s_delay_for_jason_only_and_callers_with_shorter_timeouts_time_out() {
     let others = mesh
         .get_many(CLIENT, RATINGS, 20, &["--max-time", "3"])
         .unwrap();
-    assert_eq!(versions(&others), BTreeMap::from([("v1".into(), 20)]));
+    assert_eq!(versions(&others), only("v1", 20));
 
     // jason waits 7 s, then gets the answer.
     let started = Instant::now();
@@ -234,9 +225,7 @@ fn a_7s_delay_for_jason_only_and_callers_with_shorter_timeouts_time_out() {
 
     // reviews v2 calls ratings with a 2.5 s timeout: it gets its timeout
     // error, and says so to productpage.
-    let page = mesh
-        .get_json(CLIENT, "http://productpage:9080/productpage", JASON)
-        .unwrap();
+    let page = mesh.get_json(CLIENT, PRODUCTPAGE, JASON).unwrap();
     let reviews = &page["calls"][1]["body"];
     assert_eq!(reviews["version"], "v2", "{page:#}");
     let error = reviews["calls"][0]["error"].as_str().unwrap_or_default();
@@ -253,14 +242,12 @@ fn a_7s_delay_for_jason_only_and_callers_with_shorter_timeouts_time_out() {
     )
     .unwrap();
     let reply = mesh
-        .get_many(
+        .get_one(
             CLIENT,
             "http://reviews:9080/delay/3000",
-            1,
             &["-H", "end-user: jason"],
         )
-        .unwrap()
-        .remove(0);
+        .unwrap();
     assert_eq!(reply.status, 504, "{reply:?}");
     assert!(reply.body.contains("upstream request timeout"), "{reply:?}");
 }
@@ -300,7 +287,7 @@ fn weighted_splits_hold_over_thousands_of_requests_and_a_header_selects_the_cana
     let tested = mesh
         .get_many(CLIENT, REVIEWS, 200, &["-H", "qa: canary-test"])
         .unwrap();
-    assert_eq!(versions(&tested), BTreeMap::from([("v3".into(), 200)]));
+    assert_eq!(versions(&tested), only("v3", 200));
 
     // Weights must add up to 100: rejected, and the split goes on.
     let error = mesh
@@ -345,9 +332,9 @@ fn aborts_answer_503_for_a_share_of_requests_and_grpc_aborts_carry_a_grpc_status
     let jason = mesh
         .grpc_many(CLIENT, target, method, 50, &["end-user=jason"])
         .unwrap();
-    assert_eq!(jason, BTreeMap::from([("UNAVAILABLE".into(), 50)]));
+    assert_eq!(jason, only("UNAVAILABLE", 50));
     let others = mesh.grpc_many(CLIENT, target, method, 50, &[]).unwrap();
-    assert_eq!(others, BTreeMap::from([("v1".into(), 50)]));
+    assert_eq!(others, only("v1", 50));
 }
 
 /// Gateway API for the mesh: an HTTPRoute attached to the reviews
@@ -403,7 +390,7 @@ fn an_httproute_on_a_service_matches_headers_splits_by_weight_and_edits_headers(
         .unwrap();
 
     let jason = mesh.get_many(CLIENT, REVIEWS, 100, JASON).unwrap();
-    assert_eq!(versions(&jason), BTreeMap::from([("v2".into(), 100)]));
+    assert_eq!(versions(&jason), only("v2", 100));
     let others = mesh.get_many(CLIENT, REVIEWS, SPLIT_REQUESTS, &[]).unwrap();
     let split = versions(&others);
     assert_eq!(
@@ -443,9 +430,8 @@ fn retries_recover_failing_first_attempts_and_per_try_and_overall_timeouts_hold(
     // Each try of a 2 s request is cut at 300 ms and retried; after the
     // last the caller gets 504, well before the server would have answered.
     let reply = mesh
-        .get_many(CLIENT, "http://flaky:9080/delay/2000", 1, &[])
-        .unwrap()
-        .remove(0);
+        .get_one(CLIENT, "http://flaky:9080/delay/2000", &[])
+        .unwrap();
     assert_eq!(reply.status, 504, "{reply:?}");
     assert_eq!(mesh.served("flaky-1").unwrap(), 3 + 3, "1 try + 2 retries");
 
@@ -454,9 +440,8 @@ fn retries_recover_failing_first_attempts_and_per_try_and_overall_timeouts_hold(
     mesh.apply("flaky.yaml", &virtual_service("flaky", overall))
         .unwrap();
     let reply = mesh
-        .get_many(CLIENT, "http://flaky:9080/delay/3000", 1, &[])
-        .unwrap()
-        .remove(0);
+        .get_one(CLIENT, "http://flaky:9080/delay/3000", &[])
+        .unwrap();
     assert_eq!(reply.status, 504, "{reply:?}");
     assert_eq!(reply.body, "upstream request timeout");
     assert!(reply.seconds < 2.5, "{reply:?}");
@@ -540,11 +525,11 @@ fn mirrored_requests_reach_the_shadow_and_callers_see_only_the_primary() {
     mesh.apply("reviews-mirror.yaml", &virtual_service("reviews", mirror))
         .unwrap();
     let replies = mesh.get_many(CLIENT, REVIEWS, 100, &[]).unwrap();
-    assert_eq!(versions(&replies), BTreeMap::from([("v1".into(), 100)]));
+    assert_eq!(versions(&replies), only("v1", 100));
     let posts = mesh
         .get_many(CLIENT, REVIEWS, 20, &["-d", "a body the shadow gets too"])
         .unwrap();
-    assert_eq!(versions(&posts), BTreeMap::from([("v1".into(), 20)]));
+    assert_eq!(versions(&posts), only("v1", 20));
     // Copies are sent in the background: wait for them to land.
     let deadline = Instant::now() + Duration::from_secs(10);
     while mesh.served("reviews-v3").unwrap() < 120 && Instant::now() < deadline {
@@ -699,9 +684,9 @@ fn http1_h2c_grpc_and_upgrades_are_routed_while_opaque_and_server_first_tcp_pass
     let jason = mesh
         .grpc_many(CLIENT, target, method, 50, &["end-user=jason"])
         .unwrap();
-    assert_eq!(jason, BTreeMap::from([("v2".into(), 50)]));
+    assert_eq!(jason, only("v2", 50));
     let others = mesh.grpc_many(CLIENT, target, method, 50, &[]).unwrap();
-    assert_eq!(others, BTreeMap::from([("v1".into(), 50)]));
+    assert_eq!(others, only("v1", 50));
 
     // Opaque TCP and a server-first protocol through the same agents.
     let client_netns = mesh.topo().pod(CLIENT).netns.clone();
