@@ -2,7 +2,7 @@
 //! arithmetic on it; shared by the bench and its report.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -201,13 +201,78 @@ pub(super) struct Captured {
     pub(super) failed: u64,
 }
 
+/// Max throughput and latency at the fixed rate, against one URL.
 #[derive(Debug)]
-pub(super) struct ModeResult {
-    pub(super) mode: Mode,
+pub(super) struct HttpPhases {
     pub(super) throughput: HttpRun,
     pub(super) throughput_cpu: CpuUse,
     pub(super) latency: HttpRun,
     pub(super) latency_cpu: CpuUse,
+}
+
+impl HttpPhases {
+    /// Agent CPU ms (both agents) per 1000 requests at max throughput: the
+    /// design's figure.
+    pub(super) fn agent_cpu_per_1000(&self) -> f64 {
+        per_1000(self.throughput_cpu.agents_total(), self.throughput.ok)
+    }
+
+    /// The same at the fixed rate, where every configuration handles the
+    /// same requests per second, so batching cannot hide a per-request cost.
+    pub(super) fn agent_cpu_per_1000_fixed_rate(&self) -> f64 {
+        per_1000(self.latency_cpu.agents_total(), self.latency.ok)
+    }
+
+    /// node-a's agent alone at max throughput: the only one that routes
+    /// (node-b's relays L4), so a routing cost shows here undiluted.
+    pub(super) fn client_agent_cpu_per_1000(&self) -> f64 {
+        let (user, system) = self.throughput_cpu.agents[0];
+        per_1000(user + system, self.throughput.ok)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "http_max_throughput": self.throughput.to_json(),
+            "http_max_throughput_cpu": self.throughput_cpu.to_json(),
+            "agent_cpu_ms_per_1000_requests": self.agent_cpu_per_1000(),
+            "http_fixed_rate": self.latency.to_json(),
+            "http_fixed_rate_cpu": self.latency_cpu.to_json(),
+            "agent_cpu_ms_per_1000_requests_fixed_rate": self.agent_cpu_per_1000_fixed_rate(),
+        })
+    }
+}
+
+/// The L7 phases with one size of route table.
+#[derive(Debug)]
+pub(super) struct L7Result {
+    /// Routes in the VirtualService; requests match the last.
+    pub(super) routes: usize,
+    pub(super) http: HttpPhases,
+    /// From writing the VirtualService until both agents served it.
+    pub(super) applied_after: Duration,
+    /// Agent memory after these phases.
+    pub(super) memory: [Memory; 2],
+}
+
+impl L7Result {
+    fn to_json(&self) -> Value {
+        let mut doc = self.http.to_json();
+        doc["routes"] = json!(self.routes);
+        doc["config_applied_ms"] = json!(self.applied_after.as_secs_f64() * 1000.0);
+        doc["agent_memory_kib"] = memory_json("l7", &self.memory);
+        doc
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct ModeResult {
+    pub(super) mode: Mode,
+    /// To the server pod's address: direct, or relayed as opaque TCP by
+    /// both agents.
+    pub(super) l4: HttpPhases,
+    /// Meshed only: to the Service, through the client-side agent's L7
+    /// proxy, once per route-table size (smallest first).
+    pub(super) l7: Vec<L7Result>,
     pub(super) conn_rate: HttpRun,
     pub(super) conn_rate_cpu: CpuUse,
     pub(super) bulk_cpu: CpuUse,
@@ -215,32 +280,34 @@ pub(super) struct ModeResult {
     pub(super) warnings: Vec<String>,
     pub(super) bulk_bits_per_second: f64,
     /// Agent memory after each phase: (phase, [node-a, node-b]).
-    pub(super) memory_trace: Vec<(&'static str, [Memory; 2])>,
+    pub(super) memory_trace: Vec<(String, [Memory; 2])>,
     pub(super) captured: Captured,
 }
 
 impl ModeResult {
-    /// Agent memory after the last phase.
+    /// Agent memory for the headline: with the smallest route table when
+    /// meshed (larger tables have their own figures), else after the last
+    /// phase.
     pub(super) fn memory(&self) -> [Memory; 2] {
-        self.memory_trace
-            .last()
-            .map(|(_, m)| *m)
-            .unwrap_or_default()
+        match self.l7.first() {
+            Some(l7) => l7.memory,
+            None => self
+                .memory_trace
+                .last()
+                .map(|(_, m)| *m)
+                .unwrap_or_default(),
+        }
     }
 
-    /// Agent CPU ms (both agents) per 1000 requests in the max-throughput
-    /// phase.
-    pub(super) fn agent_cpu_per_1000(&self) -> f64 {
-        per_1000(self.throughput_cpu.agents_total(), self.throughput.ok)
+    pub(super) fn l7_with(&self, routes: usize) -> Option<&L7Result> {
+        self.l7.iter().find(|l| l.routes == routes)
     }
 
     pub(super) fn to_json(&self) -> Value {
-        json!({
-            "http_max_throughput": self.throughput.to_json(),
-            "http_max_throughput_cpu": self.throughput_cpu.to_json(),
-            "agent_cpu_ms_per_1000_requests": self.agent_cpu_per_1000(),
-            "http_fixed_rate": self.latency.to_json(),
-            "http_fixed_rate_cpu": self.latency_cpu.to_json(),
+        // The L4 phases keep the keys they had before the L7 phases existed.
+        let mut doc = self.l4.to_json();
+        let rest = json!({
+            "http_l7": self.l7.iter().map(L7Result::to_json).collect::<Vec<_>>(),
             "connection_rate": self.conn_rate.to_json(),
             "connection_rate_cpu": self.conn_rate_cpu.to_json(),
             "bulk_tcp_bits_per_second": self.bulk_bits_per_second,
@@ -256,7 +323,11 @@ impl ModeResult {
                 "inbound_node_b": self.captured.inbound_b,
                 "failed": self.captured.failed,
             },
-        })
+        });
+        if let (Some(doc), Value::Object(rest)) = (doc.as_object_mut(), rest) {
+            doc.extend(rest);
+        }
+        doc
     }
 }
 
