@@ -226,8 +226,10 @@ pub(super) fn table(direct: &[ModeResult], meshed: &[ModeResult]) -> Vec<Row> {
         values: json!({ "meshed": cpu_conn }),
     });
 
-    // After the L7 phases with the smallest route table in the last round.
-    let [a, b] = meshed.last().map(ModeResult::memory).unwrap_or_default();
+    // After the L7 phases with the smallest route table, in the first round:
+    // an agent's RSS does not shrink once a larger table is replaced, so
+    // later rounds start with it.
+    let [a, b] = meshed.first().map(ModeResult::memory).unwrap_or_default();
     let worst = mb(a.rss_kib.max(b.rss_kib));
     rows.push(Row {
         metric: format!("agent RSS node-a / node-b ({} routes)", ROUTE_COUNTS[0]),
@@ -253,10 +255,14 @@ fn mb(kib: u64) -> f64 {
 /// makes each request compare against every route before it.
 pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
     let (small, large) = (ROUTE_COUNTS[0], ROUTE_COUNTS[ROUTE_COUNTS.len() - 1]);
-    let pair = |f: &dyn Fn(&L7Result) -> f64| {
-        let at = |n: usize| median(meshed, |r| r.l7_with(n).map_or(f64::NAN, f));
+    let pair_in = |rounds: &[ModeResult], f: &dyn Fn(&L7Result) -> f64| {
+        let at = |n: usize| median(rounds, |r| r.l7_with(n).map_or(f64::NAN, f));
         (at(small), at(large))
     };
+    let pair = |f: &dyn Fn(&L7Result) -> f64| pair_in(meshed, f);
+    // Memory from the first round alone, as in `table`.
+    let first = &meshed[..meshed.len().min(1)];
+    let rss = |node: usize| pair_in(first, &|l| mb(l.memory[node].rss_kib));
     let latency = |get: fn(&HttpRun) -> f64| pair(&|l| get(&l.http.latency));
     let cpu = |get: fn(&HttpPhases) -> f64| pair(&|l| get(&l.http));
     let row = |metric: String, key: &str, (s, l): (f64, f64), left, right, change| Row {
@@ -333,7 +339,15 @@ pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
         (
             "agent RSS node-a".into(),
             "client_agent_rss_mb",
-            pair(&|l| mb(l.memory[0].rss_kib)),
+            rss(0),
+            1,
+            "MB",
+            "MB",
+        ),
+        (
+            "agent RSS node-b (relays only)".into(),
+            "server_agent_rss_mb",
+            rss(1),
             1,
             "MB",
             "MB",
