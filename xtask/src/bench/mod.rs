@@ -13,24 +13,41 @@
 //! medians: on shared 2-vCPU VMs one round's direct req/s varies by up to
 //! ±20 % from run to run.
 //!
-//! Every phase runs first DIRECT (the pods' namespace is not labelled: the
-//! agents run but capture nothing), then MESHED (the same config with the
-//! namespace labelled `nodemesh.io/mesh: enabled`), same pods, same
-//! addresses:
+//! The pods' namespace `bench` also holds a Service `server` (port 80,
+//! named `http`, so declared HTTP) with a VirtualService. Every round runs
+//! first DIRECT (the namespace is not labelled: the agents run but capture
+//! nothing), then MESHED (the same config with the namespace labelled
+//! `nodemesh.io/mesh: enabled`), same pods, same addresses. DIRECT targets
+//! the server pod's address, the only one reachable without the mesh;
+//! MESHED runs the same phases against it, which the agents relay as opaque
+//! TCP (L4), and then the HTTP phases again against the Service's cluster
+//! IP, which the client-side agent terminates and routes (L7):
 //! 1. HTTP/1.1 max throughput: 16 keep-alive connections, 1 KB responses;
 //! 2. latency at a fixed 2000 req/s over 16 connections (p50, p90, p99);
-//! 3. connection rate: a new TCP connection per request, 16 concurrent;
-//! 4. bulk TCP: iperf3, one stream.
+//! 3. connection rate: a new TCP connection per request, 16 concurrent (L4);
+//! 4. bulk TCP: iperf3, one stream (L4);
+//! 5. meshed only, L7: phases 1 and 2 to the Service, once with a
+//!    VirtualService of 10 routes (the headline L7 figures) and once with
+//!    10 000, requests matching only the last route (see `routes.rs`); the
+//!    difference is what the size of a route table costs each request.
+//!    Before each, the bench checks that both agents serve the table and
+//!    that a request is answered by nginx through that last route.
+//!
+//! L4 and L7 share the direct run as their baseline, so the table shows
+//! what routing adds on top of the relay.
 //!
 //! During every phase the CPU time of both agents, the servers, the load
 //! generator and the whole machine is sampled from /proc: the agents' CPU
-//! per 1000 requests comes from phase 1, and a phase in which other work or
-//! hypervisor steal took a noticeable share of the machine is flagged. The
-//! agents' RSS (and peak) is read after every phase; the table shows it
-//! after the last meshed phase. Results are printed as a table with the
-//! design targets beside the meshed figures (informative only: a missed
-//! target never fails the command; errors in the traffic do) and written to
-//! `target/bench/results.json`.
+//! per 1000 requests comes from phase 1 (and, for the route tables, also
+//! from phase 2, where both tables see the same request rate), and a phase
+//! in which other work or hypervisor steal took a noticeable share of the
+//! machine is flagged. The agents' RSS (and peak) is read after every
+//! phase; the tables show it after the L7 phases of the first round (an
+//! agent's RSS does not shrink once the 10 000-route table is replaced).
+//! Results are printed as two tables, meshed against direct with the design
+//! targets beside the meshed figures (informative only: a missed target
+//! never fails the command; errors in the traffic do), and 10 000 routes
+//! against 10; and written to `target/bench/results.json`.
 //!
 //! Benchmark-harness tuning, applied to every namespace of the topology in
 //! both modes alike: `net.ipv4.tcp_tw_reuse=1` and a wide ephemeral port
@@ -38,7 +55,6 @@
 //! connections to one address) does not run out of ports because of
 //! TIME_WAIT.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -51,12 +67,18 @@ use serde_json::{json, Value};
 
 mod procfs;
 mod report;
+mod results;
+mod routes;
 
 use procfs::{
     children_cpu_ticks, clock_ticks_per_second, loadavg, machine_ticks, num_cpus,
     proc_context_switches, proc_cpu_ticks, proc_memory_kib,
 };
-use report::{cpu_breakdown, render, table, Row};
+use report::{cpu_breakdown, render, route_table, table, Row};
+use results::{
+    per_1000, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
+    ModeResult,
+};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
@@ -71,6 +93,15 @@ const NAMESPACE: &str = "bench";
 const CLIENT: &str = "client";
 const SERVER: &str = "server";
 const HTTP_PORT: u16 = 8080;
+/// The Service's port; named `http`, so the agent routes it without
+/// waiting for detection.
+const SERVICE_PORT: u16 = 80;
+/// Pinned rather than allocated, so the URL is known up front and no DNS
+/// lookup sits in the measurement.
+const SERVICE_IP: &str = "10.96.0.80";
+/// Route-table sizes of the L7 phases; the first gives the headline L7
+/// figures, the comparison with the last the cost of a table's size.
+const ROUTE_COUNTS: [usize; 2] = [10, 10_000];
 const IPERF_PORT: u16 = 5201;
 /// oha connections (design: 16 keep-alive connections).
 const CONNECTIONS: u32 = 16;
@@ -85,6 +116,8 @@ const WARMUP: Duration = Duration::from_secs(1);
 const MAX_ERROR_FRACTION: f64 = 0.01;
 /// How long the agents get to apply a config change.
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
+/// Fine enough to time how fast a route change is served.
+const CONFIG_POLL: Duration = Duration::from_millis(10);
 /// oha's name for requests cut off by `-z` (not a server error).
 const OHA_DEADLINE_ERROR: &str = "aborted due to deadline";
 /// CPUs of other work during a phase above which the bench warns that the
@@ -136,10 +169,24 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
 
     let rows = table(&direct, &meshed);
     println!();
-    print!("{}", render(&rows));
+    print!("{}", render(&rows, ["metric", "direct", "meshed", "ratio"]));
     println!(
-        "\nTargets are the design's for L7 + mTLS through two agents (informative only).\n\
-         p99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU."
+        "\nL4: to the server pod's address, relayed as opaque TCP by both agents. L7: to the \
+         Service, routed\nby the client-side agent (VirtualService, {} routes, the last \
+         matching). Targets are the design's\nfor L7 + mTLS through two agents (informative \
+         only). p99 on shared VMs is dominated by\nhypervisor steal: judge by p50/p90 and CPU.",
+        ROUTE_COUNTS[0]
+    );
+    let route_rows = route_table(&meshed);
+    let sizes = ROUTE_COUNTS.map(|n| format!("{n} routes"));
+    println!("\nRoute-table size, meshed L7, requests matching the last route:");
+    print!(
+        "{}",
+        render(&route_rows, ["metric", &sizes[0], &sizes[1], "difference"])
+    );
+    println!(
+        "The CPU differences (ms per 1000 requests = µs per request) are the per-request cost \
+         of the larger\ntable. Design: the same with 10 and with 10 000 routes."
     );
     let warnings: Vec<&String> = direct
         .iter()
@@ -172,6 +219,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             "connections": CONNECTIONS,
             "fixed_rate": FIXED_RATE,
             "body_bytes": BODY_SIZE,
+            "route_counts": ROUTE_COUNTS,
             "oha": oha.version,
             "cpus": num_cpus(),
             "load_average_before": load_before,
@@ -180,6 +228,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         "direct": direct.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
         "meshed": meshed.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
         "comparison": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "route_count_cost": route_rows.iter().map(Row::to_json).collect::<Vec<_>>(),
     });
     let out_dir = super::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -350,273 +399,6 @@ impl Oha {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Direct,
-    Meshed,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Direct => "direct",
-            Mode::Meshed => "meshed",
-        }
-    }
-}
-
-/// One oha run, parsed.
-#[derive(Default, Debug)]
-struct HttpRun {
-    /// Responses with a 2xx status.
-    ok: u64,
-    non_2xx: u64,
-    /// Failed requests (connection errors, timeouts), deadline aborts
-    /// excluded.
-    errors: u64,
-    error_kinds: BTreeMap<String, u64>,
-    seconds: f64,
-    /// 2xx responses per second.
-    rps: f64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-}
-
-impl HttpRun {
-    fn from_oha(doc: &Value) -> Result<HttpRun> {
-        let seconds = doc["summary"]["total"]
-            .as_f64()
-            .context("oha JSON has no summary.total")?;
-        let mut run = HttpRun {
-            seconds,
-            ..HttpRun::default()
-        };
-        if let Some(codes) = doc["statusCodeDistribution"].as_object() {
-            for (code, n) in codes {
-                let n = n.as_u64().unwrap_or(0);
-                if code.starts_with('2') {
-                    run.ok += n;
-                } else {
-                    run.non_2xx += n;
-                }
-            }
-        }
-        if let Some(errors) = doc["errorDistribution"].as_object() {
-            for (kind, n) in errors {
-                let n = n.as_u64().unwrap_or(0);
-                if kind != OHA_DEADLINE_ERROR {
-                    run.errors += n;
-                    run.error_kinds.insert(kind.clone(), n);
-                }
-            }
-        }
-        let pct = |p: &str| doc["latencyPercentiles"][p].as_f64().unwrap_or(f64::NAN) * 1000.0;
-        run.p50_ms = pct("p50");
-        run.p90_ms = pct("p90");
-        run.p99_ms = pct("p99");
-        run.rps = if seconds > 0.0 {
-            run.ok as f64 / seconds
-        } else {
-            0.0
-        };
-        Ok(run)
-    }
-
-    fn attempted(&self) -> u64 {
-        self.ok + self.non_2xx + self.errors
-    }
-
-    fn error_fraction(&self) -> f64 {
-        match self.attempted() {
-            0 => 1.0,
-            n => (self.non_2xx + self.errors) as f64 / n as f64,
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "ok": self.ok,
-            "non_2xx": self.non_2xx,
-            "errors": self.errors,
-            "error_kinds": self.error_kinds,
-            "seconds": self.seconds,
-            "requests_per_second": self.rps,
-            "p50_ms": self.p50_ms,
-            "p90_ms": self.p90_ms,
-            "p99_ms": self.p99_ms,
-        })
-    }
-}
-
-/// CPU time over one phase, in milliseconds.
-#[derive(Default, Debug)]
-struct CpuUse {
-    /// Per agent (node-a, node-b): user, system.
-    agents: [(f64, f64); 2],
-    /// nginx and the iperf3 server.
-    servers: f64,
-    /// oha or the iperf3 client (a waited-for child of this process).
-    load_generator: f64,
-    /// Whole machine, all CPUs: busy (user + system + irq), and steal.
-    machine_busy: f64,
-    machine_steal: f64,
-    wall: f64,
-    /// Context switches of both agents' threads.
-    agent_context_switches: u64,
-    /// Threads per agent at the end of the phase.
-    agent_threads: [u64; 2],
-}
-
-impl CpuUse {
-    fn agents_total(&self) -> f64 {
-        self.agents.iter().map(|(u, s)| u + s).sum()
-    }
-
-    /// Busy CPU time on the machine not charged to the agents, the servers
-    /// or the load generator: other processes, and kernel work (softirq) run
-    /// outside their context.
-    fn other(&self) -> f64 {
-        (self.machine_busy - self.agents_total() - self.servers - self.load_generator).max(0.0)
-    }
-
-    /// A warning when other work took a noticeable share of the machine.
-    fn interference(&self, phase: &str) -> Option<String> {
-        let cpus = if self.wall > 0.0 {
-            self.other() / self.wall
-        } else {
-            0.0
-        };
-        let steal = if self.wall > 0.0 {
-            self.machine_steal / self.wall
-        } else {
-            0.0
-        };
-        (cpus > INTERFERENCE_CPUS || steal > STEAL_CPUS).then(|| {
-            format!(
-                "{phase}: other work used {cpus:.2} CPU and steal {steal:.2} CPU: figures skewed"
-            )
-        })
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "agent_node_a_ms": { "user": self.agents[0].0, "system": self.agents[0].1 },
-            "agent_node_b_ms": { "user": self.agents[1].0, "system": self.agents[1].1 },
-            "agents_total_ms": self.agents_total(),
-            "servers_ms": self.servers,
-            "load_generator_ms": self.load_generator,
-            "other_ms": self.other(),
-            "machine_busy_ms": self.machine_busy,
-            "machine_steal_ms": self.machine_steal,
-            "wall_ms": self.wall,
-            "agent_context_switches": self.agent_context_switches,
-            "agent_threads": self.agent_threads,
-        })
-    }
-}
-
-#[derive(Clone, Copy)]
-struct CpuSnapshot {
-    agents: [(u64, u64); 2],
-    servers: u64,
-    children: u64,
-    machine: (u64, u64, u64),
-    /// Per agent: (context switches, threads).
-    agent_switches: [(u64, u64); 2],
-    at: Instant,
-}
-
-#[derive(Default, Debug, Clone, Copy)]
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-#[derive(Default, Debug, Clone, Copy)]
-struct Captured {
-    /// New outbound connections on node-a's agent.
-    outbound_a: u64,
-    /// New inbound connections on node-b's agent.
-    inbound_b: u64,
-    failed: u64,
-}
-
-#[derive(Debug)]
-struct ModeResult {
-    mode: Mode,
-    throughput: HttpRun,
-    throughput_cpu: CpuUse,
-    latency: HttpRun,
-    latency_cpu: CpuUse,
-    conn_rate: HttpRun,
-    conn_rate_cpu: CpuUse,
-    bulk_cpu: CpuUse,
-    /// Phases during which other work used a noticeable share of the CPUs.
-    warnings: Vec<String>,
-    bulk_bits_per_second: f64,
-    /// Agent memory after each phase: (phase, [node-a, node-b]).
-    memory_trace: Vec<(&'static str, [Memory; 2])>,
-    captured: Captured,
-}
-
-impl ModeResult {
-    /// Agent memory after the last phase.
-    fn memory(&self) -> [Memory; 2] {
-        self.memory_trace
-            .last()
-            .map(|(_, m)| *m)
-            .unwrap_or_default()
-    }
-
-    /// Agent CPU ms (both agents) per 1000 requests in the max-throughput
-    /// phase.
-    fn agent_cpu_per_1000(&self) -> f64 {
-        per_1000(self.throughput_cpu.agents_total(), self.throughput.ok)
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "http_max_throughput": self.throughput.to_json(),
-            "http_max_throughput_cpu": self.throughput_cpu.to_json(),
-            "agent_cpu_ms_per_1000_requests": self.agent_cpu_per_1000(),
-            "http_fixed_rate": self.latency.to_json(),
-            "http_fixed_rate_cpu": self.latency_cpu.to_json(),
-            "connection_rate": self.conn_rate.to_json(),
-            "connection_rate_cpu": self.conn_rate_cpu.to_json(),
-            "bulk_tcp_bits_per_second": self.bulk_bits_per_second,
-            "bulk_tcp_cpu": self.bulk_cpu.to_json(),
-            "warnings": self.warnings,
-            "agent_memory_kib": self
-                .memory_trace
-                .iter()
-                .map(|(phase, m)| memory_json(phase, m))
-                .collect::<Vec<_>>(),
-            "connections_through_agents": {
-                "outbound_node_a": self.captured.outbound_a,
-                "inbound_node_b": self.captured.inbound_b,
-                "failed": self.captured.failed,
-            },
-        })
-    }
-}
-
-fn memory_json(after: &str, m: &[Memory; 2]) -> Value {
-    json!({
-        "after": after,
-        "node_a": { "rss": m[0].rss_kib, "peak": m[0].hwm_kib },
-        "node_b": { "rss": m[1].rss_kib, "peak": m[1].hwm_kib },
-    })
-}
-
-fn per_1000(ms: f64, requests: u64) -> f64 {
-    if requests == 0 {
-        f64::NAN
-    } else {
-        ms * 1000.0 / requests as f64
-    }
-}
-
 // ---------------------------------------------------------------- the bench
 
 struct Bench<'a> {
@@ -633,6 +415,25 @@ struct Bench<'a> {
     nginx_pid: u32,
     iperf3_server_pid: u32,
     clk_tck: u64,
+    /// The configuration last written.
+    mode: Mode,
+    routes: usize,
+}
+
+/// What a mode's phases leave behind besides their figures.
+struct PhaseLog {
+    mode: Mode,
+    /// (started, total), for the `[n/total]` progress lines.
+    steps: (usize, usize),
+    warnings: Vec<String>,
+    memory_trace: Vec<(String, [Memory; 2])>,
+}
+
+impl PhaseLog {
+    fn step(&mut self, what: &str) {
+        self.steps.0 += 1;
+        println!("  [{}/{}] {what}", self.steps.0, self.steps.1);
+    }
 }
 
 impl<'a> Bench<'a> {
@@ -685,6 +486,7 @@ impl<'a> Bench<'a> {
 
         let config_dir = topo.work_dir().join("config");
         write_config(&topo, &config_dir, Mode::Direct)?;
+        write_routes(&config_dir, ROUTE_COUNTS[0])?;
         println!("bench: starting one agent per node");
         let a = Agent::start_with(&mut topo, "node-a", &config_dir, nodemesh, &[])?;
         let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &[])?;
@@ -700,8 +502,10 @@ impl<'a> Bench<'a> {
             nginx_pid,
             iperf3_server_pid,
             clk_tck,
+            mode: Mode::Direct,
+            routes: ROUTE_COUNTS[0],
         };
-        bench.wait_mode(Mode::Direct)?;
+        bench.wait_config(&[0, 0])?;
         Ok(bench)
     }
 
@@ -711,26 +515,66 @@ impl<'a> Bench<'a> {
         for round in 1..=self.opts.rounds {
             if round > 1 {
                 println!("\n######## round {round} of {}", self.opts.rounds);
-                write_config(&self.topo, &self.config_dir, Mode::Direct)?;
-                self.wait_mode(Mode::Direct)?;
+                self.set_routes(ROUTE_COUNTS[0])?;
+                self.set_mode(Mode::Direct)?;
             }
             direct.push(self.measure(Mode::Direct)?);
-            write_config(&self.topo, &self.config_dir, Mode::Meshed)?;
-            self.wait_mode(Mode::Meshed)?;
+            self.set_mode(Mode::Meshed)?;
             meshed.push(self.measure(Mode::Meshed)?);
         }
         Ok((direct, meshed))
     }
 
-    /// Waits until both agents run the config of `mode`: both workloads
-    /// known, and enrolled (meshed) or not (direct).
-    fn wait_mode(&self, mode: Mode) -> Result<()> {
-        let want_enrolled = u64::from(mode == Mode::Meshed);
+    fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        let generations = self.generations()?;
+        write_config(&self.topo, &self.config_dir, mode)?;
+        self.mode = mode;
+        self.wait_config(&generations)?;
+        Ok(())
+    }
+
+    /// Returns how long the agents took to serve the new routes.
+    fn set_routes(&mut self, routes: usize) -> Result<Duration> {
+        let generations = self.generations()?;
+        let start = Instant::now();
+        write_routes(&self.config_dir, routes)?;
+        self.routes = routes;
+        self.wait_config(&generations)?;
+        Ok(start.elapsed())
+    }
+
+    /// Each agent's config generation.
+    fn generations(&self) -> Result<Vec<u64>> {
+        self.agents
+            .iter()
+            .map(|a| {
+                Ok(a.status_json()?["config"]["generation"]
+                    .as_u64()
+                    .unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// Waits until each agent has loaded a generation newer than its `after`
+    /// that holds the config of `self.mode` and `self.routes`: both
+    /// workloads known and enrolled (meshed) or not (direct), the Service,
+    /// and its routes. A rejected config fails at once rather than at the
+    /// timeout.
+    fn wait_config(&self, after: &[u64]) -> Result<()> {
+        let want_enrolled = u64::from(self.mode == Mode::Meshed);
+        let want_routes = self.routes as u64;
         let deadline = Instant::now() + CONFIG_TIMEOUT;
-        for agent in &self.agents {
+        for (agent, &after) in self.agents.iter().zip(after) {
             loop {
                 let status = agent.status_json()?;
-                let ready = status["config"]["workloads"].as_u64() == Some(2)
+                let config = &status["config"];
+                if let Some(error) = config["last_error"].as_str() {
+                    bail!("the agent on {} rejected the config: {error}", agent.node());
+                }
+                let ready = config["generation"].as_u64() > Some(after)
+                    && config["workloads"].as_u64() == Some(2)
+                    && config["services"].as_u64() == Some(1)
+                    && config["http_routes"].as_u64() == Some(want_routes)
                     && status["workloads"]["on_node"].as_u64() == Some(1)
                     && status["workloads"]["enrolled"].as_u64() == Some(want_enrolled);
                 if ready {
@@ -738,15 +582,15 @@ impl<'a> Bench<'a> {
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "the agent on {} did not reach the {} configuration \
-                         ({want_enrolled} workload enrolled) within {CONFIG_TIMEOUT:?}: \
-                         {status:#}\nagent log:\n{}",
+                        "the agent on {} did not reach the {} configuration ({want_enrolled} \
+                         workload enrolled, {want_routes} HTTP routes) within \
+                         {CONFIG_TIMEOUT:?}: {status:#}\nagent log:\n{}",
                         agent.node(),
-                        mode.name(),
+                        self.mode.name(),
                         tail(&agent.log(), 40)
                     );
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(CONFIG_POLL);
             }
         }
         Ok(())
@@ -755,77 +599,52 @@ impl<'a> Bench<'a> {
     fn measure(&mut self, mode: Mode) -> Result<ModeResult> {
         let name = mode.name();
         println!("\n== {} ==", name.to_uppercase());
-        let url = format!("http://{}:{HTTP_PORT}/", self.server_ip);
-        let conns = CONNECTIONS.to_string();
-        let d = self.opts.duration;
+        let pod_url = format!("http://{}:{HTTP_PORT}{}", self.server_ip, routes::PATH);
         let counts_before = self.agent_counts()?;
-        let mut memory_trace = vec![("start", self.agent_memory()?)];
+        let mut log = PhaseLog {
+            mode,
+            steps: (
+                0,
+                if mode == Mode::Meshed {
+                    4 + 2 * ROUTE_COUNTS.len()
+                } else {
+                    4
+                },
+            ),
+            warnings: Vec::new(),
+            memory_trace: vec![("start".into(), self.agent_memory()?)],
+        };
 
-        self.oha(&["-c", &conns, "-z", &human(WARMUP), &url], "warm-up")?;
+        self.warm_up(&pod_url)?;
+        let path = match mode {
+            Mode::Direct => "pod IP",
+            Mode::Meshed => "L4, pod IP",
+        };
+        let l4 = self.http_phases(&mut log, &pod_url, path)?;
 
-        println!(
-            "  [1/4] HTTP/1.1 max throughput: {CONNECTIONS} keep-alive connections, {}",
-            human(d)
-        );
-        let before = self.cpu_snapshot()?;
-        let throughput = self.oha(&["-c", &conns, "-z", &human(d), &url], "max throughput")?;
-        let throughput_cpu = self.cpu_since(&before)?;
-        memory_trace.push(("max throughput", self.agent_memory()?));
-        println!(
-            "        {:.0} req/s, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req",
-            throughput.rps,
-            throughput.p50_ms,
-            per_1000(throughput_cpu.agents_total(), throughput.ok)
-        );
-
-        println!(
-            "  [2/4] latency at {FIXED_RATE} req/s over {CONNECTIONS} connections, {}",
-            human(d)
-        );
-        let rate = FIXED_RATE.to_string();
-        let before = self.cpu_snapshot()?;
-        let latency = self.oha(
-            &["-c", &conns, "-q", &rate, "-z", &human(d), &url],
-            "fixed rate",
-        )?;
-        let latency_cpu = self.cpu_since(&before)?;
-        memory_trace.push(("fixed rate", self.agent_memory()?));
-        println!(
-            "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
-            latency.rps, latency.p50_ms, latency.p90_ms, latency.p99_ms
-        );
-
-        println!(
-            "  [3/4] connection rate: a new connection per request, {CONNECTIONS} concurrent, {}",
-            human(d)
-        );
-        let before = self.cpu_snapshot()?;
-        let conn_rate = self.oha(
-            &["-c", &conns, "--disable-keepalive", "-z", &human(d), &url],
-            "connection rate",
-        )?;
-        let conn_rate_cpu = self.cpu_since(&before)?;
-        memory_trace.push(("connection rate", self.agent_memory()?));
+        log.step(&format!(
+            "connection rate: a new connection per request, {CONNECTIONS} concurrent, {}",
+            human(self.opts.duration)
+        ));
+        let conns = CONNECTIONS.to_string();
+        let d = human(self.opts.duration);
+        let (conn_rate, conn_rate_cpu) = self.phase(&mut log, "connection rate", |b| {
+            b.oha(
+                &["-c", &conns, "--disable-keepalive", "-z", &d, &pod_url],
+                "connection rate",
+            )
+        })?;
         println!("        {:.0} connections/s", conn_rate.rps);
 
-        println!("  [4/4] bulk TCP: iperf3, {}", human(self.opts.bulk));
-        let before = self.cpu_snapshot()?;
-        let bulk = self.iperf3()?;
-        let bulk_cpu = self.cpu_since(&before)?;
-        memory_trace.push(("bulk", self.agent_memory()?));
+        log.step(&format!("bulk TCP: iperf3, {}", human(self.opts.bulk)));
+        let (bulk, bulk_cpu) = self.phase(&mut log, "bulk", |b| b.iperf3())?;
         println!("        {:.2} Gbit/s", bulk / 1e9);
 
-        let warnings: Vec<String> = [
-            ("max throughput", &throughput_cpu),
-            ("fixed rate", &latency_cpu),
-            ("connection rate", &conn_rate_cpu),
-            ("bulk", &bulk_cpu),
-        ]
-        .iter()
-        .filter_map(|(phase, cpu)| cpu.interference(&format!("{name} {phase}")))
-        .collect();
-        for w in &warnings {
-            println!("  warning: {w}");
+        let mut l7 = Vec::new();
+        if mode == Mode::Meshed {
+            for routes in ROUTE_COUNTS {
+                l7.push(self.l7_phases(&mut log, routes)?);
+            }
         }
 
         let counts_after = self.agent_counts()?;
@@ -861,21 +680,119 @@ impl<'a> Bench<'a> {
                 "        agents proxied {} outbound (node-a) / {} inbound (node-b) connections, {} failed",
                 captured.outbound_a, captured.inbound_b, captured.failed
             );
+            if captured.failed > 0 {
+                for failure in self.recent_failures()?.iter().take(5) {
+                    println!("          {failure}");
+                }
+            }
         }
         Ok(ModeResult {
             mode,
+            l4,
+            l7,
+            conn_rate,
+            conn_rate_cpu,
+            bulk_cpu,
+            warnings: log.warnings,
+            bulk_bits_per_second: bulk,
+            memory_trace: log.memory_trace,
+            captured,
+        })
+    }
+
+    /// The HTTP phases through the client-side agent's L7 proxy, with a
+    /// VirtualService of `routes` routes of which requests match the last.
+    fn l7_phases(&mut self, log: &mut PhaseLog, routes: usize) -> Result<L7Result> {
+        let applied_after = self.set_routes(routes)?;
+        let url = format!("http://{SERVICE_IP}:{SERVICE_PORT}{}", routes::PATH);
+        routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
+        println!(
+            "  VirtualService with {routes} routes served {:.0} ms after the write; \
+             a request takes the last route",
+            applied_after.as_secs_f64() * 1000.0
+        );
+        self.warm_up(&url)?;
+        let http = self.http_phases(log, &url, &format!("L7, {routes} routes"))?;
+        let memory = self.agent_memory()?;
+        // Last: the listing's own allocations must not count as the table's.
+        let listing =
+            routes::check_table(&self.agents[0], &format!("{NAMESPACE}/{SERVER}"), routes)?;
+        println!(
+            "        `nodemesh routes` lists the {routes} routes ({:.1} MB of JSON)",
+            listing as f64 / 1e6
+        );
+        Ok(L7Result {
+            routes,
+            http,
+            applied_after,
+            memory,
+        })
+    }
+
+    /// Max throughput, then latency at the fixed rate, against `url`.
+    fn http_phases(&self, log: &mut PhaseLog, url: &str, path: &str) -> Result<HttpPhases> {
+        let conns = CONNECTIONS.to_string();
+        let d = human(self.opts.duration);
+        log.step(&format!(
+            "HTTP/1.1 max throughput ({path}): {CONNECTIONS} keep-alive connections, {d}"
+        ));
+        let phase = format!("max throughput ({path})");
+        let (throughput, throughput_cpu) = self.phase(log, &phase, |b| {
+            b.oha(&["-c", &conns, "-z", &d, url], &phase)
+        })?;
+        println!(
+            "        {:.0} req/s, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req",
+            throughput.rps,
+            throughput.p50_ms,
+            per_1000(throughput_cpu.agents_total(), throughput.ok)
+        );
+
+        log.step(&format!(
+            "latency ({path}) at {FIXED_RATE} req/s over {CONNECTIONS} connections, {d}"
+        ));
+        let rate = FIXED_RATE.to_string();
+        let phase = format!("fixed rate ({path})");
+        let (latency, latency_cpu) = self.phase(log, &phase, |b| {
+            b.oha(&["-c", &conns, "-q", &rate, "-z", &d, url], &phase)
+        })?;
+        println!(
+            "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+            latency.rps, latency.p50_ms, latency.p90_ms, latency.p99_ms
+        );
+        Ok(HttpPhases {
             throughput,
             throughput_cpu,
             latency,
             latency_cpu,
-            conn_rate,
-            conn_rate_cpu,
-            bulk_cpu,
-            warnings,
-            bulk_bits_per_second: bulk,
-            memory_trace,
-            captured,
         })
+    }
+
+    /// Opens the keep-alive connections (and, meshed, the agents' upstream
+    /// pools) before anything is measured.
+    fn warm_up(&self, url: &str) -> Result<()> {
+        let conns = CONNECTIONS.to_string();
+        self.oha(&["-c", &conns, "-z", &human(WARMUP), url], "warm-up")?;
+        Ok(())
+    }
+
+    /// Runs `f` and returns its result with the CPU it cost; notes the
+    /// agents' memory afterwards and whether other work skewed it.
+    fn phase<T>(
+        &self,
+        log: &mut PhaseLog,
+        name: &str,
+        f: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<(T, CpuUse)> {
+        let before = self.cpu_snapshot()?;
+        let value = f(self)?;
+        let cpu = self.cpu_since(&before)?;
+        log.memory_trace
+            .push((name.to_string(), self.agent_memory()?));
+        if let Some(w) = cpu.interference(&format!("{} {name}", log.mode.name())) {
+            println!("  warning: {w}");
+            log.warnings.push(w);
+        }
+        Ok((value, cpu))
     }
 
     /// Runs oha in the client pod and checks that (almost) every request
@@ -1007,6 +924,30 @@ impl<'a> Bench<'a> {
         Ok(out)
     }
 
+    /// Why recent proxied connections failed, from each agent's
+    /// `nodemesh connections` (its last few hundred connections).
+    fn recent_failures(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for agent in &self.agents {
+            let list = agent.cli(&["connections", "-o", "json"])?;
+            let list: Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+            for c in list.as_array().into_iter().flatten() {
+                if c["outcome"] != "ok" {
+                    out.push(format!(
+                        "{}: {} {} to {} after {} ms: {}",
+                        agent.node(),
+                        c["direction"].as_str().unwrap_or("?"),
+                        c["protocol"].as_str().unwrap_or("?"),
+                        c["original_destination"].as_str().unwrap_or("?"),
+                        c["duration_ms"],
+                        c["outcome"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn agent_memory(&self) -> Result<[Memory; 2]> {
         let pids = self.agent_pids()?;
         let mut out = [Memory::default(); 2];
@@ -1097,7 +1038,9 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Namespace `bench` (labelled only when meshed) with the two workloads.
+/// Namespace `bench` (labelled only when meshed) with the two workloads
+/// and the Service `server`. Direct runs target the server pod's address:
+/// a cluster IP only exists inside the mesh.
 fn write_config(topo: &Topology, dir: &Path, mode: Mode) -> Result<()> {
     config::write(
         dir,
@@ -1106,7 +1049,24 @@ fn write_config(topo: &Topology, dir: &Path, mode: Mode) -> Result<()> {
             config::namespace(NAMESPACE, mode == Mode::Meshed),
             config::workload(topo.pod(CLIENT), NAMESPACE, &[("app", CLIENT)]),
             config::workload(topo.pod(SERVER), NAMESPACE, &[("app", SERVER)]),
+            config::service(
+                SERVER,
+                NAMESPACE,
+                &[("app", SERVER)],
+                SERVICE_PORT,
+                HTTP_PORT,
+                Some(SERVICE_IP),
+            ),
         ],
+    )
+}
+
+/// In a file of its own, so changing the table rewrites nothing else.
+fn write_routes(dir: &Path, routes: usize) -> Result<()> {
+    config::write_raw(
+        dir,
+        "routes.yaml",
+        &routes::virtual_service(NAMESPACE, SERVER, routes),
     )
 }
 
