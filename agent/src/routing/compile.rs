@@ -391,10 +391,7 @@ fn bind_virtual_services(
             ));
         }
         let routes = services[winner].1.routes.iter().map(|r| r.route.clone());
-        let host = VirtualHost {
-            origin: winner_origin.to_string(),
-            routes: routes.collect(),
-        };
+        let host = VirtualHost::new(winner_origin.to_string(), routes.collect());
         hosts.insert(service, host);
     }
     hosts
@@ -535,10 +532,7 @@ fn bind_http_routes(
             .iter()
             .map(|(i, _)| routes[*i].0.to_string())
             .collect();
-        let host = VirtualHost {
-            origin: origins.join(", "),
-            routes: routes_for_service.collect(),
-        };
+        let host = VirtualHost::new(origins.join(", "), routes_for_service.collect());
         hosts.insert(service, host);
     }
 }

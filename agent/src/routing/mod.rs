@@ -8,6 +8,7 @@
 
 mod compile;
 mod gateway;
+mod index;
 mod istio;
 mod matching;
 #[cfg(test)]
@@ -21,6 +22,7 @@ use serde::Serialize;
 
 pub(crate) use compile::{compile, Drafts};
 pub(crate) use gateway::http_route;
+use index::PathIndex;
 pub(crate) use istio::{destination_rule, virtual_service};
 pub use matching::RequestInfo;
 
@@ -70,23 +72,46 @@ impl RoutingTable {
 pub struct VirtualHost {
     /// `VirtualService ns/name` or `HTTPRoute ns/name`, and its file.
     pub origin: String,
-    pub routes: Vec<HttpRoute>,
+    routes: Vec<HttpRoute>,
+    #[serde(skip)]
+    index: Option<PathIndex>,
 }
 
 impl VirtualHost {
+    pub fn new(origin: String, routes: Vec<HttpRoute>) -> VirtualHost {
+        let index = PathIndex::build(&routes);
+        VirtualHost {
+            origin,
+            routes,
+            index,
+        }
+    }
+
+    /// The routes, in the order they are tried.
+    pub fn routes(&self) -> &[HttpRoute] {
+        &self.routes
+    }
+
     /// The first route with a matching match block (or no match blocks), and
     /// the index of the block that matched. Istio answers 404 when none does.
     pub fn select(&self, request: &RequestInfo<'_>) -> Option<(&HttpRoute, Option<usize>)> {
-        self.routes.iter().find_map(|route| {
+        let try_route = |route: &'_ HttpRoute| {
             if route.matches.is_empty() {
-                return Some((route, None));
+                return Some(None);
             }
-            route
-                .matches
+            let block = route.matches.iter().position(|m| m.matches(request))?;
+            Some(Some(block))
+        };
+        match &self.index {
+            None => self
+                .routes
                 .iter()
-                .position(|m| m.matches(request))
-                .map(|i| (route, Some(i)))
-        })
+                .find_map(|route| try_route(route).map(|block| (route, block))),
+            Some(index) => index.candidates(request.path).into_iter().find_map(|i| {
+                let route = &self.routes[i as usize];
+                try_route(route).map(|block| (route, block))
+            }),
+        }
     }
 }
 

@@ -55,7 +55,7 @@ pub fn routes(proxy: &Proxy, config: &Config) -> Value {
             let key = service.key();
             let host = config.routing().host(&key);
             let routes: Vec<Value> = match host {
-                Some(host) => host.routes.iter().map(|r| route_summary(config, r)).collect(),
+                Some(host) => host.routes().iter().map(|r| route_summary(config, r)).collect(),
                 None => vec![json!({
                     "name": "default",
                     "match": "any request",
