@@ -66,16 +66,7 @@ pub(super) fn check_response(
         "%{http_code} %{size_download}",
         url,
     ];
-    let out = topo.run_in(netns, &cmd)?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            cmd.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let text = topo.run_in_ok(netns, &cmd)?;
     let (headers, summary) = text.rsplit_once('\n').unwrap_or(("", &text));
     let want = format!("200 {body_size}");
     let header = headers.lines().find_map(|l| {
