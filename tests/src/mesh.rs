@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::config::{self, ServicePort};
 use crate::topology::{PodInfo, Topology};
-use crate::workload_apps::{curl_many, wait_listening, Reply};
+use crate::workload_apps::{curl_many, python3, wait_listening, write_script, Reply};
 use crate::Agent;
 
 /// Every pod of the mesh lives here, like Istio's samples.
@@ -335,13 +335,10 @@ impl Mesh {
         n: usize,
         metadata: &[&str],
     ) -> Result<BTreeMap<String, u64>> {
-        let script = self.topo.work_dir().join("grpc_client.py");
-        if !script.exists() {
-            config::write_raw(self.topo.work_dir(), "grpc_client.py", GRPC_CLIENT_PY)?;
-        }
+        let script = write_script(&self.topo, "grpc_client.py", GRPC_CLIENT_PY)?;
         let script = script.to_string_lossy().into_owned();
         let n = n.to_string();
-        let mut cmd = vec![crate::workload_apps::python3(), &script, target, method, &n];
+        let mut cmd = vec![python3(), &script, target, method, &n];
         cmd.extend_from_slice(metadata);
         let out = self.topo.run_in(&self.topo.pod(pod).netns, &cmd)?;
         // Why calls failed, for the test's output.

@@ -147,7 +147,8 @@ pub fn python3() -> &'static str {
     }
 }
 
-fn write_script(topo: &Topology, file: &str, text: &str) -> Result<PathBuf> {
+/// Writes a script into the work dir (once) and returns its path.
+pub(crate) fn write_script(topo: &Topology, file: &str, text: &str) -> Result<PathBuf> {
     let path = topo.work_dir().join(file);
     if !path.exists() {
         crate::config::write_raw(topo.work_dir(), file, text)?;
