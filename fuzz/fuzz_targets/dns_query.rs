@@ -13,9 +13,10 @@ struct Mesh;
 impl Resolver for Mesh {
     fn lookup(&self, name: &str) -> Lookup {
         match name.strip_suffix(".cluster.local") {
-            Some(service) if service.len() % 2 == 0 => {
-                Lookup::Addresses(vec![IpAddr::from([10, 96, 0, 1]), IpAddr::from([0xfd00u16; 8])])
-            }
+            Some(service) if service.len() % 2 == 0 => Lookup::Addresses(vec![
+                IpAddr::from([10, 96, 0, 1]),
+                IpAddr::from([0xfd00u16; 8]),
+            ]),
             Some(_) => Lookup::NxDomain,
             None => Lookup::Forward,
         }

@@ -35,9 +35,8 @@ const SETTINGS: HttpSettings = HttpSettings {
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let service = service_fn(|_request| async {
-            Ok::<_, Infallible>(Response::new(String::from("ok")))
-        });
+        let service =
+            service_fn(|_request| async { Ok::<_, Infallible>(Response::new(String::from("ok"))) });
         let serving = http1_server(&SETTINGS).serve_connection(TokioIo::new(server), service);
         let talking = async {
             client.write_all(data).await.expect("write");

@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
         let whole = rule(data, true);
         assert!(whole.is_some(), "no decision once nothing more will come");
         if declared {
-            assert_ne!(whole, Some(Detected::Opaque), "a declared HTTP port is never opaque");
+            assert_ne!(
+                whole,
+                Some(Detected::Opaque),
+                "a declared HTTP port is never opaque"
+            );
         }
         for cut in 0..data.len() {
             if let Some(early) = rule(&data[..cut], false) {
