@@ -57,7 +57,7 @@ pub fn run(root: &Path, wanted: &[String], seconds: u64) -> Result<()> {
             some.iter().collect()
         }
     };
-    for target in chosen {
+    for target in &chosen {
         let corpus = target_dir().join("fuzz-corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let seeds = root.join("fuzz/seeds").join(target);
@@ -74,5 +74,6 @@ pub fn run(root: &Path, wanted: &[String], seconds: u64) -> Result<()> {
         println!("fuzz: {}", display(&cmd));
         status(&mut cmd).with_context(|| format!("fuzz target {target} found a failure"))?;
     }
+    println!("fuzz: {} passed, 0 failed", chosen.len());
     Ok(())
 }

@@ -176,7 +176,13 @@ impl Downstream {
         }
         let max = self.proxy.settings.http.max_requests_per_workload;
         let Some(admitted) = self.pod.in_flight.try_enter(max) else {
-            return body::overloaded(grpc);
+            let mut reply = body::overloaded(grpc);
+            if self.http2 {
+                // Headers only, so the stream ends at once even when the
+                // client's window is zero: a refused stream holds nothing.
+                *reply.body_mut() = body::empty();
+            }
+            return reply;
         };
         self.route(request, grpc)
             .await
