@@ -229,10 +229,6 @@ impl Proxy {
         l7::inspect::explain(self, config, ask)
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     pub fn counts(&self, direction: Direction) -> DirectionCounts {
         self.counters(direction).snapshot()
     }
