@@ -403,6 +403,19 @@ fn a_tenant_opening_more_connections_than_the_open_file_limit_takes_no_descripto
         tenants["shop/victim"]["rejected_outbound"], 0,
         "{tenants:#}"
     );
+    let table = agent.cli(&["status"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    eprintln!("{table}");
+    assert!(
+        table.contains("descriptors: limit 1024 (hard 1024)"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "per workload: {share} connections at most (derived"
+        )),
+        "{table}"
+    );
     victim.assert_clean();
 
     let during = lab.fds("node-a").unwrap();
