@@ -703,6 +703,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_workload_without_descriptors_gets_servfail_for_forwarded_names_only() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let upstream = Upstream {
+            addr: canned_upstream().await,
+            timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(server, Arc::new(Mesh), upstream, || None::<()>));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(server_addr).await.unwrap();
+
+        client.send(&query(4, "example.com", TYPE_A)).await.unwrap();
+        let refused = parse(&recv(&client).await);
+        assert_eq!((refused.id, refused.rcode()), (4, SERVFAIL));
+        client.send(&query(5, WEB, TYPE_A)).await.unwrap();
+        assert_eq!(parse(&recv(&client).await).answers, [WEB_V4]);
+    }
+
+    #[tokio::test]
     async fn silent_upstream_gives_servfail_after_timeout_without_blocking() {
         let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let timeout = Duration::from_millis(300);
