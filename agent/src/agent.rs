@@ -119,6 +119,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         log::error!("{e}: configuration changes will not be applied until the agent restarts");
     });
     let reconciler = tokio::spawn(reconcile_loop(node.clone()));
+    let trimmer = tokio::spawn(crate::memory::return_freed_memory());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -127,6 +128,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     watcher.abort();
     reconciler.abort();
+    trimmer.abort();
     let _ = std::fs::remove_file(&node.settings.admin_socket);
     log::info!(
         "stopped; eBPF programs stay attached so enrolled workloads fail closed until an agent \

@@ -46,6 +46,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Longest wait for a client's first bytes on an undeclared port.
     pub protocol_detection_timeout: Duration,
+    pub http: HttpSettings,
     /// `--max-connections-per-workload`: lowers each workload's share of the
     /// descriptor budget (see `budget`); by default it is derived.
     pub max_connections_per_workload: Option<usize>,
@@ -63,6 +64,8 @@ pub struct Pod {
     pool: Arc<l7::Pool>,
     /// DestinationRule connection limits of this workload.
     limits: l7::WorkloadLimits,
+    /// Its HTTP requests in flight, bounded by `max_requests_per_workload`.
+    in_flight: l7::InFlight,
 }
 
 impl Pod {
@@ -73,6 +76,7 @@ impl Pod {
             tenant,
             pool: Arc::default(),
             limits: l7::WorkloadLimits::default(),
+            in_flight: l7::InFlight::default(),
         }
     }
 
@@ -177,7 +181,7 @@ impl Counters {
 /// How many finished connections the agent remembers for `nodemesh connections`.
 const RECENT_CONNECTIONS: usize = 512;
 
-pub use l7::ExplainRequest;
+pub use l7::{ExplainRequest, HttpSettings};
 
 /// State shared by every listener of the node.
 pub struct Proxy {
@@ -235,7 +239,7 @@ impl Proxy {
 
     /// Established redirected connections not yet accepted by the agent.
     pub fn pending_original_destinations(&self) -> usize {
-        self.orig_dst.len()
+        self.orig_dst.awaiting_accept()
     }
 
     pub fn recent_connections(&self) -> Vec<ConnectionRecord> {
