@@ -251,7 +251,7 @@ impl Proxy {
             .collect()
     }
 
-    /// Counts a connection or request refused for lack of descriptors,
+    /// Counts a connection reset at accept for lack of descriptors,
     /// node-wide and for the workload.
     fn reject(&self, pod: &Pod, direction: Direction) {
         self.counters(direction)
