@@ -172,6 +172,12 @@ fn a_tenant_opening_more_connections_than_the_open_file_limit_takes_no_descripto
     assert_eq!(limits["nofile"]["hard"], LIMIT, "{limits:#}");
     assert_eq!(limits["max_connections_from"], "derived", "{limits:#}");
     let workloads = number(&limits["workloads"]);
+    // The split follows enrollment.
+    assert_eq!(
+        workloads,
+        number(&status["workloads"]["enrolled"]),
+        "{status:#}"
+    );
     let share = number(&limits["max_connections_per_workload"]);
     // Each workload's two descriptors per connection fit in the limit.
     assert!(share > 0 && share * 2 * workloads < LIMIT, "{limits:#}");
