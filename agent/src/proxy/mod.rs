@@ -11,7 +11,7 @@
 //! - `budget`: descriptors, shared fairly by workloads and by their callers.
 
 pub mod budget;
-mod detect;
+pub mod detect;
 mod inbound;
 mod l7;
 mod outbound;
@@ -181,7 +181,7 @@ impl Counters {
 /// How many finished connections the agent remembers for `nodemesh connections`.
 const RECENT_CONNECTIONS: usize = 512;
 
-pub use l7::{ExplainRequest, HttpSettings};
+pub use l7::{http1_server, ExplainRequest, HttpSettings};
 
 /// State shared by every listener of the node.
 pub struct Proxy {
