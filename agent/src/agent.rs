@@ -18,6 +18,8 @@ use crate::admin::{self, Query, Responder};
 use crate::config::{self, Config, ConfigStore, LoadOptions};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
+use crate::nofile::{self, Nofile};
+use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
 use crate::workloads::Enroller;
 
@@ -33,6 +35,8 @@ pub struct Settings {
     pub upstream_dns: Option<SocketAddr>,
     pub load: LoadOptions,
     pub proxy: proxy::Settings,
+    /// The open-file limit the agent runs with (already raised).
+    pub nofile: Nofile,
 }
 
 struct Node {
@@ -63,7 +67,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let (datapath, orig_dst) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
-    let proxy = Arc::new(Proxy::new(config.clone(), orig_dst, settings.proxy));
+    // Measured once the data path holds its descriptors: what the agent
+    // keeps for itself is what it holds now plus headroom.
+    let descriptors = Descriptors::new(
+        settings.nofile,
+        nofile::open_count().context("counting the agent's open descriptors")?,
+        settings.proxy.max_connections_per_workload,
+    )?;
+    let proxy = Arc::new(Proxy::new(
+        config.clone(),
+        orig_dst,
+        settings.proxy,
+        Arc::new(descriptors),
+    ));
     let upstream = Upstream {
         addr: dns_upstream(settings.upstream_dns),
         timeout: Duration::from_secs(2),
@@ -191,6 +207,10 @@ impl Node {
                 "outbound": self.proxy.counts(Direction::Outbound),
                 "inbound": self.proxy.counts(Direction::Inbound),
                 "awaiting_accept": self.proxy.pending_original_destinations(),
+            },
+            "limits": {
+                "descriptors": self.proxy.descriptors.status(),
+                "per_workload": self.enroller.descriptor_usage(),
             },
         })
     }

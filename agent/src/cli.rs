@@ -148,6 +148,7 @@ fn print_status(s: &Value) {
             d["rejected"]
         );
     }
+    print_limits(&s["limits"]);
     let e = &s["ebpf"];
     println!("eBPF pins:   {}", text(&e["pin_dir"]));
     println!("programs:");
@@ -157,6 +158,34 @@ fn print_status(s: &Value) {
     println!("maps:");
     for m in e["maps"].as_array().into_iter().flatten() {
         println!("  {:<14} {} entries", text(&m["name"]), m["entries"]);
+    }
+}
+
+/// The descriptor budget and each workload's use of it.
+fn print_limits(limits: &Value) {
+    let d = &limits["descriptors"];
+    println!(
+        "descriptors: limit {} (hard {}): {} kept for the agent, {} per workload for its \
+         listeners, {} for connections; {} in use",
+        d["nofile"]["soft"],
+        d["nofile"]["hard"],
+        d["reserved_for_agent"],
+        d["reserved_per_workload"],
+        d["connection_descriptors"],
+        d["descriptors_in_use"]
+    );
+    println!(
+        "per workload: {} connections at most ({}, {} workload(s) enrolled); inbound, one \
+         caller at most half of what is free",
+        d["max_connections_per_workload"],
+        text(&d["max_connections_from"]),
+        d["workloads"]
+    );
+    for (key, u) in limits["per_workload"].as_object().into_iter().flatten() {
+        println!(
+            "  {key}: {} descriptors, {} inbound caller(s), rejected {} outbound / {} inbound",
+            u["descriptors"], u["inbound_callers"], u["rejected_outbound"], u["rejected_inbound"]
+        );
     }
 }
 

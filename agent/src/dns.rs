@@ -275,10 +275,13 @@ pub fn answer(query: &[u8], resolver: &dyn Resolver) -> Result<Reply, DnsError> 
 }
 
 /// Serves DNS on `socket` until it errors fatally; forwards to `upstream` with the given timeout.
-pub async fn serve(
+/// A forwarded query opens a socket of its own: `descriptor` charges it to
+/// whoever asked (held until the exchange ends), or refuses it (SERVFAIL).
+pub async fn serve<Fd: Send + 'static>(
     socket: UdpSocket,
     resolver: Arc<dyn Resolver>,
     upstream: Upstream,
+    descriptor: impl Fn() -> Option<Fd>,
 ) -> io::Result<()> {
     let socket = Arc::new(socket);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -289,16 +292,22 @@ pub async fn serve(
         let reply = match decide(query, &*resolver) {
             Ok(Outcome::Local(reply)) => reply,
             Ok(Outcome::Forward { servfail }) => match in_flight.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let exchange = Exchange {
-                        socket: socket.clone(),
-                        client,
-                        query: query.to_vec(),
-                        servfail,
-                    };
-                    tokio::spawn(exchange.run(upstream, permit));
-                    continue;
-                }
+                Ok(permit) => match descriptor() {
+                    Some(fd) => {
+                        let exchange = Exchange {
+                            socket: socket.clone(),
+                            client,
+                            query: query.to_vec(),
+                            servfail,
+                        };
+                        tokio::spawn(exchange.run(upstream, (permit, fd)));
+                        continue;
+                    }
+                    None => {
+                        debug!("no descriptor to forward a query: SERVFAIL to {client}");
+                        servfail
+                    }
+                },
                 Err(_) => {
                     warn!("{MAX_IN_FLIGHT} forwarded queries in flight: SERVFAIL to {client}");
                     servfail
@@ -322,7 +331,7 @@ struct Exchange {
 }
 
 impl Exchange {
-    async fn run(self, upstream: Upstream, _permit: OwnedSemaphorePermit) {
+    async fn run<Fd>(self, upstream: Upstream, _held: (OwnedSemaphorePermit, Fd)) {
         let reply = match forward(&self.query, upstream).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -663,7 +672,7 @@ mod tests {
             addr: upstream,
             timeout,
         };
-        tokio::spawn(serve(server, Arc::new(Mesh), upstream));
+        tokio::spawn(serve(server, Arc::new(Mesh), upstream, || Some(())));
         (UdpSocket::bind("127.0.0.1:0").await.unwrap(), server_addr)
     }
 
@@ -691,6 +700,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(recv(&client).await, [&[0xAB, 0xCD][..], CANNED].concat());
+    }
+
+    #[tokio::test]
+    async fn a_workload_without_descriptors_gets_servfail_for_forwarded_names_only() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let upstream = Upstream {
+            addr: canned_upstream().await,
+            timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(server, Arc::new(Mesh), upstream, || None::<()>));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(server_addr).await.unwrap();
+
+        client.send(&query(4, "example.com", TYPE_A)).await.unwrap();
+        let refused = parse(&recv(&client).await);
+        assert_eq!((refused.id, refused.rcode()), (4, SERVFAIL));
+        client.send(&query(5, WEB, TYPE_A)).await.unwrap();
+        assert_eq!(parse(&recv(&client).await).answers, [WEB_V4]);
     }
 
     #[tokio::test]

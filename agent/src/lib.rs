@@ -10,6 +10,7 @@ pub mod dns;
 pub mod ebpf;
 pub mod memory;
 pub mod netns;
+pub mod nofile;
 pub mod proxy;
 pub mod routing;
 pub mod workloads;

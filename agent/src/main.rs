@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, cli, config, ebpf, proxy};
+use nodemesh::{admin, agent, cli, config, ebpf, nofile, proxy};
 
 #[derive(Parser)]
 #[command(
@@ -87,8 +88,10 @@ struct AgentArgs {
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     idle_timeout: Duration,
     /// Open connections one workload may hold; beyond, new ones are reset.
-    #[arg(long, default_value_t = 4096)]
-    max_connections_per_workload: usize,
+    /// Default: an even share of the open-file limit between enrolled
+    /// workloads (a larger value is lowered to that share).
+    #[arg(long)]
+    max_connections_per_workload: Option<usize>,
     /// How long to wait for a client's first bytes on a Service port whose
     /// protocol is not declared, before treating it as opaque TCP. A server
     /// that speaks first is never delayed by it.
@@ -169,6 +172,13 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let nofile = nofile::raise_to_hard().context("raising RLIMIT_NOFILE")?;
+    log::info!(
+        "RLIMIT_NOFILE: soft limit {} (was {}), hard limit {}",
+        nofile.soft,
+        nofile.was,
+        nofile.hard
+    );
     let settings = agent::Settings {
         admin_socket: args.admin_socket.unwrap_or_else(|| {
             PathBuf::from(admin::SOCKET_DIR).join(format!("{}.sock", args.node_name))
@@ -193,6 +203,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 max_requests_per_workload: args.max_requests_per_workload,
             },
         },
+        nofile,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))

@@ -4,7 +4,8 @@
 //! `nodemesh.io/mesh: enabled`. Enrolling opens the agent's listeners inside
 //! the workload's network namespace, then tells the kernel to steer its
 //! traffic there; un-enrolling does the reverse. Open connections are left to
-//! finish either way.
+//! finish either way. Every change re-splits the proxy's descriptors between
+//! the workloads enrolled (`proxy::budget`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -18,6 +19,7 @@ use crate::config::{Config, ConfigStore, Workload};
 use crate::dns::{self, Lookup, Resolver, Upstream};
 use crate::ebpf::Datapath;
 use crate::netns::NetNs;
+use crate::proxy::budget::{Listeners, Tenant, TenantUsage};
 use crate::proxy::{self, Direction, Pod, PodTasks, Proxy};
 
 /// How a configured workload stands on this node.
@@ -38,6 +40,7 @@ struct Enrolled {
     workload: Workload,
     pod: Arc<Pod>,
     _tasks: PodTasks,
+    _listeners: Listeners,
 }
 
 pub struct Enroller {
@@ -144,15 +147,31 @@ impl Enroller {
             }
         }
         forget_previous_run(&mut datapath, &enrolled);
+        self.proxy.descriptors.set_workloads(enrolled.len());
+    }
+
+    /// Descriptors held and connections refused, per enrolled workload.
+    pub fn descriptor_usage(&self) -> BTreeMap<String, TenantUsage> {
+        self.enrolled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(key, e)| (key.clone(), e.pod.tenant.usage()))
+            .collect()
     }
 
     fn enroll(&self, datapath: &mut Datapath, workload: &Workload) -> Result<Enrolled, String> {
+        let reserved = self.proxy.descriptors.reserve_listeners().map_err(|_| {
+            "the proxy has no descriptors left for the workload's listeners; \
+             retrying as connections close"
+                .to_owned()
+        })?;
         let netns =
             NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
         let pod = Arc::new(Pod::new(
             workload.key(),
             netns,
-            self.proxy.settings().max_connections_per_workload,
+            Tenant::new(self.proxy.descriptors.clone()),
         ));
         let listen = |addr: SocketAddr| {
             pod.listen(addr)
@@ -194,9 +213,10 @@ impl Enroller {
             namespace: workload.namespace.clone(),
             cluster_suffix: format!(".{}", self.cluster_domain),
         });
-        let (upstream, key) = (self.dns_upstream, pod.key.clone());
+        let (upstream, key, tenant) = (self.dns_upstream, pod.key.clone(), pod.tenant.clone());
+        let descriptor = move || tenant.charge(1, None).ok();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = dns::serve(dns, resolver, upstream).await {
+            if let Err(e) = dns::serve(dns, resolver, upstream, descriptor).await {
                 log::warn!("{key}: DNS responder stopped: {e}");
             }
         }));
@@ -204,6 +224,7 @@ impl Enroller {
             workload: workload.clone(),
             pod,
             _tasks: PodTasks(tasks),
+            _listeners: reserved,
         })
     }
 

@@ -82,6 +82,7 @@ pub struct Agent {
     log_path: PathBuf,
     bin: PathBuf,
     extra_args: Vec<String>,
+    open_file_limit: Option<u64>,
     child: Option<Child>,
     last_exit: Option<ExitStatus>,
     starts: u32,
@@ -120,6 +121,7 @@ impl Agent {
             log_path: topo.work_dir().join(format!("agent-{node}.log")),
             bin: bin.to_path_buf(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            open_file_limit: None,
             child: None,
             last_exit: None,
             starts: 0,
@@ -145,7 +147,17 @@ impl Agent {
         let bin = self.bin.to_string_lossy().into_owned();
         let config_dir = self.config_dir.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
-        let mut args = vec![
+        let nofile = self
+            .open_file_limit
+            .map(|n| format!("--nofile={n}:{n}"))
+            .unwrap_or_default();
+        let mut args = if nofile.is_empty() {
+            vec![]
+        } else {
+            // `prlimit` execs the agent: its pid stays the agent's.
+            vec!["prlimit", nofile.as_str(), "--"]
+        };
+        args.extend([
             bin.as_str(),
             "agent",
             "--config-dir",
@@ -154,7 +166,7 @@ impl Agent {
             &self.node_name,
             "--admin-socket",
             &socket,
-        ];
+        ]);
         args.extend(self.extra_args.iter().map(String::as_str));
         let mut cmd = topo.command_in(&self.netns, &args)?;
         if std::env::var_os("RUST_LOG").is_none() {
@@ -201,6 +213,13 @@ impl Agent {
             }
             std::thread::sleep(READY_POLL);
         }
+    }
+
+    /// Runs the agent, from its next (re)start, with `RLIMIT_NOFILE` soft
+    /// and hard set to `limit` (`None`: inherited), as on a host whose
+    /// limit is that low.
+    pub fn set_open_file_limit(&mut self, limit: Option<u64>) {
+        self.open_file_limit = limit;
     }
 
     /// The test's name of the node (`NodeInfo::name`).

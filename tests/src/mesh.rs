@@ -220,6 +220,23 @@ impl Mesh {
         Ok(())
     }
 
+    /// Restarts the agent of `node` after `configure` changed how it runs
+    /// (e.g. [`Agent::set_open_file_limit`]); returns once it enrolled its
+    /// workloads again.
+    pub fn restart_agent(&mut self, node: &str, configure: impl FnOnce(&mut Agent)) -> Result<()> {
+        let agent = self
+            .agents
+            .iter_mut()
+            .find(|a| a.node() == node)
+            .with_context(|| format!("no agent on {node}"))?;
+        configure(agent);
+        agent.restart(&mut self.topo)?;
+        let expected = self.workloads_per_node.get(node).copied();
+        wait_agent(agent, "enrolling its workloads", |s| {
+            Ok(s["workloads"]["enrolled"].as_u64() == expected)
+        })
+    }
+
     /// The test topology.
     pub fn topo(&self) -> &Topology {
         &self.topo

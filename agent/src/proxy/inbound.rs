@@ -6,10 +6,19 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::budget::Fds;
 use super::relay::{self, Transferred};
 use super::{peer, Direction, Pod, Proxy, AGENT_PORTS};
 
-pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
+/// Serves one inbound connection; `fds` (its own and its delivery's) are
+/// charged to `pod` on behalf of the caller.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    client: TcpStream,
+    peer: SocketAddr,
+    mut fds: Fds,
+) {
     let (proxy, pod) = (&*proxy, &*pod);
     let Ok(app) = client.local_addr() else {
         return;
@@ -33,7 +42,10 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: S
         .map(|w| w.key());
     tracked.record.destination_workload = Some(pod.key.clone());
     tracked.record.upstream = Some(app);
-    let outcome = deliver(proxy, pod, &client, app).await;
+    let outcome = match fds.split_one() {
+        Some(fd) => deliver(proxy, pod, &client, app, fd).await,
+        None => Err("no descriptor left for the delivery".to_owned()),
+    };
     if outcome.is_err() {
         relay::reset(&client);
     }
@@ -45,8 +57,9 @@ async fn deliver(
     pod: &Pod,
     client: &TcpStream,
     app: SocketAddr,
+    fd: Fds,
 ) -> Result<Transferred, String> {
-    let server = peer::deliver(pod, app, proxy.settings.connect_timeout)
+    let server = peer::deliver(pod, app, proxy.settings.connect_timeout, fd)
         .await
         .map_err(|e| format!("delivering to {app}: {e}"))?;
     relay::relay(client, &server, proxy.settings.idle_timeout)

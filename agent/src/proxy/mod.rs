@@ -8,7 +8,9 @@
 //! - `relay`: the byte copy both directions share.
 //! - `detect`: HTTP/1.1, HTTP/2 or opaque, on connections to a Service.
 //! - `l7`: requests routed one by one (VirtualService, DestinationRule...).
+//! - `budget`: descriptors, shared fairly by workloads and by their callers.
 
+pub mod budget;
 pub mod detect;
 mod inbound;
 mod l7;
@@ -26,8 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nodemesh_common::{AGENT_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+
+use budget::{CallerKey, Descriptors, Tenant};
 
 use crate::config::ConfigStore;
 use crate::ebpf::OrigDstTable;
@@ -44,10 +47,9 @@ pub struct Settings {
     /// Longest wait for a client's first bytes on an undeclared port.
     pub protocol_detection_timeout: Duration,
     pub http: HttpSettings,
-    /// Open connections (both directions) one workload may hold in the
-    /// shared proxy; beyond it new ones are reset at once, so one tenant
-    /// cannot exhaust the agent for the others.
-    pub max_connections_per_workload: usize,
+    /// `--max-connections-per-workload`: lowers each workload's share of the
+    /// descriptor budget (see `budget`); by default it is derived.
+    pub max_connections_per_workload: Option<usize>,
 }
 
 /// An enrolled workload, as its listeners know it.
@@ -55,8 +57,9 @@ pub struct Pod {
     /// `namespace/name`.
     pub key: String,
     pub netns: NetNs,
-    /// Permits for the workload's open connections.
-    pub connections: Arc<Semaphore>,
+    /// The workload's share of the proxy's descriptors: every socket the
+    /// proxy holds for it is charged here.
+    pub tenant: Arc<Tenant>,
     /// L7 connections to endpoints opened for this workload.
     pool: Arc<l7::Pool>,
     /// DestinationRule connection limits of this workload.
@@ -66,11 +69,11 @@ pub struct Pod {
 }
 
 impl Pod {
-    pub fn new(key: String, netns: NetNs, max_connections: usize) -> Pod {
+    pub fn new(key: String, netns: NetNs, tenant: Arc<Tenant>) -> Pod {
         Pod {
             key,
             netns,
-            connections: Arc::new(Semaphore::new(max_connections)),
+            tenant,
             pool: Arc::default(),
             limits: l7::WorkloadLimits::default(),
             in_flight: l7::InFlight::default(),
@@ -151,7 +154,8 @@ pub struct DirectionCounts {
     pub open: u64,
     pub total: u64,
     pub failed: u64,
-    /// Refused at accept: the workload was at its connection limit.
+    /// Reset at accept for lack of descriptors: the workload was at its
+    /// share, or (inbound) the caller at its part of it.
     pub rejected: u64,
 }
 
@@ -184,6 +188,8 @@ pub struct Proxy {
     pub config: Arc<ConfigStore>,
     orig_dst: OrigDstTable,
     settings: Settings,
+    /// Descriptors for connections, split between workloads.
+    pub descriptors: Arc<Descriptors>,
     outbound: Counters,
     inbound: Counters,
     recent: Mutex<VecDeque<ConnectionRecord>>,
@@ -194,11 +200,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<ConfigStore>, orig_dst: OrigDstTable, settings: Settings) -> Proxy {
+    pub fn new(
+        config: Arc<ConfigStore>,
+        orig_dst: OrigDstTable,
+        settings: Settings,
+        descriptors: Arc<Descriptors>,
+    ) -> Proxy {
         Proxy {
             config,
             orig_dst,
             settings,
+            descriptors,
             outbound: Counters::default(),
             inbound: Counters::default(),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
@@ -221,10 +233,6 @@ impl Proxy {
         l7::inspect::explain(self, config, ask)
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     pub fn counts(&self, direction: Direction) -> DirectionCounts {
         self.counters(direction).snapshot()
     }
@@ -241,6 +249,15 @@ impl Proxy {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Counts a connection reset at accept for lack of descriptors,
+    /// node-wide and for the workload.
+    fn reject(&self, pod: &Pod, direction: Direction) {
+        self.counters(direction)
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
+        pod.tenant.count_rejection(direction);
     }
 
     fn counters(&self, direction: Direction) -> &Counters {
@@ -328,31 +345,44 @@ impl Tracked<'_> {
 }
 
 /// Serves one of a workload's listeners; each connection gets its own task,
-/// so stopping the listener leaves open connections to finish.
+/// so stopping the listener leaves open connections to finish. A connection
+/// is admitted only with the descriptors it needs (its own and its
+/// upstream's); otherwise it is reset at once.
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, direction: Direction) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Ok(permit) = pod.connections.clone().try_acquire_owned() else {
-                    proxy
-                        .counters(direction)
-                        .rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    relay::reset(&stream);
-                    continue;
+                let caller = match direction {
+                    Direction::Outbound => None,
+                    Direction::Inbound => Some(CallerKey::Address(peer.ip())),
+                };
+                let fds = match pod.tenant.charge(budget::FDS_PER_CONNECTION, caller) {
+                    Ok(fds) => fds,
+                    Err(refused) => {
+                        proxy.reject(&pod, direction);
+                        log::debug!("{} {direction:?} from {peer} refused: {refused}", pod.key);
+                        if direction == Direction::Outbound {
+                            // Its destination is not needed any more.
+                            proxy.orig_dst.take(pod.netns.cookie(), peer);
+                        }
+                        relay::reset(&stream);
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
                     match direction {
-                        Direction::Outbound => outbound::handle(proxy, pod, stream, peer).await,
-                        Direction::Inbound => inbound::handle(proxy, pod, stream, peer).await,
+                        Direction::Outbound => {
+                            outbound::handle(proxy, pod, stream, peer, fds).await
+                        }
+                        Direction::Inbound => inbound::handle(proxy, pod, stream, peer, fds).await,
                     }
-                    drop(permit);
                 });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+                // Cannot come from a tenant (their descriptors are budgeted);
+                // back off instead of spinning.
                 log::warn!("{} {direction:?} listener: accept failed: {e}", pod.key);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

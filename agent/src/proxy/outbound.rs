@@ -9,12 +9,22 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::budget::Fds;
 use super::detect::{self, Declared, Detected};
+use super::peer::Charged;
 use super::relay::{self, Transferred};
 use super::{l7, peer, ConnectionRecord, Direction, Pod, Proxy};
 use crate::config::{Config, Protocol};
 
-pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
+/// Serves one outbound connection; `fds` (its own and its upstream's) are
+/// charged to `pod`.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    client: TcpStream,
+    peer: SocketAddr,
+    mut fds: Fds,
+) {
     let Some(orig) = proxy.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that dialled the listener itself gets here.
         log::warn!(
@@ -26,7 +36,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, client: TcpStream, peer: S
     };
     let mut tracked = proxy.track(Direction::Outbound, peer, orig);
     tracked.record.source_workload = Some(pod.key.clone());
-    let outcome = dispatch(&proxy, &pod, client, &mut tracked.record).await;
+    let outcome = dispatch(&proxy, &pod, client, &mut tracked.record, &mut fds).await;
     tracked.finish(outcome);
 }
 
@@ -36,6 +46,7 @@ async fn dispatch(
     pod: &Arc<Pod>,
     client: TcpStream,
     record: &mut ConnectionRecord,
+    fds: &mut Fds,
 ) -> Result<Transferred, String> {
     let orig = record.original_destination;
     let declared = {
@@ -50,18 +61,18 @@ async fn dispatch(
     };
     match declared {
         // Not a Service (a pod IP, an outside address) or declared opaque.
-        None | Some(Declared::Opaque) => l4(proxy, pod, client, record).await,
+        None | Some(Declared::Opaque) => l4(proxy, pod, client, record, fds).await,
         // The client speaks first, and whatever it says is parsed as HTTP:
         // a declared HTTP port is never relayed opaque (that would skip L7
         // policy). A client silent for the header read timeout is closed.
         Some(Declared::Http) => {
             let wait = proxy.settings.http.header_read_timeout;
             match detect::sniff(&client, wait, detect::classify_declared).await {
-                Some(http) => serve_l7(proxy, pod, client, record, http).await,
+                Some(http) => serve_l7(proxy, pod, client, record, http, fds).await,
                 None => Err(format!("no request within {wait:?}")),
             }
         }
-        Some(Declared::Unknown) => detect_or_relay(proxy, pod, client, record).await,
+        Some(Declared::Unknown) => detect_or_relay(proxy, pod, client, record, fds).await,
     }
 }
 
@@ -79,14 +90,15 @@ async fn detect_or_relay(
     pod: &Arc<Pod>,
     client: TcpStream,
     record: &mut ConnectionRecord,
+    fds: &mut Fds,
 ) -> Result<Transferred, String> {
     // `peek`, not `readable()`: readiness may be reported spuriously.
     let spoke = tokio::time::timeout(CLIENT_FIRST_GRACE, client.peek(&mut [0u8; 1])).await;
     if let Ok(Ok(_)) = spoke {
         let wait = proxy.settings.protocol_detection_timeout;
         return match detect::sniff(&client, wait, detect::classify).await {
-            None | Some(Detected::Opaque) => l4(proxy, pod, client, record).await,
-            Some(http) => serve_l7(proxy, pod, client, record, http).await,
+            None | Some(Detected::Opaque) => l4(proxy, pod, client, record, fds).await,
+            Some(http) => serve_l7(proxy, pod, client, record, http, fds).await,
         };
     }
     let (detected, connected) = {
@@ -96,7 +108,7 @@ async fn detect_or_relay(
             detected.unwrap_or(Detected::Opaque)
         };
         tokio::pin!(sniffing);
-        let connecting = connect_as(proxy, pod, record.clone());
+        let connecting = connect_as(proxy, pod, record.clone(), fds.split_one());
         tokio::pin!(connecting);
         let first = tokio::select! {
             detected = &mut sniffing => Err(detected),
@@ -122,7 +134,7 @@ async fn detect_or_relay(
         }
     };
     match connected {
-        None => serve_l7(proxy, pod, client, record, detected).await,
+        None => serve_l7(proxy, pod, client, record, detected, fds).await,
         Some((endpoint, server)) => {
             *record = endpoint;
             relay_connected(proxy, &client, server).await
@@ -136,8 +148,9 @@ async fn connect_as(
     proxy: &Proxy,
     pod: &Pod,
     mut record: ConnectionRecord,
-) -> (ConnectionRecord, Result<TcpStream, String>) {
-    let server = connect(proxy, pod, &mut record).await;
+    fd: Option<Fds>,
+) -> (ConnectionRecord, Result<Charged, String>) {
+    let server = connect(proxy, pod, &mut record, fd).await;
     (record, server)
 }
 
@@ -147,7 +160,11 @@ async fn serve_l7(
     client: TcpStream,
     record: &mut ConnectionRecord,
     detected: Detected,
+    fds: &mut Fds,
 ) -> Result<Transferred, String> {
+    // Only the client's side stays; upstream connections are pooled and
+    // charged one by one.
+    fds.keep(1);
     let http2 = detected == Detected::Http2;
     record.protocol = if http2 { "h2" } else { "http/1.1" };
     let orig = record.original_destination;
@@ -161,8 +178,9 @@ async fn l4(
     pod: &Pod,
     client: TcpStream,
     record: &mut ConnectionRecord,
+    fds: &mut Fds,
 ) -> Result<Transferred, String> {
-    let server = connect(proxy, pod, record).await;
+    let server = connect(proxy, pod, record, fds.split_one()).await;
     relay_connected(proxy, &client, server).await
 }
 
@@ -170,7 +188,7 @@ async fn l4(
 async fn relay_connected(
     proxy: &Proxy,
     client: &TcpStream,
-    server: Result<TcpStream, String>,
+    server: Result<Charged, String>,
 ) -> Result<Transferred, String> {
     match server {
         Ok(server) => relay_to(proxy, client, &server).await,
@@ -195,15 +213,17 @@ async fn relay_to(
     outcome
 }
 
-/// Picks the endpoint (filling in the record) and connects to it.
+/// Picks the endpoint (filling in the record) and connects to it on `fd`.
 async fn connect(
     proxy: &Proxy,
     pod: &Pod,
     record: &mut ConnectionRecord,
-) -> Result<TcpStream, String> {
+    fd: Option<Fds>,
+) -> Result<Charged, String> {
+    let fd = fd.ok_or("no descriptor left for the upstream connection")?;
     let upstream = destination(proxy, &proxy.config.current(), record)?;
     record.upstream = Some(upstream);
-    peer::connect(pod, upstream, proxy.settings.connect_timeout)
+    peer::connect(pod, upstream, proxy.settings.connect_timeout, fd)
         .await
         .map_err(|e| format!("connecting to {upstream}: {e}"))
 }

@@ -1,5 +1,9 @@
 //! HTTP/1.1 Upgrade (WebSocket and friends) and CONNECT: after the
 //! endpoint agrees, both connections are spliced and bytes pass through.
+//!
+//! The splice outlives the downstream connection's own charge, so it takes
+//! a descriptor of its own for the client's side (and the upstream's comes
+//! with its connection): a tunnel costs the workload two, like an L4 relay.
 
 use http::header::{CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
@@ -9,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::body::{self, Body};
 use super::forward::Target;
 use super::Downstream;
-use crate::proxy::peer;
+use crate::proxy::{peer, Direction};
 
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
     request.version() <= http::Version::HTTP_11
@@ -44,11 +48,19 @@ pub async fn run(
     let Some(pick) = cluster.pick(&target.endpoints, &[], None, &hash) else {
         return fail("no healthy upstream");
     };
-    let stream =
-        match peer::connect(&down.pod, pick.addr, down.proxy.settings.connect_timeout).await {
-            Ok(stream) => stream,
-            Err(e) => return fail(&format!("upstream connect error: {e}")),
-        };
+    let tenant = &down.pod.tenant;
+    let (client_fd, upstream_fd) = match (tenant.charge(1, None), tenant.charge(1, None)) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(refused), _) | (_, Err(refused)) => {
+            tenant.count_rejection(Direction::Outbound);
+            return fail(&format!("upstream connect error: {refused}"));
+        }
+    };
+    let connect_timeout = down.proxy.settings.connect_timeout;
+    let stream = match peer::connect(&down.pod, pick.addr, connect_timeout, upstream_fd).await {
+        Ok(stream) => stream,
+        Err(e) => return fail(&format!("upstream connect error: {e}")),
+    };
     let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
         Err(e) => return fail(&format!("upstream handshake: {e}")),
@@ -71,7 +83,7 @@ pub async fn run(
                 let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
-            drop(pick);
+            drop((pick, client_fd));
         });
         return response.map(|_| body::empty());
     }

@@ -5,6 +5,10 @@
 //! HTTP/1.1 connections carry one request at a time and return to the pool
 //! once the response has been read to its end; HTTP/2 connections are shared
 //! by all concurrent requests to one endpoint.
+//!
+//! Every connection, idle in the pool or busy, holds a descriptor charged to
+//! the workload that owns the pool; without one left, the request fails as a
+//! connection failure and the workload's rejection is counted.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +20,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body, Guarded};
-use crate::proxy::{peer, Pod};
+use crate::proxy::peer::{self, Charged};
+use crate::proxy::{Direction, Pod};
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -109,9 +114,7 @@ impl Pool {
         let (mut send, used, reused) = match self.take_idle(&dial) {
             Some(idle) => (idle.send, idle.used, true),
             None => {
-                let stream = peer::connect(from, dial.addr, dial.connect_timeout)
-                    .await
-                    .map_err(UpstreamError::Connect)?;
+                let stream = connect(from, &dial).await?;
                 let (send, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(stream))
                     .await
@@ -155,9 +158,7 @@ impl Pool {
         let (mut send, reused) = match existing {
             Some(send) => (send, true),
             None => {
-                let stream = peer::connect(from, dial.addr, dial.connect_timeout)
-                    .await
-                    .map_err(UpstreamError::Connect)?;
+                let stream = connect(from, &dial).await?;
                 // Windows as small as the downstream side's: what an endpoint
                 // may push ahead of a caller that does not read.
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -184,6 +185,17 @@ impl Pool {
             Err(e) => Err(UpstreamError::Reset(e)),
         }
     }
+}
+
+/// A new connection to the endpoint, on a descriptor charged to `from`.
+async fn connect(from: &Pod, dial: &Dial) -> Result<Charged, UpstreamError> {
+    let fd = from.tenant.charge(1, None).map_err(|refused| {
+        from.tenant.count_rejection(Direction::Outbound);
+        UpstreamError::Connect(std::io::Error::other(refused))
+    })?;
+    peer::connect(from, dial.addr, dial.connect_timeout, fd)
+        .await
+        .map_err(UpstreamError::Connect)
 }
 
 impl Returning {
