@@ -417,6 +417,12 @@ impl Attempts {
                     continue;
                 }
             }
+            if let Some(Err(UpstreamError::NoDescriptor(_))) = &result {
+                // The caller is at its descriptor share: shed the request,
+                // and do not let a tenant at its limit get endpoints ejected
+                // for every other caller.
+                return body::overloaded(grpc);
+            }
             if replay.failed() {
                 // The client's fault, not the endpoint's: no retry, and
                 // nothing for outlier detection to learn.
@@ -484,7 +490,7 @@ impl Outcome {
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream request timeout",
             ),
-            Some(Err(UpstreamError::Connect(_))) => failed(
+            Some(Err(UpstreamError::Connect(_) | UpstreamError::NoDescriptor(_))) => failed(
                 on.connect_failure || on.server_error || on.gateway_error,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure",

@@ -50,6 +50,10 @@ pub struct Dial {
 pub enum UpstreamError {
     #[error("connection failure: {0}")]
     Connect(std::io::Error),
+    /// The calling workload has no descriptor left for a new connection:
+    /// its own limit, which says nothing about the endpoint's health.
+    #[error("no descriptor for a new connection: {0}")]
+    NoDescriptor(String),
     /// The request failed on a connection taken from the pool, before any
     /// response: the endpoint closed it while idle. Safe to try again.
     #[error("pooled connection closed: {0}")]
@@ -191,7 +195,7 @@ impl Pool {
 async fn connect(from: &Pod, dial: &Dial) -> Result<Charged, UpstreamError> {
     let fd = from.tenant.charge(1, None).map_err(|refused| {
         from.tenant.count_rejection(Direction::Outbound);
-        UpstreamError::Connect(std::io::Error::other(refused))
+        UpstreamError::NoDescriptor(refused.to_string())
     })?;
     peer::connect(from, dial.addr, dial.connect_timeout, fd)
         .await
