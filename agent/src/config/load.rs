@@ -35,8 +35,8 @@ impl Config {
         for file in files {
             let proceed = match file.unreadable {
                 Some(reason) => loader.unreadable(&file.path, reason),
-                None => match source::read_file(&file.path, loader.bytes_left()) {
-                    Ok(text) => loader.load_file(&file.path, &text),
+                None => match source::read_file(&file.path, opts.limits.file_bytes) {
+                    Ok(text) => loader.load_text(&file.path, &text),
                     Err(ReadError::TooLarge) => loader.too_large(&file.path),
                     Err(ReadError::Failed(reason)) => loader.unreadable(&file.path, reason),
                 },
@@ -56,12 +56,7 @@ impl Config {
     ) -> Result<Config, ConfigErrors> {
         let mut loader = Loader::new(opts);
         for (file, text) in files {
-            let proceed = if text.len() > loader.bytes_left() {
-                loader.too_large(file)
-            } else {
-                loader.load_file(file, text)
-            };
-            if proceed.is_break() {
+            if loader.load_text(file, text).is_break() {
                 break;
             }
         }
@@ -214,31 +209,30 @@ impl Loader {
         }
     }
 
-    /// How large the next file may be: within the limit for one file and for all of them.
-    fn bytes_left(&self) -> usize {
-        let total_left = self.limits.total_bytes.saturating_sub(self.bytes);
-        self.limits.file_bytes.min(total_left)
-    }
-
-    /// Records a file over [`Loader::bytes_left`]; stops the load if it is the limit on all
-    /// files together that it breaks.
-    fn too_large(&mut self, file: &Path) -> ControlFlow<()> {
-        let Limits {
-            file_bytes,
-            total_bytes,
-            ..
-        } = self.limits;
-        if self.bytes_left() < file_bytes {
+    /// Loads one file's text, unless it breaks the limit on the size of one file (the load
+    /// goes on) or of all files together (the load stops).
+    fn load_text(&mut self, file: &Path, text: &str) -> ControlFlow<()> {
+        if text.len() > self.limits.file_bytes {
+            return self.too_large(file);
+        }
+        if self.bytes + text.len() > self.limits.total_bytes {
             let message = format!(
-                "config files larger than the limit of {total_bytes} bytes together; stopped \
-                 loading at this file"
+                "config files larger than the limit of {} bytes together; stopped loading at \
+                 this file",
+                self.limits.total_bytes
             );
             self.errors.push(file_error(file, message));
             return ControlFlow::Break(());
         }
-        let message = format!("file larger than the limit of {file_bytes} bytes");
-        self.errors.push(file_error(file, message));
-        ControlFlow::Continue(())
+        self.load_file(file, text)
+    }
+
+    fn too_large(&mut self, file: &Path) -> ControlFlow<()> {
+        let message = format!(
+            "file larger than the limit of {} bytes",
+            self.limits.file_bytes
+        );
+        self.unreadable(file, message)
     }
 
     fn unreadable(&mut self, file: &Path, reason: String) -> ControlFlow<()> {
@@ -261,8 +255,7 @@ impl Loader {
             ControlFlow::Continue(())
         });
         if let Err(message) = parsed {
-            self.errors
-                .push(file_error(file, format!("invalid YAML: {message}")));
+            self.errors.push(file_error(file, message));
         }
         if self.objects > limits.objects {
             let message = format!(
@@ -1029,12 +1022,39 @@ spec:
         ips.sort();
         assert_eq!(ips, [ip("10.0.0.1"), ip("10.0.0.2")]);
 
-        let three = two + &service("shop", "c", "{ports: [{port: 80}]}");
-        let errors = load_with(&[("s.yaml", &three)], &opts).unwrap_err().0;
+        let five = two
+            + &service("shop", "c", "{ports: [{port: 80}]}")
+            + &service("shop", "d", "{ports: [{port: 80}]}")
+            + &service("shop", "e", "{clusterIP: None, ports: [{port: 80}]}");
+        let errors = load_with(&[("s.yaml", &five)], &opts).unwrap_err().0;
+        assert_eq!(
+            errors.len(),
+            1,
+            "one error however many Services are left out"
+        );
+        let expected = "s.yaml: Service shop/c: no free cluster IP left in service CIDR \
+                        10.0.0.0/30 (2 addresses) for 2 Service(s) without clusterIP: shop/c, \
+                        shop/d; use a larger --service-cidr or set clusterIP";
+        assert!(errors[0].to_string().ends_with(expected), "{}", errors[0]);
+    }
+
+    #[test]
+    fn a_full_range_names_ten_services_and_counts_the_rest() {
+        let opts = LoadOptions {
+            service_cidr: (Ipv4Addr::new(10, 0, 0, 0), 24),
+            ..LoadOptions::default()
+        };
+        let services: String = (0..300)
+            .map(|i| service("shop", &format!("s{i:03}"), "{ports: [{port: 80}]}"))
+            .collect();
+        let errors = load_with(&[("s.yaml", &services)], &opts).unwrap_err().0;
         assert_eq!(errors.len(), 1);
-        assert!(errors[0]
-            .to_string()
-            .contains("no free cluster IP left in service CIDR 10.0.0.0/30"));
+        let names: Vec<_> = (254..264).map(|i| format!("shop/s{i}")).collect();
+        let expected = format!(
+            "(254 addresses) for 46 Service(s) without clusterIP: {}, and 36 more;",
+            names.join(", ")
+        );
+        assert!(errors[0].message.contains(&expected), "{}", errors[0]);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! [`ConfigStore`] that the request path reads without locking.
 
 mod cluster_ip;
+#[cfg(test)]
+mod limits_tests;
 mod load;
 mod model;
 mod reload;

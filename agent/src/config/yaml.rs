@@ -17,8 +17,8 @@ use super::Limits;
 
 /// Calls `each` with every non-empty document of `text`, in order, until it breaks.
 ///
-/// Stops at the first syntax error or exceeded limit, since the parser cannot
-/// resynchronize after one, and returns its message (with line and column).
+/// Stops at the first syntax error (`invalid YAML: …`) or exceeded limit, since the parser
+/// cannot resynchronize after one, and returns its message (with line and column).
 pub(super) fn for_each_document(
     text: &str,
     limits: &Limits,
@@ -28,7 +28,14 @@ pub(super) fn for_each_document(
     // The streaming reader applies the budget to each document on its own and keeps only
     // the current one in memory.
     for document in serde_saphyr::read_with_options(&mut input, options(limits)) {
-        let document = document.map_err(|e| e.render_with_formatter(&Messages(limits)))?;
+        let document = document.map_err(|e| {
+            let message = e.render_with_formatter(&Messages(limits));
+            if is_limit(&e) {
+                message
+            } else {
+                format!("invalid YAML: {message}")
+            }
+        })?;
         if each(document).is_break() {
             break;
         }
@@ -59,6 +66,16 @@ fn options(limits: &Limits) -> serde_saphyr::Options {
         underscored_numbers_as_strings: true,
         with_snippet: false,
     }
+}
+
+fn is_limit(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Budget { .. }
+            | Error::AliasReplayLimitExceeded { .. }
+            | Error::AliasExpansionLimitExceeded { .. }
+            | Error::AliasReplayStackDepthExceeded { .. }
+    )
 }
 
 /// serde-saphyr's user-facing messages, with the load's own limits named.
@@ -177,8 +194,12 @@ mod tests {
     #[test]
     fn reports_syntax_errors_with_their_position() {
         let error = documents("a: 1\nb: [\n", &Limits::default()).unwrap_err();
-        assert!(error.contains("line "), "{error}");
+        assert!(error.starts_with("invalid YAML: "), "{error}");
+        assert!(error.contains("line 2"), "{error}");
         let error = documents("a: 1\na: 2\n", &Limits::default()).unwrap_err();
-        assert!(error.contains("duplicate mapping key `a`"), "{error}");
+        assert!(
+            error.starts_with("invalid YAML: duplicate mapping key `a`"),
+            "{error}"
+        );
     }
 }
