@@ -93,6 +93,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let Err(e) = config::watch_dir(dir, reloader).await;
         log::error!("{e}: configuration changes will not be applied until the agent restarts");
     });
+    let trimmer = tokio::spawn(crate::memory::return_freed_memory());
 
     let loaded = tokio::select! {
         () = config.first_load() => true,
@@ -121,6 +122,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(reconciler) = reconciler {
         reconciler.abort();
     }
+    trimmer.abort();
     let _ = std::fs::remove_file(&node.settings.admin_socket);
     log::info!(
         "stopped; eBPF programs stay attached so enrolled workloads fail closed until an agent \

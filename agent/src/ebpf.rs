@@ -105,7 +105,7 @@ impl OrigDstTable {
     }
 
     /// Redirected connections established but not yet accepted.
-    pub fn len(&self) -> usize {
+    pub fn awaiting_accept(&self) -> usize {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())

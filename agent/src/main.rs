@@ -1,23 +1,13 @@
 //! `nodemesh`: the node agent (`nodemesh agent`) and the node-local CLI that
 //! asks it what the mesh is doing.
 
-mod admin;
-mod agent;
-mod cli;
-mod config;
-mod dns;
-mod ebpf;
-mod netns;
-mod proxy;
-mod routing;
-mod workloads;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use nodemesh::{admin, agent, cli, config, ebpf, proxy};
 
 #[derive(Parser)]
 #[command(
@@ -104,6 +94,23 @@ struct AgentArgs {
     /// that speaks first is never delayed by it.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     protocol_detection_timeout: Duration,
+    /// Longest time to receive a request's head on an HTTP connection,
+    /// counted from its start or from the end of the previous request (so
+    /// it also closes idle keep-alive connections).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    http_header_read_timeout: Duration,
+    /// An HTTP connection on which nothing moves in either direction this
+    /// long is closed, requests in flight included (Envoy's stream idle
+    /// timeout).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    http_idle_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection to the proxy.
+    #[arg(long, default_value_t = 100)]
+    http2_max_concurrent_streams: u32,
+    /// HTTP requests one workload may have in flight through the proxy, over
+    /// all its connections; beyond, new ones get an immediate 503.
+    #[arg(long, default_value_t = 1024)]
+    max_requests_per_workload: u32,
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -180,6 +187,12 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout,
             protocol_detection_timeout: args.protocol_detection_timeout,
             max_connections_per_workload: args.max_connections_per_workload,
+            http: proxy::HttpSettings {
+                header_read_timeout: args.http_header_read_timeout,
+                idle_timeout: args.http_idle_timeout,
+                max_concurrent_streams: args.http2_max_concurrent_streams,
+                max_requests_per_workload: args.max_requests_per_workload,
+            },
         },
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -10,6 +10,8 @@
 //!   (HTTP echo, TCP echo, curl).
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
 //!   Bookinfo on it.
+//! * [`tenants`] — an attacker and a victim sharing one node's proxy, for
+//!   the hardening tests.
 //!
 //! Nothing built here lives in the machine's own network namespace, so
 //! traffic that escapes redirection stays inside the test topology.
@@ -18,6 +20,7 @@
 pub mod agent;
 pub mod config;
 pub mod mesh;
+pub mod tenants;
 pub mod topology;
 pub mod workload_apps;
 

@@ -78,18 +78,7 @@ fn serve(dir: &std::path::Path, opts: &LoadOptions, store: &ConfigStore, pending
                 store.reject(&errors);
             }
         }
-        return_freed_memory();
-    }
-}
-
-/// Gives the memory a load freed back to the system. A load's parse trees are transient
-/// but can reach hundreds of MB for a large directory, and glibc otherwise keeps the freed
-/// pages of this thread's arena mapped for good.
-fn return_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim takes no pointers and only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
+        crate::memory::trim();
     }
 }
 

@@ -43,6 +43,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Longest wait for a client's first bytes on an undeclared port.
     pub protocol_detection_timeout: Duration,
+    pub http: HttpSettings,
     /// Open connections (both directions) one workload may hold in the
     /// shared proxy; beyond it new ones are reset at once, so one tenant
     /// cannot exhaust the agent for the others.
@@ -60,6 +61,8 @@ pub struct Pod {
     pool: Arc<l7::Pool>,
     /// DestinationRule connection limits of this workload.
     limits: l7::WorkloadLimits,
+    /// Its HTTP requests in flight, bounded by `max_requests_per_workload`.
+    in_flight: l7::InFlight,
 }
 
 impl Pod {
@@ -70,6 +73,7 @@ impl Pod {
             connections: Arc::new(Semaphore::new(max_connections)),
             pool: Arc::default(),
             limits: l7::WorkloadLimits::default(),
+            in_flight: l7::InFlight::default(),
         }
     }
 
@@ -173,7 +177,7 @@ impl Counters {
 /// How many finished connections the agent remembers for `nodemesh connections`.
 const RECENT_CONNECTIONS: usize = 512;
 
-pub use l7::ExplainRequest;
+pub use l7::{ExplainRequest, HttpSettings};
 
 /// State shared by every listener of the node.
 pub struct Proxy {
@@ -227,7 +231,7 @@ impl Proxy {
 
     /// Established redirected connections not yet accepted by the agent.
     pub fn pending_original_destinations(&self) -> usize {
-        self.orig_dst.len()
+        self.orig_dst.awaiting_accept()
     }
 
     pub fn recent_connections(&self) -> Vec<ConnectionRecord> {

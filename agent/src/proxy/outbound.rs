@@ -51,11 +51,16 @@ async fn dispatch(
     match declared {
         // Not a Service (a pod IP, an outside address) or declared opaque.
         None | Some(Declared::Opaque) => l4(proxy, pod, client, record).await,
-        // The client speaks first; wait for it as long as it idles.
-        Some(Declared::Http) => match detect::sniff(&client, proxy.settings.idle_timeout).await {
-            Detected::Opaque => l4(proxy, pod, client, record).await,
-            http => serve_l7(proxy, pod, client, record, http).await,
-        },
+        // The client speaks first, and whatever it says is parsed as HTTP:
+        // a declared HTTP port is never relayed opaque (that would skip L7
+        // policy). A client silent for the header read timeout is closed.
+        Some(Declared::Http) => {
+            let wait = proxy.settings.http.header_read_timeout;
+            match detect::sniff(&client, wait, detect::classify_declared).await {
+                Some(http) => serve_l7(proxy, pod, client, record, http).await,
+                None => Err(format!("no request within {wait:?}")),
+            }
+        }
         Some(Declared::Unknown) => detect_or_relay(proxy, pod, client, record).await,
     }
 }
@@ -78,13 +83,18 @@ async fn detect_or_relay(
     // `peek`, not `readable()`: readiness may be reported spuriously.
     let spoke = tokio::time::timeout(CLIENT_FIRST_GRACE, client.peek(&mut [0u8; 1])).await;
     if let Ok(Ok(_)) = spoke {
-        return match detect::sniff(&client, proxy.settings.protocol_detection_timeout).await {
-            Detected::Opaque => l4(proxy, pod, client, record).await,
-            http => serve_l7(proxy, pod, client, record, http).await,
+        let wait = proxy.settings.protocol_detection_timeout;
+        return match detect::sniff(&client, wait, detect::classify).await {
+            None | Some(Detected::Opaque) => l4(proxy, pod, client, record).await,
+            Some(http) => serve_l7(proxy, pod, client, record, http).await,
         };
     }
     let (detected, connected) = {
-        let sniffing = detect::sniff(&client, proxy.settings.protocol_detection_timeout);
+        let sniffing = async {
+            let wait = proxy.settings.protocol_detection_timeout;
+            let detected = detect::sniff(&client, wait, detect::classify).await;
+            detected.unwrap_or(Detected::Opaque)
+        };
         tokio::pin!(sniffing);
         let connecting = connect_as(proxy, pod, record.clone());
         tokio::pin!(connecting);

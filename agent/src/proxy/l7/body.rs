@@ -74,6 +74,20 @@ pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<Bo
     response
 }
 
+/// Envoy's answer when a circuit breaker or a tenant limit is full: an
+/// immediate 503 marked `x-envoy-overloaded`, never a queue.
+pub fn overloaded(grpc: bool) -> Response<Body> {
+    let mut reply = local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        grpc,
+    );
+    reply
+        .headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    reply
+}
+
 /// A trailers-only gRPC reply with `code`.
 pub fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     let mut response = Response::new(empty());
@@ -118,6 +132,10 @@ struct Recording {
     overflowed: bool,
     /// The source ended; the recording is the whole body.
     complete: bool,
+    /// The source failed (the client reset or half-closed mid-body, or sent
+    /// a malformed chunk): the body will never be whole, so no attempt may
+    /// end it as if it were, and none may be retried or mirrored.
+    failed: bool,
 }
 
 impl Replay {
@@ -130,6 +148,7 @@ impl Replay {
             size: 0,
             overflowed: false,
             complete,
+            failed: false,
         })))
     }
 
@@ -137,7 +156,7 @@ impl Replay {
     /// consumed more than could be recorded.
     pub fn attempt(&self) -> Option<Body> {
         let r = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if r.overflowed {
+        if r.overflowed || r.failed {
             return None;
         }
         let buffered: VecDeque<Bytes> = r.frames.iter().cloned().collect();
@@ -149,6 +168,11 @@ impl Replay {
             }
             .boxed_unsync(),
         )
+    }
+
+    /// The client's body failed before its end (see [`Recording::failed`]).
+    pub fn failed(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).failed
     }
 
     /// The whole body if it is known in full (ended within the limit), for
@@ -205,6 +229,9 @@ impl http_body::Body for ReplayAttempt {
             self.trailers_sent = true;
             return Poll::Ready(r.trailers.clone().map(|t| Ok(Frame::trailers(t))));
         }
+        if r.failed {
+            return Poll::Ready(Some(Err("the request body was cut short".into())));
+        }
         let Some(source) = r.source.as_mut() else {
             return Poll::Ready(None);
         };
@@ -216,7 +243,13 @@ impl http_body::Body for ReplayAttempt {
                 self.trailers_sent = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Err(e))) => {
+                // Never `None` after this: an upstream that saw the end of
+                // the body would take the part it got for the whole.
+                r.failed = true;
+                r.source = None;
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match frame.into_data() {
                     Ok(data) => {

@@ -384,7 +384,12 @@ impl Attempts {
                 let cap = (BACKOFF_BASE * 2u32.pow(attempt.min(4) - 1)).min(BACKOFF_BASE * 10);
                 tokio::time::sleep(cap.mul_f64(fastrand::f64())).await;
             }
-            let Some(body) = replay.attempt() else { break };
+            let Some(body) = replay.attempt() else {
+                if replay.failed() {
+                    return incomplete_body(grpc);
+                }
+                break;
+            };
             let Some(pick) = self
                 .cluster
                 .pick(&self.target.endpoints, &tried, self.lb(), hash)
@@ -394,7 +399,7 @@ impl Attempts {
             tried.push(pick.addr);
             let admitted = match limits.admit(!head.http2).await {
                 Ok(admitted) => admitted,
-                Err(Overflow) => return overflow(grpc),
+                Err(Overflow) => return body::overloaded(grpc),
             };
             let mut dial = self.dial(pick.addr);
             dial.http2 = head.http2;
@@ -411,6 +416,11 @@ impl Attempts {
                     tried.pop();
                     continue;
                 }
+            }
+            if replay.failed() {
+                // The client's fault, not the endpoint's: no retry, and
+                // nothing for outlier detection to learn.
+                return incomplete_body(grpc);
             }
             let outcome = Outcome::of(result, &policy.retry_on, grpc);
             self.cluster.observe(
@@ -438,16 +448,14 @@ impl Attempts {
 
 fn release(_: (Admitted, Pick)) {}
 
-fn overflow(grpc: bool) -> Response<Body> {
-    let mut reply = body::local_reply(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+/// The client's request body failed before its end: a malformed chunk gets
+/// this answer; a client that reset never sees it.
+fn incomplete_body(grpc: bool) -> Response<Body> {
+    body::local_reply(
+        StatusCode::BAD_REQUEST,
+        "the request body was malformed or cut short",
         grpc,
-    );
-    reply
-        .headers_mut()
-        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-    reply
+    )
 }
 
 /// One attempt, classified.

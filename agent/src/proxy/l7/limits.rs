@@ -105,6 +105,33 @@ impl WorkloadLimits {
     }
 }
 
+/// Requests in flight of one workload over all its connections, so that a
+/// tenant holding many streams open (an HTTP/2 window kept at zero, say)
+/// bounds its own cost instead of the node's memory.
+#[derive(Default)]
+pub struct InFlight(Arc<AtomicU32>);
+
+/// One admitted request; leaving frees its place.
+pub struct InFlightRequest(Arc<AtomicU32>);
+
+impl InFlight {
+    pub fn try_enter(&self, max: u32) -> Option<InFlightRequest> {
+        let entered = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then(|| n + 1)
+            })
+            .is_ok();
+        entered.then(|| InFlightRequest(self.0.clone()))
+    }
+}
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +154,17 @@ mod tests {
         assert_eq!(limits.admit(true).await.err(), Some(Overflow));
         drop(first);
         assert!(waiting.await.unwrap());
+    }
+
+    #[test]
+    fn in_flight_requests_are_bounded_and_released() {
+        let in_flight = InFlight::default();
+        let first = in_flight.try_enter(2).unwrap();
+        let _second = in_flight.try_enter(2).unwrap();
+        assert!(in_flight.try_enter(2).is_none());
+        drop(first);
+        let _third = in_flight.try_enter(2).expect("a place was freed");
+        assert!(in_flight.try_enter(2).is_none());
     }
 
     #[tokio::test]

@@ -9,11 +9,13 @@
 //! - `limits`: `connectionPool` circuit breakers.
 //! - `upstream`: connections to endpoints, pooled per workload.
 //! - `body`: replayable request bodies and local replies.
+//! - `idle`: closing downstream connections on which nothing moves.
 
 mod balance;
 mod body;
 mod edit;
 mod forward;
+mod idle;
 pub mod inspect;
 mod limits;
 mod tunnel;
@@ -22,6 +24,7 @@ mod upstream;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -32,11 +35,36 @@ use tokio::net::TcpStream;
 pub use balance::Clusters;
 pub use body::Body;
 pub use inspect::ExplainRequest;
-pub use limits::WorkloadLimits;
+pub use limits::{InFlight, WorkloadLimits};
 pub use upstream::Pool;
 
 use super::{Pod, Proxy};
 use crate::routing::RequestInfo;
+
+/// Per-stream and per-connection flow-control windows offered to HTTP/2
+/// clients: what a client may send ahead of the proxy forwarding it, so the
+/// most a stalled stream or connection can make the proxy buffer.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Response bytes queued per HTTP/2 stream beyond the client's window.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+/// Largest HTTP/1 read buffer, so the largest request head (Envoy's default
+/// limit is 60 KiB of headers).
+const H1_READ_BUFFER: usize = 64 * 1024;
+
+/// How the proxy bounds the HTTP connections tenants open to it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    /// From the start of a connection, or the end of the previous request,
+    /// until a request's head is complete (slowloris, idle keep-alive).
+    pub header_read_timeout: Duration,
+    /// Nothing moving on a connection in either direction this long.
+    pub idle_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open.
+    pub max_concurrent_streams: u32,
+    /// Requests one workload may have in flight over all its connections.
+    pub max_requests_per_workload: u32,
+}
 
 /// One downstream connection: who opened it and which Service it dialled.
 struct Downstream {
@@ -61,22 +89,38 @@ pub async fn serve(
         service_addr,
         http2,
     });
-    let io = TokioIo::new(stream);
+    let settings = downstream.proxy.settings.http;
+    let activity = idle::Activity::new();
+    let io = TokioIo::new(idle::Tracked::new(stream, activity.clone()));
     let service = service_fn(move |request| {
         let downstream = downstream.clone();
         async move { Ok::<_, Infallible>(downstream.handle(request).await) }
     });
-    let served = if http2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .serve_connection(io, service)
-            .await
-    } else {
-        hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await
+    let serving = async {
+        if http2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(settings.max_concurrent_streams)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .max_buf_size(H1_READ_BUFFER)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    let served = tokio::select! {
+        served = serving => served,
+        () = activity.idle_for(settings.idle_timeout) => {
+            return Err(format!("idle for {:?}", settings.idle_timeout));
+        }
     };
     served.map_err(|e| e.to_string())
 }
@@ -87,6 +131,14 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Methods are upper-case tokens (RFC 9110's and every registered one).
+fn is_canonical_method(method: &http::Method) -> bool {
+    method
+        .as_str()
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
 }
 
 /// The request's authority: `:authority` in HTTP/2, `Host` in HTTP/1.1.
@@ -108,6 +160,22 @@ fn authority<B>(request: &Request<B>) -> String {
 impl Downstream {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(&request);
+        if !is_canonical_method(request.method()) {
+            // `get` is a different method from `GET` to a policy, but some
+            // servers treat them alike: refuse it rather than let it past
+            // method-based rules (Envoy's parser refuses it too).
+            return body::local_reply(StatusCode::BAD_REQUEST, "invalid method", grpc);
+        }
+        let max = self.proxy.settings.http.max_requests_per_workload;
+        let Some(admitted) = self.pod.in_flight.try_enter(max) else {
+            return body::overloaded(grpc);
+        };
+        self.route(request, grpc)
+            .await
+            .map(|b| body::Guarded::wrap(b, admitted, drop))
+    }
+
+    async fn route(&self, request: Request<Incoming>, grpc: bool) -> Response<Body> {
         let config = self.proxy.config.current();
         let Some(service) = config.service_by_cluster_ip(self.service_addr.ip()) else {
             return body::local_reply(

@@ -24,6 +24,12 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// says otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// HTTP/2 flow control towards endpoints (hyper's defaults are 2 MiB per
+/// stream and 5 MiB per connection, buffered per stalled caller).
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
+const UPSTREAM_H2_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+const UPSTREAM_H2_SEND_BUFFER: usize = 64 * 1024;
+
 /// How to talk to one endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Dial {
@@ -152,8 +158,13 @@ impl Pool {
                 let stream = peer::connect(from, dial.addr, dial.connect_timeout)
                     .await
                     .map_err(UpstreamError::Connect)?;
+                // Windows as small as the downstream side's: what an endpoint
+                // may push ahead of a caller that does not read.
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
+                    .initial_connection_window_size(UPSTREAM_H2_CONNECTION_WINDOW)
+                    .max_send_buf_size(UPSTREAM_H2_SEND_BUFFER)
                     .handshake(TokioIo::new(stream))
                     .await
                     .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;

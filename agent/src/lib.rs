@@ -1,0 +1,15 @@
+//! The nodemesh agent as a library: the `nodemesh` binary (daemon and CLI)
+//! is a thin front over it, and the fuzz targets (`fuzz/`) drive the same
+//! parsers the data path runs.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod dns;
+pub mod ebpf;
+pub mod memory;
+pub mod netns;
+pub mod proxy;
+pub mod routing;
+pub mod workloads;

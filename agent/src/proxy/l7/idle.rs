@@ -1,0 +1,139 @@
+//! Idle detection for a downstream HTTP connection: no bytes moving in
+//! either direction for the idle timeout ends it, whatever state its
+//! requests are in. This is Envoy's `stream_idle_timeout` at connection
+//! granularity: it catches stalled uploads, responses the client never
+//! reads (an HTTP/2 window held at zero) and silent HTTP/2 connections,
+//! which would otherwise pin the proxy's memory for as long as the tenant
+//! likes. (Between HTTP/1.1 requests the shorter header read timeout
+//! applies.)
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// When the connection last moved a byte, in milliseconds since `epoch`.
+#[derive(Clone)]
+pub struct Activity {
+    epoch: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing has moved for `timeout`.
+    pub async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let deadline = self.last() + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// An I/O object that records its [`Activity`].
+pub struct Tracked<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T> Tracked<T> {
+    pub fn new(inner: T, activity: Activity) -> Tracked<T> {
+        Tracked { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn idle_is_counted_from_the_last_byte() {
+        let activity = Activity::new();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut tracked = Tracked::new(a, activity.clone());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.write_all(b"x").await.unwrap();
+        tracked.read_exact(&mut [0u8; 1]).await.unwrap();
+        let touched = Instant::now();
+        activity.idle_for(Duration::from_millis(300)).await;
+        // Counted from the byte read, not from the start.
+        assert!(touched.elapsed() >= Duration::from_millis(290));
+    }
+}
