@@ -142,11 +142,13 @@ fn hostile_config_files_are_rejected_without_disturbing_traffic_or_the_admin_soc
 
     // 20 000 Services without clusterIP for the 254 addresses of a /24.
     let error = rejected(&lab, "services.yaml", &services(20_000));
-    let expected = format!(
-        "no free cluster IP left in service CIDR {SERVICE_CIDR} (254 addresses) for "
-    );
+    let expected =
+        format!("no free cluster IP left in service CIDR {SERVICE_CIDR} (254 addresses) for ");
     assert!(error.contains(&expected), "{error}");
-    assert!(error.contains("Service(s) without clusterIP: flood/flood-"), "{error}");
+    assert!(
+        error.contains("Service(s) without clusterIP: flood/flood-"),
+        "{error}"
+    );
     remove(&lab, "services.yaml");
 
     // A valid but large file: the admin socket answers while it loads.
@@ -158,7 +160,10 @@ fn hostile_config_files_are_rejected_without_disturbing_traffic_or_the_admin_soc
         answered_while_loading |= status["config"]["loading"] == true;
         status["config"]["generation"].as_u64() > Some(generation_a)
     });
-    assert!(answered_while_loading, "no status answer while the load ran");
+    assert!(
+        answered_while_loading,
+        "no status answer while the load ran"
+    );
     assert!(status(&lab, "node-a")["config"]["namespaces"].as_u64() > Some(150_000));
     remove(&lab, "tenants.yaml");
 

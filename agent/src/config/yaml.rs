@@ -171,7 +171,7 @@ mod tests {
         let small = format!("[{}]", vec!["1"; 998].join(","));
         let large = format!("[{}]", vec!["1"; 1_000].join(","));
         // The budget is per document: many small ones are fine.
-        let many = vec![small.as_str(); 5].join("\n---\n");
+        let many = [small.as_str(); 5].join("\n---\n");
         assert_eq!(documents(&many, &limits).unwrap().len(), 5);
         let error = documents(&large, &limits).unwrap_err();
         assert!(
