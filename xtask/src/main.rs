@@ -17,9 +17,14 @@ commands:
   build            setup, then build the agent and the test application
                    (`mesh-app`) in release mode
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
-                   NODEMESH_BIN set (e.g. `cargo xtask test -- topology`)
+                   NODEMESH_BIN set (e.g. `cargo xtask test -- topology`);
+                   without ARGS also `cargo fmt --check`, clippy with
+                   `-D warnings` and every fuzz target for 45 s
   demo             build, then run Istio's Bookinfo on a two-node mesh and
                    show routing by header, a weighted split and a fault
+  fuzz [--seconds N] [TARGET...]
+                   run the fuzz targets of fuzz/ (cargo-fuzz, nightly) for
+                   N seconds each (default 60); all targets when none named
   bench [--duration 10s | --quick] [--rounds N]
                    build, then measure direct vs meshed (oha, nginx, iperf3)
                    on two nodes; results in target/bench/results.json
@@ -55,6 +60,7 @@ const PIN_DIR: &str = "/sys/fs/bpf/nodemesh";
 
 mod bench;
 mod demo;
+mod fuzz;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -91,8 +97,27 @@ fn run(args: &[String]) -> Result<()> {
         }
         "test" => {
             setup()?;
+            if rest.is_empty() {
+                lint()?;
+            }
             build()?;
-            test(rest)
+            test(rest)?;
+            if rest.is_empty() {
+                fuzz::run(&root(), &[], fuzz::SECONDS_IN_TEST)?;
+            }
+            Ok(())
+        }
+        "fuzz" => {
+            setup()?;
+            let (seconds, targets) = match rest {
+                [flag, n, targets @ ..] if flag == "--seconds" => (
+                    n.parse()
+                        .with_context(|| format!("--seconds takes a number, got `{n}`"))?,
+                    targets,
+                ),
+                targets => (60, targets),
+            };
+            fuzz::run(&root(), targets, seconds)
         }
         "demo" => {
             no_args("demo")?;
@@ -292,6 +317,16 @@ fn setup() -> Result<()> {
         installed_something = true;
     }
 
+    // cargo-fuzz, which builds and runs the fuzz targets of fuzz/.
+    let fuzz_ok = find_tool("cargo-fuzz")
+        .and_then(|p| output_ok(Command::new(p).args(["fuzz", "--version"])))
+        .is_some();
+    if !fuzz_ok {
+        println!("setup: installing cargo-fuzz (about a minute)");
+        status(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+        installed_something = true;
+    }
+
     // bpffs, where the agent pins its programs and maps.
     if !bpffs_mounted()? {
         println!("setup: mounting bpffs at {BPFFS}");
@@ -340,6 +375,27 @@ fn build() -> Result<()> {
     ]);
     println!("build: {}", display(&cmd));
     status(&mut cmd)
+}
+
+/// `cargo fmt --check` and clippy with `-D warnings` on every target.
+fn lint() -> Result<()> {
+    status(
+        cargo()
+            .current_dir(root())
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("code is not formatted: run `cargo fmt`")?;
+    status(cargo().current_dir(root()).args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "nodemesh-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 /// Reports (never fails on) what earlier runs may have left behind.

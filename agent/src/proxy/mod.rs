@@ -9,7 +9,7 @@
 //! - `detect`: HTTP/1.1, HTTP/2 or opaque, on connections to a Service.
 //! - `l7`: requests routed one by one (VirtualService, DestinationRule...).
 
-mod detect;
+pub mod detect;
 mod inbound;
 mod l7;
 mod outbound;
@@ -177,7 +177,7 @@ impl Counters {
 /// How many finished connections the agent remembers for `nodemesh connections`.
 const RECENT_CONNECTIONS: usize = 512;
 
-pub use l7::{ExplainRequest, HttpSettings};
+pub use l7::{http1_server, ExplainRequest, HttpSettings};
 
 /// State shared by every listener of the node.
 pub struct Proxy {

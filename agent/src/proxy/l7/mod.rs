@@ -107,10 +107,7 @@ pub async fn serve(
                 .serve_connection(io, service)
                 .await
         } else {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_read_timeout)
-                .max_buf_size(H1_READ_BUFFER)
+            http1_server(&settings)
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
@@ -123,6 +120,17 @@ pub async fn serve(
         }
     };
     served.map_err(|e| e.to_string())
+}
+
+/// The HTTP/1 server every downstream connection gets (public for the
+/// fuzz target of the head parser).
+pub fn http1_server(settings: &HttpSettings) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(H1_READ_BUFFER);
+    builder
 }
 
 fn is_grpc<B>(request: &Request<B>) -> bool {
