@@ -14,7 +14,7 @@ fn namespace(name: &str) -> String {
 /// `files` loaded from memory and from a directory: both must give the same answer.
 fn load_both(files: &[(&str, &str)], limits: &Limits) -> Result<Config, Vec<String>> {
     let opts = LoadOptions {
-        limits: limits.clone(),
+        limits: *limits,
         ..LoadOptions::default()
     };
     let dir = TestDir::new();

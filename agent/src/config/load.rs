@@ -34,11 +34,11 @@ impl Config {
         let mut loader = Loader::new(opts);
         for file in files {
             let proceed = match file.unreadable {
-                Some(reason) => loader.unreadable(&file.path, reason),
+                Some(reason) => loader.not_loaded(&file.path, reason),
                 None => match source::read_file(&file.path, opts.limits.file_bytes) {
                     Ok(text) => loader.load_text(&file.path, &text),
                     Err(ReadError::TooLarge) => loader.too_large(&file.path),
-                    Err(ReadError::Failed(reason)) => loader.unreadable(&file.path, reason),
+                    Err(ReadError::Failed(reason)) => loader.not_loaded(&file.path, reason),
                 },
             };
             if proceed.is_break() {
@@ -197,7 +197,7 @@ struct Loader {
 impl Loader {
     fn new(opts: &LoadOptions) -> Self {
         Self {
-            limits: opts.limits.clone(),
+            limits: opts.limits,
             bytes: 0,
             objects: 0,
             errors: Vec::new(),
@@ -232,10 +232,11 @@ impl Loader {
             "file larger than the limit of {} bytes",
             self.limits.file_bytes
         );
-        self.unreadable(file, message)
+        self.not_loaded(file, message)
     }
 
-    fn unreadable(&mut self, file: &Path, reason: String) -> ControlFlow<()> {
+    /// Records why a file is not loaded; the load goes on, to report every problem.
+    fn not_loaded(&mut self, file: &Path, reason: String) -> ControlFlow<()> {
         self.errors.push(file_error(file, reason));
         ControlFlow::Continue(())
     }
@@ -243,7 +244,7 @@ impl Loader {
     /// Loads the documents of one file; breaks once the limit on objects is reached.
     fn load_file(&mut self, file: &Path, text: &str) -> ControlFlow<()> {
         self.bytes += text.len();
-        let limits = self.limits.clone();
+        let limits = self.limits;
         let mut number = 0;
         let parsed = yaml::for_each_document(text, &limits, |document| {
             number += 1;

@@ -60,7 +60,7 @@ impl Default for LoadOptions {
 /// The defaults are far above what a real cluster needs (Kubernetes itself supports at most
 /// 150 000 Pods and 10 000 Services per cluster, and caps one object at 1.5 MiB); the
 /// README's Configuration section lists them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Limits {
     /// Bytes in one file.
     pub file_bytes: usize,
