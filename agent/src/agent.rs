@@ -6,16 +6,19 @@
 //! refused) instead of bypassing the mesh, and the next agent picks the
 //! pinned state up. `nodemesh uninstall` removes the node's data path.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, Query, Responder};
-use crate::config::{self, Config, ConfigStore, LoadOptions};
+use crate::config::{self, Config, ConfigStore, LoadOptions, Reloader};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
 use crate::nofile::{self, Nofile};
@@ -45,6 +48,8 @@ struct Node {
     config: Arc<ConfigStore>,
     proxy: Arc<Proxy>,
     enroller: Enroller,
+    /// The first load has ended and enrollment follows the config.
+    ready: AtomicBool,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -52,19 +57,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         nix::unistd::geteuid().is_root(),
         "the agent loads eBPF programs and must run as root"
     );
-    let config = Arc::new(
-        match Config::load_dir(&settings.config_dir, &settings.load) {
-            Ok(cfg) => ConfigStore::new(cfg),
-            Err(e) => {
-                // Start anyway, so `nodemesh status` shows the error and a fix is
-                // picked up by the watcher.
-                log::error!("configuration rejected, starting with none:\n{e}");
-                let store = ConfigStore::new(Config::empty());
-                store.reject(&e);
-                store
-            }
-        },
-    );
+    let stop = stop_requested()?;
+    tokio::pin!(stop);
+    // The first load runs on the loader's thread while the data path is set up; until it
+    // ends, nothing is enrolled and the admin socket reports the node as not ready.
+    let config = Arc::new(ConfigStore::unloaded());
+    let reloader = Reloader::spawn(
+        settings.config_dir.clone(),
+        settings.load.clone(),
+        config.clone(),
+    )
+    .context("starting the config loader thread")?;
     let (datapath, orig_dst) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
     // Measured once the data path holds its descriptors: what the agent
@@ -98,36 +101,43 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         config: config.clone(),
         proxy,
         enroller,
+        ready: AtomicBool::new(false),
     });
-    node.enroller.reconcile(&config.current());
-    log::info!(
-        "node {} ready: {} workload(s) enrolled, config generation {}, admin socket {}",
-        node.settings.node,
-        node.enroller.enrolled_count(),
-        config.generation(),
-        node.settings.admin_socket.display()
-    );
-
     tokio::spawn(admin::serve(admin, node.clone()));
-    let (dir, load, store) = (
-        node.settings.config_dir.clone(),
-        node.settings.load.clone(),
-        config.clone(),
-    );
+    let dir = node.settings.config_dir.clone();
     let watcher = tokio::spawn(async move {
-        let Err(e) = config::watch_dir(dir, load, store).await;
+        let Err(e) = config::watch_dir(dir, reloader).await;
         log::error!("{e}: configuration changes will not be applied until the agent restarts");
     });
-    let reconciler = tokio::spawn(reconcile_loop(node.clone()));
     let trimmer = tokio::spawn(crate::memory::return_freed_memory());
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let loaded = tokio::select! {
+        () = config.first_load() => true,
+        () = &mut stop => false,
+    };
+    let reconciler = loaded.then(|| {
+        if let Some(error) = config.last_error() {
+            // Start anyway, so `nodemesh status` shows the error and a fix is picked up.
+            log::error!("configuration rejected, starting with none:\n{error}");
+        }
+        node.enroller.reconcile(&config.current());
+        node.ready.store(true, Ordering::Relaxed);
+        log::info!(
+            "node {} ready: {} workload(s) enrolled, config generation {}, admin socket {}",
+            node.settings.node,
+            node.enroller.enrolled_count(),
+            config.generation(),
+            node.settings.admin_socket.display()
+        );
+        tokio::spawn(reconcile_loop(node.clone()))
+    });
+    if loaded {
+        stop.await;
     }
     watcher.abort();
-    reconciler.abort();
+    if let Some(reconciler) = reconciler {
+        reconciler.abort();
+    }
     trimmer.abort();
     let _ = std::fs::remove_file(&node.settings.admin_socket);
     log::info!(
@@ -136,6 +146,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         node.settings.node
     );
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. A load in progress never delays it: loads run on a thread
+/// of their own, which is not waited for.
+fn stop_requested() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 async fn reconcile_loop(node: Arc<Node>) {
@@ -187,9 +210,11 @@ impl Node {
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_seconds": self.started.elapsed().as_secs(),
+            "ready": self.ready.load(Ordering::Relaxed),
             "config": {
                 "dir": self.settings.config_dir,
                 "generation": self.config.generation(),
+                "loading": self.config.loading(),
                 "last_error": self.config.last_error(),
                 "namespaces": cfg.namespaces().count(),
                 "workloads": cfg.workloads().len(),

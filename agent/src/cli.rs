@@ -114,8 +114,15 @@ fn print_status(s: &Value) {
         s["pid"],
         s["uptime_seconds"]
     );
+    let loading = if s["ready"] == false {
+        " (starting: first load running)"
+    } else if c["loading"] == true {
+        " (a newer load is running)"
+    } else {
+        ""
+    };
     println!(
-        "config:      {} generation {}: {} namespace(s), {} workload(s), {} service(s)",
+        "config:      {} generation {}: {} namespace(s), {} workload(s), {} service(s){loading}",
         text(&c["dir"]),
         c["generation"],
         c["namespaces"],

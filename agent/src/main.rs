@@ -190,6 +190,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         load: config::LoadOptions {
             service_cidr: args.service_cidr,
             cluster_domain: args.cluster_domain,
+            ..config::LoadOptions::default()
         },
         proxy: proxy::Settings {
             connect_timeout: args.connect_timeout,

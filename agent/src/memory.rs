@@ -23,7 +23,9 @@ pub async fn return_freed_memory() {
     }
 }
 
-fn trim() {
+/// Hands free heap pages back to the system now (the config loader calls it after each
+/// load, whose parse trees can be hundreds of MB).
+pub fn trim() {
     // SAFETY: `malloc_trim` only walks and trims glibc's own arenas, under
     // their locks; it is safe to call from any thread at any time.
     unsafe {

@@ -93,7 +93,8 @@ impl Agent {
     /// --admin-socket SOCK` in the node's namespace (`nsenter --net=`, so
     /// bpffs and cgroup2 stay visible), logging to
     /// `work_dir/agent-<node>.log`, and waits (≤ 20 s) until `nodemesh status
-    /// -o json --socket SOCK` succeeds. Creates `config_dir` if needed.
+    /// -o json --socket SOCK` reports it ready (its first config load done).
+    /// Creates `config_dir` if needed.
     pub fn start(topo: &mut Topology, node: &str, config_dir: &Path) -> Result<Agent> {
         Agent::start_with(topo, node, config_dir, &nodemesh_bin(), &[])
     }
@@ -195,13 +196,19 @@ impl Agent {
                 }
             }
             let out = self.cli(&["status", "-o", "json"])?;
-            if out.status.success() {
+            // The admin socket answers while the first config load runs; the agent is
+            // ready (workloads enrolled per the config) once it says so.
+            let ready = out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|status| status["ready"] != false);
+            if ready {
                 return Ok(());
             }
             let last = format!(
-                "{}: {}",
+                "{}: {}{}",
                 out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
             );
             if Instant::now() >= deadline {
                 bail!(

@@ -3,56 +3,65 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
+use serde_json::{Map, Value};
 
 use crate::routing::{self, RoutingTable};
 
+use super::cluster_ip::ClusterIpRange;
 use super::model::{self, Metadata, NamespaceDoc, Object, ServiceSpec, TargetPort, WorkloadSpec};
+use super::source::{self, ReadError};
 use super::{
-    Config, ConfigError, ConfigErrors, Index, LoadOptions, Namespace, Service, ServicePort,
-    Workload,
+    yaml, Config, ConfigError, ConfigErrors, Index, Limits, LoadOptions, Namespace, Service,
+    ServicePort, Workload,
 };
 
 impl Config {
     /// Loads every `*.yaml` / `*.yml` file of `dir` (not recursive, hidden files skipped) in
-    /// file name order. Fails with every problem found, not just the first.
+    /// file name order, one file at a time. Fails with every problem found, not just the
+    /// first, including entries that cannot be read (such as a symlink loop).
     pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-        let files = yaml_files(dir).map_err(|e| {
+        let files = source::config_files(dir).map_err(|e| {
             ConfigErrors(vec![file_error(
                 dir,
                 format!("cannot read config directory: {e}"),
             )])
         })?;
-        let mut loader = Loader::default();
-        for file in &files {
-            loader.load_file(file);
+        let mut loader = Loader::new(opts);
+        for file in files {
+            let proceed = match file.unreadable {
+                Some(reason) => loader.not_loaded(&file.path, reason),
+                None => match source::read_file(&file.path, opts.limits.file_bytes) {
+                    Ok(text) => loader.load_text(&file.path, &text),
+                    Err(ReadError::TooLarge) => loader.too_large(&file.path),
+                    Err(ReadError::Failed(reason)) => loader.not_loaded(&file.path, reason),
+                },
+            };
+            if proceed.is_break() {
+                break;
+            }
         }
         loader.finish(opts)
     }
-}
 
-fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .is_some_and(|name| name.as_encoded_bytes().starts_with(b"."));
-        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        // `metadata` follows symlinks: ConfigMap volumes expose files as links into `..data`.
-        if !hidden && yaml && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            files.push(path);
+    /// Loads config documents held in memory, `(file name, YAML text)` in the order given,
+    /// exactly as [`Config::load_dir`] loads the files of a directory.
+    pub fn load_documents(
+        files: &[(PathBuf, String)],
+        opts: &LoadOptions,
+    ) -> Result<Config, ConfigErrors> {
+        let mut loader = Loader::new(opts);
+        for (file, text) in files {
+            if loader.load_text(file, text).is_break() {
+                break;
+            }
         }
+        loader.finish(opts)
     }
-    files.sort();
-    Ok(files)
 }
 
 fn file_error(file: &Path, message: String) -> ConfigError {
@@ -170,8 +179,12 @@ impl Issues {
     }
 }
 
-#[derive(Default)]
 struct Loader {
+    limits: Limits,
+    /// Bytes of the files loaded so far, against [`Limits::total_bytes`].
+    bytes: usize,
+    /// Non-empty documents loaded so far, against [`Limits::objects`].
+    objects: usize,
     errors: Vec<ConfigError>,
     /// File of the first definition of each object, to report duplicates.
     defined_in: HashMap<String, PathBuf>,
@@ -182,27 +195,79 @@ struct Loader {
 }
 
 impl Loader {
-    fn load_file(&mut self, file: &Path) {
-        let text = match fs::read_to_string(file) {
-            Ok(text) => text,
-            Err(e) => {
-                return self
-                    .errors
-                    .push(file_error(file, format!("cannot read file: {e}")))
-            }
-        };
-        for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            match Value::deserialize(document) {
-                Ok(Value::Null) => {}
-                Ok(value) => self.load_document(file, i + 1, value),
-                Err(e) => {
-                    // The parser cannot resynchronize after a syntax error.
-                    return self
-                        .errors
-                        .push(file_error(file, format!("invalid YAML: {e}")));
-                }
-            }
+    fn new(opts: &LoadOptions) -> Self {
+        Self {
+            limits: opts.limits,
+            bytes: 0,
+            objects: 0,
+            errors: Vec::new(),
+            defined_in: HashMap::new(),
+            namespaces: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            routing: routing::Drafts::default(),
         }
+    }
+
+    /// Loads one file's text, unless it breaks the limit on the size of one file (the load
+    /// goes on) or of all files together (the load stops).
+    fn load_text(&mut self, file: &Path, text: &str) -> ControlFlow<()> {
+        if text.len() > self.limits.file_bytes {
+            return self.too_large(file);
+        }
+        if self.bytes + text.len() > self.limits.total_bytes {
+            let message = format!(
+                "config files larger than the limit of {} bytes together; stopped loading at \
+                 this file",
+                self.limits.total_bytes
+            );
+            self.errors.push(file_error(file, message));
+            return ControlFlow::Break(());
+        }
+        self.load_file(file, text)
+    }
+
+    fn too_large(&mut self, file: &Path) -> ControlFlow<()> {
+        let message = format!(
+            "file larger than the limit of {} bytes",
+            self.limits.file_bytes
+        );
+        self.not_loaded(file, message)
+    }
+
+    /// Records why a file is not loaded; the load goes on, to report every problem.
+    fn not_loaded(&mut self, file: &Path, reason: String) -> ControlFlow<()> {
+        self.errors.push(file_error(file, reason));
+        ControlFlow::Continue(())
+    }
+
+    /// Loads the documents of one file; breaks once the limit on objects is reached.
+    fn load_file(&mut self, file: &Path, text: &str) -> ControlFlow<()> {
+        self.bytes += text.len();
+        let limits = self.limits;
+        let mut number = 0;
+        let parsed = yaml::for_each_document(text, &limits, |document| {
+            number += 1;
+            self.objects += 1;
+            if self.objects > limits.objects {
+                return ControlFlow::Break(());
+            }
+            self.load_document(file, number, document);
+            ControlFlow::Continue(())
+        });
+        if let Err(message) = parsed {
+            self.errors.push(file_error(file, message));
+        }
+        if self.objects > limits.objects {
+            let message = format!(
+                "more than the limit of {} objects in the config files together; stopped \
+                 loading at document {number} of this file",
+                limits.objects
+            );
+            self.errors.push(file_error(file, message));
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
     }
 
     fn load_document(&mut self, file: &Path, number: usize, value: Value) {
@@ -210,7 +275,7 @@ impl Loader {
             file: file.to_owned(),
             object: format!("document {number}"),
         };
-        let Value::Mapping(mut doc) = value else {
+        let Value::Object(mut doc) = value else {
             return self.errors.push(origin.error(
                 None,
                 "expected a mapping with apiVersion, kind and metadata",
@@ -292,10 +357,10 @@ impl Loader {
     fn parse<T: DeserializeOwned, U>(
         &mut self,
         origin: &Origin,
-        doc: Mapping,
+        doc: Map<String, Value>,
         convert: fn(T, &mut Issues) -> U,
     ) -> Option<U> {
-        let typed = serde_path_to_error::deserialize(Value::Mapping(doc)).map_err(|e| {
+        let typed = serde_path_to_error::deserialize(Value::Object(doc)).map_err(|e| {
             let field = e.path().to_string();
             let field = (field != ".").then_some(field);
             origin.error(field, e.into_inner().to_string())
@@ -386,14 +451,16 @@ impl Loader {
         owners
     }
 
-    /// Indexes services by cluster IP, allocating the missing ones (see
-    /// [`allocate_cluster_ip`]) and reporting addresses used twice.
+    /// Indexes services by cluster IP, allocating the missing ones (see [`cluster_ip`]) and
+    /// reporting addresses used twice and Services left without one by a full range.
     fn assign_cluster_ips(&mut self, cidr: (Ipv4Addr, u8)) -> HashMap<IpAddr, usize> {
         let mut owners = HashMap::new();
+        let mut range = ClusterIpRange::new(cidr);
         for (i, (origin, draft)) in self.services.iter().enumerate() {
             let Some(ip) = draft.service.cluster_ip else {
                 continue;
             };
+            range.reserve(ip);
             if let Err(owner) = claim(&mut owners, ip, i) {
                 let message = format!(
                     "cluster IP {ip} is already used by {}",
@@ -404,31 +471,53 @@ impl Loader {
             }
         }
         // Only once all explicit addresses are claimed, so that they always win.
-        for (i, (origin, draft)) in self.services.iter_mut().enumerate() {
+        let mut left_out = Vec::new();
+        for (i, (_, draft)) in self.services.iter_mut().enumerate() {
             if !draft.allocate_ip {
                 continue;
             }
             let service = &mut draft.service;
-            match allocate_cluster_ip(cidr, &service.key(), &owners) {
+            match range.allocate(&service.key()) {
                 Some(ip) => {
                     service.cluster_ip = Some(ip);
                     owners.insert(ip, i);
                 }
-                None => {
-                    let (addr, prefix) = cidr;
-                    let message =
-                        format!("no free cluster IP left in service CIDR {addr}/{prefix}");
-                    self.errors.push(origin.error(None, message));
-                }
+                None => left_out.push(i),
             }
         }
+        if let Some(&first) = left_out.first() {
+            let error = self.services[first]
+                .0
+                .error(None, self.range_full(&range, &left_out));
+            self.errors.push(error);
+        }
         owners
+    }
+
+    /// One message for all the Services that `range` had no address left for, however many.
+    fn range_full(&self, range: &ClusterIpRange, left_out: &[usize]) -> String {
+        const NAMED: usize = 10;
+        let mut names: Vec<_> = left_out[..left_out.len().min(NAMED)]
+            .iter()
+            .map(|&i| self.services[i].1.service.key())
+            .collect();
+        if left_out.len() > NAMED {
+            names.push(format!("and {} more", left_out.len() - NAMED));
+        }
+        format!(
+            "no free cluster IP left in service CIDR {} ({} addresses) for {} Service(s) without \
+             clusterIP: {}; use a larger --service-cidr or set clusterIP",
+            range.cidr(),
+            range.size(),
+            left_out.len(),
+            names.join(", ")
+        )
     }
 }
 
 /// `Kind namespace/name` (`Namespace name`), read leniently from the raw document so that
 /// errors found while deserializing it can already name it.
-fn object_name(kind: Kind, doc: &Mapping) -> Option<String> {
+fn object_name(kind: Kind, doc: &Map<String, Value>) -> Option<String> {
     let metadata = doc.get("metadata")?;
     let name = metadata.get("name")?.as_str()?;
     Some(match kind {
@@ -471,37 +560,6 @@ fn select(service: &Service, workloads: &[Workload]) -> Vec<usize> {
                 .all(|(k, v)| labels.get(k) == Some(v))
         })
         .collect()
-}
-
-/// Picks the cluster IP of a service that does not set one.
-///
-/// The FNV-1a hash of `namespace/name` selects a host address of the CIDR (network and
-/// broadcast addresses excluded); linear probing then skips addresses already taken by
-/// explicit cluster IPs or by services allocated before (services are processed in
-/// namespace, name order). The hash is fixed rather than std's randomized one, so the same
-/// files always yield the same addresses across restarts and reloads, and adding a service
-/// only moves another one whose address it takes.
-fn allocate_cluster_ip(
-    (network, prefix): (Ipv4Addr, u8),
-    key: &str,
-    taken: &HashMap<IpAddr, usize>,
-) -> Option<IpAddr> {
-    let host_bits = 32u32.saturating_sub(prefix.into());
-    let network = u32::from(network) & u32::MAX.checked_shl(host_bits).unwrap_or(0);
-    let hosts = (1u64 << host_bits).saturating_sub(2);
-    let start = fnv1a(key.as_bytes()).checked_rem(hosts)?;
-    (0..hosts)
-        .map(|i| {
-            let offset = u32::try_from((start + i) % hosts).expect("fewer than 2^32 hosts");
-            IpAddr::V4(Ipv4Addr::from(network + 1 + offset))
-        })
-        .find(|ip| !taken.contains_key(ip))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 fn namespace(doc: NamespaceDoc, issues: &mut Issues) -> Namespace {
@@ -854,7 +912,7 @@ spec:
         assert_eq!((dns.target_port, dns.protocol), (53, Protocol::Udp));
         assert_eq!(web.port(53, Protocol::Tcp), None);
         assert_eq!(web.port(81, Protocol::Tcp), None);
-        assert_eq!(serde_yaml::to_string(&Protocol::Udp).unwrap(), "UDP\n");
+        assert_eq!(serde_json::to_string(&Protocol::Udp).unwrap(), "\"UDP\"");
 
         assert_eq!(
             keys(config.endpoints(web), |w| w.key()),
@@ -965,12 +1023,39 @@ spec:
         ips.sort();
         assert_eq!(ips, [ip("10.0.0.1"), ip("10.0.0.2")]);
 
-        let three = two + &service("shop", "c", "{ports: [{port: 80}]}");
-        let errors = load_with(&[("s.yaml", &three)], &opts).unwrap_err().0;
+        let five = two
+            + &service("shop", "c", "{ports: [{port: 80}]}")
+            + &service("shop", "d", "{ports: [{port: 80}]}")
+            + &service("shop", "e", "{clusterIP: None, ports: [{port: 80}]}");
+        let errors = load_with(&[("s.yaml", &five)], &opts).unwrap_err().0;
+        assert_eq!(
+            errors.len(),
+            1,
+            "one error however many Services are left out"
+        );
+        let expected = "s.yaml: Service shop/c: no free cluster IP left in service CIDR \
+                        10.0.0.0/30 (2 addresses) for 2 Service(s) without clusterIP: shop/c, \
+                        shop/d; use a larger --service-cidr or set clusterIP";
+        assert!(errors[0].to_string().ends_with(expected), "{}", errors[0]);
+    }
+
+    #[test]
+    fn a_full_range_names_ten_services_and_counts_the_rest() {
+        let opts = LoadOptions {
+            service_cidr: (Ipv4Addr::new(10, 0, 0, 0), 24),
+            ..LoadOptions::default()
+        };
+        let services: String = (0..300)
+            .map(|i| service("shop", &format!("s{i:03}"), "{ports: [{port: 80}]}"))
+            .collect();
+        let errors = load_with(&[("s.yaml", &services)], &opts).unwrap_err().0;
         assert_eq!(errors.len(), 1);
-        assert!(errors[0]
-            .to_string()
-            .contains("no free cluster IP left in service CIDR 10.0.0.0/30"));
+        let names: Vec<_> = (254..264).map(|i| format!("shop/s{i}")).collect();
+        let expected = format!(
+            "(254 addresses) for 46 Service(s) without clusterIP: {}, and 36 more;",
+            names.join(", ")
+        );
+        assert!(errors[0].message.contains(&expected), "{}", errors[0]);
     }
 
     #[test]

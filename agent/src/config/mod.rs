@@ -5,9 +5,16 @@
 //! as a whole into an immutable [`Config`] snapshot; [`watch_dir`] hot-reloads it into a
 //! [`ConfigStore`] that the request path reads without locking.
 
+mod cluster_ip;
+#[cfg(test)]
+mod limits_tests;
 mod load;
 mod model;
+mod reload;
+mod source;
+mod store;
 mod watch;
+mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use load::{check_dns_label, check_metadata, port_number, Issues, Origin};
 pub(crate) use model::{Metadata, Object};
-pub use watch::{watch_dir, ConfigStore};
+pub use reload::Reloader;
+pub use store::ConfigStore;
+pub use watch::watch_dir;
 
 use crate::routing::RoutingTable;
 
@@ -32,6 +41,7 @@ pub struct LoadOptions {
     pub service_cidr: (Ipv4Addr, u8),
     /// Suffix of fully qualified service names (`web.shop.svc.<cluster_domain>`).
     pub cluster_domain: String,
+    pub limits: Limits,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +49,41 @@ impl Default for LoadOptions {
         Self {
             service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 16),
             cluster_domain: "cluster.local".to_owned(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What one load reads at most, so that a broken or hostile file costs bounded time and
+/// memory; beyond any of them the load is rejected and the last good config keeps serving.
+///
+/// The defaults are far above what a real cluster needs (Kubernetes itself supports at most
+/// 150 000 Pods and 10 000 Services per cluster, and caps one object at 1.5 MiB); the
+/// README's Configuration section lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Bytes in one file.
+    pub file_bytes: usize,
+    /// Bytes in all files together.
+    pub total_bytes: usize,
+    /// Levels of mappings and sequences nested in one document (the deepest object the
+    /// agent reads, a VirtualService with header matches, nests about 10).
+    pub depth: usize,
+    /// Mappings, sequences and scalars in one document (a 10 000-route VirtualService has
+    /// about 150 000).
+    pub document_nodes: usize,
+    /// Objects (non-empty documents) in all files together.
+    pub objects: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            file_bytes: 64 << 20,
+            total_bytes: 256 << 20,
+            depth: 64,
+            document_nodes: 1_000_000,
+            objects: 500_000,
         }
     }
 }
@@ -275,8 +320,8 @@ impl Config {
 pub struct ConfigError {
     /// The offending file, or the directory itself when it cannot be read.
     pub file: PathBuf,
-    /// `Kind namespace/name` (`Namespace name` for namespaces), or `document N` (1-based)
-    /// when the document has no usable name.
+    /// `Kind namespace/name` (`Namespace name` for namespaces), or `document N` (the N-th
+    /// non-empty document of the file) when the document has no usable name.
     pub object: Option<String>,
     /// Path of the field inside the document, e.g. `spec.ports[0].port`.
     pub field: Option<String>,
@@ -299,13 +344,22 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// Errors shown at most, so that a file of a million bad objects does not make a
+    /// million-line status or log entry.
+    const SHOWN: usize = 100;
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, error) in self.0.iter().enumerate() {
+        for (i, error) in self.0.iter().take(Self::SHOWN).enumerate() {
             if i > 0 {
                 f.write_str("\n")?;
             }
             write!(f, "{error}")?;
+        }
+        if let Some(more) = self.0.len().checked_sub(Self::SHOWN).filter(|&n| n > 0) {
+            write!(f, "\n… and {more} more problems")?;
         }
         Ok(())
     }

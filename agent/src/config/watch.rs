@@ -1,81 +1,16 @@
-//! Hot reload: an atomically swapped snapshot, fed by an inotify watch of the directory.
+//! Hot reload: an inotify watch of the config directory, asking for a load on every change.
 
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::watch;
 
-use super::{Config, ConfigErrors, LoadOptions};
-
-/// The current configuration, shared (via `Arc`) between the request path and the reloader.
-#[derive(Debug)]
-pub struct ConfigStore {
-    config: ArcSwap<Config>,
-    /// Also the source of [`ConfigStore::generation`].
-    generation: watch::Sender<u64>,
-    last_error: Mutex<Option<String>>,
-}
-
-impl ConfigStore {
-    /// Starts at generation 1.
-    pub fn new(initial: Config) -> Self {
-        Self {
-            config: ArcSwap::from_pointee(initial),
-            generation: watch::Sender::new(1),
-            last_error: Mutex::new(None),
-        }
-    }
-
-    /// Lock-free; the snapshot stays valid for as long as the caller holds it.
-    pub fn current(&self) -> Arc<Config> {
-        self.config.load_full()
-    }
-
-    pub fn generation(&self) -> u64 {
-        *self.generation.borrow()
-    }
-
-    /// Display of the last rejected load, cleared by the next successful one.
-    pub fn last_error(&self) -> Option<String> {
-        self.error_slot().clone()
-    }
-
-    /// Installs `config` as the next generation and notifies subscribers.
-    pub fn replace(&self, config: Config) {
-        *self.error_slot() = None;
-        // Swapping under the channel's lock keeps generations distinct if callers race, and
-        // guarantees that a subscriber woken for generation N sees a config at least that new.
-        self.generation.send_modify(|generation| {
-            self.config.store(Arc::new(config));
-            *generation += 1;
-        });
-    }
-
-    /// Records a failed load; the current config keeps serving.
-    pub fn reject(&self, errors: &ConfigErrors) {
-        *self.error_slot() = Some(errors.to_string());
-    }
-
-    /// Yields the new generation after every [`ConfigStore::replace`].
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
-    }
-
-    fn error_slot(&self) -> MutexGuard<'_, Option<String>> {
-        // The guarded value is a plain replaceable string, so poisoning is harmless.
-        self.last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
+use super::Reloader;
 
 /// The config directory could not be watched at all.
 #[derive(Debug, thiserror::Error)]
@@ -105,28 +40,24 @@ const WATCH_LOST: AddWatchFlags = AddWatchFlags::IN_DELETE_SELF
     .union(AddWatchFlags::IN_MOVE_SELF)
     .union(AddWatchFlags::IN_IGNORED);
 
-/// Reloads `dir` into `store` whenever it changes, typically within 30 ms of a write.
+/// Asks `reloader` for a load of `dir` whenever it changes; the load starts typically
+/// within 30 ms of a write, or after the one running then.
 ///
-/// Any event triggers a reload, without looking at file names: reloading is cheap, and
-/// Kubernetes ConfigMap volumes only signal updates through their hidden `..data` symlink.
-/// If the directory itself is deleted or moved away, it is watched again once it reappears
-/// at `dir`. Every successful load becomes a new generation even if nothing changed, which
-/// is simpler than comparing snapshots and costs little since reloads are rare. A failed
-/// load is logged and recorded with [`ConfigStore::reject`]; the previous config keeps
-/// serving.
+/// Any event triggers a reload, without looking at file names: Kubernetes ConfigMap
+/// volumes only signal updates through their hidden `..data` symlink. If the directory
+/// itself is deleted or moved away, it is watched again once it reappears at `dir`. Every
+/// successful load becomes a new generation even if nothing changed, which is simpler than
+/// comparing snapshots and costs little since reloads are rare. A failed load is logged and
+/// recorded with [`super::ConfigStore::reject`]; the previous config keeps serving.
 ///
 /// Only returns if inotify cannot be set up or `dir` cannot be watched initially.
-pub async fn watch_dir(
-    dir: PathBuf,
-    opts: LoadOptions,
-    store: Arc<ConfigStore>,
-) -> Result<Infallible, WatchError> {
-    watch(&dir, &opts, &store)
+pub async fn watch_dir(dir: PathBuf, reloader: Reloader) -> Result<Infallible, WatchError> {
+    watch(&dir, &reloader)
         .await
         .map_err(|source| WatchError { dir, source })
 }
 
-async fn watch(dir: &Path, opts: &LoadOptions, store: &ConfigStore) -> io::Result<Infallible> {
+async fn watch(dir: &Path, reloader: &Reloader) -> io::Result<Infallible> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
     let mut watched = Some(inotify.add_watch(dir, EVENTS)?);
     // Deprecated since tokio 1.54 in favour of an `unsafe` constructor, because an arbitrary
@@ -155,7 +86,7 @@ async fn watch(dir: &Path, opts: &LoadOptions, store: &ConfigStore) -> io::Resul
                 continue; // Still missing, and the load error was already reported.
             }
         }
-        reload(dir, opts, store);
+        reloader.request();
     }
 }
 
@@ -171,31 +102,6 @@ async fn next_events(inotify: &AsyncFd<InotifyFd>) -> io::Result<Vec<InotifyEven
         events.extend(batch?);
     }
     Ok(events)
-}
-
-fn reload(dir: &Path, opts: &LoadOptions, store: &ConfigStore) {
-    match Config::load_dir(dir, opts) {
-        Ok(config) => {
-            for warning in &config.routing().warnings {
-                log::warn!("{warning}");
-            }
-            let routes = config.routing().route_count();
-            store.replace(config);
-            log::info!(
-                "loaded config generation {} from {} ({routes} HTTP routes)",
-                store.generation(),
-                dir.display()
-            );
-        }
-        Err(errors) => {
-            log::warn!(
-                "rejected config in {}, still serving generation {}:\n{errors}",
-                dir.display(),
-                store.generation()
-            );
-            store.reject(&errors);
-        }
-    }
 }
 
 /// `AsyncFd` needs `AsRawFd`, which nix's `Inotify` only provides through `AsFd`.
@@ -216,8 +122,8 @@ mod tests {
     use tokio::time::{sleep, timeout, Instant};
 
     use super::super::test_support::TestDir;
-    use super::super::{Config, LoadOptions};
-    use super::{watch_dir, ConfigStore};
+    use super::super::{ConfigStore, LoadOptions, Reloader};
+    use super::watch_dir;
 
     /// Generous, since the machine running the tests may be busy; the watcher needs ~20 ms.
     const TIMEOUT: Duration = Duration::from_secs(2);
@@ -264,13 +170,12 @@ mod tests {
         let root = TestDir::new();
         let dir = root.path().join("conf");
         fs::create_dir(&dir).unwrap();
-        let store = Arc::new(ConfigStore::new(Config::empty()));
+        let store = Arc::new(ConfigStore::unloaded());
         let mut rx = store.subscribe();
-        let watcher = tokio::spawn(watch_dir(
-            dir.clone(),
-            LoadOptions::default(),
-            store.clone(),
-        ));
+        let reloader = Reloader::spawn(dir.clone(), LoadOptions::default(), store.clone());
+        timeout(TIMEOUT, store.first_load()).await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), 1, "the empty directory");
+        let watcher = tokio::spawn(watch_dir(dir.clone(), reloader.unwrap()));
         sleep(Duration::from_millis(50)).await; // Let it install the watch.
 
         fs::write(dir.join("mesh.yaml"), NAMESPACE).unwrap();
