@@ -235,7 +235,7 @@ impl Node {
             },
             "limits": {
                 "descriptors": self.proxy.descriptors.status(),
-                "per_workload": self.enroller.descriptor_usage(),
+                "per_workload": self.enroller.usage(),
             },
         })
     }

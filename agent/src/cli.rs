@@ -190,8 +190,13 @@ fn print_limits(limits: &Value) {
     );
     for (key, u) in limits["per_workload"].as_object().into_iter().flatten() {
         println!(
-            "  {key}: {} descriptors, {} inbound caller(s), rejected {} outbound / {} inbound",
-            u["descriptors"], u["inbound_callers"], u["rejected_outbound"], u["rejected_inbound"]
+            "  {key}: {} descriptors, {} inbound caller(s), rejected {} outbound / {} inbound, \
+             {} HTTP requests in flight",
+            u["descriptors"],
+            u["inbound_callers"],
+            u["rejected_outbound"],
+            u["rejected_inbound"],
+            u["http_requests_in_flight"]
         );
     }
 }

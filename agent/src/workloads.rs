@@ -22,6 +22,15 @@ use crate::netns::NetNs;
 use crate::proxy::budget::{Listeners, Tenant, TenantUsage};
 use crate::proxy::{self, Direction, Pod, PodTasks, Proxy};
 
+/// One enrolled workload's share of the proxy, as `nodemesh status` shows it:
+/// descriptors held and connections refused, and HTTP requests in flight.
+#[derive(Debug, Serialize)]
+pub struct WorkloadUsage {
+    #[serde(flatten)]
+    pub descriptors: TenantUsage,
+    pub http_requests_in_flight: u32,
+}
+
 /// How a configured workload stands on this node.
 #[derive(Debug, Serialize)]
 pub struct WorkloadStatus {
@@ -150,13 +159,19 @@ impl Enroller {
         self.proxy.descriptors.set_workloads(enrolled.len());
     }
 
-    /// Descriptors held and connections refused, per enrolled workload.
-    pub fn descriptor_usage(&self) -> BTreeMap<String, TenantUsage> {
+    /// What each enrolled workload holds of the shared proxy.
+    pub fn usage(&self) -> BTreeMap<String, WorkloadUsage> {
         self.enrolled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(key, e)| (key.clone(), e.pod.tenant.usage()))
+            .map(|(key, e)| {
+                let usage = WorkloadUsage {
+                    descriptors: e.pod.tenant.usage(),
+                    http_requests_in_flight: e.pod.http_requests_in_flight(),
+                };
+                (key.clone(), usage)
+            })
             .collect()
     }
 

@@ -292,7 +292,7 @@ for s in socks:
     reset(s)
 print(json.dumps({"connections": len(socks)}))
 "#;
-    let peak = std::thread::scope(|scope| {
+    let (peak, most_in_flight) = std::thread::scope(|scope| {
         let attacker = scope.spawn(|| {
             attack_json(
                 &lab,
@@ -301,6 +301,7 @@ print(json.dumps({"connections": len(socks)}))
             )
         });
         let mut peak = before;
+        let mut most_in_flight = 0;
         while !attacker.is_finished() {
             for (i, node) in ["node-a", "node-b"].iter().enumerate() {
                 if let Ok(now) = lab.usage(node) {
@@ -308,11 +309,21 @@ print(json.dumps({"connections": len(socks)}))
                     peak[i].fds = peak[i].fds.max(now.fds);
                 }
             }
+            if let Ok(status) = lab.mesh().agent("node-a").status_json() {
+                let attacker = &status["limits"]["per_workload"]["default/attacker"];
+                let in_flight = attacker["http_requests_in_flight"].as_u64().unwrap_or(0);
+                most_in_flight = most_in_flight.max(in_flight);
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         attacker.join().unwrap();
-        peak
+        (peak, most_in_flight)
     });
+    // `nodemesh status` accounts the tenant's requests, up to its limit.
+    assert!(
+        (1..=300).contains(&most_in_flight),
+        "the attacker had {most_in_flight} requests in flight by `nodemesh status`"
+    );
     victim.stop().unwrap().assert_clean();
     eprintln!(
         "node-a before the attack {:?}, at its peak {:?}",

@@ -80,6 +80,12 @@ impl Pod {
         }
     }
 
+    /// Its HTTP requests in flight through the proxy, over all its
+    /// connections.
+    pub fn http_requests_in_flight(&self) -> u32 {
+        self.in_flight.count()
+    }
+
     /// A TCP listener owned by the agent inside the workload's namespace.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let socket = self.netns.enter(|| {

@@ -124,6 +124,10 @@ impl InFlight {
             .is_ok();
         entered.then(|| InFlightRequest(self.0.clone()))
     }
+
+    pub fn count(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for InFlightRequest {
@@ -164,6 +168,7 @@ mod tests {
         assert!(in_flight.try_enter(2).is_none());
         drop(first);
         let _third = in_flight.try_enter(2).expect("a place was freed");
+        assert_eq!(in_flight.count(), 2);
         assert!(in_flight.try_enter(2).is_none());
     }
 
