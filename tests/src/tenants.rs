@@ -388,8 +388,9 @@ with open(report, "w") as f:
     json.dump({"sent": sent, "ok": ok, "failed": failed, "errors": errors}, f)
 "#;
 
-/// An HTTP/1.1 server that answers `200 ok` to every complete request and
-/// logs every read at once (one JSON line per read: the connection's number
+/// An HTTP/1.1 server that answers `200 ok` to every complete request (or
+/// `101` to one that asks for an upgrade, then echoes) and logs every read
+/// at once (one JSON line per read: the connection's number
 /// and the bytes as a Latin-1 string).
 const RECORDER_PY: &str = r#"
 import json, socket, sys, threading
@@ -418,6 +419,16 @@ def record(conn_id, data):
     with lock, open(log, "a") as f:
         f.write(json.dumps({"conn": conn_id, "bytes": data.decode("latin1")}) + "\n")
 
+def echo(conn, conn_id, data):
+    """After an upgrade: echo every byte back, `data` first."""
+    while True:
+        if data:
+            conn.sendall(data)
+        data = conn.recv(65536)
+        if not data:
+            return
+        record(conn_id, data)
+
 def serve(conn, conn_id):
     pending = b""
     try:
@@ -431,7 +442,11 @@ def serve(conn, conn_id):
                 n = complete(pending)
                 if n is None:
                     break
-                pending = pending[n:]
+                request, pending = pending[:n], pending[n:]
+                if b"\r\nupgrade:" in request.lower():
+                    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+                    echo(conn, conn_id, pending)
+                    return
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     except OSError:
         pass

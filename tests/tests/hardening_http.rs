@@ -201,7 +201,7 @@ fn connections_that_never_finish_a_request_are_closed() {
 import select
 port = int(sys.argv[1])
 H2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-kinds = {"silent": [], "slowloris": [], "stalled_upload": [], "idle_h2": []}
+kinds = {"silent": [], "slowloris": [], "stalled_upload": [], "idle_h2": [], "idle_upgrade": []}
 for _ in range(30):
     kinds["silent"].append(connect("recorder", port))
     s = connect("recorder", port)
@@ -214,6 +214,13 @@ for _ in range(20):
     s = connect("recorder", port)
     s.sendall(H2)
     kinds["idle_h2"].append(s)
+    s = connect("recorder", port)
+    s.sendall(b"GET /chat HTTP/1.1\r\nHost: recorder\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+    reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 101"), reply
+    s.sendall(b"ping\n")
+    assert s.recv(64) == b"ping\n", "the upgraded connection is not spliced"
+    kinds["idle_upgrade"].append(s)
 open_socks = {s: kind for kind, socks in kinds.items() for s in socks}
 closed = {kind: 0 for kind in kinds}
 deadline = time.time() + 60
@@ -245,6 +252,7 @@ print(json.dumps({"closed": closed, "still_open": len(open_socks)}))
     assert_eq!(result["closed"]["slowloris"], 30, "{result}");
     assert_eq!(result["closed"]["stalled_upload"], 20, "{result}");
     assert_eq!(result["closed"]["idle_h2"], 20, "{result}");
+    assert_eq!(result["closed"]["idle_upgrade"], 20, "{result}");
     // The cut-short upload never reached the server as complete.
     for upload in recorded_with(&lab, b"POST /upload") {
         assert!(upload.len() < 1000, "{}", String::from_utf8_lossy(&upload));

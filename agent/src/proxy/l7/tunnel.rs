@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{self, Body};
 use super::forward::Target;
+use super::idle;
 use super::Downstream;
 use crate::proxy::{peer, Direction};
 
@@ -78,10 +79,19 @@ pub async fn run(
         || (connect && response.status().is_success());
     if switched {
         let server_side = hyper::upgrade::on(&mut response);
+        let idle_timeout = down.proxy.settings.http.idle_timeout;
         tokio::spawn(async move {
             if let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) {
-                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                // The idle timeout still applies once spliced (as Envoy's
+                // stream idle timeout does to upgrades): an idle tunnel would
+                // otherwise hold the tenant's descriptors for good.
+                let activity = idle::Activity::new();
+                let mut client = idle::Tracked::new(TokioIo::new(client), activity.clone());
+                let mut server = idle::Tracked::new(TokioIo::new(server), activity.clone());
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    () = activity.idle_for(idle_timeout) => {}
+                }
             }
             drop((pick, client_fd));
         });
