@@ -6,12 +6,14 @@
 //! - `peer`: the hop from one agent to the workload behind another (plain TCP
 //!   today; the single place mutual TLS will replace).
 //! - `relay`: the byte copy both directions share.
+//! - `idle`: ending connections on which nothing moves (relays, HTTP).
 //! - `detect`: HTTP/1.1, HTTP/2 or opaque, on connections to a Service.
 //! - `l7`: requests routed one by one (VirtualService, DestinationRule...).
 //! - `budget`: descriptors, shared fairly by workloads and by their callers.
 
 pub mod budget;
 pub mod detect;
+mod idle;
 mod inbound;
 mod l7;
 mod outbound;

@@ -9,11 +9,11 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+
+use super::idle::Activity;
 
 const FIRST_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -32,13 +32,15 @@ pub async fn relay(
     upstream: &TcpStream,
     idle: Duration,
 ) -> io::Result<Transferred> {
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let up = copy(client, upstream, start, &last_activity);
-    let down = copy(upstream, client, start, &last_activity);
-    let outcome = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => r.map(|(sent, received)| Transferred { sent, received }),
-        () = idle_timeout(start, &last_activity, idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    let activity = Activity::new();
+    let up = copy(client, upstream, &activity);
+    let down = copy(upstream, client, &activity);
+    let outcome = match activity
+        .unless_idle(idle, async { tokio::try_join!(up, down) })
+        .await
+    {
+        Some(copied) => copied.map(|(sent, received)| Transferred { sent, received }),
+        None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
     };
     if outcome.is_err() {
         reset(client);
@@ -52,12 +54,7 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-async fn copy(
-    from: &TcpStream,
-    to: &TcpStream,
-    start: Instant,
-    last: &AtomicU64,
-) -> io::Result<u64> {
+async fn copy(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
     let mut buf = Vec::new();
     let mut total = 0u64;
     loop {
@@ -82,7 +79,7 @@ async fn copy(
         if full && buf.len() < MAX_BUFFER {
             buf.resize(buf.len() * 2, 0);
         }
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.touch();
     }
 }
 
@@ -96,16 +93,6 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn idle_timeout(start: Instant, last: &AtomicU64, idle: Duration) {
-    loop {
-        let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-        tokio::time::sleep_until(deadline).await;
-        if start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle <= Instant::now() {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,13 +9,11 @@
 //! - `limits`: `connectionPool` circuit breakers.
 //! - `upstream`: connections to endpoints, pooled per workload.
 //! - `body`: replayable request bodies and local replies.
-//! - `idle`: closing downstream connections on which nothing moves.
 
 mod balance;
 mod body;
 mod edit;
 mod forward;
-mod idle;
 pub mod inspect;
 mod limits;
 mod tunnel;
@@ -38,6 +36,7 @@ pub use inspect::ExplainRequest;
 pub use limits::{InFlight, WorkloadLimits};
 pub use upstream::Pool;
 
+use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
 use crate::routing::RequestInfo;
 
@@ -73,6 +72,8 @@ struct Downstream {
     /// The Service address the workload connected to.
     service_addr: SocketAddr,
     http2: bool,
+    /// Bytes moving on the connection, and on the tunnel it may become.
+    activity: Activity,
 }
 
 /// Serves HTTP on a connection whose protocol detection said `http2` or not.
@@ -83,15 +84,16 @@ pub async fn serve(
     service_addr: SocketAddr,
     http2: bool,
 ) -> Result<(), String> {
+    let activity = Activity::new();
+    let io = TokioIo::new(Tracked::new(stream, activity.clone()));
     let downstream = Arc::new(Downstream {
         proxy,
         pod,
         service_addr,
         http2,
+        activity: activity.clone(),
     });
     let settings = downstream.proxy.settings.http;
-    let activity = idle::Activity::new();
-    let io = TokioIo::new(idle::Tracked::new(stream, activity.clone()));
     let service = service_fn(move |request| {
         let downstream = downstream.clone();
         async move { Ok::<_, Infallible>(downstream.handle(request).await) }
@@ -113,11 +115,8 @@ pub async fn serve(
                 .await
         }
     };
-    let served = tokio::select! {
-        served = serving => served,
-        () = activity.idle_for(settings.idle_timeout) => {
-            return Err(format!("idle for {:?}", settings.idle_timeout));
-        }
+    let Some(served) = activity.unless_idle(settings.idle_timeout, serving).await else {
+        return Err(format!("idle for {:?}", settings.idle_timeout));
     };
     served.map_err(|e| e.to_string())
 }

@@ -12,8 +12,8 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{self, Body};
 use super::forward::Target;
-use super::idle;
 use super::Downstream;
+use crate::proxy::idle::Tracked;
 use crate::proxy::{peer, Direction};
 
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
@@ -80,18 +80,17 @@ pub async fn run(
     if switched {
         let server_side = hyper::upgrade::on(&mut response);
         let idle_timeout = down.proxy.settings.http.idle_timeout;
+        let activity = down.activity.clone();
         tokio::spawn(async move {
             if let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) {
-                // The idle timeout still applies once spliced (as Envoy's
-                // stream idle timeout does to upgrades): an idle tunnel would
-                // otherwise hold the tenant's descriptors for good.
-                let activity = idle::Activity::new();
-                let mut client = idle::Tracked::new(TokioIo::new(client), activity.clone());
-                let mut server = idle::Tracked::new(TokioIo::new(server), activity.clone());
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                    () = activity.idle_for(idle_timeout) => {}
-                }
+                // The connection's idle timeout still applies once spliced
+                // (as Envoy's stream idle timeout does to upgrades): an idle
+                // tunnel would otherwise hold the tenant's descriptors for
+                // good. The client's side already records its activity.
+                let mut client = TokioIo::new(client);
+                let mut server = Tracked::new(TokioIo::new(server), activity.clone());
+                let splice = tokio::io::copy_bidirectional(&mut client, &mut server);
+                activity.unless_idle(idle_timeout, splice).await;
             }
             drop((pick, client_fd));
         });

@@ -1,12 +1,13 @@
-//! Idle detection for a downstream HTTP connection: no bytes moving in
-//! either direction for the idle timeout ends it, whatever state its
-//! requests are in. This is Envoy's `stream_idle_timeout` at connection
-//! granularity: it catches stalled uploads, responses the client never
-//! reads (an HTTP/2 window held at zero) and silent HTTP/2 connections,
-//! which would otherwise pin the proxy's memory for as long as the tenant
-//! likes. (Between HTTP/1.1 requests the shorter header read timeout
-//! applies.)
+//! Idle detection: a connection on which no byte moves in either direction
+//! for its idle timeout is ended, whatever state it is in. The L4 relay uses
+//! it with `--idle-timeout`; HTTP connections and the tunnels they upgrade
+//! to use it with `--http-idle-timeout` (Envoy's `stream_idle_timeout` at
+//! connection granularity): it catches stalled uploads, responses the client
+//! never reads (an HTTP/2 window held at zero), silent HTTP/2 connections and
+//! idle WebSockets, which would otherwise pin the proxy's memory and
+//! descriptors for as long as the tenant likes.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +33,8 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    /// Something moved just now.
+    pub fn touch(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.store(now, Ordering::Relaxed);
     }
@@ -41,8 +43,17 @@ impl Activity {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
+    /// Runs `work` until it ends, or until nothing has moved for `timeout`
+    /// (then `None`, and `work` is dropped).
+    pub async fn unless_idle<F: Future>(&self, timeout: Duration, work: F) -> Option<F::Output> {
+        tokio::select! {
+            done = work => Some(done),
+            () = self.idle_for(timeout) => None,
+        }
+    }
+
     /// Resolves once nothing has moved for `timeout`.
-    pub async fn idle_for(&self, timeout: Duration) {
+    async fn idle_for(&self, timeout: Duration) {
         loop {
             let deadline = self.last() + timeout;
             if Instant::now() >= deadline {
@@ -122,6 +133,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn work_that_ends_is_not_idle() {
+        let activity = Activity::new();
+        let done = activity
+            .unless_idle(Duration::from_secs(60), async { 7 })
+            .await;
+        assert_eq!(done, Some(7));
+    }
 
     #[tokio::test]
     async fn idle_is_counted_from_the_last_byte() {
