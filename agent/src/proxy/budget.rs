@@ -51,6 +51,14 @@ pub struct Derived {
     pub clamped: bool,
 }
 
+/// Descriptors left for connections and listeners under `nofile` once the
+/// agent's `reserved` ones are set aside.
+fn budget(nofile: Nofile, reserved: usize) -> usize {
+    usize::try_from(nofile.soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(reserved)
+}
+
 /// Splits `budget` (descriptors left once the agent's own are reserved)
 /// between `workloads`: each gets `budget / workloads` after the fixed cost
 /// of every workload's listeners. An explicit `flag` may lower a workload's
@@ -120,9 +128,7 @@ impl Descriptors {
     /// descriptors now (its data path loaded), before any enrollment.
     pub fn new(nofile: Nofile, open: usize, flag: Option<usize>) -> Result<Self, BudgetError> {
         let reserved = open + AGENT_HEADROOM;
-        let budget = usize::try_from(nofile.soft)
-            .unwrap_or(usize::MAX)
-            .saturating_sub(reserved);
+        let budget = budget(nofile, reserved);
         if budget < MIN_CONNECTION_FDS {
             return Err(BudgetError::TooLow {
                 soft: nofile.soft,
@@ -142,15 +148,9 @@ impl Descriptors {
         Ok(descriptors)
     }
 
-    fn budget(&self) -> usize {
-        usize::try_from(self.nofile.soft)
-            .unwrap_or(usize::MAX)
-            .saturating_sub(self.reserved)
-    }
-
     /// Re-splits the budget when the number of enrolled workloads changes.
     pub fn set_workloads(&self, workloads: usize) {
-        let derived = derive(self.budget(), workloads, self.flag);
+        let derived = derive(budget(self.nofile, self.reserved), workloads, self.flag);
         let mut last = self.derived.lock().unwrap_or_else(|e| e.into_inner());
         self.per_workload_fds.store(
             derived.max_connections_per_workload * FDS_PER_CONNECTION,
@@ -205,7 +205,7 @@ impl Descriptors {
 
     /// Takes `count` from the node's budget, if it has them.
     fn take(&self, count: usize) -> bool {
-        let limit = self.budget();
+        let limit = budget(self.nofile, self.reserved);
         self.in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used + count <= limit).then_some(used + count)
