@@ -212,10 +212,7 @@ impl Mesh {
             self.agents.push(agent);
         }
         for agent in &self.agents {
-            let expected = self.workloads_per_node.get(agent.node()).copied();
-            wait_agent(agent, "enrolling its workloads", |s| {
-                Ok(s["workloads"]["enrolled"].as_u64() == expected)
-            })?;
+            wait_enrolled(agent, self.workloads_per_node.get(agent.node()).copied())?;
         }
         Ok(())
     }
@@ -231,10 +228,7 @@ impl Mesh {
             .with_context(|| format!("no agent on {node}"))?;
         configure(agent);
         agent.restart(&mut self.topo)?;
-        let expected = self.workloads_per_node.get(node).copied();
-        wait_agent(agent, "enrolling its workloads", |s| {
-            Ok(s["workloads"]["enrolled"].as_u64() == expected)
-        })
+        wait_enrolled(agent, self.workloads_per_node.get(node).copied())
     }
 
     /// The test topology.
@@ -397,6 +391,13 @@ for _ in range(n):
     counts[key] = counts.get(key, 0) + 1
 print(json.dumps(counts))
 "#;
+
+/// Waits until `agent` has enrolled `expected` workloads.
+fn wait_enrolled(agent: &Agent, expected: Option<u64>) -> Result<()> {
+    wait_agent(agent, "enrolling its workloads", |s| {
+        Ok(s["workloads"]["enrolled"].as_u64() == expected)
+    })
+}
 
 /// Polls `agent`'s status until `done` says so, for [`RELOAD_TIMEOUT`].
 fn wait_agent(agent: &Agent, what: &str, done: impl Fn(&Value) -> Result<bool>) -> Result<()> {
