@@ -216,6 +216,13 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The tool is on PATH or in the cargo bin directory, and `args` succeed.
+fn tool_runs(name: &str, args: &[&str]) -> bool {
+    find_tool(name)
+        .and_then(|p| output_ok(Command::new(p).args(args)))
+        .is_some()
+}
+
 /// Runs a command quietly; returns stdout if it succeeded.
 fn output_ok(cmd: &mut Command) -> Option<String> {
     let out = cmd.stdin(std::process::Stdio::null()).output().ok()?;
@@ -298,10 +305,7 @@ fn setup() -> Result<()> {
     }
 
     // bpf-linker, built against the same LLVM major as the nightly.
-    let linker_ok = find_tool("bpf-linker")
-        .and_then(|p| output_ok(Command::new(p).arg("--version")))
-        .is_some();
-    if !linker_ok {
+    if !tool_runs("bpf-linker", &["--version"]) {
         println!("setup: installing bpf-linker with LLVM 22 (about 90 s)");
         status(
             cargo()
@@ -318,10 +322,7 @@ fn setup() -> Result<()> {
     }
 
     // cargo-fuzz, which builds and runs the fuzz targets of fuzz/.
-    let fuzz_ok = find_tool("cargo-fuzz")
-        .and_then(|p| output_ok(Command::new(p).args(["fuzz", "--version"])))
-        .is_some();
-    if !fuzz_ok {
+    if !tool_runs("cargo-fuzz", &["fuzz", "--version"]) {
         println!("setup: installing cargo-fuzz (about a minute)");
         status(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
         installed_something = true;
