@@ -606,7 +606,7 @@ fn node(doc: NodeDoc, issues: &mut Issues) -> Node {
             Err(_) => issues.add(field, format!("{:?} is not an IP address", entry.address)),
         }
     }
-    if addresses.is_empty() {
+    if doc.status.addresses.iter().all(|a| a.r#type != "InternalIP") {
         issues.add("status.addresses", "needs an InternalIP address");
     }
     Node {
