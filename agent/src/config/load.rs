@@ -1,7 +1,7 @@
 //! Reading a configuration directory into a validated [`Config`].
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::ControlFlow;
@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::routing::{self, RoutingTable};
+use crate::security::{self, PeerAuthenticationDraft, PeerAuthentications};
 
 use super::cluster_ip::ClusterIpRange;
 use super::model::{self, Metadata, NamespaceDoc, Object, ServiceSpec, TargetPort, WorkloadSpec};
@@ -81,6 +82,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    PeerAuthentication,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -90,13 +92,14 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Workload,
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
+        Kind::PeerAuthentication,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -110,6 +113,7 @@ impl Kind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
+            Kind::PeerAuthentication => &["security.istio.io/v1", "security.istio.io/v1beta1"],
         }
     }
 
@@ -121,6 +125,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
@@ -192,6 +197,7 @@ struct Loader {
     workloads: Vec<(Origin, Workload)>,
     services: Vec<(Origin, ServiceDraft)>,
     routing: routing::Drafts,
+    peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
 }
 
 impl Loader {
@@ -206,6 +212,7 @@ impl Loader {
             workloads: Vec::new(),
             services: Vec::new(),
             routing: routing::Drafts::default(),
+            peer_authentications: Vec::new(),
         }
     }
 
@@ -350,6 +357,11 @@ impl Loader {
                     self.routing.http_routes.push((origin, draft));
                 }
             }
+            Kind::PeerAuthentication => {
+                if let Some(draft) = self.parse(&origin, doc, security::peer_authentication) {
+                    self.peer_authentications.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -424,6 +436,10 @@ impl Loader {
                 endpoints,
             },
             routing: RoutingTable::default(),
+            peer_authentications: PeerAuthentications::compile(
+                self.peer_authentications,
+                &opts.root_namespace,
+            ),
         };
         // Routes refer to Services, so they are resolved once all are known.
         config.routing = routing::compile(&config, self.routing, &mut self.errors);
@@ -700,6 +716,37 @@ pub(crate) fn check_dns_label(value: &str, field: &str, issues: &mut Issues) {
                  starting and ending with a letter or digit (DNS-1123 label)"
             ),
         );
+    }
+}
+
+/// Kubernetes label syntax: `[prefix/]name` keys, values of up to 63
+/// characters.
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>, field: &str, issues: &mut Issues) {
+    fn name(s: &str) -> bool {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    }
+    for (key, value) in labels {
+        let (prefix, key_name) = key.rsplit_once('/').unwrap_or(("", key));
+        let prefix_ok = prefix.len() <= 253
+            && prefix
+                .split('.')
+                .all(|l| prefix.is_empty() || (!l.is_empty() && name(l) && !l.contains('_')));
+        if key_name.is_empty() || !name(key_name) || !prefix_ok {
+            issues.add(
+                format!("{field}.{key}"),
+                format!("invalid label key {key:?}"),
+            );
+        }
+        if !name(value) {
+            issues.add(
+                format!("{field}.{key}"),
+                format!("invalid label value {value:?}"),
+            );
+        }
     }
 }
 
@@ -1082,7 +1129,8 @@ spec:
         let supported = "(supported: v1 Namespace, nodemesh.io/v1alpha1 Workload, v1 Service, \
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
-                         gateway.networking.k8s.io/v1|v1beta1 HTTPRoute)";
+                         gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
+                         security.istio.io/v1|v1beta1 PeerAuthentication)";
         assert_error(
             &[("x.yaml", deployment)],
             &[
