@@ -95,7 +95,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
