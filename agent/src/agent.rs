@@ -7,7 +7,7 @@
 //! pinned state up. `nodemesh uninstall` removes the node's data path.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use crate::identity::{self, Identities};
 use crate::nofile::{self, Nofile};
 use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
+use crate::transport;
 use crate::workloads::Enroller;
 
 /// Re-check enrollment this often even without config changes: a workload's
@@ -55,6 +56,30 @@ struct Node {
     ready: AtomicBool,
 }
 
+/// Accepts other agents' HBONE connections, when the node has the
+/// credential to present to them.
+async fn serve_hbone(
+    proxy: &Arc<Proxy>,
+    identities: &Arc<Identities>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if identities.node_certified_key().is_none() {
+        log::warn!(
+            "no --node-credential: other nodes cannot reach this node's workloads over mutual TLS"
+        );
+        return Ok(None);
+    }
+    // Dual-stack where the node has IPv6, else IPv4 only.
+    let port = transport::HBONE_PORT;
+    let listener = match tokio::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(listener) => listener,
+        Err(_) => tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .with_context(|| format!("listening for HBONE on port {port}"))?,
+    };
+    let serving = transport::server::serve(listener, identities.clone(), proxy.clone());
+    Ok(Some(tokio::spawn(serving)))
+}
+
 /// Runs the agent; `identities` holds the node's credential and gets the
 /// workload certificates the config calls for.
 pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Result<()> {
@@ -83,7 +108,9 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         settings.proxy.max_connections_per_workload,
     )?;
     let proxy = Arc::new(Proxy::new(
+        settings.node.clone(),
         config.clone(),
+        identities.clone(),
         orig_dst,
         settings.proxy,
         Arc::new(descriptors),
@@ -106,6 +133,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
              other nodes will be refused"
         );
     }
+    let hbone = serve_hbone(&proxy, &identities).await?;
     let node = Arc::new(Node {
         settings,
         started: Instant::now(),
@@ -151,6 +179,9 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         reconciler.abort();
     }
     trimmer.abort();
+    if let Some(hbone) = hbone {
+        hbone.abort();
+    }
     let _ = std::fs::remove_file(&node.settings.admin_socket);
     log::info!(
         "stopped; eBPF programs stay attached so enrolled workloads fail closed until an agent \
@@ -257,6 +288,10 @@ impl Node {
                 "outbound": self.proxy.counts(Direction::Outbound),
                 "inbound": self.proxy.counts(Direction::Inbound),
                 "awaiting_accept": self.proxy.pending_original_destinations(),
+                "hbone": {
+                    "opened": self.proxy.hbone.connections_opened(),
+                    "open": self.proxy.hbone.connections_open(),
+                },
             },
             "identity": self.identities.status(),
             "limits": {

@@ -98,10 +98,13 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
             &[
                 "DIRECTION",
                 "PROTOCOL",
+                "TRANSPORT",
                 "SOURCE",
+                "SOURCE-IDENTITY",
                 "ORIGINAL-DESTINATION",
                 "SERVICE",
                 "DESTINATION",
+                "DESTINATION-IDENTITY",
                 "UPSTREAM",
                 "SENT",
                 "RECEIVED",
@@ -115,10 +118,13 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
                 vec![
                     text(&c["direction"]),
                     text(&c["protocol"]),
+                    text(&c["transport"]),
                     source,
+                    text(&c["source_identity"]),
                     text(&c["original_destination"]),
                     text(&c["service"]),
                     text(&c["destination_workload"]),
+                    text(&c["destination_identity"]),
                     text(&c["upstream"]),
                     text(&c["bytes_sent"]),
                     text(&c["bytes_received"]),
@@ -179,6 +185,11 @@ fn print_status(s: &Value) {
             d["rejected"]
         );
     }
+    let hbone = &conns["hbone"];
+    println!(
+        "HBONE:       {} connection(s) to other nodes open, {} opened since start",
+        hbone["open"], hbone["opened"]
+    );
     print_identity(&s["identity"]);
     print_limits(&s["limits"]);
     let e = &s["ebpf"];

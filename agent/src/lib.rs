@@ -16,4 +16,5 @@ pub mod nofile;
 pub mod proxy;
 pub mod routing;
 pub mod security;
+pub mod transport;
 pub mod workloads;

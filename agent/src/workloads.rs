@@ -126,6 +126,7 @@ impl Enroller {
             .collect();
         for key in stale {
             if let Some(gone) = enrolled.remove(&key) {
+                self.proxy.remove_local(&gone.pod);
                 if let Err(e) = datapath.unenroll(gone.pod.netns.cookie(), &gone.workload.addresses)
                 {
                     log::warn!("un-enrolling {key}: {e}");
@@ -185,6 +186,8 @@ impl Enroller {
             NetNs::open(&workload.netns).map_err(|e| format!("opening network namespace {e}"))?;
         let pod = Arc::new(Pod::new(
             workload.key(),
+            self.proxy.identity_of(workload),
+            workload.addresses.clone(),
             netns,
             Tenant::new(self.proxy.descriptors.clone()),
         ));
@@ -235,6 +238,7 @@ impl Enroller {
                 log::warn!("{key}: DNS responder stopped: {e}");
             }
         }));
+        self.proxy.add_local(&pod);
         Ok(Enrolled {
             workload: workload.clone(),
             pod,

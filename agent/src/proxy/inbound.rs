@@ -1,17 +1,49 @@
-//! Connections to a workload: sk_lookup hands the agent the SYN, so the
-//! accepted socket's local address is what the client asked for.
+//! Connections to a workload, which arrive two ways:
+//!
+//! - in plaintext, on the inbound listener that sk_lookup hands every SYN
+//!   for the workload's addresses (callers outside the mesh, the host, a
+//!   mesh caller whose hop is DISABLE): PeerAuthentication decides, and a
+//!   STRICT port refuses them;
+//! - as HBONE streams from another node's agent ([`Proxy::admit`]), whose
+//!   caller is authenticated by its certificate.
+//!
+//! (Same-node mesh callers are delivered by the outbound side directly.)
+//! Either way the connection is delivered from the caller's own address;
+//! HTTP is served request by request so that `X-Forwarded-Client-Cert`
+//! carries the authenticated caller, and no caller can forge it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
+use http::StatusCode;
 use tokio::net::TcpStream;
 
-use super::budget::Fds;
+use super::budget::{CallerKey, Fds};
+use super::detect::{self, Declared, Detected};
+use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, Transferred};
-use super::{peer, Direction, Pod, Proxy, AGENT_PORTS};
+use super::{l7, Direction, Pod, Proxy, AGENT_PORTS};
+use crate::config::{Config, Protocol, Workload};
+use crate::identity::SpiffeId;
+use crate::security::MtlsMode;
+use crate::transport::server::{Inbound, Refusal, StreamRequest};
+use crate::transport::Tunnel;
 
-/// Serves one inbound connection; `fds` (its own and its delivery's) are
-/// charged to `pod` on behalf of the caller.
+/// Who is calling a workload.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// From its certificate (or, on this node, its own); `None` in plaintext.
+    pub identity: Option<SpiffeId>,
+    pub address: IpAddr,
+}
+
+/// A client that has not spoken within this is taken for one that waits
+/// for a server that speaks first.
+const CLIENT_FIRST_GRACE: Duration = Duration::from_millis(10);
+
+/// Serves one plaintext inbound connection; `fds` (its own and its
+/// delivery's) are charged to `pod` on behalf of the caller.
 pub async fn handle(
     proxy: Arc<Proxy>,
     pod: Arc<Pod>,
@@ -35,34 +67,269 @@ pub async fn handle(
         return;
     }
     let mut tracked = proxy.track(Direction::Inbound, peer, app);
-    tracked.record.source_workload = proxy
-        .config
-        .current()
-        .workload_by_address(peer.ip())
-        .map(|w| w.key());
     tracked.record.destination_workload = Some(pod.key.clone());
+    tracked.record.destination_identity = Some(pod.identity.to_string());
     tracked.record.upstream = Some(app);
-    let outcome = match fds.split_one() {
-        Some(fd) => deliver(proxy, pod, &client, app, fd).await,
-        None => Err("no descriptor left for the delivery".to_owned()),
+    let declared = {
+        let cfg = proxy.config.current();
+        let Some(workload) = cfg.workload_by_key(&pod.key) else {
+            relay::reset(&client);
+            return tracked.finish(Err("the workload left the configuration".into()));
+        };
+        let mtls = cfg.peer_authentications().mtls_mode(workload, app.port());
+        if mtls.mode == MtlsMode::Strict {
+            log::warn!(
+                "{}: plaintext connection from {peer} to port {} refused: mTLS mode {mtls}",
+                pod.key,
+                app.port()
+            );
+            relay::reset(&client);
+            return tracked.finish(Err(format!("plaintext refused: {mtls}")));
+        }
+        declared_protocol(&cfg, workload, app.port())
     };
-    if outcome.is_err() {
+    let caller = Caller {
+        identity: None,
+        address: peer.ip(),
+    };
+    let Some(fd) = fds.split_one() else {
         relay::reset(&client);
-    }
+        return tracked.finish(Err("no descriptor left for the delivery".into()));
+    };
+    let protocol = match declared {
+        Declared::Http => {
+            let wait = proxy.settings.http.header_read_timeout;
+            detect::sniff(&client, wait, detect::classify_declared).await
+        }
+        Declared::Opaque => Some(Detected::Opaque),
+        Declared::Unknown => {
+            let spoke = tokio::time::timeout(CLIENT_FIRST_GRACE, client.peek(&mut [0u8; 1])).await;
+            if let Ok(Ok(_)) = spoke {
+                let wait = proxy.settings.protocol_detection_timeout;
+                detect::sniff(&client, wait, detect::classify).await
+            } else {
+                Some(Detected::Opaque)
+            }
+        }
+    };
+    let Some(protocol) = protocol else {
+        relay::reset(&client);
+        return tracked.finish(Err("no request before the header read timeout".into()));
+    };
+    tracked.record.protocol = protocol_name(protocol);
+    let outcome =
+        match peer::deliver(pod, app, caller.address, proxy.settings.connect_timeout, fd).await {
+            Ok(server) => serve(proxy, pod, client, &caller, protocol, server).await,
+            Err(e) => Err(format!("delivering to {app}: {e}")),
+        };
     tracked.finish(outcome);
 }
 
-async fn deliver(
+/// Serves a connection once delivered: HTTP request by request, anything
+/// else as bytes.
+async fn serve<S>(
     proxy: &Proxy,
     pod: &Pod,
-    client: &TcpStream,
-    app: SocketAddr,
+    mut client: S,
+    caller: &Caller,
+    protocol: Detected,
+    mut server: Charged,
+) -> Result<Transferred, String>
+where
+    S: Client,
+{
+    match protocol {
+        Detected::Http1 | Detected::Http2 => {
+            l7::inbound::serve(
+                proxy,
+                pod,
+                client,
+                caller,
+                protocol == Detected::Http2,
+                server,
+            )
+            .await?;
+            Ok(Transferred::default())
+        }
+        Detected::Opaque => {
+            let idle = proxy.settings.idle_timeout;
+            let Stream::Tcp(app) = &mut server.stream else {
+                unreachable!("deliveries are sockets");
+            };
+            client.relay_to(app, idle).await.map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// What inbound connections come in on: a socket or an HBONE stream.
+pub trait Client: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    fn relay_to(
+        &mut self,
+        app: &mut TcpStream,
+        idle: Duration,
+    ) -> impl std::future::Future<Output = std::io::Result<Transferred>> + Send;
+}
+
+impl Client for TcpStream {
+    async fn relay_to(
+        &mut self,
+        app: &mut TcpStream,
+        idle: Duration,
+    ) -> std::io::Result<Transferred> {
+        relay::relay(self, app, idle).await
+    }
+}
+
+impl Client for Prefixed<Tunnel> {
+    async fn relay_to(
+        &mut self,
+        app: &mut TcpStream,
+        idle: Duration,
+    ) -> std::io::Result<Transferred> {
+        relay::relay_stream(app, self, idle)
+            .await
+            .map(|t| Transferred {
+                sent: t.received,
+                received: t.sent,
+            })
+    }
+}
+
+fn protocol_name(protocol: Detected) -> &'static str {
+    match protocol {
+        Detected::Http1 => "http/1.1",
+        Detected::Http2 => "h2",
+        Detected::Opaque => "tcp",
+    }
+}
+
+/// What the Services that select `workload` declare for its port `port`.
+fn declared_protocol(cfg: &Config, workload: &Workload, port: u16) -> Declared {
+    let services = cfg.services();
+    let start = services.partition_point(|s| s.namespace < workload.namespace);
+    services[start..]
+        .iter()
+        .take_while(|s| s.namespace == workload.namespace)
+        .filter(|s| {
+            !s.selector.is_empty()
+                && s.selector
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
+        })
+        .flat_map(|s| &s.ports)
+        .find(|p| p.target_port == port && p.protocol == Protocol::Tcp)
+        .map_or(Declared::Unknown, detect::declared)
+}
+
+/// An HBONE stream admitted for delivery.
+pub struct Admitted {
+    pod: Arc<Pod>,
+    request: StreamRequest,
+    source_workload: String,
     fd: Fds,
-) -> Result<Transferred, String> {
-    let server = peer::deliver(pod, app, proxy.settings.connect_timeout, fd)
-        .await
-        .map_err(|e| format!("delivering to {app}: {e}"))?;
-    relay::relay(client, &server, proxy.settings.idle_timeout)
-        .await
-        .map_err(|e| e.to_string())
+}
+
+impl Inbound for Proxy {
+    type Admitted = Admitted;
+
+    /// The destination must be a workload enrolled here; the claimed caller
+    /// address must be one of a workload with the certificate's identity.
+    fn admit(&self, request: &StreamRequest) -> Result<Admitted, Refusal> {
+        let refuse = |status, reason: String| Refusal { status, reason };
+        let to = request.to;
+        let pod = self.local_pod(to.ip()).ok_or_else(|| {
+            refuse(
+                StatusCode::NOT_FOUND,
+                format!("no enrolled workload at {} on node {}", to.ip(), self.node),
+            )
+        })?;
+        if AGENT_PORTS.contains(&to.port()) {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                format!("port {} is the agent's", to.port()),
+            ));
+        }
+        let cfg = self.config.current();
+        let caller = cfg
+            .workload_by_address(request.source)
+            .filter(|w| self.identity_of(w) == request.peer)
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{} is not an address of a workload with identity {}",
+                        request.source, request.peer
+                    ),
+                )
+            })?;
+        let fd = pod
+            .tenant
+            .charge(1, Some(CallerKey::Address(request.source)))
+            .map_err(|refused| {
+                self.reject(&pod, Direction::Inbound);
+                refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
+            })?;
+        Ok(Admitted {
+            source_workload: caller.key(),
+            pod,
+            request: request.clone(),
+            fd,
+        })
+    }
+
+    async fn serve(self: Arc<Self>, admitted: Admitted, tunnel: Tunnel) {
+        let Admitted {
+            pod,
+            request,
+            source_workload,
+            fd,
+        } = admitted;
+        let proxy = &*self;
+        let app = request.to;
+        let mut tracked = proxy.track(Direction::Inbound, SocketAddr::new(request.source, 0), app);
+        let record = &mut tracked.record;
+        record.source_workload = Some(source_workload);
+        record.source_identity = Some(request.peer.to_string());
+        record.destination_workload = Some(pod.key.clone());
+        record.destination_identity = Some(pod.identity.to_string());
+        record.upstream = Some(app);
+        record.transport = "hbone";
+        let declared = {
+            let cfg = proxy.config.current();
+            match cfg.workload_by_key(&pod.key) {
+                Some(workload) => declared_protocol(&cfg, workload, app.port()),
+                None => Declared::Unknown,
+            }
+        };
+        let mut client = Prefixed::new(tunnel);
+        // The caller's agent writes requests at once; a silent stream is a
+        // protocol whose server speaks first.
+        let protocol = match declared {
+            Declared::Opaque => Detected::Opaque,
+            Declared::Http | Declared::Unknown => {
+                let spoke = tokio::time::timeout(CLIENT_FIRST_GRACE, client.fill()).await;
+                let head = match spoke {
+                    Ok(Ok(())) => client.head(),
+                    _ => &[],
+                };
+                match declared {
+                    Declared::Http => {
+                        detect::classify_declared(head, true).unwrap_or(Detected::Http1)
+                    }
+                    _ => detect::classify(head, true).unwrap_or(Detected::Opaque),
+                }
+            }
+        };
+        tracked.record.protocol = protocol_name(protocol);
+        let caller = Caller {
+            identity: Some(request.peer.clone()),
+            address: request.source,
+        };
+        let timeout = proxy.settings.connect_timeout;
+        let outcome = match peer::deliver(&pod, app, request.source, timeout, fd).await {
+            Ok(server) => serve(proxy, &pod, client, &caller, protocol, server).await,
+            Err(e) => Err(format!("delivering to {app}: {e}")),
+        };
+        tracked.finish(outcome);
+    }
 }

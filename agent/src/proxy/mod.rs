@@ -3,8 +3,9 @@
 //!
 //! - `outbound`: connections the workload opens (redirected by connect4/6).
 //! - `inbound`: connections to the workload's addresses (steered by sk_lookup).
-//! - `peer`: the hop from one agent to the workload behind another (plain TCP
-//!   today; the single place mutual TLS will replace).
+//! - `hop`: which way a connection leaves: delivered on this node, over
+//!   HBONE to another node's agent, or in plaintext outside the mesh.
+//! - `peer`: opening that hop, and delivering into the workload.
 //! - `relay`: the byte copy both directions share.
 //! - `idle`: ending connections on which nothing moves (relays, HTTP).
 //! - `detect`: HTTP/1.1, HTTP/2 or opaque, on connections to a Service.
@@ -13,6 +14,7 @@
 
 pub mod budget;
 pub mod detect;
+mod hop;
 mod idle;
 mod inbound;
 mod l7;
@@ -22,7 +24,7 @@ pub mod relay;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,7 +38,9 @@ use budget::{CallerKey, Descriptors, Tenant};
 
 use crate::config::ConfigStore;
 use crate::ebpf::OrigDstTable;
+use crate::identity::{Identities, SpiffeId};
 use crate::netns::NetNs;
+use crate::transport;
 
 /// Ports of the agent's own listeners inside a workload.
 const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
@@ -58,6 +62,11 @@ pub struct Settings {
 pub struct Pod {
     /// `namespace/name`.
     pub key: String,
+    /// Its SPIFFE id: what it presents to other nodes, and what callers on
+    /// this node are shown as.
+    pub identity: SpiffeId,
+    /// Its addresses: its connections come from these.
+    pub addresses: Vec<IpAddr>,
     pub netns: NetNs,
     /// The workload's share of the proxy's descriptors: every socket the
     /// proxy holds for it is charged here.
@@ -71,15 +80,33 @@ pub struct Pod {
 }
 
 impl Pod {
-    pub fn new(key: String, netns: NetNs, tenant: Arc<Tenant>) -> Pod {
+    pub fn new(
+        key: String,
+        identity: SpiffeId,
+        addresses: Vec<IpAddr>,
+        netns: NetNs,
+        tenant: Arc<Tenant>,
+    ) -> Pod {
         Pod {
             key,
+            identity,
+            addresses,
             netns,
             tenant,
             pool: Arc::default(),
             limits: l7::WorkloadLimits::default(),
             in_flight: l7::InFlight::default(),
         }
+    }
+
+    /// Its address of `family_of`'s family (else its first).
+    pub fn address_for(&self, family_of: IpAddr) -> IpAddr {
+        self.addresses
+            .iter()
+            .find(|ip| ip.is_ipv4() == family_of.is_ipv4())
+            .or(self.addresses.first())
+            .copied()
+            .unwrap_or(family_of)
     }
 
     /// Its HTTP requests in flight through the proxy, over all its
@@ -91,7 +118,7 @@ impl Pod {
     /// A TCP listener owned by the agent inside the workload's namespace.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let socket = self.netns.enter(|| {
-            let socket = agent_socket(addr)?;
+            let socket = agent_socket(addr, false)?;
             socket.set_reuseaddr(true)?;
             Ok(socket)
         })?;
@@ -99,20 +126,21 @@ impl Pod {
         socket.listen(1024)
     }
 
-    /// A TCP socket owned by the agent inside the workload's namespace,
-    /// optionally bound to `source`.
-    fn socket(&self, family_of: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket> {
-        let socket = self.netns.enter(|| agent_socket(family_of))?;
-        if let Some(source) = source {
-            socket.bind(source)?;
-        }
-        Ok(socket)
+    /// A TCP socket owned by the agent inside the workload's namespace.
+    fn socket(&self, family_of: SocketAddr) -> io::Result<TcpSocket> {
+        self.netns.enter(|| agent_socket(family_of, false))
+    }
+
+    /// A socket inside the workload's namespace that may bind an address
+    /// that is not local (`IP_TRANSPARENT`, needs CAP_NET_ADMIN): a caller's.
+    fn transparent_socket(&self, family_of: SocketAddr) -> io::Result<TcpSocket> {
+        self.netns.enter(|| agent_socket(family_of, true))
     }
 }
 
 /// A non-blocking TCP socket carrying the agent's mark, so the eBPF programs
 /// never redirect it (the agent's own traffic must not loop back to itself).
-fn agent_socket(family_of: SocketAddr) -> io::Result<TcpSocket> {
+fn agent_socket(family_of: SocketAddr, transparent: bool) -> io::Result<TcpSocket> {
     let domain = if family_of.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -120,6 +148,19 @@ fn agent_socket(family_of: SocketAddr) -> io::Result<TcpSocket> {
     };
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), None)?;
     socket.set_mark(AGENT_MARK)?;
+    if transparent {
+        let made = if family_of.is_ipv4() {
+            socket.set_ip_transparent_v4(true)
+        } else {
+            socket.set_ip_transparent_v6(true)
+        };
+        made.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("transparent socket (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
     socket.set_tcp_nodelay(true)?;
     Ok(TcpSocket::from_std_stream(socket.into()))
 }
@@ -138,8 +179,17 @@ pub struct ConnectionRecord {
     pub direction: Direction,
     /// The workload that opened the connection, when it is known: for
     /// outbound, from the namespace it connected from (unforgeable); for
-    /// inbound, from the peer address (not authenticated until mTLS).
+    /// inbound, the workload with the caller's certificate identity and
+    /// address (none for plaintext callers).
     pub source_workload: Option<String>,
+    /// SPIFFE id of the caller (outbound: of the workload; inbound: from its
+    /// certificate, or the local caller's own), none for plaintext.
+    pub source_identity: Option<String>,
+    /// SPIFFE id of the destination workload when it is in the mesh.
+    pub destination_identity: Option<String>,
+    /// `local` (same node), `hbone` (mutual TLS to another node) or
+    /// `plaintext`.
+    pub transport: &'static str,
     pub source: SocketAddr,
     /// What the client asked for (a pod IP, a cluster IP...).
     pub original_destination: SocketAddr,
@@ -193,7 +243,15 @@ pub use l7::{http1_server, ExplainRequest, HttpSettings};
 
 /// State shared by every listener of the node.
 pub struct Proxy {
+    /// This node's name, as Workloads' `spec.node` names it.
+    pub node: String,
     pub config: Arc<ConfigStore>,
+    pub identities: Arc<Identities>,
+    /// HBONE connections to other nodes' agents.
+    pub hbone: transport::Pool,
+    /// Enrolled workloads of this node by address: same-node destinations
+    /// are delivered to directly.
+    local: Mutex<HashMap<IpAddr, Arc<Pod>>>,
     orig_dst: OrigDstTable,
     settings: Settings,
     /// Descriptors for connections, split between workloads.
@@ -209,13 +267,19 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(
+        node: String,
         config: Arc<ConfigStore>,
+        identities: Arc<Identities>,
         orig_dst: OrigDstTable,
         settings: Settings,
         descriptors: Arc<Descriptors>,
     ) -> Proxy {
         Proxy {
+            node,
             config,
+            hbone: transport::Pool::new(identities.clone()),
+            identities,
+            local: Mutex::default(),
             orig_dst,
             settings,
             descriptors,
@@ -239,6 +303,31 @@ impl Proxy {
         ask: &ExplainRequest,
     ) -> Result<serde_json::Value, String> {
         l7::inspect::explain(self, config, ask)
+    }
+
+    /// The SPIFFE id of a workload of the configuration.
+    pub fn identity_of(&self, workload: &crate::config::Workload) -> SpiffeId {
+        let trust_domain = self.identities.trust_domain();
+        SpiffeId::new(trust_domain, &workload.namespace, &workload.service_account)
+    }
+
+    /// Serves `pod`'s addresses to same-node callers (and HBONE streams).
+    pub fn add_local(&self, pod: &Arc<Pod>) {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        for &ip in &pod.addresses {
+            local.insert(ip, pod.clone());
+        }
+    }
+
+    pub fn remove_local(&self, pod: &Pod) {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        local.retain(|_, p| p.key != pod.key);
+    }
+
+    /// The enrolled workload of this node at `ip`.
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        local.get(&ip).cloned()
     }
 
     pub fn counts(&self, direction: Direction) -> DirectionCounts {
@@ -291,6 +380,9 @@ impl Proxy {
             record: ConnectionRecord {
                 direction,
                 source_workload: None,
+                source_identity: None,
+                destination_identity: None,
+                transport: "plaintext",
                 source,
                 original_destination,
                 service: None,

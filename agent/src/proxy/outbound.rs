@@ -11,9 +11,9 @@ use tokio::net::TcpStream;
 
 use super::budget::Fds;
 use super::detect::{self, Declared, Detected};
-use super::peer::Charged;
+use super::peer::{Charged, Stream};
 use super::relay::{self, Transferred};
-use super::{l7, peer, ConnectionRecord, Direction, Pod, Proxy};
+use super::{hop, l7, peer, ConnectionRecord, Direction, Pod, Proxy};
 use crate::config::{Config, Protocol};
 
 /// Serves one outbound connection; `fds` (its own and its upstream's) are
@@ -36,6 +36,7 @@ pub async fn handle(
     };
     let mut tracked = proxy.track(Direction::Outbound, peer, orig);
     tracked.record.source_workload = Some(pod.key.clone());
+    tracked.record.source_identity = Some(pod.identity.to_string());
     let outcome = dispatch(&proxy, &pod, client, &mut tracked.record, &mut fds).await;
     tracked.finish(outcome);
 }
@@ -117,11 +118,10 @@ async fn detect_or_relay(
         match first {
             Err(Detected::Opaque) => (Detected::Opaque, Some(connecting.await)),
             Err(http) => (http, None),
-            Ok((endpoint, Ok(server))) => {
-                let mut first = [0u8; 1];
+            Ok((endpoint, Ok(mut server))) => {
                 let client_spoke = tokio::select! {
                     detected = &mut sniffing => Some(detected),
-                    _ = server.peek(&mut first) => None,
+                    _ = server.spoken() => None,
                 };
                 match client_spoke {
                     Some(Detected::Opaque) | None => {
@@ -137,7 +137,7 @@ async fn detect_or_relay(
         None => serve_l7(proxy, pod, client, record, detected, fds).await,
         Some((endpoint, server)) => {
             *record = endpoint;
-            relay_connected(proxy, &client, server).await
+            relay_connected(proxy, client, server).await
         }
     }
 }
@@ -181,39 +181,34 @@ async fn l4(
     fds: &mut Fds,
 ) -> Result<Transferred, String> {
     let server = connect(proxy, pod, record, fds.split_one()).await;
-    relay_connected(proxy, &client, server).await
+    relay_connected(proxy, client, server).await
 }
 
 /// Relays to `server`, or resets the client if connecting failed.
 async fn relay_connected(
     proxy: &Proxy,
-    client: &TcpStream,
+    mut client: TcpStream,
     server: Result<Charged, String>,
 ) -> Result<Transferred, String> {
-    match server {
-        Ok(server) => relay_to(proxy, client, &server).await,
+    let idle = proxy.settings.idle_timeout;
+    let outcome = match server {
+        Ok(mut server) => match &mut server.stream {
+            Stream::Tcp(server) => relay::relay(&client, server, idle).await,
+            Stream::Tunnel(tunnel) => relay::relay_stream(&mut client, tunnel, idle).await,
+        },
         Err(e) => {
-            relay::reset(client);
-            Err(e)
+            relay::reset(&client);
+            return Err(e);
         }
-    }
+    };
+    outcome.map_err(|e| {
+        relay::reset(&client);
+        e.to_string()
+    })
 }
 
-async fn relay_to(
-    proxy: &Proxy,
-    client: &TcpStream,
-    server: &TcpStream,
-) -> Result<Transferred, String> {
-    let outcome = relay::relay(client, server, proxy.settings.idle_timeout)
-        .await
-        .map_err(|e| e.to_string());
-    if outcome.is_err() {
-        relay::reset(client);
-    }
-    outcome
-}
-
-/// Picks the endpoint (filling in the record) and connects to it on `fd`.
+/// Picks the endpoint and the hop to it (filling in the record) and
+/// connects on `fd`.
 async fn connect(
     proxy: &Proxy,
     pod: &Pod,
@@ -221,11 +216,37 @@ async fn connect(
     fd: Option<Fds>,
 ) -> Result<Charged, String> {
     let fd = fd.ok_or("no descriptor left for the upstream connection")?;
-    let upstream = destination(proxy, &proxy.config.current(), record)?;
-    record.upstream = Some(upstream);
-    peer::connect(pod, upstream, proxy.settings.connect_timeout, fd)
-        .await
-        .map_err(|e| format!("connecting to {upstream}: {e}"))
+    let hop = {
+        let cfg = proxy.config.current();
+        let upstream = destination(proxy, &cfg, record)?;
+        record.upstream = Some(upstream);
+        let port = record.original_destination.port();
+        let tls = record
+            .service
+            .as_deref()
+            .map_or_else(Default::default, |service| {
+                cfg.routing().upstream_tls(service, None, port).tls
+            });
+        let hop = hop::choose(proxy, &cfg, upstream, tls).map_err(|e| e.to_string())?;
+        record.transport = hop.name();
+        if !matches!(hop, hop::Hop::Plain) {
+            record.destination_identity = cfg
+                .workload_by_address(upstream.ip())
+                .map(|w| proxy.identity_of(w).to_string());
+        }
+        hop
+    };
+    let upstream = record.upstream.unwrap_or(record.original_destination);
+    peer::connect(
+        proxy,
+        pod,
+        upstream,
+        hop,
+        proxy.settings.connect_timeout,
+        fd,
+    )
+    .await
+    .map_err(|e| format!("connecting to {upstream}: {e}"))
 }
 
 /// Where the connection really goes; fills in the service and workload.

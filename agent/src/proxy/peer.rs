@@ -1,47 +1,78 @@
-//! The hops out of the proxy: to a destination on behalf of a workload, and
-//! from the proxy into the workload it protects.
-//!
-//! `connect` is the agent-to-agent hop. Today it is plain TCP from the source
-//! workload's own namespace and address, captured by the destination node's
-//! agent; mutual TLS with workload identity replaces this one function.
+//! The hops out of the proxy: to a destination on behalf of a workload (as
+//! [`hop`](super::hop) chose), and from the proxy into the workload it
+//! protects.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::ops::Deref;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use nodemesh_common::INBOUND_PASSTHROUGH_V4;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::budget::Fds;
-use super::Pod;
+use super::hop::Hop;
+use super::{Pod, Proxy};
+use crate::transport::{Source, TransportError, Tunnel};
 
-/// Connects to `to` as the workload `from` would, on the descriptor `fd`
-/// charged to it.
-pub async fn connect(
-    from: &Pod,
-    to: SocketAddr,
-    timeout: Duration,
-    fd: Fds,
-) -> io::Result<Charged> {
-    connect_within(from.socket(to, None)?, to, timeout, fd).await
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
-/// Delivers an inbound connection to the application in `pod`, from the
-/// passthrough address that sk_lookup lets through.
+/// Connects to `to` for the workload `from` over `hop`, on the descriptor
+/// `fd` charged to it.
+pub async fn connect(
+    proxy: &Proxy,
+    from: &Pod,
+    to: SocketAddr,
+    hop: Hop,
+    timeout: Duration,
+    fd: Fds,
+) -> Result<Charged, PeerError> {
+    let source = from.address_for(to.ip());
+    match hop {
+        Hop::Plain => Ok(connect_within(from.socket(to)?, to, timeout, fd).await?),
+        Hop::Local(destination) => Ok(deliver(&destination, to, source, timeout, fd).await?),
+        Hop::Mesh(destination) => {
+            let source = Source {
+                identity: from.identity.clone(),
+                address: source,
+            };
+            let tunnel = proxy.hbone.connect(&source, &destination, timeout).await?;
+            Ok(Charged::new(Stream::Tunnel(Prefixed::new(tunnel)), fd))
+        }
+    }
+}
+
+/// Delivers an inbound connection to the application in `pod` from the
+/// caller's own address `source`, so the application sees who called (its
+/// logs, rate limits and allow-lists keep working). The socket is
+/// transparent (it may bind an address that is not local); its SYN loops
+/// over the workload's `lo`, which `sk_lookup` lets through to the
+/// application, and the application's replies come back over `lo` by the
+/// routing `reply_routing` installed at enrollment.
 pub async fn deliver(
     pod: &Pod,
     app: SocketAddr,
+    source: IpAddr,
     timeout: Duration,
     fd: Fds,
 ) -> io::Result<Charged> {
-    let source = app
-        .is_ipv4()
-        .then(|| SocketAddr::new(Ipv4Addr::from(INBOUND_PASSTHROUGH_V4).into(), 0));
-    connect_within(pod.socket(app, source)?, app, timeout, fd).await
+    if source.is_ipv4() != app.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("caller {source} and application {app} are not of the same IP family"),
+        ));
+    }
+    let socket = pod.transparent_socket(app)?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    connect_within(socket, app, timeout, fd).await
 }
 
 async fn connect_within(
@@ -51,7 +82,7 @@ async fn connect_within(
     fd: Fds,
 ) -> io::Result<Charged> {
     match tokio::time::timeout(timeout, socket.connect(to)).await {
-        Ok(result) => result.map(|stream| Charged { stream, _fd: fd }),
+        Ok(result) => result.map(|stream| Charged::new(Stream::Tcp(stream), fd)),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer within {timeout:?}"),
@@ -60,19 +91,106 @@ async fn connect_within(
 }
 
 /// A connection the proxy opened, with the descriptor charged for it: the
-/// charge follows the socket wherever it goes (a pool, a spliced tunnel)
-/// and ends when it closes.
+/// charge follows the connection wherever it goes (a pool, a spliced
+/// tunnel) and ends when it closes.
 pub struct Charged {
-    stream: TcpStream,
+    pub stream: Stream,
     _fd: Fds,
 }
 
-impl Deref for Charged {
-    type Target = TcpStream;
+/// A socket, or an HBONE stream to another node's agent.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tunnel(Prefixed<Tunnel>),
+}
 
-    fn deref(&self) -> &TcpStream {
-        &self.stream
+impl Charged {
+    fn new(stream: Stream, fd: Fds) -> Charged {
+        Charged { stream, _fd: fd }
     }
+
+    /// Resolves once the far end has sent something (a server that speaks
+    /// first); nothing is consumed.
+    pub async fn spoken(&mut self) -> io::Result<()> {
+        match &mut self.stream {
+            Stream::Tcp(tcp) => tcp.peek(&mut [0u8; 1]).await.map(drop),
+            Stream::Tunnel(tunnel) => tunnel.fill().await,
+        }
+    }
+}
+
+/// An I/O stream that can look at its first bytes without consuming them.
+pub struct Prefixed<S> {
+    head: BytesMut,
+    io: S,
+}
+
+impl<S: AsyncRead + Unpin> Prefixed<S> {
+    pub fn new(io: S) -> Prefixed<S> {
+        Prefixed {
+            head: BytesMut::new(),
+            io,
+        }
+    }
+
+    /// Bytes read ahead and not yet consumed.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Reads once into the head unless it already holds bytes.
+    pub async fn fill(&mut self) -> io::Result<()> {
+        if self.head.is_empty() {
+            self.head.reserve(4096);
+            self.io.read_buf(&mut self.head).await?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.head.is_empty() {
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head[..n]);
+            this.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Dispatches to the socket or the tunnel.
+macro_rules! each_stream {
+    ($stream:expr, $s:ident => $body:expr) => {
+        match $stream {
+            Stream::Tcp($s) => $body,
+            Stream::Tunnel($s) => $body,
+        }
+    };
 }
 
 impl AsyncRead for Charged {
@@ -81,7 +199,7 @@ impl AsyncRead for Charged {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        each_stream!(&mut self.get_mut().stream, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -91,7 +209,7 @@ impl AsyncWrite for Charged {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        each_stream!(&mut self.get_mut().stream, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -99,18 +217,21 @@ impl AsyncWrite for Charged {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        each_stream!(&mut self.get_mut().stream, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tunnel(_) => false,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        each_stream!(&mut self.get_mut().stream, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        each_stream!(&mut self.get_mut().stream, s => Pin::new(s).poll_shutdown(cx))
     }
 }

@@ -11,9 +11,10 @@ use std::io;
 use std::net::Shutdown;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::idle::Activity;
+use super::idle::{Activity, Tracked};
 
 const FIRST_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -45,6 +46,26 @@ pub async fn relay(
     if outcome.is_err() {
         reset(client);
         reset(upstream);
+    }
+    outcome
+}
+
+/// [`relay`] between a socket and any other stream (an HBONE tunnel): the
+/// same idle rule, half-close and reset of the socket on failure.
+pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut TcpStream,
+    upstream: &mut S,
+    idle: Duration,
+) -> io::Result<Transferred> {
+    let activity = Activity::new();
+    let mut upstream = Tracked::new(upstream, activity.clone());
+    let copied = tokio::io::copy_bidirectional(client, &mut upstream);
+    let outcome = match activity.unless_idle(idle, copied).await {
+        Some(copied) => copied.map(|(sent, received)| Transferred { sent, received }),
+        None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    };
+    if outcome.is_err() {
+        reset(client);
     }
     outcome
 }

@@ -277,7 +277,12 @@ async fn send_mirror(attempts: Attempts, request: Request<Body>, source_ip: Opti
         return;
     };
     let dial = attempts.dial(pick.addr);
-    if let Ok(response) = attempts.pod.pool.send(&attempts.pod, dial, request).await {
+    if let Ok(response) = attempts
+        .pod
+        .pool
+        .send(&attempts.proxy, &attempts.pod, dial, request)
+        .await
+    {
         use http_body_util::BodyExt;
         // Read to the end so the connection goes back to the pool.
         let _ = response.into_body().collect().await;
@@ -316,6 +321,7 @@ impl Head {
 /// Everything attempts to one destination need, owned so mirrors can run
 /// in their own task.
 pub struct Attempts {
+    proxy: std::sync::Arc<crate::proxy::Proxy>,
     pod: std::sync::Arc<crate::proxy::Pod>,
     cluster: std::sync::Arc<super::balance::Cluster>,
     target: Target,
@@ -326,6 +332,7 @@ impl Downstream {
     fn attempts(&self, target: Target) -> Attempts {
         let pool = target.policy.connection_pool.clone().unwrap_or_default();
         Attempts {
+            proxy: self.proxy.clone(),
             pod: self.pod.clone(),
             cluster: self.proxy.clusters.get(&target.key),
             connect_timeout: pool
@@ -345,6 +352,7 @@ impl Attempts {
         let pool = self.target.policy.connection_pool.as_ref();
         Dial {
             addr,
+            tls: self.target.policy.tls.unwrap_or_default(),
             http2: false,
             connect_timeout: self.connect_timeout,
             idle_timeout: pool
@@ -403,7 +411,10 @@ impl Attempts {
             };
             let mut dial = self.dial(pick.addr);
             dial.http2 = head.http2;
-            let sent = self.pod.pool.send(&self.pod, dial, head.request(body));
+            let sent = self
+                .pod
+                .pool
+                .send(&self.proxy, &self.pod, dial, head.request(body));
             let result = match policy.per_try_timeout {
                 Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
                 None => Some(sent.await),

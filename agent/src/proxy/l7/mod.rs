@@ -9,11 +9,14 @@
 //! - `limits`: `connectionPool` circuit breakers.
 //! - `upstream`: connections to endpoints, pooled per workload.
 //! - `body`: replayable request bodies and local replies.
+//! - `inbound`: HTTP at the destination, with the caller's identity in
+//!   `X-Forwarded-Client-Cert`.
 
 mod balance;
 mod body;
 mod edit;
 mod forward;
+pub mod inbound;
 pub mod inspect;
 mod limits;
 mod tunnel;

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::body::{self, Body};
 use super::forward::Target;
 use super::Downstream;
+use crate::proxy::hop::{self, Hop};
 use crate::proxy::idle::Tracked;
 use crate::proxy::{peer, Direction};
 
@@ -57,8 +58,20 @@ pub async fn run(
             return fail(&format!("upstream connect error: {refused}"));
         }
     };
-    let connect_timeout = down.proxy.settings.connect_timeout;
-    let stream = match peer::connect(&down.pod, pick.addr, connect_timeout, upstream_fd).await {
+    let proxy = &down.proxy;
+    let tls = target.policy.tls.unwrap_or_default();
+    let hop = match hop::choose(proxy, &proxy.config.current(), pick.addr, tls) {
+        Ok(Hop::Local(destination)) => {
+            let headers = request.headers_mut();
+            super::inbound::set_client_cert(headers, &destination, Some(&down.pod.identity));
+            Hop::Local(destination)
+        }
+        Ok(hop) => hop,
+        Err(e) => return fail(&format!("upstream connect error: {e}")),
+    };
+    let timeout = proxy.settings.connect_timeout;
+    let connected = peer::connect(proxy, &down.pod, pick.addr, hop, timeout, upstream_fd).await;
+    let stream = match connected {
         Ok(stream) => stream,
         Err(e) => return fail(&format!("upstream connect error: {e}")),
     };

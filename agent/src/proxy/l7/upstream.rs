@@ -20,8 +20,11 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body, Guarded};
+use crate::proxy::hop::{self, Hop};
 use crate::proxy::peer::{self, Charged};
+use crate::proxy::Proxy;
 use crate::proxy::{Direction, Pod};
+use crate::routing::UpstreamTls;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -39,6 +42,8 @@ const UPSTREAM_H2_SEND_BUFFER: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct Dial {
     pub addr: SocketAddr,
+    /// DestinationRule `tls` for the endpoint's subset and port.
+    pub tls: UpstreamTls,
     pub http2: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -87,14 +92,27 @@ struct Returning {
 impl Pool {
     pub async fn send(
         self: &Arc<Self>,
+        proxy: &Proxy,
         from: &Pod,
         dial: Dial,
-        request: Request<Body>,
+        mut request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
+        let hop = hop::choose(proxy, &proxy.config.current(), dial.addr, dial.tls)
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        if let Hop::Local(destination) = &hop {
+            // The destination is served by this very agent: it sets what the
+            // destination's agent would (see `inbound`).
+            super::inbound::set_client_cert(
+                request.headers_mut(),
+                destination,
+                Some(&from.identity),
+            );
+        }
+        let to = Connecting { proxy, from, hop };
         if dial.http2 {
-            self.send_http2(from, dial, request).await
+            self.send_http2(to, dial, request).await
         } else {
-            self.send_http1(from, dial, request).await
+            self.send_http1(to, dial, request).await
         }
     }
 
@@ -111,14 +129,14 @@ impl Pool {
 
     async fn send_http1(
         self: &Arc<Self>,
-        from: &Pod,
+        to: Connecting<'_>,
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
         let (mut send, used, reused) = match self.take_idle(&dial) {
             Some(idle) => (idle.send, idle.used, true),
             None => {
-                let stream = connect(from, &dial).await?;
+                let stream = to.connect(&dial).await?;
                 let (send, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(stream))
                     .await
@@ -148,7 +166,7 @@ impl Pool {
 
     async fn send_http2(
         &self,
-        from: &Pod,
+        to: Connecting<'_>,
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
@@ -162,7 +180,7 @@ impl Pool {
         let (mut send, reused) = match existing {
             Some(send) => (send, true),
             None => {
-                let stream = connect(from, &dial).await?;
+                let stream = to.connect(&dial).await?;
                 // Windows as small as the downstream side's: what an endpoint
                 // may push ahead of a caller that does not read.
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -191,15 +209,32 @@ impl Pool {
     }
 }
 
-/// A new connection to the endpoint, on a descriptor charged to `from`.
-async fn connect(from: &Pod, dial: &Dial) -> Result<Charged, UpstreamError> {
-    let fd = from.tenant.charge(1, None).map_err(|refused| {
-        from.tenant.count_rejection(Direction::Outbound);
-        UpstreamError::NoDescriptor(refused.to_string())
-    })?;
-    peer::connect(from, dial.addr, dial.connect_timeout, fd)
+/// What a new connection needs: who opens it and over which hop.
+struct Connecting<'a> {
+    proxy: &'a Proxy,
+    from: &'a Pod,
+    hop: Hop,
+}
+
+impl Connecting<'_> {
+    /// A new connection to the endpoint, on a descriptor charged to `from`.
+    async fn connect(self, dial: &Dial) -> Result<Charged, UpstreamError> {
+        let from = self.from;
+        let fd = from.tenant.charge(1, None).map_err(|refused| {
+            from.tenant.count_rejection(Direction::Outbound);
+            UpstreamError::NoDescriptor(refused.to_string())
+        })?;
+        peer::connect(
+            self.proxy,
+            from,
+            dial.addr,
+            self.hop,
+            dial.connect_timeout,
+            fd,
+        )
         .await
-        .map_err(UpstreamError::Connect)
+        .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))
+    }
 }
 
 impl Returning {

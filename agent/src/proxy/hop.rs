@@ -1,0 +1,112 @@
+//! Which way a connection leaves the proxy for a destination address:
+//! Istio's automatic mutual TLS, with DestinationRule `tls` able to force
+//! it either way.
+//!
+//! - An enrolled workload of this node: delivered directly (nothing crosses
+//!   a wire), and treated at the destination as if it had come over mutual
+//!   TLS with the caller's identity.
+//! - An enrolled workload of another node: HBONE to that node's agent.
+//! - Either of them, when its PeerAuthentication mode is DISABLE or a
+//!   DestinationRule says `DISABLE`: plaintext from the caller's namespace.
+//! - Anything else: plaintext, as before the mesh, unless a DestinationRule
+//!   says `ISTIO_MUTUAL` (then the connection fails: nothing falls back).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::{Pod, Proxy};
+use crate::config::{Config, Workload};
+use crate::routing::UpstreamTls;
+use crate::security::MtlsMode;
+use crate::transport::{Destination, HBONE_PORT};
+
+pub enum Hop {
+    Local(Arc<Pod>),
+    Mesh(Destination),
+    Plain,
+}
+
+impl Hop {
+    /// As `nodemesh connections` names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Hop::Local(_) => "local",
+            Hop::Mesh(_) => "hbone",
+            Hop::Plain => "plaintext",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HopError {
+    #[error(
+        "{to} is workload {workload} on node {node}, which has no address: \
+         add a Node document with an InternalIP for it"
+    )]
+    NodeWithoutAddress {
+        to: SocketAddr,
+        workload: String,
+        node: String,
+    },
+    #[error("{to} is workload {workload} of this node, which is not enrolled (yet)")]
+    NotEnrolledHere { to: SocketAddr, workload: String },
+    #[error("a DestinationRule requires ISTIO_MUTUAL, but {to} is not a workload in the mesh")]
+    MutualOutsideMesh { to: SocketAddr },
+}
+
+/// The hop to `to`, under the DestinationRule `tls` setting that applies.
+pub fn choose(
+    proxy: &Proxy,
+    cfg: &Config,
+    to: SocketAddr,
+    tls: UpstreamTls,
+) -> Result<Hop, HopError> {
+    let in_mesh = cfg
+        .workload_by_address(to.ip())
+        .filter(|w| cfg.is_enrolled(w));
+    let Some(workload) = in_mesh else {
+        return match tls {
+            UpstreamTls::IstioMutual => Err(HopError::MutualOutsideMesh { to }),
+            _ => Ok(Hop::Plain),
+        };
+    };
+    let mutual = match tls {
+        UpstreamTls::IstioMutual => true,
+        UpstreamTls::Disable => false,
+        UpstreamTls::Auto => accepts_mtls(cfg, workload, to.port()),
+    };
+    if !mutual {
+        // Also on this node: the destination then sees a plaintext caller.
+        return Ok(Hop::Plain);
+    }
+    if workload.node == proxy.node {
+        // Nothing to encrypt: the destination side applies the caller's
+        // identity as if it had come over mutual TLS.
+        return proxy
+            .local_pod(to.ip())
+            .map(Hop::Local)
+            .ok_or_else(|| HopError::NotEnrolledHere {
+                to,
+                workload: workload.key(),
+            });
+    }
+    let address = cfg
+        .node(&workload.node)
+        .and_then(|node| node.address_for(to.ip()))
+        .ok_or_else(|| HopError::NodeWithoutAddress {
+            to,
+            workload: workload.key(),
+            node: workload.node.clone(),
+        })?;
+    Ok(Hop::Mesh(Destination {
+        node: workload.node.clone(),
+        node_addr: SocketAddr::new(address, HBONE_PORT),
+        to,
+    }))
+}
+
+/// Automatic mTLS: a mesh destination gets mutual TLS unless its own
+/// PeerAuthentication for the port is DISABLE.
+fn accepts_mtls(cfg: &Config, workload: &Workload, port: u16) -> bool {
+    cfg.peer_authentications().mtls_mode(workload, port).mode != MtlsMode::Disable
+}

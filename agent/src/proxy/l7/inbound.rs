@@ -1,0 +1,143 @@
+//! HTTP at the destination: every request on a delivered connection gets
+//! `X-Forwarded-Client-Cert` set from the authenticated caller, in Envoy's
+//! format (`By=<workload>;URI=<caller>`), and any copy the caller sent is
+//! removed, so an application can trust the header (plaintext callers
+//! reach it with none). One connection to the application per inbound
+//! connection: it carries the caller's address, so it is never shared.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::body::{self, Body};
+use super::{http1_server, H2_CONNECTION_WINDOW, H2_SEND_BUFFER, H2_STREAM_WINDOW};
+use crate::identity::SpiffeId;
+use crate::proxy::idle::{Activity, Tracked};
+use crate::proxy::inbound::{Caller, Client};
+use crate::proxy::peer::Charged;
+use crate::proxy::{Pod, Proxy};
+
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// Removes the header a caller may have sent, and sets it for a call from
+/// `caller` to `pod` when the caller has an identity.
+pub fn set_client_cert(headers: &mut http::HeaderMap, pod: &Pod, caller: Option<&SpiffeId>) {
+    headers.remove(XFCC);
+    let value = caller
+        .and_then(|peer| HeaderValue::try_from(format!("By={};URI={peer}", pod.identity)).ok());
+    if let Some(value) = value {
+        headers.insert(XFCC, value);
+    }
+}
+
+/// Serves the HTTP connection `client` until it ends, forwarding each
+/// request to the application over `app`.
+pub async fn serve<S: Client>(
+    proxy: &Proxy,
+    pod: &Pod,
+    client: S,
+    caller: &Caller,
+    http2: bool,
+    app: Charged,
+) -> Result<(), String> {
+    let settings = proxy.settings.http;
+    let activity = Activity::new();
+    let io = TokioIo::new(Tracked::new(client, activity.clone()));
+    let app = TokioIo::new(Tracked::new(app, activity.clone()));
+    let stamp = move |request: Request<Incoming>| {
+        let mut request = request.map(body::incoming);
+        set_client_cert(request.headers_mut(), pod, caller.identity.as_ref());
+        request
+    };
+    let serving = async {
+        if http2 {
+            let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(app)
+                .await
+                .map_err(|e| format!("HTTP/2 to the application: {e}"))?;
+            tokio::spawn(connection);
+            let service = service_fn(move |request| {
+                let mut send = send.clone();
+                let request = stamp(request);
+                async move {
+                    let response = send.send_request(request).await;
+                    Ok::<_, Infallible>(reply(response))
+                }
+            });
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(settings.max_concurrent_streams)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .serve_connection(io, service)
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            let (send, connection) = hyper::client::conn::http1::handshake(app)
+                .await
+                .map_err(|e| format!("HTTP/1.1 to the application: {e}"))?;
+            tokio::spawn(connection.with_upgrades());
+            // HTTP/1.1 serves one request at a time: the lock is never
+            // contended, it only lends the sender to the request's future.
+            let send = Arc::new(tokio::sync::Mutex::new(send));
+            let (activity, idle) = (activity.clone(), settings.idle_timeout);
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                let (send, activity) = (send.clone(), activity.clone());
+                let client_side = hyper::upgrade::on(&mut request);
+                let request = stamp(request);
+                async move {
+                    let mut response = send.lock().await.send_request(request).await;
+                    if let Ok(response) = &mut response {
+                        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            let app_side = hyper::upgrade::on(response);
+                            tokio::spawn(splice(client_side, app_side, activity, idle));
+                        }
+                    }
+                    Ok::<_, Infallible>(reply(response))
+                }
+            });
+            http1_server(&settings)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    match activity.unless_idle(settings.idle_timeout, serving).await {
+        Some(served) => served,
+        None => Err(format!("idle for {:?}", settings.idle_timeout)),
+    }
+}
+
+/// Once both sides have switched protocols (WebSocket...), bytes pass
+/// through, under the connection's idle timeout.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    app: hyper::upgrade::OnUpgrade,
+    activity: Activity,
+    idle: std::time::Duration,
+) {
+    if let (Ok(client), Ok(app)) = tokio::join!(client, app) {
+        let mut client = TokioIo::new(client);
+        let mut app = Tracked::new(TokioIo::new(app), activity.clone());
+        let spliced = tokio::io::copy_bidirectional(&mut client, &mut app);
+        activity.unless_idle(idle, spliced).await;
+    }
+}
+
+fn reply(response: hyper::Result<Response<Incoming>>) -> Response<Body> {
+    match response {
+        Ok(response) => response.map(body::incoming),
+        Err(e) => body::local_reply(
+            StatusCode::BAD_GATEWAY,
+            &format!("application connection: {e}"),
+            false,
+        ),
+    }
+}

@@ -1,0 +1,246 @@
+//! The caller's side of HBONE: one HTTP/2 connection per (source identity,
+//! destination node), shared by every stream between them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::{forwarded_for, tls, Destination, Source, TransportError, Tunnel, FORWARDED};
+use crate::identity::{Identities, SpiffeId};
+
+/// Flow-control windows of a pooled connection: it carries many streams, so
+/// the connection's window is larger than one stream's.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// A connection that stops answering pings is closed, and its streams fail
+/// instead of hanging.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    source: SpiffeId,
+    node: String,
+    node_addr: std::net::SocketAddr,
+}
+
+/// A slot's connection is (re)made under its async lock, so concurrent
+/// first streams wait for one handshake instead of each making their own.
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+/// A connection and the certificate it was opened with: once that is
+/// renewed, new streams go to a new connection (the old one ends with its
+/// last stream), so no connection outlives its certificate by much.
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    certificate: Arc<CertifiedKey>,
+}
+
+pub struct Pool {
+    identities: Arc<Identities>,
+    configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
+    slots: Mutex<HashMap<Key, Slot>>,
+    opened: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(identities: Arc<Identities>) -> Pool {
+        Pool {
+            identities,
+            configs: Mutex::default(),
+            slots: Mutex::default(),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    /// TLS connections opened to other agents since start.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Open pooled connections.
+    pub fn connections_open(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter(|slot| {
+                slot.try_lock()
+                    .map_or(true, |p| p.as_ref().is_some_and(|p| !p.sender.is_closed()))
+            })
+            .count()
+    }
+
+    /// A stream to `to.to`, opened as `source`. A pooled connection that
+    /// turns out closed is replaced once.
+    pub async fn connect(
+        &self,
+        source: &Source,
+        to: &Destination,
+        timeout: Duration,
+    ) -> Result<Tunnel, TransportError> {
+        let within = async {
+            let slot = self.slot(source, to);
+            let mut sender = self.sender(&slot, source, to, false).await?;
+            match open_stream(&mut sender, source, to).await {
+                Err(TransportError::Http2 { source: e, .. })
+                    if e.is_canceled() || e.is_closed() =>
+                {
+                    let mut sender = self.sender(&slot, source, to, true).await?;
+                    open_stream(&mut sender, source, to).await
+                }
+                other => other,
+            }
+        };
+        tokio::time::timeout(timeout, within)
+            .await
+            .unwrap_or_else(|_| {
+                Err(TransportError::Timeout {
+                    node: to.node.clone(),
+                    timeout,
+                })
+            })
+    }
+
+    fn slot(&self, source: &Source, to: &Destination) -> Slot {
+        let key = Key {
+            source: source.identity.clone(),
+            node: to.node.clone(),
+            node_addr: to.node_addr,
+        };
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(key).or_default().clone()
+    }
+
+    /// The slot's live connection, or a new one (also when `renew`).
+    async fn sender(
+        &self,
+        slot: &Slot,
+        source: &Source,
+        to: &Destination,
+        renew: bool,
+    ) -> Result<SendRequest<Empty<Bytes>>, TransportError> {
+        let mut current = slot.lock().await;
+        let certificate = match self.identities.certified_key(&source.identity) {
+            Some(certificate) => certificate,
+            // A workload that just arrived may race its first certificate.
+            None => self
+                .identities
+                .wait_for(&source.identity, Duration::from_secs(5))
+                .await
+                .ok_or_else(|| TransportError::NoCertificate(source.identity.clone()))?,
+        };
+        let live = current.as_ref().filter(|p| {
+            !renew && !p.sender.is_closed() && Arc::ptr_eq(&p.certificate, &certificate)
+        });
+        if let Some(pooled) = live {
+            return Ok(pooled.sender.clone());
+        }
+        let sender = self.handshake(source, to).await?;
+        *current = Some(Pooled {
+            sender: sender.clone(),
+            certificate,
+        });
+        Ok(sender)
+    }
+
+    async fn handshake(
+        &self,
+        source: &Source,
+        to: &Destination,
+    ) -> Result<SendRequest<Empty<Bytes>>, TransportError> {
+        let node = || to.node.clone();
+        let tcp =
+            TcpStream::connect(to.node_addr)
+                .await
+                .map_err(|source| TransportError::Connect {
+                    node: node(),
+                    addr: to.node_addr,
+                    source,
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let name = tls::node_server_name(&to.node).map_err(|e| TransportError::Tls {
+            node: node(),
+            source: std::io::Error::other(e),
+        })?;
+        let tls = TlsConnector::from(self.client_config(&source.identity))
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TransportError::Tls {
+                node: node(),
+                source,
+            })?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| TransportError::Http2 {
+                node: node(),
+                source,
+            })?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let node = to.node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("HBONE connection to node {node} ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn client_config(&self, source: &SpiffeId) -> Arc<rustls::ClientConfig> {
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        configs
+            .entry(source.clone())
+            .or_insert_with(|| tls::client_config(&self.identities, source))
+            .clone()
+    }
+}
+
+/// `CONNECT ip:port` on `sender`; the tunnel once the destination says 200.
+async fn open_stream(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    source: &Source,
+    to: &Destination,
+) -> Result<Tunnel, TransportError> {
+    let http2 = |source| TransportError::Http2 {
+        node: to.node.clone(),
+        source,
+    };
+    sender.ready().await.map_err(http2)?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(to.to.to_string())
+        .version(http::Version::HTTP_2)
+        .header(FORWARDED, forwarded_for(source.address))
+        .body(Empty::new())
+        .expect("a CONNECT request to a socket address is valid");
+    let mut response = sender.send_request(request).await.map_err(http2)?;
+    if response.status() != StatusCode::OK {
+        let status = response.status();
+        let reason = match response.body_mut().collect().await {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
+            Err(_) => String::new(),
+        };
+        return Err(TransportError::Refused {
+            node: to.node.clone(),
+            to: to.to,
+            status,
+            reason,
+        });
+    }
+    let upgraded = hyper::upgrade::on(response).await.map_err(http2)?;
+    Ok(TokioIo::new(upgraded))
+}

@@ -1,0 +1,203 @@
+//! The destination's side of HBONE: authenticates the calling workload by
+//! its certificate, then hands every admitted `CONNECT` stream to the
+//! proxy's inbound path. Nothing here falls back to plaintext: a handshake
+//! that fails closes the connection, with a log line that says why.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
+use crate::identity::{Identities, SpiffeId};
+
+/// A TLS handshake must complete within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one connection may have open: each holds descriptors at the
+/// destination, charged to the destination workload on behalf of the caller.
+const MAX_STREAMS: u32 = 1024;
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// A stream the caller asks for, authenticated.
+#[derive(Debug, Clone)]
+pub struct StreamRequest {
+    /// The calling workload, from its certificate.
+    pub peer: SpiffeId,
+    /// The calling workload's address (`Forwarded: for=`), not yet checked
+    /// against `peer`: that needs the configuration.
+    pub source: IpAddr,
+    /// The original destination.
+    pub to: SocketAddr,
+    /// The caller agent's address.
+    pub remote: SocketAddr,
+}
+
+/// Why a stream is refused: the status and reason go back to the caller.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+/// The proxy's inbound side, as the transport sees it.
+pub trait Inbound: Send + Sync + 'static {
+    type Admitted: Send + 'static;
+
+    /// Decides on a stream before it is answered.
+    fn admit(&self, request: &StreamRequest) -> Result<Self::Admitted, Refusal>;
+
+    /// Serves an admitted stream to its end.
+    fn serve(
+        self: Arc<Self>,
+        admitted: Self::Admitted,
+        tunnel: Tunnel,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Accepts HBONE connections on `listener` for as long as it runs.
+pub async fn serve<I: Inbound>(
+    listener: TcpListener,
+    identities: Arc<Identities>,
+    inbound: Arc<I>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                log::warn!("HBONE listener: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (identities, inbound) = (identities.clone(), inbound.clone());
+        tokio::spawn(async move {
+            if let Err(reason) = connection(tcp, remote, &identities, inbound).await {
+                log::warn!("HBONE connection from {remote} refused: {reason}");
+            }
+        });
+    }
+}
+
+async fn connection<I: Inbound>(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    identities: &Arc<Identities>,
+    inbound: Arc<I>,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let config = tls::server_config(identities).map_err(|e| e.to_string())?;
+    let handshake = TlsAcceptor::from(config).accept(tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
+        Err(_) => return Err(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")),
+    };
+    let peer = {
+        let (_, session) = tls.get_ref();
+        let certs = session.peer_certificates().unwrap_or_default();
+        let leaf = certs.first().ok_or("no client certificate")?;
+        SpiffeId::from_cert(leaf).map_err(|e| format!("client certificate: {e}"))?
+    };
+    if peer.trust_domain != identities.trust_domain() {
+        return Err(format!(
+            "{peer} is not in trust domain {}",
+            identities.trust_domain()
+        ));
+    }
+    let service = service_fn(move |request| {
+        let response = stream(&inbound, &peer, remote, request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))
+}
+
+/// Answers one `CONNECT`: 200 and the stream goes to the inbound path, or
+/// the refusal.
+fn stream<I: Inbound>(
+    inbound: &Arc<I>,
+    peer: &SpiffeId,
+    remote: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let parsed = parse(peer, remote, &request);
+    let admitted = parsed.and_then(|asked| {
+        let admitted = inbound.admit(&asked)?;
+        Ok((asked, admitted))
+    });
+    match admitted {
+        Ok((_, admitted)) => {
+            let upgrade = hyper::upgrade::on(&mut request);
+            let inbound = inbound.clone();
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(upgraded) => inbound.serve(admitted, TokioIo::new(upgraded)).await,
+                    Err(e) => log::debug!("HBONE stream ended before it started: {e}"),
+                }
+            });
+            Response::new(Full::default())
+        }
+        Err(refusal) => {
+            log::warn!(
+                "HBONE stream from {peer} ({remote}) to {} refused: {}",
+                request.uri(),
+                refusal.reason
+            );
+            let mut response = Response::new(Full::new(Bytes::from(refusal.reason)));
+            *response.status_mut() = refusal.status;
+            response
+        }
+    }
+}
+
+fn parse(
+    peer: &SpiffeId,
+    remote: SocketAddr,
+    request: &Request<Incoming>,
+) -> Result<StreamRequest, Refusal> {
+    let bad = |reason: String| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason,
+    };
+    if request.method() != Method::CONNECT {
+        return Err(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: format!("{} is not CONNECT", request.method()),
+        });
+    }
+    let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let to = authority
+        .parse::<SocketAddr>()
+        .map_err(|_| bad(format!("{authority:?} is not an ip:port")))?;
+    let source = request
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for)
+        .ok_or_else(|| bad("no caller address (Forwarded: for=...)".to_owned()))?;
+    Ok(StreamRequest {
+        peer: peer.clone(),
+        source,
+        to,
+        remote,
+    })
+}
