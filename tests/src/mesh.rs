@@ -66,14 +66,30 @@ impl Mesh {
         mesh.config_dir = mesh.topo.work_dir().join("config");
         mesh.topo.add_node("node-a")?;
         mesh.topo.add_node("node-b")?;
-        mesh.pod("node-a", CLIENT, &[("app", CLIENT)])?;
+        mesh.pod_as("node-a", CLIENT, &[("app", CLIENT)], CLIENT)?;
         Ok(mesh)
     }
 
     /// Adds a pod with its Workload (labels as given) on `node`.
     pub fn pod(&mut self, node: &str, name: &str, labels: &[(&str, &str)]) -> Result<PodInfo> {
+        self.pod_as(node, name, labels, "default")
+    }
+
+    /// [`Mesh::pod`] running as `service_account` (its SPIFFE identity).
+    pub fn pod_as(
+        &mut self,
+        node: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        service_account: &str,
+    ) -> Result<PodInfo> {
         let pod = self.topo.add_pod(node, name)?;
-        self.base.push(config::workload(&pod, NAMESPACE, labels));
+        self.base.push(config::workload_with_account(
+            &pod,
+            NAMESPACE,
+            labels,
+            service_account,
+        ));
         *self.workloads_per_node.entry(node.to_owned()).or_default() += 1;
         Ok(pod)
     }
@@ -266,6 +282,17 @@ impl Mesh {
         })
     }
 
+    /// Removes `file` from the config directory and waits until both agents
+    /// run a new generation without error.
+    pub fn delete(&self, file: &str) -> Result<()> {
+        let remove = || config::remove(&self.config_dir, file);
+        self.change_and_wait(&format!("removing {file}"), remove, |status, before| {
+            Ok(status["config"]["last_error"].is_null()
+                && status["config"]["generation"].as_u64()
+                    > before["config"]["generation"].as_u64())
+        })
+    }
+
     /// Writes `file` into the config directory, expecting both agents to
     /// reject it and keep their generation; returns the error they report.
     pub fn reject(&self, file: &str, yaml: &str) -> Result<String> {
@@ -290,14 +317,26 @@ impl Mesh {
         yaml: &str,
         done: impl Fn(&Value, &Value) -> Result<bool>,
     ) -> Result<()> {
+        let write = || config::write_raw(&self.config_dir, file, yaml);
+        self.change_and_wait(&format!("loading {file}"), write, done)
+    }
+
+    /// Makes `change` to the config directory, then waits until `done`
+    /// (given each agent's status now and before) holds on both agents.
+    fn change_and_wait(
+        &self,
+        what: &str,
+        change: impl FnOnce() -> Result<()>,
+        done: impl Fn(&Value, &Value) -> Result<bool>,
+    ) -> Result<()> {
         let before: Vec<Value> = self
             .agents
             .iter()
             .map(Agent::status_json)
             .collect::<Result<_>>()?;
-        config::write_raw(&self.config_dir, file, yaml)?;
+        change()?;
         for (agent, before) in self.agents.iter().zip(before) {
-            wait_agent(agent, &format!("loading {file}"), |s| done(s, &before))?;
+            wait_agent(agent, what, |s| done(s, &before))?;
         }
         Ok(())
     }

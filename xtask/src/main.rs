@@ -45,6 +45,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The L7 tests' gRPC client.
     "python3-grpcio",
     "procps",
+    // The mTLS tests look at the wire between nodes.
+    "tcpdump",
     // `cargo xtask bench`: the HTTP backend and the bulk-TCP tool.
     "nginx",
     "iperf3",

@@ -10,7 +10,8 @@
 //!          [--fail-first N] [--fail-status 503]
 //! ```
 //!
-//! Every answer is one line of JSON: `name`, `version`, `protocol`,
+//! Every answer is one line of JSON: `name`, `version`, `client` (the peer
+//! address the server sees), `protocol`,
 //! `method`, `path`, `headers` (lower-cased) and `calls` (per `--call` URL:
 //! `url` and `status` and `body`, or `error`). Besides:
 //! * `/status/<code>` answers with that status, `/delay/<ms>` waits first;
@@ -25,6 +26,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -105,14 +107,14 @@ async fn main() -> Result<()> {
         app.name, app.version
     );
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve(stream, app.clone()));
+        let (stream, peer) = listener.accept().await?;
+        tokio::spawn(serve(stream, peer, app.clone()));
     }
 }
 
 /// Serves one connection as h2c if it opens with the HTTP/2 preface, else
 /// as HTTP/1.1.
-async fn serve(stream: TcpStream, app: Arc<App>) {
+async fn serve(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
     let mut start = [0u8; 4];
     loop {
         match stream.peek(&mut start).await {
@@ -123,7 +125,7 @@ async fn serve(stream: TcpStream, app: Arc<App>) {
     }
     let service = service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.handle(req).await) }
+        async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
     });
     let io = TokioIo::new(stream);
     let _ = if start == H2_PREFACE_START {
@@ -138,7 +140,7 @@ async fn serve(stream: TcpStream, app: Arc<App>) {
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Frames> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Frames> {
         let path = req.uri().path().to_owned();
         if path == "/_stats" {
             let served = self.served.load(Ordering::Relaxed);
@@ -185,6 +187,7 @@ impl App {
         let doc = json!({
             "name": self.name,
             "version": self.version,
+            "client": peer.ip().to_string(),
             "protocol": format!("{:?}", req.version()),
             "method": req.method().as_str(),
             "path": req.uri().path_and_query().map_or("/", |p| p.as_str()),
