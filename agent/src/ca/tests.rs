@@ -69,7 +69,8 @@ fn refuses_what_the_node_may_not_have() {
     let authority =
         Authority::load(&Source::StateDir(dir.path().to_owned()), "cluster.local").unwrap();
     let key = p256();
-    let cases: Vec<(Vec<SanType>, fn(&Refusal) -> bool)> = vec![
+    type IsExpected = fn(&Refusal) -> bool;
+    let cases: Vec<(Vec<SanType>, IsExpected)> = vec![
         (
             vec![uri("spiffe://cluster.local/ns/shop/sa/db")],
             |r| matches!(r, Refusal::NotOnNode { node, .. } if node == "node-a"),
