@@ -310,13 +310,8 @@ fn run_ca(args: CaArgs) -> anyhow::Result<()> {
             out,
             lifetime,
         }) => {
-            let credential = ca::issue_node(
-                &source(state_dir.or(args.state_dir))?,
-                &trust_domain,
-                &node,
-                lifetime,
-                &out,
-            )?;
+            let credential =
+                ca::issue_node(&source(state_dir)?, &trust_domain, &node, lifetime, &out)?;
             println!(
                 "wrote the credential of {} (serial {}, valid until {}) to {}",
                 identity::node_id(&trust_domain, &node),

@@ -6,6 +6,7 @@
 //! * [`config`] — writes the agent's YAML configuration (Namespace, Workload,
 //!   Service) into a config directory.
 //! * [`agent`] — starts, crashes, restarts and queries a `nodemesh` agent.
+//! * [`ca`] — a real `nodemesh ca` on a host of its own, and node credentials.
 //! * [`workload_apps`] — small real servers and clients run inside pods
 //!   (HTTP echo, TCP echo, curl).
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod ca;
 pub mod config;
 pub mod mesh;
 pub mod tenants;

@@ -387,6 +387,25 @@ impl Topology {
         Ok(())
     }
 
+    /// Adds a namespace `<prefix>-<name>` plugged onto the inter-node fabric
+    /// at `10.0.0.<index>/24`, a separate "machine" (e.g. the mesh CA); use an
+    /// index above the nodes' (they count up from 1). Returns its netns name.
+    pub fn add_host(&mut self, name: &str, index: u8) -> Result<String> {
+        validate_name("host", name)?;
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)
+            .with_context(|| format!("adding host {name}"))?;
+        let fabric = self.fabric.clone();
+        plug(
+            &netns,
+            NODE_UPLINK,
+            &fabric,
+            &format!("h{index}"),
+            Ipv4Addr::new(10, 0, 0, index),
+        )?;
+        Ok(netns)
+    }
+
     /// Adds a pod on `node`: a namespace with `lo` up, `eth0` (a veth into
     /// the node's bridge) with `10.1.<i>.<j+10>/24`, a default route via the
     /// node, and `/etc/netns/<netns>/resolv.conf` pointing at the cluster DNS.

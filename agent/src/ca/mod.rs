@@ -11,6 +11,8 @@ mod authority;
 mod csr;
 pub mod protocol;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -5,6 +5,8 @@
 mod client;
 mod spiffe;
 mod store;
+#[cfg(test)]
+mod store_tests;
 pub mod x509;
 
 use std::collections::BTreeSet;
@@ -38,7 +40,7 @@ mod tests {
 
     /// Two enrolled workloads sharing a service account on node-a, one on
     /// node-b, and one in a namespace outside the mesh on node-a.
-    pub(crate) const MESH: &str = r#"
+    const MESH: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}

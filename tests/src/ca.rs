@@ -1,0 +1,100 @@
+//! A real `nodemesh ca` process on a host of its own on the inter-node
+//! fabric, and node credentials issued with the real `issue-node`.
+
+use crate::agent::nodemesh_bin;
+use crate::topology::Topology;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The CA host's index on the fabric: it listens on `10.0.0.200`.
+const HOST_INDEX: u8 = 200;
+pub const CA_PORT: u16 = 15012;
+/// How long [`MeshCa::start`] waits for the CA to listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const LOG: &str = "mesh-ca";
+
+/// A running CA; the topology stops it when dropped.
+pub struct MeshCa {
+    state_dir: PathBuf,
+    address: String,
+    pid: u32,
+}
+
+impl MeshCa {
+    /// Starts `nodemesh ca` on host `ca` (10.0.0.200) with its state dir
+    /// under the topology's work dir, reading `config_dir`, and waits until it
+    /// listens.
+    pub fn start(topo: &mut Topology, config_dir: &Path) -> Result<MeshCa> {
+        let netns = topo.add_host("ca", HOST_INDEX)?;
+        let state_dir = topo.work_dir().join("ca-state");
+        let address = format!("10.0.0.{HOST_INDEX}:{CA_PORT}");
+        std::fs::create_dir_all(config_dir)?;
+        let bin = nodemesh_bin();
+        let pid = topo.spawn_in(
+            &netns,
+            &[
+                &bin.display().to_string(),
+                "ca",
+                "--state-dir",
+                &state_dir.display().to_string(),
+                "--listen",
+                &address,
+                "--config-dir",
+                &config_dir.display().to_string(),
+            ],
+            LOG,
+        )?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !topo.read_log(LOG).contains("listening on") {
+            if !topo.is_running(pid) || Instant::now() > deadline {
+                bail!("the mesh CA did not start:\n{}", topo.read_log(LOG));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(MeshCa {
+            state_dir,
+            address,
+            pid,
+        })
+    }
+
+    /// `HOST:PORT` for the agents' `--ca-address`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Runs the real `nodemesh ca issue-node NODE_NAME` and returns the
+    /// directory holding the credential (for the agent's `--node-credential`).
+    pub fn issue_node(&self, topo: &Topology, node_name: &str) -> Result<PathBuf> {
+        let out = topo.work_dir().join(format!("credential-{node_name}"));
+        let output = Command::new(nodemesh_bin())
+            .args(["ca", "issue-node", node_name, "--state-dir"])
+            .arg(&self.state_dir)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .context("running nodemesh ca issue-node")?;
+        if !output.status.success() {
+            bail!(
+                "issue-node {node_name} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// The CA's log so far.
+    pub fn log(&self, topo: &Topology) -> String {
+        topo.read_log(LOG)
+    }
+}
