@@ -622,7 +622,12 @@ fn node(doc: NodeDoc, issues: &mut Issues) -> Node {
             Err(_) => issues.add(field, format!("{:?} is not an IP address", entry.address)),
         }
     }
-    if doc.status.addresses.iter().all(|a| a.r#type != "InternalIP") {
+    if doc
+        .status
+        .addresses
+        .iter()
+        .all(|a| a.r#type != "InternalIP")
+    {
         issues.add("status.addresses", "needs an InternalIP address");
     }
     Node {
@@ -1182,14 +1187,19 @@ spec:
                           status: {addresses: [{type: InternalIP, address: nowhere}]}\n";
         assert_error(
             &[("nodes.yaml", no_address)],
-            &["Node node-b", "status.addresses[0].address", "not an IP address"],
+            &[
+                "Node node-b",
+                "status.addresses[0].address",
+                "not an IP address",
+            ],
         );
     }
 
     #[test]
     fn rejects_unsupported_kinds() {
         let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
-        let supported = "(supported: v1 Namespace, v1 Node, nodemesh.io/v1alpha1 Workload, v1 Service, \
+        let supported =
+            "(supported: v1 Namespace, v1 Node, nodemesh.io/v1alpha1 Workload, v1 Service, \
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
