@@ -101,6 +101,11 @@ impl Agent {
 
     /// Like [`start`](Self::start) with an explicit binary and extra
     /// arguments appended to `nodemesh agent …` (kept for restarts).
+    ///
+    /// Unless they name a CA (`--ca-address`), the agent gets the
+    /// topology's mesh CA (started on first use) and its node's credential,
+    /// and a `Node` document with the node's fabric address is written into
+    /// `config_dir`, so that agents reach each other over mutual TLS.
     pub fn start_with(
         topo: &mut Topology,
         node: &str,
@@ -112,6 +117,19 @@ impl Agent {
         fs::create_dir_all(config_dir)
             .with_context(|| format!("creating {}", config_dir.display()))?;
         let config_dir = fs::canonicalize(config_dir)?;
+        let mut extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
+        if !extra_args.iter().any(|a| a == "--ca-address") {
+            let node_doc = format!("node-{}.yaml", info.node_name);
+            crate::config::write(&config_dir, &node_doc, &[crate::config::node(&info)])?;
+            let ca = topo.mesh_ca(&config_dir)?;
+            let credential = ca.issue_node(topo, &info.node_name)?;
+            extra_args.extend([
+                "--ca-address".to_owned(),
+                ca.address().to_owned(),
+                "--node-credential".to_owned(),
+                credential.display().to_string(),
+            ]);
+        }
         let mut agent = Agent {
             node: info.name.clone(),
             node_name: info.node_name.clone(),
@@ -121,7 +139,7 @@ impl Agent {
             socket: topo.work_dir().join(format!("{node}.sock")),
             log_path: topo.work_dir().join(format!("agent-{node}.log")),
             bin: bin.to_path_buf(),
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            extra_args,
             open_file_limit: None,
             child: None,
             last_exit: None,

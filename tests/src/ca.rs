@@ -16,6 +16,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const LOG: &str = "mesh-ca";
 
 /// A running CA; the topology stops it when dropped.
+#[derive(Clone)]
 pub struct MeshCa {
     state_dir: PathBuf,
     address: String,

@@ -19,7 +19,7 @@
 //! Strings are written plain when that is unambiguous and double-quoted
 //! otherwise (addresses, `"true"`, `"8080"`, …), so every value stays a string.
 
-use crate::topology::PodInfo;
+use crate::topology::{NodeInfo, PodInfo};
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::fs;
@@ -86,6 +86,17 @@ pub fn namespace(name: &str, mesh_enabled: bool) -> String {
     };
     map(&mut out, 2, "labels", labels);
     out
+}
+
+/// A `v1/Node` for `node`: its name and its address on the inter-node
+/// fabric, which other agents reach it on.
+pub fn node(node: &NodeInfo) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  \
+         - type: InternalIP\n    address: {}\n",
+        scalar(&node.node_name),
+        node.address
+    )
 }
 
 /// A `nodemesh.io/v1alpha1/Workload` for `pod` with service account

@@ -29,6 +29,7 @@
 //! namespace it made (the veths go with them), removes the `/etc/netns`
 //! directories and the work directory — also when the test panics.
 
+use crate::ca::MeshCa;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -135,6 +136,8 @@ pub struct Topology {
     /// `/etc/netns/<netns>` directories this topology created.
     etc_dirs: Vec<PathBuf>,
     procs: Vec<Spawned>,
+    /// The mesh CA its agents get their certificates from, once started.
+    mesh_ca: Option<MeshCa>,
 }
 
 /// Names of existing network namespaces that start with `prefix`.
@@ -275,6 +278,7 @@ impl Topology {
             namespaces: Vec::new(),
             etc_dirs: Vec::new(),
             procs: Vec::new(),
+            mesh_ca: None,
         };
         topo.add_netns(&fabric)?;
         ip(&["-n", &fabric, "link", "add", BRIDGE, "type", "bridge"])?;
@@ -385,6 +389,17 @@ impl Topology {
             ])?;
         }
         Ok(())
+    }
+
+    /// The topology's mesh CA, reading `config_dir`: started on first use,
+    /// stopped with the other processes.
+    pub fn mesh_ca(&mut self, config_dir: &Path) -> Result<MeshCa> {
+        if let Some(ca) = &self.mesh_ca {
+            return Ok(ca.clone());
+        }
+        let ca = MeshCa::start(self, config_dir)?;
+        self.mesh_ca = Some(ca.clone());
+        Ok(ca)
     }
 
     /// Adds a namespace `<prefix>-<name>` plugged onto the inter-node fabric
