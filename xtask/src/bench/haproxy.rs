@@ -20,7 +20,9 @@
 //! nginx's answer with B's report of TLS 1.3 and A's certificate, and B
 //! refuses the same TLS request without a client certificate.
 
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -40,6 +42,8 @@ const A_NAME: &str = "haproxy-a.bench";
 /// Set by B on every response: the TLS version and the client
 /// certificate's CN of the connection from A.
 const MTLS_HEADER: &str = "x-bench-mtls";
+/// B's stats socket, in the pair's directory.
+const B_STATS_SOCKET: &str = "b.sock";
 /// A certificate's lifetime; the bench is long gone by then.
 const CERT_DAYS: &str = "2";
 
@@ -95,13 +99,13 @@ impl HaproxyPair {
         let front = format!("{}:{FRONT_PORT}", a.gateway);
         let b_address = format!("{}:{TLS_PORT}", b.address);
         let d = dir.display();
-        let global = format!(
-            "global\n    nbthread {THREADS}\n    maxconn 4096\n\
-             defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    \
-             timeout server 30s\n"
-        );
+        let global = format!("global\n    nbthread {THREADS}\n    maxconn 4096\n");
+        let defaults = "defaults\n    mode http\n    timeout connect 5s\n    \
+                        timeout client 30s\n    timeout server 30s\n";
+        // B's stats socket tells how many TLS connections A opened.
         let b_conf = format!(
-            "{global}frontend mtls\n    \
+            "{global}    stats socket {d}/{B_STATS_SOCKET} mode 600 level user\n{defaults}\
+             frontend mtls\n    \
              bind {b_address} ssl crt {d}/b.pem ca-file {d}/ca.crt verify required ssl-min-ver TLSv1.3\n    \
              http-response set-header {MTLS_HEADER} \"%[ssl_fc_protocol] %[ssl_c_s_dn(CN)]\"\n    \
              default_backend nginx\n\
@@ -109,7 +113,7 @@ impl HaproxyPair {
             backend.0, backend.1
         );
         let a_conf = format!(
-            "{global}frontend front\n    bind {front}\n    default_backend b\n\
+            "{global}{defaults}frontend front\n    bind {front}\n    default_backend b\n\
              backend b\n    http-reuse always\n    \
              server b {b_address} ssl verify required ca-file {d}/ca.crt verifyhost {B_NAME} \
              sni str({B_NAME}) crt {d}/a.pem ssl-min-ver TLSv1.3\n"
@@ -206,6 +210,24 @@ impl HaproxyPair {
             );
         }
         Ok(())
+    }
+
+    /// TLS connections B has accepted so far (`CumSslConns` of its `show
+    /// info`): how well A pools its connections to B.
+    pub(super) fn b_tls_connections(&self) -> Result<u64> {
+        let path = self.dir.join(B_STATS_SOCKET);
+        let ask = || -> std::io::Result<String> {
+            let mut socket = UnixStream::connect(&path)?;
+            socket.write_all(b"show info\n")?;
+            let mut info = String::new();
+            socket.read_to_string(&mut info)?;
+            Ok(info)
+        };
+        let info = ask().with_context(|| format!("asking HAProxy B ({})", path.display()))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("CumSslConns:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no CumSslConns in HAProxy B's `show info`:\n{info}"))
     }
 
     /// Both HAProxies' output, for error messages.

@@ -691,8 +691,21 @@ impl<'a> Bench<'a> {
             memory_trace: vec![("start".into(), self.proxy_memory(mode)?)],
         };
 
+        let tls_before = self.haproxy_tls_connections(mode)?;
         self.warm_up(&url)?;
         let main = self.path_phases(&mut log, &url, path)?;
+        let haproxy_tls_connections = match (tls_before, self.haproxy_tls_connections(mode)?) {
+            (Some(before), Some(after)) => {
+                let n = after.saturating_sub(before);
+                println!(
+                    "        HAProxy B accepted {n} TLS connections from A, for {} new client \
+                     connections",
+                    3 * CONNECTIONS as u64 + main.conn_rate.attempted()
+                );
+                Some(n)
+            }
+            _ => None,
+        };
 
         // iperf3 is plain TCP: the HAProxy pair only speaks HTTP.
         let bulk = if mode == Mode::HaproxyPair {
@@ -762,6 +775,7 @@ impl<'a> Bench<'a> {
             warnings: log.warnings,
             memory_trace: log.memory_trace,
             captured,
+            haproxy_tls_connections,
         })
     }
 
@@ -1048,6 +1062,15 @@ impl<'a> Bench<'a> {
             }
         }
         Ok(out)
+    }
+
+    /// On the HAProxy pair, the TLS connections B has accepted so far.
+    fn haproxy_tls_connections(&self, mode: Mode) -> Result<Option<u64>> {
+        if mode == Mode::HaproxyPair {
+            self.haproxy.b_tls_connections().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// The processes that carry `mode`'s requests, node-a's first: the

@@ -787,3 +787,140 @@ pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Captured, L7Result};
+    use super::*;
+    use std::time::Duration;
+
+    /// A path that served `rps` req/s at max with `proxy_ms` of proxy CPU
+    /// over one second, and `conns` new connections per second.
+    fn path(rps: f64, proxy_ms: f64, conns: f64, rss_kib: u64) -> PathResult {
+        let mut p = PathResult::default();
+        p.http.throughput.rps = rps;
+        p.http.throughput.ok = rps as u64;
+        p.http.throughput_cpu.proxies = [(proxy_ms / 2.0, 0.0), (0.0, proxy_ms / 2.0)];
+        p.conn_rate.rps = conns;
+        p.memory = [Memory {
+            rss_kib,
+            hwm_kib: rss_kib,
+        }; 2];
+        p
+    }
+
+    fn result(mode: Mode, main: PathResult, l7: Option<PathResult>) -> ModeResult {
+        ModeResult {
+            mode,
+            main,
+            l7: l7
+                .into_iter()
+                .map(|path| L7Result {
+                    routes: ROUTE_COUNTS[0],
+                    path,
+                    applied_after: Duration::ZERO,
+                })
+                .collect(),
+            bulk: None,
+            warnings: Vec::new(),
+            memory_trace: Vec::new(),
+            captured: Captured::default(),
+            haproxy_tls_connections: None,
+        }
+    }
+
+    /// Figures are computed in floating point.
+    fn close(value: &Value, want: f64) {
+        let v = value.as_f64().unwrap_or(f64::NAN);
+        assert!((v - want).abs() < 1e-9, "{v} != {want}");
+    }
+
+    fn row<'a>(table: &'a Table, key: &str) -> &'a Value {
+        &table.rows.iter().find(|r| r.key == key).unwrap().values
+    }
+
+    #[test]
+    fn every_path_is_a_ratio_of_direct_and_nodemesh_of_the_haproxy_pair() {
+        let results = [
+            result(Mode::Direct, path(10_000.0, 0.0, 4000.0, 0), None),
+            result(
+                Mode::HaproxyPair,
+                path(4000.0, 120.0, 3000.0, 20 * 1024),
+                None,
+            ),
+            result(
+                Mode::Meshed,
+                path(6000.0, 240.0, 2000.0, 10 * 1024),
+                Some(path(5000.0, 90.0, 3600.0, 11 * 1024)),
+            ),
+        ];
+        let c = comparison(&results);
+        assert_eq!(c.judged, Path::L7, "no L7 + mTLS run: targets judged on L7");
+        assert_eq!(
+            c.main.titles,
+            ["metric", "direct", "HAProxy pair", "L4", "L7"],
+            "a mode that did not run has no column"
+        );
+        let rps = row(&c.main, "http_rps");
+        close(&rps["haproxy_pair"]["percent"], 40.0);
+        close(&rps["l4"]["percent"], 60.0);
+        close(&rps["l7"]["percent"], 50.0);
+        close(
+            &row(&c.main, "connections_per_second")["l7"]["percent"],
+            90.0,
+        );
+        // 90 ms over 5000 requests, 120 over 4000.
+        let cpu = row(&c.main, "proxy_cpu_ms_per_1000_requests");
+        close(&cpu["l7"]["value"], 18.0);
+        close(&cpu["haproxy_pair"]["value"], 30.0);
+
+        assert_eq!(
+            c.versus_haproxy.titles,
+            ["nodemesh / HAProxy pair", "L4", "L7"]
+        );
+        close(&row(&c.versus_haproxy, "http_rps")["l7"]["percent"], 125.0);
+        close(
+            &row(&c.versus_haproxy, "proxy_cpu_ms_per_1000_requests")["l7"]["percent"],
+            60.0,
+        );
+        close(
+            &row(&c.versus_haproxy, "proxy_rss_mb")["l7"]["percent"],
+            55.0,
+        );
+
+        let targets: Vec<(&str, bool)> = c
+            .main
+            .rows
+            .iter()
+            .filter_map(|r| Some((r.key.as_str(), r.target.as_ref()?.1)))
+            .collect();
+        assert!(targets.contains(&("http_rps", true)), "{targets:?}");
+        assert!(
+            targets.contains(&("proxy_cpu_ms_per_1000_requests", true)),
+            "{targets:?}"
+        );
+        assert!(targets.contains(&("proxy_rss_mb", true)), "{targets:?}");
+        let ahead = c.versus_haproxy.rows[0].target.as_ref().unwrap();
+        assert_eq!(ahead, &("L7 > 100 %".to_string(), true));
+    }
+
+    #[test]
+    fn medians_and_rendering() {
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median([]).is_nan());
+        let table = Table {
+            titles: vec!["metric".into(), "a".into()],
+            rows: vec![Row {
+                cells: vec!["req/s".into(), "12345".into()],
+                target: Some(("≥ 1".into(), true)),
+                key: "k".into(),
+                values: Value::Null,
+            }],
+        };
+        assert_eq!(
+            table.render(),
+            "metric      a  target\nreq/s   12345  ≥ 1 ✓\n"
+        );
+    }
+}

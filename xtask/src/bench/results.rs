@@ -238,7 +238,7 @@ pub(super) struct Captured {
 }
 
 /// Max throughput and latency at the fixed rate, against one URL.
-#[derive(Debug)]
+#[derive(Default, Debug)]
 pub(super) struct HttpPhases {
     pub(super) throughput: HttpRun,
     pub(super) throughput_cpu: CpuUse,
@@ -280,7 +280,7 @@ impl HttpPhases {
 
 /// Everything measured on one path to nginx: the HTTP phases, the
 /// connection rate, and the memory of the two proxies that carry it.
-#[derive(Debug)]
+#[derive(Default, Debug)]
 pub(super) struct PathResult {
     pub(super) http: HttpPhases,
     /// A new connection per request (oha `--disable-keepalive`).
@@ -348,6 +348,9 @@ pub(super) struct ModeResult {
     /// The proxies' memory after each phase: (phase, [node-a, node-b]).
     pub(super) memory_trace: Vec<(String, [Memory; 2])>,
     pub(super) captured: Captured,
+    /// HAProxy pair only: TLS connections B accepted from A during the
+    /// mode's phases; pooling keeps it far below the client connections.
+    pub(super) haproxy_tls_connections: Option<u64>,
 }
 
 impl ModeResult {
@@ -367,6 +370,7 @@ impl ModeResult {
                 .iter()
                 .map(|(phase, m)| memory_json(phase, m))
                 .collect::<Vec<_>>(),
+            "haproxy_tls_connections": self.haproxy_tls_connections,
             "connections_through_agents": {
                 "outbound_node_a": self.captured.outbound_a,
                 "inbound_node_b": self.captured.inbound_b,
