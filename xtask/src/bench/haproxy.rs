@@ -29,6 +29,8 @@ use anyhow::{bail, Context, Result};
 use nodemesh_testbed::workload_apps::wait_listening;
 use nodemesh_testbed::Topology;
 
+use super::probe::Probe;
+
 /// Threads per HAProxy: the agents' default `--workers`.
 pub(super) const THREADS: u32 = 2;
 /// A's plain-HTTP front, on node-a's pod gateway.
@@ -140,36 +142,18 @@ impl HaproxyPair {
         client_netns: &str,
         body_size: usize,
     ) -> Result<()> {
-        let text = topo.run_in_ok(
-            client_netns,
-            &[
-                "curl",
-                "--max-time",
-                "5",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-D",
-                "-",
-                "-w",
-                "%{http_code} %{size_download}",
-                &self.url,
-            ],
-        )?;
-        let (headers, summary) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let probe = Probe::get(topo, client_netns, &self.url)?;
         let want_summary = format!("200 {body_size}");
         let want_mtls = format!("TLSv1.3 {A_NAME}");
-        let mtls = headers.lines().find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case(MTLS_HEADER)
-                .then(|| value.trim().to_string())
-        });
-        if summary.trim() != want_summary || mtls.as_deref() != Some(&want_mtls) {
+        if probe.summary != want_summary
+            || probe.header(MTLS_HEADER).as_deref() != Some(&*want_mtls)
+        {
             bail!(
                 "{} did not reach nginx over mutual TLS (want {want_summary:?} and \
-                 `{MTLS_HEADER}: {want_mtls}`); got {:?}, headers:\n{headers}\nHAProxy logs:\n{}",
+                 `{MTLS_HEADER}: {want_mtls}`); got {:?}, headers:\n{}\nHAProxy logs:\n{}",
                 self.url,
-                summary.trim(),
+                probe.summary,
+                probe.headers,
                 self.logs(topo)
             );
         }

@@ -81,6 +81,7 @@ use serde_json::{json, Value};
 
 mod haproxy;
 mod mtls;
+mod probe;
 mod procfs;
 mod report;
 mod results;
