@@ -23,6 +23,7 @@ pub enum Query {
     Workloads,
     Services,
     Connections,
+    Certs,
     Routes,
     Explain(crate::proxy::ExplainRequest),
 }

@@ -21,6 +21,7 @@ use crate::admin::{self, Query, Responder};
 use crate::config::{self, Config, ConfigStore, LoadOptions, Reloader};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
+use crate::identity::{self, Identities};
 use crate::nofile::{self, Nofile};
 use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
@@ -47,12 +48,16 @@ struct Node {
     started: Instant,
     config: Arc<ConfigStore>,
     proxy: Arc<Proxy>,
+    /// The node's workload certificates, kept in line with the config.
+    identities: Arc<Identities>,
     enroller: Enroller,
     /// The first load has ended and enrollment follows the config.
     ready: AtomicBool,
 }
 
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Runs the agent; `identities` holds the node's credential and gets the
+/// workload certificates the config calls for.
+pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
         "the agent loads eBPF programs and must run as root"
@@ -95,11 +100,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         datapath,
     );
     let admin = admin::bind(&settings.admin_socket)?;
+    if !identities.has_ca() {
+        log::warn!(
+            "no --ca-address: workloads get no certificates, so mesh traffic to and from \
+             other nodes will be refused"
+        );
+    }
     let node = Arc::new(Node {
         settings,
         started: Instant::now(),
         config: config.clone(),
         proxy,
+        identities,
         enroller,
         ready: AtomicBool::new(false),
     });
@@ -120,7 +132,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             // Start anyway, so `nodemesh status` shows the error and a fix is picked up.
             log::error!("configuration rejected, starting with none:\n{error}");
         }
-        node.enroller.reconcile(&config.current());
+        node.reconcile();
         node.ready.store(true, Ordering::Relaxed);
         log::info!(
             "node {} ready: {} workload(s) enrolled, config generation {}, admin socket {}",
@@ -168,7 +180,7 @@ async fn reconcile_loop(node: Arc<Node>) {
             changed = changes.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(RECONCILE_EVERY) => {}
         }
-        node.enroller.reconcile(&node.config.current());
+        node.reconcile();
     }
 }
 
@@ -189,6 +201,7 @@ impl Responder for Node {
             Query::Workloads => json!(self.enroller.status(&cfg)),
             Query::Services => services(&cfg),
             Query::Connections => json!(self.proxy.recent_connections()),
+            Query::Certs => json!(self.identities.certs()),
             Query::Routes => self.proxy.routes(&cfg),
             Query::Explain(ask) => self
                 .proxy
@@ -199,6 +212,17 @@ impl Responder for Node {
 }
 
 impl Node {
+    /// Brings enrollment and the wanted certificates in line with the current config.
+    fn reconcile(&self) {
+        let cfg = self.config.current();
+        self.enroller.reconcile(&cfg);
+        self.identities.set_wanted(identity::on_node(
+            &cfg,
+            &self.settings.node,
+            self.identities.trust_domain(),
+        ));
+    }
+
     fn status(&self, cfg: &Config) -> serde_json::Value {
         let on_node = cfg
             .workloads()
@@ -233,6 +257,7 @@ impl Node {
                 "inbound": self.proxy.counts(Direction::Inbound),
                 "awaiting_accept": self.proxy.pending_original_destinations(),
             },
+            "identity": self.identities.status(),
             "limits": {
                 "descriptors": self.proxy.descriptors.status(),
                 "per_workload": self.enroller.usage(),

@@ -70,6 +70,30 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
                 ]
             }),
         ),
+        Query::Certs => table(
+            &[
+                "IDENTITY",
+                "SERIAL",
+                "NOT-BEFORE",
+                "NOT-AFTER",
+                "ISSUER",
+                "STATE",
+            ],
+            rows(answer).iter().map(|c| {
+                let state = match c["reason"].as_str() {
+                    Some(reason) => format!("{} ({reason})", text(&c["state"])),
+                    None => text(&c["state"]),
+                };
+                vec![
+                    text(&c["identity"]),
+                    text(&c["serial"]),
+                    text(&c["not_before"]),
+                    text(&c["not_after"]),
+                    text(&c["issuer"]),
+                    state,
+                ]
+            }),
+        ),
         Query::Connections => table(
             &[
                 "DIRECTION",
@@ -155,6 +179,7 @@ fn print_status(s: &Value) {
             d["rejected"]
         );
     }
+    print_identity(&s["identity"]);
     print_limits(&s["limits"]);
     let e = &s["ebpf"];
     println!("eBPF pins:   {}", text(&e["pin_dir"]));
@@ -166,6 +191,28 @@ fn print_status(s: &Value) {
     for m in e["maps"].as_array().into_iter().flatten() {
         println!("  {:<14} {} entries", text(&m["name"]), m["entries"]);
     }
+}
+
+/// The CA connection and the next certificate renewal.
+fn print_identity(i: &Value) {
+    let Some(address) = i["address"].as_str() else {
+        println!("mesh CA:     none (no --ca-address): workloads have no identity");
+        return;
+    };
+    let contact = match i["last_error"].as_str() {
+        Some(e) => format!("last error: {e}"),
+        None if i["connected"] == true => "connected".to_owned(),
+        None => "not contacted yet".to_owned(),
+    };
+    println!("mesh CA:     {address} ({contact})");
+    println!(
+        "identities:  {} in trust domain {}, next renewal {}; node {} (credential valid until {})",
+        i["identities"],
+        text(&i["trust_domain"]),
+        text(&i["next_renewal"]),
+        text(&i["node_identity"]),
+        text(&i["node_credential_expires"])
+    );
 }
 
 /// The descriptor budget and each workload's use of it.

@@ -4,10 +4,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod ebpf;
+pub mod identity;
 pub mod memory;
 pub mod netns;
 pub mod nofile;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, cli, config, ebpf, nofile, proxy};
+use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, nofile, proxy};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Run the node agent (as root).
     Agent(AgentArgs),
+    /// Run the mesh CA, or issue a node credential (`nodemesh ca issue-node`).
+    Ca(CaArgs),
+    /// The node's workload certificates.
+    Certs(QueryArgs),
     /// Data path, config and connection summary of the node.
     Status(QueryArgs),
     /// Configured workloads and whether they are enrolled here.
@@ -117,6 +121,66 @@ struct AgentArgs {
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// SPIFFE trust domain of the mesh's identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// `HOST:PORT` of `nodemesh ca`. Without it, workloads get no identity.
+    #[arg(long, requires = "node_credential")]
+    ca_address: Option<String>,
+    /// Directory with this node's credential (`nodemesh ca issue-node`).
+    #[arg(long)]
+    node_credential: Option<PathBuf>,
+    /// Lifetime asked for workload certificates (the CA may give less);
+    /// they are renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct CaArgs {
+    #[command(subcommand)]
+    action: Option<CaAction>,
+    /// Where the CA keeps its self-signed root (created on first start, key 0600).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Address to serve agents on, e.g. 0.0.0.0:15012.
+    #[arg(long, required = true)]
+    listen: Option<SocketAddr>,
+    /// The mesh's configuration directory, as the agents read it.
+    #[arg(long, required = true)]
+    config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    signer: CaSigner,
+    /// Longest lifetime of a workload certificate.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    max_cert_lifetime: Duration,
+}
+
+/// Where the CA's signing key comes from (shared by serving and `issue-node`).
+#[derive(Args)]
+struct CaSigner {
+    /// Sign with an operator's CA in Istio's plug-in layout (ca-cert.pem,
+    /// ca-key.pem, root-cert.pem, cert-chain.pem) instead of the state dir's root.
+    #[arg(long, global = true)]
+    plugin_certs: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local", global = true)]
+    trust_domain: String,
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Write a node's credential (node-cert.pem, node-key.pem, root-cert.pem)
+    /// for the operator to install on that node.
+    IssueNode {
+        node: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        lifetime: Duration,
+    },
 }
 
 #[derive(Args)]
@@ -136,6 +200,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => run_agent(args),
+        Command::Ca(args) => run_ca(args),
+        Command::Certs(q) => show(q, admin::Query::Certs),
         Command::Status(q) => show(q, admin::Query::Status),
         Command::Workloads(q) => show(q, admin::Query::Workloads),
         Command::Services(q) => show(q, admin::Query::Services),
@@ -179,6 +245,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         nofile.was,
         nofile.hard
     );
+    let node_credential = args
+        .node_credential
+        .map(|dir| identity::NodeCredential::load(&dir, &args.node_name, &args.trust_domain))
+        .transpose()?;
     let settings = agent::Settings {
         admin_socket: args.admin_socket.unwrap_or_else(|| {
             PathBuf::from(admin::SOCKET_DIR).join(format!("{}.sock", args.node_name))
@@ -206,11 +276,66 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         nofile,
     };
+    let identities = identity::Identities::new(identity::IdentitiesSettings {
+        trust_domain: args.trust_domain,
+        cert_lifetime: args.cert_lifetime,
+        ca_address: args.ca_address,
+        node_credential,
+    });
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))
         .enable_all()
         .build()?
-        .block_on(agent::run(settings))
+        .block_on(agent::run(settings, identities))
+}
+
+fn run_ca(args: CaArgs) -> anyhow::Result<()> {
+    let source = |state_dir: Option<PathBuf>| match (args.signer.plugin_certs.clone(), state_dir) {
+        (Some(dir), _) => Ok(ca::Source::Plugin(dir)),
+        (None, Some(dir)) => Ok(ca::Source::StateDir(dir)),
+        (None, None) => Err(anyhow::anyhow!(
+            "give --state-dir (a self-signed root kept there) or --plugin-certs (an operator's CA)"
+        )),
+    };
+    let trust_domain = args.signer.trust_domain.clone();
+    match args.action {
+        Some(CaAction::IssueNode {
+            node,
+            state_dir,
+            out,
+            lifetime,
+        }) => {
+            let credential = ca::issue_node(
+                &source(state_dir.or(args.state_dir))?,
+                &trust_domain,
+                &node,
+                lifetime,
+                &out,
+            )?;
+            println!(
+                "wrote the credential of {} (serial {}, valid until {}) to {}",
+                identity::node_id(&trust_domain, &node),
+                credential.facts.serial,
+                identity::x509::rfc3339(credential.facts.not_after),
+                out.display()
+            );
+            Ok(())
+        }
+        None => {
+            let settings = ca::Settings {
+                source: source(args.state_dir)?,
+                listen: args.listen.expect("clap requires --listen"),
+                config_dir: args.config_dir.expect("clap requires --config-dir"),
+                trust_domain,
+                max_cert_lifetime: args.max_cert_lifetime,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(ca::run(settings))
+        }
+    }
 }
 
 fn show(q: QueryArgs, query: admin::Query) -> anyhow::Result<()> {

@@ -13,10 +13,12 @@ use serde_json::{Map, Value};
 use crate::routing::{self, RoutingTable};
 
 use super::cluster_ip::ClusterIpRange;
-use super::model::{self, Metadata, NamespaceDoc, Object, ServiceSpec, TargetPort, WorkloadSpec};
+use super::model::{
+    self, Metadata, NamespaceDoc, NodeDoc, Object, ServiceSpec, TargetPort, WorkloadSpec,
+};
 use super::source::{self, ReadError};
 use super::{
-    yaml, Config, ConfigError, ConfigErrors, Index, Limits, LoadOptions, Namespace, Service,
+    yaml, Config, ConfigError, ConfigErrors, Index, Limits, LoadOptions, Namespace, Node, Service,
     ServicePort, Workload,
 };
 
@@ -76,6 +78,7 @@ fn file_error(file: &Path, message: String) -> ConfigError {
 #[derive(Clone, Copy)]
 enum Kind {
     Namespace,
+    Node,
     Workload,
     Service,
     VirtualService,
@@ -90,8 +93,9 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Namespace,
+        Kind::Node,
         Kind::Workload,
         Kind::Service,
         Kind::VirtualService,
@@ -104,7 +108,7 @@ impl Kind {
     fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Workload => &["nodemesh.io/v1alpha1"],
-            Kind::Namespace | Kind::Service => &["v1"],
+            Kind::Namespace | Kind::Node | Kind::Service => &["v1"],
             Kind::VirtualService | Kind::DestinationRule => ISTIO_NETWORKING,
             Kind::HttpRoute => &[
                 "gateway.networking.k8s.io/v1",
@@ -116,6 +120,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
             Kind::Workload => "Workload",
             Kind::Service => "Service",
             Kind::VirtualService => "VirtualService",
@@ -189,6 +194,7 @@ struct Loader {
     /// File of the first definition of each object, to report duplicates.
     defined_in: HashMap<String, PathBuf>,
     namespaces: Vec<Namespace>,
+    nodes: Vec<Node>,
     workloads: Vec<(Origin, Workload)>,
     services: Vec<(Origin, ServiceDraft)>,
     routing: routing::Drafts,
@@ -203,6 +209,7 @@ impl Loader {
             errors: Vec::new(),
             defined_in: HashMap::new(),
             namespaces: Vec::new(),
+            nodes: Vec::new(),
             workloads: Vec::new(),
             services: Vec::new(),
             routing: routing::Drafts::default(),
@@ -325,6 +332,11 @@ impl Loader {
                     self.namespaces.push(namespace);
                 }
             }
+            Kind::Node => {
+                if let Some(node) = self.parse(&origin, doc, node) {
+                    self.nodes.push(node);
+                }
+            }
             Kind::Workload => {
                 if let Some(workload) = self.parse(&origin, doc, workload) {
                     self.workloads.push((origin, workload));
@@ -408,6 +420,11 @@ impl Loader {
         let mut config = Config {
             namespaces: self
                 .namespaces
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .collect(),
+            nodes: self
+                .nodes
                 .into_iter()
                 .map(|n| (n.name.clone(), n))
                 .collect(),
@@ -521,7 +538,7 @@ fn object_name(kind: Kind, doc: &Map<String, Value>) -> Option<String> {
     let metadata = doc.get("metadata")?;
     let name = metadata.get("name")?.as_str()?;
     Some(match kind {
-        Kind::Namespace => format!("Namespace {name}"),
+        Kind::Namespace | Kind::Node => format!("{} {name}", kind.name()),
         _ => {
             let namespace = metadata.get("namespace").and_then(Value::as_str);
             format!(
@@ -567,6 +584,34 @@ fn namespace(doc: NamespaceDoc, issues: &mut Issues) -> Namespace {
     Namespace {
         name: doc.metadata.name,
         labels: doc.metadata.labels,
+    }
+}
+
+/// A node's addresses are what other agents dial (the HBONE port) to reach
+/// the workloads it serves; Kubernetes' `InternalIP` entries are the ones
+/// used, in order.
+fn node(doc: NodeDoc, issues: &mut Issues) -> Node {
+    check_metadata(&doc.metadata, issues);
+    let mut addresses = Vec::new();
+    for (i, entry) in doc.status.addresses.iter().enumerate() {
+        if entry.r#type != "InternalIP" {
+            continue;
+        }
+        let field = format!("status.addresses[{i}].address");
+        match entry.address.parse::<IpAddr>() {
+            Ok(ip) => {
+                check_unicast(ip, field, issues);
+                addresses.push(ip);
+            }
+            Err(_) => issues.add(field, format!("{:?} is not an IP address", entry.address)),
+        }
+    }
+    if doc.status.addresses.iter().all(|a| a.r#type != "InternalIP") {
+        issues.add("status.addresses", "needs an InternalIP address");
+    }
+    Node {
+        name: doc.metadata.name,
+        addresses,
     }
 }
 
@@ -1077,9 +1122,27 @@ spec:
     }
 
     #[test]
+    fn reads_node_addresses() {
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n\
+                    status:\n  addresses:\n  - {type: Hostname, address: node-b}\n  \
+                    - {type: InternalIP, address: 10.0.0.2}\n";
+        let config = load(&[("nodes.yaml", node)]).unwrap();
+        let node = config.node("node-b").unwrap();
+        assert_eq!(node.addresses, [ip("10.0.0.2")]);
+        assert_eq!(node.address_for(ip("10.1.1.11")), Some(ip("10.0.0.2")));
+
+        let no_address = "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n\
+                          status: {addresses: [{type: InternalIP, address: nowhere}]}\n";
+        assert_error(
+            &[("nodes.yaml", no_address)],
+            &["Node node-b", "status.addresses[0].address", "not an IP address"],
+        );
+    }
+
+    #[test]
     fn rejects_unsupported_kinds() {
         let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
-        let supported = "(supported: v1 Namespace, nodemesh.io/v1alpha1 Workload, v1 Service, \
+        let supported = "(supported: v1 Namespace, v1 Node, nodemesh.io/v1alpha1 Workload, v1 Service, \
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute)";

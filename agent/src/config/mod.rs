@@ -100,6 +100,27 @@ impl Namespace {
     }
 }
 
+/// A node of the mesh, as other agents reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    /// `InternalIP` addresses, in the order given.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Node {
+    /// The address to reach it on from a caller of `family_of`'s family,
+    /// else its first.
+    pub fn address_for(&self, family_of: IpAddr) -> Option<IpAddr> {
+        let same_family = |ip: &&IpAddr| ip.is_ipv4() == family_of.is_ipv4();
+        self.addresses
+            .iter()
+            .find(same_family)
+            .or(self.addresses.first())
+            .copied()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
@@ -180,6 +201,7 @@ impl std::fmt::Display for Protocol {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     namespaces: BTreeMap<String, Namespace>,
+    nodes: BTreeMap<String, Node>,
     /// Sorted by namespace, name.
     workloads: Vec<Workload>,
     /// Sorted by namespace, name.
@@ -207,6 +229,7 @@ impl Config {
     pub fn empty() -> Config {
         Config {
             namespaces: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             workloads: Vec::new(),
             services: Vec::new(),
             cluster_domain: LoadOptions::default().cluster_domain,
@@ -232,6 +255,10 @@ impl Config {
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
         self.namespaces.get(name)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
     }
 
     pub fn workloads(&self) -> &[Workload] {

@@ -69,6 +69,28 @@ pub struct Metadata {
     _managed_fields: Option<IgnoredAny>,
 }
 
+/// core/v1 Node: only its name and addresses are read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDoc {
+    pub metadata: Metadata,
+    #[serde(rename = "spec")]
+    _spec: Option<IgnoredAny>,
+    pub status: NodeStatus,
+}
+
+#[derive(Deserialize)]
+pub struct NodeStatus {
+    #[serde(default)]
+    pub addresses: Vec<NodeAddress>,
+}
+
+#[derive(Deserialize)]
+pub struct NodeAddress {
+    pub r#type: String,
+    pub address: String,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
