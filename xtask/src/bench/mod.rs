@@ -88,6 +88,7 @@ mod results;
 mod routes;
 
 use haproxy::HaproxyPair;
+use mtls::MeshCa;
 use procfs::{
     children_cpu_ticks, clock_ticks_per_second, loadavg, machine_ticks, num_cpus,
     proc_context_switches, proc_cpu_ticks, proc_memory_kib,
@@ -173,10 +174,10 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     };
     let clk_tck = clock_ticks_per_second();
     let load_before = loadavg();
-    let mtls_skipped = mtls::unavailable(nodemesh);
+    let mtls_unsupported = mtls::unsupported(nodemesh);
     let modes: Vec<Mode> = Mode::ALL
         .into_iter()
-        .filter(|&m| m != Mode::MeshedMtls)
+        .filter(|&m| m != Mode::MeshedMtls || mtls_unsupported.is_none())
         .collect();
 
     println!(
@@ -189,14 +190,16 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         load_before
     );
     println!(
-        "bench: modes {}; {} skipped: {mtls_skipped}",
+        "bench: modes {}",
         modes
             .iter()
             .map(|m| m.name())
             .collect::<Vec<_>>()
-            .join(", "),
-        Mode::MeshedMtls.name()
+            .join(", ")
     );
+    if let Some(reason) = &mtls_unsupported {
+        println!("bench: {} skipped: {reason}", Mode::MeshedMtls.name());
+    }
     let mut bench = Bench::new(nodemesh, &oha, &tools, &opts, clk_tck)?;
     let results = match bench.measure_rounds(&modes) {
         Ok(r) => r,
@@ -207,6 +210,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             return Err(anyhow::anyhow!("{e:#}\n\nbench failed; logs:\n{logs}"));
         }
     };
+    let mtls_skipped = mtls_unsupported.or(bench.mtls_skipped.take());
     drop(bench);
     println!("bench: topology removed");
 
@@ -268,7 +272,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             "load_average_before": load_before,
             "clock_ticks_per_second": clk_tck,
         },
-        "skipped": { Mode::MeshedMtls.key(): mtls_skipped },
+        "skipped": { Mode::MeshedMtls.key(): &mtls_skipped },
         "comparison": comparison.main.to_json(),
         "targets_judged_on": comparison.judged.label(),
         "versus_haproxy_pair": comparison.versus_haproxy.to_json(),
@@ -456,13 +460,21 @@ struct Bench<'a> {
     // Field order is drop order: the agents stop and uninstall their eBPF
     // programs before the topology deletes the namespaces they run in.
     agents: Vec<Agent>,
+    /// Whether `agents` run with the mesh CA's flags.
+    agents_mtls: bool,
     haproxy: HaproxyPair,
+    /// Started when the L7 + mTLS mode first runs.
+    ca: Option<MeshCa>,
+    /// Why the L7 + mTLS mode was skipped after all.
+    mtls_skipped: Option<String>,
     topo: Topology,
+    nodemesh: PathBuf,
     oha: &'a Oha,
     iperf3: PathBuf,
     opts: &'a Options,
     config_dir: PathBuf,
     client_netns: String,
+    server_netns: String,
     server_ip: String,
     nginx_pid: u32,
     iperf3_server_pid: u32,
@@ -555,13 +567,18 @@ impl<'a> Bench<'a> {
         let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &[])?;
         let bench = Bench {
             agents: vec![a, b],
+            agents_mtls: false,
             haproxy,
+            ca: None,
+            mtls_skipped: None,
             topo,
+            nodemesh: nodemesh.to_path_buf(),
             oha,
             iperf3: tools.iperf3.clone(),
             opts,
             config_dir,
             client_netns: client.netns.clone(),
+            server_netns: server.netns.clone(),
             server_ip: server.address.to_string(),
             nginx_pid,
             iperf3_server_pid,
@@ -573,24 +590,86 @@ impl<'a> Bench<'a> {
         Ok(bench)
     }
 
-    /// `rounds` times: every phase of every mode in `modes`, in order.
+    /// `rounds` times: every phase of every mode in `modes`, in order
+    /// (less the L7 + mTLS mode if it turns out it cannot run).
     fn measure_rounds(&mut self, modes: &[Mode]) -> Result<Vec<ModeResult>> {
+        let mut modes = modes.to_vec();
         let mut results = Vec::new();
         for round in 1..=self.opts.rounds {
             if round > 1 {
                 println!("\n######## round {round} of {}", self.opts.rounds);
             }
-            for &mode in modes {
+            for mode in modes.clone() {
                 if self.routes != ROUTE_COUNTS[0] {
                     self.set_routes(ROUTE_COUNTS[0])?;
                 }
                 if self.enrolled != mode.enrolls() {
                     self.set_enrolled(mode.enrolls())?;
                 }
+                if !self.use_agents(mode)? {
+                    modes.retain(|&m| m != mode);
+                    continue;
+                }
                 results.push(self.measure(mode)?);
             }
         }
         Ok(results)
+    }
+
+    /// Restarts the agents with or without the mesh CA's flags, as `mode`
+    /// needs (starting the CA the first time). False when the mode cannot
+    /// run after all; `self.mtls_skipped` says why.
+    fn use_agents(&mut self, mode: Mode) -> Result<bool> {
+        let mtls = mode == Mode::MeshedMtls;
+        if self.agents_mtls == mtls {
+            return Ok(true);
+        }
+        if mtls && self.ca.is_none() {
+            println!("bench: starting the mesh CA and issuing the nodes' credentials");
+            self.ca = Some(MeshCa::start(
+                &mut self.topo,
+                &self.nodemesh,
+                &self.config_dir,
+            )?);
+        }
+        println!(
+            "bench: restarting the agents {} the mesh CA",
+            if mtls { "with" } else { "without" }
+        );
+        // Stopped and uninstalled before their successors load.
+        self.agents.clear();
+        for node in ["node-a", "node-b"] {
+            let args = match (&self.ca, mtls) {
+                (Some(ca), true) => ca.agent_args(&self.topo.node(node).node_name)?,
+                _ => Vec::new(),
+            };
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = Agent::start_with(
+                &mut self.topo,
+                node,
+                &self.config_dir,
+                &self.nodemesh,
+                &args,
+            )?;
+            self.agents.push(agent);
+        }
+        self.agents_mtls = mtls;
+        self.wait_config(&[0, 0])?;
+        if let (Some(ca), true) = (&self.ca, mtls) {
+            mtls::wait_certificates(&self.agents, ca)?;
+            let netns = [
+                self.topo.node("node-a").netns.as_str(),
+                self.topo.node("node-b").netns.as_str(),
+                &self.client_netns,
+                &self.server_netns,
+            ];
+            if let Some(reason) = mtls::transport_missing(&self.topo, &netns)? {
+                println!("bench: {} skipped: {reason}", mode.name());
+                self.mtls_skipped = Some(reason);
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn set_enrolled(&mut self, enrolled: bool) -> Result<()> {
