@@ -495,6 +495,39 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
         values: Value::Object(values),
     });
 
+    // CPU per proxy at max: where the summed figure goes.
+    let mut cells = vec!["  per proxy, node-a / node-b (max)".to_string()];
+    let mut values = Map::new();
+    for &path in &paths {
+        let per_node = |node: usize| {
+            figure(results, path, |p| {
+                let (user, system) = p.http.throughput_cpu.proxies[node];
+                per_1000(user + system, p.http.throughput.ok)
+            })
+        };
+        let (a, b) = (per_node(0), per_node(1));
+        if path == Path::Direct {
+            cells.push("-".into());
+            continue;
+        }
+        cells.push(format!("{a:.1} / {b:.1} ms"));
+        values.insert(path.key().into(), json!({ "node_a": a, "node_b": b }));
+    }
+    let at = main
+        .rows
+        .iter()
+        .position(|r| r.key == "proxy_cpu_ms_per_1000_requests")
+        .map_or(main.rows.len(), |i| i + 1);
+    main.rows.insert(
+        at,
+        Row {
+            cells,
+            target: None,
+            key: "proxy_cpu_ms_per_1000_requests_per_proxy".into(),
+            values: Value::Object(values),
+        },
+    );
+
     // Memory: per proxy, and both summed against the HAProxy pair.
     let mut cells = vec!["RSS per proxy, node-a / node-b".to_string()];
     let mut values = Map::new();
@@ -882,6 +915,10 @@ mod tests {
         let cpu = row(&c.main, "proxy_cpu_ms_per_1000_requests");
         close(&cpu["l7"]["value"], 18.0);
         close(&cpu["haproxy_pair"]["value"], 30.0);
+        // Split evenly between the two proxies by `path`.
+        let per_proxy = row(&c.main, "proxy_cpu_ms_per_1000_requests_per_proxy");
+        close(&per_proxy["l7"]["node_a"], 9.0);
+        close(&per_proxy["l7"]["node_b"], 9.0);
 
         assert_eq!(
             c.versus_haproxy.titles,
