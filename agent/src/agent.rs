@@ -245,6 +245,7 @@ impl Node {
                 "services": cfg.services().len(),
                 "http_routes": cfg.routing().route_count(),
                 "routing_warnings": cfg.routing().warnings,
+                "peer_authentication_warnings": cfg.peer_authentications().warnings,
             },
             "ebpf": self.enroller.with_datapath(|d| d.status()),
             "workloads": {

@@ -322,6 +322,21 @@ fn print_routes(answer: &Value) {
     }
 }
 
+/// The upstream TLS towards a destination and the mTLS mode at its
+/// endpoints, under `indent`.
+fn print_security(destination: &Value, indent: &str) {
+    if !destination["upstreamTls"].is_null() {
+        println!(
+            "{indent}{:<10} {}",
+            "tls",
+            text(&destination["upstreamTls"])
+        );
+    }
+    for mode in destination["mtls"].as_array().into_iter().flatten() {
+        println!("{indent}{:<10} {}", "mtls", text(mode));
+    }
+}
+
 fn print_explain(answer: &Value) {
     for key in [
         "summary",
@@ -337,6 +352,7 @@ fn print_explain(answer: &Value) {
             println!("{key:<10} {}", text(&answer[key]));
         }
     }
+    print_security(answer, "");
     for d in answer["destinations"].as_array().into_iter().flatten() {
         let subset = d["subset"]
             .as_str()
@@ -350,6 +366,7 @@ fn print_explain(answer: &Value) {
         if !d["trafficPolicy"].is_null() {
             println!("  policy    {}", text(&d["trafficPolicy"]));
         }
+        print_security(d, "  ");
         for e in d["endpoints"].as_array().into_iter().flatten() {
             println!("  endpoint  {}", text(e));
         }

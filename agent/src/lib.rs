@@ -15,4 +15,5 @@ pub mod netns;
 pub mod nofile;
 pub mod proxy;
 pub mod routing;
+pub mod security;
 pub mod workloads;

@@ -82,6 +82,10 @@ struct AgentArgs {
     upstream_dns: Option<SocketAddr>,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Namespace whose PeerAuthentication without a selector applies to the
+    /// whole mesh (Istio's root namespace).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
     /// Range for Services without a clusterIP.
     #[arg(long, default_value = "10.96.0.0/16", value_parser = parse_cidr)]
     service_cidr: (Ipv4Addr, u8),
@@ -260,6 +264,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         load: config::LoadOptions {
             service_cidr: args.service_cidr,
             cluster_domain: args.cluster_domain,
+            root_namespace: args.root_namespace,
             ..config::LoadOptions::default()
         },
         proxy: proxy::Settings {

@@ -1,7 +1,7 @@
 //! Reading a configuration directory into a validated [`Config`].
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::ControlFlow;
@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::routing::{self, RoutingTable};
+use crate::security::{self, PeerAuthenticationDraft, PeerAuthentications};
 
 use super::cluster_ip::ClusterIpRange;
 use super::model::{
@@ -84,6 +85,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    PeerAuthentication,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -93,7 +95,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -101,6 +103,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
+        Kind::PeerAuthentication,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -114,6 +117,7 @@ impl Kind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
+            Kind::PeerAuthentication => &["security.istio.io/v1", "security.istio.io/v1beta1"],
         }
     }
 
@@ -126,6 +130,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
@@ -198,6 +203,7 @@ struct Loader {
     workloads: Vec<(Origin, Workload)>,
     services: Vec<(Origin, ServiceDraft)>,
     routing: routing::Drafts,
+    peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
 }
 
 impl Loader {
@@ -213,6 +219,7 @@ impl Loader {
             workloads: Vec::new(),
             services: Vec::new(),
             routing: routing::Drafts::default(),
+            peer_authentications: Vec::new(),
         }
     }
 
@@ -362,6 +369,11 @@ impl Loader {
                     self.routing.http_routes.push((origin, draft));
                 }
             }
+            Kind::PeerAuthentication => {
+                if let Some(draft) = self.parse(&origin, doc, security::peer_authentication) {
+                    self.peer_authentications.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -441,6 +453,10 @@ impl Loader {
                 endpoints,
             },
             routing: RoutingTable::default(),
+            peer_authentications: PeerAuthentications::compile(
+                self.peer_authentications,
+                &opts.root_namespace,
+            ),
         };
         // Routes refer to Services, so they are resolved once all are known.
         config.routing = routing::compile(&config, self.routing, &mut self.errors);
@@ -745,6 +761,37 @@ pub(crate) fn check_dns_label(value: &str, field: &str, issues: &mut Issues) {
                  starting and ending with a letter or digit (DNS-1123 label)"
             ),
         );
+    }
+}
+
+/// Kubernetes label syntax: `[prefix/]name` keys, values of up to 63
+/// characters.
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>, field: &str, issues: &mut Issues) {
+    fn name(s: &str) -> bool {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    }
+    for (key, value) in labels {
+        let (prefix, key_name) = key.rsplit_once('/').unwrap_or(("", key));
+        let prefix_ok = prefix.len() <= 253
+            && prefix
+                .split('.')
+                .all(|l| prefix.is_empty() || (!l.is_empty() && name(l) && !l.contains('_')));
+        if key_name.is_empty() || !name(key_name) || !prefix_ok {
+            issues.add(
+                format!("{field}.{key}"),
+                format!("invalid label key {key:?}"),
+            );
+        }
+        if !name(value) {
+            issues.add(
+                format!("{field}.{key}"),
+                format!("invalid label value {value:?}"),
+            );
+        }
     }
 }
 
@@ -1145,7 +1192,8 @@ spec:
         let supported = "(supported: v1 Namespace, v1 Node, nodemesh.io/v1alpha1 Workload, v1 Service, \
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
-                         gateway.networking.k8s.io/v1|v1beta1 HTTPRoute)";
+                         gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
+                         security.istio.io/v1|v1beta1 PeerAuthentication)";
         assert_error(
             &[("x.yaml", deployment)],
             &[

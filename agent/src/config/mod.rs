@@ -1,7 +1,7 @@
 //! Local YAML configuration of the mesh.
 //!
-//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services, and the
-//! routing kinds of [`crate::routing`]) is validated
+//! A directory of Kubernetes-style manifests (Namespaces, Workloads, Services, the
+//! routing kinds of [`crate::routing`] and the policies of [`crate::security`]) is validated
 //! as a whole into an immutable [`Config`] snapshot; [`watch_dir`] hot-reloads it into a
 //! [`ConfigStore`] that the request path reads without locking.
 
@@ -23,13 +23,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use load::{check_dns_label, check_metadata, port_number, Issues, Origin};
-pub(crate) use model::{Metadata, Object};
+pub(crate) use load::{check_dns_label, check_labels, check_metadata, port_number, Issues, Origin};
+pub(crate) use model::{Meta, Object};
 pub use reload::Reloader;
 pub use store::ConfigStore;
 pub use watch::watch_dir;
 
 use crate::routing::RoutingTable;
+use crate::security::PeerAuthentications;
 
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -41,6 +42,9 @@ pub struct LoadOptions {
     pub service_cidr: (Ipv4Addr, u8),
     /// Suffix of fully qualified service names (`web.shop.svc.<cluster_domain>`).
     pub cluster_domain: String,
+    /// Namespace whose PeerAuthentication without a selector is mesh-wide (Istio's
+    /// `rootNamespace`).
+    pub root_namespace: String,
     pub limits: Limits,
 }
 
@@ -49,6 +53,7 @@ impl Default for LoadOptions {
         Self {
             service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 16),
             cluster_domain: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
             limits: Limits::default(),
         }
     }
@@ -212,6 +217,8 @@ pub struct Config {
     index: Index,
     #[serde(skip)]
     routing: RoutingTable,
+    #[serde(skip)]
+    peer_authentications: PeerAuthentications,
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -235,12 +242,18 @@ impl Config {
             cluster_domain: LoadOptions::default().cluster_domain,
             index: Index::default(),
             routing: RoutingTable::default(),
+            peer_authentications: PeerAuthentications::default(),
         }
     }
 
     /// VirtualServices, DestinationRules and HTTPRoutes, compiled per Service.
     pub fn routing(&self) -> &RoutingTable {
         &self.routing
+    }
+
+    /// PeerAuthentications, compiled for lookups by workload and port.
+    pub fn peer_authentications(&self) -> &PeerAuthentications {
+        &self.peer_authentications
     }
 
     /// Lowercase, without trailing dot (`cluster.local`).

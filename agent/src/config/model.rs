@@ -91,6 +91,35 @@ pub struct NodeAddress {
     pub address: String,
 }
 
+/// What conflicts between objects of one kind are settled by: the oldest wins, as in Istio.
+pub struct Meta {
+    pub namespace: String,
+    pub name: String,
+    pub created: Option<String>,
+}
+
+impl Meta {
+    pub fn new(metadata: &Metadata) -> Meta {
+        Meta {
+            namespace: metadata.namespace.clone(),
+            name: metadata.name.clone(),
+            created: metadata.creation_timestamp.clone(),
+        }
+    }
+
+    /// Oldest first (RFC 3339 UTC strings sort by time), objects without a
+    /// timestamp last, then by namespace/name.
+    pub fn rank(&self) -> (bool, &str, &str, &str) {
+        let created = self.created.as_deref();
+        (
+            created.is_none(),
+            created.unwrap_or(""),
+            &self.namespace,
+            &self.name,
+        )
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {

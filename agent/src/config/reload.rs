@@ -58,7 +58,8 @@ fn serve(dir: &std::path::Path, opts: &LoadOptions, store: &ConfigStore, pending
         store.load_started();
         match Config::load_dir(dir, opts) {
             Ok(config) => {
-                for warning in &config.routing().warnings {
+                let warnings = config.routing().warnings.iter();
+                for warning in warnings.chain(&config.peer_authentications().warnings) {
                     log::warn!("{warning}");
                 }
                 let routes = config.routing().route_count();

@@ -6,9 +6,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, Issues, Metadata, Origin, Protocol, Service};
+use crate::config::{Config, ConfigError, Issues, Meta, Origin, Protocol, Service};
 
-use super::{Destination, DestinationPolicy, HttpRoute, RouteAction, RoutingTable, VirtualHost};
+use super::{
+    Destination, DestinationPolicy, HttpRoute, RouteAction, RoutingTable, Subset, VirtualHost,
+};
 
 /// Routing objects checked one by one, waiting for the Services to be known.
 #[derive(Default)]
@@ -16,35 +18,6 @@ pub(crate) struct Drafts {
     pub virtual_services: Vec<(Origin, VirtualServiceDraft)>,
     pub destination_rules: Vec<(Origin, DestinationRuleDraft)>,
     pub http_routes: Vec<(Origin, HttpRouteDraft)>,
-}
-
-/// What conflicts between objects are settled by.
-pub(super) struct Meta {
-    pub namespace: String,
-    pub name: String,
-    pub created: Option<String>,
-}
-
-impl Meta {
-    pub fn new(metadata: &Metadata) -> Meta {
-        Meta {
-            namespace: metadata.namespace.clone(),
-            name: metadata.name.clone(),
-            created: metadata.creation_timestamp.clone(),
-        }
-    }
-
-    /// Oldest first (RFC 3339 UTC strings sort by time), objects without a
-    /// timestamp last, then by namespace/name.
-    fn rank(&self) -> (bool, &str, &str, &str) {
-        let created = self.created.as_deref();
-        (
-            created.is_none(),
-            created.unwrap_or(""),
-            &self.namespace,
-            &self.name,
-        )
-    }
 }
 
 pub(crate) struct VirtualServiceDraft {
@@ -262,6 +235,9 @@ fn bind_destination_rules(
         let (winner_origin, winner) = &rules[candidates[0].1];
         let mut policy = winner.policy.clone();
         policy.origin = winner_origin.to_string();
+        for subset in &mut policy.subsets {
+            subset.origin.clone_from(&policy.origin);
+        }
         for &(_, other) in &candidates[1..] {
             let (origin, other) = &rules[other];
             let (mut merged, mut ignored) = (Vec::new(), Vec::new());
@@ -270,7 +246,10 @@ fn bind_destination_rules(
                     ignored.push(subset.name.as_str());
                 } else {
                     merged.push(subset.name.as_str());
-                    policy.subsets.push(subset.clone());
+                    policy.subsets.push(Subset {
+                        origin: origin.to_string(),
+                        ..subset.clone()
+                    });
                 }
             }
             let mut message = format!(
@@ -667,37 +646,6 @@ pub(super) fn percent(value: f64, field: String, issues: &mut Issues) -> f64 {
         issues.add(field, "must be between 0 and 100");
     }
     value
-}
-
-/// Kubernetes label syntax: `[prefix/]name` keys, values of up to 63
-/// characters.
-pub(super) fn labels(labels: &BTreeMap<String, String>, field: &str, issues: &mut Issues) {
-    fn name(s: &str) -> bool {
-        s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
-            && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
-    }
-    for (key, value) in labels {
-        let (prefix, key_name) = key.rsplit_once('/').unwrap_or(("", key));
-        let prefix_ok = prefix.len() <= 253
-            && prefix
-                .split('.')
-                .all(|l| prefix.is_empty() || (!l.is_empty() && name(l) && !l.contains('_')));
-        if key_name.is_empty() || !name(key_name) || !prefix_ok {
-            issues.add(
-                format!("{field}.{key}"),
-                format!("invalid label key {key:?}"),
-            );
-        }
-        if !name(value) {
-            issues.add(
-                format!("{field}.{key}"),
-                format!("invalid label value {value:?}"),
-            );
-        }
-    }
 }
 
 /// An Istio host: a DNS name, `*`, or `*.` followed by a DNS name.

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use crate::config::{check_dns_label, check_metadata, port_number, Issues, Object};
+use crate::config::{check_dns_label, check_metadata, port_number, Issues, Meta, Object};
 
 use super::compile::{
     count, duration, full_match_regex, header_name, header_value, path_rank, percent,
-    HttpRouteDraft, Meta, ParentRef, Precedence, RouteDraft, Warnings,
+    HttpRouteDraft, ParentRef, Precedence, RouteDraft, Warnings,
 };
 use super::{
     Destination, HeaderEdits, HeaderOps, HttpRoute, Mirror, PathRewrite, Redirect, RequestMatch,

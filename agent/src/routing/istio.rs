@@ -9,17 +9,19 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::config::{check_dns_label, check_metadata, port_number, Issues, Object};
+use crate::config::{
+    check_dns_label, check_labels, check_metadata, port_number, Issues, Meta, Object,
+};
 
 use super::compile::{
-    check_host, count, duration, full_match_regex, header_name, header_value, labels, percent,
-    regex, DestinationRuleDraft, Meta, RouteDraft, VirtualServiceDraft, Warnings,
+    check_host, count, duration, full_match_regex, header_name, header_value, percent, regex,
+    DestinationRuleDraft, RouteDraft, VirtualServiceDraft, Warnings,
 };
 use super::{
     AbortStatus, ConnectionPool, Destination, DestinationPolicy, Fault, FaultAbort, FaultDelay,
     HashKey, HeaderEdits, HeaderOps, HttpRoute, LoadBalancer, Mirror, OutlierDetection,
     PathRewrite, Redirect, RequestMatch, RetryOn, RetryPolicy, Rewrite, RouteAction, StringMatch,
-    Subset, TrafficPolicy, WeightedDestination,
+    Subset, TrafficPolicy, UpstreamTls, WeightedDestination,
 };
 
 #[derive(Deserialize)]
@@ -518,22 +520,14 @@ struct OutlierDetectionSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ClientTlsSpec {
     mode: Option<TlsMode>,
-    #[serde(rename = "clientCertificate")]
-    _client_certificate: Option<String>,
-    #[serde(rename = "privateKey")]
-    _private_key: Option<String>,
-    #[serde(rename = "caCertificates")]
-    _ca_certificates: Option<String>,
-    #[serde(rename = "credentialName")]
-    _credential_name: Option<String>,
-    #[serde(rename = "subjectAltNames")]
-    _subject_alt_names: Option<Vec<String>>,
-    #[serde(rename = "sni")]
-    _sni: Option<String>,
-    #[serde(rename = "insecureSkipVerify")]
-    _insecure_skip_verify: Option<bool>,
-    #[serde(rename = "caCrl")]
-    _ca_crl: Option<String>,
+    client_certificate: Option<String>,
+    private_key: Option<String>,
+    ca_certificates: Option<String>,
+    credential_name: Option<String>,
+    subject_alt_names: Option<Vec<String>>,
+    sni: Option<String>,
+    insecure_skip_verify: Option<bool>,
+    ca_crl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -773,7 +767,7 @@ fn request_match(
     let port = m
         .port
         .and_then(|p| port_number(p, format!("{at}.port"), issues));
-    labels(&m.source_labels, &format!("{at}.sourceLabels"), issues);
+    check_labels(&m.source_labels, &format!("{at}.sourceLabels"), issues);
     if m.stat_prefix.is_some() {
         warnings.not_enforced(format!("{at}.statPrefix"));
     }
@@ -1249,12 +1243,13 @@ pub(crate) fn destination_rule(
         if !names.insert(s.name.clone()) {
             issues.add(format!("{at}.name"), format!("duplicate subset {}", s.name));
         }
-        labels(&s.labels, &format!("{at}.labels"), issues);
+        check_labels(&s.labels, &format!("{at}.labels"), issues);
         let (policy, ports) = s
             .traffic_policy
             .map(|p| traffic_policy(p, &format!("{at}.trafficPolicy"), &mut warnings, issues))
             .unwrap_or_default();
         subsets.push(Subset {
+            origin: String::new(),
             name: s.name,
             labels: s.labels,
             policy,
@@ -1342,20 +1337,8 @@ fn policy_groups(
     warnings: &mut Warnings,
     issues: &mut Issues,
 ) -> TrafficPolicy {
-    if let Some(tls) = tls {
-        let mode = match tls.mode {
-            None => "unset",
-            Some(TlsMode::Disable) => "DISABLE",
-            Some(TlsMode::Simple) => "SIMPLE",
-            Some(TlsMode::Mutual) => "MUTUAL",
-            Some(TlsMode::IstioMutual) => "ISTIO_MUTUAL",
-        };
-        warnings.add(
-            format!("{at}.tls"),
-            format!("accepted, not enforced (mode {mode}; the mesh's own mTLS applies)"),
-        );
-    }
     TrafficPolicy {
+        tls: tls.map(|tls| client_tls(tls, &format!("{at}.tls"), warnings)),
         load_balancer: load_balancer.and_then(|lb| {
             self::load_balancer(lb, &format!("{at}.loadBalancer"), warnings, issues)
         }),
@@ -1364,6 +1347,51 @@ fn policy_groups(
         outlier_detection: outlier
             .map(|od| outlier_detection(od, &format!("{at}.outlierDetection"), warnings, issues)),
     }
+}
+
+/// `ISTIO_MUTUAL` and `DISABLE` are enforced; TLS origination with the
+/// user's own certificates (`SIMPLE`, `MUTUAL`) is not supported, and the
+/// mesh's automatic mTLS applies instead.
+fn client_tls(tls: ClientTlsSpec, at: &str, warnings: &mut Warnings) -> UpstreamTls {
+    let upstream = match tls.mode {
+        Some(TlsMode::IstioMutual) => UpstreamTls::IstioMutual,
+        Some(TlsMode::Disable) => UpstreamTls::Disable,
+        None => {
+            warnings.add(
+                format!("{at}.mode"),
+                "not set: DISABLE (Istio's default), the destination is reached in plaintext",
+            );
+            UpstreamTls::Disable
+        }
+        Some(mode @ (TlsMode::Simple | TlsMode::Mutual)) => {
+            let mode = match mode {
+                TlsMode::Simple => "SIMPLE",
+                _ => "MUTUAL",
+            };
+            warnings.add(
+                format!("{at}.mode"),
+                format!(
+                    "{mode} is not supported (nodemesh does not originate TLS with your own \
+                     certificates); automatic mTLS applies instead"
+                ),
+            );
+            return UpstreamTls::Auto;
+        }
+    };
+    let unused = [
+        (tls.client_certificate.is_some(), "clientCertificate"),
+        (tls.private_key.is_some(), "privateKey"),
+        (tls.ca_certificates.is_some(), "caCertificates"),
+        (tls.credential_name.is_some(), "credentialName"),
+        (tls.subject_alt_names.is_some(), "subjectAltNames"),
+        (tls.sni.is_some(), "sni"),
+        (tls.insecure_skip_verify.is_some(), "insecureSkipVerify"),
+        (tls.ca_crl.is_some(), "caCrl"),
+    ];
+    for (_, field) in unused.into_iter().filter(|(set, _)| *set) {
+        warnings.not_enforced(format!("{at}.{field}"));
+    }
+    upstream
 }
 
 fn load_balancer(

@@ -61,6 +61,20 @@ impl RoutingTable {
         self.policies.get(service)
     }
 
+    /// How the proxy speaks to the endpoints of `service` on `port` (a
+    /// Service port), narrowed to `subset` when a route picked one: the L4
+    /// path asks without a subset, the L7 path after picking one.
+    pub fn upstream_tls(
+        &self,
+        service: &str,
+        subset: Option<&str>,
+        port: u16,
+    ) -> UpstreamTlsDecision<'_> {
+        self.policy(service)
+            .and_then(|rule| rule.upstream_tls(subset, port))
+            .unwrap_or_default()
+    }
+
     pub fn route_count(&self) -> usize {
         self.hosts.values().map(|h| h.routes.len()).sum()
     }
@@ -371,28 +385,64 @@ impl DestinationPolicy {
         self.subsets.iter().find(|s| s.name == name)
     }
 
-    /// The policy for `port` of `subset`: the subset's settings, else the
-    /// port's, else the rule's, each field group (loadBalancer,
-    /// connectionPool, outlierDetection) taken whole from the most specific
-    /// level that sets it, as Istio does.
+    /// The policy for `port` of `subset`, each field group (tls,
+    /// loadBalancer, connectionPool, outlierDetection) taken whole from the
+    /// most specific level that sets it (see [`Self::levels`]).
     pub fn effective(&self, subset: Option<&str>, port: u16) -> TrafficPolicy {
-        let mut policy = self.policy.clone();
-        if let Some((_, p)) = self.ports.iter().find(|(n, _)| *n == port) {
-            policy = p.clone().over(policy);
-        }
-        if let Some(s) = subset.and_then(|s| self.subset(s)) {
-            if let Some((_, p)) = s.ports.iter().find(|(n, _)| *n == port) {
-                policy = p.clone().over(policy);
-            }
-            policy = s.policy.clone().over(policy);
-        }
-        policy
+        self.levels(subset, port)
+            .into_iter()
+            .flatten()
+            .fold(TrafficPolicy::default(), |base, (policy, _)| {
+                policy.clone().over(base)
+            })
+    }
+
+    /// The `tls` setting for `port` of `subset`, from the most specific
+    /// level that sets one, and the DestinationRule it comes from; `None`
+    /// when no level sets one.
+    pub fn upstream_tls(&self, subset: Option<&str>, port: u16) -> Option<UpstreamTlsDecision<'_>> {
+        let levels = self.levels(subset, port);
+        levels
+            .into_iter()
+            .rev()
+            .flatten()
+            .find_map(|(policy, rule)| {
+                Some(UpstreamTlsDecision {
+                    tls: policy.tls?,
+                    rule: Some(rule),
+                })
+            })
+    }
+
+    /// The levels of settings that apply to `port` of `subset`, least
+    /// specific first: the rule's, its `portLevelSettings` for the port, the
+    /// subset's, the subset's for the port; each with the DestinationRule it
+    /// comes from (a subset may be merged from another rule).
+    fn levels<'a>(
+        &'a self,
+        subset: Option<&str>,
+        port: u16,
+    ) -> [Option<(&'a TrafficPolicy, &'a str)>; 4] {
+        let for_port = |ports: &'a [(u16, TrafficPolicy)]| {
+            ports.iter().find(|(n, _)| *n == port).map(|(_, p)| p)
+        };
+        let subset = subset.and_then(|s| self.subset(s));
+        let rule = self.origin.as_str();
+        [
+            Some((&self.policy, rule)),
+            for_port(&self.ports).map(|p| (p, rule)),
+            subset.map(|s| (&s.policy, s.origin.as_str())),
+            subset.and_then(|s| Some((for_port(&s.ports)?, s.origin.as_str()))),
+        ]
     }
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
+    /// The DestinationRule that defines it, and its file.
+    #[serde(skip)]
+    pub origin: String,
     pub name: String,
     /// Endpoints of the Service carrying all of these labels.
     pub labels: BTreeMap<String, String>,
@@ -403,6 +453,9 @@ pub struct Subset {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
+    /// `None`: not set at this level ([`UpstreamTls::Auto`] when no level
+    /// sets it).
+    pub tls: Option<UpstreamTls>,
     /// `None`: the default, peak-EWMA with two random choices.
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
@@ -413,9 +466,56 @@ impl TrafficPolicy {
     /// This policy's field groups where set, `base`'s elsewhere.
     fn over(self, base: TrafficPolicy) -> TrafficPolicy {
         TrafficPolicy {
+            tls: self.tls.or(base.tls),
             load_balancer: self.load_balancer.or(base.load_balancer),
             connection_pool: self.connection_pool.or(base.connection_pool),
             outlier_detection: self.outlier_detection.or(base.outlier_detection),
+        }
+    }
+}
+
+/// How the proxy speaks to a destination's endpoints: DestinationRule
+/// `trafficPolicy.tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum UpstreamTls {
+    /// No DestinationRule sets it: Istio's automatic mTLS, mutual TLS to
+    /// endpoints in the mesh unless their PeerAuthentication mode is
+    /// DISABLE, plaintext to endpoints outside the mesh.
+    #[default]
+    Auto,
+    /// `ISTIO_MUTUAL`: mutual TLS with the workload's mesh identity, always.
+    #[serde(rename = "ISTIO_MUTUAL")]
+    IstioMutual,
+    /// `DISABLE`: plaintext.
+    #[serde(rename = "DISABLE")]
+    Disable,
+}
+
+impl std::fmt::Display for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamTls::Auto => "auto",
+            UpstreamTls::IstioMutual => "ISTIO_MUTUAL",
+            UpstreamTls::Disable => "DISABLE",
+        })
+    }
+}
+
+/// The upstream TLS of one destination, and why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamTlsDecision<'a> {
+    pub tls: UpstreamTls,
+    /// `DestinationRule namespace/name (file)` that set it; `None`: no rule
+    /// does.
+    pub rule: Option<&'a str>,
+}
+
+impl std::fmt::Display for UpstreamTlsDecision<'_> {
+    /// `ISTIO_MUTUAL (DestinationRule shop/web (dr.yaml))`, `auto (no DestinationRule sets tls)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.rule {
+            Some(rule) => write!(f, "{} ({rule})", self.tls),
+            None => write!(f, "{} (no DestinationRule sets tls)", self.tls),
         }
     }
 }

@@ -225,19 +225,169 @@ fn loads_bookinfo_all_v1() {
 }
 
 #[test]
-fn istio_mutual_tls_is_one_warning_per_rule() {
+fn istio_mutual_tls_is_enforced_without_warnings() {
     let table = table(&[
         ("destination-rule-all-mtls.yaml", DESTINATION_RULE_ALL_MTLS),
         ("virtual-service-all-v1.yaml", VIRTUAL_SERVICE_ALL_V1),
     ]);
-    assert_eq!(table.warnings.len(), 4, "{:#?}", table.warnings);
-    for warning in &table.warnings {
-        assert!(warning.starts_with("DestinationRule default/"), "{warning}");
-        assert!(
-            warning.contains("spec.trafficPolicy.tls: accepted, not enforced (mode ISTIO_MUTUAL"),
-            "{warning}"
+    assert_eq!(table.warnings, Vec::<String>::new());
+    for service in ["productpage", "reviews", "ratings", "details"] {
+        let key = format!("default/{service}");
+        for subset in [None, Some("v1")] {
+            let decision = table.upstream_tls(&key, subset, 9080);
+            assert_eq!(decision.tls, UpstreamTls::IstioMutual, "{key} {subset:?}");
+            let rule = decision.rule.unwrap();
+            assert!(
+                rule.starts_with(&format!("DestinationRule default/{service} (")),
+                "{rule}"
+            );
+            assert!(rule.ends_with("destination-rule-all-mtls.yaml)"), "{rule}");
+        }
+    }
+}
+
+#[test]
+fn destination_rule_tls_at_top_subset_and_port_level() {
+    let dr = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL}
+    portLevelSettings:
+    - port: {number: 9090}
+      tls: {mode: DISABLE}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      tls: {mode: DISABLE}
+      portLevelSettings:
+      - port: {number: 9080}
+        tls: {mode: ISTIO_MUTUAL}
+  - name: v3
+    labels: {version: v3}
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN}
+";
+    let table = table(&[("dr.yaml", dr)]);
+    assert_eq!(table.warnings, Vec::<String>::new());
+    let tls = |subset, port| table.upstream_tls("default/reviews", subset, port).tls;
+    use UpstreamTls::{Disable, IstioMutual};
+    assert_eq!(tls(None, 9080), IstioMutual, "top level");
+    assert_eq!(tls(None, 9090), Disable, "top-level port setting");
+    assert_eq!(tls(Some("v1"), 9090), Disable, "v1 sets nothing");
+    assert_eq!(tls(Some("v2"), 9090), Disable, "subset level");
+    assert_eq!(
+        tls(Some("v2"), 9080),
+        IstioMutual,
+        "the subset's port setting beats the subset's own"
+    );
+    assert_eq!(
+        tls(Some("v3"), 9080),
+        IstioMutual,
+        "a subset that sets other groups only keeps the rule's tls"
+    );
+    assert_eq!(tls(Some("missing"), 9090), Disable);
+    let policy = table.policy("default/reviews").unwrap();
+    for (subset, port) in [(None, 9080), (Some("v2"), 9080), (Some("v2"), 9090)] {
+        assert_eq!(
+            policy.effective(subset, port).tls,
+            Some(tls(subset, port)),
+            "effective() and upstream_tls() walk the same levels"
         );
     }
+    let decision = table.upstream_tls("default/reviews", Some("v2"), 9080);
+    let shown = decision.to_string();
+    assert!(
+        shown.starts_with("ISTIO_MUTUAL (DestinationRule default/reviews (")
+            && shown.ends_with("dr.yaml))"),
+        "{shown}"
+    );
+
+    let auto = table.upstream_tls("default/ratings", None, 9080);
+    assert_eq!(auto, UpstreamTlsDecision::default());
+    assert_eq!(auto.to_string(), "auto (no DestinationRule sets tls)");
+}
+
+#[test]
+fn a_merged_subset_names_the_rule_it_comes_from() {
+    let rule = |name: &str, created: &str, subset: &str, mode: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: {name}, creationTimestamp: {created}}}\n\
+             spec: {{host: reviews, trafficPolicy: {{tls: {{mode: {mode}}}}}, \
+             subsets: [{{name: {subset}, labels: {{version: {subset}}}, \
+             trafficPolicy: {{tls: {{mode: {mode}}}}}}}]}}\n"
+        )
+    };
+    let rules = rule("old", "2024-01-01T00:00:00Z", "v1", "ISTIO_MUTUAL")
+        + &rule("new", "2024-06-01T00:00:00Z", "v2", "DISABLE");
+    let table = table(&[("dr.yaml", &rules)]);
+    let v2 = table.upstream_tls("default/reviews", Some("v2"), 9080);
+    assert_eq!(v2.tls, UpstreamTls::Disable);
+    assert!(v2
+        .rule
+        .unwrap()
+        .starts_with("DestinationRule default/new ("));
+    let top = table.upstream_tls("default/reviews", None, 9080);
+    assert_eq!(top.tls, UpstreamTls::IstioMutual);
+    assert!(top
+        .rule
+        .unwrap()
+        .starts_with("DestinationRule default/old ("));
+}
+
+#[test]
+fn tls_origination_and_a_missing_mode_are_warned_about() {
+    let dr = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    tls: {mode: SIMPLE, sni: reviews.example.com}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      tls: {mode: MUTUAL, clientCertificate: /etc/certs/cert.pem, privateKey: /etc/certs/key.pem}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      tls: {sni: reviews}
+";
+    let table = table(&[("dr.yaml", dr)]);
+    let tls = |subset| table.upstream_tls("default/reviews", subset, 9080).tls;
+    assert_eq!(tls(None), UpstreamTls::Auto);
+    assert_eq!(tls(Some("v1")), UpstreamTls::Auto);
+    assert_eq!(
+        tls(Some("v2")),
+        UpstreamTls::Disable,
+        "Istio's default mode"
+    );
+    let warnings: Vec<_> = table
+        .warnings
+        .iter()
+        .map(|w| w.split_once("dr.yaml): ").unwrap().1)
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "spec.trafficPolicy.tls.mode: SIMPLE is not supported (nodemesh does not originate \
+             TLS with your own certificates); automatic mTLS applies instead",
+            "spec.subsets[0].trafficPolicy.tls.mode: MUTUAL is not supported (nodemesh does not \
+             originate TLS with your own certificates); automatic mTLS applies instead",
+            "spec.subsets[1].trafficPolicy.tls.mode: not set: DISABLE (Istio's default), the \
+             destination is reached in plaintext",
+            "spec.subsets[1].trafficPolicy.tls.sni: accepted, not enforced",
+        ]
+    );
 }
 
 #[test]

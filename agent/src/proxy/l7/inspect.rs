@@ -13,7 +13,9 @@ use super::forward::{self, Target};
 use crate::config::{Config, Protocol, Service};
 use crate::proxy::detect::{self, Declared};
 use crate::proxy::Proxy;
-use crate::routing::{duration, HttpRoute, RequestInfo, RetryPolicy, RouteAction, TrafficPolicy};
+use crate::routing::{
+    duration, HttpRoute, RequestInfo, RetryPolicy, RouteAction, TrafficPolicy, UpstreamTlsDecision,
+};
 
 /// What `nodemesh explain` asks about.
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
@@ -186,6 +188,15 @@ fn policy_summary(route: &HttpRoute) -> String {
 
 /// What the proxy would do with one request, without sending anything.
 pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<Value, String> {
+    explain_with(config, &proxy.clusters.ejections(), ask)
+}
+
+/// [`explain`] with the endpoints that outlier detection has ejected now.
+fn explain_with(
+    config: &Config,
+    ejected: &[Ejected],
+    ask: &ExplainRequest,
+) -> Result<Value, String> {
     let source = config
         .workload_by_key(&ask.from)
         .ok_or_else(|| format!("no workload {} (expected namespace/name)", ask.from))?;
@@ -239,6 +250,15 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
     });
     if protocol == "tcp (opaque)" {
         out["summary"] = json!("the port is declared opaque: the connection is relayed to one endpoint, no routes apply");
+        let own = crate::routing::Destination {
+            service: key.clone(),
+            subset: None,
+            port: None,
+        };
+        if let Some(target) = forward::resolve(config, &own, port, true) {
+            out["upstreamTls"] = json!(upstream_tls(config, &target).to_string());
+            out["mtls"] = json!(mtls_modes(config, &target));
+        }
         return Ok(out);
     }
     let host = config.routing().host(&key);
@@ -283,7 +303,6 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
         }
     };
     let total: u32 = destinations.iter().map(|(_, w)| *w).sum::<u32>().max(1);
-    let ejected = proxy.clusters.ejections();
     let picks: Vec<Value> = destinations
         .iter()
         .map(|(dest, weight)| {
@@ -292,8 +311,10 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
                 "service": dest.service,
                 "subset": dest.subset,
                 "chance": format!("{}%", (*weight as f64 * 100.0 / total as f64).round()),
-                "endpoints": target.as_ref().map(|t| endpoints(config, t, &ejected)).unwrap_or_default(),
+                "endpoints": target.as_ref().map(|t| endpoints(config, t, ejected)).unwrap_or_default(),
                 "trafficPolicy": target.as_ref().map(|t| traffic_policy(&t.policy)),
+                "upstreamTls": target.as_ref().map(|t| upstream_tls(config, t).to_string()),
+                "mtls": target.as_ref().map(|t| mtls_modes(config, t)),
             })
         })
         .collect();
@@ -310,11 +331,10 @@ pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<V
     Ok(out)
 }
 
-fn endpoints(
-    config: &Config,
-    target: &Target,
-    ejected: &[(super::balance::ClusterKey, Vec<SocketAddr>)],
-) -> Vec<String> {
+/// Endpoints of a destination that outlier detection has ejected.
+type Ejected = (super::balance::ClusterKey, Vec<SocketAddr>);
+
+fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<String> {
     let out_now: Vec<SocketAddr> = ejected
         .iter()
         .filter(|(k, _)| *k == target.key)
@@ -335,6 +355,37 @@ fn endpoints(
             };
             format!("{name} {addr}{state}")
         })
+        .collect()
+}
+
+/// The DestinationRule `tls` setting the proxy applies towards `target`.
+fn upstream_tls<'c>(config: &'c Config, target: &Target) -> UpstreamTlsDecision<'c> {
+    let key = &target.key;
+    config
+        .routing()
+        .upstream_tls(&key.service, key.subset.as_deref(), key.port)
+}
+
+/// The PeerAuthentication mode at each endpoint of `target` (on its target
+/// port), one line per distinct decision: `STRICT (PeerAuthentication
+/// shop/default) at shop/web-a, shop/web-b`.
+fn mtls_modes(config: &Config, target: &Target) -> Vec<String> {
+    let mut by_decision = BTreeMap::<String, Vec<String>>::new();
+    for addr in &target.endpoints {
+        let Some(workload) = config.workload_by_address(addr.ip()) else {
+            continue;
+        };
+        let decision = config
+            .peer_authentications()
+            .mtls_mode(workload, addr.port());
+        by_decision
+            .entry(decision.to_string())
+            .or_default()
+            .push(workload.key());
+    }
+    by_decision
+        .into_iter()
+        .map(|(decision, workloads)| format!("{decision} at {}", workloads.join(", ")))
         .collect()
 }
 
@@ -359,4 +410,171 @@ fn traffic_policy(policy: &TrafficPolicy) -> String {
         ));
     }
     parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::LoadOptions;
+
+    /// `web` in `shop`: v1 and v2, HTTP on 80 and opaque TCP on 5432, both
+    /// to the workloads' port 8080 and 5432.
+    const MESH: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: tcp-db, port: 5432}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-v1, namespace: shop, labels: {app: web, version: v1}}
+spec: {netns: /run/netns/web-v1, addresses: [10.0.0.1], node: n1}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-v2, namespace: shop, labels: {app: web, version: v2}}
+spec: {netns: /run/netns/web-v2, addresses: [10.0.0.2], node: n2}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {netns: /run/netns/client, addresses: [10.0.0.3], node: n1}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-v2, namespace: shop}
+spec:
+  selector: {matchLabels: {version: v2}}
+  portLevelMtls: {8080: {mode: DISABLE}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {tls: {mode: DISABLE}}
+";
+
+    const TO_V2: &str = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - route: [{destination: {host: web, subset: v1}}]
+";
+
+    fn config(files: &[(&str, &str)]) -> Config {
+        let files: Vec<_> = files
+            .iter()
+            .map(|(name, text)| (PathBuf::from(name), text.to_string()))
+            .collect();
+        Config::load_documents(&files, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn explain(config: &Config, url: &str, headers: &[(&str, &str)]) -> Value {
+        let ask = ExplainRequest {
+            from: "shop/client".into(),
+            url: url.into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            method: "GET".into(),
+        };
+        explain_with(config, &[], &ask).unwrap()
+    }
+
+    #[test]
+    fn explain_shows_upstream_tls_and_the_mtls_mode_of_each_endpoint() {
+        let config = config(&[("mesh.yaml", MESH)]);
+        let out = explain(&config, "http://web/", &[]);
+        let web = &out["destinations"][0];
+        assert_eq!(
+            web["upstreamTls"], "ISTIO_MUTUAL (DestinationRule shop/web (mesh.yaml))",
+            "{out:#}"
+        );
+        assert_eq!(
+            web["mtls"],
+            json!([
+                "DISABLE (PeerAuthentication shop/web-v2) at shop/web-v2",
+                "STRICT (PeerAuthentication shop/default) at shop/web-v1",
+            ]),
+            "on the workloads' port 8080: {out:#}"
+        );
+
+        // The opaque port is relayed at L4: the same questions, no subset,
+        // and the workloads' port 5432 where web-v2 inherits STRICT.
+        let out = explain(&config, "http://web:5432/", &[]);
+        assert_eq!(
+            out["upstreamTls"],
+            "ISTIO_MUTUAL (DestinationRule shop/web (mesh.yaml))"
+        );
+        assert_eq!(
+            out["mtls"],
+            json!(["STRICT (PeerAuthentication shop/default) at shop/web-v1, shop/web-v2"]),
+            "{out:#}"
+        );
+    }
+
+    #[test]
+    fn explain_follows_the_subset_a_route_picks() {
+        let config = config(&[("mesh.yaml", MESH), ("vs.yaml", TO_V2)]);
+        let jason = explain(&config, "http://web/", &[("end-user", "jason")]);
+        let v2 = &jason["destinations"][0];
+        assert_eq!(v2["subset"], "v2");
+        assert_eq!(
+            v2["upstreamTls"],
+            "DISABLE (DestinationRule shop/web (mesh.yaml))"
+        );
+        assert_eq!(
+            v2["mtls"],
+            json!(["DISABLE (PeerAuthentication shop/web-v2) at shop/web-v2"])
+        );
+        let other = explain(&config, "http://web/", &[]);
+        assert_eq!(
+            other["destinations"][0]["upstreamTls"],
+            "ISTIO_MUTUAL (DestinationRule shop/web (mesh.yaml))"
+        );
+
+        let plain = config_without_rules();
+        let out = explain(&plain, "http://web/", &[]);
+        assert_eq!(
+            out["destinations"][0]["upstreamTls"],
+            "auto (no DestinationRule sets tls)"
+        );
+        assert_eq!(
+            out["destinations"][0]["mtls"],
+            json!(["PERMISSIVE (default: no PeerAuthentication) at shop/web-v1, shop/web-v2"])
+        );
+    }
+
+    /// `MESH` without its PeerAuthentications and DestinationRule.
+    fn config_without_rules() -> Config {
+        let mesh: String = MESH
+            .split("---")
+            .filter(|doc| !doc.contains("PeerAuthentication") && !doc.contains("DestinationRule"))
+            .collect::<Vec<_>>()
+            .join("---");
+        config(&[("mesh.yaml", &mesh)])
+    }
 }
