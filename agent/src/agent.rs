@@ -68,7 +68,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         config.clone(),
     )
     .context("starting the config loader thread")?;
-    let (datapath, orig_dst) =
+    let (datapath, orig_dst, deliveries) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
     // Measured once the data path holds its descriptors: what the agent
     // keeps for itself is what it holds now plus headroom.
@@ -80,6 +80,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let proxy = Arc::new(Proxy::new(
         config.clone(),
         orig_dst,
+        deliveries,
         settings.proxy,
         Arc::new(descriptors),
     ));

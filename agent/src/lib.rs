@@ -12,5 +12,6 @@ pub mod memory;
 pub mod netns;
 pub mod nofile;
 pub mod proxy;
+pub mod reply_routing;
 pub mod routing;
 pub mod workloads;

@@ -43,7 +43,7 @@ pub async fn handle(
     tracked.record.destination_workload = Some(pod.key.clone());
     tracked.record.upstream = Some(app);
     let outcome = match fds.split_one() {
-        Some(fd) => deliver(proxy, pod, &client, app, fd).await,
+        Some(fd) => deliver(proxy, pod, &client, peer, app, fd).await,
         None => Err("no descriptor left for the delivery".to_owned()),
     };
     if outcome.is_err() {
@@ -56,12 +56,22 @@ async fn deliver(
     proxy: &Proxy,
     pod: &Pod,
     client: &TcpStream,
+    caller: SocketAddr,
     app: SocketAddr,
     fd: Fds,
 ) -> Result<Transferred, String> {
-    let server = peer::deliver(pod, app, proxy.settings.connect_timeout, fd)
-        .await
-        .map_err(|e| format!("delivering to {app}: {e}"))?;
+    // Today the hop from another node is plain TCP from the caller's own
+    // namespace, so the peer address is the caller's.
+    let server = peer::deliver(
+        pod,
+        app,
+        caller.ip(),
+        &proxy.deliveries,
+        proxy.settings.connect_timeout,
+        fd,
+    )
+    .await
+    .map_err(|e| format!("delivering to {app}: {e}"))?;
     relay::relay(client, &server, proxy.settings.idle_timeout)
         .await
         .map_err(|e| e.to_string())

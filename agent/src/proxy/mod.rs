@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use budget::{CallerKey, Descriptors, Tenant};
 
 use crate::config::ConfigStore;
-use crate::ebpf::OrigDstTable;
+use crate::ebpf::{DeliveryTable, OrigDstTable};
 use crate::netns::NetNs;
 
 /// Ports of the agent's own listeners inside a workload.
@@ -99,14 +99,9 @@ impl Pod {
         socket.listen(1024)
     }
 
-    /// A TCP socket owned by the agent inside the workload's namespace,
-    /// optionally bound to `source`.
-    fn socket(&self, family_of: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket> {
-        let socket = self.netns.enter(|| agent_socket(family_of))?;
-        if let Some(source) = source {
-            socket.bind(source)?;
-        }
-        Ok(socket)
+    /// A TCP socket owned by the agent inside the workload's namespace.
+    fn socket(&self, family_of: SocketAddr) -> io::Result<TcpSocket> {
+        self.netns.enter(|| agent_socket(family_of))
     }
 }
 
@@ -195,6 +190,8 @@ pub use l7::{http1_server, ExplainRequest, HttpSettings};
 pub struct Proxy {
     pub config: Arc<ConfigStore>,
     orig_dst: OrigDstTable,
+    /// Deliveries to applications that sk_lookup lets through.
+    deliveries: DeliveryTable,
     settings: Settings,
     /// Descriptors for connections, split between workloads.
     pub descriptors: Arc<Descriptors>,
@@ -211,12 +208,14 @@ impl Proxy {
     pub fn new(
         config: Arc<ConfigStore>,
         orig_dst: OrigDstTable,
+        deliveries: DeliveryTable,
         settings: Settings,
         descriptors: Arc<Descriptors>,
     ) -> Proxy {
         Proxy {
             config,
             orig_dst,
+            deliveries,
             settings,
             descriptors,
             outbound: Counters::default(),
