@@ -6,6 +6,11 @@
 /// `SO_MARK` carried by every socket the agent opens inside a workload's
 /// network namespace; the programs never redirect a socket with this mark.
 pub const AGENT_MARK: u32 = 0x4e4d_0001;
+/// `SO_MARK` of the agent's delivery sockets (caller's address, into the
+/// application). With `tcp_fwmark_accept` the application's side of the
+/// connection inherits it, and the workload's routing sends everything
+/// carrying it back over `lo` to the agent. Never redirected either.
+pub const DELIVERY_MARK: u32 = 0x4e4d_0002;
 
 /// Port of the agent's outbound listener on the workload's loopback.
 pub const OUTBOUND_PORT: u16 = 15001;

@@ -33,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use nodemesh_common::{
     AddrKey, DeliveryKey, Enrollment, OrigDstKey, SockAddr, AF_INET, AF_INET6, AGENT_MARK,
-    DNS_PORT, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OUTBOUND_PORT,
+    DELIVERY_MARK, DNS_PORT, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OUTBOUND_PORT,
 };
 
 const ALLOW: i32 = 1;
@@ -83,7 +83,7 @@ fn enrolled<C: EbpfContext>(ctx: &C) -> bool {
 #[inline(always)]
 fn is_agent_socket(addr: &bpf_sock_addr) -> bool {
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    !sk.is_null() && unsafe { (*sk).mark } == AGENT_MARK
+    !sk.is_null() && matches!(unsafe { (*sk).mark }, AGENT_MARK | DELIVERY_MARK)
 }
 
 #[inline(always)]

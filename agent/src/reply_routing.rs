@@ -6,40 +6,32 @@
 //! the application sees who really called. Its replies are addressed to that
 //! caller, and the main table would send them out of `eth0` to the real
 //! caller, which knows nothing of the connection. Inside the workload's
-//! namespace the agent therefore installs, for IPv4 and IPv6:
+//! namespace the agent therefore sets `net.ipv4.tcp_fwmark_accept=1` (IPv4
+//! and IPv6: an accepted connection takes the mark of its SYN, here the
+//! delivery socket's `DELIVERY_MARK`) and installs, for IPv4 and IPv6:
 //!
 //! ```text
-//! ip rule add pref 100 iif lo ipproto tcp fwmark 0/0xffffffff lookup 15006
+//! ip rule add pref 100 fwmark 0x4e4d0002 lookup 15006
 //! ip route replace local default dev lo table 15006
 //! ```
 //!
-//! TCP generated in the namespace without any mark is routed as local: it
-//! loops over `lo` and reaches the agent's delivery socket bound to the
-//! caller's address. Everything else keeps the main table: the agent's own
-//! sockets (they carry `AGENT_MARK` and still dial destinations outside the
-//! workload), UDP (DNS) and anything received from outside.
+//! The application's side of every delivery is routed as local: it loops
+//! over `lo` and reaches the agent's delivery socket bound to the caller's
+//! address. Everything else keeps the main table: the agent's own sockets
+//! (`AGENT_MARK`: they still dial destinations outside the workload), the
+//! kernel's resets (so a refused SYN is refused at once), connections the
+//! application held before it was enrolled, and anything received.
 //!
-//! Why sending *all* of the application's unmarked TCP to `lo` is right: in
-//! an enrolled workload its TCP only ever talks to agent sockets on `lo`.
-//! - Every `connect()` it makes is redirected by `connect4`/`connect6` to the
-//!   agent's outbound listener on `127.0.0.1`/`::1` (DNS over TCP to the
-//!   resolver included), except to loopback, and loopback addresses (like
-//!   its own pod address) are resolved by the `local` table (rule 0), before
-//!   this rule is consulted.
-//! - Every SYN to its addresses from outside is steered to the agent's
-//!   inbound listener by `sk_lookup`, so every connection it accepts was
-//!   delivered by the agent over `lo`. (So even a SYN that slipped past
-//!   `sk_lookup` would get no answer outside the workload.)
-//! - A call to its own pod address goes to the agent (connect4), whose
-//!   marked socket reaches the application over `lo` (local table).
-//!
-//! `iif lo` limits the rule to locally generated packets: without it, a
-//! packet another host routes *through* the workload to any address would
-//! be accepted as local and reach a socket bound to `0.0.0.0` unmeshed.
-//!
-//! Known cost: connections the application had open before it was enrolled
-//! (and delivered connections still open when it leaves the mesh) lose their
-//! replies when the rule appears (or goes).
+//! The brief's first idea, all unmarked TCP generated in the workload to
+//! `lo` ("in an enrolled workload the application's TCP only ever talks to
+//! agent sockets on lo": its connects are redirected to the agent on
+//! loopback, DNS over TCP included, a connect to its own pod address too,
+//! and every connection it accepts was delivered by the agent), holds for
+//! the application's sockets but not for the kernel's: the reset for a SYN
+//! refused while the agent is down, or for a stray segment, would loop to
+//! `lo` too (the caller would hang instead of being refused), and so would
+//! the packets of connections opened before enrollment. Marking exactly the
+//! delivered connections avoids both.
 //!
 //! The rules are installed by running iproute2's `ip` inside the namespace
 //! (the child inherits the network namespace of the thread that spawns it),
@@ -49,6 +41,8 @@
 
 use std::io;
 use std::process::{Command, Output, Stdio};
+
+use nodemesh_common::DELIVERY_MARK;
 
 use crate::netns::NetNs;
 
@@ -77,6 +71,8 @@ pub enum ReplyRoutingError {
          (the agent needs CAP_NET_ADMIN)"
     )]
     Failed { command: String, stderr: String },
+    #[error("setting net.ipv4.tcp_fwmark_accept in the workload's network namespace: {0}")]
+    Sysctl(io::Error),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -94,10 +90,11 @@ impl Family {
     }
 }
 
-/// Routes the application's unmarked TCP back to the agent (see the module
-/// documentation). Idempotent: a restarted agent finds it in place. IPv6 is
+/// Routes the application's side of deliveries back to the agent (see the
+/// module documentation). Idempotent: a restarted agent finds it in place. IPv6 is
 /// optional in a workload: without it only IPv4 is routed.
 pub fn install(netns: &NetNs) -> Result<(), ReplyRoutingError> {
+    set_fwmark_accept(netns, true)?;
     install_family(netns, Family::V4)?;
     if let Err(e) = install_family(netns, Family::V6) {
         log::debug!("no IPv6 reply routing in the workload: {e}");
@@ -109,7 +106,18 @@ pub fn install(netns: &NetNs) -> Result<(), ReplyRoutingError> {
 pub fn remove(netns: &NetNs) -> Result<(), ReplyRoutingError> {
     let v4 = remove_family(netns, Family::V4);
     let _ = remove_family(netns, Family::V6);
-    v4
+    v4?;
+    set_fwmark_accept(netns, false)
+}
+
+/// `net.ipv4.tcp_fwmark_accept` (IPv4 and IPv6) in the workload: a
+/// connection the application accepts takes the mark of its SYN, so the
+/// application's side of a delivery carries `DELIVERY_MARK`.
+fn set_fwmark_accept(netns: &NetNs, on: bool) -> Result<(), ReplyRoutingError> {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+    netns
+        .enter(|| std::fs::write(SYSCTL, if on { "1" } else { "0" }))
+        .map_err(ReplyRoutingError::Sysctl)
 }
 
 fn install_family(netns: &NetNs, family: Family) -> Result<(), ReplyRoutingError> {
@@ -128,12 +136,8 @@ fn rule(verb: &str) -> Vec<String> {
         verb,
         "pref",
         &REPLY_RULE_PRIORITY.to_string(),
-        "iif",
-        "lo",
-        "ipproto",
-        "tcp",
         "fwmark",
-        "0/0xffffffff",
+        &format!("{DELIVERY_MARK:#x}"),
         "lookup",
         &REPLY_TABLE.to_string(),
     ]

@@ -543,9 +543,9 @@ fn the_application_sees_each_callers_own_address() {
 const FORGED_SYN_PY: &str = r#"
 import socket, sys
 forged, server, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-IP_FREEBIND = 15
+IP_TRANSPARENT = 19
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 s.bind((forged, 0))
 s.settimeout(1)
 print(s.connect_ex((server, port)))

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use nodemesh_common::DELIVERY_MARK;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -54,6 +55,7 @@ pub async fn deliver(
         ));
     }
     let socket = pod.socket(app)?;
+    socket2::SockRef::from(&socket).set_mark(DELIVERY_MARK)?;
     set_transparent(&socket, source)?;
     socket.bind(SocketAddr::new(source, 0))?;
     // Until the handshake is done (retransmitted SYNs included).
