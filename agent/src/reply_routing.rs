@@ -8,7 +8,9 @@
 //! caller, which knows nothing of the connection. Inside the workload's
 //! namespace the agent therefore sets `net.ipv4.tcp_fwmark_accept=1` (IPv4
 //! and IPv6: an accepted connection takes the mark of its SYN, here the
-//! delivery socket's `DELIVERY_MARK`) and installs, for IPv4 and IPv6:
+//! delivery socket's `DELIVERY_MARK`) and `fwmark_reflect=1` (v4 and v6: the
+//! kernel's reset to a delivery for a closed port carries it too, so the
+//! agent sees the refusal) and installs, for IPv4 and IPv6:
 //!
 //! ```text
 //! ip rule add pref 100 fwmark 0x4e4d0002 lookup 15006
@@ -71,7 +73,10 @@ pub enum ReplyRoutingError {
          (the agent needs CAP_NET_ADMIN)"
     )]
     Failed { command: String, stderr: String },
-    #[error("setting net.ipv4.tcp_fwmark_accept in the workload's network namespace: {0}")]
+    #[error(
+        "setting net.ipv4.tcp_fwmark_accept and fwmark_reflect in the workload's \
+         network namespace: {0}"
+    )]
     Sysctl(io::Error),
 }
 
@@ -110,13 +115,26 @@ pub fn remove(netns: &NetNs) -> Result<(), ReplyRoutingError> {
     set_fwmark_accept(netns, false)
 }
 
-/// `net.ipv4.tcp_fwmark_accept` (IPv4 and IPv6) in the workload: a
-/// connection the application accepts takes the mark of its SYN, so the
-/// application's side of a delivery carries `DELIVERY_MARK`.
+/// In the workload: `tcp_fwmark_accept` (IPv4 and IPv6), so a connection
+/// the application accepts takes the mark of its SYN and its side of a
+/// delivery carries `DELIVERY_MARK`; `fwmark_reflect`, so the kernel's reset
+/// to a delivery nobody listens for carries it too (and reaches the agent).
 fn set_fwmark_accept(netns: &NetNs, on: bool) -> Result<(), ReplyRoutingError> {
-    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+    const SYSCTLS: [&str; 3] = [
+        "/proc/sys/net/ipv4/tcp_fwmark_accept",
+        "/proc/sys/net/ipv4/fwmark_reflect",
+        "/proc/sys/net/ipv6/fwmark_reflect",
+    ];
+    let value = if on { "1" } else { "0" };
     netns
-        .enter(|| std::fs::write(SYSCTL, if on { "1" } else { "0" }))
+        .enter(|| {
+            SYSCTLS[..2]
+                .iter()
+                .try_for_each(|path| std::fs::write(path, value))?;
+            // IPv6 is optional in a workload.
+            let _ = std::fs::write(SYSCTLS[2], value);
+            Ok(())
+        })
         .map_err(ReplyRoutingError::Sysctl)
 }
 
