@@ -205,13 +205,17 @@ fn the_destination_sees_the_callers_identity_and_address_and_no_forged_header() 
     ];
     let address = |pod: &str| lab.mesh.topo().pod(pod).address.to_string();
 
-    // From another node, over HBONE.
-    let doc = json(&lab.get(CLIENT, WEB, &forged));
-    assert_eq!(
-        doc["headers"]["x-forwarded-client-cert"],
-        format!("By={};URI={}", id("default"), id(CLIENT))
-    );
-    assert_eq!(doc["client"], address(CLIENT));
+    // From another node, over HBONE: to the Service (routed at L7 on the
+    // caller's node) and to the pod's address (relayed there, so the
+    // connection ends with curl's and shows in `nodemesh connections`).
+    for url in [WEB.to_owned(), lab.web_url(9080)] {
+        let doc = json(&lab.get(CLIENT, &url, &forged));
+        assert_eq!(
+            doc["headers"]["x-forwarded-client-cert"],
+            format!("By={};URI={}", id("default"), id(CLIENT))
+        );
+        assert_eq!(doc["client"], address(CLIENT));
+    }
 
     // From the same node: no wire, the same outcome.
     let doc = json(&lab.get("neighbour", WEB, &forged));

@@ -117,20 +117,37 @@ pub async fn handle(
         return tracked.finish(Err("no request before the header read timeout".into()));
     };
     tracked.record.protocol = protocol_name(protocol);
-    let outcome = match peer::deliver(
-        proxy,
-        pod,
-        app,
-        caller.address,
-        proxy.settings.connect_timeout,
-        fd,
-    )
-    .await
-    {
-        Ok(server) => serve(proxy, pod, client, &caller, protocol, server).await,
+    let timeout = proxy.settings.connect_timeout;
+    let outcome = match peer::deliver(proxy, pod, app, caller.address, timeout, fd).await {
+        // A policy that turns STRICT ends plaintext connections already
+        // open, not only new ones.
+        Ok(server) => tokio::select! {
+            served = serve(proxy, pod, client, &caller, protocol, server) => served,
+            refused = until_plaintext_refused(proxy, &pod.key, app.port()) => {
+                log::warn!("{}: plaintext connection from {peer} closed: {refused}", pod.key);
+                Err(refused)
+            }
+        },
         Err(e) => Err(format!("delivering to {app}: {e}")),
     };
     tracked.finish(outcome);
+}
+
+/// Resolves, with the reason, once the configuration stops accepting
+/// plaintext on `port` of the workload `key`.
+async fn until_plaintext_refused(proxy: &Proxy, key: &str, port: u16) -> String {
+    let mut generations = proxy.config.subscribe();
+    while generations.changed().await.is_ok() {
+        let cfg = proxy.config.current();
+        let Some(workload) = cfg.workload_by_key(key) else {
+            return "the workload left the configuration".to_owned();
+        };
+        let mtls = cfg.peer_authentications().mtls_mode(workload, port);
+        if mtls.mode == MtlsMode::Strict {
+            return format!("plaintext refused: mTLS mode {mtls}");
+        }
+    }
+    std::future::pending().await
 }
 
 /// Serves a connection once delivered: HTTP request by request, anything
@@ -301,7 +318,7 @@ impl Inbound for Proxy {
         record.destination_workload = Some(pod.key.clone());
         record.destination_identity = Some(pod.identity.to_string());
         record.upstream = Some(app);
-        record.transport = "hbone";
+        record.transport = Some("hbone");
         let declared = {
             let cfg = proxy.config.current();
             match cfg.workload_by_key(&pod.key) {

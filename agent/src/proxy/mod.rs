@@ -194,8 +194,9 @@ pub struct ConnectionRecord {
     /// SPIFFE id of the destination workload when it is in the mesh.
     pub destination_identity: Option<String>,
     /// `local` (same node), `hbone` (mutual TLS to another node) or
-    /// `plaintext`.
-    pub transport: &'static str,
+    /// `plaintext`; none for outbound HTTP, whose requests each take their
+    /// own.
+    pub transport: Option<&'static str>,
     pub source: SocketAddr,
     /// What the client asked for (a pod IP, a cluster IP...).
     pub original_destination: SocketAddr,
@@ -392,7 +393,11 @@ impl Proxy {
                 source_workload: None,
                 source_identity: None,
                 destination_identity: None,
-                transport: "plaintext",
+                transport: match direction {
+                    // Until shown otherwise (HBONE sets it).
+                    Direction::Inbound => Some("plaintext"),
+                    Direction::Outbound => None,
+                },
                 source,
                 original_destination,
                 service: None,

@@ -228,7 +228,7 @@ async fn connect(
                 cfg.routing().upstream_tls(service, None, port).tls
             });
         let hop = hop::choose(proxy, &cfg, upstream, tls).map_err(|e| e.to_string())?;
-        record.transport = hop.name();
+        record.transport = Some(hop.name());
         if !matches!(hop, hop::Hop::Plain) {
             record.destination_identity = cfg
                 .workload_by_address(upstream.ip())

@@ -73,17 +73,22 @@ struct Idle {
     used: u32,
 }
 
-/// The connection pool of one calling workload.
+/// The connection pool of one calling workload, by endpoint and hop: a
+/// connection opened over HBONE never carries a request that policy now
+/// sends in plaintext, nor the other way round.
 #[derive(Default)]
 pub struct Pool {
-    http1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    http1: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
 }
+
+/// An endpoint, and the hop ([`Hop::name`]) its connections take.
+type PoolKey = (SocketAddr, &'static str);
 
 /// A connection on its way back to the pool once its response ends.
 struct Returning {
     pool: Arc<Pool>,
-    addr: SocketAddr,
+    key: PoolKey,
     send: http1::SendRequest<Body>,
     used: u32,
     max_requests: u32,
@@ -116,9 +121,9 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, dial: &Dial) -> Option<Idle> {
+    fn take_idle(&self, key: &PoolKey, dial: &Dial) -> Option<Idle> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = idle.get_mut(&dial.addr)?;
+        let conns = idle.get_mut(key)?;
         while let Some(conn) = conns.pop() {
             if conn.send.is_ready() && conn.since.elapsed() < dial.idle_timeout {
                 return Some(conn);
@@ -133,7 +138,8 @@ impl Pool {
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let (mut send, used, reused) = match self.take_idle(&dial) {
+        let key = (dial.addr, to.hop.name());
+        let (mut send, used, reused) = match self.take_idle(&key, &dial) {
             Some(idle) => (idle.send, idle.used, true),
             None => {
                 let stream = to.connect(&dial).await?;
@@ -156,7 +162,7 @@ impl Pool {
         };
         let returning = Returning {
             pool: self.clone(),
-            addr: dial.addr,
+            key,
             send,
             used: used + 1,
             max_requests: dial.max_requests_per_connection,
@@ -170,11 +176,12 @@ impl Pool {
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
+        let key = (dial.addr, to.hop.name());
         let existing = self
             .http2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&dial.addr)
+            .get(&key)
             .filter(|s| !s.is_closed())
             .cloned();
         let (mut send, reused) = match existing {
@@ -197,7 +204,7 @@ impl Pool {
                 self.http2
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(dial.addr, send.clone());
+                    .insert(key, send.clone());
                 (send, false)
             }
         };
@@ -243,7 +250,7 @@ impl Returning {
             return;
         }
         let mut idle = self.pool.http1.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = idle.entry(self.addr).or_default();
+        let conns = idle.entry(self.key).or_default();
         if conns.len() < MAX_IDLE_PER_ENDPOINT {
             conns.push(Idle {
                 send: self.send,
