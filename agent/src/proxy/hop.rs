@@ -12,16 +12,14 @@
 //!   says `ISTIO_MUTUAL` (then the connection fails: nothing falls back).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-
-use super::{Pod, Proxy};
+use super::Proxy;
 use crate::config::{Config, Workload};
 use crate::routing::UpstreamTls;
 use crate::security::MtlsMode;
 use crate::transport::{Destination, HBONE_PORT};
 
 pub enum Hop {
-    Local(Arc<Pod>),
+    Local,
     Mesh(Destination),
     Plain,
 }
@@ -30,7 +28,7 @@ impl Hop {
     /// As `nodemesh connections` names it.
     pub fn name(&self) -> &'static str {
         match self {
-            Hop::Local(_) => "local",
+            Hop::Local => "local",
             Hop::Mesh(_) => "hbone",
             Hop::Plain => "plaintext",
         }
@@ -82,13 +80,13 @@ pub fn choose(
     if workload.node == proxy.node {
         // Nothing to encrypt: the destination side applies the caller's
         // identity as if it had come over mutual TLS.
-        return proxy
-            .local_pod(to.ip())
-            .map(Hop::Local)
-            .ok_or_else(|| HopError::NotEnrolledHere {
+        return match proxy.local_pod(to.ip()) {
+            Some(_) => Ok(Hop::Local),
+            None => Err(HopError::NotEnrolledHere {
                 to,
                 workload: workload.key(),
-            });
+            }),
+        };
     }
     let address = cfg
         .node(&workload.node)

@@ -205,7 +205,10 @@ impl Client for TcpStream {
     }
 }
 
-impl Client for Prefixed<Tunnel> {
+impl<S> Client for Prefixed<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     async fn relay_to(
         &mut self,
         app: &mut TcpStream,
@@ -246,20 +249,38 @@ fn declared_protocol(cfg: &Config, workload: &Workload, port: u16) -> Declared {
         .map_or(Declared::Unknown, detect::declared)
 }
 
-/// An HBONE stream admitted for delivery.
+/// A stream admitted for delivery: from another node (HBONE) or from a
+/// caller on this node.
 pub struct Admitted {
     pod: Arc<Pod>,
     request: StreamRequest,
     source_workload: String,
+    /// `hbone` or `local`, for `nodemesh connections`.
+    transport: &'static str,
     fd: Fds,
 }
 
 impl Inbound for Proxy {
     type Admitted = Admitted;
 
-    /// The destination must be a workload enrolled here; the claimed caller
-    /// address must be one of a workload with the certificate's identity.
     fn admit(&self, request: &StreamRequest) -> Result<Admitted, Refusal> {
+        self.admit_stream(request, "hbone")
+    }
+
+    async fn serve(self: Arc<Self>, admitted: Admitted, tunnel: Tunnel) {
+        self.serve_stream(admitted, tunnel).await
+    }
+}
+
+impl Proxy {
+    /// The destination must be a workload enrolled here; the caller's
+    /// address must be one of a workload with the caller's identity (from
+    /// its certificate, or its own on this node).
+    pub fn admit_stream(
+        &self,
+        request: &StreamRequest,
+        transport: &'static str,
+    ) -> Result<Admitted, Refusal> {
         let refuse = |status, reason: String| Refusal { status, reason };
         let to = request.to;
         let pod = self.local_pod(to.ip()).ok_or_else(|| {
@@ -298,15 +319,22 @@ impl Inbound for Proxy {
             source_workload: caller.key(),
             pod,
             request: request.clone(),
+            transport,
             fd,
         })
     }
 
-    async fn serve(self: Arc<Self>, admitted: Admitted, tunnel: Tunnel) {
+    /// Serves an admitted stream to its end: detected, delivered from the
+    /// caller's address, HTTP request by request.
+    pub async fn serve_stream<S>(self: Arc<Self>, admitted: Admitted, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let Admitted {
             pod,
             request,
             source_workload,
+            transport,
             fd,
         } = admitted;
         let proxy = &*self;
@@ -318,7 +346,7 @@ impl Inbound for Proxy {
         record.destination_workload = Some(pod.key.clone());
         record.destination_identity = Some(pod.identity.to_string());
         record.upstream = Some(app);
-        record.transport = Some("hbone");
+        record.transport = Some(transport);
         let declared = {
             let cfg = proxy.config.current();
             match cfg.workload_by_key(&pod.key) {
@@ -326,7 +354,7 @@ impl Inbound for Proxy {
                 None => Declared::Unknown,
             }
         };
-        let mut client = Prefixed::new(tunnel);
+        let mut client = Prefixed::new(stream);
         // The caller's agent writes requests at once; a silent stream is a
         // protocol whose server speaks first.
         let protocol = match declared {

@@ -145,7 +145,7 @@ async fn detect_or_relay(
 /// [`connect`] on a copy of the record, so it can run while detection
 /// decides whether the connection is needed at all.
 async fn connect_as(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     pod: &Pod,
     mut record: ConnectionRecord,
     fd: Option<Fds>,
@@ -174,7 +174,7 @@ async fn serve_l7(
 
 /// Relays the whole connection to one endpoint.
 async fn l4(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     pod: &Pod,
     client: TcpStream,
     record: &mut ConnectionRecord,
@@ -195,6 +195,7 @@ async fn relay_connected(
         Ok(mut server) => match &mut server.stream {
             Stream::Tcp(server) => relay::relay(&client, server, idle).await,
             Stream::Tunnel(tunnel) => relay::relay_stream(&mut client, tunnel, idle).await,
+            Stream::Local(local) => relay::relay_stream(&mut client, local, idle).await,
         },
         Err(e) => {
             relay::reset(&client);
@@ -210,7 +211,7 @@ async fn relay_connected(
 /// Picks the endpoint and the hop to it (filling in the record) and
 /// connects on `fd`.
 async fn connect(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     pod: &Pod,
     record: &mut ConnectionRecord,
     fd: Option<Fds>,

@@ -5,16 +5,18 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::budget::Fds;
 use super::hop::Hop;
 use super::{Pod, Proxy};
+use crate::transport::server::StreamRequest;
 use crate::transport::{Source, TransportError, Tunnel};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,10 +27,13 @@ pub enum PeerError {
     Transport(#[from] TransportError),
 }
 
+/// What an in-process stream to a same-node workload buffers each way.
+const LOCAL_BUFFER: usize = 64 * 1024;
+
 /// Connects to `to` for the workload `from` over `hop`, on the descriptor
 /// `fd` charged to it.
 pub async fn connect(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     from: &Pod,
     to: SocketAddr,
     hop: Hop,
@@ -38,7 +43,22 @@ pub async fn connect(
     let source = from.address_for(to.ip());
     match hop {
         Hop::Plain => Ok(connect_within(from.socket(to)?, to, timeout, fd).await?),
-        Hop::Local(destination) => Ok(deliver(proxy, &destination, to, source, timeout, fd).await?),
+        Hop::Local => {
+            // The destination side runs as for a stream from another node,
+            // with the caller's own identity: same policy, same delivery.
+            let request = StreamRequest {
+                peer: from.identity.clone(),
+                source,
+                to,
+                remote: SocketAddr::new(source, 0),
+            };
+            let admitted = proxy
+                .admit_stream(&request, "local")
+                .map_err(|refused| io::Error::new(io::ErrorKind::ConnectionRefused, refused.reason))?;
+            let (near, far) = tokio::io::duplex(LOCAL_BUFFER);
+            tokio::spawn(proxy.clone().serve_stream(admitted, far));
+            Ok(Charged::new(Stream::Local(Prefixed::new(near)), fd))
+        }
         Hop::Mesh(destination) => {
             let source = Source {
                 identity: from.identity.clone(),
@@ -102,10 +122,12 @@ pub struct Charged {
     _fd: Fds,
 }
 
-/// A socket, or an HBONE stream to another node's agent.
+/// A socket, an HBONE stream to another node's agent, or a stream to the
+/// destination side of this agent.
 pub enum Stream {
     Tcp(TcpStream),
     Tunnel(Prefixed<Tunnel>),
+    Local(Prefixed<DuplexStream>),
 }
 
 impl Charged {
@@ -119,6 +141,7 @@ impl Charged {
         match &mut self.stream {
             Stream::Tcp(tcp) => tcp.peek(&mut [0u8; 1]).await.map(drop),
             Stream::Tunnel(tunnel) => tunnel.fill().await,
+            Stream::Local(local) => local.fill().await,
         }
     }
 }
@@ -193,6 +216,7 @@ macro_rules! each_stream {
         match $stream {
             Stream::Tcp($s) => $body,
             Stream::Tunnel($s) => $body,
+            Stream::Local($s) => $body,
         }
     };
 }
@@ -227,7 +251,7 @@ impl AsyncWrite for Charged {
     fn is_write_vectored(&self) -> bool {
         match &self.stream {
             Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Tunnel(_) => false,
+            Stream::Tunnel(_) | Stream::Local(_) => false,
         }
     }
 

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::body::{self, Body};
 use super::forward::Target;
 use super::Downstream;
-use crate::proxy::hop::{self, Hop};
+use crate::proxy::hop;
 use crate::proxy::idle::Tracked;
 use crate::proxy::{peer, Direction};
 
@@ -61,11 +61,6 @@ pub async fn run(
     let proxy = &down.proxy;
     let tls = target.policy.tls.unwrap_or_default();
     let hop = match hop::choose(proxy, &proxy.config.current(), pick.addr, tls) {
-        Ok(Hop::Local(destination)) => {
-            let headers = request.headers_mut();
-            super::inbound::set_client_cert(headers, &destination, Some(&down.pod.identity));
-            Hop::Local(destination)
-        }
         Ok(hop) => hop,
         Err(e) => return fail(&format!("upstream connect error: {e}")),
     };

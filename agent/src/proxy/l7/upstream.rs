@@ -97,22 +97,13 @@ struct Returning {
 impl Pool {
     pub async fn send(
         self: &Arc<Self>,
-        proxy: &Proxy,
+        proxy: &Arc<Proxy>,
         from: &Pod,
         dial: Dial,
-        mut request: Request<Body>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
         let hop = hop::choose(proxy, &proxy.config.current(), dial.addr, dial.tls)
             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-        if let Hop::Local(destination) = &hop {
-            // The destination is served by this very agent: it sets what the
-            // destination's agent would (see `inbound`).
-            super::inbound::set_client_cert(
-                request.headers_mut(),
-                destination,
-                Some(&from.identity),
-            );
-        }
         let to = Connecting { proxy, from, hop };
         if dial.http2 {
             self.send_http2(to, dial, request).await
@@ -218,7 +209,7 @@ impl Pool {
 
 /// What a new connection needs: who opens it and over which hop.
 struct Connecting<'a> {
-    proxy: &'a Proxy,
+    proxy: &'a Arc<Proxy>,
     from: &'a Pod,
     hop: Hop,
 }
