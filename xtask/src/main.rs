@@ -47,6 +47,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     // The mTLS tests look at the wire between nodes.
     "tcpdump",
+    // The mTLS refusal tests' HBONE client (HTTP/2 CONNECT over TLS).
+    "python3-h2",
     // `cargo xtask bench`: the HTTP backend and the bulk-TCP tool.
     "nginx",
     "iperf3",
