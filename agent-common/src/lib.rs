@@ -6,6 +6,11 @@
 /// `SO_MARK` carried by every socket the agent opens inside a workload's
 /// network namespace; the programs never redirect a socket with this mark.
 pub const AGENT_MARK: u32 = 0x4e4d_0001;
+/// `SO_MARK` of the agent's delivery sockets (caller's address, into the
+/// application). With `tcp_fwmark_accept` the application's side of the
+/// connection inherits it, and the workload's routing sends everything
+/// carrying it back over `lo` to the agent. Never redirected either.
+pub const DELIVERY_MARK: u32 = 0x4e4d_0002;
 
 /// Port of the agent's outbound listener on the workload's loopback.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -13,10 +18,6 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// Port of the agent's DNS responder on the workload's loopback.
 pub const DNS_PORT: u16 = 15053;
-
-/// Source address the agent uses to deliver inbound connections to the
-/// application, so `sk_lookup` lets them through (as Istio does with 127.0.0.6).
-pub const INBOUND_PASSTHROUGH_V4: [u8; 4] = [127, 0, 0, 6];
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -61,6 +62,19 @@ pub struct OrigDstKey {
     pub _pad: u32,
 }
 
+/// Key of the `DELIVERIES` map: a connection the agent is opening to an
+/// application from the caller's address, as `sk_lookup` sees its SYN.
+/// Addresses in network byte order (IPv4 in `[0]`), ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DeliveryKey {
+    pub remote: [u32; 4],
+    pub local: [u32; 4],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub family: u32,
+}
+
 /// Key of the inbound maps: a local address of an enrolled workload.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -76,4 +90,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }

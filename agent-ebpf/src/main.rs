@@ -16,8 +16,9 @@
 //! - `sendmsg4`/`recvmsg4` (+6): DNS over unconnected UDP sockets, with the
 //!   reply's source rewritten back to the resolver the application asked.
 //! - `sk_lookup`: attached per enrolled network namespace; steers every TCP
-//!   SYN for the workload's addresses to the agent's inbound listener, and
-//!   refuses it when the agent is not there (fail closed).
+//!   SYN for the workload's addresses to the agent's inbound listener (but
+//!   the agent's own deliveries, listed in `DELIVERIES`), and refuses it
+//!   when the agent is not there (fail closed).
 #![no_std]
 #![no_main]
 
@@ -31,8 +32,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use nodemesh_common::{
-    AddrKey, Enrollment, OrigDstKey, SockAddr, AF_INET, AF_INET6, AGENT_MARK, DNS_PORT,
-    INBOUND_PASSTHROUGH_V4, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OUTBOUND_PORT,
+    AddrKey, DeliveryKey, Enrollment, OrigDstKey, SockAddr, AF_INET, AF_INET6, AGENT_MARK,
+    DELIVERY_MARK, DNS_PORT, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OUTBOUND_PORT,
 };
 
 const ALLOW: i32 = 1;
@@ -44,7 +45,6 @@ const IPPROTO_TCP: u32 = 6;
 const DNS: u16 = 53;
 /// 127.0.0.1 in network byte order, as the kernel stores it.
 const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-const PASSTHROUGH_V4: u32 = u32::from_ne_bytes(INBOUND_PASSTHROUGH_V4);
 
 /// Enrolled workloads of this node, by network-namespace cookie.
 #[map]
@@ -64,6 +64,11 @@ static ORIG_DST: LruHashMap<OrigDstKey, SockAddr> = LruHashMap::pinned(MAX_PENDI
 #[map]
 static INBOUND_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_WORKLOADS, 0);
 
+/// Connections the agent is opening to an application from its caller's
+/// address: their SYNs go to the application, not back to the agent.
+#[map]
+static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+
 /// The agent's inbound listener for each captured address.
 #[map]
 static INBOUND_SOCKS: SockHash<AddrKey> = SockHash::pinned(MAX_WORKLOADS, 0);
@@ -78,7 +83,7 @@ fn enrolled<C: EbpfContext>(ctx: &C) -> bool {
 #[inline(always)]
 fn is_agent_socket(addr: &bpf_sock_addr) -> bool {
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    !sk.is_null() && unsafe { (*sk).mark } == AGENT_MARK
+    !sk.is_null() && matches!(unsafe { (*sk).mark }, AGENT_MARK | DELIVERY_MARK)
 }
 
 #[inline(always)]
@@ -294,19 +299,33 @@ pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
     if lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let key = if lookup.family == u32::from(AF_INET) {
-        if lookup.remote_ip4 == PASSTHROUGH_V4 {
-            return SK_PASS;
-        }
-        AddrKey {
-            addr: [lookup.local_ip4, 0, 0, 0],
-            family: u32::from(AF_INET),
-        }
+    let v4 = lookup.family == u32::from(AF_INET);
+    let (remote, local) = if v4 {
+        ([lookup.remote_ip4, 0, 0, 0], [lookup.local_ip4, 0, 0, 0])
     } else {
-        AddrKey {
-            addr: read_ctx_ip6(&lookup.local_ip6),
-            family: u32::from(AF_INET6),
-        }
+        (
+            read_ctx_ip6(&lookup.remote_ip6),
+            read_ctx_ip6(&lookup.local_ip6),
+        )
+    };
+    // The agent's own delivery, from the caller's address, announced by the
+    // agent just before it connects: it goes to the application. (The
+    // ingress interface cannot tell: a SYN the agent sends to the
+    // workload's address over `lo` is reported as arriving on the device
+    // that holds the address.)
+    let delivery = DeliveryKey {
+        remote,
+        local,
+        remote_port: u16::from_be(lookup.remote_port),
+        local_port: lookup.local_port as u16,
+        family: lookup.family,
+    };
+    if DELIVERIES.get_ptr(delivery).is_some() {
+        return SK_PASS;
+    }
+    let key = AddrKey {
+        addr: local,
+        family: lookup.family,
     };
     if INBOUND_ADDRS.get_ptr(key).is_none() {
         return SK_PASS;

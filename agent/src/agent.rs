@@ -98,7 +98,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         config.clone(),
     )
     .context("starting the config loader thread")?;
-    let (datapath, orig_dst) =
+    let (datapath, orig_dst, deliveries) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
     // Measured once the data path holds its descriptors: what the agent
     // keeps for itself is what it holds now plus headroom.
@@ -112,6 +112,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         config.clone(),
         identities.clone(),
         orig_dst,
+        deliveries,
         settings.proxy,
         Arc::new(descriptors),
     ));

@@ -19,7 +19,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, Program, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use nodemesh_common::{AddrKey, Enrollment, OrigDstKey, SockAddr, AF_INET, AF_INET6};
+use nodemesh_common::{AddrKey, DeliveryKey, Enrollment, OrigDstKey, SockAddr, AF_INET, AF_INET6};
 use serde::Serialize;
 
 use crate::netns::NetNs;
@@ -114,6 +114,45 @@ impl OrigDstTable {
     }
 }
 
+/// Write side of `DELIVERIES`, owned by the proxy: the connections it is
+/// opening to applications from their callers' addresses, which `sk_lookup`
+/// lets through instead of steering them back to the agent.
+pub struct DeliveryTable(Mutex<BpfHashMap<MapData, DeliveryKey, u8>>);
+
+impl DeliveryTable {
+    /// Announces a connection from `from` (the caller's address, bound by
+    /// the agent) to `to` (the application) until the returned guard drops:
+    /// keep it until the connection is established.
+    pub fn announce(&self, from: SocketAddr, to: SocketAddr) -> io::Result<Announced<'_>> {
+        let key = DeliveryKey {
+            remote: raw_words(&from.ip()),
+            local: raw_words(&to.ip()),
+            remote_port: from.port(),
+            local_port: to.port(),
+            family: if from.is_ipv4() { AF_INET } else { AF_INET6 }.into(),
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, 1, 0)
+            .map_err(|e| io::Error::other(format!("announcing the delivery to sk_lookup: {e}")))?;
+        Ok(Announced { table: self, key })
+    }
+}
+
+/// A delivery `sk_lookup` lets through; removed on drop.
+pub struct Announced<'a> {
+    table: &'a DeliveryTable,
+    key: DeliveryKey,
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&self.key);
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct ProgramStatus {
     pub name: String,
@@ -136,7 +175,10 @@ pub struct EbpfStatus {
 
 impl Datapath {
     /// Loads the programs, reusing this node's pinned maps, and attaches them.
-    pub fn load(bpffs: &Path, node: &str) -> Result<(Datapath, OrigDstTable), EbpfError> {
+    pub fn load(
+        bpffs: &Path,
+        node: &str,
+    ) -> Result<(Datapath, OrigDstTable, DeliveryTable), EbpfError> {
         ensure_bpffs(bpffs)?;
         let pins = pin_dir(bpffs, node);
         for dir in ["maps", "links"] {
@@ -164,6 +206,7 @@ impl Datapath {
         })?;
 
         let orig_dst = OrigDstTable(Mutex::new(take_map(&mut ebpf, "ORIG_DST")?));
+        let deliveries = DeliveryTable(Mutex::new(take_map(&mut ebpf, "DELIVERIES")?));
         let datapath = Datapath {
             enrolled: take_map(&mut ebpf, "ENROLLED")?,
             inbound_addrs: take_map(&mut ebpf, "INBOUND_ADDRS")?,
@@ -172,7 +215,7 @@ impl Datapath {
             pins,
             cgroup,
         };
-        Ok((datapath, orig_dst))
+        Ok((datapath, orig_dst, deliveries))
     }
 
     /// Starts capturing a workload: its inbound SYNs go to `inbound_listener`
@@ -418,21 +461,24 @@ fn unpin_link(path: &Path) -> Result<(), EbpfError> {
 }
 
 fn addr_key(ip: &IpAddr) -> AddrKey {
+    AddrKey {
+        addr: raw_words(ip),
+        family: if ip.is_ipv4() { AF_INET } else { AF_INET6 }.into(),
+    }
+}
+
+/// An address as the kernel hands it to the programs: network byte order,
+/// IPv4 in the first word.
+fn raw_words(ip: &IpAddr) -> [u32; 4] {
     match ip {
-        IpAddr::V4(v4) => AddrKey {
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            family: AF_INET.into(),
-        },
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
         IpAddr::V6(v6) => {
             let o = v6.octets();
             let mut addr = [0u32; 4];
             for (i, chunk) in o.chunks_exact(4).enumerate() {
                 addr[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
             }
-            AddrKey {
-                addr,
-                family: AF_INET6.into(),
-            }
+            addr
         }
     }
 }

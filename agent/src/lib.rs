@@ -14,6 +14,7 @@ pub mod memory;
 pub mod netns;
 pub mod nofile;
 pub mod proxy;
+pub mod reply_routing;
 pub mod routing;
 pub mod security;
 pub mod transport;

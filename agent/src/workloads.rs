@@ -21,6 +21,7 @@ use crate::ebpf::Datapath;
 use crate::netns::NetNs;
 use crate::proxy::budget::{Listeners, Tenant, TenantUsage};
 use crate::proxy::{self, Direction, Pod, PodTasks, Proxy};
+use crate::reply_routing;
 
 /// One enrolled workload's share of the proxy, as `nodemesh status` shows it:
 /// descriptors held and connections refused, and HTTP requests in flight.
@@ -131,6 +132,9 @@ impl Enroller {
                 {
                     log::warn!("un-enrolling {key}: {e}");
                 }
+                if let Err(e) = reply_routing::remove(&gone.pod.netns) {
+                    log::warn!("un-enrolling {key}: {e}");
+                }
                 log::info!("un-enrolled {key}");
             }
         }
@@ -156,7 +160,7 @@ impl Enroller {
                 }
             }
         }
-        forget_previous_run(&mut datapath, &enrolled);
+        forget_previous_run(&mut datapath, &enrolled, cfg, &self.node);
         self.proxy.descriptors.set_workloads(enrolled.len());
     }
 
@@ -205,10 +209,16 @@ impl Enroller {
             .listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))
             .inspect_err(|e| log::debug!("{}: no IPv6 outbound listener: {e}", pod.key))
             .ok();
+        // Before sk_lookup steers anything to the agent: its deliveries'
+        // replies need it.
+        reply_routing::install(&pod.netns).map_err(|e| e.to_string())?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        datapath
-            .enroll(&pod.netns, id, &workload.addresses, &inbound)
-            .map_err(|e| format!("attaching the data path: {e}"))?;
+        if let Err(e) = datapath.enroll(&pod.netns, id, &workload.addresses, &inbound) {
+            if let Err(e) = reply_routing::remove(&pod.netns) {
+                log::warn!("{}: {e}", pod.key);
+            }
+            return Err(format!("attaching the data path: {e}"));
+        }
 
         let listeners = [
             (outbound, Direction::Outbound),
@@ -302,8 +312,16 @@ fn same_placement(a: &Workload, b: &Workload) -> bool {
     a.netns == b.netns && a.addresses == b.addresses && a.namespace == b.namespace
 }
 
-/// Removes what a previous agent run enrolled and this one does not.
-fn forget_previous_run(datapath: &mut Datapath, enrolled: &HashMap<String, Enrolled>) {
+/// Removes what a previous agent run enrolled and this one does not: its
+/// data path entries, and the reply routing inside those of the node's
+/// configured workloads it had enrolled (a namespace no longer configured
+/// is gone with its pod).
+fn forget_previous_run(
+    datapath: &mut Datapath,
+    enrolled: &HashMap<String, Enrolled>,
+    cfg: &Config,
+    node: &str,
+) {
     let cookies: Vec<u64> = enrolled.values().map(|e| e.pod.netns.cookie()).collect();
     let addresses: Vec<IpAddr> = enrolled
         .values()
@@ -315,14 +333,32 @@ fn forget_previous_run(datapath: &mut Datapath, enrolled: &HashMap<String, Enrol
         .filter(|a| !addresses.contains(a))
         .collect();
     datapath.release_addresses(&stale_addresses);
-    for cookie in datapath
+    let stale_cookies: Vec<u64> = datapath
         .enrolled_cookies()
         .into_iter()
         .filter(|c| !cookies.contains(c))
-    {
+        .collect();
+    for &cookie in &stale_cookies {
         log::info!("forgetting network namespace {cookie} enrolled by a previous run");
         if let Err(e) = datapath.release_namespace(cookie) {
             log::warn!("forgetting netns {cookie}: {e}");
+        }
+    }
+    if stale_cookies.is_empty() {
+        return;
+    }
+    let not_enrolled = cfg
+        .workloads()
+        .iter()
+        .filter(|w| w.node == node && !enrolled.contains_key(&w.key()));
+    for workload in not_enrolled {
+        let Ok(netns) = NetNs::open(&workload.netns) else {
+            continue;
+        };
+        if stale_cookies.contains(&netns.cookie()) {
+            if let Err(e) = reply_routing::remove(&netns) {
+                log::warn!("forgetting {}: {e}", workload.key());
+            }
         }
     }
 }

@@ -13,9 +13,6 @@ use nodemesh_testbed::workload_apps::{curl, curl_raw, start_http_echo};
 use nodemesh_testbed::{netns_with_prefix, Topology};
 use serde_json::Value;
 
-/// Address the agent uses to hand inbound connections to an application: a
-/// server that sees it was reached through the mesh.
-const THROUGH_AGENT: &str = "127.0.0.6";
 const WEB_IP: &str = "10.96.0.20";
 
 /// A node with an enrolled namespace `shop` (client, web) and a plain
@@ -127,6 +124,15 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Inbound connections the agent has handled so far: how a test knows a
+/// connection went through the agent, now that the application sees the
+/// caller's own address either way.
+fn inbound_total(agent: &Agent) -> u64 {
+    agent.status_json().unwrap()["connections"]["inbound"]["total"]
+        .as_u64()
+        .unwrap()
+}
+
 fn enrolled(agent: &Agent) -> u64 {
     agent
         .status_json()
@@ -157,11 +163,7 @@ fn enrolled_client_reaches_pod_ip_cluster_ip_and_service_names_through_the_agent
             .get("client", url)
             .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
         assert_eq!(echo["server"], "web", "{url}");
-        assert_eq!(
-            client_ip(&echo),
-            THROUGH_AGENT,
-            "{url} did not come in through the agent"
-        );
+        assert_eq!(client_ip(&echo), client, "{url}: not the caller's address");
     }
 
     // Every request was seen once on the way out and once on the way in: the
@@ -243,8 +245,10 @@ fn unlabelled_namespaces_are_untouched_and_labels_apply_at_runtime() {
     // Labelling it again captures new connections, without a restart.
     shop.write_config(true).unwrap();
     wait_for("shop to join the mesh", || enrolled(&agent) == 2);
+    let before = inbound_total(&agent);
     let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
-    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    assert_eq!(client_ip(&echo), client);
+    assert_eq!(inbound_total(&agent), before + 1, "not through the agent");
     let pid = agent.pid();
     assert_eq!(agent.status_json().unwrap()["pid"], pid.unwrap());
 }
@@ -329,12 +333,15 @@ fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
 
     agent.restart(&mut shop.topo).unwrap();
     wait_for("re-enrollment", || enrolled(&agent) == 2);
+    let client = shop.topo.pod("client").address.to_string();
+    let outsider = shop.topo.pod("outsider").address.to_string();
     let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
-    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    assert_eq!(client_ip(&echo), client);
     let echo = shop
         .get("outsider", &format!("http://{web}:8080/"))
         .unwrap();
-    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    assert_eq!(client_ip(&echo), outsider);
+    assert_eq!(inbound_total(&agent), 2, "not through the agent");
 
     // A stopped agent (SIGTERM) fails closed just the same.
     agent.stop();
@@ -349,14 +356,13 @@ fn an_agent_that_is_down_fails_closed_and_a_restart_recovers() {
     agent.kill();
     shop.write_config(false).unwrap();
     agent.restart(&mut shop.topo).unwrap();
-    let client = shop.topo.pod("client").address.to_string();
     let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
     assert_eq!(client_ip(&echo), client);
-    let outsider = shop.topo.pod("outsider").address.to_string();
     let echo = shop
         .get("outsider", &format!("http://{web}:8080/"))
         .unwrap();
     assert_eq!(client_ip(&echo), outsider);
+    assert_eq!(inbound_total(&agent), 0, "still through the agent");
     let status = agent.status_json().unwrap();
     for map in status["ebpf"]["maps"].as_array().unwrap() {
         if map["name"] != "COOKIE_ORIG" {
@@ -396,7 +402,8 @@ fn cross_node_traffic_goes_through_both_agents() {
     assert_eq!(status, 200, "{body}");
     let echo: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(echo["server"], "server");
-    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    let client = topo.pod("client").address.to_string();
+    assert_eq!(client_ip(&echo), client);
 
     wait_for("both agents to record the connection", || {
         connections(&a).len() == 1 && connections(&b).len() == 1
@@ -411,6 +418,211 @@ fn cross_node_traffic_goes_through_both_agents() {
     assert_eq!(inb[0]["direction"], "inbound");
     assert_eq!(inb[0]["source_workload"], "shop/client");
     assert_eq!(inb[0]["destination_workload"], "shop/server");
+}
+
+/// `ip rule` lines of `netns` that send TCP to the agent's reply table.
+fn reply_rules(topo: &Topology, netns: &str, family: &str) -> usize {
+    let out = topo.run_in_ok(netns, &["ip", family, "rule"]).unwrap();
+    out.lines().filter(|l| l.contains("lookup 15006")).count()
+}
+
+/// GET http://SERVER:8080/ from `netns` (a pod or a node): the address the
+/// echo saw the call come from.
+fn seen_from(topo: &Topology, netns: &str, server: &str) -> String {
+    let url = format!("http://{server}:8080/");
+    let out = topo
+        .run_in_ok(netns, &["curl", "--max-time", "5", "-sS", &url])
+        .unwrap();
+    client_ip(&serde_json::from_str(&out).unwrap())
+}
+
+#[test]
+fn the_application_sees_each_callers_own_address() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node("node-a").unwrap();
+    topo.add_node("node-b").unwrap();
+    topo.add_pod("node-a", "remote").unwrap();
+    topo.add_pod("node-b", "server").unwrap();
+    topo.add_pod("node-b", "neighbour").unwrap();
+    topo.add_pod("node-b", "outsider").unwrap();
+    start_http_echo(&mut topo, "server", 8080, "server").unwrap();
+    let dir = topo.work_dir().join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write_config = |topo: &Topology, in_mesh: bool| {
+        config::write(
+            &dir,
+            "mesh.yaml",
+            &[
+                config::namespace("shop", in_mesh),
+                config::namespace("plain", false),
+                config::workload(topo.pod("remote"), "shop", &[("app", "remote")]),
+                config::workload(topo.pod("server"), "shop", &[("app", "server")]),
+                config::workload(topo.pod("neighbour"), "shop", &[("app", "neighbour")]),
+                config::workload(topo.pod("outsider"), "plain", &[("app", "outsider")]),
+            ],
+        )
+        .unwrap()
+    };
+    write_config(&topo, true);
+    let _a = Agent::start(&mut topo, "node-a", &dir).unwrap();
+    let mut b = Agent::start(&mut topo, "node-b", &dir).unwrap();
+    let server = topo.pod("server").address.to_string();
+    let server_ns = topo.pod("server").netns.clone();
+
+    // A mesh pod on the other node, one on the same node, a pod outside the
+    // mesh and the node itself: each is seen as itself, through the agent.
+    let callers = [
+        (
+            topo.pod("remote").netns.clone(),
+            topo.pod("remote").address,
+            Some("shop/remote"),
+        ),
+        (
+            topo.pod("neighbour").netns.clone(),
+            topo.pod("neighbour").address,
+            Some("shop/neighbour"),
+        ),
+        (
+            topo.pod("outsider").netns.clone(),
+            topo.pod("outsider").address,
+            Some("plain/outsider"),
+        ),
+        (
+            topo.node("node-b").netns.clone(),
+            topo.node("node-b").gateway,
+            None,
+        ),
+    ];
+    for (i, (netns, address, workload)) in callers.iter().enumerate() {
+        assert_eq!(
+            seen_from(&topo, netns, &server),
+            address.to_string(),
+            "{netns}"
+        );
+        wait_for("the inbound record", || connections(&b).len() == i + 1);
+        let record = connections(&b).pop().unwrap();
+        assert_eq!(record["direction"], "inbound", "{record}");
+        assert_eq!(record["outcome"], "ok", "{record}");
+        assert_eq!(record["destination_workload"], "shop/server", "{record}");
+        let source = record["source"].as_str().unwrap();
+        assert!(source.starts_with(&format!("{address}:")), "{record}");
+        match workload {
+            Some(w) => assert_eq!(record["source_workload"], *w, "{record}"),
+            None => assert!(record["source_workload"].is_null(), "{record}"),
+        }
+    }
+    let log = b.log();
+    assert!(!log.contains("refused inbound"), "{log}");
+
+    // The reply routing is in the workload once, also after a restart, and
+    // goes when the workload leaves the mesh.
+    assert_eq!(reply_rules(&topo, &server_ns, "-4"), 1);
+    assert_eq!(reply_rules(&topo, &server_ns, "-6"), 1);
+    b.restart(&mut topo).unwrap();
+    wait_for("re-enrollment", || enrolled(&b) == 2);
+    assert_eq!(reply_rules(&topo, &server_ns, "-4"), 1);
+    let outsider = topo.pod("outsider");
+    assert_eq!(
+        seen_from(&topo, &outsider.netns, &server),
+        outsider.address.to_string()
+    );
+    write_config(&topo, false);
+    wait_for("shop to leave the mesh", || enrolled(&b) == 0);
+    assert_eq!(reply_rules(&topo, &server_ns, "-4"), 0);
+    assert_eq!(reply_rules(&topo, &server_ns, "-6"), 0);
+    let before = inbound_total(&b);
+    assert_eq!(
+        seen_from(&topo, &outsider.netns, &server),
+        outsider.address.to_string()
+    );
+    assert_eq!(inbound_total(&b), before, "still through the agent");
+}
+
+/// Sends one SYN to SERVER:PORT from the forged source address FORGED (the
+/// handshake cannot complete: the answer goes to whoever owns FORGED).
+const FORGED_SYN_PY: &str = r#"
+import socket, sys
+forged, server, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+IP_TRANSPARENT = 19
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+s.bind((forged, 0))
+s.settimeout(1)
+print(s.connect_ex((server, port)))
+"#;
+
+#[test]
+fn a_remote_host_forging_the_pods_own_address_cannot_reach_the_application() {
+    let mut shop = Shop::new().unwrap();
+    let mut agent = shop.agent().unwrap();
+    let script = shop.topo.work_dir().join("forged_syn.py");
+    std::fs::write(&script, FORGED_SYN_PY).unwrap();
+    // Sends a SYN to POD:8080 from POD's own address, from outside (the
+    // outsider pod), after making POD's kernel accept a packet from its own
+    // address on eth0: only sk_lookup stands between it and the
+    // application. Returns how many half-open connections POD's kernel
+    // reset meanwhile: a SYN that reached a listener made one, answered to
+    // POD's own address, so it loops back and the kernel resets it.
+    let forge = |topo: &Topology, pod: &str| {
+        let target = topo.pod(pod).clone();
+        for sysctl in [
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.eth0.rp_filter=0",
+            "net.ipv4.conf.eth0.accept_local=1",
+        ] {
+            topo.run_in_ok(&target.netns, &["sysctl", "-qw", sysctl])
+                .unwrap();
+        }
+        let attempt_fails = || {
+            let snmp = topo
+                .run_in_ok(&target.netns, &["cat", "/proc/net/snmp"])
+                .unwrap();
+            let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+            let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+            let i = names
+                .split_whitespace()
+                .position(|n| n == "AttemptFails")
+                .unwrap();
+            values
+                .split_whitespace()
+                .nth(i)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let before = attempt_fails();
+        let address = target.address.to_string();
+        let cmd = [
+            "python3",
+            script.to_str().unwrap(),
+            &address,
+            &address,
+            "8080",
+        ];
+        topo.run_in_ok(&topo.pod("outsider").netns, &cmd).unwrap();
+        attempt_fails() - before
+    };
+    // The control: outside the mesh the forged SYN reaches plainweb's
+    // listener.
+    assert_eq!(forge(&shop.topo, "plainweb"), 1, "the control saw no SYN");
+
+    // With the agent down, web's lookup drops the SYN (fail closed) instead
+    // of letting it through as one of the agent's deliveries.
+    agent.kill();
+    assert_eq!(
+        forge(&shop.topo, "web"),
+        0,
+        "the forged SYN reached the application"
+    );
+
+    agent.restart(&mut shop.topo).unwrap();
+    wait_for("re-enrollment", || enrolled(&agent) == 2);
+    let web = shop.topo.pod("web").address.to_string();
+    let echo = shop.get("client", &format!("http://{web}:8080/")).unwrap();
+    assert_eq!(
+        client_ip(&echo),
+        shop.topo.pod("client").address.to_string()
+    );
 }
 
 /// A stand-in for the node's resolver: answers every A query with 192.0.2.7.
@@ -644,5 +856,7 @@ fn a_workload_at_its_connection_limit_is_refused_at_once_and_others_are_not() {
     let echo = shop
         .get("outsider", &format!("http://{web}:8080/"))
         .unwrap();
-    assert_eq!(client_ip(&echo), THROUGH_AGENT);
+    let outsider = shop.topo.pod("outsider").address.to_string();
+    assert_eq!(client_ip(&echo), outsider);
+    assert_eq!(inbound_total(&agent), 1, "not through the agent");
 }

@@ -26,8 +26,9 @@ commands:
                    run the fuzz targets of fuzz/ (cargo-fuzz, nightly) for
                    N seconds each (default 60); all targets when none named
   bench [--duration 10s | --quick] [--rounds N]
-                   build, then measure direct vs meshed (oha, nginx, iperf3)
-                   on two nodes; results in target/bench/results.json
+                   build, then measure direct, an HAProxy pair with mutual
+                   TLS and the mesh (oha, nginx, iperf3) on two nodes;
+                   results in target/bench/results.json
 ";
 
 /// Debian packages the build and the tests need.
@@ -49,9 +50,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     // The mTLS refusal tests' HBONE client (HTTP/2 CONNECT over TLS).
     "python3-h2",
-    // `cargo xtask bench`: the HTTP backend and the bulk-TCP tool.
+    // `cargo xtask bench`: the HTTP backend, the bulk-TCP tool, the peer it
+    // compares the mesh with, and the CLI that makes that peer's certificates.
     "nginx",
     "iperf3",
+    "haproxy",
+    "openssl",
 ];
 
 /// LLVM whose major matches the nightly toolchain's (see DESIGN.md).

@@ -117,11 +117,19 @@ pub async fn handle(
         return tracked.finish(Err("no request before the header read timeout".into()));
     };
     tracked.record.protocol = protocol_name(protocol);
-    let outcome =
-        match peer::deliver(pod, app, caller.address, proxy.settings.connect_timeout, fd).await {
-            Ok(server) => serve(proxy, pod, client, &caller, protocol, server).await,
-            Err(e) => Err(format!("delivering to {app}: {e}")),
-        };
+    let outcome = match peer::deliver(
+        proxy,
+        pod,
+        app,
+        caller.address,
+        proxy.settings.connect_timeout,
+        fd,
+    )
+    .await
+    {
+        Ok(server) => serve(proxy, pod, client, &caller, protocol, server).await,
+        Err(e) => Err(format!("delivering to {app}: {e}")),
+    };
     tracked.finish(outcome);
 }
 
@@ -326,7 +334,7 @@ impl Inbound for Proxy {
             address: request.source,
         };
         let timeout = proxy.settings.connect_timeout;
-        let outcome = match peer::deliver(&pod, app, request.source, timeout, fd).await {
+        let outcome = match peer::deliver(proxy, &pod, app, request.source, timeout, fd).await {
             Ok(server) => serve(proxy, &pod, client, &caller, protocol, server).await,
             Err(e) => Err(format!("delivering to {app}: {e}")),
         };

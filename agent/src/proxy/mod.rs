@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nodemesh_common::{AGENT_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use nodemesh_common::{AGENT_MARK, DELIVERY_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use budget::{CallerKey, Descriptors, Tenant};
 
 use crate::config::ConfigStore;
-use crate::ebpf::OrigDstTable;
+use crate::ebpf::{DeliveryTable, OrigDstTable};
 use crate::identity::{Identities, SpiffeId};
 use crate::netns::NetNs;
 use crate::transport;
@@ -132,14 +132,16 @@ impl Pod {
     }
 
     /// A socket inside the workload's namespace that may bind an address
-    /// that is not local (`IP_TRANSPARENT`, needs CAP_NET_ADMIN): a caller's.
+    /// that is not local (`IP_TRANSPARENT`, needs CAP_NET_ADMIN): a
+    /// caller's. Its mark, `DELIVERY_MARK`, routes the application's
+    /// replies back to it (see `reply_routing`).
     fn transparent_socket(&self, family_of: SocketAddr) -> io::Result<TcpSocket> {
         self.netns.enter(|| agent_socket(family_of, true))
     }
 }
 
-/// A non-blocking TCP socket carrying the agent's mark, so the eBPF programs
-/// never redirect it (the agent's own traffic must not loop back to itself).
+/// A non-blocking TCP socket carrying the agent's mark (or the delivery
+/// mark, its variant), so the eBPF programs never redirect it (the agent's own traffic must not loop back to itself).
 fn agent_socket(family_of: SocketAddr, transparent: bool) -> io::Result<TcpSocket> {
     let domain = if family_of.is_ipv4() {
         socket2::Domain::IPV4
@@ -147,7 +149,11 @@ fn agent_socket(family_of: SocketAddr, transparent: bool) -> io::Result<TcpSocke
         socket2::Domain::IPV6
     };
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), None)?;
-    socket.set_mark(AGENT_MARK)?;
+    socket.set_mark(if transparent {
+        DELIVERY_MARK
+    } else {
+        AGENT_MARK
+    })?;
     if transparent {
         let made = if family_of.is_ipv4() {
             socket.set_ip_transparent_v4(true)
@@ -253,6 +259,8 @@ pub struct Proxy {
     /// are delivered to directly.
     local: Mutex<HashMap<IpAddr, Arc<Pod>>>,
     orig_dst: OrigDstTable,
+    /// Deliveries to applications that sk_lookup lets through.
+    deliveries: DeliveryTable,
     settings: Settings,
     /// Descriptors for connections, split between workloads.
     pub descriptors: Arc<Descriptors>,
@@ -271,6 +279,7 @@ impl Proxy {
         config: Arc<ConfigStore>,
         identities: Arc<Identities>,
         orig_dst: OrigDstTable,
+        deliveries: DeliveryTable,
         settings: Settings,
         descriptors: Arc<Descriptors>,
     ) -> Proxy {
@@ -281,6 +290,7 @@ impl Proxy {
             identities,
             local: Mutex::default(),
             orig_dst,
+            deliveries,
             settings,
             descriptors,
             outbound: Counters::default(),

@@ -38,7 +38,7 @@ pub async fn connect(
     let source = from.address_for(to.ip());
     match hop {
         Hop::Plain => Ok(connect_within(from.socket(to)?, to, timeout, fd).await?),
-        Hop::Local(destination) => Ok(deliver(&destination, to, source, timeout, fd).await?),
+        Hop::Local(destination) => Ok(deliver(proxy, &destination, to, source, timeout, fd).await?),
         Hop::Mesh(destination) => {
             let source = Source {
                 identity: from.identity.clone(),
@@ -54,10 +54,12 @@ pub async fn connect(
 /// caller's own address `source`, so the application sees who called (its
 /// logs, rate limits and allow-lists keep working). The socket is
 /// transparent (it may bind an address that is not local); its SYN loops
-/// over the workload's `lo`, which `sk_lookup` lets through to the
-/// application, and the application's replies come back over `lo` by the
-/// routing `reply_routing` installed at enrollment.
+/// over the workload's `lo` and `sk_lookup` lets it through to the
+/// application because the agent announced it in `deliveries` first; the
+/// application's replies come back over `lo` by the routing
+/// `reply_routing` installed at enrollment.
 pub async fn deliver(
+    proxy: &Proxy,
     pod: &Pod,
     app: SocketAddr,
     source: IpAddr,
@@ -72,6 +74,8 @@ pub async fn deliver(
     }
     let socket = pod.transparent_socket(app)?;
     socket.bind(SocketAddr::new(source, 0))?;
+    // Until the handshake is done (retransmitted SYNs included).
+    let _announced = proxy.deliveries.announce(socket.local_addr()?, app)?;
     connect_within(socket, app, timeout, fd).await
 }
 

@@ -1,56 +1,70 @@
 //! `cargo xtask bench [--duration 10s | --quick] [--rounds N]`: what the mesh costs,
-//! measured against a direct, un-meshed run on the same topology in the same
-//! invocation (DESIGN.md, "Targets to design for").
+//! measured against a direct, un-meshed run and against a real peer, an
+//! HAProxy pair with mutual TLS, on the same topology in the same invocation
+//! (DESIGN.md, "Targets to design for").
 //!
 //! Topology: two nodes (one agent each), a `client` pod on node-a and a
 //! `server` pod on node-b, so meshed traffic takes the design's two-agent
 //! path (outbound on the client's node, inbound on the server's node). The
 //! server pod runs nginx (one worker, 1 KB `return 200` responses, so the
 //! backend is not the bottleneck) and an iperf3 server; the load comes from
-//! oha and the iperf3 client in the client pod.
-//!
-//! `--rounds N` repeats the whole direct + meshed sequence and reports
-//! medians: on shared 2-vCPU VMs one round's direct req/s varies by up to
-//! ±20 % from run to run.
+//! oha and the iperf3 client in the client pod. HAProxy A runs in node-a's
+//! netns, HAProxy B in node-b's (see `haproxy.rs`).
 //!
 //! The pods' namespace `bench` also holds a Service `server` (port 80,
-//! named `http`, so declared HTTP) with a VirtualService. Every round runs
-//! first DIRECT (the namespace is not labelled: the agents run but capture
-//! nothing), then MESHED (the same config with the namespace labelled
-//! `nodemesh.io/mesh: enabled`), same pods, same addresses. DIRECT targets
-//! the server pod's address, the only one reachable without the mesh;
-//! MESHED runs the same phases against it, which the agents relay as opaque
-//! TCP (L4), and then the HTTP phases again against the Service's cluster
-//! IP, which the client-side agent terminates and routes (L7):
+//! named `http`, so declared HTTP) with a VirtualService. A round runs these
+//! modes, each over the same pods and addresses:
+//! - DIRECT: the namespace is not labelled (the agents run but capture
+//!   nothing); requests go to the server pod's address.
+//! - HAPROXY PAIR: still not labelled; requests go to HAProxy A (plain
+//!   HTTP), which forwards them over TLS 1.3 with a client certificate to
+//!   HAProxy B, which forwards them to nginx.
+//! - MESHED: the namespace labelled `nodemesh.io/mesh: enabled`; requests to
+//!   the pod's address are relayed as opaque TCP by both agents (L4), and
+//!   requests to the Service's cluster IP are terminated and routed by the
+//!   client-side agent (L7).
+//! - MESHED + mTLS: the same with mutual TLS between the agents; skipped
+//!   with the reason until the agent can run it (see `mtls.rs`).
+//!
+//! Every path (direct, HAProxy pair, L4, L7) gets the same phases:
 //! 1. HTTP/1.1 max throughput: 16 keep-alive connections, 1 KB responses;
 //! 2. latency at a fixed 2000 req/s over 16 connections (p50, p90, p99);
-//! 3. connection rate: a new TCP connection per request, 16 concurrent (L4);
+//! 3. connection rate: a new TCP connection per request (oha
+//!    `--disable-keepalive`), 16 concurrent;
+//!
+//! and besides, direct and meshed (the TCP paths):
 //! 4. bulk TCP: iperf3, one stream (L4);
-//! 5. meshed only, L7: phases 1 and 2 to the Service, once with a
+//! 5. meshed only, L7: phases 1 to 3 to the Service, once with a
 //!    VirtualService of 10 routes (the headline L7 figures) and once with
 //!    10 000, requests matching only the last route (see `routes.rs`); the
 //!    difference is what the size of a route table costs each request.
 //!    Before each, the bench checks that both agents serve the table and
 //!    that a request is answered by nginx through that last route.
 //!
-//! L4 and L7 share the direct run as their baseline, so the table shows
-//! what routing adds on top of the relay.
+//! Before the HAProxy pair is measured, the bench checks that a request
+//! through it reaches nginx over TLS 1.3 with A's certificate, and that B
+//! refuses a TLS client without one.
 //!
-//! During every phase the CPU time of both agents, the servers, the load
-//! generator and the whole machine is sampled from /proc: the agents' CPU
-//! per 1000 requests comes from phase 1 (and, for the route tables, also
-//! from phase 2, where both tables see the same request rate), and a phase
-//! in which other work or hypervisor steal took a noticeable share of the
-//! machine is flagged. The agents' RSS (and peak) is read after every
-//! phase; the tables show it after the L7 phases of the first round (an
-//! agent's RSS does not shrink once the 10 000-route table is replaced).
-//! Results are printed as two tables, meshed against direct with the design
-//! targets beside the meshed figures (informative only: a missed target
-//! never fails the command; errors in the traffic do), and 10 000 routes
-//! against 10; and written to `target/bench/results.json`.
+//! `--rounds N` repeats every mode and reports medians: on shared 2-vCPU
+//! VMs one round's direct req/s varies by up to ±20 % from run to run.
+//!
+//! During every phase the CPU time of the path's two proxies (the agents,
+//! or the HAProxies), the servers, the load generator and the whole machine
+//! is sampled from /proc: the proxies' CPU per 1000 requests comes from
+//! phases 1 and 2 (at 2000 req/s every path sees the same request rate) and
+//! per 1000 connections from phase 3, and a phase in which other work or
+//! hypervisor steal took a noticeable share of the machine is flagged. The
+//! proxies' RSS (and peak) is read after every phase; the tables show it
+//! after each path's phases of the first round (an agent's RSS does not
+//! shrink once the 10 000-route table is replaced). Results are printed as
+//! three tables: every path against direct, with the design targets for
+//! L7 + mTLS judged on the best nodemesh L7 path measured (informative only:
+//! a missed target never fails the command; errors in the traffic do);
+//! nodemesh's paths against the HAProxy pair; and 10 000 routes against
+//! 10. Everything is also written to `target/bench/results.json`.
 //!
 //! Benchmark-harness tuning, applied to every namespace of the topology in
-//! both modes alike: `net.ipv4.tcp_tw_reuse=1` and a wide ephemeral port
+//! all modes alike: `net.ipv4.tcp_tw_reuse=1` and a wide ephemeral port
 //! range, so that the connection-rate phase (tens of thousands of short
 //! connections to one address) does not run out of ports because of
 //! TIME_WAIT.
@@ -65,19 +79,24 @@ use nodemesh_testbed::workload_apps::wait_listening;
 use nodemesh_testbed::{config, Agent, Topology};
 use serde_json::{json, Value};
 
+mod haproxy;
+mod mtls;
+mod probe;
 mod procfs;
 mod report;
 mod results;
 mod routes;
 
+use haproxy::HaproxyPair;
+use mtls::MeshCa;
 use procfs::{
     children_cpu_ticks, clock_ticks_per_second, loadavg, machine_ticks, num_cpus,
     proc_context_switches, proc_cpu_ticks, proc_memory_kib,
 };
-use report::{cpu_breakdown, render, route_table, table, Row};
+use report::{comparison, cpu_breakdown, route_table};
 use results::{
-    per_1000, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
-    ModeResult,
+    per_1000, Bulk, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
+    ModeResult, PathResult,
 };
 
 const USAGE: &str = "\
@@ -85,7 +104,7 @@ usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
 
   --duration D   length of each oha phase, e.g. 10s, 1500ms, 1m (default 10s)
   --quick        smoke run: 3 s phases
-  --rounds N     repeat direct + meshed N times and report medians (default 1)
+  --rounds N     repeat every mode N times and report medians (default 1)
 ";
 
 /// The Kubernetes namespace of both pods.
@@ -126,12 +145,21 @@ const INTERFERENCE_CPUS: f64 = 0.2;
 /// The same for CPU time stolen by the hypervisor.
 const STEAL_CPUS: f64 = 0.1;
 
-// Design targets (DESIGN.md, "Targets to design for").
+// Design targets for L7 + mTLS through two agents (DESIGN.md, "Targets to
+// design for"); besides these, ahead of the HAProxy pair.
 const TARGET_RPS_PERCENT: f64 = 48.0;
 const TARGET_P50_DELTA_MS: f64 = 0.15;
-const TARGET_CPU_MS_PER_1000: f64 = 40.0;
+const TARGET_CPU_MS_PER_1000: f64 = 20.0;
+const TARGET_CPU_MS_PER_1000_FIXED_RATE: f64 = 60.0;
 const TARGET_RSS_MB: f64 = 12.0;
 const TARGET_BULK_PERCENT: f64 = 60.0;
+
+/// The programs the bench runs besides the agents.
+struct Tools {
+    nginx: PathBuf,
+    iperf3: PathBuf,
+    haproxy: PathBuf,
+}
 
 pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     let Some(opts) = Options::parse(args)? else {
@@ -139,10 +167,18 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         return Ok(());
     };
     let oha = Oha::find_or_install()?;
-    let nginx = find_program("nginx", &["/usr/sbin/nginx"])?;
-    let iperf3 = find_program("iperf3", &["/usr/bin/iperf3"])?;
+    let tools = Tools {
+        nginx: find_program("nginx", &["/usr/sbin/nginx"])?,
+        iperf3: find_program("iperf3", &["/usr/bin/iperf3"])?,
+        haproxy: find_program("haproxy", &["/usr/sbin/haproxy"])?,
+    };
     let clk_tck = clock_ticks_per_second();
     let load_before = loadavg();
+    let mtls_unsupported = mtls::unsupported(nodemesh);
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|&m| m != Mode::MeshedMtls || mtls_unsupported.is_none())
+        .collect();
 
     println!(
         "bench: {} per oha phase, {} iperf3, {CONNECTIONS} connections, {BODY_SIZE} B responses \
@@ -153,9 +189,19 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         num_cpus(),
         load_before
     );
-    let mut bench = Bench::new(nodemesh, &oha, &nginx, &iperf3, &opts, clk_tck)?;
-    let result = bench.measure_rounds();
-    let (direct, meshed) = match result {
+    println!(
+        "bench: modes {}",
+        modes
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(reason) = &mtls_unsupported {
+        println!("bench: {} skipped: {reason}", Mode::MeshedMtls.name());
+    }
+    let mut bench = Bench::new(nodemesh, &oha, &tools, &opts, clk_tck)?;
+    let results = match bench.measure_rounds(&modes) {
         Ok(r) => r,
         Err(e) => {
             // Collect the logs before the work directory goes with `bench`.
@@ -164,35 +210,35 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             return Err(anyhow::anyhow!("{e:#}\n\nbench failed; logs:\n{logs}"));
         }
     };
+    let mtls_skipped = mtls_unsupported.or(bench.mtls_skipped.take());
     drop(bench);
     println!("bench: topology removed");
 
-    let rows = table(&direct, &meshed);
+    let comparison = comparison(&results);
     println!();
-    print!("{}", render(&rows, ["metric", "direct", "meshed", "ratio"]));
+    print!("{}", comparison.main.render());
     println!(
-        "\nL4: to the server pod's address, relayed as opaque TCP by both agents. L7: to the \
-         Service, routed\nby the client-side agent (VirtualService, {} routes, the last \
-         matching). Targets are the design's\nfor L7 + mTLS through two agents (informative \
-         only). p99 on shared VMs is dominated by\nhypervisor steal: judge by p50/p90 and CPU.",
-        ROUTE_COUNTS[0]
+        "\nEvery path as a ratio of (or delta to) the direct run of the same invocation. L4: \
+         to the server pod's\naddress, relayed as opaque TCP by both agents. L7: to the \
+         Service, routed by the client-side agent\n(VirtualService, {} routes, the last \
+         matching). HAProxy pair: L7 with mutual TLS between two\nHAProxies ({} threads \
+         each, as the agents' 2 workers). Proxy CPU sums both proxies of the path.\nTargets \
+         are the design's for L7 + mTLS through two agents, judged here on {} (informative \
+         only).\np99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU.",
+        ROUTE_COUNTS[0],
+        haproxy::THREADS,
+        comparison.judged.label()
     );
-    let route_rows = route_table(&meshed);
-    let sizes = ROUTE_COUNTS.map(|n| format!("{n} routes"));
+    println!("\nnodemesh against the HAProxy pair (same invocation):");
+    print!("{}", comparison.versus_haproxy.render());
+    let route_rows = route_table(&results);
     println!("\nRoute-table size, meshed L7, requests matching the last route:");
-    print!(
-        "{}",
-        render(&route_rows, ["metric", &sizes[0], &sizes[1], "difference"])
-    );
+    print!("{}", route_rows.render());
     println!(
         "The CPU differences (ms per 1000 requests = µs per request) are the per-request cost \
          of the larger\ntable. Design: the same with 10 and with 10 000 routes."
     );
-    let warnings: Vec<&String> = direct
-        .iter()
-        .chain(&meshed)
-        .flat_map(|r| &r.warnings)
-        .collect();
+    let warnings: Vec<&String> = results.iter().flat_map(|r| &r.warnings).collect();
     if warnings.is_empty() {
         println!(
             "No phase saw other work above {INTERFERENCE_CPUS} CPU or steal above {STEAL_CPUS} CPU."
@@ -209,9 +255,9 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
              use --rounds 3 (medians) before drawing conclusions."
         );
     }
-    print!("{}", cpu_breakdown(&direct, &meshed));
+    print!("{}", cpu_breakdown(&results));
 
-    let doc = json!({
+    let mut doc = json!({
         "settings": {
             "duration_seconds": opts.duration.as_secs_f64(),
             "rounds": opts.rounds,
@@ -220,16 +266,25 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             "fixed_rate": FIXED_RATE,
             "body_bytes": BODY_SIZE,
             "route_counts": ROUTE_COUNTS,
+            "haproxy_threads": haproxy::THREADS,
             "oha": oha.version,
             "cpus": num_cpus(),
             "load_average_before": load_before,
             "clock_ticks_per_second": clk_tck,
         },
-        "direct": direct.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
-        "meshed": meshed.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
-        "comparison": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
-        "route_count_cost": route_rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "skipped": { Mode::MeshedMtls.key(): &mtls_skipped },
+        "comparison": comparison.main.to_json(),
+        "targets_judged_on": comparison.judged.label(),
+        "versus_haproxy_pair": comparison.versus_haproxy.to_json(),
+        "route_count_cost": route_rows.to_json(),
     });
+    for mode in modes {
+        doc[mode.key()] = results
+            .iter()
+            .filter(|r| r.mode == mode)
+            .map(ModeResult::to_json)
+            .collect();
+    }
     let out_dir = super::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = out_dir.join("results.json");
@@ -405,18 +460,28 @@ struct Bench<'a> {
     // Field order is drop order: the agents stop and uninstall their eBPF
     // programs before the topology deletes the namespaces they run in.
     agents: Vec<Agent>,
+    /// Whether `agents` run with the mesh CA's flags.
+    agents_mtls: bool,
+    haproxy: HaproxyPair,
+    /// Started when the L7 + mTLS mode first runs.
+    ca: Option<MeshCa>,
+    /// Why the L7 + mTLS mode was skipped after all.
+    mtls_skipped: Option<String>,
     topo: Topology,
+    nodemesh: PathBuf,
     oha: &'a Oha,
     iperf3: PathBuf,
     opts: &'a Options,
     config_dir: PathBuf,
     client_netns: String,
+    server_netns: String,
     server_ip: String,
     nginx_pid: u32,
     iperf3_server_pid: u32,
     clk_tck: u64,
-    /// The configuration last written.
-    mode: Mode,
+    /// The configuration last written: the namespace labelled, and the
+    /// size of the route table.
+    enrolled: bool,
     routes: usize,
 }
 
@@ -426,6 +491,7 @@ struct PhaseLog {
     /// (started, total), for the `[n/total]` progress lines.
     steps: (usize, usize),
     warnings: Vec<String>,
+    /// The mode's proxies' memory after each phase.
     memory_trace: Vec<(String, [Memory; 2])>,
 }
 
@@ -440,8 +506,7 @@ impl<'a> Bench<'a> {
     fn new(
         nodemesh: &Path,
         oha: &'a Oha,
-        nginx: &Path,
-        iperf3: &Path,
+        tools: &Tools,
         opts: &'a Options,
         clk_tck: u64,
     ) -> Result<Bench<'a>> {
@@ -474,8 +539,8 @@ impl<'a> Bench<'a> {
             .with_context(|| format!("tuning TCP in {ns}"))?;
         }
 
-        let nginx_pid = start_nginx(&mut topo, nginx, &server.netns)?;
-        let iperf3_s = iperf3.to_string_lossy().into_owned();
+        let nginx_pid = start_nginx(&mut topo, &tools.nginx, &server.netns)?;
+        let iperf3_s = tools.iperf3.to_string_lossy().into_owned();
         let port = IPERF_PORT.to_string();
         let iperf3_server_pid = topo.spawn_in(
             &server.netns,
@@ -483,52 +548,134 @@ impl<'a> Bench<'a> {
             "iperf3-server",
         )?;
         wait_listening(&topo, &server.netns, IPERF_PORT)?;
+        println!(
+            "bench: starting the HAProxy pair ({} threads each, mutual TLS between them)",
+            haproxy::THREADS
+        );
+        let haproxy = HaproxyPair::start(
+            &mut topo,
+            &tools.haproxy,
+            (server.address, HTTP_PORT),
+            routes::PATH,
+        )?;
 
         let config_dir = topo.work_dir().join("config");
-        write_config(&topo, &config_dir, Mode::Direct)?;
+        write_config(&topo, &config_dir, false)?;
         write_routes(&config_dir, ROUTE_COUNTS[0])?;
         println!("bench: starting one agent per node");
         let a = Agent::start_with(&mut topo, "node-a", &config_dir, nodemesh, &[])?;
         let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &[])?;
         let bench = Bench {
             agents: vec![a, b],
+            agents_mtls: false,
+            haproxy,
+            ca: None,
+            mtls_skipped: None,
             topo,
+            nodemesh: nodemesh.to_path_buf(),
             oha,
-            iperf3: iperf3.to_path_buf(),
+            iperf3: tools.iperf3.clone(),
             opts,
             config_dir,
             client_netns: client.netns.clone(),
+            server_netns: server.netns.clone(),
             server_ip: server.address.to_string(),
             nginx_pid,
             iperf3_server_pid,
             clk_tck,
-            mode: Mode::Direct,
+            enrolled: false,
             routes: ROUTE_COUNTS[0],
         };
         bench.wait_config(&[0, 0])?;
         Ok(bench)
     }
 
-    /// `rounds` times: every phase direct, then every phase meshed.
-    fn measure_rounds(&mut self) -> Result<(Vec<ModeResult>, Vec<ModeResult>)> {
-        let (mut direct, mut meshed) = (Vec::new(), Vec::new());
+    /// `rounds` times: every phase of every mode in `modes`, in order
+    /// (less the L7 + mTLS mode if it turns out it cannot run).
+    fn measure_rounds(&mut self, modes: &[Mode]) -> Result<Vec<ModeResult>> {
+        let mut modes = modes.to_vec();
+        let mut results = Vec::new();
         for round in 1..=self.opts.rounds {
             if round > 1 {
                 println!("\n######## round {round} of {}", self.opts.rounds);
-                self.set_routes(ROUTE_COUNTS[0])?;
-                self.set_mode(Mode::Direct)?;
             }
-            direct.push(self.measure(Mode::Direct)?);
-            self.set_mode(Mode::Meshed)?;
-            meshed.push(self.measure(Mode::Meshed)?);
+            for mode in modes.clone() {
+                if self.routes != ROUTE_COUNTS[0] {
+                    self.set_routes(ROUTE_COUNTS[0])?;
+                }
+                if self.enrolled != mode.enrolls() {
+                    self.set_enrolled(mode.enrolls())?;
+                }
+                if !self.use_agents(mode)? {
+                    modes.retain(|&m| m != mode);
+                    continue;
+                }
+                results.push(self.measure(mode)?);
+            }
         }
-        Ok((direct, meshed))
+        Ok(results)
     }
 
-    fn set_mode(&mut self, mode: Mode) -> Result<()> {
+    /// Restarts the agents with or without the mesh CA's flags, as `mode`
+    /// needs (starting the CA the first time). False when the mode cannot
+    /// run after all; `self.mtls_skipped` says why.
+    fn use_agents(&mut self, mode: Mode) -> Result<bool> {
+        let mtls = mode == Mode::MeshedMtls;
+        if self.agents_mtls == mtls {
+            return Ok(true);
+        }
+        if mtls && self.ca.is_none() {
+            println!("bench: starting the mesh CA and issuing the nodes' credentials");
+            self.ca = Some(MeshCa::start(
+                &mut self.topo,
+                &self.nodemesh,
+                &self.config_dir,
+            )?);
+        }
+        println!(
+            "bench: restarting the agents {} the mesh CA",
+            if mtls { "with" } else { "without" }
+        );
+        // Stopped and uninstalled before their successors load.
+        self.agents.clear();
+        for node in ["node-a", "node-b"] {
+            let args = match (&self.ca, mtls) {
+                (Some(ca), true) => ca.agent_args(&self.topo.node(node).node_name)?,
+                _ => Vec::new(),
+            };
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = Agent::start_with(
+                &mut self.topo,
+                node,
+                &self.config_dir,
+                &self.nodemesh,
+                &args,
+            )?;
+            self.agents.push(agent);
+        }
+        self.agents_mtls = mtls;
+        self.wait_config(&[0, 0])?;
+        if let (Some(ca), true) = (&self.ca, mtls) {
+            mtls::wait_certificates(&self.agents, ca)?;
+            let netns = [
+                self.topo.node("node-a").netns.as_str(),
+                self.topo.node("node-b").netns.as_str(),
+                &self.client_netns,
+                &self.server_netns,
+            ];
+            if let Some(reason) = mtls::transport_missing(&self.topo, &netns)? {
+                println!("bench: {} skipped: {reason}", mode.name());
+                self.mtls_skipped = Some(reason);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn set_enrolled(&mut self, enrolled: bool) -> Result<()> {
         let generations = self.generations()?;
-        write_config(&self.topo, &self.config_dir, mode)?;
-        self.mode = mode;
+        write_config(&self.topo, &self.config_dir, enrolled)?;
+        self.enrolled = enrolled;
         self.wait_config(&generations)?;
         Ok(())
     }
@@ -556,12 +703,12 @@ impl<'a> Bench<'a> {
     }
 
     /// Waits until each agent has loaded a generation newer than its `after`
-    /// that holds the config of `self.mode` and `self.routes`: both
+    /// that holds the config of `self.enrolled` and `self.routes`: both
     /// workloads known and enrolled (meshed) or not (direct), the Service,
     /// and its routes. A rejected config fails at once rather than at the
     /// timeout.
     fn wait_config(&self, after: &[u64]) -> Result<()> {
-        let want_enrolled = u64::from(self.mode == Mode::Meshed);
+        let want_enrolled = u64::from(self.enrolled);
         let want_routes = self.routes as u64;
         let deadline = Instant::now() + CONFIG_TIMEOUT;
         for (agent, &after) in self.agents.iter().zip(after) {
@@ -582,11 +729,10 @@ impl<'a> Bench<'a> {
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "the agent on {} did not reach the {} configuration ({want_enrolled} \
+                        "the agent on {} did not reach the configuration ({want_enrolled} \
                          workload enrolled, {want_routes} HTTP routes) within \
                          {CONFIG_TIMEOUT:?}: {status:#}\nagent log:\n{}",
                         agent.node(),
-                        self.mode.name(),
                         tail(&agent.log(), 40)
                     );
                 }
@@ -597,51 +743,65 @@ impl<'a> Bench<'a> {
     }
 
     fn measure(&mut self, mode: Mode) -> Result<ModeResult> {
-        let name = mode.name();
-        println!("\n== {} ==", name.to_uppercase());
-        let pod_url = format!("http://{}:{HTTP_PORT}{}", self.server_ip, routes::PATH);
+        println!("\n== {} ==", mode.name().to_uppercase());
+        let (url, path) = match mode {
+            Mode::Direct => (self.pod_url(), "pod IP"),
+            Mode::HaproxyPair => {
+                self.haproxy
+                    .check(&self.topo, &self.client_netns, BODY_SIZE)?;
+                println!(
+                    "  a request through the pair reaches nginx over TLS 1.3 with HAProxy A's \
+                     certificate; B refuses a client without one"
+                );
+                (self.haproxy.url.clone(), "HAProxy pair")
+            }
+            Mode::Meshed | Mode::MeshedMtls => (self.pod_url(), "L4, pod IP"),
+        };
         let counts_before = self.agent_counts()?;
+        let bulk_steps = usize::from(mode != Mode::HaproxyPair);
+        let l7_steps = if mode.enrolls() {
+            3 * ROUTE_COUNTS.len()
+        } else {
+            0
+        };
         let mut log = PhaseLog {
             mode,
-            steps: (
-                0,
-                if mode == Mode::Meshed {
-                    4 + 2 * ROUTE_COUNTS.len()
-                } else {
-                    4
-                },
-            ),
+            steps: (0, 3 + bulk_steps + l7_steps),
             warnings: Vec::new(),
-            memory_trace: vec![("start".into(), self.agent_memory()?)],
+            memory_trace: vec![("start".into(), self.proxy_memory(mode)?)],
         };
 
-        self.warm_up(&pod_url)?;
-        let path = match mode {
-            Mode::Direct => "pod IP",
-            Mode::Meshed => "L4, pod IP",
+        let tls_before = self.haproxy_tls_connections(mode)?;
+        self.warm_up(&url)?;
+        let main = self.path_phases(&mut log, &url, path)?;
+        let haproxy_tls_connections = match (tls_before, self.haproxy_tls_connections(mode)?) {
+            (Some(before), Some(after)) => {
+                let n = after.saturating_sub(before);
+                println!(
+                    "        HAProxy B accepted {n} TLS connections from A, for {} new client \
+                     connections",
+                    3 * CONNECTIONS as u64 + main.conn_rate.attempted()
+                );
+                Some(n)
+            }
+            _ => None,
         };
-        let l4 = self.http_phases(&mut log, &pod_url, path)?;
 
-        log.step(&format!(
-            "connection rate: a new connection per request, {CONNECTIONS} concurrent, {}",
-            human(self.opts.duration)
-        ));
-        let conns = CONNECTIONS.to_string();
-        let d = human(self.opts.duration);
-        let (conn_rate, conn_rate_cpu) = self.phase(&mut log, "connection rate", |b| {
-            b.oha(
-                &["-c", &conns, "--disable-keepalive", "-z", &d, &pod_url],
-                "connection rate",
-            )
-        })?;
-        println!("        {:.0} connections/s", conn_rate.rps);
-
-        log.step(&format!("bulk TCP: iperf3, {}", human(self.opts.bulk)));
-        let (bulk, bulk_cpu) = self.phase(&mut log, "bulk", |b| b.iperf3())?;
-        println!("        {:.2} Gbit/s", bulk / 1e9);
+        // iperf3 is plain TCP: the HAProxy pair only speaks HTTP.
+        let bulk = if mode == Mode::HaproxyPair {
+            None
+        } else {
+            log.step(&format!("bulk TCP: iperf3, {}", human(self.opts.bulk)));
+            let (bits_per_second, cpu) = self.phase(&mut log, "bulk", |b| b.iperf3())?;
+            println!("        {:.2} Gbit/s", bits_per_second / 1e9);
+            Some(Bulk {
+                bits_per_second,
+                cpu,
+            })
+        };
 
         let mut l7 = Vec::new();
-        if mode == Mode::Meshed {
+        if mode.enrolls() {
             for routes in ROUTE_COUNTS {
                 l7.push(self.l7_phases(&mut log, routes)?);
             }
@@ -654,28 +814,29 @@ impl<'a> Bench<'a> {
             failed: (counts_after[0].2 + counts_after[1].2)
                 .saturating_sub(counts_before[0].2 + counts_before[1].2),
         };
-        match mode {
-            Mode::Direct if captured.outbound_a + captured.inbound_b > 0 => bail!(
-                "the direct run went through the agents ({} outbound on node-a, {} inbound on \
+        if !mode.enrolls() && captured.outbound_a + captured.inbound_b > 0 {
+            bail!(
+                "the {} run went through the agents ({} outbound on node-a, {} inbound on \
                  node-b): the un-labelled namespace was captured",
+                mode.name(),
                 captured.outbound_a,
                 captured.inbound_b
-            ),
-            // At least the 16 keep-alive connections of each oha run.
-            Mode::Meshed
-                if captured.outbound_a < u64::from(CONNECTIONS)
-                    || captured.inbound_b < u64::from(CONNECTIONS) =>
-            {
-                bail!(
-                    "the meshed run did not go through both agents ({} outbound on node-a, {} \
-                     inbound on node-b)",
-                    captured.outbound_a,
-                    captured.inbound_b
-                )
-            }
-            _ => {}
+            );
         }
-        if mode == Mode::Meshed {
+        // At least the 16 keep-alive connections of each oha run.
+        if mode.enrolls()
+            && (captured.outbound_a < u64::from(CONNECTIONS)
+                || captured.inbound_b < u64::from(CONNECTIONS))
+        {
+            bail!(
+                "the {} run did not go through both agents ({} outbound on node-a, {} inbound \
+                 on node-b)",
+                mode.name(),
+                captured.outbound_a,
+                captured.inbound_b
+            );
+        }
+        if mode.enrolls() {
             println!(
                 "        agents proxied {} outbound (node-a) / {} inbound (node-b) connections, {} failed",
                 captured.outbound_a, captured.inbound_b, captured.failed
@@ -688,16 +849,19 @@ impl<'a> Bench<'a> {
         }
         Ok(ModeResult {
             mode,
-            l4,
+            main,
             l7,
-            conn_rate,
-            conn_rate_cpu,
-            bulk_cpu,
+            bulk,
             warnings: log.warnings,
-            bulk_bits_per_second: bulk,
             memory_trace: log.memory_trace,
             captured,
+            haproxy_tls_connections,
         })
+    }
+
+    /// The server pod's address: the only one reachable without the mesh.
+    fn pod_url(&self) -> String {
+        format!("http://{}:{HTTP_PORT}{}", self.server_ip, routes::PATH)
     }
 
     /// The HTTP phases through the client-side agent's L7 proxy, with a
@@ -712,8 +876,7 @@ impl<'a> Bench<'a> {
             applied_after.as_secs_f64() * 1000.0
         );
         self.warm_up(&url)?;
-        let http = self.http_phases(log, &url, &format!("L7, {routes} routes"))?;
-        let memory = self.agent_memory()?;
+        let path = self.path_phases(log, &url, &format!("L7, {routes} routes"))?;
         // Last: the listing's own allocations must not count as the table's.
         let listing =
             routes::check_table(&self.agents[0], &format!("{NAMESPACE}/{SERVER}"), routes)?;
@@ -723,9 +886,37 @@ impl<'a> Bench<'a> {
         );
         Ok(L7Result {
             routes,
-            http,
+            path,
             applied_after,
-            memory,
+        })
+    }
+
+    /// The HTTP phases against `url`, then its connection rate; the
+    /// proxies' memory after them.
+    fn path_phases(&self, log: &mut PhaseLog, url: &str, path: &str) -> Result<PathResult> {
+        let http = self.http_phases(log, url, path)?;
+        let d = human(self.opts.duration);
+        log.step(&format!(
+            "connection rate ({path}): a new connection per request, {CONNECTIONS} concurrent, {d}"
+        ));
+        let conns = CONNECTIONS.to_string();
+        let phase = format!("connection rate ({path})");
+        let (conn_rate, conn_rate_cpu) = self.phase(log, &phase, |b| {
+            b.oha(
+                &["-c", &conns, "--disable-keepalive", "-z", &d, url],
+                &phase,
+            )
+        })?;
+        println!(
+            "        {:.0} connections/s; proxies {:.1} ms CPU per 1000 connections",
+            conn_rate.rps,
+            per_1000(conn_rate_cpu.proxies_total(), conn_rate.ok)
+        );
+        Ok(PathResult {
+            http,
+            conn_rate,
+            conn_rate_cpu,
+            memory: self.proxy_memory(log.mode)?,
         })
     }
 
@@ -741,10 +932,10 @@ impl<'a> Bench<'a> {
             b.oha(&["-c", &conns, "-z", &d, url], &phase)
         })?;
         println!(
-            "        {:.0} req/s, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req",
+            "        {:.0} req/s, p50 {:.3} ms; proxies {:.1} ms CPU per 1000 req",
             throughput.rps,
             throughput.p50_ms,
-            per_1000(throughput_cpu.agents_total(), throughput.ok)
+            per_1000(throughput_cpu.proxies_total(), throughput.ok)
         );
 
         log.step(&format!(
@@ -776,18 +967,18 @@ impl<'a> Bench<'a> {
     }
 
     /// Runs `f` and returns its result with the CPU it cost; notes the
-    /// agents' memory afterwards and whether other work skewed it.
+    /// mode's proxies' memory afterwards and whether other work skewed it.
     fn phase<T>(
         &self,
         log: &mut PhaseLog,
         name: &str,
         f: impl FnOnce(&Self) -> Result<T>,
     ) -> Result<(T, CpuUse)> {
-        let before = self.cpu_snapshot()?;
+        let before = self.cpu_snapshot(log.mode)?;
         let value = f(self)?;
-        let cpu = self.cpu_since(&before)?;
+        let cpu = self.cpu_since(&before, log.mode)?;
         log.memory_trace
-            .push((name.to_string(), self.agent_memory()?));
+            .push((name.to_string(), self.proxy_memory(log.mode)?));
         if let Some(w) = cpu.interference(&format!("{} {name}", log.mode.name())) {
             println!("  warning: {w}");
             log.warnings.push(w);
@@ -798,7 +989,7 @@ impl<'a> Bench<'a> {
     /// Runs oha in the client pod and checks that (almost) every request
     /// succeeded.
     fn oha(&self, args: &[&str], what: &str) -> Result<HttpRun> {
-        self.check_agents()?;
+        self.check_processes()?;
         let oha = self.oha.path.to_string_lossy().into_owned();
         let mut cmd = vec![oha.as_str(), "--no-tui"];
         cmd.extend(self.oha.json_args.iter().copied());
@@ -831,7 +1022,7 @@ impl<'a> Bench<'a> {
         let run = HttpRun::from_oha(&doc).with_context(|| format!("{what}: {doc}"))?;
         if run.error_fraction() > MAX_ERROR_FRACTION || run.ok == 0 {
             // A dead agent or backend is the likelier cause: say so first.
-            self.check_agents()
+            self.check_processes()
                 .with_context(|| format!("{what}: requests failed"))?;
             bail!(
                 "{what}: {} of {} requests failed ({} non-2xx, errors {:?}; oha: `{}`)",
@@ -842,13 +1033,13 @@ impl<'a> Bench<'a> {
                 cmd.join(" ")
             );
         }
-        self.check_agents()?;
+        self.check_processes()?;
         Ok(run)
     }
 
     /// Runs the iperf3 client in the client pod; returns bits/s received.
     fn iperf3(&self) -> Result<f64> {
-        self.check_agents()?;
+        self.check_processes()?;
         let iperf3 = self.iperf3.to_string_lossy().into_owned();
         let port = IPERF_PORT.to_string();
         let secs = format!("{}", self.opts.bulk.as_secs().max(1));
@@ -863,7 +1054,7 @@ impl<'a> Bench<'a> {
             "-J",
         ];
         let out = self.topo.run_in(&self.client_netns, &cmd)?;
-        self.check_agents().context("bulk TCP")?;
+        self.check_processes().context("bulk TCP")?;
         let doc: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "`{}` printed invalid JSON ({}): {} {}",
@@ -887,7 +1078,7 @@ impl<'a> Bench<'a> {
         Ok(bps)
     }
 
-    fn check_agents(&self) -> Result<()> {
+    fn check_processes(&self) -> Result<()> {
         for agent in &self.agents {
             if !agent.is_running() {
                 bail!("the agent on {} has exited", agent.node());
@@ -895,6 +1086,11 @@ impl<'a> Bench<'a> {
         }
         if !self.topo.is_running(self.nginx_pid) {
             bail!("nginx has exited");
+        }
+        for (pid, peer) in self.haproxy.pids.iter().zip(["A", "B"]) {
+            if !self.topo.is_running(*pid) {
+                bail!("HAProxy {peer} has exited");
+            }
         }
         Ok(())
     }
@@ -948,8 +1144,26 @@ impl<'a> Bench<'a> {
         Ok(out)
     }
 
-    fn agent_memory(&self) -> Result<[Memory; 2]> {
-        let pids = self.agent_pids()?;
+    /// On the HAProxy pair, the TLS connections B has accepted so far.
+    fn haproxy_tls_connections(&self, mode: Mode) -> Result<Option<u64>> {
+        if mode == Mode::HaproxyPair {
+            self.haproxy.b_tls_connections().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The processes that carry `mode`'s requests, node-a's first: the
+    /// agents, or the HAProxies. (Direct runs report the idle agents.)
+    fn proxy_pids(&self, mode: Mode) -> Result<[u32; 2]> {
+        match mode {
+            Mode::HaproxyPair => Ok(self.haproxy.pids),
+            _ => self.agent_pids(),
+        }
+    }
+
+    fn proxy_memory(&self, mode: Mode) -> Result<[Memory; 2]> {
+        let pids = self.proxy_pids(mode)?;
         let mut out = [Memory::default(); 2];
         for (m, pid) in out.iter_mut().zip(pids) {
             let (rss_kib, hwm_kib) = proc_memory_kib(pid)?;
@@ -958,17 +1172,17 @@ impl<'a> Bench<'a> {
         Ok(out)
     }
 
-    fn cpu_snapshot(&self) -> Result<CpuSnapshot> {
-        let pids = self.agent_pids()?;
+    fn cpu_snapshot(&self, mode: Mode) -> Result<CpuSnapshot> {
+        let pids = self.proxy_pids(mode)?;
         Ok(CpuSnapshot {
-            agents: [proc_cpu_ticks(pids[0])?, proc_cpu_ticks(pids[1])?],
+            proxies: [proc_cpu_ticks(pids[0])?, proc_cpu_ticks(pids[1])?],
             servers: [self.nginx_pid, self.iperf3_server_pid]
                 .iter()
                 .map(|&pid| proc_cpu_ticks(pid).map(|(u, s)| u + s))
                 .sum::<Result<u64>>()?,
             children: children_cpu_ticks(),
             machine: machine_ticks(),
-            agent_switches: [
+            proxy_switches: [
                 proc_context_switches(pids[0]),
                 proc_context_switches(pids[1]),
             ],
@@ -976,34 +1190,35 @@ impl<'a> Bench<'a> {
         })
     }
 
-    fn cpu_since(&self, before: &CpuSnapshot) -> Result<CpuUse> {
-        let now = self.cpu_snapshot()?;
+    fn cpu_since(&self, before: &CpuSnapshot, mode: Mode) -> Result<CpuUse> {
+        let now = self.cpu_snapshot(mode)?;
         let ms = |ticks: u64| ticks as f64 * 1000.0 / self.clk_tck as f64;
-        let agent = |i: usize| {
+        let proxy = |i: usize| {
             (
-                ms(now.agents[i].0.saturating_sub(before.agents[i].0)),
-                ms(now.agents[i].1.saturating_sub(before.agents[i].1)),
+                ms(now.proxies[i].0.saturating_sub(before.proxies[i].0)),
+                ms(now.proxies[i].1.saturating_sub(before.proxies[i].1)),
             )
         };
         Ok(CpuUse {
-            agents: [agent(0), agent(1)],
+            proxies: [proxy(0), proxy(1)],
             servers: ms(now.servers.saturating_sub(before.servers)),
             load_generator: ms(now.children.saturating_sub(before.children)),
             machine_busy: ms(now.machine.0.saturating_sub(before.machine.0)),
             machine_steal: ms(now.machine.1.saturating_sub(before.machine.1)),
             wall: now.at.duration_since(before.at).as_secs_f64() * 1000.0,
-            agent_context_switches: (0..2)
+            proxy_context_switches: (0..2)
                 .map(|i| {
-                    now.agent_switches[i]
+                    now.proxy_switches[i]
                         .0
-                        .saturating_sub(before.agent_switches[i].0)
+                        .saturating_sub(before.proxy_switches[i].0)
                 })
                 .sum(),
-            agent_threads: [now.agent_switches[0].1, now.agent_switches[1].1],
+            proxy_threads: [now.proxy_switches[0].1, now.proxy_switches[1].1],
         })
     }
 
-    /// Tails of the agents', nginx's and iperf3's logs, for error messages.
+    /// Tails of the agents', HAProxy's, nginx's and iperf3's logs, for error
+    /// messages.
     fn logs(&self) -> String {
         let mut out = String::new();
         for agent in &self.agents {
@@ -1016,6 +1231,7 @@ impl<'a> Bench<'a> {
                 tail(&log, 60)
             );
         }
+        let _ = writeln!(out, "{}", self.haproxy.logs(&self.topo));
         let error_log = self.topo.work_dir().join("nginx-error.log");
         let _ = writeln!(
             out,
@@ -1038,15 +1254,15 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Namespace `bench` (labelled only when meshed) with the two workloads
+/// Namespace `bench` (labelled when `enrolled`) with the two workloads
 /// and the Service `server`. Direct runs target the server pod's address:
 /// a cluster IP only exists inside the mesh.
-fn write_config(topo: &Topology, dir: &Path, mode: Mode) -> Result<()> {
+fn write_config(topo: &Topology, dir: &Path, enrolled: bool) -> Result<()> {
     config::write(
         dir,
         "bench.yaml",
         &[
-            config::namespace(NAMESPACE, mode == Mode::Meshed),
+            config::namespace(NAMESPACE, enrolled),
             config::workload(topo.pod(CLIENT), NAMESPACE, &[("app", CLIENT)]),
             config::workload(topo.pod(SERVER), NAMESPACE, &[("app", SERVER)]),
             config::service(

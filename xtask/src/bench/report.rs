@@ -1,38 +1,85 @@
-//! The comparison tables (meshed against direct; the largest route table
-//! against the smallest), their rendering and their JSON.
+//! The comparison tables (every path against the same direct run; nodemesh
+//! against the HAProxy pair; the largest route table against the
+//! smallest), their rendering and their JSON.
 
 use std::fmt::Write as _;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::procfs::num_cpus;
 use super::{
-    per_1000, HttpPhases, HttpRun, L7Result, Mode, ModeResult, CONNECTIONS, FIXED_RATE,
-    ROUTE_COUNTS, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000, TARGET_P50_DELTA_MS,
-    TARGET_RPS_PERCENT, TARGET_RSS_MB,
+    per_1000, CpuUse, HttpRun, L7Result, Memory, Mode, ModeResult, PathResult, CONNECTIONS,
+    FIXED_RATE, ROUTE_COUNTS, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000,
+    TARGET_CPU_MS_PER_1000_FIXED_RATE, TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
 };
 
+/// A table of figures: a metric column, one column per compared figure,
+/// and a target column when any row has a target.
+pub(super) struct Table {
+    titles: Vec<String>,
+    rows: Vec<Row>,
+}
+
 pub(super) struct Row {
-    metric: String,
-    /// The two figures compared: direct and meshed, or the smaller and the
-    /// larger route table.
-    left: String,
-    right: String,
-    change: String,
+    /// The metric, then one cell per column.
+    cells: Vec<String>,
     /// (target text, met)
     target: Option<(String, bool)>,
     key: String,
     values: Value,
 }
 
-impl Row {
+impl Table {
     pub(super) fn to_json(&self) -> Value {
-        json!({
-            "metric": self.key,
-            "values": self.values,
-            "target": self.target.as_ref().map(|(t, _)| t.clone()),
-            "target_met": self.target.as_ref().map(|(_, met)| *met),
-        })
+        self.rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "metric": r.key,
+                    "values": r.values,
+                    "target": r.target.as_ref().map(|(t, _)| t.clone()),
+                    "target_met": r.target.as_ref().map(|(_, met)| *met),
+                })
+            })
+            .collect()
+    }
+
+    /// The metric left-aligned, the figures right-aligned, the target last.
+    pub(super) fn render(&self) -> String {
+        let columns = self.titles.len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.cells.get(i))
+                    .chain([&self.titles[i]])
+                    .map(|c| c.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String], target: &str| {
+            let mut text = String::new();
+            for (i, cell) in cells.iter().enumerate() {
+                let fill = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+                if i == 0 {
+                    text += &format!("{cell}{fill}");
+                } else {
+                    text += &format!("  {fill}{cell}");
+                }
+            }
+            format!("{}\n", format!("{text}  {target}").trim_end())
+        };
+        let has_target = self.rows.iter().any(|r| r.target.is_some());
+        let mut out = line(&self.titles, if has_target { "target" } else { "" });
+        for r in &self.rows {
+            let target = match &r.target {
+                Some((t, met)) => format!("{t} {}", check(*met)),
+                None => String::new(),
+            };
+            out += &line(&r.cells, &target);
+        }
+        out
     }
 }
 
@@ -44,17 +91,17 @@ pub(super) fn check(met: bool) -> &'static str {
     }
 }
 
-pub(super) fn percent(meshed: f64, direct: f64) -> f64 {
-    if direct > 0.0 {
-        meshed / direct * 100.0
+pub(super) fn percent(value: f64, of: f64) -> f64 {
+    if of > 0.0 {
+        value / of * 100.0
     } else {
         f64::NAN
     }
 }
 
-/// The median of `f` over the rounds.
-pub(super) fn median(rounds: &[ModeResult], f: impl Fn(&ModeResult) -> f64) -> f64 {
-    let mut v: Vec<f64> = rounds.iter().map(f).collect();
+/// The median of `values` (NaN when there are none).
+pub(super) fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -63,227 +110,522 @@ pub(super) fn median(rounds: &[ModeResult], f: impl Fn(&ModeResult) -> f64) -> f
     }
 }
 
-/// A figure compared as meshed over direct, with an optional "at least
-/// this percentage of direct" target.
-fn ratio_row(
-    metric: String,
-    key: String,
-    (d, m): (f64, f64),
-    show: fn(f64) -> String,
-    target: Option<f64>,
-) -> Row {
-    let pct = percent(m, d);
-    Row {
-        metric,
-        left: show(d),
-        right: show(m),
-        change: format!("{pct:.1} %"),
-        target: target.map(|t| (format!("≥ {t:.0} %"), pct >= t)),
-        key,
-        values: json!({ "direct": d, "meshed": m, "percent": pct }),
-    }
-}
-
-/// How meshed HTTP requests reach nginx. The design's targets are for L7,
-/// so only L7 rows carry them.
-#[derive(Clone, Copy, PartialEq)]
-enum Path {
+/// One way the client's requests reach nginx: a column of the comparison.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(super) enum Path {
+    Direct,
+    /// Through two HAProxies with mutual TLS between them.
+    Haproxy,
     /// To the pod's address: both agents relay opaque TCP.
     L4,
     /// To the Service: routed by the client-side agent's L7 proxy, with the
     /// smallest route table.
     L7,
+    /// L4 with mutual TLS between the agents.
+    L4Mtls,
+    /// L7 with mutual TLS between the agents.
+    L7Mtls,
 }
 
 impl Path {
-    fn label(self) -> &'static str {
+    const ALL: [Path; 6] = [
+        Path::Direct,
+        Path::Haproxy,
+        Path::L4,
+        Path::L7,
+        Path::L4Mtls,
+        Path::L7Mtls,
+    ];
+
+    pub(super) fn label(self) -> &'static str {
         match self {
+            Path::Direct => "direct",
+            Path::Haproxy => "HAProxy pair",
             Path::L4 => "L4",
-            Path::L7 => "L7, VirtualService",
+            Path::L7 => "L7",
+            Path::L4Mtls => "L4 + mTLS",
+            Path::L7Mtls => "L7 + mTLS",
         }
     }
 
-    fn key(self, key: &str) -> String {
+    fn key(self) -> &'static str {
         match self {
-            Path::L4 => key.to_string(),
-            Path::L7 => format!("{key}_l7"),
+            Path::Direct => "direct",
+            Path::Haproxy => "haproxy_pair",
+            Path::L4 => "l4",
+            Path::L7 => "l7",
+            Path::L4Mtls => "l4_mtls",
+            Path::L7Mtls => "l7_mtls",
         }
     }
 
-    /// Direct runs have one path, the baseline of both.
-    fn phases(self, r: &ModeResult) -> Option<&HttpPhases> {
-        match (self, r.mode) {
-            (Path::L4, _) | (_, Mode::Direct) => Some(&r.l4),
-            (Path::L7, Mode::Meshed) => r.l7.first().map(|l| &l.http),
+    fn mode(self) -> Mode {
+        match self {
+            Path::Direct => Mode::Direct,
+            Path::Haproxy => Mode::HaproxyPair,
+            Path::L4 | Path::L7 => Mode::Meshed,
+            Path::L4Mtls | Path::L7Mtls => Mode::MeshedMtls,
         }
+    }
+
+    fn is_nodemesh(self) -> bool {
+        self.mode().enrolls()
+    }
+
+    /// Its figures in one round's result of its mode.
+    fn of(self, r: &ModeResult) -> Option<&PathResult> {
+        if r.mode != self.mode() {
+            return None;
+        }
+        match self {
+            Path::Direct | Path::Haproxy | Path::L4 | Path::L4Mtls => Some(&r.main),
+            Path::L7 | Path::L7Mtls => r.l7.first().map(|l| &l.path),
+        }
+    }
+
+    /// Its rounds, in order.
+    fn rounds(self, results: &[ModeResult]) -> Vec<&PathResult> {
+        results.iter().filter_map(|r| self.of(r)).collect()
     }
 }
 
-/// The comparison, from the medians over the rounds of each mode.
-pub(super) fn table(direct: &[ModeResult], meshed: &[ModeResult]) -> Vec<Row> {
-    let mut rows = Vec::new();
-    let paths = [Path::L4, Path::L7];
-    let both = |f: &dyn Fn(&ModeResult) -> f64| (median(direct, f), median(meshed, f));
-    let http = |path: Path, f: fn(&HttpPhases) -> f64| {
-        both(&|r: &ModeResult| path.phases(r).map_or(f64::NAN, f))
-    };
+/// The median over the rounds of `f` on `path` (NaN if not measured).
+fn figure(results: &[ModeResult], path: Path, f: impl Fn(&PathResult) -> f64) -> f64 {
+    median(path.rounds(results).into_iter().map(f))
+}
 
-    for path in paths {
-        rows.push(ratio_row(
-            format!("HTTP/1.1 req/s, {CONNECTIONS} conns ({})", path.label()),
-            path.key("http_rps"),
-            http(path, |h| h.throughput.rps),
-            |v| format!("{v:.0}"),
-            (path == Path::L7).then_some(TARGET_RPS_PERCENT),
-        ));
-    }
-
-    for (label, key, get, target) in [
-        (
-            "p50",
-            "p50_ms",
-            (|r: &HttpRun| r.p50_ms) as fn(&HttpRun) -> f64,
-            Some(TARGET_P50_DELTA_MS),
-        ),
-        ("p90", "p90_ms", |r: &HttpRun| r.p90_ms, None),
-        ("p99", "p99_ms", |r: &HttpRun| r.p99_ms, None),
-    ] {
-        for path in paths {
-            let (d, m) =
-                both(&|r: &ModeResult| path.phases(r).map_or(f64::NAN, |h| get(&h.latency)));
-            let delta = m - d;
-            rows.push(Row {
-                metric: format!("{label} @{FIXED_RATE} req/s ({})", path.label()),
-                left: format!("{d:.3} ms"),
-                right: format!("{m:.3} ms"),
-                change: format!("{delta:+.3} ms"),
-                target: target
-                    .filter(|_| path == Path::L7)
-                    .map(|t| (format!("≤ +{t:.2} ms"), delta <= t)),
-                key: path.key(key),
-                values: json!({ "direct": d, "meshed": m, "delta": delta }),
-            });
-        }
-    }
-
-    for path in paths {
-        let (d, m) = http(path, |h| h.latency.rps);
-        rows.push(Row {
-            metric: format!("achieved rate, target {FIXED_RATE} ({})", path.label()),
-            left: format!("{d:.0}"),
-            right: format!("{m:.0}"),
-            change: format!("{:.1} %", percent(m, d)),
-            target: None,
-            key: path.key("fixed_rate_achieved"),
-            values: json!({ "direct": d, "meshed": m }),
-        });
-    }
-
-    rows.push(ratio_row(
-        format!("new connections/s, {CONNECTIONS} conc. (L4)"),
-        "connections_per_second".into(),
-        both(&|r: &ModeResult| r.conn_rate.rps),
-        |v| format!("{v:.0}"),
-        None,
-    ));
-
-    rows.push(ratio_row(
-        "bulk TCP, iperf3 (L4)".into(),
-        "bulk_bits_per_second".into(),
-        both(&|r: &ModeResult| r.bulk_bits_per_second),
-        |v| format!("{:.2} Gbit/s", v / 1e9),
-        Some(TARGET_BULK_PERCENT),
-    ));
-
-    for path in paths {
-        let (cpu_direct, cpu) = http(path, HttpPhases::agent_cpu_per_1000);
-        rows.push(Row {
-            metric: format!("agent CPU per 1000 req, both ({})", path.label()),
-            left: "-".into(),
-            right: format!("{cpu:.1} ms"),
-            change: String::new(),
-            target: (path == Path::L7).then(|| {
-                (
-                    format!("≤ {TARGET_CPU_MS_PER_1000:.0} ms"),
-                    cpu <= TARGET_CPU_MS_PER_1000,
-                )
-            }),
-            key: path.key("agent_cpu_ms_per_1000_requests"),
-            values: json!({ "direct": cpu_direct, "meshed": cpu }),
-        });
-    }
-
-    let cpu_conn = median(meshed, |r| {
-        per_1000(r.conn_rate_cpu.agents_total(), r.conn_rate.ok)
-    });
-    rows.push(Row {
-        metric: "agent CPU per 1000 new conns (L4)".into(),
-        left: "-".into(),
-        right: format!("{cpu_conn:.1} ms"),
-        change: String::new(),
-        target: None,
-        key: "agent_cpu_ms_per_1000_connections".into(),
-        values: json!({ "meshed": cpu_conn }),
-    });
-
-    // After the L7 phases with the smallest route table, in the first round:
-    // an agent's RSS does not shrink once a larger table is replaced, so
-    // later rounds start with it.
-    let [a, b] = meshed.first().map(ModeResult::memory).unwrap_or_default();
-    let worst = mb(a.rss_kib.max(b.rss_kib));
-    rows.push(Row {
-        metric: format!("agent RSS node-a / node-b ({} routes)", ROUTE_COUNTS[0]),
-        left: "-".into(),
-        right: format!("{:.1} / {:.1} MB", mb(a.rss_kib), mb(b.rss_kib)),
-        change: format!("peak {:.1} / {:.1}", mb(a.hwm_kib), mb(b.hwm_kib)),
-        target: Some((format!("≤ {TARGET_RSS_MB:.0} MB"), worst <= TARGET_RSS_MB)),
-        key: "agent_rss_mb".into(),
-        values: json!({
-            "node_a": { "rss": mb(a.rss_kib), "peak": mb(a.hwm_kib) },
-            "node_b": { "rss": mb(b.rss_kib), "peak": mb(b.hwm_kib) },
-        }),
-    });
-    rows
+/// The proxies' memory on `path` in the first round: an agent's RSS does
+/// not shrink once the 10 000-route table is replaced, so later rounds
+/// start with it.
+fn memory(results: &[ModeResult], path: Path) -> Option<[Memory; 2]> {
+    path.rounds(results).first().map(|p| p.memory)
 }
 
 fn mb(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// Both proxies' RSS, MB.
+fn rss_sum(m: &[Memory; 2]) -> f64 {
+    mb(m[0].rss_kib + m[1].rss_kib)
+}
+
+/// How a figure compares with the same figure of a reference path.
+#[derive(Clone, Copy)]
+enum Relation {
+    /// As a percentage of the reference.
+    Percent,
+    /// As a difference, in the figure's unit.
+    Delta,
+}
+
+impl Relation {
+    fn apply(self, value: f64, reference: f64) -> f64 {
+        match self {
+            Relation::Percent => percent(value, reference),
+            Relation::Delta => value - reference,
+        }
+    }
+
+    fn show(self, v: f64, decimals: usize, unit: &str) -> String {
+        match self {
+            Relation::Percent => format!("{v:.1} %"),
+            Relation::Delta => format!("{v:+.decimals$} {unit}"),
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Relation::Percent => "percent",
+            Relation::Delta => "delta",
+        }
+    }
+}
+
+/// A metric for the comparison tables.
+struct Metric {
+    label: String,
+    key: &'static str,
+    get: Box<dyn Fn(&PathResult) -> f64>,
+    decimals: usize,
+    unit: &'static str,
+    /// How it compares with direct; `None` where direct has no such figure
+    /// (its idle agents' CPU).
+    to_direct: Option<Relation>,
+    /// How nodemesh compares with the HAProxy pair.
+    to_haproxy: Relation,
+    /// The design's target for the judged path.
+    target: Option<Target>,
+}
+
+/// A design target.
+#[derive(Clone, Copy)]
+enum Target {
+    /// At least this percentage of direct.
+    PercentOfDirect(f64),
+    /// At most this much above direct, ms.
+    DeltaMs(f64),
+    /// At most this figure, ms.
+    Ms(f64),
+}
+
+impl Target {
+    /// (text, met) for a figure and its relation to direct.
+    fn judge(self, value: f64, to_direct: f64) -> (String, bool) {
+        match self {
+            Target::PercentOfDirect(t) => (format!("≥ {t:.0} %"), to_direct >= t),
+            Target::DeltaMs(t) => (format!("≤ +{t:.2} ms"), to_direct <= t),
+            Target::Ms(t) => (format!("≤ {t:.0} ms"), value <= t),
+        }
+    }
+}
+
+fn metrics() -> Vec<Metric> {
+    let latency = |label: &str, key: &'static str, get: fn(&HttpRun) -> f64, target: bool| Metric {
+        label: format!("{label} @{FIXED_RATE} req/s"),
+        key,
+        get: Box::new(move |p: &PathResult| get(&p.http.latency)),
+        decimals: 3,
+        unit: "ms",
+        to_direct: Some(Relation::Delta),
+        to_haproxy: Relation::Delta,
+        target: target.then_some(Target::DeltaMs(TARGET_P50_DELTA_MS)),
+    };
+    let cpu = |label: String, key: &'static str, get: fn(&PathResult) -> f64, target| Metric {
+        label,
+        key,
+        get: Box::new(get),
+        decimals: 1,
+        unit: "ms",
+        to_direct: None,
+        to_haproxy: Relation::Percent,
+        target,
+    };
+    vec![
+        Metric {
+            label: format!("HTTP/1.1 req/s, {CONNECTIONS} conns"),
+            key: "http_rps",
+            get: Box::new(|p| p.http.throughput.rps),
+            decimals: 0,
+            unit: "",
+            to_direct: Some(Relation::Percent),
+            to_haproxy: Relation::Percent,
+            target: Some(Target::PercentOfDirect(TARGET_RPS_PERCENT)),
+        },
+        latency("p50", "p50_ms", |r| r.p50_ms, true),
+        latency("p90", "p90_ms", |r| r.p90_ms, false),
+        latency("p99", "p99_ms", |r| r.p99_ms, false),
+        Metric {
+            label: format!("achieved rate, target {FIXED_RATE}"),
+            key: "fixed_rate_achieved",
+            get: Box::new(|p| p.http.latency.rps),
+            decimals: 0,
+            unit: "",
+            to_direct: Some(Relation::Percent),
+            to_haproxy: Relation::Percent,
+            target: None,
+        },
+        Metric {
+            label: format!("new connections/s, {CONNECTIONS} conc."),
+            key: "connections_per_second",
+            get: Box::new(|p| p.conn_rate.rps),
+            decimals: 0,
+            unit: "",
+            to_direct: Some(Relation::Percent),
+            to_haproxy: Relation::Percent,
+            target: None,
+        },
+        cpu(
+            "proxy CPU per 1000 req, both (max)".into(),
+            "proxy_cpu_ms_per_1000_requests",
+            |p| p.http.proxy_cpu_per_1000(),
+            Some(Target::Ms(TARGET_CPU_MS_PER_1000)),
+        ),
+        cpu(
+            format!("proxy CPU per 1000 req, both (@{FIXED_RATE})"),
+            "proxy_cpu_ms_per_1000_requests_fixed_rate",
+            |p| p.http.proxy_cpu_per_1000_fixed_rate(),
+            Some(Target::Ms(TARGET_CPU_MS_PER_1000_FIXED_RATE)),
+        ),
+        cpu(
+            "proxy CPU per 1000 new conns, both".into(),
+            "proxy_cpu_ms_per_1000_connections",
+            PathResult::proxy_cpu_per_1000_connections,
+            None,
+        ),
+    ]
+}
+
+/// The tables printed after a run.
+pub(super) struct Comparison {
+    /// Every path measured against the direct run.
+    pub(super) main: Table,
+    /// nodemesh's paths against the HAProxy pair.
+    pub(super) versus_haproxy: Table,
+    /// The path the design's targets are judged on: L7 + mTLS when it was
+    /// measured, else L7.
+    pub(super) judged: Path,
+}
+
+pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
+    let paths: Vec<Path> = Path::ALL
+        .into_iter()
+        .filter(|p| !p.rounds(results).is_empty())
+        .collect();
+    let judged = if paths.contains(&Path::L7Mtls) {
+        Path::L7Mtls
+    } else {
+        Path::L7
+    };
+    let mut main = Table {
+        titles: ["metric".to_string()]
+            .into_iter()
+            .chain(paths.iter().map(|p| p.label().to_string()))
+            .collect(),
+        rows: Vec::new(),
+    };
+    let nodemesh: Vec<Path> = paths.iter().copied().filter(|p| p.is_nodemesh()).collect();
+    let mut versus = Table {
+        titles: ["nodemesh / HAProxy pair".to_string()]
+            .into_iter()
+            .chain(nodemesh.iter().map(|p| p.label().to_string()))
+            .collect(),
+        rows: Vec::new(),
+    };
+    let show = |v: f64, m: &Metric| {
+        if m.unit.is_empty() {
+            format!("{v:.d$}", d = m.decimals)
+        } else {
+            format!("{v:.d$} {}", m.unit, d = m.decimals)
+        }
+    };
+
+    for m in metrics() {
+        let direct = figure(results, Path::Direct, &m.get);
+        let haproxy = figure(results, Path::Haproxy, &m.get);
+        let mut cells = vec![m.label.clone()];
+        let mut values = Map::new();
+        let mut target = None;
+        for &path in &paths {
+            let v = figure(results, path, &m.get);
+            let (cell, value) = match (path, m.to_direct) {
+                (Path::Direct, None) => ("-".to_string(), json!({ "value": v })),
+                (Path::Direct, Some(_)) => (show(v, &m), json!({ "value": v })),
+                (_, None) => (show(v, &m), json!({ "value": v })),
+                (_, Some(rel)) => {
+                    let r = rel.apply(v, direct);
+                    (
+                        format!("{} ({})", show(v, &m), rel.show(r, m.decimals, m.unit)),
+                        json!({ "value": v, rel.key(): r }),
+                    )
+                }
+            };
+            if path == judged {
+                let relative = m.to_direct.map_or(f64::NAN, |rel| rel.apply(v, direct));
+                target = m.target.map(|t| t.judge(v, relative));
+            }
+            cells.push(cell);
+            values.insert(path.key().into(), value);
+        }
+        main.rows.push(Row {
+            cells,
+            target,
+            key: m.key.into(),
+            values: Value::Object(values),
+        });
+
+        let mut cells = vec![m.label.clone()];
+        let mut values = Map::new();
+        for &path in &nodemesh {
+            let r = m.to_haproxy.apply(figure(results, path, &m.get), haproxy);
+            cells.push(m.to_haproxy.show(r, m.decimals, m.unit));
+            values.insert(path.key().into(), json!({ m.to_haproxy.key(): r }));
+        }
+        let ahead = (m.key == "http_rps").then(|| {
+            let r = percent(figure(results, judged, &m.get), haproxy);
+            (format!("{} > 100 %", judged.label()), r > 100.0)
+        });
+        versus.rows.push(Row {
+            cells,
+            target: ahead,
+            key: m.key.into(),
+            values: Value::Object(values),
+        });
+    }
+
+    // Bulk TCP: only the TCP paths carry it.
+    let bulk = |path: Path| {
+        median(
+            results
+                .iter()
+                .filter(|r| r.mode == path.mode())
+                .filter_map(|r| r.bulk.as_ref().map(|b| b.bits_per_second)),
+        )
+    };
+    let direct_bulk = bulk(Path::Direct);
+    let mut cells = vec!["bulk TCP, iperf3".to_string()];
+    let mut values = Map::new();
+    let mut target = None;
+    for &path in &paths {
+        let v = bulk(path);
+        let pct = percent(v, direct_bulk);
+        match path {
+            Path::Direct => {
+                cells.push(format!("{:.2} Gbit/s", v / 1e9));
+                values.insert(path.key().into(), json!({ "value": v }));
+            }
+            Path::L4 | Path::L4Mtls => {
+                cells.push(format!("{:.2} Gbit/s ({pct:.1} %)", v / 1e9));
+                values.insert(path.key().into(), json!({ "value": v, "percent": pct }));
+            }
+            _ => cells.push("-".into()),
+        }
+        // The design's bulk target is for the plain relay.
+        if path == Path::L4 {
+            target = Some((
+                format!("L4 ≥ {TARGET_BULK_PERCENT:.0} %"),
+                pct >= TARGET_BULK_PERCENT,
+            ));
+        }
+    }
+    main.rows.push(Row {
+        cells,
+        target,
+        key: "bulk_bits_per_second".into(),
+        values: Value::Object(values),
+    });
+
+    // CPU per proxy at max: where the summed figure goes.
+    let mut cells = vec!["  per proxy, node-a / node-b (max)".to_string()];
+    let mut values = Map::new();
+    for &path in &paths {
+        let per_node = |node: usize| {
+            figure(results, path, |p| {
+                let (user, system) = p.http.throughput_cpu.proxies[node];
+                per_1000(user + system, p.http.throughput.ok)
+            })
+        };
+        let (a, b) = (per_node(0), per_node(1));
+        if path == Path::Direct {
+            cells.push("-".into());
+            continue;
+        }
+        cells.push(format!("{a:.1} / {b:.1} ms"));
+        values.insert(path.key().into(), json!({ "node_a": a, "node_b": b }));
+    }
+    let at = main
+        .rows
+        .iter()
+        .position(|r| r.key == "proxy_cpu_ms_per_1000_requests")
+        .map_or(main.rows.len(), |i| i + 1);
+    main.rows.insert(
+        at,
+        Row {
+            cells,
+            target: None,
+            key: "proxy_cpu_ms_per_1000_requests_per_proxy".into(),
+            values: Value::Object(values),
+        },
+    );
+
+    // Memory: per proxy, and both summed against the HAProxy pair.
+    let mut cells = vec!["RSS per proxy, node-a / node-b".to_string()];
+    let mut values = Map::new();
+    let mut target = None;
+    for &path in &paths {
+        let Some([a, b]) = memory(results, path).filter(|_| path != Path::Direct) else {
+            cells.push("-".into());
+            continue;
+        };
+        cells.push(format!("{:.1} / {:.1} MB", mb(a.rss_kib), mb(b.rss_kib)));
+        values.insert(
+            path.key().into(),
+            json!({
+                "node_a": { "rss": mb(a.rss_kib), "peak": mb(a.hwm_kib) },
+                "node_b": { "rss": mb(b.rss_kib), "peak": mb(b.hwm_kib) },
+            }),
+        );
+        if path == judged {
+            let worst = mb(a.rss_kib.max(b.rss_kib));
+            target = Some((format!("≤ {TARGET_RSS_MB:.0} MB"), worst <= TARGET_RSS_MB));
+        }
+    }
+    main.rows.push(Row {
+        cells,
+        target,
+        key: "proxy_rss_mb".into(),
+        values: Value::Object(values),
+    });
+    let haproxy_rss = memory(results, Path::Haproxy).map_or(f64::NAN, |m| rss_sum(&m));
+    let mut cells = vec!["RSS, both proxies".to_string()];
+    let mut values = Map::new();
+    for &path in &nodemesh {
+        let pct = percent(
+            memory(results, path).map_or(f64::NAN, |m| rss_sum(&m)),
+            haproxy_rss,
+        );
+        cells.push(format!("{pct:.1} %"));
+        values.insert(path.key().into(), json!({ "percent": pct }));
+    }
+    versus.rows.push(Row {
+        cells,
+        target: None,
+        key: "proxy_rss_mb".into(),
+        values: Value::Object(values),
+    });
+
+    Comparison {
+        main,
+        versus_haproxy: versus,
+        judged,
+    }
+}
+
 /// What the size of the route table costs, meshed L7 with the smallest and
 /// the largest table: requests match the last route, so the larger table
 /// makes each request compare against every route before it.
-pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
+pub(super) fn route_table(results: &[ModeResult]) -> Table {
+    let meshed: Vec<&ModeResult> = results.iter().filter(|r| r.mode == Mode::Meshed).collect();
     let (small, large) = (ROUTE_COUNTS[0], ROUTE_COUNTS[ROUTE_COUNTS.len() - 1]);
-    let pair_in = |rounds: &[ModeResult], f: &dyn Fn(&L7Result) -> f64| {
-        let at = |n: usize| median(rounds, |r| r.l7_with(n).map_or(f64::NAN, f));
+    let pair_in = |rounds: &[&ModeResult], f: &dyn Fn(&L7Result) -> f64| {
+        let at = |n: usize| median(rounds.iter().filter_map(|r| r.l7_with(n)).map(f));
         (at(small), at(large))
     };
-    let pair = |f: &dyn Fn(&L7Result) -> f64| pair_in(meshed, f);
-    // Memory from the first round alone, as in `table`.
+    let pair = |f: &dyn Fn(&L7Result) -> f64| pair_in(&meshed, f);
+    // Memory from the first round alone, as in `comparison`.
     let first = &meshed[..meshed.len().min(1)];
-    let rss = |node: usize| pair_in(first, &|l| mb(l.memory[node].rss_kib));
-    let latency = |get: fn(&HttpRun) -> f64| pair(&|l| get(&l.http.latency));
-    let cpu = |get: fn(&HttpPhases) -> f64| pair(&|l| get(&l.http));
+    let rss = |node: usize| pair_in(first, &|l| mb(l.path.memory[node].rss_kib));
+    let latency = |get: fn(&HttpRun) -> f64| pair(&|l| get(&l.path.http.latency));
+    let path = |get: fn(&PathResult) -> f64| pair(&|l| get(&l.path));
     let row = |metric: String, key: &str, (s, l): (f64, f64), left, right, change| Row {
-        metric,
-        left,
-        right,
-        change,
+        cells: vec![metric, left, right, change],
         target: None,
         key: key.to_string(),
         values: json!({ "routes": [small, large], "values": [s, l], "difference": l - s }),
     };
 
-    let rps = pair(&|l| l.http.throughput.rps);
-    let mut rows = vec![row(
-        format!("HTTP/1.1 req/s, {CONNECTIONS} conns"),
-        "http_rps",
-        rps,
-        format!("{:.0}", rps.0),
-        format!("{:.0}", rps.1),
-        format!("{:+.1} %", percent(rps.1, rps.0) - 100.0),
-    )];
+    let mut rows = Vec::new();
+    for (metric, key, (s, l)) in [
+        (
+            format!("HTTP/1.1 req/s, {CONNECTIONS} conns"),
+            "http_rps",
+            path(|p| p.http.throughput.rps),
+        ),
+        (
+            format!("new connections/s, {CONNECTIONS} conc."),
+            "connections_per_second",
+            path(|p| p.conn_rate.rps),
+        ),
+    ] {
+        rows.push(row(
+            metric,
+            key,
+            (s, l),
+            format!("{s:.0}"),
+            format!("{l:.0}"),
+            format!("{:+.1} %", percent(l, s) - 100.0),
+        ));
+    }
     // (metric, key, figures, decimals, unit, unit of the difference). CPU ms
     // per 1000 requests is µs per request: its difference is what each
     // request pays for the larger table.
@@ -315,7 +657,7 @@ pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
         (
             "agent CPU per 1000 req, both (max)".into(),
             "agent_cpu_ms_per_1000_requests",
-            cpu(HttpPhases::agent_cpu_per_1000),
+            path(|p| p.http.proxy_cpu_per_1000()),
             1,
             "ms",
             "µs/req",
@@ -323,7 +665,7 @@ pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
         (
             "  node-a only, the routing agent (max)".into(),
             "client_agent_cpu_ms_per_1000_requests",
-            cpu(HttpPhases::client_agent_cpu_per_1000),
+            path(|p| p.http.client_proxy_cpu_per_1000()),
             1,
             "ms",
             "µs/req",
@@ -331,7 +673,7 @@ pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
         (
             format!("agent CPU per 1000 req, both (@{FIXED_RATE})"),
             "agent_cpu_ms_per_1000_requests_fixed_rate",
-            cpu(HttpPhases::agent_cpu_per_1000_fixed_rate),
+            path(|p| p.http.proxy_cpu_per_1000_fixed_rate()),
             1,
             "ms",
             "µs/req",
@@ -371,107 +713,83 @@ pub(super) fn route_table(meshed: &[ModeResult]) -> Vec<Row> {
             format!("{:+.d$} {per}", l - s),
         ));
     }
-    rows
-}
-
-/// `titles`: of the metric, the two figures and their change; the target
-/// column is always last.
-pub(super) fn render(rows: &[Row], titles: [&str; 4]) -> String {
-    let width = |f: &dyn Fn(&Row) -> &str, title: &str| {
-        rows.iter()
-            .map(|r| f(r).chars().count())
-            .chain([title.chars().count()])
-            .max()
-            .unwrap_or(0)
-    };
-    let widths = [
-        width(&|r| &r.metric, titles[0]),
-        width(&|r| &r.left, titles[1]),
-        width(&|r| &r.right, titles[2]),
-        width(&|r| &r.change, titles[3]),
-    ];
-    let line = |cells: [&str; 4], target: &str| {
-        let fill = |i: usize| " ".repeat(widths[i].saturating_sub(cells[i].chars().count()));
-        let text = format!(
-            "{}{}  {}{}  {}{}  {}{}  {target}",
-            cells[0],
-            fill(0),
-            fill(1),
-            cells[1],
-            fill(2),
-            cells[2],
-            fill(3),
-            cells[3]
-        );
-        format!("{}\n", text.trim_end())
-    };
-    let mut out = line(
-        titles,
-        if rows.iter().any(|r| r.target.is_some()) {
-            "target"
-        } else {
-            ""
-        },
-    );
-    for r in rows {
-        let target = match &r.target {
-            Some((t, met)) => format!("{t} {}", check(*met)),
-            None => String::new(),
-        };
-        out += &line([&r.metric, &r.left, &r.right, &r.change], &target);
+    Table {
+        titles: vec![
+            "metric".into(),
+            format!("{small} routes"),
+            format!("{large} routes"),
+            "difference".into(),
+        ],
+        rows,
     }
-    out
 }
 
-/// Where the CPU went in the max-throughput and connection-rate phases, and
-/// how the agents' memory evolved.
-pub(super) fn cpu_breakdown(direct: &[ModeResult], meshed: &[ModeResult]) -> String {
+/// Where the CPU went in every phase with many requests, and how the
+/// proxies' memory evolved.
+pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
     let cpus = num_cpus() as f64;
     let mut out = String::from(
         "\nCPU ms per 1000 requests (max throughput) or per 1000 connections (connection rate):\n",
     );
-    let several = direct.len() > 1;
-    let rounds = direct.iter().zip(meshed).enumerate();
-    for (r, round) in rounds.flat_map(|(i, (d, m))| [(d, i + 1), (m, i + 1)]) {
+    let several = results.iter().filter(|r| r.mode == Mode::Direct).count() > 1;
+    let mut round = 0;
+    for r in results {
+        if r.mode == Mode::Direct {
+            round += 1;
+        }
         let label = if several {
             format!("round {round} {}", r.mode.name())
         } else {
             r.mode.name().to_string()
         };
-        let l4 = if r.mode == Mode::Meshed { "L4 " } else { "" };
-        let mut phases = vec![(
-            format!("{l4}throughput"),
-            &r.l4.throughput_cpu,
-            r.l4.throughput.ok,
-        )];
+        let prefix = if r.mode.enrolls() { "L4 " } else { "" };
+        let mut phases: Vec<(String, &CpuUse, u64)> = vec![
+            (
+                format!("{prefix}throughput"),
+                &r.main.http.throughput_cpu,
+                r.main.http.throughput.ok,
+            ),
+            (
+                format!("{prefix}conn rate"),
+                &r.main.conn_rate_cpu,
+                r.main.conn_rate.ok,
+            ),
+        ];
         for l7 in &r.l7 {
             phases.push((
                 format!("L7 {} routes throughput", l7.routes),
-                &l7.http.throughput_cpu,
-                l7.http.throughput.ok,
+                &l7.path.http.throughput_cpu,
+                l7.path.http.throughput.ok,
+            ));
+            phases.push((
+                format!("L7 {} routes conn rate", l7.routes),
+                &l7.path.conn_rate_cpu,
+                l7.path.conn_rate.ok,
             ));
         }
-        phases.push((format!("{l4}conn rate"), &r.conn_rate_cpu, r.conn_rate.ok));
         let w = phases.iter().map(|(p, _, _)| p.len()).max().unwrap_or(0);
         for (phase, cpu, n) in phases {
             let p = |ms: f64| per_1000(ms, n);
             let _ = write!(
                 out,
-                "  {label} {phase:<w$}: oha {:.1}, nginx {:.1}, agents {:.1}",
+                "  {label} {phase:<w$}: oha {:.1}, nginx {:.1}",
                 p(cpu.load_generator),
                 p(cpu.servers),
-                p(cpu.agents_total()),
             );
-            if r.mode == Mode::Meshed {
+            if r.mode != Mode::Direct {
                 let _ = write!(
                     out,
-                    " (user {:.1} + sys {:.1}; {:.2} context switches per request; {} + {} threads)",
-                    p(cpu.agents[0].0 + cpu.agents[1].0),
-                    p(cpu.agents[0].1 + cpu.agents[1].1),
-                    cpu.agent_context_switches as f64 / n.max(1) as f64,
-                    cpu.agent_threads[0],
-                    cpu.agent_threads[1],
+                    ", proxies {:.1} (user {:.1} + sys {:.1}; {:.2} context switches per \
+                     request; {} + {} threads)",
+                    p(cpu.proxies_total()),
+                    p(cpu.proxies[0].0 + cpu.proxies[1].0),
+                    p(cpu.proxies[0].1 + cpu.proxies[1].1),
+                    cpu.proxy_context_switches as f64 / n.max(1) as f64,
+                    cpu.proxy_threads[0],
+                    cpu.proxy_threads[1],
                 );
+            } else {
+                let _ = write!(out, ", idle agents {:.1}", p(cpu.proxies_total()));
             }
             let _ = writeln!(
                 out,
@@ -482,9 +800,13 @@ pub(super) fn cpu_breakdown(direct: &[ModeResult], meshed: &[ModeResult]) -> Str
             );
         }
     }
-    out.push_str("\nAgent memory after each phase, RSS (peak) MB, node-a / node-b");
+    out.push_str("\nProxy memory after each phase, RSS (peak) MB, node-a / node-b");
     out.push_str(if several { " (last round):\n" } else { ":\n" });
-    for r in direct.last().into_iter().chain(meshed.last()) {
+    let last_round = results
+        .iter()
+        .rposition(|r| r.mode == Mode::Direct)
+        .unwrap_or(0);
+    for r in &results[last_round..] {
         let line: Vec<String> = r
             .memory_trace
             .iter()
@@ -498,7 +820,153 @@ pub(super) fn cpu_breakdown(direct: &[ModeResult], meshed: &[ModeResult]) -> Str
                 )
             })
             .collect();
-        let _ = writeln!(out, "  {}: {}", r.mode.name(), line.join("; "));
+        let who = match r.mode {
+            Mode::Direct => "idle agents",
+            Mode::HaproxyPair => "HAProxies",
+            Mode::Meshed | Mode::MeshedMtls => "agents",
+        };
+        let _ = writeln!(out, "  {} ({who}): {}", r.mode.name(), line.join("; "));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Captured, L7Result};
+    use super::*;
+    use std::time::Duration;
+
+    /// A path that served `rps` req/s at max with `proxy_ms` of proxy CPU
+    /// over one second, and `conns` new connections per second.
+    fn path(rps: f64, proxy_ms: f64, conns: f64, rss_kib: u64) -> PathResult {
+        let mut p = PathResult::default();
+        p.http.throughput.rps = rps;
+        p.http.throughput.ok = rps as u64;
+        p.http.throughput_cpu.proxies = [(proxy_ms / 2.0, 0.0), (0.0, proxy_ms / 2.0)];
+        p.conn_rate.rps = conns;
+        p.memory = [Memory {
+            rss_kib,
+            hwm_kib: rss_kib,
+        }; 2];
+        p
+    }
+
+    fn result(mode: Mode, main: PathResult, l7: Option<PathResult>) -> ModeResult {
+        ModeResult {
+            mode,
+            main,
+            l7: l7
+                .into_iter()
+                .map(|path| L7Result {
+                    routes: ROUTE_COUNTS[0],
+                    path,
+                    applied_after: Duration::ZERO,
+                })
+                .collect(),
+            bulk: None,
+            warnings: Vec::new(),
+            memory_trace: Vec::new(),
+            captured: Captured::default(),
+            haproxy_tls_connections: None,
+        }
+    }
+
+    /// Figures are computed in floating point.
+    fn close(value: &Value, want: f64) {
+        let v = value.as_f64().unwrap_or(f64::NAN);
+        assert!((v - want).abs() < 1e-9, "{v} != {want}");
+    }
+
+    fn row<'a>(table: &'a Table, key: &str) -> &'a Value {
+        &table.rows.iter().find(|r| r.key == key).unwrap().values
+    }
+
+    #[test]
+    fn every_path_is_a_ratio_of_direct_and_nodemesh_of_the_haproxy_pair() {
+        let results = [
+            result(Mode::Direct, path(10_000.0, 0.0, 4000.0, 0), None),
+            result(
+                Mode::HaproxyPair,
+                path(4000.0, 120.0, 3000.0, 20 * 1024),
+                None,
+            ),
+            result(
+                Mode::Meshed,
+                path(6000.0, 240.0, 2000.0, 10 * 1024),
+                Some(path(5000.0, 90.0, 3600.0, 11 * 1024)),
+            ),
+        ];
+        let c = comparison(&results);
+        assert_eq!(c.judged, Path::L7, "no L7 + mTLS run: targets judged on L7");
+        assert_eq!(
+            c.main.titles,
+            ["metric", "direct", "HAProxy pair", "L4", "L7"],
+            "a mode that did not run has no column"
+        );
+        let rps = row(&c.main, "http_rps");
+        close(&rps["haproxy_pair"]["percent"], 40.0);
+        close(&rps["l4"]["percent"], 60.0);
+        close(&rps["l7"]["percent"], 50.0);
+        close(
+            &row(&c.main, "connections_per_second")["l7"]["percent"],
+            90.0,
+        );
+        // 90 ms over 5000 requests, 120 over 4000.
+        let cpu = row(&c.main, "proxy_cpu_ms_per_1000_requests");
+        close(&cpu["l7"]["value"], 18.0);
+        close(&cpu["haproxy_pair"]["value"], 30.0);
+        // Split evenly between the two proxies by `path`.
+        let per_proxy = row(&c.main, "proxy_cpu_ms_per_1000_requests_per_proxy");
+        close(&per_proxy["l7"]["node_a"], 9.0);
+        close(&per_proxy["l7"]["node_b"], 9.0);
+
+        assert_eq!(
+            c.versus_haproxy.titles,
+            ["nodemesh / HAProxy pair", "L4", "L7"]
+        );
+        close(&row(&c.versus_haproxy, "http_rps")["l7"]["percent"], 125.0);
+        close(
+            &row(&c.versus_haproxy, "proxy_cpu_ms_per_1000_requests")["l7"]["percent"],
+            60.0,
+        );
+        close(
+            &row(&c.versus_haproxy, "proxy_rss_mb")["l7"]["percent"],
+            55.0,
+        );
+
+        let targets: Vec<(&str, bool)> = c
+            .main
+            .rows
+            .iter()
+            .filter_map(|r| Some((r.key.as_str(), r.target.as_ref()?.1)))
+            .collect();
+        assert!(targets.contains(&("http_rps", true)), "{targets:?}");
+        assert!(
+            targets.contains(&("proxy_cpu_ms_per_1000_requests", true)),
+            "{targets:?}"
+        );
+        assert!(targets.contains(&("proxy_rss_mb", true)), "{targets:?}");
+        let ahead = c.versus_haproxy.rows[0].target.as_ref().unwrap();
+        assert_eq!(ahead, &("L7 > 100 %".to_string(), true));
+    }
+
+    #[test]
+    fn medians_and_rendering() {
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median([]).is_nan());
+        let table = Table {
+            titles: vec!["metric".into(), "a".into()],
+            rows: vec![Row {
+                cells: vec!["req/s".into(), "12345".into()],
+                target: Some(("≥ 1".into(), true)),
+                key: "k".into(),
+                values: Value::Null,
+            }],
+        };
+        assert_eq!(
+            table.render(),
+            "metric      a  target\nreq/s   12345  ≥ 1 ✓\n"
+        );
+    }
 }

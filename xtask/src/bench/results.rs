@@ -9,18 +9,53 @@ use serde_json::{json, Value};
 
 use super::{INTERFERENCE_CPUS, OHA_DEADLINE_ERROR, STEAL_CPUS};
 
+/// What one pass of phases runs through; every round runs each available
+/// mode once, in this order.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Mode {
+    /// Namespace not labelled: the agents run but capture nothing.
     Direct,
+    /// Namespace still not labelled; requests go through the HAProxy pair
+    /// (see `haproxy.rs`).
+    HaproxyPair,
+    /// Namespace labelled: both agents proxy, the agent-to-agent hop in
+    /// plain TCP.
     Meshed,
+    /// As [`Mode::Meshed`], with mutual TLS between the agents (issue 9):
+    /// see `mtls.rs` for when it runs.
+    MeshedMtls,
 }
 
 impl Mode {
+    pub(super) const ALL: [Mode; 4] = [
+        Mode::Direct,
+        Mode::HaproxyPair,
+        Mode::Meshed,
+        Mode::MeshedMtls,
+    ];
+
     pub(super) fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
+            Mode::HaproxyPair => "HAProxy pair",
             Mode::Meshed => "meshed",
+            Mode::MeshedMtls => "meshed + mTLS",
         }
+    }
+
+    /// The key of its results in results.json.
+    pub(super) fn key(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::HaproxyPair => "haproxy_pair",
+            Mode::Meshed => "meshed",
+            Mode::MeshedMtls => "meshed_mtls",
+        }
+    }
+
+    /// Whether the bench namespace is labelled into the mesh.
+    pub(super) fn enrolls(self) -> bool {
+        matches!(self, Mode::Meshed | Mode::MeshedMtls)
     }
 }
 
@@ -111,8 +146,9 @@ impl HttpRun {
 /// CPU time over one phase, in milliseconds.
 #[derive(Default, Debug)]
 pub(super) struct CpuUse {
-    /// Per agent (node-a, node-b): user, system.
-    pub(super) agents: [(f64, f64); 2],
+    /// Per proxy of the mode measured (node-a, node-b): the agents, or the
+    /// HAProxies on the HAProxy path; user, system.
+    pub(super) proxies: [(f64, f64); 2],
     /// nginx and the iperf3 server.
     pub(super) servers: f64,
     /// oha or the iperf3 client (a waited-for child of this process).
@@ -121,22 +157,22 @@ pub(super) struct CpuUse {
     pub(super) machine_busy: f64,
     pub(super) machine_steal: f64,
     pub(super) wall: f64,
-    /// Context switches of both agents' threads.
-    pub(super) agent_context_switches: u64,
-    /// Threads per agent at the end of the phase.
-    pub(super) agent_threads: [u64; 2],
+    /// Context switches of both proxies' threads.
+    pub(super) proxy_context_switches: u64,
+    /// Threads per proxy at the end of the phase.
+    pub(super) proxy_threads: [u64; 2],
 }
 
 impl CpuUse {
-    pub(super) fn agents_total(&self) -> f64 {
-        self.agents.iter().map(|(u, s)| u + s).sum()
+    pub(super) fn proxies_total(&self) -> f64 {
+        self.proxies.iter().map(|(u, s)| u + s).sum()
     }
 
-    /// Busy CPU time on the machine not charged to the agents, the servers
-    /// or the load generator: other processes, and kernel work (softirq) run
-    /// outside their context.
+    /// Busy CPU time on the machine not charged to the proxies, the servers
+    /// or the load generator: other processes (the idle agents on the
+    /// HAProxy path), and kernel work (softirq) run outside their context.
     pub(super) fn other(&self) -> f64 {
-        (self.machine_busy - self.agents_total() - self.servers - self.load_generator).max(0.0)
+        (self.machine_busy - self.proxies_total() - self.servers - self.load_generator).max(0.0)
     }
 
     /// A warning when other work took a noticeable share of the machine.
@@ -160,29 +196,29 @@ impl CpuUse {
 
     pub(super) fn to_json(&self) -> Value {
         json!({
-            "agent_node_a_ms": { "user": self.agents[0].0, "system": self.agents[0].1 },
-            "agent_node_b_ms": { "user": self.agents[1].0, "system": self.agents[1].1 },
-            "agents_total_ms": self.agents_total(),
+            "proxy_node_a_ms": { "user": self.proxies[0].0, "system": self.proxies[0].1 },
+            "proxy_node_b_ms": { "user": self.proxies[1].0, "system": self.proxies[1].1 },
+            "proxies_total_ms": self.proxies_total(),
             "servers_ms": self.servers,
             "load_generator_ms": self.load_generator,
             "other_ms": self.other(),
             "machine_busy_ms": self.machine_busy,
             "machine_steal_ms": self.machine_steal,
             "wall_ms": self.wall,
-            "agent_context_switches": self.agent_context_switches,
-            "agent_threads": self.agent_threads,
+            "proxy_context_switches": self.proxy_context_switches,
+            "proxy_threads": self.proxy_threads,
         })
     }
 }
 
 #[derive(Clone, Copy)]
 pub(super) struct CpuSnapshot {
-    pub(super) agents: [(u64, u64); 2],
+    pub(super) proxies: [(u64, u64); 2],
     pub(super) servers: u64,
     pub(super) children: u64,
     pub(super) machine: (u64, u64, u64),
-    /// Per agent: (context switches, threads).
-    pub(super) agent_switches: [(u64, u64); 2],
+    /// Per proxy: (context switches, threads).
+    pub(super) proxy_switches: [(u64, u64); 2],
     pub(super) at: Instant,
 }
 
@@ -202,7 +238,7 @@ pub(super) struct Captured {
 }
 
 /// Max throughput and latency at the fixed rate, against one URL.
-#[derive(Debug)]
+#[derive(Default, Debug)]
 pub(super) struct HttpPhases {
     pub(super) throughput: HttpRun,
     pub(super) throughput_cpu: CpuUse,
@@ -211,22 +247,22 @@ pub(super) struct HttpPhases {
 }
 
 impl HttpPhases {
-    /// Agent CPU ms (both agents) per 1000 requests at max throughput: the
-    /// design's figure.
-    pub(super) fn agent_cpu_per_1000(&self) -> f64 {
-        per_1000(self.throughput_cpu.agents_total(), self.throughput.ok)
+    /// Proxy CPU ms (both proxies) per 1000 requests at max throughput:
+    /// the design's figure.
+    pub(super) fn proxy_cpu_per_1000(&self) -> f64 {
+        per_1000(self.throughput_cpu.proxies_total(), self.throughput.ok)
     }
 
     /// The same at the fixed rate, where every configuration handles the
     /// same requests per second, so batching cannot hide a per-request cost.
-    pub(super) fn agent_cpu_per_1000_fixed_rate(&self) -> f64 {
-        per_1000(self.latency_cpu.agents_total(), self.latency.ok)
+    pub(super) fn proxy_cpu_per_1000_fixed_rate(&self) -> f64 {
+        per_1000(self.latency_cpu.proxies_total(), self.latency.ok)
     }
 
-    /// node-a's agent alone at max throughput: the only one that routes
+    /// node-a's proxy alone at max throughput: the one that routes
     /// (node-b's relays L4), so a routing cost shows here undiluted.
-    pub(super) fn client_agent_cpu_per_1000(&self) -> f64 {
-        let (user, system) = self.throughput_cpu.agents[0];
+    pub(super) fn client_proxy_cpu_per_1000(&self) -> f64 {
+        let (user, system) = self.throughput_cpu.proxies[0];
         per_1000(user + system, self.throughput.ok)
     }
 
@@ -234,11 +270,39 @@ impl HttpPhases {
         json!({
             "http_max_throughput": self.throughput.to_json(),
             "http_max_throughput_cpu": self.throughput_cpu.to_json(),
-            "agent_cpu_ms_per_1000_requests": self.agent_cpu_per_1000(),
+            "proxy_cpu_ms_per_1000_requests": self.proxy_cpu_per_1000(),
             "http_fixed_rate": self.latency.to_json(),
             "http_fixed_rate_cpu": self.latency_cpu.to_json(),
-            "agent_cpu_ms_per_1000_requests_fixed_rate": self.agent_cpu_per_1000_fixed_rate(),
+            "proxy_cpu_ms_per_1000_requests_fixed_rate": self.proxy_cpu_per_1000_fixed_rate(),
         })
+    }
+}
+
+/// Everything measured on one path to nginx: the HTTP phases, the
+/// connection rate, and the memory of the two proxies that carry it.
+#[derive(Default, Debug)]
+pub(super) struct PathResult {
+    pub(super) http: HttpPhases,
+    /// A new connection per request (oha `--disable-keepalive`).
+    pub(super) conn_rate: HttpRun,
+    pub(super) conn_rate_cpu: CpuUse,
+    /// The proxies' memory (node-a, node-b) after these phases.
+    pub(super) memory: [Memory; 2],
+}
+
+impl PathResult {
+    /// Proxy CPU ms (both) per 1000 new connections.
+    pub(super) fn proxy_cpu_per_1000_connections(&self) -> f64 {
+        per_1000(self.conn_rate_cpu.proxies_total(), self.conn_rate.ok)
+    }
+
+    fn to_json(&self) -> Value {
+        let mut doc = self.http.to_json();
+        doc["connection_rate"] = self.conn_rate.to_json();
+        doc["connection_rate_cpu"] = self.conn_rate_cpu.to_json();
+        doc["proxy_cpu_ms_per_1000_connections"] = json!(self.proxy_cpu_per_1000_connections());
+        doc["proxy_memory_kib"] = memory_json("path", &self.memory);
+        doc
     }
 }
 
@@ -247,87 +311,72 @@ impl HttpPhases {
 pub(super) struct L7Result {
     /// Routes in the VirtualService; requests match the last.
     pub(super) routes: usize,
-    pub(super) http: HttpPhases,
+    pub(super) path: PathResult,
     /// From writing the VirtualService until both agents served it.
     pub(super) applied_after: Duration,
-    /// Agent memory after these phases.
-    pub(super) memory: [Memory; 2],
 }
 
 impl L7Result {
     fn to_json(&self) -> Value {
-        let mut doc = self.http.to_json();
+        let mut doc = self.path.to_json();
         doc["routes"] = json!(self.routes);
         doc["config_applied_ms"] = json!(self.applied_after.as_secs_f64() * 1000.0);
-        doc["agent_memory_kib"] = memory_json("l7", &self.memory);
         doc
     }
+}
+
+/// iperf3, one stream.
+#[derive(Debug)]
+pub(super) struct Bulk {
+    pub(super) bits_per_second: f64,
+    pub(super) cpu: CpuUse,
 }
 
 #[derive(Debug)]
 pub(super) struct ModeResult {
     pub(super) mode: Mode,
-    /// To the server pod's address: direct, or relayed as opaque TCP by
-    /// both agents.
-    pub(super) l4: HttpPhases,
-    /// Meshed only: to the Service, through the client-side agent's L7
-    /// proxy, once per route-table size (smallest first).
+    /// The mode's own path: to the server pod's address (direct, or relayed
+    /// as opaque TCP by both agents), or through the HAProxy pair.
+    pub(super) main: PathResult,
+    /// Meshed modes only: to the Service, through the client-side agent's
+    /// L7 proxy, once per route-table size (smallest first).
     pub(super) l7: Vec<L7Result>,
-    pub(super) conn_rate: HttpRun,
-    pub(super) conn_rate_cpu: CpuUse,
-    pub(super) bulk_cpu: CpuUse,
+    /// TCP modes only (not through the HAProxy pair, which speaks HTTP).
+    pub(super) bulk: Option<Bulk>,
     /// Phases during which other work used a noticeable share of the CPUs.
     pub(super) warnings: Vec<String>,
-    pub(super) bulk_bits_per_second: f64,
-    /// Agent memory after each phase: (phase, [node-a, node-b]).
+    /// The proxies' memory after each phase: (phase, [node-a, node-b]).
     pub(super) memory_trace: Vec<(String, [Memory; 2])>,
     pub(super) captured: Captured,
+    /// HAProxy pair only: TLS connections B accepted from A during the
+    /// mode's phases; pooling keeps it far below the client connections.
+    pub(super) haproxy_tls_connections: Option<u64>,
 }
 
 impl ModeResult {
-    /// Agent memory for the headline: with the smallest route table when
-    /// meshed (larger tables have their own figures), else after the last
-    /// phase.
-    pub(super) fn memory(&self) -> [Memory; 2] {
-        match self.l7.first() {
-            Some(l7) => l7.memory,
-            None => self
-                .memory_trace
-                .last()
-                .map(|(_, m)| *m)
-                .unwrap_or_default(),
-        }
-    }
-
     pub(super) fn l7_with(&self, routes: usize) -> Option<&L7Result> {
         self.l7.iter().find(|l| l.routes == routes)
     }
 
     pub(super) fn to_json(&self) -> Value {
-        // The L4 phases keep the keys they had before the L7 phases existed.
-        let mut doc = self.l4.to_json();
-        let rest = json!({
+        json!({
+            "path": self.main.to_json(),
             "http_l7": self.l7.iter().map(L7Result::to_json).collect::<Vec<_>>(),
-            "connection_rate": self.conn_rate.to_json(),
-            "connection_rate_cpu": self.conn_rate_cpu.to_json(),
-            "bulk_tcp_bits_per_second": self.bulk_bits_per_second,
-            "bulk_tcp_cpu": self.bulk_cpu.to_json(),
+            "bulk_tcp_bits_per_second": self.bulk.as_ref().map(|b| b.bits_per_second),
+            "bulk_tcp_cpu": self.bulk.as_ref().map(|b| b.cpu.to_json()),
             "warnings": self.warnings,
-            "agent_memory_kib": self
+            "proxy_memory_kib": self
                 .memory_trace
                 .iter()
                 .map(|(phase, m)| memory_json(phase, m))
                 .collect::<Vec<_>>(),
+            "haproxy_tls_connections": self.haproxy_tls_connections,
             "connections_through_agents": {
                 "outbound_node_a": self.captured.outbound_a,
                 "inbound_node_b": self.captured.inbound_b,
                 "failed": self.captured.failed,
             },
-        });
-        if let (Some(doc), Value::Object(rest)) = (doc.as_object_mut(), rest) {
-            doc.extend(rest);
-        }
-        doc
+        })
     }
 }
 

@@ -15,6 +15,8 @@ use anyhow::{bail, Context, Result};
 use nodemesh_testbed::{Agent, Topology};
 use serde_json::Value;
 
+use super::probe::Probe;
+
 /// The path of every bench request (nginx answers any path alike).
 pub(super) const PATH: &str = "/bench";
 
@@ -53,32 +55,14 @@ pub(super) fn check_response(
     routes: usize,
     body_size: usize,
 ) -> Result<()> {
-    let cmd = [
-        "curl",
-        "--max-time",
-        "5",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-D",
-        "-",
-        "-w",
-        "%{http_code} %{size_download}",
-        url,
-    ];
-    let text = topo.run_in_ok(netns, &cmd)?;
-    let (headers, summary) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let probe = Probe::get(topo, netns, url)?;
     let want = format!("200 {body_size}");
-    let header = headers.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case(ROUTE_HEADER)
-            .then(|| value.trim().to_string())
-    });
-    if summary.trim() != want || header.as_deref() != Some(&routes.to_string()) {
+    if probe.summary != want || probe.header(ROUTE_HEADER) != Some(routes.to_string()) {
         bail!(
             "{url} did not take the last of {routes} routes (want status and body size \
-             {want:?} and `{ROUTE_HEADER}: {routes}`); got {:?}, headers:\n{headers}",
-            summary.trim()
+             {want:?} and `{ROUTE_HEADER}: {routes}`); got {:?}, headers:\n{}",
+            probe.summary,
+            probe.headers
         );
     }
     Ok(())

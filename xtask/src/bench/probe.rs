@@ -1,0 +1,49 @@
+//! One request with curl, to check what a path answers before it is
+//! measured.
+
+use anyhow::Result;
+use nodemesh_testbed::Topology;
+
+/// What one request got.
+pub(super) struct Probe {
+    /// `STATUS BODY_BYTES`, e.g. `200 1024`.
+    pub(super) summary: String,
+    /// The response's header block.
+    pub(super) headers: String,
+}
+
+impl Probe {
+    /// A GET of `url` from `netns`; fails when curl does (no answer).
+    pub(super) fn get(topo: &Topology, netns: &str, url: &str) -> Result<Probe> {
+        let text = topo.run_in_ok(
+            netns,
+            &[
+                "curl",
+                "--max-time",
+                "5",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                "-w",
+                "%{http_code} %{size_download}",
+                url,
+            ],
+        )?;
+        let (headers, summary) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok(Probe {
+            summary: summary.trim().to_string(),
+            headers: headers.to_string(),
+        })
+    }
+
+    /// The value of the response header `name`.
+    pub(super) fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (n, value) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    }
+}
