@@ -48,6 +48,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     // The mTLS tests look at the wire between nodes.
     "tcpdump",
+    // The mTLS refusal tests' HBONE client (HTTP/2 CONNECT over TLS).
+    "python3-h2",
     // `cargo xtask bench`: the HTTP backend, the bulk-TCP tool, the peer it
     // compares the mesh with, and the CLI that makes that peer's certificates.
     "nginx",
