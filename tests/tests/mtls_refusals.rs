@@ -660,6 +660,7 @@ fn a_stream_claiming_another_workloads_address_is_forbidden_and_one_to_no_worklo
         .unwrap();
     let client = attack.pod_address("client");
     let victim = attack.pod_address("victim");
+    let web = attack.pod_address("web");
     let marker = "forged-forwarded-8352";
     let payload = format!("GET /{marker} HTTP/1.1\r\nHost: recorder\r\n\r\n");
     let recorder = attack.recorder();
@@ -677,6 +678,21 @@ fn a_stream_claiming_another_workloads_address_is_forbidden_and_one_to_no_worklo
                     attempt.body.contains(&format!(
                         "{client} is not an address of a workload with identity {id}"
                     )),
+                    "{attempt:?}"
+                );
+            }
+            // The same identity's address on another node (here node-b's
+            // own `web`): an identity does not lend its addresses across
+            // nodes.
+            let borrowed = format!("for={web}");
+            let attempts =
+                attack.hbone(&credential, &recorder, &borrowed, &payload, ATTEMPTS / 4)?;
+            for attempt in &attempts {
+                assert_eq!(attempt.status, Some(403), "{attempt:?}");
+                assert!(
+                    attempt
+                        .body
+                        .contains("not on the node that opened this connection"),
                     "{attempt:?}"
                 );
             }

@@ -11,12 +11,12 @@
 //! - Anything else: plaintext, as before the mesh, unless a DestinationRule
 //!   says `ISTIO_MUTUAL` (then the connection fails: nothing falls back).
 
-use std::net::SocketAddr;
 use super::Proxy;
 use crate::config::{Config, Workload};
 use crate::routing::UpstreamTls;
 use crate::security::MtlsMode;
 use crate::transport::{Destination, HBONE_PORT};
+use std::net::SocketAddr;
 
 pub enum Hop {
     Local,

@@ -308,6 +308,27 @@ impl Proxy {
                     ),
                 )
             })?;
+        // ...and that workload must run where the stream comes from: a node
+        // holding an identity cannot borrow the addresses its workloads have
+        // on other nodes (nor the destination's own).
+        let from_its_node = match transport {
+            "local" => caller.node == self.node,
+            _ => cfg
+                .node(&caller.node)
+                .is_some_and(|node| node.addresses.contains(&request.remote.ip().to_canonical())),
+        };
+        if !from_its_node {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} is {} on node {}, not on the node that opened this connection ({})",
+                    request.source,
+                    caller.key(),
+                    caller.node,
+                    request.remote.ip().to_canonical()
+                ),
+            ));
+        }
         let fd = pod
             .tenant
             .charge(1, Some(CallerKey::Address(request.source)))

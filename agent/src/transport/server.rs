@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
@@ -74,7 +75,11 @@ pub async fn serve<I: Inbound>(
 ) {
     loop {
         let (tcp, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            // The listener is dual-stack: show IPv4 callers as such.
+            Ok((tcp, remote)) => (
+                tcp,
+                SocketAddr::new(remote.ip().to_canonical(), remote.port()),
+            ),
             Err(e) => {
                 log::warn!("HBONE listener: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,11 +88,22 @@ pub async fn serve<I: Inbound>(
         };
         let (identities, inbound) = (identities.clone(), inbound.clone());
         tokio::spawn(async move {
-            if let Err(reason) = connection(tcp, remote, &identities, inbound).await {
-                log::warn!("HBONE connection from {remote} refused: {reason}");
+            match connection(tcp, remote, &identities, inbound).await {
+                Err(Failure::Refused(reason)) => {
+                    log::warn!("HBONE connection from {remote} refused: {reason}")
+                }
+                Err(Failure::Ended(e)) => log::debug!("HBONE connection from {remote} ended: {e}"),
+                Ok(()) => {}
             }
         });
     }
+}
+
+/// How an accepted connection failed: refused before any stream (logged
+/// with the reason), or ended with an error once serving.
+enum Failure {
+    Refused(String),
+    Ended(hyper::Error),
 }
 
 async fn connection<I: Inbound>(
@@ -95,7 +111,31 @@ async fn connection<I: Inbound>(
     remote: SocketAddr,
     identities: &Arc<Identities>,
     inbound: Arc<I>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
+    let (tls, peer) = authenticate(tcp, identities)
+        .await
+        .map_err(Failure::Refused)?;
+    let service = service_fn(move |request| {
+        let response = stream(&inbound, &peer, remote, request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(Failure::Ended)
+}
+
+/// The TLS handshake, and the calling workload's identity from its
+/// certificate; or why the caller is refused.
+async fn authenticate(
+    tcp: TcpStream,
+    identities: &Arc<Identities>,
+) -> Result<(TlsStream<TcpStream>, SpiffeId), String> {
     let _ = tcp.set_nodelay(true);
     let config = tls::server_config(identities).map_err(|e| e.to_string())?;
     let handshake = TlsAcceptor::from(config).accept(tcp);
@@ -116,19 +156,7 @@ async fn connection<I: Inbound>(
             identities.trust_domain()
         ));
     }
-    let service = service_fn(move |request| {
-        let response = stream(&inbound, &peer, remote, request);
-        async move { Ok::<_, Infallible>(response) }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-        .map_err(|e| format!("HTTP/2: {e}"))
+    Ok((tls, peer))
 }
 
 /// Answers one `CONNECT`: 200 and the stream goes to the inbound path, or
