@@ -302,10 +302,21 @@ impl Agent {
 
     /// `nodemesh status -o json`, parsed.
     pub fn status_json(&self) -> Result<serde_json::Value> {
-        let out = self.cli(&["status", "-o", "json"])?;
+        self.cli_json("status")
+    }
+
+    /// `nodemesh connections -o json`: the recently finished connections.
+    pub fn connections(&self) -> Result<Vec<serde_json::Value>> {
+        let all = self.cli_json("connections")?;
+        Ok(all.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `nodemesh COMMAND -o json`, parsed.
+    fn cli_json(&self, command: &str) -> Result<serde_json::Value> {
+        let out = self.cli(&[command, "-o", "json"])?;
         if !out.status.success() {
             bail!(
-                "`nodemesh status -o json` on {} failed ({}): {}",
+                "`nodemesh {command} -o json` on {} failed ({}): {}",
                 self.node,
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -313,7 +324,7 @@ impl Agent {
         }
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
-                "`nodemesh status -o json` printed invalid JSON: {}",
+                "`nodemesh {command} -o json` printed invalid JSON: {}",
                 String::from_utf8_lossy(&out.stdout)
             )
         })

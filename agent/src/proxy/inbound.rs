@@ -257,14 +257,15 @@ pub struct Admitted {
     source_workload: String,
     /// `hbone` or `local`, for `nodemesh connections`.
     transport: &'static str,
-    fd: Fds,
+    /// The delivery, already accepted by the application.
+    app: Charged,
 }
 
 impl Inbound for Proxy {
     type Admitted = Admitted;
 
-    fn admit(&self, request: &StreamRequest) -> Result<Admitted, Refusal> {
-        self.admit_stream(request, "hbone")
+    async fn admit(&self, request: &StreamRequest) -> Result<Admitted, Refusal> {
+        self.admit_stream(request, "hbone").await
     }
 
     async fn serve(self: Arc<Self>, admitted: Admitted, tunnel: Tunnel) {
@@ -275,8 +276,10 @@ impl Inbound for Proxy {
 impl Proxy {
     /// The destination must be a workload enrolled here; the caller's
     /// address must be one of a workload with the caller's identity (from
-    /// its certificate, or its own on this node).
-    pub fn admit_stream(
+    /// its certificate, or its own on this node); and the application must
+    /// accept the delivery, before the stream is answered, so that a refusal
+    /// reaches the caller as one (ztunnel does the same).
+    pub async fn admit_stream(
         &self,
         request: &StreamRequest,
         transport: &'static str,
@@ -336,13 +339,44 @@ impl Proxy {
                 self.reject(&pod, Direction::Inbound);
                 refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
             })?;
-        Ok(Admitted {
-            source_workload: caller.key(),
-            pod,
-            request: request.clone(),
-            transport,
-            fd,
-        })
+        let source_workload = caller.key();
+        drop(cfg);
+        let timeout = self.settings.connect_timeout;
+        match peer::deliver(self, &pod, to, request.source, timeout, fd).await {
+            Ok(app) => Ok(Admitted {
+                source_workload,
+                pod,
+                request: request.clone(),
+                transport,
+                app,
+            }),
+            Err(e) => {
+                let reason = format!("delivering to {to}: {e}");
+                let tracked = self.track_stream(request, &pod, source_workload, transport);
+                tracked.finish(Err(reason.clone()));
+                Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason))
+            }
+        }
+    }
+
+    /// The record of an inbound stream.
+    fn track_stream(
+        &self,
+        request: &StreamRequest,
+        pod: &Pod,
+        source_workload: String,
+        transport: &'static str,
+    ) -> super::Tracked<'_> {
+        let app = request.to;
+        let mut tracked = self.track(Direction::Inbound, SocketAddr::new(request.source, 0), app);
+        let record = &mut tracked.record;
+        record.source_workload = Some(source_workload);
+        record.source_identity = Some(request.peer.to_string());
+        record.destination_workload = Some(pod.key.clone());
+        record.destination_identity = Some(pod.identity.to_string());
+        record.upstream = Some(app);
+        record.transport = Some(transport);
+        tracked
     }
 
     /// Serves an admitted stream to its end: detected, delivered from the
@@ -356,18 +390,11 @@ impl Proxy {
             request,
             source_workload,
             transport,
-            fd,
+            app: server,
         } = admitted;
         let proxy = &*self;
         let app = request.to;
-        let mut tracked = proxy.track(Direction::Inbound, SocketAddr::new(request.source, 0), app);
-        let record = &mut tracked.record;
-        record.source_workload = Some(source_workload);
-        record.source_identity = Some(request.peer.to_string());
-        record.destination_workload = Some(pod.key.clone());
-        record.destination_identity = Some(pod.identity.to_string());
-        record.upstream = Some(app);
-        record.transport = Some(transport);
+        let mut tracked = proxy.track_stream(&request, &pod, source_workload, transport);
         let declared = {
             let cfg = proxy.config.current();
             match cfg.workload_by_key(&pod.key) {
@@ -399,11 +426,7 @@ impl Proxy {
             identity: Some(request.peer.clone()),
             address: request.source,
         };
-        let timeout = proxy.settings.connect_timeout;
-        let outcome = match peer::deliver(proxy, &pod, app, request.source, timeout, fd).await {
-            Ok(server) => serve(proxy, &pod, client, &caller, protocol, server).await,
-            Err(e) => Err(format!("delivering to {app}: {e}")),
-        };
+        let outcome = serve(proxy, &pod, client, &caller, protocol, server).await;
         tracked.finish(outcome);
     }
 }

@@ -52,9 +52,12 @@ pub async fn connect(
                 to,
                 remote: SocketAddr::new(source, 0),
             };
-            let admitted = proxy.admit_stream(&request, "local").map_err(|refused| {
-                io::Error::new(io::ErrorKind::ConnectionRefused, refused.reason)
-            })?;
+            let admitted = proxy
+                .admit_stream(&request, "local")
+                .await
+                .map_err(|refused| {
+                    io::Error::new(io::ErrorKind::ConnectionRefused, refused.reason)
+                })?;
             let (near, far) = tokio::io::duplex(LOCAL_BUFFER);
             tokio::spawn(proxy.clone().serve_stream(admitted, far));
             Ok(Charged::new(Stream::Local(Prefixed::new(near)), fd))

@@ -57,7 +57,10 @@ pub trait Inbound: Send + Sync + 'static {
     type Admitted: Send + 'static;
 
     /// Decides on a stream before it is answered.
-    fn admit(&self, request: &StreamRequest) -> Result<Self::Admitted, Refusal>;
+    fn admit(
+        &self,
+        request: &StreamRequest,
+    ) -> impl Future<Output = Result<Self::Admitted, Refusal>> + Send;
 
     /// Serves an admitted stream to its end.
     fn serve(
@@ -116,8 +119,8 @@ async fn connection<I: Inbound>(
         .await
         .map_err(Failure::Refused)?;
     let service = service_fn(move |request| {
-        let response = stream(&inbound, &peer, remote, request);
-        async move { Ok::<_, Infallible>(response) }
+        let (inbound, peer) = (inbound.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(stream(&inbound, &peer, remote, request).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -161,19 +164,18 @@ async fn authenticate(
 
 /// Answers one `CONNECT`: 200 and the stream goes to the inbound path, or
 /// the refusal.
-fn stream<I: Inbound>(
+async fn stream<I: Inbound>(
     inbound: &Arc<I>,
     peer: &SpiffeId,
     remote: SocketAddr,
     mut request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let parsed = parse(peer, remote, &request);
-    let admitted = parsed.and_then(|asked| {
-        let admitted = inbound.admit(&asked)?;
-        Ok((asked, admitted))
-    });
+    let admitted = match parse(peer, remote, &request) {
+        Ok(asked) => inbound.admit(&asked).await,
+        Err(refusal) => Err(refusal),
+    };
     match admitted {
-        Ok((_, admitted)) => {
+        Ok(admitted) => {
             let upgrade = hyper::upgrade::on(&mut request);
             let inbound = inbound.clone();
             tokio::spawn(async move {

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body};
-use super::{http1_server, H2_CONNECTION_WINDOW, H2_SEND_BUFFER, H2_STREAM_WINDOW};
+use super::{http1_server, http2_server};
 use crate::identity::SpiffeId;
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Client};
@@ -69,12 +69,7 @@ pub async fn serve<S: Client>(
                     Ok::<_, Infallible>(reply(response))
                 }
             });
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(settings.max_concurrent_streams)
-                .initial_stream_window_size(H2_STREAM_WINDOW)
-                .initial_connection_window_size(H2_CONNECTION_WINDOW)
-                .max_send_buf_size(H2_SEND_BUFFER)
+            http2_server(&settings)
                 .serve_connection(io, service)
                 .await
                 .map_err(|e| e.to_string())

@@ -103,14 +103,7 @@ pub async fn serve(
     });
     let serving = async {
         if http2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(settings.max_concurrent_streams)
-                .initial_stream_window_size(H2_STREAM_WINDOW)
-                .initial_connection_window_size(H2_CONNECTION_WINDOW)
-                .max_send_buf_size(H2_SEND_BUFFER)
-                .serve_connection(io, service)
-                .await
+            http2_server(&settings).serve_connection(io, service).await
         } else {
             http1_server(&settings)
                 .serve_connection(io, service)
@@ -122,6 +115,18 @@ pub async fn serve(
         return Err(format!("idle for {:?}", settings.idle_timeout));
     };
     served.map_err(|e| e.to_string())
+}
+
+/// The HTTP/2 server every downstream connection gets.
+fn http2_server(settings: &HttpSettings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER);
+    builder
 }
 
 /// The HTTP/1 server every downstream connection gets (public for the
