@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::net::TcpStream;
 
-use super::budget::{CallerKey, Fds};
+use super::budget::{self, CallerKey, Fds};
 use super::detect::{self, Declared, Detected};
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, Transferred};
@@ -332,9 +332,15 @@ impl Proxy {
                 ),
             ));
         }
+        // Charged as a whole connection, as plaintext ones are (the stream
+        // itself holds no descriptor here): the per-workload limits count
+        // connections the same way whatever the transport.
         let fd = pod
             .tenant
-            .charge(1, Some(CallerKey::Address(request.source)))
+            .charge(
+                budget::FDS_PER_CONNECTION,
+                Some(CallerKey::Address(request.source)),
+            )
             .map_err(|refused| {
                 self.reject(&pod, Direction::Inbound);
                 refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
