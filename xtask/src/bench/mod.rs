@@ -220,8 +220,10 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         "\nEvery path as a ratio of (or delta to) the direct run of the same invocation. L4: \
          to the server pod's\naddress, relayed as opaque TCP by both agents. L7: to the \
          Service, routed by the client-side agent\n(VirtualService, {} routes, the last \
-         matching). HAProxy pair: L7 with mutual TLS between two\nHAProxies ({} threads \
-         each, as the agents' 2 workers). Proxy CPU sums both proxies of the path.\nTargets \
+         matching). + mTLS: the agents reach each other over mutual TLS (HBONE),\nas by \
+         default; plaintext hop: under a mesh-wide PeerAuthentication DISABLE. HAProxy pair: \
+         L7\nwith mutual TLS between two HAProxies ({} threads each, as the agents' 2 \
+         workers).\nProxy CPU sums both proxies of the path. Targets \
          are the design's for L7 + mTLS through two agents, judged here on {} (informative \
          only).\np99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU.",
         ROUTE_COUNTS[0],
