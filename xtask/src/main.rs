@@ -56,6 +56,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "haproxy",
     "openssl",
+    // Where the agents' CPU goes (README, "Performance"): profiles,
+    // context switches and syscalls per request.
+    "linux-perf",
+    "strace",
 ];
 
 /// LLVM whose major matches the nightly toolchain's (see DESIGN.md).

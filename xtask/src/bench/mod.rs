@@ -19,28 +19,36 @@
 //! - HAPROXY PAIR: still not labelled; requests go to HAProxy A (plain
 //!   HTTP), which forwards them over TLS 1.3 with a client certificate to
 //!   HAProxy B, which forwards them to nginx.
-//! - MESHED: the namespace labelled `nodemesh.io/mesh: enabled`; requests to
-//!   the pod's address are relayed as opaque TCP by both agents (L4), and
-//!   requests to the Service's cluster IP are terminated and routed by the
-//!   client-side agent (L7).
-//! - MESHED + mTLS: the same with mutual TLS between the agents; skipped
-//!   with the reason until the agent can run it (see `mtls.rs`).
+//! - NODEMESH + mTLS: the namespace labelled `nodemesh.io/mesh: enabled`;
+//!   the agents hold their workloads' certificates from the test bed's mesh
+//!   CA and reach each other over mutual TLS (HBONE), as by default.
+//!   Requests to the pod's address are relayed as opaque TCP by both agents
+//!   (L4 + mTLS), requests to the Service's cluster IP are terminated and
+//!   routed by the client-side agent (L7 + mTLS).
+//! - NODEMESH, PLAINTEXT HOP: the same agents with a mesh-wide
+//!   PeerAuthentication `DISABLE` (root namespace `istio-system`), so
+//!   automatic mTLS chooses a plaintext hop: L7 to the Service only, the
+//!   path as it was before mutual TLS, for comparison.
 //!
-//! Every path (direct, HAProxy pair, L4, L7) gets the same phases:
+//! Every path (direct, HAProxy pair, L4 + mTLS, L7 + mTLS, L7 plaintext hop)
+//! gets the same phases:
 //! 1. HTTP/1.1 max throughput: 16 keep-alive connections, 1 KB responses;
 //! 2. latency at a fixed 2000 req/s over 16 connections (p50, p90, p99);
 //! 3. connection rate: a new TCP connection per request (oha
 //!    `--disable-keepalive`), 16 concurrent;
 //!
-//! and besides, direct and meshed (the TCP paths):
+//! and besides, direct and nodemesh + mTLS:
 //! 4. bulk TCP: iperf3, one stream (L4);
-//! 5. meshed only, L7: phases 1 to 3 to the Service, once with a
+//! 5. nodemesh + mTLS only, L7: phases 1 to 3 to the Service, once with a
 //!    VirtualService of 10 routes (the headline L7 figures) and once with
 //!    10 000, requests matching only the last route (see `routes.rs`); the
 //!    difference is what the size of a route table costs each request.
 //!    Before each, the bench checks that both agents serve the table and
 //!    that a request is answered by nginx through that last route.
 //!
+//! Before a meshed mode is measured, the bench checks the hop its requests
+//! take: nginx echoes the `X-Forwarded-Client-Cert` that the destination
+//! agent sets for callers authenticated by mutual TLS (see `mtls.rs`).
 //! Before the HAProxy pair is measured, the bench checks that a request
 //! through it reaches nginx over TLS 1.3 with A's certificate, and that B
 //! refuses a TLS client without one.
@@ -88,7 +96,6 @@ mod results;
 mod routes;
 
 use haproxy::HaproxyPair;
-use mtls::MeshCa;
 use procfs::{
     children_cpu_ticks, clock_ticks_per_second, loadavg, machine_ticks, num_cpus,
     proc_context_switches, proc_cpu_ticks, proc_memory_kib,
@@ -174,11 +181,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     };
     let clk_tck = clock_ticks_per_second();
     let load_before = loadavg();
-    let mtls_unsupported = mtls::unsupported(nodemesh);
-    let modes: Vec<Mode> = Mode::ALL
-        .into_iter()
-        .filter(|&m| m != Mode::MeshedMtls || mtls_unsupported.is_none())
-        .collect();
+    let modes = Mode::ALL;
 
     println!(
         "bench: {} per oha phase, {} iperf3, {CONNECTIONS} connections, {BODY_SIZE} B responses \
@@ -197,9 +200,6 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some(reason) = &mtls_unsupported {
-        println!("bench: {} skipped: {reason}", Mode::MeshedMtls.name());
-    }
     let mut bench = Bench::new(nodemesh, &oha, &tools, &opts, clk_tck)?;
     let results = match bench.measure_rounds(&modes) {
         Ok(r) => r,
@@ -210,7 +210,6 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             return Err(anyhow::anyhow!("{e:#}\n\nbench failed; logs:\n{logs}"));
         }
     };
-    let mtls_skipped = mtls_unsupported.or(bench.mtls_skipped.take());
     drop(bench);
     println!("bench: topology removed");
 
@@ -221,8 +220,10 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         "\nEvery path as a ratio of (or delta to) the direct run of the same invocation. L4: \
          to the server pod's\naddress, relayed as opaque TCP by both agents. L7: to the \
          Service, routed by the client-side agent\n(VirtualService, {} routes, the last \
-         matching). HAProxy pair: L7 with mutual TLS between two\nHAProxies ({} threads \
-         each, as the agents' 2 workers). Proxy CPU sums both proxies of the path.\nTargets \
+         matching). + mTLS: the agents reach each other over mutual TLS (HBONE),\nas by \
+         default; plaintext hop: under a mesh-wide PeerAuthentication DISABLE. HAProxy pair: \
+         L7\nwith mutual TLS between two HAProxies ({} threads each, as the agents' 2 \
+         workers).\nProxy CPU sums both proxies of the path. Targets \
          are the design's for L7 + mTLS through two agents, judged here on {} (informative \
          only).\np99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU.",
         ROUTE_COUNTS[0],
@@ -272,7 +273,6 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             "load_average_before": load_before,
             "clock_ticks_per_second": clk_tck,
         },
-        "skipped": { Mode::MeshedMtls.key(): &mtls_skipped },
         "comparison": comparison.main.to_json(),
         "targets_judged_on": comparison.judged.label(),
         "versus_haproxy_pair": comparison.versus_haproxy.to_json(),
@@ -460,29 +460,22 @@ struct Bench<'a> {
     // Field order is drop order: the agents stop and uninstall their eBPF
     // programs before the topology deletes the namespaces they run in.
     agents: Vec<Agent>,
-    /// Whether `agents` run with the mesh CA's flags.
-    agents_mtls: bool,
     haproxy: HaproxyPair,
-    /// Started when the L7 + mTLS mode first runs.
-    ca: Option<MeshCa>,
-    /// Why the L7 + mTLS mode was skipped after all.
-    mtls_skipped: Option<String>,
     topo: Topology,
-    nodemesh: PathBuf,
     oha: &'a Oha,
     iperf3: PathBuf,
     opts: &'a Options,
     config_dir: PathBuf,
     client_netns: String,
-    server_netns: String,
     server_ip: String,
     nginx_pid: u32,
     iperf3_server_pid: u32,
     clk_tck: u64,
-    /// The configuration last written: the namespace labelled, and the
-    /// size of the route table.
+    /// The configuration last written: the namespace labelled, the size
+    /// of the route table, and the mesh-wide PeerAuthentication `DISABLE`.
     enrolled: bool,
     routes: usize,
+    plaintext_hop: bool,
 }
 
 /// What a mode's phases leave behind besides their figures.
@@ -562,53 +555,48 @@ impl<'a> Bench<'a> {
         let config_dir = topo.work_dir().join("config");
         write_config(&topo, &config_dir, false)?;
         write_routes(&config_dir, ROUTE_COUNTS[0])?;
-        println!("bench: starting one agent per node");
+        mtls::write_policy(&config_dir, false)?;
+        println!("bench: starting one agent per node, with the test bed's mesh CA");
         let a = Agent::start_with(&mut topo, "node-a", &config_dir, nodemesh, &[])?;
         let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &[])?;
         let bench = Bench {
             agents: vec![a, b],
-            agents_mtls: false,
             haproxy,
-            ca: None,
-            mtls_skipped: None,
             topo,
-            nodemesh: nodemesh.to_path_buf(),
             oha,
             iperf3: tools.iperf3.clone(),
             opts,
             config_dir,
             client_netns: client.netns.clone(),
-            server_netns: server.netns.clone(),
             server_ip: server.address.to_string(),
             nginx_pid,
             iperf3_server_pid,
             clk_tck,
             enrolled: false,
             routes: ROUTE_COUNTS[0],
+            plaintext_hop: false,
         };
         bench.wait_config(&[0, 0])?;
         Ok(bench)
     }
 
-    /// `rounds` times: every phase of every mode in `modes`, in order
-    /// (less the L7 + mTLS mode if it turns out it cannot run).
+    /// `rounds` times: every phase of every mode in `modes`, in order.
     fn measure_rounds(&mut self, modes: &[Mode]) -> Result<Vec<ModeResult>> {
-        let mut modes = modes.to_vec();
         let mut results = Vec::new();
         for round in 1..=self.opts.rounds {
             if round > 1 {
                 println!("\n######## round {round} of {}", self.opts.rounds);
             }
-            for mode in modes.clone() {
+            for &mode in modes {
                 if self.routes != ROUTE_COUNTS[0] {
                     self.set_routes(ROUTE_COUNTS[0])?;
                 }
                 if self.enrolled != mode.enrolls() {
                     self.set_enrolled(mode.enrolls())?;
                 }
-                if !self.use_agents(mode)? {
-                    modes.retain(|&m| m != mode);
-                    continue;
+                let plaintext_hop = mode == Mode::MeshedPlaintext;
+                if self.plaintext_hop != plaintext_hop {
+                    self.set_plaintext_hop(plaintext_hop)?;
                 }
                 results.push(self.measure(mode)?);
             }
@@ -616,66 +604,26 @@ impl<'a> Bench<'a> {
         Ok(results)
     }
 
-    /// Restarts the agents with or without the mesh CA's flags, as `mode`
-    /// needs (starting the CA the first time). False when the mode cannot
-    /// run after all; `self.mtls_skipped` says why.
-    fn use_agents(&mut self, mode: Mode) -> Result<bool> {
-        let mtls = mode == Mode::MeshedMtls;
-        if self.agents_mtls == mtls {
-            return Ok(true);
-        }
-        if mtls && self.ca.is_none() {
-            println!("bench: starting the mesh CA and issuing the nodes' credentials");
-            self.ca = Some(MeshCa::start(
-                &mut self.topo,
-                &self.nodemesh,
-                &self.config_dir,
-            )?);
-        }
-        println!(
-            "bench: restarting the agents {} the mesh CA",
-            if mtls { "with" } else { "without" }
-        );
-        // Stopped and uninstalled before their successors load.
-        self.agents.clear();
-        for node in ["node-a", "node-b"] {
-            let args = match (&self.ca, mtls) {
-                (Some(ca), true) => ca.agent_args(&self.topo.node(node).node_name)?,
-                _ => Vec::new(),
-            };
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let agent = Agent::start_with(
-                &mut self.topo,
-                node,
-                &self.config_dir,
-                &self.nodemesh,
-                &args,
-            )?;
-            self.agents.push(agent);
-        }
-        self.agents_mtls = mtls;
-        self.wait_config(&[0, 0])?;
-        if let (Some(ca), true) = (&self.ca, mtls) {
-            mtls::wait_certificates(&self.agents, ca)?;
-            let netns = [
-                self.topo.node("node-a").netns.as_str(),
-                self.topo.node("node-b").netns.as_str(),
-                &self.client_netns,
-                &self.server_netns,
-            ];
-            if let Some(reason) = mtls::transport_missing(&self.topo, &netns)? {
-                println!("bench: {} skipped: {reason}", mode.name());
-                self.mtls_skipped = Some(reason);
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
     fn set_enrolled(&mut self, enrolled: bool) -> Result<()> {
         let generations = self.generations()?;
         write_config(&self.topo, &self.config_dir, enrolled)?;
         self.enrolled = enrolled;
+        self.wait_config(&generations)?;
+        if enrolled {
+            let netns = [
+                self.topo.node("node-a").netns.as_str(),
+                self.topo.node("node-b").netns.as_str(),
+            ];
+            mtls::wait_ready(&self.topo, &self.agents, &netns)?;
+        }
+        Ok(())
+    }
+
+    /// Writes or removes the mesh-wide PeerAuthentication `DISABLE`.
+    fn set_plaintext_hop(&mut self, plaintext_hop: bool) -> Result<()> {
+        let generations = self.generations()?;
+        mtls::write_policy(&self.config_dir, plaintext_hop)?;
+        self.plaintext_hop = plaintext_hop;
         self.wait_config(&generations)?;
         Ok(())
     }
@@ -745,7 +693,7 @@ impl<'a> Bench<'a> {
     fn measure(&mut self, mode: Mode) -> Result<ModeResult> {
         println!("\n== {} ==", mode.name().to_uppercase());
         let (url, path) = match mode {
-            Mode::Direct => (self.pod_url(), "pod IP"),
+            Mode::Direct => (self.pod_url(), "pod IP".to_string()),
             Mode::HaproxyPair => {
                 self.haproxy
                     .check(&self.topo, &self.client_netns, BODY_SIZE)?;
@@ -753,13 +701,25 @@ impl<'a> Bench<'a> {
                     "  a request through the pair reaches nginx over TLS 1.3 with HAProxy A's \
                      certificate; B refuses a client without one"
                 );
-                (self.haproxy.url.clone(), "HAProxy pair")
+                (self.haproxy.url.clone(), "HAProxy pair".to_string())
             }
-            Mode::Meshed | Mode::MeshedMtls => (self.pod_url(), "L4, pod IP"),
+            Mode::MeshedMtls => (self.pod_url(), "L4 + mTLS, pod IP".to_string()),
+            Mode::MeshedPlaintext => {
+                let routes = ROUTE_COUNTS[0];
+                let url = self.service_url();
+                routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
+                (url, format!("L7 plaintext hop, {routes} routes"))
+            }
         };
+        if mode.enrolls() {
+            mtls::check_hop(&self.topo, &self.client_netns, &url, mode)?;
+            println!("  {url} reaches nginx over the hop of {}", mode.name());
+        }
         let counts_before = self.agent_counts()?;
-        let bulk_steps = usize::from(mode != Mode::HaproxyPair);
-        let l7_steps = if mode.enrolls() {
+        // Bulk TCP and the route tables on the default path only.
+        let full = matches!(mode, Mode::Direct | Mode::MeshedMtls);
+        let bulk_steps = usize::from(full);
+        let l7_steps = if mode == Mode::MeshedMtls {
             3 * ROUTE_COUNTS.len()
         } else {
             0
@@ -773,7 +733,7 @@ impl<'a> Bench<'a> {
 
         let tls_before = self.haproxy_tls_connections(mode)?;
         self.warm_up(&url)?;
-        let main = self.path_phases(&mut log, &url, path)?;
+        let main = self.path_phases(&mut log, &url, &path)?;
         let haproxy_tls_connections = match (tls_before, self.haproxy_tls_connections(mode)?) {
             (Some(before), Some(after)) => {
                 let n = after.saturating_sub(before);
@@ -788,7 +748,7 @@ impl<'a> Bench<'a> {
         };
 
         // iperf3 is plain TCP: the HAProxy pair only speaks HTTP.
-        let bulk = if mode == Mode::HaproxyPair {
+        let bulk = if !full {
             None
         } else {
             log.step(&format!("bulk TCP: iperf3, {}", human(self.opts.bulk)));
@@ -801,7 +761,7 @@ impl<'a> Bench<'a> {
         };
 
         let mut l7 = Vec::new();
-        if mode.enrolls() {
+        if mode == Mode::MeshedMtls {
             for routes in ROUTE_COUNTS {
                 l7.push(self.l7_phases(&mut log, routes)?);
             }
@@ -823,10 +783,16 @@ impl<'a> Bench<'a> {
                 captured.inbound_b
             );
         }
-        // At least the 16 keep-alive connections of each oha run.
+        // At least the 16 keep-alive connections of each oha run on node-a.
+        // On node-b, as many inbound connections (HBONE streams on the mTLS
+        // hop) on the L4 path; the L7-only mode's arrive from node-a's
+        // upstream pool, which opens at least one per hop.
+        let min_inbound = match mode {
+            Mode::MeshedPlaintext => 1,
+            _ => u64::from(CONNECTIONS),
+        };
         if mode.enrolls()
-            && (captured.outbound_a < u64::from(CONNECTIONS)
-                || captured.inbound_b < u64::from(CONNECTIONS))
+            && (captured.outbound_a < u64::from(CONNECTIONS) || captured.inbound_b < min_inbound)
         {
             bail!(
                 "the {} run did not go through both agents ({} outbound on node-a, {} inbound \
@@ -864,12 +830,18 @@ impl<'a> Bench<'a> {
         format!("http://{}:{HTTP_PORT}{}", self.server_ip, routes::PATH)
     }
 
+    /// The Service's address: routed by the client-side agent's L7 proxy.
+    fn service_url(&self) -> String {
+        format!("http://{SERVICE_IP}:{SERVICE_PORT}{}", routes::PATH)
+    }
+
     /// The HTTP phases through the client-side agent's L7 proxy, with a
     /// VirtualService of `routes` routes of which requests match the last.
     fn l7_phases(&mut self, log: &mut PhaseLog, routes: usize) -> Result<L7Result> {
         let applied_after = self.set_routes(routes)?;
-        let url = format!("http://{SERVICE_IP}:{SERVICE_PORT}{}", routes::PATH);
+        let url = self.service_url();
         routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
+        mtls::check_hop(&self.topo, &self.client_netns, &url, log.mode)?;
         println!(
             "  VirtualService with {routes} routes served {:.0} ms after the write; \
              a request takes the last route",
@@ -1314,12 +1286,14 @@ http {{
     server {{
         listen {HTTP_PORT} backlog=4096;
         location / {{
+            add_header {echo} $http_x_forwarded_client_cert;
             return 200 \"{body}\";
         }}
     }}
 }}
 ",
-        w = topo.work_dir().display()
+        w = topo.work_dir().display(),
+        echo = mtls::ECHO_HEADER
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;

@@ -116,35 +116,33 @@ pub(super) enum Path {
     Direct,
     /// Through two HAProxies with mutual TLS between them.
     Haproxy,
-    /// To the pod's address: both agents relay opaque TCP.
-    L4,
-    /// To the Service: routed by the client-side agent's L7 proxy, with the
-    /// smallest route table.
-    L7,
-    /// L4 with mutual TLS between the agents.
+    /// To the pod's address: both agents relay opaque TCP, over mutual TLS
+    /// (HBONE) between them.
     L4Mtls,
-    /// L7 with mutual TLS between the agents.
+    /// To the Service: routed by the client-side agent's L7 proxy, with the
+    /// smallest route table, over mutual TLS between the agents.
     L7Mtls,
+    /// L7 with a plaintext hop between the agents (mesh-wide
+    /// PeerAuthentication `DISABLE`): the path before mutual TLS.
+    L7Plaintext,
 }
 
 impl Path {
-    const ALL: [Path; 6] = [
+    const ALL: [Path; 5] = [
         Path::Direct,
         Path::Haproxy,
-        Path::L4,
-        Path::L7,
         Path::L4Mtls,
         Path::L7Mtls,
+        Path::L7Plaintext,
     ];
 
     pub(super) fn label(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Haproxy => "HAProxy pair",
-            Path::L4 => "L4",
-            Path::L7 => "L7",
             Path::L4Mtls => "L4 + mTLS",
             Path::L7Mtls => "L7 + mTLS",
+            Path::L7Plaintext => "L7 plaintext hop",
         }
     }
 
@@ -152,10 +150,9 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::Haproxy => "haproxy_pair",
-            Path::L4 => "l4",
-            Path::L7 => "l7",
             Path::L4Mtls => "l4_mtls",
             Path::L7Mtls => "l7_mtls",
+            Path::L7Plaintext => "l7_plaintext",
         }
     }
 
@@ -163,8 +160,8 @@ impl Path {
         match self {
             Path::Direct => Mode::Direct,
             Path::Haproxy => Mode::HaproxyPair,
-            Path::L4 | Path::L7 => Mode::Meshed,
             Path::L4Mtls | Path::L7Mtls => Mode::MeshedMtls,
+            Path::L7Plaintext => Mode::MeshedPlaintext,
         }
     }
 
@@ -178,8 +175,9 @@ impl Path {
             return None;
         }
         match self {
-            Path::Direct | Path::Haproxy | Path::L4 | Path::L4Mtls => Some(&r.main),
-            Path::L7 | Path::L7Mtls => r.l7.first().map(|l| &l.path),
+            // The plaintext mode's main phases are already L7.
+            Path::Direct | Path::Haproxy | Path::L4Mtls | Path::L7Plaintext => Some(&r.main),
+            Path::L7Mtls => r.l7.first().map(|l| &l.path),
         }
     }
 
@@ -362,8 +360,7 @@ pub(super) struct Comparison {
     pub(super) main: Table,
     /// nodemesh's paths against the HAProxy pair.
     pub(super) versus_haproxy: Table,
-    /// The path the design's targets are judged on: L7 + mTLS when it was
-    /// measured, else L7.
+    /// The path the design's targets are judged on: L7 + mTLS.
     pub(super) judged: Path,
 }
 
@@ -372,11 +369,7 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
         .into_iter()
         .filter(|p| !p.rounds(results).is_empty())
         .collect();
-    let judged = if paths.contains(&Path::L7Mtls) {
-        Path::L7Mtls
-    } else {
-        Path::L7
-    };
+    let judged = Path::L7Mtls;
     let mut main = Table {
         titles: ["metric".to_string()]
             .into_iter()
@@ -474,14 +467,14 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
                 cells.push(format!("{:.2} Gbit/s", v / 1e9));
                 values.insert(path.key().into(), json!({ "value": v }));
             }
-            Path::L4 | Path::L4Mtls => {
+            Path::L4Mtls => {
                 cells.push(format!("{:.2} Gbit/s ({pct:.1} %)", v / 1e9));
                 values.insert(path.key().into(), json!({ "value": v, "percent": pct }));
             }
             _ => cells.push("-".into()),
         }
-        // The design's bulk target is for the plain relay.
-        if path == Path::L4 {
+        // The design's bulk target is for the L4 relay.
+        if path == Path::L4Mtls {
             target = Some((
                 format!("L4 ≥ {TARGET_BULK_PERCENT:.0} %"),
                 pct >= TARGET_BULK_PERCENT,
@@ -585,7 +578,10 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
 /// the largest table: requests match the last route, so the larger table
 /// makes each request compare against every route before it.
 pub(super) fn route_table(results: &[ModeResult]) -> Table {
-    let meshed: Vec<&ModeResult> = results.iter().filter(|r| r.mode == Mode::Meshed).collect();
+    let meshed: Vec<&ModeResult> = results
+        .iter()
+        .filter(|r| r.mode == Mode::MeshedMtls)
+        .collect();
     let (small, large) = (ROUTE_COUNTS[0], ROUTE_COUNTS[ROUTE_COUNTS.len() - 1]);
     let pair_in = |rounds: &[&ModeResult], f: &dyn Fn(&L7Result) -> f64| {
         let at = |n: usize| median(rounds.iter().filter_map(|r| r.l7_with(n)).map(f));
@@ -742,7 +738,11 @@ pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
         } else {
             r.mode.name().to_string()
         };
-        let prefix = if r.mode.enrolls() { "L4 " } else { "" };
+        let prefix = match r.mode {
+            Mode::Direct | Mode::HaproxyPair => "",
+            Mode::MeshedMtls => "L4 ",
+            Mode::MeshedPlaintext => "L7 ",
+        };
         let mut phases: Vec<(String, &CpuUse, u64)> = vec![
             (
                 format!("{prefix}throughput"),
@@ -823,7 +823,7 @@ pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
         let who = match r.mode {
             Mode::Direct => "idle agents",
             Mode::HaproxyPair => "HAProxies",
-            Mode::Meshed | Mode::MeshedMtls => "agents",
+            Mode::MeshedMtls | Mode::MeshedPlaintext => "agents",
         };
         let _ = writeln!(out, "  {} ({who}): {}", r.mode.name(), line.join("; "));
     }
@@ -891,46 +891,67 @@ mod tests {
                 None,
             ),
             result(
-                Mode::Meshed,
+                Mode::MeshedMtls,
                 path(6000.0, 240.0, 2000.0, 10 * 1024),
                 Some(path(5000.0, 90.0, 3600.0, 11 * 1024)),
             ),
+            // Its main phases are the L7 ones.
+            result(
+                Mode::MeshedPlaintext,
+                path(5500.0, 80.0, 3700.0, 11 * 1024),
+                None,
+            ),
         ];
         let c = comparison(&results);
-        assert_eq!(c.judged, Path::L7, "no L7 + mTLS run: targets judged on L7");
+        assert_eq!(c.judged, Path::L7Mtls);
         assert_eq!(
             c.main.titles,
-            ["metric", "direct", "HAProxy pair", "L4", "L7"],
-            "a mode that did not run has no column"
+            [
+                "metric",
+                "direct",
+                "HAProxy pair",
+                "L4 + mTLS",
+                "L7 + mTLS",
+                "L7 plaintext hop"
+            ],
         );
         let rps = row(&c.main, "http_rps");
         close(&rps["haproxy_pair"]["percent"], 40.0);
-        close(&rps["l4"]["percent"], 60.0);
-        close(&rps["l7"]["percent"], 50.0);
+        close(&rps["l4_mtls"]["percent"], 60.0);
+        close(&rps["l7_mtls"]["percent"], 50.0);
+        close(&rps["l7_plaintext"]["percent"], 55.0);
         close(
-            &row(&c.main, "connections_per_second")["l7"]["percent"],
+            &row(&c.main, "connections_per_second")["l7_mtls"]["percent"],
             90.0,
         );
         // 90 ms over 5000 requests, 120 over 4000.
         let cpu = row(&c.main, "proxy_cpu_ms_per_1000_requests");
-        close(&cpu["l7"]["value"], 18.0);
+        close(&cpu["l7_mtls"]["value"], 18.0);
         close(&cpu["haproxy_pair"]["value"], 30.0);
         // Split evenly between the two proxies by `path`.
         let per_proxy = row(&c.main, "proxy_cpu_ms_per_1000_requests_per_proxy");
-        close(&per_proxy["l7"]["node_a"], 9.0);
-        close(&per_proxy["l7"]["node_b"], 9.0);
+        close(&per_proxy["l7_mtls"]["node_a"], 9.0);
+        close(&per_proxy["l7_mtls"]["node_b"], 9.0);
 
         assert_eq!(
             c.versus_haproxy.titles,
-            ["nodemesh / HAProxy pair", "L4", "L7"]
+            [
+                "nodemesh / HAProxy pair",
+                "L4 + mTLS",
+                "L7 + mTLS",
+                "L7 plaintext hop"
+            ]
         );
-        close(&row(&c.versus_haproxy, "http_rps")["l7"]["percent"], 125.0);
         close(
-            &row(&c.versus_haproxy, "proxy_cpu_ms_per_1000_requests")["l7"]["percent"],
+            &row(&c.versus_haproxy, "http_rps")["l7_mtls"]["percent"],
+            125.0,
+        );
+        close(
+            &row(&c.versus_haproxy, "proxy_cpu_ms_per_1000_requests")["l7_mtls"]["percent"],
             60.0,
         );
         close(
-            &row(&c.versus_haproxy, "proxy_rss_mb")["l7"]["percent"],
+            &row(&c.versus_haproxy, "proxy_rss_mb")["l7_mtls"]["percent"],
             55.0,
         );
 
@@ -947,7 +968,7 @@ mod tests {
         );
         assert!(targets.contains(&("proxy_rss_mb", true)), "{targets:?}");
         let ahead = c.versus_haproxy.rows[0].target.as_ref().unwrap();
-        assert_eq!(ahead, &("L7 > 100 %".to_string(), true));
+        assert_eq!(ahead, &("L7 + mTLS > 100 %".to_string(), true));
     }
 
     #[test]

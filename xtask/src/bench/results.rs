@@ -18,28 +18,28 @@ pub(super) enum Mode {
     /// Namespace still not labelled; requests go through the HAProxy pair
     /// (see `haproxy.rs`).
     HaproxyPair,
-    /// Namespace labelled: both agents proxy, the agent-to-agent hop in
-    /// plain TCP.
-    Meshed,
-    /// As [`Mode::Meshed`], with mutual TLS between the agents (issue 9):
-    /// see `mtls.rs` for when it runs.
+    /// Namespace labelled: both agents proxy, the agent-to-agent hop over
+    /// mutual TLS (HBONE), as by default; L4 and L7.
     MeshedMtls,
+    /// Namespace labelled and a mesh-wide PeerAuthentication `DISABLE`, so
+    /// automatic mTLS chooses a plaintext agent-to-agent hop; L7 only.
+    MeshedPlaintext,
 }
 
 impl Mode {
     pub(super) const ALL: [Mode; 4] = [
         Mode::Direct,
         Mode::HaproxyPair,
-        Mode::Meshed,
         Mode::MeshedMtls,
+        Mode::MeshedPlaintext,
     ];
 
     pub(super) fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::HaproxyPair => "HAProxy pair",
-            Mode::Meshed => "meshed",
-            Mode::MeshedMtls => "meshed + mTLS",
+            Mode::MeshedMtls => "nodemesh + mTLS",
+            Mode::MeshedPlaintext => "nodemesh, plaintext hop",
         }
     }
 
@@ -48,14 +48,14 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::HaproxyPair => "haproxy_pair",
-            Mode::Meshed => "meshed",
             Mode::MeshedMtls => "meshed_mtls",
+            Mode::MeshedPlaintext => "meshed_plaintext",
         }
     }
 
     /// Whether the bench namespace is labelled into the mesh.
     pub(super) fn enrolls(self) -> bool {
-        matches!(self, Mode::Meshed | Mode::MeshedMtls)
+        matches!(self, Mode::MeshedMtls | Mode::MeshedPlaintext)
     }
 }
 
