@@ -12,10 +12,14 @@ use serde_json::Value;
 /// Generous, since the machine running the tests may be busy.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-#[test]
-fn an_agent_gets_its_workloads_certificate_and_never_sees_the_ca_key() {
+/// node-a (plus `other_nodes`) with one workload, `shop/web` running as
+/// service account `web`, and a mesh CA reading that configuration.
+fn shop_on_node_a(other_nodes: &[&str]) -> (Topology, std::path::PathBuf, MeshCa) {
     let mut topo = Topology::new().expect("topology");
     topo.add_node("node-a").unwrap();
+    for node in other_nodes {
+        topo.add_node(node).unwrap();
+    }
     let web = topo.add_pod("node-a", "web").unwrap();
     let config_dir = topo.work_dir().join("config");
     config::write(
@@ -28,6 +32,12 @@ fn an_agent_gets_its_workloads_certificate_and_never_sees_the_ca_key() {
     )
     .unwrap();
     let ca = MeshCa::start(&mut topo, &config_dir).unwrap();
+    (topo, config_dir, ca)
+}
+
+#[test]
+fn an_agent_gets_its_workloads_certificate_and_never_sees_the_ca_key() {
+    let (mut topo, config_dir, ca) = shop_on_node_a(&[]);
     let node_name = topo.node("node-a").node_name.clone();
     let credential = ca.issue_node(&topo, &node_name).unwrap();
     let credential = credential.display().to_string();
@@ -109,21 +119,8 @@ fn an_agent_gets_its_workloads_certificate_and_never_sees_the_ca_key() {
 /// credential does not get past TLS.
 #[test]
 fn a_node_cannot_get_another_nodes_identity() {
-    let mut topo = Topology::new().expect("topology");
-    topo.add_node("node-a").unwrap();
-    let node_b = topo.add_node("node-b").unwrap();
-    let web = topo.add_pod("node-a", "web").unwrap();
-    let config_dir = topo.work_dir().join("config");
-    config::write(
-        &config_dir,
-        "mesh.yaml",
-        &[
-            config::namespace("shop", true),
-            config::workload_with_account(&web, "shop", &[("app", "web")], "web"),
-        ],
-    )
-    .unwrap();
-    let ca = MeshCa::start(&mut topo, &config_dir).unwrap();
+    let (topo, _, ca) = shop_on_node_a(&["node-b"]);
+    let node_b = topo.node("node-b").clone();
     let node_a_name = topo.node("node-a").node_name.clone();
     let credential_a = ca.issue_node(&topo, &node_a_name).unwrap();
     let credential_b = ca.issue_node(&topo, &node_b.node_name).unwrap();

@@ -411,30 +411,14 @@ impl Identities {
         let answer = ca.sign(self.roots_for_ca(), &request).await;
         self.record_contact(&answer);
         let answer = answer?;
-        let chain: Vec<CertificateDer<'static>> = answer
-            .chain
-            .iter()
-            .map(|pem| x509::certs_from_pem(pem))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?
-            .into_iter()
-            .flatten()
-            .collect();
+        let chain = x509::certs_from_pems(&answer.chain).map_err(|e| bad(&e))?;
         let leaf = chain.first().ok_or_else(|| bad(&"an empty chain"))?;
         let issued_id = SpiffeId::from_cert(leaf).map_err(|e| bad(&e))?;
         if &issued_id != id {
             return Err(bad(&format_args!("asked for {id}, got {issued_id}")));
         }
         let facts = CertFacts::of(leaf).map_err(|e| bad(&e))?;
-        let roots: Vec<CertificateDer<'static>> = answer
-            .roots
-            .iter()
-            .map(|pem| x509::certs_from_pem(pem))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?
-            .into_iter()
-            .flatten()
-            .collect();
+        let roots = x509::certs_from_pems(&answer.roots).map_err(|e| bad(&e))?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let key = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| bad(&e))?;
         if !roots.is_empty() {

@@ -24,6 +24,15 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String>
         .map_err(|e| e.to_string())
 }
 
+/// Every certificate of several PEM texts, in order.
+pub fn certs_from_pems(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    for pem in pems {
+        certs.extend(certs_from_pem(pem)?);
+    }
+    Ok(certs)
+}
+
 /// One `CERTIFICATE` PEM block.
 pub fn cert_to_pem(der: &[u8]) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
