@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nodemesh_common::{AGENT_MARK, DELIVERY_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
@@ -260,7 +261,9 @@ pub struct Proxy {
     pub hbone: transport::Pool,
     /// Enrolled workloads of this node by address: same-node destinations
     /// are delivered to directly.
-    local: Mutex<HashMap<IpAddr, Arc<Pod>>>,
+    /// Read on every request (the hop choice), written only as workloads
+    /// enroll and leave: swapped whole, never locked by readers.
+    local: ArcSwap<HashMap<IpAddr, Arc<Pod>>>,
     orig_dst: OrigDstTable,
     /// Deliveries to applications that sk_lookup lets through.
     deliveries: DeliveryTable,
@@ -293,7 +296,7 @@ impl Proxy {
             config,
             hbone: transport::Pool::new(identities.clone()),
             identities,
-            local: Mutex::default(),
+            local: ArcSwap::default(),
             orig_dst,
             deliveries,
             settings,
@@ -338,21 +341,26 @@ impl Proxy {
 
     /// Serves `pod`'s addresses to same-node callers (and HBONE streams).
     pub fn add_local(&self, pod: &Arc<Pod>) {
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        for &ip in &pod.addresses {
-            local.insert(ip, pod.clone());
-        }
+        self.local.rcu(|local| {
+            let mut local = HashMap::clone(local);
+            for &ip in &pod.addresses {
+                local.insert(ip, pod.clone());
+            }
+            local
+        });
     }
 
     pub fn remove_local(&self, pod: &Pod) {
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        local.retain(|_, p| p.key != pod.key);
+        self.local.rcu(|local| {
+            let mut local = HashMap::clone(local);
+            local.retain(|_, p| p.key != pod.key);
+            local
+        });
     }
 
     /// The enrolled workload of this node at `ip`.
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<Pod>> {
-        let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        local.get(&ip).cloned()
+        self.local.load().get(&ip).cloned()
     }
 
     pub fn counts(&self, direction: Direction) -> DirectionCounts {
