@@ -122,7 +122,7 @@ pub async fn handle(
         // A policy that turns STRICT ends plaintext connections already
         // open, not only new ones.
         Ok(server) => tokio::select! {
-            served = serve(proxy, pod, client, &caller, protocol, server) => served,
+            served = serve(proxy, pod, client, &caller, protocol, app, server) => served,
             refused = until_plaintext_refused(proxy, &pod.key, app.port()) => {
                 log::warn!("{}: plaintext connection from {peer} closed: {refused}", pod.key);
                 Err(refused)
@@ -158,6 +158,7 @@ async fn serve<S>(
     mut client: S,
     caller: &Caller,
     protocol: Detected,
+    to: SocketAddr,
     mut server: Charged,
 ) -> Result<Transferred, String>
 where
@@ -171,6 +172,7 @@ where
                 client,
                 caller,
                 protocol == Detected::Http2,
+                to,
                 server,
             )
             .await?;
@@ -432,7 +434,7 @@ impl Proxy {
             identity: Some(request.peer.clone()),
             address: request.source,
         };
-        let outcome = serve(proxy, &pod, client, &caller, protocol, server).await;
+        let outcome = serve(proxy, &pod, client, &caller, protocol, app, server).await;
         tracked.finish(outcome);
     }
 }

@@ -6,20 +6,25 @@
 //! connection: it carries the caller's address, so it is never shared.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::body::{self, Body};
+use super::body::{self, Body, BoxError};
 use super::{http1_server, http2_server};
 use crate::identity::SpiffeId;
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Client};
 use crate::proxy::peer::Charged;
 use crate::proxy::{Pod, Proxy};
+use crate::telemetry::flags::{mark, Flag};
+use crate::telemetry::http::Measured;
+use crate::telemetry::{EdgeKey, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -35,13 +40,15 @@ pub fn set_client_cert(headers: &mut http::HeaderMap, pod: &Pod, caller: Option<
 }
 
 /// Serves the HTTP connection `client` until it ends, forwarding each
-/// request to the application over `app`.
+/// request to the application at `to` over `app`; each request is measured
+/// for Istio's metrics (reporter `destination`).
 pub async fn serve<S: Client>(
     proxy: &Proxy,
     pod: &Pod,
     client: S,
     caller: &Caller,
     http2: bool,
+    to: SocketAddr,
     app: Charged,
 ) -> Result<(), String> {
     let settings = proxy.settings.http;
@@ -49,9 +56,24 @@ pub async fn serve<S: Client>(
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let app = TokioIo::new(Tracked::new(app, activity.clone()));
     let stamp = move |request: Request<Incoming>| {
-        let mut request = request.map(body::incoming);
-        set_client_cert(request.headers_mut(), pod, caller.identity.as_ref());
-        request
+        let grpc = super::is_grpc(&request);
+        let (mut parts, incoming) = request.into_parts();
+        set_client_cert(&mut parts.headers, pod, caller.identity.as_ref());
+        let (measured, counted) = Measured::start(&proxy.telemetry, grpc, incoming);
+        let body = counted.map_err(BoxError::from).boxed_unsync();
+        (measured, Request::from_parts(parts, body))
+    };
+    let edge = EdgeKey {
+        reporter: Reporter::Destination,
+        source: Some(caller.address),
+        destination: to,
+        service: None,
+        mutual_tls: caller.identity.is_some(),
+    };
+    let answer = move |measured: Measured, response| {
+        measured
+            .finish(edge, reply(response))
+            .map(BodyExt::boxed_unsync)
     };
     let serving = async {
         if http2 {
@@ -63,10 +85,10 @@ pub async fn serve<S: Client>(
             tokio::spawn(connection);
             let service = service_fn(move |request| {
                 let mut send = send.clone();
-                let request = stamp(request);
+                let (measured, request) = stamp(request);
                 async move {
                     let response = send.send_request(request).await;
-                    Ok::<_, Infallible>(reply(response))
+                    Ok::<_, Infallible>(answer(measured, response))
                 }
             });
             http2_server(&settings)
@@ -85,7 +107,7 @@ pub async fn serve<S: Client>(
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let (send, activity) = (send.clone(), activity.clone());
                 let client_side = hyper::upgrade::on(&mut request);
-                let request = stamp(request);
+                let (measured, request) = stamp(request);
                 async move {
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {
@@ -94,7 +116,7 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    Ok::<_, Infallible>(reply(response))
+                    Ok::<_, Infallible>(answer(measured, response))
                 }
             });
             http1_server(&settings)
@@ -129,10 +151,13 @@ async fn splice(
 fn reply(response: hyper::Result<Response<Incoming>>) -> Response<Body> {
     match response {
         Ok(response) => response.map(body::incoming),
-        Err(e) => body::local_reply(
-            StatusCode::BAD_GATEWAY,
-            &format!("application connection: {e}"),
-            false,
+        Err(e) => mark(
+            body::local_reply(
+                StatusCode::BAD_GATEWAY,
+                &format!("application connection: {e}"),
+                false,
+            ),
+            Flag::UpstreamConnectionTermination,
         ),
     }
 }
