@@ -11,7 +11,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::Response;
 use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
 
 use super::flags::{Flag, ResponseFlags};
 use super::standard::{EdgeKey, RequestDone};
@@ -32,25 +31,16 @@ pub struct Measured {
 
 impl Measured {
     /// Starts measuring a request; its body's bytes are counted from now on.
-    pub fn start<B>(
+    pub fn start<B: http_body::Body>(
         telemetry: &Arc<Telemetry>,
         grpc: bool,
         body: B,
-    ) -> (
-        Measured,
-        impl http_body::Body<Data = Bytes, Error = B::Error> + Unpin,
-    )
-    where
-        B: http_body::Body<Data = Bytes> + Unpin,
-    {
+    ) -> (Measured, Watched<B, Counter>) {
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let bytes = request_bytes.clone();
-        let counted = body.map_frame(move |frame| {
-            if let Some(data) = frame.data_ref() {
-                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            frame
-        });
+        let counted = Watched {
+            inner: body,
+            watch: Counter(request_bytes.clone()),
+        };
         let measured = Measured {
             telemetry: telemetry.clone(),
             started: Instant::now(),
@@ -66,7 +56,7 @@ impl Measured {
         self,
         edge: EdgeKey,
         response: Response<B>,
-    ) -> Response<Metered<B>> {
+    ) -> Response<Watched<B, Recorder>> {
         let flags = response
             .extensions()
             .get::<ResponseFlags>()
@@ -83,10 +73,12 @@ impl Measured {
             request_bytes: 0,
             response_bytes: 0,
         };
-        response.map(|inner| Metered {
+        response.map(|inner| Watched {
             inner,
-            done,
-            measured: Some(self),
+            watch: Recorder {
+                done,
+                measured: Some(self),
+            },
         })
     }
 }
@@ -98,24 +90,26 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
         .and_then(|v| v.parse().ok())
 }
 
-/// A response body that records its request when it ends.
-pub struct Metered<B: http_body::Body> {
+/// What a [`Watched`] body tells as its frames pass.
+pub trait Watch {
+    fn frame(&mut self, frame: &Frame<Bytes>);
+    /// The body ended (`failed`: with an error), or was dropped before
+    /// (`ended` false: the reader went away).
+    fn end(&mut self, failed: bool, ended: bool);
+}
+
+/// A body passed on unchanged (size hint and end included, which retries
+/// and mirrors rely on), its frames shown to a [`Watch`].
+pub struct Watched<B: http_body::Body, W: Watch> {
     inner: B,
-    done: RequestDone,
-    measured: Option<Measured>,
+    watch: W,
 }
 
-impl<B: http_body::Body> Metered<B> {
-    fn record(&mut self) {
-        if let Some(measured) = self.measured.take() {
-            self.done.duration = measured.started.elapsed();
-            self.done.request_bytes = measured.request_bytes.load(Ordering::Relaxed);
-            measured.telemetry.record_request(&self.done);
-        }
-    }
-}
-
-impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Metered<B> {
+impl<B, W> http_body::Body for Watched<B, W>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    W: Watch + Unpin,
+{
     type Data = Bytes;
     type Error = B::Error;
 
@@ -123,23 +117,17 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Metered<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.done.response_bytes += data.len() as u64;
-                } else if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
-                    self.done.grpc_status = Some(status);
-                }
-                if self.inner.is_end_stream() {
-                    self.record();
+                this.watch.frame(frame);
+                if this.inner.is_end_stream() {
+                    this.watch.end(false, true);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
-                self.done.flags = self.done.flags.with(Flag::UpstreamConnectionTermination);
-                self.record();
-            }
-            Poll::Ready(None) => self.record(),
+            Poll::Ready(Some(Err(_))) => this.watch.end(true, true),
+            Poll::Ready(None) => this.watch.end(false, true),
             Poll::Pending => {}
         }
         polled
@@ -154,12 +142,52 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Metered<B> {
     }
 }
 
-impl<B: http_body::Body> Drop for Metered<B> {
+impl<B: http_body::Body, W: Watch> Drop for Watched<B, W> {
     fn drop(&mut self) {
-        if self.measured.is_some() && !self.inner.is_end_stream() {
-            // Dropped before its end: the caller went away.
+        let ended = self.inner.is_end_stream();
+        self.watch.end(false, ended);
+    }
+}
+
+/// Counts a request body's data bytes.
+pub struct Counter(Arc<AtomicU64>);
+
+impl Watch for Counter {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn end(&mut self, _: bool, _: bool) {}
+}
+
+/// Records a request once its response body ends.
+pub struct Recorder {
+    done: RequestDone,
+    measured: Option<Measured>,
+}
+
+impl Watch for Recorder {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.done.response_bytes += data.len() as u64;
+        } else if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
+            self.done.grpc_status = Some(status);
+        }
+    }
+
+    fn end(&mut self, failed: bool, ended: bool) {
+        let Some(measured) = self.measured.take() else {
+            return;
+        };
+        if failed {
+            self.done.flags = self.done.flags.with(Flag::UpstreamConnectionTermination);
+        } else if !ended {
             self.done.flags = self.done.flags.with(Flag::DownstreamConnectionTermination);
         }
-        self.record();
+        self.done.duration = measured.started.elapsed();
+        self.done.request_bytes = measured.request_bytes.load(Ordering::Relaxed);
+        measured.telemetry.record_request(&self.done);
     }
 }
