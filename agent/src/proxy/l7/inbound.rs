@@ -64,13 +64,13 @@ fn access_denied(grpc: bool) -> Response<Body> {
 
 /// Normalizes the path the application will get, sets XFCC, and judges the
 /// request: the denial to answer with when it may not pass.
-fn denial(
+fn admit_request(
     proxy: &Proxy,
     pod: &Pod,
     caller: &Caller,
     app: SocketAddr,
     request: &mut Request<Body>,
-) -> Option<Response<Body>> {
+) -> Result<(), Box<Response<Body>>> {
     if let Some(normalized) =
         path::normalize(request.uri().path_and_query().map_or("/", |p| p.as_str()))
     {
@@ -96,8 +96,10 @@ fn denial(
     let cfg = proxy.config.current();
     let attributes = caller.attributes(app, view);
     let what = || format!("{} {}", request.method(), request.uri().path());
-    let allowed = authorize::judge(&cfg, pod, &proxy.denials, &attributes, what).allowed;
-    (!allowed).then(|| access_denied(is_grpc(request)))
+    match authorize::judge(&cfg, pod, &proxy.denials, &attributes, what).allowed {
+        true => Ok(()),
+        false => Err(Box::new(access_denied(is_grpc(request)))),
+    }
 }
 
 /// Serves an HTTP connection that no request may pass (the caller matches
@@ -154,10 +156,7 @@ pub async fn serve<S: Client>(
         let (measured, counted) = Measured::start(&proxy.telemetry, grpc, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
-        let admitted = match denial(proxy, pod, caller, app, &mut request) {
-            None => Ok(request),
-            Some(denied) => Err(denied),
-        };
+        let admitted = admit_request(proxy, pod, caller, app, &mut request).map(|()| request);
         (measured, admitted)
     };
     let edge = EdgeKey {
@@ -184,7 +183,7 @@ pub async fn serve<S: Client>(
                 async move {
                     let response = match request {
                         Ok(request) => reply(send.send_request(request).await),
-                        Err(denied) => denied,
+                        Err(denied) => *denied,
                     };
                     Ok::<_, Infallible>(answer(measured, response))
                 }
@@ -209,7 +208,7 @@ pub async fn serve<S: Client>(
                 async move {
                     let request = match request {
                         Ok(request) => request,
-                        Err(denied) => return Ok(answer(measured, denied)),
+                        Err(denied) => return Ok(answer(measured, *denied)),
                     };
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {
