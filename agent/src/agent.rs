@@ -25,6 +25,7 @@ use crate::identity::{self, Identities};
 use crate::nofile::{self, Nofile};
 use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
+use crate::telemetry::{self, health};
 use crate::transport;
 use crate::workloads::Enroller;
 
@@ -42,6 +43,8 @@ pub struct Settings {
     pub proxy: proxy::Settings,
     /// The open-file limit the agent runs with (already raised).
     pub nofile: Nofile,
+    /// Where Prometheus scrapes `/metrics` (`--metrics-addr`); none: off.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 struct Node {
@@ -135,6 +138,10 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         );
     }
     let hbone = serve_hbone(&proxy, &identities).await?;
+    let metrics = match settings.metrics_addr {
+        Some(addr) => Some(telemetry::server::bind(addr).await?),
+        None => None,
+    };
     let node = Arc::new(Node {
         settings,
         started: Instant::now(),
@@ -145,6 +152,8 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         ready: AtomicBool::new(false),
     });
     tokio::spawn(admin::serve(admin, node.clone()));
+    let metrics =
+        metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
     let dir = node.settings.config_dir.clone();
     let watcher = tokio::spawn(async move {
         let Err(e) = config::watch_dir(dir, reloader).await;
@@ -180,6 +189,9 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         reconciler.abort();
     }
     trimmer.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(hbone) = hbone {
         hbone.abort();
     }
@@ -305,6 +317,62 @@ impl Node {
                 "per_workload": self.enroller.usage(),
             },
         })
+    }
+}
+
+impl telemetry::server::Scrape for Node {
+    fn scrape(&self) -> String {
+        self.proxy.telemetry.exposition(&self.health())
+    }
+}
+
+impl Node {
+    /// The agent's health, for `nodemesh_*` metrics.
+    fn health(&self) -> telemetry::Health {
+        let direction = |direction, name| {
+            let counts = self.proxy.counts(direction);
+            health::DirectionHealth {
+                direction: name,
+                open: counts.open,
+                total: counts.total,
+                failed: counts.failed,
+                rejected: counts.rejected,
+            }
+        };
+        let workloads = self
+            .enroller
+            .usage()
+            .into_iter()
+            .map(|(workload, usage)| health::WorkloadHealth {
+                workload,
+                descriptors: usage.descriptors.descriptors,
+                http_requests_in_flight: usage.http_requests_in_flight,
+                rejected_outbound: usage.descriptors.rejected_outbound,
+                rejected_inbound: usage.descriptors.rejected_inbound,
+            })
+            .collect();
+        telemetry::Health {
+            workloads_enrolled: self.enroller.enrolled_count(),
+            workloads_failed: self.enroller.failures().len(),
+            config_generation: self.config.generation(),
+            config_rejected_loads: self.config.rejected_loads(),
+            config_last_load_failed: self.config.last_error().is_some(),
+            workloads,
+            directions: vec![
+                direction(Direction::Outbound, "outbound"),
+                direction(Direction::Inbound, "inbound"),
+            ],
+            hbone_open: self.proxy.hbone.connections_open(),
+            hbone_opened: self.proxy.hbone.connections_opened(),
+            ebpf_maps: self.enroller.with_datapath(|d| {
+                d.status()
+                    .maps
+                    .into_iter()
+                    .map(|m| (m.name, m.entries))
+                    .collect()
+            }),
+            certificates: self.identities.expiries(),
+        }
     }
 }
 

@@ -148,6 +148,23 @@ struct AgentArgs {
     /// they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// Address of the Prometheus endpoint (`GET /metrics`): Istio's
+    /// standard metrics and the agent's own `nodemesh_*`. `off` disables it.
+    #[arg(long, default_value = "0.0.0.0:15020", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
+}
+
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|addr| MetricsAddr(Some(addr)))
+        .map_err(|_| format!("`{s}` is not an address like 0.0.0.0:15020 (or `off`)"))
 }
 
 #[derive(Args)]
@@ -291,6 +308,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             },
         },
         nofile,
+        metrics_addr: args.metrics_addr.0,
     };
     let identities = identity::Identities::new(identity::IdentitiesSettings {
         trust_domain: args.trust_domain,

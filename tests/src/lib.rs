@@ -11,6 +11,7 @@
 //!   (HTTP echo, TCP echo, curl).
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
 //!   Bookinfo on it.
+//! * [`prometheus`] — a real Prometheus scraping the agents, and PromQL.
 //! * [`tenants`] — an attacker and a victim sharing one node's proxy, for
 //!   the hardening tests.
 //!
@@ -22,6 +23,7 @@ pub mod agent;
 pub mod ca;
 pub mod config;
 pub mod mesh;
+pub mod prometheus;
 pub mod tenants;
 pub mod topology;
 pub mod workload_apps;

@@ -150,6 +150,30 @@ impl Mesh {
         );
     }
 
+    /// Adds a pod `NAME` (label `app: NAME`, and `labels`) on `node` running
+    /// the TCP echo server on `port`, and its Service `NAME` declaring the
+    /// port opaque (`tcp-echo`).
+    pub fn tcp_echo(
+        &mut self,
+        node: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        port: u16,
+    ) -> Result<PodInfo> {
+        let labels: Vec<_> = [("app", name)].iter().chain(labels).copied().collect();
+        let pod = self.pod(node, name, &labels)?;
+        self.service(
+            name,
+            &[ServicePort {
+                name: "tcp-echo",
+                port,
+                target_port: port,
+            }],
+        );
+        crate::workload_apps::start_tcp_echo(&mut self.topo, &pod, port)?;
+        Ok(pod)
+    }
+
     /// Adds a Service selecting `app: NAME` with any ports.
     pub fn service(&mut self, name: &str, ports: &[ServicePort<'_>]) {
         self.service_selecting(name, &[("app", name)], ports);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config::ServicePort;
 use nodemesh_testbed::mesh::{count_by, replace_object, Mesh, CLIENT};
-use nodemesh_testbed::workload_apps::{python3, start_tcp_echo, wait_listening, Reply};
+use nodemesh_testbed::workload_apps::{python3, wait_listening, Reply};
 use serde_json::Value;
 
 const REVIEWS: &str = "http://reviews:9080/reviews/0";
@@ -599,7 +599,7 @@ print(status + " | " + f.readline().decode().strip())
 fn http1_h2c_grpc_and_upgrades_are_routed_while_opaque_and_server_first_tcp_pass() {
     let mut mesh = Mesh::new(app_bin()).unwrap();
     mesh.bookinfo().unwrap();
-    let echo = mesh.pod("node-b", "echo", &[("app", "echo")]).unwrap();
+    mesh.tcp_echo("node-b", "echo", &[], 7000).unwrap();
     let banner = mesh.pod("node-b", "banner", &[("app", "banner")]).unwrap();
     let ws = mesh.pod("node-b", "ws", &[("app", "ws")]).unwrap();
     mesh.service(
@@ -608,14 +608,6 @@ fn http1_h2c_grpc_and_upgrades_are_routed_while_opaque_and_server_first_tcp_pass
             name: "http-ws",
             port: 80,
             target_port: 8080,
-        }],
-    );
-    mesh.service(
-        "echo",
-        &[ServicePort {
-            name: "tcp-echo",
-            port: 7000,
-            target_port: 7000,
         }],
     );
     // A port name that declares nothing: the proxy has to detect.
@@ -636,7 +628,6 @@ fn http1_h2c_grpc_and_upgrades_are_routed_while_opaque_and_server_first_tcp_pass
     ] {
         nodemesh_testbed::config::write_raw(&work, file, text).unwrap();
     }
-    start_tcp_echo(mesh.topo_mut(), &echo, 7000).unwrap();
     let server = work.join("banner_server.py").to_string_lossy().into_owned();
     mesh.topo_mut()
         .spawn_in(&banner.netns, &[python3(), &server, "2525"], "banner")

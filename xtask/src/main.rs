@@ -60,6 +60,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // context switches and syscalls per request.
     "linux-perf",
     "strace",
+    // The telemetry tests' real Prometheus, and `promtool check metrics`.
+    "prometheus",
 ];
 
 /// LLVM whose major matches the nightly toolchain's (see DESIGN.md).

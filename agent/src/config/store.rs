@@ -25,6 +25,8 @@ struct LoadState {
     running: bool,
     /// Display of the last rejected load, cleared by the next successful one.
     last_error: Option<String>,
+    /// Loads rejected since start.
+    rejected: u64,
 }
 
 impl ConfigStore {
@@ -50,6 +52,11 @@ impl ConfigStore {
     /// Display of the last rejected load, cleared by the next successful one.
     pub fn last_error(&self) -> Option<String> {
         self.loads.borrow().last_error.clone()
+    }
+
+    /// Loads rejected since the agent started.
+    pub fn rejected_loads(&self) -> u64 {
+        self.loads.borrow().rejected
     }
 
     /// Whether a load is running now.
@@ -90,6 +97,7 @@ impl ConfigStore {
         self.loads.send_modify(|state| {
             state.finished += 1;
             state.running = false;
+            state.rejected += u64::from(error.is_some());
             state.last_error = error;
         });
     }

@@ -329,6 +329,18 @@ impl Identities {
         certs
     }
 
+    /// When each workload certificate held expires.
+    pub fn expiries(&self) -> Vec<(String, SystemTime)> {
+        self.entries
+            .load()
+            .iter()
+            .filter_map(|(id, entry)| {
+                let issued = entry.current.load_full()?;
+                Some((id.to_string(), issued.facts.not_after))
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> CaStatus {
         let contact = self.contact.lock().unwrap_or_else(|e| e.into_inner());
         let entries = self.entries.load();

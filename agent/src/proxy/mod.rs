@@ -43,6 +43,7 @@ use crate::config::ConfigStore;
 use crate::ebpf::{DeliveryTable, OrigDstTable};
 use crate::identity::{Identities, SpiffeId};
 use crate::netns::NetNs;
+use crate::telemetry::{ConnectionDone, EdgeKey, Flag, Reporter, ResponseFlags, Telemetry};
 use crate::transport;
 
 /// Ports of the agent's own listeners inside a workload.
@@ -279,6 +280,8 @@ pub struct Proxy {
     clusters: l7::Clusters,
     /// Connections and requests that AuthorizationPolicy denied.
     pub denials: authorize::Denials,
+    /// Istio's metrics of every request and connection.
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Proxy {
@@ -291,9 +294,11 @@ impl Proxy {
         settings: Settings,
         descriptors: Arc<Descriptors>,
     ) -> Proxy {
+        let telemetry = Arc::new(Telemetry::new(config.clone(), identities.trust_domain()));
         Proxy {
             node,
             config,
+            telemetry,
             hbone: transport::Pool::new(identities.clone()),
             identities,
             local: ArcSwap::default(),
@@ -409,6 +414,7 @@ impl Proxy {
         counters.total.fetch_add(1, Ordering::Relaxed);
         Tracked {
             proxy: self,
+            caller: source.ip(),
             started: std::time::Instant::now(),
             record: ConnectionRecord {
                 direction,
@@ -452,6 +458,9 @@ impl Proxy {
 
 struct Tracked<'a> {
     proxy: &'a Proxy,
+    /// The caller's own address (outbound connections are accepted from
+    /// it only through the proxy's redirect, so `record.source` may differ).
+    caller: IpAddr,
     started: std::time::Instant,
     record: ConnectionRecord,
 }
@@ -461,6 +470,7 @@ impl Tracked<'_> {
         let counters = self.proxy.counters(self.record.direction);
         counters.open.fetch_sub(1, Ordering::Relaxed);
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+        let failed = outcome.as_ref().err().map(|e| flag_of(e));
         match outcome {
             Ok(t) => {
                 self.record.bytes_sent = t.sent;
@@ -473,11 +483,62 @@ impl Tracked<'_> {
             }
         }
         log::debug!("{:?}", self.record);
+        if let Some(done) = connection_done(&self.record, self.caller, failed) {
+            self.proxy.telemetry.record_connection(&done);
+        }
         let mut recent = self.proxy.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == RECENT_CONNECTIONS {
             recent.pop_front();
         }
         recent.push_back(self.record);
+    }
+}
+
+/// Istio's view of a finished connection relayed as TCP (HTTP connections
+/// are reported request by request instead).
+fn connection_done(
+    record: &ConnectionRecord,
+    caller: IpAddr,
+    failed: Option<Flag>,
+) -> Option<ConnectionDone> {
+    if record.protocol != "tcp" {
+        return None;
+    }
+    let destination = record.upstream.unwrap_or(record.original_destination);
+    let edge = match record.direction {
+        Direction::Outbound => EdgeKey {
+            reporter: Reporter::Source,
+            source: Some(caller),
+            destination,
+            service: record
+                .service
+                .is_some()
+                .then_some(record.original_destination),
+            mutual_tls: false,
+        },
+        Direction::Inbound => EdgeKey {
+            reporter: Reporter::Destination,
+            source: Some(caller),
+            destination,
+            service: None,
+            mutual_tls: matches!(record.transport, Some("hbone" | "local")),
+        },
+    };
+    Some(ConnectionDone {
+        edge,
+        flags: failed.map_or(ResponseFlags::NONE, ResponseFlags::of),
+        received: record.bytes_sent,
+        sent: record.bytes_received,
+    })
+}
+
+/// Envoy's flag for a connection that failed with `error`: it never
+/// reached its upstream, or it ended abnormally once there.
+fn flag_of(error: &str) -> Flag {
+    if error.starts_with("connecting to") || error.starts_with("delivering to") {
+        Flag::UpstreamConnectionFailure
+    } else {
+        Flag::UpstreamConnectionTermination
     }
 }
 

@@ -35,6 +35,7 @@ pub async fn handle(
         return;
     };
     let mut tracked = proxy.track(Direction::Outbound, peer, orig);
+    tracked.caller = pod.address_for(orig.ip());
     tracked.record.source_workload = Some(pod.key.clone());
     tracked.record.source_identity = Some(pod.identity.to_string());
     let outcome = dispatch(&proxy, &pod, client, &mut tracked.record, &mut fds).await;

@@ -13,6 +13,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
+use crate::telemetry::flags::{mark, Flag};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -77,10 +79,13 @@ pub fn local_reply(status: StatusCode, message: &str, grpc: bool) -> Response<Bo
 /// Envoy's answer when a circuit breaker or a tenant limit is full: an
 /// immediate 503 marked `x-envoy-overloaded`, never a queue.
 pub fn overloaded(grpc: bool) -> Response<Body> {
-    let mut reply = local_reply(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-        grpc,
+    let mut reply = mark(
+        local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            grpc,
+        ),
+        Flag::UpstreamOverflow,
     );
     reply
         .headers_mut()

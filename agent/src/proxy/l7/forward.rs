@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 
 use super::balance::{ClusterKey, HashInput, Observation, Pick};
 use super::body::{self, Body, Guarded, Replay};
@@ -19,6 +18,8 @@ use crate::routing::{
     AbortStatus, Destination, HttpRoute, RequestMatch, RetryOn, RetryPolicy, RouteAction,
     TrafficPolicy,
 };
+use crate::telemetry::flags::{mark, Flag};
+use crate::telemetry::http::Upstream;
 
 /// Envoy's retry back-off: exponential from 25 ms, capped at ten times that,
 /// with full jitter.
@@ -90,15 +91,20 @@ fn hit(percentage: f64) -> bool {
     fastrand::f64() * 100.0 < percentage
 }
 
-pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) -> Response<Body> {
-    let route = plan.route;
-    let fault = route.and_then(|r| r.fault.as_ref());
-    if let Some(fault) = fault {
-        if let Some(delay) = fault.delay.as_ref().filter(|d| hit(d.percentage)) {
-            tokio::time::sleep(delay.fixed_delay).await;
-        }
-        if let Some(abort) = fault.abort.as_ref().filter(|a| hit(a.percentage)) {
-            return match abort.status {
+pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> Response<Body> {
+    let fault = plan.route.and_then(|r| r.fault.as_ref());
+    let delay = fault
+        .and_then(|f| f.delay.as_ref())
+        .filter(|d| hit(d.percentage));
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay.fixed_delay).await;
+    }
+    let abort = fault
+        .and_then(|f| f.abort.as_ref())
+        .filter(|a| hit(a.percentage));
+    let response = match abort {
+        Some(abort) => {
+            let reply = match abort.status {
                 AbortStatus::Http(code) => body::local_reply(
                     StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     "fault filter abort",
@@ -106,8 +112,19 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
                 ),
                 AbortStatus::Grpc(code) => body::grpc_reply(code, "fault filter abort"),
             };
+            mark(reply, Flag::FaultInjected)
         }
+        None => forward(down, plan, request).await,
+    };
+    match delay {
+        Some(_) => mark(response, Flag::DelayInjected),
+        None => response,
     }
+}
+
+/// The request after faults: to its destination, under the route's policy.
+async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> Response<Body> {
+    let route = plan.route;
     let path_and_query = request
         .uri()
         .path_and_query()
@@ -154,11 +171,7 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
     let port = down.service_addr.port();
     let ipv4 = down.service_addr.is_ipv4();
     let Some(target) = resolve(plan.config, destination, port, ipv4) else {
-        return body::local_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-            plan.grpc,
-        );
+        return no_healthy_upstream(plan.grpc);
     };
     if tunnel::is_upgrade(&request) {
         return tunnel::run(down, &target, request).await;
@@ -187,7 +200,7 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
             head.authority = authority.clone();
         }
     }
-    let replay = Replay::new(body::incoming(incoming));
+    let replay = Replay::new(incoming);
 
     if let Some(route) = route.filter(|r| !r.mirrors.is_empty()) {
         replay.prefetch_if_small().await;
@@ -231,11 +244,12 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Incoming>) 
         Some(limit) => tokio::time::timeout(limit, tries)
             .await
             .unwrap_or_else(|_| {
-                body::local_reply(
+                let reply = body::local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream request timeout",
                     plan.grpc,
-                )
+                );
+                mark(reply, Flag::UpstreamRequestTimeout)
             }),
         None => tries.await,
     };
@@ -447,20 +461,31 @@ impl Attempts {
                 self.target.endpoints.len(),
             );
             let last_try = attempt == policy.attempts;
+            let upstream = Upstream(pick.addr);
             match outcome.response {
-                Ok(response) if !outcome.retriable || last_try => {
+                Ok(mut response) if !outcome.retriable || last_try => {
+                    response.extensions_mut().insert(upstream);
                     return response.map(|b| Guarded::wrap(b, (admitted, pick), release));
                 }
-                Err(reply) if !outcome.retriable || last_try => return reply,
+                Err(mut reply) if !outcome.retriable || last_try => {
+                    reply.extensions_mut().insert(upstream);
+                    if outcome.retriable && attempt > 0 {
+                        reply = mark(reply, Flag::UpstreamRetryLimitExceeded);
+                    }
+                    return reply;
+                }
                 Ok(response) => last = Some(response),
                 Err(reply) => last = Some(reply),
             }
             attempt += 1;
         }
-        last.unwrap_or_else(|| {
-            body::local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", grpc)
-        })
+        last.unwrap_or_else(|| no_healthy_upstream(grpc))
     }
+}
+
+fn no_healthy_upstream(grpc: bool) -> Response<Body> {
+    let reply = body::local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", grpc);
+    mark(reply, Flag::NoHealthyUpstream)
 }
 
 fn release(_: (Admitted, Pick)) {}
@@ -490,26 +515,29 @@ impl Outcome {
         on: &RetryOn,
         grpc: bool,
     ) -> Outcome {
-        let failed = |retriable: bool, status: StatusCode, reason: &str| Outcome {
+        let failed = |retriable: bool, status: StatusCode, reason: &str, flag| Outcome {
             observation: Observation::Failure,
             retriable,
-            response: Err(body::local_reply(status, reason, grpc)),
+            response: Err(mark(body::local_reply(status, reason, grpc), flag)),
         };
         match result {
             None => failed(
                 on.server_error || on.gateway_error || on.reset,
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream request timeout",
+                Flag::UpstreamRequestTimeout,
             ),
             Some(Err(UpstreamError::Connect(_) | UpstreamError::NoDescriptor(_))) => failed(
                 on.connect_failure || on.server_error || on.gateway_error,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                Flag::UpstreamConnectionFailure,
             ),
             Some(Err(UpstreamError::Reset(_) | UpstreamError::Stale(_))) => failed(
                 on.reset || on.server_error || on.refused_stream,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                Flag::UpstreamConnectionTermination,
             ),
             Some(Ok(response)) => {
                 let status = response.status().as_u16();

@@ -13,11 +13,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::body::{self, Body};
+use super::body::{self, Body, BoxError};
 use super::{http1_server, http2_server, is_grpc, path};
 use crate::identity::SpiffeId;
 use crate::proxy::authorize;
@@ -26,6 +27,9 @@ use crate::proxy::inbound::{Caller, Client};
 use crate::proxy::peer::Charged;
 use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
+use crate::telemetry::flags::{mark, Flag};
+use crate::telemetry::http::Measured;
+use crate::telemetry::{EdgeKey, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -131,7 +135,8 @@ pub async fn refuse<S: Client>(proxy: &Proxy, pod: &Pod, client: S, caller: &Cal
 }
 
 /// Serves the HTTP connection `client` until it ends, forwarding each
-/// request that may pass to the application `app` over `server`.
+/// request that may pass to the application `app` over `server`; each
+/// request is measured for Istio's metrics (reporter `destination`).
 pub async fn serve<S: Client>(
     proxy: &Proxy,
     pod: &Pod,
@@ -146,8 +151,23 @@ pub async fn serve<S: Client>(
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
     let stamp = move |request: Request<Incoming>| {
-        let mut request = request.map(body::incoming);
-        admit_request(proxy, pod, caller, app, &mut request).map(|()| request)
+        let grpc = is_grpc(&request);
+        let (parts, incoming) = request.into_parts();
+        let (measured, counted) = Measured::start(&proxy.telemetry, grpc, incoming);
+        let mut request =
+            Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
+        let admitted = admit_request(proxy, pod, caller, app, &mut request).map(|()| request);
+        (measured, admitted)
+    };
+    let edge = EdgeKey {
+        reporter: Reporter::Destination,
+        source: Some(caller.address),
+        destination: app,
+        service: None,
+        mutual_tls: caller.identity.is_some(),
+    };
+    let answer = move |measured: Measured, response: Response<Body>| {
+        measured.finish(edge, response).map(BodyExt::boxed_unsync)
     };
     let serving = async {
         if http2 {
@@ -159,13 +179,13 @@ pub async fn serve<S: Client>(
             tokio::spawn(connection);
             let service = service_fn(move |request| {
                 let mut send = send.clone();
-                let request = stamp(request);
+                let (measured, request) = stamp(request);
                 async move {
                     let response = match request {
                         Ok(request) => reply(send.send_request(request).await),
                         Err(denied) => *denied,
                     };
-                    Ok::<_, Infallible>(response)
+                    Ok::<_, Infallible>(answer(measured, response))
                 }
             });
             http2_server(&settings)
@@ -184,11 +204,11 @@ pub async fn serve<S: Client>(
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let (send, activity) = (send.clone(), activity.clone());
                 let client_side = hyper::upgrade::on(&mut request);
-                let request = stamp(request);
+                let (measured, request) = stamp(request);
                 async move {
                     let request = match request {
                         Ok(request) => request,
-                        Err(denied) => return Ok(*denied),
+                        Err(denied) => return Ok(answer(measured, *denied)),
                     };
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {
@@ -197,7 +217,7 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    Ok::<_, Infallible>(reply(response))
+                    Ok::<_, Infallible>(answer(measured, reply(response)))
                 }
             });
             http1_server(&settings)
@@ -232,10 +252,13 @@ async fn splice(
 fn reply(response: hyper::Result<Response<Incoming>>) -> Response<Body> {
     match response {
         Ok(response) => response.map(body::incoming),
-        Err(e) => body::local_reply(
-            StatusCode::BAD_GATEWAY,
-            &format!("application connection: {e}"),
-            false,
+        Err(e) => mark(
+            body::local_reply(
+                StatusCode::BAD_GATEWAY,
+                &format!("application connection: {e}"),
+                false,
+            ),
+            Flag::UpstreamConnectionTermination,
         ),
     }
 }

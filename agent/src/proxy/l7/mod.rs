@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -43,6 +44,10 @@ pub use upstream::Pool;
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
 use crate::routing::RequestInfo;
+use crate::telemetry::flags::mark;
+use crate::telemetry::http::{Measured, Upstream};
+use crate::telemetry::{EdgeKey, Flag, Reporter};
+use body::BoxError;
 
 /// Per-stream and per-connection flow-control windows offered to HTTP/2
 /// clients: what a client may send ahead of the proxy forwarding it, so the
@@ -174,8 +179,29 @@ fn authority<B>(request: &Request<B>) -> String {
 }
 
 impl Downstream {
+    /// Serves one request, measured for Istio's metrics (reporter
+    /// `source`) until its response ends.
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(&request);
+        let (parts, incoming) = request.into_parts();
+        let (measured, counted) = Measured::start(&self.proxy.telemetry, grpc, incoming);
+        let request = Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
+        let response = self.admit(request, grpc).await;
+        let service = self.service_addr;
+        let edge = EdgeKey {
+            reporter: Reporter::Source,
+            source: Some(self.pod.address_for(service.ip())),
+            destination: response
+                .extensions()
+                .get::<Upstream>()
+                .map_or(service, |u| u.0),
+            service: Some(service),
+            mutual_tls: false,
+        };
+        measured.finish(edge, response).map(BodyExt::boxed_unsync)
+    }
+
+    async fn admit(&self, request: Request<Body>, grpc: bool) -> Response<Body> {
         if !is_canonical_method(request.method()) {
             // `get` is a different method from `GET` to a policy, but some
             // servers treat them alike: refuse it rather than let it past
@@ -197,13 +223,16 @@ impl Downstream {
             .map(|b| body::Guarded::wrap(b, admitted, drop))
     }
 
-    async fn route(&self, request: Request<Incoming>, grpc: bool) -> Response<Body> {
+    async fn route(&self, request: Request<Body>, grpc: bool) -> Response<Body> {
         let config = self.proxy.config.current();
         let Some(service) = config.service_by_cluster_ip(self.service_addr.ip()) else {
-            return body::local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the Service this connection was opened to no longer exists",
-                grpc,
+            return mark(
+                body::local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the Service this connection was opened to no longer exists",
+                    grpc,
+                ),
+                Flag::NoRouteFound,
             );
         };
         let service_key = service.key();
@@ -226,10 +255,13 @@ impl Downstream {
             Some(host) => match host.select(&info) {
                 Some(found) => Some(found),
                 None => {
-                    return body::local_reply(
-                        StatusCode::NOT_FOUND,
-                        &format!("no route of {} matches this request", host.origin),
-                        grpc,
+                    return mark(
+                        body::local_reply(
+                            StatusCode::NOT_FOUND,
+                            &format!("no route of {} matches this request", host.origin),
+                            grpc,
+                        ),
+                        Flag::NoRouteFound,
                     )
                 }
             },

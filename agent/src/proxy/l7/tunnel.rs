@@ -7,7 +7,6 @@
 
 use http::header::{CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{self, Body};
@@ -34,11 +33,7 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
 
 /// Forwards the upgrade request on a connection of its own (it is never
 /// returned to a pool), and splices once the endpoint switches protocols.
-pub async fn run(
-    down: &Downstream,
-    target: &Target,
-    mut request: Request<Incoming>,
-) -> Response<Body> {
+pub async fn run(down: &Downstream, target: &Target, mut request: Request<Body>) -> Response<Body> {
     let fail = |reason: &str| body::local_reply(StatusCode::SERVICE_UNAVAILABLE, reason, false);
     let cluster = down.proxy.clusters.get(&target.key);
     let headers = http::HeaderMap::new();
@@ -79,7 +74,7 @@ pub async fn run(
     });
     let client_side = hyper::upgrade::on(&mut request);
     let connect = request.method() == Method::CONNECT;
-    let mut response = match send.send_request(request.map(body::incoming)).await {
+    let mut response = match send.send_request(request).await {
         Ok(response) => response,
         Err(e) => return fail(&format!("upstream reset: {e}")),
     };

@@ -1,0 +1,193 @@
+//! Measuring one HTTP request: the request body's bytes as it is read, and
+//! the response's bytes, gRPC status and end, recorded once when the
+//! response ends (or the caller goes away).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::Response;
+use http_body::{Frame, SizeHint};
+
+use super::flags::{Flag, ResponseFlags};
+use super::standard::{EdgeKey, RequestDone};
+use super::Telemetry;
+
+/// The endpoint that answered a request, set by the L7 path on the
+/// response so the caller's side knows the destination workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream(pub std::net::SocketAddr);
+
+/// A request from its start until its response ends.
+pub struct Measured {
+    telemetry: Arc<Telemetry>,
+    started: Instant,
+    grpc: bool,
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl Measured {
+    /// Starts measuring a request; its body's bytes are counted from now on.
+    pub fn start<B: http_body::Body>(
+        telemetry: &Arc<Telemetry>,
+        grpc: bool,
+        body: B,
+    ) -> (Measured, Watched<B, Counter>) {
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let counted = Watched {
+            inner: body,
+            watch: Counter(request_bytes.clone()),
+        };
+        let measured = Measured {
+            telemetry: telemetry.clone(),
+            started: Instant::now(),
+            grpc,
+            request_bytes,
+        };
+        (measured, counted)
+    }
+
+    /// Hands the response on; the request is recorded against `edge` when
+    /// its body ends.
+    pub fn finish<B: http_body::Body>(
+        self,
+        edge: EdgeKey,
+        response: Response<B>,
+    ) -> Response<Watched<B, Recorder>> {
+        let flags = response
+            .extensions()
+            .get::<ResponseFlags>()
+            .copied()
+            .unwrap_or_default();
+        let grpc_status = grpc_status(response.headers());
+        let done = RequestDone {
+            edge,
+            grpc: self.grpc,
+            code: response.status().as_u16(),
+            grpc_status,
+            flags,
+            duration: Default::default(),
+            request_bytes: 0,
+            response_bytes: 0,
+        };
+        response.map(|inner| Watched {
+            inner,
+            watch: Recorder {
+                done,
+                measured: Some(self),
+            },
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// What a [`Watched`] body tells as its frames pass.
+pub trait Watch {
+    fn frame(&mut self, frame: &Frame<Bytes>);
+    /// The body ended (`failed`: with an error), or was dropped before
+    /// (`ended` false: the reader went away).
+    fn end(&mut self, failed: bool, ended: bool);
+}
+
+/// A body passed on unchanged (size hint and end included, which retries
+/// and mirrors rely on), its frames shown to a [`Watch`].
+pub struct Watched<B: http_body::Body, W: Watch> {
+    inner: B,
+    watch: W,
+}
+
+impl<B, W> http_body::Body for Watched<B, W>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    W: Watch + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.watch.frame(frame);
+                if this.inner.is_end_stream() {
+                    this.watch.end(false, true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.watch.end(true, true),
+            Poll::Ready(None) => this.watch.end(false, true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: http_body::Body, W: Watch> Drop for Watched<B, W> {
+    fn drop(&mut self) {
+        let ended = self.inner.is_end_stream();
+        self.watch.end(false, ended);
+    }
+}
+
+/// Counts a request body's data bytes.
+pub struct Counter(Arc<AtomicU64>);
+
+impl Watch for Counter {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn end(&mut self, _: bool, _: bool) {}
+}
+
+/// Records a request once its response body ends.
+pub struct Recorder {
+    done: RequestDone,
+    measured: Option<Measured>,
+}
+
+impl Watch for Recorder {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.done.response_bytes += data.len() as u64;
+        } else if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
+            self.done.grpc_status = Some(status);
+        }
+    }
+
+    fn end(&mut self, failed: bool, ended: bool) {
+        let Some(measured) = self.measured.take() else {
+            return;
+        };
+        if failed {
+            self.done.flags = self.done.flags.with(Flag::UpstreamConnectionTermination);
+        } else if !ended {
+            self.done.flags = self.done.flags.with(Flag::DownstreamConnectionTermination);
+        }
+        self.done.duration = measured.started.elapsed();
+        self.done.request_bytes = measured.request_bytes.load(Ordering::Relaxed);
+        measured.telemetry.record_request(&self.done);
+    }
+}

@@ -1,0 +1,111 @@
+//! A real Prometheus (Debian's `prometheus`) in a node's namespace,
+//! scraping agents' `/metrics` every second, and PromQL queries against it.
+//!
+//! ```no_run
+//! # use nodemesh_testbed::{prometheus::Prometheus, Topology};
+//! # fn main() -> anyhow::Result<()> {
+//! # let mut topo = Topology::new()?;
+//! let netns = topo.node("node-a").netns.clone();
+//! let prometheus = Prometheus::start(&mut topo, &netns, &["10.0.0.1:15020".into()])?;
+//! let up = prometheus.query(&topo, "sum(up)")?;
+//! # Ok(()) }
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::topology::Topology;
+use crate::workload_apps::wait_listening;
+
+/// Prometheus' HTTP API, on the loopback of the namespace it runs in.
+const LISTEN: &str = "127.0.0.1:9090";
+const PORT: u16 = 9090;
+/// How long [`Prometheus::wait_for`] waits for a query to reach a value.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Prometheus {
+    netns: String,
+}
+
+impl Prometheus {
+    /// Starts Prometheus in `netns` scraping `targets` (`host:port`) every
+    /// second, and waits until its API answers. It stops with the topology.
+    pub fn start(topo: &mut Topology, netns: &str, targets: &[String]) -> Result<Prometheus> {
+        let dir = topo.work_dir().join("prometheus");
+        std::fs::create_dir_all(&dir)?;
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n- job_name: nodemesh\n  static_configs:\n  - targets: [{}]\n",
+            targets.join(", ")
+        );
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config)?;
+        let args = [
+            "prometheus".to_owned(),
+            format!("--config.file={}", config_path.display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address={LISTEN}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        topo.spawn_in(netns, &args, "prometheus")
+            .context("starting prometheus (`cargo xtask setup` installs it)")?;
+        wait_listening(topo, netns, PORT)?;
+        Ok(Prometheus {
+            netns: netns.to_owned(),
+        })
+    }
+
+    /// The value of an instant PromQL query: the sum over the series it
+    /// returns, `None` when it returns none.
+    pub fn query(&self, topo: &Topology, promql: &str) -> Result<Option<f64>> {
+        let result = self.query_series(topo, promql)?;
+        let values: Vec<f64> = result
+            .iter()
+            .filter_map(|s| s["value"][1].as_str()?.parse().ok())
+            .collect();
+        Ok((!values.is_empty()).then(|| values.iter().sum()))
+    }
+
+    /// The series an instant PromQL query returns (`data.result`).
+    pub fn query_series(&self, topo: &Topology, promql: &str) -> Result<Vec<Value>> {
+        let url = format!("http://{LISTEN}/api/v1/query");
+        let query = format!("query={promql}");
+        let out = topo.run_in_ok(
+            &self.netns,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &url,
+                "--data-urlencode",
+                &query,
+            ],
+        )?;
+        let doc: Value =
+            serde_json::from_str(&out).with_context(|| format!("prometheus answered {out}"))?;
+        if doc["status"] != "success" {
+            bail!("prometheus refused `{promql}`: {doc}");
+        }
+        Ok(doc["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Polls `promql` until it equals `expected` (for [`QUERY_TIMEOUT`]);
+    /// returns the last value either way, so the caller asserts on it.
+    pub fn wait_for(&self, topo: &Topology, promql: &str, expected: f64) -> Result<Option<f64>> {
+        let deadline = Instant::now() + QUERY_TIMEOUT;
+        loop {
+            let value = self.query(topo, promql)?;
+            if value == Some(expected) || Instant::now() > deadline {
+                return Ok(value);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
