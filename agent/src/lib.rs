@@ -17,5 +17,6 @@ pub mod proxy;
 pub mod reply_routing;
 pub mod routing;
 pub mod security;
+pub mod sources;
 pub mod transport;
 pub mod workloads;
