@@ -154,7 +154,6 @@ type Loaded = (Config, HashMap<PathBuf, Value>, Vec<ConfigError>);
 ///
 /// Each pass replaces or drops at least one object, and problems are nearly always within
 /// one object, so this ends after two or three passes in practice.
-
 fn load_skipping_invalid(
     mut objects: Vec<(PathBuf, Value)>,
     last_valid: &HashMap<PathBuf, Value>,
