@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, Query, Responder};
-use crate::config::{self, Config, ConfigStore, LoadOptions, Reloader};
+use crate::config::{Config, ConfigStore, LoadOptions};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
 use crate::identity::{self, Identities};
@@ -26,6 +26,7 @@ use crate::nofile::{self, Nofile};
 use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
 use crate::telemetry::{self, health};
+use crate::sources::{self, Source};
 use crate::transport;
 use crate::workloads::Enroller;
 
@@ -34,7 +35,8 @@ use crate::workloads::Enroller;
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Settings {
-    pub config_dir: PathBuf,
+    /// Where the config comes from.
+    pub source: Source,
     pub node: String,
     pub admin_socket: PathBuf,
     pub bpffs: PathBuf,
@@ -51,6 +53,8 @@ struct Node {
     settings: Settings,
     started: Instant,
     config: Arc<ConfigStore>,
+    /// Fills `config`; `nodemesh status` shows its state.
+    source: sources::Running,
     proxy: Arc<Proxy>,
     /// The node's workload certificates, kept in line with the config.
     identities: Arc<Identities>,
@@ -95,12 +99,13 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     // The first load runs on the loader's thread while the data path is set up; until it
     // ends, nothing is enrolled and the admin socket reports the node as not ready.
     let config = Arc::new(ConfigStore::unloaded());
-    let reloader = Reloader::spawn(
-        settings.config_dir.clone(),
+    let source = sources::start(
+        settings.source.clone(),
         settings.load.clone(),
         config.clone(),
     )
-    .context("starting the config loader thread")?;
+    .await
+    .context("starting the configuration source")?;
     let (datapath, orig_dst, deliveries) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
     // Measured once the data path holds its descriptors: what the agent
@@ -146,6 +151,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         settings,
         started: Instant::now(),
         config: config.clone(),
+        source,
         proxy,
         identities,
         enroller,
@@ -154,11 +160,6 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     tokio::spawn(admin::serve(admin, node.clone()));
     let metrics =
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
-    let dir = node.settings.config_dir.clone();
-    let watcher = tokio::spawn(async move {
-        let Err(e) = config::watch_dir(dir, reloader).await;
-        log::error!("{e}: configuration changes will not be applied until the agent restarts");
-    });
     let trimmer = tokio::spawn(crate::memory::return_freed_memory());
 
     let loaded = tokio::select! {
@@ -184,7 +185,6 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     if loaded {
         stop.await;
     }
-    watcher.abort();
     if let Some(reconciler) = reconciler {
         reconciler.abort();
     }
@@ -284,7 +284,7 @@ impl Node {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "ready": self.ready.load(Ordering::Relaxed),
             "config": {
-                "dir": self.settings.config_dir,
+                "source": self.source.status(),
                 "generation": self.config.generation(),
                 "loading": self.config.loading(),
                 "last_error": self.config.last_error(),

@@ -136,6 +136,24 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
     }
 }
 
+/// Last sync, failing watches and skipped objects of the Kubernetes source.
+fn print_kubernetes_source(source: &Value) {
+    println!(
+        "last sync:   {} ({} watch error(s) since start)",
+        source["last_sync"].as_str().unwrap_or("never"),
+        source["watch_errors"]
+    );
+    for (kind, watch) in source["watches"].as_object().into_iter().flatten() {
+        if watch["healthy"] != true {
+            let error = watch["last_error"].as_str().unwrap_or("not listed yet");
+            println!("             watch of {kind} failing: {error}");
+        }
+    }
+    for invalid in source["invalid_objects"].as_array().into_iter().flatten() {
+        println!("skipped:     {}", text(invalid));
+    }
+}
+
 fn print_status(s: &Value) {
     let c = &s["config"];
     println!(
@@ -152,9 +170,13 @@ fn print_status(s: &Value) {
     } else {
         ""
     };
+    let source = &c["source"];
+    let from = match source["kind"].as_str() {
+        Some("kubernetes") => format!("Kubernetes API server {}", text(&source["api_server"])),
+        _ => text(&source["dir"]),
+    };
     println!(
-        "config:      {} generation {}: {} namespace(s), {} workload(s), {} service(s){loading}",
-        text(&c["dir"]),
+        "config:      {from} generation {}: {} namespace(s), {} workload(s), {} service(s){loading}",
         c["generation"],
         c["namespaces"],
         c["workloads"],
@@ -163,6 +185,9 @@ fn print_status(s: &Value) {
     match c["last_error"].as_str() {
         Some(e) => println!("last error:  {}", e.replace('\n', "\n             ")),
         None => println!("last error:  none"),
+    }
+    if source["kind"] == "kubernetes" {
+        print_kubernetes_source(source);
     }
     let w = &s["workloads"];
     println!(

@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod reply_routing;
 pub mod routing;
 pub mod security;
+pub mod sources;
 pub mod telemetry;
 pub mod transport;
 pub mod workloads;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, nofile, proxy};
+use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, nofile, proxy, sources};
 
 #[derive(Parser)]
 #[command(
@@ -76,9 +76,8 @@ enum Command {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// Directory of YAML documents (Namespace, Workload, Service), hot-reloaded.
-    #[arg(long)]
-    config_dir: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
     /// This node's name, as Workloads' `spec.node` names it.
     #[arg(long)]
     node_name: String,
@@ -167,6 +166,39 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
         .map_err(|_| format!("`{s}` is not an address like 0.0.0.0:15020 (or `off`)"))
 }
 
+/// Where the config comes from: exactly one of a directory and the API server.
+#[derive(Args)]
+struct SourceArgs {
+    /// Directory of YAML documents (Namespace, Workload, Service, Istio and Gateway API
+    /// kinds), hot-reloaded.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API server instead (in-cluster service account, or
+    /// --kubeconfig).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file to reach the API server with.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// `node`: the node whose pods to enroll (none for the CA).
+    fn source(self, node: Option<String>) -> sources::Source {
+        match self.config_dir {
+            Some(dir) => sources::Source::Dir(dir),
+            None => sources::Source::Kubernetes(sources::kube::Settings {
+                kubeconfig: self.kubeconfig,
+                node,
+            }),
+        }
+    }
+}
+
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct CaArgs {
@@ -178,9 +210,9 @@ struct CaArgs {
     /// Address to serve agents on, e.g. 0.0.0.0:15012.
     #[arg(long, required = true)]
     listen: Option<SocketAddr>,
-    /// The mesh's configuration directory, as the agents read it.
-    #[arg(long, required = true)]
-    config_dir: Option<PathBuf>,
+    /// The mesh's configuration, as the agents read it.
+    #[command(flatten)]
+    source: SourceArgs,
     #[command(flatten)]
     signer: CaSigner,
     /// Longest lifetime of a workload certificate.
@@ -285,7 +317,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         admin_socket: args.admin_socket.unwrap_or_else(|| {
             PathBuf::from(admin::SOCKET_DIR).join(format!("{}.sock", args.node_name))
         }),
-        config_dir: args.config_dir,
+        source: args.source.source(Some(args.node_name.clone())),
         node: args.node_name,
         bpffs: args.bpffs,
         upstream_dns: args.upstream_dns,
@@ -354,7 +386,7 @@ fn run_ca(args: CaArgs) -> anyhow::Result<()> {
             let settings = ca::Settings {
                 source: source(args.state_dir)?,
                 listen: args.listen.expect("clap requires --listen"),
-                config_dir: args.config_dir.expect("clap requires --config-dir"),
+                config: args.source.source(None),
                 trust_domain,
                 max_cert_lifetime: args.max_cert_lifetime,
             };

@@ -78,6 +78,8 @@ pub struct Agent {
     netns: String,
     netns_path: PathBuf,
     config_dir: PathBuf,
+    /// `--config-dir DIR`, or `--kubernetes --kubeconfig FILE`.
+    source_args: Vec<String>,
     socket: PathBuf,
     log_path: PathBuf,
     bin: PathBuf,
@@ -130,12 +132,50 @@ impl Agent {
                 credential.display().to_string(),
             ]);
         }
+        let source_args = vec!["--config-dir".to_owned(), config_dir.display().to_string()];
+        Agent::launch_new(topo, node, config_dir, source_args, bin, extra_args)
+    }
+
+    /// Starts `nodemesh agent --kubernetes --kubeconfig KUBECONFIG` on
+    /// `node`, with the topology's mesh CA (started on first use, reading
+    /// the API server too) and the node's credential, and waits until it is
+    /// ready (its first snapshot from the API server applied). The node's
+    /// `Node` object is the test's to create.
+    pub fn start_kubernetes(topo: &mut Topology, node: &str, kubeconfig: &Path) -> Result<Agent> {
+        let info = topo.node(node).clone();
+        let source_args = vec![
+            "--kubernetes".to_owned(),
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+        ];
+        let ca = topo.mesh_ca_from(&source_args)?;
+        let credential = ca.issue_node(topo, &info.node_name)?;
+        let extra_args = vec![
+            "--ca-address".to_owned(),
+            ca.address().to_owned(),
+            "--node-credential".to_owned(),
+            credential.display().to_string(),
+        ];
+        let dir = kubeconfig.parent().unwrap_or(topo.work_dir()).to_owned();
+        Agent::launch_new(topo, node, dir, source_args, &nodemesh_bin(), extra_args)
+    }
+
+    fn launch_new(
+        topo: &mut Topology,
+        node: &str,
+        config_dir: PathBuf,
+        source_args: Vec<String>,
+        bin: &Path,
+        extra_args: Vec<String>,
+    ) -> Result<Agent> {
+        let info = topo.node(node).clone();
         let mut agent = Agent {
             node: info.name.clone(),
             node_name: info.node_name.clone(),
             netns: info.netns.clone(),
             netns_path: info.netns_path.clone(),
             config_dir,
+            source_args,
             socket: topo.work_dir().join(format!("{node}.sock")),
             log_path: topo.work_dir().join(format!("agent-{node}.log")),
             bin: bin.to_path_buf(),
@@ -164,7 +204,6 @@ impl Agent {
         )?;
         let err = log.try_clone()?;
         let bin = self.bin.to_string_lossy().into_owned();
-        let config_dir = self.config_dir.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
         let nofile = self
             .open_file_limit
@@ -179,13 +218,12 @@ impl Agent {
         args.extend([
             bin.as_str(),
             "agent",
-            "--config-dir",
-            &config_dir,
             "--node-name",
             &self.node_name,
             "--admin-socket",
             &socket,
         ]);
+        args.extend(self.source_args.iter().map(String::as_str));
         args.extend(self.extra_args.iter().map(String::as_str));
         let mut cmd = topo.command_in(&self.netns, &args)?;
         if std::env::var_os("RUST_LOG").is_none() {

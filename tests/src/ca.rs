@@ -28,25 +28,29 @@ impl MeshCa {
     /// under the topology's work dir, reading `config_dir`, and waits until it
     /// listens.
     pub fn start(topo: &mut Topology, config_dir: &Path) -> Result<MeshCa> {
+        std::fs::create_dir_all(config_dir)?;
+        let source = ["--config-dir".to_owned(), config_dir.display().to_string()];
+        MeshCa::start_from(topo, &source)
+    }
+
+    /// Like [`MeshCa::start`], with the CA's config source given as its
+    /// arguments (e.g. `--kubernetes --kubeconfig FILE`).
+    pub fn start_from(topo: &mut Topology, source: &[String]) -> Result<MeshCa> {
         let netns = topo.add_host("ca", HOST_INDEX)?;
         let state_dir = topo.work_dir().join("ca-state");
         let address = format!("10.0.0.{HOST_INDEX}:{CA_PORT}");
-        std::fs::create_dir_all(config_dir)?;
-        let bin = nodemesh_bin();
-        let pid = topo.spawn_in(
-            &netns,
-            &[
-                &bin.display().to_string(),
-                "ca",
-                "--state-dir",
-                &state_dir.display().to_string(),
-                "--listen",
-                &address,
-                "--config-dir",
-                &config_dir.display().to_string(),
-            ],
-            LOG,
-        )?;
+        let bin = nodemesh_bin().display().to_string();
+        let state = state_dir.display().to_string();
+        let mut cmd = vec![
+            bin.as_str(),
+            "ca",
+            "--state-dir",
+            &state,
+            "--listen",
+            &address,
+        ];
+        cmd.extend(source.iter().map(String::as_str));
+        let pid = topo.spawn_in(&netns, &cmd, LOG)?;
         let deadline = Instant::now() + READY_TIMEOUT;
         while !topo.read_log(LOG).contains("listening on") {
             if !topo.is_running(pid) || Instant::now() > deadline {

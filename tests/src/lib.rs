@@ -9,6 +9,9 @@
 //! * [`ca`] — a real `nodemesh ca` on a host of its own, and node credentials.
 //! * [`workload_apps`] — small real servers and clients run inside pods
 //!   (HTTP echo, TCP echo, curl).
+//! * [`kube`] — a real Kubernetes API server reachable from the topology,
+//!   and pods run as a kubelet would, for the agent's Kubernetes mode.
+//! * [`kube_mesh`] — Bookinfo on agents in Kubernetes mode, through the API.
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
 //!   Bookinfo on it.
 //! * [`prometheus`] — a real Prometheus scraping the agents, and PromQL.
@@ -22,6 +25,8 @@
 pub mod agent;
 pub mod ca;
 pub mod config;
+pub mod kube;
+pub mod kube_mesh;
 pub mod mesh;
 pub mod prometheus;
 pub mod tenants;

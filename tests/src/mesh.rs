@@ -116,22 +116,8 @@ impl Mesh {
         args: &[&str],
     ) -> Result<PodInfo> {
         let pod = self.pod_as(node, name, labels, service_account)?;
-        let version = labels
-            .iter()
-            .find(|(k, _)| *k == "version")
-            .map_or("v1", |(_, v)| v);
-        let bin = self.app_bin.to_string_lossy().into_owned();
-        let port = APP_PORT.to_string();
-        let mut cmd = vec![
-            bin.as_str(),
-            "--port",
-            &port,
-            "--name",
-            name,
-            "--version",
-            version,
-        ];
-        cmd.extend_from_slice(args);
+        let cmd = app_command(&self.app_bin, name, labels, args);
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
         self.topo
             .spawn_in(&pod.netns, &cmd, &format!("app-{name}"))?;
         wait_listening(&self.topo, &pod.netns, APP_PORT)?;
@@ -474,9 +460,46 @@ fn wait_enrolled(agent: &Agent, expected: Option<u64>) -> Result<()> {
     })
 }
 
+/// `mesh-app --port 9080 --name NAME --version <labels' version or v1> ARGS`.
+pub(crate) fn app_command(
+    bin: &Path,
+    name: &str,
+    labels: &[(&str, &str)],
+    args: &[&str],
+) -> Vec<String> {
+    let version = labels
+        .iter()
+        .find(|(k, _)| *k == "version")
+        .map_or("v1", |(_, v)| v);
+    let port = APP_PORT.to_string();
+    let head = [
+        &*bin.to_string_lossy(),
+        "--port",
+        &port,
+        "--name",
+        name,
+        "--version",
+        version,
+    ]
+    .map(str::to_owned);
+    head.into_iter()
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect()
+}
+
 /// Polls `agent`'s status until `done` says so, for [`RELOAD_TIMEOUT`].
 fn wait_agent(agent: &Agent, what: &str, done: impl Fn(&Value) -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + RELOAD_TIMEOUT;
+    wait_agent_for(agent, what, RELOAD_TIMEOUT, done)
+}
+
+/// Polls `agent`'s status until `done` says so, for `timeout`.
+pub(crate) fn wait_agent_for(
+    agent: &Agent,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
         let status = agent.status_json()?;
         if done(&status)? {
@@ -484,7 +507,7 @@ fn wait_agent(agent: &Agent, what: &str, done: impl Fn(&Value) -> Result<bool>) 
         }
         if Instant::now() > deadline {
             bail!(
-                "{} did not finish {what} in {RELOAD_TIMEOUT:?}: {status:#}\n{}",
+                "{} did not finish {what} in {timeout:?}: {status:#}\n{}",
                 agent.node(),
                 agent.log()
             );

@@ -394,10 +394,18 @@ impl Topology {
     /// The topology's mesh CA, reading `config_dir`: started on first use,
     /// stopped with the other processes.
     pub fn mesh_ca(&mut self, config_dir: &Path) -> Result<MeshCa> {
+        std::fs::create_dir_all(config_dir)?;
+        let source = ["--config-dir".to_owned(), config_dir.display().to_string()];
+        self.mesh_ca_from(&source)
+    }
+
+    /// The topology's mesh CA, with its config source given as its
+    /// arguments (e.g. `--kubernetes --kubeconfig FILE`).
+    pub fn mesh_ca_from(&mut self, source: &[String]) -> Result<MeshCa> {
         if let Some(ca) = &self.mesh_ca {
             return Ok(ca.clone());
         }
-        let ca = MeshCa::start(self, config_dir)?;
+        let ca = MeshCa::start_from(self, source)?;
         self.mesh_ca = Some(ca.clone());
         Ok(ca)
     }
@@ -567,6 +575,13 @@ impl Topology {
     /// stdout and stderr appended to [`log_path(log_name)`](Self::log_path).
     /// The process (group) is stopped when the topology is dropped.
     pub fn spawn_in(&mut self, netns: &str, cmd: &[&str], log_name: &str) -> Result<u32> {
+        let mut c = self.command_in(netns, cmd)?;
+        self.spawn_logged(&mut c, format!("{netns}: {}", cmd.join(" ")), log_name)
+    }
+
+    /// Spawns `c` in a process group of its own, logging to `log_name`, and
+    /// tracks it; `what` describes it in errors.
+    fn spawn_logged(&mut self, c: &mut Command, what: String, log_name: &str) -> Result<u32> {
         let log_path = self.log_path(log_name);
         let log = OpenOptions::new()
             .create(true)
@@ -574,19 +589,48 @@ impl Topology {
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         let err = log.try_clone()?;
-        let mut c = self.command_in(netns, cmd)?;
         c.stdout(log).stderr(err).process_group(0);
+        for v in PROXY_ENV {
+            c.env_remove(v);
+        }
         let child = c
             .spawn()
-            .with_context(|| format!("cannot start `{}` in {netns}", cmd.join(" ")))?;
+            .with_context(|| format!("cannot start `{what}`"))?;
         let pid = child.id();
         self.procs.push(Spawned {
             child,
             log_name: log_name.to_string(),
-            cmd: format!("{netns}: {}", cmd.join(" ")),
+            cmd: what,
             reaped: false,
         });
         Ok(pid)
+    }
+
+    /// Like [`spawn_in`](Self::spawn_in), with the process moved into the
+    /// cgroup directory `cgroup` first (before `ip netns exec` hides the
+    /// cgroup filesystem), as a kubelet starts a pod's containers.
+    pub fn spawn_in_cgroup(
+        &mut self,
+        netns: &str,
+        cgroup: &Path,
+        cmd: &[&str],
+        log_name: &str,
+    ) -> Result<u32> {
+        let procs = cgroup.join("cgroup.procs").display().to_string();
+        let mut wrapped = vec![
+            "sh",
+            "-c",
+            r#"echo $$ > "$0" && exec "$@""#,
+            procs.as_str(),
+            "ip",
+            "netns",
+            "exec",
+            netns,
+        ];
+        wrapped.extend_from_slice(cmd);
+        let mut c = Command::new(wrapped[0]);
+        c.args(&wrapped[1..]).stdin(Stdio::null());
+        self.spawn_logged(&mut c, format!("{netns}: {}", cmd.join(" ")), log_name)
     }
 
     /// Runs `cmd` inside `netns` in the foreground and returns its output,

@@ -104,7 +104,7 @@ pub fn run(nodemesh: &Path, mesh_app: &Path, root: &Path) -> Result<()> {
 }
 
 /// Which reviews version productpage got, per request.
-fn reviews_versions(pages: &[Reply]) -> BTreeMap<String, u64> {
+pub(crate) fn reviews_versions(pages: &[Reply]) -> BTreeMap<String, u64> {
     count_by(pages, |page| match page.json() {
         Some(doc) => doc["calls"][1]["body"]["version"]
             .as_str()
@@ -114,7 +114,7 @@ fn reviews_versions(pages: &[Reply]) -> BTreeMap<String, u64> {
 }
 
 /// What ratings answered the reviews that called it, per request.
-fn ratings_statuses(pages: &[Reply]) -> BTreeMap<String, u64> {
+pub(crate) fn ratings_statuses(pages: &[Reply]) -> BTreeMap<String, u64> {
     count_by(pages, |page| {
         let doc = page.json().unwrap_or_default();
         let reviews = &doc["calls"][1]["body"];
@@ -128,7 +128,7 @@ fn ratings_statuses(pages: &[Reply]) -> BTreeMap<String, u64> {
     })
 }
 
-fn report(what: &str, counts: &BTreeMap<String, u64>) {
+pub(crate) fn report(what: &str, counts: &BTreeMap<String, u64>) {
     let total: u64 = counts.values().sum();
     let parts: Vec<String> = counts
         .iter()
@@ -137,7 +137,7 @@ fn report(what: &str, counts: &BTreeMap<String, u64>) {
     println!("  {what}: {}", parts.join(", "));
 }
 
-fn step(title: &str) {
+pub(crate) fn step(title: &str) {
     println!("\n== {title}");
 }
 

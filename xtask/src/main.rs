@@ -20,8 +20,11 @@ commands:
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`);
                    without ARGS also `cargo fmt --check`, clippy with
                    `-D warnings` and every fuzz target for 45 s
-  demo             build, then run Istio's Bookinfo on a two-node mesh and
+  demo [--kubernetes]
+                   build, then run Istio's Bookinfo on a two-node mesh and
                    show routing by header, a weighted split and a fault
+                   (with --kubernetes: agents watching a real API server,
+                   Istio's YAML applied through it)
   fuzz [--seconds N] [TARGET...]
                    run the fuzz targets of fuzz/ (cargo-fuzz, nightly) for
                    N seconds each (default 60); all targets when none named
@@ -74,6 +77,7 @@ const PIN_DIR: &str = "/sys/fs/bpf/nodemesh";
 
 mod bench;
 mod demo;
+mod demo_kube;
 mod fuzz;
 
 fn main() -> ExitCode {
@@ -134,11 +138,20 @@ fn run(args: &[String]) -> Result<()> {
             fuzz::run(&root(), targets, seconds)
         }
         "demo" => {
-            no_args("demo")?;
+            let kubernetes = match rest {
+                [] => false,
+                [flag] if flag == "--kubernetes" => true,
+                _ => bail!("demo takes no arguments but --kubernetes"),
+            };
             setup()?;
             build()?;
             let release = target_dir().join("release");
-            demo::run(
+            let run = if kubernetes {
+                demo_kube::run
+            } else {
+                demo::run
+            };
+            run(
                 &release.join("nodemesh"),
                 &release.join("mesh-app"),
                 &root(),

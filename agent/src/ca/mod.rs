@@ -15,7 +15,6 @@ mod server;
 mod tests;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +27,14 @@ pub use authority::{
 pub use csr::Refusal;
 pub use server::{CaServer, ServerError};
 
-use crate::config::{self, ConfigStore, LoadOptions, Reloader};
+use crate::config::{ConfigStore, LoadOptions};
+use crate::sources;
 
 pub struct Settings {
     pub source: Source,
     pub listen: SocketAddr,
-    pub config_dir: PathBuf,
+    /// Where the CA learns which workloads run on which node.
+    pub config: sources::Source,
     pub trust_domain: String,
     pub max_cert_lifetime: Duration,
 }
@@ -43,17 +44,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let authority = Authority::load(&settings.source, &settings.trust_domain)
         .context("loading the CA's signing certificate")?;
     let config = Arc::new(ConfigStore::unloaded());
-    let reloader = Reloader::spawn(
-        settings.config_dir.clone(),
-        LoadOptions::default(),
-        config.clone(),
-    )
-    .context("starting the config loader thread")?;
-    let dir = settings.config_dir.clone();
-    let watcher = tokio::spawn(async move {
-        let Err(e) = config::watch_dir(dir, reloader).await;
-        log::error!("{e}: configuration changes will not be seen until the CA restarts");
-    });
+    let source = sources::start(settings.config, LoadOptions::default(), config.clone()).await?;
     config.first_load().await;
     if let Some(error) = config.last_error() {
         log::error!("configuration rejected, signing nothing until it is fixed:\n{error}");
@@ -74,7 +65,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     serving.abort();
-    watcher.abort();
+    drop(source);
     log::info!("mesh CA stopped");
     Ok(())
 }

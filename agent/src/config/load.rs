@@ -68,6 +68,22 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Loads objects already parsed (as the Kubernetes API server serves them), each named
+    /// by a path of its own that errors report in place of a file; as strict as
+    /// [`Config::load_dir`]: any problem fails the whole load.
+    pub fn load_objects(
+        objects: impl IntoIterator<Item = (PathBuf, Value)>,
+        opts: &LoadOptions,
+    ) -> Result<Config, ConfigErrors> {
+        let mut loader = Loader::new(opts);
+        for (path, object) in objects {
+            loader.load_document(&path, 1, object);
+        }
+        loader.finish(opts)
+    }
+}
+
 fn file_error(file: &Path, message: String) -> ConfigError {
     ConfigError {
         file: file.to_owned(),

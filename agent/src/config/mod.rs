@@ -249,6 +249,16 @@ impl Config {
         }
     }
 
+    /// Logs what the routing and policy compilers warned about (objects kept, but not
+    /// applied as written).
+    pub fn log_warnings(&self) {
+        let warnings = self.routing.warnings.iter();
+        let warnings = warnings.chain(&self.peer_authentications.warnings);
+        for warning in warnings.chain(&self.authorizations.warnings) {
+            log::warn!("{warning}");
+        }
+    }
+
     /// VirtualServices, DestinationRules and HTTPRoutes, compiled per Service.
     pub fn routing(&self) -> &RoutingTable {
         &self.routing

@@ -6,7 +6,7 @@
 //! included, runs on the `config-loader` thread, at a lower CPU priority than the proxy.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread;
@@ -28,16 +28,25 @@ pub struct Reloader {
 impl Reloader {
     /// Starts the loader thread and asks it for a first load of `dir` into `store`.
     pub fn spawn(dir: PathBuf, opts: LoadOptions, store: Arc<ConfigStore>) -> io::Result<Self> {
+        let reloader = Self::spawn_with(store, move |store| load_dir(&dir, &opts, store))?;
+        reloader.request();
+        Ok(reloader)
+    }
+
+    /// Starts the loader thread: every request runs `load`, which fills `store` from
+    /// wherever the config comes from. Nothing is loaded until the first request.
+    pub fn spawn_with(
+        store: Arc<ConfigStore>,
+        mut load: impl FnMut(&ConfigStore) + Send + 'static,
+    ) -> io::Result<Self> {
         let (requests, pending) = mpsc::sync_channel(1);
         thread::Builder::new()
             .name("config-loader".into())
             .spawn(move || {
                 lower_priority();
-                serve(&dir, &opts, &store, &pending);
+                serve(&store, &pending, &mut load);
             })?;
-        let reloader = Reloader { requests };
-        reloader.request();
-        Ok(reloader)
+        Ok(Reloader { requests })
     }
 
     /// Asks for a load of the directory as it is from now on; never blocks. A change made
@@ -53,34 +62,34 @@ impl Reloader {
     }
 }
 
-fn serve(dir: &std::path::Path, opts: &LoadOptions, store: &ConfigStore, pending: &Receiver<()>) {
+fn serve(store: &ConfigStore, pending: &Receiver<()>, load: &mut impl FnMut(&ConfigStore)) {
     while pending.recv().is_ok() {
         store.load_started();
-        match Config::load_dir(dir, opts) {
-            Ok(config) => {
-                let warnings = config.routing().warnings.iter();
-                let warnings = warnings.chain(&config.peer_authentications().warnings);
-                for warning in warnings.chain(&config.authorizations().warnings) {
-                    log::warn!("{warning}");
-                }
-                let routes = config.routing().route_count();
-                store.replace(config);
-                log::info!(
-                    "loaded config generation {} from {} ({routes} HTTP routes)",
-                    store.generation(),
-                    dir.display()
-                );
-            }
-            Err(errors) => {
-                log::warn!(
-                    "rejected config in {}, still serving generation {}:\n{errors}",
-                    dir.display(),
-                    store.generation()
-                );
-                store.reject(&errors);
-            }
-        }
+        load(store);
         crate::memory::trim();
+    }
+}
+
+fn load_dir(dir: &Path, opts: &LoadOptions, store: &ConfigStore) {
+    match Config::load_dir(dir, opts) {
+        Ok(config) => {
+            config.log_warnings();
+            let routes = config.routing().route_count();
+            store.replace(config);
+            log::info!(
+                "loaded config generation {} from {} ({routes} HTTP routes)",
+                store.generation(),
+                dir.display()
+            );
+        }
+        Err(errors) => {
+            log::warn!(
+                "rejected config in {}, still serving generation {}:\n{errors}",
+                dir.display(),
+                store.generation()
+            );
+            store.reject(&errors);
+        }
     }
 }
 

@@ -1,0 +1,236 @@
+//! The kinds the agent watches, and how each API object becomes a document of the
+//! YAML loader (so that both sources are validated by the same per-kind code).
+//!
+//! Adding a kind is one line in [`WATCHED`] (plus its support in the YAML loader).
+
+use std::path::PathBuf;
+
+use kube::api::DynamicObject;
+use kube::discovery::ApiResource;
+use serde_json::{json, Map, Value};
+
+use super::pods::{self, LocalNetns};
+
+/// What an object's document is built from, besides the object.
+pub(super) struct Context<'a> {
+    /// This node, when the source serves an agent (the CA serves none).
+    pub node: Option<&'a str>,
+    pub netns: &'a LocalNetns,
+}
+
+/// One watched kind.
+pub(super) struct Kind {
+    pub kind: &'static str,
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+    /// Only the objects matching it are listed and watched.
+    pub label_selector: Option<&'static str>,
+    /// Drops what the agent never reads before the object is stored, so that a large
+    /// cluster costs the agent only what it needs.
+    pub strip: fn(&mut DynamicObject),
+    /// The object as a document of the YAML loader, `None` when it is not config (a pod
+    /// without an address yet, or on the host network).
+    pub document: fn(&Kind, &DynamicObject, &Context) -> Option<Value>,
+}
+
+const ISTIO_NETWORKING: &str = "networking.istio.io";
+const ISTIO_SECURITY: &str = "security.istio.io";
+const GATEWAY_API: &str = "gateway.networking.k8s.io";
+
+/// Every kind the agent watches, cluster-wide.
+///
+/// Pods are watched on all nodes, not only this one: remote pods' labels and service
+/// accounts decide subsets and the identity expected of an endpoint, which
+/// EndpointSlices do not carry. Only the few fields read are kept of each.
+pub(super) const WATCHED: &[Kind] = &[
+    Kind::core("Namespace", "namespaces", false, namespace).selecting(super::MESH_LABEL_SELECTOR),
+    Kind::core("Node", "nodes", false, node),
+    Kind::core("Pod", "pods", true, pods::workload).stripping(pods::strip),
+    Kind::core("Service", "services", true, service),
+    Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
+    Kind::spec(
+        ISTIO_NETWORKING,
+        "v1",
+        "DestinationRule",
+        "destinationrules",
+    ),
+    Kind::spec(
+        ISTIO_SECURITY,
+        "v1",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
+    Kind::spec(
+        ISTIO_SECURITY,
+        "v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
+    Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes"),
+];
+
+impl Kind {
+    const fn core(
+        kind: &'static str,
+        plural: &'static str,
+        namespaced: bool,
+        document: fn(&Kind, &DynamicObject, &Context) -> Option<Value>,
+    ) -> Kind {
+        Kind {
+            kind,
+            group: "",
+            version: "v1",
+            plural,
+            namespaced,
+            label_selector: None,
+            strip: strip_metadata,
+            document,
+        }
+    }
+
+    /// A namespaced kind of which the agent reads `spec`.
+    const fn spec(
+        group: &'static str,
+        version: &'static str,
+        kind: &'static str,
+        plural: &'static str,
+    ) -> Kind {
+        Kind {
+            kind,
+            group,
+            version,
+            plural,
+            namespaced: true,
+            label_selector: None,
+            strip: strip_status,
+            document: spec_document,
+        }
+    }
+
+    const fn selecting(self, label_selector: &'static str) -> Kind {
+        Kind {
+            label_selector: Some(label_selector),
+            ..self
+        }
+    }
+
+    const fn stripping(self, strip: fn(&mut DynamicObject)) -> Kind {
+        Kind { strip, ..self }
+    }
+
+    pub fn api_version(&self) -> String {
+        match self.group {
+            "" => self.version.to_owned(),
+            group => format!("{group}/{}", self.version),
+        }
+    }
+
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.to_owned(),
+            version: self.version.to_owned(),
+            api_version: self.api_version(),
+            kind: self.kind.to_owned(),
+            plural: self.plural.to_owned(),
+        }
+    }
+
+    /// The object's API path, which names it in errors (in place of a file).
+    pub fn path(&self, object: &DynamicObject) -> PathBuf {
+        let root = match self.group {
+            "" => "/api".to_owned(),
+            group => format!("/apis/{group}"),
+        };
+        let name = object.metadata.name.as_deref().unwrap_or_default();
+        PathBuf::from(match (&object.metadata.namespace, self.namespaced) {
+            (Some(ns), true) => format!(
+                "{root}/{}/namespaces/{ns}/{}/{name}",
+                self.version, self.plural
+            ),
+            _ => format!("{root}/{}/{}/{name}", self.version, self.plural),
+        })
+    }
+
+    /// `apiVersion`, `kind` and the metadata the loader reads.
+    pub fn header(&self, object: &DynamicObject) -> Map<String, Value> {
+        let meta = &object.metadata;
+        let mut metadata = Map::new();
+        metadata.insert("name".into(), json!(meta.name));
+        if let Some(namespace) = &meta.namespace {
+            metadata.insert("namespace".into(), json!(namespace));
+        }
+        if let Some(labels) = &meta.labels {
+            metadata.insert("labels".into(), json!(labels));
+        }
+        if let Some(created) = &meta.creation_timestamp {
+            metadata.insert("creationTimestamp".into(), json!(created));
+        }
+        let mut header = Map::new();
+        header.insert("apiVersion".into(), json!(self.api_version()));
+        header.insert("kind".into(), json!(self.kind));
+        header.insert("metadata".into(), Value::Object(metadata));
+        header
+    }
+}
+
+/// Managed fields and annotations (`kubectl apply` keeps a whole copy of the object in
+/// one) are never read.
+pub(super) fn strip_metadata(object: &mut DynamicObject) {
+    object.metadata.managed_fields = None;
+    object.metadata.annotations = None;
+}
+
+fn strip_status(object: &mut DynamicObject) {
+    strip_metadata(object);
+    if let Value::Object(data) = &mut object.data {
+        data.remove("status");
+    }
+}
+
+fn namespace(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
+    Some(Value::Object(kind.header(object)))
+}
+
+fn node(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
+    let mut doc = kind.header(object);
+    let addresses = object.data.pointer("/status/addresses").cloned();
+    doc.insert(
+        "status".into(),
+        json!({ "addresses": addresses.unwrap_or(json!([])) }),
+    );
+    Some(Value::Object(doc))
+}
+
+/// The fields of a Service the loader reads; the API server adds more (`clusterIPs`,
+/// `ipFamilies`, `sessionAffinity`...) that the strict schema of the YAML mode refuses.
+fn service(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
+    let mut doc = kind.header(object);
+    let spec = object.data.get("spec").cloned().unwrap_or(json!({}));
+    let mut kept = pick(&spec, &["type", "selector", "clusterIP"]);
+    if let Some(Value::Array(ports)) = spec.get("ports") {
+        let fields = ["name", "port", "targetPort", "protocol", "appProtocol"];
+        let ports = ports.iter().map(|p| Value::Object(pick(p, &fields)));
+        kept.insert("ports".into(), Value::Array(ports.collect()));
+    }
+    doc.insert("spec".into(), Value::Object(kept));
+    Some(Value::Object(doc))
+}
+
+fn spec_document(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
+    let mut doc = kind.header(object);
+    doc.insert(
+        "spec".into(),
+        object.data.get("spec").cloned().unwrap_or(json!({})),
+    );
+    Some(Value::Object(doc))
+}
+
+/// The given fields of `value`, where present.
+pub(super) fn pick(value: &Value, fields: &[&str]) -> Map<String, Value> {
+    fields
+        .iter()
+        .filter_map(|&f| Some((f.to_owned(), value.get(f)?.clone())))
+        .collect()
+}

@@ -1,0 +1,277 @@
+//! Building a config snapshot from the watched objects: the YAML mode's validation, run
+//! per object, with invalid objects skipped (and reported) instead of failing the whole.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::DynamicObject;
+use kube::runtime::reflector::Store;
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::{Config, ConfigError, ConfigErrors, ConfigStore, LoadOptions};
+
+use super::kinds::{Context, Kind};
+use super::pods;
+use super::status::Status;
+
+/// An invalid object to tell about with a Kubernetes Event: the object and what is wrong.
+pub(super) type Invalid = (ObjectReference, String);
+
+/// Whether the local pods' network namespaces need looking for again.
+#[derive(Default)]
+pub(super) struct NetnsHealth {
+    /// Some local pod's namespace was not found.
+    missing: AtomicBool,
+    /// The namespaces in use (`/proc/<pid>/ns/net`: gone once that process ends).
+    used: Mutex<Vec<PathBuf>>,
+}
+
+impl NetnsHealth {
+    pub(super) fn needs_rescan(&self) -> bool {
+        self.missing.load(Ordering::Relaxed)
+            || self
+                .used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|path| !path.exists())
+    }
+}
+
+pub(super) struct Snapshots {
+    pub stores: Vec<(&'static Kind, Store<DynamicObject>)>,
+    pub opts: LoadOptions,
+    pub node: Option<String>,
+    pub status: Arc<Status>,
+    pub netns: Arc<NetnsHealth>,
+    /// Invalid objects to publish Events for, when the source serves an agent.
+    pub events: Option<UnboundedSender<Invalid>>,
+    /// What was reported already: each problem gets one Event, not one per snapshot.
+    pub reported: HashSet<(PathBuf, String)>,
+    /// The documents of the last snapshot: an object changed into an invalid one keeps
+    /// serving its last valid version, as a rejected file does in the YAML mode.
+    pub last_valid: HashMap<PathBuf, Value>,
+}
+
+impl Snapshots {
+    /// Builds a snapshot of the objects as watched now and installs it in `store`.
+    pub fn load(&mut self, store: &ConfigStore) {
+        let local_netns = match (&self.node, self.pod_store()) {
+            (Some(node), Some(pods)) => pods::local_netns(pods.state().iter().map(|p| &**p), node),
+            _ => HashMap::new(),
+        };
+        let ctx = Context {
+            node: self.node.as_deref(),
+            netns: &local_netns,
+        };
+        let mut objects = Vec::new();
+        let mut references = HashMap::new();
+        for (kind, objects_of_kind) in &self.stores {
+            for object in objects_of_kind.state() {
+                if let Some(document) = (kind.document)(kind, &object, &ctx) {
+                    let path = kind.path(&object);
+                    references.insert(path.clone(), reference(kind, &object));
+                    objects.push((path, document));
+                }
+            }
+        }
+        // Store order is arbitrary; conflicts (two pods claiming one address) are settled
+        // the same way every time.
+        objects.sort_by(|a, b| a.0.cmp(&b.0));
+        match load_skipping_invalid(objects, &self.last_valid, &self.opts) {
+            Ok((config, kept, skipped)) => {
+                self.last_valid = kept;
+                config.log_warnings();
+                self.track_netns(&config);
+                let (workloads, services) = (config.workloads().len(), config.services().len());
+                store.replace(config);
+                log::info!(
+                    "loaded config generation {} from the API server ({workloads} pods, \
+                     {services} services, {} invalid objects skipped)",
+                    store.generation(),
+                    skipped.len()
+                );
+                self.report(&skipped, &references);
+                self.status
+                    .synced(skipped.iter().map(ToString::to_string).collect());
+            }
+            Err(errors) => {
+                log::error!("cannot build a config from the API server's objects:\n{errors}");
+                store.reject(&errors);
+            }
+        }
+    }
+
+    fn pod_store(&self) -> Option<&Store<DynamicObject>> {
+        let (_, store) = self.stores.iter().find(|(kind, _)| kind.kind == "Pod")?;
+        Some(store)
+    }
+
+    fn track_netns(&self, config: &Config) {
+        let Some(node) = &self.node else { return };
+        let local = config.workloads().iter().filter(|w| &w.node == node);
+        let (missing, used): (Vec<_>, Vec<_>) = local
+            .filter(|w| config.is_enrolled(w))
+            .map(|w| w.netns.clone())
+            .partition(|netns| pods::is_missing(netns));
+        self.netns
+            .missing
+            .store(!missing.is_empty(), Ordering::Relaxed);
+        *self.netns.used.lock().unwrap_or_else(|e| e.into_inner()) = used;
+    }
+
+    /// Logs every skipped object, and sends an Event for each problem not reported yet.
+    fn report(&mut self, skipped: &[ConfigError], references: &HashMap<PathBuf, ObjectReference>) {
+        let mut now = HashSet::new();
+        for error in skipped {
+            let note = match &error.field {
+                Some(field) => format!("{field}: {}", error.message),
+                None => error.message.clone(),
+            };
+            let key = (error.file.clone(), note.clone());
+            if !self.reported.contains(&key) {
+                log::warn!("skipped invalid object: {error}");
+                let reference = references.get(&error.file);
+                if let (Some(events), Some(reference)) = (&self.events, reference) {
+                    let _ = events.send((reference.clone(), note));
+                }
+            }
+            now.insert(key);
+        }
+        self.reported = now;
+    }
+}
+
+/// A config, the documents it was built from, and the problems found.
+type Loaded = (Config, HashMap<PathBuf, Value>, Vec<ConfigError>);
+
+/// Loads `objects`; an object a problem is found in is replaced by its version in
+/// `last_valid` if that differs, else left out, until the rest loads.
+///
+/// Each pass replaces or drops at least one object, and problems are nearly always within
+/// one object, so this ends after two or three passes in practice.
+fn load_skipping_invalid(
+    mut objects: Vec<(PathBuf, Value)>,
+    last_valid: &HashMap<PathBuf, Value>,
+    opts: &LoadOptions,
+) -> Result<Loaded, ConfigErrors> {
+    let mut skipped = Vec::new();
+    loop {
+        match Config::load_objects(objects.iter().cloned(), opts) {
+            Ok(config) => return Ok((config, objects.into_iter().collect(), skipped)),
+            Err(errors) => {
+                let invalid: HashSet<&PathBuf> = errors.0.iter().map(|e| &e.file).collect();
+                let mut changed = false;
+                objects.retain_mut(|(path, document)| {
+                    if !invalid.contains(path) {
+                        return true;
+                    }
+                    changed = true;
+                    match last_valid.get(path).filter(|valid| *valid != document) {
+                        Some(valid) => {
+                            *document = valid.clone();
+                            true
+                        }
+                        None => false,
+                    }
+                });
+                if !changed {
+                    return Err(errors);
+                }
+                skipped.extend(errors.0);
+            }
+        }
+    }
+}
+
+fn reference(kind: &Kind, object: &DynamicObject) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(kind.api_version()),
+        kind: Some(kind.kind.to_owned()),
+        name: object.metadata.name.clone(),
+        namespace: object.metadata.namespace.clone(),
+        uid: object.metadata.uid.clone(),
+        resource_version: object.metadata.resource_version.clone(),
+        field_path: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(path: &str, document: Value) -> (PathBuf, Value) {
+        (PathBuf::from(path), document)
+    }
+
+    #[test]
+    fn skips_the_invalid_objects_and_keeps_the_rest() {
+        let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"nodemesh.io/mesh": "enabled"}}});
+        let web = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}});
+        let bad_port = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"ports": [{"port": 0}]}});
+        // Valid alone, invalid only once routes are compiled against the services.
+        let bad_route = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"hosts": ["web"], "http": [{"route": [
+                {"destination": {"host": "web"}, "weight": 150}]}]}});
+        let objects = vec![
+            object("/api/v1/namespaces/shop", namespace),
+            object("/api/v1/namespaces/shop/services/web", web),
+            object("/api/v1/namespaces/shop/services/db", bad_port),
+            object(
+                "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/web",
+                bad_route,
+            ),
+        ];
+        let (config, kept, skipped) =
+            load_skipping_invalid(objects.clone(), &HashMap::new(), &LoadOptions::default())
+                .unwrap();
+        assert_eq!(kept.len(), 2);
+        assert!(config.namespace("shop").unwrap().mesh_enabled());
+        let services: Vec<_> = config.services().iter().map(|s| s.key()).collect();
+        assert_eq!(services, ["shop/web"]);
+        assert_eq!(config.routing().route_count(), 0);
+        let skipped: Vec<_> = skipped
+            .iter()
+            .map(|e| (e.file.display().to_string(), e.field.clone()))
+            .collect();
+        assert!(
+            skipped.contains(&(
+                "/api/v1/namespaces/shop/services/db".into(),
+                Some("spec.ports[0].port".into())
+            )),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped
+                .iter()
+                .any(|(file, _)| file.ends_with("virtualservices/web")),
+            "{skipped:?}"
+        );
+
+        // Once valid, the route serves; changed into an invalid one, its last valid
+        // version keeps serving.
+        let mut objects = objects;
+        objects[3].1["spec"]["http"][0]["route"][0]["weight"] = json!(100);
+        let (config, kept, skipped) =
+            load_skipping_invalid(objects.clone(), &kept, &LoadOptions::default()).unwrap();
+        assert_eq!(config.routing().route_count(), 1);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        objects[3].1["spec"]["http"][0]["route"][0]["weight"] = json!(150);
+        let (config, _, skipped) =
+            load_skipping_invalid(objects, &kept, &LoadOptions::default()).unwrap();
+        assert_eq!(config.routing().route_count(), 1);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+    }
+}

@@ -1,0 +1,325 @@
+//! The agent's Kubernetes mode against a real API server (see
+//! `nodemesh_testbed::kube`): two agents and the mesh CA run with
+//! `--kubernetes`, pods are created as Pod objects and run by the test as a
+//! kubelet would, and Istio's sample YAML is applied through the API.
+//!
+//! The API server is started once for this file; the tests take turns on it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nodemesh_testbed::kube::{
+    free_port, kubeconfig_with_token, ApiForwarder, ApiServer, Kube, PodSpec,
+};
+use nodemesh_testbed::kube_mesh::{
+    wait_status, workload, workloads, KubeMesh, MESH_LABEL, TIMEOUT,
+};
+use nodemesh_testbed::{Agent, Topology};
+
+const DESTINATION_RULE_ALL: &str =
+    include_str!("../../deploy/examples/bookinfo/destination-rule-all.yaml");
+const REVIEWS_V3: &str =
+    include_str!("../../deploy/examples/bookinfo/virtual-service-reviews-v3.yaml");
+const REVIEWS_50_V3: &str =
+    include_str!("../../deploy/examples/bookinfo/virtual-service-reviews-50-v3.yaml");
+/// An agent resumes its watches with back-off (at most about 30 s apart).
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn mesh(mesh_enabled: bool) -> Result<KubeMesh> {
+    KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), mesh_enabled)
+}
+
+#[test]
+fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<()> {
+    let mut cluster = mesh(false)?;
+    cluster.bookinfo()?;
+    // Not in the mesh yet: known to the agents (endpoints, identities), not
+    // enrolled.
+    let deadline = Instant::now() + TIMEOUT;
+    let listed = loop {
+        let listed = workloads(cluster.agent("node-a"))?;
+        if workload(&listed, "reviews-v1").is_some() || Instant::now() > deadline {
+            break listed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let v1 = workload(&listed, "reviews-v1").context("reviews-v1")?;
+    assert_eq!(v1["state"], "not in mesh", "{v1:#}");
+    cluster.wait_enrolled("node-a", 0)?;
+
+    let namespace = cluster.namespace().to_owned();
+    cluster
+        .kube()
+        .label_namespace(&namespace, MESH_LABEL, Some("enabled"))?;
+    // client, productpage, details, reviews-v1 | reviews-v2, v3, ratings.
+    cluster.wait_enrolled("node-a", 4)?;
+    cluster.wait_enrolled("node-b", 3)?;
+    let listed = workloads(cluster.agent("node-b"))?;
+    let v2 = workload(&listed, "reviews-v2").context("reviews-v2")?;
+    assert_eq!(v2["state"], "enrolled", "{v2:#}");
+    assert!(
+        v2["netns"].as_str().unwrap().starts_with("/proc/"),
+        "{v2:#}"
+    );
+    let listed = workloads(cluster.agent("node-a"))?;
+    let client = workload(&listed, "client").context("client")?;
+    assert_eq!(client["state"], "enrolled", "{client:#}");
+
+    // Istio's samples, unchanged, through the API server.
+    let reviews = cluster.url("reviews", "/reviews/0");
+    cluster.apply(DESTINATION_RULE_ALL)?;
+    cluster.apply(REVIEWS_V3)?;
+    cluster.wait_only(&reviews, "v3", TIMEOUT)?;
+    // mTLS between the nodes: reviews-v3 runs on node-b.
+    let certs = cluster.agent("node-a").cli(&["certs", "-o", "json"])?;
+    assert!(
+        String::from_utf8_lossy(&certs.stdout).contains(&format!("/ns/{namespace}/sa/client")),
+        "{}",
+        String::from_utf8_lossy(&certs.stdout)
+    );
+
+    // A change to the VirtualService is enforced quickly.
+    let v1 = REVIEWS_V3.replace("subset: v3", "subset: v1");
+    let applied = Instant::now();
+    cluster.apply(&v1)?;
+    let took = cluster.wait_only(&reviews, "v1", TIMEOUT)?;
+    eprintln!(
+        "VirtualService change enforced {:?} after it was applied (polled)",
+        applied.elapsed().min(took)
+    );
+
+    // Invalid: an Event names the field, routing stays as it was.
+    let invalid = REVIEWS_50_V3.replace("weight: 50", "weight: 150");
+    cluster.apply(&invalid)?;
+    let deadline = Instant::now() + TIMEOUT;
+    let notes = loop {
+        let notes = cluster
+            .kube()
+            .event_notes(&namespace, "VirtualService", "reviews")?;
+        if !notes.is_empty() || Instant::now() > deadline {
+            break notes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("spec.http[0].route[0].weight")),
+        "{notes:?}"
+    );
+    let versions = cluster.versions(&reviews, 20)?;
+    assert_eq!(versions.get("v1"), Some(&20), "{versions:?}");
+    let status = cluster.agent("node-b").status_json()?;
+    let source = &status["config"]["source"];
+    assert_eq!(source["kind"], "kubernetes", "{source:#}");
+    assert!(source["last_sync"].is_string(), "{source:#}");
+    let skipped = source["invalid_objects"].to_string();
+    assert!(skipped.contains("virtualservices/reviews"), "{source:#}");
+    let table = cluster.agent("node-b").cli(&["status"])?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("Kubernetes API server https://10.0.0.201:6443"),
+        "{table}"
+    );
+    assert!(table.contains("skipped:"), "{table}");
+
+    // Un-labelling releases every pod, without a restart.
+    cluster
+        .kube()
+        .label_namespace(&namespace, MESH_LABEL, None)?;
+    cluster.wait_enrolled("node-a", 0)?;
+    cluster.wait_enrolled("node-b", 0)?;
+    for agent in cluster.agents() {
+        assert_eq!(
+            agent.status_json()?["pid"].as_u64(),
+            agent.pid().map(u64::from)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn pods_enrol_and_release_as_they_come_and_go() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.client("node-a")?;
+    cluster.app("node-b", "web-1", &[("app", "web"), ("version", "v1")], &[])?;
+    cluster.service("web", 20)?;
+    cluster.wait_enrolled("node-a", 1)?;
+    cluster.wait_enrolled("node-b", 1)?;
+    let url = cluster.url("web", "/");
+    // The Service may reach an agent in a snapshot after its pods'.
+    cluster.wait_only(&url, "v1", TIMEOUT)?;
+
+    // A host-network pod on node-b: never enrolled, not a workload.
+    let namespace = cluster.namespace().to_owned();
+    let spec = PodSpec {
+        namespace: &namespace,
+        name: "host-tool",
+        labels: &[("app", "web"), ("version", "v9")],
+        service_account: "default",
+        kubelet_cgroup: true,
+        host_network: true,
+    };
+    cluster.run_pod("node-b", &spec, &["sleep", "infinity"])?;
+
+    // web-1 goes; web-2 comes with a new address (another pod of the test bed).
+    cluster.delete_pod("web-1")?;
+    cluster.wait_enrolled("node-b", 0)?;
+    cluster.app("node-b", "web-2", &[("app", "web"), ("version", "v2")], &[])?;
+    cluster.wait_enrolled("node-b", 1)?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let versions = cluster.versions(&url, 5)?;
+        if versions.get("v2") == Some(&5) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("web-2 never served: {versions:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listed = workloads(cluster.agent("node-b"))?;
+    let names: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["namespace"].as_str() == Some(&namespace))
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert!(names.contains(&"web-2"), "{listed:#}");
+    assert!(!names.contains(&"web-1"), "{listed:#}");
+    assert!(!names.contains(&"host-tool"), "{listed:#}");
+    Ok(())
+}
+
+#[test]
+fn traffic_survives_the_api_server_and_changes_made_meanwhile_are_resynced() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.client("node-a")?;
+    cluster.app(
+        "node-b",
+        "echo-v1",
+        &[("app", "echo"), ("version", "v1")],
+        &[],
+    )?;
+    cluster.app(
+        "node-b",
+        "echo-v2",
+        &[("app", "echo"), ("version", "v2")],
+        &[],
+    )?;
+    cluster.service("echo", 30)?;
+    let subsets = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+                   metadata: {name: echo}\nspec:\n  host: echo\n  subsets:\n  \
+                   - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+    let route = |subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo}}\n\
+             spec:\n  hosts: [echo]\n  http:\n  - route:\n    - destination: {{host: echo, \
+             subset: {subset}}}\n"
+        )
+    };
+    cluster.apply(subsets)?;
+    cluster.apply(&route("v1"))?;
+    cluster.wait_enrolled("node-a", 1)?;
+    cluster.wait_enrolled("node-b", 2)?;
+    let url = cluster.url("echo", "/");
+    cluster.wait_only(&url, "v1", TIMEOUT)?;
+
+    let api = cluster.api();
+    api.stop()?;
+    // The data path keeps serving the last state.
+    std::thread::sleep(Duration::from_secs(2));
+    let versions = cluster.versions(&url, 20)?;
+    assert_eq!(versions.get("v1"), Some(&20), "{versions:?}");
+    wait_status(cluster.agent("node-a"), "seeing the watches fail", |s| {
+        s["config"]["source"]["watch_errors"].as_u64() > Some(0)
+    })?;
+
+    // Meanwhile another API server of the cluster takes a change.
+    let replica = api.start(free_port()?)?;
+    let other = Kube::new(replica.kubeconfig())?;
+    other.apply(&route("v2"), cluster.namespace(), false)?;
+    api.stop_replicas();
+    let versions = cluster.versions(&url, 10)?;
+    assert_eq!(
+        versions.get("v1"),
+        Some(&10),
+        "still disconnected: {versions:?}"
+    );
+
+    // Back: the agents resync, the change included.
+    api.start(api.port())?;
+    cluster.wait_only(&url, "v2", RESYNC_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn manifests_pass_a_server_side_dry_run_and_the_agent_role_is_enough_and_no_more() -> Result<()> {
+    let (api, _turn) = ApiServer::shared()?;
+    let kube = Kube::new(api.kubeconfig())?;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    let mut kinds = Vec::new();
+    for file in &files {
+        let yaml = std::fs::read_to_string(file)?;
+        // Dry run first (the server validates and admits), then for real,
+        // since later files need the namespace and the CRDs.
+        let dry = kube
+            .apply(&yaml, "default", true)
+            .with_context(|| format!("dry run of {}", file.display()))?;
+        kinds.extend(dry.iter().map(|o| o.types.as_ref().map(|t| t.kind.clone())));
+        kube.apply(&yaml, "default", false)
+            .with_context(|| format!("applying {}", file.display()))?;
+    }
+    for kind in [
+        "Namespace",
+        "ClusterRole",
+        "DaemonSet",
+        "Deployment",
+        "CustomResourceDefinition",
+    ] {
+        assert!(kinds.contains(&Some(kind.to_owned())), "{kind}: {kinds:?}");
+    }
+
+    // The agent with its ServiceAccount's token.
+    let token = kube.service_account_token("nodemesh-system", "nodemesh-agent")?;
+    let mut topo = Topology::new()?;
+    let forwarder = ApiForwarder::start(&mut topo, api)?;
+    let kubeconfig = forwarder.kubeconfig_with_token("agent.kubeconfig", &token)?;
+    let node = topo.add_node("node-a")?;
+    kube.register_node(&node.node_name, node.address)?;
+    let agent = Agent::start_kubernetes(&mut topo, "node-a", &kubeconfig)?;
+    wait_status(&agent, "listing every kind", |s| {
+        let watches = &s["config"]["source"]["watches"];
+        watches.as_object().is_some_and(|w| {
+            !w.is_empty() && w.values().all(|w| w["listed"] == true && w["errors"] == 0)
+        })
+    })?;
+    // A write it does not need is forbidden.
+    let on_loopback = topo.work_dir().join("sa-loopback.kubeconfig");
+    kubeconfig_with_token(api.kubeconfig(), &token, &on_loopback)?;
+    let sa = Kube::new(&on_loopback)?;
+    let write = sa.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh-forbidden}\n",
+        "nodemesh-system",
+        false,
+    );
+    let error = format!(
+        "{:#}",
+        write.expect_err("the agent's role cannot create ConfigMaps")
+    );
+    assert!(error.contains("forbidden"), "{error}");
+    let delete = sa.delete("v1", "Service", "default", "kubernetes");
+    let error = format!(
+        "{:#}",
+        delete.expect_err("the agent's role cannot delete Services")
+    );
+    assert!(error.contains("forbidden"), "{error}");
+    drop(agent);
+    Ok(())
+}
