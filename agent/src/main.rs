@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, nofile, proxy};
+use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy};
 
 #[derive(Parser)]
 #[command(
@@ -138,6 +138,14 @@ struct AgentArgs {
     /// they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// If another agent owns the node, have it hand the node over now (an
+    /// upgrade in place) instead of standing by until it stops.
+    #[arg(long)]
+    take_over: bool,
+    /// After handing the node over, longest time to let connections in
+    /// flight finish before exiting.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -226,11 +234,14 @@ fn main() -> ExitCode {
             };
             show(query, admin::Query::Explain(ask))
         }),
-        Command::Uninstall { node_name, bpffs } => ebpf::uninstall(&bpffs, &node_name)
-            .map(|links| {
-                println!("node {node_name}: detached {links} eBPF link(s) and removed its pins")
-            })
-            .map_err(anyhow::Error::from),
+        Command::Uninstall { node_name, bpffs } => {
+            lifecycle::ownership::ensure_unowned(&bpffs, &node_name)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(ebpf::uninstall(&bpffs, &node_name)?))
+                .map(|links| {
+                    println!("node {node_name}: detached {links} eBPF link(s) and removed its pins")
+                })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -280,6 +291,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             },
         },
         nofile,
+        take_over: args.take_over,
+        drain_timeout: args.drain_timeout,
     };
     let identities = identity::Identities::new(identity::IdentitiesSettings {
         trust_domain: args.trust_domain,

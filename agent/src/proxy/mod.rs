@@ -39,6 +39,7 @@ use budget::{CallerKey, Descriptors, Tenant};
 use crate::config::ConfigStore;
 use crate::ebpf::{DeliveryTable, OrigDstTable};
 use crate::identity::{Identities, SpiffeId};
+use crate::lifecycle::drain::Drain;
 use crate::netns::NetNs;
 use crate::transport;
 
@@ -272,6 +273,9 @@ pub struct Proxy {
     next_endpoint: Mutex<HashMap<String, usize>>,
     /// L7 endpoint state (latency, ejections) per destination.
     clusters: l7::Clusters,
+    /// Set once the node was handed over: HTTP connections end at a
+    /// request boundary.
+    pub drain: Drain,
 }
 
 impl Proxy {
@@ -299,6 +303,7 @@ impl Proxy {
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
             next_endpoint: Mutex::new(HashMap::new()),
             clusters: l7::Clusters::default(),
+            drain: Drain::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::body::{self, Body};
 use super::{http1_server, http2_server};
 use crate::identity::SpiffeId;
+use crate::lifecycle::drain::until_drained;
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Client};
 use crate::proxy::peer::Charged;
@@ -69,8 +70,8 @@ pub async fn serve<S: Client>(
                     Ok::<_, Infallible>(reply(response))
                 }
             });
-            http2_server(&settings)
-                .serve_connection(io, service)
+            let conn = http2_server(&settings).serve_connection(io, service);
+            until_drained(conn, proxy.drain.watch(), |c| c.graceful_shutdown())
                 .await
                 .map_err(|e| e.to_string())
         } else {
@@ -97,9 +98,10 @@ pub async fn serve<S: Client>(
                     Ok::<_, Infallible>(reply(response))
                 }
             });
-            http1_server(&settings)
+            let conn = http1_server(&settings)
                 .serve_connection(io, service)
-                .with_upgrades()
+                .with_upgrades();
+            until_drained(conn, proxy.drain.watch(), |c| c.graceful_shutdown())
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -41,6 +41,7 @@ pub use upstream::Pool;
 
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
+use crate::lifecycle::drain::until_drained;
 use crate::routing::RequestInfo;
 
 /// Per-stream and per-connection flow-control windows offered to HTTP/2
@@ -97,18 +98,20 @@ pub async fn serve(
         activity: activity.clone(),
     });
     let settings = downstream.proxy.settings.http;
+    let drain = downstream.proxy.drain.watch();
     let service = service_fn(move |request| {
         let downstream = downstream.clone();
         async move { Ok::<_, Infallible>(downstream.handle(request).await) }
     });
     let serving = async {
         if http2 {
-            http2_server(&settings).serve_connection(io, service).await
+            let conn = http2_server(&settings).serve_connection(io, service);
+            until_drained(conn, drain, |c| c.graceful_shutdown()).await
         } else {
-            http1_server(&settings)
+            let conn = http1_server(&settings)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            until_drained(conn, drain, |c| c.graceful_shutdown()).await
         }
     };
     let Some(served) = activity.unless_idle(settings.idle_timeout, serving).await else {
