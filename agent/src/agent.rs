@@ -273,8 +273,8 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         ack.accepting(took_admin)
             .context("telling the previous agent this one serves")?;
         log::info!(
-            "took node {} over from pid {} (nodemesh {}) {} ms after its hand-over began; \
-             {unused} socket(s) of workloads gone meanwhile closed",
+            "took node {} over from pid {} (nodemesh {}) {} ms after its hand-over began \
+             ({unused} handed-over socket(s) unused: closed)",
             node.settings.node,
             from.owner.pid,
             from.owner.version,

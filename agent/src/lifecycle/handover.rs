@@ -123,6 +123,13 @@ fn address(pin_dir: &Path) -> Result<SockAddr, HandoverError> {
     ))
 }
 
+fn bind(address: &SockAddr) -> Result<Socket, HandoverError> {
+    let listener = seqpacket()?;
+    listener.bind(address).map_err(io_err("binding"))?;
+    listener.listen(16).map_err(io_err("listening"))?;
+    Ok(listener)
+}
+
 fn seqpacket() -> Result<Socket, HandoverError> {
     Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None).map_err(io_err("creating"))
 }
@@ -196,6 +203,9 @@ fn recv(socket: &Socket) -> Result<Option<(Message, Vec<OwnedFd>)>, HandoverErro
 pub struct Standbys {
     waiting: Mutex<Vec<Socket>>,
     take_over: tokio::sync::Notify,
+    /// The bound hand-over socket, until [`close`](Standbys::close).
+    listener: Mutex<Option<Arc<Socket>>>,
+    closed: AtomicBool,
 }
 
 /// How a hand-over ended for the old owner.
@@ -207,35 +217,71 @@ pub struct HandedOver {
 
 impl Standbys {
     /// Listens for standbys of the node at `pin_dir` (which the caller owns),
-    /// on a thread of its own.
+    /// on a thread of its own. After a hand-over, the previous owner holds
+    /// the address until it closes it: the thread waits for it meanwhile.
     pub fn listen(pin_dir: &Path, hello: Hello) -> Result<Arc<Standbys>, HandoverError> {
-        let listener = seqpacket()?;
-        listener
-            .bind(&address(pin_dir)?)
-            .map_err(io_err("binding (is a stale owner still listening?)"))?;
-        listener.listen(16).map_err(io_err("listening"))?;
+        let address = address(pin_dir)?;
         let standbys = Arc::new(Standbys {
             waiting: Mutex::default(),
             take_over: tokio::sync::Notify::new(),
+            listener: Mutex::default(),
+            closed: AtomicBool::new(false),
         });
         let registry = standbys.clone();
         std::thread::Builder::new()
             .name("handover".into())
-            .spawn(move || loop {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        if let Err(e) = registry.register(conn, &hello) {
-                            log::warn!("a standby agent could not register: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        log::warn!("hand-over socket: accept failed: {e}");
-                        std::thread::sleep(STANDBY_POLL);
-                    }
-                }
-            })
+            .spawn(move || registry.serve(&address, &hello))
             .map_err(io_err("starting its thread"))?;
         Ok(standbys)
+    }
+
+    fn serve(&self, address: &SockAddr, hello: &Hello) {
+        let mut said = String::new();
+        let listener = loop {
+            match bind(address) {
+                Ok(listener) => break Arc::new(listener),
+                Err(e) if e.to_string() != said => {
+                    log::info!(
+                        "waiting for the previous owner to release the hand-over socket ({e})"
+                    );
+                    said = e.to_string();
+                }
+                Err(_) => {}
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(STANDBY_POLL);
+        };
+        *self.listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(listener.clone());
+        while !self.closed.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    if let Err(e) = self.register(conn, hello) {
+                        log::warn!("a standby agent could not register: {e}");
+                    }
+                }
+                Err(_) if self.closed.load(Ordering::Relaxed) => {}
+                Err(e) => {
+                    log::warn!("hand-over socket: accept failed: {e}");
+                    std::thread::sleep(STANDBY_POLL);
+                }
+            }
+        }
+    }
+
+    /// Stops listening and frees the address for the next owner.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(listener) = listener {
+            // Wakes the thread's accept; the socket closes with its last handle.
+            let _ = listener.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     fn register(&self, conn: Socket, hello: &Hello) -> Result<(), HandoverError> {

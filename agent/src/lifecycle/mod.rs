@@ -133,7 +133,10 @@ pub async fn retire(
     drain_timeout: Duration,
 ) -> Result<HandedOver, (NodeLock, HandoverError)> {
     let started = Instant::now();
-    let handing = tokio::task::spawn_blocking(move || standbys.hand_over(&sockets)).await;
+    let handing = {
+        let standbys = standbys.clone();
+        tokio::task::spawn_blocking(move || standbys.hand_over(&sockets)).await
+    };
     let handed = match handing {
         Ok(Ok(handed)) => handed,
         Ok(Err(e)) => return Err((lock, e)),
@@ -143,6 +146,8 @@ pub async fn retire(
         "handed the node over in {} ms; draining (at most {drain_timeout:?})",
         started.elapsed().as_millis()
     );
+    // The next owner takes its standbys from here on.
+    standbys.close();
     stop_serving(&handed);
     proxy.drain.start();
     let open = || proxy.counts(Direction::Outbound).open + proxy.counts(Direction::Inbound).open;
