@@ -149,6 +149,9 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     )
     .await?
     else {
+        if admin.is_some() {
+            let _ = std::fs::remove_file(&settings.admin_socket);
+        }
         log::info!("stopped while standing by");
         return Ok(());
     };
