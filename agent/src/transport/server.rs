@@ -134,7 +134,7 @@ async fn connection<I: Inbound>(
         .max_header_list_size(MAX_HEADER_LIST)
         .serve_connection(TokioIo::new(tls), service);
     // A GOAWAY when the agent drains: the caller opens new streams elsewhere.
-    until_drained(conn, drain, |c| c.graceful_shutdown())
+    until_drained(conn, drain, Duration::ZERO, |c| c.graceful_shutdown())
         .await
         .map_err(Failure::Ended)
 }

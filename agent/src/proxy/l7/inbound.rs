@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::body::{self, Body};
 use super::{http1_server, http2_server};
 use crate::identity::SpiffeId;
-use crate::lifecycle::drain::until_drained;
+use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Client};
 use crate::proxy::peer::Charged;
@@ -71,9 +72,11 @@ pub async fn serve<S: Client>(
                 }
             });
             let conn = http2_server(&settings).serve_connection(io, service);
-            until_drained(conn, proxy.drain.watch(), |c| c.graceful_shutdown())
-                .await
-                .map_err(|e| e.to_string())
+            until_drained(conn, proxy.drain.watch(), Duration::ZERO, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+            .map_err(|e| e.to_string())
         } else {
             let (send, connection) = hyper::client::conn::http1::handshake(app)
                 .await
@@ -83,8 +86,10 @@ pub async fn serve<S: Client>(
             // contended, it only lends the sender to the request's future.
             let send = Arc::new(tokio::sync::Mutex::new(send));
             let (activity, idle) = (activity.clone(), settings.idle_timeout);
+            let draining = proxy.drain.draining();
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let (send, activity) = (send.clone(), activity.clone());
+                let draining = draining.clone();
                 let client_side = hyper::upgrade::on(&mut request);
                 let request = stamp(request);
                 async move {
@@ -95,15 +100,19 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    Ok::<_, Infallible>(reply(response))
+                    let mut response = reply(response);
+                    draining.close_after(&mut response);
+                    Ok::<_, Infallible>(response)
                 }
             });
             let conn = http1_server(&settings)
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_drained(conn, proxy.drain.watch(), |c| c.graceful_shutdown())
-                .await
-                .map_err(|e| e.to_string())
+            until_drained(conn, proxy.drain.watch(), IDLE_GRACE, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+            .map_err(|e| e.to_string())
         }
     };
     match activity.unless_idle(settings.idle_timeout, serving).await {

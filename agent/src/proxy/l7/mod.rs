@@ -41,7 +41,7 @@ pub use upstream::Pool;
 
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
-use crate::lifecycle::drain::until_drained;
+use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::routing::RequestInfo;
 
 /// Per-stream and per-connection flow-control windows offered to HTTP/2
@@ -99,19 +99,26 @@ pub async fn serve(
     });
     let settings = downstream.proxy.settings.http;
     let drain = downstream.proxy.drain.watch();
+    let draining = downstream.proxy.drain.draining();
     let service = service_fn(move |request| {
-        let downstream = downstream.clone();
-        async move { Ok::<_, Infallible>(downstream.handle(request).await) }
+        let (downstream, draining) = (downstream.clone(), draining.clone());
+        async move {
+            let mut response = downstream.handle(request).await;
+            if !http2 {
+                draining.close_after(&mut response);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let serving = async {
         if http2 {
             let conn = http2_server(&settings).serve_connection(io, service);
-            until_drained(conn, drain, |c| c.graceful_shutdown()).await
+            until_drained(conn, drain, Duration::ZERO, |c| c.graceful_shutdown()).await
         } else {
             let conn = http1_server(&settings)
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_drained(conn, drain, |c| c.graceful_shutdown()).await
+            until_drained(conn, drain, IDLE_GRACE, |c| c.graceful_shutdown()).await
         }
     };
     let Some(served) = activity.unless_idle(settings.idle_timeout, serving).await else {
