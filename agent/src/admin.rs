@@ -26,6 +26,9 @@ pub enum Query {
     Certs,
     Routes,
     Explain(crate::proxy::ExplainRequest),
+    /// The AuthorizationPolicies of one workload (`namespace/name`), or of
+    /// every workload of the node.
+    Policies(Option<String>),
 }
 
 #[derive(Serialize, Deserialize)]

@@ -411,6 +411,10 @@ impl Responder for Node {
                 .proxy
                 .explain(&cfg, &ask)
                 .unwrap_or_else(|e| json!({ "error": e })),
+            Query::Policies(workload) => self
+                .proxy
+                .policies(&cfg, workload.as_deref())
+                .unwrap_or_else(|e| json!({ "error": e })),
         }
     }
 }
@@ -490,6 +494,7 @@ impl Node {
                 "http_routes": cfg.routing().route_count(),
                 "routing_warnings": cfg.routing().warnings,
                 "peer_authentication_warnings": cfg.peer_authentications().warnings,
+                "authorization_policy_warnings": cfg.authorizations().warnings,
             },
             "ebpf": self.enroller.with_datapath(|d| d.status()),
             "workloads": {

@@ -24,6 +24,7 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
         Query::Status => print_status(answer),
         Query::Routes => print_routes(answer),
         Query::Explain(_) => print_explain(answer),
+        Query::Policies(_) => print_policies(answer),
         Query::Workloads => table(
             &["NAMESPACE", "NAME", "NODE", "ADDRESSES", "STATE"],
             rows(answer).iter().map(|w| {
@@ -374,6 +375,52 @@ fn print_security(destination: &Value, indent: &str) {
     }
     for mode in destination["mtls"].as_array().into_iter().flatten() {
         println!("{indent}{:<10} {}", "mtls", text(mode));
+    }
+    for decision in destination["authorization"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!("{indent}{:<10} {}", "authz", text(decision));
+    }
+}
+
+fn print_policies(answer: &Value) {
+    for workload in answer["workloads"].as_array().into_iter().flatten() {
+        let http = match workload["inspectsHttp"].as_bool() {
+            Some(true) => " (HTTP requests judged one by one)",
+            _ => "",
+        };
+        println!("{}{http}", text(&workload["workload"]));
+        let policies = workload["policies"].as_array().cloned().unwrap_or_default();
+        if policies.is_empty() {
+            println!("  no AuthorizationPolicy: every caller is allowed");
+        }
+        for policy in policies {
+            println!(
+                "  {:<6} {} ({})",
+                text(&policy["action"]),
+                text(&policy["name"]),
+                text(&policy["scope"])
+            );
+            let rules = policy["rules"].as_array().cloned().unwrap_or_default();
+            if rules.is_empty() {
+                println!("         no rules: matches nothing");
+            }
+            for (i, rule) in rules.iter().enumerate() {
+                println!("         rule {i}: {}", text(rule));
+            }
+        }
+    }
+    let denials = &answer["denials"];
+    println!("\ndenied since start: {}", denials["total"]);
+    if let Some(by_policy) = denials["by_policy"].as_object() {
+        for (policy, count) in by_policy {
+            println!("  {count:>8}  {policy}");
+        }
+    }
+    for warning in answer["warnings"].as_array().into_iter().flatten() {
+        println!("warning: {}", text(warning));
     }
 }
 

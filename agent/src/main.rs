@@ -40,7 +40,8 @@ enum Command {
     /// The effective L7 routing table of every Service.
     Routes(QueryArgs),
     /// Which route, subset, endpoints, faults, timeout and retries a request
-    /// would get; nothing is sent.
+    /// would get, and whether AuthorizationPolicy lets it through; nothing
+    /// is sent.
     Explain {
         /// The calling workload, `namespace/name`.
         #[arg(long)]
@@ -52,6 +53,15 @@ enum Command {
         headers: Vec<String>,
         #[arg(short = 'X', long = "request", default_value = "GET")]
         method: String,
+        #[command(flatten)]
+        query: QueryArgs,
+    },
+    /// The AuthorizationPolicies that apply to the node's workloads, in
+    /// evaluation order, and the denials counted so far.
+    Policies {
+        /// Only this workload, `namespace/name` (any node's).
+        #[arg(long)]
+        workload: Option<String>,
         #[command(flatten)]
         query: QueryArgs,
     },
@@ -234,6 +244,7 @@ fn main() -> ExitCode {
             };
             show(query, admin::Query::Explain(ask))
         }),
+        Command::Policies { workload, query } => show(query, admin::Query::Policies(workload)),
         Command::Uninstall { node_name, bpffs } => {
             lifecycle::ownership::ensure_unowned(&bpffs, &node_name)
                 .map_err(anyhow::Error::from)

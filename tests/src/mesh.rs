@@ -103,7 +103,19 @@ impl Mesh {
         labels: &[(&str, &str)],
         args: &[&str],
     ) -> Result<PodInfo> {
-        let pod = self.pod(node, name, labels)?;
+        self.app_as(node, name, labels, "default", args)
+    }
+
+    /// [`Mesh::app`] running as `service_account`.
+    pub fn app_as(
+        &mut self,
+        node: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        service_account: &str,
+        args: &[&str],
+    ) -> Result<PodInfo> {
+        let pod = self.pod_as(node, name, labels, service_account)?;
         let version = labels
             .iter()
             .find(|(k, _)| *k == "version")

@@ -177,22 +177,7 @@ impl Lab {
     /// Every connection that reached the recorder: the bytes it brought so
     /// far, in order.
     pub fn recorded(&self) -> Result<Vec<Vec<u8>>> {
-        let text = match fs::read_to_string(&self.recorder_log) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).context("reading the recorder's log"),
-        };
-        let mut connections: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for line in text.lines() {
-            let doc: Value = serde_json::from_str(line)?;
-            let (Some(id), Some(bytes)) = (doc["conn"].as_u64(), doc["bytes"].as_str()) else {
-                bail!("unexpected line in the recorder's log: {line}");
-            };
-            // Latin-1: one char per byte.
-            let connection = connections.entry(id).or_default();
-            connection.extend(bytes.chars().map(|c| c as u32 as u8));
-        }
-        Ok(connections.into_values().collect())
+        recorded_at(&self.recorder_log)
     }
 
     /// What `node`'s agent holds now.
@@ -395,7 +380,9 @@ with open(report, "w") as f:
 /// `101` to one that asks for an upgrade, then echoes) and logs every read
 /// at once (one JSON line per read: the connection's number
 /// and the bytes as a Latin-1 string).
-const RECORDER_PY: &str = r#"
+/// An HTTP/1.1 server that logs every byte each connection brings it:
+/// `recorder.py PORT LOG` (read the log with [`recorded_at`]).
+pub const RECORDER_PY: &str = r#"
 import json, socket, sys, threading
 port, log = int(sys.argv[1]), sys.argv[2]
 lock = threading.Lock()
@@ -467,3 +454,24 @@ while True:
     conn_id += 1
     threading.Thread(target=serve, args=(conn, conn_id), daemon=True).start()
 "#;
+
+/// Every connection that reached a [`RECORDER_PY`] server logging to
+/// `log`: the bytes it brought so far, in order.
+pub fn recorded_at(log: &Path) -> Result<Vec<Vec<u8>>> {
+    let text = match fs::read_to_string(log) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("reading the recorder's log"),
+    };
+    let mut connections: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for line in text.lines() {
+        let doc: Value = serde_json::from_str(line)?;
+        let (Some(id), Some(bytes)) = (doc["conn"].as_u64(), doc["bytes"].as_str()) else {
+            bail!("unexpected line in the recorder's log: {line}");
+        };
+        // Latin-1: one char per byte.
+        let connection = connections.entry(id).or_default();
+        connection.extend(bytes.chars().map(|c| c as u32 as u8));
+    }
+    Ok(connections.into_values().collect())
+}

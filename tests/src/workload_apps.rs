@@ -148,7 +148,7 @@ pub fn python3() -> &'static str {
 }
 
 /// Writes a script into the work dir (once) and returns its path.
-pub(crate) fn write_script(topo: &Topology, file: &str, text: &str) -> Result<PathBuf> {
+pub fn write_script(topo: &Topology, file: &str, text: &str) -> Result<PathBuf> {
     let path = topo.work_dir().join(file);
     if !path.exists() {
         crate::config::write_raw(topo.work_dir(), file, text)?;

@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::routing::{self, RoutingTable};
-use crate::security::{self, PeerAuthenticationDraft, PeerAuthentications};
+use crate::security::authorization::{self, AuthorizationPolicyDraft};
+use crate::security::{self, Authorizations, PeerAuthenticationDraft, PeerAuthentications};
 
 use super::cluster_ip::ClusterIpRange;
 use super::model::{
@@ -86,6 +87,7 @@ enum Kind {
     DestinationRule,
     HttpRoute,
     PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -95,7 +97,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -104,6 +106,7 @@ impl Kind {
         Kind::DestinationRule,
         Kind::HttpRoute,
         Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -117,7 +120,9 @@ impl Kind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
-            Kind::PeerAuthentication => &["security.istio.io/v1", "security.istio.io/v1beta1"],
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
+                &["security.istio.io/v1", "security.istio.io/v1beta1"]
+            }
         }
     }
 
@@ -131,6 +136,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -204,6 +210,7 @@ struct Loader {
     services: Vec<(Origin, ServiceDraft)>,
     routing: routing::Drafts,
     peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
+    authorization_policies: Vec<(Origin, AuthorizationPolicyDraft)>,
 }
 
 impl Loader {
@@ -220,6 +227,7 @@ impl Loader {
             services: Vec::new(),
             routing: routing::Drafts::default(),
             peer_authentications: Vec::new(),
+            authorization_policies: Vec::new(),
         }
     }
 
@@ -374,6 +382,12 @@ impl Loader {
                     self.peer_authentications.push((origin, draft));
                 }
             }
+            Kind::AuthorizationPolicy => {
+                let parsed = self.parse(&origin, doc, authorization::authorization_policy);
+                if let Some(draft) = parsed {
+                    self.authorization_policies.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -453,6 +467,7 @@ impl Loader {
                 endpoints,
             },
             routing: RoutingTable::default(),
+            authorizations: Authorizations::default(),
             peer_authentications: PeerAuthentications::compile(
                 self.peer_authentications,
                 &opts.root_namespace,
@@ -460,6 +475,11 @@ impl Loader {
         };
         // Routes refer to Services, so they are resolved once all are known.
         config.routing = routing::compile(&config, self.routing, &mut self.errors);
+        config.authorizations = Authorizations::compile(
+            self.authorization_policies,
+            &opts.root_namespace,
+            &config.services,
+        );
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
         }
@@ -1203,7 +1223,8 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
-                         security.istio.io/v1|v1beta1 PeerAuthentication)";
+                         security.istio.io/v1|v1beta1 PeerAuthentication, \
+                         security.istio.io/v1|v1beta1 AuthorizationPolicy)";
         assert_error(
             &[("x.yaml", deployment)],
             &[

@@ -30,7 +30,7 @@ pub use store::ConfigStore;
 pub use watch::watch_dir;
 
 use crate::routing::RoutingTable;
-use crate::security::PeerAuthentications;
+use crate::security::{Authorizations, PeerAuthentications};
 
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -219,6 +219,8 @@ pub struct Config {
     routing: RoutingTable,
     #[serde(skip)]
     peer_authentications: PeerAuthentications,
+    #[serde(skip)]
+    authorizations: Authorizations,
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -243,6 +245,7 @@ impl Config {
             index: Index::default(),
             routing: RoutingTable::default(),
             peer_authentications: PeerAuthentications::default(),
+            authorizations: Authorizations::default(),
         }
     }
 
@@ -254,6 +257,11 @@ impl Config {
     /// PeerAuthentications, compiled for lookups by workload and port.
     pub fn peer_authentications(&self) -> &PeerAuthentications {
         &self.peer_authentications
+    }
+
+    /// AuthorizationPolicies, compiled for lookups by workload.
+    pub fn authorizations(&self) -> &Authorizations {
+        &self.authorizations
     }
 
     /// Lowercase, without trailing dot (`cluster.local`).

@@ -59,7 +59,8 @@ fn serve(dir: &std::path::Path, opts: &LoadOptions, store: &ConfigStore, pending
         match Config::load_dir(dir, opts) {
             Ok(config) => {
                 let warnings = config.routing().warnings.iter();
-                for warning in warnings.chain(&config.peer_authentications().warnings) {
+                let warnings = warnings.chain(&config.peer_authentications().warnings);
+                for warning in warnings.chain(&config.authorizations().warnings) {
                     log::warn!("{warning}");
                 }
                 let routes = config.routing().route_count();

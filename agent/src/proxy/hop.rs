@@ -68,12 +68,7 @@ pub fn choose(
             _ => Ok(Hop::Plain),
         };
     };
-    let mutual = match tls {
-        UpstreamTls::IstioMutual => true,
-        UpstreamTls::Disable => false,
-        UpstreamTls::Auto => accepts_mtls(cfg, workload, to.port()),
-    };
-    if !mutual {
+    if !is_mutual(cfg, workload, to.port(), tls) {
         // Also on this node: the destination then sees a plaintext caller.
         return Ok(Hop::Plain);
     }
@@ -103,8 +98,15 @@ pub fn choose(
     }))
 }
 
-/// Automatic mTLS: a mesh destination gets mutual TLS unless its own
-/// PeerAuthentication for the port is DISABLE.
-fn accepts_mtls(cfg: &Config, workload: &Workload, port: u16) -> bool {
-    cfg.peer_authentications().mtls_mode(workload, port).mode != MtlsMode::Disable
+/// Whether a call to the mesh `workload` on `port` goes over mutual TLS
+/// (so that the destination knows the caller's identity). Automatic mTLS:
+/// yes unless its own PeerAuthentication for the port is DISABLE.
+pub fn is_mutual(cfg: &Config, workload: &Workload, port: u16, tls: UpstreamTls) -> bool {
+    match tls {
+        UpstreamTls::IstioMutual => true,
+        UpstreamTls::Disable => false,
+        UpstreamTls::Auto => {
+            cfg.peer_authentications().mtls_mode(workload, port).mode != MtlsMode::Disable
+        }
+    }
 }

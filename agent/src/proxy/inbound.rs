@@ -12,31 +12,24 @@
 //! HTTP is served request by request so that `X-Forwarded-Client-Cert`
 //! carries the authenticated caller, and no caller can forge it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use tokio::net::TcpStream;
 
+pub use super::authorize::Caller;
 use super::budget::{self, CallerKey, Fds};
 use super::detect::{self, Declared, Detected};
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, Transferred};
-use super::{l7, Direction, Pod, Proxy, AGENT_PORTS};
+use super::{authorize, l7, Direction, Pod, Proxy, AGENT_PORTS};
 use crate::config::{Config, Protocol, Workload};
-use crate::identity::SpiffeId;
+use crate::security::authorization::HttpView;
 use crate::security::MtlsMode;
 use crate::transport::server::{Inbound, Refusal, StreamRequest};
 use crate::transport::Tunnel;
-
-/// Who is calling a workload.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// From its certificate (or, on this node, its own); `None` in plaintext.
-    pub identity: Option<SpiffeId>,
-    pub address: IpAddr,
-}
 
 /// A client that has not spoken within this is taken for one that waits
 /// for a server that speaks first.
@@ -88,14 +81,7 @@ pub async fn handle(
         }
         declared_protocol(&cfg, workload, app.port())
     };
-    let caller = Caller {
-        identity: None,
-        address: peer.ip(),
-    };
-    let Some(fd) = fds.split_one() else {
-        relay::reset(&client);
-        return tracked.finish(Err("no descriptor left for the delivery".into()));
-    };
+    let caller = Caller::new(None, peer.ip());
     let protocol = match declared {
         Declared::Http => {
             let wait = proxy.settings.http.header_read_timeout;
@@ -117,34 +103,88 @@ pub async fn handle(
         return tracked.finish(Err("no request before the header read timeout".into()));
     };
     tracked.record.protocol = protocol_name(protocol);
+    if let Err(denied) = proxy.authorize_connection(pod, &caller, app, protocol) {
+        refuse(proxy, pod, client, &caller, protocol).await;
+        return tracked.finish(Err(denied));
+    }
+    let Some(fd) = fds.split_one() else {
+        relay::reset(&client);
+        return tracked.finish(Err("no descriptor left for the delivery".into()));
+    };
     let timeout = proxy.settings.connect_timeout;
     let outcome = match peer::deliver(proxy, pod, app, caller.address, timeout, fd).await {
-        // A policy that turns STRICT ends plaintext connections already
-        // open, not only new ones.
-        Ok(server) => tokio::select! {
-            served = serve(proxy, pod, client, &caller, protocol, server) => served,
-            refused = until_plaintext_refused(proxy, &pod.key, app.port()) => {
-                log::warn!("{}: plaintext connection from {peer} closed: {refused}", pod.key);
-                Err(refused)
-            }
-        },
+        Ok(server) => serve_until_refused(proxy, pod, client, &caller, app, protocol, server).await,
         Err(e) => Err(format!("delivering to {app}: {e}")),
     };
     tracked.finish(outcome);
 }
 
-/// Resolves, with the reason, once the configuration stops accepting
-/// plaintext on `port` of the workload `key`.
-async fn until_plaintext_refused(proxy: &Proxy, key: &str, port: u16) -> String {
+/// Answers a connection that no request on it may pass: every HTTP request
+/// gets Envoy's `403 RBAC: access denied`, anything else is closed before a
+/// byte reaches the application.
+async fn refuse<S: Client>(
+    proxy: &Proxy,
+    pod: &Pod,
+    client: S,
+    caller: &Caller,
+    protocol: Detected,
+) {
+    match protocol {
+        Detected::Http1 | Detected::Http2 => {
+            let http2 = protocol == Detected::Http2;
+            l7::inbound::refuse(proxy, pod, client, caller, http2).await
+        }
+        Detected::Opaque => drop(client),
+    }
+}
+
+/// Serves a delivered connection until it ends, or until the configuration
+/// refuses it: a policy that turns STRICT ends plaintext connections
+/// already open, and one that denies a TCP caller ends its connections
+/// (HTTP ones are judged request by request).
+async fn serve_until_refused<S: Client>(
+    proxy: &Proxy,
+    pod: &Pod,
+    client: S,
+    caller: &Caller,
+    app: SocketAddr,
+    protocol: Detected,
+    server: Charged,
+) -> Result<Transferred, String> {
+    tokio::select! {
+        served = serve(proxy, pod, client, caller, app, protocol, server) => served,
+        refused = until_refused(proxy, pod, app, caller, protocol) => {
+            log::warn!("{}: connection from {} closed: {refused}", pod.key, caller.address);
+            Err(refused)
+        }
+    }
+}
+
+/// Resolves, with the reason, once the configuration stops accepting this
+/// connection.
+async fn until_refused(
+    proxy: &Proxy,
+    pod: &Pod,
+    app: SocketAddr,
+    caller: &Caller,
+    protocol: Detected,
+) -> String {
     let mut generations = proxy.config.subscribe();
     while generations.changed().await.is_ok() {
         let cfg = proxy.config.current();
-        let Some(workload) = cfg.workload_by_key(key) else {
+        let Some(workload) = cfg.workload_by_key(&pod.key) else {
             return "the workload left the configuration".to_owned();
         };
-        let mtls = cfg.peer_authentications().mtls_mode(workload, port);
-        if mtls.mode == MtlsMode::Strict {
-            return format!("plaintext refused: mTLS mode {mtls}");
+        if caller.identity.is_none() {
+            let mtls = cfg.peer_authentications().mtls_mode(workload, app.port());
+            if mtls.mode == MtlsMode::Strict {
+                return format!("plaintext refused: mTLS mode {mtls}");
+            }
+        }
+        if protocol == Detected::Opaque {
+            if let Err(denied) = proxy.authorize_connection(pod, caller, app, protocol) {
+                return denied;
+            }
         }
     }
     std::future::pending().await
@@ -157,6 +197,7 @@ async fn serve<S>(
     pod: &Pod,
     mut client: S,
     caller: &Caller,
+    app: SocketAddr,
     protocol: Detected,
     mut server: Charged,
 ) -> Result<Transferred, String>
@@ -165,23 +206,19 @@ where
 {
     match protocol {
         Detected::Http1 | Detected::Http2 => {
-            l7::inbound::serve(
-                proxy,
-                pod,
-                client,
-                caller,
-                protocol == Detected::Http2,
-                server,
-            )
-            .await?;
+            let http2 = protocol == Detected::Http2;
+            l7::inbound::serve(proxy, pod, client, caller, app, http2, server).await?;
             Ok(Transferred::default())
         }
         Detected::Opaque => {
             let idle = proxy.settings.idle_timeout;
-            let Stream::Tcp(app) = &mut server.stream else {
+            let Stream::Tcp(socket) = &mut server.stream else {
                 unreachable!("deliveries are sockets");
             };
-            client.relay_to(app, idle).await.map_err(|e| e.to_string())
+            client
+                .relay_to(socket, idle)
+                .await
+                .map_err(|e| e.to_string())
         }
     }
 }
@@ -257,8 +294,9 @@ pub struct Admitted {
     source_workload: String,
     /// `hbone` or `local`, for `nodemesh connections`.
     transport: &'static str,
-    /// The delivery, already accepted by the application.
-    app: Charged,
+    /// The delivery, already accepted by the application; or, when no
+    /// request on the stream may pass, why (its HTTP requests then get 403).
+    app: Result<Charged, String>,
 }
 
 impl Inbound for Proxy {
@@ -346,7 +384,31 @@ impl Proxy {
                 refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
             })?;
         let source_workload = caller.key();
+        let declared = cfg
+            .workload_by_key(&pod.key)
+            .map_or(Declared::Unknown, |w| declared_protocol(&cfg, w, to.port()));
         drop(cfg);
+        // A TCP port is judged now and refused as a connection; anything
+        // else may be HTTP, whose denied requests get a 403 from here.
+        let (protocol, caller) = (
+            match declared {
+                Declared::Opaque => Some(Detected::Opaque),
+                _ => None,
+            },
+            Caller::new(Some(request.peer.clone()), request.source),
+        );
+        if let Err(denied) = self.authorize(&pod, &caller, to, protocol) {
+            if protocol.is_some() {
+                return Err(refuse(StatusCode::FORBIDDEN, denied));
+            }
+            return Ok(Admitted {
+                source_workload,
+                pod,
+                request: request.clone(),
+                transport,
+                app: Err(denied),
+            });
+        }
         let timeout = self.settings.connect_timeout;
         match peer::deliver(self, &pod, to, request.source, timeout, fd).await {
             Ok(app) => Ok(Admitted {
@@ -354,7 +416,7 @@ impl Proxy {
                 pod,
                 request: request.clone(),
                 transport,
-                app,
+                app: Ok(app),
             }),
             Err(e) => {
                 let reason = format!("delivering to {to}: {e}");
@@ -362,6 +424,42 @@ impl Proxy {
                 tracked.finish(Err(reason.clone()));
                 Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason))
             }
+        }
+    }
+
+    /// Judges a connection to `pod` once its protocol is known: TCP by
+    /// Istio's TCP semantics, HTTP only as far as no request on it could
+    /// pass (each request is judged again).
+    fn authorize_connection(
+        &self,
+        pod: &Pod,
+        caller: &Caller,
+        app: SocketAddr,
+        protocol: Detected,
+    ) -> Result<(), String> {
+        self.authorize(pod, caller, app, Some(protocol))
+    }
+
+    /// [`Proxy::authorize_connection`], before the protocol is known too.
+    fn authorize(
+        &self,
+        pod: &Pod,
+        caller: &Caller,
+        app: SocketAddr,
+        protocol: Option<Detected>,
+    ) -> Result<(), String> {
+        let view = match protocol {
+            Some(Detected::Opaque) => HttpView::Tcp,
+            _ => HttpView::Unknown,
+        };
+        let cfg = self.config.current();
+        let attributes = caller.attributes(app, view);
+        let decision = authorize::judge(&cfg, pod, &self.denials, &attributes, || {
+            "connection".into()
+        });
+        match decision.allowed {
+            true => Ok(()),
+            false => Err(format!("RBAC: access denied: {decision}")),
         }
     }
 
@@ -428,11 +526,25 @@ impl Proxy {
             }
         };
         tracked.record.protocol = protocol_name(protocol);
-        let caller = Caller {
-            identity: Some(request.peer.clone()),
-            address: request.source,
+        let caller = Caller::new(Some(request.peer.clone()), request.source);
+        let denied = server.as_ref().err().cloned().or_else(|| {
+            let opaque = protocol == Detected::Opaque;
+            opaque.then(|| {
+                proxy
+                    .authorize_connection(&pod, &caller, app, protocol)
+                    .err()
+            })?
+        });
+        let outcome = match (denied, server) {
+            (Some(denied), _) => {
+                refuse(proxy, &pod, client, &caller, protocol).await;
+                Err(denied)
+            }
+            (None, Ok(server)) => {
+                serve_until_refused(proxy, &pod, client, &caller, app, protocol, server).await
+            }
+            (None, Err(_)) => unreachable!("a stream without delivery was denied"),
         };
-        let outcome = serve(proxy, &pod, client, &caller, protocol, server).await;
         tracked.finish(outcome);
     }
 }

@@ -12,6 +12,7 @@
 //! - `l7`: requests routed one by one (VirtualService, DestinationRule...).
 //! - `budget`: descriptors, shared fairly by workloads and by their callers.
 
+mod authorize;
 pub mod budget;
 pub mod detect;
 mod hop;
@@ -276,6 +277,8 @@ pub struct Proxy {
     /// Set once the node was handed over: HTTP connections end at a
     /// request boundary.
     pub drain: Drain,
+    /// Connections and requests that AuthorizationPolicy denied.
+    pub denials: authorize::Denials,
 }
 
 impl Proxy {
@@ -304,12 +307,22 @@ impl Proxy {
             next_endpoint: Mutex::new(HashMap::new()),
             clusters: l7::Clusters::default(),
             drain: Drain::default(),
+            denials: authorize::Denials::default(),
         }
     }
 
     /// The effective routing table (`nodemesh routes`).
     pub fn routes(&self, config: &crate::config::Config) -> serde_json::Value {
         l7::inspect::routes(self, config)
+    }
+
+    /// The AuthorizationPolicies that apply (`nodemesh policies`).
+    pub fn policies(
+        &self,
+        config: &crate::config::Config,
+        workload: Option<&str>,
+    ) -> Result<serde_json::Value, String> {
+        authorize::policies(config, &self.node, &self.denials, workload)
     }
 
     /// What a request would go through (`nodemesh explain`).

@@ -1,11 +1,25 @@
-//! Security policy as pure data: Istio `PeerAuthentication`
-//! (security.istio.io), compiled at load time into decisions that the data
-//! path and `nodemesh explain` both ask through the same function, so that
-//! what is explained is what is enforced.
+//! Security policy as pure data: Istio `PeerAuthentication` and
+//! `AuthorizationPolicy` (security.istio.io), compiled at load time into
+//! decisions that the data path and `nodemesh explain` both ask through
+//! the same functions, so that what is explained is what is enforced.
 
+pub mod authorization;
 mod peer_authentication;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub use authorization::Authorizations;
 pub(crate) use peer_authentication::{peer_authentication, PeerAuthenticationDraft};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentications};
+
+/// Istio's `WorkloadSelector`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WorkloadSelectorSpec {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}

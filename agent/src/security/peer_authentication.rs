@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::WorkloadSelectorSpec;
 use crate::config::{
     check_labels, check_metadata, port_number, Issues, Meta, Object, Origin, Workload,
 };
@@ -28,13 +29,6 @@ pub(crate) struct PeerAuthenticationSpec {
     /// Keys are port numbers, read as text so that a bad one is reported
     /// on its own field.
     port_level_mtls: Option<BTreeMap<String, MutualTlsSpec>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct WorkloadSelectorSpec {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]

@@ -87,6 +87,7 @@ use nodemesh_testbed::workload_apps::wait_listening;
 use nodemesh_testbed::{config, Agent, Topology};
 use serde_json::{json, Value};
 
+mod authz;
 mod haproxy;
 mod mtls;
 mod probe;
@@ -100,7 +101,7 @@ use procfs::{
     children_cpu_ticks, clock_ticks_per_second, loadavg, machine_ticks, num_cpus,
     proc_context_switches, proc_cpu_ticks, proc_memory_kib,
 };
-use report::{comparison, cpu_breakdown, route_table};
+use report::{comparison, cpu_breakdown, l7_table};
 use results::{
     per_1000, Bulk, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
     ModeResult, PathResult,
@@ -232,13 +233,23 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     );
     println!("\nnodemesh against the HAProxy pair (same invocation):");
     print!("{}", comparison.versus_haproxy.render());
-    let route_rows = route_table(&results);
+    let route_rows = l7_table(&results, ROUTE_COUNTS, "routes", &|r, n| r.l7_with(n));
     println!("\nRoute-table size, meshed L7, requests matching the last route:");
     print!("{}", route_rows.render());
     println!(
         "The CPU differences (ms per 1000 requests = µs per request) are the per-request cost \
          of the larger\ntable. Design: the same with 10 and with 10 000 routes."
     );
+    let allow_rows = l7_table(&results, authz::ALLOW_LISTS, "allow rules", &|r, n| {
+        r.l7.iter().find(|l| l.allow_rules == Some(n))
+    });
+    println!(
+        "\nAllow-list size, meshed L7 + mTLS ({} routes), AuthorizationPolicy on the server, the \
+         client matching the last rule:",
+        ROUTE_COUNTS[0]
+    );
+    print!("{}", allow_rows.render());
+    println!("Design: no measurable difference between 10 and 1 000 rules.");
     let warnings: Vec<&String> = results.iter().flat_map(|r| &r.warnings).collect();
     if warnings.is_empty() {
         println!(
@@ -277,6 +288,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         "targets_judged_on": comparison.judged.label(),
         "versus_haproxy_pair": comparison.versus_haproxy.to_json(),
         "route_count_cost": route_rows.to_json(),
+        "allow_list_cost": allow_rows.to_json(),
     });
     for mode in modes {
         doc[mode.key()] = results
@@ -720,7 +732,7 @@ impl<'a> Bench<'a> {
         let full = matches!(mode, Mode::Direct | Mode::MeshedMtls);
         let bulk_steps = usize::from(full);
         let l7_steps = if mode == Mode::MeshedMtls {
-            3 * ROUTE_COUNTS.len()
+            3 * (ROUTE_COUNTS.len() + authz::ALLOW_LISTS.len())
         } else {
             0
         };
@@ -765,6 +777,11 @@ impl<'a> Bench<'a> {
             for routes in ROUTE_COUNTS {
                 l7.push(self.l7_phases(&mut log, routes)?);
             }
+            self.set_routes(ROUTE_COUNTS[0])?;
+            for rules in authz::ALLOW_LISTS {
+                l7.push(self.allow_list_phases(&mut log, rules)?);
+            }
+            self.set_allow_list(None)?;
         }
 
         let counts_after = self.agent_counts()?;
@@ -858,6 +875,46 @@ impl<'a> Bench<'a> {
         );
         Ok(L7Result {
             routes,
+            allow_rules: None,
+            path,
+            applied_after,
+        })
+    }
+
+    /// Writes (or, `None`, removes) the allow-list of `rules` rules;
+    /// returns how long the agents took to serve it.
+    fn set_allow_list(&mut self, rules: Option<usize>) -> Result<Duration> {
+        let generations = self.generations()?;
+        let start = Instant::now();
+        match rules {
+            Some(rules) => config::write_raw(
+                &self.config_dir,
+                authz::FILE,
+                &authz::allow_list(NAMESPACE, SERVER, rules),
+            )?,
+            None => config::remove(&self.config_dir, authz::FILE)?,
+        }
+        self.wait_config(&generations)?;
+        Ok(start.elapsed())
+    }
+
+    /// The L7 phases (10 routes) with an allow-list of `rules` rules on the
+    /// server, the client matching the last.
+    fn allow_list_phases(&mut self, log: &mut PhaseLog, rules: usize) -> Result<L7Result> {
+        let applied_after = self.set_allow_list(Some(rules))?;
+        let url = self.service_url();
+        let routes = ROUTE_COUNTS[0];
+        routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
+        authz::check_policies(&self.agents[1], &format!("{NAMESPACE}/{SERVER}"), rules)?;
+        println!(
+            "  allow-list of {rules} rules served {:.0} ms after the write; the client's              requests match its last rule",
+            applied_after.as_secs_f64() * 1000.0
+        );
+        self.warm_up(&url)?;
+        let path = self.path_phases(log, &url, &format!("L7, allow-list of {rules} rules"))?;
+        Ok(L7Result {
+            routes,
+            allow_rules: Some(rules),
             path,
             applied_after,
         })

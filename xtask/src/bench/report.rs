@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 use super::procfs::num_cpus;
 use super::{
     per_1000, CpuUse, HttpRun, L7Result, Memory, Mode, ModeResult, PathResult, CONNECTIONS,
-    FIXED_RATE, ROUTE_COUNTS, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000,
-    TARGET_CPU_MS_PER_1000_FIXED_RATE, TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
+    FIXED_RATE, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000, TARGET_CPU_MS_PER_1000_FIXED_RATE,
+    TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
 };
 
 /// A table of figures: a metric column, one column per compared figure,
@@ -574,17 +574,22 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
     }
 }
 
-/// What the size of the route table costs, meshed L7 with the smallest and
-/// the largest table: requests match the last route, so the larger table
-/// makes each request compare against every route before it.
-pub(super) fn route_table(results: &[ModeResult]) -> Table {
+/// What the size of a table (routes, allow-list rules) costs, meshed L7
+/// with the smaller and the larger one, the L7 results `pick` finds for a
+/// size: requests match its last entry, so the larger table makes each
+/// request go past every entry before it, unless it is indexed.
+pub(super) fn l7_table(
+    results: &[ModeResult],
+    [small, large]: [usize; 2],
+    noun: &str,
+    pick: &dyn Fn(&ModeResult, usize) -> Option<&L7Result>,
+) -> Table {
     let meshed: Vec<&ModeResult> = results
         .iter()
         .filter(|r| r.mode == Mode::MeshedMtls)
         .collect();
-    let (small, large) = (ROUTE_COUNTS[0], ROUTE_COUNTS[ROUTE_COUNTS.len() - 1]);
     let pair_in = |rounds: &[&ModeResult], f: &dyn Fn(&L7Result) -> f64| {
-        let at = |n: usize| median(rounds.iter().filter_map(|r| r.l7_with(n)).map(f));
+        let at = |n: usize| median(rounds.iter().filter_map(|r| pick(r, n)).map(f));
         (at(small), at(large))
     };
     let pair = |f: &dyn Fn(&L7Result) -> f64| pair_in(&meshed, f);
@@ -691,7 +696,7 @@ pub(super) fn route_table(results: &[ModeResult]) -> Table {
             "MB",
         ),
         (
-            "route table served after write".into(),
+            "config served after write".into(),
             "config_applied_ms",
             pair(&|l| l.applied_after.as_secs_f64() * 1000.0),
             0,
@@ -712,8 +717,8 @@ pub(super) fn route_table(results: &[ModeResult]) -> Table {
     Table {
         titles: vec![
             "metric".into(),
-            format!("{small} routes"),
-            format!("{large} routes"),
+            format!("{small} {noun}"),
+            format!("{large} {noun}"),
             "difference".into(),
         ],
         rows,
@@ -832,7 +837,7 @@ pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Captured, L7Result};
+    use super::super::{Captured, L7Result, ROUTE_COUNTS};
     use super::*;
     use std::time::Duration;
 
@@ -859,6 +864,7 @@ mod tests {
                 .into_iter()
                 .map(|path| L7Result {
                     routes: ROUTE_COUNTS[0],
+                    allow_rules: None,
                     path,
                     applied_after: Duration::ZERO,
                 })

@@ -311,6 +311,9 @@ impl PathResult {
 pub(super) struct L7Result {
     /// Routes in the VirtualService; requests match the last.
     pub(super) routes: usize,
+    /// Rules of the AuthorizationPolicy on the server, if any; requests
+    /// match the last.
+    pub(super) allow_rules: Option<usize>,
     pub(super) path: PathResult,
     /// From writing the VirtualService until both agents served it.
     pub(super) applied_after: Duration,
@@ -320,6 +323,7 @@ impl L7Result {
     fn to_json(&self) -> Value {
         let mut doc = self.path.to_json();
         doc["routes"] = json!(self.routes);
+        doc["allow_rules"] = json!(self.allow_rules);
         doc["config_applied_ms"] = json!(self.applied_after.as_secs_f64() * 1000.0);
         doc
     }
@@ -355,7 +359,9 @@ pub(super) struct ModeResult {
 
 impl ModeResult {
     pub(super) fn l7_with(&self, routes: usize) -> Option<&L7Result> {
-        self.l7.iter().find(|l| l.routes == routes)
+        self.l7
+            .iter()
+            .find(|l| l.routes == routes && l.allow_rules.is_none())
     }
 
     pub(super) fn to_json(&self) -> Value {

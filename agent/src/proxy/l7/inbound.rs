@@ -1,11 +1,15 @@
-//! HTTP at the destination: every request on a delivered connection gets
-//! `X-Forwarded-Client-Cert` set from the authenticated caller, in Envoy's
-//! format (`By=<workload>;URI=<caller>`), and any copy the caller sent is
-//! removed, so an application can trust the header (plaintext callers
-//! reach it with none). One connection to the application per inbound
-//! connection: it carries the caller's address, so it is never shared.
+//! HTTP at the destination: every request on a delivered connection is
+//! judged by AuthorizationPolicy (a denied one gets Envoy's `403 RBAC:
+//! access denied`, or gRPC `PERMISSION_DENIED`, and never reaches the
+//! application), and gets `X-Forwarded-Client-Cert` set from the
+//! authenticated caller, in Envoy's format (`By=<workload>;URI=<caller>`),
+//! any copy the caller sent removed, so an application can trust the header
+//! (plaintext callers reach it with none). One connection to the
+//! application per inbound connection: it carries the caller's address, so
+//! it is never shared.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +19,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body};
-use super::{http1_server, http2_server};
+use super::{http1_server, http2_server, is_grpc, path};
 use crate::identity::SpiffeId;
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
+use crate::proxy::authorize;
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Client};
 use crate::proxy::peer::Charged;
 use crate::proxy::{Pod, Proxy};
+use crate::security::authorization::{HttpRequest, HttpView};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -36,30 +42,120 @@ pub fn set_client_cert(headers: &mut http::HeaderMap, pod: &Pod, caller: Option<
     }
 }
 
+/// Envoy's answer to a request that AuthorizationPolicy denies, word for
+/// word, so that runbooks still match.
+const ACCESS_DENIED: &str = "RBAC: access denied";
+
+fn access_denied(grpc: bool) -> Response<Body> {
+    if grpc {
+        return body::grpc_reply(7, ACCESS_DENIED);
+    }
+    let mut response = Response::new(body::full(ACCESS_DENIED));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+/// Normalizes the path the application will get, sets XFCC, and judges the
+/// request: the denial to answer with when it may not pass.
+fn admit_request(
+    proxy: &Proxy,
+    pod: &Pod,
+    caller: &Caller,
+    app: SocketAddr,
+    request: &mut Request<Body>,
+) -> Result<(), Response<Body>> {
+    if let Some(normalized) =
+        path::normalize(request.uri().path_and_query().map_or("/", |p| p.as_str()))
+    {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = normalized.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    set_client_cert(request.headers_mut(), pod, caller.identity.as_ref());
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(http::header::HOST)?.to_str().ok())
+        .unwrap_or_default();
+    let view = HttpView::Request(HttpRequest {
+        method: request.method().as_str(),
+        path: request.uri().path(),
+        host,
+        headers: request.headers(),
+    });
+    let cfg = proxy.config.current();
+    let attributes = caller.attributes(app, view);
+    let what = || format!("{} {}", request.method(), request.uri().path());
+    match authorize::judge(&cfg, pod, &proxy.denials, &attributes, what).allowed {
+        true => Ok(()),
+        false => Err(access_denied(is_grpc(request))),
+    }
+}
+
+/// Serves an HTTP connection that no request may pass (the caller matches
+/// no rule whatever it asks): each request gets the denial, and HTTP/1.1
+/// connections close after it, so a retry is judged anew.
+pub async fn refuse<S: Client>(proxy: &Proxy, pod: &Pod, client: S, caller: &Caller, http2: bool) {
+    let settings = proxy.settings.http;
+    let service = service_fn(|request: Request<Incoming>| {
+        let mut response = access_denied(is_grpc(&request));
+        if !http2 {
+            let close = HeaderValue::from_static("close");
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, close);
+        }
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let io = TokioIo::new(client);
+    let served = tokio::time::timeout(settings.idle_timeout, async {
+        if http2 {
+            http2_server(&settings).serve_connection(io, service).await
+        } else {
+            http1_server(&settings).serve_connection(io, service).await
+        }
+    });
+    if let Ok(Err(e)) = served.await {
+        log::debug!(
+            "{}: refused HTTP connection from {}: {e}",
+            pod.key,
+            caller.address
+        );
+    }
+}
+
 /// Serves the HTTP connection `client` until it ends, forwarding each
-/// request to the application over `app`.
+/// request that may pass to the application `app` over `server`.
 pub async fn serve<S: Client>(
     proxy: &Proxy,
     pod: &Pod,
     client: S,
     caller: &Caller,
+    app: SocketAddr,
     http2: bool,
-    app: Charged,
+    server: Charged,
 ) -> Result<(), String> {
     let settings = proxy.settings.http;
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
-    let app = TokioIo::new(Tracked::new(app, activity.clone()));
+    let server = TokioIo::new(Tracked::new(server, activity.clone()));
     let stamp = move |request: Request<Incoming>| {
         let mut request = request.map(body::incoming);
-        set_client_cert(request.headers_mut(), pod, caller.identity.as_ref());
-        request
+        admit_request(proxy, pod, caller, app, &mut request).map(|()| request)
     };
     let serving = async {
         if http2 {
             let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .handshake(app)
+                .handshake(server)
                 .await
                 .map_err(|e| format!("HTTP/2 to the application: {e}"))?;
             tokio::spawn(connection);
@@ -67,8 +163,11 @@ pub async fn serve<S: Client>(
                 let mut send = send.clone();
                 let request = stamp(request);
                 async move {
-                    let response = send.send_request(request).await;
-                    Ok::<_, Infallible>(reply(response))
+                    let response = match request {
+                        Ok(request) => reply(send.send_request(request).await),
+                        Err(denied) => denied,
+                    };
+                    Ok::<_, Infallible>(response)
                 }
             });
             let conn = http2_server(&settings).serve_connection(io, service);
@@ -78,7 +177,7 @@ pub async fn serve<S: Client>(
             .await
             .map_err(|e| e.to_string())
         } else {
-            let (send, connection) = hyper::client::conn::http1::handshake(app)
+            let (send, connection) = hyper::client::conn::http1::handshake(server)
                 .await
                 .map_err(|e| format!("HTTP/1.1 to the application: {e}"))?;
             tokio::spawn(connection.with_upgrades());
@@ -93,6 +192,10 @@ pub async fn serve<S: Client>(
                 let client_side = hyper::upgrade::on(&mut request);
                 let request = stamp(request);
                 async move {
+                    let request = match request {
+                        Ok(request) => request,
+                        Err(denied) => return Ok(denied),
+                    };
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {
                         if response.status() == StatusCode::SWITCHING_PROTOCOLS {

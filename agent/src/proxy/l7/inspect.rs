@@ -10,12 +10,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::forward::{self, Target};
-use crate::config::{Config, Protocol, Service};
+use super::path;
+use crate::config::{Config, Protocol, Service, Workload};
+use crate::identity::SpiffeId;
 use crate::proxy::detect::{self, Declared};
-use crate::proxy::Proxy;
+use crate::proxy::inbound::Caller;
+use crate::proxy::{hop, Proxy};
 use crate::routing::{
     duration, HttpRoute, RequestInfo, RetryPolicy, RouteAction, TrafficPolicy, UpstreamTlsDecision,
 };
+use crate::security::authorization::{HttpRequest, HttpView};
 
 /// What `nodemesh explain` asks about.
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
@@ -188,12 +192,14 @@ fn policy_summary(route: &HttpRoute) -> String {
 
 /// What the proxy would do with one request, without sending anything.
 pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<Value, String> {
-    explain_with(config, &proxy.clusters.ejections(), ask)
+    let trust_domain = proxy.identities.trust_domain();
+    explain_with(config, trust_domain, &proxy.clusters.ejections(), ask)
 }
 
 /// [`explain`] with the endpoints that outlier detection has ejected now.
 fn explain_with(
     config: &Config,
+    trust_domain: &str,
     ejected: &[Ejected],
     ask: &ExplainRequest,
 ) -> Result<Value, String> {
@@ -248,6 +254,16 @@ fn explain_with(
         "service": key,
         "protocol": protocol,
     });
+    let call = Call {
+        source,
+        trust_domain,
+        http: (protocol != "tcp (opaque)").then_some(HttpRequest {
+            method: &ask.method,
+            path: uri.path(),
+            host: &authority,
+            headers: &headers,
+        }),
+    };
     if protocol == "tcp (opaque)" {
         out["summary"] = json!("the port is declared opaque: the connection is relayed to one endpoint, no routes apply");
         let own = crate::routing::Destination {
@@ -258,6 +274,7 @@ fn explain_with(
         if let Some(target) = forward::resolve(config, &own, port, true) {
             out["upstreamTls"] = json!(upstream_tls(config, &target).to_string());
             out["mtls"] = json!(mtls_modes(config, &target));
+            out["authorization"] = json!(authorization(config, &target, &call));
         }
         return Ok(out);
     }
@@ -315,6 +332,7 @@ fn explain_with(
                 "trafficPolicy": target.as_ref().map(|t| traffic_policy(&t.policy)),
                 "upstreamTls": target.as_ref().map(|t| upstream_tls(config, t).to_string()),
                 "mtls": target.as_ref().map(|t| mtls_modes(config, t)),
+                "authorization": target.as_ref().map(|t| authorization(config, t, &call)),
             })
         })
         .collect();
@@ -378,6 +396,55 @@ fn mtls_modes(config: &Config, target: &Target) -> Vec<String> {
         let decision = config
             .peer_authentications()
             .mtls_mode(workload, addr.port());
+        by_decision
+            .entry(decision.to_string())
+            .or_default()
+            .push(workload.key());
+    }
+    by_decision
+        .into_iter()
+        .map(|(decision, workloads)| format!("{decision} at {}", workloads.join(", ")))
+        .collect()
+}
+
+/// Who calls, and with what request (none on an opaque port).
+struct Call<'a> {
+    source: &'a Workload,
+    trust_domain: &'a str,
+    http: Option<HttpRequest<'a>>,
+}
+
+/// The AuthorizationPolicy decision at each endpoint of `target`, one line
+/// per distinct decision, as the destination's agent would take it: the
+/// caller is known by its identity when the hop is mutual TLS, by its
+/// address only in plaintext.
+fn authorization(config: &Config, target: &Target, call: &Call<'_>) -> Vec<String> {
+    let tls = upstream_tls(config, target).tls;
+    let identity = SpiffeId::new(
+        call.trust_domain,
+        &call.source.namespace,
+        &call.source.service_account,
+    );
+    let source_ip = call.source.addresses.first().copied();
+    let mut by_decision = BTreeMap::<String, Vec<String>>::new();
+    for addr in &target.endpoints {
+        let (Some(workload), Some(source_ip)) = (config.workload_by_address(addr.ip()), source_ip)
+        else {
+            continue;
+        };
+        let mutual = hop::is_mutual(config, workload, addr.port(), tls);
+        let caller = Caller::new(mutual.then(|| identity.clone()), source_ip);
+        let normalized = call.http.as_ref().and_then(|h| path::normalize(h.path));
+        let view = match &call.http {
+            Some(h) => HttpView::Request(HttpRequest {
+                path: normalized.as_deref().unwrap_or(h.path),
+                ..h.clone()
+            }),
+            None => HttpView::Tcp,
+        };
+        let decision = config
+            .authorizations()
+            .check(workload, &caller.attributes(*addr, view));
         by_decision
             .entry(decision.to_string())
             .or_default()
@@ -501,7 +568,7 @@ spec:
                 .collect(),
             method: "GET".into(),
         };
-        explain_with(config, &[], &ask).unwrap()
+        explain_with(config, "cluster.local", &[], &ask).unwrap()
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod forward;
 pub mod inbound;
 pub mod inspect;
 mod limits;
+mod path;
 mod tunnel;
 mod upstream;
 
@@ -150,7 +151,7 @@ pub fn http1_server(settings: &HttpSettings) -> hyper::server::conn::http1::Buil
     builder
 }
 
-fn is_grpc<B>(request: &Request<B>) -> bool {
+pub(super) fn is_grpc<B>(request: &Request<B>) -> bool {
     request
         .headers()
         .get(http::header::CONTENT_TYPE)
