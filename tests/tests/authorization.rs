@@ -13,6 +13,8 @@
 //!   opaque TCP; it also listens on 5433, on no Service).
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config::ServicePort;
 use nodemesh_testbed::mesh::{Mesh, CLIENT};
@@ -137,14 +139,16 @@ fn lab() -> Lab {
 }
 
 /// A TCP client: connects, sends its line, prints what came back until
-/// the server closes or 2 s pass (`closed: …` when the connection died).
+/// the server closes or `wait` seconds (default 2) pass (`closed: …` when
+/// the connection died).
 const TCP_CLIENT_PY: &str = r#"
 import socket, sys
 host, port, line = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+wait = float(sys.argv[4]) if len(sys.argv) > 4 else 2
 try:
     s = socket.create_connection((host, port), timeout=5)
     s.sendall(line.encode() + b"\r\n\r\n")
-    s.settimeout(2)
+    s.settimeout(wait)
     got = b""
     while True:
         d = s.recv(4096)
@@ -158,7 +162,33 @@ except OSError as e:
     print("closed: %s" % e)
 "#;
 
+/// A TLS client that asks for server name `argv[3]` and gives up after 2 s
+/// (the database does not speak TLS: only its ClientHello matters).
+const TLS_CLIENT_PY: &str = r#"
+import socket, ssl, sys
+host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+s = socket.create_connection((host, port), timeout=2)
+tls = context.wrap_socket(s, server_hostname=name, do_handshake_on_connect=False)
+try:
+    tls.do_handshake()
+    print("handshake done")
+except (OSError, ssl.SSLError) as e:
+    print("no handshake: %s" % e)
+"#;
+
 impl Lab {
+    /// A TLS ClientHello for `name` from `pod` to `host:port`.
+    fn tls_hello(&self, pod: &str, host: &str, port: u16, name: &str) -> String {
+        let topo = self.mesh.topo();
+        let script = write_script(topo, "tls_client.py", TLS_CLIENT_PY).unwrap();
+        let port = port.to_string();
+        let cmd = [python3(), &*script.to_string_lossy(), host, &port, name];
+        topo.run_in_ok(&topo.pod(pod).netns, &cmd).unwrap()
+    }
+
     /// One HTTP request from `pod`; the reply with its status (0: failed).
     fn http(&self, pod: &str, method: &str, url: &str, args: &[&str]) -> Reply {
         let mut all = vec!["-X", method];
@@ -168,12 +198,26 @@ impl Lab {
 
     /// A TCP session from `pod` to `host:port` sending `line`.
     fn tcp(&self, pod: &str, host: &str, port: u16, line: &str) -> String {
+        let session = self.tcp_session(pod, host, port, line, 2);
+        let out = session.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// [`Lab::tcp`] left running, open for up to `wait` seconds.
+    fn tcp_session(&self, pod: &str, host: &str, port: u16, line: &str, wait: u32) -> Child {
         let topo = self.mesh.topo();
         let script = write_script(topo, "tcp_client.py", TCP_CLIENT_PY).unwrap();
-        let port = port.to_string();
-        let cmd = [python3(), &*script.to_string_lossy(), host, &port, line];
-        let answer = topo.run_in_ok(&topo.pod(pod).netns, &cmd).unwrap();
-        answer.trim().to_owned()
+        let (port, wait) = (port.to_string(), wait.to_string());
+        let cmd = [
+            python3(),
+            &*script.to_string_lossy(),
+            host,
+            &port,
+            line,
+            &wait,
+        ];
+        let mut command = topo.command_in(&topo.pod(pod).netns, &cmd).unwrap();
+        command.stdout(Stdio::piped()).spawn().unwrap()
     }
 
     /// Whether the db ever got `line`.
@@ -355,7 +399,28 @@ fn policies_change_at_runtime_deny_wins_and_bad_ones_change_nothing() {
     let web = "http://web:9080/";
     assert_served(&lab.http(CLIENT, "GET", web, &[]), "no policy yet");
 
+    // A database session of the web tier, open before the lockdown: the
+    // lockdown lets only the API reach the database, so it is closed.
+    let line = "SELECT 0 -- web, before the lockdown";
+    let session = lab.tcp_session("web", "db", DB_PORT, line, 30);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.db_got(line) {
+        assert!(
+            Instant::now() < deadline,
+            "the session never reached the database"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     lab.mesh.apply("lockdown.yaml", LOCKDOWN).unwrap();
+    let out = session.wait_with_output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.starts_with("closed"),
+        "still open after 30 s: {answer}"
+    );
+    let web_ip = lab.mesh.topo().pod("web").address;
+    let closed = format!("default/db: connection from {web_ip} closed: RBAC: access denied");
+    assert!(lab.mesh.agent("node-b").log().contains(&closed), "{closed}");
     assert_served(&lab.http(CLIENT, "GET", web, &[]), "GET allowed");
     let deny_private = r#"
 apiVersion: security.istio.io/v1beta1
@@ -434,4 +499,34 @@ spec:
     let line = "SELECT 1 -- open again";
     let answer = lab.tcp("web", "db", DB_PORT, line);
     assert!(lab.db_got(line), "{answer}");
+
+    // `connection.sni`: the server name of the TLS the caller opens.
+    let by_sni = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: db-by-sni
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: db
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["*.db.default.svc.cluster.local"]
+"#;
+    lab.mesh.apply("sni.yaml", by_sni).unwrap();
+    let (good, bad) = ("primary.db.default.svc.cluster.local", "evil.example.com");
+    let answer = lab.tls_hello("api", "db", DB_PORT, good);
+    assert!(lab.db_got(good), "{answer}");
+    let answer = lab.tls_hello("api", "db", DB_PORT, bad);
+    assert!(
+        !lab.db_got(bad),
+        "a ClientHello for {bad} reached the database: {answer}"
+    );
+    let line = "SELECT 2 -- no TLS, no server name";
+    let answer = lab.tcp("api", "db", DB_PORT, line);
+    assert_closed_unanswered(&answer, line);
+    assert!(!lab.db_got(line));
 }

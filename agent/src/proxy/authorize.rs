@@ -22,6 +22,9 @@ pub struct Caller {
     pub address: IpAddr,
     /// Istio's principal: the identity without `spiffe://`.
     principal: Option<String>,
+    /// The server name of the TLS ClientHello the caller opened with, when
+    /// a policy needs it.
+    pub sni: Option<String>,
 }
 
 impl Caller {
@@ -36,6 +39,7 @@ impl Caller {
             identity,
             address,
             principal,
+            sni: None,
         }
     }
 
@@ -46,7 +50,7 @@ impl Caller {
             namespace: self.identity.as_ref().map(|id| id.namespace.as_str()),
             source_ip: self.address,
             destination: app,
-            sni: None,
+            sni: self.sni.as_deref(),
             http,
         }
     }

@@ -155,13 +155,14 @@ pub fn classify_declared(bytes: &[u8], last: bool) -> Option<Detected> {
 }
 
 /// Waits for the client's first bytes, at most `wait`, and classifies them
-/// with `rule` ([`classify`] or [`classify_declared`]). `None`: the client
-/// closed or sent nothing in time.
-pub async fn sniff(
+/// with `rule` ([`classify`] or [`classify_declared`]; `rule` is told when
+/// no more bytes will be looked at). `None`: the client closed or sent
+/// nothing in time.
+pub async fn sniff<T>(
     client: &TcpStream,
     wait: Duration,
-    rule: fn(&[u8], bool) -> Option<Detected>,
-) -> Option<Detected> {
+    rule: fn(&[u8], bool) -> Option<T>,
+) -> Option<T> {
     let mut buf = vec![0u8; SNIFF_LIMIT];
     let mut seen = 0;
     let sniffing = async {

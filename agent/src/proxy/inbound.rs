@@ -24,7 +24,7 @@ use super::budget::{self, CallerKey, Fds};
 use super::detect::{self, Declared, Detected};
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, Transferred};
-use super::{authorize, l7, Direction, Pod, Proxy, AGENT_PORTS};
+use super::{authorize, l7, sni, Direction, Pod, Proxy, AGENT_PORTS};
 use crate::config::{Config, Protocol, Workload};
 use crate::security::authorization::HttpView;
 use crate::security::MtlsMode;
@@ -81,7 +81,7 @@ pub async fn handle(
         }
         declared_protocol(&cfg, workload, app.port())
     };
-    let caller = Caller::new(None, peer.ip());
+    let mut caller = Caller::new(None, peer.ip());
     let protocol = match declared {
         Declared::Http => {
             let wait = proxy.settings.http.header_read_timeout;
@@ -103,6 +103,9 @@ pub async fn handle(
         return tracked.finish(Err("no request before the header read timeout".into()));
     };
     tracked.record.protocol = protocol_name(protocol);
+    if protocol == Detected::Opaque && proxy.needs_sni(pod) {
+        caller.sni = sni::peek(&client, proxy.settings.protocol_detection_timeout).await;
+    }
     if let Err(denied) = proxy.authorize_connection(pod, &caller, app, protocol) {
         refuse(proxy, pod, client, &caller, protocol).await;
         return tracked.finish(Err(denied));
@@ -384,15 +387,16 @@ impl Proxy {
                 refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
             })?;
         let source_workload = caller.key();
-        let declared = cfg
-            .workload_by_key(&pod.key)
-            .map_or(Declared::Unknown, |w| declared_protocol(&cfg, w, to.port()));
+        let own = cfg.workload_by_key(&pod.key);
+        let declared = own.map_or(Declared::Unknown, |w| declared_protocol(&cfg, w, to.port()));
+        let needs_sni = own.is_some_and(|w| cfg.authorizations().needs_sni(w));
         drop(cfg);
-        // A TCP port is judged now and refused as a connection; anything
-        // else may be HTTP, whose denied requests get a 403 from here.
+        // A TCP port is judged now and refused as a connection (unless the
+        // server name its TLS will ask for matters); anything else may be
+        // HTTP, whose denied requests get a 403 from here.
         let (protocol, caller) = (
             match declared {
-                Declared::Opaque => Some(Detected::Opaque),
+                Declared::Opaque if !needs_sni => Some(Detected::Opaque),
                 _ => None,
             },
             Caller::new(Some(request.peer.clone()), request.source),
@@ -425,6 +429,13 @@ impl Proxy {
                 Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason))
             }
         }
+    }
+
+    /// Whether `pod`'s policies look at the TLS server name callers ask for.
+    fn needs_sni(&self, pod: &Pod) -> bool {
+        let cfg = self.config.current();
+        let own = cfg.workload_by_key(&pod.key);
+        own.is_some_and(|w| cfg.authorizations().needs_sni(w))
     }
 
     /// Judges a connection to `pod` once its protocol is known: TCP by
@@ -526,7 +537,11 @@ impl Proxy {
             }
         };
         tracked.record.protocol = protocol_name(protocol);
-        let caller = Caller::new(Some(request.peer.clone()), request.source);
+        let mut caller = Caller::new(Some(request.peer.clone()), request.source);
+        if protocol == Detected::Opaque && proxy.needs_sni(&pod) {
+            let wait = proxy.settings.protocol_detection_timeout;
+            caller.sni = sni::read(&mut client, wait).await;
+        }
         let denied = server.as_ref().err().cloned().or_else(|| {
             let opaque = protocol == Detected::Opaque;
             opaque.then(|| {

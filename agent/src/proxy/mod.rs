@@ -22,6 +22,7 @@ mod l7;
 mod outbound;
 mod peer;
 pub mod relay;
+mod sni;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;

@@ -168,6 +168,16 @@ impl<S: AsyncRead + Unpin> Prefixed<S> {
         &self.head
     }
 
+    /// Reads once more into the head, unless it holds `limit` bytes
+    /// already; how many came (0 at the end of the stream).
+    pub async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
+        if self.head.len() >= limit {
+            return Ok(0);
+        }
+        self.head.reserve(limit - self.head.len());
+        self.io.read_buf(&mut self.head).await
+    }
+
     /// Reads once into the head unless it already holds bytes.
     pub async fn fill(&mut self) -> io::Result<()> {
         if self.head.is_empty() {

@@ -68,7 +68,7 @@ fn admit_request(
     caller: &Caller,
     app: SocketAddr,
     request: &mut Request<Body>,
-) -> Result<(), Response<Body>> {
+) -> Result<(), Box<Response<Body>>> {
     if let Some(normalized) =
         path::normalize(request.uri().path_and_query().map_or("/", |p| p.as_str()))
     {
@@ -96,7 +96,7 @@ fn admit_request(
     let what = || format!("{} {}", request.method(), request.uri().path());
     match authorize::judge(&cfg, pod, &proxy.denials, &attributes, what).allowed {
         true => Ok(()),
-        false => Err(access_denied(is_grpc(request))),
+        false => Err(Box::new(access_denied(is_grpc(request)))),
     }
 }
 
@@ -165,7 +165,7 @@ pub async fn serve<S: Client>(
                 async move {
                     let response = match request {
                         Ok(request) => reply(send.send_request(request).await),
-                        Err(denied) => denied,
+                        Err(denied) => *denied,
                     };
                     Ok::<_, Infallible>(response)
                 }
@@ -194,7 +194,7 @@ pub async fn serve<S: Client>(
                 async move {
                     let request = match request {
                         Ok(request) => request,
-                        Err(denied) => return Ok(denied),
+                        Err(denied) => return Ok(*denied),
                     };
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {

@@ -388,16 +388,26 @@ fn upstream_tls<'c>(config: &'c Config, target: &Target) -> UpstreamTlsDecision<
 /// port), one line per distinct decision: `STRICT (PeerAuthentication
 /// shop/default) at shop/web-a, shop/web-b`.
 fn mtls_modes(config: &Config, target: &Target) -> Vec<String> {
+    per_endpoint(config, target, |workload, addr| {
+        let decision = config.peer_authentications();
+        decision.mtls_mode(workload, addr.port()).to_string()
+    })
+}
+
+/// `decide` for each endpoint of `target` that is a workload, one line per
+/// distinct answer with the workloads that get it.
+fn per_endpoint(
+    config: &Config,
+    target: &Target,
+    decide: impl Fn(&Workload, &SocketAddr) -> String,
+) -> Vec<String> {
     let mut by_decision = BTreeMap::<String, Vec<String>>::new();
     for addr in &target.endpoints {
         let Some(workload) = config.workload_by_address(addr.ip()) else {
             continue;
         };
-        let decision = config
-            .peer_authentications()
-            .mtls_mode(workload, addr.port());
         by_decision
-            .entry(decision.to_string())
+            .entry(decide(workload, addr))
             .or_default()
             .push(workload.key());
     }
@@ -426,15 +436,13 @@ fn authorization(config: &Config, target: &Target, call: &Call<'_>) -> Vec<Strin
         &call.source.service_account,
     );
     let source_ip = call.source.addresses.first().copied();
-    let mut by_decision = BTreeMap::<String, Vec<String>>::new();
-    for addr in &target.endpoints {
-        let (Some(workload), Some(source_ip)) = (config.workload_by_address(addr.ip()), source_ip)
-        else {
-            continue;
+    let normalized = call.http.as_ref().and_then(|h| path::normalize(h.path));
+    per_endpoint(config, target, |workload, addr| {
+        let Some(source_ip) = source_ip else {
+            return "the caller has no address".to_owned();
         };
         let mutual = hop::is_mutual(config, workload, addr.port(), tls);
         let caller = Caller::new(mutual.then(|| identity.clone()), source_ip);
-        let normalized = call.http.as_ref().and_then(|h| path::normalize(h.path));
         let view = match &call.http {
             Some(h) => HttpView::Request(HttpRequest {
                 path: normalized.as_deref().unwrap_or(h.path),
@@ -442,18 +450,11 @@ fn authorization(config: &Config, target: &Target, call: &Call<'_>) -> Vec<Strin
             }),
             None => HttpView::Tcp,
         };
-        let decision = config
-            .authorizations()
-            .check(workload, &caller.attributes(*addr, view));
-        by_decision
-            .entry(decision.to_string())
-            .or_default()
-            .push(workload.key());
-    }
-    by_decision
-        .into_iter()
-        .map(|(decision, workloads)| format!("{decision} at {}", workloads.join(", ")))
-        .collect()
+        let decision = config.authorizations();
+        decision
+            .check(workload, &caller.attributes(*addr, view))
+            .to_string()
+    })
 }
 
 fn traffic_policy(policy: &TrafficPolicy) -> String {

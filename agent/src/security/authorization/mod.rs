@@ -54,7 +54,8 @@ pub struct Attributes<'a> {
     pub source_ip: IpAddr,
     /// The workload's own address and port.
     pub destination: SocketAddr,
-    /// Server name of a TLS connection the caller opened to the workload.
+    /// Server name of a TLS connection the caller opened to the workload
+    /// (from its ClientHello); `None` for anything else.
     pub sni: Option<&'a str>,
     pub http: HttpView<'a>,
 }
@@ -284,6 +285,13 @@ impl Authorizations {
     pub fn needs_http(&self, workload: &Workload) -> bool {
         self.applicable(workload)
             .any(|p| p.action != Action::Audit && p.uses_http())
+    }
+
+    /// Whether judging `workload`'s connections needs the server name of
+    /// their TLS ClientHello (`connection.sni`).
+    pub fn needs_sni(&self, workload: &Workload) -> bool {
+        self.applicable(workload)
+            .any(|p| p.rules.iter().any(|r| r.uses_sni))
     }
 
     /// Istio's order: a matching DENY rule denies; else, when ALLOW

@@ -169,6 +169,10 @@ impl Clause {
             value.is_some_and(|v| patterns.iter().any(|p| p.matches(v)))
         };
         let within = |blocks: &[IpBlock], ip: IpAddr| blocks.iter().any(|b| b.contains(ip));
+        if let (Check::Sni(_), HttpView::Unknown) = (&self.check, &a.http) {
+            // Read from the connection's first bytes, not there yet.
+            return unknown;
+        }
         let request = match (&a.http, self.check.is_http()) {
             (HttpView::Request(request), true) => Some(request),
             (_, true) => return unknown,
@@ -221,21 +225,21 @@ pub(super) struct Rule {
     when: Vec<Clause>,
     /// Whether any clause needs an HTTP request.
     pub(super) uses_http: bool,
+    /// Whether any clause needs the TLS server name.
+    pub(super) uses_sni: bool,
 }
 
 impl Rule {
     pub(super) fn new(from: Vec<Vec<Clause>>, to: Vec<Vec<Clause>>, when: Vec<Clause>) -> Rule {
-        let uses_http = from
-            .iter()
-            .chain(&to)
-            .flatten()
-            .chain(&when)
-            .any(|c| c.check.is_http());
+        let clauses = || from.iter().chain(&to).flatten().chain(&when);
+        let uses_http = clauses().any(|c| c.check.is_http());
+        let uses_sni = clauses().any(|c| matches!(c.check, Check::Sni(_)));
         Rule {
             from,
             to,
             when,
             uses_http,
+            uses_sni,
         }
     }
 

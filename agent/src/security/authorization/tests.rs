@@ -525,3 +525,40 @@ fn bad_policies_are_rejected_naming_the_field() {
         );
     }
 }
+
+#[test]
+fn the_server_name_is_judged_once_known() {
+    let config = load(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-sni, namespace: foo}
+spec:
+  rules:
+  - when: [{key: connection.sni, values: [\"*.foo.svc\"]}]
+",
+    );
+    let workload = config.workload_by_key("foo/db").unwrap();
+    assert!(config.authorizations().needs_sni(workload));
+    let mut a = Attributes {
+        principal: None,
+        namespace: None,
+        source_ip: "10.0.0.3".parse().unwrap(),
+        destination: "10.0.0.2:5432".parse().unwrap(),
+        sni: None,
+        http: HttpView::Unknown,
+    };
+    assert!(
+        config.authorizations().check(workload, &a).allowed,
+        "not known yet"
+    );
+    a.http = HttpView::Tcp;
+    assert!(
+        !config.authorizations().check(workload, &a).allowed,
+        "no TLS"
+    );
+    a.sni = Some("db.foo.svc");
+    assert!(config.authorizations().check(workload, &a).allowed);
+    a.sni = Some("db.bar.svc");
+    assert!(!config.authorizations().check(workload, &a).allowed);
+}
