@@ -8,7 +8,8 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,11 +23,14 @@ use crate::config::{Config, ConfigStore, LoadOptions};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
 use crate::identity::{self, Identities};
+use crate::lifecycle::handover::{HandedOver, Hello, Inherited, Kind, SocketId, Standbys, Start};
+use crate::lifecycle::ownership::{NodeLock, Owner};
+use crate::lifecycle::{self, Front};
 use crate::nofile::{self, Nofile};
 use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
-use crate::telemetry::{self, health};
 use crate::sources::{self, Source};
+use crate::telemetry::{self, health};
 use crate::transport;
 use crate::workloads::Enroller;
 
@@ -47,11 +51,18 @@ pub struct Settings {
     pub nofile: Nofile,
     /// Where Prometheus scrapes `/metrics` (`--metrics-addr`); none: off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Ask the node's owner to hand the node over now (else stand by
+    /// until it stops or is told to).
+    pub take_over: bool,
+    /// After a hand-over, longest time to let connections finish.
+    pub drain_timeout: Duration,
 }
 
 struct Node {
     settings: Settings,
     started: Instant,
+    /// This process, owner of the node since.
+    owner: Owner,
     config: Arc<ConfigStore>,
     /// Fills `config`; `nodemesh status` shows its state.
     source: sources::Running,
@@ -64,27 +75,62 @@ struct Node {
 }
 
 /// Accepts other agents' HBONE connections, when the node has the
-/// credential to present to them.
+/// credential to present to them; returns the task and the listener (a
+/// duplicate, for a hand-over).
 async fn serve_hbone(
     proxy: &Arc<Proxy>,
     identities: &Arc<Identities>,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    inherited: &Inherited,
+) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, OwnedFd)>> {
     if identities.node_certified_key().is_none() {
         log::warn!(
             "no --node-credential: other nodes cannot reach this node's workloads over mutual TLS"
         );
         return Ok(None);
     }
-    // Dual-stack where the node has IPv6, else IPv4 only.
     let port = transport::HBONE_PORT;
-    let listener = match tokio::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
-        Ok(listener) => listener,
-        Err(_) => tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-            .await
-            .with_context(|| format!("listening for HBONE on port {port}"))?,
+    let listener = match inherited.tcp_listener(SocketId::node(Kind::Hbone)) {
+        Some(listener) => listener.context("the HBONE listener handed over")?,
+        // Dual-stack where the node has IPv6, else IPv4 only.
+        None => match tokio::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+            Ok(listener) => listener,
+            Err(_) => tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .with_context(|| format!("listening for HBONE on port {port}"))?,
+        },
     };
-    let serving = transport::server::serve(listener, identities.clone(), proxy.clone());
-    Ok(Some(tokio::spawn(serving)))
+    let kept = listener.as_fd().try_clone_to_owned()?;
+    let serving = transport::server::serve(
+        listener,
+        identities.clone(),
+        proxy.clone(),
+        proxy.drain.watch(),
+    );
+    Ok(Some((tokio::spawn(serving), kept)))
+}
+
+/// Serves the admin socket through `front`; returns the task and the
+/// listener (a duplicate, for a hand-over).
+fn serve_admin(
+    listener: tokio::net::UnixListener,
+    front: &Arc<Front>,
+) -> std::io::Result<(tokio::task::JoinHandle<()>, OwnedFd)> {
+    let kept = listener.as_fd().try_clone_to_owned()?;
+    Ok((tokio::spawn(admin::serve(listener, front.clone())), kept))
+}
+
+/// Binds the admin socket, unless another agent serves that path (this one
+/// may get it at a hand-over).
+fn bind_admin(path: &Path) -> anyhow::Result<Option<tokio::net::UnixListener>> {
+    match admin::bind(path) {
+        Ok(listener) => Ok(Some(listener)),
+        Err(admin::AdminError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Runs the agent; `identities` holds the node's credential and gets the
@@ -96,6 +142,50 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     );
     let stop = stop_requested()?;
     tokio::pin!(stop);
+    let front = Front::new(settings.node.clone());
+    let mut admin = bind_admin(&settings.admin_socket)?
+        .map(|listener| serve_admin(listener, &front))
+        .transpose()?;
+    // Nothing of the node's data path is touched before this agent owns it.
+    let Some(start) = lifecycle::wait_until_owner(
+        &settings.bpffs,
+        &settings.node,
+        settings.take_over,
+        &front,
+        &mut stop,
+    )
+    .await?
+    else {
+        if admin.is_some() {
+            let _ = std::fs::remove_file(&settings.admin_socket);
+        }
+        log::info!("stopped while standing by");
+        return Ok(());
+    };
+    let (lock, inherited, handed_in) = match start {
+        Start::Locked(lock) => (lock, Arc::new(Inherited::default()), None),
+        Start::HandedIn(h) => (h.lock, h.sockets, Some((h.ack, h.from))),
+    };
+    let owner = Owner::this_process();
+    let owned_since = Instant::now();
+    let mut took_admin = false;
+    if admin.is_none() {
+        let handed_admin = handed_in
+            .as_ref()
+            .filter(|(_, from)| from.admin_socket == settings.admin_socket)
+            .and_then(|_| inherited.take(SocketId::node(Kind::Admin)));
+        let listener = match handed_admin {
+            Some(fd) => {
+                took_admin = true;
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(listener)?
+            }
+            None => admin::bind(&settings.admin_socket)?,
+        };
+        admin = Some(serve_admin(listener, &front)?);
+    }
+    let (admin_task, admin_fd) = admin.expect("bound above");
     // The first load runs on the loader's thread while the data path is set up; until it
     // ends, nothing is enrolled and the admin socket reports the node as not ready.
     let config = Arc::new(ConfigStore::unloaded());
@@ -134,15 +224,22 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         upstream,
         proxy.clone(),
         datapath,
+        inherited.clone(),
     );
-    let admin = admin::bind(&settings.admin_socket)?;
     if !identities.has_ca() {
         log::warn!(
             "no --ca-address: workloads get no certificates, so mesh traffic to and from \
              other nodes will be refused"
         );
     }
-    let hbone = serve_hbone(&proxy, &identities).await?;
+    let hbone = serve_hbone(&proxy, &identities, &inherited).await?;
+    let hello = Hello {
+        owner: owner.clone(),
+        admin_socket: settings.admin_socket.clone(),
+    };
+    let standbys = Standbys::listen(lock.pin_dir(), hello)
+        .inspect_err(|e| log::warn!("no hand-over to a next agent will be possible: {e}"))
+        .ok();
     let metrics = match settings.metrics_addr {
         Some(addr) => Some(telemetry::server::bind(addr).await?),
         None => None,
@@ -150,6 +247,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     let node = Arc::new(Node {
         settings,
         started: Instant::now(),
+        owner,
         config: config.clone(),
         source,
         proxy,
@@ -157,7 +255,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         enroller,
         ready: AtomicBool::new(false),
     });
-    tokio::spawn(admin::serve(admin, node.clone()));
+    front.owned_by(node.clone());
     let metrics =
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
     let trimmer = tokio::spawn(crate::memory::return_freed_memory());
@@ -166,7 +264,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         () = config.first_load() => true,
         () = &mut stop => false,
     };
-    let reconciler = loaded.then(|| {
+    let mut reconciler = loaded.then(|| {
         if let Some(error) = config.last_error() {
             // Start anyway, so `nodemesh status` shows the error and a fix is picked up.
             log::error!("configuration rejected, starting with none:\n{error}");
@@ -182,8 +280,82 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         );
         tokio::spawn(reconcile_loop(node.clone()))
     });
-    if loaded {
-        stop.await;
+    if let Some((ack, from)) = handed_in.filter(|_| loaded) {
+        node.certificates_issued().await;
+        let unused = inherited.close_rest();
+        ack.accepting(took_admin)
+            .context("telling the previous agent this one serves")?;
+        log::info!(
+            "took node {} over from pid {} (nodemesh {}) {} ms after its hand-over began \
+             ({unused} handed-over socket(s) unused: closed)",
+            node.settings.node,
+            from.owner.pid,
+            from.owner.version,
+            owned_since.elapsed().as_millis(),
+        );
+    }
+    let mut lock = Some(lock);
+    while reconciler.is_some() {
+        let take_over = async {
+            match &standbys {
+                Some(s) => s.take_over_requested().await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopping = tokio::select! {
+            () = &mut stop => true,
+            () = take_over => false,
+        };
+        let Some(standbys) = standbys.clone().filter(|s| s.any_waiting()) else {
+            if stopping {
+                break;
+            }
+            continue;
+        };
+        // From here on, enrollment is the next agent's.
+        if let Some(task) = reconciler.take() {
+            task.abort();
+        }
+        let sockets = node.handover_sockets(
+            lock.as_ref().expect("owned"),
+            &admin_fd,
+            hbone.as_ref().map(|(_, fd)| fd),
+        )?;
+        let stop_serving = |handed: &HandedOver| {
+            node.enroller.stop_serving();
+            if let Some((task, _)) = &hbone {
+                task.abort();
+            }
+            if handed.took_admin {
+                admin_task.abort();
+            }
+        };
+        let retired = lifecycle::retire(
+            standbys,
+            sockets,
+            lock.take().expect("owned"),
+            stop_serving,
+            &node.proxy,
+            node.settings.drain_timeout,
+        )
+        .await;
+        match retired {
+            Ok(handed) => {
+                if !handed.took_admin {
+                    let _ = std::fs::remove_file(&node.settings.admin_socket);
+                }
+                log::info!("drained; exiting");
+                return Ok(());
+            }
+            Err((kept, e)) => {
+                log::error!("{e}; this agent keeps the node");
+                lock = Some(kept);
+                if stopping {
+                    break;
+                }
+                reconciler = Some(tokio::spawn(reconcile_loop(node.clone())));
+            }
+        }
     }
     if let Some(reconciler) = reconciler {
         reconciler.abort();
@@ -192,7 +364,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     if let Some(metrics) = metrics {
         metrics.abort();
     }
-    if let Some(hbone) = hbone {
+    if let Some((hbone, _)) = hbone {
         hbone.abort();
     }
     let _ = std::fs::remove_file(&node.settings.admin_socket);
@@ -260,6 +432,44 @@ impl Responder for Node {
 }
 
 impl Node {
+    /// Waits (10 s at most) for the certificates of the node's workloads, so
+    /// that an agent taking over serves mutual TLS from its first connection.
+    async fn certificates_issued(&self) {
+        if !self.identities.has_ca() {
+            return;
+        }
+        let cfg = self.config.current();
+        let wanted = identity::on_node(&cfg, &self.settings.node, self.identities.trust_domain());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for id in wanted {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.identities.wait_for(&id, left).await.is_none() {
+                log::warn!("taking over without a certificate for {id} yet");
+            }
+        }
+    }
+
+    /// Duplicates of everything this agent hands to the next one.
+    fn handover_sockets(
+        &self,
+        lock: &NodeLock,
+        admin: &OwnedFd,
+        hbone: Option<&OwnedFd>,
+    ) -> std::io::Result<Vec<(SocketId, OwnedFd)>> {
+        let mut sockets = vec![
+            (
+                SocketId::node(Kind::Lock),
+                lock.as_fd().try_clone_to_owned()?,
+            ),
+            (SocketId::node(Kind::Admin), admin.try_clone()?),
+        ];
+        if let Some(hbone) = hbone {
+            sockets.push((SocketId::node(Kind::Hbone), hbone.try_clone()?));
+        }
+        sockets.extend(self.enroller.handover_sockets()?);
+        Ok(sockets)
+    }
+
     /// Brings enrollment and the wanted certificates in line with the current config.
     fn reconcile(&self) {
         let cfg = self.config.current();
@@ -279,6 +489,8 @@ impl Node {
             .count();
         json!({
             "node": self.settings.node,
+            "role": "owner",
+            "owner": self.owner,
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_seconds": self.started.elapsed().as_secs(),

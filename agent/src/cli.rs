@@ -156,6 +156,34 @@ fn print_kubernetes_source(source: &Value) {
 
 fn print_status(s: &Value) {
     let c = &s["config"];
+    let o = &s["owner"];
+    let owner = format!(
+        "pid {} (nodemesh {}) since {}",
+        o["pid"],
+        text(&o["version"]),
+        o["since_unix_ms"]
+            .as_u64()
+            .map_or("?".into(), |ms| crate::identity::x509::rfc3339(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+            ))
+    );
+    if s["role"] == "standby" {
+        println!(
+            "node:        {} (standby agent {} pid {})",
+            text(&s["node"]),
+            text(&s["version"]),
+            s["pid"]
+        );
+        if o.is_null() {
+            println!("owner:       another agent (not answering on its hand-over socket)");
+        } else {
+            println!(
+                "owner:       {owner}, admin socket {}",
+                text(&o["admin_socket"])
+            );
+        }
+        return;
+    }
     println!(
         "node:        {} (agent {} pid {}, up {}s)",
         text(&s["node"]),
@@ -163,6 +191,7 @@ fn print_status(s: &Value) {
         s["pid"],
         s["uptime_seconds"]
     );
+    println!("owner:       {owner}");
     let loading = if s["ready"] == false {
         " (starting: first load running)"
     } else if c["loading"] == true {

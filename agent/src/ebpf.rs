@@ -6,6 +6,7 @@
 //! workloads stay captured and fail closed instead of bypassing the mesh. A
 //! starting agent reuses the pinned maps, attaches its programs, then detaches
 //! the previous ones (both briefly run; the programs tolerate that).
+//! Only the node's owner (`lifecycle::ownership`) loads any of it.
 //! `nodemesh uninstall` removes it all.
 
 use std::fs;
@@ -503,7 +504,8 @@ fn sock_addr_to_std(a: &SockAddr) -> SocketAddr {
     SocketAddr::new(raw_ip(&a.addr, a.family), a.port)
 }
 
-fn ensure_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
+/// Mounts bpffs at `bpffs` unless it is.
+pub fn ensure_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
     let mounts =
         fs::read_to_string("/proc/self/mounts").map_err(io_err("reading /proc/self/mounts"))?;
     let mounted = mounts.lines().any(|l| {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dns;
 pub mod ebpf;
 pub mod identity;
+pub mod lifecycle;
 pub mod memory;
 pub mod netns;
 pub mod nofile;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, nofile, proxy, sources};
+use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources};
 
 #[derive(Parser)]
 #[command(
@@ -147,6 +147,14 @@ struct AgentArgs {
     /// they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// If another agent owns the node, have it hand the node over now (an
+    /// upgrade in place) instead of standing by until it stops.
+    #[arg(long)]
+    take_over: bool,
+    /// After handing the node over, longest time to let connections in
+    /// flight finish before exiting.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Address of the Prometheus endpoint (`GET /metrics`): Istio's
     /// standard metrics and the agent's own `nodemesh_*`. `off` disables it.
     #[arg(long, default_value = "0.0.0.0:15020", value_parser = parse_metrics_addr)]
@@ -286,11 +294,14 @@ fn main() -> ExitCode {
             show(query, admin::Query::Explain(ask))
         }),
         Command::Policies { workload, query } => show(query, admin::Query::Policies(workload)),
-        Command::Uninstall { node_name, bpffs } => ebpf::uninstall(&bpffs, &node_name)
-            .map(|links| {
-                println!("node {node_name}: detached {links} eBPF link(s) and removed its pins")
-            })
-            .map_err(anyhow::Error::from),
+        Command::Uninstall { node_name, bpffs } => {
+            lifecycle::ownership::ensure_unowned(&bpffs, &node_name)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(ebpf::uninstall(&bpffs, &node_name)?))
+                .map(|links| {
+                    println!("node {node_name}: detached {links} eBPF link(s) and removed its pins")
+                })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -341,6 +352,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         nofile,
         metrics_addr: args.metrics_addr.0,
+        take_over: args.take_over,
+        drain_timeout: args.drain_timeout,
     };
     let identities = identity::Identities::new(identity::IdentitiesSettings {
         trust_domain: args.trust_domain,

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,7 @@ use serde::Serialize;
 use crate::config::{Config, ConfigStore, Workload};
 use crate::dns::{self, Lookup, Resolver, Upstream};
 use crate::ebpf::Datapath;
+use crate::lifecycle::handover::{Inherited, Kind, SocketId};
 use crate::netns::NetNs;
 use crate::proxy::budget::{Listeners, Tenant, TenantUsage};
 use crate::proxy::{self, Direction, Pod, PodTasks, Proxy};
@@ -51,6 +53,8 @@ struct Enrolled {
     pod: Arc<Pod>,
     _tasks: PodTasks,
     _listeners: Listeners,
+    /// Its listeners and DNS socket (duplicates), to hand over to the next agent.
+    sockets: Vec<(SocketId, OwnedFd)>,
 }
 
 pub struct Enroller {
@@ -63,6 +67,8 @@ pub struct Enroller {
     /// Enrollment failures by workload, retried on every reconcile.
     failures: Mutex<BTreeMap<String, String>>,
     next_id: AtomicU32,
+    /// Sockets handed over by the previous agent, used instead of new ones.
+    inherited: Arc<Inherited>,
 }
 
 impl Enroller {
@@ -72,6 +78,7 @@ impl Enroller {
         dns_upstream: Upstream,
         proxy: Arc<Proxy>,
         datapath: Datapath,
+        inherited: Arc<Inherited>,
     ) -> Self {
         Enroller {
             node,
@@ -82,6 +89,7 @@ impl Enroller {
             enrolled: Mutex::new(HashMap::new()),
             failures: Mutex::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
+            inherited,
         }
     }
 
@@ -195,20 +203,48 @@ impl Enroller {
             netns,
             Tenant::new(self.proxy.descriptors.clone()),
         ));
-        let listen = |addr: SocketAddr| {
-            pod.listen(addr)
+        let cookie = pod.netns.cookie();
+        let listen = |kind: Kind, addr: SocketAddr| {
+            self.inherited
+                .tcp_listener(SocketId::workload(kind, cookie))
+                .unwrap_or_else(|| pod.listen(addr))
                 .map_err(|e| format!("listening on {addr} in the workload: {e}"))
         };
-        let outbound = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?;
+        let outbound = listen(
+            Kind::Outbound,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        )?;
         // Loopback: sk_lookup hands it SYNs for any of the workload's
         // addresses, and nothing can reach it on those addresses directly.
-        let inbound = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT))?;
-        let dns = self.dns_socket(&pod)?;
+        let inbound = listen(
+            Kind::Inbound,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT),
+        )?;
+        let dns = match self
+            .inherited
+            .udp_socket(SocketId::workload(Kind::Dns, cookie))
+        {
+            Some(socket) => socket.map_err(|e| format!("the DNS socket handed over: {e}"))?,
+            None => self.dns_socket(&pod)?,
+        };
         // IPv6 is optional in a workload: without ::1 its v6 connects fail.
-        let outbound6 = pod
-            .listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))
-            .inspect_err(|e| log::debug!("{}: no IPv6 outbound listener: {e}", pod.key))
-            .ok();
+        let outbound6 = listen(
+            Kind::Outbound6,
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        )
+        .inspect_err(|e| log::debug!("{}: no IPv6 outbound listener: {e}", pod.key))
+        .ok();
+        let sockets = [
+            (Kind::Outbound, Some(outbound.as_fd())),
+            (Kind::Inbound, Some(inbound.as_fd())),
+            (Kind::Dns, Some(dns.as_fd())),
+            (Kind::Outbound6, outbound6.as_ref().map(AsFd::as_fd)),
+        ]
+        .into_iter()
+        .filter_map(|(kind, fd)| Some((SocketId::workload(kind, cookie), fd?)))
+        .map(|(id, fd)| fd.try_clone_to_owned().map(|fd| (id, fd)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("keeping the workload's sockets for a hand-over: {e}"))?;
         // Before sk_lookup steers anything to the agent: its deliveries'
         // replies need it.
         reply_routing::install(&pod.netns).map_err(|e| e.to_string())?;
@@ -254,7 +290,27 @@ impl Enroller {
             pod,
             _tasks: PodTasks(tasks),
             _listeners: reserved,
+            sockets,
         })
+    }
+
+    /// Duplicates of every enrolled workload's sockets, for the next agent.
+    pub fn handover_sockets(&self) -> std::io::Result<Vec<(SocketId, OwnedFd)>> {
+        let enrolled = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        enrolled
+            .values()
+            .flat_map(|e| &e.sockets)
+            .map(|(id, fd)| Ok((*id, fd.try_clone()?)))
+            .collect()
+    }
+
+    /// After a hand-over: stops accepting and answering DNS (the next agent
+    /// does), leaving the node's maps, links and open connections as they are.
+    pub fn stop_serving(&self) {
+        self.enrolled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn dns_socket(&self, pod: &Pod) -> Result<tokio::net::UdpSocket, String> {

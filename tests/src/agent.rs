@@ -88,6 +88,9 @@ pub struct Agent {
     child: Option<Child>,
     last_exit: Option<ExitStatus>,
     starts: u32,
+    /// Started while another agent owned the node: ready once it stands by.
+    may_stand_by: bool,
+    uninstall_on_drop: bool,
 }
 
 impl Agent {
@@ -114,6 +117,33 @@ impl Agent {
         config_dir: &Path,
         bin: &Path,
         extra_args: &[&str],
+    ) -> Result<Agent> {
+        Agent::start_labelled(topo, node, config_dir, bin, extra_args, None)
+    }
+
+    /// Another agent for a node whose agent runs: admin socket
+    /// `work_dir/<node>-<label>.sock`, log `agent-<node>-<label>.log`.
+    /// Returns once it answers as a standby or as the ready owner; dropping
+    /// it does not uninstall the node (see
+    /// [`set_uninstall_on_drop`](Self::set_uninstall_on_drop)).
+    pub fn start_another(
+        topo: &mut Topology,
+        node: &str,
+        config_dir: &Path,
+        label: &str,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let bin = nodemesh_bin();
+        Agent::start_labelled(topo, node, config_dir, &bin, extra_args, Some(label))
+    }
+
+    fn start_labelled(
+        topo: &mut Topology,
+        node: &str,
+        config_dir: &Path,
+        bin: &Path,
+        extra_args: &[&str],
+        label: Option<&str>,
     ) -> Result<Agent> {
         let info = topo.node(node).clone();
         fs::create_dir_all(config_dir)
@@ -176,14 +206,22 @@ impl Agent {
             netns_path: info.netns_path.clone(),
             config_dir,
             source_args,
-            socket: topo.work_dir().join(format!("{node}.sock")),
-            log_path: topo.work_dir().join(format!("agent-{node}.log")),
+            socket: topo.work_dir().join(match label {
+                Some(label) => format!("{node}-{label}.sock"),
+                None => format!("{node}.sock"),
+            }),
+            log_path: topo.work_dir().join(match label {
+                Some(label) => format!("agent-{node}-{label}.log"),
+                None => format!("agent-{node}.log"),
+            }),
             bin: bin.to_path_buf(),
             extra_args,
             open_file_limit: None,
             child: None,
             last_exit: None,
             starts: 0,
+            may_stand_by: label.is_some(),
+            uninstall_on_drop: label.is_none(),
         };
         // On error `agent` drops here: stopped and uninstalled.
         agent.launch(topo)?;
@@ -255,8 +293,9 @@ impl Agent {
             // The admin socket answers while the first config load runs; the agent is
             // ready (workloads enrolled per the config) once it says so.
             let ready = out.status.success()
-                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                    .is_ok_and(|status| status["ready"] != false);
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|status| {
+                    status["ready"] != false || (self.may_stand_by && status["role"] == "standby")
+                });
             if ready {
                 return Ok(());
             }
@@ -283,6 +322,32 @@ impl Agent {
     /// limit is that low.
     pub fn set_open_file_limit(&mut self, limit: Option<u64>) {
         self.open_file_limit = limit;
+    }
+
+    /// Whether dropping this agent runs `nodemesh uninstall` (by default,
+    /// only for the node's first agent): give it to whichever agent owns
+    /// the node last.
+    pub fn set_uninstall_on_drop(&mut self, uninstall: bool) {
+        self.uninstall_on_drop = uninstall;
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself (after a
+    /// hand-over); true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    self.last_exit = Some(status);
+                    return true;
+                }
+            } else {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// The test's name of the node (`NodeInfo::name`).
@@ -458,6 +523,9 @@ impl Drop for Agent {
                 self.log_path.display(),
                 self.log_tail(200)
             );
+        }
+        if !self.uninstall_on_drop {
+            return;
         }
         if let Err(e) = self.uninstall() {
             eprintln!("agent on {}: {e:#}", self.node);

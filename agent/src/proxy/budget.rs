@@ -32,8 +32,9 @@ pub const FDS_PER_CONNECTION: usize = 2;
 pub const AGENT_HEADROOM: usize = 128;
 /// Descriptors each enrolled workload costs outside its connections: its
 /// listeners (outbound IPv4 and IPv6, inbound), DNS socket, namespace handle,
-/// `sk_lookup` link, and one accepted socket per listener before it is
-/// admitted or reset.
+/// `sk_lookup` link, one accepted socket per listener before it is
+/// admitted or reset, and a duplicate of each listener and of the DNS
+/// socket, kept to hand them over to the next agent.
 pub const WORKLOAD_FDS: usize = 16;
 /// The agent refuses to start with fewer descriptors than this for
 /// connections.

@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nodemesh_common::{AGENT_MARK, DELIVERY_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use arc_swap::ArcSwap;
+use nodemesh_common::{AGENT_MARK, DELIVERY_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
@@ -42,6 +42,7 @@ use budget::{CallerKey, Descriptors, Tenant};
 use crate::config::ConfigStore;
 use crate::ebpf::{DeliveryTable, OrigDstTable};
 use crate::identity::{Identities, SpiffeId};
+use crate::lifecycle::drain::Drain;
 use crate::netns::NetNs;
 use crate::telemetry::{ConnectionDone, EdgeKey, Flag, Reporter, ResponseFlags, Telemetry};
 use crate::transport;
@@ -278,6 +279,9 @@ pub struct Proxy {
     next_endpoint: Mutex<HashMap<String, usize>>,
     /// L7 endpoint state (latency, ejections) per destination.
     clusters: l7::Clusters,
+    /// Set once the node was handed over: HTTP connections end at a
+    /// request boundary.
+    pub drain: Drain,
     /// Connections and requests that AuthorizationPolicy denied.
     pub denials: authorize::Denials,
     /// Istio's metrics of every request and connection.
@@ -311,6 +315,7 @@ impl Proxy {
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
             next_endpoint: Mutex::new(HashMap::new()),
             clusters: l7::Clusters::default(),
+            drain: Drain::default(),
             denials: authorize::Denials::default(),
         }
     }

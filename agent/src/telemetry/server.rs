@@ -20,8 +20,24 @@ pub trait Scrape: Send + Sync + 'static {
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Binds `addr` (a clear error if taken), then serves it until aborted.
+///
+/// With `SO_REUSEPORT`, so that during a hand-over the next agent listens
+/// beside the draining one (scrapes reach either until it exits).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let bound = (|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(128)?;
+        TcpListener::from_std(socket.into())
+    })();
+    bound.map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("metrics endpoint {addr} (--metrics-addr): {e}"),

@@ -16,11 +16,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
+use crate::lifecycle::drain::until_drained;
 
 /// A TLS handshake must complete within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,6 +77,7 @@ pub async fn serve<I: Inbound>(
     listener: TcpListener,
     identities: Arc<Identities>,
     inbound: Arc<I>,
+    drain: watch::Receiver<bool>,
 ) {
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -89,9 +92,9 @@ pub async fn serve<I: Inbound>(
                 continue;
             }
         };
-        let (identities, inbound) = (identities.clone(), inbound.clone());
+        let (identities, inbound, drain) = (identities.clone(), inbound.clone(), drain.clone());
         tokio::spawn(async move {
-            match connection(tcp, remote, &identities, inbound).await {
+            match connection(tcp, remote, &identities, inbound, drain).await {
                 Err(Failure::Refused(reason)) => {
                     log::warn!("HBONE connection from {remote} refused: {reason}")
                 }
@@ -114,6 +117,7 @@ async fn connection<I: Inbound>(
     remote: SocketAddr,
     identities: &Arc<Identities>,
     inbound: Arc<I>,
+    drain: watch::Receiver<bool>,
 ) -> Result<(), Failure> {
     let (tls, peer) = authenticate(tcp, identities)
         .await
@@ -122,13 +126,15 @@ async fn connection<I: Inbound>(
         let (inbound, peer) = (inbound.clone(), peer.clone());
         async move { Ok::<_, Infallible>(stream(&inbound, &peer, remote, request).await) }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection(TokioIo::new(tls), service);
+    // A GOAWAY when the agent drains: the caller opens new streams elsewhere.
+    until_drained(conn, drain, Duration::ZERO, |c| c.graceful_shutdown())
         .await
         .map_err(Failure::Ended)
 }

@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -21,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::body::{self, Body, BoxError};
 use super::{http1_server, http2_server, is_grpc, path};
 use crate::identity::SpiffeId;
+use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Client};
@@ -188,10 +190,12 @@ pub async fn serve<S: Client>(
                     Ok::<_, Infallible>(answer(measured, response))
                 }
             });
-            http2_server(&settings)
-                .serve_connection(io, service)
-                .await
-                .map_err(|e| e.to_string())
+            let conn = http2_server(&settings).serve_connection(io, service);
+            until_drained(conn, proxy.drain.watch(), Duration::ZERO, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+            .map_err(|e| e.to_string())
         } else {
             let (send, connection) = hyper::client::conn::http1::handshake(server)
                 .await
@@ -201,8 +205,10 @@ pub async fn serve<S: Client>(
             // contended, it only lends the sender to the request's future.
             let send = Arc::new(tokio::sync::Mutex::new(send));
             let (activity, idle) = (activity.clone(), settings.idle_timeout);
+            let draining = proxy.drain.draining();
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let (send, activity) = (send.clone(), activity.clone());
+                let draining = draining.clone();
                 let client_side = hyper::upgrade::on(&mut request);
                 let (measured, request) = stamp(request);
                 async move {
@@ -217,14 +223,19 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    Ok::<_, Infallible>(answer(measured, reply(response)))
+                    let mut response = answer(measured, reply(response));
+                    draining.close_after(&mut response);
+                    Ok::<_, Infallible>(response)
                 }
             });
-            http1_server(&settings)
+            let conn = http1_server(&settings)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
-                .map_err(|e| e.to_string())
+                .with_upgrades();
+            until_drained(conn, proxy.drain.watch(), IDLE_GRACE, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+            .map_err(|e| e.to_string())
         }
     };
     match activity.unless_idle(settings.idle_timeout, serving).await {

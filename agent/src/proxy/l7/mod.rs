@@ -43,6 +43,7 @@ pub use upstream::Pool;
 
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
+use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::routing::RequestInfo;
 use crate::telemetry::flags::mark;
 use crate::telemetry::http::{Measured, Upstream};
@@ -103,18 +104,27 @@ pub async fn serve(
         activity: activity.clone(),
     });
     let settings = downstream.proxy.settings.http;
+    let drain = downstream.proxy.drain.watch();
+    let draining = downstream.proxy.drain.draining();
     let service = service_fn(move |request| {
-        let downstream = downstream.clone();
-        async move { Ok::<_, Infallible>(downstream.handle(request).await) }
+        let (downstream, draining) = (downstream.clone(), draining.clone());
+        async move {
+            let mut response = downstream.handle(request).await;
+            if !http2 {
+                draining.close_after(&mut response);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let serving = async {
         if http2 {
-            http2_server(&settings).serve_connection(io, service).await
+            let conn = http2_server(&settings).serve_connection(io, service);
+            until_drained(conn, drain, Duration::ZERO, |c| c.graceful_shutdown()).await
         } else {
-            http1_server(&settings)
+            let conn = http1_server(&settings)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            until_drained(conn, drain, IDLE_GRACE, |c| c.graceful_shutdown()).await
         }
     };
     let Some(served) = activity.unless_idle(settings.idle_timeout, serving).await else {

@@ -1,0 +1,586 @@
+//! The agent's life on a node: a second agent for the same node stands by
+//! and never touches the owner's data path; a new agent takes the node over
+//! (`--take-over`, or SIGTERM to the owner while it stands by) under load
+//! without failing a request; hand-overs leave nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nodemesh_testbed::agent::Agent;
+use nodemesh_testbed::config;
+use nodemesh_testbed::workload_apps::{curl, start_http_echo, start_tcp_echo, wait_listening};
+use nodemesh_testbed::Topology;
+
+const ECHO_IP: &str = "10.96.0.31";
+const REMOTE_IP: &str = "10.96.0.32";
+/// Long enough for the load to see two hand-overs, with load before and after.
+const LOAD_SECONDS: &str = "24";
+
+/// node-a with an enrolled namespace `shop` (client, web: HTTP echo on 8080
+/// and TCP echo on 9000 behind Service `echo`) and a plain namespace
+/// (outsider, plainweb); node-b with `remote` (`mesh-app` on 9080 behind
+/// Service `remote`, port 80).
+struct Shop {
+    topo: Topology,
+    config_dir: PathBuf,
+}
+
+impl Shop {
+    fn new() -> Shop {
+        let mut topo = Topology::new().unwrap();
+        topo.add_node("node-a").unwrap();
+        topo.add_node("node-b").unwrap();
+        for pod in ["client", "web", "outsider", "plainweb"] {
+            topo.add_pod("node-a", pod).unwrap();
+        }
+        let remote = topo.add_pod("node-b", "remote").unwrap();
+        let app = env!("CARGO_BIN_EXE_mesh-app");
+        let cmd = [app, "--port", "9080", "--name", "remote", "--version", "v1"];
+        topo.spawn_in(&remote.netns, &cmd, "app-remote").unwrap();
+        wait_listening(&topo, &remote.netns, 9080).unwrap();
+        start_http_echo(&mut topo, "web", 8080, "web").unwrap();
+        start_tcp_echo(&mut topo, "web", 9000).unwrap();
+        start_http_echo(&mut topo, "plainweb", 8080, "plainweb").unwrap();
+        let config_dir = topo.work_dir().join("config");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        let t = &topo;
+        let echo = config::ServicePort {
+            name: "tcp-echo",
+            port: 9000,
+            target_port: 9000,
+        };
+        config::write(
+            &config_dir,
+            "mesh.yaml",
+            &[
+                config::namespace("shop", true),
+                config::namespace("plain", false),
+                config::workload(t.pod("client"), "shop", &[("app", "client")]),
+                config::workload(t.pod("web"), "shop", &[("app", "web")]),
+                config::workload(t.pod("outsider"), "plain", &[("app", "outsider")]),
+                config::workload(t.pod("plainweb"), "plain", &[("app", "plainweb")]),
+                config::workload(t.pod("remote"), "shop", &[("app", "remote")]),
+                config::service(
+                    "remote",
+                    "shop",
+                    &[("app", "remote")],
+                    80,
+                    9080,
+                    Some(REMOTE_IP),
+                ),
+                config::service_with_ports(
+                    "echo",
+                    "shop",
+                    &[("app", "web")],
+                    &[echo],
+                    Some(ECHO_IP),
+                ),
+            ],
+        )
+        .unwrap();
+        Shop { topo, config_dir }
+    }
+
+    fn agent(&mut self) -> Agent {
+        let dir = self.config_dir.clone();
+        Agent::start(&mut self.topo, "node-a", &dir).unwrap()
+    }
+
+    fn another(&mut self, label: &str, flags: &[&str]) -> Agent {
+        let dir = self.config_dir.clone();
+        Agent::start_another(&mut self.topo, "node-a", &dir, label, flags).unwrap()
+    }
+
+    fn get(&self, pod: &str, url: &str) {
+        let (status, body) = curl(&self.topo, pod, url, &["--max-time", "5"]).unwrap();
+        assert_eq!(status, 200, "GET {url} from {pod}: {body}");
+    }
+
+    /// Calls that must each pass through the agent: from an enrolled pod to
+    /// an enrolled one and to a plain one (a non-mesh address), and from a
+    /// plain pod to an enrolled one. Returns how many outbound and inbound
+    /// connections `owner` counted for them.
+    fn calls_through(&self, owner: &Agent) -> (u64, u64) {
+        let web = format!("http://{}:8080/", self.topo.pod("web").address);
+        let plainweb = format!("http://{}:8080/", self.topo.pod("plainweb").address);
+        let before = totals(owner);
+        for _ in 0..3 {
+            self.get("client", &web);
+            self.get("outsider", &web);
+            self.get("client", &plainweb);
+        }
+        let after = totals(owner);
+        (after.0 - before.0, after.1 - before.1)
+    }
+}
+
+fn totals(agent: &Agent) -> (u64, u64) {
+    let status = agent.status_json().unwrap();
+    let total = |direction: &str| {
+        status["connections"][direction]["total"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {direction} total in {status}"))
+    };
+    (total("outbound"), total("inbound"))
+}
+
+/// Entries of the data path's maps, from the owner's status.
+fn map_entries(agent: &Agent) -> Vec<(String, u64)> {
+    let status = agent.status_json().unwrap();
+    status["ebpf"]["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] != "COOKIE_ORIG")
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_owned(),
+                m["entries"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn pinned_links(node_name: &str) -> Vec<String> {
+    let dir = Path::new("/sys/fs/bpf/nodemesh")
+        .join(node_name)
+        .join("links");
+    let mut links: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    links.sort();
+    links
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Agent processes (`nodemesh agent … --node-name NODE …`) alive for a node.
+fn agent_processes(node_name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.iter().any(|a| *a == b"agent")
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--node-name" && w[1] == node_name.as_bytes())
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+fn is_owner_and_ready(agent: &Agent) -> bool {
+    agent
+        .status_json()
+        .is_ok_and(|s| s["role"] == "owner" && s["ready"] == true)
+}
+
+/// Makes `next` the node's owner after `old` handed over and exited.
+fn handed_over(old: &mut Agent, next: &mut Agent) {
+    wait_for("the new agent to own the node", || is_owner_and_ready(next));
+    assert!(
+        old.wait_exit(Duration::from_secs(20)),
+        "the old agent did not exit after the hand-over:\n{}",
+        old.log()
+    );
+    old.set_uninstall_on_drop(false);
+    next.set_uninstall_on_drop(true);
+}
+
+#[test]
+fn a_second_agent_for_the_node_stands_by_and_never_touches_its_data_path() {
+    let mut shop = Shop::new();
+    let first = shop.agent();
+    let maps = map_entries(&first);
+    let links = pinned_links(first.node_name());
+    let healthy = shop.calls_through(&first);
+    assert!(healthy.0 >= 6 && healthy.1 >= 3, "{healthy:?}");
+
+    // Every call still passes through the first agent, and its data path is
+    // as it was.
+    let untouched = |shop: &Shop, first: &Agent| {
+        let calls = shop.calls_through(first);
+        assert_eq!(calls, healthy, "calls bypassed the mesh");
+        assert_eq!(map_entries(first), maps);
+        assert_eq!(pinned_links(first.node_name()), links);
+    };
+    let mut second = shop.another("second", &[]);
+    untouched(&shop, &first);
+    let status = second.status_json().unwrap();
+    assert_eq!(status["role"], "standby", "{status}");
+    assert_eq!(status["owner"]["pid"], first.pid().unwrap(), "{status}");
+    let owner = first.status_json().unwrap();
+    assert_eq!(owner["role"], "owner");
+    assert_eq!(owner["owner"]["pid"], first.pid().unwrap());
+    assert!(owner["owner"]["since_unix_ms"].as_u64().unwrap() > 0);
+    let shown = String::from_utf8_lossy(&second.cli(&["status"]).unwrap().stdout).into_owned();
+    let owner_line = format!("owner:       pid {} ", first.pid().unwrap());
+    assert!(
+        shown.contains("standby") && shown.contains(&owner_line),
+        "{shown}"
+    );
+    let shown = String::from_utf8_lossy(&first.cli(&["status"]).unwrap().stdout).into_owned();
+    assert!(shown.contains(&owner_line), "{shown}");
+    let asked = second.cli(&["workloads"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&asked.stderr).contains("standby"),
+        "{asked:?}"
+    );
+    // `nodemesh uninstall` refuses a node an agent owns.
+    let refused = first.uninstall().unwrap_err().to_string();
+    assert!(refused.contains("owns node"), "{refused}");
+
+    second.stop();
+    untouched(&shop, &first);
+    assert!(is_owner_and_ready(&first));
+}
+
+#[test]
+fn a_standby_takes_the_node_over_when_its_owner_crashes() {
+    let mut shop = Shop::new();
+    let mut first = shop.agent();
+    let healthy = shop.calls_through(&first);
+    let mut second = shop.another("second", &[]);
+    first.kill();
+    let crashed = Instant::now();
+    wait_for("the standby to own the node", || {
+        is_owner_and_ready(&second)
+    });
+    println!(
+        "the standby served the node {} ms after its owner crashed",
+        crashed.elapsed().as_millis()
+    );
+    first.set_uninstall_on_drop(false);
+    second.set_uninstall_on_drop(true);
+    wait_for("re-enrollment", || {
+        second
+            .status_json()
+            .is_ok_and(|s| s["workloads"]["enrolled"] == 2)
+    });
+    assert_eq!(shop.calls_through(&second), healthy);
+}
+
+/// A load from `client` (node-a) on `remote` (node-b) for LOAD_SECONDS.
+/// HTTP/1.1 keep-alive with wrk (2 connections, as fast as they go: a
+/// connection never idles, so each one the old agent ends, ends after a
+/// response with `Connection: close`, and wrk reconnects); h2c with oha at
+/// 500 requests/s over 2 connections. (h2load stops a client whose
+/// connection the server closes, so it cannot measure a hand-over.)
+fn start_load(topo: &Topology, h1: bool) -> std::process::Child {
+    let netns = topo.pod("client").netns.clone();
+    let url = format!("http://{REMOTE_IP}/");
+    let duration = format!("{LOAD_SECONDS}s");
+    let args: Vec<&str> = if h1 {
+        vec!["wrk", "-t", "1", "-c", "2", "-d", &duration, &url]
+    } else {
+        vec![
+            "oha",
+            "--no-tui",
+            "--http2",
+            "-c",
+            "2",
+            "-p",
+            "1",
+            "-q",
+            "500",
+            "-z",
+            &duration,
+            "--output-format",
+            "json",
+            &url,
+        ]
+    };
+    let mut cmd = topo.command_in(&netns, &args).unwrap();
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+/// What a load saw: requests answered, requests that failed (errors or
+/// non-2xx answers), HTTP/2 requests refused by a `GOAWAY` (never
+/// processed, so safe to retry, which oha does not do), and the longest
+/// request in ms.
+#[derive(Debug)]
+struct LoadSummary {
+    answered: u64,
+    failed: u64,
+    refused_by_goaway: u64,
+    longest_ms: f64,
+}
+
+fn ms(value: &str) -> f64 {
+    let number = |suffix: &str| value.strip_suffix(suffix)?.parse::<f64>().ok();
+    number("us")
+        .map(|us| us / 1000.0)
+        .or_else(|| number("ms"))
+        .or_else(|| number("s").map(|s| s * 1000.0))
+        .unwrap_or_else(|| panic!("not a duration: {value}"))
+}
+
+fn wrk_summary(report: &str) -> LoadSummary {
+    let after = |label: &str| {
+        report
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(str::to_owned))
+    };
+    let answered = report
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk's report:\n{report}"));
+    let socket_errors: u64 = after("Socket errors:").map_or(0, |errors| {
+        errors
+            .split(',')
+            .filter_map(|e| e.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
+    });
+    let non_2xx: u64 = after("Non-2xx or 3xx responses:").map_or(0, |n| n.trim().parse().unwrap());
+    let latency = after("Latency").unwrap_or_else(|| panic!("{report}"));
+    LoadSummary {
+        answered,
+        failed: socket_errors + non_2xx,
+        refused_by_goaway: 0,
+        longest_ms: ms(latency.split_whitespace().nth(2).unwrap()),
+    }
+}
+
+fn oha_summary(report: &str) -> LoadSummary {
+    let doc: serde_json::Value = serde_json::from_str(report)
+        .unwrap_or_else(|e| panic!("oha's report is not JSON ({e}):\n{report}"));
+    let sum = |field: &str, keep: &dyn Fn(&str) -> bool| -> u64 {
+        doc[field]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| keep(k))
+            .filter_map(|(_, v)| v.as_u64())
+            .sum()
+    };
+    let ok = sum("statusCodeDistribution", &|code| code.starts_with('2'));
+    let other = sum("statusCodeDistribution", &|code| !code.starts_with('2'));
+    // oha's own end: the requests in flight when its duration is over.
+    let ended = |e: &str| e == "aborted due to deadline";
+    // A request sent as the connection's GOAWAY arrives: refused, or
+    // cancelled with the connection, by the client itself.
+    let refused = |e: &str| e == "http2 error" || e == "operation was canceled";
+    let errors = sum("errorDistribution", &|e| !ended(e) && !refused(e));
+    LoadSummary {
+        answered: ok + other,
+        failed: other + errors,
+        refused_by_goaway: sum("errorDistribution", &|e| refused(e)),
+        longest_ms: doc["summary"]["slowest"].as_f64().unwrap_or(0.0) * 1000.0,
+    }
+}
+
+#[test]
+fn upgrades_under_http1_and_h2c_load_fail_no_request() {
+    let mut shop = Shop::new();
+    let mut first = shop.agent();
+    let dir = shop.config_dir.clone();
+    let _node_b = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    shop.get("client", &format!("http://{REMOTE_IP}/"));
+    let loads = [start_load(&shop.topo, true), start_load(&shop.topo, false)];
+    sleep(Duration::from_secs(4));
+    // An upgrade in place: the new agent asks for the node at once.
+    let began = Instant::now();
+    let mut second = shop.another("second", &["--take-over"]);
+    handed_over(&mut first, &mut second);
+    let take_over = began.elapsed();
+    sleep(Duration::from_secs(4));
+    // The DaemonSet surge pattern: the new agent stands by, the old one is
+    // told to stop.
+    let mut third = shop.another("third", &[]);
+    let began = Instant::now();
+    second.stop();
+    wait_for("the standby to own the node", || is_owner_and_ready(&third));
+    let surge = began.elapsed();
+    second.set_uninstall_on_drop(false);
+    third.set_uninstall_on_drop(true);
+    println!(
+        "hand-over: --take-over {} ms from its start to the new owner serving; \
+         SIGTERM to the owner with a standby {} ms",
+        take_over.as_millis(),
+        surge.as_millis()
+    );
+    for (load, h1) in loads.into_iter().zip([true, false]) {
+        let out = load.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        let summary = if h1 {
+            wrk_summary(&report)
+        } else {
+            oha_summary(&report)
+        };
+        let protocol = if h1 { "HTTP/1.1 (wrk)" } else { "h2c (oha)" };
+        println!(
+            "{protocol}: {} requests answered, {} failed, {} refused by a GOAWAY, \
+             longest request {:.1} ms",
+            summary.answered, summary.failed, summary.refused_by_goaway, summary.longest_ms
+        );
+        // At most the requests the client had under way on its two
+        // connections, at each of the two hand-overs.
+        assert!(summary.refused_by_goaway <= 8, "{protocol}: {report}");
+        assert!(
+            summary.answered >= 5_000,
+            "{protocol}: {summary:?}\n{report}"
+        );
+        assert_eq!(summary.failed, 0, "{protocol}: {report}");
+    }
+    assert!(is_owner_and_ready(&third));
+    let handed = first.log();
+    let line = handed
+        .lines()
+        .find(|l| l.contains("handed the node over in"))
+        .unwrap_or_else(|| panic!("no hand-over in the first agent's log:\n{handed}"));
+    println!("first agent: {line}");
+}
+
+#[test]
+fn ten_hand_overs_in_a_row_leave_nothing_behind() {
+    let mut shop = Shop::new();
+    let mut owner = shop.agent();
+    let node_name = owner.node_name().to_owned();
+    let links = pinned_links(&node_name);
+    let maps = map_entries(&owner);
+    let healthy = shop.calls_through(&owner);
+    let mut descriptors = None;
+    for generation in 1..=10 {
+        let label = format!("gen{generation}");
+        let mut next = shop.another(&label, &["--take-over"]);
+        handed_over(&mut owner, &mut next);
+        let old = std::mem::replace(&mut owner, next);
+        drop(old);
+        assert_eq!(
+            pinned_links(&node_name),
+            links,
+            "after hand-over {generation}"
+        );
+        assert_eq!(map_entries(&owner), maps, "after hand-over {generation}");
+        assert_eq!(
+            agent_processes(&node_name),
+            vec![owner.pid().unwrap()],
+            "after hand-over {generation}"
+        );
+        assert_eq!(
+            shop.calls_through(&owner),
+            healthy,
+            "after hand-over {generation}"
+        );
+        let held = open_descriptors(owner.pid().unwrap());
+        let first = *descriptors.get_or_insert(held);
+        assert!(
+            held <= first + 2,
+            "hand-over {generation}: the agent holds {held} descriptors, the first new one {first}"
+        );
+    }
+}
+
+/// In the client pod: opens a TCP echo session and an HTTP/1.1 keep-alive
+/// connection, then after each line on stdin reports how they fare.
+const SESSIONS_PY: &str = r#"
+import http.client, socket, sys
+echo_ip, web_ip = sys.argv[1], sys.argv[2]
+echo = socket.create_connection((echo_ip, 9000), timeout=5)
+def echoed(word):
+    try:
+        echo.sendall(word)
+        got = b""
+        while len(got) < len(word):
+            chunk = echo.recv(len(word) - len(got))
+            if not chunk:
+                return "closed"
+            got += chunk
+        return "ok" if got == word else "garbled"
+    except OSError as e:
+        return "closed (%s)" % type(e).__name__
+def get(conn):
+    conn.request("GET", "/")
+    reply = conn.getresponse()
+    reply.read()
+    return reply.status
+web = http.client.HTTPConnection(web_ip, 80, timeout=5)
+print("echo", echoed(b"before\n"), "http", get(web), flush=True)
+sys.stdin.readline()
+print("echo", echoed(b"draining\n"), flush=True)
+try:
+    outcome = "reused %d" % get(web)
+except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+    web.close()
+    outcome = "closed at a request boundary (%s), retried: %d" % (type(e).__name__, get(web))
+print("http", outcome, flush=True)
+sys.stdin.readline()
+print("echo", echoed(b"after\n"), flush=True)
+"#;
+
+#[test]
+fn sessions_open_across_an_upgrade_end_as_the_readme_promises() {
+    use std::io::{BufRead, BufReader, Write};
+
+    let mut shop = Shop::new();
+    let dir = shop.config_dir.clone();
+    let mut first = Agent::start_with(
+        &mut shop.topo,
+        "node-a",
+        &dir,
+        &nodemesh_testbed::nodemesh_bin(),
+        &["--drain-timeout", "3s"],
+    )
+    .unwrap();
+    let _node_b = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    let script = shop.topo.work_dir().join("sessions.py");
+    std::fs::write(&script, SESSIONS_PY).unwrap();
+    let netns = shop.topo.pod("client").netns.clone();
+    let python = nodemesh_testbed::workload_apps::python3();
+    let script = script.display().to_string();
+    let mut cmd = shop
+        .topo
+        .command_in(&netns, &[python, &script, ECHO_IP, REMOTE_IP])
+        .unwrap();
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut sessions = cmd.spawn().unwrap();
+    let mut to = sessions.stdin.take().unwrap();
+    let mut from = BufReader::new(sessions.stdout.take().unwrap());
+    let mut line = || {
+        let mut l = String::new();
+        from.read_line(&mut l).unwrap();
+        l.trim().to_owned()
+    };
+    assert_eq!(line(), "echo ok http 200");
+
+    let mut second = shop.another("second", &["--take-over"]);
+    wait_for("the new agent to own the node", || {
+        is_owner_and_ready(&second)
+    });
+    writeln!(to).unwrap();
+    // The old agent still relays the session while it drains; the idle
+    // keep-alive connection was closed at a request boundary, or still works.
+    assert_eq!(line(), "echo ok");
+    let http = line();
+    assert!(
+        http == "http reused 200" || http.starts_with("http closed at a request boundary"),
+        "{http}"
+    );
+    println!("idle HTTP/1.1 keep-alive: {http}");
+    handed_over(&mut first, &mut second);
+    // Past the drain deadline, the opaque session is closed (README).
+    writeln!(to).unwrap();
+    let echo = line();
+    assert!(echo.starts_with("echo closed"), "{echo}");
+    let _ = sessions.wait();
+}
