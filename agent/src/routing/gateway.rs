@@ -371,13 +371,13 @@ fn rule(
         backends.push(WeightedDestination {
             destination,
             weight,
-            headers: backend_filters.headers,
+            headers: backend_filters.headers.boxed(),
         });
     }
     destination_fields.append(&mut filters.mirror_fields);
 
     let action = match filters.redirect.take() {
-        Some(redirect) => RouteAction::Redirect(redirect),
+        Some(redirect) => RouteAction::Redirect(Box::new(redirect)),
         // The Gateway API answers 500 for a rule with nowhere to send requests.
         None if backends.is_empty() => RouteAction::DirectResponse {
             status: 500,
@@ -391,7 +391,7 @@ fn rule(
                      or give a backend a weight",
                 );
             }
-            RouteAction::Forward(backends)
+            RouteAction::Forward(backends.into())
         }
     };
 
@@ -400,15 +400,15 @@ fn rule(
         warnings.not_enforced(format!("{at}.sessionPersistence"));
     }
     let route = HttpRoute {
-        name: r.name.unwrap_or_else(|| format!("rules[{i}]")),
-        matches: Vec::new(),
+        name: r.name.unwrap_or_else(|| format!("rules[{i}]")).into(),
+        matches: Box::default(),
         action,
         timeout,
-        retries,
+        retries: retries.map(Box::new),
         fault: None,
-        mirrors: filters.mirrors,
-        headers: filters.headers,
-        rewrite: filters.rewrite,
+        mirrors: filters.mirrors.into(),
+        headers: filters.headers.boxed(),
+        rewrite: filters.rewrite.map(Box::new),
     };
 
     // Absent matches mean one PathPrefix "/" match.
@@ -446,7 +446,7 @@ fn rule(
             (i, j),
         );
         let route = HttpRoute {
-            matches: vec![m],
+            matches: Box::new([m]),
             ..route.clone()
         };
         out.push((
@@ -476,8 +476,8 @@ fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestM
             issues.add(field, "must start with /");
             None
         }
-        PathMatchType::Exact => Some(StringMatch::Exact(value)),
-        PathMatchType::PathPrefix => Some(StringMatch::PathPrefix(value)),
+        PathMatchType::Exact => Some(StringMatch::Exact(value.into())),
+        PathMatchType::PathPrefix => Some(StringMatch::PathPrefix(value.into())),
     };
     let mut headers: Vec<(String, StringMatch)> = Vec::new();
     for (k, h) in m.headers.into_iter().enumerate() {
@@ -512,9 +512,12 @@ fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestM
     }
     Some(RequestMatch {
         uri: Some(uri?),
-        method: m.method.map(StringMatch::Exact),
-        headers,
-        query_params,
+        method: m.method.map(|m| StringMatch::Exact(m.into())),
+        headers: headers.into_iter().map(|(n, m)| (n.into(), m)).collect(),
+        query_params: query_params
+            .into_iter()
+            .map(|(n, m)| (n.into(), m))
+            .collect(),
         ..RequestMatch::default()
     })
 }
@@ -526,7 +529,7 @@ fn value_match(
     issues: &mut Issues,
 ) -> Option<StringMatch> {
     match kind.unwrap_or(ValueMatchType::Exact) {
-        ValueMatchType::Exact => Some(StringMatch::Exact(value)),
+        ValueMatchType::Exact => Some(StringMatch::Exact(value.into())),
         ValueMatchType::RegularExpression => {
             full_match_regex(&value, format!("{at}.value"), issues).map(StringMatch::Regex)
         }
@@ -716,7 +719,7 @@ fn backend(b: BackendObjectRef, at: &str, namespace: &str, issues: &mut Issues) 
     check_dns_label(&b.name, &format!("{at}.name"), issues);
     let namespace = b.namespace.as_deref().unwrap_or(namespace);
     Destination {
-        service: format!("{}.{namespace}", b.name),
+        service: format!("{}.{namespace}", b.name).into(),
         subset: None,
         port: b
             .port

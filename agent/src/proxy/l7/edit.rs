@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn regex_rewrite_uses_istio_groups() {
         let r = PathRewrite::Regex {
-            pattern: regex::Regex::new("^/service/([^/]+)(/.*)$").unwrap(),
+            pattern: regex::Regex::new("^/service/([^/]+)(/.*)$").unwrap().into(),
             rewrite: "\\2/instance/\\1".into(),
         };
         assert_eq!(
