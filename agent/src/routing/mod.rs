@@ -131,7 +131,7 @@ impl VirtualHost {
 }
 
 /// One compiled route. A mesh may hold tens of thousands, so it is kept
-/// small (about 130 bytes in place): sequences are boxed slices without
+/// small (under 150 bytes in place): sequences are boxed slices without
 /// spare capacity, and the parts most routes leave unset are boxed, costing
 /// a pointer when absent (see `agent/tests/route_memory.rs`).
 #[derive(Debug, Clone, Serialize)]
