@@ -94,41 +94,34 @@ metadata: {name: web-canary, namespace: shop}
 spec: {selector: {app: web, track: canary}, ports: [{name: http, port: 9080}]}
 ";
 
-/// `routes` routes as the bench writes them: one exact path each, to one
-/// Service.
-fn exact_path_routes(routes: usize) -> String {
+/// A VirtualService for `web` of `routes` routes, route `i` written by `route(i)`.
+fn virtual_service(routes: usize, route: fn(usize) -> String) -> String {
     let mut out = String::from(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: \
          {name: web, namespace: shop}\nspec:\n  hosts: [web]\n  http:\n",
     );
     for i in 0..routes {
-        let _ = writeln!(
-            out,
-            "  - match: [{{uri: {{exact: /r{i}}}}}]\n    route: [{{destination: {{host: web}}}}]"
-        );
+        let _ = writeln!(out, "{}", route(i));
     }
     out
 }
 
-/// `routes` routes as real ones look: a prefix, a header regex that many
-/// routes share, a weighted split, a timeout, retries and a header edit.
-fn rich_routes(routes: usize) -> String {
-    let mut out = String::from(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: \
-         {name: web, namespace: shop}\nspec:\n  hosts: [web]\n  http:\n",
-    );
-    for i in 0..routes {
-        let _ = writeln!(
-            out,
-            "  - name: route-{i}\n    match: [{{uri: {{prefix: /api/v{i}/}}, \
-             headers: {{x-user: {{regex: \"user-[0-9]+\"}}}}}}]\n    \
-             route: [{{destination: {{host: web}}, weight: 90}}, \
-             {{destination: {{host: web-canary}}, weight: 10}}]\n    \
-             timeout: 5s\n    retries: {{attempts: 3, retryOn: 5xx}}\n    \
-             headers: {{request: {{set: {{x-route: r{i}}}}}}}"
-        );
-    }
-    out
+/// A route as the bench writes them: one exact path, to one Service.
+fn exact_path_route(i: usize) -> String {
+    format!("  - match: [{{uri: {{exact: /r{i}}}}}]\n    route: [{{destination: {{host: web}}}}]")
+}
+
+/// A route as real ones look: a prefix, a header regex that many routes
+/// share, a weighted split, a timeout, retries and a header edit.
+fn rich_route(i: usize) -> String {
+    format!(
+        "  - name: route-{i}\n    match: [{{uri: {{prefix: /api/v{i}/}}, \
+         headers: {{x-user: {{regex: \"user-[0-9]+\"}}}}}}]\n    \
+         route: [{{destination: {{host: web}}, weight: 90}}, \
+         {{destination: {{host: web-canary}}, weight: 10}}]\n    \
+         timeout: 5s\n    retries: {{attempts: 3, retryOn: 5xx}}\n    \
+         headers: {{request: {{set: {{x-route: r{i}}}}}}}"
+    )
 }
 
 /// Live heap bytes of a loaded configuration holding `routes`: the loaded
@@ -151,9 +144,9 @@ fn held_by(routes: &str) -> (isize, isize) {
 }
 
 /// Bytes per route between a table of one route and one of [`ROUTES`].
-fn per_route(kind: &str, make: fn(usize) -> String) -> isize {
-    let (small_config, small_table) = held_by(&make(1));
-    let (large_config, large_table) = held_by(&make(ROUTES));
+fn per_route(kind: &str, route: fn(usize) -> String) -> isize {
+    let (small_config, small_table) = held_by(&virtual_service(1, route));
+    let (large_config, large_table) = held_by(&virtual_service(ROUTES, route));
     let added = ROUTES as isize - 1;
     let config = (large_config - small_config) / added;
     let table = (large_table - small_table) / added;
@@ -167,10 +160,10 @@ fn per_route(kind: &str, make: fn(usize) -> String) -> isize {
 
 #[test]
 fn a_compiled_route_costs_at_most_a_kilobyte() {
-    let exact = per_route("exact path routes", exact_path_routes);
+    let exact = per_route("exact path routes", exact_path_route);
     let rich = per_route(
         "routes with prefix, shared header regex, split, retries, header edit",
-        rich_routes,
+        rich_route,
     );
     assert!(
         exact <= ROUTE_BUDGET && rich <= ROUTE_BUDGET,
