@@ -684,7 +684,7 @@ fn path_modifier(
 
 fn header_edits(h: HeaderModifierSpec, at: &str, issues: &mut Issues) -> HeaderEdits {
     let pairs = |headers: Vec<HeaderSpec>, op: &str, issues: &mut Issues| {
-        let mut out = Vec::new();
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::new();
         for (k, h) in headers.into_iter().enumerate() {
             let field = format!("{at}.{op}[{k}]");
             let name = header_name(&h.name, format!("{field}.name"), issues);
@@ -692,16 +692,17 @@ fn header_edits(h: HeaderModifierSpec, at: &str, issues: &mut Issues) -> HeaderE
                 name,
                 header_value(&h.value, format!("{field}.value"), issues),
             ) {
-                out.push((name, h.value));
+                out.push((name.into(), h.value.into()));
             }
         }
-        out
+        out.into()
     };
     let set = pairs(h.set, "set", issues);
     let add = pairs(h.add, "add", issues);
     let remove = h.remove.iter().enumerate();
     let remove = remove
         .filter_map(|(k, name)| header_name(name, format!("{at}.remove[{k}]"), issues))
+        .map(Into::into)
         .collect();
     HeaderEdits { set, add, remove }
 }

@@ -915,21 +915,22 @@ fn header_ops(h: HeadersSpec, at: &str, issues: &mut Issues) -> HeaderOps {
 
 fn header_edits(e: HeaderOperationsSpec, at: &str, issues: &mut Issues) -> HeaderEdits {
     let pairs = |map: BTreeMap<String, String>, op: &str, issues: &mut Issues| {
-        let mut out = Vec::new();
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::new();
         for (name, value) in map {
             let field = format!("{at}.{op}.{name}");
             let name = header_name(&name, field.clone(), issues);
             if let (Some(name), true) = (name, header_value(&value, field, issues)) {
-                out.push((name, value));
+                out.push((name.into(), value.into()));
             }
         }
-        out
+        out.into()
     };
     let set = pairs(e.set, "set", issues);
     let add = pairs(e.add, "add", issues);
     let remove = e.remove.iter().enumerate();
     let remove = remove
         .filter_map(|(k, name)| header_name(name, format!("{at}.remove[{k}]"), issues))
+        .map(Into::into)
         .collect();
     HeaderEdits { set, add, remove }
 }

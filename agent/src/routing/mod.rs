@@ -327,14 +327,8 @@ impl HeaderOps {
         self.request.is_empty() && self.response.is_empty()
     }
 
-    /// As routes hold them: `None` when there is nothing to edit, and no
-    /// spare capacity.
-    pub fn boxed(mut self) -> Option<Box<HeaderOps>> {
-        for edits in [&mut self.request, &mut self.response] {
-            edits.set.shrink_to_fit();
-            edits.add.shrink_to_fit();
-            edits.remove.shrink_to_fit();
-        }
+    /// As routes hold them: `None` when there is nothing to edit.
+    pub fn boxed(self) -> Option<Box<HeaderOps>> {
         (!self.is_empty()).then(|| Box::new(self))
     }
 }
@@ -343,9 +337,9 @@ impl HeaderOps {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderEdits {
-    pub set: Vec<(String, String)>,
-    pub add: Vec<(String, String)>,
-    pub remove: Vec<String>,
+    pub set: Box<[(Box<str>, Box<str>)]>,
+    pub add: Box<[(Box<str>, Box<str>)]>,
+    pub remove: Box<[Box<str>]>,
 }
 
 impl HeaderEdits {
