@@ -313,6 +313,7 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    nodemesh::memory::tune_allocator();
     let nofile = nofile::raise_to_hard().context("raising RLIMIT_NOFILE")?;
     log::info!(
         "RLIMIT_NOFILE: soft limit {} (was {}), hard limit {}",

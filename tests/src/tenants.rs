@@ -55,9 +55,9 @@ pub const FD_SLACK: u64 = 24;
 /// Memory an agent may hold above its level before the attack once it is
 /// over (allocator caches, grown tables of the victim's own traffic). The
 /// largest attack, a 150 000-namespace config loaded and removed, leaves
-/// 12–13 MB held since the agents carry TLS and certificates (see the
-/// README's limits): what an attack may not do is grow it without bound.
-pub const RSS_SLACK_KB: u64 = 16 * 1024;
+/// 3–5 MB held (12–13 MB before the agent capped malloc's arenas and fixed
+/// its mmap threshold): what an attack may not do is grow it without bound.
+pub const RSS_SLACK_KB: u64 = 8 * 1024;
 /// How long resources get to come back after an attack.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(45);
 

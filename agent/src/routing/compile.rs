@@ -2,8 +2,10 @@
 //! (durations, regexes, header names, labels) and the cross-object step that
 //! binds routes to Services, checks references and settles conflicts.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, Issues, Meta, Origin, Protocol, Service};
@@ -79,7 +81,7 @@ pub(super) struct RouteDraft {
 /// Forwarding destinations, then mirrors.
 fn destinations_mut(route: &mut HttpRoute) -> impl Iterator<Item = &mut Destination> {
     let forward = match &mut route.action {
-        RouteAction::Forward(destinations) => destinations.as_mut_slice(),
+        RouteAction::Forward(destinations) => &mut destinations[..],
         _ => &mut [],
     };
     forward
@@ -100,6 +102,21 @@ impl Warnings {
 
     pub fn not_enforced(&mut self, field: impl Into<String>) {
         self.add(field, "accepted, not enforced");
+    }
+}
+
+/// One copy of each Service and subset name that destinations share.
+#[derive(Default)]
+struct Names(HashSet<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = name.into();
+        self.0.insert(shared.clone());
+        shared
     }
 }
 
@@ -143,10 +160,12 @@ pub(crate) fn compile(
         }
     }
     let policies = bind_destination_rules(config, &drafts.destination_rules, &mut warnings);
+    let mut names = Names::default();
     let mut hosts = bind_virtual_services(
         config,
         drafts.virtual_services,
         &policies,
+        &mut names,
         errors,
         &mut warnings,
     );
@@ -154,6 +173,7 @@ pub(crate) fn compile(
         config,
         drafts.http_routes,
         &policies,
+        &mut names,
         &mut hosts,
         errors,
         &mut warnings,
@@ -277,7 +297,7 @@ fn resolve_destinations(
     draft: &mut RouteDraft,
     namespace: &str,
     policies: &BTreeMap<String, DestinationPolicy>,
-    names: &DestinationFields,
+    (fields_named, names): (&DestinationFields, &mut Names),
     origin: &Origin,
     errors: &mut Vec<ConfigError>,
 ) {
@@ -285,7 +305,7 @@ fn resolve_destinations(
     for (destination, field) in destinations_mut(&mut draft.route).zip(fields) {
         let Some(service) = config.resolve_service_name(&destination.service, namespace) else {
             let message = format!("{:?} is not a Service", destination.service);
-            errors.push(origin.error(Some(format!("{field}.{}", names.host)), message));
+            errors.push(origin.error(Some(format!("{field}.{}", fields_named.host)), message));
             continue;
         };
         let key = service.key();
@@ -301,10 +321,13 @@ fn resolve_destinations(
         if let Some(port) = destination.port {
             if service.port(port, Protocol::Tcp).is_none() {
                 let message = format!("{port} is not a TCP port of Service {key}");
-                errors.push(origin.error(Some(format!("{field}.{}", names.port)), message));
+                errors.push(origin.error(Some(format!("{field}.{}", fields_named.port)), message));
             }
         }
-        destination.service = key;
+        destination.service = names.get(&key);
+        if let Some(subset) = &mut destination.subset {
+            *subset = names.get(subset);
+        }
     }
 }
 
@@ -312,6 +335,7 @@ fn bind_virtual_services(
     config: &Config,
     mut services: Vec<(Origin, VirtualServiceDraft)>,
     policies: &BTreeMap<String, DestinationPolicy>,
+    names: &mut Names,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> BTreeMap<String, VirtualHost> {
@@ -328,7 +352,7 @@ fn bind_virtual_services(
                 route,
                 namespace,
                 policies,
-                &ISTIO_FIELDS,
+                (&ISTIO_FIELDS, names),
                 origin,
                 errors,
             );
@@ -394,6 +418,7 @@ fn bind_http_routes(
     config: &Config,
     mut routes: Vec<(Origin, HttpRouteDraft)>,
     policies: &BTreeMap<String, DestinationPolicy>,
+    names: &mut Names,
     hosts: &mut BTreeMap<String, VirtualHost>,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
@@ -414,7 +439,7 @@ fn bind_http_routes(
                 draft,
                 namespace,
                 policies,
-                &GATEWAY_FIELDS,
+                (&GATEWAY_FIELDS, names),
                 origin,
                 errors,
             );
@@ -494,8 +519,8 @@ fn bind_http_routes(
         let routes_for_service = ordered.into_iter().map(|(_, _, draft, ports)| {
             let mut route = draft.route.clone();
             if let Some(ports) = ports {
-                let matches = std::mem::take(&mut route.matches);
-                route.matches = matches
+                route.matches = route
+                    .matches
                     .iter()
                     .flat_map(|m| {
                         ports.iter().map(|&port| super::RequestMatch {
@@ -595,20 +620,43 @@ pub(super) fn full_match_regex(
     source: &str,
     field: String,
     issues: &mut Issues,
-) -> Option<regex::Regex> {
+) -> Option<Arc<regex::Regex>> {
     regex(&format!("^(?:{source})$"), field, issues)
+}
+
+thread_local! {
+    /// Regexes compiled by this thread's loads and still held by a table,
+    /// by source. A compiled regex costs kilobytes, and then a cache per
+    /// thread that runs it: routes written with the same pattern (often
+    /// thousands in a generated config) share one, across reloads too.
+    static COMPILED: RefCell<HashMap<Box<str>, Weak<regex::Regex>>> = RefCell::default();
 }
 
 /// Compiles `source` as written, with a size limit: configuration must not
 /// be able to make the proxy build huge automata.
-pub(super) fn regex(source: &str, field: String, issues: &mut Issues) -> Option<regex::Regex> {
-    let compiled = regex::RegexBuilder::new(source)
-        .size_limit(1 << 20)
-        .dfa_size_limit(1 << 20)
-        .build();
-    compiled
-        .map_err(|e| issues.add(field, format!("invalid regex: {e}")))
-        .ok()
+pub(super) fn regex(source: &str, field: String, issues: &mut Issues) -> Option<Arc<regex::Regex>> {
+    COMPILED.with_borrow_mut(|compiled| {
+        if let Some(shared) = compiled.get(source).and_then(Weak::upgrade) {
+            return Some(shared);
+        }
+        let built = regex::RegexBuilder::new(source)
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .build();
+        let built = Arc::new(
+            built
+                .map_err(|e| issues.add(field, format!("invalid regex: {e}")))
+                .ok()?,
+        );
+        // Forget the regexes no table holds any more once they could be
+        // half of the entries, so that the map stays proportional to what
+        // is in use.
+        if compiled.len() >= 64 && compiled.len().is_power_of_two() {
+            compiled.retain(|_, regex| regex.strong_count() > 0);
+        }
+        compiled.insert(source.into(), Arc::downgrade(&built));
+        Some(built)
+    })
 }
 
 /// Lowercased; `None` (and an issue) unless a valid HTTP header name.

@@ -371,13 +371,13 @@ fn rule(
         backends.push(WeightedDestination {
             destination,
             weight,
-            headers: backend_filters.headers,
+            headers: backend_filters.headers.boxed(),
         });
     }
     destination_fields.append(&mut filters.mirror_fields);
 
     let action = match filters.redirect.take() {
-        Some(redirect) => RouteAction::Redirect(redirect),
+        Some(redirect) => RouteAction::Redirect(Box::new(redirect)),
         // The Gateway API answers 500 for a rule with nowhere to send requests.
         None if backends.is_empty() => RouteAction::DirectResponse {
             status: 500,
@@ -391,7 +391,7 @@ fn rule(
                      or give a backend a weight",
                 );
             }
-            RouteAction::Forward(backends)
+            RouteAction::Forward(backends.into())
         }
     };
 
@@ -400,15 +400,15 @@ fn rule(
         warnings.not_enforced(format!("{at}.sessionPersistence"));
     }
     let route = HttpRoute {
-        name: r.name.unwrap_or_else(|| format!("rules[{i}]")),
-        matches: Vec::new(),
+        name: r.name.unwrap_or_else(|| format!("rules[{i}]")).into(),
+        matches: Box::default(),
         action,
         timeout,
-        retries,
+        retries: retries.map(Box::new),
         fault: None,
-        mirrors: filters.mirrors,
-        headers: filters.headers,
-        rewrite: filters.rewrite,
+        mirrors: filters.mirrors.into(),
+        headers: filters.headers.boxed(),
+        rewrite: filters.rewrite.map(Box::new),
     };
 
     // Absent matches mean one PathPrefix "/" match.
@@ -446,7 +446,7 @@ fn rule(
             (i, j),
         );
         let route = HttpRoute {
-            matches: vec![m],
+            matches: Box::new([m]),
             ..route.clone()
         };
         out.push((
@@ -476,8 +476,8 @@ fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestM
             issues.add(field, "must start with /");
             None
         }
-        PathMatchType::Exact => Some(StringMatch::Exact(value)),
-        PathMatchType::PathPrefix => Some(StringMatch::PathPrefix(value)),
+        PathMatchType::Exact => Some(StringMatch::Exact(value.into())),
+        PathMatchType::PathPrefix => Some(StringMatch::PathPrefix(value.into())),
     };
     let mut headers: Vec<(String, StringMatch)> = Vec::new();
     for (k, h) in m.headers.into_iter().enumerate() {
@@ -512,9 +512,12 @@ fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestM
     }
     Some(RequestMatch {
         uri: Some(uri?),
-        method: m.method.map(StringMatch::Exact),
-        headers,
-        query_params,
+        method: m.method.map(|m| StringMatch::Exact(m.into())),
+        headers: headers.into_iter().map(|(n, m)| (n.into(), m)).collect(),
+        query_params: query_params
+            .into_iter()
+            .map(|(n, m)| (n.into(), m))
+            .collect(),
         ..RequestMatch::default()
     })
 }
@@ -526,7 +529,7 @@ fn value_match(
     issues: &mut Issues,
 ) -> Option<StringMatch> {
     match kind.unwrap_or(ValueMatchType::Exact) {
-        ValueMatchType::Exact => Some(StringMatch::Exact(value)),
+        ValueMatchType::Exact => Some(StringMatch::Exact(value.into())),
         ValueMatchType::RegularExpression => {
             full_match_regex(&value, format!("{at}.value"), issues).map(StringMatch::Regex)
         }
@@ -681,7 +684,7 @@ fn path_modifier(
 
 fn header_edits(h: HeaderModifierSpec, at: &str, issues: &mut Issues) -> HeaderEdits {
     let pairs = |headers: Vec<HeaderSpec>, op: &str, issues: &mut Issues| {
-        let mut out = Vec::new();
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::new();
         for (k, h) in headers.into_iter().enumerate() {
             let field = format!("{at}.{op}[{k}]");
             let name = header_name(&h.name, format!("{field}.name"), issues);
@@ -689,16 +692,17 @@ fn header_edits(h: HeaderModifierSpec, at: &str, issues: &mut Issues) -> HeaderE
                 name,
                 header_value(&h.value, format!("{field}.value"), issues),
             ) {
-                out.push((name, h.value));
+                out.push((name.into(), h.value.into()));
             }
         }
-        out
+        out.into()
     };
     let set = pairs(h.set, "set", issues);
     let add = pairs(h.add, "add", issues);
     let remove = h.remove.iter().enumerate();
     let remove = remove
         .filter_map(|(k, name)| header_name(name, format!("{at}.remove[{k}]"), issues))
+        .map(Into::into)
         .collect();
     HeaderEdits { set, add, remove }
 }
@@ -716,7 +720,7 @@ fn backend(b: BackendObjectRef, at: &str, namespace: &str, issues: &mut Issues) 
     check_dns_label(&b.name, &format!("{at}.name"), issues);
     let namespace = b.namespace.as_deref().unwrap_or(namespace);
     Destination {
-        service: format!("{}.{namespace}", b.name),
+        service: format!("{}.{namespace}", b.name).into(),
         subset: None,
         port: b
             .port

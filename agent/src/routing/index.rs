@@ -5,20 +5,56 @@
 //! of path routes costs a request a few hash lookups, not a scan.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 use super::{HttpRoute, StringMatch};
 
 /// Below this many routes a plain scan is as cheap as the index.
 const INDEXED_FROM: usize = 16;
 
+/// Keys are hashes of paths, not the paths: a table of 10 000 exact-path
+/// routes would otherwise hold every path twice. A hash collision only adds
+/// a candidate, which is then tried and rejected like any other.
 #[derive(Debug, Clone, Default)]
 pub struct PathIndex {
     /// Routes with a block that leaves the path open (or no blocks at all).
-    any: Vec<u32>,
-    exact: HashMap<String, Vec<u32>>,
-    prefix: HashMap<String, Vec<u32>>,
-    /// The distinct lengths of the keys of `prefix`, ascending.
-    prefix_lengths: Vec<usize>,
+    any: Box<[u32]>,
+    exact: PathMap,
+    prefix: PathMap,
+    /// The distinct lengths of the indexed prefixes, ascending.
+    prefix_lengths: Box<[usize]>,
+    hasher: RandomState,
+}
+
+/// Path hash → the routes indexed under it, as a range of `routes`.
+#[derive(Debug, Clone, Default)]
+struct PathMap {
+    ranges: HashMap<u64, (u32, u32)>,
+    /// Route numbers grouped by hash, each group in route order.
+    routes: Box<[u32]>,
+}
+
+impl PathMap {
+    /// From (hash, route) pairs in any order.
+    fn build(mut entries: Vec<(u64, u32)>) -> PathMap {
+        entries.sort_unstable();
+        entries.dedup();
+        let mut ranges = HashMap::new();
+        for (i, &(hash, _)) in entries.iter().enumerate() {
+            let i = i as u32;
+            ranges.entry(hash).or_insert((i, i)).1 = i + 1;
+        }
+        ranges.shrink_to_fit();
+        let routes = entries.into_iter().map(|(_, route)| route).collect();
+        PathMap { ranges, routes }
+    }
+
+    fn get(&self, hash: u64) -> &[u32] {
+        match self.ranges.get(&hash) {
+            Some(&(start, end)) => &self.routes[start as usize..end as usize],
+            None => &[],
+        }
+    }
 }
 
 impl PathIndex {
@@ -27,47 +63,54 @@ impl PathIndex {
         if routes.len() < INDEXED_FROM {
             return None;
         }
-        let mut index = PathIndex::default();
+        let hasher = RandomState::new();
+        let (mut any, mut exact, mut prefix) = (Vec::new(), Vec::new(), Vec::new());
+        let mut prefix_lengths = Vec::new();
         for (i, route) in routes.iter().enumerate() {
             let i = i as u32;
             if route.matches.is_empty() {
-                index.any.push(i);
+                any.push(i);
             }
             for block in &route.matches {
+                let mut add_prefix = |p: &str| {
+                    prefix_lengths.push(p.len());
+                    prefix.push((hasher.hash_one(p), i));
+                };
                 match (&block.uri, block.ignore_uri_case) {
                     (Some(StringMatch::Exact(path)), false) => {
-                        index.exact.entry(path.clone()).or_default().push(i)
+                        exact.push((hasher.hash_one(&**path), i))
                     }
-                    (Some(StringMatch::Prefix(prefix)), false) => {
-                        index.prefix.entry(prefix.clone()).or_default().push(i)
-                    }
+                    (Some(StringMatch::Prefix(p)), false) => add_prefix(p),
                     // `/a/` also matches `/a`: index the prefix without it.
-                    (Some(StringMatch::PathPrefix(prefix)), false) => {
-                        let prefix = prefix.trim_end_matches('/').to_owned();
-                        index.prefix.entry(prefix).or_default().push(i)
+                    (Some(StringMatch::PathPrefix(p)), false) => {
+                        add_prefix(p.trim_end_matches('/'))
                     }
-                    _ => index.any.push(i),
+                    _ => any.push(i),
                 }
             }
         }
-        index.prefix_lengths = index.prefix.keys().map(String::len).collect();
-        index.prefix_lengths.sort_unstable();
-        index.prefix_lengths.dedup();
-        Some(index)
+        prefix_lengths.sort_unstable();
+        prefix_lengths.dedup();
+        any.dedup();
+        Some(PathIndex {
+            any: any.into(),
+            exact: PathMap::build(exact),
+            prefix: PathMap::build(prefix),
+            prefix_lengths: prefix_lengths.into(),
+            hasher,
+        })
     }
 
     /// The routes that may match `path`, in route order.
     pub fn candidates(&self, path: &str) -> Vec<u32> {
-        let mut found = self.any.clone();
-        if let Some(routes) = self.exact.get(path) {
-            found.extend(routes);
-        }
+        let mut found = self.any.to_vec();
+        found.extend(self.exact.get(self.hasher.hash_one(path)));
         for &len in &self.prefix_lengths {
             if len > path.len() {
                 break;
             }
-            if let Some(routes) = path.get(..len).and_then(|p| self.prefix.get(p)) {
-                found.extend(routes);
+            if let Some(p) = path.get(..len) {
+                found.extend(self.prefix.get(self.hasher.hash_one(p)));
             }
         }
         found.sort_unstable();
@@ -79,26 +122,26 @@ impl PathIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{HeaderOps, RequestMatch, RouteAction};
+    use crate::routing::{RequestMatch, RouteAction};
 
     fn route(uri: Option<StringMatch>, ignore_uri_case: bool) -> HttpRoute {
         let matches = match uri {
-            Some(uri) => vec![RequestMatch {
+            Some(uri) => Box::new([RequestMatch {
                 uri: Some(uri),
                 ignore_uri_case,
                 ..RequestMatch::default()
-            }],
-            None => Vec::new(),
+            }]),
+            None => Box::default(),
         };
         HttpRoute {
             name: "r".into(),
             matches,
-            action: RouteAction::Forward(Vec::new()),
+            action: RouteAction::Forward(Box::default()),
             timeout: None,
             retries: None,
             fault: None,
-            mirrors: Vec::new(),
-            headers: HeaderOps::default(),
+            mirrors: Box::default(),
+            headers: None,
             rewrite: None,
         }
     }
@@ -106,7 +149,7 @@ mod tests {
     #[test]
     fn keeps_every_route_that_may_match_in_order() {
         let mut routes: Vec<HttpRoute> = (0..20)
-            .map(|i| route(Some(StringMatch::Exact(format!("/r{i}"))), false))
+            .map(|i| route(Some(StringMatch::Exact(format!("/r{i}").into())), false))
             .collect();
         routes.push(route(Some(StringMatch::Prefix("/api".into())), false)); // 20
         routes.push(route(Some(StringMatch::PathPrefix("/v1/".into())), false)); // 21

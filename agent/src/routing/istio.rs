@@ -647,11 +647,11 @@ fn http_route(
     let mut destination_fields = Vec::new();
     let mut redirect_port = None;
     let action = if !spec.route.is_empty() {
-        RouteAction::Forward(weighted(spec.route, &at, &mut destination_fields, issues))
+        RouteAction::Forward(weighted(spec.route, &at, &mut destination_fields, issues).into())
     } else if let Some(spec) = spec.redirect {
         let (action, port) = redirect(spec, &format!("{at}.redirect"), warnings, issues);
         redirect_port = port;
-        RouteAction::Redirect(action)
+        RouteAction::Redirect(Box::new(action))
     } else if let Some(spec) = spec.direct_response {
         direct_response(spec, &format!("{at}.directResponse"), issues)
     } else if spec.delegate.is_some() {
@@ -710,24 +710,24 @@ fn http_route(
         .and_then(|t| duration(&t, format!("{at}.timeout"), issues))
         .filter(|t| !t.is_zero());
     let route = HttpRoute {
-        name: spec.name.unwrap_or_else(|| format!("http[{i}]")),
-        matches,
+        name: spec.name.unwrap_or_else(|| format!("http[{i}]")).into(),
+        matches: matches.into(),
         action,
         timeout,
         retries: spec
             .retries
-            .map(|r| retries(r, &format!("{at}.retries"), warnings, issues)),
+            .map(|r| Box::new(retries(r, &format!("{at}.retries"), warnings, issues))),
         fault: spec
             .fault
-            .and_then(|f| fault(f, &format!("{at}.fault"), warnings, issues)),
-        mirrors,
+            .and_then(|f| fault(f, &format!("{at}.fault"), warnings, issues))
+            .map(Box::new),
+        mirrors: mirrors.into(),
         headers: spec
             .headers
-            .map(|h| header_ops(h, &format!("{at}.headers"), issues))
-            .unwrap_or_default(),
+            .and_then(|h| header_ops(h, &format!("{at}.headers"), issues).boxed()),
         rewrite: spec
             .rewrite
-            .map(|r| rewrite(r, &format!("{at}.rewrite"), issues)),
+            .map(|r| Box::new(rewrite(r, &format!("{at}.rewrite"), issues))),
     };
     (!gateway_only).then_some(RouteDraft {
         route,
@@ -772,17 +772,24 @@ fn request_match(
         warnings.not_enforced(format!("{at}.statPrefix"));
     }
     applies_to_mesh(&m.gateways).then_some(RequestMatch {
-        name: m.name,
+        name: m.name.map(Into::into),
         uri,
         scheme,
         method,
         authority,
         headers,
         without_headers,
-        query_params,
+        query_params: query_params
+            .into_iter()
+            .map(|(n, m)| (n.into(), m))
+            .collect(),
         port,
-        source_labels: m.source_labels,
-        source_namespace: m.source_namespace,
+        source_labels: m
+            .source_labels
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect(),
+        source_namespace: m.source_namespace.map(Into::into),
         ignore_uri_case: m.ignore_uri_case,
     })
 }
@@ -791,16 +798,16 @@ fn header_matches(
     headers: BTreeMap<String, StringMatchSpec>,
     at: &str,
     issues: &mut Issues,
-) -> Vec<(String, StringMatch)> {
+) -> Box<[(Box<str>, StringMatch)]> {
     let mut out = Vec::new();
     for (name, s) in headers {
         let field = format!("{at}.{name}");
         let name = header_name(&name, field.clone(), issues);
         if let (Some(name), Some(s)) = (name, string_match(s, &field, issues)) {
-            out.push((name, s));
+            out.push((name.into(), s));
         }
     }
-    out
+    out.into()
 }
 
 /// `{}` is [`StringMatch::Present`]; otherwise exactly one of exact, prefix
@@ -808,8 +815,8 @@ fn header_matches(
 fn string_match(s: StringMatchSpec, at: &str, issues: &mut Issues) -> Option<StringMatch> {
     match (s.exact, s.prefix, s.regex) {
         (None, None, None) => Some(StringMatch::Present),
-        (Some(exact), None, None) => Some(StringMatch::Exact(exact)),
-        (None, Some(prefix), None) => Some(StringMatch::Prefix(prefix)),
+        (Some(exact), None, None) => Some(StringMatch::Exact(exact.into())),
+        (None, Some(prefix), None) => Some(StringMatch::Prefix(prefix.into())),
         (None, None, Some(regex)) => {
             full_match_regex(&regex, format!("{at}.regex"), issues).map(StringMatch::Regex)
         }
@@ -851,8 +858,7 @@ fn weighted(
             weight: if single { 100 } else { weight as u32 },
             headers: r
                 .headers
-                .map(|h| header_ops(h, &format!("{field}.headers"), issues))
-                .unwrap_or_default(),
+                .and_then(|h| header_ops(h, &format!("{field}.headers"), issues).boxed()),
         });
     }
     if !single && sum != 100 {
@@ -888,8 +894,8 @@ fn destination(
         .and_then(|p| port_number(p.number, format!("{at}.port.number"), issues));
     fields.push(at.to_owned());
     Destination {
-        service: d.host,
-        subset: d.subset,
+        service: d.host.into(),
+        subset: d.subset.map(Into::into),
         port,
     }
 }
@@ -909,21 +915,22 @@ fn header_ops(h: HeadersSpec, at: &str, issues: &mut Issues) -> HeaderOps {
 
 fn header_edits(e: HeaderOperationsSpec, at: &str, issues: &mut Issues) -> HeaderEdits {
     let pairs = |map: BTreeMap<String, String>, op: &str, issues: &mut Issues| {
-        let mut out = Vec::new();
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::new();
         for (name, value) in map {
             let field = format!("{at}.{op}.{name}");
             let name = header_name(&name, field.clone(), issues);
             if let (Some(name), true) = (name, header_value(&value, field, issues)) {
-                out.push((name, value));
+                out.push((name.into(), value.into()));
             }
         }
-        out
+        out.into()
     };
     let set = pairs(e.set, "set", issues);
     let add = pairs(e.add, "add", issues);
     let remove = e.remove.iter().enumerate();
     let remove = remove
         .filter_map(|(k, name)| header_name(name, format!("{at}.remove[{k}]"), issues))
+        .map(Into::into)
         .collect();
     HeaderEdits { set, add, remove }
 }

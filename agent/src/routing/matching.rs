@@ -41,11 +41,11 @@ impl RequestMatch {
             && self
                 .source_namespace
                 .as_ref()
-                .is_none_or(|ns| ns == r.source_namespace)
+                .is_none_or(|ns| **ns == *r.source_namespace)
             && self
                 .source_labels
                 .iter()
-                .all(|(k, v)| r.source_labels.get(k) == Some(v))
+                .all(|(k, v)| r.source_labels.get(&**k).is_some_and(|have| *have == **v))
             && self
                 .headers
                 .iter()
@@ -79,8 +79,8 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
 impl StringMatch {
     pub fn matches(&self, value: &str) -> bool {
         match self {
-            StringMatch::Exact(s) => value == s,
-            StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatch::Exact(s) => value == &**s,
+            StringMatch::Prefix(p) => value.starts_with(&**p),
             StringMatch::PathPrefix(p) => path_prefix(value, p),
             StringMatch::Regex(re) => re.is_match(value),
             StringMatch::Present => true,
@@ -137,7 +137,7 @@ mod tests {
     }
 
     fn regex(s: &str) -> StringMatch {
-        StringMatch::Regex(regex::Regex::new(&format!("^(?:{s})$")).unwrap())
+        StringMatch::Regex(regex::Regex::new(&format!("^(?:{s})$")).unwrap().into())
     }
 
     #[test]
@@ -163,20 +163,20 @@ mod tests {
         let request = info("/reviews/1?debug=yes", &headers, &labels);
         let mut m = RequestMatch {
             uri: Some(StringMatch::Prefix("/reviews".into())),
-            headers: vec![("end-user".into(), StringMatch::Exact("jason".into()))],
-            query_params: vec![("debug".into(), StringMatch::Exact("yes".into()))],
-            source_labels: labels.clone(),
+            headers: Box::new([("end-user".into(), StringMatch::Exact("jason".into()))]),
+            query_params: Box::new([("debug".into(), StringMatch::Exact("yes".into()))]),
+            source_labels: Box::new([("app".into(), "productpage".into())]),
             source_namespace: Some("bookinfo".into()),
             port: Some(9080),
             ..RequestMatch::default()
         };
         assert!(m.matches(&request));
-        m.without_headers = vec![("end-user".into(), StringMatch::Present)];
+        m.without_headers = Box::new([("end-user".into(), StringMatch::Present)]);
         assert!(!m.matches(&request));
-        m.without_headers.clear();
-        m.headers = vec![("end-user".into(), StringMatch::Exact("mike".into()))];
+        m.without_headers = Box::default();
+        m.headers = Box::new([("end-user".into(), StringMatch::Exact("mike".into()))]);
         assert!(!m.matches(&request));
-        m.headers.clear();
+        m.headers = Box::default();
         m.source_namespace = Some("other".into());
         assert!(!m.matches(&request));
     }

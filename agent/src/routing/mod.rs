@@ -15,6 +15,7 @@ mod matching;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -86,7 +87,7 @@ impl RoutingTable {
 pub struct VirtualHost {
     /// `VirtualService ns/name` or `HTTPRoute ns/name`, and its file.
     pub origin: String,
-    routes: Vec<HttpRoute>,
+    routes: Box<[HttpRoute]>,
     #[serde(skip)]
     index: Option<PathIndex>,
 }
@@ -96,7 +97,7 @@ impl VirtualHost {
         let index = PathIndex::build(&routes);
         VirtualHost {
             origin,
-            routes,
+            routes: routes.into_boxed_slice(),
             index,
         }
     }
@@ -129,31 +130,36 @@ impl VirtualHost {
     }
 }
 
+/// One compiled route. A mesh may hold tens of thousands, so it is kept
+/// small (under 150 bytes in place): sequences are boxed slices without
+/// spare capacity, and the parts most routes leave unset are boxed, costing
+/// a pointer when absent (see `agent/tests/route_memory.rs`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
     /// The route's own name, or `http[i]` / `rules[i]`.
-    pub name: String,
+    pub name: Box<str>,
     /// Alternatives (OR); within one, every condition must hold (AND).
-    pub matches: Vec<RequestMatch>,
+    pub matches: Box<[RequestMatch]>,
     pub action: RouteAction,
     /// Whole-request deadline, retries included. `None`: no deadline.
     #[serde(with = "opt_duration")]
     pub timeout: Option<Duration>,
     /// `None`: Istio's default policy ([`RetryPolicy::istio_default`]).
-    pub retries: Option<RetryPolicy>,
-    pub fault: Option<Fault>,
-    pub mirrors: Vec<Mirror>,
-    pub headers: HeaderOps,
-    pub rewrite: Option<Rewrite>,
+    pub retries: Option<Box<RetryPolicy>>,
+    pub fault: Option<Box<Fault>>,
+    pub mirrors: Box<[Mirror]>,
+    /// `None`: no header edits.
+    pub headers: Option<Box<HeaderOps>>,
+    pub rewrite: Option<Box<Rewrite>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum RouteAction {
     /// Weighted destinations; weights are relative (Istio's sum to 100).
-    Forward(Vec<WeightedDestination>),
-    Redirect(Redirect),
+    Forward(Box<[WeightedDestination]>),
+    Redirect(Box<Redirect>),
     DirectResponse {
         status: u16,
         #[serde(serialize_with = "lossy_bytes")]
@@ -166,17 +172,19 @@ pub enum RouteAction {
 pub struct WeightedDestination {
     pub destination: Destination,
     pub weight: u32,
-    /// Header edits applied only when this destination is picked.
-    pub headers: HeaderOps,
+    /// Header edits applied only when this destination is picked; `None`:
+    /// none.
+    pub headers: Option<Box<HeaderOps>>,
 }
 
 /// A Service (resolved to `namespace/name`), optionally narrowed to a subset
-/// and a port.
+/// and a port. The names are shared by every route of a table that names
+/// the same Service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
-    pub service: String,
-    pub subset: Option<String>,
+    pub service: Arc<str>,
+    pub subset: Option<Arc<str>>,
     /// `None`: the port the client connected to.
     pub port: Option<u16>,
 }
@@ -185,20 +193,20 @@ pub struct Destination {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestMatch {
-    pub name: Option<String>,
+    pub name: Option<Box<str>>,
     pub uri: Option<StringMatch>,
     pub scheme: Option<StringMatch>,
     pub method: Option<StringMatch>,
     pub authority: Option<StringMatch>,
     /// Lowercase header name → condition.
-    pub headers: Vec<(String, StringMatch)>,
+    pub headers: Box<[(Box<str>, StringMatch)]>,
     /// Lowercase header names whose condition must *not* hold.
-    pub without_headers: Vec<(String, StringMatch)>,
-    pub query_params: Vec<(String, StringMatch)>,
+    pub without_headers: Box<[(Box<str>, StringMatch)]>,
+    pub query_params: Box<[(Box<str>, StringMatch)]>,
     pub port: Option<u16>,
     /// Labels the calling workload must carry.
-    pub source_labels: BTreeMap<String, String>,
-    pub source_namespace: Option<String>,
+    pub source_labels: Box<[(Box<str>, Box<str>)]>,
+    pub source_namespace: Option<Box<str>>,
     /// Istio's `ignoreUriCase`: the uri condition ignores ASCII case.
     pub ignore_uri_case: bool,
 }
@@ -206,13 +214,14 @@ pub struct RequestMatch {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum StringMatch {
-    Exact(String),
-    Prefix(String),
+    Exact(Box<str>),
+    Prefix(Box<str>),
     /// Gateway API `PathPrefix`: whole path segments only (`/a` matches
     /// `/a` and `/a/b`, not `/ab`).
-    PathPrefix(String),
+    PathPrefix(Box<str>),
     /// Anchored: must match the whole value, as in Envoy (RE2 syntax).
-    Regex(#[serde(serialize_with = "regex_source")] regex::Regex),
+    /// Shared by every match of a table with the same pattern.
+    Regex(#[serde(serialize_with = "regex_source")] Arc<regex::Regex>),
     /// The header or parameter is present, whatever its value.
     Present,
 }
@@ -317,15 +326,20 @@ impl HeaderOps {
     pub fn is_empty(&self) -> bool {
         self.request.is_empty() && self.response.is_empty()
     }
+
+    /// As routes hold them: `None` when there is nothing to edit.
+    pub fn boxed(self) -> Option<Box<HeaderOps>> {
+        (!self.is_empty()).then(|| Box::new(self))
+    }
 }
 
 /// Lowercase names; values as written.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderEdits {
-    pub set: Vec<(String, String)>,
-    pub add: Vec<(String, String)>,
-    pub remove: Vec<String>,
+    pub set: Box<[(Box<str>, Box<str>)]>,
+    pub add: Box<[(Box<str>, Box<str>)]>,
+    pub remove: Box<[Box<str>]>,
 }
 
 impl HeaderEdits {
@@ -353,7 +367,7 @@ pub enum PathRewrite {
     /// (`\1`-style groups are accepted).
     Regex {
         #[serde(serialize_with = "regex_source")]
-        pattern: regex::Regex,
+        pattern: Arc<regex::Regex>,
         rewrite: String,
     },
 }

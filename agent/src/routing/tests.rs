@@ -154,12 +154,21 @@ fn forward(route: &HttpRoute) -> Vec<(String, Option<&str>, u32)> {
         .iter()
         .map(|d| {
             (
-                d.destination.service.clone(),
+                d.destination.service.to_string(),
                 d.destination.subset.as_deref(),
                 d.weight,
             )
         })
         .collect()
+}
+
+/// Header edits as `(name, value)` pairs of `&str`.
+fn pairs(edits: &[(Box<str>, Box<str>)]) -> Vec<(&str, &str)> {
+    edits.iter().map(|(n, v)| (&**n, &**v)).collect()
+}
+
+fn header_names(names: &[Box<str>]) -> Vec<&str> {
+    names.iter().map(|n| &**n).collect()
 }
 
 fn host<'t>(table: &'t RoutingTable, service: &str) -> &'t VirtualHost {
@@ -205,7 +214,7 @@ fn loads_bookinfo_all_v1() {
             .origin
             .starts_with(&format!("VirtualService default/{service} (")));
         assert!(host.origin.ends_with("virtual-service-all-v1.yaml)"));
-        assert_eq!(host.routes[0].name, "http[0]");
+        assert_eq!(&*host.routes[0].name, "http[0]");
         assert!(host.routes[0].matches.is_empty());
         assert_eq!(forward(&host.routes[0]), [(key.clone(), Some("v1"), 100)]);
         assert!(
@@ -400,7 +409,7 @@ fn routes_jason_to_reviews_v2() {
     assert_eq!(reviews.routes.len(), 2);
     let m = &reviews.routes[0].matches[0];
     assert!(
-        matches!(&m.headers[..], [(name, StringMatch::Exact(v))] if name == "end-user" && v == "jason")
+        matches!(&m.headers[..], [(name, StringMatch::Exact(v))] if &**name == "end-user" && &**v == "jason")
     );
     assert_eq!(
         forward(&reviews.routes[0]),
@@ -548,7 +557,7 @@ fn mirrors_httpbin_and_breaks_its_circuit() {
     let route = &host(&table1, "default/httpbin").routes[0];
     assert_eq!(route.mirrors.len(), 1);
     let mirror = &route.mirrors[0];
-    assert_eq!(mirror.destination.service, "default/httpbin");
+    assert_eq!(&*mirror.destination.service, "default/httpbin");
     assert_eq!(mirror.destination.subset.as_deref(), Some("v2"));
     assert_eq!(mirror.percentage, 100.0);
 
@@ -680,7 +689,7 @@ fn gateway_api_routes_attach_to_services() {
     // Attached to port 9080 only, matching every path.
     let m = &reviews.routes[0].matches[0];
     assert_eq!(m.port, Some(9080));
-    assert!(matches!(&m.uri, Some(StringMatch::PathPrefix(p)) if p == "/"));
+    assert!(matches!(&m.uri, Some(StringMatch::PathPrefix(p)) if &**p == "/"));
     assert!(reviews.routes[0].retries.is_none());
 
     let table2 = table(&[("jason.yaml", HTTPROUTE_JASON)]);
@@ -743,7 +752,7 @@ status:
 ";
     let table = table(&[("r.yaml", route)]);
     let reviews = host(&table, "default/reviews");
-    let names: Vec<_> = reviews.routes.iter().map(|r| r.name.as_str()).collect();
+    let names: Vec<_> = reviews.routes.iter().map(|r| &*r.name).collect();
     assert_eq!(
         names,
         ["rules[1]", "rules[0]", "rules[2]"],
@@ -768,12 +777,15 @@ status:
     assert_eq!(rewrite.authority.as_deref(), Some("reviews.internal"));
     assert!(matches!(&rewrite.path, Some(PathRewrite::Full(p)) if p == "/v2"));
     assert_eq!(
-        rewritten.headers.request.set,
-        [("x-version".to_owned(), "v2".to_owned())]
+        pairs(&rewritten.headers.as_ref().unwrap().request.set),
+        [("x-version", "v2")]
     );
-    assert_eq!(rewritten.headers.request.remove, ["x-debug"]);
     assert_eq!(
-        rewritten.mirrors[0].destination.service,
+        header_names(&rewritten.headers.as_ref().unwrap().request.remove),
+        ["x-debug"]
+    );
+    assert_eq!(
+        &*rewritten.mirrors[0].destination.service,
         "default/reviews-v2"
     );
     assert_eq!(rewritten.mirrors[0].percentage, 25.0);
@@ -781,8 +793,8 @@ status:
         unreachable!()
     };
     assert_eq!(
-        backends[0].headers.response.add,
-        [("x-backend".to_owned(), "v1".to_owned())]
+        pairs(&backends[0].headers.as_ref().unwrap().response.add),
+        [("x-backend", "v1")]
     );
     assert_eq!(rewritten.timeout, Some(Duration::from_secs(10)));
     let retries = rewritten.retries.as_ref().unwrap();
@@ -1081,7 +1093,7 @@ fn http_routes_for_one_service_merge_by_precedence() {
     .concat();
     let table = table(&[("routes.yaml", &docs)]);
     let reviews = host(&table, "default/reviews");
-    let names: Vec<_> = reviews.routes.iter().map(|r| r.name.as_str()).collect();
+    let names: Vec<_> = reviews.routes.iter().map(|r| &*r.name).collect();
     assert_eq!(
         names,
         [
@@ -1133,13 +1145,13 @@ spec:
     let table = table(&[("dr.yaml", DESTINATION_RULE_ALL), ("vs.yaml", vs)]);
     let routes = &host(&table, "default/reviews").routes;
     let m = &routes[0].matches[0];
-    assert!(matches!(&m.without_headers[..], [(n, StringMatch::Present)] if n == "x-keep"));
+    assert!(matches!(&m.without_headers[..], [(n, StringMatch::Present)] if &**n == "x-keep"));
     assert!(
-        matches!(&m.query_params[..], [(n, StringMatch::Exact(v))] if n == "debug" && v == "yes")
+        matches!(&m.query_params[..], [(n, StringMatch::Exact(v))] if &**n == "debug" && &**v == "yes")
     );
     assert_eq!(
-        (m.port, m.source_labels["app"].as_str()),
-        (Some(9080), "productpage")
+        (m.port, &m.source_labels[..]),
+        (Some(9080), &[("app".into(), "productpage".into())][..])
     );
     let RouteAction::Redirect(redirect) = &routes[0].action else {
         unreachable!()
@@ -1158,7 +1170,7 @@ spec:
     let Some(Rewrite {
         path: Some(PathRewrite::Regex { pattern, rewrite }),
         authority,
-    }) = &rewritten.rewrite
+    }) = rewritten.rewrite.as_deref()
     else {
         panic!("{:?}", rewritten.rewrite)
     };
@@ -1167,16 +1179,16 @@ spec:
         ("^/v([0-9]+)/", "/api/\\1/")
     );
     assert_eq!(authority.as_deref(), Some("reviews-v2"));
-    let request = &rewritten.headers.request;
-    assert_eq!(request.set, [("x-version".to_owned(), "v2".to_owned())]);
-    assert_eq!(request.add, [("x-trace".to_owned(), "on".to_owned())]);
-    assert_eq!(request.remove, ["cookie"]);
+    let request = &rewritten.headers.as_ref().unwrap().request;
+    assert_eq!(pairs(&request.set), [("x-version", "v2")]);
+    assert_eq!(pairs(&request.add), [("x-trace", "on")]);
+    assert_eq!(header_names(&request.remove), ["cookie"]);
     let RouteAction::Forward(destinations) = &rewritten.action else {
         unreachable!()
     };
     assert_eq!(
-        destinations[0].headers.response.set,
-        [("x-subset".to_owned(), "v2".to_owned())]
+        pairs(&destinations[0].headers.as_ref().unwrap().response.set),
+        [("x-subset", "v2")]
     );
     assert_eq!(table.warnings.len(), 1, "{:#?}", table.warnings);
     assert!(table.warnings[0].ends_with("spec.http[2].corsPolicy: accepted, not enforced"));

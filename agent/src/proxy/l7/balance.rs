@@ -20,11 +20,12 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// How fast the moving average forgets (Finagle's and Linkerd's choice).
 const DECAY: Duration = Duration::from_secs(10);
 
-/// One destination: a Service port, optionally narrowed to a subset.
+/// One destination: a Service port, optionally narrowed to a subset. The
+/// names are the route table's own (shared, not copied per request).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterKey {
-    pub service: String,
-    pub subset: Option<String>,
+    pub service: Arc<str>,
+    pub subset: Option<Arc<str>>,
     pub port: u16,
 }
 

@@ -10,9 +10,9 @@ use crate::routing::{HeaderEdits, PathRewrite, Redirect, RequestMatch, StringMat
 /// Removes, then sets, then appends, as Envoy does.
 pub fn apply(headers: &mut HeaderMap, edits: &HeaderEdits) {
     for name in &edits.remove {
-        headers.remove(name.as_str());
+        headers.remove(&**name);
     }
-    let parsed = |(n, v): &(String, String)| {
+    let parsed = |(n, v): &(Box<str>, Box<str>)| {
         Some((
             HeaderName::from_bytes(n.as_bytes()).ok()?,
             HeaderValue::from_str(v).ok()?,
@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn regex_rewrite_uses_istio_groups() {
         let r = PathRewrite::Regex {
-            pattern: regex::Regex::new("^/service/([^/]+)(/.*)$").unwrap(),
+            pattern: regex::Regex::new("^/service/([^/]+)(/.*)$").unwrap().into(),
             rewrite: "\\2/instance/\\1".into(),
         };
         assert_eq!(
@@ -164,9 +164,9 @@ mod tests {
         apply(
             &mut h,
             &HeaderEdits {
-                set: vec![("x-a".into(), "2".into())],
-                add: vec![("x-c".into(), "3".into())],
-                remove: vec!["x-b".into()],
+                set: Box::new([("x-a".into(), "2".into())]),
+                add: Box::new([("x-c".into(), "3".into())]),
+                remove: Box::new(["x-b".into()]),
             },
         );
         assert_eq!(h["x-a"], "2");

@@ -131,7 +131,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         .map_or("/", |p| p.as_str())
         .to_owned();
     let own = Destination {
-        service: plan.service_key.to_owned(),
+        service: plan.service_key.into(),
         subset: None,
         port: None,
     };
@@ -157,7 +157,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
                 })
                 .or(destinations.first());
             match chosen {
-                Some(d) => (&d.destination, Some(&d.headers)),
+                Some(d) => (&d.destination, d.headers.as_deref()),
                 None => {
                     return body::local_reply(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -188,7 +188,10 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
     for name in HOP_BY_HOP {
         head.headers.remove(name);
     }
-    let edits = [route.map(|r| &r.headers), destination_headers];
+    let edits = [
+        route.and_then(|r| r.headers.as_deref()),
+        destination_headers,
+    ];
     for ops in edits.iter().flatten() {
         edit::apply(&mut head.headers, &ops.request);
     }
@@ -229,7 +232,10 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         ),
         Some(r) => (
             r.timeout,
-            r.retries.clone().unwrap_or_else(RetryPolicy::istio_default),
+            r.retries
+                .as_deref()
+                .cloned()
+                .unwrap_or_else(RetryPolicy::istio_default),
         ),
         None => (None, RetryPolicy::istio_default()),
     };

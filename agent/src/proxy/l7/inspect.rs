@@ -181,7 +181,7 @@ fn policy_summary(route: &HttpRoute) -> String {
             m.percentage, m.destination.service
         ));
     }
-    if !route.headers.is_empty() {
+    if route.headers.as_ref().is_some_and(|h| !h.is_empty()) {
         parts.push("header edits".into());
     }
     if route.rewrite.is_some() {
@@ -267,7 +267,7 @@ fn explain_with(
     if protocol == "tcp (opaque)" {
         out["summary"] = json!("the port is declared opaque: the connection is relayed to one endpoint, no routes apply");
         let own = crate::routing::Destination {
-            service: key.clone(),
+            service: key.as_str().into(),
             subset: None,
             port: None,
         };
@@ -288,7 +288,7 @@ fn explain_with(
                 None,
                 vec![(
                     crate::routing::Destination {
-                        service: key.clone(),
+                        service: key.as_str().into(),
                         subset: None,
                         port: None,
                     },
