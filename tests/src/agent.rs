@@ -163,7 +163,7 @@ impl Agent {
             ]);
         }
         let source_args = vec!["--config-dir".to_owned(), config_dir.display().to_string()];
-        Agent::launch_new(topo, node, config_dir, source_args, bin, extra_args)
+        Agent::launch_new(topo, node, config_dir, source_args, bin, extra_args, label)
     }
 
     /// Starts `nodemesh agent --kubernetes --kubeconfig KUBECONFIG` on
@@ -187,7 +187,8 @@ impl Agent {
             credential.display().to_string(),
         ];
         let dir = kubeconfig.parent().unwrap_or(topo.work_dir()).to_owned();
-        Agent::launch_new(topo, node, dir, source_args, &nodemesh_bin(), extra_args)
+        let bin = nodemesh_bin();
+        Agent::launch_new(topo, node, dir, source_args, &bin, extra_args, None)
     }
 
     fn launch_new(
@@ -197,6 +198,7 @@ impl Agent {
         source_args: Vec<String>,
         bin: &Path,
         extra_args: Vec<String>,
+        label: Option<&str>,
     ) -> Result<Agent> {
         let info = topo.node(node).clone();
         let mut agent = Agent {
