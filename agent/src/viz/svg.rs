@@ -137,12 +137,25 @@ fn layout(calls: &[Call]) -> Vec<Node> {
     nodes
 }
 
+/// The point at `t` of a cubic Bézier curve.
+fn cubic(t: f64, [p0, p1, p2, p3]: [(f64, f64); 4]) -> (f64, f64) {
+    let u = 1.0 - t;
+    let at = |a: f64, b: f64, c: f64, d: f64| {
+        u * u * u * a + 3.0 * u * u * t * b + 3.0 * u * t * t * c + t * t * t * d
+    };
+    (at(p0.0, p1.0, p2.0, p3.0), at(p0.1, p1.1, p2.1, p3.1))
+}
+
 /// The picture of `calls`, a standalone SVG document.
 pub fn render(calls: &[Call]) -> String {
     let nodes = layout(calls);
     let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let width = nodes.iter().map(|n| n.x + n.width).fold(0.0, f64::max) + MARGIN;
-    let height = nodes.iter().map(|n| n.y).fold(0.0, f64::max) + BOX_HEIGHT + ROW + MARGIN;
+    let backwards = calls
+        .iter()
+        .any(|c| by_name[c.to.as_str()].column <= by_name[c.from.as_str()].column);
+    let below = if backwards { ROW } else { 0.0 };
+    let height = nodes.iter().map(|n| n.y).fold(0.0, f64::max) + BOX_HEIGHT + below + MARGIN;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -166,13 +179,17 @@ pub fn render(calls: &[Call]) -> String {
         let (path, (lx, ly)) = if to.column > from.column {
             let ((sx, sy), (ex, ey)) = (from.right(), to.left());
             let bend = (ex - sx) / 2.0;
+            // The label sits in the gap before the callee, so that an edge
+            // that skips columns is not labelled over a box.
+            let t = 1.0 - 0.5 * GAP / (ex - sx);
+            let (x, y) = cubic(t, [(sx, sy), (sx + bend, sy), (ex - bend, ey), (ex, ey)]);
             (
                 format!(
                     "M {sx:.1} {sy:.1} C {:.1} {sy:.1}, {:.1} {ey:.1}, {ex:.1} {ey:.1}",
                     sx + bend,
                     ex - bend
                 ),
-                ((sx + ex) / 2.0, (sy + ey) / 2.0),
+                (x, y),
             )
         } else {
             // Back to a column on the left (or itself): below the boxes.
@@ -229,4 +246,50 @@ pub fn render(calls: &[Call]) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::viz::Figures;
+
+    fn call(from: &str, to: &str) -> Call {
+        Call {
+            from: from.into(),
+            to: to.into(),
+            figures: Figures {
+                requests: 1,
+                failures: 0,
+                success_rate: Some(1.0),
+                rps: 1.0,
+                p50_ms: None,
+                p95_ms: None,
+                p99_ms: None,
+                tcp_connections: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn callees_are_right_of_their_furthest_caller_even_in_a_cycle() {
+        let mut calls = vec![
+            call("ns/a", "ns/b"),
+            call("ns/b", "ns/c"),
+            call("ns/a", "ns/c"),
+            call("ns/<x&y>", "ns/b"),
+        ];
+        let nodes = layout(&calls);
+        let column = |name: &str| nodes.iter().find(|n| n.name == name).unwrap().column;
+        assert_eq!(column("ns/a"), 0);
+        assert_eq!(column("ns/b"), 1);
+        assert_eq!(column("ns/c"), 2);
+        // A cycle stops growing within the node count.
+        calls.push(call("ns/c", "ns/a"));
+        let nodes = layout(&calls);
+        assert!(nodes.iter().all(|n| n.column < nodes.len()));
+        let svg = render(&calls);
+        assert!(svg.contains("<title>ns/&lt;x&amp;y&gt;</title>"), "{svg}");
+        assert_eq!(svg.matches("<g class=\"edge\">").count(), calls.len());
+        assert_eq!(svg.matches("<g class=\"node\">").count(), 4);
+    }
 }
