@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::histogram::DURATION_MS;
 
@@ -30,7 +30,7 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(INTERVAL.as_secs() * (SLOTS
 const BUCKETS: usize = DURATION_MS.len() + 1;
 
 /// One edge's counts, cumulative in a snapshot, a difference in a window.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeTotals {
     pub requests: u64,
     /// Requests by response class, indexed by `code / 100`; index 0 holds
@@ -92,7 +92,7 @@ struct Snapshot {
 }
 
 /// One edge's counts over a window, with the labels that name it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EdgeStats {
     pub reporter: String,
     pub source_workload: String,

@@ -119,27 +119,29 @@ pub fn dot(calls: &[Call]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::window::{EdgeStats, EdgeTotals};
     use crate::viz::Edge;
 
     fn edge(reporter: &str, from: &str, to: &str, requests: u64, failures: u64) -> Edge {
+        let mut totals = EdgeTotals::default();
+        totals.add_requests(200, requests - failures, [requests - failures].into_iter());
+        totals.add_requests(503, failures, [failures].into_iter());
         Edge {
-            reporter: reporter.into(),
-            source_workload: from.into(),
-            source_namespace: "default".into(),
-            destination_workload: to.into(),
-            destination_namespace: if to == "unknown" {
-                "unknown"
-            } else {
-                "default"
-            }
-            .into(),
-            service: "ratings".into(),
-            service_namespace: "default".into(),
-            requests,
-            classes: vec![0, 0, requests - failures, 0, 0, failures],
-            duration_ms: vec![requests],
-            tcp_opened: 0,
-            tcp_closed: 0,
+            stats: EdgeStats {
+                reporter: reporter.into(),
+                source_workload: from.into(),
+                source_namespace: "default".into(),
+                destination_workload: to.into(),
+                destination_namespace: if to == "unknown" {
+                    "unknown"
+                } else {
+                    "default"
+                }
+                .into(),
+                service: "ratings".into(),
+                service_namespace: "default".into(),
+                totals,
+            },
             seconds: 10.0,
         }
     }

@@ -20,25 +20,24 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::{self, AdminError, Query};
+use crate::telemetry::window::EdgeStats;
 
 /// One edge's counts over a window, as an agent answers them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Edge {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub service: String,
-    pub service_namespace: String,
-    pub requests: u64,
-    pub classes: Vec<u64>,
-    pub duration_ms: Vec<u64>,
-    pub tcp_opened: u64,
-    pub tcp_closed: u64,
+    #[serde(flatten)]
+    pub stats: EdgeStats,
     /// Seconds the window of the agent that answered covered.
     #[serde(default)]
     pub seconds: f64,
+}
+
+impl std::ops::Deref for Edge {
+    type Target = EdgeStats;
+
+    fn deref(&self) -> &EdgeStats {
+        &self.stats
+    }
 }
 
 impl Edge {
@@ -143,18 +142,19 @@ pub struct Figures {
 
 impl Summary {
     pub fn add(&mut self, edge: &Edge) {
-        self.requests += edge.requests;
-        self.failures += edge.classes.get(5).copied().unwrap_or(0);
+        let t = &edge.totals;
+        self.requests += t.requests;
+        self.failures += t.classes[5];
         if edge.seconds > 0.0 {
-            self.rps += edge.requests as f64 / edge.seconds;
+            self.rps += t.requests as f64 / edge.seconds;
         }
-        if self.buckets.len() < edge.duration_ms.len() {
-            self.buckets.resize(edge.duration_ms.len(), 0);
+        if self.buckets.len() < t.duration_ms.len() {
+            self.buckets.resize(t.duration_ms.len(), 0);
         }
-        for (sum, n) in self.buckets.iter_mut().zip(&edge.duration_ms) {
+        for (sum, n) in self.buckets.iter_mut().zip(&t.duration_ms) {
             *sum += n;
         }
-        self.tcp_connections += edge.tcp_opened.max(edge.tcp_closed);
+        self.tcp_connections += t.tcp_opened.max(t.tcp_closed);
     }
 
     pub fn success_rate(&self) -> Option<f64> {
@@ -176,6 +176,32 @@ impl Summary {
             p99_ms: self.quantile(0.99, bounds),
             tcp_connections: self.tcp_connections,
         }
+    }
+}
+
+/// Headers of [`Figures::cells`].
+pub const FIGURE_HEADERS: [&str; 7] = [
+    "SUCCESS",
+    "RPS",
+    "LATENCY_P50",
+    "LATENCY_P95",
+    "LATENCY_P99",
+    "TCP_CONN",
+    "REQUESTS",
+];
+
+impl Figures {
+    /// The table cells under [`FIGURE_HEADERS`].
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            percent(self.success_rate),
+            rate(self.rps),
+            millis(self.p50_ms),
+            millis(self.p95_ms),
+            millis(self.p99_ms),
+            self.tcp_connections.to_string(),
+            self.requests.to_string(),
+        ]
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{millis, percent, rate, Edge, Edges, Figures, Summary};
+use super::{Edge, Edges, Figures, Summary, FIGURE_HEADERS};
 use crate::cli::{table, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -114,31 +114,16 @@ pub fn print(edges: &Edges, filter: &Filter, output: Output) {
         );
         return;
     }
+    let headers: Vec<&str> = ["NAMESPACE", "NAME"]
+        .into_iter()
+        .chain(FIGURE_HEADERS)
+        .collect();
     table(
-        &[
-            "NAMESPACE",
-            "NAME",
-            "SUCCESS",
-            "RPS",
-            "LATENCY_P50",
-            "LATENCY_P95",
-            "LATENCY_P99",
-            "TCP_CONN",
-            "REQUESTS",
-        ],
+        &headers,
         rows.iter().map(|r| {
-            let f = &r.figures;
-            vec![
-                r.namespace.clone(),
-                r.name.clone(),
-                percent(f.success_rate),
-                rate(f.rps),
-                millis(f.p50_ms),
-                millis(f.p95_ms),
-                millis(f.p99_ms),
-                f.tcp_connections.to_string(),
-                f.requests.to_string(),
-            ]
+            let mut cells = vec![r.namespace.clone(), r.name.clone()];
+            cells.extend(r.figures.cells());
+            cells
         }),
     );
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::graph::{calls, Call};
-use super::{fetch, millis, percent, rate, VizError};
+use super::{fetch, VizError, FIGURE_HEADERS};
 use crate::cli::table;
 
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -43,29 +43,13 @@ impl Top {
 }
 
 fn frame(calls: &[Call], limit: usize) {
+    let headers: Vec<&str> = ["FROM", "TO"].into_iter().chain(FIGURE_HEADERS).collect();
     table(
-        &[
-            "FROM",
-            "TO",
-            "RPS",
-            "SUCCESS",
-            "LATENCY_P50",
-            "LATENCY_P99",
-            "REQUESTS",
-            "TCP_CONN",
-        ],
+        &headers,
         calls.iter().take(limit).map(|c| {
-            let f = &c.figures;
-            vec![
-                c.from.clone(),
-                c.to.clone(),
-                rate(f.rps),
-                percent(f.success_rate),
-                millis(f.p50_ms),
-                millis(f.p99_ms),
-                f.requests.to_string(),
-                f.tcp_connections.to_string(),
-            ]
+            let mut cells = vec![c.from.clone(), c.to.clone()];
+            cells.extend(c.figures.cells());
+            cells
         }),
     );
 }
