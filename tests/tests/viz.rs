@@ -233,7 +233,7 @@ fn stat_top_and_graph_show_the_calls_the_test_made() {
 
 /// Parses `svg` with Python's XML parser; the titles of its node and edge
 /// groups.
-fn svg_titles(mesh: &Mesh, svg: &PathBuf) -> (Vec<String>, Vec<String>) {
+fn svg_titles(mesh: &Mesh, svg: &Path) -> (Vec<String>, Vec<String>) {
     const PARSE: &str = r#"
 import json, sys, xml.etree.ElementTree as ET
 ns = {"s": "http://www.w3.org/2000/svg"}

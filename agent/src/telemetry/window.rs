@@ -182,7 +182,7 @@ impl Window {
                 (!delta.is_idle()).then(|| named(labels, delta))
             })
             .collect();
-        edges.sort_by(|a, b| b.totals.requests.cmp(&a.totals.requests));
+        edges.sort_by_key(|e| std::cmp::Reverse(e.totals.requests));
         Ok(Stats {
             window_seconds: now.saturating_duration_since(base.at).as_secs_f64(),
             max_window_seconds: MAX_WINDOW.as_secs(),
