@@ -204,20 +204,24 @@ mod tests {
         (a, b)
     }
 
+    /// Relays between two sockets on a task of its own; gives them back.
+    fn spawn_relay(
+        client: TcpStream,
+        upstream: TcpStream,
+        idle: Duration,
+        quiesce: Option<watch::Receiver<bool>>,
+    ) -> tokio::task::JoinHandle<(io::Result<Stopped>, TcpStream, TcpStream)> {
+        tokio::spawn(async move {
+            let stopped = relay(&client, &upstream, idle, Ended::default(), quiesce).await;
+            (stopped, client, upstream)
+        })
+    }
+
     #[tokio::test]
     async fn relays_both_ways_with_half_close() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(async move {
-            relay(
-                &proxy_client,
-                &proxy_upstream,
-                Duration::from_secs(5),
-                Ended::default(),
-                None,
-            )
-            .await
-        });
+        let relay = spawn_relay(proxy_client, proxy_upstream, Duration::from_secs(5), None);
         client.write_all(b"ping").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -229,7 +233,7 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"pong");
-        let Stopped::Closed(t) = relay.await.unwrap().unwrap() else {
+        let Stopped::Closed(t) = relay.await.unwrap().0.unwrap() else {
             panic!("not closed")
         };
         assert_eq!((t.sent, t.received), (4, 4));
@@ -240,17 +244,12 @@ mod tests {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
         let (quiesce, told) = watch::channel(false);
-        let relay = tokio::spawn(async move {
-            let idle = Duration::from_secs(5);
-            let stopped = relay(
-                &proxy_client,
-                &proxy_upstream,
-                idle,
-                Ended::default(),
-                Some(told),
-            );
-            (stopped.await, proxy_client, proxy_upstream)
-        });
+        let relay = spawn_relay(
+            proxy_client,
+            proxy_upstream,
+            Duration::from_secs(5),
+            Some(told),
+        );
         client.write_all(b"one").await.unwrap();
         let mut got = [0u8; 3];
         server.read_exact(&mut got).await.unwrap();
@@ -262,15 +261,12 @@ mod tests {
         assert_eq!((t.sent, t.received, ended), (3, 0, Ended::default()));
         // Written after the relay stopped: left for whoever relays next.
         client.write_all(b"two").await.unwrap();
-        let resumed = tokio::spawn(async move {
-            let idle = Duration::from_secs(5);
-            relay(&proxy_client, &proxy_upstream, idle, Ended::default(), None).await
-        });
+        let resumed = spawn_relay(proxy_client, proxy_upstream, Duration::from_secs(5), None);
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"two");
         client.shutdown().await.unwrap();
         server.shutdown().await.unwrap();
-        let Stopped::Closed(t) = resumed.await.unwrap().unwrap() else {
+        let Stopped::Closed(t) = resumed.await.unwrap().0.unwrap() else {
             panic!("not closed")
         };
         assert_eq!((t.sent, t.received), (3, 0));
@@ -280,19 +276,10 @@ mod tests {
     async fn reset_on_one_side_resets_the_other() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, server) = pair().await;
-        let relay = tokio::spawn(async move {
-            relay(
-                &proxy_client,
-                &proxy_upstream,
-                Duration::from_secs(5),
-                Ended::default(),
-                None,
-            )
-            .await
-        });
+        let relay = spawn_relay(proxy_client, proxy_upstream, Duration::from_secs(5), None);
         reset(&server);
         drop(server);
-        assert!(relay.await.unwrap().is_err());
+        assert!(relay.await.unwrap().0.is_err());
         let mut buf = [0u8; 1];
         let err = client.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -302,17 +289,13 @@ mod tests {
     async fn idle_connections_are_closed() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;
-        let relay = tokio::spawn(async move {
-            relay(
-                &proxy_client,
-                &proxy_upstream,
-                Duration::from_millis(200),
-                Ended::default(),
-                None,
-            )
-            .await
-        });
-        let err = relay.await.unwrap().unwrap_err();
+        let relay = spawn_relay(
+            proxy_client,
+            proxy_upstream,
+            Duration::from_millis(200),
+            None,
+        );
+        let err = relay.await.unwrap().0.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         let mut buf = [0u8; 1];
         assert!(client.read(&mut buf).await.is_err());
