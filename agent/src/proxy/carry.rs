@@ -117,19 +117,19 @@ struct Relaying<'a> {
 }
 
 impl Relaying<'_> {
-    /// Hands a quiesced relay over, unless collecting is over (`Err`: relay
-    /// on here).
-    fn offer(&mut self, carried: Carried) -> Result<(), Carried> {
+    /// Hands a quiesced relay over, unless collecting is over (`false`:
+    /// relay on here; the duplicates close).
+    fn offer(&mut self, carried: Carried) -> bool {
         let mut state = self.carrier.lock();
         if state.closed || !self.counted {
-            return Err(carried);
+            return false;
         }
         state.carried.push(carried);
         state.relaying -= 1;
         self.counted = false;
         drop(state);
         self.carrier.changed.notify_one();
-        Ok(())
+        true
     }
 }
 
@@ -213,10 +213,10 @@ impl Proxy {
                 })
             })();
             match carried.map(|carried| relaying.offer(carried)) {
-                Ok(Ok(())) => return Err(HANDED_OVER.into()),
+                Ok(true) => return Err(HANDED_OVER.into()),
                 // Too late, or out of descriptors: relayed here until the
                 // drain deadline.
-                Ok(Err(_)) => {}
+                Ok(false) => {}
                 Err(e) => log::warn!("a relay cannot be handed over: {e}"),
             }
         }
