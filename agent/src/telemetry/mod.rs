@@ -8,6 +8,7 @@
 //! - `histogram`: lock-free fixed-bucket histograms.
 //! - `health`: `nodemesh_*` metrics.
 //! - `server`: `GET /metrics`.
+//! - `trace`: distributed tracing (W3C and B3 propagation, OTLP export).
 
 pub mod flags;
 pub mod health;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod peer;
 pub mod server;
 pub mod standard;
+pub mod trace;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -29,12 +31,19 @@ pub use standard::{ConnectionDone, EdgeKey, Reporter, RequestDone};
 /// What the proxy records into (one per agent).
 pub struct Telemetry {
     standard: standard::Standard,
+    /// Spans of sampled requests; `None` without `--otlp-endpoint`.
+    pub tracer: Option<trace::Tracer>,
 }
 
 impl Telemetry {
-    pub fn new(config: Arc<ConfigStore>, trust_domain: &str) -> Telemetry {
+    pub fn new(
+        config: Arc<ConfigStore>,
+        trust_domain: &str,
+        tracer: Option<trace::Tracer>,
+    ) -> Telemetry {
         Telemetry {
             standard: standard::Standard::new(config, trust_domain),
+            tracer,
         }
     }
 
@@ -51,6 +60,9 @@ impl Telemetry {
         let mut out = String::with_capacity(64 * 1024);
         self.standard.write(&mut out);
         health.write(&mut out);
+        if let Some(tracer) = &self.tracer {
+            tracer.write_metrics(&mut out);
+        }
         standard::header(
             &mut out,
             "nodemesh_telemetry_overflow_total",
