@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nodemesh_testbed::mesh::{count_by, replace_object, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh, CLIENT};
 use nodemesh_testbed::otlp::{self, Receiver};
 use serde_json::Value;
 
@@ -19,13 +19,6 @@ const PARENT: &str = "00f067aa0ba902b7";
 
 fn app_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mesh-app"))
-}
-
-fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/bookinfo")
-        .join(format!("{name}.yaml"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Bookinfo, an OTLP receiver in node-a's namespace, and both agents
@@ -62,6 +55,26 @@ fn service(span: &Value) -> &str {
     span["resource"]["service.name"]
         .as_str()
         .unwrap_or_default()
+}
+
+/// GETs `url` from the client with curl arguments `args`, expecting a 200
+/// and then `n` spans of `trace`; the reply and all spans received.
+#[track_caller]
+fn traced_get(
+    mesh: &Mesh,
+    receiver: &Receiver,
+    url: &str,
+    args: &[&str],
+    trace: &str,
+    n: usize,
+) -> (nodemesh_testbed::workload_apps::Reply, Vec<Value>) {
+    let reply = mesh.get_one(CLIENT, url, args).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let spans = receiver
+        .wait_for(|s| of_trace(s, trace).len() >= n)
+        .unwrap();
+    assert_eq!(of_trace(&spans, trace).len(), n, "{spans:#?}");
+    (reply, spans)
 }
 
 /// The one span of `kind` whose service is `service`.
@@ -113,19 +126,10 @@ fn sampled_requests_get_client_and_server_spans_in_one_trace() {
 
     // Sampled by the caller: client → ratings, node-a to node-b.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let reply = mesh
-        .get_one(
-            CLIENT,
-            RATINGS,
-            &["-H", &traceparent(trace, true), "-H", "x-request-id: req-1"],
-        )
-        .unwrap();
-    assert_eq!(reply.status, 200, "{reply:?}");
-    let spans = receiver
-        .wait_for(|s| of_trace(s, trace).len() >= 2)
-        .unwrap();
+    let context = traceparent(trace, true);
+    let headers = ["-H", &context, "-H", "x-request-id: req-1"];
+    let (reply, spans) = traced_get(&mesh, &receiver, RATINGS, &headers, trace, 2);
     let spans = of_trace(&spans, trace);
-    assert_eq!(spans.len(), 2, "{spans:#?}");
     let client = one(&spans, "client", "client.default");
     let server = one(&spans, "server", "ratings.default");
     assert_eq!(client["parent_span_id"], PARENT, "{client:#}");
@@ -164,22 +168,16 @@ fn sampled_requests_get_client_and_server_spans_in_one_trace() {
     // Bookinfo, jason routed to reviews v2 on node-b: the applications
     // pass the context on, so every hop joins the trace (B3 this time).
     let routed = replace_object(
-        &example("virtual-service-all-v1"),
+        &bookinfo_example("virtual-service-all-v1"),
         "reviews",
-        &example("virtual-service-reviews-test-v2"),
+        &bookinfo_example("virtual-service-reviews-test-v2"),
     );
     mesh.apply("virtual-service-all-v1.yaml", &routed).unwrap();
     let page_trace = "80f198ee56343ba864fe8b2a57d3eff7";
     let b3 = format!("b3: {page_trace}-{PARENT}-1");
-    let page = mesh
-        .get_one(CLIENT, PRODUCTPAGE, &["-H", &b3, "-H", "end-user: jason"])
-        .unwrap();
-    assert_eq!(page.status, 200, "{page:?}");
-    let all = receiver
-        .wait_for(|s| of_trace(s, page_trace).len() >= 8)
-        .unwrap();
+    let headers = ["-H", &b3, "-H", "end-user: jason"];
+    let (_, all) = traced_get(&mesh, &receiver, PRODUCTPAGE, &headers, page_trace, 8);
     let spans = of_trace(&all, page_trace);
-    assert_eq!(spans.len(), 8, "{spans:#?}");
     let to_productpage = one(&spans, "client", "client.default");
     let productpage = one(&spans, "server", "productpage.default");
     let by_productpage: Vec<&Value> = spans

@@ -26,6 +26,20 @@ fn served(config: &Config, pod: &Pod) -> Option<Peer> {
     config.workload_by_key(&pod.key).map(|w| Peer::of(w, None))
 }
 
+/// The request's part in its trace, for `pod`, when tracing is on.
+fn enter(
+    proxy: &Proxy,
+    pod: &Pod,
+    parts: &mut Parts,
+    describe: impl FnOnce(&Config, &Parts) -> Describe,
+) -> Option<ActiveSpan> {
+    let tracer = proxy.telemetry.tracer.as_ref()?;
+    let config = proxy.config.current();
+    tracer.enter(parts, workload_percent(&config, pod), |parts| {
+        describe(&config, parts)
+    })
+}
+
 /// On the caller's agent: continues the trace (or starts it), and opens
 /// the client span of a request `pod` sent to the Service at `service`.
 pub fn client(
@@ -34,9 +48,7 @@ pub fn client(
     service: SocketAddr,
     parts: &mut Parts,
 ) -> Option<ActiveSpan> {
-    let tracer = proxy.telemetry.tracer.as_ref()?;
-    let config = proxy.config.current();
-    tracer.enter(parts, workload_percent(&config, pod), |_| {
+    enter(proxy, pod, parts, |config, _| {
         let host = config.service_by_cluster_ip(service.ip()).map_or_else(
             || service.ip().to_string(),
             |s| s.host(config.cluster_domain()),
@@ -44,7 +56,7 @@ pub fn client(
         let port = service.port();
         Describe {
             kind: Kind::Client,
-            served: served(&config, pod),
+            served: served(config, pod),
             name: format!("{host}:{port}/*"),
             peer: pod.address_for(service.ip()),
             upstream_cluster: format!("outbound|{port}||{host}"),
@@ -62,10 +74,8 @@ pub fn server(
     app: SocketAddr,
     parts: &mut Parts,
 ) -> Option<ActiveSpan> {
-    let tracer = proxy.telemetry.tracer.as_ref()?;
-    let config = proxy.config.current();
-    tracer.enter(parts, workload_percent(&config, pod), |parts| {
-        let served = served(&config, pod);
+    enter(proxy, pod, parts, |config, parts| {
+        let served = served(config, pod);
         let authority = parts
             .uri
             .authority()
