@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (as root).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run the mesh CA, or issue a node credential (`nodemesh ca issue-node`).
     Ca(CaArgs),
     /// The node's workload certificates.
@@ -288,7 +288,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::Ca(args) => run_ca(args),
         Command::Certs(q) => show(q, admin::Query::Certs),
         Command::Status(q) => show(q, admin::Query::Status),

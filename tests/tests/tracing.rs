@@ -281,18 +281,61 @@ fn requests_succeed_while_the_collector_is_down_and_lost_spans_are_counted() {
         assert_eq!(counters.get(failed), Some(&0.0), "{node}: {counters:?}");
     }
 
+    // Down: connections to the collector are refused.
     receiver.stop(mesh.topo_mut()).unwrap();
-    let replies = mesh.get_many(CLIENT, PRODUCTPAGE, 50, &[]).unwrap();
-    let statuses = count_by(&replies, |r| r.status.to_string());
-    assert_eq!(statuses, [("200".to_owned(), 50)].into(), "{replies:?}");
-    // The spans that could not be exported are counted as dropped, on both
-    // agents (productpage's calls cross to node-b for reviews v2 and v3).
-    for node in ["node-a", "node-b"] {
-        let counters = trace_counters(&mesh, node, |c| c.get(failed).is_some_and(|&n| n > 0.0));
-        assert!(counters[failed] > 0.0, "{node}: {counters:?}");
+    let errors = "nodemesh_trace_export_errors_total";
+    let before = all_pages_succeed_and_exports_fail(&mesh, &BTreeMap::new());
+    for counters in before.values() {
+        assert!(counters[failed] > 0.0, "{counters:?}");
+    }
+
+    // Slow: the collector's port accepts connections and never answers.
+    let netns = mesh.topo().node("node-a").netns.clone();
+    let script = format!(
+        "import socket, time\ns = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {}))\ns.listen(4096)\ntime.sleep(3600)\n",
+        otlp::PORT
+    );
+    let python = nodemesh_testbed::workload_apps::python3();
+    mesh.topo_mut()
+        .spawn_in(&netns, &[python, "-c", &script], "otlp-blackhole")
+        .unwrap();
+    nodemesh_testbed::workload_apps::wait_listening(mesh.topo(), &netns, otlp::PORT).unwrap();
+    let after = all_pages_succeed_and_exports_fail(&mesh, &before);
+    for (node, counters) in &after {
         assert!(
-            counters["nodemesh_trace_export_errors_total"] > 0.0,
+            counters[errors] > before[node][errors],
             "{node}: {counters:?}"
         );
     }
+}
+
+/// Sends 50 productpage requests, which must all succeed; then waits until
+/// both agents count more failed exports than in `before` (per node), and
+/// returns their counters.
+#[track_caller]
+fn all_pages_succeed_and_exports_fail(
+    mesh: &Mesh,
+    before: &BTreeMap<String, BTreeMap<String, f64>>,
+) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let replies = mesh.get_many(CLIENT, PRODUCTPAGE, 50, &[]).unwrap();
+    let statuses = count_by(&replies, |r| r.status.to_string());
+    assert_eq!(statuses, [("200".to_owned(), 50)].into(), "{replies:?}");
+    // Both agents have spans to export: productpage's calls cross to
+    // node-b for reviews v2 and v3.
+    let errors = "nodemesh_trace_export_errors_total";
+    ["node-a", "node-b"]
+        .into_iter()
+        .map(|node| {
+            let was = before
+                .get(node)
+                .and_then(|c| c.get(errors))
+                .copied()
+                .unwrap_or(0.0);
+            let counters = trace_counters(mesh, node, |c| c.get(errors) > Some(&was));
+            assert!(counters[errors] > was, "{node}: {counters:?}");
+            (node.to_owned(), counters)
+        })
+        .collect()
 }
