@@ -211,7 +211,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         identities.clone(),
         orig_dst,
         deliveries,
-        settings.proxy,
+        settings.proxy.clone(),
         Arc::new(descriptors),
     ));
     let upstream = Upstream {

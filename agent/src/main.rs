@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use nodemesh::telemetry::trace;
 use nodemesh::{
     admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources, viz,
 };
@@ -26,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (as root).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run the mesh CA, or issue a node credential (`nodemesh ca issue-node`).
     Ca(CaArgs),
     /// The node's workload certificates.
@@ -213,6 +214,23 @@ struct AgentArgs {
     /// standard metrics and the agent's own `nodemesh_*`. `off` disables it.
     #[arg(long, default_value = "0.0.0.0:15020", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
+    /// OTLP/HTTP collector (Jaeger, Tempo, the OpenTelemetry Collector)
+    /// that gets a client and a server span of each sampled request, e.g.
+    /// `http://collector:4318` (`/v1/traces` is appended). Without it,
+    /// nothing is traced and no trace header is touched.
+    #[arg(long)]
+    otlp_endpoint: Option<trace::Endpoint>,
+    /// Percent of requests traced when the caller's trace context carries
+    /// no sampling decision (Istio's default: 1).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_percent)]
+    trace_sampling: f64,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{s}` is not a percentage from 0 to 100")),
+    }
 }
 
 /// `--metrics-addr`: an address, or `off`.
@@ -342,7 +360,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::Ca(args) => run_ca(args),
         Command::Certs(q) => show(q, admin::Query::Certs),
         Command::Status(q) => show(q, admin::Query::Status),
@@ -460,6 +478,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout,
             protocol_detection_timeout: args.protocol_detection_timeout,
             max_connections_per_workload: args.max_connections_per_workload,
+            tracing: args.otlp_endpoint.map(|endpoint| trace::Settings {
+                endpoint,
+                sampling_percent: args.trace_sampling,
+            }),
             http: proxy::HttpSettings {
                 header_read_timeout: args.http_header_read_timeout,
                 idle_timeout: args.http_idle_timeout,

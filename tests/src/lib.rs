@@ -15,6 +15,8 @@
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
 //!   Bookinfo on it.
 //! * [`prometheus`] — a real Prometheus scraping the agents, and PromQL.
+//! * [`otlp`] — a real OTLP/HTTP trace receiver (the official protobuf
+//!   classes), writing the spans it gets for the test to check.
 //! * [`tenants`] — an attacker and a victim sharing one node's proxy, for
 //!   the hardening tests.
 //!
@@ -28,6 +30,7 @@ pub mod config;
 pub mod kube;
 pub mod kube_mesh;
 pub mod mesh;
+pub mod otlp;
 pub mod prometheus;
 pub mod tenants;
 pub mod topology;

@@ -453,6 +453,14 @@ for _ in range(n):
 print(json.dumps(counts))
 "#;
 
+/// Istio's Bookinfo sample `deploy/examples/bookinfo/<name>.yaml`, as is.
+pub fn bookinfo_example(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/bookinfo")
+        .join(format!("{name}.yaml"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Waits until `agent` has enrolled `expected` workloads.
 fn wait_enrolled(agent: &Agent, expected: Option<u64>) -> Result<()> {
     wait_agent(agent, "enrolling its workloads", |s| {

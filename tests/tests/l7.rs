@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config::ServicePort;
-use nodemesh_testbed::mesh::{count_by, replace_object, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh, CLIENT};
 use nodemesh_testbed::workload_apps::{python3, wait_listening, Reply};
 use serde_json::Value;
 
@@ -34,13 +34,6 @@ fn bookinfo() -> Mesh {
     mesh.bookinfo().unwrap();
     mesh.start(&[]).unwrap();
     mesh
-}
-
-fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/bookinfo")
-        .join(format!("{name}.yaml"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn versions(replies: &[Reply]) -> BTreeMap<String, u64> {
@@ -107,7 +100,7 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     let agent_pid = mesh.agent("node-a").pid();
     mesh.apply(
         "virtual-service-all-v1.yaml",
-        &example("virtual-service-all-v1"),
+        &bookinfo_example("virtual-service-all-v1"),
     )
     .unwrap();
 
@@ -117,11 +110,11 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     assert_eq!(page["calls"][0]["body"]["name"], "details-v1", "{page:#}");
 
     // Istio's request-routing task: end-user jason → reviews v2, others v1.
-    let all_v1 = example("virtual-service-all-v1");
+    let all_v1 = bookinfo_example("virtual-service-all-v1");
     let with_reviews = |reviews: &str| replace_object(&all_v1, "reviews", reviews);
     mesh.apply(
         "virtual-service-all-v1.yaml",
-        &with_reviews(&example("virtual-service-reviews-test-v2")),
+        &with_reviews(&bookinfo_example("virtual-service-reviews-test-v2")),
     )
     .unwrap();
     let jason = mesh.get_many(CLIENT, PRODUCTPAGE, 200, JASON).unwrap();
@@ -192,7 +185,7 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     // Replacing the route with v3 applies to new requests, same agent.
     mesh.apply(
         "virtual-service-all-v1.yaml",
-        &with_reviews(&example("virtual-service-reviews-v3")),
+        &with_reviews(&bookinfo_example("virtual-service-reviews-v3")),
     )
     .unwrap();
     let all = mesh.get_many(CLIENT, REVIEWS, 50, JASON).unwrap();
@@ -205,12 +198,12 @@ fn a_7s_delay_for_jason_only_and_callers_with_shorter_timeouts_time_out() {
     let mesh = bookinfo();
     mesh.apply(
         "virtual-service-reviews-test-v2.yaml",
-        &example("virtual-service-reviews-test-v2"),
+        &bookinfo_example("virtual-service-reviews-test-v2"),
     )
     .unwrap();
     mesh.apply(
         "virtual-service-ratings-test-delay.yaml",
-        &example("virtual-service-ratings-test-delay"),
+        &bookinfo_example("virtual-service-ratings-test-delay"),
     )
     .unwrap();
 
@@ -264,7 +257,7 @@ fn weighted_splits_hold_over_thousands_of_requests_and_a_header_selects_the_cana
     let mesh = bookinfo();
     mesh.apply(
         "virtual-service-reviews-50-v3.yaml",
-        &example("virtual-service-reviews-50-v3"),
+        &bookinfo_example("virtual-service-reviews-50-v3"),
     )
     .unwrap();
     let split = versions(&mesh.get_many(CLIENT, REVIEWS, SPLIT_REQUESTS, &[]).unwrap());
@@ -647,7 +640,7 @@ fn http1_h2c_grpc_and_upgrades_are_routed_while_opaque_and_server_first_tcp_pass
         .unwrap();
     mesh.apply(
         "virtual-service-reviews-test-v2.yaml",
-        &example("virtual-service-reviews-test-v2"),
+        &bookinfo_example("virtual-service-reviews-test-v2"),
     )
     .unwrap();
 

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use nodemesh_testbed::mesh::{count_by, replace_object, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh, CLIENT};
 use nodemesh_testbed::prometheus::Prometheus;
 use nodemesh_testbed::workload_apps::python3;
 
@@ -18,13 +18,6 @@ const TCP_SIZES: [usize; 3] = [1_000, 20_000, 300_000];
 
 fn app_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mesh-app"))
-}
-
-fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/bookinfo")
-        .join(format!("{name}.yaml"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Sends each size's bytes on a connection of its own to `host:port`,
@@ -86,11 +79,11 @@ fn prometheus_counts_routed_requests_faults_and_tcp_bytes_from_both_agents() {
     let q = |promql: &str, expected: f64| assert_query(&mesh, &prometheus, promql, expected);
 
     // Istio's request-routing task: jason's requests go to reviews v2.
-    let all_v1 = example("virtual-service-all-v1");
+    let all_v1 = bookinfo_example("virtual-service-all-v1");
     let routed = replace_object(
         &all_v1,
         "reviews",
-        &example("virtual-service-reviews-test-v2"),
+        &bookinfo_example("virtual-service-reviews-test-v2"),
     );
     mesh.apply("virtual-service-all-v1.yaml", &routed).unwrap();
     let pages = mesh.get_many(CLIENT, PRODUCTPAGE, 100, JASON).unwrap();
@@ -143,7 +136,7 @@ fn prometheus_counts_routed_requests_faults_and_tcp_bytes_from_both_agents() {
 
     // Istio's abort fault: jason's calls to ratings get a 500 from the
     // caller's agent, flagged FI, and never reach the destination.
-    let abort = example("virtual-service-ratings-test-abort");
+    let abort = bookinfo_example("virtual-service-ratings-test-abort");
     let aborting = replace_object(&routed, "ratings", &abort);
     mesh.apply("virtual-service-all-v1.yaml", &aborting)
         .unwrap();

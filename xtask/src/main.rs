@@ -65,7 +65,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "strace",
     // The telemetry tests' real Prometheus, and `promtool check metrics`.
     "prometheus",
+    // The virtualenv of the tracing tests' OTLP receiver.
+    "python3-venv",
 ];
+
+/// The tracing tests' OTLP receiver decodes with OTLP's official protobuf
+/// classes (PyPI), kept in a virtualenv of their own so Debian's Python
+/// packages stay as they are (the test bed's `otlp::VENV`).
+const OTLP_VENV: &str = "/opt/nodemesh-testbed/otlp-venv";
+const OTLP_PYPI: &[&str] = &["opentelemetry-proto==1.45.2", "protobuf==7.36.2"];
 
 /// LLVM whose major matches the nightly toolchain's (see DESIGN.md).
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -360,6 +368,19 @@ fn setup() -> Result<()> {
     if !tool_runs("oha", &["--version"]) {
         println!("setup: installing oha (a few minutes)");
         status(cargo().args(["install", "oha", "--locked"]))?;
+        installed_something = true;
+    }
+
+    let venv_python = format!("{OTLP_VENV}/bin/python3");
+    let import = "from opentelemetry.proto.collector.trace.v1 import trace_service_pb2";
+    if output_ok(Command::new(&venv_python).args(["-c", import])).is_none() {
+        println!("setup: installing {} into {OTLP_VENV}", OTLP_PYPI.join(" "));
+        status(Command::new("/usr/bin/python3").args(["-m", "venv", OTLP_VENV]))?;
+        status(
+            Command::new(&venv_python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(OTLP_PYPI),
+        )?;
         installed_something = true;
     }
 

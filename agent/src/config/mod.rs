@@ -173,6 +173,11 @@ impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// Its fully qualified name, `name.namespace.svc.<cluster domain>`.
+    pub fn host(&self, cluster_domain: &str) -> String {
+        format!("{}.{}.svc.{cluster_domain}", self.name, self.namespace)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -45,6 +45,7 @@ use crate::ebpf::{DeliveryTable, OrigDstTable};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::Drain;
 use crate::netns::NetNs;
+use crate::telemetry::trace::Tracer;
 use crate::telemetry::{ConnectionDone, EdgeKey, Flag, Reporter, ResponseFlags, Telemetry};
 use crate::transport;
 
@@ -52,7 +53,7 @@ use crate::transport;
 const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
 
 /// Limits applied to every proxied connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -62,6 +63,8 @@ pub struct Settings {
     /// `--max-connections-per-workload`: lowers each workload's share of the
     /// descriptor budget (see `budget`); by default it is derived.
     pub max_connections_per_workload: Option<usize>,
+    /// `--otlp-endpoint`: spans of sampled requests; none: no tracing.
+    pub tracing: Option<crate::telemetry::trace::Settings>,
 }
 
 /// An enrolled workload, as its listeners know it.
@@ -301,7 +304,12 @@ impl Proxy {
         settings: Settings,
         descriptors: Arc<Descriptors>,
     ) -> Proxy {
-        let telemetry = Arc::new(Telemetry::new(config.clone(), identities.trust_domain()));
+        let trust_domain = identities.trust_domain();
+        let tracer = settings
+            .tracing
+            .clone()
+            .map(|tracing| Tracer::start(tracing, &node, trust_domain));
+        let telemetry = Arc::new(Telemetry::new(config.clone(), trust_domain, tracer));
         Proxy {
             node,
             config,

@@ -105,6 +105,12 @@ pub struct Watched<B: http_body::Body, W: Watch> {
     watch: W,
 }
 
+impl<B: http_body::Body, W: Watch> Watched<B, W> {
+    pub fn new(inner: B, watch: W) -> Watched<B, W> {
+        Watched { inner, watch }
+    }
+}
+
 impl<B, W> http_body::Body for Watched<B, W>
 where
     B: http_body::Body<Data = Bytes> + Unpin,

@@ -9,6 +9,7 @@
 //! - `health`: `nodemesh_*` metrics.
 //! - `server`: `GET /metrics`.
 //! - `window`: the last minute's totals, for `nodemesh stat`/`top`/`graph`.
+//! - `trace`: distributed tracing (W3C and B3 propagation, OTLP export).
 
 pub mod flags;
 pub mod health;
@@ -18,6 +19,7 @@ pub mod peer;
 pub mod server;
 pub mod standard;
 pub mod window;
+pub mod trace;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -33,13 +35,20 @@ pub use standard::{ConnectionDone, EdgeKey, Reporter, RequestDone};
 pub struct Telemetry {
     standard: standard::Standard,
     window: window::Window,
+    /// Spans of sampled requests; `None` without `--otlp-endpoint`.
+    pub tracer: Option<trace::Tracer>,
 }
 
 impl Telemetry {
-    pub fn new(config: Arc<ConfigStore>, trust_domain: &str) -> Telemetry {
+    pub fn new(
+        config: Arc<ConfigStore>,
+        trust_domain: &str,
+        tracer: Option<trace::Tracer>,
+    ) -> Telemetry {
         Telemetry {
             standard: standard::Standard::new(config, trust_domain),
             window: window::Window::new(Instant::now()),
+            tracer,
         }
     }
 
@@ -72,6 +81,9 @@ impl Telemetry {
         let mut out = String::with_capacity(64 * 1024);
         self.standard.write(&mut out);
         health.write(&mut out);
+        if let Some(tracer) = &self.tracer {
+            tracer.write_metrics(&mut out);
+        }
         standard::header(
             &mut out,
             "nodemesh_telemetry_overflow_total",

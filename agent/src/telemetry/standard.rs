@@ -505,11 +505,7 @@ fn render(
     source.render("source", &mut out);
     destination.render("destination", &mut out);
     let (host, name, namespace) = match service {
-        Some((s, domain)) => (
-            format!("{}.{}.svc.{domain}", s.name, s.namespace),
-            s.name.as_str(),
-            s.namespace.as_str(),
-        ),
+        Some((s, domain)) => (s.host(domain), s.name.as_str(), s.namespace.as_str()),
         None => (UNKNOWN.to_owned(), UNKNOWN, UNKNOWN),
     };
     label(&mut out, "destination_service", &host);

@@ -1,8 +1,9 @@
 //! `mesh-app`: the application the L7 tests and the demo run in their pods.
 //! One process answers HTTP/1.1, HTTP/2 with prior knowledge (h2c) and gRPC
 //! on one port and, like Bookinfo's services, calls other services while
-//! propagating the caller's `end-user` and `x-request-id` headers, so a route
-//! on `end-user` applies at every hop.
+//! propagating the caller's `end-user`, `x-request-id` and trace context
+//! headers (W3C and B3, as Bookinfo's services do), so a route on `end-user`
+//! applies at every hop and a trace continues through the application.
 //!
 //! ```text
 //! mesh-app --port 9080 --name reviews-v2 --version v2
@@ -45,7 +46,18 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Headers Bookinfo's services propagate to the services they call.
-const PROPAGATED: &[&str] = &["end-user", "x-request-id"];
+const PROPAGATED: &[&str] = &[
+    "end-user",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+];
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
 struct App {

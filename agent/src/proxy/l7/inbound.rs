@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body, BoxError};
-use super::{http1_server, http2_server, is_grpc, path};
+use super::{http1_server, http2_server, is_grpc, path, trace};
 use crate::identity::SpiffeId;
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
@@ -31,6 +31,7 @@ use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
 use crate::telemetry::flags::{mark, Flag};
 use crate::telemetry::http::Measured;
+use crate::telemetry::trace::ActiveSpan;
 use crate::telemetry::{EdgeKey, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
@@ -154,12 +155,13 @@ pub async fn serve<S: Client>(
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
     let stamp = move |request: Request<Incoming>| {
         let grpc = is_grpc(&request);
-        let (parts, incoming) = request.into_parts();
+        let (mut parts, incoming) = request.into_parts();
+        let span = trace::server(proxy, pod, caller.address, app, &mut parts);
         let (measured, counted) = Measured::start(&proxy.telemetry, grpc, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
         let admitted = admit_request(proxy, pod, caller, app, &mut request).map(|()| request);
-        (measured, admitted)
+        (Answer { measured, span }, admitted)
     };
     let edge = EdgeKey {
         reporter: Reporter::Destination,
@@ -168,8 +170,12 @@ pub async fn serve<S: Client>(
         service: None,
         mutual_tls: caller.identity.is_some(),
     };
-    let answer = move |measured: Measured, response: Response<Body>| {
-        measured.finish(edge, response).map(BodyExt::boxed_unsync)
+    let answer = move |pending: Answer, response: Response<Body>| {
+        let response = trace::answer(pending.span, response);
+        pending
+            .measured
+            .finish(edge, response)
+            .map(BodyExt::boxed_unsync)
     };
     let serving = async {
         if http2 {
@@ -181,13 +187,13 @@ pub async fn serve<S: Client>(
             tokio::spawn(connection);
             let service = service_fn(move |request| {
                 let mut send = send.clone();
-                let (measured, request) = stamp(request);
+                let (pending, request) = stamp(request);
                 async move {
                     let response = match request {
                         Ok(request) => reply(send.send_request(request).await),
                         Err(denied) => *denied,
                     };
-                    Ok::<_, Infallible>(answer(measured, response))
+                    Ok::<_, Infallible>(answer(pending, response))
                 }
             });
             let conn = http2_server(&settings).serve_connection(io, service);
@@ -210,11 +216,11 @@ pub async fn serve<S: Client>(
                 let (send, activity) = (send.clone(), activity.clone());
                 let draining = draining.clone();
                 let client_side = hyper::upgrade::on(&mut request);
-                let (measured, request) = stamp(request);
+                let (pending, request) = stamp(request);
                 async move {
                     let request = match request {
                         Ok(request) => request,
-                        Err(denied) => return Ok(answer(measured, *denied)),
+                        Err(denied) => return Ok(answer(pending, *denied)),
                     };
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {
@@ -223,7 +229,7 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    let mut response = answer(measured, reply(response));
+                    let mut response = answer(pending, reply(response));
                     draining.close_after(&mut response);
                     Ok::<_, Infallible>(response)
                 }
@@ -242,6 +248,12 @@ pub async fn serve<S: Client>(
         Some(served) => served,
         None => Err(format!("idle for {:?}", settings.idle_timeout)),
     }
+}
+
+/// What a request's answer must end: its measure, and its span if sampled.
+struct Answer {
+    measured: Measured,
+    span: Option<ActiveSpan>,
 }
 
 /// Once both sides have switched protocols (WebSocket...), bytes pass

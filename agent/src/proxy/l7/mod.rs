@@ -11,6 +11,7 @@
 //! - `body`: replayable request bodies and local replies.
 //! - `inbound`: HTTP at the destination, with the caller's identity in
 //!   `X-Forwarded-Client-Cert`.
+//! - `trace`: the client and server spans of sampled requests.
 
 mod balance;
 mod body;
@@ -20,6 +21,7 @@ pub mod inbound;
 pub mod inspect;
 mod limits;
 mod path;
+mod trace;
 mod tunnel;
 mod upstream;
 
@@ -193,10 +195,11 @@ impl Downstream {
     /// `source`) until its response ends.
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(&request);
-        let (parts, incoming) = request.into_parts();
+        let (mut parts, incoming) = request.into_parts();
+        let span = trace::client(&self.proxy, &self.pod, self.service_addr, &mut parts);
         let (measured, counted) = Measured::start(&self.proxy.telemetry, grpc, incoming);
         let request = Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
-        let response = self.admit(request, grpc).await;
+        let response = trace::answer(span, self.admit(request, grpc).await);
         let service = self.service_addr;
         let edge = EdgeKey {
             reporter: Reporter::Source,
