@@ -29,6 +29,9 @@ pub enum Query {
     /// The AuthorizationPolicies of one workload (`namespace/name`), or of
     /// every workload of the node.
     Policies(Option<String>),
+    /// Each edge's counts over the last this many seconds (`nodemesh stat`,
+    /// `top`, `graph`).
+    Stats(u64),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -123,15 +126,7 @@ pub fn locate(socket: Option<PathBuf>, node: Option<&str>) -> Result<PathBuf, Ad
     if let Some(node) = node {
         return Ok(dir.join(format!("{node}.sock")));
     }
-    let mut sockets: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut sockets = sockets_here();
     match sockets.len() {
         0 => Err(AdminError::NoAgent(dir.join("<node>.sock"))),
         1 => Ok(sockets.remove(0)),
@@ -143,6 +138,21 @@ pub fn locate(socket: Option<PathBuf>, node: Option<&str>) -> Result<PathBuf, Ad
                 .join(", "),
         )),
     }
+}
+
+/// Every agent socket in [`SOCKET_DIR`].
+pub fn sockets_here() -> Vec<PathBuf> {
+    let mut sockets: Vec<PathBuf> = std::fs::read_dir(SOCKET_DIR)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    sockets.sort();
+    sockets
 }
 
 /// Sends one query and returns the agent's answer.

@@ -259,6 +259,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     let metrics =
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
     let trimmer = tokio::spawn(crate::memory::return_freed_memory());
+    let window = tokio::spawn(node.proxy.telemetry.clone().keep_window());
 
     let loaded = tokio::select! {
         () = config.first_load() => true,
@@ -375,6 +376,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         reconciler.abort();
     }
     trimmer.abort();
+    window.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
     }
@@ -441,6 +443,11 @@ impl Responder for Node {
                 .proxy
                 .policies(&cfg, workload.as_deref())
                 .unwrap_or_else(|e| json!({ "error": e })),
+            Query::Stats(seconds) => match self.proxy.telemetry.stats(Duration::from_secs(seconds))
+            {
+                Ok(stats) => json!(stats),
+                Err(e) => json!({ "error": e.to_string() }),
+            },
         }
     }
 }

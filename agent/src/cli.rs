@@ -25,6 +25,8 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
         Query::Routes => print_routes(answer),
         Query::Explain(_) => print_explain(answer),
         Query::Policies(_) => print_policies(answer),
+        // `nodemesh stat`, `top` and `graph` render these (`crate::viz`).
+        Query::Stats(_) => print(query, answer, Output::Json),
         Query::Workloads => table(
             &["NAMESPACE", "NAME", "NODE", "ADDRESSES", "STATE"],
             rows(answer).iter().map(|w| {
@@ -314,7 +316,7 @@ fn print_limits(limits: &Value) {
     }
 }
 
-fn text(v: &Value) -> String {
+pub(crate) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".to_owned(),
@@ -328,7 +330,7 @@ fn list(v: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let rows: Vec<Vec<String>> = rows.collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {

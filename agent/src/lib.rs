@@ -21,4 +21,5 @@ pub mod security;
 pub mod sources;
 pub mod telemetry;
 pub mod transport;
+pub mod viz;
 pub mod workloads;

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources};
+use nodemesh::{
+    admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources, viz,
+};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +66,58 @@ enum Command {
         workload: Option<String>,
         #[command(flatten)]
         query: QueryArgs,
+    },
+    /// Success rate, requests per second and latency percentiles per
+    /// workload or Service over the last minute (like `linkerd viz stat`);
+    /// inbound (what destinations served) unless --from or --to is given.
+    Stat {
+        #[arg(value_enum, default_value = "workload")]
+        resource: viz::stat::Resource,
+        /// Only rows of this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// The calls this workload (`name` or `namespace/name`) made, by
+        /// destination, as its agent saw them (caller-side faults included).
+        #[arg(long)]
+        from: Option<String>,
+        /// The calls this workload received, by caller.
+        #[arg(long, conflicts_with = "from")]
+        to: Option<String>,
+        /// How far back to count (at most 2m).
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        window: Duration,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        agents: Agents,
+    },
+    /// The busiest calls between workloads, refreshed every 2 s.
+    Top {
+        /// How far back each frame counts (at most 2m).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        window: Duration,
+        /// Rows shown at most.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print one frame and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        agents: Agents,
+    },
+    /// Who calls whom, with rate, error rate and p99 per edge: a table,
+    /// JSON, Graphviz DOT or an SVG picture.
+    Graph {
+        #[arg(short = 'o', long = "format", value_enum, default_value = "table")]
+        output: viz::graph::Format,
+        /// Write the DOT, SVG or JSON to this file instead of standard output.
+        #[arg(long = "output")]
+        file: Option<PathBuf>,
+        /// How far back to count (at most 2m).
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        window: Duration,
+        #[command(flatten)]
+        agents: Agents,
     },
     /// Detach and remove a node's eBPF programs and maps (after its agent stopped).
     Uninstall {
@@ -266,6 +320,24 @@ struct QueryArgs {
     output: cli::Output,
 }
 
+/// The agents `stat`, `top` and `graph` ask; their counts are merged.
+#[derive(Args)]
+struct Agents {
+    /// An agent's admin socket (repeatable). Default: every agent running
+    /// on this host (one per node).
+    #[arg(long)]
+    socket: Vec<PathBuf>,
+    /// The agent of this node (repeatable).
+    #[arg(long)]
+    node: Vec<String>,
+}
+
+impl Agents {
+    fn sockets(self) -> Result<Vec<PathBuf>, viz::VizError> {
+        viz::sockets(self.socket, &self.node)
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -294,6 +366,50 @@ fn main() -> ExitCode {
             show(query, admin::Query::Explain(ask))
         }),
         Command::Policies { workload, query } => show(query, admin::Query::Policies(workload)),
+        Command::Stat {
+            resource,
+            namespace,
+            from,
+            to,
+            window,
+            output,
+            agents,
+        } => agents
+            .sockets()
+            .and_then(|sockets| viz::fetch(&sockets, window))
+            .map(|edges| {
+                let filter = viz::stat::Filter {
+                    resource,
+                    namespace,
+                    from,
+                    to,
+                };
+                viz::stat::print(&edges, &filter, output)
+            })
+            .map_err(anyhow::Error::from),
+        Command::Top {
+            window,
+            limit,
+            once,
+            agents,
+        } => agents
+            .sockets()
+            .and_then(|sockets| {
+                viz::top::Top {
+                    sockets,
+                    window,
+                    limit,
+                    once,
+                }
+                .run()
+            })
+            .map_err(anyhow::Error::from),
+        Command::Graph {
+            output,
+            file,
+            window,
+            agents,
+        } => graph(agents, output, file, window),
         Command::Uninstall { node_name, bpffs } => {
             lifecycle::ownership::ensure_unowned(&bpffs, &node_name)
                 .map_err(anyhow::Error::from)
@@ -421,6 +537,39 @@ fn show(q: QueryArgs, query: admin::Query) -> anyhow::Result<()> {
     }
     cli::print(&query, &answer, q.output);
     Ok(())
+}
+
+fn graph(
+    agents: Agents,
+    format: viz::graph::Format,
+    file: Option<PathBuf>,
+    window: Duration,
+) -> anyhow::Result<()> {
+    use viz::graph::{self, Format};
+    let edges = viz::fetch(&agents.sockets()?, window)?;
+    let calls = graph::calls(&edges);
+    let text = match format {
+        Format::Table => {
+            if file.is_some() {
+                anyhow::bail!(
+                    "--output FILE takes -o json, dot or svg (a table goes to the terminal)"
+                );
+            }
+            graph::print_table(&calls);
+            return Ok(());
+        }
+        Format::Json => serde_json::to_string_pretty(&calls)? + "\n",
+        Format::Dot => graph::dot(&calls),
+        Format::Svg => viz::svg::render(&calls),
+    };
+    match file {
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("writing the graph to {}", path.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
 }
 
 /// `-H 'name: value'`, as curl takes them.

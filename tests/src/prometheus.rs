@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::mesh::Mesh;
 use crate::topology::Topology;
 use crate::workload_apps::wait_listening;
 
@@ -56,6 +57,22 @@ impl Prometheus {
         Ok(Prometheus {
             netns: netns.to_owned(),
         })
+    }
+
+    /// Starts Prometheus in node-a's namespace scraping both agents of a
+    /// started `mesh` (on `:15020`), and waits until it scraped both.
+    pub fn scrape_mesh(mesh: &mut Mesh) -> Result<Prometheus> {
+        let targets: Vec<String> = ["node-a", "node-b"]
+            .iter()
+            .map(|n| format!("{}:15020", mesh.topo().node(n).address))
+            .collect();
+        let netns = mesh.topo().node("node-a").netns.clone();
+        let prometheus = Prometheus::start(mesh.topo_mut(), &netns, &targets)?;
+        let up = prometheus.wait_for(mesh.topo(), r#"sum(up{job="nodemesh"})"#, 2.0)?;
+        if up != Some(2.0) {
+            bail!("Prometheus does not scrape both agents: sum(up) is {up:?}");
+        }
+        Ok(prometheus)
     }
 
     /// The value of an instant PromQL query: the sum over the series it

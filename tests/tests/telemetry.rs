@@ -57,16 +57,7 @@ fn mesh_with_prometheus() -> (Mesh, Prometheus) {
     mesh.tcp_echo("node-b", "echo", &[("version", "v1")], 7000)
         .unwrap();
     mesh.start(&[]).unwrap();
-    let targets: Vec<String> = ["node-a", "node-b"]
-        .iter()
-        .map(|n| format!("{}:15020", mesh.topo().node(n).address))
-        .collect();
-    let netns = mesh.topo().node("node-a").netns.clone();
-    let prometheus = Prometheus::start(mesh.topo_mut(), &netns, &targets).unwrap();
-    let up = prometheus
-        .wait_for(mesh.topo(), r#"sum(up{job="nodemesh"})"#, 2.0)
-        .unwrap();
-    assert_eq!(up, Some(2.0), "Prometheus does not scrape both agents");
+    let prometheus = Prometheus::scrape_mesh(&mut mesh).unwrap();
     (mesh, prometheus)
 }
 

@@ -51,6 +51,11 @@ impl Histogram {
             });
     }
 
+    /// Observations per bucket (not cumulative), the `+Inf` one last.
+    pub fn counts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed))
+    }
+
     /// Appends `NAME_bucket`, `NAME_sum` and `NAME_count` lines for the
     /// series labelled `labels` (already rendered, without braces).
     pub fn write(&self, out: &mut String, name: &str, labels: &str) {

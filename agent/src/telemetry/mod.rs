@@ -8,6 +8,7 @@
 //! - `histogram`: lock-free fixed-bucket histograms.
 //! - `health`: `nodemesh_*` metrics.
 //! - `server`: `GET /metrics`.
+//! - `window`: the last minute's totals, for `nodemesh stat`/`top`/`graph`.
 
 pub mod flags;
 pub mod health;
@@ -16,9 +17,11 @@ pub mod http;
 pub mod peer;
 pub mod server;
 pub mod standard;
+pub mod window;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::ConfigStore;
 
@@ -29,13 +32,31 @@ pub use standard::{ConnectionDone, EdgeKey, Reporter, RequestDone};
 /// What the proxy records into (one per agent).
 pub struct Telemetry {
     standard: standard::Standard,
+    window: window::Window,
 }
 
 impl Telemetry {
     pub fn new(config: Arc<ConfigStore>, trust_domain: &str) -> Telemetry {
         Telemetry {
             standard: standard::Standard::new(config, trust_domain),
+            window: window::Window::new(Instant::now()),
         }
+    }
+
+    /// Snapshots the totals every [`window::INTERVAL`], until aborted.
+    pub async fn keep_window(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(window::INTERVAL);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            self.window.record(Instant::now(), self.standard.totals());
+        }
+    }
+
+    /// Each edge's counts over the last `window`.
+    pub fn stats(&self, window: Duration) -> Result<window::Stats, window::WindowError> {
+        let live = self.standard.totals();
+        self.window.stats(&live, window, Instant::now())
     }
 
     pub fn record_request(&self, done: &RequestDone) {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use super::flags::ResponseFlags;
 use super::histogram::{self, Histogram};
 use super::peer::{label, Peer, UNKNOWN};
+use super::window::EdgeTotals;
 use crate::config::{Config, ConfigStore, Protocol, Service, Workload};
 use crate::identity::SpiffeId;
 
@@ -268,6 +269,32 @@ impl Standard {
             state.requests.len(),
             state.connections.len(),
         )
+    }
+
+    /// Every label set's totals so far, summed over its series (for the
+    /// windowed stats of `nodemesh stat`, `top` and `graph`).
+    pub fn totals(&self) -> HashMap<Arc<str>, EdgeTotals> {
+        let state = self.lock();
+        let mut totals: HashMap<EdgeId, EdgeTotals> = HashMap::new();
+        for (key, series) in &state.requests {
+            let edge = totals.entry(key.edge).or_default();
+            edge.add_requests(
+                key.code,
+                series.total.load(Ordering::Relaxed),
+                series.duration.counts(),
+            );
+        }
+        for (key, series) in &state.connections {
+            let edge = totals.entry(key.edge).or_default();
+            edge.tcp_opened += series.opened.load(Ordering::Relaxed);
+            edge.tcp_closed += series.closed.load(Ordering::Relaxed);
+            edge.tcp_sent += series.sent.load(Ordering::Relaxed);
+            edge.tcp_received += series.received.load(Ordering::Relaxed);
+        }
+        totals
+            .into_iter()
+            .map(|(id, t)| (state.edges[id as usize].clone(), t))
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
