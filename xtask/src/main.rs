@@ -363,14 +363,7 @@ fn setup() -> Result<()> {
         installed_something = true;
     }
 
-    // oha, the h2c load of the upgrade test (tests/tests/lifecycle.rs) and
-    // of `cargo xtask bench`: no Debian package has it.
-    if !tool_runs("oha", &["--version"]) {
-        println!("setup: installing oha (a few minutes)");
-        status(cargo().args(["install", "oha", "--locked"]))?;
-        installed_something = true;
-    }
-
+    // The OTLP receiver of the tracing tests: the official protobuf classes.
     let venv_python = format!("{OTLP_VENV}/bin/python3");
     let import = "from opentelemetry.proto.collector.trace.v1 import trace_service_pb2";
     if output_ok(Command::new(&venv_python).args(["-c", import])).is_none() {
