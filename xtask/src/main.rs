@@ -65,6 +65,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "strace",
     // The telemetry tests' real Prometheus, and `promtool check metrics`.
     "prometheus",
+    // The Helm chart's test renders it with tests/helm-render (Go text/template and
+    // sprig, as Helm's engine), built from these.
+    "golang-go",
+    "golang-github-masterminds-sprig-dev",
+    "golang-gopkg-yaml.v3-dev",
 ];
 
 /// LLVM whose major matches the nightly toolchain's (see DESIGN.md).
@@ -79,6 +84,7 @@ mod bench;
 mod demo;
 mod demo_kube;
 mod fuzz;
+mod helm_render;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -359,6 +365,10 @@ fn setup() -> Result<()> {
     if !bpffs_mounted()? {
         println!("setup: mounting bpffs at {BPFFS}");
         status(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        installed_something = true;
+    }
+
+    if helm_render::build(&root(), &target_dir())? {
         installed_something = true;
     }
 
