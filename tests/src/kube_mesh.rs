@@ -94,6 +94,20 @@ impl KubeMesh {
             .unwrap_or_else(|| panic!("no agent on {node}"))
     }
 
+    /// Stops the agent of `node`, starts it again and waits until it is
+    /// ready; returns how long the start took (not the stop).
+    pub fn restart_agent(&mut self, node: &str) -> Result<Duration> {
+        let agent = self
+            .agents
+            .iter_mut()
+            .find(|a| a.node() == node)
+            .with_context(|| format!("no agent on {node}"))?;
+        agent.stop();
+        let start = Instant::now();
+        agent.restart(&mut self.topo)?;
+        Ok(start.elapsed())
+    }
+
     pub fn agents(&self) -> &[Agent] {
         &self.agents
     }
@@ -134,6 +148,19 @@ impl KubeMesh {
         labels: &[(&str, &str)],
         args: &[&str],
     ) -> Result<()> {
+        self.app_in(node, name, labels, args, true)
+    }
+
+    /// [`Self::app`], in a kubelet-named cgroup or not (then the agent can
+    /// find its network namespace only by its address).
+    pub fn app_in(
+        &mut self,
+        node: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        args: &[&str],
+        kubelet_cgroup: bool,
+    ) -> Result<()> {
         let pod = self.topo.add_pod(node, name)?;
         let cmd = crate::mesh::app_command(&self.mesh_bin, name, labels, args);
         let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
@@ -142,7 +169,7 @@ impl KubeMesh {
             name,
             labels,
             service_account: "bookinfo",
-            kubelet_cgroup: true,
+            kubelet_cgroup,
             host_network: false,
         };
         let running = self.kube.run_pod(&mut self.topo, &pod, &spec, &cmd)?;

@@ -212,6 +212,70 @@ fn pods_enrol_and_release_as_they_come_and_go() -> Result<()> {
 }
 
 #[test]
+fn a_pod_in_no_kubelet_cgroup_is_found_by_its_address_and_meshed() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.client("node-a")?;
+    // Pods of concurrent tests' topologies take the first addresses of each
+    // node too, and an address held by two namespaces is rightly no answer:
+    // this pod takes one further on (the spacers run no process).
+    for i in 0..8 {
+        cluster.topo_mut().add_pod("node-b", &format!("spacer-{i}"))?;
+    }
+    let labels = [("app", "plain"), ("version", "v1")];
+    cluster.app_in("node-b", "plain-1", &labels, &[], false)?;
+    cluster.service("plain", 40)?;
+    cluster.wait_enrolled("node-a", 1)?;
+    cluster.wait_enrolled("node-b", 1)?;
+    let listed = workloads(cluster.agent("node-b"))?;
+    let pod = workload(&listed, "plain-1").context("plain-1")?;
+    assert_eq!(pod["state"], "enrolled", "{pod:#}");
+    assert!(
+        pod["netns"].as_str().unwrap().starts_with("/proc/"),
+        "{pod:#}"
+    );
+    // Meshed: reached through both agents, with its identity's certificate.
+    cluster.wait_only(&cluster.url("plain", "/"), "v1", TIMEOUT)?;
+    let certs = cluster.agent("node-b").cli(&["certs", "-o", "json"])?;
+    let certs = String::from_utf8_lossy(&certs.stdout);
+    let identity = format!("/ns/{}/sa/bookinfo", cluster.namespace());
+    assert!(certs.contains(&identity), "{certs}");
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_serves_a_node_of_100_pods_from_the_api_server() -> Result<()> {
+    const PODS: u64 = 100;
+    let mut cluster = mesh(true)?;
+    let namespace = cluster.namespace().to_owned();
+    for i in 0..PODS {
+        let name = format!("many-{i}");
+        let spec = PodSpec {
+            namespace: &namespace,
+            name: &name,
+            labels: &[("app", "many")],
+            service_account: "many",
+            kubelet_cgroup: true,
+            host_network: false,
+        };
+        cluster.run_pod("node-a", &spec, &["sleep", "infinity"])?;
+    }
+    cluster.wait_enrolled("node-a", PODS)?;
+
+    let started = cluster.restart_agent("node-a")?;
+    let restarted = Instant::now();
+    cluster.wait_enrolled("node-a", PODS)?;
+    // A figure for the README (polled, so slightly over), not an assertion.
+    eprintln!(
+        "restarted agent: ready {started:?} after its start, all {PODS} pods enrolled \
+         {:?} after its start",
+        started + restarted.elapsed()
+    );
+    let status = cluster.agent("node-a").status_json()?;
+    assert_eq!(status["workloads"]["failures"], json!({}), "{status:#}");
+    Ok(())
+}
+
+#[test]
 fn traffic_survives_the_api_server_and_changes_made_meanwhile_are_resynced() -> Result<()> {
     let mut cluster = mesh(true)?;
     cluster.client("node-a")?;
