@@ -219,7 +219,9 @@ fn a_pod_in_no_kubelet_cgroup_is_found_by_its_address_and_meshed() -> Result<()>
     // node too, and an address held by two namespaces is rightly no answer:
     // this pod takes one further on (the spacers run no process).
     for i in 0..8 {
-        cluster.topo_mut().add_pod("node-b", &format!("spacer-{i}"))?;
+        cluster
+            .topo_mut()
+            .add_pod("node-b", &format!("spacer-{i}"))?;
     }
     let labels = [("app", "plain"), ("version", "v1")];
     cluster.app_in("node-b", "plain-1", &labels, &[], false)?;
@@ -441,7 +443,10 @@ fn kinds_and_names(objects: &[Value]) -> BTreeSet<(String, String)> {
         .iter()
         .map(|o| {
             let field = |f: &str| o.pointer(f).and_then(Value::as_str).unwrap_or("?");
-            (field("/kind").to_owned(), field("/metadata/name").to_owned())
+            (
+                field("/kind").to_owned(),
+                field("/metadata/name").to_owned(),
+            )
         })
         .collect()
 }
@@ -462,7 +467,13 @@ fn the_helm_chart_renders_the_manifests_objects_and_passes_a_server_side_dry_run
     let chart = root.join("deploy/helm/nodemesh");
     let rendered = helm::render(
         &chart,
-        &["--namespace", "nodemesh-system", "--include-crds", "--set", "image.tag=9.9.9"],
+        &[
+            "--namespace",
+            "nodemesh-system",
+            "--include-crds",
+            "--set",
+            "image.tag=9.9.9",
+        ],
     )?;
 
     // The same objects, but the Namespace (Helm's `--create-namespace`), and
@@ -472,7 +483,9 @@ fn the_helm_chart_renders_the_manifests_objects_and_passes_a_server_side_dry_run
     assert_eq!(kinds_and_names(&rendered), expected);
     let roles = |objects: &[Value]| -> Vec<Value> {
         let roles = objects.iter().filter(|o| o["kind"] == "ClusterRole");
-        roles.map(|o| json!([o["metadata"]["name"], o["rules"]])).collect()
+        roles
+            .map(|o| json!([o["metadata"]["name"], o["rules"]]))
+            .collect()
     };
     assert_eq!(roles(&rendered), roles(&manifests));
     let images: Vec<_> = rendered
@@ -485,16 +498,28 @@ fn the_helm_chart_renders_the_manifests_objects_and_passes_a_server_side_dry_run
     let (api, _turn) = ApiServer::shared()?;
     let kube = Kube::new(api.kubeconfig())?;
     let namespace = manifests.iter().find(|o| o["kind"] == "Namespace");
-    kube.apply(&namespace.context("no Namespace")?.to_string(), "default", false)?;
+    kube.apply(
+        &namespace.context("no Namespace")?.to_string(),
+        "default",
+        false,
+    )?;
     for object in &rendered {
         kube.apply(&object.to_string(), "default", true)
-            .with_context(|| format!("dry run of {} {}", object["kind"], object["metadata"]["name"]))?;
+            .with_context(|| {
+                format!(
+                    "dry run of {} {}",
+                    object["kind"], object["metadata"]["name"]
+                )
+            })?;
     }
 
     // In another namespace, everything that names one names it.
     let elsewhere = helm::render(&chart, &["--namespace", "mesh-elsewhere"])?;
     let text = serde_json::to_string(&elsewhere)?;
     assert!(!text.contains("nodemesh-system"), "{text}");
-    assert!(text.contains("nodemesh-ca.mesh-elsewhere.svc:15012"), "{text}");
+    assert!(
+        text.contains("nodemesh-ca.mesh-elsewhere.svc:15012"),
+        "{text}"
+    );
     Ok(())
 }

@@ -101,7 +101,10 @@ pub fn endpoint_slice(doc: EndpointSliceDoc, issues: &mut Issues) -> EndpointSli
     let mut ready = Vec::new();
     for (i, endpoint) in doc.endpoints.iter().flatten().enumerate() {
         if endpoint.node_name.as_deref() == Some("") || endpoint.zone.as_deref() == Some("") {
-            issues.add(format!("endpoints[{i}]"), "nodeName and zone must not be empty");
+            issues.add(
+                format!("endpoints[{i}]"),
+                "nodeName and zone must not be empty",
+            );
         }
         for (j, address) in endpoint.addresses.iter().enumerate() {
             let field = format!("endpoints[{i}].addresses[{j}]");
@@ -297,7 +300,9 @@ spec:
 ";
         let errors = load(named).unwrap_err().to_string();
         assert!(
-            errors.contains("spec.ports[0].targetPort: named port \"grpc-port\" needs an EndpointSlice"),
+            errors.contains(
+                "spec.ports[0].targetPort: named port \"grpc-port\" needs an EndpointSlice"
+            ),
             "{errors}"
         );
         let slice = "
@@ -340,17 +345,28 @@ addressType: IPv6
 endpoints: [{addresses: [10.0.0.1, nonsense]}]
 ports: [{name: http, port: 70000}]
 ";
-        let errors: Vec<_> = load(bad).unwrap_err().0.iter().map(|e| e.to_string()).collect();
+        let errors: Vec<_> = load(bad)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
         for part in [
             "metadata.labels: needs the label kubernetes.io/service-name",
             "endpoints[0].addresses[0]: not an IPv6 address",
             "endpoints[0].addresses[1]: \"nonsense\" is not an IP address",
             "ports[0].port: must be between 1 and 65535",
         ] {
-            assert!(errors.iter().any(|e| e.contains(part)), "{part}: {errors:#?}");
+            assert!(
+                errors.iter().any(|e| e.contains(part)),
+                "{part}: {errors:#?}"
+            );
         }
         let fqdn = bad.replace("IPv6", "FQDN");
         let errors = load(&fqdn).unwrap_err().to_string();
-        assert!(errors.contains("unsupported address type \"FQDN\""), "{errors}");
+        assert!(
+            errors.contains("unsupported address type \"FQDN\""),
+            "{errors}"
+        );
     }
 }

@@ -88,7 +88,10 @@ fn answer(source: &dyn Scrape, method: &Method, path: &str) -> Response<Full<Byt
         "/healthz/live" => (StatusCode::OK, "live\n".to_owned()),
         "/healthz/ready" => match source.readiness() {
             Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         _ => (
             StatusCode::NOT_FOUND,
@@ -129,9 +132,16 @@ mod tests {
     async fn get(agent: &Agent, method: Method, path: &str) -> (StatusCode, String, String) {
         let response = answer(agent, &method, path);
         let status = response.status();
-        let content_type = response.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, content_type, String::from_utf8(body.to_vec()).unwrap())
+        (
+            status,
+            content_type,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
     }
 
     #[tokio::test]
@@ -153,10 +163,16 @@ mod tests {
     async fn metrics_keep_their_content_type_and_other_requests_are_refused() {
         let agent = Agent(Ok(()));
         let (status, content_type, body) = get(&agent, Method::GET, "/metrics").await;
-        assert_eq!((status, content_type.as_str()), (StatusCode::OK, CONTENT_TYPE));
+        assert_eq!(
+            (status, content_type.as_str()),
+            (StatusCode::OK, CONTENT_TYPE)
+        );
         assert_eq!(body, "nodemesh_up 1\n");
         let (status, content_type, _) = get(&agent, Method::POST, "/healthz/ready").await;
-        assert_eq!((status, content_type.as_str()), (StatusCode::METHOD_NOT_ALLOWED, "text/plain"));
+        assert_eq!(
+            (status, content_type.as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, "text/plain")
+        );
         let (status, _, body) = get(&agent, Method::GET, "/healthz").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body.contains("/healthz/ready"), "{body}");

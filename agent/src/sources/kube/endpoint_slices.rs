@@ -13,16 +13,20 @@ pub(super) const GROUP: &str = "discovery.k8s.io";
 /// condition, node and zone.
 pub(super) fn strip(slice: &mut DynamicObject) {
     strip_metadata(slice);
-    let endpoints = slice.data.get("endpoints").and_then(Value::as_array).map(|endpoints| {
-        let kept = endpoints.iter().map(|e| {
-            let mut endpoint = pick(e, &["addresses", "nodeName", "zone"]);
-            if let Some(ready) = e.pointer("/conditions/ready") {
-                endpoint.insert("conditions".into(), json!({ "ready": ready }));
-            }
-            Value::Object(endpoint)
+    let endpoints = slice
+        .data
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .map(|endpoints| {
+            let kept = endpoints.iter().map(|e| {
+                let mut endpoint = pick(e, &["addresses", "nodeName", "zone"]);
+                if let Some(ready) = e.pointer("/conditions/ready") {
+                    endpoint.insert("conditions".into(), json!({ "ready": ready }));
+                }
+                Value::Object(endpoint)
+            });
+            Value::Array(kept.collect())
         });
-        Value::Array(kept.collect())
-    });
     let ports = slice.data.get("ports").cloned();
     let address_type = slice.data.get("addressType").cloned();
     slice.data = json!({ "addressType": address_type, "endpoints": endpoints, "ports": ports });

@@ -50,9 +50,14 @@ pub(super) const WATCHED: &[Kind] = &[
     Kind::core("Node", "nodes", false, node),
     Kind::core("Pod", "pods", true, pods::workload).stripping(pods::strip),
     Kind::core("Service", "services", true, service),
-    Kind::core("EndpointSlice", "endpointslices", true, endpoint_slices::document)
-        .in_group(endpoint_slices::GROUP)
-        .stripping(endpoint_slices::strip),
+    Kind::core(
+        "EndpointSlice",
+        "endpointslices",
+        true,
+        endpoint_slices::document,
+    )
+    .in_group(endpoint_slices::GROUP)
+    .stripping(endpoint_slices::strip),
     Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
     Kind::spec(
         ISTIO_NETWORKING,

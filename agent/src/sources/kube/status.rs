@@ -88,7 +88,9 @@ impl Status {
             match unlisted {
                 None => Ok(()),
                 Some((kind, w)) => Err(match &w.last_error {
-                    Some(error) => format!("{kind} objects not listed from the API server: {error}"),
+                    Some(error) => {
+                        format!("{kind} objects not listed from the API server: {error}")
+                    }
                     None => format!("{kind} objects not listed from the API server yet"),
                 }),
             }
