@@ -33,6 +33,17 @@ fn mesh(mesh_enabled: bool) -> Result<KubeMesh> {
     KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), mesh_enabled)
 }
 
+/// Pod `name` is enrolled on `node`, in the network namespace the agent
+/// found through one of its processes.
+fn assert_enrolled_by_its_process(cluster: &KubeMesh, node: &str, name: &str) -> Result<()> {
+    let listed = workloads(cluster.agent(node))?;
+    let pod = workload(&listed, name).with_context(|| format!("{name} on {node}"))?;
+    assert_eq!(pod["state"], "enrolled", "{pod:#}");
+    let netns = pod["netns"].as_str().unwrap_or_default();
+    assert!(netns.starts_with("/proc/"), "{pod:#}");
+    Ok(())
+}
+
 #[test]
 fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<()> {
     let mut cluster = mesh(false)?;
@@ -58,13 +69,7 @@ fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<(
     // client, productpage, details, reviews-v1 | reviews-v2, v3, ratings.
     cluster.wait_enrolled("node-a", 4)?;
     cluster.wait_enrolled("node-b", 3)?;
-    let listed = workloads(cluster.agent("node-b"))?;
-    let v2 = workload(&listed, "reviews-v2").context("reviews-v2")?;
-    assert_eq!(v2["state"], "enrolled", "{v2:#}");
-    assert!(
-        v2["netns"].as_str().unwrap().starts_with("/proc/"),
-        "{v2:#}"
-    );
+    assert_enrolled_by_its_process(&cluster, "node-b", "reviews-v2")?;
     let listed = workloads(cluster.agent("node-a"))?;
     let client = workload(&listed, "client").context("client")?;
     assert_eq!(client["state"], "enrolled", "{client:#}");
@@ -228,13 +233,7 @@ fn a_pod_in_no_kubelet_cgroup_is_found_by_its_address_and_meshed() -> Result<()>
     cluster.service("plain", 40)?;
     cluster.wait_enrolled("node-a", 1)?;
     cluster.wait_enrolled("node-b", 1)?;
-    let listed = workloads(cluster.agent("node-b"))?;
-    let pod = workload(&listed, "plain-1").context("plain-1")?;
-    assert_eq!(pod["state"], "enrolled", "{pod:#}");
-    assert!(
-        pod["netns"].as_str().unwrap().starts_with("/proc/"),
-        "{pod:#}"
-    );
+    assert_enrolled_by_its_process(&cluster, "node-b", "plain-1")?;
     // Meshed: reached through both agents, with its identity's certificate.
     cluster.wait_only(&cluster.url("plain", "/"), "v1", TIMEOUT)?;
     let certs = cluster.agent("node-b").cli(&["certs", "-o", "json"])?;
