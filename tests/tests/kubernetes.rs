@@ -44,6 +44,13 @@ fn assert_enrolled_by_its_process(cluster: &KubeMesh, node: &str, name: &str) ->
     Ok(())
 }
 
+/// `GET PATH` on the metrics port of `node`'s agent: the body and the status.
+fn probe(topo: &Topology, node: &str, path: &str) -> Result<String> {
+    let url = format!("http://{}:15020{path}", topo.node(node).address);
+    let netns = &topo.node("node-a").netns;
+    topo.run_in_ok(netns, &["curl", "-sS", "-w", " %{http_code}", &url])
+}
+
 #[test]
 fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<()> {
     let mut cluster = mesh(false)?;
@@ -384,13 +391,8 @@ fn manifests_pass_a_server_side_dry_run_and_the_agent_role_is_enough_and_no_more
         })
     })?;
     // Its probes, on the metrics port: live, and ready having listed everything.
-    let probe = |node: &str, path: &str| -> Result<String> {
-        let url = format!("http://{}:15020{path}", topo.node(node).address);
-        let netns = &topo.node("node-a").netns;
-        topo.run_in_ok(netns, &["curl", "-sS", "-w", " %{http_code}", &url])
-    };
-    assert_eq!(probe("node-a", "/healthz/live")?, "live\n 200");
-    assert_eq!(probe("node-a", "/healthz/ready")?, "ready\n 200");
+    assert_eq!(probe(&topo, "node-a", "/healthz/live")?, "live\n 200");
+    assert_eq!(probe(&topo, "node-a", "/healthz/ready")?, "ready\n 200");
     // An agent whose service account is bound to no role runs (live) but is
     // not ready, and says why.
     kube.apply(
@@ -403,8 +405,8 @@ fn manifests_pass_a_server_side_dry_run_and_the_agent_role_is_enough_and_no_more
     let node_b = topo.add_node("node-b")?;
     kube.register_node(&node_b.node_name, node_b.address)?;
     let unready = Agent::start_kubernetes(&mut topo, "node-b", &unbound)?;
-    assert_eq!(probe("node-b", "/healthz/live")?, "live\n 200");
-    let ready = probe("node-b", "/healthz/ready")?;
+    assert_eq!(probe(&topo, "node-b", "/healthz/live")?, "live\n 200");
+    let ready = probe(&topo, "node-b", "/healthz/ready")?;
     assert!(ready.ends_with(" 503"), "{ready}");
     assert!(
         ready.contains("not listed from the API server") && ready.contains("forbidden"),
