@@ -283,8 +283,22 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     if let Some((ack, from)) = handed_in.filter(|_| loaded) {
         node.certificates_issued().await;
         let unused = inherited.close_rest();
-        ack.accepting(took_admin)
+        let carried = ack
+            .accepting(took_admin)
             .context("telling the previous agent this one serves")?;
+        let proxy = node.proxy.clone();
+        tokio::spawn(async move {
+            match tokio::task::spawn_blocking(move || carried.receive()).await {
+                Ok(Ok(relays)) => {
+                    log::info!("resuming {} relay(s) carried over", relays.len());
+                    for relay in relays {
+                        tokio::spawn(proxy.clone().resume(relay));
+                    }
+                }
+                Ok(Err(e)) => log::warn!("relays carried over are lost: {e}"),
+                Err(e) => log::warn!("relays carried over are lost: {e}"),
+            }
+        });
         log::info!(
             "took node {} over from pid {} (nodemesh {}) {} ms after its hand-over began \
              ({unused} handed-over socket(s) unused: closed)",

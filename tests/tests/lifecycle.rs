@@ -458,6 +458,9 @@ fn ten_hand_overs_in_a_row_leave_nothing_behind() {
     let links = pinned_links(&node_name);
     let maps = map_entries(&owner);
     let healthy = shop.calls_through(&owner);
+    // An opaque session carried through every hand-over.
+    let web = shop.topo.pod("web").address.to_string();
+    let session = CounterStream::start(&shop, "outsider", &web);
     let mut descriptors = None;
     for generation in 1..=10 {
         let label = format!("gen{generation}");
@@ -488,6 +491,7 @@ fn ten_hand_overs_in_a_row_leave_nothing_behind() {
             "hand-over {generation}: the agent holds {held} descriptors, the first new one {first}"
         );
     }
+    assert_whole("a session through ten hand-overs", &session.finish());
 }
 
 /// In the client pod: opens a TCP echo session and an HTTP/1.1 keep-alive
@@ -583,4 +587,147 @@ fn sessions_open_across_an_upgrade_end_as_the_readme_promises() {
     let echo = line();
     assert!(echo.starts_with("echo closed"), "{echo}");
     let _ = sessions.wait();
+}
+
+/// In a pod: streams a counter (one line per millisecond) through a TCP
+/// echo at ARGV[1]:ARGV[2] and checks every line comes back once and in
+/// order. After a line on stdin it stops writing, waits for the echoes of
+/// all it wrote and reports them and the longest wait between two echoes.
+const COUNTER_PY: &str = r#"
+import socket, sys, threading, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
+stop, written = threading.Event(), [0]
+def write():
+    n = 0
+    while not stop.is_set():
+        conn.sendall(b"%08d\n" % n)
+        n += 1
+        written[0] = n
+        time.sleep(0.001)
+writer = threading.Thread(target=write)
+writer.start()
+print("streaming", flush=True)
+echoed, pending, longest, last, verdict = 0, b"", 0.0, time.monotonic(), "ok"
+reader_done = threading.Event()
+def read():
+    global echoed, pending, longest, last, verdict
+    try:
+        while not (stop.is_set() and not writer.is_alive() and echoed >= written[0]):
+            chunk = conn.recv(65536)
+            if not chunk:
+                verdict = "closed"
+                break
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line != b"%08d" % echoed:
+                    verdict = "line %d came back as %r" % (echoed, line)
+                    return
+                echoed += 1
+    except OSError as e:
+        verdict = "closed (%s)" % type(e).__name__
+    finally:
+        reader_done.set()
+reader = threading.Thread(target=read)
+reader.start()
+sys.stdin.readline()
+stop.set()
+writer.join()
+reader_done.wait(15)
+print("%s %d of %d, longest wait %.0f ms" % (verdict, echoed, written[0], longest * 1000), flush=True)
+"#;
+
+/// A counter stream through a TCP echo, from `pod` to `ip`:9000.
+struct CounterStream {
+    process: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl CounterStream {
+    fn start(shop: &Shop, pod: &str, ip: &str) -> CounterStream {
+        use std::io::BufRead;
+        let script = shop.topo.work_dir().join("counter.py");
+        std::fs::write(&script, COUNTER_PY).unwrap();
+        let netns = shop.topo.pod(pod).netns.clone();
+        let python = nodemesh_testbed::workload_apps::python3();
+        let script = script.display().to_string();
+        let mut cmd = shop
+            .topo
+            .command_in(&netns, &[python, &script, ip, "9000"])
+            .unwrap();
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut process = cmd.spawn().unwrap();
+        let to = process.stdin.take().unwrap();
+        let mut from = std::io::BufReader::new(process.stdout.take().unwrap());
+        let mut line = String::new();
+        from.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "streaming");
+        CounterStream { process, to, from }
+    }
+
+    /// Stops the stream; its verdict: `ok N of N, longest wait M ms` when
+    /// every line came back once and in order.
+    fn finish(mut self) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.to).unwrap();
+        let mut line = String::new();
+        self.from.read_line(&mut line).unwrap();
+        let _ = self.process.wait();
+        line.trim().to_owned()
+    }
+}
+
+/// Every line of the stream came back, once and in order.
+fn assert_whole(what: &str, verdict: &str) {
+    let words: Vec<&str> = verdict
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .collect();
+    assert!(
+        words.len() > 3 && words[0] == "ok" && words[1] == words[3] && words[1] != "0",
+        "{what}: {verdict}"
+    );
+    println!("{what}: {verdict}");
+}
+
+#[test]
+fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
+    let mut shop = Shop::new();
+    start_tcp_echo(&mut shop.topo, "plainweb", 9000).unwrap();
+    let mut first = shop.agent();
+    let web = shop.topo.pod("web").address.to_string();
+    let plainweb = shop.topo.pod("plainweb").address.to_string();
+    // Plaintext inbound (a caller outside the mesh to an enrolled pod), and
+    // plaintext outbound (an enrolled pod to an address outside the mesh).
+    let inbound = CounterStream::start(&shop, "outsider", &web);
+    let outbound = CounterStream::start(&shop, "client", &plainweb);
+    sleep(Duration::from_secs(1));
+    let mut second = shop.another("second", &["--take-over"]);
+    handed_over(&mut first, &mut second);
+    sleep(Duration::from_secs(1));
+    let mut third = shop.another("third", &[]);
+    second.stop();
+    wait_for("the standby to own the node", || is_owner_and_ready(&third));
+    second.set_uninstall_on_drop(false);
+    third.set_uninstall_on_drop(true);
+    sleep(Duration::from_secs(1));
+    for (what, old) in [("first", &first), ("second", &second)] {
+        let log = old.log();
+        let carried = log
+            .lines()
+            .find(|l| l.contains("relay(s) to the new agent"))
+            .unwrap_or_else(|| panic!("the {what} agent carried no relay:\n{log}"));
+        assert!(carried.contains("carried 2 relay(s)"), "{carried}");
+        println!("{what} agent: {carried}");
+    }
+    assert_whole("plaintext inbound", &inbound.finish());
+    assert_whole("plaintext outbound", &outbound.finish());
+    // The third agent relays them, and counts them as its own.
+    let status = third.status_json().unwrap();
+    assert_eq!(status["connections"]["inbound"]["total"], 1, "{status}");
+    assert_eq!(status["connections"]["outbound"]["total"], 1, "{status}");
 }

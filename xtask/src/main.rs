@@ -361,6 +361,14 @@ fn setup() -> Result<()> {
         installed_something = true;
     }
 
+    // oha, the h2c load of the upgrade test (tests/tests/lifecycle.rs) and
+    // of `cargo xtask bench`: no Debian package has it.
+    if !tool_runs("oha", &["--version"]) {
+        println!("setup: installing oha (a few minutes)");
+        status(cargo().args(["install", "oha", "--locked"]))?;
+        installed_something = true;
+    }
+
     // bpffs, where the agent pins its programs and maps.
     if !bpffs_mounted()? {
         println!("setup: mounting bpffs at {BPFFS}");

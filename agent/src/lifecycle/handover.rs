@@ -14,6 +14,9 @@
 //! The socket is abstract (`@nodemesh-handover<pin dir>`), in the agent's
 //! network namespace; both ends check that the other runs as root.
 //! Messages are JSON, one per `SOCK_SEQPACKET` record.
+//!
+//! Once the new agent serves, the old one passes the opaque relays it could
+//! quiesce (`proxy::carry`): two sockets and their metadata each.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::ownership::{NodeLock, Owner, OwnershipError};
+use crate::proxy::carry::{Carried, CarriedMeta};
 
 /// Descriptors per record (the kernel takes at most 253).
 const CHUNK_FDS: usize = 200;
@@ -41,6 +45,9 @@ const STANDBY_POLL: Duration = Duration::from_millis(100);
 /// Longest time the new agent may take to serve what it was handed (load
 /// the config, enroll, get its certificates); the old one serves meanwhile.
 const ACCEPTING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest time the new agent waits for the relays once it serves (the old
+/// one quiesces them for at most `lifecycle::QUIESCE_WINDOW`).
+const RELAYS_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -115,6 +122,12 @@ enum Message {
     Sockets { ids: Vec<SocketId>, last: bool },
     /// Standby → owner: serving now (and whether it kept the admin socket).
     Accepting { took_admin: bool },
+    /// Owner → new owner: relays carried over, two descriptors each (client,
+    /// upstream); `last` ends them.
+    Relays {
+        relays: Vec<CarriedMeta>,
+        last: bool,
+    },
 }
 
 fn address(pin_dir: &Path) -> Result<SockAddr, HandoverError> {
@@ -213,6 +226,36 @@ pub struct Standbys {
 pub struct HandedOver {
     /// The new agent serves the old admin socket (same path).
     pub took_admin: bool,
+    /// To the new agent, for [`carry`](HandedOver::carry).
+    conn: Socket,
+}
+
+impl HandedOver {
+    /// Passes quiesced relays to the new agent (none at all ends it too).
+    /// Blocking. Those not passed close when dropped.
+    pub fn carry(&self, relays: Vec<Carried>) -> Result<(), HandoverError> {
+        let mut chunks: Vec<&[Carried]> = relays.chunks(CHUNK_FDS / 2).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (i, chunk) in chunks.iter().enumerate() {
+            let metas = chunk.iter().map(|c| c.meta.clone()).collect();
+            let fds: Vec<BorrowedFd<'_>> = chunk
+                .iter()
+                .flat_map(|c| [c.client.as_fd(), c.upstream.as_fd()])
+                .collect();
+            let last = i + 1 == chunks.len();
+            send(
+                &self.conn,
+                &Message::Relays {
+                    relays: metas,
+                    last,
+                },
+                &fds,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Standbys {
@@ -355,7 +398,10 @@ fn hand_to(conn: &Socket, sockets: &[(SocketId, OwnedFd)]) -> Result<HandedOver,
     conn.set_read_timeout(Some(ACCEPTING_TIMEOUT))
         .map_err(io_err("timeout"))?;
     match recv(conn)? {
-        Some((Message::Accepting { took_admin }, _)) => Ok(HandedOver { took_admin }),
+        Some((Message::Accepting { took_admin }, _)) => Ok(HandedOver {
+            took_admin,
+            conn: conn.try_clone().map_err(io_err("keeping"))?,
+        }),
         other => Err(HandoverError::Protocol(format!(
             "the new agent did not take over (answered {other:?})"
         ))),
@@ -420,10 +466,58 @@ pub struct HandedIn {
 pub struct Ack(Socket);
 
 impl Ack {
-    /// Tells the previous owner this agent serves now: it stops accepting
-    /// and drains.
-    pub fn accepting(self, took_admin: bool) -> Result<(), HandoverError> {
-        send(&self.0, &Message::Accepting { took_admin }, &[])
+    /// Tells the previous owner this agent serves now: it stops accepting,
+    /// carries its relays over and drains.
+    pub fn accepting(self, took_admin: bool) -> Result<CarriedIn, HandoverError> {
+        send(&self.0, &Message::Accepting { took_admin }, &[])?;
+        Ok(CarriedIn(self.0))
+    }
+}
+
+/// Where the relays the previous owner carries over arrive.
+pub struct CarriedIn(Socket);
+
+impl CarriedIn {
+    /// The relays carried over (none from an agent that carries none).
+    /// Blocking.
+    pub fn receive(self) -> Result<Vec<Carried>, HandoverError> {
+        self.0
+            .set_read_timeout(Some(RELAYS_TIMEOUT))
+            .map_err(io_err("timeout"))?;
+        let mut carried = Vec::new();
+        loop {
+            match recv(&self.0)? {
+                Some((Message::Relays { relays, last }, fds)) => {
+                    if fds.len() != 2 * relays.len() {
+                        return Err(HandoverError::Protocol(format!(
+                            "{} descriptors for {} relays",
+                            fds.len(),
+                            relays.len()
+                        )));
+                    }
+                    let mut fds = fds.into_iter();
+                    for meta in relays {
+                        let (Some(client), Some(upstream)) = (fds.next(), fds.next()) else {
+                            unreachable!("counted above");
+                        };
+                        carried.push(Carried {
+                            meta,
+                            client,
+                            upstream,
+                        });
+                    }
+                    if last {
+                        return Ok(carried);
+                    }
+                }
+                None => return Ok(carried),
+                Some((other, _)) => {
+                    return Err(HandoverError::Protocol(format!(
+                        "expected relays, got {other:?}"
+                    )))
+                }
+            }
+        }
     }
 }
 

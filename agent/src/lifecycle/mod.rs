@@ -120,10 +120,15 @@ pub async fn wait_until_owner(
     }
 }
 
+/// How long the old owner waits for its opaque relays to quiesce before it
+/// carries those that did to the new one (a relay stops only once its
+/// peers took what it read).
+pub const QUIESCE_WINDOW: Duration = Duration::from_secs(1);
+
 /// The old owner's side of a hand-over: gives `sockets` (the lock among
 /// them) to a standby; once it serves them, stops serving (`stop_serving`),
-/// drains `proxy`'s connections for at most `drain_timeout`, and gives the
-/// lock away. `Err` if no standby took the node: the caller still owns it.
+/// carries its opaque relays over, drains `proxy`'s other connections for
+/// at most `drain_timeout`, and gives the lock away. `Err` if no standby took the node: the caller still owns it.
 pub async fn retire(
     standbys: Arc<Standbys>,
     sockets: Vec<(SocketId, OwnedFd)>,
@@ -150,6 +155,28 @@ pub async fn retire(
     standbys.close();
     stop_serving(&handed);
     proxy.drain.start();
+    let quiescing = Instant::now();
+    let relays = proxy.carrier.collect(QUIESCE_WINDOW).await;
+    let count = relays.len();
+    let carrying = tokio::task::spawn_blocking(move || {
+        let carried = handed.carry(relays);
+        (handed, carried)
+    })
+    .await;
+    let handed = match carrying {
+        Ok((handed, Ok(()))) => {
+            log::info!(
+                "carried {count} relay(s) to the new agent in {} ms",
+                quiescing.elapsed().as_millis()
+            );
+            handed
+        }
+        Ok((handed, Err(e))) => {
+            log::warn!("{count} relay(s) could not be carried to the new agent (closed): {e}");
+            handed
+        }
+        Err(e) => return Err((lock, HandoverError::Protocol(e.to_string()))),
+    };
     let open = || proxy.counts(Direction::Outbound).open + proxy.counts(Direction::Inbound).open;
     let left = drain::connections_end(open, drain_timeout).await;
     if left > 0 {

@@ -12,7 +12,7 @@
 //! HTTP is served request by request so that `X-Forwarded-Client-Cert`
 //! carries the authenticated caller, and no caller can forge it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 
 pub use super::authorize::Caller;
 use super::budget::{self, CallerKey, Fds};
+use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, Transferred};
@@ -154,8 +155,22 @@ async fn serve_until_refused<S: Client>(
     protocol: Detected,
     server: Charged,
 ) -> Result<Transferred, String> {
+    let serving = serve(proxy, pod, client, caller, app, protocol, server);
+    unless_refused(proxy, pod, caller, app, protocol, serving).await
+}
+
+/// Runs `serving` (a connection's service) until it ends, or until the
+/// configuration refuses the connection.
+pub(super) async fn unless_refused(
+    proxy: &Proxy,
+    pod: &Pod,
+    caller: &Caller,
+    app: SocketAddr,
+    protocol: Detected,
+    serving: impl std::future::Future<Output = Result<Transferred, String>>,
+) -> Result<Transferred, String> {
     tokio::select! {
-        served = serve(proxy, pod, client, caller, app, protocol, server) => served,
+        served = serving => served,
         refused = until_refused(proxy, pod, app, caller, protocol) => {
             log::warn!("{}: connection from {} closed: {refused}", pod.key, caller.address);
             Err(refused)
@@ -214,34 +229,51 @@ where
             Ok(Transferred::default())
         }
         Detected::Opaque => {
-            let idle = proxy.settings.idle_timeout;
             let Stream::Tcp(socket) = &mut server.stream else {
                 unreachable!("deliveries are sockets");
             };
-            client
-                .relay_to(socket, idle)
-                .await
-                .map_err(|e| e.to_string())
+            let to = Delivered {
+                pod,
+                caller: caller.address,
+                app,
+            };
+            client.relay_to(proxy, socket, to).await
         }
     }
+}
+
+/// Where an inbound connection was delivered.
+pub struct Delivered<'a> {
+    pod: &'a Pod,
+    caller: IpAddr,
+    app: SocketAddr,
 }
 
 /// What inbound connections come in on: a socket or an HBONE stream.
 pub trait Client: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
     fn relay_to(
         &mut self,
+        proxy: &Proxy,
         app: &mut TcpStream,
-        idle: Duration,
-    ) -> impl std::future::Future<Output = std::io::Result<Transferred>> + Send;
+        to: Delivered<'_>,
+    ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send;
 }
 
+/// A plaintext caller's socket: carried to the next agent at a hand-over.
 impl Client for TcpStream {
     async fn relay_to(
         &mut self,
+        proxy: &Proxy,
         app: &mut TcpStream,
-        idle: Duration,
-    ) -> std::io::Result<Transferred> {
-        relay::relay(self, app, idle).await
+        to: Delivered<'_>,
+    ) -> Result<Transferred, String> {
+        let source = self.peer_addr().map_err(|e| e.to_string())?;
+        let mut record = proxy.record(Direction::Inbound, source, to.app);
+        record.upstream = Some(to.app);
+        record.destination_workload = Some(to.pod.key.clone());
+        record.destination_identity = Some(to.pod.identity.to_string());
+        let meta = CarriedMeta::of(&record, to.app.ip(), to.caller);
+        proxy.relay_carriable(self, app, meta).await
     }
 }
 
@@ -251,15 +283,17 @@ where
 {
     async fn relay_to(
         &mut self,
+        proxy: &Proxy,
         app: &mut TcpStream,
-        idle: Duration,
-    ) -> std::io::Result<Transferred> {
-        relay::relay_stream(app, self, idle)
+        _: Delivered<'_>,
+    ) -> Result<Transferred, String> {
+        relay::relay_stream(app, self, proxy.settings.idle_timeout)
             .await
             .map(|t| Transferred {
                 sent: t.received,
                 received: t.sent,
             })
+            .map_err(|e| e.to_string())
     }
 }
 

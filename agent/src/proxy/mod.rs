@@ -14,6 +14,7 @@
 
 mod authorize;
 pub mod budget;
+pub mod carry;
 pub mod detect;
 mod hop;
 mod idle;
@@ -33,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use nodemesh_common::{AGENT_MARK, DELIVERY_MARK, DNS_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
@@ -177,7 +178,7 @@ fn agent_socket(family_of: SocketAddr, transparent: bool) -> io::Result<TcpSocke
 }
 
 /// Which way a connection goes relative to the workload.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -282,6 +283,8 @@ pub struct Proxy {
     /// Set once the node was handed over: HTTP connections end at a
     /// request boundary.
     pub drain: Drain,
+    /// Opaque relays that can be carried to the next agent.
+    pub carrier: carry::Carrier,
     /// Connections and requests that AuthorizationPolicy denied.
     pub denials: authorize::Denials,
     /// Istio's metrics of every request and connection.
@@ -316,6 +319,7 @@ impl Proxy {
             next_endpoint: Mutex::new(HashMap::new()),
             clusters: l7::Clusters::default(),
             drain: Drain::default(),
+            carrier: carry::Carrier::default(),
             denials: authorize::Denials::default(),
         }
     }
@@ -421,30 +425,40 @@ impl Proxy {
             proxy: self,
             caller: source.ip(),
             started: std::time::Instant::now(),
-            record: ConnectionRecord {
-                direction,
-                source_workload: None,
-                source_identity: None,
-                destination_identity: None,
-                transport: match direction {
-                    // Until shown otherwise (HBONE sets it).
-                    Direction::Inbound => Some("plaintext"),
-                    Direction::Outbound => None,
-                },
-                source,
-                original_destination,
-                service: None,
-                destination_workload: None,
-                upstream: None,
-                protocol: "tcp",
-                started_unix_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-                duration_ms: 0,
-                bytes_sent: 0,
-                bytes_received: 0,
-                outcome: String::new(),
+            record: self.record(direction, source, original_destination),
+        }
+    }
+
+    /// The record of a connection starting now.
+    fn record(
+        &self,
+        direction: Direction,
+        source: SocketAddr,
+        original_destination: SocketAddr,
+    ) -> ConnectionRecord {
+        ConnectionRecord {
+            direction,
+            source_workload: None,
+            source_identity: None,
+            destination_identity: None,
+            transport: match direction {
+                // Until shown otherwise (HBONE sets it).
+                Direction::Inbound => Some("plaintext"),
+                Direction::Outbound => None,
             },
+            source,
+            original_destination,
+            service: None,
+            destination_workload: None,
+            upstream: None,
+            protocol: "tcp",
+            started_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            duration_ms: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            outcome: String::new(),
         }
     }
 
@@ -475,6 +489,12 @@ impl Tracked<'_> {
         let counters = self.proxy.counters(self.record.direction);
         counters.open.fetch_sub(1, Ordering::Relaxed);
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+        if matches!(&outcome, Err(e) if e == carry::HANDED_OVER) {
+            // Neither failed nor over: the next agent reports it.
+            self.record.outcome = carry::HANDED_OVER.into();
+            log::debug!("{:?}", self.record);
+            return;
+        }
         let failed = outcome.as_ref().err().map(|e| flag_of(e));
         match outcome {
             Ok(t) => {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::budget::Fds;
+use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::peer::{Charged, Stream};
 use super::relay::{self, Transferred};
@@ -138,7 +139,7 @@ async fn detect_or_relay(
         None => serve_l7(proxy, pod, client, record, detected, fds).await,
         Some((endpoint, server)) => {
             *record = endpoint;
-            relay_connected(proxy, client, server).await
+            relay_connected(proxy, pod, client, server, record).await
         }
     }
 }
@@ -182,19 +183,26 @@ async fn l4(
     fds: &mut Fds,
 ) -> Result<Transferred, String> {
     let server = connect(proxy, pod, record, fds.split_one()).await;
-    relay_connected(proxy, client, server).await
+    relay_connected(proxy, pod, client, server, record).await
 }
 
-/// Relays to `server`, or resets the client if connecting failed.
+/// Relays to `server` (a plaintext one is carried to the next agent at a
+/// hand-over), or resets the client if connecting failed.
 async fn relay_connected(
     proxy: &Proxy,
+    pod: &Pod,
     mut client: TcpStream,
     server: Result<Charged, String>,
+    record: &ConnectionRecord,
 ) -> Result<Transferred, String> {
     let idle = proxy.settings.idle_timeout;
     let outcome = match server {
         Ok(mut server) => match &mut server.stream {
-            Stream::Tcp(server) => relay::relay(&client, server, idle).await,
+            Stream::Tcp(server) => {
+                let address = pod.address_for(record.original_destination.ip());
+                let meta = CarriedMeta::of(record, address, address);
+                return proxy.relay_carriable(&client, server, meta).await;
+            }
             Stream::Tunnel(tunnel) => relay::relay_stream(&mut client, tunnel, idle).await,
             Stream::Local(local) => relay::relay_stream(&mut client, local, idle).await,
         },

@@ -6,13 +6,19 @@
 //! once data flows, so idle connections cost no buffer memory; they start
 //! small (request/response traffic) and grow while reads keep filling them
 //! (bulk transfers), up to a fixed maximum.
+//!
+//! A relay can also be quiesced (at a hand-over, see `carry`): each
+//! direction stops before its next read, after writing all it has read, so
+//! that every byte is either delivered or still in a socket's kernel buffer.
 
 use std::io;
 use std::net::Shutdown;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::idle::{Activity, Tracked};
 
@@ -20,27 +26,66 @@ const FIRST_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
 pub struct Transferred {
     pub sent: u64,
     pub received: u64,
 }
 
-/// Relays until both directions are closed, either side fails, or nothing
-/// moves for `idle`. On failure both sockets are reset.
+impl std::ops::Add for Transferred {
+    type Output = Transferred;
+
+    fn add(self, other: Transferred) -> Transferred {
+        Transferred {
+            sent: self.sent + other.sent,
+            received: self.received + other.received,
+        }
+    }
+}
+
+/// Which directions of a relay have ended (their EOF passed on).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    /// Client to upstream.
+    pub sent: bool,
+    /// Upstream to client.
+    pub received: bool,
+}
+
+/// How a relay stopped without failing.
+#[derive(Debug)]
+pub enum Stopped {
+    /// Both directions are closed.
+    Closed(Transferred),
+    /// Told to quiesce: nothing is read any more and everything read was
+    /// written; the directions in `Ended` had closed before.
+    Quiesced(Transferred, Ended),
+}
+
+/// Relays until both directions are closed, either side fails, nothing
+/// moves for `idle`, or `quiesce` turns true. The directions in `ended`
+/// closed before (a relay resumed). On failure both sockets are reset.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     idle: Duration,
-) -> io::Result<Transferred> {
+    ended: Ended,
+    quiesce: Option<watch::Receiver<bool>>,
+) -> io::Result<Stopped> {
     let activity = Activity::new();
-    let up = copy(client, upstream, &activity);
-    let down = copy(upstream, client, &activity);
+    let up = copy(client, upstream, &activity, ended.sent, quiesce.clone());
+    let down = copy(upstream, client, &activity, ended.received, quiesce);
     let outcome = match activity
         .unless_idle(idle, async { tokio::try_join!(up, down) })
         .await
     {
-        Some(copied) => copied.map(|(sent, received)| Transferred { sent, received }),
+        Some(copied) => copied.map(|((sent, up_closed), (received, down_closed))| {
+            let transferred = Transferred { sent, received };
+            match (up_closed, down_closed) {
+                (true, true) => Stopped::Closed(transferred),
+                (sent, received) => Stopped::Quiesced(transferred, Ended { sent, received }),
+            }
+        }),
         None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
     };
     if outcome.is_err() {
@@ -75,11 +120,38 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-async fn copy(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
+/// Copies until EOF (`true`: closed) or until `quiesce` turns true before a
+/// read (`false`); `closed` if the direction had ended already.
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+    closed: bool,
+    quiesce: Option<watch::Receiver<bool>>,
+) -> io::Result<(u64, bool)> {
     let mut buf = Vec::new();
     let mut total = 0u64;
+    if closed {
+        return Ok((0, true));
+    }
+    let quiesced = async {
+        let told = match quiesce {
+            Some(mut quiesce) => quiesce.wait_for(|q| *q).await.is_ok(),
+            None => false,
+        };
+        if !told {
+            // Never told (or the agent is gone): relay on.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(quiesced);
     loop {
-        from.readable().await?;
+        // The only point where a direction stops: nothing read is unwritten.
+        tokio::select! {
+            biased;
+            () = &mut quiesced => return Ok((total, false)),
+            readable = from.readable() => readable?,
+        }
         if buf.is_empty() {
             buf.resize(FIRST_BUFFER, 0);
         }
@@ -92,7 +164,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Resu
         if n == 0 {
             match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok(total),
+                _ => return Ok((total, true)),
             }
         }
         write_all(to, &buf[..n]).await?;
@@ -132,13 +204,24 @@ mod tests {
         (a, b)
     }
 
+    /// Relays between two sockets on a task of its own; gives them back.
+    fn spawn_relay(
+        client: TcpStream,
+        upstream: TcpStream,
+        idle: Duration,
+        quiesce: Option<watch::Receiver<bool>>,
+    ) -> tokio::task::JoinHandle<(io::Result<Stopped>, TcpStream, TcpStream)> {
+        tokio::spawn(async move {
+            let stopped = relay(&client, &upstream, idle, Ended::default(), quiesce).await;
+            (stopped, client, upstream)
+        })
+    }
+
     #[tokio::test]
     async fn relays_both_ways_with_half_close() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(async move {
-            relay(&proxy_client, &proxy_upstream, Duration::from_secs(5)).await
-        });
+        let relay = spawn_relay(proxy_client, proxy_upstream, Duration::from_secs(5), None);
         client.write_all(b"ping").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -150,20 +233,53 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"pong");
-        let t = relay.await.unwrap().unwrap();
+        let Stopped::Closed(t) = relay.await.unwrap().0.unwrap() else {
+            panic!("not closed")
+        };
         assert_eq!((t.sent, t.received), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn a_quiesced_relay_leaves_unread_bytes_in_the_socket() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let (quiesce, told) = watch::channel(false);
+        let relay = spawn_relay(
+            proxy_client,
+            proxy_upstream,
+            Duration::from_secs(5),
+            Some(told),
+        );
+        client.write_all(b"one").await.unwrap();
+        let mut got = [0u8; 3];
+        server.read_exact(&mut got).await.unwrap();
+        quiesce.send_replace(true);
+        let (stopped, proxy_client, proxy_upstream) = relay.await.unwrap();
+        let Stopped::Quiesced(t, ended) = stopped.unwrap() else {
+            panic!("not quiesced")
+        };
+        assert_eq!((t.sent, t.received, ended), (3, 0, Ended::default()));
+        // Written after the relay stopped: left for whoever relays next.
+        client.write_all(b"two").await.unwrap();
+        let resumed = spawn_relay(proxy_client, proxy_upstream, Duration::from_secs(5), None);
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"two");
+        client.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+        let Stopped::Closed(t) = resumed.await.unwrap().0.unwrap() else {
+            panic!("not closed")
+        };
+        assert_eq!((t.sent, t.received), (3, 0));
     }
 
     #[tokio::test]
     async fn reset_on_one_side_resets_the_other() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, server) = pair().await;
-        let relay = tokio::spawn(async move {
-            relay(&proxy_client, &proxy_upstream, Duration::from_secs(5)).await
-        });
+        let relay = spawn_relay(proxy_client, proxy_upstream, Duration::from_secs(5), None);
         reset(&server);
         drop(server);
-        assert!(relay.await.unwrap().is_err());
+        assert!(relay.await.unwrap().0.is_err());
         let mut buf = [0u8; 1];
         let err = client.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -173,10 +289,13 @@ mod tests {
     async fn idle_connections_are_closed() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;
-        let relay = tokio::spawn(async move {
-            relay(&proxy_client, &proxy_upstream, Duration::from_millis(200)).await
-        });
-        let err = relay.await.unwrap().unwrap_err();
+        let relay = spawn_relay(
+            proxy_client,
+            proxy_upstream,
+            Duration::from_millis(200),
+            None,
+        );
+        let err = relay.await.unwrap().0.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         let mut buf = [0u8; 1];
         assert!(client.read(&mut buf).await.is_err());

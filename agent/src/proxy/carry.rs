@@ -1,0 +1,303 @@
+//! Opaque TCP relays carried to the next agent at a hand-over.
+//!
+//! A relay whose two sockets are plain TCP held by this agent (plaintext to
+//! a destination outside the mesh, plaintext inbound) survives an upgrade:
+//! once the node is handed over, every such relay is quiesced (it stops
+//! reading both sides after writing everything it read, see `relay`), its
+//! two sockets are duplicated and given with its metadata to the
+//! hand-over, which passes them to the new agent; there [`Proxy::resume`]
+//! relays them on. Bytes not read yet wait in the sockets' kernel buffers,
+//! so none is lost or sent twice. A relay that quiesces too late (after
+//! [`Carrier::collect`]) goes on in the old agent until the drain deadline.
+//!
+//! Relays through an HBONE tunnel or to a same-node workload (an in-process
+//! stream) hold state no socket carries; they stay with the old agent.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+
+use super::budget::{self, CallerKey};
+use super::detect::Detected;
+use super::relay::{self, Ended, Stopped, Transferred};
+use super::{inbound, ConnectionRecord, Direction, Proxy};
+
+/// The outcome a relay carried away ends with in this agent: not a failure,
+/// and not reported (the next agent reports the connection when it ends).
+pub const HANDED_OVER: &str = "handed over to the next agent";
+
+/// What the next agent needs to relay a connection on, report it and charge
+/// it to its workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedMeta {
+    pub direction: Direction,
+    /// The address of the enrolled workload the relay is charged to.
+    pub workload_address: IpAddr,
+    /// The caller's own address (telemetry's source).
+    pub caller: IpAddr,
+    pub source: SocketAddr,
+    pub original_destination: SocketAddr,
+    pub upstream: Option<SocketAddr>,
+    pub service: Option<String>,
+    pub source_workload: Option<String>,
+    pub source_identity: Option<String>,
+    pub destination_workload: Option<String>,
+    pub destination_identity: Option<String>,
+    pub started_unix_ms: u64,
+    /// Moved before this agent had it (earlier agents included).
+    pub transferred: Transferred,
+    pub ended: Ended,
+}
+
+impl CarriedMeta {
+    /// The metadata of a relay about to start, for `record` charged to the
+    /// workload at `workload_address`.
+    pub fn of(record: &ConnectionRecord, workload_address: IpAddr, caller: IpAddr) -> CarriedMeta {
+        CarriedMeta {
+            direction: record.direction,
+            workload_address,
+            caller,
+            source: record.source,
+            original_destination: record.original_destination,
+            upstream: record.upstream,
+            service: record.service.clone(),
+            source_workload: record.source_workload.clone(),
+            source_identity: record.source_identity.clone(),
+            destination_workload: record.destination_workload.clone(),
+            destination_identity: record.destination_identity.clone(),
+            started_unix_ms: record.started_unix_ms,
+            transferred: Transferred::default(),
+            ended: Ended::default(),
+        }
+    }
+}
+
+/// A quiesced relay: its client's and its upstream's sockets.
+pub struct Carried {
+    pub meta: CarriedMeta,
+    pub client: OwnedFd,
+    pub upstream: OwnedFd,
+}
+
+#[derive(Default)]
+struct State {
+    /// Carriable relays running.
+    relaying: usize,
+    /// `collect` has not ended yet.
+    closed: bool,
+    carried: Vec<Carried>,
+}
+
+/// The carriable relays of this agent.
+pub struct Carrier {
+    quiesce: watch::Sender<bool>,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl Default for Carrier {
+    fn default() -> Self {
+        Carrier {
+            quiesce: watch::Sender::new(false),
+            state: Mutex::default(),
+            changed: Notify::new(),
+        }
+    }
+}
+
+/// A carriable relay running; counted until carried or dropped.
+struct Relaying<'a> {
+    carrier: &'a Carrier,
+    counted: bool,
+}
+
+impl Relaying<'_> {
+    /// Hands a quiesced relay over, unless collecting is over (`false`:
+    /// relay on here; the duplicates close).
+    fn offer(&mut self, carried: Carried) -> bool {
+        let mut state = self.carrier.lock();
+        if state.closed || !self.counted {
+            return false;
+        }
+        state.carried.push(carried);
+        state.relaying -= 1;
+        self.counted = false;
+        drop(state);
+        self.carrier.changed.notify_one();
+        true
+    }
+}
+
+impl Drop for Relaying<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.carrier.lock().relaying -= 1;
+            self.carrier.changed.notify_one();
+        }
+    }
+}
+
+impl Carrier {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self) -> Relaying<'_> {
+        self.lock().relaying += 1;
+        Relaying {
+            carrier: self,
+            counted: true,
+        }
+    }
+
+    /// Quiesces every carriable relay and returns those that stopped within
+    /// `window` (the others relay on here).
+    pub async fn collect(&self, window: Duration) -> Vec<Carried> {
+        self.quiesce.send_replace(true);
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.relaying == 0 {
+                    break;
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
+        }
+        let mut state = self.lock();
+        state.closed = true;
+        std::mem::take(&mut state.carried)
+    }
+}
+
+impl Proxy {
+    /// Relays `client` and `upstream` to their end, or until the node is
+    /// handed over: then the relay is carried to the next agent and ends
+    /// here with [`HANDED_OVER`]. On failure both sockets are reset. What
+    /// moved counts from the connection's start (`meta` says what moved
+    /// before).
+    pub(super) async fn relay_carriable(
+        &self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        mut meta: CarriedMeta,
+    ) -> Result<Transferred, String> {
+        let idle = self.settings.idle_timeout;
+        let mut relaying = self.carrier.enter();
+        let mut quiesce = Some(self.carrier.quiesce.subscribe());
+        loop {
+            let stopped = relay::relay(client, upstream, idle, meta.ended, quiesce.take())
+                .await
+                .map_err(|e| e.to_string())?;
+            let (transferred, ended) = match stopped {
+                Stopped::Closed(transferred) => return Ok(meta.transferred + transferred),
+                Stopped::Quiesced(transferred, ended) => (transferred, ended),
+            };
+            meta.transferred = meta.transferred + transferred;
+            meta.ended = ended;
+            let carried = (|| {
+                Ok::<_, std::io::Error>(Carried {
+                    meta: meta.clone(),
+                    client: client.as_fd().try_clone_to_owned()?,
+                    upstream: upstream.as_fd().try_clone_to_owned()?,
+                })
+            })();
+            match carried.map(|carried| relaying.offer(carried)) {
+                Ok(true) => return Err(HANDED_OVER.into()),
+                // Too late, or out of descriptors: relayed here until the
+                // drain deadline.
+                Ok(false) => {}
+                Err(e) => log::warn!("a relay cannot be handed over: {e}"),
+            }
+        }
+    }
+
+    /// Relays on a connection the previous agent carried over.
+    pub async fn resume(self: Arc<Self>, carried: Carried) {
+        let Carried {
+            meta,
+            client,
+            upstream,
+        } = carried;
+        let (client, upstream) = match (stream(client), stream(upstream)) {
+            (Ok(client), Ok(upstream)) => (client, upstream),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("a relay handed over cannot be resumed: {e}");
+                return;
+            }
+        };
+        let Some(pod) = self.local_pod(meta.workload_address) else {
+            log::warn!(
+                "relay from {} handed over: no enrolled workload at {} any more; closed",
+                meta.source,
+                meta.workload_address
+            );
+            relay::reset(&client);
+            relay::reset(&upstream);
+            return;
+        };
+        let caller = match meta.direction {
+            Direction::Inbound => Some(CallerKey::Address(meta.caller)),
+            Direction::Outbound => None,
+        };
+        let _fds = match pod.tenant.charge(budget::FDS_PER_CONNECTION, caller) {
+            Ok(fds) => fds,
+            Err(refused) => {
+                log::warn!("{}: relay handed over closed: {refused}", pod.key);
+                relay::reset(&client);
+                relay::reset(&upstream);
+                return;
+            }
+        };
+        let mut tracked = self.track(meta.direction, meta.source, meta.original_destination);
+        let ago = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |now| now.as_millis() as u64)
+            .saturating_sub(meta.started_unix_ms);
+        tracked.started = Instant::now()
+            .checked_sub(Duration::from_millis(ago))
+            .unwrap_or_else(Instant::now);
+        tracked.caller = meta.caller;
+        let record = &mut tracked.record;
+        record.started_unix_ms = meta.started_unix_ms;
+        record.transport = Some("plaintext");
+        record.upstream = meta.upstream;
+        record.service.clone_from(&meta.service);
+        record.source_workload.clone_from(&meta.source_workload);
+        record.source_identity.clone_from(&meta.source_identity);
+        record
+            .destination_workload
+            .clone_from(&meta.destination_workload);
+        record
+            .destination_identity
+            .clone_from(&meta.destination_identity);
+        let relayed = self.relay_carriable(&client, &upstream, meta.clone());
+        let outcome = match meta.direction {
+            Direction::Outbound => relayed.await,
+            // The configuration may refuse it from now on, as any other.
+            Direction::Inbound => {
+                let app = meta.upstream.unwrap_or(meta.original_destination);
+                let caller = inbound::Caller::new(None, meta.caller);
+                let tcp = Detected::Opaque;
+                inbound::unless_refused(&self, &pod, &caller, app, tcp, relayed).await
+            }
+        };
+        tracked.finish(outcome);
+    }
+}
+
+fn stream(fd: OwnedFd) -> std::io::Result<TcpStream> {
+    let socket = std::net::TcpStream::from(fd);
+    socket.set_nonblocking(true)?;
+    TcpStream::from_std(socket)
+}
