@@ -328,6 +328,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
             continue;
         };
         // From here on, enrollment is the next agent's.
+        node.ready.store(false, Ordering::Relaxed);
         if let Some(task) = reconciler.take() {
             task.abort();
         }
@@ -364,6 +365,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
             }
             Err((kept, e)) => {
                 log::error!("{e}; this agent keeps the node");
+                node.ready.store(true, Ordering::Relaxed);
                 lock = Some(kept);
                 if stopping {
                     break;
@@ -556,6 +558,19 @@ impl Node {
 impl telemetry::server::Scrape for Node {
     fn scrape(&self) -> String {
         self.proxy.telemetry.exposition(&self.health())
+    }
+
+    /// Only an owner serves this endpoint (a standby binds nothing), so ready means: its
+    /// first config applied, the source's whole view had once (the API server: every kind
+    /// listed), and not handing the node over.
+    fn readiness(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            self.source.readiness()
+        } else if self.config.generation() == 0 {
+            Err("the first configuration is not applied yet".to_owned())
+        } else {
+            Err("handing the node over to the next agent".to_owned())
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::kube::{ApiForwarder, ApiServer, Kube, PodSpec, RunningPod};
+use crate::kube_endpoints::PORT_NAME;
 use crate::mesh::count_by;
 use crate::workload_apps::{curl_many, wait_listening};
 use crate::{Agent, Topology};
@@ -93,6 +94,20 @@ impl KubeMesh {
             .unwrap_or_else(|| panic!("no agent on {node}"))
     }
 
+    /// Stops the agent of `node`, starts it again and waits until it is
+    /// ready; returns how long the start took (not the stop).
+    pub fn restart_agent(&mut self, node: &str) -> Result<Duration> {
+        let agent = self
+            .agents
+            .iter_mut()
+            .find(|a| a.node() == node)
+            .with_context(|| format!("no agent on {node}"))?;
+        agent.stop();
+        let start = Instant::now();
+        agent.restart(&mut self.topo)?;
+        Ok(start.elapsed())
+    }
+
     pub fn agents(&self) -> &[Agent] {
         &self.agents
     }
@@ -133,6 +148,19 @@ impl KubeMesh {
         labels: &[(&str, &str)],
         args: &[&str],
     ) -> Result<()> {
+        self.app_in(node, name, labels, args, true)
+    }
+
+    /// [`Self::app`], in a kubelet-named cgroup or not (then the agent can
+    /// find its network namespace only by its address).
+    pub fn app_in(
+        &mut self,
+        node: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        args: &[&str],
+        kubelet_cgroup: bool,
+    ) -> Result<()> {
         let pod = self.topo.add_pod(node, name)?;
         let cmd = crate::mesh::app_command(&self.mesh_bin, name, labels, args);
         let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
@@ -141,7 +169,7 @@ impl KubeMesh {
             name,
             labels,
             service_account: "bookinfo",
-            kubelet_cgroup: true,
+            kubelet_cgroup,
             host_network: false,
         };
         let running = self.kube.run_pod(&mut self.topo, &pod, &spec, &cmd)?;
@@ -169,16 +197,25 @@ impl KubeMesh {
         Ok(())
     }
 
-    /// A Service selecting `app: NAME` on port 9080, with a fixed cluster IP
-    /// (clear of the test bed's DNS address).
+    /// A Service selecting `app: NAME` on port 9080 (by the pods' port name,
+    /// as charts write it), with a fixed cluster IP (clear of the test bed's
+    /// DNS address), and its EndpointSlice listing the pods running now.
     pub fn service(&self, name: &str, ip_suffix: u8) -> Result<()> {
         let yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  \
              clusterIP: 10.96.100.{ip_suffix}\n  selector: {{app: {name}}}\n  \
-             ports: [{{name: http, port: {APP_PORT}}}]\n"
+             ports: [{{name: http, port: {APP_PORT}, targetPort: {PORT_NAME}}}]\n"
         );
         self.kube.apply(&yaml, &self.namespace, false)?;
-        Ok(())
+        self.publish_endpoints(name, &[])
+    }
+
+    /// Rewrites Service `name`'s EndpointSlice with its pods but `left_out`
+    /// (as the endpoint controller does when pods go or stop being ready).
+    pub fn publish_endpoints(&self, name: &str, left_out: &[&str]) -> Result<()> {
+        let selector = format!("app={name}");
+        self.kube
+            .publish_endpoint_slice(&self.namespace, name, &selector, APP_PORT, left_out)
     }
 
     /// Istio's Bookinfo as in [`crate::mesh::Mesh::bookinfo`]:
@@ -245,6 +282,23 @@ impl KubeMesh {
                 bail!("{url} never answered only {version}: last {versions:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls until 30 requests to `url` are answered by exactly `versions`
+    /// (each at least once, no other).
+    pub fn wait_versions(&self, url: &str, versions: &[&str]) -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let seen = self.versions(url, 30)?;
+            let answered: Vec<&str> = seen.keys().map(String::as_str).collect();
+            if answered == versions {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{url} never answered from exactly {versions:?}: last {seen:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

@@ -9,8 +9,11 @@
 //! * [`ca`] — a real `nodemesh ca` on a host of its own, and node credentials.
 //! * [`workload_apps`] — small real servers and clients run inside pods
 //!   (HTTP echo, TCP echo, curl).
+//! * [`helm`] — the Helm chart rendered by a Helm-compatible renderer.
 //! * [`kube`] — a real Kubernetes API server reachable from the topology,
 //!   and pods run as a kubelet would, for the agent's Kubernetes mode.
+//! * [`kube_endpoints`] — EndpointSlices written as the endpoint controller
+//!   would (the test's API server runs no controllers).
 //! * [`kube_mesh`] — Bookinfo on agents in Kubernetes mode, through the API.
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
 //!   Bookinfo on it.
@@ -27,7 +30,9 @@
 pub mod agent;
 pub mod ca;
 pub mod config;
+pub mod helm;
 pub mod kube;
+pub mod kube_endpoints;
 pub mod kube_mesh;
 pub mod mesh;
 pub mod otlp;

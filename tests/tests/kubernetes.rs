@@ -5,10 +5,12 @@
 //!
 //! The API server is started once for this file; the tests take turns on it.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nodemesh_testbed::helm;
 use nodemesh_testbed::kube::{
     free_port, kubeconfig_with_token, ApiForwarder, ApiServer, Kube, PodSpec,
 };
@@ -16,6 +18,7 @@ use nodemesh_testbed::kube_mesh::{
     wait_status, workload, workloads, KubeMesh, MESH_LABEL, TIMEOUT,
 };
 use nodemesh_testbed::{Agent, Topology};
+use serde_json::{json, Value};
 
 const DESTINATION_RULE_ALL: &str =
     include_str!("../../deploy/examples/bookinfo/destination-rule-all.yaml");
@@ -28,6 +31,24 @@ const RESYNC_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn mesh(mesh_enabled: bool) -> Result<KubeMesh> {
     KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), mesh_enabled)
+}
+
+/// Pod `name` is enrolled on `node`, in the network namespace the agent
+/// found through one of its processes.
+fn assert_enrolled_by_its_process(cluster: &KubeMesh, node: &str, name: &str) -> Result<()> {
+    let listed = workloads(cluster.agent(node))?;
+    let pod = workload(&listed, name).with_context(|| format!("{name} on {node}"))?;
+    assert_eq!(pod["state"], "enrolled", "{pod:#}");
+    let netns = pod["netns"].as_str().unwrap_or_default();
+    assert!(netns.starts_with("/proc/"), "{pod:#}");
+    Ok(())
+}
+
+/// `GET PATH` on the metrics port of `node`'s agent: the body and the status.
+fn probe(topo: &Topology, node: &str, path: &str) -> Result<String> {
+    let url = format!("http://{}:15020{path}", topo.node(node).address);
+    let netns = &topo.node("node-a").netns;
+    topo.run_in_ok(netns, &["curl", "-sS", "-w", " %{http_code}", &url])
 }
 
 #[test]
@@ -55,13 +76,7 @@ fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<(
     // client, productpage, details, reviews-v1 | reviews-v2, v3, ratings.
     cluster.wait_enrolled("node-a", 4)?;
     cluster.wait_enrolled("node-b", 3)?;
-    let listed = workloads(cluster.agent("node-b"))?;
-    let v2 = workload(&listed, "reviews-v2").context("reviews-v2")?;
-    assert_eq!(v2["state"], "enrolled", "{v2:#}");
-    assert!(
-        v2["netns"].as_str().unwrap().starts_with("/proc/"),
-        "{v2:#}"
-    );
+    assert_enrolled_by_its_process(&cluster, "node-b", "reviews-v2")?;
     let listed = workloads(cluster.agent("node-a"))?;
     let client = workload(&listed, "client").context("client")?;
     assert_eq!(client["state"], "enrolled", "{client:#}");
@@ -124,6 +139,19 @@ fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<(
     );
     assert!(table.contains("skipped:"), "{table}");
 
+    // Without a route, reviews' endpoints are its EndpointSlice's: taken out
+    // of it (its labels still match the selector), reviews-v1 gets no more
+    // requests.
+    cluster.kube().delete(
+        "networking.istio.io/v1",
+        "VirtualService",
+        &namespace,
+        "reviews",
+    )?;
+    cluster.wait_versions(&reviews, &["v1", "v2", "v3"])?;
+    cluster.publish_endpoints("reviews", &["reviews-v1"])?;
+    cluster.wait_versions(&reviews, &["v2", "v3"])?;
+
     // Un-labelling releases every pod, without a restart.
     cluster
         .kube()
@@ -167,6 +195,8 @@ fn pods_enrol_and_release_as_they_come_and_go() -> Result<()> {
     cluster.delete_pod("web-1")?;
     cluster.wait_enrolled("node-b", 0)?;
     cluster.app("node-b", "web-2", &[("app", "web"), ("version", "v2")], &[])?;
+    // As the endpoint controller would (host-tool too, with its node's address).
+    cluster.publish_endpoints("web", &[])?;
     cluster.wait_enrolled("node-b", 1)?;
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -190,6 +220,66 @@ fn pods_enrol_and_release_as_they_come_and_go() -> Result<()> {
     assert!(names.contains(&"web-2"), "{listed:#}");
     assert!(!names.contains(&"web-1"), "{listed:#}");
     assert!(!names.contains(&"host-tool"), "{listed:#}");
+    Ok(())
+}
+
+#[test]
+fn a_pod_in_no_kubelet_cgroup_is_found_by_its_address_and_meshed() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.client("node-a")?;
+    // Pods of concurrent tests' topologies take the first addresses of each
+    // node too, and an address held by two namespaces is rightly no answer:
+    // this pod takes one further on (the spacers run no process).
+    for i in 0..8 {
+        cluster
+            .topo_mut()
+            .add_pod("node-b", &format!("spacer-{i}"))?;
+    }
+    let labels = [("app", "plain"), ("version", "v1")];
+    cluster.app_in("node-b", "plain-1", &labels, &[], false)?;
+    cluster.service("plain", 40)?;
+    cluster.wait_enrolled("node-a", 1)?;
+    cluster.wait_enrolled("node-b", 1)?;
+    assert_enrolled_by_its_process(&cluster, "node-b", "plain-1")?;
+    // Meshed: reached through both agents, with its identity's certificate.
+    cluster.wait_only(&cluster.url("plain", "/"), "v1", TIMEOUT)?;
+    let certs = cluster.agent("node-b").cli(&["certs", "-o", "json"])?;
+    let certs = String::from_utf8_lossy(&certs.stdout);
+    let identity = format!("/ns/{}/sa/bookinfo", cluster.namespace());
+    assert!(certs.contains(&identity), "{certs}");
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_serves_a_node_of_100_pods_from_the_api_server() -> Result<()> {
+    const PODS: u64 = 100;
+    let mut cluster = mesh(true)?;
+    let namespace = cluster.namespace().to_owned();
+    for i in 0..PODS {
+        let name = format!("many-{i}");
+        let spec = PodSpec {
+            namespace: &namespace,
+            name: &name,
+            labels: &[("app", "many")],
+            service_account: "many",
+            kubelet_cgroup: true,
+            host_network: false,
+        };
+        cluster.run_pod("node-a", &spec, &["sleep", "infinity"])?;
+    }
+    cluster.wait_enrolled("node-a", PODS)?;
+
+    let started = cluster.restart_agent("node-a")?;
+    let restarted = Instant::now();
+    cluster.wait_enrolled("node-a", PODS)?;
+    // A figure for the README (polled, so slightly over), not an assertion.
+    eprintln!(
+        "restarted agent: ready {started:?} after its start, all {PODS} pods enrolled \
+         {:?} after its start",
+        started + restarted.elapsed()
+    );
+    let status = cluster.agent("node-a").status_json()?;
+    assert_eq!(status["workloads"]["failures"], json!({}), "{status:#}");
     Ok(())
 }
 
@@ -300,6 +390,30 @@ fn manifests_pass_a_server_side_dry_run_and_the_agent_role_is_enough_and_no_more
             !w.is_empty() && w.values().all(|w| w["listed"] == true && w["errors"] == 0)
         })
     })?;
+    // Its probes, on the metrics port: live, and ready having listed everything.
+    assert_eq!(probe(&topo, "node-a", "/healthz/live")?, "live\n 200");
+    assert_eq!(probe(&topo, "node-a", "/healthz/ready")?, "ready\n 200");
+    // An agent whose service account is bound to no role runs (live) but is
+    // not ready, and says why.
+    kube.apply(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: nodemesh-unbound}\n",
+        "nodemesh-system",
+        false,
+    )?;
+    let unbound = kube.service_account_token("nodemesh-system", "nodemesh-unbound")?;
+    let unbound = forwarder.kubeconfig_with_token("unbound.kubeconfig", &unbound)?;
+    let node_b = topo.add_node("node-b")?;
+    kube.register_node(&node_b.node_name, node_b.address)?;
+    let unready = Agent::start_kubernetes(&mut topo, "node-b", &unbound)?;
+    assert_eq!(probe(&topo, "node-b", "/healthz/live")?, "live\n 200");
+    let ready = probe(&topo, "node-b", "/healthz/ready")?;
+    assert!(ready.ends_with(" 503"), "{ready}");
+    assert!(
+        ready.contains("not listed from the API server") && ready.contains("forbidden"),
+        "{ready}"
+    );
+    drop(unready);
+
     // A write it does not need is forbidden.
     let on_loopback = topo.work_dir().join("sa-loopback.kubeconfig");
     kubeconfig_with_token(api.kubeconfig(), &token, &on_loopback)?;
@@ -321,5 +435,92 @@ fn manifests_pass_a_server_side_dry_run_and_the_agent_role_is_enough_and_no_more
     );
     assert!(error.contains("forbidden"), "{error}");
     drop(agent);
+    Ok(())
+}
+
+/// `(kind, name)` of each object.
+fn kinds_and_names(objects: &[Value]) -> BTreeSet<(String, String)> {
+    objects
+        .iter()
+        .map(|o| {
+            let field = |f: &str| o.pointer(f).and_then(Value::as_str).unwrap_or("?");
+            (
+                field("/kind").to_owned(),
+                field("/metadata/name").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_helm_chart_renders_the_manifests_objects_and_passes_a_server_side_dry_run() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut manifests = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(root.join("deploy/kubernetes"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    for file in &files {
+        let yaml = std::fs::read_to_string(file)?;
+        let docs = serde_saphyr::from_multiple::<Value>(&yaml)?;
+        manifests.extend(docs.into_iter().filter(|d| !d.is_null()));
+    }
+    let chart = root.join("deploy/helm/nodemesh");
+    let rendered = helm::render(
+        &chart,
+        &[
+            "--namespace",
+            "nodemesh-system",
+            "--include-crds",
+            "--set",
+            "image.tag=9.9.9",
+        ],
+    )?;
+
+    // The same objects, but the Namespace (Helm's `--create-namespace`), and
+    // the same rules.
+    let mut expected = kinds_and_names(&manifests);
+    expected.retain(|(kind, _)| kind != "Namespace");
+    assert_eq!(kinds_and_names(&rendered), expected);
+    let roles = |objects: &[Value]| -> Vec<Value> {
+        let roles = objects.iter().filter(|o| o["kind"] == "ClusterRole");
+        roles
+            .map(|o| json!([o["metadata"]["name"], o["rules"]]))
+            .collect()
+    };
+    assert_eq!(roles(&rendered), roles(&manifests));
+    let images: Vec<_> = rendered
+        .iter()
+        .filter_map(|o| o.pointer("/spec/template/spec/containers/0/image"))
+        .collect();
+    assert_eq!(images, [&json!("ghcr.io/nodemesh/nodemesh:9.9.9"); 2]);
+
+    // Valid for the API server, as rendered.
+    let (api, _turn) = ApiServer::shared()?;
+    let kube = Kube::new(api.kubeconfig())?;
+    let namespace = manifests.iter().find(|o| o["kind"] == "Namespace");
+    kube.apply(
+        &namespace.context("no Namespace")?.to_string(),
+        "default",
+        false,
+    )?;
+    for object in &rendered {
+        kube.apply(&object.to_string(), "default", true)
+            .with_context(|| {
+                format!(
+                    "dry run of {} {}",
+                    object["kind"], object["metadata"]["name"]
+                )
+            })?;
+    }
+
+    // In another namespace, everything that names one names it.
+    let elsewhere = helm::render(&chart, &["--namespace", "mesh-elsewhere"])?;
+    let text = serde_json::to_string(&elsewhere)?;
+    assert!(!text.contains("nodemesh-system"), "{text}");
+    assert!(
+        text.contains("nodemesh-ca.mesh-elsewhere.svc:15012"),
+        "{text}"
+    );
     Ok(())
 }

@@ -67,6 +67,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     // The virtualenv of the tracing tests' OTLP receiver.
     "python3-venv",
+    // The Helm chart's test renders it with tests/helm-render (Go text/template and
+    // sprig, as Helm's engine), built from these.
+    "golang-go",
+    "golang-github-masterminds-sprig-dev",
+    "golang-gopkg-yaml.v3-dev",
 ];
 
 /// The tracing tests' OTLP receiver decodes with OTLP's official protobuf
@@ -87,6 +92,7 @@ mod bench;
 mod demo;
 mod demo_kube;
 mod fuzz;
+mod helm_render;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -381,6 +387,10 @@ fn setup() -> Result<()> {
     if !bpffs_mounted()? {
         println!("setup: mounting bpffs at {BPFFS}");
         status(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        installed_something = true;
+    }
+
+    if helm_render::build(&root(), &target_dir())? {
         installed_something = true;
     }
 

@@ -15,6 +15,7 @@ use crate::security::authorization::{self, AuthorizationPolicyDraft};
 use crate::security::{self, Authorizations, PeerAuthenticationDraft, PeerAuthentications};
 
 use super::cluster_ip::ClusterIpRange;
+use super::endpoint_slice::{self, EndpointSlice, SlicesByService};
 use super::model::{
     self, Metadata, NamespaceDoc, NodeDoc, Object, ServiceSpec, TargetPort, WorkloadSpec,
 };
@@ -99,6 +100,7 @@ enum Kind {
     Node,
     Workload,
     Service,
+    EndpointSlice,
     VirtualService,
     DestinationRule,
     HttpRoute,
@@ -113,11 +115,12 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
         Kind::Service,
+        Kind::EndpointSlice,
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
@@ -131,6 +134,7 @@ impl Kind {
         match self {
             Kind::Workload => &["nodemesh.io/v1alpha1"],
             Kind::Namespace | Kind::Node | Kind::Service => &["v1"],
+            Kind::EndpointSlice => &["discovery.k8s.io/v1"],
             Kind::VirtualService | Kind::DestinationRule => ISTIO_NETWORKING,
             Kind::HttpRoute => &[
                 "gateway.networking.k8s.io/v1",
@@ -148,6 +152,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Workload => "Workload",
             Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
@@ -199,7 +204,13 @@ impl fmt::Display for Origin {
 struct ServiceDraft {
     service: Service,
     allocate_ip: bool,
+    /// Ports whose `targetPort` is a name: (index in `service.ports`, field, name). Their
+    /// target port is [`UNRESOLVED_PORT`] until an EndpointSlice gives the number.
+    named_targets: Vec<(usize, String, String)>,
 }
+
+/// Never a valid port number, so never mistaken for a resolved one.
+const UNRESOLVED_PORT: u16 = 0;
 
 /// Field-level problems of one object: (field path, message).
 #[derive(Default)]
@@ -224,6 +235,7 @@ struct Loader {
     nodes: Vec<Node>,
     workloads: Vec<(Origin, Workload)>,
     services: Vec<(Origin, ServiceDraft)>,
+    endpoint_slices: Vec<EndpointSlice>,
     routing: routing::Drafts,
     peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyDraft)>,
@@ -241,6 +253,7 @@ impl Loader {
             nodes: Vec::new(),
             workloads: Vec::new(),
             services: Vec::new(),
+            endpoint_slices: Vec::new(),
             routing: routing::Drafts::default(),
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
@@ -378,6 +391,11 @@ impl Loader {
                     self.services.push((origin, draft));
                 }
             }
+            Kind::EndpointSlice => {
+                if let Some(slice) = self.parse(&origin, doc, endpoint_slice::endpoint_slice) {
+                    self.endpoint_slices.push(slice);
+                }
+            }
             Kind::VirtualService => {
                 if let Some(draft) = self.parse(&origin, doc, routing::virtual_service) {
                     self.routing.virtual_services.push((origin, draft));
@@ -444,6 +462,8 @@ impl Loader {
         });
         let workload_by_address = self.index_addresses();
         let service_by_cluster_ip = self.assign_cluster_ips(opts.service_cidr);
+        let slices = SlicesByService::new(std::mem::take(&mut self.endpoint_slices));
+        self.resolve_ports(&slices);
 
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
@@ -458,7 +478,14 @@ impl Loader {
                 .or_default()
                 .insert(service.name.clone(), i);
         }
-        let endpoints = services.iter().map(|s| select(s, &workloads)).collect();
+        let endpoints = services
+            .iter()
+            .map(|s| {
+                slices
+                    .endpoints(s, &workload_by_address)
+                    .unwrap_or_else(|| select(s, &workloads))
+            })
+            .collect();
         let mut config = Config {
             namespaces: self
                 .namespaces
@@ -500,6 +527,23 @@ impl Loader {
             return Err(ConfigErrors(self.errors));
         }
         Ok(config)
+    }
+
+    /// Takes Services' target port numbers from their EndpointSlices, reporting named
+    /// target ports that none resolves.
+    fn resolve_ports(&mut self, slices: &SlicesByService) {
+        for (origin, draft) in &mut self.services {
+            slices.resolve_ports(&mut draft.service);
+            for (i, field, name) in &draft.named_targets {
+                if draft.service.ports[*i].target_port == UNRESOLVED_PORT {
+                    let message = format!(
+                        "named port {name:?} needs an EndpointSlice of the Service giving its \
+                         number (Workloads declare no ports), else use a number"
+                    );
+                    self.errors.push(origin.error(Some(field.clone()), message));
+                }
+            }
+        }
     }
 
     /// Indexes workloads by address, reporting addresses used twice.
@@ -732,6 +776,7 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
     };
 
     let mut ports = Vec::with_capacity(spec.ports.len());
+    let mut named_targets = Vec::new();
     let mut seen = HashSet::new();
     for (i, p) in spec.ports.into_iter().enumerate() {
         let field = |name: &str| format!("spec.ports[{i}].{name}");
@@ -739,13 +784,10 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
         let target_port = match p.target_port {
             None => port,
             Some(TargetPort::Number(n)) => port_number(n, field("targetPort"), issues),
+            // Resolved from the Service's EndpointSlices, if it has any (see `finish`).
             Some(TargetPort::Name(name)) => {
-                let message = format!(
-                    "named port {name:?} is not supported since Workloads declare no ports, \
-                     use a number"
-                );
-                issues.add(field("targetPort"), message);
-                None
+                named_targets.push((ports.len(), field("targetPort"), name));
+                Some(UNRESOLVED_PORT)
             }
         };
         if let Some(port) = port.filter(|&port| !seen.insert((port, p.protocol))) {
@@ -779,6 +821,7 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
             cluster_ip,
         },
         allocate_ip,
+        named_targets,
     }
 }
 
@@ -1309,7 +1352,7 @@ spec:
             ),
             (
                 s("{ports: [{port: 80, targetPort: http}]}"),
-                "spec.ports[0].targetPort: named port \"http\" is not supported",
+                "spec.ports[0].targetPort: named port \"http\" needs an EndpointSlice",
             ),
             (
                 s("{ports: [{port: 80, protocol: SCTP}]}"),

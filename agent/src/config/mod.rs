@@ -6,6 +6,7 @@
 //! [`ConfigStore`] that the request path reads without locking.
 
 mod cluster_ip;
+mod endpoint_slice;
 #[cfg(test)]
 mod limits_tests;
 mod load;

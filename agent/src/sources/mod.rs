@@ -47,6 +47,16 @@ impl Running {
     }
 }
 
+impl Running {
+    /// `Err(why)` while the source has not given a whole view once (see `/healthz/ready`).
+    pub fn readiness(&self) -> Result<(), String> {
+        match &self.status {
+            Status::Dir(_) => Ok(()),
+            Status::Kubernetes(status) => status.readiness(),
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         for task in &self.tasks {

@@ -1,20 +1,25 @@
-//! The Prometheus endpoint: `GET /metrics` in the text exposition format
-//! (version 0.0.4), on `--metrics-addr`.
+//! The metrics port (`--metrics-addr`): `GET /metrics` in Prometheus' text exposition
+//! format (version 0.0.4), and the probes Kubernetes asks on the same port:
+//! `GET /healthz/live` (the agent answers) and `GET /healthz/ready` (it serves the node).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Method, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-/// Renders every metric at scrape time; implemented by the running agent.
+/// Renders every metric at scrape time and says whether the agent serves; implemented by
+/// the running agent.
 pub trait Scrape: Send + Sync + 'static {
     fn scrape(&self) -> String;
+    /// `Err(why not)` while the agent does not serve the node (first config not applied,
+    /// handing the node over): traffic meant for it should not count on it yet.
+    fn readiness(&self) -> Result<(), String>;
 }
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -59,7 +64,10 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Scrape>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let source = source.clone();
-                async move { Ok::<_, Infallible>(answer(&*source, &request)) }
+                async move {
+                    let response = answer(&*source, request.method(), request.uri().path());
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -70,18 +78,29 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Scrape>) {
     }
 }
 
-fn answer(source: &dyn Scrape, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, source.scrape()),
-        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".to_owned()),
+fn answer(source: &dyn Scrape, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/metrics" | "/healthz/live" | "/healthz/ready" if method != Method::GET => {
+            (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".to_owned())
+        }
+        "/metrics" => (StatusCode::OK, source.scrape()),
+        // Answering at all is liveness: the runtime serving this also serves traffic.
+        "/healthz/live" => (StatusCode::OK, "live\n".to_owned()),
+        "/healthz/ready" => match source.readiness() {
+            Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
-            "metrics are at /metrics\n".to_owned(),
+            "metrics are at /metrics, probes at /healthz/live and /healthz/ready\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    let content_type = if status == StatusCode::OK {
+    let content_type = if status == StatusCode::OK && path == "/metrics" {
         CONTENT_TYPE
     } else {
         "text/plain"
@@ -91,4 +110,71 @@ fn answer(source: &dyn Scrape, request: &Request<Incoming>) -> Response<Full<Byt
         header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    struct Agent(Result<(), String>);
+
+    impl Scrape for Agent {
+        fn scrape(&self) -> String {
+            "nodemesh_up 1\n".to_owned()
+        }
+        fn readiness(&self) -> Result<(), String> {
+            self.0.clone()
+        }
+    }
+
+    async fn get(agent: &Agent, method: Method, path: &str) -> (StatusCode, String, String) {
+        let response = answer(agent, &method, path);
+        let status = response.status();
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            content_type,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn probes_say_live_always_and_ready_only_when_the_agent_serves() {
+        let serving = Agent(Ok(()));
+        let starting = Agent(Err("first configuration not applied yet".to_owned()));
+        for agent in [&serving, &starting] {
+            let (status, _, body) = get(agent, Method::GET, "/healthz/live").await;
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "live\n"));
+        }
+        let (status, _, body) = get(&serving, Method::GET, "/healthz/ready").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ready\n"));
+        let (status, _, body) = get(&starting, Method::GET, "/healthz/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, "not ready: first configuration not applied yet\n");
+    }
+
+    #[tokio::test]
+    async fn metrics_keep_their_content_type_and_other_requests_are_refused() {
+        let agent = Agent(Ok(()));
+        let (status, content_type, body) = get(&agent, Method::GET, "/metrics").await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (StatusCode::OK, CONTENT_TYPE)
+        );
+        assert_eq!(body, "nodemesh_up 1\n");
+        let (status, content_type, _) = get(&agent, Method::POST, "/healthz/ready").await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, "text/plain")
+        );
+        let (status, _, body) = get(&agent, Method::GET, "/healthz").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("/healthz/ready"), "{body}");
+    }
 }

@@ -9,6 +9,7 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{json, Map, Value};
 
+use super::endpoint_slices;
 use super::pods::{self, LocalNetns};
 
 /// What an object's document is built from, besides the object.
@@ -49,6 +50,14 @@ pub(super) const WATCHED: &[Kind] = &[
     Kind::core("Node", "nodes", false, node),
     Kind::core("Pod", "pods", true, pods::workload).stripping(pods::strip),
     Kind::core("Service", "services", true, service),
+    Kind::core(
+        "EndpointSlice",
+        "endpointslices",
+        true,
+        endpoint_slices::document,
+    )
+    .in_group(endpoint_slices::GROUP)
+    .stripping(endpoint_slices::strip),
     Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
     Kind::spec(
         ISTIO_NETWORKING,
@@ -114,6 +123,10 @@ impl Kind {
             label_selector: Some(label_selector),
             ..self
         }
+    }
+
+    const fn in_group(self, group: &'static str) -> Kind {
+        Kind { group, ..self }
     }
 
     const fn stripping(self, strip: fn(&mut DynamicObject)) -> Kind {

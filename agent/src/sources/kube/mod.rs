@@ -8,6 +8,7 @@
 //! Event and skipped, while the rest is applied. When the API server is slow or gone the
 //! last snapshot keeps serving; watches resume with back-off and a full re-list.
 
+mod endpoint_slices;
 mod events;
 mod kinds;
 mod netns;

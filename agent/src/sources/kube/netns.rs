@@ -102,7 +102,7 @@ fn address_holders(pids: &[u32]) -> HashMap<IpAddr, Option<u32>> {
         let net = format!("{PROC}/{pid}/net");
         let v4 = fs::read_to_string(format!("{net}/fib_trie")).unwrap_or_default();
         let v6 = fs::read_to_string(format!("{net}/if_inet6")).unwrap_or_default();
-        for ip in local_ipv4(&v4).chain(local_ipv6(&v6)) {
+        for ip in local_addresses(&v4, &v6) {
             holders
                 .entry(ip)
                 .and_modify(|holder| *holder = None)
@@ -110,6 +110,12 @@ fn address_holders(pids: &[u32]) -> HashMap<IpAddr, Option<u32>> {
         }
     }
     holders
+}
+
+/// The namespace's own addresses, each once: `fib_trie` lists an address in both the
+/// Main and the Local table, which must not count as two holders.
+fn local_addresses(fib_trie: &str, if_inet6: &str) -> HashSet<IpAddr> {
+    local_ipv4(fib_trie).chain(local_ipv6(if_inet6)).collect()
 }
 
 /// Host addresses in `/proc/<pid>/net/fib_trie`: an address line (`|-- 10.0.1.2`)
@@ -169,5 +175,10 @@ mod tests {
         let if_inet6 = "fd000000000000000000000000000102 02 40 00 80 eth0\n";
         let v6: Vec<_> = local_ipv6(if_inet6).collect();
         assert_eq!(v6, ["fd00::102".parse::<IpAddr>().unwrap()]);
+        // As Linux prints it: the address under both tables.
+        let both = format!("{fib_trie}{}", fib_trie.replace("Main:", "Local:"));
+        let all = local_addresses(&both, if_inet6);
+        let expected = [IpAddr::from([10, 0, 1, 2]), "fd00::102".parse().unwrap()];
+        assert_eq!(all, HashSet::from(expected));
     }
 }

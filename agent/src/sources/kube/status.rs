@@ -80,6 +80,23 @@ impl Status {
         self.update(|inner| inner.watches.values().all(|w| w.listed || w.errors > 0))
     }
 
+    /// `Err(why)` until every kind has been listed once: a watch that cannot list (the
+    /// role lacks a rule, a CRD is missing) leaves the agent serving an incomplete view.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.update(|inner| {
+            let unlisted = inner.watches.iter().find(|(_, w)| !w.listed);
+            match unlisted {
+                None => Ok(()),
+                Some((kind, w)) => Err(match &w.last_error {
+                    Some(error) => {
+                        format!("{kind} objects not listed from the API server: {error}")
+                    }
+                    None => format!("{kind} objects not listed from the API server yet"),
+                }),
+            }
+        })
+    }
+
     pub(super) fn synced(&self, invalid_objects: Vec<String>) {
         self.update(|inner| {
             inner.last_sync = Some(SystemTime::now());
