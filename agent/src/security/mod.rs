@@ -5,6 +5,7 @@
 
 pub mod authorization;
 mod peer_authentication;
+pub(crate) mod target;
 #[cfg(test)]
 mod tests;
 
@@ -19,7 +20,7 @@ pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentications};
 /// Istio's `WorkloadSelector`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct WorkloadSelectorSpec {
+pub(crate) struct WorkloadSelectorSpec {
     #[serde(default)]
-    match_labels: BTreeMap<String, String>,
+    pub(crate) match_labels: BTreeMap<String, String>,
 }
