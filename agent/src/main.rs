@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use nodemesh::{admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources};
+use nodemesh::{
+    admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources, telemetry,
+};
 
 #[derive(Parser)]
 #[command(
@@ -159,6 +161,24 @@ struct AgentArgs {
     /// standard metrics and the agent's own `nodemesh_*`. `off` disables it.
     #[arg(long, default_value = "0.0.0.0:15020", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
+    /// Access logs of every workload, on stdout: `text` (Envoy's default
+    /// format), `json` or `off`. A Telemetry resource overrides it per
+    /// namespace or workload.
+    #[arg(long, default_value = "off", value_parser = parse_access_log)]
+    access_log: AccessLogFlag,
+}
+
+/// `--access-log`: a format, or `off`.
+#[derive(Clone, Copy)]
+struct AccessLogFlag(Option<telemetry::Format>);
+
+fn parse_access_log(s: &str) -> Result<AccessLogFlag, String> {
+    match s {
+        "off" => Ok(AccessLogFlag(None)),
+        "text" => Ok(AccessLogFlag(Some(telemetry::Format::Text))),
+        "json" => Ok(AccessLogFlag(Some(telemetry::Format::Json))),
+        _ => Err(format!("`{s}` is not one of text, json, off")),
+    }
 }
 
 /// `--metrics-addr`: an address, or `off`.
@@ -344,6 +364,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout,
             protocol_detection_timeout: args.protocol_detection_timeout,
             max_connections_per_workload: args.max_connections_per_workload,
+            access_log: args.access_log.0,
             http: proxy::HttpSettings {
                 header_read_timeout: args.http_header_read_timeout,
                 idle_timeout: args.http_idle_timeout,

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::routing::{self, RoutingTable};
 use crate::security::authorization::{self, AuthorizationPolicyDraft};
 use crate::security::{self, Authorizations, PeerAuthenticationDraft, PeerAuthentications};
+use crate::telemetry::policy::{self as telemetry, Telemetries, TelemetryDraft};
 
 use super::cluster_ip::ClusterIpRange;
 use super::model::{
@@ -104,6 +105,7 @@ enum Kind {
     HttpRoute,
     PeerAuthentication,
     AuthorizationPolicy,
+    Telemetry,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -113,7 +115,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -123,6 +125,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
+        Kind::Telemetry,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -139,6 +142,7 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
+            Kind::Telemetry => &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"],
         }
     }
 
@@ -153,6 +157,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -227,6 +232,7 @@ struct Loader {
     routing: routing::Drafts,
     peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyDraft)>,
+    telemetries: Vec<(Origin, TelemetryDraft)>,
 }
 
 impl Loader {
@@ -244,6 +250,7 @@ impl Loader {
             routing: routing::Drafts::default(),
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
+            telemetries: Vec::new(),
         }
     }
 
@@ -404,6 +411,11 @@ impl Loader {
                     self.authorization_policies.push((origin, draft));
                 }
             }
+            Kind::Telemetry => {
+                if let Some(draft) = self.parse(&origin, doc, telemetry::telemetry) {
+                    self.telemetries.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -484,6 +496,7 @@ impl Loader {
             },
             routing: RoutingTable::default(),
             authorizations: Authorizations::default(),
+            telemetries: Telemetries::default(),
             peer_authentications: PeerAuthentications::compile(
                 self.peer_authentications,
                 &opts.root_namespace,
@@ -496,6 +509,8 @@ impl Loader {
             &opts.root_namespace,
             &config.services,
         );
+        config.telemetries =
+            Telemetries::compile(self.telemetries, &opts.root_namespace, &config.services);
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
         }

@@ -30,8 +30,8 @@ use crate::proxy::peer::Charged;
 use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
 use crate::telemetry::flags::{mark, Flag};
-use crate::telemetry::http::Measured;
-use crate::telemetry::{EdgeKey, Reporter};
+use crate::telemetry::http::{Measured, Upstream};
+use crate::telemetry::{EdgeKey, Mode, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -152,10 +152,11 @@ pub async fn serve<S: Client>(
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
+    let side = proxy.telemetry.side(&pod.key, Mode::Server);
     let stamp = move |request: Request<Incoming>| {
         let grpc = is_grpc(&request);
         let (parts, incoming) = request.into_parts();
-        let (measured, counted) = Measured::start(&proxy.telemetry, grpc, incoming);
+        let (measured, counted) = Measured::start(&proxy.telemetry, &side, grpc, &parts, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
         let admitted = admit_request(proxy, pod, caller, app, &mut request).map(|()| request);
@@ -184,7 +185,7 @@ pub async fn serve<S: Client>(
                 let (measured, request) = stamp(request);
                 async move {
                     let response = match request {
-                        Ok(request) => reply(send.send_request(request).await),
+                        Ok(request) => reply(send.send_request(request).await, app),
                         Err(denied) => *denied,
                     };
                     Ok::<_, Infallible>(answer(measured, response))
@@ -223,7 +224,7 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    let mut response = answer(measured, reply(response));
+                    let mut response = answer(measured, reply(response, app));
                     draining.close_after(&mut response);
                     Ok::<_, Infallible>(response)
                 }
@@ -260,9 +261,14 @@ async fn splice(
     }
 }
 
-fn reply(response: hyper::Result<Response<Incoming>>) -> Response<Body> {
+/// The application's answer (`app` marked as the upstream that gave it),
+/// or a 502.
+fn reply(response: hyper::Result<Response<Incoming>>, app: SocketAddr) -> Response<Body> {
     match response {
-        Ok(response) => response.map(body::incoming),
+        Ok(mut response) => {
+            response.extensions_mut().insert(Upstream(app));
+            response.map(body::incoming)
+        }
         Err(e) => mark(
             body::local_reply(
                 StatusCode::BAD_GATEWAY,
