@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use super::peer::Peer;
 use super::policy::{AccessLog, Format};
-use super::standard::{self, ConnectionDone, RequestDone, Reporter};
+use super::standard::{self, ConnectionDone, Reporter, RequestDone};
 use crate::config::{Config, ConfigStore};
 
 /// Lines waiting for the writer at most.
@@ -150,7 +150,11 @@ impl AccessLogger {
 
     /// Queues a request's line, unless the policy's filter leaves it out.
     pub fn http(&self, log: &Arc<AccessLog>, line: HttpLine) {
-        if log.filter.as_ref().is_some_and(|f| !f.matches(line.done.code)) {
+        if log
+            .filter
+            .as_ref()
+            .is_some_and(|f| !f.matches(line.done.code))
+        {
             return;
         }
         self.send(log, Line::Http(Box::new(line)));
@@ -225,7 +229,13 @@ impl Writer {
                 let config = self.config.current();
                 for format in queued.log.formats.iter() {
                     text.clear();
-                    render(&config, &self.trust_domain, &queued.line, *format, &mut text);
+                    render(
+                        &config,
+                        &self.trust_domain,
+                        &queued.line,
+                        *format,
+                        &mut text,
+                    );
                     text.push('\n');
                     if out.write_all(text.as_bytes()).is_ok() {
                         self.written.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +326,8 @@ fn render(config: &Config, trust_domain: &str, line: &Line, format: Format, out:
         ),
     };
     let (source, destination, service) = standard::peers(config, trust_domain, edge);
-    let service = service.map(|s| format!("{}.{}.svc.{}", s.name, s.namespace, config.cluster_domain()));
+    let service =
+        service.map(|s| format!("{}.{}.svc.{}", s.name, s.namespace, config.cluster_domain()));
     let cluster = match edge.reporter {
         Reporter::Source => match (&service, edge.service) {
             (Some(host), Some(addr)) => format!("outbound|{}||{host}", addr.port()),
@@ -340,7 +351,10 @@ fn render(config: &Config, trust_domain: &str, line: &Line, format: Format, out:
 
 /// Envoy's `%START_TIME%`: `2026-12-02T09:20:01.123Z`.
 fn start_time(at: SystemTime) -> String {
-    let ms = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i128;
+    let ms = at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i128;
     match time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000) {
         Ok(t) => format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -391,7 +405,13 @@ fn text(f: &Fields, cluster: &str, remote: Option<std::net::IpAddr>, out: &mut S
     field(out, f.protocol);
     let _ = write!(out, "\" {} ", f.code);
     out.push_str(&f.flags);
-    let _ = write!(out, " {} {} {} ", f.received, f.sent, f.duration.as_millis());
+    let _ = write!(
+        out,
+        " {} {} {} ",
+        f.received,
+        f.sent,
+        f.duration.as_millis()
+    );
     match f.upstream_service_time {
         Some(t) => {
             let _ = write!(out, "{}", t.as_millis());
@@ -461,4 +481,154 @@ fn json_line(
         "destination_service": p.service,
     });
     out.push_str(&line.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::telemetry::flags::{Flag, ResponseFlags};
+    use crate::telemetry::standard::EdgeKey;
+
+    fn request(headers: &[(&str, &str)], uri: &str) -> Parts {
+        let mut builder = http::Request::builder().method("POST").uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn edge(reporter: Reporter) -> EdgeKey {
+        EdgeKey {
+            reporter,
+            source: Some(IpAddr::from([10, 0, 0, 1])),
+            destination: SocketAddr::from(([10, 0, 0, 2], 9080)),
+            service: None,
+            mutual_tls: true,
+        }
+    }
+
+    fn line(parts: &Parts) -> Line {
+        let mut head = Head::capture(parts);
+        head.start = UNIX_EPOCH + Duration::from_millis(1_764_667_201_123);
+        Line::Http(Box::new(HttpLine {
+            head,
+            done: RequestDone {
+                edge: edge(Reporter::Destination),
+                grpc: false,
+                code: 503,
+                grpc_status: None,
+                flags: ResponseFlags::of(Flag::FaultInjected),
+                duration: Duration::from_millis(12),
+                request_bytes: 5,
+                response_bytes: 18,
+            },
+            upstream: Some(SocketAddr::from(([10, 0, 0, 2], 9080))),
+            upstream_service_time: Some(Duration::from_millis(10)),
+            route: Some("jason".into()),
+        }))
+    }
+
+    fn rendered(line: &Line, format: Format) -> String {
+        let mut out = String::new();
+        render(&Config::empty(), "cluster.local", line, format, &mut out);
+        out
+    }
+
+    const SECRETS: &[(&str, &str)] = &[
+        ("authorization", "Bearer secret-xyz"),
+        ("cookie", "session=secret-cookie"),
+        ("x-api-key", "secret-key"),
+        ("user-agent", "curl/8.5.0"),
+        ("x-request-id", "req-1"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ];
+
+    #[test]
+    fn text_is_envoys_default_format() {
+        let parts = request(SECRETS, "http://reviews:9080/reviews/0?token=secret-q");
+        let text = rendered(&line(&parts), Format::Text);
+        assert_eq!(
+            text,
+            "[2025-12-02T09:20:01.123Z] \"POST /reviews/0 HTTP/1.1\" 503 FI 5 18 12 10 \"-\" \
+             \"curl/8.5.0\" \"req-1\" \"reviews:9080\" \"10.0.0.2:9080\" inbound|9080|| \
+             10.0.0.1 jason"
+        );
+    }
+
+    #[test]
+    fn json_has_the_debugging_fields() {
+        let parts = request(SECRETS, "/reviews/0?token=secret-q");
+        let json: Value = serde_json::from_str(&rendered(&line(&parts), Format::Json)).unwrap();
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["path"], "/reviews/0");
+        assert_eq!(json["response_code"], 503);
+        assert_eq!(json["response_flags"], "FI");
+        assert_eq!(json["duration"], 12);
+        assert_eq!(json["upstream_service_time"], 10);
+        assert_eq!(json["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(json["request_id"], "req-1");
+        assert_eq!(json["route_name"], "jason");
+        assert_eq!(json["reporter"], "destination");
+        assert_eq!(json["authority"], Value::Null);
+    }
+
+    #[test]
+    fn no_secret_reaches_a_line() {
+        let parts = request(
+            SECRETS,
+            "http://user:secret-pw@reviews:9080/r?access_token=secret-q",
+        );
+        for format in [Format::Text, Format::Json] {
+            let out = rendered(&line(&parts), format);
+            assert!(!out.contains("secret"), "{out}");
+            assert!(out.contains("reviews:9080"), "{out}");
+        }
+    }
+
+    #[test]
+    fn a_request_cannot_forge_a_line() {
+        let parts = request(&[("user-agent", "a\" \"b")], "/x");
+        let mut head = Head::capture(&parts);
+        head.user_agent = Some("evil\n[2025-01-01] \"GET / HTTP/1.1\" 200".into());
+        let mut out = String::new();
+        field(&mut out, head.user_agent.as_deref());
+        assert!(!out.contains('\n'), "{out}");
+        assert_eq!(out.matches('"').count(), out.matches("\\\"").count());
+    }
+
+    #[test]
+    fn tcp_lines_have_no_request() {
+        let line = Line::Tcp(Box::new(TcpLine {
+            start: UNIX_EPOCH,
+            duration: Duration::from_millis(7),
+            done: ConnectionDone {
+                edge: edge(Reporter::Source),
+                flags: ResponseFlags::NONE,
+                received: 100,
+                sent: 200,
+            },
+        }));
+        assert_eq!(
+            rendered(&line, Format::Text),
+            "[1970-01-01T00:00:00.000Z] \"- - -\" 0 - 100 200 7 - \"-\" \"-\" \"-\" \"-\" \
+             \"10.0.0.2:9080\" PassthroughCluster 10.0.0.1 -"
+        );
+    }
+
+    #[test]
+    fn trace_ids_come_from_w3c_or_b3() {
+        let id = |headers: &[(&str, &str)]| trace_id(&request(headers, "/").headers);
+        assert_eq!(
+            id(&[("x-b3-traceid", "80f198ee56343ba8")]).as_deref(),
+            Some("80f198ee56343ba8")
+        );
+        assert_eq!(id(&[("traceparent", "00-0000-00-01")]), None);
+        let zero = format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32));
+        assert_eq!(id(&[("traceparent", &zero)]), None);
+    }
 }

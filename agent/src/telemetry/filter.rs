@@ -110,9 +110,11 @@ fn comparison(text: &str) -> Result<Comparison, Unsupported> {
     else {
         return Err(Unsupported(format!("{text:?} has no comparison operator")));
     };
-    let value = value
-        .parse::<u16>()
-        .map_err(|_| Unsupported(format!("{value:?} in {text:?} is not an integer status code")))?;
+    let value = value.parse::<u16>().map_err(|_| {
+        Unsupported(format!(
+            "{value:?} in {text:?} is not an integer status code"
+        ))
+    })?;
     Ok(Comparison { op, value })
 }
 
@@ -136,7 +138,10 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_evaluate() {
         for (expression, says) in [
-            ("request.headers['x'] == 'y'", "attribute \"request.headers['x']\""),
+            (
+                "request.headers['x'] == 'y'",
+                "attribute \"request.headers['x']\"",
+            ),
             ("response.code >= four", "is not an integer status code"),
             ("response.code in [500]", "has no comparison operator"),
             ("response.code >= 400 ||", "an empty operand"),

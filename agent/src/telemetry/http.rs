@@ -111,7 +111,10 @@ impl Measured {
                 done,
                 upstream,
                 upstream_service_time: upstream.map(|_| self.started.elapsed()),
-                route: response.extensions().get::<RouteName>().map(|r| r.0.clone()),
+                route: response
+                    .extensions()
+                    .get::<RouteName>()
+                    .map(|r| r.0.clone()),
             };
             Box::new(Pending { log, line })
         });

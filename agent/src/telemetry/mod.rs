@@ -20,6 +20,8 @@ mod histogram;
 pub mod http;
 pub mod peer;
 pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod server;
 pub mod standard;
 
@@ -63,7 +65,11 @@ struct Local {
 }
 
 impl Telemetry {
-    pub fn new(config: Arc<ConfigStore>, trust_domain: &str, default_log: Option<Format>) -> Telemetry {
+    pub fn new(
+        config: Arc<ConfigStore>,
+        trust_domain: &str,
+        default_log: Option<Format>,
+    ) -> Telemetry {
         let local = Local {
             configured: default_log.is_some(),
             by_workload: HashMap::new(),

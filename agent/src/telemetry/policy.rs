@@ -19,7 +19,9 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::filter::Filter;
-use crate::config::{check_labels, check_metadata, Issues, Meta, Object, Origin, Service, Workload};
+use crate::config::{
+    check_labels, check_metadata, Issues, Meta, Object, Origin, Service, Workload,
+};
 use crate::security::target::{self, TargetRefSpec};
 use crate::security::WorkloadSelectorSpec;
 
@@ -308,7 +310,10 @@ pub(crate) fn telemetry(doc: Object<TelemetrySpec>, issues: &mut Issues) -> Tele
 fn log_rule(spec: AccessLoggingSpec, field: &str, issues: &mut Issues) -> LogRule {
     let mut formats = Vec::new();
     for (i, provider) in spec.providers.iter().enumerate() {
-        match LOG_PROVIDERS.iter().find(|(name, _)| *name == provider.name) {
+        match LOG_PROVIDERS
+            .iter()
+            .find(|(name, _)| *name == provider.name)
+        {
             Some((_, format)) if !formats.contains(format) => formats.push(*format),
             Some(_) => {}
             None => issues.add(

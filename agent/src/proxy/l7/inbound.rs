@@ -152,10 +152,12 @@ pub async fn serve<S: Client>(
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
-    let side = proxy.telemetry.side(&pod.key, Mode::Server);
     let stamp = move |request: Request<Incoming>| {
         let grpc = is_grpc(&request);
         let (parts, incoming) = request.into_parts();
+        // Per request: an inbound connection may be pooled by the caller's
+        // agent and outlive a Telemetry change.
+        let side = proxy.telemetry.side(&pod.key, Mode::Server);
         let (measured, counted) = Measured::start(&proxy.telemetry, &side, grpc, &parts, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
