@@ -16,6 +16,7 @@ const RATINGS: &str = "http://ratings:9080/ratings/0";
 const QUERY: &str = "?access_token=secret-query";
 /// What the caller sends that must never be logged.
 const SECRETS: &[&str] = &["secret-xyz", "secret-cookie", "secret-query"];
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 /// Requests per attempt to see a Telemetry change take effect.
 const ATTEMPTS: usize = 20;
 
@@ -95,6 +96,8 @@ fn get(mesh: &Mesh, id: &str) {
                 "Cookie: session=secret-cookie",
                 "-H",
                 &format!("x-request-id: {id}"),
+                "-H",
+                &format!("traceparent: 00-{TRACE_ID}-00f067aa0ba902b7-01"),
             ],
         )
         .unwrap();
@@ -160,6 +163,7 @@ fn telemetry_turns_access_logs_on_and_off_without_secrets() {
         assert_eq!(line["path"], "/ratings/0", "{line}");
         assert_eq!(line["response_code"], 200, "{line}");
         assert_eq!(line["response_flags"], "-", "{line}");
+        assert_eq!(line["trace_id"], TRACE_ID, "{line}");
         assert_eq!(line["source_workload"], "client", "{line}");
         assert_eq!(line["destination_workload"], "ratings-v1", "{line}");
         assert!(
@@ -177,15 +181,20 @@ fn telemetry_turns_access_logs_on_and_off_without_secrets() {
     );
     // The destination authenticated the caller over mutual TLS.
     assert_eq!(
-        inbound["source_principal"], "spiffe://cluster.local/ns/default/sa/default",
+        inbound["source_principal"], "spiffe://cluster.local/ns/default/sa/client",
         "{inbound}"
     );
-    // The text format too, as Envoy writes it.
-    let text = "\"GET /ratings/0 HTTP/1.1\" 200 - ";
-    for node in ["node-a", "node-b"] {
+    // The text format too, as Envoy writes it (between agents, the
+    // request may travel as HTTP/2).
+    for (node, protocol) in [("node-a", "HTTP/1.1\""), ("node-b", "HTTP/")] {
         let log = mesh.agent(node).log();
-        let line = log.lines().find(|l| l.contains(text) && l.contains(&id));
-        assert!(line.is_some(), "{node}: no text line for {id}:\n{log}");
+        let line = log.lines().find(|l| l.starts_with('[') && l.contains(&id));
+        let line = line.unwrap_or_else(|| panic!("{node}: no text line for {id}:\n{log}"));
+        let request = format!("] \"GET /ratings/0 {protocol}");
+        assert!(
+            line.contains(&request) && line.contains(" 200 - "),
+            "{line}"
+        );
     }
 
     // A TCP connection: one line from each agent.
