@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::config::{check_labels, Issues};
+
 pub use authorization::Authorizations;
 pub(crate) use peer_authentication::{peer_authentication, PeerAuthenticationDraft};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentications};
@@ -22,5 +24,18 @@ pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentications};
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct WorkloadSelectorSpec {
     #[serde(default)]
-    pub(crate) match_labels: BTreeMap<String, String>,
+    match_labels: BTreeMap<String, String>,
+}
+
+/// A policy's `selector.matchLabels`, checked; `None` without a selector or
+/// with one without labels (Istio reads both as namespace-wide).
+pub(crate) fn selector_labels(
+    selector: Option<WorkloadSelectorSpec>,
+    issues: &mut Issues,
+) -> Option<BTreeMap<String, String>> {
+    let labels = selector
+        .map(|s| s.match_labels)
+        .filter(|labels| !labels.is_empty())?;
+    check_labels(&labels, "spec.selector.matchLabels", issues);
+    Some(labels)
 }

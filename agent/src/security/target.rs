@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::WorkloadSelectorSpec;
 use crate::config::{Issues, Origin, Service};
 
 #[derive(Deserialize)]
@@ -19,10 +20,25 @@ pub(crate) struct TargetRefSpec {
     namespace: String,
 }
 
+/// A policy's selector labels and the names of the Services it targets,
+/// checked (see [`services`]).
+pub(crate) fn scope(
+    selector: Option<WorkloadSelectorSpec>,
+    target_ref: Option<TargetRefSpec>,
+    target_refs: Vec<TargetRefSpec>,
+    namespace: &str,
+    issues: &mut Issues,
+) -> (Option<BTreeMap<String, String>>, Vec<String>) {
+    let selector = super::selector_labels(selector, issues);
+    let has_selector = selector.is_some();
+    let targets = services(target_ref, target_refs, has_selector, namespace, issues);
+    (selector, targets)
+}
+
 /// The names of the Services a policy of `namespace` targets, checked:
 /// either `targetRef` or `targetRefs`, never with a selector, Services of
 /// the policy's own namespace only.
-pub(crate) fn services(
+fn services(
     target_ref: Option<TargetRefSpec>,
     target_refs: Vec<TargetRefSpec>,
     has_selector: bool,

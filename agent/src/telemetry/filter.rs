@@ -88,7 +88,7 @@ fn comparison(text: &str) -> Result<Comparison, Unsupported> {
     let Some(rest) = text.strip_prefix(ATTRIBUTE) else {
         let attribute: String = text
             .chars()
-            .take_while(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '[' | ']'))
+            .take_while(|c| !c.is_whitespace() && !"<>=!&|()".contains(*c))
             .collect();
         return Err(Unsupported(match attribute.is_empty() {
             true => format!("{text:?} is not a comparison"),

@@ -19,9 +19,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::filter::Filter;
-use crate::config::{
-    check_labels, check_metadata, Issues, Meta, Object, Origin, Service, Workload,
-};
+use crate::config::{check_metadata, Issues, Meta, Object, Origin, Service, Workload};
 use crate::security::target::{self, TargetRefSpec};
 use crate::security::WorkloadSelectorSpec;
 
@@ -269,17 +267,10 @@ struct Rules {
 pub(crate) fn telemetry(doc: Object<TelemetrySpec>, issues: &mut Issues) -> TelemetryDraft {
     check_metadata(&doc.metadata, issues);
     let spec = doc.spec;
-    let selector = spec
-        .selector
-        .map(|s| s.match_labels)
-        .filter(|labels| !labels.is_empty());
-    if let Some(labels) = &selector {
-        check_labels(labels, "spec.selector.matchLabels", issues);
-    }
-    let targets = target::services(
+    let (selector, targets) = target::scope(
+        spec.selector,
         spec.target_ref,
         spec.target_refs,
-        selector.is_some(),
         &doc.metadata.namespace,
         issues,
     );

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::rule::{Check, Clause, IpBlock, Pattern, Rule};
 use super::Action;
-use crate::config::{check_labels, check_metadata, Issues, Meta, Object};
+use crate::config::{check_metadata, Issues, Meta, Object};
 use crate::security::target::{self, TargetRefSpec};
 use crate::security::WorkloadSelectorSpec;
 
@@ -138,17 +138,10 @@ pub(crate) fn authorization_policy(
             "is only for action CUSTOM, which is not supported",
         );
     }
-    let selector = spec
-        .selector
-        .map(|s| s.match_labels)
-        .filter(|labels| !labels.is_empty());
-    if let Some(labels) = &selector {
-        check_labels(labels, "spec.selector.matchLabels", issues);
-    }
-    let targets = target::services(
+    let (selector, targets) = target::scope(
+        spec.selector,
         spec.target_ref,
         spec.target_refs,
-        selector.is_some(),
         &doc.metadata.namespace,
         issues,
     );
