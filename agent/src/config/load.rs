@@ -1255,7 +1255,8 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
-                         security.istio.io/v1|v1beta1 AuthorizationPolicy)";
+                         security.istio.io/v1|v1beta1 AuthorizationPolicy, \
+                         telemetry.istio.io/v1|v1alpha1 Telemetry)";
         assert_error(
             &[("x.yaml", deployment)],
             &[
