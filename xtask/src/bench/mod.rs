@@ -95,6 +95,7 @@ mod procfs;
 mod report;
 mod results;
 mod routes;
+mod telemetry;
 
 use haproxy::HaproxyPair;
 use procfs::{
@@ -104,7 +105,7 @@ use procfs::{
 use report::{comparison, cpu_breakdown, l7_table};
 use results::{
     per_1000, Bulk, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
-    ModeResult, PathResult,
+    ModeResult, PathResult, Variant,
 };
 
 const USAGE: &str = "\
@@ -233,16 +234,22 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     );
     println!("\nnodemesh against the HAProxy pair (same invocation):");
     print!("{}", comparison.versus_haproxy.render());
-    let route_rows = l7_table(&results, ROUTE_COUNTS, "routes", &|r, n| r.l7_with(n));
+    let route_rows = l7_table(
+        &results,
+        ROUTE_COUNTS.map(|n| format!("{n} routes")),
+        &|r, i| r.l7_with(ROUTE_COUNTS[i]),
+    );
     println!("\nRoute-table size, meshed L7, requests matching the last route:");
     print!("{}", route_rows.render());
     println!(
         "The CPU differences (ms per 1000 requests = µs per request) are the per-request cost \
          of the larger\ntable. Design: the same with 10 and with 10 000 routes."
     );
-    let allow_rows = l7_table(&results, authz::ALLOW_LISTS, "allow rules", &|r, n| {
-        r.l7.iter().find(|l| l.allow_rules == Some(n))
-    });
+    let allow_rows = l7_table(
+        &results,
+        authz::ALLOW_LISTS.map(|n| format!("{n} allow rules")),
+        &|r, i| r.l7_variant(Variant::AllowList(authz::ALLOW_LISTS[i])),
+    );
     println!(
         "\nAllow-list size, meshed L7 + mTLS ({} routes), AuthorizationPolicy on the server, the \
          client matching the last rule:",
@@ -250,6 +257,24 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     );
     print!("{}", allow_rows.render());
     println!("Design: no measurable difference between 10 and 1 000 rules.");
+    for setting in telemetry::SETTINGS {
+        let rows = l7_table(
+            &results,
+            ["default".into(), setting.label().into()],
+            &|r, i| match i {
+                0 => r.l7_with(ROUTE_COUNTS[0]),
+                _ => r.l7_variant(Variant::Telemetry(setting)),
+            },
+        );
+        println!(
+            "\nTelemetry, meshed L7 + mTLS ({} routes), default (Istio's metrics on) against a \
+             mesh-wide Telemetry resource, {}:",
+            ROUTE_COUNTS[0],
+            setting.label()
+        );
+        print!("{}", rows.render());
+    }
+    println!("Target: metrics on cost at most 10 % more agent CPU than metrics off.");
     let warnings: Vec<&String> = results.iter().flat_map(|r| &r.warnings).collect();
     if warnings.is_empty() {
         println!(
@@ -732,7 +757,7 @@ impl<'a> Bench<'a> {
         let full = matches!(mode, Mode::Direct | Mode::MeshedMtls);
         let bulk_steps = usize::from(full);
         let l7_steps = if mode == Mode::MeshedMtls {
-            3 * (ROUTE_COUNTS.len() + authz::ALLOW_LISTS.len())
+            3 * (ROUTE_COUNTS.len() + authz::ALLOW_LISTS.len() + telemetry::SETTINGS.len())
         } else {
             0
         };
@@ -782,6 +807,10 @@ impl<'a> Bench<'a> {
                 l7.push(self.allow_list_phases(&mut log, rules)?);
             }
             self.set_allow_list(None)?;
+            for setting in telemetry::SETTINGS {
+                l7.push(self.telemetry_phases(&mut log, setting)?);
+            }
+            self.set_config_file(telemetry::FILE, None)?;
         }
 
         let counts_after = self.agent_counts()?;
@@ -875,7 +904,7 @@ impl<'a> Bench<'a> {
         );
         Ok(L7Result {
             routes,
-            allow_rules: None,
+            variant: Variant::Default,
             path,
             applied_after,
         })
@@ -884,18 +913,50 @@ impl<'a> Bench<'a> {
     /// Writes (or, `None`, removes) the allow-list of `rules` rules;
     /// returns how long the agents took to serve it.
     fn set_allow_list(&mut self, rules: Option<usize>) -> Result<Duration> {
+        let yaml = rules.map(|rules| authz::allow_list(NAMESPACE, SERVER, rules));
+        self.set_config_file(authz::FILE, yaml.as_deref())
+    }
+
+    /// Writes `yaml` to the config file `file` (or, `None`, removes it);
+    /// returns how long the agents took to serve the change.
+    fn set_config_file(&mut self, file: &str, yaml: Option<&str>) -> Result<Duration> {
         let generations = self.generations()?;
         let start = Instant::now();
-        match rules {
-            Some(rules) => config::write_raw(
-                &self.config_dir,
-                authz::FILE,
-                &authz::allow_list(NAMESPACE, SERVER, rules),
-            )?,
-            None => config::remove(&self.config_dir, authz::FILE)?,
+        match yaml {
+            Some(yaml) => config::write_raw(&self.config_dir, file, yaml)?,
+            None => config::remove(&self.config_dir, file)?,
         }
         self.wait_config(&generations)?;
         Ok(start.elapsed())
+    }
+
+    /// The L7 phases (10 routes) under the mesh-wide telemetry `setting`,
+    /// once the bench has checked that the agents apply it.
+    fn telemetry_phases(
+        &mut self,
+        log: &mut PhaseLog,
+        setting: telemetry::Setting,
+    ) -> Result<L7Result> {
+        let applied_after = self.set_config_file(telemetry::FILE, Some(&setting.yaml()))?;
+        let url = self.service_url();
+        let routes = ROUTE_COUNTS[0];
+        let scrape = |bench: &Self| telemetry::requests_reported(&bench.topo, &bench.agents);
+        let before = scrape(self)?;
+        routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
+        setting.check(&self.agents, before, scrape(self)?)?;
+        println!(
+            "  Telemetry `{}` served {:.0} ms after the write, and applied",
+            setting.label(),
+            applied_after.as_secs_f64() * 1000.0
+        );
+        self.warm_up(&url)?;
+        let path = self.path_phases(log, &url, &format!("L7, {}", setting.label()))?;
+        Ok(L7Result {
+            routes,
+            variant: Variant::Telemetry(setting),
+            path,
+            applied_after,
+        })
     }
 
     /// The L7 phases (10 routes) with an allow-list of `rules` rules on the
@@ -914,7 +975,7 @@ impl<'a> Bench<'a> {
         let path = self.path_phases(log, &url, &format!("L7, allow-list of {rules} rules"))?;
         Ok(L7Result {
             routes,
-            allow_rules: Some(rules),
+            variant: Variant::AllowList(rules),
             path,
             applied_after,
         })

@@ -574,14 +574,14 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
     }
 }
 
-/// What the size of a table (routes, allow-list rules) costs, meshed L7
-/// with the smaller and the larger one, the L7 results `pick` finds for a
-/// size: requests match its last entry, so the larger table makes each
-/// request go past every entry before it, unless it is indexed.
+/// Two meshed L7 runs side by side, the results `pick` finds for column 0
+/// and 1 (titled `titles`), and what the second costs over the first: a
+/// larger table (routes, allow-list rules, whose requests match the last
+/// entry, so each request goes past every entry before it unless it is
+/// indexed) or a telemetry setting.
 pub(super) fn l7_table(
     results: &[ModeResult],
-    [small, large]: [usize; 2],
-    noun: &str,
+    titles: [String; 2],
     pick: &dyn Fn(&ModeResult, usize) -> Option<&L7Result>,
 ) -> Table {
     let meshed: Vec<&ModeResult> = results
@@ -589,8 +589,8 @@ pub(super) fn l7_table(
         .filter(|r| r.mode == Mode::MeshedMtls)
         .collect();
     let pair_in = |rounds: &[&ModeResult], f: &dyn Fn(&L7Result) -> f64| {
-        let at = |n: usize| median(rounds.iter().filter_map(|r| pick(r, n)).map(f));
-        (at(small), at(large))
+        let at = |column: usize| median(rounds.iter().filter_map(|r| pick(r, column)).map(f));
+        (at(0), at(1))
     };
     let pair = |f: &dyn Fn(&L7Result) -> f64| pair_in(&meshed, f);
     // Memory from the first round alone, as in `comparison`.
@@ -602,7 +602,7 @@ pub(super) fn l7_table(
         cells: vec![metric, left, right, change],
         target: None,
         key: key.to_string(),
-        values: json!({ "routes": [small, large], "values": [s, l], "difference": l - s }),
+        values: json!({ "columns": titles, "values": [s, l], "difference": l - s }),
     };
 
     let mut rows = Vec::new();
@@ -717,8 +717,8 @@ pub(super) fn l7_table(
     Table {
         titles: vec![
             "metric".into(),
-            format!("{small} {noun}"),
-            format!("{large} {noun}"),
+            titles[0].clone(),
+            titles[1].clone(),
             "difference".into(),
         ],
         rows,
@@ -837,7 +837,7 @@ pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Captured, L7Result, ROUTE_COUNTS};
+    use super::super::{Captured, L7Result, Variant, ROUTE_COUNTS};
     use super::*;
     use std::time::Duration;
 
@@ -864,7 +864,7 @@ mod tests {
                 .into_iter()
                 .map(|path| L7Result {
                     routes: ROUTE_COUNTS[0],
-                    allow_rules: None,
+                    variant: Variant::Default,
                     path,
                     applied_after: Duration::ZERO,
                 })

@@ -306,14 +306,35 @@ impl PathResult {
     }
 }
 
+/// What an L7 run changes, besides the size of the route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Variant {
+    /// The default configuration (metrics on, tracing at Istio's 1 %).
+    Default,
+    /// An AuthorizationPolicy of this many rules on the server; requests
+    /// match the last.
+    AllowList(usize),
+    /// A mesh-wide `Telemetry` resource.
+    Telemetry(super::telemetry::Setting),
+}
+
+impl Variant {
+    pub(super) fn label(self) -> String {
+        match self {
+            Variant::Default => "default".into(),
+            Variant::AllowList(rules) => format!("allow-list of {rules} rules"),
+            Variant::Telemetry(setting) => setting.label().into(),
+        }
+    }
+}
+
 /// The L7 phases with one size of route table.
 #[derive(Debug)]
 pub(super) struct L7Result {
     /// Routes in the VirtualService; requests match the last.
     pub(super) routes: usize,
-    /// Rules of the AuthorizationPolicy on the server, if any; requests
-    /// match the last.
-    pub(super) allow_rules: Option<usize>,
+    /// What else the run changes from the headline L7 run.
+    pub(super) variant: Variant,
     pub(super) path: PathResult,
     /// From writing the VirtualService until both agents served it.
     pub(super) applied_after: Duration,
@@ -323,7 +344,10 @@ impl L7Result {
     fn to_json(&self) -> Value {
         let mut doc = self.path.to_json();
         doc["routes"] = json!(self.routes);
-        doc["allow_rules"] = json!(self.allow_rules);
+        doc["variant"] = json!(self.variant.label());
+        if let Variant::AllowList(rules) = self.variant {
+            doc["allow_rules"] = json!(rules);
+        }
         doc["config_applied_ms"] = json!(self.applied_after.as_secs_f64() * 1000.0);
         doc
     }
@@ -358,10 +382,16 @@ pub(super) struct ModeResult {
 }
 
 impl ModeResult {
+    /// The L7 run with `routes` routes and the default configuration.
     pub(super) fn l7_with(&self, routes: usize) -> Option<&L7Result> {
         self.l7
             .iter()
-            .find(|l| l.routes == routes && l.allow_rules.is_none())
+            .find(|l| l.routes == routes && l.variant == Variant::Default)
+    }
+
+    /// The L7 run with the headline route table and `variant`.
+    pub(super) fn l7_variant(&self, variant: Variant) -> Option<&L7Result> {
+        self.l7.iter().find(|l| l.variant == variant)
     }
 
     pub(super) fn to_json(&self) -> Value {
