@@ -496,6 +496,7 @@ impl Node {
     /// Brings enrollment and the wanted certificates in line with the current config.
     fn reconcile(&self) {
         let cfg = self.config.current();
+        self.proxy.telemetry.refresh(&cfg, &self.settings.node);
         self.enroller.reconcile(&cfg);
         self.identities.set_wanted(identity::on_node(
             &cfg,

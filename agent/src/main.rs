@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use nodemesh::telemetry::trace;
 use nodemesh::{
-    admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources, viz,
+    admin, agent, ca, cli, config, ebpf, identity, lifecycle, nofile, proxy, sources, telemetry,
+    viz,
 };
 
 #[derive(Parser)]
@@ -224,12 +225,30 @@ struct AgentArgs {
     /// no sampling decision (Istio's default: 1).
     #[arg(long, default_value_t = 1.0, value_parser = parse_percent)]
     trace_sampling: f64,
+    /// Access logs of every workload, on stdout: `text` (Envoy's default
+    /// format), `json` or `off`. A Telemetry resource overrides it per
+    /// namespace or workload.
+    #[arg(long, default_value = "off", value_parser = parse_access_log)]
+    access_log: AccessLogFlag,
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
         _ => Err(format!("`{s}` is not a percentage from 0 to 100")),
+    }
+}
+
+/// `--access-log`: a format, or `off`.
+#[derive(Clone, Copy)]
+struct AccessLogFlag(Option<telemetry::Format>);
+
+fn parse_access_log(s: &str) -> Result<AccessLogFlag, String> {
+    match s {
+        "off" => Ok(AccessLogFlag(None)),
+        "text" => Ok(AccessLogFlag(Some(telemetry::Format::Text))),
+        "json" => Ok(AccessLogFlag(Some(telemetry::Format::Json))),
+        _ => Err(format!("`{s}` is not one of text, json, off")),
     }
 }
 
@@ -482,6 +501,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 endpoint,
                 sampling_percent: args.trace_sampling,
             }),
+            access_log: args.access_log.0,
             http: proxy::HttpSettings {
                 header_read_timeout: args.http_header_read_timeout,
                 idle_timeout: args.http_idle_timeout,

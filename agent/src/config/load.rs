@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::routing::{self, RoutingTable};
 use crate::security::authorization::{self, AuthorizationPolicyDraft};
 use crate::security::{self, Authorizations, PeerAuthenticationDraft, PeerAuthentications};
+use crate::telemetry::policy::{self as telemetry, Telemetries, TelemetryDraft};
 
 use super::cluster_ip::ClusterIpRange;
 use super::endpoint_slice::{self, EndpointSlice, SlicesByService};
@@ -106,6 +107,7 @@ enum Kind {
     HttpRoute,
     PeerAuthentication,
     AuthorizationPolicy,
+    Telemetry,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -115,7 +117,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -126,6 +128,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
+        Kind::Telemetry,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -143,6 +146,7 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
+            Kind::Telemetry => &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"],
         }
     }
 
@@ -158,6 +162,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -239,6 +244,7 @@ struct Loader {
     routing: routing::Drafts,
     peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyDraft)>,
+    telemetries: Vec<(Origin, TelemetryDraft)>,
 }
 
 impl Loader {
@@ -257,6 +263,7 @@ impl Loader {
             routing: routing::Drafts::default(),
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
+            telemetries: Vec::new(),
         }
     }
 
@@ -422,6 +429,11 @@ impl Loader {
                     self.authorization_policies.push((origin, draft));
                 }
             }
+            Kind::Telemetry => {
+                if let Some(draft) = self.parse(&origin, doc, telemetry::telemetry) {
+                    self.telemetries.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -511,6 +523,7 @@ impl Loader {
             },
             routing: RoutingTable::default(),
             authorizations: Authorizations::default(),
+            telemetries: Telemetries::default(),
             peer_authentications: PeerAuthentications::compile(
                 self.peer_authentications,
                 &opts.root_namespace,
@@ -523,6 +536,8 @@ impl Loader {
             &opts.root_namespace,
             &config.services,
         );
+        config.telemetries =
+            Telemetries::compile(self.telemetries, &opts.root_namespace, &config.services);
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
         }
@@ -1283,7 +1298,8 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
-                         security.istio.io/v1|v1beta1 AuthorizationPolicy)";
+                         security.istio.io/v1|v1beta1 AuthorizationPolicy, \
+                         telemetry.istio.io/v1|v1alpha1 Telemetry)";
         assert_error(
             &[("x.yaml", deployment)],
             &[

@@ -32,6 +32,7 @@ pub use watch::watch_dir;
 
 use crate::routing::RoutingTable;
 use crate::security::{Authorizations, PeerAuthentications};
+use crate::telemetry::policy::Telemetries;
 
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -227,6 +228,8 @@ pub struct Config {
     peer_authentications: PeerAuthentications,
     #[serde(skip)]
     authorizations: Authorizations,
+    #[serde(skip)]
+    telemetries: Telemetries,
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -252,6 +255,7 @@ impl Config {
             routing: RoutingTable::default(),
             peer_authentications: PeerAuthentications::default(),
             authorizations: Authorizations::default(),
+            telemetries: Telemetries::default(),
         }
     }
 
@@ -260,7 +264,8 @@ impl Config {
     pub fn log_warnings(&self) {
         let warnings = self.routing.warnings.iter();
         let warnings = warnings.chain(&self.peer_authentications.warnings);
-        for warning in warnings.chain(&self.authorizations.warnings) {
+        let warnings = warnings.chain(&self.authorizations.warnings);
+        for warning in warnings.chain(&self.telemetries.warnings) {
             log::warn!("{warning}");
         }
     }
@@ -278,6 +283,11 @@ impl Config {
     /// AuthorizationPolicies, compiled for lookups by workload.
     pub fn authorizations(&self) -> &Authorizations {
         &self.authorizations
+    }
+
+    /// Telemetry resources, sorted into levels for resolution by workload.
+    pub fn telemetries(&self) -> &Telemetries {
+        &self.telemetries
     }
 
     /// Lowercase, without trailing dot (`cluster.local`).

@@ -65,6 +65,9 @@ pub struct Settings {
     pub max_connections_per_workload: Option<usize>,
     /// `--otlp-endpoint`: spans of sampled requests; none: no tracing.
     pub tracing: Option<crate::telemetry::trace::Settings>,
+    /// `--access-log`: the format every workload logs in unless a
+    /// Telemetry says otherwise; `None`: off.
+    pub access_log: Option<crate::telemetry::Format>,
 }
 
 /// An enrolled workload, as its listeners know it.
@@ -309,7 +312,12 @@ impl Proxy {
             .tracing
             .clone()
             .map(|tracing| Tracer::start(tracing, &node, trust_domain));
-        let telemetry = Arc::new(Telemetry::new(config.clone(), trust_domain, tracer));
+        let telemetry = Arc::new(Telemetry::new(
+            config.clone(),
+            trust_domain,
+            tracer,
+            settings.access_log,
+        ));
         Proxy {
             node,
             config,
@@ -517,7 +525,14 @@ impl Tracked<'_> {
         }
         log::debug!("{:?}", self.record);
         if let Some(done) = connection_done(&self.record, self.caller, failed) {
-            self.proxy.telemetry.record_connection(&done);
+            let local = match self.record.direction {
+                Direction::Outbound => &self.record.source_workload,
+                Direction::Inbound => &self.record.destination_workload,
+            };
+            let start = UNIX_EPOCH + Duration::from_millis(self.record.started_unix_ms);
+            let duration = Duration::from_millis(self.record.duration_ms);
+            let telemetry = &self.proxy.telemetry;
+            telemetry.record_connection(local.as_deref(), &done, start, duration);
         }
         let mut recent = self.proxy.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == RECENT_CONNECTIONS {

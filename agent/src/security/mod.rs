@@ -5,12 +5,15 @@
 
 pub mod authorization;
 mod peer_authentication;
+pub(crate) mod target;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+
+use crate::config::{check_labels, Issues};
 
 pub use authorization::Authorizations;
 pub(crate) use peer_authentication::{peer_authentication, PeerAuthenticationDraft};
@@ -19,7 +22,20 @@ pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentications};
 /// Istio's `WorkloadSelector`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct WorkloadSelectorSpec {
+pub(crate) struct WorkloadSelectorSpec {
     #[serde(default)]
     match_labels: BTreeMap<String, String>,
+}
+
+/// A policy's `selector.matchLabels`, checked; `None` without a selector or
+/// with one without labels (Istio reads both as namespace-wide).
+pub(crate) fn selector_labels(
+    selector: Option<WorkloadSelectorSpec>,
+    issues: &mut Issues,
+) -> Option<BTreeMap<String, String>> {
+    let labels = selector
+        .map(|s| s.match_labels)
+        .filter(|labels| !labels.is_empty())?;
+    check_labels(&labels, "spec.selector.matchLabels", issues);
+    Some(labels)
 }

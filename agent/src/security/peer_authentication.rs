@@ -16,9 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::WorkloadSelectorSpec;
-use crate::config::{
-    check_labels, check_metadata, port_number, Issues, Meta, Object, Origin, Workload,
-};
+use crate::config::{check_metadata, port_number, Issues, Meta, Object, Origin, Workload};
 
 /// `spec` of a PeerAuthentication, read strictly so that typos are errors.
 #[derive(Deserialize)]
@@ -268,13 +266,7 @@ pub(crate) fn peer_authentication(
 ) -> PeerAuthenticationDraft {
     check_metadata(&doc.metadata, issues);
     let spec = doc.spec;
-    let selector = spec
-        .selector
-        .map(|s| s.match_labels)
-        .filter(|labels| !labels.is_empty());
-    if let Some(labels) = &selector {
-        check_labels(labels, "spec.selector.matchLabels", issues);
-    }
+    let selector = super::selector_labels(spec.selector, issues);
     let mut ports = Vec::new();
     if let Some(port_level) = spec.port_level_mtls {
         if port_level.is_empty() {

@@ -9,10 +9,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::Response;
 use http_body::{Frame, SizeHint};
 
+use super::access_log::{Head, HttpLine};
 use super::flags::{Flag, ResponseFlags};
+use super::policy::{AccessLog, Side};
 use super::standard::{EdgeKey, RequestDone};
 use super::Telemetry;
 
@@ -21,19 +24,37 @@ use super::Telemetry;
 #[derive(Debug, Clone, Copy)]
 pub struct Upstream(pub std::net::SocketAddr);
 
+/// The name of the route that took a request, set on its response by the
+/// L7 path when the request is logged.
+#[derive(Debug, Clone)]
+pub struct RouteName(pub Box<str>);
+
 /// A request from its start until its response ends.
 pub struct Measured {
     telemetry: Arc<Telemetry>,
     started: Instant,
     grpc: bool,
     request_bytes: Arc<AtomicU64>,
+    /// Istio's metrics are recorded (a Telemetry may turn them off).
+    metrics: bool,
+    /// The request's head, when its workload logs it.
+    log: Option<(Arc<AccessLog>, Head)>,
+}
+
+/// A request's line, waiting for its response to end.
+struct Pending {
+    log: Arc<AccessLog>,
+    line: HttpLine,
 }
 
 impl Measured {
-    /// Starts measuring a request; its body's bytes are counted from now on.
+    /// Starts measuring a request (`head`: its head, `side`: how its
+    /// workload observes it); its body's bytes are counted from now on.
     pub fn start<B: http_body::Body>(
         telemetry: &Arc<Telemetry>,
+        side: &Side,
         grpc: bool,
+        head: &Parts,
         body: B,
     ) -> (Measured, Watched<B, Counter>) {
         let request_bytes = Arc::new(AtomicU64::new(0));
@@ -46,14 +67,24 @@ impl Measured {
             started: Instant::now(),
             grpc,
             request_bytes,
+            metrics: side.metrics,
+            log: side
+                .access_log
+                .as_ref()
+                .map(|log| (log.clone(), Head::capture(head))),
         };
         (measured, counted)
+    }
+
+    /// Whether the request is logged (so the L7 path names its route).
+    pub fn logged(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Hands the response on; the request is recorded against `edge` when
     /// its body ends.
     pub fn finish<B: http_body::Body>(
-        self,
+        mut self,
         edge: EdgeKey,
         response: Response<B>,
     ) -> Response<Watched<B, Recorder>> {
@@ -73,11 +104,26 @@ impl Measured {
             request_bytes: 0,
             response_bytes: 0,
         };
+        let log = self.log.take().map(|(log, head)| {
+            let upstream = response.extensions().get::<Upstream>().map(|u| u.0);
+            let line = HttpLine {
+                head,
+                done,
+                upstream,
+                upstream_service_time: upstream.map(|_| self.started.elapsed()),
+                route: response
+                    .extensions()
+                    .get::<RouteName>()
+                    .map(|r| r.0.clone()),
+            };
+            Box::new(Pending { log, line })
+        });
         response.map(|inner| Watched {
             inner,
             watch: Recorder {
                 done,
                 measured: Some(self),
+                log,
             },
         })
     }
@@ -172,6 +218,7 @@ impl Watch for Counter {
 pub struct Recorder {
     done: RequestDone,
     measured: Option<Measured>,
+    log: Option<Box<Pending>>,
 }
 
 impl Watch for Recorder {
@@ -194,6 +241,13 @@ impl Watch for Recorder {
         }
         self.done.duration = measured.started.elapsed();
         self.done.request_bytes = measured.request_bytes.load(Ordering::Relaxed);
-        measured.telemetry.record_request(&self.done);
+        if measured.metrics {
+            measured.telemetry.record_request(&self.done);
+        }
+        if let Some(pending) = self.log.take() {
+            let Pending { log, mut line } = *pending;
+            line.done = self.done;
+            measured.telemetry.access_log.http(&log, line);
+        }
     }
 }

@@ -324,25 +324,7 @@ impl Standard {
     }
 
     fn resolve(&self, cfg: &Config, key: &EdgeKey) -> String {
-        let principal = |w: &Workload| {
-            SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account).to_string()
-        };
-        let source_workload = key.source.and_then(|ip| cfg.workload_by_address(ip));
-        let destination_workload = cfg.workload_by_address(key.destination.ip());
-        // The destination knows its caller's principal from mutual TLS; the
-        // caller knows its own, and the destination's when it is in the mesh.
-        let source = source_workload.map_or_else(Peer::unknown, |w| {
-            let known = key.reporter == Reporter::Source || key.mutual_tls;
-            Peer::of(w, known.then(|| principal(w)))
-        });
-        let destination = destination_workload.map_or_else(Peer::unknown, |w| {
-            let known = key.reporter == Reporter::Destination || cfg.is_enrolled(w);
-            Peer::of(w, known.then(|| principal(w)))
-        });
-        let service = match key.service {
-            Some(addr) => cfg.service_by_cluster_ip(addr.ip()),
-            None => destination_workload.and_then(|w| serving(cfg, w, key.destination.port())),
-        };
+        let (source, destination, service) = peers(cfg, &self.trust_domain, key);
         let security = match (key.reporter, key.mutual_tls) {
             (Reporter::Source, _) => "unknown",
             (Reporter::Destination, true) => "mutual_tls",
@@ -459,6 +441,34 @@ impl Standard {
             }
         }
     }
+}
+
+/// Both sides of a call and the Service called, as far as the reporter
+/// knows them: the destination knows its caller's principal from mutual
+/// TLS; the caller knows its own, and the destination's when it is in the
+/// mesh.
+pub fn peers<'a>(
+    cfg: &'a Config,
+    trust_domain: &str,
+    key: &EdgeKey,
+) -> (Peer, Peer, Option<&'a Service>) {
+    let principal =
+        |w: &Workload| SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string();
+    let source_workload = key.source.and_then(|ip| cfg.workload_by_address(ip));
+    let destination_workload = cfg.workload_by_address(key.destination.ip());
+    let source = source_workload.map_or_else(Peer::unknown, |w| {
+        let known = key.reporter == Reporter::Source || key.mutual_tls;
+        Peer::of(w, known.then(|| principal(w)))
+    });
+    let destination = destination_workload.map_or_else(Peer::unknown, |w| {
+        let known = key.reporter == Reporter::Destination || cfg.is_enrolled(w);
+        Peer::of(w, known.then(|| principal(w)))
+    });
+    let service = match key.service {
+        Some(addr) => cfg.service_by_cluster_ip(addr.ip()),
+        None => destination_workload.and_then(|w| serving(cfg, w, key.destination.port())),
+    };
+    (source, destination, service)
 }
 
 /// Writes a family's `# HELP` and `# TYPE` lines.

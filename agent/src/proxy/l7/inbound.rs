@@ -30,9 +30,9 @@ use crate::proxy::peer::Charged;
 use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
 use crate::telemetry::flags::{mark, Flag};
-use crate::telemetry::http::Measured;
+use crate::telemetry::http::{Measured, Upstream};
 use crate::telemetry::trace::ActiveSpan;
-use crate::telemetry::{EdgeKey, Reporter};
+use crate::telemetry::{EdgeKey, Mode, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -156,8 +156,11 @@ pub async fn serve<S: Client>(
     let stamp = move |request: Request<Incoming>| {
         let grpc = is_grpc(&request);
         let (mut parts, incoming) = request.into_parts();
-        let span = trace::server(proxy, pod, caller.address, app, &mut parts);
-        let (measured, counted) = Measured::start(&proxy.telemetry, grpc, incoming);
+        // Per request: an inbound connection may be pooled by the caller's
+        // agent and outlive a Telemetry change.
+        let side = proxy.telemetry.side(&pod.key, Mode::Server);
+        let span = trace::server(proxy, pod, &side, caller.address, app, &mut parts);
+        let (measured, counted) = Measured::start(&proxy.telemetry, &side, grpc, &parts, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
         let admitted = admit_request(proxy, pod, caller, app, &mut request).map(|()| request);
@@ -190,7 +193,7 @@ pub async fn serve<S: Client>(
                 let (pending, request) = stamp(request);
                 async move {
                     let response = match request {
-                        Ok(request) => reply(send.send_request(request).await),
+                        Ok(request) => reply(send.send_request(request).await, app),
                         Err(denied) => *denied,
                     };
                     Ok::<_, Infallible>(answer(pending, response))
@@ -229,7 +232,7 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    let mut response = answer(pending, reply(response));
+                    let mut response = answer(pending, reply(response, app));
                     draining.close_after(&mut response);
                     Ok::<_, Infallible>(response)
                 }
@@ -272,9 +275,14 @@ async fn splice(
     }
 }
 
-fn reply(response: hyper::Result<Response<Incoming>>) -> Response<Body> {
+/// The application's answer (`app` marked as the upstream that gave it),
+/// or a 502.
+fn reply(response: hyper::Result<Response<Incoming>>, app: SocketAddr) -> Response<Body> {
     match response {
-        Ok(response) => response.map(body::incoming),
+        Ok(mut response) => {
+            response.extensions_mut().insert(Upstream(app));
+            response.map(body::incoming)
+        }
         Err(e) => mark(
             body::local_reply(
                 StatusCode::BAD_GATEWAY,

@@ -48,8 +48,8 @@ use super::{Pod, Proxy};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::routing::RequestInfo;
 use crate::telemetry::flags::mark;
-use crate::telemetry::http::{Measured, Upstream};
-use crate::telemetry::{EdgeKey, Flag, Reporter};
+use crate::telemetry::http::{Measured, RouteName, Upstream};
+use crate::telemetry::{EdgeKey, Flag, Mode, Reporter};
 use body::BoxError;
 
 /// Per-stream and per-connection flow-control windows offered to HTTP/2
@@ -191,15 +191,17 @@ fn authority<B>(request: &Request<B>) -> String {
 }
 
 impl Downstream {
-    /// Serves one request, measured for Istio's metrics (reporter
-    /// `source`) until its response ends.
+    /// Serves one request, measured for Istio's metrics and access logs
+    /// (reporter `source`) until its response ends.
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(&request);
         let (mut parts, incoming) = request.into_parts();
-        let span = trace::client(&self.proxy, &self.pod, self.service_addr, &mut parts);
-        let (measured, counted) = Measured::start(&self.proxy.telemetry, grpc, incoming);
+        let telemetry = &self.proxy.telemetry;
+        let side = telemetry.side(&self.pod.key, Mode::Client);
+        let span = trace::client(&self.proxy, &self.pod, &side, self.service_addr, &mut parts);
+        let (measured, counted) = Measured::start(telemetry, &side, grpc, &parts, incoming);
         let request = Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
-        let response = trace::answer(span, self.admit(request, grpc).await);
+        let response = trace::answer(span, self.admit(request, grpc, measured.logged()).await);
         let service = self.service_addr;
         let edge = EdgeKey {
             reporter: Reporter::Source,
@@ -214,7 +216,8 @@ impl Downstream {
         measured.finish(edge, response).map(BodyExt::boxed_unsync)
     }
 
-    async fn admit(&self, request: Request<Body>, grpc: bool) -> Response<Body> {
+    /// `named`: the response gets the name of the route taken.
+    async fn admit(&self, request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
         if !is_canonical_method(request.method()) {
             // `get` is a different method from `GET` to a policy, but some
             // servers treat them alike: refuse it rather than let it past
@@ -231,12 +234,12 @@ impl Downstream {
             }
             return reply;
         };
-        self.route(request, grpc)
+        self.route(request, grpc, named)
             .await
             .map(|b| body::Guarded::wrap(b, admitted, drop))
     }
 
-    async fn route(&self, request: Request<Body>, grpc: bool) -> Response<Body> {
+    async fn route(&self, request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
         let config = self.proxy.config.current();
         let Some(service) = config.service_by_cluster_ip(self.service_addr.ip()) else {
             return mark(
@@ -279,6 +282,9 @@ impl Downstream {
                 }
             },
         };
+        let route_name = selected
+            .filter(|_| named)
+            .map(|(route, _)| RouteName(route.name.clone()));
         let plan = forward::Plan {
             config: &config,
             service_key: &service_key,
@@ -288,6 +294,10 @@ impl Downstream {
             grpc,
             source_ip: source.and_then(|w| w.addresses.first().copied()),
         };
-        forward::run(self, plan, request).await
+        let mut response = forward::run(self, plan, request).await;
+        if let Some(name) = route_name {
+            response.extensions_mut().insert(name);
+        }
+        response
     }
 }

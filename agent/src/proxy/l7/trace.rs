@@ -13,31 +13,30 @@ use crate::config::Config;
 use crate::proxy::{Pod, Proxy};
 use crate::telemetry::peer::Peer;
 use crate::telemetry::trace::{ActiveSpan, Describe, Kind};
-
-/// The sampling percentage of the workload served, from Istio's
-/// `Telemetry` resource once it is resolved per workload; until then the
-/// agent's `--trace-sampling` applies to all.
-fn workload_percent(_config: &Config, _pod: &Pod) -> Option<f64> {
-    None
-}
+use crate::telemetry::Side;
 
 /// Istio's labels of the enrolled workload `pod`.
 fn served(config: &Config, pod: &Pod) -> Option<Peer> {
     config.workload_by_key(&pod.key).map(|w| Peer::of(w, None))
 }
 
-/// The request's part in its trace, for `pod`, when tracing is on.
+/// The request's part in its trace, for `pod`, when tracing is on, as
+/// the `Telemetry` resolved for `pod`'s `side` says: its sampling
+/// percentage (else `--trace-sampling`), and with `disableSpanReporting`
+/// the context still propagated but no span reported (as in Istio).
 fn enter(
     proxy: &Proxy,
-    pod: &Pod,
+    side: &Side,
     parts: &mut Parts,
     describe: impl FnOnce(&Config, &Parts) -> Describe,
 ) -> Option<ActiveSpan> {
     let tracer = proxy.telemetry.tracer.as_ref()?;
     let config = proxy.config.current();
-    tracer.enter(parts, workload_percent(&config, pod), |parts| {
-        describe(&config, parts)
-    })
+    tracer
+        .enter(parts, side.sampling_percent, |parts| {
+            describe(&config, parts)
+        })
+        .filter(|_| side.span_reporting)
 }
 
 /// On the caller's agent: continues the trace (or starts it), and opens
@@ -45,10 +44,11 @@ fn enter(
 pub fn client(
     proxy: &Proxy,
     pod: &Pod,
+    side: &Side,
     service: SocketAddr,
     parts: &mut Parts,
 ) -> Option<ActiveSpan> {
-    enter(proxy, pod, parts, |config, _| {
+    enter(proxy, side, parts, |config, _| {
         let host = config.service_by_cluster_ip(service.ip()).map_or_else(
             || service.ip().to_string(),
             |s| s.host(config.cluster_domain()),
@@ -70,11 +70,12 @@ pub fn client(
 pub fn server(
     proxy: &Proxy,
     pod: &Pod,
+    side: &Side,
     caller: IpAddr,
     app: SocketAddr,
     parts: &mut Parts,
 ) -> Option<ActiveSpan> {
-    enter(proxy, pod, parts, |config, parts| {
+    enter(proxy, side, parts, |config, parts| {
         let served = served(config, pod);
         let authority = parts
             .uri

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::{Origin, Service, Workload};
+use crate::security::target;
 use rule::Rule;
 pub(crate) use spec::{authorization_policy, AuthorizationPolicyDraft};
 
@@ -365,23 +366,13 @@ impl Authorizations {
             let namespace = draft.meta.namespace.clone();
             let name: Arc<str> = format!("{namespace}/{}", draft.meta.name).into();
             let scope = if !draft.targets.is_empty() {
-                let mut selectors = Vec::new();
-                for target in &draft.targets {
-                    let service = services
-                        .iter()
-                        .find(|s| s.namespace == namespace && &s.name == target);
-                    match service {
-                        Some(s) if !s.selector.is_empty() => selectors.push(s.selector.clone()),
-                        Some(_) => out.warnings.push(format!(
-                            "{origin}: targetRefs Service {namespace}/{target} has no selector: \
-                             the policy applies to no workload through it"
-                        )),
-                        None => out.warnings.push(format!(
-                            "{origin}: targetRefs Service {namespace}/{target} does not exist: \
-                             the policy applies to no workload through it"
-                        )),
-                    }
-                }
+                let selectors = target::selectors(
+                    &origin,
+                    &namespace,
+                    &draft.targets,
+                    services,
+                    &mut out.warnings,
+                );
                 Scope::Services(selectors)
             } else {
                 match draft.selector {

@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::rule::{Check, Clause, IpBlock, Pattern, Rule};
 use super::Action;
-use crate::config::{check_labels, check_metadata, Issues, Meta, Object};
+use crate::config::{check_metadata, Issues, Meta, Object};
+use crate::security::target::{self, TargetRefSpec};
 use crate::security::WorkloadSelectorSpec;
 
 #[derive(Deserialize)]
@@ -25,17 +26,6 @@ pub(crate) struct AuthorizationPolicySpec {
     provider: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     rules: Vec<RuleSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TargetRefSpec {
-    #[serde(default)]
-    group: String,
-    kind: String,
-    name: String,
-    #[serde(default)]
-    namespace: String,
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -148,42 +138,13 @@ pub(crate) fn authorization_policy(
             "is only for action CUSTOM, which is not supported",
         );
     }
-    let selector = spec
-        .selector
-        .map(|s| s.match_labels)
-        .filter(|labels| !labels.is_empty());
-    if let Some(labels) = &selector {
-        check_labels(labels, "spec.selector.matchLabels", issues);
-    }
-    let namespace = &doc.metadata.namespace;
-    let (refs, refs_field) = match spec.target_ref {
-        Some(one) if spec.target_refs.is_empty() => (vec![one], "spec.targetRef"),
-        Some(_) => {
-            issues.add(
-                "spec.targetRef",
-                "set either targetRef or targetRefs, not both",
-            );
-            (spec.target_refs, "spec.targetRefs")
-        }
-        None => (spec.target_refs, "spec.targetRefs"),
-    };
-    if !refs.is_empty() && selector.is_some() {
-        issues.add(
-            "spec.selector",
-            "a policy has either a selector or targetRefs, not both (as in Istio)",
-        );
-    }
-    let targets = refs
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, target)| {
-            let field = match refs_field {
-                "spec.targetRef" => refs_field.to_owned(),
-                _ => format!("{refs_field}[{i}]"),
-            };
-            target_service(target, namespace, &field, issues)
-        })
-        .collect();
+    let (selector, targets) = target::scope(
+        spec.selector,
+        spec.target_ref,
+        spec.target_refs,
+        &doc.metadata.namespace,
+        issues,
+    );
     let rules = spec
         .rules
         .into_iter()
@@ -197,37 +158,6 @@ pub(crate) fn authorization_policy(
         targets,
         rules,
     }
-}
-
-fn target_service(
-    target: TargetRefSpec,
-    namespace: &str,
-    field: &str,
-    issues: &mut Issues,
-) -> Option<String> {
-    if !matches!(target.group.as_str(), "" | "core") || target.kind != "Service" {
-        issues.add(
-            format!("{field}.kind"),
-            format!(
-                "{}{} is not supported: nodemesh has no waypoint or gateway to attach to; \
-                 target a Service (group \"\", kind Service) or use a selector",
-                match target.group.as_str() {
-                    "" => String::new(),
-                    group => format!("{group}/"),
-                },
-                target.kind
-            ),
-        );
-        return None;
-    }
-    if !target.namespace.is_empty() && target.namespace != namespace {
-        issues.add(
-            format!("{field}.namespace"),
-            format!("must be the policy's own namespace {namespace}"),
-        );
-        return None;
-    }
-    Some(target.name)
 }
 
 fn rule(spec: RuleSpec, field: &str, issues: &mut Issues) -> Rule {

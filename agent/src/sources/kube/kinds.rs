@@ -38,6 +38,7 @@ pub(super) struct Kind {
 
 const ISTIO_NETWORKING: &str = "networking.istio.io";
 const ISTIO_SECURITY: &str = "security.istio.io";
+const ISTIO_TELEMETRY: &str = "telemetry.istio.io";
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// Every kind the agent watches, cluster-wide.
@@ -77,6 +78,7 @@ pub(super) const WATCHED: &[Kind] = &[
         "AuthorizationPolicy",
         "authorizationpolicies",
     ),
+    Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
     Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes"),
 ];
 
