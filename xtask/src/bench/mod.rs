@@ -84,7 +84,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nodemesh_testbed::workload_apps::wait_listening;
-use nodemesh_testbed::{config, Agent, Topology};
+use nodemesh_testbed::{config, otlp, Agent, Topology};
 use serde_json::{json, Value};
 
 mod authz;
@@ -267,7 +267,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             },
         );
         println!(
-            "\nTelemetry, meshed L7 + mTLS ({} routes), default (Istio's metrics on) against a \
+            "\nTelemetry, meshed L7 + mTLS ({} routes), default (metrics on, tracing 1 %) against a \
              mesh-wide Telemetry resource, {}:",
             ROUTE_COUNTS[0],
             setting.label()
@@ -498,6 +498,7 @@ struct Bench<'a> {
     // programs before the topology deletes the namespaces they run in.
     agents: Vec<Agent>,
     haproxy: HaproxyPair,
+    otlp: otlp::Receiver,
     topo: Topology,
     oha: &'a Oha,
     iperf3: PathBuf,
@@ -593,12 +594,21 @@ impl<'a> Bench<'a> {
         write_config(&topo, &config_dir, false)?;
         write_routes(&config_dir, ROUTE_COUNTS[0])?;
         mtls::write_policy(&config_dir, false)?;
-        println!("bench: starting one agent per node, with the test bed's mesh CA");
-        let a = Agent::start_with(&mut topo, "node-a", &config_dir, nodemesh, &[])?;
-        let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &[])?;
+        // Tracing as Istio ships it: spans of 1 % of requests, to a real
+        // OTLP receiver in node-a's namespace.
+        let node_a = topo.node("node-a").clone();
+        let otlp = otlp::Receiver::start(&mut topo, &node_a.netns)?;
+        let endpoint = format!("http://{}:{}", node_a.address, otlp::PORT);
+        let tracing = ["--otlp-endpoint", endpoint.as_str()];
+        println!(
+            "bench: starting one agent per node, with the test bed's mesh CA, tracing to {endpoint}"
+        );
+        let a = Agent::start_with(&mut topo, "node-a", &config_dir, nodemesh, &tracing)?;
+        let b = Agent::start_with(&mut topo, "node-b", &config_dir, nodemesh, &tracing)?;
         let bench = Bench {
             agents: vec![a, b],
             haproxy,
+            otlp,
             topo,
             oha,
             iperf3: tools.iperf3.clone(),
@@ -940,10 +950,25 @@ impl<'a> Bench<'a> {
         let applied_after = self.set_config_file(telemetry::FILE, Some(&setting.yaml()))?;
         let url = self.service_url();
         let routes = ROUTE_COUNTS[0];
-        let scrape = |bench: &Self| telemetry::requests_reported(&bench.topo, &bench.agents);
-        let before = scrape(self)?;
-        routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
-        setting.check(&self.agents, before, scrape(self)?)?;
+        let observe = |bench: &Self| -> Result<u64> {
+            match setting {
+                telemetry::Setting::MetricsOff => {
+                    telemetry::requests_reported(&bench.topo, &bench.agents)
+                }
+                telemetry::Setting::TraceAll => Ok(bench.otlp.spans()?.len() as u64),
+            }
+        };
+        let before = observe(self)?;
+        for _ in 0..telemetry::CHECK_REQUESTS {
+            routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
+        }
+        let deadline = Instant::now() + telemetry::CHECK_TIMEOUT;
+        let mut after = observe(self)?;
+        while !setting.applied(before, after) && Instant::now() < deadline {
+            std::thread::sleep(CONFIG_POLL * 10);
+            after = observe(self)?;
+        }
+        setting.check(before, after)?;
         println!(
             "  Telemetry `{}` served {:.0} ms after the write, and applied",
             setting.label(),

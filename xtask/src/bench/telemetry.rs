@@ -1,7 +1,8 @@
 //! The telemetry phases: the headline L7 + mTLS run again under a
 //! mesh-wide Istio `Telemetry` resource, so that the difference is what a
 //! telemetry setting costs each request (issue target: metrics on cost at
-//! most 10 % more agent CPU than metrics off).
+//! most 10 % more agent CPU than metrics off) or tracing every request
+//! rather than Istio's default 1 %.
 
 use anyhow::{bail, Context, Result};
 use nodemesh_testbed::{Agent, Topology};
@@ -19,12 +20,16 @@ pub(super) enum Setting {
     /// Every Istio metric disabled (`overrides: [{match: {metric:
     /// ALL_METRICS}, disabled: true}]`).
     MetricsOff,
+    /// Every request traced (`randomSamplingPercentage: 100`), the spans
+    /// exported to the bench's OTLP receiver (1 % by default).
+    TraceAll,
 }
 
 impl Setting {
     pub(super) fn label(self) -> &'static str {
         match self {
             Setting::MetricsOff => "metrics off",
+            Setting::TraceAll => "tracing at 100 %",
         }
     }
 
@@ -34,6 +39,7 @@ impl Setting {
             Setting::MetricsOff => {
                 "  metrics:\n  - overrides:\n    - match: {metric: ALL_METRICS}\n      disabled: true\n"
             }
+            Setting::TraceAll => "  tracing:\n  - randomSamplingPercentage: 100\n",
         };
         format!(
             "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\n  \
@@ -41,26 +47,44 @@ impl Setting {
         )
     }
 
-    /// Checks that `agents` apply the setting, given the number of
-    /// requests they reported before and after a request made under it.
-    pub(super) fn check(self, agents: &[Agent], before: u64, after: u64) -> Result<()> {
+    /// Whether the agents apply the setting, given what the bench observed
+    /// (requests in `istio_requests_total`, or spans received) before and
+    /// after [`CHECK_REQUESTS`] requests made under it.
+    pub(super) fn applied(self, before: u64, after: u64) -> bool {
         match self {
-            Setting::MetricsOff if after != before => bail!(
-                "with Istio's metrics disabled by a Telemetry resource, the agents ({}) still \
-                 counted requests ({before} before a request, {after} after)",
-                agents
-                    .iter()
-                    .map(Agent::node)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            Setting::MetricsOff => after == before,
+            // A client and a server span per request.
+            Setting::TraceAll => after >= before + 2 * CHECK_REQUESTS,
+        }
+    }
+
+    /// [`Setting::applied`], as an error that says what was observed.
+    pub(super) fn check(self, before: u64, after: u64) -> Result<()> {
+        if self.applied(before, after) {
+            return Ok(());
+        }
+        match self {
+            Setting::MetricsOff => bail!(
+                "with Istio's metrics disabled by a Telemetry resource, the agents still \
+                 counted requests ({before} before {CHECK_REQUESTS} requests, {after} after)"
             ),
-            Setting::MetricsOff => Ok(()),
+            Setting::TraceAll => bail!(
+                "with every request traced by a Telemetry resource, the OTLP receiver got \
+                 {} spans for {CHECK_REQUESTS} requests (want 2 each)",
+                after - before
+            ),
         }
     }
 }
 
 /// Settings measured, in order.
-pub(super) const SETTINGS: [Setting; 1] = [Setting::MetricsOff];
+pub(super) const SETTINGS: [Setting; 2] = [Setting::MetricsOff, Setting::TraceAll];
+
+/// Requests made to check that a setting applies.
+pub(super) const CHECK_REQUESTS: u64 = 5;
+
+/// How long spans get to reach the receiver (the agents export every second).
+pub(super) const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Requests the agents counted in `istio_requests_total` (both reporters),
 /// from their `/metrics`, fetched from node-a's network namespace.
