@@ -222,6 +222,49 @@ fn sampled_requests_get_client_and_server_spans_in_one_trace() {
     let ids = count(&all, "span_id");
     assert!(ids.values().all(|&n| n == 1), "{ids:?}");
     assert_eq!(all.len(), 10, "{all:#?}");
+
+    // Istio's Telemetry resource sets the percentage (the agents' flag
+    // says 0): a mesh-wide 100 % traces a request that carries no
+    // decision; removed, the flag applies again.
+    mesh.apply(
+        "telemetry.yaml",
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\n  \
+         namespace: istio-system\nspec:\n  tracing:\n  - randomSamplingPercentage: 100\n",
+    )
+    .unwrap();
+    // The agents resolve a new config's Telemetry just after loading it.
+    let context = context_until(&mesh, "-01");
+    assert!(
+        context.ends_with("-01"),
+        "sampled by the Telemetry: {context}"
+    );
+    let trace = context.split('-').nth(1).unwrap_or_default().to_owned();
+    let spans = receiver
+        .wait_for(|s| of_trace(s, &trace).len() == 2)
+        .unwrap();
+    assert_eq!(of_trace(&spans, &trace).len(), 2, "{spans:#?}");
+    mesh.delete("telemetry.yaml").unwrap();
+    let context = context_until(&mesh, "-00");
+    assert!(context.ends_with("-00"), "the flag's 0 % again: {context}");
+}
+
+/// The `traceparent` ratings gets from the client's plain requests, once
+/// it ends with `flags` (or after a few seconds of requests).
+fn context_until(mesh: &Mesh, flags: &str) -> String {
+    let mut context = String::new();
+    for _ in 0..30 {
+        let answer = mesh.get_one(CLIENT, RATINGS, &[]).unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        context = answer.json().unwrap()["headers"]["traceparent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if context.ends_with(flags) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    context
 }
 
 /// Spans by the value of `field`.
