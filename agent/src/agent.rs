@@ -621,6 +621,7 @@ impl Node {
                     .collect()
             }),
             certificates: self.identities.expiries(),
+            dns: self.enroller.dns_counts(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,53 @@ pub enum DnsError {
     UpstreamTimeout(Duration),
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// Queries the node's responders handled, by outcome (the agent exports
+/// them as `nodemesh_dns_queries_total`).
+#[derive(Debug, Default)]
+pub struct DnsCounts {
+    /// Mesh names answered here.
+    answered: AtomicU64,
+    /// Unknown mesh names (NXDOMAIN).
+    nxdomain: AtomicU64,
+    /// Other replies made here (refused opcodes, classes, formats).
+    error: AtomicU64,
+    /// Relayed to the upstream resolver.
+    forwarded: AtomicU64,
+    /// SERVFAIL: the upstream failed, or a limit refused the forward.
+    servfail: AtomicU64,
+    /// Packets dropped as malformed.
+    malformed: AtomicU64,
+}
+
+impl DnsCounts {
+    /// `(outcome, queries)` for each outcome.
+    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("answered", n(&self.answered)),
+            ("nxdomain", n(&self.nxdomain)),
+            ("error", n(&self.error)),
+            ("forwarded", n(&self.forwarded)),
+            ("servfail", n(&self.servfail)),
+            ("malformed", n(&self.malformed)),
+        ]
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a reply made here by its response code.
+    fn local(&self, reply: &[u8]) {
+        let rcode = be16(reply, 2).map_or(SERVFAIL, |flags| flags & 0xF);
+        Self::count(match rcode {
+            NOERROR => &self.answered,
+            NXDOMAIN => &self.nxdomain,
+            _ => &self.error,
+        });
+    }
 }
 
 /// What [`answer`] decides: a reply made here, or the query goes upstream.
@@ -282,6 +330,7 @@ pub async fn serve<Fd: Send + 'static>(
     resolver: Arc<dyn Resolver>,
     upstream: Upstream,
     descriptor: impl Fn() -> Option<Fd>,
+    counts: Arc<DnsCounts>,
 ) -> io::Result<()> {
     let socket = Arc::new(socket);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -290,31 +339,39 @@ pub async fn serve<Fd: Send + 'static>(
         let (len, client) = socket.recv_from(&mut buf).await?;
         let query = &buf[..len];
         let reply = match decide(query, &*resolver) {
-            Ok(Outcome::Local(reply)) => reply,
+            Ok(Outcome::Local(reply)) => {
+                counts.local(&reply);
+                reply
+            }
             Ok(Outcome::Forward { servfail }) => match in_flight.clone().try_acquire_owned() {
                 Ok(permit) => match descriptor() {
                     Some(fd) => {
+                        DnsCounts::count(&counts.forwarded);
                         let exchange = Exchange {
                             socket: socket.clone(),
                             client,
                             query: query.to_vec(),
                             servfail,
+                            counts: counts.clone(),
                         };
                         tokio::spawn(exchange.run(upstream, (permit, fd)));
                         continue;
                     }
                     None => {
                         debug!("no descriptor to forward a query: SERVFAIL to {client}");
+                        DnsCounts::count(&counts.servfail);
                         servfail
                     }
                 },
                 Err(_) => {
                     warn!("{MAX_IN_FLIGHT} forwarded queries in flight: SERVFAIL to {client}");
+                    DnsCounts::count(&counts.servfail);
                     servfail
                 }
             },
             Err(e) => {
                 debug!("dropping packet from {client}: {e}");
+                DnsCounts::count(&counts.malformed);
                 continue;
             }
         };
@@ -328,6 +385,7 @@ struct Exchange {
     client: SocketAddr,
     query: Vec<u8>,
     servfail: Vec<u8>,
+    counts: Arc<DnsCounts>,
 }
 
 impl Exchange {
@@ -339,6 +397,7 @@ impl Exchange {
                     "upstream {}: {e}; SERVFAIL to {}",
                     upstream.addr, self.client
                 );
+                DnsCounts::count(&self.counts.servfail);
                 self.servfail
             }
         };
@@ -672,7 +731,8 @@ mod tests {
             addr: upstream,
             timeout,
         };
-        tokio::spawn(serve(server, Arc::new(Mesh), upstream, || Some(())));
+        let counts = Arc::new(DnsCounts::default());
+        tokio::spawn(serve(server, Arc::new(Mesh), upstream, || Some(()), counts));
         (UdpSocket::bind("127.0.0.1:0").await.unwrap(), server_addr)
     }
 
@@ -710,7 +770,15 @@ mod tests {
             addr: canned_upstream().await,
             timeout: Duration::from_secs(5),
         };
-        tokio::spawn(serve(server, Arc::new(Mesh), upstream, || None::<()>));
+        let counts = Arc::new(DnsCounts::default());
+        let serving = serve(
+            server,
+            Arc::new(Mesh),
+            upstream,
+            || None::<()>,
+            counts.clone(),
+        );
+        tokio::spawn(serving);
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(server_addr).await.unwrap();
 
@@ -719,6 +787,20 @@ mod tests {
         assert_eq!((refused.id, refused.rcode()), (4, SERVFAIL));
         client.send(&query(5, WEB, TYPE_A)).await.unwrap();
         assert_eq!(parse(&recv(&client).await).answers, [WEB_V4]);
+        client
+            .send(&query(6, "nope.default.svc.cluster.local", TYPE_A))
+            .await
+            .unwrap();
+        assert_eq!(parse(&recv(&client).await).rcode(), NXDOMAIN);
+        client.send(&[0; 3]).await.unwrap();
+        client.send(&query(7, WEB, TYPE_A)).await.unwrap();
+        recv(&client).await;
+        let by_outcome = counts.snapshot();
+        let count = |outcome| by_outcome.iter().find(|(o, _)| *o == outcome).unwrap().1;
+        assert_eq!(
+            ["answered", "nxdomain", "forwarded", "servfail", "malformed"].map(count),
+            [2, 1, 0, 1, 1]
+        );
     }
 
     #[tokio::test]

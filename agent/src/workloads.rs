@@ -69,6 +69,8 @@ pub struct Enroller {
     next_id: AtomicU32,
     /// Sockets handed over by the previous agent, used instead of new ones.
     inherited: Arc<Inherited>,
+    /// What every workload's DNS responder answered.
+    dns_counts: Arc<dns::DnsCounts>,
 }
 
 impl Enroller {
@@ -90,7 +92,13 @@ impl Enroller {
             failures: Mutex::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
             inherited,
+            dns_counts: Arc::default(),
         }
+    }
+
+    /// Queries the workloads' DNS responders handled, by outcome.
+    pub fn dns_counts(&self) -> [(&'static str, u64); 6] {
+        self.dns_counts.snapshot()
     }
 
     pub fn with_datapath<T>(&self, f: impl FnOnce(&Datapath) -> T) -> T {
@@ -279,8 +287,9 @@ impl Enroller {
         });
         let (upstream, key, tenant) = (self.dns_upstream, pod.key.clone(), pod.tenant.clone());
         let descriptor = move || tenant.charge(1, None).ok();
+        let dns_counts = self.dns_counts.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = dns::serve(dns, resolver, upstream, descriptor).await {
+            if let Err(e) = dns::serve(dns, resolver, upstream, descriptor, dns_counts).await {
                 log::warn!("{key}: DNS responder stopped: {e}");
             }
         }));

@@ -213,6 +213,14 @@ fn the_exposition_passes_promtool_with_istio_names() {
             exposition.contains("# TYPE istio_requests_total counter"),
             "{exposition}"
         );
+        if node == "node-a" {
+            // The client found productpage through the mesh DNS.
+            let answered = exposition
+                .lines()
+                .find_map(|l| l.strip_prefix("nodemesh_dns_queries_total{outcome=\"answered\"} "))
+                .and_then(|n| n.parse::<u64>().ok());
+            assert!(answered.is_some_and(|n| n > 0), "{exposition}");
+        }
         let file = mesh.topo().work_dir().join(format!("metrics-{node}.txt"));
         std::fs::write(&file, &exposition).unwrap();
         let check = format!("promtool check metrics < {}", file.display());

@@ -1294,6 +1294,7 @@ spec:
         let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
         let supported =
             "(supported: v1 Namespace, v1 Node, nodemesh.io/v1alpha1 Workload, v1 Service, \
+                         discovery.k8s.io/v1 EndpointSlice, \
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \

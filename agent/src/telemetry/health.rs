@@ -45,6 +45,8 @@ pub struct Health {
     pub ebpf_maps: Vec<(String, usize)>,
     /// Expiry of each workload certificate held, by SPIFFE id.
     pub certificates: Vec<(String, SystemTime)>,
+    /// DNS queries the workloads' responders handled, by outcome.
+    pub dns: [(&'static str, u64); 6],
 }
 
 impl Health {
@@ -196,6 +198,19 @@ impl Health {
             let _ = writeln!(
                 out,
                 "nodemesh_certificate_expiry_timestamp_seconds{{{labels}}} {seconds}"
+            );
+        }
+        header(
+            out,
+            "nodemesh_dns_queries_total",
+            "counter",
+            "DNS queries the workloads' mesh DNS responders handled, by outcome \
+             (answered, nxdomain, error, forwarded, servfail, malformed).",
+        );
+        for (outcome, queries) in self.dns {
+            let _ = writeln!(
+                out,
+                "nodemesh_dns_queries_total{{outcome=\"{outcome}\"}} {queries}"
             );
         }
     }
