@@ -759,7 +759,7 @@ impl<'a> Bench<'a> {
             }
         };
         if mode.enrolls() {
-            mtls::check_hop(&self.topo, &self.client_netns, &url, mode)?;
+            until_config_applied(|| mtls::check_hop(&self.topo, &self.client_netns, &url, mode))?;
             println!("  {url} reaches nginx over the hop of {}", mode.name());
         }
         let counts_before = self.agent_counts()?;
@@ -987,11 +987,14 @@ impl<'a> Bench<'a> {
     /// The L7 phases (10 routes) with an allow-list of `rules` rules on the
     /// server, the client matching the last.
     fn allow_list_phases(&mut self, log: &mut PhaseLog, rules: usize) -> Result<L7Result> {
-        let applied_after = self.set_allow_list(Some(rules))?;
+        let written = Instant::now();
+        self.set_allow_list(Some(rules))?;
+        let server = format!("{NAMESPACE}/{SERVER}");
+        until_config_applied(|| authz::check_policies(&self.agents[1], &server, rules))?;
+        let applied_after = written.elapsed();
         let url = self.service_url();
         let routes = ROUTE_COUNTS[0];
         routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
-        authz::check_policies(&self.agents[1], &format!("{NAMESPACE}/{SERVER}"), rules)?;
         println!(
             "  allow-list of {rules} rules served {:.0} ms after the write; the client's              requests match its last rule",
             applied_after.as_secs_f64() * 1000.0
@@ -1460,3 +1463,17 @@ http {{
 }
 
 // ---------------------------------------------------------------- report
+
+/// Retries `check` until it passes or [`CONFIG_TIMEOUT`] is over: a new
+/// config generation may still be the previous file's (the directory
+/// watcher can load twice for one write), so what a change brings is
+/// checked, not only that a generation passed.
+fn until_config_applied<T>(mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Err(_) if start.elapsed() < CONFIG_TIMEOUT => std::thread::sleep(CONFIG_POLL),
+            outcome => return outcome,
+        }
+    }
+}
