@@ -31,10 +31,10 @@ fn enter(
     describe: impl FnOnce(&Config, &Parts) -> Describe,
 ) -> Option<ActiveSpan> {
     let tracer = proxy.telemetry.tracer.as_ref()?;
-    let config = proxy.config.current();
+    // The config is read only for a sampled request's span.
     tracer
         .enter(parts, side.sampling_percent, |parts| {
-            describe(&config, parts)
+            describe(&proxy.config.current(), parts)
         })
         .filter(|_| side.span_reporting)
 }
