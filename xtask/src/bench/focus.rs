@@ -129,7 +129,9 @@ fn measure(bench: &mut Bench) -> Result<Sample> {
         b.oha(&["-c", &conns, "-q", &rate, "-z", &d, &url], "fixed")
     })?;
     println!(
-        "        p50 {:.3} ms; agents {:.1} ms CPU per 1000 req, {:.2} context switches per req",
+        "        {} requests, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req, {:.2} context switches \
+         per req",
+        fixed.0.ok,
         fixed.0.p50_ms,
         per_1000(fixed.1.proxies_total(), fixed.0.ok),
         fixed.1.proxy_context_switches as f64 / fixed.0.ok as f64
