@@ -379,6 +379,16 @@ mod tests {
         }
     }
 
+    /// Ejects for a minute after `failures` consecutive 5xx, at most 10 %.
+    fn ejecting_after(failures: u32) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_5xx_errors: failures,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 10,
+            ..OutlierDetection::default()
+        }
+    }
+
     #[test]
     fn round_robin_visits_every_endpoint() {
         let cluster = Cluster::default();
@@ -415,12 +425,7 @@ mod tests {
     fn consecutive_failures_eject_within_the_allowed_share() {
         let cluster = Cluster::default();
         let eps = addrs(3);
-        let od = OutlierDetection {
-            consecutive_5xx_errors: 2,
-            base_ejection_time: Duration::from_secs(60),
-            max_ejection_percent: 10,
-            ..OutlierDetection::default()
-        };
+        let od = ejecting_after(2);
         for addr in [eps[0], eps[0], eps[1], eps[1]] {
             let pick = cluster.pick(&[addr], &[], None, &no_hash()).unwrap();
             cluster.observe(&pick, Observation::Status(503), Some(&od), eps.len());
@@ -445,11 +450,7 @@ mod tests {
     fn a_lone_endpoint_is_picked_ejected_or_tried_and_counted_pending() {
         let cluster = Cluster::default();
         let eps = addrs(1);
-        let od = OutlierDetection {
-            consecutive_5xx_errors: 1,
-            base_ejection_time: Duration::from_secs(60),
-            ..OutlierDetection::default()
-        };
+        let od = ejecting_after(1);
         let pick = cluster.pick(&eps, &[], None, &no_hash()).unwrap();
         cluster.observe(&pick, Observation::Status(503), Some(&od), eps.len());
         drop(pick);
