@@ -31,7 +31,8 @@ commands:
   bench [--duration 10s | --quick] [--rounds N]
                    build, then measure direct, an HAProxy pair with mutual
                    TLS and the mesh (oha, nginx, iperf3) on two nodes;
-                   results in target/bench/results.json
+                   results in target/bench/results.json; with NODEMESH_BIN
+                   set, that agent binary, not built
 ";
 
 /// Debian packages the build and the tests need.
@@ -173,8 +174,15 @@ fn run(args: &[String]) -> Result<()> {
         }
         "bench" => {
             setup()?;
-            build()?;
-            bench::run(&target_dir().join("release/nodemesh"), rest)
+            // An agent binary given by NODEMESH_BIN is benched as it is.
+            let bin = match std::env::var_os("NODEMESH_BIN") {
+                Some(bin) => PathBuf::from(bin),
+                None => {
+                    build()?;
+                    target_dir().join("release/nodemesh")
+                }
+            };
+            bench::run(&bin, rest)
         }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");

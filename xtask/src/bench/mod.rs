@@ -94,6 +94,7 @@ use nodemesh_testbed::{config, otlp, Agent, Topology};
 use serde_json::{json, Value};
 
 mod authz;
+mod focus;
 mod haproxy;
 mod mtls;
 mod probe;
@@ -116,10 +117,16 @@ use results::{
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
+                         [--focus [--against NODEMESH]...]
 
   --duration D   length of each oha phase, e.g. 10s, 1500ms, 1m (default 10s)
   --quick        smoke run: 3 s phases
   --rounds N     repeat every mode N times and report medians (default 1)
+  --focus        only direct and L7 + mTLS (max throughput, 2000 req/s),
+                 with context switches per request: for profiling
+  --against B    with --focus: the same phases with the agent binary B,
+                 alternating with this build's in every round (A/B);
+                 may be given more than once
 ";
 
 /// The Kubernetes namespace of both pods.
@@ -188,6 +195,9 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         haproxy: find_program("haproxy", &["/usr/sbin/haproxy"])?,
     };
     let clk_tck = clock_ticks_per_second();
+    if opts.focus {
+        return focus::run(nodemesh, &oha, &tools, &opts, clk_tck);
+    }
     let load_before = loadavg();
     let modes = Mode::ALL;
 
@@ -346,6 +356,10 @@ struct Options {
     bulk: Duration,
     /// Direct + meshed rounds; the table shows medians.
     rounds: usize,
+    /// Only the headline L7 + mTLS path against direct (`focus.rs`).
+    focus: bool,
+    /// With `focus`: more agent binaries to compare against.
+    against: Vec<PathBuf>,
 }
 
 impl Options {
@@ -353,6 +367,8 @@ impl Options {
     fn parse(args: &[String]) -> Result<Option<Options>> {
         let mut duration = Duration::from_secs(10);
         let mut rounds = 1;
+        let mut focus = false;
+        let mut against = Vec::new();
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             match arg.as_str() {
@@ -364,6 +380,11 @@ impl Options {
                 "--rounds" => {
                     let v = it.next().context("--rounds needs a number")?;
                     rounds = parse_rounds(v)?;
+                }
+                "--focus" => focus = true,
+                "--against" => {
+                    let v = it.next().context("--against needs an agent binary")?;
+                    against.push(PathBuf::from(v));
                 }
                 "-h" | "--help" => return Ok(None),
                 other => {
@@ -381,10 +402,15 @@ impl Options {
         if duration < Duration::from_secs(1) {
             bail!("--duration must be at least 1s");
         }
+        if !against.is_empty() && !focus {
+            bail!("--against compares builds in --focus mode only");
+        }
         Ok(Some(Options {
             duration,
             bulk: duration.min(BULK_MAX),
             rounds,
+            focus,
+            against,
         }))
     }
 }

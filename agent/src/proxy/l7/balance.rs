@@ -110,6 +110,18 @@ pub struct Pick {
     started: Instant,
 }
 
+impl Pick {
+    /// Counts the attempt as pending on `endpoint` until the pick drops.
+    fn new(addr: SocketAddr, endpoint: &Arc<Endpoint>) -> Pick {
+        endpoint.pending.fetch_add(1, Ordering::Relaxed);
+        Pick {
+            addr,
+            endpoint: endpoint.clone(),
+            started: Instant::now(),
+        }
+    }
+}
+
 impl Drop for Pick {
     fn drop(&mut self) {
         self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
@@ -151,6 +163,10 @@ impl Cluster {
         lb: Option<&LoadBalancer>,
         hash: &HashInput<'_>,
     ) -> Option<Pick> {
+        if let [addr] = candidates {
+            // Healthy or not (panic mode), tried or not: the only one.
+            return Some(Pick::new(*addr, &self.endpoint(*addr)));
+        }
         let now = now_ns();
         let all: Vec<(SocketAddr, Arc<Endpoint>)> =
             candidates.iter().map(|&a| (a, self.endpoint(a))).collect();
@@ -172,12 +188,7 @@ impl Cluster {
             1 => pool[0],
             n => pool[self.choose(n, &pool, lb, hash, now)],
         };
-        endpoint.pending.fetch_add(1, Ordering::Relaxed);
-        Some(Pick {
-            addr: *addr,
-            endpoint: endpoint.clone(),
-            started: Instant::now(),
-        })
+        Some(Pick::new(*addr, endpoint))
     }
 
     fn choose(
@@ -368,6 +379,16 @@ mod tests {
         }
     }
 
+    /// Ejects for a minute after `failures` consecutive 5xx, at most 10 %.
+    fn ejecting_after(failures: u32) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_5xx_errors: failures,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 10,
+            ..OutlierDetection::default()
+        }
+    }
+
     #[test]
     fn round_robin_visits_every_endpoint() {
         let cluster = Cluster::default();
@@ -404,12 +425,7 @@ mod tests {
     fn consecutive_failures_eject_within_the_allowed_share() {
         let cluster = Cluster::default();
         let eps = addrs(3);
-        let od = OutlierDetection {
-            consecutive_5xx_errors: 2,
-            base_ejection_time: Duration::from_secs(60),
-            max_ejection_percent: 10,
-            ..OutlierDetection::default()
-        };
+        let od = ejecting_after(2);
         for addr in [eps[0], eps[0], eps[1], eps[1]] {
             let pick = cluster.pick(&[addr], &[], None, &no_hash()).unwrap();
             cluster.observe(&pick, Observation::Status(503), Some(&od), eps.len());
@@ -428,6 +444,24 @@ mod tests {
             .pick(&eps, &[eps[1], eps[2]], None, &no_hash())
             .unwrap();
         assert_ne!(p.addr, eps[0]);
+    }
+
+    #[test]
+    fn a_lone_endpoint_is_picked_ejected_or_tried_and_counted_pending() {
+        let cluster = Cluster::default();
+        let eps = addrs(1);
+        let od = ejecting_after(1);
+        let pick = cluster.pick(&eps, &[], None, &no_hash()).unwrap();
+        cluster.observe(&pick, Observation::Status(503), Some(&od), eps.len());
+        drop(pick);
+        assert_eq!(cluster.ejected(), eps);
+        // Panic mode, and nothing else to try.
+        let pick = cluster.pick(&eps, &eps, None, &no_hash()).unwrap();
+        assert_eq!(pick.addr, eps[0]);
+        let endpoint = cluster.endpoint(eps[0]);
+        assert_eq!(endpoint.pending.load(Ordering::Relaxed), 1);
+        drop(pick);
+        assert_eq!(endpoint.pending.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the route's overall timeout.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -24,6 +25,14 @@ use crate::telemetry::http::Upstream;
 /// Envoy's retry back-off: exponential from 25 ms, capped at ten times that,
 /// with full jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
+
+/// The retry policy of routes that set none, and of routes that inject
+/// faults; built once, not for every request.
+static ISTIO_RETRIES: LazyLock<RetryPolicy> = LazyLock::new(RetryPolicy::istio_default);
+static NO_RETRIES: LazyLock<RetryPolicy> = LazyLock::new(|| RetryPolicy {
+    attempts: 0,
+    ..RetryPolicy::istio_default()
+});
 
 /// Hop-by-hop headers: they describe one connection and are not forwarded.
 const HOP_BY_HOP: [&str; 6] = [
@@ -130,13 +139,16 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let own = Destination {
-        service: plan.service_key.into(),
-        subset: None,
-        port: None,
-    };
+    let own;
     let (destination, destination_headers) = match route.map(|r| &r.action) {
-        None => (&own, None),
+        None => {
+            own = Destination {
+                service: plan.service_key.into(),
+                subset: None,
+                port: None,
+            };
+            (&own, None)
+        }
         Some(RouteAction::Redirect(redirect)) => {
             return edit::redirect(redirect, &plan.authority, &path_and_query, plan.matched)
         }
@@ -181,7 +193,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
     let mut head = Head {
         method: parts.method,
         path_and_query,
-        authority: plan.authority.clone(),
+        authority: plan.authority,
         headers: parts.headers,
         http2: down.http2,
     };
@@ -223,21 +235,9 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
 
     // Istio turns timeouts and retries off on routes that inject faults.
     let (timeout, retries) = match route {
-        Some(r) if r.fault.is_some() => (
-            None,
-            RetryPolicy {
-                attempts: 0,
-                ..RetryPolicy::istio_default()
-            },
-        ),
-        Some(r) => (
-            r.timeout,
-            r.retries
-                .as_deref()
-                .cloned()
-                .unwrap_or_else(RetryPolicy::istio_default),
-        ),
-        None => (None, RetryPolicy::istio_default()),
+        Some(r) if r.fault.is_some() => (None, &*NO_RETRIES),
+        Some(r) => (r.timeout, r.retries.as_deref().unwrap_or(&ISTIO_RETRIES)),
+        None => (None, &*ISTIO_RETRIES),
     };
     let attempts = down.attempts(target);
     let hash = HashInput {
@@ -245,7 +245,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         query: head.path_and_query.split_once('?').map(|(_, q)| q),
         source_ip: plan.source_ip,
     };
-    let tries = attempts.run(&head, &replay, &retries, &hash, plan.grpc);
+    let tries = attempts.run(&head, &replay, retries, &hash, plan.grpc);
     let mut response = match timeout {
         Some(limit) => tokio::time::timeout(limit, tries)
             .await
@@ -324,16 +324,17 @@ impl Head {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.headers_mut() = self.headers.clone();
+        // `Uri::try_from(String)` takes the string's buffer: no second copy.
         let uri = if self.http2 {
             *request.version_mut() = Version::HTTP_2;
-            format!("http://{}{}", self.authority, self.path_and_query)
+            http::Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query))
         } else {
             if let Ok(host) = HeaderValue::from_str(&self.authority) {
                 request.headers_mut().insert(header::HOST, host);
             }
-            self.path_and_query.clone()
+            http::Uri::try_from(self.path_and_query.as_str())
         };
-        *request.uri_mut() = uri.parse().unwrap_or_default();
+        *request.uri_mut() = uri.unwrap_or_default();
         request
     }
 }
@@ -424,7 +425,6 @@ impl Attempts {
             else {
                 break;
             };
-            tried.push(pick.addr);
             let admitted = match limits.admit(!head.http2).await {
                 Ok(admitted) => admitted,
                 Err(Overflow) => return body::overloaded(grpc),
@@ -444,7 +444,6 @@ impl Attempts {
                 // on a fresh one, without counting it against the endpoint.
                 if !stale_retried {
                     stale_retried = true;
-                    tried.pop();
                     continue;
                 }
             }
@@ -483,6 +482,7 @@ impl Attempts {
                 Ok(response) => last = Some(response),
                 Err(reply) => last = Some(reply),
             }
+            tried.push(pick.addr);
             attempt += 1;
         }
         last.unwrap_or_else(|| no_healthy_upstream(grpc))

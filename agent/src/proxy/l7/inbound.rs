@@ -36,14 +36,17 @@ use crate::telemetry::{EdgeKey, Mode, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
-/// Removes the header a caller may have sent, and sets it for a call from
-/// `caller` to `pod` when the caller has an identity.
-pub fn set_client_cert(headers: &mut http::HeaderMap, pod: &Pod, caller: Option<&SpiffeId>) {
+/// The header for calls from `caller` to `pod`, when the caller has an
+/// identity; made once per connection, as both ends are the connection's.
+fn client_cert(pod: &Pod, caller: Option<&SpiffeId>) -> Option<HeaderValue> {
+    caller.and_then(|peer| HeaderValue::try_from(format!("By={};URI={peer}", pod.identity)).ok())
+}
+
+/// Removes the header a caller may have sent, and sets `value`, if any.
+fn set_client_cert(headers: &mut http::HeaderMap, value: Option<&HeaderValue>) {
     headers.remove(XFCC);
-    let value = caller
-        .and_then(|peer| HeaderValue::try_from(format!("By={};URI={peer}", pod.identity)).ok());
     if let Some(value) = value {
-        headers.insert(XFCC, value);
+        headers.insert(XFCC, value.clone());
     }
 }
 
@@ -71,6 +74,7 @@ fn admit_request(
     proxy: &Proxy,
     pod: &Pod,
     caller: &Caller,
+    client_cert: Option<&HeaderValue>,
     app: SocketAddr,
     request: &mut Request<Body>,
 ) -> Result<(), Box<Response<Body>>> {
@@ -83,7 +87,7 @@ fn admit_request(
             *request.uri_mut() = uri;
         }
     }
-    set_client_cert(request.headers_mut(), pod, caller.identity.as_ref());
+    set_client_cert(request.headers_mut(), client_cert);
     let host = request
         .uri()
         .authority()
@@ -153,6 +157,7 @@ pub async fn serve<S: Client>(
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
+    let client_cert = client_cert(pod, caller.identity.as_ref());
     let stamp = move |request: Request<Incoming>| {
         let grpc = is_grpc(&request);
         let (mut parts, incoming) = request.into_parts();
@@ -163,7 +168,8 @@ pub async fn serve<S: Client>(
         let (measured, counted) = Measured::start(&proxy.telemetry, &side, grpc, &parts, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
-        let admitted = admit_request(proxy, pod, caller, app, &mut request).map(|()| request);
+        let cert = client_cert.as_ref();
+        let admitted = admit_request(proxy, pod, caller, cert, app, &mut request).map(|()| request);
         (Answer { measured, span }, admitted)
     };
     let edge = EdgeKey {
@@ -193,7 +199,10 @@ pub async fn serve<S: Client>(
                 let (pending, request) = stamp(request);
                 async move {
                     let response = match request {
-                        Ok(request) => reply(send.send_request(request).await, app),
+                        Ok(request) => {
+                            let logged = pending.measured.logged();
+                            reply(send.send_request(request).await, app, logged)
+                        }
                         Err(denied) => *denied,
                     };
                     Ok::<_, Infallible>(answer(pending, response))
@@ -232,7 +241,8 @@ pub async fn serve<S: Client>(
                             tokio::spawn(splice(client_side, app_side, activity, idle));
                         }
                     }
-                    let mut response = answer(pending, reply(response, app));
+                    let response = reply(response, app, pending.measured.logged());
+                    let mut response = answer(pending, response);
                     draining.close_after(&mut response);
                     Ok::<_, Infallible>(response)
                 }
@@ -275,12 +285,19 @@ async fn splice(
     }
 }
 
-/// The application's answer (`app` marked as the upstream that gave it),
-/// or a 502.
-fn reply(response: hyper::Result<Response<Incoming>>, app: SocketAddr) -> Response<Body> {
+/// The application's answer, or a 502. `app` is marked as the upstream
+/// that gave it only for the access log (`logged`): the extension costs two
+/// allocations a request.
+fn reply(
+    response: hyper::Result<Response<Incoming>>,
+    app: SocketAddr,
+    logged: bool,
+) -> Response<Body> {
     match response {
         Ok(mut response) => {
-            response.extensions_mut().insert(Upstream(app));
+            if logged {
+                response.extensions_mut().insert(Upstream(app));
+            }
             response.map(body::incoming)
         }
         Err(e) => mark(

@@ -1,0 +1,146 @@
+//! `cargo xtask bench --focus [--against OTHER_NODEMESH]...`: the headline
+//! L7 + mTLS path alone, for profiling and for A/B comparisons of two agent
+//! builds.
+//!
+//! The full bench takes many minutes; working on the data path's cost needs
+//! a measurement that takes one. Per round and per agent build, on a fresh
+//! topology: direct max throughput (the reference), then L7 + mTLS to the
+//! Service (10 routes) at max throughput and at 2000 req/s. Builds alternate
+//! within a round, so a shared machine's load drifts over both alike. The
+//! agents' pids are printed before the meshed phases so that `perf record
+//! -p` or `strace -c -p` can be attached to them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use super::report::median;
+use super::results::{per_1000, CpuUse, HttpRun, Mode};
+use super::{human, mtls, Bench, Options, PhaseLog, Tools, CONNECTIONS, FIXED_RATE};
+use super::{Oha, ROUTE_COUNTS};
+
+/// One build's figures from one round.
+struct Sample {
+    direct_rps: f64,
+    max: (HttpRun, CpuUse),
+    fixed: (HttpRun, CpuUse),
+    rss_kib: [u64; 2],
+}
+
+pub(super) fn run(
+    nodemesh: &Path,
+    oha: &Oha,
+    tools: &Tools,
+    opts: &Options,
+    clk_tck: u64,
+) -> Result<()> {
+    let builds: Vec<PathBuf> = std::iter::once(nodemesh.to_path_buf())
+        .chain(opts.against.iter().cloned())
+        .collect();
+    let mut samples: Vec<Vec<Sample>> = builds.iter().map(|_| Vec::new()).collect();
+    for round in 1..=opts.rounds {
+        for (build, out) in builds.iter().zip(&mut samples) {
+            println!("\n== round {round}/{}: {} ==", opts.rounds, build.display());
+            let mut bench = Bench::new(build, oha, tools, opts, clk_tck)?;
+            out.push(measure(&mut bench)?);
+        }
+    }
+    println!(
+        "\nL7 + mTLS ({} routes), {CONNECTIONS} keep-alive connections, {} phases, medians of {} \
+         round(s); CPU and context switches are both agents' per request:",
+        ROUTE_COUNTS[0],
+        human(opts.duration),
+        opts.rounds
+    );
+    println!(
+        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>12}",
+        "build",
+        "req/s",
+        "% direct",
+        "ms/1000",
+        "cs/req",
+        "ms/1000@2k",
+        "cs/req@2k",
+        "p50@2k ms",
+        "RSS a/b MB"
+    );
+    for (build, s) in builds.iter().zip(&samples) {
+        let med = |f: &dyn Fn(&Sample) -> f64| median(s.iter().map(f));
+        let cs = |(run, cpu): &(HttpRun, CpuUse)| cpu.proxy_context_switches as f64 / run.ok as f64;
+        println!(
+            "{:<40} {:>9.0} {:>8.1} {:>10.1} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>5.1}/{:<5.1}",
+            build.display().to_string(),
+            med(&|x| x.max.0.rps),
+            med(&|x| 100.0 * x.max.0.rps / x.direct_rps),
+            med(&|x| per_1000(x.max.1.proxies_total(), x.max.0.ok)),
+            med(&|x| cs(&x.max)),
+            med(&|x| per_1000(x.fixed.1.proxies_total(), x.fixed.0.ok)),
+            med(&|x| cs(&x.fixed)),
+            med(&|x| x.fixed.0.p50_ms),
+            med(&|x| x.rss_kib[0] as f64 / 1024.0),
+            med(&|x| x.rss_kib[1] as f64 / 1024.0),
+        );
+    }
+    Ok(())
+}
+
+fn measure(bench: &mut Bench) -> Result<Sample> {
+    let mut log = PhaseLog {
+        mode: Mode::Direct,
+        steps: (0, 3),
+        warnings: Vec::new(),
+        memory_trace: Vec::new(),
+    };
+    let d = human(bench.opts.duration);
+    let conns = CONNECTIONS.to_string();
+    let pod = bench.pod_url();
+    bench.warm_up(&pod)?;
+    log.step("direct max throughput");
+    let (direct, _) = bench.phase(&mut log, "direct", |b| {
+        b.oha(&["-c", &conns, "-z", &d, &pod], "direct")
+    })?;
+    println!("        {:.0} req/s", direct.rps);
+
+    bench.set_enrolled(true)?;
+    log.mode = Mode::MeshedMtls;
+    let url = bench.service_url();
+    super::until_config_applied(|| {
+        mtls::check_hop(&bench.topo, &bench.client_netns, &url, Mode::MeshedMtls)
+    })?;
+    bench.warm_up(&url)?;
+    let pids = bench.agent_pids()?;
+    println!(
+        "  agents: node-a pid {}, node-b pid {} (attach profilers now)",
+        pids[0], pids[1]
+    );
+    log.step("L7 + mTLS max throughput");
+    let max = bench.phase(&mut log, "max", |b| {
+        b.oha(&["-c", &conns, "-z", &d, &url], "max")
+    })?;
+    println!(
+        "        {:.0} req/s; agents {:.1} ms CPU per 1000 req, {:.2} context switches per req",
+        max.0.rps,
+        per_1000(max.1.proxies_total(), max.0.ok),
+        max.1.proxy_context_switches as f64 / max.0.ok as f64
+    );
+    log.step(&format!("L7 + mTLS at {FIXED_RATE} req/s"));
+    let rate = FIXED_RATE.to_string();
+    let fixed = bench.phase(&mut log, "fixed", |b| {
+        b.oha(&["-c", &conns, "-q", &rate, "-z", &d, &url], "fixed")
+    })?;
+    println!(
+        "        {} requests, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req, {:.2} context switches \
+         per req",
+        fixed.0.ok,
+        fixed.0.p50_ms,
+        per_1000(fixed.1.proxies_total(), fixed.0.ok),
+        fixed.1.proxy_context_switches as f64 / fixed.0.ok as f64
+    );
+    let memory = bench.proxy_memory(Mode::MeshedMtls)?;
+    Ok(Sample {
+        direct_rps: direct.rps,
+        max,
+        fixed,
+        rss_kib: [memory[0].rss_kib, memory[1].rss_kib],
+    })
+}
