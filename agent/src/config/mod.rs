@@ -111,6 +111,8 @@ impl Namespace {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
     pub name: String,
+    /// Gateways select the agents that serve them by these.
+    pub labels: BTreeMap<String, String>,
     /// `InternalIP` addresses, in the order given.
     pub addresses: Vec<IpAddr>,
 }
