@@ -528,6 +528,7 @@ impl Loader {
                 .cluster_domain
                 .trim_end_matches('.')
                 .to_ascii_lowercase(),
+            root_namespace: opts.root_namespace.clone(),
             index: Index {
                 workload_by_address,
                 service_by_cluster_ip,

@@ -161,7 +161,7 @@ pub(super) fn gateway_key(name: &str, namespace: &str) -> String {
 }
 
 /// Forwarding destinations, then mirrors.
-fn destinations_mut(route: &mut HttpRoute) -> impl Iterator<Item = &mut Destination> {
+pub(super) fn destinations_mut(route: &mut HttpRoute) -> impl Iterator<Item = &mut Destination> {
     let forward = match &mut route.action {
         RouteAction::Forward(destinations) => &mut destinations[..],
         _ => &mut [],

@@ -237,14 +237,15 @@ impl IngressTable {
     }
 
     /// The server and routes for a request to `port` with `authority`.
-    pub fn select<'a>(
-        &'a self,
-        labels: &'a BTreeMap<String, String>,
+    pub fn select(
+        &self,
+        labels: &BTreeMap<String, String>,
         port: u16,
         authority: &str,
-    ) -> Option<Selected<'a>> {
+    ) -> Option<Selected<'_>> {
         let host = request_host(authority);
-        self.served_by(labels).find_map(|gateway| {
+        let mut served = self.gateways.iter().filter(|g| g.selects(labels));
+        served.find_map(|gateway| {
             let server = gateway.servers.iter().find(|s| {
                 s.port == port && s.not_served.is_none() && s.admits_host(&host)
             })?;
@@ -338,7 +339,8 @@ pub(super) fn bind(
             if !vs.applies(scope) {
                 continue;
             }
-            let routes = vs.routes_at(scope);
+            let mut routes = vs.routes_at(scope);
+            default_ports(&mut routes, config, origin, warnings);
             for server in gateway.servers.iter_mut().filter(|s| s.protocol.is_http()) {
                 bind_hosts(origin, vs, &routes, server, &gateway.key, config, warnings);
             }
@@ -376,6 +378,41 @@ fn bind_hosts(
                 domain,
                 routes: VirtualHost::new(origin.to_string(), routes.to_vec()),
             });
+        }
+    }
+}
+
+/// A destination without a port at a Gateway goes to the Service's only
+/// port, as in Istio (a workload's request keeps the port it dialled).
+fn default_ports(
+    routes: &mut [super::HttpRoute],
+    config: &Config,
+    origin: &Origin,
+    warnings: &mut Vec<String>,
+) {
+    for route in routes {
+        let name = route.name.clone();
+        for destination in super::compile::destinations_mut(route) {
+            if destination.port.is_some() {
+                continue;
+            }
+            let Some(service) = config.service_by_key(&destination.service) else {
+                continue;
+            };
+            let tcp: Vec<_> = service
+                .ports
+                .iter()
+                .filter(|p| p.protocol == crate::config::Protocol::Tcp)
+                .collect();
+            match tcp.as_slice() {
+                [only] => destination.port = Some(only.port),
+                _ => warnings.push(format!(
+                    "{origin}: route {name}: Service {} has {} ports; at a Gateway a \
+                     destination needs port.number (requests to it get 503)",
+                    destination.service,
+                    tcp.len()
+                )),
+            }
         }
     }
 }
