@@ -26,7 +26,13 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
         Query::Gateways => {
             table(
                 &[
-                    "GATEWAY", "SERVER", "ADDRESSES", "PORT", "PROTOCOL", "HOSTS", "ROUTES",
+                    "GATEWAY",
+                    "SERVER",
+                    "ADDRESSES",
+                    "PORT",
+                    "PROTOCOL",
+                    "HOSTS",
+                    "ROUTES",
                     "STATE",
                 ],
                 rows(&answer["servers"]).iter().map(|s| {

@@ -13,8 +13,8 @@ use nodemesh_testbed::topology::run_checked;
 use nodemesh_testbed::workload_apps::{curl_many_in, python3, Reply};
 use serde_json::Value;
 
-/// The outside client's address on the fabric: `10.0.0.200`.
-const OUTSIDE_INDEX: u8 = 200;
+/// The outside client's address on the fabric: `10.0.0.210` (the CA is .200, the API forwarder .201).
+const OUTSIDE_INDEX: u8 = 210;
 
 fn app_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mesh-app"))
@@ -41,7 +41,12 @@ fn get(mesh: &Mesh, outside: &str, url: &str, n: usize, args: &[&str]) -> Vec<Re
 /// Waits (15 s at most) until `node` reports Gateway `gateway`'s server
 /// in a state for which `done` holds (listeners follow a config change
 /// once the agent reconciles).
-fn wait_state(mesh: &Mesh, node: &str, gateway: &str, done: impl Fn(Option<&str>) -> bool) -> String {
+fn wait_state(
+    mesh: &Mesh,
+    node: &str,
+    gateway: &str,
+    done: impl Fn(Option<&str>) -> bool,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let gateways = cli_json(mesh, node, &["gateways", "-o", "json"]);
@@ -106,7 +111,13 @@ fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
     mesh.bookinfo().unwrap();
     let (mesh, outside) = with_outside(mesh);
     // Nothing listens on port 80 before a Gateway asks for it.
-    let before = get(&mesh, &outside, &at(&mesh, "node-a", "/productpage"), 1, &[]);
+    let before = get(
+        &mesh,
+        &outside,
+        &at(&mesh, "node-a", "/productpage"),
+        1,
+        &[],
+    );
     assert_eq!(before[0].status, 0, "{before:?}");
 
     mesh.apply(
@@ -125,7 +136,7 @@ fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
             assert_eq!(doc["name"], "productpage-v1", "{doc:#}");
             // The application sees the outside client as Istio's gateway
             // reports it.
-            assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.200", "{doc:#}");
+            assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.210", "{doc:#}");
             assert_eq!(doc["headers"]["x-forwarded-proto"], "http", "{doc:#}");
             assert_eq!(
                 doc["headers"]["x-request-id"].as_str().map(str::len),
@@ -141,7 +152,10 @@ fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
     // `nodemesh gateways` says what the node serves.
     let gateways = cli_json(&mesh, "node-a", &["gateways", "-o", "json"]);
     let server = &gateways["servers"][0];
-    assert_eq!(server["gateway"], "default/bookinfo-gateway", "{gateways:#}");
+    assert_eq!(
+        server["gateway"], "default/bookinfo-gateway",
+        "{gateways:#}"
+    );
     assert_eq!(server["port"], 80, "{gateways:#}");
     assert_eq!(server["state"], "listening", "{gateways:#}");
     assert_eq!(
@@ -291,6 +305,23 @@ fn a_canary_at_a_gateway_and_strict_mtls_behind_it() {
     }
     let versions = count_by(&get(&mesh, &outside, &url, 50, &canary), Reply::version);
     assert_eq!(versions, only("v2", 50));
+    // The destination reports the ingress as the caller, over mutual TLS.
+    let metrics = format!(
+        "http://{}:15020/metrics",
+        mesh.topo().node("node-b").address
+    );
+    let metrics = get(&mesh, &outside, &metrics, 1, &[]).remove(0).body;
+    let from_ingress = metrics.lines().find(|l| {
+        l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("source_workload=\"nodemesh-ingress\"")
+            && l.contains(
+                "source_principal=\"spiffe://cluster.local/ns/istio-system/sa/nodemesh-ingress\"",
+            )
+            && l.contains("destination_workload=\"web-v2\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+    });
+    assert!(from_ingress.is_some(), "{metrics}");
     // A host the Gateway does not serve.
     let other = get(&mesh, &outside, &url, 1, &["-H", "Host: other.example.com"]);
     assert_eq!(other[0].status, 404, "{other:?}");
@@ -299,7 +330,14 @@ fn a_canary_at_a_gateway_and_strict_mtls_behind_it() {
     // mutual TLS (its own identity), a direct plaintext call is refused.
     let web = mesh.topo().pod("web-v1-a").address;
     run_checked(&[
-        "ip", "-n", &outside, "route", "add", "10.1.0.0/16", "via", "10.0.0.1",
+        "ip",
+        "-n",
+        &outside,
+        "route",
+        "add",
+        "10.1.0.0/16",
+        "via",
+        "10.0.0.1",
     ])
     .unwrap();
     let direct = format!("http://{web}:9080/");
@@ -332,9 +370,7 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
     mesh.topo_mut()
         .spawn_in(
             &node_a.netns,
-            &[
-                python3(), "-m", "http.server", "8081", "--bind", &taken,
-            ],
+            &[python3(), "-m", "http.server", "8081", "--bind", &taken],
             "port-taker",
         )
         .unwrap();
@@ -352,14 +388,20 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
         "{on_a}"
     );
     wait_state(&mesh, "node-b", second, |s| s == Some("listening"));
-    assert_eq!(get(&mesh, &outside, &url, 10, &host).iter().filter(|r| r.status == 200).count(), 10);
+    assert_eq!(
+        get(&mesh, &outside, &url, 10, &host)
+            .iter()
+            .filter(|r| r.status == 200)
+            .count(),
+        10
+    );
 
     // A host already claimed on the same port by another Gateway (the
     // older wins; without timestamps, the first by namespace/name).
     let claim = WEB_GATEWAY.replace("website-gateway", "website-thief");
     mesh.apply("thief.yaml", &claim).unwrap();
-    let warnings = mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"]
-        .to_string();
+    let warnings =
+        mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"].to_string();
     for part in [
         "Gateway default/website-thief (",
         "thief.yaml",
@@ -377,8 +419,8 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
         .replace("name: web\n", "name: orphan\n")
         .replace("- website-gateway", "- no-such-gateway");
     mesh.apply("orphan.yaml", &orphan).unwrap();
-    let warnings = mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"]
-        .to_string();
+    let warnings =
+        mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"].to_string();
     for part in [
         "VirtualService default/orphan (",
         "orphan.yaml",
@@ -396,7 +438,11 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
         .replace("website-gateway", "bound-gateway")
         .replace("    hosts:\n", "    bind: 10.0.0.1\n    hosts:\n");
     let error = mesh.reject("bound.yaml", &bind).unwrap();
-    for part in ["bound.yaml", "Gateway default/bound-gateway", "spec.servers[0].bind"] {
+    for part in [
+        "bound.yaml",
+        "Gateway default/bound-gateway",
+        "spec.servers[0].bind",
+    ] {
         assert!(error.contains(part), "{part:?} not in {error}");
     }
     let replies = get(&mesh, &outside, &url, 20, &host);

@@ -92,9 +92,7 @@ impl Ingress {
     fn open(&self, pod: &Arc<Pod>, addresses: Vec<SocketAddr>) -> Port {
         let bound: Result<Vec<_>, String> = addresses
             .iter()
-            .map(|&addr| {
-                listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
-            })
+            .map(|&addr| listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
             .collect();
         match bound {
             Ok(sockets) => {

@@ -95,9 +95,7 @@ impl VirtualServiceDraft {
     fn names(&self, name: &str, scope: Scope<'_>) -> bool {
         match scope {
             Scope::Mesh => name == "mesh",
-            Scope::Gateway(key) => {
-                name != "mesh" && gateway_key(name, &self.meta.namespace) == key
-            }
+            Scope::Gateway(key) => name != "mesh" && gateway_key(name, &self.meta.namespace) == key,
         }
     }
 
@@ -247,8 +245,8 @@ pub(crate) fn compile(
     let mut services = drafts.virtual_services;
     let gateway_keys: Vec<String> = drafts.gateways.iter().map(|(_, g)| g.key()).collect();
     for (origin, vs) in &mut services {
-        let bound = vs.applies(Scope::Mesh)
-            || gateway_keys.iter().any(|g| vs.applies(Scope::Gateway(g)));
+        let bound =
+            vs.applies(Scope::Mesh) || gateway_keys.iter().any(|g| vs.applies(Scope::Gateway(g)));
         if !bound {
             continue;
         }

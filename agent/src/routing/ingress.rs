@@ -17,7 +17,7 @@ use crate::config::{Config, Origin};
 
 use super::compile::{Scope, VirtualServiceDraft};
 use super::istio_gateway::GatewayDraft;
-use super::{RequestInfo, VirtualHost};
+use super::VirtualHost;
 
 /// The label every node counts as carrying.
 pub const IMPLICIT_NODE_LABEL: (&str, &str) = ("istio", "ingressgateway");
@@ -213,10 +213,6 @@ pub struct Selected<'a> {
 }
 
 impl IngressTable {
-    pub fn gateways(&self) -> &[Gateway] {
-        &self.gateways
-    }
-
     /// The Gateways an agent whose Node carries `labels` serves.
     pub fn served_by<'a>(
         &'a self,
@@ -246,22 +242,16 @@ impl IngressTable {
         let host = request_host(authority);
         let mut served = self.gateways.iter().filter(|g| g.selects(labels));
         served.find_map(|gateway| {
-            let server = gateway.servers.iter().find(|s| {
-                s.port == port && s.not_served.is_none() && s.admits_host(&host)
-            })?;
+            let server = gateway
+                .servers
+                .iter()
+                .find(|s| s.port == port && s.not_served.is_none() && s.admits_host(&host))?;
             Some(Selected {
                 gateway,
                 server,
                 routes: server.routes_for(&host),
             })
         })
-    }
-}
-
-impl Selected<'_> {
-    /// The route taken and its matching block, like [`VirtualHost::select`].
-    pub fn route(&self, request: &RequestInfo<'_>) -> Option<(&super::HttpRoute, Option<usize>)> {
-        self.routes?.routes.select(request)
     }
 }
 
@@ -435,15 +425,21 @@ fn report_missing(
     gateways: &[Gateway],
     warnings: &mut Vec<String>,
 ) {
-    let top = vs.gateways.iter().enumerate().map(|(i, name)| {
-        (format!("spec.gateways[{i}]"), name)
-    });
+    let top = vs
+        .gateways
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (format!("spec.gateways[{i}]"), name));
     let per_match = vs.routes.iter().enumerate().flat_map(|(r, draft)| {
-        draft.match_gateways.iter().enumerate().flat_map(move |(m, list)| {
-            list.iter().enumerate().map(move |(k, name)| {
-                (format!("spec.http[{r}].match[{m}].gateways[{k}]"), name)
+        draft
+            .match_gateways
+            .iter()
+            .enumerate()
+            .flat_map(move |(m, list)| {
+                list.iter().enumerate().map(move |(k, name)| {
+                    (format!("spec.http[{r}].match[{m}].gateways[{k}]"), name)
+                })
             })
-        })
     });
     for (field, name) in top.chain(per_match) {
         if name == "mesh" {

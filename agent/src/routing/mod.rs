@@ -8,8 +8,10 @@
 
 mod compile;
 mod gateway;
-pub mod ingress;
 mod index;
+pub mod ingress;
+#[cfg(test)]
+mod ingress_tests;
 mod istio;
 mod istio_gateway;
 mod matching;

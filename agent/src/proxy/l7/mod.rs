@@ -336,7 +336,10 @@ impl NoRoute {
 
 /// The Service a request is for (`namespace/name`), and the route it takes
 /// (`None`: no object routes the Service) with its matching block.
-type Chosen<'c> = (String, Option<(&'c crate::routing::HttpRoute, Option<usize>)>);
+type Chosen<'c> = (
+    String,
+    Option<(&'c crate::routing::HttpRoute, Option<usize>)>,
+);
 
 impl Downstream {
     /// The route of the Service the workload dialled.
