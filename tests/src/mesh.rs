@@ -304,6 +304,16 @@ impl Mesh {
         })
     }
 
+    /// Applies Istio's `virtual-service-all-v1.yaml` (as that file) with its
+    /// `reviews` object replaced by the Bookinfo sample `reviews_sample`
+    /// (e.g. `virtual-service-reviews-v3`), as Istio's tasks do.
+    pub fn apply_all_v1_with_reviews(&self, reviews_sample: &str) -> Result<()> {
+        let all_v1 = bookinfo_example("virtual-service-all-v1");
+        let reviews = bookinfo_example(reviews_sample);
+        let yaml = replace_object(&all_v1, "reviews", &reviews);
+        self.apply("virtual-service-all-v1.yaml", &yaml)
+    }
+
     /// Removes `file` from the config directory and waits until both agents
     /// run a new generation without error.
     pub fn delete(&self, file: &str) -> Result<()> {

@@ -7,9 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nodemesh_testbed::mesh::{
-    bookinfo_example, count_by, only, replace_object, reviews_versions, Mesh,
-};
+use nodemesh_testbed::mesh::{bookinfo_example, count_by, only, reviews_versions, Mesh};
 use nodemesh_testbed::topology::run_checked;
 use nodemesh_testbed::workload_apps::{curl_many_in, python3, Reply};
 use serde_json::Value;
@@ -106,7 +104,6 @@ fn cli_json(mesh: &Mesh, node: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-
 #[test]
 fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
     let mut mesh = Mesh::new(app_bin()).unwrap();
@@ -176,23 +173,15 @@ fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
     );
 
     // Bookinfo's routing samples apply to traffic from the ingress.
-    let all_v1 = bookinfo_example("virtual-service-all-v1");
-    let with_reviews = |reviews: &str| replace_object(&all_v1, "reviews", reviews);
-    mesh.apply(
-        "virtual-service-all-v1.yaml",
-        &with_reviews(&bookinfo_example("virtual-service-reviews-test-v2")),
-    )
-    .unwrap();
+    mesh.apply_all_v1_with_reviews("virtual-service-reviews-test-v2")
+        .unwrap();
     let url = at(&mesh, "node-b", "/productpage");
     let jason = get(&mesh, &outside, &url, 50, &["-H", "end-user: jason"]);
     let others = get(&mesh, &outside, &url, 50, &[]);
     assert_eq!(reviews_versions(&jason), only("v2", 50));
     assert_eq!(reviews_versions(&others), only("v1", 50));
-    mesh.apply(
-        "virtual-service-all-v1.yaml",
-        &with_reviews(&bookinfo_example("virtual-service-reviews-v3")),
-    )
-    .unwrap();
+    mesh.apply_all_v1_with_reviews("virtual-service-reviews-v3")
+        .unwrap();
     let pages = get(&mesh, &outside, &url, 50, &[]);
     assert_eq!(reviews_versions(&pages), only("v3", 50));
 

@@ -42,7 +42,6 @@ fn versions(replies: &[Reply]) -> BTreeMap<String, u64> {
     count_by(replies, Reply::version)
 }
 
-
 #[track_caller]
 fn assert_share(counts: &BTreeMap<String, u64>, key: &str, percent: f64) {
     let total: u64 = counts.values().sum();
@@ -97,13 +96,10 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     assert_eq!(page["calls"][0]["body"]["name"], "details-v1", "{page:#}");
 
     // Istio's request-routing task: end-user jason → reviews v2, others v1.
+    mesh.apply_all_v1_with_reviews("virtual-service-reviews-test-v2")
+        .unwrap();
     let all_v1 = bookinfo_example("virtual-service-all-v1");
     let with_reviews = |reviews: &str| replace_object(&all_v1, "reviews", reviews);
-    mesh.apply(
-        "virtual-service-all-v1.yaml",
-        &with_reviews(&bookinfo_example("virtual-service-reviews-test-v2")),
-    )
-    .unwrap();
     let jason = mesh.get_many(CLIENT, PRODUCTPAGE, 200, JASON).unwrap();
     let others = mesh.get_many(CLIENT, PRODUCTPAGE, 200, &[]).unwrap();
     assert_eq!(reviews_versions(&jason), only("v2", 200));
