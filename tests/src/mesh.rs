@@ -304,6 +304,16 @@ impl Mesh {
         })
     }
 
+    /// Applies Istio's `virtual-service-all-v1.yaml` (as that file) with its
+    /// `reviews` object replaced by the Bookinfo sample `reviews_sample`
+    /// (e.g. `virtual-service-reviews-v3`), as Istio's tasks do.
+    pub fn apply_all_v1_with_reviews(&self, reviews_sample: &str) -> Result<()> {
+        let all_v1 = bookinfo_example("virtual-service-all-v1");
+        let reviews = bookinfo_example(reviews_sample);
+        let yaml = replace_object(&all_v1, "reviews", &reviews);
+        self.apply("virtual-service-all-v1.yaml", &yaml)
+    }
+
     /// Removes `file` from the config directory and waits until both agents
     /// run a new generation without error.
     pub fn delete(&self, file: &str) -> Result<()> {
@@ -522,6 +532,22 @@ pub(crate) fn wait_agent_for(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The version of `reviews` that served each productpage request.
+pub fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
+    count_by(replies, |r| match r.json() {
+        Some(doc) => doc["calls"][1]["body"]["version"]
+            .as_str()
+            .unwrap_or("no reviews")
+            .to_owned(),
+        None => format!("status {}", r.status),
+    })
+}
+
+/// Counts in which every one of `n` replies had `key`.
+pub fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
+    BTreeMap::from([(key.to_owned(), n)])
 }
 
 /// Counts `key(reply)` over replies.

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config::ServicePort;
-use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{
+    bookinfo_example, count_by, only, replace_object, reviews_versions, Mesh, CLIENT,
+};
 use nodemesh_testbed::workload_apps::{python3, wait_listening, Reply};
 use serde_json::Value;
 
@@ -38,22 +40,6 @@ fn bookinfo() -> Mesh {
 
 fn versions(replies: &[Reply]) -> BTreeMap<String, u64> {
     count_by(replies, Reply::version)
-}
-
-/// The version of `reviews` that served each productpage request.
-fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
-    count_by(replies, |r| match r.json() {
-        Some(doc) => doc["calls"][1]["body"]["version"]
-            .as_str()
-            .unwrap_or("no reviews")
-            .to_owned(),
-        None => format!("status {}", r.status),
-    })
-}
-
-/// Counts in which every one of `n` replies had `key`.
-fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
-    BTreeMap::from([(key.to_owned(), n)])
 }
 
 #[track_caller]
@@ -110,13 +96,10 @@ fn bookinfo_routes_everything_to_v1_then_jason_to_reviews_v2_and_edits_apply_liv
     assert_eq!(page["calls"][0]["body"]["name"], "details-v1", "{page:#}");
 
     // Istio's request-routing task: end-user jason → reviews v2, others v1.
+    mesh.apply_all_v1_with_reviews("virtual-service-reviews-test-v2")
+        .unwrap();
     let all_v1 = bookinfo_example("virtual-service-all-v1");
     let with_reviews = |reviews: &str| replace_object(&all_v1, "reviews", reviews);
-    mesh.apply(
-        "virtual-service-all-v1.yaml",
-        &with_reviews(&bookinfo_example("virtual-service-reviews-test-v2")),
-    )
-    .unwrap();
     let jason = mesh.get_many(CLIENT, PRODUCTPAGE, 200, JASON).unwrap();
     let others = mesh.get_many(CLIENT, PRODUCTPAGE, 200, &[]).unwrap();
     assert_eq!(reviews_versions(&jason), only("v2", 200));

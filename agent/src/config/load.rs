@@ -105,6 +105,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    Gateway,
     PeerAuthentication,
     AuthorizationPolicy,
     Telemetry,
@@ -117,7 +118,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -126,6 +127,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
+        Kind::Gateway,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
@@ -138,7 +140,7 @@ impl Kind {
             Kind::Workload => &["nodemesh.io/v1alpha1"],
             Kind::Namespace | Kind::Node | Kind::Service => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
-            Kind::VirtualService | Kind::DestinationRule => ISTIO_NETWORKING,
+            Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => ISTIO_NETWORKING,
             Kind::HttpRoute => &[
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
@@ -160,6 +162,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::Gateway => "Gateway",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
@@ -224,6 +227,11 @@ pub(crate) struct Issues(Vec<(String, String)>);
 impl Issues {
     pub(crate) fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push((field.into(), message.into()));
+    }
+
+    /// Problems found so far.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -418,6 +426,11 @@ impl Loader {
                     self.routing.http_routes.push((origin, draft));
                 }
             }
+            Kind::Gateway => {
+                if let Some(draft) = self.parse(&origin, doc, routing::istio_gateway) {
+                    self.routing.gateways.push((origin, draft));
+                }
+            }
             Kind::PeerAuthentication => {
                 if let Some(draft) = self.parse(&origin, doc, security::peer_authentication) {
                     self.peer_authentications.push((origin, draft));
@@ -515,6 +528,7 @@ impl Loader {
                 .cluster_domain
                 .trim_end_matches('.')
                 .to_ascii_lowercase(),
+            root_namespace: opts.root_namespace.clone(),
             index: Index {
                 workload_by_address,
                 service_by_cluster_ip,
@@ -727,6 +741,7 @@ fn node(doc: NodeDoc, issues: &mut Issues) -> Node {
     }
     Node {
         name: doc.metadata.name,
+        labels: doc.metadata.labels,
         addresses,
     }
 }
@@ -1298,6 +1313,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
+                         networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
                          telemetry.istio.io/v1|v1alpha1 Telemetry)";

@@ -111,6 +111,8 @@ impl Namespace {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
     pub name: String,
+    /// Gateways select the agents that serve them by these.
+    pub labels: BTreeMap<String, String>,
     /// `InternalIP` addresses, in the order given.
     pub addresses: Vec<IpAddr>,
 }
@@ -220,6 +222,8 @@ pub struct Config {
     services: Vec<Service>,
     /// Lowercase, without trailing dot.
     cluster_domain: String,
+    /// Istio's `rootNamespace`: mesh-wide policies, and the ingress's identity.
+    root_namespace: String,
     #[serde(skip)]
     index: Index,
     #[serde(skip)]
@@ -251,6 +255,7 @@ impl Config {
             workloads: Vec::new(),
             services: Vec::new(),
             cluster_domain: LoadOptions::default().cluster_domain,
+            root_namespace: LoadOptions::default().root_namespace,
             index: Index::default(),
             routing: RoutingTable::default(),
             peer_authentications: PeerAuthentications::default(),
@@ -295,6 +300,11 @@ impl Config {
         &self.cluster_domain
     }
 
+    /// Istio's `rootNamespace` (`istio-system`).
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
     /// Sorted by name.
     pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
         self.namespaces.values()
@@ -306,6 +316,11 @@ impl Config {
 
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.get(name)
+    }
+
+    /// Sorted by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
     }
 
     pub fn workloads(&self) -> &[Workload] {
