@@ -10,6 +10,7 @@ pub mod config;
 pub mod dns;
 pub mod ebpf;
 pub mod identity;
+pub mod ingress;
 pub mod lifecycle;
 pub mod memory;
 pub mod netns;

@@ -20,6 +20,7 @@ use super::endpoint_slice::{self, EndpointSlice, SlicesByService};
 use super::model::{
     self, Metadata, NamespaceDoc, NodeDoc, Object, ServiceSpec, TargetPort, WorkloadSpec,
 };
+use super::secret::{self, SecretDraft, Secrets};
 use super::source::{self, ReadError};
 use super::{
     yaml, Config, ConfigError, ConfigErrors, Index, Limits, LoadOptions, Namespace, Node, Service,
@@ -108,6 +109,7 @@ enum Kind {
     PeerAuthentication,
     AuthorizationPolicy,
     Telemetry,
+    Secret,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -117,7 +119,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -129,6 +131,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
+        Kind::Secret,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -136,7 +139,7 @@ impl Kind {
     fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Workload => &["nodemesh.io/v1alpha1"],
-            Kind::Namespace | Kind::Node | Kind::Service => &["v1"],
+            Kind::Namespace | Kind::Node | Kind::Service | Kind::Secret => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
             Kind::VirtualService | Kind::DestinationRule => ISTIO_NETWORKING,
             Kind::HttpRoute => &[
@@ -163,6 +166,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -225,6 +229,19 @@ impl Issues {
     pub(crate) fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push((field.into(), message.into()));
     }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// (field path, message) pairs.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(String, String)> {
+        self.0.iter()
+    }
 }
 
 struct Loader {
@@ -245,6 +262,7 @@ struct Loader {
     peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyDraft)>,
     telemetries: Vec<(Origin, TelemetryDraft)>,
+    secrets: Vec<(Origin, SecretDraft)>,
 }
 
 impl Loader {
@@ -264,6 +282,7 @@ impl Loader {
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
             telemetries: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 
@@ -434,6 +453,11 @@ impl Loader {
                     self.telemetries.push((origin, draft));
                 }
             }
+            Kind::Secret => {
+                if let Some(draft) = self.parse(&origin, doc, secret::secret) {
+                    self.secrets.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -524,6 +548,7 @@ impl Loader {
             routing: RoutingTable::default(),
             authorizations: Authorizations::default(),
             telemetries: Telemetries::default(),
+            secrets: Secrets::compile(self.secrets),
             peer_authentications: PeerAuthentications::compile(
                 self.peer_authentications,
                 &opts.root_namespace,

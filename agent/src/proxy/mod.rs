@@ -21,9 +21,9 @@ mod idle;
 mod inbound;
 mod l7;
 mod outbound;
-mod peer;
+pub(crate) mod peer;
 pub mod relay;
-mod sni;
+pub(crate) mod sni;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;

@@ -1,0 +1,3 @@
+//! The node agent as the mesh's ingress gateway (Istio `Gateway`).
+
+pub mod tls;
