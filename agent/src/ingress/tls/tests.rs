@@ -478,3 +478,126 @@ fn reports_unusable_settings_by_field() {
     .unwrap_err();
     assert_eq!(issues, ["spec.servers[0].tls.credentialName: Secret cred-cacert not found (looked in web, istio-system)"]);
 }
+
+#[tokio::test]
+async fn istio_mutual_presents_the_node_credential_and_requires_a_mesh_client() {
+    use crate::ca::{self, Authority, Source};
+    use crate::config::test_support::TestDir;
+    use crate::identity::{Identities, IdentitiesSettings, NodeCredential};
+
+    let dir = TestDir::new();
+    let source = Source::StateDir(dir.path().join("state"));
+    let credential = dir.path().join("node-a");
+    ca::issue_node(
+        &source,
+        "cluster.local",
+        "node-a",
+        Duration::from_secs(3600),
+        &credential,
+    )
+    .unwrap();
+    let identities = Identities::new(IdentitiesSettings {
+        trust_domain: "cluster.local".into(),
+        cert_lifetime: Duration::from_secs(3600),
+        ca_address: None,
+        node_credential: Some(
+            NodeCredential::load(&credential, "node-a", "cluster.local").unwrap(),
+        ),
+    });
+    let config = secrets(vec![]);
+    let tls = compile_tls(&config, PortKind::Http, json!({"mode": "ISTIO_MUTUAL"})).unwrap();
+    let hosts = vec!["*".to_owned()];
+    // Without the node credential there is nothing to present.
+    assert!(matches!(
+        TlsAcceptor::new([(hosts.as_slice(), tls.mode.as_ref())], None),
+        Err(TlsError::NoMeshCredential)
+    ));
+    let port =
+        TlsAcceptor::new([(hosts.as_slice(), tls.mode.as_ref())], Some(&identities)).unwrap();
+    // A mesh member's certificate (another node's, from the same CA).
+    let authority = Authority::load(&source, "cluster.local").unwrap();
+    let member = authority
+        .issue_node("node-b", Duration::from_secs(3600))
+        .unwrap();
+    let versions = rustls::DEFAULT_VERSIONS;
+    let mesh_client = |auth: Option<&ca::Credential>| {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            identities.trust_anchors(),
+            x509::provider(),
+        )
+        .build()
+        .unwrap();
+        let builder = ClientConfig::builder_with_provider(x509::provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyName(verifier)));
+        match auth {
+            Some(member) => {
+                let chain = x509::certs_from_pem(&member.chain_pem).unwrap();
+                let key = PrivateKeyDer::from_pem_slice(member.key_pem.as_bytes()).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+            None => builder.with_no_client_auth(),
+        }
+    };
+    let (server, client_side) = handshake(&port, mesh_client(Some(&member)), "node-a").await;
+    let server = terminated(server);
+    let presented = leaf_of(&client_side.unwrap());
+    let node_leaf = identities.node_certified_key().unwrap().cert[0].to_vec();
+    assert_eq!(presented, node_leaf);
+    let member_id = crate::identity::NodeId::new("cluster.local", "node-b").to_string();
+    assert_eq!(server.client.unwrap().subject_alt_names, [member_id]);
+
+    let (server, _) = handshake(&port, mesh_client(None), "node-a").await;
+    assert!(matches!(server, Err(AcceptError::Handshake(_))));
+}
+
+/// Chains to the mesh roots, whatever the name: node credentials carry a
+/// SPIFFE URI, not a DNS name.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
