@@ -25,6 +25,8 @@ pub enum Query {
     Connections,
     Certs,
     Routes,
+    /// The Gateways this node serves (`nodemesh gateways`).
+    Gateways,
     Explain(crate::proxy::ExplainRequest),
     /// The AuthorizationPolicies of one workload (`namespace/name`), or of
     /// every workload of the node.

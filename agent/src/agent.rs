@@ -23,6 +23,7 @@ use crate::config::{Config, ConfigStore, LoadOptions};
 use crate::dns::{self, Upstream};
 use crate::ebpf::Datapath;
 use crate::identity::{self, Identities};
+use crate::ingress::Ingress;
 use crate::lifecycle::handover::{HandedOver, Hello, Inherited, Kind, SocketId, Standbys, Start};
 use crate::lifecycle::ownership::{NodeLock, Owner};
 use crate::lifecycle::{self, Front};
@@ -70,6 +71,8 @@ struct Node {
     /// The node's workload certificates, kept in line with the config.
     identities: Arc<Identities>,
     enroller: Enroller,
+    /// Listeners of the Gateways this node serves.
+    ingress: Ingress,
     /// The first load has ended and enrollment follows the config.
     ready: AtomicBool,
 }
@@ -244,6 +247,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         Some(addr) => Some(telemetry::server::bind(addr).await?),
         None => None,
     };
+    let proxy_for_ingress = proxy.clone();
     let node = Arc::new(Node {
         settings,
         started: Instant::now(),
@@ -253,6 +257,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         proxy,
         identities,
         enroller,
+        ingress: Ingress::new(proxy_for_ingress),
         ready: AtomicBool::new(false),
     });
     front.owned_by(node.clone());
@@ -437,6 +442,7 @@ impl Responder for Node {
             Query::Connections => json!(self.proxy.recent_connections()),
             Query::Certs => json!(self.identities.certs()),
             Query::Routes => self.proxy.routes(&cfg),
+            Query::Gateways => self.ingress.status(&cfg),
             Query::Explain(ask) => self
                 .proxy
                 .explain(&cfg, &ask)
@@ -498,6 +504,7 @@ impl Node {
         let cfg = self.config.current();
         self.proxy.telemetry.refresh(&cfg, &self.settings.node);
         self.enroller.reconcile(&cfg);
+        self.ingress.reconcile(&cfg);
         self.identities.set_wanted(identity::on_node(
             &cfg,
             &self.settings.node,

@@ -23,6 +23,38 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
     match query {
         Query::Status => print_status(answer),
         Query::Routes => print_routes(answer),
+        Query::Gateways => {
+            table(
+                &[
+                    "GATEWAY",
+                    "SERVER",
+                    "ADDRESSES",
+                    "PORT",
+                    "PROTOCOL",
+                    "HOSTS",
+                    "ROUTES",
+                    "STATE",
+                ],
+                rows(&answer["servers"]).iter().map(|s| {
+                    let routes = rows(&s["routes"])
+                        .iter()
+                        .map(|r| format!("{} -> {}", text(&r["host"]), text(&r["virtualService"])))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    vec![
+                        text(&s["gateway"]),
+                        text(&s["server"]),
+                        list(&s["addresses"]),
+                        s["port"].to_string(),
+                        text(&s["protocol"]),
+                        list(&s["hosts"]),
+                        routes,
+                        text(&s["state"]),
+                    ]
+                }),
+            );
+            println!("identity: {}", text(&answer["identity"]));
+        }
         Query::Explain(_) => print_explain(answer),
         Query::Policies(_) => print_policies(answer),
         // `nodemesh stat`, `top` and `graph` render these (`crate::viz`).

@@ -43,6 +43,9 @@ enum Command {
     Connections(QueryArgs),
     /// The effective L7 routing table of every Service.
     Routes(QueryArgs),
+    /// The Istio Gateways this node serves: addresses, ports, hosts and the
+    /// VirtualServices bound to them.
+    Gateways(QueryArgs),
     /// Which route, subset, endpoints, faults, timeout and retries a request
     /// would get, and whether AuthorizationPolicy lets it through; nothing
     /// is sent.
@@ -387,6 +390,7 @@ fn main() -> ExitCode {
         Command::Services(q) => show(q, admin::Query::Services),
         Command::Connections(q) => show(q, admin::Query::Connections),
         Command::Routes(q) => show(q, admin::Query::Routes),
+        Command::Gateways(q) => show(q, admin::Query::Gateways),
         Command::Explain {
             from,
             url,

@@ -335,6 +335,17 @@ pub fn curl_many<P: PodRef + ?Sized, S: AsRef<str>>(
     extra_args: &[&str],
 ) -> Result<Vec<Reply>> {
     let netns = &topo.pod(pod.pod_name()).netns;
+    curl_many_in(topo, netns, urls, extra_args)
+}
+
+/// [`curl_many`] from any network namespace of the topology (a host
+/// outside the mesh, for instance).
+pub fn curl_many_in<S: AsRef<str>>(
+    topo: &Topology,
+    netns: &str,
+    urls: &[S],
+    extra_args: &[&str],
+) -> Result<Vec<Reply>> {
     let mut cmd = vec!["curl", "--max-time", "10", "-sS", "-w", REPLY_END];
     cmd.extend_from_slice(extra_args);
     cmd.extend(urls.iter().map(AsRef::as_ref));
@@ -355,8 +366,7 @@ pub fn curl_many<P: PodRef + ?Sized, S: AsRef<str>>(
         .collect();
     if replies.len() != urls.len() {
         bail!(
-            "curl in {} printed {} replies for {} URLs ({}): {}",
-            pod.pod_name(),
+            "curl in {netns} printed {} replies for {} URLs ({}): {}",
             replies.len(),
             urls.len(),
             out.status,

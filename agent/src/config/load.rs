@@ -106,6 +106,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    Gateway,
     PeerAuthentication,
     AuthorizationPolicy,
     Telemetry,
@@ -119,7 +120,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -128,6 +129,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
+        Kind::Gateway,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
@@ -141,7 +143,7 @@ impl Kind {
             Kind::Workload => &["nodemesh.io/v1alpha1"],
             Kind::Namespace | Kind::Node | Kind::Service | Kind::Secret => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
-            Kind::VirtualService | Kind::DestinationRule => ISTIO_NETWORKING,
+            Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => ISTIO_NETWORKING,
             Kind::HttpRoute => &[
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
@@ -163,6 +165,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::Gateway => "Gateway",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
@@ -234,6 +237,7 @@ impl Issues {
         self.0.is_empty()
     }
 
+    /// Problems found so far.
     pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
@@ -437,6 +441,11 @@ impl Loader {
                     self.routing.http_routes.push((origin, draft));
                 }
             }
+            Kind::Gateway => {
+                if let Some(draft) = self.parse(&origin, doc, routing::istio_gateway) {
+                    self.routing.gateways.push((origin, draft));
+                }
+            }
             Kind::PeerAuthentication => {
                 if let Some(draft) = self.parse(&origin, doc, security::peer_authentication) {
                     self.peer_authentications.push((origin, draft));
@@ -539,6 +548,7 @@ impl Loader {
                 .cluster_domain
                 .trim_end_matches('.')
                 .to_ascii_lowercase(),
+            root_namespace: opts.root_namespace.clone(),
             index: Index {
                 workload_by_address,
                 service_by_cluster_ip,
@@ -752,6 +762,7 @@ fn node(doc: NodeDoc, issues: &mut Issues) -> Node {
     }
     Node {
         name: doc.metadata.name,
+        labels: doc.metadata.labels,
         addresses,
     }
 }

@@ -113,6 +113,8 @@ impl Namespace {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
     pub name: String,
+    /// Gateways select the agents that serve them by these.
+    pub labels: BTreeMap<String, String>,
     /// `InternalIP` addresses, in the order given.
     pub addresses: Vec<IpAddr>,
 }
@@ -222,6 +224,8 @@ pub struct Config {
     services: Vec<Service>,
     /// Lowercase, without trailing dot.
     cluster_domain: String,
+    /// Istio's `rootNamespace`: mesh-wide policies, and the ingress's identity.
+    root_namespace: String,
     #[serde(skip)]
     index: Index,
     #[serde(skip)]
@@ -255,6 +259,7 @@ impl Config {
             workloads: Vec::new(),
             services: Vec::new(),
             cluster_domain: LoadOptions::default().cluster_domain,
+            root_namespace: LoadOptions::default().root_namespace,
             index: Index::default(),
             routing: RoutingTable::default(),
             peer_authentications: PeerAuthentications::default(),
@@ -304,6 +309,11 @@ impl Config {
     /// Lowercase, without trailing dot (`cluster.local`).
     pub fn cluster_domain(&self) -> &str {
         &self.cluster_domain
+    }
+
+    /// Istio's `rootNamespace` (`istio-system`).
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
     }
 
     /// Sorted by name.

@@ -20,15 +20,40 @@ pub use store::{
 
 use crate::config::Config;
 
+/// The service account of the ingress gateway, in the root namespace.
+pub const INGRESS_SERVICE_ACCOUNT: &str = "nodemesh-ingress";
+
+/// What the ingress forwards into the mesh as:
+/// `spiffe://<td>/ns/<root namespace>/sa/nodemesh-ingress`.
+pub fn ingress_id(cfg: &Config, trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, cfg.root_namespace(), INGRESS_SERVICE_ACCOUNT)
+}
+
+/// `namespace/name` the ingress is known as (telemetry, `nodemesh connections`).
+pub fn ingress_key(cfg: &Config) -> String {
+    format!("{}/{INGRESS_SERVICE_ACCOUNT}", cfg.root_namespace())
+}
+
+/// Whether `cfg` has `node` serve any Gateway.
+fn serves_ingress(cfg: &Config, node: &str) -> bool {
+    let no_labels = Default::default();
+    let labels = cfg.node(node).map_or(&no_labels, |n| &n.labels);
+    let serves = cfg.routing().ingress().served_by(labels).next().is_some();
+    serves
+}
+
 /// Identities of the workloads that `cfg` places on `node` in enrolled
-/// namespaces. The CA signs exactly these for `node`, and the node's agent
-/// asks for exactly these: one function, so that the two never disagree.
+/// namespaces, and the ingress's when the node serves a Gateway. The CA
+/// signs exactly these for `node`, and the node's agent asks for exactly
+/// these: one function, so that the two never disagree.
 pub fn on_node(cfg: &Config, node: &str, trust_domain: &str) -> BTreeSet<SpiffeId> {
+    let ingress = serves_ingress(cfg, node).then(|| ingress_id(cfg, trust_domain));
     cfg.workloads()
         .iter()
         .filter(|w| w.node == node && cfg.is_enrolled(w))
         .filter(|w| is_valid_segment(&w.namespace) && is_valid_segment(&w.service_account))
         .map(|w| SpiffeId::new(trust_domain, &w.namespace, &w.service_account))
+        .chain(ingress)
         .collect()
 }
 

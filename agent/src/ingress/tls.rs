@@ -12,6 +12,7 @@ mod ciphers;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -22,8 +23,9 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::config::secret::Secrets;
-use crate::config::Issues;
-use crate::identity::x509;
+use crate::config::{Config, Issues};
+use crate::identity::{x509, Identities};
+use crate::routing::ingress::ServerRef;
 
 pub use accept::{AcceptError, Accepted, Alpn, ClientIdentity, Terminated, TlsAcceptor, TlsError};
 
@@ -375,6 +377,72 @@ fn versions(
                 "TLSV1_3 is above maxProtocolVersion TLSV1_2",
             );
             None
+        }
+    }
+}
+
+/// The TLS step of one port: its acceptor, and the servers it chooses
+/// between by the acceptor's index.
+pub struct PortTls {
+    pub acceptor: TlsAcceptor,
+    pub servers: Vec<Arc<ServerRef>>,
+}
+
+impl PortTls {
+    /// For `port` of an agent whose Node carries `labels`; `None` when no
+    /// server there has TLS.
+    pub fn build(
+        cfg: &Config,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+        identities: &Arc<Identities>,
+    ) -> Result<Option<PortTls>, TlsError> {
+        let servers: Vec<_> = cfg.routing().ingress().servers_on(labels, port).collect();
+        let mode =
+            |s: &'_ crate::routing::ingress::Server| s.tls.as_ref().and_then(|t| t.mode.clone());
+        if servers.iter().all(|(_, s)| mode(s).is_none()) {
+            return Ok(None);
+        }
+        let modes: Vec<_> = servers.iter().map(|(_, s)| mode(s)).collect();
+        let hosts = servers
+            .iter()
+            .map(|(_, s)| s.hosts.iter().map(|h| h.dns.as_str()));
+        let acceptor = TlsAcceptor::new(
+            hosts.zip(modes.iter().map(Option::as_ref)),
+            Some(identities),
+        )?;
+        let servers = servers
+            .iter()
+            .map(|(gateway, server)| {
+                Arc::new(ServerRef {
+                    gateway: gateway.key.clone(),
+                    server: server.field.clone(),
+                })
+            })
+            .collect();
+        Ok(Some(PortTls { acceptor, servers }))
+    }
+}
+
+impl TlsMode {
+    /// Istio's name of the mode.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TlsMode::Passthrough => "PASSTHROUGH",
+            TlsMode::Terminate(t) => match t.client_auth {
+                ClientAuth::None => "SIMPLE",
+                ClientAuth::Required => "MUTUAL",
+                ClientAuth::Optional => "OPTIONAL_MUTUAL",
+                ClientAuth::Mesh => "ISTIO_MUTUAL",
+            },
+        }
+    }
+
+    /// The server certificate's expiry, for `nodemesh gateways`.
+    pub fn expiry(&self) -> Option<String> {
+        match self {
+            TlsMode::Terminate(termination) => termination.expiry(),
+            TlsMode::Passthrough => None,
         }
     }
 }

@@ -260,6 +260,24 @@ const RECENT_CONNECTIONS: usize = 512;
 
 pub use l7::{http1_server, ExplainRequest, HttpSettings};
 
+/// Serves the HTTP connection of a client outside the mesh that reached
+/// the ingress at `local` from `client`; its requests go into the mesh as
+/// `pod`, the ingress's own identity.
+pub async fn serve_gateway<S>(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    stream: S,
+    (local, client): (SocketAddr, SocketAddr),
+    http2: bool,
+    tls: Option<Arc<crate::routing::ingress::ServerRef>>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let entry = (local, l7::Entry::Gateway { client, tls });
+    l7::serve(proxy, pod, stream, entry, http2).await
+}
+
 /// State shared by every listener of the node.
 pub struct Proxy {
     /// This node's name, as Workloads' `spec.node` names it.

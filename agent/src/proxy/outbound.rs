@@ -170,7 +170,14 @@ async fn serve_l7(
     let http2 = detected == Detected::Http2;
     record.protocol = if http2 { "h2" } else { "http/1.1" };
     let orig = record.original_destination;
-    l7::serve(proxy.clone(), pod.clone(), client, orig, http2).await?;
+    l7::serve(
+        proxy.clone(),
+        pod.clone(),
+        client,
+        (orig, l7::Entry::Workload),
+        http2,
+    )
+    .await?;
     Ok(Transferred::default())
 }
 

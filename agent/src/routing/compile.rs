@@ -20,15 +20,15 @@ pub(crate) struct Drafts {
     pub virtual_services: Vec<(Origin, VirtualServiceDraft)>,
     pub destination_rules: Vec<(Origin, DestinationRuleDraft)>,
     pub http_routes: Vec<(Origin, HttpRouteDraft)>,
+    pub gateways: Vec<(Origin, super::istio_gateway::GatewayDraft)>,
 }
 
 pub(crate) struct VirtualServiceDraft {
     pub(super) meta: Meta,
     /// `spec.hosts` as written.
     pub(super) hosts: Vec<String>,
-    /// False when `gateways` is set without `mesh`: the object then only
-    /// configures gateways, which nodemesh is not.
-    pub(super) mesh: bool,
+    /// `spec.gateways` as written: empty means the mesh only.
+    pub(super) gateways: Vec<String>,
     pub(super) routes: Vec<RouteDraft>,
     pub(super) warnings: Warnings,
 }
@@ -76,10 +76,90 @@ pub(super) struct RouteDraft {
     /// A redirect port without a new authority: it must be a port of the
     /// Service the route is bound to.
     pub redirect_port: Option<(String, u16)>,
+    /// Istio's per-match `gateways`, parallel to `route.matches` (empty:
+    /// the VirtualService's own list applies); none for HTTPRoutes.
+    pub match_gateways: Vec<Vec<String>>,
+}
+
+/// Where a VirtualService's rules apply: the mesh, or one Gateway.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope<'a> {
+    Mesh,
+    /// `namespace/name`.
+    Gateway(&'a str),
+}
+
+impl VirtualServiceDraft {
+    /// Whether `name` (as a VirtualService writes it: `mesh`, `name` or
+    /// `namespace/name`) designates `scope`.
+    fn names(&self, name: &str, scope: Scope<'_>) -> bool {
+        match scope {
+            Scope::Mesh => name == "mesh",
+            Scope::Gateway(key) => name != "mesh" && gateway_key(name, &self.meta.namespace) == key,
+        }
+    }
+
+    fn listed(&self, list: &[String], scope: Scope<'_>) -> bool {
+        if list.is_empty() {
+            return match scope {
+                Scope::Mesh => self.gateways.is_empty() || self.listed(&self.gateways, scope),
+                Scope::Gateway(_) => self.listed(&self.gateways, scope),
+            };
+        }
+        list.iter().any(|name| self.names(name, scope))
+    }
+
+    /// Whether any rule of the object applies at `scope`.
+    pub(super) fn applies(&self, scope: Scope<'_>) -> bool {
+        self.listed(&[], scope)
+            || self
+                .routes
+                .iter()
+                .flat_map(|r| &r.match_gateways)
+                .any(|list| !list.is_empty() && self.listed(list, scope))
+    }
+
+    /// Its routes as they apply at `scope`: match blocks for other places
+    /// dropped, and routes left without any dropped (Istio's semantics of
+    /// `gateways` at the top and in each match).
+    pub(super) fn routes_at(&self, scope: Scope<'_>) -> Vec<HttpRoute> {
+        let mut out = Vec::new();
+        for draft in &self.routes {
+            let route = &draft.route;
+            if route.matches.is_empty() {
+                if self.listed(&[], scope) {
+                    out.push(route.clone());
+                }
+                continue;
+            }
+            let kept: Vec<_> = route
+                .matches
+                .iter()
+                .zip(&draft.match_gateways)
+                .filter(|(_, list)| self.listed(list, scope))
+                .map(|(m, _)| m.clone())
+                .collect();
+            if kept.is_empty() {
+                continue;
+            }
+            let mut route = route.clone();
+            route.matches = kept.into();
+            out.push(route);
+        }
+        out
+    }
+}
+
+/// `namespace/name` of the Gateway a VirtualService in `namespace` names.
+pub(super) fn gateway_key(name: &str, namespace: &str) -> String {
+    match name.split_once('/') {
+        Some(_) => name.to_owned(),
+        None => format!("{namespace}/{name}"),
+    }
 }
 
 /// Forwarding destinations, then mirrors.
-fn destinations_mut(route: &mut HttpRoute) -> impl Iterator<Item = &mut Destination> {
+pub(super) fn destinations_mut(route: &mut HttpRoute) -> impl Iterator<Item = &mut Destination> {
     let forward = match &mut route.action {
         RouteAction::Forward(destinations) => &mut destinations[..],
         _ => &mut [],
@@ -153,7 +233,8 @@ pub(crate) fn compile(
             .iter()
             .map(|(o, d)| (o, &d.warnings)),
     )
-    .chain(drafts.http_routes.iter().map(|(o, d)| (o, &d.warnings)));
+    .chain(drafts.http_routes.iter().map(|(o, d)| (o, &d.warnings)))
+    .chain(drafts.gateways.iter().map(|(o, d)| (o, &d.warnings)));
     for (origin, object_warnings) in objects {
         for (field, message) in &object_warnings.0 {
             warnings.push(format!("{origin}: {field}: {message}"));
@@ -161,14 +242,29 @@ pub(crate) fn compile(
     }
     let policies = bind_destination_rules(config, &drafts.destination_rules, &mut warnings);
     let mut names = Names::default();
-    let mut hosts = bind_virtual_services(
-        config,
-        drafts.virtual_services,
-        &policies,
-        &mut names,
-        errors,
-        &mut warnings,
-    );
+    let mut services = drafts.virtual_services;
+    let gateway_keys: Vec<String> = drafts.gateways.iter().map(|(_, g)| g.key()).collect();
+    for (origin, vs) in &mut services {
+        let bound =
+            vs.applies(Scope::Mesh) || gateway_keys.iter().any(|g| vs.applies(Scope::Gateway(g)));
+        if !bound {
+            continue;
+        }
+        let namespace = vs.meta.namespace.clone();
+        for route in &mut vs.routes {
+            resolve_destinations(
+                config,
+                route,
+                &namespace,
+                &policies,
+                (&ISTIO_FIELDS, &mut names),
+                origin,
+                errors,
+            );
+        }
+    }
+    let ingress = super::ingress::bind(drafts.gateways, &services, config, &mut warnings);
+    let mut hosts = bind_virtual_services(config, &services, errors, &mut warnings);
     bind_http_routes(
         config,
         drafts.http_routes,
@@ -178,11 +274,13 @@ pub(crate) fn compile(
         errors,
         &mut warnings,
     );
-    RoutingTable::new(
+    let mut table = RoutingTable::new(
         hosts.into_iter().collect(),
         policies.into_iter().collect(),
         warnings,
-    )
+    );
+    table.ingress = ingress;
+    table
 }
 
 /// The Services an Istio host names: `(wildcard, services)`. Short names are
@@ -331,31 +429,19 @@ fn resolve_destinations(
     }
 }
 
+/// Binds the VirtualServices that apply to the mesh to the Services their
+/// hosts name (their destinations already resolved).
 fn bind_virtual_services(
     config: &Config,
-    mut services: Vec<(Origin, VirtualServiceDraft)>,
-    policies: &BTreeMap<String, DestinationPolicy>,
-    names: &mut Names,
+    services: &[(Origin, VirtualServiceDraft)],
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> BTreeMap<String, VirtualHost> {
     // Service → (wildcard, virtual service).
     let mut candidates = BTreeMap::<String, Vec<(bool, usize)>>::new();
-    for (i, (origin, vs)) in services.iter_mut().enumerate() {
-        if !vs.mesh {
+    for (i, (origin, vs)) in services.iter().enumerate() {
+        if !vs.applies(Scope::Mesh) {
             continue;
-        }
-        for route in &mut vs.routes {
-            let namespace = &vs.meta.namespace;
-            resolve_destinations(
-                config,
-                route,
-                namespace,
-                policies,
-                (&ISTIO_FIELDS, names),
-                origin,
-                errors,
-            );
         }
         for (h, host) in vs.hosts.iter().enumerate() {
             let (wildcard, bound) = services_for_host(config, host, &vs.meta.namespace);
@@ -393,8 +479,8 @@ fn bind_virtual_services(
                 services[other].0
             ));
         }
-        let routes = services[winner].1.routes.iter().map(|r| r.route.clone());
-        let host = VirtualHost::new(winner_origin.to_string(), routes.collect());
+        let routes = services[winner].1.routes_at(Scope::Mesh);
+        let host = VirtualHost::new(winner_origin.to_string(), routes);
         hosts.insert(service, host);
     }
     hosts

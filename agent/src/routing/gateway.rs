@@ -455,6 +455,7 @@ fn rule(
                 route,
                 destination_fields: destination_fields.clone(),
                 redirect_port: None,
+                match_gateways: Vec::new(),
             },
         ));
     }

@@ -590,18 +590,29 @@ pub(crate) fn virtual_service(
     let routes = routes
         .filter_map(|(i, route)| http_route(route, i, &mut warnings, issues))
         .collect();
+    for (i, gateway) in spec.gateways.iter().enumerate() {
+        check_gateway_name(gateway, &format!("spec.gateways[{i}]"), issues);
+    }
     VirtualServiceDraft {
         meta: Meta::new(&doc.metadata),
         hosts: spec.hosts,
-        mesh: applies_to_mesh(&spec.gateways),
+        gateways: spec.gateways,
         routes,
         warnings,
     }
 }
 
-/// Gateways listed without `mesh` mean the rule is for those gateways only.
-fn applies_to_mesh(gateways: &[String]) -> bool {
-    gateways.is_empty() || gateways.iter().any(|g| g == "mesh")
+/// `mesh`, `name` (a Gateway of the VirtualService's namespace) or
+/// `namespace/name`.
+fn check_gateway_name(name: &str, field: &str, issues: &mut Issues) {
+    if name == "mesh" {
+        return;
+    }
+    let (namespace, gateway) = name.split_once('/').unwrap_or(("", name));
+    if !namespace.is_empty() {
+        check_dns_label(namespace, field, issues);
+    }
+    check_dns_label(gateway, field, issues);
 }
 
 /// Visibility is not enforced: every object applies to every namespace.
@@ -611,7 +622,7 @@ fn export_to(export_to: &[String], warnings: &mut Warnings) {
     }
 }
 
-/// `None` when the route cannot apply to mesh traffic (or is invalid).
+/// `None` when the route is invalid (or delegates).
 fn http_route(
     spec: HttpRouteSpec,
     i: usize,
@@ -619,18 +630,16 @@ fn http_route(
     issues: &mut Issues,
 ) -> Option<RouteDraft> {
     let at = format!("spec.http[{i}]");
-    let had_matches = !spec.matches.is_empty();
     let mut matches = Vec::new();
+    let mut match_gateways = Vec::new();
     for (j, m) in spec.matches.into_iter().enumerate() {
-        matches.extend(request_match(
-            m,
-            &format!("{at}.match[{j}]"),
-            warnings,
-            issues,
-        ));
+        let field = format!("{at}.match[{j}]");
+        for (k, gateway) in m.gateways.iter().enumerate() {
+            check_gateway_name(gateway, &format!("{field}.gateways[{k}]"), issues);
+        }
+        match_gateways.push(m.gateways.clone());
+        matches.push(request_match(m, &field, warnings, issues));
     }
-    // Every match block names only gateways.
-    let gateway_only = had_matches && matches.is_empty();
 
     let actions = [
         !spec.route.is_empty(),
@@ -729,20 +738,20 @@ fn http_route(
             .rewrite
             .map(|r| Box::new(rewrite(r, &format!("{at}.rewrite"), issues))),
     };
-    (!gateway_only).then_some(RouteDraft {
+    Some(RouteDraft {
         route,
         destination_fields,
         redirect_port,
+        match_gateways,
     })
 }
 
-/// `None` when the match block names only gateways (or is invalid).
 fn request_match(
     m: MatchSpec,
     at: &str,
     warnings: &mut Warnings,
     issues: &mut Issues,
-) -> Option<RequestMatch> {
+) -> RequestMatch {
     let string = |s: Option<StringMatchSpec>, field: &str, issues: &mut Issues| {
         s.and_then(|s| string_match(s, &format!("{at}.{field}"), issues))
     };
@@ -771,7 +780,7 @@ fn request_match(
     if m.stat_prefix.is_some() {
         warnings.not_enforced(format!("{at}.statPrefix"));
     }
-    applies_to_mesh(&m.gateways).then_some(RequestMatch {
+    RequestMatch {
         name: m.name.map(Into::into),
         uri,
         scheme,
@@ -791,7 +800,7 @@ fn request_match(
             .collect(),
         source_namespace: m.source_namespace.map(Into::into),
         ignore_uri_case: m.ignore_uri_case,
-    })
+    }
 }
 
 fn header_matches(

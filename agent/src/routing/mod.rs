@@ -9,7 +9,9 @@
 mod compile;
 mod gateway;
 mod index;
+pub mod ingress;
 mod istio;
+mod istio_gateway;
 mod matching;
 #[cfg(test)]
 mod tests;
@@ -25,6 +27,7 @@ pub(crate) use compile::{compile, Drafts};
 pub(crate) use gateway::http_route;
 use index::PathIndex;
 pub(crate) use istio::{destination_rule, virtual_service};
+pub(crate) use istio_gateway::istio_gateway;
 pub use matching::RequestInfo;
 
 /// Routes and traffic policies of every Service that has any.
@@ -37,6 +40,8 @@ pub struct RoutingTable {
     /// Conflicts resolved and settings accepted but not enforced; reported by
     /// `nodemesh status` and `nodemesh routes`.
     pub warnings: Vec<String>,
+    /// Istio Gateways and the VirtualServices bound to them.
+    ingress: ingress::IngressTable,
 }
 
 impl RoutingTable {
@@ -49,7 +54,13 @@ impl RoutingTable {
             hosts,
             policies,
             warnings,
+            ingress: ingress::IngressTable::default(),
         }
+    }
+
+    /// Gateways, their servers and the routes bound to them.
+    pub fn ingress(&self) -> &ingress::IngressTable {
+        &self.ingress
     }
 
     /// The routes bound to a Service, if any object routes it.

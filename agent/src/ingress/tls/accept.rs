@@ -123,8 +123,8 @@ impl TlsAcceptor {
     /// Istio's form (`namespace/` prefixes are dropped here). When two
     /// servers claim a host, the first wins (conflicts are the config's to
     /// report). `identities` are needed for ISTIO_MUTUAL only.
-    pub fn new<'a>(
-        servers: impl IntoIterator<Item = (&'a [String], Option<&'a TlsMode>)>,
+    pub fn new<'a, H: IntoIterator<Item = &'a str>>(
+        servers: impl IntoIterator<Item = (H, Option<&'a TlsMode>)>,
         identities: Option<&Arc<Identities>>,
     ) -> Result<TlsAcceptor, TlsError> {
         let mut acceptor = TlsAcceptor {
@@ -143,7 +143,9 @@ impl TlsAcceptor {
                 }),
             };
             if action.is_some() {
-                hosts.iter().for_each(|host| acceptor.claim(host, index));
+                hosts
+                    .into_iter()
+                    .for_each(|host| acceptor.claim(host, index));
             }
             acceptor.servers.push(action);
         }

@@ -109,7 +109,7 @@ fn acceptor(servers: &[(&[&str], &ServerTls)]) -> TlsAcceptor {
     let list = hosts
         .iter()
         .zip(servers)
-        .map(|(hosts, (_, tls))| (hosts.as_slice(), tls.mode.as_ref()));
+        .map(|(hosts, (_, tls))| (hosts.iter().map(String::as_str), tls.mode.as_ref()));
     TlsAcceptor::new(list, None).unwrap()
 }
 
@@ -506,14 +506,13 @@ async fn istio_mutual_presents_the_node_credential_and_requires_a_mesh_client() 
     });
     let config = secrets(vec![]);
     let tls = compile_tls(&config, PortKind::Http, json!({"mode": "ISTIO_MUTUAL"})).unwrap();
-    let hosts = vec!["*".to_owned()];
+    let hosts = ["*"];
     // Without the node credential there is nothing to present.
     assert!(matches!(
-        TlsAcceptor::new([(hosts.as_slice(), tls.mode.as_ref())], None),
+        TlsAcceptor::new([(hosts, tls.mode.as_ref())], None),
         Err(TlsError::NoMeshCredential)
     ));
-    let port =
-        TlsAcceptor::new([(hosts.as_slice(), tls.mode.as_ref())], Some(&identities)).unwrap();
+    let port = TlsAcceptor::new([(hosts, tls.mode.as_ref())], Some(&identities)).unwrap();
     // A mesh member's certificate (another node's, from the same CA).
     let authority = Authority::load(&source, "cluster.local").unwrap();
     let member = authority

@@ -12,11 +12,13 @@
 //! - `inbound`: HTTP at the destination, with the caller's identity in
 //!   `X-Forwarded-Client-Cert`.
 //! - `trace`: the client and server spans of sampled requests.
+//! - `gateway`: requests from outside the mesh arriving at the ingress.
 
 mod balance;
 mod body;
 mod edit;
 mod forward;
+mod gateway;
 pub mod inbound;
 pub mod inspect;
 mod limits;
@@ -35,7 +37,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use balance::Clusters;
 pub use body::Body;
@@ -46,6 +48,7 @@ pub use upstream::Pool;
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
+use crate::routing::ingress::ServerRef;
 use crate::routing::RequestInfo;
 use crate::telemetry::flags::mark;
 use crate::telemetry::http::{Measured, RouteName, Upstream};
@@ -77,31 +80,52 @@ pub struct HttpSettings {
     pub max_requests_per_workload: u32,
 }
 
+/// How a downstream connection entered the proxy: the only difference is
+/// how its requests pick their routes.
+#[derive(Clone)]
+pub enum Entry {
+    /// A workload dialled the Service at `service_addr`.
+    Workload,
+    /// A client outside the mesh reached the ingress at `service_addr` (the
+    /// node's address and a Gateway port) from `client`; over TLS, the
+    /// server its handshake chose, whose routes alone apply.
+    Gateway {
+        client: SocketAddr,
+        tls: Option<Arc<ServerRef>>,
+    },
+}
+
 /// One downstream connection: who opened it and which Service it dialled.
 struct Downstream {
     proxy: Arc<Proxy>,
+    /// The calling workload, or the ingress's own identity.
     pod: Arc<Pod>,
     /// The Service address the workload connected to.
     service_addr: SocketAddr,
+    entry: Entry,
     http2: bool,
     /// Bytes moving on the connection, and on the tunnel it may become.
     activity: Activity,
 }
 
 /// Serves HTTP on a connection whose protocol detection said `http2` or not.
-pub async fn serve(
+pub async fn serve<S>(
     proxy: Arc<Proxy>,
     pod: Arc<Pod>,
-    stream: TcpStream,
-    service_addr: SocketAddr,
+    stream: S,
+    (service_addr, entry): (SocketAddr, Entry),
     http2: bool,
-) -> Result<(), String> {
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(stream, activity.clone()));
     let downstream = Arc::new(Downstream {
         proxy,
         pod,
         service_addr,
+        entry,
         http2,
         activity: activity.clone(),
     });
@@ -239,48 +263,51 @@ impl Downstream {
             .map(|b| body::Guarded::wrap(b, admitted, drop))
     }
 
-    async fn route(&self, request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
+    async fn route(&self, mut request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
         let config = self.proxy.config.current();
-        let Some(service) = config.service_by_cluster_ip(self.service_addr.ip()) else {
-            return mark(
-                body::local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the Service this connection was opened to no longer exists",
-                    grpc,
-                ),
-                Flag::NoRouteFound,
-            );
-        };
-        let service_key = service.key();
-        let source = config.workload_by_key(&self.pod.key);
+        if let Entry::Gateway { client, tls } = &self.entry {
+            gateway::forwarded(request.headers_mut(), *client, tls.is_some());
+        }
         let authority = authority(&request);
+        let source = match self.entry {
+            Entry::Workload => config.workload_by_key(&self.pod.key),
+            Entry::Gateway { .. } => None,
+        };
         let no_labels = Default::default();
         let info = RequestInfo {
             method: request.method().as_str(),
             path: request.uri().path(),
             query: request.uri().query(),
-            scheme: "http",
+            scheme: match &self.entry {
+                Entry::Gateway { tls: Some(_), .. } => "https",
+                _ => "http",
+            },
             authority: &authority,
             headers: request.headers(),
             port: self.service_addr.port(),
             source_namespace: source.map_or("", |w| w.namespace.as_str()),
             source_labels: source.map_or(&no_labels, |w| &w.labels),
         };
-        let selected = match config.routing().host(&service_key) {
-            None => None,
-            Some(host) => match host.select(&info) {
-                Some(found) => Some(found),
-                None => {
-                    return mark(
-                        body::local_reply(
-                            StatusCode::NOT_FOUND,
-                            &format!("no route of {} matches this request", host.origin),
-                            grpc,
-                        ),
-                        Flag::NoRouteFound,
-                    )
-                }
-            },
+        let chosen = match &self.entry {
+            Entry::Workload => self.service_route(&config, &info),
+            Entry::Gateway { tls, .. } => {
+                gateway::route(&config, &self.proxy.node, &info, tls.as_deref())
+            }
+        };
+        let (service_key, selected) = match chosen {
+            Ok(chosen) => chosen,
+            Err(NoRoute {
+                redirect: Some(location),
+                ..
+            }) => return gateway::redirect(&location),
+            Err(reason) => {
+                let status = match reason.gone {
+                    true => StatusCode::SERVICE_UNAVAILABLE,
+                    false => StatusCode::NOT_FOUND,
+                };
+                let reply = body::local_reply(status, &reason.message, grpc);
+                return mark(reply, Flag::NoRouteFound);
+            }
         };
         let route_name = selected
             .filter(|_| named)
@@ -292,12 +319,70 @@ impl Downstream {
             matched: selected.and_then(|(route, i)| i.map(|i| &route.matches[i])),
             authority,
             grpc,
-            source_ip: source.and_then(|w| w.addresses.first().copied()),
+            source_ip: match self.entry {
+                Entry::Workload => source.and_then(|w| w.addresses.first().copied()),
+                Entry::Gateway { client, .. } => Some(client.ip()),
+            },
         };
         let mut response = forward::run(self, plan, request).await;
         if let Some(name) = route_name {
             response.extensions_mut().insert(name);
         }
         response
+    }
+}
+
+/// Why a request has no route: it is answered 404, or 503 when the Service
+/// it was sent to is `gone`.
+pub(super) struct NoRoute {
+    gone: bool,
+    message: String,
+    /// Answer 301 to this URL instead (a Gateway server's `httpsRedirect`).
+    redirect: Option<String>,
+}
+
+impl NoRoute {
+    fn not_found(message: String) -> NoRoute {
+        NoRoute {
+            gone: false,
+            message,
+            redirect: None,
+        }
+    }
+}
+
+/// The Service a request is for (`namespace/name`), and the route it takes
+/// (`None`: no object routes the Service) with its matching block.
+type Chosen<'c> = (
+    String,
+    Option<(&'c crate::routing::HttpRoute, Option<usize>)>,
+);
+
+impl Downstream {
+    /// The route of the Service the workload dialled.
+    fn service_route<'c>(
+        &self,
+        config: &'c crate::config::Config,
+        info: &RequestInfo<'_>,
+    ) -> Result<Chosen<'c>, NoRoute> {
+        let Some(service) = config.service_by_cluster_ip(self.service_addr.ip()) else {
+            return Err(NoRoute {
+                gone: true,
+                message: "the Service this connection was opened to no longer exists".into(),
+                redirect: None,
+            });
+        };
+        let service_key = service.key();
+        let selected = match config.routing().host(&service_key) {
+            None => None,
+            Some(host) => match host.select(info) {
+                Some(found) => Some(found),
+                None => {
+                    let message = format!("no route of {} matches this request", host.origin);
+                    return Err(NoRoute::not_found(message));
+                }
+            },
+        };
+        Ok((service_key, selected))
     }
 }

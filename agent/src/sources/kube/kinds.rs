@@ -65,6 +65,7 @@ pub(super) const WATCHED: &[Kind] = &[
     .in_group(endpoint_slices::GROUP)
     .stripping(endpoint_slices::strip),
     Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
+    Kind::spec(ISTIO_NETWORKING, "v1", "Gateway", "gateways"),
     Kind::spec(
         ISTIO_NETWORKING,
         "v1",

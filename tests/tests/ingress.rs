@@ -1,0 +1,433 @@
+//! The agent as the mesh's ingress gateway: Istio Gateways served on the
+//! nodes' own addresses, reached by curl from a host outside the mesh (on
+//! the inter-node fabric, like a load balancer or a user would), with the
+//! VirtualServices bound to them routing into the mesh over mutual TLS as
+//! the ingress's own identity.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh};
+use nodemesh_testbed::topology::run_checked;
+use nodemesh_testbed::workload_apps::{curl_many_in, python3, Reply};
+use serde_json::Value;
+
+/// The outside client's address on the fabric: `10.0.0.200`.
+const OUTSIDE_INDEX: u8 = 200;
+
+fn app_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mesh-app"))
+}
+
+/// A mesh, its agents started, and a host outside it; returns the host's
+/// netns.
+fn with_outside(mut mesh: Mesh) -> (Mesh, String) {
+    mesh.start(&[]).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
+    (mesh, outside)
+}
+
+/// `http://<node's address><path>`.
+fn at(mesh: &Mesh, node: &str, path: &str) -> String {
+    format!("http://{}{path}", mesh.topo().node(node).address)
+}
+
+fn get(mesh: &Mesh, outside: &str, url: &str, n: usize, args: &[&str]) -> Vec<Reply> {
+    let urls = vec![url; n];
+    curl_many_in(mesh.topo(), outside, &urls, args).unwrap()
+}
+
+/// Waits (15 s at most) until `node` reports Gateway `gateway`'s server
+/// in a state for which `done` holds (listeners follow a config change
+/// once the agent reconciles).
+fn wait_state(
+    mesh: &Mesh,
+    node: &str,
+    gateway: &str,
+    done: impl Fn(Option<&str>) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let gateways = cli_json(mesh, node, &["gateways", "-o", "json"]);
+        let state = gateways["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["gateway"] == gateway)
+            .and_then(|s| s["state"].as_str())
+            .map(str::to_owned);
+        if done(state.as_deref()) {
+            return state.unwrap_or_default();
+        }
+        assert!(Instant::now() < deadline, "{node}: {gateways:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_listening(mesh: &Mesh, gateway: &str) {
+    for node in ["node-a", "node-b"] {
+        wait_state(mesh, node, gateway, |s| s == Some("listening"));
+    }
+}
+
+/// Waits until `url` is refused from `outside` (the port closed).
+fn wait_refused(mesh: &Mesh, outside: &str, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(mesh, outside, url, 1, &[])[0].status != 0 {
+        assert!(Instant::now() < deadline, "{url} still answers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli_json(mesh: &Mesh, node: &str, args: &[&str]) -> Value {
+    let out = mesh.agent(node).cli(args).unwrap();
+    assert!(
+        out.status.success(),
+        "nodemesh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The version of `reviews` that served each productpage request.
+fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
+    count_by(replies, |r| match r.json() {
+        Some(doc) => doc["calls"][1]["body"]["version"]
+            .as_str()
+            .unwrap_or("no reviews")
+            .to_owned(),
+        None => format!("status {}", r.status),
+    })
+}
+
+fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
+    BTreeMap::from([(key.to_owned(), n)])
+}
+
+#[test]
+fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
+    let mut mesh = Mesh::new(app_bin()).unwrap();
+    mesh.bookinfo().unwrap();
+    let (mesh, outside) = with_outside(mesh);
+    // Nothing listens on port 80 before a Gateway asks for it.
+    let before = get(
+        &mesh,
+        &outside,
+        &at(&mesh, "node-a", "/productpage"),
+        1,
+        &[],
+    );
+    assert_eq!(before[0].status, 0, "{before:?}");
+
+    mesh.apply(
+        "bookinfo-gateway.yaml",
+        &bookinfo_example("bookinfo-gateway"),
+    )
+    .unwrap();
+    wait_listening(&mesh, "default/bookinfo-gateway");
+    // Every node serves it (`istio: ingressgateway` selects every agent);
+    // productpage runs on node-a, so node-b's ingress crosses nodes.
+    for node in ["node-a", "node-b"] {
+        let pages = get(&mesh, &outside, &at(&mesh, node, "/productpage"), 20, &[]);
+        for page in &pages {
+            assert_eq!(page.status, 200, "{node}: {page:?}");
+            let doc = page.json().unwrap();
+            assert_eq!(doc["name"], "productpage-v1", "{doc:#}");
+            // The application sees the outside client as Istio's gateway
+            // reports it.
+            assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.200", "{doc:#}");
+            assert_eq!(doc["headers"]["x-forwarded-proto"], "http", "{doc:#}");
+            assert_eq!(
+                doc["headers"]["x-request-id"].as_str().map(str::len),
+                Some(36),
+                "{doc:#}"
+            );
+        }
+    }
+    // Paths the VirtualService does not match are not found.
+    let other = get(&mesh, &outside, &at(&mesh, "node-a", "/admin"), 1, &[]);
+    assert_eq!(other[0].status, 404, "{other:?}");
+
+    // `nodemesh gateways` says what the node serves.
+    let gateways = cli_json(&mesh, "node-a", &["gateways", "-o", "json"]);
+    let server = &gateways["servers"][0];
+    assert_eq!(
+        server["gateway"], "default/bookinfo-gateway",
+        "{gateways:#}"
+    );
+    assert_eq!(server["port"], 80, "{gateways:#}");
+    assert_eq!(server["state"], "listening", "{gateways:#}");
+    assert_eq!(
+        server["routes"][0]["virtualService"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["VirtualService", "default/bookinfo"],
+        "{gateways:#}"
+    );
+    assert_eq!(
+        gateways["identity"],
+        "spiffe://cluster.local/ns/istio-system/sa/nodemesh-ingress"
+    );
+
+    // Bookinfo's routing samples apply to traffic from the ingress.
+    let all_v1 = bookinfo_example("virtual-service-all-v1");
+    let with_reviews = |reviews: &str| replace_object(&all_v1, "reviews", reviews);
+    mesh.apply(
+        "virtual-service-all-v1.yaml",
+        &with_reviews(&bookinfo_example("virtual-service-reviews-test-v2")),
+    )
+    .unwrap();
+    let url = at(&mesh, "node-b", "/productpage");
+    let jason = get(&mesh, &outside, &url, 50, &["-H", "end-user: jason"]);
+    let others = get(&mesh, &outside, &url, 50, &[]);
+    assert_eq!(reviews_versions(&jason), only("v2", 50));
+    assert_eq!(reviews_versions(&others), only("v1", 50));
+    mesh.apply(
+        "virtual-service-all-v1.yaml",
+        &with_reviews(&bookinfo_example("virtual-service-reviews-v3")),
+    )
+    .unwrap();
+    let pages = get(&mesh, &outside, &url, 50, &[]);
+    assert_eq!(reviews_versions(&pages), only("v3", 50));
+
+    // Removing the Gateway closes the port.
+    mesh.delete("bookinfo-gateway.yaml").unwrap();
+    wait_refused(&mesh, &outside, &at(&mesh, "node-a", "/productpage"));
+}
+
+const WEB_GATEWAY: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: website-gateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - web.example.com
+";
+
+const WEB_CANARY: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts:
+  - web.example.com
+  gateways:
+  - website-gateway
+  http:
+  - match:
+    - headers:
+        qa:
+          exact: canary-test
+    route:
+    - destination:
+        host: web
+        subset: v2
+  - route:
+    - destination:
+        host: web
+        subset: v1
+";
+
+const STRICT: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: default
+spec:
+  mtls:
+    mode: STRICT
+";
+
+/// Four `web` v1 pods (two per node) and one v2, behind Service `web`.
+fn web_mesh() -> (Mesh, String) {
+    let mut mesh = Mesh::new(app_bin()).unwrap();
+    for (node, name) in [
+        ("node-a", "web-v1-a"),
+        ("node-a", "web-v1-b"),
+        ("node-b", "web-v1-c"),
+        ("node-b", "web-v1-d"),
+    ] {
+        let labels = [("app", "web"), ("version", "v1")];
+        mesh.app(node, name, &labels, &[]).unwrap();
+    }
+    let labels = [("app", "web"), ("version", "v2")];
+    mesh.app("node-b", "web-v2", &labels, &[]).unwrap();
+    mesh.http_service("web");
+    with_outside(mesh)
+}
+
+#[test]
+fn a_canary_at_a_gateway_and_strict_mtls_behind_it() {
+    let (mesh, outside) = web_mesh();
+    mesh.apply("gateway.yaml", WEB_GATEWAY).unwrap();
+    mesh.apply("canary.yaml", WEB_CANARY).unwrap();
+    wait_listening(&mesh, "default/website-gateway");
+    let host = ["-H", "Host: web.example.com"];
+    let canary = ["-H", "Host: web.example.com", "-H", "qa: canary-test"];
+    let url = at(&mesh, "node-a", "/");
+
+    let default = get(&mesh, &outside, &url, 200, &host);
+    let by_pod = count_by(&default, |r| match r.json() {
+        Some(doc) => doc["name"].as_str().unwrap_or("?").to_owned(),
+        None => format!("status {}", r.status),
+    });
+    assert_eq!(by_pod.values().sum::<u64>(), 200, "{by_pod:?}");
+    for pod in ["web-v1-a", "web-v1-b", "web-v1-c", "web-v1-d"] {
+        assert!(by_pod.get(pod).is_some_and(|&n| n > 0), "{pod}: {by_pod:?}");
+    }
+    let versions = count_by(&get(&mesh, &outside, &url, 50, &canary), Reply::version);
+    assert_eq!(versions, only("v2", 50));
+    // A host the Gateway does not serve.
+    let other = get(&mesh, &outside, &url, 1, &["-H", "Host: other.example.com"]);
+    assert_eq!(other[0].status, 404, "{other:?}");
+
+    // STRICT in the application's namespace: the ingress's calls are
+    // mutual TLS (its own identity), a direct plaintext call is refused.
+    let web = mesh.topo().pod("web-v1-a").address;
+    run_checked(&[
+        "ip",
+        "-n",
+        &outside,
+        "route",
+        "add",
+        "10.1.0.0/16",
+        "via",
+        "10.0.0.1",
+    ])
+    .unwrap();
+    let direct = format!("http://{web}:9080/");
+    assert_eq!(get(&mesh, &outside, &direct, 1, &[])[0].status, 200);
+    mesh.apply("strict.yaml", STRICT).unwrap();
+    let refused = get(&mesh, &outside, &direct, 1, &[]);
+    assert_eq!(refused[0].status, 0, "{refused:?}");
+    for node in ["node-a", "node-b"] {
+        let replies = get(&mesh, &outside, &at(&mesh, node, "/"), 40, &canary);
+        assert_eq!(count_by(&replies, Reply::version), only("v2", 40), "{node}");
+        let replies = get(&mesh, &outside, &at(&mesh, node, "/"), 40, &host);
+        assert_eq!(count_by(&replies, Reply::version), only("v1", 40), "{node}");
+    }
+}
+
+#[test]
+fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_routing() {
+    let (mesh, outside) = web_mesh();
+    mesh.apply("gateway.yaml", WEB_GATEWAY).unwrap();
+    mesh.apply("canary.yaml", WEB_CANARY).unwrap();
+    wait_listening(&mesh, "default/website-gateway");
+    let host = ["-H", "Host: web.example.com"];
+    let url = at(&mesh, "node-a", "/");
+
+    // A port taken on node-a's host: reported there, node-b serves it,
+    // and port 80 keeps routing on both.
+    let node_a = mesh.topo().node("node-a").clone();
+    let mut mesh = mesh;
+    let taken = format!("{}", node_a.address);
+    mesh.topo_mut()
+        .spawn_in(
+            &node_a.netns,
+            &[python3(), "-m", "http.server", "8081", "--bind", &taken],
+            "port-taker",
+        )
+        .unwrap();
+    nodemesh_testbed::workload_apps::wait_listening(mesh.topo(), &node_a.netns, 8081).unwrap();
+    let second_port = WEB_GATEWAY
+        .replace("website-gateway", "second-gateway")
+        .replace("number: 80", "number: 8081");
+    mesh.apply("second.yaml", &second_port).unwrap();
+    let second = "default/second-gateway";
+    let on_a = wait_state(&mesh, "node-a", second, |s| {
+        s.is_some_and(|s| s.starts_with("not served"))
+    });
+    assert!(
+        on_a.contains("cannot listen on 10.0.0.1:8081") && on_a.contains("in use"),
+        "{on_a}"
+    );
+    wait_state(&mesh, "node-b", second, |s| s == Some("listening"));
+    assert_eq!(
+        get(&mesh, &outside, &url, 10, &host)
+            .iter()
+            .filter(|r| r.status == 200)
+            .count(),
+        10
+    );
+
+    // A host already claimed on the same port by another Gateway (the
+    // older wins; without timestamps, the first by namespace/name).
+    let claim = WEB_GATEWAY.replace("website-gateway", "website-thief");
+    mesh.apply("thief.yaml", &claim).unwrap();
+    let warnings =
+        mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"].to_string();
+    for part in [
+        "Gateway default/website-thief (",
+        "thief.yaml",
+        "spec.servers[0].hosts[0]",
+        "already claimed by Gateway default/website-gateway",
+    ] {
+        assert!(warnings.contains(part), "{part:?} not in {warnings}");
+    }
+
+    // A VirtualService bound to a Gateway that does not exist.
+    let orphan = WEB_CANARY
+        .split("---\n")
+        .nth(1)
+        .unwrap()
+        .replace("name: web\n", "name: orphan\n")
+        .replace("- website-gateway", "- no-such-gateway");
+    mesh.apply("orphan.yaml", &orphan).unwrap();
+    let warnings =
+        mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"].to_string();
+    for part in [
+        "VirtualService default/orphan (",
+        "orphan.yaml",
+        "spec.gateways[0]: Gateway default/no-such-gateway does not exist",
+    ] {
+        assert!(warnings.contains(part), "{part:?} not in {warnings}");
+    }
+    // The rest keeps routing.
+    let replies = get(&mesh, &outside, &url, 20, &host);
+    assert_eq!(count_by(&replies, Reply::version), only("v1", 20));
+
+    // A Gateway with a field nodemesh does not support is rejected whole,
+    // by file, object and field; the running config stays.
+    let bind = WEB_GATEWAY
+        .replace("website-gateway", "bound-gateway")
+        .replace("    hosts:\n", "    bind: 10.0.0.1\n    hosts:\n");
+    let error = mesh.reject("bound.yaml", &bind).unwrap();
+    for part in [
+        "bound.yaml",
+        "Gateway default/bound-gateway",
+        "spec.servers[0].bind",
+    ] {
+        assert!(error.contains(part), "{part:?} not in {error}");
+    }
+    let replies = get(&mesh, &outside, &url, 20, &host);
+    assert_eq!(count_by(&replies, Reply::version), only("v1", 20));
+}
