@@ -12,6 +12,10 @@ use rcgen::{
 };
 use serde_json::{json, Value};
 
+/// The outside client's address on the fabric, `10.0.0.210` (the mesh CA
+/// is at `.200`).
+const OUTSIDE_INDEX: u8 = 210;
+
 /// An operator's CA and the leaf certificates it signs.
 struct Ca {
     pem: String,
@@ -123,7 +127,7 @@ fn https_by_sni_from_secrets_redirect_and_mutual() {
     mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
     mesh.http_service("web");
     mesh.start(&[]).unwrap();
-    let outside = mesh.topo_mut().add_host("outside", 200).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
     let node = mesh.topo().node("node-a").address.to_string();
     let dir = mesh.topo().work_dir().to_owned();
     let file = |name: &str, text: &str| {
@@ -259,7 +263,7 @@ fn a_bad_secret_skips_only_its_servers() {
     mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
     mesh.http_service("web");
     mesh.start(&[]).unwrap();
-    let outside = mesh.topo_mut().add_host("outside", 200).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
     let node = mesh.topo().node("node-a").address.to_string();
     let ca = Ca::new("a");
     let (cert, key) = ca.leaf("a.example.com");
