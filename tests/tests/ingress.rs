@@ -13,8 +13,8 @@ use nodemesh_testbed::topology::run_checked;
 use nodemesh_testbed::workload_apps::{curl_many_in, python3, Reply};
 use serde_json::Value;
 
-/// The outside client's address on the fabric: `10.0.0.200`.
-const OUTSIDE_INDEX: u8 = 200;
+/// The outside client's address on the fabric: `10.0.0.210` (the CA is .200, the API forwarder .201).
+const OUTSIDE_INDEX: u8 = 210;
 
 fn app_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mesh-app"))
@@ -136,7 +136,7 @@ fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
             assert_eq!(doc["name"], "productpage-v1", "{doc:#}");
             // The application sees the outside client as Istio's gateway
             // reports it.
-            assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.200", "{doc:#}");
+            assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.210", "{doc:#}");
             assert_eq!(doc["headers"]["x-forwarded-proto"], "http", "{doc:#}");
             assert_eq!(
                 doc["headers"]["x-request-id"].as_str().map(str::len),
@@ -305,6 +305,23 @@ fn a_canary_at_a_gateway_and_strict_mtls_behind_it() {
     }
     let versions = count_by(&get(&mesh, &outside, &url, 50, &canary), Reply::version);
     assert_eq!(versions, only("v2", 50));
+    // The destination reports the ingress as the caller, over mutual TLS.
+    let metrics = format!(
+        "http://{}:15020/metrics",
+        mesh.topo().node("node-b").address
+    );
+    let metrics = get(&mesh, &outside, &metrics, 1, &[]).remove(0).body;
+    let from_ingress = metrics.lines().find(|l| {
+        l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("source_workload=\"nodemesh-ingress\"")
+            && l.contains(
+                "source_principal=\"spiffe://cluster.local/ns/istio-system/sa/nodemesh-ingress\"",
+            )
+            && l.contains("destination_workload=\"web-v2\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+    });
+    assert!(from_ingress.is_some(), "{metrics}");
     // A host the Gateway does not serve.
     let other = get(&mesh, &outside, &url, 1, &["-H", "Host: other.example.com"]);
     assert_eq!(other[0].status, 404, "{other:?}");

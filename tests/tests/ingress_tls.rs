@@ -280,16 +280,16 @@ fn a_bad_secret_skips_only_its_servers() {
     let status = mesh.agent("node-a").status_json().unwrap();
     let warnings = status["config"]["secret_warnings"].to_string();
     for part in [
-        "Secret default/b-cred (secrets.yaml)",
-        "stringData[tls.key]: the key does not match",
+        "Secret default/b-cred (",
+        "secrets.yaml): stringData[tls.key]: the key does not match",
     ] {
         assert!(warnings.contains(part), "{part:?} not in {warnings}");
     }
     assert!(!warnings.contains("PRIVATE KEY"), "{warnings}");
     let routing = status["config"]["routing_warnings"].to_string();
     for part in [
-        "Gateway default/secure (gateway.yaml)",
-        "spec.servers[1]",
+        "Gateway default/secure (",
+        "gateway.yaml): spec.servers[1]",
         "Secret default/b-cred is invalid",
         "spec.servers[2].tls.credentialName: Secret m-cred not found",
     ] {

@@ -329,6 +329,11 @@ impl Config {
         self.nodes.get(name)
     }
 
+    /// Sorted by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
     pub fn workloads(&self) -> &[Workload] {
         &self.workloads
     }

@@ -35,11 +35,11 @@ pub fn ingress_key(cfg: &Config) -> String {
 }
 
 /// Whether `cfg` has `node` serve any Gateway.
-fn serves_ingress(cfg: &Config, node: &str) -> bool {
+pub fn serves_ingress(cfg: &Config, node: &str) -> bool {
     let no_labels = Default::default();
     let labels = cfg.node(node).map_or(&no_labels, |n| &n.labels);
-    let serves = cfg.routing().ingress().served_by(labels).next().is_some();
-    serves
+    let mut served = cfg.routing().ingress().served_by(labels);
+    served.next().is_some()
 }
 
 /// Identities of the workloads that `cfg` places on `node` in enrolled

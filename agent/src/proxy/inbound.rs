@@ -27,6 +27,7 @@ use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, Transferred};
 use super::{authorize, l7, sni, Direction, Pod, Proxy, AGENT_PORTS};
 use crate::config::{Config, Protocol, Workload};
+use crate::identity;
 use crate::security::authorization::HttpView;
 use crate::security::MtlsMode;
 use crate::transport::server::{Inbound, Refusal, StreamRequest};
@@ -374,39 +375,9 @@ impl Proxy {
             ));
         }
         let cfg = self.config.current();
-        let caller = cfg
-            .workload_by_address(request.source)
-            .filter(|w| self.identity_of(w) == request.peer)
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "{} is not an address of a workload with identity {}",
-                        request.source, request.peer
-                    ),
-                )
-            })?;
-        // ...and that workload must run where the stream comes from: a node
-        // holding an identity cannot borrow the addresses its workloads have
-        // on other nodes (nor the destination's own).
-        let from_its_node = match transport {
-            "local" => caller.node == self.node,
-            _ => cfg
-                .node(&caller.node)
-                .is_some_and(|node| node.addresses.contains(&request.remote.ip().to_canonical())),
-        };
-        if !from_its_node {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{} is {} on node {}, not on the node that opened this connection ({})",
-                    request.source,
-                    caller.key(),
-                    caller.node,
-                    request.remote.ip().to_canonical()
-                ),
-            ));
-        }
+        let source_workload = self
+            .caller_of(&cfg, request, transport)
+            .map_err(|reason| refuse(StatusCode::FORBIDDEN, reason))?;
         // Charged as a whole connection, as plaintext ones are (the stream
         // itself holds no descriptor here): the per-workload limits count
         // connections the same way whatever the transport.
@@ -420,7 +391,6 @@ impl Proxy {
                 self.reject(&pod, Direction::Inbound);
                 refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
             })?;
-        let source_workload = caller.key();
         let own = cfg.workload_by_key(&pod.key);
         let declared = own.map_or(Declared::Unknown, |w| declared_protocol(&cfg, w, to.port()));
         let needs_sni = own.is_some_and(|w| cfg.authorizations().needs_sni(w));
@@ -463,6 +433,54 @@ impl Proxy {
                 Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason))
             }
         }
+    }
+
+    /// Who calls (`namespace/name`): the caller's address must be one of a
+    /// workload with the caller's identity, running on the node the stream
+    /// comes from (a node holding an identity cannot borrow the addresses
+    /// its workloads have on other nodes, nor the destination's own); or,
+    /// for the ingress's identity, an address of that node, which must
+    /// serve a Gateway.
+    fn caller_of(
+        &self,
+        cfg: &Config,
+        request: &StreamRequest,
+        transport: &'static str,
+    ) -> Result<String, String> {
+        let remote = request.remote.ip().to_canonical();
+        let from_node = |node: &str| match transport {
+            "local" => node == self.node,
+            _ => cfg
+                .node(node)
+                .is_some_and(|n| n.addresses.contains(&remote)),
+        };
+        let caller = cfg
+            .workload_by_address(request.source)
+            .filter(|w| self.identity_of(w) == request.peer);
+        if let Some(caller) = caller {
+            if !from_node(&caller.node) {
+                return Err(format!(
+                    "{} is {} on node {}, not on the node that opened this connection ({remote})",
+                    request.source,
+                    caller.key(),
+                    caller.node,
+                ));
+            }
+            return Ok(caller.key());
+        }
+        let ingress = identity::ingress_id(cfg, self.identities.trust_domain());
+        let ingress_node = cfg.nodes().find(|n| {
+            n.addresses.contains(&request.source)
+                && from_node(&n.name)
+                && identity::serves_ingress(cfg, &n.name)
+        });
+        if request.peer == ingress && ingress_node.is_some() {
+            return Ok(identity::ingress_key(cfg));
+        }
+        Err(format!(
+            "{} is not an address of a workload with identity {}",
+            request.source, request.peer
+        ))
     }
 
     /// Whether `pod`'s policies look at the TLS server name callers ask for.

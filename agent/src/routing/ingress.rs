@@ -18,7 +18,7 @@ use crate::ingress::tls::{self, PortKind, ServerTls, TlsContext};
 
 use super::compile::{Scope, VirtualServiceDraft};
 use super::istio_gateway::{GatewayDraft, ServerDraft};
-use super::{RequestInfo, VirtualHost};
+use super::VirtualHost;
 
 /// The label every node counts as carrying.
 pub const IMPLICIT_NODE_LABEL: (&str, &str) = ("istio", "ingressgateway");
@@ -223,10 +223,6 @@ pub struct Selected<'a> {
 }
 
 impl IngressTable {
-    pub fn gateways(&self) -> &[Gateway] {
-        &self.gateways
-    }
-
     /// The Gateways an agent whose Node carries `labels` serves.
     pub fn served_by<'a>(
         &'a self,
@@ -297,13 +293,6 @@ impl IngressTable {
                 routes: server.routes_for(&host),
             })
         })
-    }
-}
-
-impl Selected<'_> {
-    /// The route taken and its matching block, like [`VirtualHost::select`].
-    pub fn route(&self, request: &RequestInfo<'_>) -> Option<(&super::HttpRoute, Option<usize>)> {
-        self.routes?.routes.select(request)
     }
 }
 

@@ -10,6 +10,8 @@ mod compile;
 mod gateway;
 mod index;
 pub mod ingress;
+#[cfg(test)]
+mod ingress_tests;
 mod istio;
 mod istio_gateway;
 mod matching;

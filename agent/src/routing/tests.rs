@@ -128,7 +128,7 @@ fn load(files: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
 }
 
 #[track_caller]
-fn table(files: &[(&str, &str)]) -> RoutingTable {
+pub(super) fn table(files: &[(&str, &str)]) -> RoutingTable {
     match load(files) {
         Ok(config) => config.routing().clone(),
         Err(e) => panic!("{e}"),
@@ -146,7 +146,7 @@ fn assert_error(files: &[(&str, &str)], parts: &[&str]) {
     }
 }
 
-fn forward(route: &HttpRoute) -> Vec<(String, Option<&str>, u32)> {
+pub(super) fn forward(route: &HttpRoute) -> Vec<(String, Option<&str>, u32)> {
     let RouteAction::Forward(destinations) = &route.action else {
         panic!("{:?} does not forward", route.action)
     };
@@ -171,14 +171,18 @@ fn header_names(names: &[Box<str>]) -> Vec<&str> {
     names.iter().map(|n| &**n).collect()
 }
 
-fn host<'t>(table: &'t RoutingTable, service: &str) -> &'t VirtualHost {
+pub(super) fn host<'t>(table: &'t RoutingTable, service: &str) -> &'t VirtualHost {
     table
         .host(service)
         .unwrap_or_else(|| panic!("no routes for {service}"))
 }
 
 /// The route a GET of `path` with `headers` selects.
-fn select<'h>(host: &'h VirtualHost, path: &str, headers: &[(&'static str, &str)]) -> &'h str {
+pub(super) fn select<'h>(
+    host: &'h VirtualHost,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> &'h str {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
         map.insert(*name, value.parse().unwrap());

@@ -69,6 +69,21 @@ impl Peer {
         }
     }
 
+    /// The ingress gateway as a caller (Istio's is `istio-ingressgateway`),
+    /// in `namespace` (the root namespace).
+    pub fn ingress(namespace: &str, principal: Option<String>) -> Peer {
+        let name = crate::identity::INGRESS_SERVICE_ACCOUNT;
+        Peer {
+            workload: name.into(),
+            namespace: namespace.into(),
+            principal: principal.unwrap_or_else(|| UNKNOWN.into()),
+            app: name.into(),
+            version: UNKNOWN.into(),
+            canonical_service: name.into(),
+            canonical_revision: "latest".into(),
+        }
+    }
+
     /// Appends `<side>_workload="…",…` (`side`: `source` or `destination`).
     pub fn render(&self, side: &str, out: &mut String) {
         let labels = [

@@ -456,10 +456,19 @@ pub fn peers<'a>(
         |w: &Workload| SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string();
     let source_workload = key.source.and_then(|ip| cfg.workload_by_address(ip));
     let destination_workload = cfg.workload_by_address(key.destination.ip());
-    let source = source_workload.map_or_else(Peer::unknown, |w| {
-        let known = key.reporter == Reporter::Source || key.mutual_tls;
-        Peer::of(w, known.then(|| principal(w)))
-    });
+    let known = key.reporter == Reporter::Source || key.mutual_tls;
+    // Only the ingress calls from a node's own address.
+    let from_node = key
+        .source
+        .is_some_and(|ip| cfg.nodes().any(|n| n.addresses.contains(&ip)));
+    let source = match source_workload {
+        Some(w) => Peer::of(w, known.then(|| principal(w))),
+        None if from_node => {
+            let id = crate::identity::ingress_id(cfg, trust_domain);
+            Peer::ingress(cfg.root_namespace(), known.then(|| id.to_string()))
+        }
+        None => Peer::unknown(),
+    };
     let destination = destination_workload.map_or_else(Peer::unknown, |w| {
         let known = key.reporter == Reporter::Destination || cfg.is_enrolled(w);
         Peer::of(w, known.then(|| principal(w)))
