@@ -155,17 +155,7 @@ fn credential(
     now: SystemTime,
     issues: &mut Issues,
 ) -> Option<Credential> {
-    let chain = match x509::certs_from_pem(&cert) {
-        Ok(chain) if !chain.is_empty() => chain,
-        Ok(_) => {
-            issues.add(cert_field, "holds no CERTIFICATE PEM block");
-            return None;
-        }
-        Err(e) => {
-            issues.add(cert_field, format!("is not valid PEM: {e}"));
-            return None;
-        }
-    };
+    let chain = pem_certs(&cert_field, &cert, issues)?;
     let facts = match CertFacts::of(&chain[0]) {
         Ok(facts) => facts,
         Err(e) => {
@@ -217,18 +207,23 @@ fn credential(
     }
 }
 
-fn ca_certs(field: &str, pem: &str, issues: &mut Issues) -> Option<Vec<CertificateDer<'static>>> {
-    let certs = match x509::certs_from_pem(pem) {
-        Ok(certs) if !certs.is_empty() => certs,
+/// The certificates of `pem` (at least one), read from `field`.
+fn pem_certs(field: &str, pem: &str, issues: &mut Issues) -> Option<Vec<CertificateDer<'static>>> {
+    match x509::certs_from_pem(pem) {
+        Ok(certs) if !certs.is_empty() => Some(certs),
         Ok(_) => {
             issues.add(field, "holds no CERTIFICATE PEM block");
-            return None;
+            None
         }
         Err(e) => {
             issues.add(field, format!("is not valid PEM: {e}"));
-            return None;
+            None
         }
-    };
+    }
+}
+
+fn ca_certs(field: &str, pem: &str, issues: &mut Issues) -> Option<Vec<CertificateDer<'static>>> {
+    let certs = pem_certs(field, pem, issues)?;
     let mut roots = rustls::RootCertStore::empty();
     for (i, cert) in certs.iter().enumerate() {
         if let Err(e) = roots.add(cert.clone()) {
