@@ -524,6 +524,22 @@ pub(crate) fn wait_agent_for(
     }
 }
 
+/// The version of `reviews` that served each productpage request.
+pub fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
+    count_by(replies, |r| match r.json() {
+        Some(doc) => doc["calls"][1]["body"]["version"]
+            .as_str()
+            .unwrap_or("no reviews")
+            .to_owned(),
+        None => format!("status {}", r.status),
+    })
+}
+
+/// Counts in which every one of `n` replies had `key`.
+pub fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
+    BTreeMap::from([(key.to_owned(), n)])
+}
+
 /// Counts `key(reply)` over replies.
 pub fn count_by(replies: &[Reply], key: impl Fn(&Reply) -> String) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();

@@ -4,11 +4,12 @@
 //! VirtualServices bound to them routing into the mesh over mutual TLS as
 //! the ingress's own identity.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh};
+use nodemesh_testbed::mesh::{
+    bookinfo_example, count_by, only, replace_object, reviews_versions, Mesh,
+};
 use nodemesh_testbed::topology::run_checked;
 use nodemesh_testbed::workload_apps::{curl_many_in, python3, Reply};
 use serde_json::Value;
@@ -80,6 +81,21 @@ fn wait_refused(mesh: &Mesh, outside: &str, url: &str) {
     }
 }
 
+/// Waits (15 s at most) until node-a's routing warnings contain every
+/// part (a generation counted by `apply` may still be the previous file's).
+fn wait_warning(mesh: &Mesh, parts: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = mesh.agent("node-a").status_json().unwrap();
+        let warnings = status["config"]["routing_warnings"].to_string();
+        if parts.iter().all(|part| warnings.contains(part)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{parts:?} not all in {warnings}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn cli_json(mesh: &Mesh, node: &str, args: &[&str]) -> Value {
     let out = mesh.agent(node).cli(args).unwrap();
     assert!(
@@ -90,20 +106,6 @@ fn cli_json(mesh: &Mesh, node: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// The version of `reviews` that served each productpage request.
-fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
-    count_by(replies, |r| match r.json() {
-        Some(doc) => doc["calls"][1]["body"]["version"]
-            .as_str()
-            .unwrap_or("no reviews")
-            .to_owned(),
-        None => format!("status {}", r.status),
-    })
-}
-
-fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
-    BTreeMap::from([(key.to_owned(), n)])
-}
 
 #[test]
 fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
@@ -400,16 +402,15 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
     // older wins; without timestamps, the first by namespace/name).
     let claim = WEB_GATEWAY.replace("website-gateway", "website-thief");
     mesh.apply("thief.yaml", &claim).unwrap();
-    let warnings =
-        mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"].to_string();
-    for part in [
-        "Gateway default/website-thief (",
-        "thief.yaml",
-        "spec.servers[0].hosts[0]",
-        "already claimed by Gateway default/website-gateway",
-    ] {
-        assert!(warnings.contains(part), "{part:?} not in {warnings}");
-    }
+    wait_warning(
+        &mesh,
+        &[
+            "Gateway default/website-thief (",
+            "thief.yaml",
+            "spec.servers[0].hosts[0]",
+            "already claimed by Gateway default/website-gateway",
+        ],
+    );
 
     // A VirtualService bound to a Gateway that does not exist.
     let orphan = WEB_CANARY
@@ -419,15 +420,14 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
         .replace("name: web\n", "name: orphan\n")
         .replace("- website-gateway", "- no-such-gateway");
     mesh.apply("orphan.yaml", &orphan).unwrap();
-    let warnings =
-        mesh.agent("node-a").status_json().unwrap()["config"]["routing_warnings"].to_string();
-    for part in [
-        "VirtualService default/orphan (",
-        "orphan.yaml",
-        "spec.gateways[0]: Gateway default/no-such-gateway does not exist",
-    ] {
-        assert!(warnings.contains(part), "{part:?} not in {warnings}");
-    }
+    wait_warning(
+        &mesh,
+        &[
+            "VirtualService default/orphan (",
+            "orphan.yaml",
+            "spec.gateways[0]: Gateway default/no-such-gateway does not exist",
+        ],
+    );
     // The rest keeps routing.
     let replies = get(&mesh, &outside, &url, 20, &host);
     assert_eq!(count_by(&replies, Reply::version), only("v1", 20));

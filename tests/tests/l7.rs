@@ -12,7 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config::ServicePort;
-use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{
+    bookinfo_example, count_by, only, replace_object, reviews_versions, Mesh, CLIENT,
+};
 use nodemesh_testbed::workload_apps::{python3, wait_listening, Reply};
 use serde_json::Value;
 
@@ -40,21 +42,6 @@ fn versions(replies: &[Reply]) -> BTreeMap<String, u64> {
     count_by(replies, Reply::version)
 }
 
-/// The version of `reviews` that served each productpage request.
-fn reviews_versions(replies: &[Reply]) -> BTreeMap<String, u64> {
-    count_by(replies, |r| match r.json() {
-        Some(doc) => doc["calls"][1]["body"]["version"]
-            .as_str()
-            .unwrap_or("no reviews")
-            .to_owned(),
-        None => format!("status {}", r.status),
-    })
-}
-
-/// Counts in which every one of `n` replies had `key`.
-fn only(key: &str, n: u64) -> BTreeMap<String, u64> {
-    BTreeMap::from([(key.to_owned(), n)])
-}
 
 #[track_caller]
 fn assert_share(counts: &BTreeMap<String, u64>, key: &str, percent: f64) {

@@ -1334,6 +1334,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
+                         networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
                          telemetry.istio.io/v1|v1alpha1 Telemetry)";

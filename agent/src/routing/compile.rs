@@ -101,9 +101,10 @@ impl VirtualServiceDraft {
 
     fn listed(&self, list: &[String], scope: Scope<'_>) -> bool {
         if list.is_empty() {
-            return match scope {
-                Scope::Mesh => self.gateways.is_empty() || self.listed(&self.gateways, scope),
-                Scope::Gateway(_) => self.listed(&self.gateways, scope),
+            // No list: the object's, and no list there either: the mesh.
+            return match self.gateways.is_empty() {
+                true => scope == Scope::Mesh,
+                false => self.listed(&self.gateways, scope),
             };
         }
         list.iter().any(|name| self.names(name, scope))
