@@ -106,7 +106,6 @@ fn cli_json(mesh: &Mesh, node: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-
 #[test]
 fn bookinfo_gateway_serves_productpage_on_port_80_and_routing_samples_apply() {
     let mut mesh = Mesh::new(app_bin()).unwrap();

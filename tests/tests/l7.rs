@@ -42,7 +42,6 @@ fn versions(replies: &[Reply]) -> BTreeMap<String, u64> {
     count_by(replies, Reply::version)
 }
 
-
 #[track_caller]
 fn assert_share(counts: &BTreeMap<String, u64>, key: &str, percent: f64) {
     let total: u64 = counts.values().sum();
