@@ -67,11 +67,8 @@ fn secret(name: &str, data: &[(&str, &str)]) -> String {
 const GATEWAY: &str = "\
 apiVersion: networking.istio.io/v1
 kind: Gateway
-metadata:
-  name: secure
+metadata: {name: secure}
 spec:
-  selector:
-    istio: ingressgateway
   servers:
   - port: {number: 443, name: https-a, protocol: HTTPS}
     hosts: [a.example.com]
@@ -88,8 +85,7 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata:
-  name: web
+metadata: {name: web}
 spec:
   hosts: [a.example.com, b.example.com, m.example.com]
   gateways: [secure]
@@ -121,14 +117,22 @@ fn curl(mesh: &Mesh, netns: &str, args: &[&str]) -> (u16, String, String) {
     )
 }
 
-#[test]
-fn https_by_sni_from_secrets_redirect_and_mutual() {
+/// Service `web` (one pod, on node-b), the agents started, a host outside
+/// the mesh; returns the mesh, the host's netns and node-a's address (where
+/// the tests reach the ingress, which crosses nodes into the mesh).
+fn web_mesh() -> (Mesh, String, String) {
     let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
     mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
     mesh.http_service("web");
     mesh.start(&[]).unwrap();
     let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
     let node = mesh.topo().node("node-a").address.to_string();
+    (mesh, outside, node)
+}
+
+#[test]
+fn https_by_sni_from_secrets_redirect_and_mutual() {
+    let (mesh, outside, node) = web_mesh();
     let dir = mesh.topo().work_dir().to_owned();
     let file = |name: &str, text: &str| {
         let path = dir.join(name);
@@ -259,12 +263,7 @@ fn https_by_sni_from_secrets_redirect_and_mutual() {
 
 #[test]
 fn a_bad_secret_skips_only_its_servers() {
-    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
-    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
-    mesh.http_service("web");
-    mesh.start(&[]).unwrap();
-    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
-    let node = mesh.topo().node("node-a").address.to_string();
+    let (mesh, outside, node) = web_mesh();
     let ca = Ca::new("a");
     let (cert, key) = ca.leaf("a.example.com");
     let (_, other_key) = ca.leaf("b.example.com");

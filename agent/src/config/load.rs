@@ -1337,7 +1337,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
-                         telemetry.istio.io/v1|v1alpha1 Telemetry)";
+                         telemetry.istio.io/v1|v1alpha1 Telemetry, v1 Secret)";
         assert_error(
             &[("x.yaml", deployment)],
             &[
