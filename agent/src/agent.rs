@@ -538,6 +538,7 @@ impl Node {
                 "routing_warnings": cfg.routing().warnings,
                 "peer_authentication_warnings": cfg.peer_authentications().warnings,
                 "authorization_policy_warnings": cfg.authorizations().warnings,
+                "secret_warnings": cfg.secrets().warnings,
             },
             "ebpf": self.enroller.with_datapath(|d| d.status()),
             "workloads": {

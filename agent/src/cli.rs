@@ -31,6 +31,7 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
                     "ADDRESSES",
                     "PORT",
                     "PROTOCOL",
+                    "TLS",
                     "HOSTS",
                     "ROUTES",
                     "STATE",
@@ -47,6 +48,7 @@ pub fn print(query: &Query, answer: &Value, output: Output) {
                         list(&s["addresses"]),
                         s["port"].to_string(),
                         text(&s["protocol"]),
+                        gateway_tls(&s["tls"]),
                         list(&s["hosts"]),
                         routes,
                         text(&s["state"]),
@@ -382,6 +384,25 @@ pub(crate) fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// A Gateway server's TLS: `SIMPLE (expires 2027-01-01T00:00:00Z)`,
+/// `httpsRedirect`, or `-`.
+fn gateway_tls(tls: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(mode) = tls["mode"].as_str() {
+        parts.push(mode.to_owned());
+    }
+    if let Some(expiry) = tls["certificateExpiry"].as_str() {
+        parts.push(format!("(expires {expiry})"));
+    }
+    if tls["httpsRedirect"] == true {
+        parts.push("httpsRedirect".to_owned());
+    }
+    if parts.is_empty() {
+        return "-".to_owned();
+    }
+    parts.join(" ")
 }
 
 fn print_routes(answer: &Value) {

@@ -20,6 +20,7 @@ use super::endpoint_slice::{self, EndpointSlice, SlicesByService};
 use super::model::{
     self, Metadata, NamespaceDoc, NodeDoc, Object, ServiceSpec, TargetPort, WorkloadSpec,
 };
+use super::secret::{self, SecretDraft, Secrets};
 use super::source::{self, ReadError};
 use super::{
     yaml, Config, ConfigError, ConfigErrors, Index, Limits, LoadOptions, Namespace, Node, Service,
@@ -109,6 +110,7 @@ enum Kind {
     PeerAuthentication,
     AuthorizationPolicy,
     Telemetry,
+    Secret,
 }
 
 const ISTIO_NETWORKING: &[&str] = &[
@@ -118,7 +120,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -131,6 +133,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
+        Kind::Secret,
     ];
 
     /// Every version is read with the same schema: they differ only in
@@ -138,7 +141,7 @@ impl Kind {
     fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Workload => &["nodemesh.io/v1alpha1"],
-            Kind::Namespace | Kind::Node | Kind::Service => &["v1"],
+            Kind::Namespace | Kind::Node | Kind::Service | Kind::Secret => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
             Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => ISTIO_NETWORKING,
             Kind::HttpRoute => &[
@@ -166,6 +169,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -229,9 +233,18 @@ impl Issues {
         self.0.push((field.into(), message.into()));
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Problems found so far.
     pub(crate) fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// (field path, message) pairs.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(String, String)> {
+        self.0.iter()
     }
 }
 
@@ -253,6 +266,7 @@ struct Loader {
     peer_authentications: Vec<(Origin, PeerAuthenticationDraft)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyDraft)>,
     telemetries: Vec<(Origin, TelemetryDraft)>,
+    secrets: Vec<(Origin, SecretDraft)>,
 }
 
 impl Loader {
@@ -272,6 +286,7 @@ impl Loader {
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
             telemetries: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 
@@ -447,6 +462,11 @@ impl Loader {
                     self.telemetries.push((origin, draft));
                 }
             }
+            Kind::Secret => {
+                if let Some(draft) = self.parse(&origin, doc, secret::secret) {
+                    self.secrets.push((origin, draft));
+                }
+            }
         }
     }
 
@@ -538,6 +558,7 @@ impl Loader {
             routing: RoutingTable::default(),
             authorizations: Authorizations::default(),
             telemetries: Telemetries::default(),
+            secrets: Secrets::compile(self.secrets),
             peer_authentications: PeerAuthentications::compile(
                 self.peer_authentications,
                 &opts.root_namespace,
@@ -1316,7 +1337,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
-                         telemetry.istio.io/v1|v1alpha1 Telemetry)";
+                         telemetry.istio.io/v1|v1alpha1 Telemetry, v1 Secret)";
         assert_error(
             &[("x.yaml", deployment)],
             &[

@@ -12,6 +12,7 @@ mod limits_tests;
 mod load;
 mod model;
 mod reload;
+pub mod secret;
 mod source;
 mod store;
 mod watch;
@@ -33,6 +34,7 @@ pub use watch::watch_dir;
 use crate::routing::RoutingTable;
 use crate::security::{Authorizations, PeerAuthentications};
 use crate::telemetry::policy::Telemetries;
+use secret::Secrets;
 
 /// Label that enrolls the workloads of a namespace in the mesh.
 const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -234,6 +236,8 @@ pub struct Config {
     authorizations: Authorizations,
     #[serde(skip)]
     telemetries: Telemetries,
+    #[serde(skip)]
+    secrets: Secrets,
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -261,6 +265,7 @@ impl Config {
             peer_authentications: PeerAuthentications::default(),
             authorizations: Authorizations::default(),
             telemetries: Telemetries::default(),
+            secrets: Secrets::default(),
         }
     }
 
@@ -270,6 +275,7 @@ impl Config {
         let warnings = self.routing.warnings.iter();
         let warnings = warnings.chain(&self.peer_authentications.warnings);
         let warnings = warnings.chain(&self.authorizations.warnings);
+        let warnings = warnings.chain(&self.secrets.warnings);
         for warning in warnings.chain(&self.telemetries.warnings) {
             log::warn!("{warning}");
         }
@@ -293,6 +299,11 @@ impl Config {
     /// Telemetry resources, sorted into levels for resolution by workload.
     pub fn telemetries(&self) -> &Telemetries {
         &self.telemetries
+    }
+
+    /// TLS Secrets usable by Gateway servers, and why others were skipped.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     /// Lowercase, without trailing dot (`cluster.local`).

@@ -5,14 +5,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::tls::{Accepted, Alpn, PortTls};
 
 use crate::proxy::budget::FDS_PER_CONNECTION;
 use crate::proxy::detect::{self, Detected};
 use crate::proxy::{self, Pod, Proxy};
 
-/// Longest wait for a client's first bytes (the HTTP/2 preface or not).
+/// Longest wait for a client's first bytes (the HTTP/2 preface or not),
+/// and for a TLS handshake.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 22;
 
 /// A listening socket on `addr`; fails when the port is taken on the host.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -27,7 +33,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Accepts until aborted; each connection gets its own task, so stopping
 /// the listener (the port left the config) lets open connections finish.
-pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener) {
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    listener: TcpListener,
+    tls: Arc<ArcSwapOption<PortTls>>,
+) {
     loop {
         let (stream, client) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -48,8 +59,10 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let (proxy, pod) = (proxy.clone(), pod.clone());
+        // The TLS step as the config is when the connection comes.
+        let tls = tls.load_full();
         tokio::spawn(async move {
-            if let Err(e) = connection(proxy, pod, stream, client).await {
+            if let Err(e) = connection(proxy, pod, stream, client, tls).await {
                 log::debug!("ingress connection from {client}: {e}");
             }
             drop(fds);
@@ -63,12 +76,45 @@ async fn connection(
     pod: Arc<Pod>,
     stream: TcpStream,
     client: SocketAddr,
+    tls: Option<Arc<PortTls>>,
 ) -> Result<(), String> {
     let local = stream.local_addr().map_err(|e| e.to_string())?;
+    if let Some(tls) = tls {
+        if starts_tls(&stream).await {
+            return terminate(proxy, pod, stream, (local, client), &tls).await;
+        }
+    }
     let detected = detect::sniff(&stream, FIRST_BYTES_TIMEOUT, detect::classify_declared).await;
     let Some(detected) = detected else {
         return Err("closed or silent before a request".into());
     };
     let http2 = detected == Detected::Http2;
-    proxy::serve_gateway(proxy, pod, stream, (local, client), http2).await
+    proxy::serve_gateway(proxy, pod, stream, (local, client), http2, None).await
+}
+
+/// Whether the client's first byte opens a TLS handshake: a port may mix
+/// TLS servers and plaintext ones (`httpsRedirect` on its HTTP server).
+async fn starts_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await;
+    matches!(peeked, Ok(Ok(1))) && first[0] == TLS_HANDSHAKE
+}
+
+/// The TLS step, then HTTP over the terminated stream at the chosen server.
+async fn terminate(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    stream: TcpStream,
+    addresses: (SocketAddr, SocketAddr),
+    tls: &PortTls,
+) -> Result<(), String> {
+    let accepted = tls.acceptor.accept(stream, FIRST_BYTES_TIMEOUT).await;
+    match accepted.map_err(|e| e.to_string())? {
+        Accepted::Terminated(t) => {
+            let server = tls.servers[t.server].clone();
+            let http2 = t.alpn == Some(Alpn::H2);
+            proxy::serve_gateway(proxy, pod, t.stream, addresses, http2, Some(server)).await
+        }
+        Accepted::Passthrough { .. } => Err("TLS passthrough is not supported yet".into()),
+    }
 }

@@ -9,12 +9,14 @@
 //! - `listener`: accept TCP → TLS step (for servers that need one) → HTTP.
 
 mod listener;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwapOption;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -23,6 +25,7 @@ use crate::identity;
 use crate::netns::NetNs;
 use crate::proxy::budget::Tenant;
 use crate::proxy::{Pod, Proxy};
+use tls::{PortTls, TlsMode};
 
 /// The ingress of one node.
 pub struct Ingress {
@@ -35,6 +38,8 @@ pub struct Ingress {
 /// One port the node's Gateways need.
 struct Port {
     addresses: Vec<SocketAddr>,
+    /// The TLS step, replaced at each config change (`None`: plaintext).
+    tls: Arc<ArcSwapOption<PortTls>>,
     /// Why the port is not served (taken on the host...); `None`: served.
     error: Option<String>,
     tasks: Vec<JoinHandle<()>>,
@@ -79,17 +84,38 @@ impl Ingress {
         };
         for &port in wanted.keys() {
             let addresses: Vec<_> = ips.iter().map(|&ip| SocketAddr::new(ip, port)).collect();
+            let tls = self.port_tls(cfg, labels, port);
             let current = listeners.get(&port);
-            if current.is_some_and(|p| p.error.is_none() && p.addresses == addresses) {
+            if let Some(current) = current.filter(|p| p.error.is_none() && p.addresses == addresses)
+            {
+                current.tls.store(tls);
                 continue;
             }
             listeners.remove(&port);
-            listeners.insert(port, self.open(&pod, addresses));
+            listeners.insert(port, self.open(&pod, addresses, tls));
+        }
+    }
+
+    /// The TLS step of `port`; a server whose settings rustls refuses is
+    /// logged, and the port then serves plaintext servers only.
+    fn port_tls(
+        &self,
+        cfg: &Config,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> Option<Arc<PortTls>> {
+        match PortTls::build(cfg, labels, port, &self.proxy.identities) {
+            Ok(tls) => tls.map(Arc::new),
+            Err(e) => {
+                log::warn!("ingress: TLS on port {port} not served: {e}");
+                None
+            }
         }
     }
 
     /// Binds every address of a port, or none.
-    fn open(&self, pod: &Arc<Pod>, addresses: Vec<SocketAddr>) -> Port {
+    fn open(&self, pod: &Arc<Pod>, addresses: Vec<SocketAddr>, tls: Option<Arc<PortTls>>) -> Port {
+        let tls = Arc::new(ArcSwapOption::new(tls));
         let bound: Result<Vec<_>, String> = addresses
             .iter()
             .map(|&addr| listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
@@ -100,12 +126,13 @@ impl Ingress {
                 let tasks = sockets
                     .into_iter()
                     .map(|socket| {
-                        let serving = listener::serve(self.proxy.clone(), pod.clone(), socket);
-                        tokio::spawn(serving)
+                        let (proxy, pod) = (self.proxy.clone(), pod.clone());
+                        tokio::spawn(listener::serve(proxy, pod, socket, tls.clone()))
                     })
                     .collect();
                 Port {
                     addresses,
+                    tls,
                     error: None,
                     tasks,
                 }
@@ -114,6 +141,7 @@ impl Ingress {
                 log::warn!("ingress: {error}");
                 Port {
                     addresses,
+                    tls,
                     error: Some(error),
                     tasks: Vec::new(),
                 }
@@ -181,6 +209,11 @@ impl Ingress {
                     "port": server.port,
                     "protocol": server.protocol,
                     "hosts": server.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "tls": server.tls.as_ref().map(|t| json!({
+                        "mode": t.mode.as_ref().map(TlsMode::name),
+                        "httpsRedirect": t.https_redirect,
+                        "certificateExpiry": t.mode.as_ref().and_then(TlsMode::expiry),
+                    })),
                     "routes": routes,
                     "state": state,
                 }));

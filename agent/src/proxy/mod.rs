@@ -21,9 +21,9 @@ mod idle;
 mod inbound;
 mod l7;
 mod outbound;
-mod peer;
+pub(crate) mod peer;
 pub mod relay;
-mod sni;
+pub(crate) mod sni;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -274,11 +274,12 @@ pub async fn serve_gateway<S>(
     stream: S,
     (local, client): (SocketAddr, SocketAddr),
     http2: bool,
+    tls: Option<Arc<crate::routing::ingress::ServerRef>>,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let entry = (local, l7::Entry::Gateway { client });
+    let entry = (local, l7::Entry::Gateway { client, tls });
     l7::serve(proxy, pod, stream, entry, http2).await
 }
 

@@ -13,10 +13,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::config::{Config, Origin};
+use crate::config::{Config, Issues, Origin};
+use crate::ingress::tls::{self, PortKind, ServerTls, TlsContext};
 
 use super::compile::{Scope, VirtualServiceDraft};
-use super::istio_gateway::GatewayDraft;
+use super::istio_gateway::{GatewayDraft, ServerDraft};
 use super::VirtualHost;
 
 /// The label every node counts as carrying.
@@ -171,9 +172,9 @@ pub struct Server {
     pub hosts: Vec<GatewayHost>,
     /// Why the server is not served; `None`: served.
     pub not_served: Option<String>,
-    /// `tls` as written, for the TLS step.
+    /// `None` without `tls` settings.
     #[serde(skip)]
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ServerTls>,
     /// Routes by domain, in binding order.
     pub routes: Vec<IngressHost>,
 }
@@ -204,6 +205,15 @@ pub struct IngressHost {
     pub routes: VirtualHost,
 }
 
+/// One server of one Gateway, as a TLS handshake chose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRef {
+    /// `namespace/name`.
+    pub gateway: String,
+    /// `spec.servers[i]`.
+    pub server: String,
+}
+
 /// What a request arriving at the ingress gets.
 pub struct Selected<'a> {
     pub gateway: &'a Gateway,
@@ -219,6 +229,21 @@ impl IngressTable {
         labels: &'a BTreeMap<String, String>,
     ) -> impl Iterator<Item = &'a Gateway> + 'a {
         self.gateways.iter().filter(|g| g.selects(labels))
+    }
+
+    /// The served servers on `port` of an agent whose Node carries
+    /// `labels`, in the order requests pick them.
+    pub fn servers_on<'a>(
+        &'a self,
+        labels: &'a BTreeMap<String, String>,
+        port: u16,
+    ) -> impl Iterator<Item = (&'a Gateway, &'a Server)> + 'a {
+        self.served_by(labels).flat_map(move |gateway| {
+            let on_port = gateway.servers.iter();
+            on_port
+                .filter(move |s| s.port == port && s.not_served.is_none())
+                .map(move |s| (gateway, s))
+        })
     }
 
     /// The ports such an agent listens on, and whether each serves HTTP.
@@ -239,13 +264,29 @@ impl IngressTable {
         port: u16,
         authority: &str,
     ) -> Option<Selected<'_>> {
+        self.select_at(labels, port, None, authority)
+    }
+
+    /// [`Self::select`] among the hosts of server `only` when a TLS
+    /// handshake chose it, as Envoy's filter chain for that server holds its
+    /// routes only: a client cannot reach a MUTUAL server's routes with the
+    /// SNI of a SIMPLE one.
+    pub fn select_at(
+        &self,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+        only: Option<&ServerRef>,
+        authority: &str,
+    ) -> Option<Selected<'_>> {
         let host = request_host(authority);
         let mut served = self.gateways.iter().filter(|g| g.selects(labels));
         served.find_map(|gateway| {
-            let server = gateway
-                .servers
-                .iter()
-                .find(|s| s.port == port && s.not_served.is_none() && s.admits_host(&host))?;
+            let server = gateway.servers.iter().find(|s| {
+                s.port == port
+                    && s.not_served.is_none()
+                    && s.admits_host(&host)
+                    && only.is_none_or(|o| o.gateway == gateway.key && o.server == s.field)
+            })?;
             Some(Selected {
                 gateway,
                 server,
@@ -270,6 +311,7 @@ pub(super) fn bind(
         let key = draft.key();
         let mut servers = Vec::new();
         for server in draft.servers {
+            let tls = server_tls(&draft.meta.namespace, &server, config);
             let mut hosts = Vec::new();
             for (j, host) in server.hosts.into_iter().enumerate() {
                 let owner = claimed
@@ -285,15 +327,12 @@ pub(super) fn bind(
                     ));
                 }
             }
-            let not_served = if server.protocol.needs_tls() || server.tls.is_some() {
-                Some(format!(
-                    "{} servers and tls settings are not supported yet",
-                    server.protocol
-                ))
-            } else if !server.protocol.is_http() {
-                Some("TCP servers are not supported yet".to_owned())
-            } else {
-                None
+            let not_served = match &tls {
+                Err(issues) => Some(issues.clone()),
+                Ok(_) if !server.protocol.is_http() => {
+                    Some(format!("{} servers are not supported yet", server.protocol))
+                }
+                Ok(_) => None,
             };
             if let Some(reason) = &not_served {
                 warnings.push(format!(
@@ -309,7 +348,7 @@ pub(super) fn bind(
                 protocol: server.protocol,
                 hosts,
                 not_served,
-                tls: server.tls,
+                tls: tls.ok().flatten(),
                 routes: Vec::new(),
             });
         }
@@ -405,6 +444,34 @@ fn default_ports(
             }
         }
     }
+}
+
+/// A server's `tls`, compiled against the Secrets, or why it cannot be
+/// served (the server only: the rest of the Gateway is).
+fn server_tls(
+    namespace: &str,
+    server: &ServerDraft,
+    config: &Config,
+) -> Result<Option<ServerTls>, String> {
+    let kind = match server.protocol {
+        ServerProtocol::Https => PortKind::Http,
+        ServerProtocol::Http2 | ServerProtocol::Grpc if server.tls.is_some() => PortKind::Http,
+        ServerProtocol::Http | ServerProtocol::Http2 | ServerProtocol::Grpc => PortKind::Plain,
+        ServerProtocol::Tls => PortKind::Tls,
+        ServerProtocol::Tcp => PortKind::Tcp,
+    };
+    let ctx = TlsContext {
+        namespaces: [namespace, config.root_namespace()],
+        secrets: config.secrets(),
+    };
+    let mut issues = Issues::default();
+    let field = format!("{}.tls", server.field);
+    let compiled = tls::compile(server.tls.as_ref(), kind, &field, &ctx, &mut issues);
+    if !issues.is_empty() {
+        let issues: Vec<_> = issues.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+        return Err(issues.join("; "));
+    }
+    Ok(compiled.filter(|t| t.https_redirect || t.mode.is_some()))
 }
 
 /// Short VirtualService hosts name Services of its namespace, as in Istio.

@@ -121,7 +121,8 @@ spec:
         "VirtualService default/orphan (",
         "spec.gateways[0]: Gateway default/nowhere does not exist",
         "Gateway default/secure (",
-        "spec.servers[0]: HTTPS servers and tls settings are not supported yet",
+        "spec.servers[0]: spec.servers[0].tls.credentialName: Secret cert not found (looked in \
+         default, istio-system)",
     ] {
         assert!(warnings.contains(part), "{part:?} not in {warnings}");
     }

@@ -9,6 +9,8 @@ use crate::config::{
     check_dns_label, check_labels, check_metadata, port_number, Issues, Meta, Object,
 };
 
+use crate::ingress::tls::ServerTlsSpec;
+
 use super::compile::{check_host, Warnings};
 use super::ingress::{GatewayHost, ServerProtocol};
 
@@ -28,8 +30,8 @@ struct ServerSpec {
     bind: Option<String>,
     #[serde(default)]
     hosts: Vec<String>,
-    /// Kept as written: TLS settings are read by the ingress's TLS step.
-    tls: Option<serde_json::Value>,
+    /// Compiled once Secrets are known (see [`super::ingress`]).
+    tls: Option<ServerTlsSpec>,
     default_endpoint: Option<String>,
     name: Option<String>,
 }
@@ -65,7 +67,7 @@ pub(super) struct ServerDraft {
     pub port: u16,
     pub protocol: ServerProtocol,
     pub hosts: Vec<GatewayHost>,
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ServerTlsSpec>,
 }
 
 pub(crate) fn istio_gateway(doc: Object<GatewaySpec>, issues: &mut Issues) -> GatewayDraft {

@@ -18,7 +18,7 @@
 
 mod pool;
 pub mod server;
-mod tls;
+pub(crate) mod tls;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

@@ -82,7 +82,8 @@ impl ResolvesClientCert for WorkloadCertificate {
     }
 }
 
-struct NodeCertificate(Arc<Identities>);
+/// Presents the node credential, as renewed at each handshake.
+pub(crate) struct NodeCertificate(pub(crate) Arc<Identities>);
 
 impl ResolvesServerCert for NodeCertificate {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

@@ -7,13 +7,17 @@ use std::net::SocketAddr;
 use http::header::HeaderValue;
 use http::HeaderMap;
 
+use http::{Response, StatusCode};
+
+use super::body::{self, Body};
 use super::{Chosen, NoRoute};
 use crate::config::Config;
+use crate::routing::ingress::{request_host, ServerRef};
 use crate::routing::RequestInfo;
 
 /// Headers Istio's ingress gateway sets: the client's address appended to
 /// `x-forwarded-for`, the scheme it used, and a request id when it has none.
-pub fn forwarded(headers: &mut HeaderMap, client: SocketAddr) {
+pub fn forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool) {
     let ip = client.ip().to_string();
     let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(before) if !before.trim().is_empty() => format!("{before}, {ip}"),
@@ -22,12 +26,30 @@ pub fn forwarded(headers: &mut HeaderMap, client: SocketAddr) {
     if let Ok(chain) = HeaderValue::from_str(&chain) {
         headers.insert("x-forwarded-for", chain);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     if !headers.contains_key("x-request-id") {
         if let Ok(id) = HeaderValue::from_str(&request_id()) {
             headers.insert("x-request-id", id);
         }
     }
+}
+
+/// The request's URL with scheme https and no port (Envoy's
+/// `https_redirect`).
+fn https_url(info: &RequestInfo<'_>) -> String {
+    let host = request_host(info.authority);
+    let query = info.query.map(|q| format!("?{q}")).unwrap_or_default();
+    format!("https://{host}{}{query}", info.path)
+}
+
+/// `301 Moved Permanently` to `location`.
+pub(super) fn redirect(location: &str) -> Response<Body> {
+    let mut reply = body::local_reply(StatusCode::MOVED_PERMANENTLY, "", false);
+    if let Ok(location) = HeaderValue::from_str(location) {
+        reply.headers_mut().insert(http::header::LOCATION, location);
+    }
+    reply
 }
 
 /// A random UUID (version 4), as Envoy generates.
@@ -46,22 +68,35 @@ fn request_id() -> String {
     )
 }
 
-/// The route of a request that arrived at the ingress on `info.port`.
+/// The route of a request that arrived at the ingress on `info.port`,
+/// over TLS at server `tls`.
 pub(super) fn route<'c>(
     config: &'c Config,
     node: &str,
     info: &RequestInfo<'_>,
+    tls: Option<&ServerRef>,
 ) -> Result<Chosen<'c>, NoRoute> {
     let labels = config.node(node).map(|n| &n.labels);
     let no_labels = Default::default();
     let ingress = config.routing().ingress();
-    let Some(selected) = ingress.select(labels.unwrap_or(&no_labels), info.port, info.authority)
-    else {
+    let labels = labels.unwrap_or(&no_labels);
+    let Some(selected) = ingress.select_at(labels, info.port, tls, info.authority) else {
         return Err(NoRoute::not_found(format!(
             "no Gateway server on port {} admits host {:?}",
             info.port, info.authority
         )));
     };
+    if tls.is_none()
+        && selected
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.https_redirect)
+    {
+        let mut redirect = NoRoute::not_found("httpsRedirect".into());
+        redirect.redirect = Some(https_url(info));
+        return Err(redirect);
+    }
     let Some(routes) = selected.routes else {
         return Err(NoRoute::not_found(format!(
             "no VirtualService binds host {:?} at Gateway {} ({})",
@@ -86,7 +121,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
         headers.insert("x-request-id", HeaderValue::from_static("abc"));
-        forwarded(&mut headers, "10.0.0.9:40000".parse().unwrap());
+        forwarded(&mut headers, "10.0.0.9:40000".parse().unwrap(), false);
         assert_eq!(headers["x-forwarded-for"], "192.0.2.1, 10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-request-id"], "abc");

@@ -48,6 +48,7 @@ pub use upstream::Pool;
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
+use crate::routing::ingress::ServerRef;
 use crate::routing::RequestInfo;
 use crate::telemetry::flags::mark;
 use crate::telemetry::http::{Measured, RouteName, Upstream};
@@ -81,13 +82,17 @@ pub struct HttpSettings {
 
 /// How a downstream connection entered the proxy: the only difference is
 /// how its requests pick their routes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum Entry {
     /// A workload dialled the Service at `service_addr`.
     Workload,
     /// A client outside the mesh reached the ingress at `service_addr` (the
-    /// node's address and a Gateway port) from `client`.
-    Gateway { client: SocketAddr },
+    /// node's address and a Gateway port) from `client`; over TLS, the
+    /// server its handshake chose, whose routes alone apply.
+    Gateway {
+        client: SocketAddr,
+        tls: Option<Arc<ServerRef>>,
+    },
 }
 
 /// One downstream connection: who opened it and which Service it dialled.
@@ -260,8 +265,8 @@ impl Downstream {
 
     async fn route(&self, mut request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
         let config = self.proxy.config.current();
-        if let Entry::Gateway { client } = self.entry {
-            gateway::forwarded(request.headers_mut(), client);
+        if let Entry::Gateway { client, tls } = &self.entry {
+            gateway::forwarded(request.headers_mut(), *client, tls.is_some());
         }
         let authority = authority(&request);
         let source = match self.entry {
@@ -273,19 +278,28 @@ impl Downstream {
             method: request.method().as_str(),
             path: request.uri().path(),
             query: request.uri().query(),
-            scheme: "http",
+            scheme: match &self.entry {
+                Entry::Gateway { tls: Some(_), .. } => "https",
+                _ => "http",
+            },
             authority: &authority,
             headers: request.headers(),
             port: self.service_addr.port(),
             source_namespace: source.map_or("", |w| w.namespace.as_str()),
             source_labels: source.map_or(&no_labels, |w| &w.labels),
         };
-        let chosen = match self.entry {
+        let chosen = match &self.entry {
             Entry::Workload => self.service_route(&config, &info),
-            Entry::Gateway { .. } => gateway::route(&config, &self.proxy.node, &info),
+            Entry::Gateway { tls, .. } => {
+                gateway::route(&config, &self.proxy.node, &info, tls.as_deref())
+            }
         };
         let (service_key, selected) = match chosen {
             Ok(chosen) => chosen,
+            Err(NoRoute {
+                redirect: Some(location),
+                ..
+            }) => return gateway::redirect(&location),
             Err(reason) => {
                 let status = match reason.gone {
                     true => StatusCode::SERVICE_UNAVAILABLE,
@@ -307,7 +321,7 @@ impl Downstream {
             grpc,
             source_ip: match self.entry {
                 Entry::Workload => source.and_then(|w| w.addresses.first().copied()),
-                Entry::Gateway { client } => Some(client.ip()),
+                Entry::Gateway { client, .. } => Some(client.ip()),
             },
         };
         let mut response = forward::run(self, plan, request).await;
@@ -323,6 +337,8 @@ impl Downstream {
 pub(super) struct NoRoute {
     gone: bool,
     message: String,
+    /// Answer 301 to this URL instead (a Gateway server's `httpsRedirect`).
+    redirect: Option<String>,
 }
 
 impl NoRoute {
@@ -330,6 +346,7 @@ impl NoRoute {
         NoRoute {
             gone: false,
             message,
+            redirect: None,
         }
     }
 }
@@ -352,6 +369,7 @@ impl Downstream {
             return Err(NoRoute {
                 gone: true,
                 message: "the Service this connection was opened to no longer exists".into(),
+                redirect: None,
             });
         };
         let service_key = service.key();

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::endpoint_slices;
 use super::pods::{self, LocalNetns};
+use super::secrets;
 
 /// What an object's document is built from, besides the object.
 pub(super) struct Context<'a> {
@@ -28,6 +29,10 @@ pub(super) struct Kind {
     pub namespaced: bool,
     /// Only the objects matching it are listed and watched.
     pub label_selector: Option<&'static str>,
+    /// Only the objects matching it are listed and watched.
+    pub field_selector: Option<&'static str>,
+    /// Read by agents only, not by the CA (which then needs no RBAC for it).
+    pub agents_only: bool,
     /// Drops what the agent never reads before the object is stored, so that a large
     /// cluster costs the agent only what it needs.
     pub strip: fn(&mut DynamicObject),
@@ -81,6 +86,10 @@ pub(super) const WATCHED: &[Kind] = &[
     ),
     Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
     Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes"),
+    Kind::core("Secret", "secrets", true, secrets::document)
+        .stripping(secrets::strip)
+        .with_fields(secrets::FIELD_SELECTOR)
+        .for_agents_only(),
 ];
 
 impl Kind {
@@ -97,6 +106,8 @@ impl Kind {
             plural,
             namespaced,
             label_selector: None,
+            field_selector: None,
+            agents_only: false,
             strip: strip_metadata,
             document,
         }
@@ -116,6 +127,8 @@ impl Kind {
             plural,
             namespaced: true,
             label_selector: None,
+            field_selector: None,
+            agents_only: false,
             strip: strip_status,
             document: spec_document,
         }
@@ -124,6 +137,20 @@ impl Kind {
     const fn selecting(self, label_selector: &'static str) -> Kind {
         Kind {
             label_selector: Some(label_selector),
+            ..self
+        }
+    }
+
+    const fn with_fields(self, field_selector: &'static str) -> Kind {
+        Kind {
+            field_selector: Some(field_selector),
+            ..self
+        }
+    }
+
+    const fn for_agents_only(self) -> Kind {
+        Kind {
+            agents_only: true,
             ..self
         }
     }

@@ -13,6 +13,7 @@ mod events;
 mod kinds;
 mod netns;
 mod pods;
+mod secrets;
 mod snapshot;
 mod status;
 
@@ -74,14 +75,19 @@ pub(super) async fn start(
     };
     let api_server = client_config.cluster_url.to_string();
     let client = Client::try_from(client_config).context("creating the Kubernetes client")?;
+    // The CA (no node) reads only what deciding identities needs.
+    let watched: Vec<&'static Kind> = WATCHED
+        .iter()
+        .filter(|k| settings.node.is_some() || !k.agents_only)
+        .collect();
     let status = Arc::new(Status::new(
         api_server.clone(),
-        WATCHED.iter().map(|k| k.kind),
+        watched.iter().map(|k| k.kind),
     ));
     let changed = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let mut stores = Vec::new();
-    for kind in WATCHED {
+    for kind in watched {
         let writer = Writer::new(kind.api_resource());
         stores.push((kind, writer.as_reader()));
         let watch = watch(
@@ -157,6 +163,9 @@ async fn watch(
     let mut config = watcher::Config::default();
     if let Some(selector) = kind.label_selector {
         config = config.labels(selector);
+    }
+    if let Some(selector) = kind.field_selector {
+        config = config.fields(selector);
     }
     let events = watcher(api, config)
         .default_backoff()

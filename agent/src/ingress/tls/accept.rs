@@ -1,0 +1,348 @@
+//! The TLS step of one gateway port: read the ClientHello's SNI without
+//! consuming it, pick the port's server for it as Envoy does, then either
+//! terminate TLS with that server's settings or hand back the raw
+//! connection with the ClientHello replayed in front (PASSTHROUGH).
+//!
+//! Server choice (Envoy's filter chain match by server name): an exact host
+//! beats the longest matching wildcard (`*.example.com` matches any name
+//! below `example.com`), which beats `*`; a ClientHello without SNI only
+//! reaches a `*` server; anything else is refused.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::SingleCertAndKey;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::identity::{Identities, SpiffeId};
+use crate::proxy::peer::Prefixed;
+use crate::proxy::sni;
+use crate::transport::tls::NodeCertificate;
+
+use super::{ClientAuth, Termination, TlsMode};
+
+const ALPN_H2: &[u8] = b"h2";
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// The first byte of a TLS handshake record.
+const HANDSHAKE: u8 = 22;
+
+/// Why a port's acceptor cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("ISTIO_MUTUAL needs the agent's mesh node credential (--node-credential)")]
+    NoMeshCredential,
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+    #[error("TLS settings: {0}")]
+    Settings(#[from] rustls::Error),
+}
+
+/// Why one connection was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("no TLS handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection does not start with a TLS ClientHello")]
+    NotTls,
+    #[error("no server on this port for SNI {0:?}")]
+    NoServer(Option<String>),
+    #[error("TLS handshake: {0}")]
+    Handshake(#[source] io::Error),
+    #[error("client certificate ({0}) carries none of the server's subjectAltNames")]
+    SubjectAltName(String),
+}
+
+/// The negotiated application protocol of a terminated HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    /// `http/1.1`, or no ALPN at all.
+    Http1,
+}
+
+/// Who the verified client certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub subject: String,
+    /// DNS names, URIs, IP addresses and e-mail addresses, as written.
+    pub subject_alt_names: Vec<String>,
+    /// For ISTIO_MUTUAL: the caller's mesh identity.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// A connection through the TLS step.
+pub enum Accepted<S> {
+    /// Boxed: a TLS stream is large.
+    Terminated(Box<Terminated<S>>),
+    /// The raw connection, ClientHello included.
+    Passthrough {
+        stream: Prefixed<S>,
+        server: usize,
+        sni: Option<String>,
+    },
+}
+
+pub struct Terminated<S> {
+    pub stream: tokio_rustls::server::TlsStream<Prefixed<S>>,
+    /// Index of the server in the list the acceptor was built from.
+    pub server: usize,
+    pub sni: Option<String>,
+    /// `None` on a TLS (not HTTP) server.
+    pub alpn: Option<Alpn>,
+    pub client: Option<ClientIdentity>,
+}
+
+enum Action {
+    Passthrough,
+    Terminate {
+        acceptor: tokio_rustls::TlsAcceptor,
+        termination: Arc<Termination>,
+    },
+}
+
+/// The TLS servers of one port.
+pub struct TlsAcceptor {
+    /// By index in the list given to [`TlsAcceptor::new`]; `None` for
+    /// servers without TLS.
+    servers: Vec<Option<Action>>,
+    exact: HashMap<String, usize>,
+    /// `.example.com` for `*.example.com`, longest first.
+    wildcards: Vec<(String, usize)>,
+    catch_all: Option<usize>,
+}
+
+impl TlsAcceptor {
+    /// From the servers of one port as `(hosts, mode)`, a server's hosts in
+    /// Istio's form (`namespace/` prefixes are dropped here). When two
+    /// servers claim a host, the first wins (conflicts are the config's to
+    /// report). `identities` are needed for ISTIO_MUTUAL only.
+    pub fn new<'a, H: IntoIterator<Item = &'a str>>(
+        servers: impl IntoIterator<Item = (H, Option<&'a TlsMode>)>,
+        identities: Option<&Arc<Identities>>,
+    ) -> Result<TlsAcceptor, TlsError> {
+        let mut acceptor = TlsAcceptor {
+            servers: Vec::new(),
+            exact: HashMap::new(),
+            wildcards: Vec::new(),
+            catch_all: None,
+        };
+        for (index, (hosts, mode)) in servers.into_iter().enumerate() {
+            let action = match mode {
+                None => None,
+                Some(TlsMode::Passthrough) => Some(Action::Passthrough),
+                Some(TlsMode::Terminate(termination)) => Some(Action::Terminate {
+                    acceptor: server_config(termination, identities)?.into(),
+                    termination: termination.clone(),
+                }),
+            };
+            if action.is_some() {
+                hosts
+                    .into_iter()
+                    .for_each(|host| acceptor.claim(host, index));
+            }
+            acceptor.servers.push(action);
+        }
+        acceptor
+            .wildcards
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        Ok(acceptor)
+    }
+
+    fn claim(&mut self, host: &str, index: usize) {
+        let host = host.rsplit_once('/').map_or(host, |(_, h)| h);
+        let host = host.to_ascii_lowercase();
+        if host == "*" {
+            self.catch_all.get_or_insert(index);
+        } else if let Some(suffix) = host.strip_prefix('*') {
+            if !self.wildcards.iter().any(|(s, _)| s == suffix) {
+                self.wildcards.push((suffix.to_owned(), index));
+            }
+        } else {
+            self.exact.entry(host).or_insert(index);
+        }
+    }
+
+    /// The server a ClientHello with `sni` goes to.
+    pub fn select(&self, sni: Option<&str>) -> Option<usize> {
+        let Some(name) = sni else {
+            return self.catch_all;
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.exact
+            .get(&name)
+            .copied()
+            .or_else(|| {
+                let mut below = self.wildcards.iter();
+                below
+                    .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(suffix))
+                    .map(|&(_, index)| index)
+            })
+            .or(self.catch_all)
+    }
+
+    /// The server certificate expiry of each terminating server, by index.
+    pub fn expiries(&self) -> impl Iterator<Item = (usize, String)> + '_ {
+        self.servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, action)| match action {
+                Some(Action::Terminate { termination, .. }) => Some((i, termination.expiry()?)),
+                _ => None,
+            })
+    }
+
+    /// Takes `io` through the TLS step, all within `wait`.
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: S,
+        wait: Duration,
+    ) -> Result<Accepted<S>, AcceptError> {
+        tokio::time::timeout(wait, self.handshake(io, wait))
+            .await
+            .map_err(|_| AcceptError::Timeout(wait))?
+    }
+
+    async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: S,
+        wait: Duration,
+    ) -> Result<Accepted<S>, AcceptError> {
+        let mut io = Prefixed::new(io);
+        let sni = sni::read(&mut io, wait).await;
+        if io.head().first() != Some(&HANDSHAKE) {
+            return Err(AcceptError::NotTls);
+        }
+        let found = self.select(sni.as_deref());
+        let Some((server, Some(action))) = found.map(|i| (i, &self.servers[i])) else {
+            return Err(AcceptError::NoServer(sni));
+        };
+        let (acceptor, termination) = match action {
+            Action::Passthrough => {
+                return Ok(Accepted::Passthrough {
+                    stream: io,
+                    server,
+                    sni,
+                })
+            }
+            Action::Terminate {
+                acceptor,
+                termination,
+            } => (acceptor, termination),
+        };
+        let stream = acceptor.accept(io).await.map_err(AcceptError::Handshake)?;
+        let (_, connection) = stream.get_ref();
+        let alpn = termination.http.then(|| match connection.alpn_protocol() {
+            Some(ALPN_H2) => Alpn::H2,
+            _ => Alpn::Http1,
+        });
+        let leaf = connection.peer_certificates().and_then(|c| c.first());
+        let client = leaf.map(ClientIdentity::of);
+        let wanted = &termination.subject_alt_names;
+        if let Some(client) = &client {
+            if !wanted.is_empty() && !client.subject_alt_names.iter().any(|n| wanted.contains(n)) {
+                return Err(AcceptError::SubjectAltName(client.subject.clone()));
+            }
+        }
+        Ok(Accepted::Terminated(Box::new(Terminated {
+            stream,
+            server,
+            sni,
+            alpn,
+            client,
+        })))
+    }
+}
+
+fn server_config(
+    termination: &Termination,
+    identities: Option<&Arc<Identities>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = termination.provider.clone();
+    let verifier = |roots, optional: bool| {
+        let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+        let builder = if optional {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        };
+        builder
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))
+    };
+    let client_roots = || {
+        termination
+            .client_roots
+            .clone()
+            .ok_or(TlsError::Verifier("no CA".into()))
+    };
+    let (verifier, resolver): (_, Arc<dyn ResolvesServerCert>) =
+        match (termination.client_auth, &termination.credential) {
+            (ClientAuth::Mesh, _) => {
+                let identities = identities
+                    .filter(|i| i.node_certified_key().is_some())
+                    .ok_or(TlsError::NoMeshCredential)?;
+                (
+                    verifier(identities.trust_anchors(), false)?,
+                    Arc::new(NodeCertificate(identities.clone())),
+                )
+            }
+            (_, None) => return Err(TlsError::Verifier("no server certificate".into())),
+            (auth, Some(key)) => {
+                let verifier = match auth {
+                    ClientAuth::Required => verifier(client_roots()?, false)?,
+                    ClientAuth::Optional => verifier(client_roots()?, true)?,
+                    _ => WebPkiClientVerifier::no_client_auth(),
+                };
+                (verifier, Arc::new(SingleCertAndKey::from(key.clone())))
+            }
+        };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(termination.versions)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    if termination.http {
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    }
+    Ok(Arc::new(config))
+}
+
+impl ClientIdentity {
+    fn of(leaf: &CertificateDer<'_>) -> ClientIdentity {
+        let parsed = X509Certificate::from_der(leaf).ok();
+        let subject = parsed
+            .as_ref()
+            .map(|(_, cert)| cert.subject().to_string())
+            .unwrap_or_default();
+        let names = parsed
+            .as_ref()
+            .and_then(|(_, cert)| cert.subject_alternative_name().ok().flatten())
+            .map(|san| san.value.general_names.iter().filter_map(name).collect())
+            .unwrap_or_default();
+        ClientIdentity {
+            subject,
+            subject_alt_names: names,
+            spiffe_id: SpiffeId::from_cert(leaf).ok(),
+        }
+    }
+}
+
+fn name(general: &GeneralName<'_>) -> Option<String> {
+    match general {
+        GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
+            Some((*s).to_owned())
+        }
+        GeneralName::IPAddress(bytes) => match bytes.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string()),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?).to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}

@@ -1,0 +1,320 @@
+//! TLS at the ingress gateway, from a host outside the mesh with curl:
+//! certificates from Secrets chosen by SNI, `httpsRedirect`, and MUTUAL
+//! servers requiring a client certificate.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nodemesh_testbed::mesh::Mesh;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::{json, Value};
+
+/// The outside client's address on the fabric, `10.0.0.210` (the mesh CA
+/// is at `.200`).
+const OUTSIDE_INDEX: u8 = 210;
+
+/// An operator's CA and the leaf certificates it signs.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let key = KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate, key) in PEM for `name`.
+    fn leaf(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        (
+            params.signed_by(&key, &self.issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+}
+
+/// A `kubernetes.io/tls` Secret in `default`, as YAML (JSON is YAML).
+fn secret(name: &str, data: &[(&str, &str)]) -> String {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": "default"},
+        "type": "kubernetes.io/tls",
+        "stringData": data,
+    })
+    .to_string()
+}
+
+const GATEWAY: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: secure}
+spec:
+  servers:
+  - port: {number: 443, name: https-a, protocol: HTTPS}
+    hosts: [a.example.com]
+    tls: {mode: SIMPLE, credentialName: a-cred}
+  - port: {number: 443, name: https-b, protocol: HTTPS}
+    hosts: [b.example.com]
+    tls: {mode: SIMPLE, credentialName: b-cred, minProtocolVersion: TLSV1_2}
+  - port: {number: 8443, name: https-mtls, protocol: HTTPS}
+    hosts: [m.example.com]
+    tls: {mode: MUTUAL, credentialName: m-cred}
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [a.example.com]
+    tls: {httpsRedirect: true}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [a.example.com, b.example.com, m.example.com]
+  gateways: [secure]
+  http:
+  - route:
+    - destination:
+        host: web
+";
+
+/// curl from `netns` with `args`: (HTTP status or 0, redirect URL, body).
+fn curl(mesh: &Mesh, netns: &str, args: &[&str]) -> (u16, String, String) {
+    let mut cmd = vec![
+        "curl",
+        "--max-time",
+        "10",
+        "-sS",
+        "-w",
+        "\n%{http_code} %{redirect_url}",
+    ];
+    cmd.extend_from_slice(args);
+    let out = mesh.topo().run_in(netns, &cmd).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, end) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let (status, location) = end.split_once(' ').unwrap_or((end, ""));
+    (
+        status.parse().unwrap_or(0),
+        location.to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// Service `web` (one pod, on node-b), the agents started, a host outside
+/// the mesh; returns the mesh, the host's netns and node-a's address (where
+/// the tests reach the ingress, which crosses nodes into the mesh).
+fn web_mesh() -> (Mesh, String, String) {
+    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
+    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
+    mesh.http_service("web");
+    mesh.start(&[]).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
+    let node = mesh.topo().node("node-a").address.to_string();
+    (mesh, outside, node)
+}
+
+#[test]
+fn https_by_sni_from_secrets_redirect_and_mutual() {
+    let (mesh, outside, node) = web_mesh();
+    let dir = mesh.topo().work_dir().to_owned();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+
+    // Each host's certificate from its own CA, so that the CA a client
+    // trusts tells which certificate the SNI chose.
+    let (ca_a, ca_b, ca_m, clients) =
+        (Ca::new("a"), Ca::new("b"), Ca::new("m"), Ca::new("clients"));
+    let (a_cert, a_key) = ca_a.leaf("a.example.com");
+    let (b_cert, b_key) = ca_b.leaf("b.example.com");
+    let (m_cert, m_key) = ca_m.leaf("m.example.com");
+    let (client_cert, client_key) = clients.leaf("client.example.com");
+    let secrets = [
+        secret("a-cred", &[("tls.crt", &a_cert), ("tls.key", &a_key)]),
+        secret("b-cred", &[("tls.crt", &b_cert), ("tls.key", &b_key)]),
+        secret(
+            "m-cred",
+            &[
+                ("tls.crt", &m_cert),
+                ("tls.key", &m_key),
+                ("ca.crt", &clients.pem),
+            ],
+        ),
+    ];
+    mesh.apply("secrets.yaml", &secrets.join("\n---\n"))
+        .unwrap();
+    mesh.apply("gateway.yaml", GATEWAY).unwrap();
+    let (ca_a, ca_b, ca_m) = (
+        file("ca-a.pem", &ca_a.pem),
+        file("ca-b.pem", &ca_b.pem),
+        file("ca-m.pem", &ca_m.pem),
+    );
+    let (client_cert, client_key) = (
+        file("client.pem", &client_cert),
+        file("client-key.pem", &client_key),
+    );
+    let resolve = |host: &str, port: u16| format!("{host}:{port}:{node}");
+    let https = |host: &str, port: u16, ca: &str, extra: &[&str]| {
+        let (resolve, url) = (
+            resolve(host, port),
+            format!("https://{host}:{port}/hello?x=1"),
+        );
+        let mut args = vec!["--resolve", &resolve, "--cacert", ca];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&mesh, &outside, &args)
+    };
+
+    // The listener follows the config once the agent reconciles.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while https("a.example.com", 443, &ca_a, &[]).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            https("a.example.com", 443, &ca_a, &[])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // SNI picks each host's certificate: the other CA's is not trusted.
+    let (status, _, body) = https("a.example.com", 443, &ca_a, &[]);
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["name"], "web-1", "{doc:#}");
+    assert_eq!(doc["headers"]["x-forwarded-proto"], "https", "{doc:#}");
+    assert_eq!(https("b.example.com", 443, &ca_b, &[]).0, 200);
+    assert_eq!(https("b.example.com", 443, &ca_a, &[]).0, 0);
+    assert_eq!(https("a.example.com", 443, &ca_b, &[]).0, 0);
+    // Over HTTP/2 (ALPN h2) as well.
+    assert_eq!(https("a.example.com", 443, &ca_a, &["--http2"]).0, 200);
+    // A host no server on the port claims: refused in the handshake.
+    let (resolve_c, url_c) = (
+        resolve("c.example.com", 443),
+        "https://c.example.com/".to_owned(),
+    );
+    let other = curl(&mesh, &outside, &["--resolve", &resolve_c, "-k", &url_c]);
+    assert_eq!(other.0, 0, "{other:?}");
+    // The SNI of a SIMPLE server does not reach another server's routes.
+    let (status, _, body) = https("a.example.com", 443, &ca_a, &["-H", "Host: m.example.com"]);
+    assert_eq!(status, 404, "{body}");
+
+    // httpsRedirect: 301 to the same URL over https.
+    let (resolve_80, url_80) = (
+        resolve("a.example.com", 80),
+        "http://a.example.com/hello?x=1",
+    );
+    let (status, location, _) = curl(&mesh, &outside, &["--resolve", &resolve_80, url_80]);
+    assert_eq!(
+        (status, location.as_str()),
+        (301, "https://a.example.com/hello?x=1")
+    );
+
+    // MUTUAL: refused without a client certificate, served with one signed
+    // by the Secret's ca.crt.
+    assert_eq!(https("m.example.com", 8443, &ca_m, &[]).0, 0);
+    let with_cert = ["--cert", client_cert.as_str(), "--key", client_key.as_str()];
+    let (status, _, body) = https("m.example.com", 8443, &ca_m, &with_cert);
+    assert_eq!(status, 200, "{body}");
+
+    // `nodemesh gateways` shows each server's mode and certificate expiry.
+    let out = mesh
+        .agent("node-a")
+        .cli(&["gateways", "-o", "json"])
+        .unwrap();
+    let gateways: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let servers = gateways["servers"].as_array().unwrap();
+    let tls: Vec<_> = servers.iter().map(|s| s["tls"]["mode"].clone()).collect();
+    assert_eq!(
+        tls,
+        [
+            json!("SIMPLE"),
+            json!("SIMPLE"),
+            json!("MUTUAL"),
+            Value::Null
+        ],
+        "{gateways:#}"
+    );
+    assert!(
+        servers[0]["tls"]["certificateExpiry"]
+            .as_str()
+            .is_some_and(|e| e.ends_with('Z')),
+        "{gateways:#}"
+    );
+}
+
+#[test]
+fn a_bad_secret_skips_only_its_servers() {
+    let (mesh, outside, node) = web_mesh();
+    let ca = Ca::new("a");
+    let (cert, key) = ca.leaf("a.example.com");
+    let (_, other_key) = ca.leaf("b.example.com");
+    let secrets = [
+        secret("a-cred", &[("tls.crt", &cert), ("tls.key", &key)]),
+        // The key of another certificate.
+        secret("b-cred", &[("tls.crt", &cert), ("tls.key", &other_key)]),
+    ];
+    mesh.apply("secrets.yaml", &secrets.join("\n---\n"))
+        .unwrap();
+    mesh.apply("gateway.yaml", GATEWAY).unwrap();
+
+    let status = mesh.agent("node-a").status_json().unwrap();
+    let warnings = status["config"]["secret_warnings"].to_string();
+    for part in [
+        "Secret default/b-cred (",
+        "secrets.yaml): stringData[tls.key]: the key does not match",
+    ] {
+        assert!(warnings.contains(part), "{part:?} not in {warnings}");
+    }
+    assert!(!warnings.contains("PRIVATE KEY"), "{warnings}");
+    let routing = status["config"]["routing_warnings"].to_string();
+    for part in [
+        "Gateway default/secure (",
+        "gateway.yaml): spec.servers[1]",
+        "Secret default/b-cred is invalid",
+        "spec.servers[2].tls.credentialName: Secret m-cred not found",
+    ] {
+        assert!(routing.contains(part), "{part:?} not in {routing}");
+    }
+    // The server with a good Secret is served.
+    let ca_path = mesh.topo().work_dir().join("ca.pem");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let (resolve, ca_path) = (
+        format!("a.example.com:443:{node}"),
+        ca_path.to_string_lossy().into_owned(),
+    );
+    let args = [
+        "--resolve",
+        &resolve,
+        "--cacert",
+        &ca_path,
+        "https://a.example.com/",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while curl(&mesh, &outside, &args).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            curl(&mesh, &outside, &args)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
