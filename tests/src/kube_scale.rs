@@ -80,7 +80,13 @@ impl Kube {
                 },
             });
             let (services, create) = (&services, &create);
-            async move { anyhow::Ok(services.create(create, &serde_json::from_value(service)?).await?) }
+            async move {
+                anyhow::Ok(
+                    services
+                        .create(create, &serde_json::from_value(service)?)
+                        .await?,
+                )
+            }
         })?;
 
         let uids = self.in_flight("Pods", scale.pods(), |i| {
@@ -132,7 +138,13 @@ impl Kube {
                 "ports": [{ "name": PORT_NAME, "port": APP_PORT, "protocol": "TCP" }],
             });
             let (slices, create) = (&slices, &create);
-            async move { anyhow::Ok(slices.create(create, &serde_json::from_value(slice)?).await?) }
+            async move {
+                anyhow::Ok(
+                    slices
+                        .create(create, &serde_json::from_value(slice)?)
+                        .await?,
+                )
+            }
         })?;
 
         self.in_flight("VirtualServices", scale.services, |s| {
@@ -150,19 +162,20 @@ impl Kube {
                 },
             });
             let (routes, create) = (&routes, &create);
-            async move { anyhow::Ok(routes.create(create, &serde_json::from_value(route)?).await?) }
+            async move {
+                anyhow::Ok(
+                    routes
+                        .create(create, &serde_json::from_value(route)?)
+                        .await?,
+                )
+            }
         })?;
         Ok(())
     }
 
     /// Runs `request(0..n)` with [`IN_FLIGHT`] requests at a time; the results
     /// in order.
-    fn in_flight<T, E, F>(
-        &self,
-        what: &str,
-        n: u32,
-        request: impl Fn(u32) -> F,
-    ) -> Result<Vec<T>>
+    fn in_flight<T, E, F>(&self, what: &str, n: u32, request: impl Fn(u32) -> F) -> Result<Vec<T>>
     where
         F: std::future::Future<Output = Result<T, E>>,
         E: Into<anyhow::Error>,
@@ -171,7 +184,7 @@ impl Kube {
         let results = self
             .block_on(
                 stream::iter(0..n)
-                    .map(|i| request(i))
+                    .map(request)
                     .buffered(IN_FLIGHT)
                     .map_err(Into::into)
                     .try_collect::<Vec<T>>(),

@@ -89,7 +89,10 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
         Ok(n) => n.parse()?,
         Err(_) => Scale::ISSUE.services,
     };
-    let scale = Scale { services, ..Scale::ISSUE };
+    let scale = Scale {
+        services,
+        ..Scale::ISSUE
+    };
     let mut cluster = mesh()?;
     let idle = rss_kb(cluster.agent("node-a"))?;
     let namespace = cluster.namespace().to_owned();

@@ -81,7 +81,9 @@ pub(super) async fn start(
     let client = Client::try_from(client_config).context("creating the Kubernetes client")?;
     let (local_pods, pods) = pod_watches(&client, settings.node.as_deref());
     let names = WATCHED.iter().map(|k| k.kind);
-    let names = names.chain(local_pods.iter().map(|w| w.name)).chain([pods.name]);
+    let names = names
+        .chain(local_pods.iter().map(|w| w.name))
+        .chain([pods.name]);
     let status = Arc::new(Status::new(api_server.clone(), names));
     let changed = Arc::new(Notify::new());
     let mut tasks = Vec::new();
@@ -220,12 +222,8 @@ fn pod_watches(
 /// Keeps the watch's reflector store in line with the API server, forever: errors are
 /// recorded and retried with back-off, and a re-list replaces the store only once it is
 /// complete, so the last state keeps serving meanwhile.
-async fn watch<K>(
-    watched: Watched<K>,
-    writer: Writer<K>,
-    status: Arc<Status>,
-    changed: Arc<Notify>,
-) where
+async fn watch<K>(watched: Watched<K>, writer: Writer<K>, status: Arc<Status>, changed: Arc<Notify>)
+where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {

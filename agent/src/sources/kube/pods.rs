@@ -191,7 +191,10 @@ mod tests {
             json!({"serviceAccount": "web", "netns": "/proc/42/ns/net",
                    "addresses": ["10.1.0.5", "fd00::5"], "node": "node-a"})
         );
-        assert_eq!(path(&local), Path::new("/api/v1/namespaces/shop/pods/web-1"));
+        assert_eq!(
+            path(&local),
+            Path::new("/api/v1/namespaces/shop/pods/web-1")
+        );
 
         // On another node's agent: no UID, a stand-in network namespace.
         let mut remote = pod(false, "Running");

@@ -190,7 +190,9 @@ fn load_skipping_invalid(
     loop {
         match Config::load_objects(objects.iter().cloned(), opts) {
             Ok(config) => {
-                let kept = objects.into_iter().map(|(path, doc)| (path, doc.to_string()));
+                let kept = objects
+                    .into_iter()
+                    .map(|(path, doc)| (path, doc.to_string()));
                 return Ok((config, kept.collect(), skipped));
             }
             Err(errors) => {
@@ -201,7 +203,9 @@ fn load_skipping_invalid(
                         return true;
                     }
                     changed = true;
-                    let valid = last_valid.get(path).and_then(|v| serde_json::from_str(v).ok());
+                    let valid = last_valid
+                        .get(path)
+                        .and_then(|v| serde_json::from_str(v).ok());
                     match valid.filter(|valid: &Value| valid != document) {
                         Some(valid) => {
                             *document = valid;
