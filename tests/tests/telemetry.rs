@@ -42,6 +42,16 @@ for size in map(int, sys.argv[3:]):
 print(total)
 "#;
 
+/// Opens one connection, checks that it is echoed and holds it open until
+/// stopped.
+const TCP_HOLD_PY: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"x")
+assert s.recv(1) == b"x"
+time.sleep(600)
+"#;
+
 /// Bookinfo plus a TCP echo Service, both agents, and Prometheus in
 /// node-a's namespace scraping them.
 fn mesh_with_prometheus() -> (Mesh, Prometheus) {
@@ -75,7 +85,7 @@ fn assert_query(mesh: &Mesh, prometheus: &Prometheus, promql: &str, expected: f6
 
 #[test]
 fn prometheus_counts_routed_requests_faults_and_tcp_bytes_from_both_agents() {
-    let (mesh, prometheus) = mesh_with_prometheus();
+    let (mut mesh, prometheus) = mesh_with_prometheus();
     let q = |promql: &str, expected: f64| assert_query(&mesh, &prometheus, promql, expected);
 
     // Istio's request-routing task: jason's requests go to reviews v2.
@@ -195,6 +205,39 @@ fn prometheus_counts_routed_requests_faults_and_tcp_bytes_from_both_agents() {
         r#"count(nodemesh_certificate_expiry_timestamp_seconds > time())"#,
         3.0,
     );
+
+    // A connection that stays open counts as opened on both sides before
+    // it closes, as in Istio, its bytes as they move, and as closed once
+    // it does.
+    nodemesh_testbed::config::write_raw(&work, "tcp_hold.py", TCP_HOLD_PY).unwrap();
+    let hold = work.join("tcp_hold.py").to_string_lossy().into_owned();
+    let holder = mesh
+        .topo_mut()
+        .spawn_in(
+            &client_netns,
+            &[python3(), &hold, "echo", "7000"],
+            "tcp-hold",
+        )
+        .unwrap();
+    let sized = TCP_SIZES.len() as f64;
+    let count = |mesh: &Mesh, metric: &str, expected: f64| {
+        let promql = format!(
+            r#"sum({metric}{{source_workload="client",destination_workload="echo",request_protocol="tcp"}})"#
+        );
+        // Two reporters.
+        assert_query(mesh, &prometheus, &promql, 2.0 * expected);
+    };
+    count(&mesh, "istio_tcp_connections_opened_total", sized + 1.0);
+    count(&mesh, "istio_tcp_connections_closed_total", sized);
+    for metric in [
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        count(&mesh, metric, total as f64 + 1.0);
+    }
+    mesh.topo_mut().stop_process(holder).unwrap();
+    count(&mesh, "istio_tcp_connections_closed_total", sized + 1.0);
+    count(&mesh, "istio_tcp_connections_opened_total", sized + 1.0);
 }
 
 #[test]

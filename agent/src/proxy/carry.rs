@@ -24,8 +24,9 @@ use tokio::sync::{watch, Notify};
 
 use super::budget::{self, CallerKey};
 use super::detect::Detected;
-use super::relay::{self, Ended, Stopped, Transferred};
+use super::relay::{self, Ended, RelayOptions, Stopped, Transferred};
 use super::{inbound, ConnectionRecord, Direction, Proxy};
+use crate::telemetry::LiveBytes;
 
 /// The outcome a relay carried away ends with in this agent: not a failure,
 /// and not reported (the next agent reports the connection when it ends).
@@ -191,12 +192,16 @@ impl Proxy {
         client: &TcpStream,
         upstream: &TcpStream,
         mut meta: CarriedMeta,
+        live: Option<LiveBytes>,
     ) -> Result<Transferred, String> {
-        let idle = self.settings.idle_timeout;
+        let how = RelayOptions {
+            idle: self.settings.idle_timeout,
+            live,
+        };
         let mut relaying = self.carrier.enter();
         let mut quiesce = Some(self.carrier.quiesce.subscribe());
         loop {
-            let stopped = relay::relay(client, upstream, idle, meta.ended, quiesce.take())
+            let stopped = relay::relay(client, upstream, how.clone(), meta.ended, quiesce.take())
                 .await
                 .map_err(|e| e.to_string())?;
             let (transferred, ended) = match stopped {
@@ -281,7 +286,9 @@ impl Proxy {
         record
             .destination_identity
             .clone_from(&meta.destination_identity);
-        let relayed = self.relay_carriable(&client, &upstream, meta.clone());
+        // The agent it came from counted it opened.
+        let live = self.count_live(record, meta.caller, false);
+        let relayed = self.relay_carriable(&client, &upstream, meta.clone(), live);
         let outcome = match meta.direction {
             Direction::Outbound => relayed.await,
             // The configuration may refuse it from now on, as any other.

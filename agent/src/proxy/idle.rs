@@ -18,18 +18,28 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When the connection last moved a byte, in milliseconds since `epoch`.
+use crate::telemetry::LiveBytes;
+
+/// When the connection last moved a byte, in milliseconds since `epoch`;
+/// a TCP relay also counts the bytes in its metrics as they move.
 #[derive(Clone)]
 pub struct Activity {
     epoch: Instant,
     last_ms: Arc<AtomicU64>,
+    live: Option<LiveBytes>,
 }
 
 impl Activity {
     pub fn new() -> Activity {
+        Activity::counting(None)
+    }
+
+    /// An activity whose moves are also counted in `live`.
+    pub fn counting(live: Option<LiveBytes>) -> Activity {
         Activity {
             epoch: Instant::now(),
             last_ms: Arc::default(),
+            live,
         }
     }
 
@@ -37,6 +47,14 @@ impl Activity {
     pub fn touch(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// `n` bytes moved just now, to the upstream side (`true`) or back.
+    pub fn moved(&self, to_upstream: bool, n: u64) {
+        self.touch();
+        if let Some(live) = &self.live {
+            live.moved(to_upstream, n);
+        }
     }
 
     fn last(&self) -> Instant {
@@ -64,7 +82,8 @@ impl Activity {
     }
 }
 
-/// An I/O object that records its [`Activity`].
+/// An I/O object that records its [`Activity`]; it is the upstream side:
+/// what is written to it moves to the upstream.
 pub struct Tracked<T> {
     inner: T,
     activity: Activity,
@@ -84,8 +103,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+        let read = buf.filled().len() - before;
+        if matches!(polled, Poll::Ready(Ok(()))) && read > 0 {
+            self.activity.moved(false, read as u64);
         }
         polled
     }
@@ -98,8 +118,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n @ 1..)) = polled {
+            self.activity.moved(true, n as u64);
         }
         polled
     }
@@ -110,8 +130,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n @ 1..)) = polled {
+            self.activity.moved(true, n as u64);
         }
         polled
     }

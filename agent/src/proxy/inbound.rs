@@ -24,11 +24,12 @@ use super::budget::{self, CallerKey, Fds};
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::peer::{self, Charged, Prefixed, Stream};
-use super::relay::{self, Transferred};
-use super::{authorize, l7, sni, Direction, Pod, Proxy, AGENT_PORTS};
+use super::relay::{self, RelayOptions, Transferred};
+use super::{authorize, l7, sni, Direction, Pod, Proxy, Tracked, AGENT_PORTS};
 use crate::config::{Config, Protocol, Workload};
 use crate::security::authorization::HttpView;
 use crate::security::MtlsMode;
+use crate::telemetry::LiveBytes;
 use crate::transport::server::{Inbound, Refusal, StreamRequest};
 use crate::transport::Tunnel;
 
@@ -117,7 +118,10 @@ pub async fn handle(
     };
     let timeout = proxy.settings.connect_timeout;
     let outcome = match peer::deliver(proxy, pod, app, caller.address, timeout, fd).await {
-        Ok(server) => serve_until_refused(proxy, pod, client, &caller, app, protocol, server).await,
+        Ok(server) => {
+            let to = Delivered::of(proxy, pod, &mut tracked, protocol);
+            serve_until_refused(proxy, client, &caller, to, protocol, server).await
+        }
         Err(e) => Err(format!("delivering to {app}: {e}")),
     };
     tracked.finish(outcome);
@@ -148,14 +152,14 @@ async fn refuse<S: Client>(
 /// (HTTP ones are judged request by request).
 async fn serve_until_refused<S: Client>(
     proxy: &Proxy,
-    pod: &Pod,
     client: S,
     caller: &Caller,
-    app: SocketAddr,
+    to: Delivered<'_>,
     protocol: Detected,
     server: Charged,
 ) -> Result<Transferred, String> {
-    let serving = serve(proxy, pod, client, caller, app, protocol, server);
+    let (pod, app) = (to.pod, to.app);
+    let serving = serve(proxy, client, caller, to, protocol, server);
     unless_refused(proxy, pod, caller, app, protocol, serving).await
 }
 
@@ -212,10 +216,9 @@ async fn until_refused(
 /// else as bytes.
 async fn serve<S>(
     proxy: &Proxy,
-    pod: &Pod,
     mut client: S,
     caller: &Caller,
-    app: SocketAddr,
+    to: Delivered<'_>,
     protocol: Detected,
     mut server: Charged,
 ) -> Result<Transferred, String>
@@ -225,17 +228,12 @@ where
     match protocol {
         Detected::Http1 | Detected::Http2 => {
             let http2 = protocol == Detected::Http2;
-            l7::inbound::serve(proxy, pod, client, caller, app, http2, server).await?;
+            l7::inbound::serve(proxy, to.pod, client, caller, to.app, http2, server).await?;
             Ok(Transferred::default())
         }
         Detected::Opaque => {
             let Stream::Tcp(socket) = &mut server.stream else {
                 unreachable!("deliveries are sockets");
-            };
-            let to = Delivered {
-                pod,
-                caller: caller.address,
-                app,
             };
             client.relay_to(proxy, socket, to).await
         }
@@ -247,6 +245,29 @@ pub struct Delivered<'a> {
     pod: &'a Pod,
     caller: IpAddr,
     app: SocketAddr,
+    /// A TCP relay's counters, added to as bytes move.
+    live: Option<LiveBytes>,
+}
+
+impl<'a> Delivered<'a> {
+    /// Where `tracked`'s connection was delivered; relayed as TCP, it
+    /// counts as opened from now.
+    fn of(proxy: &Proxy, pod: &'a Pod, tracked: &mut Tracked<'_>, protocol: Detected) -> Self {
+        let caller = tracked.caller;
+        let app = tracked
+            .record
+            .upstream
+            .unwrap_or(tracked.record.original_destination);
+        let live = (protocol == Detected::Opaque)
+            .then(|| proxy.count_live(&mut tracked.record, caller, true))
+            .flatten();
+        Delivered {
+            pod,
+            caller,
+            app,
+            live,
+        }
+    }
 }
 
 /// What inbound connections come in on: a socket or an HBONE stream.
@@ -273,7 +294,7 @@ impl Client for TcpStream {
         record.destination_workload = Some(to.pod.key.clone());
         record.destination_identity = Some(to.pod.identity.to_string());
         let meta = CarriedMeta::of(&record, to.app.ip(), to.caller);
-        proxy.relay_carriable(self, app, meta).await
+        proxy.relay_carriable(self, app, meta, to.live).await
     }
 }
 
@@ -285,9 +306,14 @@ where
         &mut self,
         proxy: &Proxy,
         app: &mut TcpStream,
-        _: Delivered<'_>,
+        to: Delivered<'_>,
     ) -> Result<Transferred, String> {
-        relay::relay_stream(app, self, proxy.settings.idle_timeout)
+        // The app is the relay's client side here.
+        let how = RelayOptions {
+            idle: proxy.settings.idle_timeout,
+            live: to.live.map(LiveBytes::reversed),
+        };
+        relay::relay_stream(app, self, how)
             .await
             .map(|t| Transferred {
                 sent: t.received,
@@ -590,7 +616,8 @@ impl Proxy {
                 Err(denied)
             }
             (None, Ok(server)) => {
-                serve_until_refused(proxy, &pod, client, &caller, app, protocol, server).await
+                let to = Delivered::of(proxy, &pod, &mut tracked, protocol);
+                serve_until_refused(proxy, client, &caller, to, protocol, server).await
             }
             (None, Err(_)) => unreachable!("a stream without delivery was denied"),
         };

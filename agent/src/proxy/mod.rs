@@ -46,7 +46,9 @@ use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::Drain;
 use crate::netns::NetNs;
 use crate::telemetry::trace::Tracer;
-use crate::telemetry::{ConnectionDone, EdgeKey, Flag, Reporter, ResponseFlags, Telemetry};
+use crate::telemetry::{
+    ConnectionDone, EdgeKey, Flag, LiveBytes, Reporter, ResponseFlags, Telemetry,
+};
 use crate::transport;
 
 /// Ports of the agent's own listeners inside a workload.
@@ -224,6 +226,9 @@ pub struct ConnectionRecord {
     pub bytes_received: u64,
     /// `ok`, or why the connection failed.
     pub outcome: String,
+    /// Its opening and bytes are counted as it is relayed, not at its close.
+    #[serde(skip)]
+    pub counted_live: bool,
 }
 
 #[derive(Debug, Default, Serialize, Clone, Copy)]
@@ -475,7 +480,27 @@ impl Proxy {
             bytes_sent: 0,
             bytes_received: 0,
             outcome: String::new(),
+            counted_live: false,
         }
+    }
+
+    /// The live counters of a TCP relay whose two ends are connected, if its
+    /// metrics are on; counts it opened when `open` (not when it was handed
+    /// over: the agent it came from did).
+    fn count_live(
+        &self,
+        record: &mut ConnectionRecord,
+        caller: IpAddr,
+        open: bool,
+    ) -> Option<LiveBytes> {
+        let done = connection_done(record, caller, None)?;
+        let local = match record.direction {
+            Direction::Outbound => &record.source_workload,
+            Direction::Inbound => &record.destination_workload,
+        };
+        let live = (self.telemetry).record_connection_live(local.as_deref(), &done.edge, open);
+        record.counted_live = live.is_some();
+        live
     }
 
     /// Index of the next endpoint of a service, round robin.
@@ -574,6 +599,7 @@ fn connection_done(
     };
     Some(ConnectionDone {
         edge,
+        live: record.counted_live,
         flags: failed.map_or(ResponseFlags::NONE, ResponseFlags::of),
         received: record.bytes_sent,
         sent: record.bytes_received,

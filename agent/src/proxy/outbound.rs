@@ -13,7 +13,7 @@ use super::budget::Fds;
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::peer::{Charged, Stream};
-use super::relay::{self, Transferred};
+use super::relay::{self, RelayOptions, Transferred};
 use super::{hop, l7, peer, ConnectionRecord, Direction, Pod, Proxy};
 use crate::config::{Config, Protocol};
 
@@ -193,18 +193,26 @@ async fn relay_connected(
     pod: &Pod,
     mut client: TcpStream,
     server: Result<Charged, String>,
-    record: &ConnectionRecord,
+    record: &mut ConnectionRecord,
 ) -> Result<Transferred, String> {
-    let idle = proxy.settings.idle_timeout;
+    let caller = pod.address_for(record.original_destination.ip());
+    let live = server
+        .is_ok()
+        .then(|| proxy.count_live(record, caller, true))
+        .flatten();
+    let how = RelayOptions {
+        idle: proxy.settings.idle_timeout,
+        live,
+    };
     let outcome = match server {
         Ok(mut server) => match &mut server.stream {
             Stream::Tcp(server) => {
                 let address = pod.address_for(record.original_destination.ip());
                 let meta = CarriedMeta::of(record, address, address);
-                return proxy.relay_carriable(&client, server, meta).await;
+                return proxy.relay_carriable(&client, server, meta, how.live).await;
             }
-            Stream::Tunnel(tunnel) => relay::relay_stream(&mut client, tunnel, idle).await,
-            Stream::Local(local) => relay::relay_stream(&mut client, local, idle).await,
+            Stream::Tunnel(tunnel) => relay::relay_stream(&mut client, tunnel, how).await,
+            Stream::Local(local) => relay::relay_stream(&mut client, local, how).await,
         },
         Err(e) => {
             relay::reset(&client);

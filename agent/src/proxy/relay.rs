@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::{Activity, Tracked};
+use crate::telemetry::LiveBytes;
 
 const FIRST_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -62,19 +63,34 @@ pub enum Stopped {
     Quiesced(Transferred, Ended),
 }
 
+/// How a relay runs: its idle timeout and where its bytes are counted.
+#[derive(Clone)]
+pub struct RelayOptions {
+    pub idle: Duration,
+    pub live: Option<LiveBytes>,
+}
+
 /// Relays until both directions are closed, either side fails, nothing
 /// moves for `idle`, or `quiesce` turns true. The directions in `ended`
 /// closed before (a relay resumed). On failure both sockets are reset.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
-    idle: Duration,
+    how: RelayOptions,
     ended: Ended,
     quiesce: Option<watch::Receiver<bool>>,
 ) -> io::Result<Stopped> {
-    let activity = Activity::new();
-    let up = copy(client, upstream, &activity, ended.sent, quiesce.clone());
-    let down = copy(upstream, client, &activity, ended.received, quiesce);
+    let idle = how.idle;
+    let activity = Activity::counting(how.live);
+    let up = copy(
+        client,
+        upstream,
+        &activity,
+        true,
+        ended.sent,
+        quiesce.clone(),
+    );
+    let down = copy(upstream, client, &activity, false, ended.received, quiesce);
     let outcome = match activity
         .unless_idle(idle, async { tokio::try_join!(up, down) })
         .await
@@ -100,9 +116,10 @@ pub async fn relay(
 pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut TcpStream,
     upstream: &mut S,
-    idle: Duration,
+    how: RelayOptions,
 ) -> io::Result<Transferred> {
-    let activity = Activity::new();
+    let idle = how.idle;
+    let activity = Activity::counting(how.live);
     let mut upstream = Tracked::new(upstream, activity.clone());
     let copied = tokio::io::copy_bidirectional(client, &mut upstream);
     let outcome = match activity.unless_idle(idle, copied).await {
@@ -126,6 +143,7 @@ async fn copy(
     from: &TcpStream,
     to: &TcpStream,
     activity: &Activity,
+    to_upstream: bool,
     closed: bool,
     quiesce: Option<watch::Receiver<bool>>,
 ) -> io::Result<(u64, bool)> {
@@ -172,7 +190,7 @@ async fn copy(
         if full && buf.len() < MAX_BUFFER {
             buf.resize(buf.len() * 2, 0);
         }
-        activity.touch();
+        activity.moved(to_upstream, n as u64);
     }
 }
 
@@ -212,7 +230,8 @@ mod tests {
         quiesce: Option<watch::Receiver<bool>>,
     ) -> tokio::task::JoinHandle<(io::Result<Stopped>, TcpStream, TcpStream)> {
         tokio::spawn(async move {
-            let stopped = relay(&client, &upstream, idle, Ended::default(), quiesce).await;
+            let how = RelayOptions { idle, live: None };
+            let stopped = relay(&client, &upstream, how, Ended::default(), quiesce).await;
             (stopped, client, upstream)
         })
     }

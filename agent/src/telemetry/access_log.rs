@@ -608,6 +608,7 @@ mod tests {
             duration: Duration::from_millis(7),
             done: ConnectionDone {
                 edge: edge(Reporter::Source),
+                live: false,
                 flags: ResponseFlags::NONE,
                 received: 100,
                 sent: 200,

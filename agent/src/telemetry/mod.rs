@@ -41,7 +41,7 @@ use crate::config::{Config, ConfigStore};
 pub use flags::{Flag, ResponseFlags};
 pub use health::Health;
 pub use policy::{Format, Mode, Resolved, Side};
-pub use standard::{ConnectionDone, EdgeKey, Reporter, RequestDone};
+pub use standard::{ConnectionDone, EdgeKey, LiveBytes, Reporter, RequestDone};
 
 /// What the proxy records into (one per agent).
 pub struct Telemetry {
@@ -156,6 +156,28 @@ impl Telemetry {
         self.standard.record_request(done);
     }
 
+    /// The live counters of a TCP relay of `workload` (the local side), if
+    /// its metrics are on; counts it opened when `open`.
+    pub fn record_connection_live(
+        &self,
+        workload: Option<&str>,
+        edge: &EdgeKey,
+        open: bool,
+    ) -> Option<LiveBytes> {
+        let metrics = self.side_of(workload, edge.reporter).metrics;
+        metrics.then(|| self.standard.record_connection_live(edge, open))
+    }
+
+    /// The settings of the local side of a TCP relay (unset when the
+    /// workload is unknown).
+    fn side_of(&self, workload: Option<&str>, reporter: Reporter) -> Side {
+        let mode = match reporter {
+            Reporter::Source => Mode::Client,
+            Reporter::Destination => Mode::Server,
+        };
+        workload.map_or_else(Side::unset, |w| self.side(w, mode))
+    }
+
     /// Records a connection that `workload` (the local side: the caller for
     /// outbound, the destination for inbound) relayed as TCP.
     pub fn record_connection(
@@ -165,11 +187,7 @@ impl Telemetry {
         start: SystemTime,
         duration: Duration,
     ) {
-        let mode = match done.edge.reporter {
-            Reporter::Source => Mode::Client,
-            Reporter::Destination => Mode::Server,
-        };
-        let side = workload.map_or_else(Side::unset, |w| self.side(w, mode));
+        let side = self.side_of(workload, done.edge.reporter);
         if side.metrics {
             self.standard.record_connection(done);
         }

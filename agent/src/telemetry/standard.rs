@@ -91,6 +91,9 @@ pub struct RequestDone {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionDone {
     pub edge: EdgeKey,
+    /// Its opening and bytes were counted while it was relayed (through
+    /// [`LiveBytes`]); otherwise they are counted now, with its close.
+    pub live: bool,
     pub flags: ResponseFlags,
     /// Caller to destination.
     pub received: u64,
@@ -134,6 +137,37 @@ struct RequestSeries {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+}
+
+/// The byte counters of a relayed TCP connection, added to as bytes move,
+/// so a long-lived connection's traffic shows before it closes (Istio's
+/// proxies report such connections every few seconds).
+#[derive(Clone)]
+pub struct LiveBytes {
+    series: Arc<ConnectionSeries>,
+    /// The relay's client side is the destination (an inbound tunnel).
+    reversed: bool,
+}
+
+impl LiveBytes {
+    /// `n` bytes moved from the relay's client side to its upstream side
+    /// (`true`), or back.
+    pub fn moved(&self, to_upstream: bool, n: u64) {
+        let counter = if to_upstream != self.reversed {
+            &self.series.received
+        } else {
+            &self.series.sent
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The same counters for a relay whose client side is the destination.
+    pub fn reversed(self) -> LiveBytes {
+        LiveBytes {
+            reversed: !self.reversed,
+            ..self
+        }
+    }
 }
 
 /// Picks one of a series' histograms or counters, for writing families.
@@ -230,30 +264,46 @@ impl Standard {
         series.response_bytes.observe(done.response_bytes as f64);
     }
 
+    /// The counters of a relay that started, under its edge without flags;
+    /// counts it opened when `open`.
+    pub fn record_connection_live(&self, edge: &EdgeKey, open: bool) -> LiveBytes {
+        let series = self.connection_series(edge, ResponseFlags::NONE);
+        if open {
+            series.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        LiveBytes {
+            series,
+            reversed: false,
+        }
+    }
+
     pub fn record_connection(&self, done: &ConnectionDone) {
-        let series = {
-            let mut state = self.lock();
-            let edge = self.edge(&mut state, &done.edge);
-            let key = ConnectionKey {
-                edge,
-                flags: done.flags,
-            };
-            let kept = state.connections.len() < MAX_SERIES;
-            let key = if kept || state.connections.contains_key(&key) {
-                key
-            } else {
-                self.overflow.fetch_add(1, Ordering::Relaxed);
-                ConnectionKey {
-                    edge: done.edge.reporter.overflow_edge(),
-                    flags: ResponseFlags::NONE,
-                }
-            };
-            state.connections.entry(key).or_default().clone()
-        };
-        series.opened.fetch_add(1, Ordering::Relaxed);
+        let series = self.connection_series(&done.edge, done.flags);
         series.closed.fetch_add(1, Ordering::Relaxed);
-        series.received.fetch_add(done.received, Ordering::Relaxed);
-        series.sent.fetch_add(done.sent, Ordering::Relaxed);
+        if !done.live {
+            series.opened.fetch_add(1, Ordering::Relaxed);
+            series.received.fetch_add(done.received, Ordering::Relaxed);
+            series.sent.fetch_add(done.sent, Ordering::Relaxed);
+        }
+    }
+
+    /// The series of `edge` with `flags`, created unless a bound was reached
+    /// (then the reporter's overflow series).
+    fn connection_series(&self, edge: &EdgeKey, flags: ResponseFlags) -> Arc<ConnectionSeries> {
+        let mut state = self.lock();
+        let id = self.edge(&mut state, edge);
+        let key = ConnectionKey { edge: id, flags };
+        let kept = state.connections.len() < MAX_SERIES;
+        let key = if kept || state.connections.contains_key(&key) {
+            key
+        } else {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+            ConnectionKey {
+                edge: edge.reporter.overflow_edge(),
+                flags: ResponseFlags::NONE,
+            }
+        };
+        state.connections.entry(key).or_default().clone()
     }
 
     /// Calls counted under an `unknown` edge because a bound was reached.
@@ -414,17 +464,17 @@ impl Standard {
         let counters: [(&str, &str, CounterOf); 4] = [
             (
                 "istio_tcp_sent_bytes_total",
-                "Bytes sent to the caller on TCP connections (counted at close).",
+                "Bytes sent to the caller on TCP connections (counted as they move).",
                 |s| &s.sent,
             ),
             (
                 "istio_tcp_received_bytes_total",
-                "Bytes received from the caller on TCP connections (counted at close).",
+                "Bytes received from the caller on TCP connections (counted as they move).",
                 |s| &s.received,
             ),
             (
                 "istio_tcp_connections_opened_total",
-                "TCP connections opened (counted at close).",
+                "TCP connections opened (counted when the relay to the upstream starts).",
                 |s| &s.opened,
             ),
             (
@@ -608,5 +658,42 @@ mod tests {
         );
         assert!(line("istio_request_duration_milliseconds_count{").ends_with(" 2"));
         assert!(line("istio_response_bytes_sum{").ends_with(" 40"));
+    }
+
+    /// The sum of one TCP family over every series.
+    fn tcp_total(metrics: &Standard, family: &str) -> u64 {
+        let mut out = String::new();
+        metrics.write(&mut out);
+        out.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[test]
+    fn a_relay_counts_when_it_opens_and_as_bytes_move_then_its_close() {
+        let metrics = standard();
+        let edge = request(0, ResponseFlags::NONE).edge;
+        let live = metrics.record_connection_live(&edge, true);
+        live.moved(true, 5);
+        live.clone().reversed().moved(true, 7);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_connections_opened_total"), 1);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_connections_closed_total"), 0);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_received_bytes_total"), 5);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_sent_bytes_total"), 7);
+        let closed = |live| ConnectionDone {
+            edge,
+            live,
+            flags: ResponseFlags::of(Flag::UpstreamConnectionTermination),
+            received: 5,
+            sent: 7,
+        };
+        metrics.record_connection(&closed(true));
+        // One that failed before its relay started counts all at its close.
+        metrics.record_connection(&closed(false));
+        assert_eq!(tcp_total(&metrics, "istio_tcp_connections_opened_total"), 2);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_connections_closed_total"), 2);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_received_bytes_total"), 10);
+        assert_eq!(tcp_total(&metrics, "istio_tcp_sent_bytes_total"), 14);
     }
 }
