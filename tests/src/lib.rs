@@ -15,6 +15,7 @@
 //! * [`kube_endpoints`] — EndpointSlices written as the endpoint controller
 //!   would (the test's API server runs no controllers).
 //! * [`kube_mesh`] — Bookinfo on agents in Kubernetes mode, through the API.
+//! * [`kube_scale`] — a cluster of thousands of Services, pods and routes.
 //! * [`mesh`] — an L7 mesh of `mesh-app` pods on two nodes, and Istio's
 //!   Bookinfo on it.
 //! * [`prometheus`] — a real Prometheus scraping the agents, and PromQL.
@@ -34,6 +35,7 @@ pub mod helm;
 pub mod kube;
 pub mod kube_endpoints;
 pub mod kube_mesh;
+pub mod kube_scale;
 pub mod mesh;
 pub mod otlp;
 pub mod prometheus;

@@ -997,9 +997,21 @@ spec:
 ";
     let table = table(&[("vs.yaml", gateway_only)]);
     assert_eq!(table.route_count(), 0);
-    assert_eq!(table.warnings.len(), 1, "{:#?}", table.warnings);
-    assert!(table.warnings[0].contains("VirtualService default/external (",));
-    assert!(table.warnings[0].contains("spec.hosts[0]: \"api.example.com\" matches no Service"));
+    let warned = |text: &str| table.warnings.iter().filter(|w| w.contains(text)).count();
+    assert_eq!(table.warnings.len(), 3, "{:#?}", table.warnings);
+    assert_eq!(
+        warned("spec.hosts[0]: \"api.example.com\" matches no Service"),
+        1
+    );
+    // Neither Gateway is in the config.
+    assert_eq!(
+        warned("spec.gateways[0]: Gateway default/bookinfo-gateway does not exist"),
+        1
+    );
+    assert_eq!(
+        warned("spec.http[0].match[0].gateways[0]: Gateway default/edge does not exist"),
+        1
+    );
 }
 
 #[test]

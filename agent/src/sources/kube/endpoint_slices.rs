@@ -9,8 +9,9 @@ use super::kinds::{pick, strip_metadata, Context, Kind};
 
 pub(super) const GROUP: &str = "discovery.k8s.io";
 
-/// Everything but the address type, the ports and the endpoints' addresses, ready
-/// condition, node and zone.
+/// Everything but the address type, the ports and the ready endpoints' addresses, node
+/// and zone (an endpoint not ready serves no request: it is dropped with its
+/// conditions).
 pub(super) fn strip(slice: &mut DynamicObject) {
     strip_metadata(slice);
     let endpoints = slice
@@ -18,13 +19,10 @@ pub(super) fn strip(slice: &mut DynamicObject) {
         .get("endpoints")
         .and_then(Value::as_array)
         .map(|endpoints| {
-            let kept = endpoints.iter().map(|e| {
-                let mut endpoint = pick(e, &["addresses", "nodeName", "zone"]);
-                if let Some(ready) = e.pointer("/conditions/ready") {
-                    endpoint.insert("conditions".into(), json!({ "ready": ready }));
-                }
-                Value::Object(endpoint)
-            });
+            let ready = endpoints
+                .iter()
+                .filter(|e| e.pointer("/conditions/ready") != Some(&Value::Bool(false)));
+            let kept = ready.map(|e| Value::Object(pick(e, &["addresses", "nodeName", "zone"])));
             Value::Array(kept.collect())
         });
     let ports = slice.data.get("ports").cloned();

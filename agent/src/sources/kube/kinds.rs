@@ -5,12 +5,13 @@
 
 use std::path::PathBuf;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{json, Map, Value};
 
 use super::endpoint_slices;
-use super::pods::{self, LocalNetns};
+use super::pods::LocalNetns;
 use super::secrets;
 
 /// What an object's document is built from, besides the object.
@@ -46,15 +47,11 @@ const ISTIO_SECURITY: &str = "security.istio.io";
 const ISTIO_TELEMETRY: &str = "telemetry.istio.io";
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
-/// Every kind the agent watches, cluster-wide.
-///
-/// Pods are watched on all nodes, not only this one: remote pods' labels and service
-/// accounts decide subsets and the identity expected of an endpoint, which
-/// EndpointSlices do not carry. Only the few fields read are kept of each.
+/// Every kind the agent watches, cluster-wide, as untyped objects. Pods, by far the
+/// most numerous, are watched apart as typed summaries (see `pods`).
 pub(super) const WATCHED: &[Kind] = &[
     Kind::core("Namespace", "namespaces", false, namespace).selecting(super::MESH_LABEL_SELECTOR),
     Kind::core("Node", "nodes", false, node),
-    Kind::core("Pod", "pods", true, pods::workload).stripping(pods::strip),
     Kind::core("Service", "services", true, service),
     Kind::core(
         "EndpointSlice",
@@ -182,12 +179,13 @@ impl Kind {
 
     /// The object's API path, which names it in errors (in place of a file).
     pub fn path(&self, object: &DynamicObject) -> PathBuf {
+        let meta = &object.metadata;
         let root = match self.group {
             "" => "/api".to_owned(),
             group => format!("/apis/{group}"),
         };
-        let name = object.metadata.name.as_deref().unwrap_or_default();
-        PathBuf::from(match (&object.metadata.namespace, self.namespaced) {
+        let name = meta.name.as_deref().unwrap_or_default();
+        PathBuf::from(match (&meta.namespace, self.namespaced) {
             (Some(ns), true) => format!(
                 "{root}/{}/namespaces/{ns}/{}/{name}",
                 self.version, self.plural
@@ -198,31 +196,43 @@ impl Kind {
 
     /// `apiVersion`, `kind` and the metadata the loader reads.
     pub fn header(&self, object: &DynamicObject) -> Map<String, Value> {
-        let meta = &object.metadata;
-        let mut metadata = Map::new();
-        metadata.insert("name".into(), json!(meta.name));
-        if let Some(namespace) = &meta.namespace {
-            metadata.insert("namespace".into(), json!(namespace));
-        }
-        if let Some(labels) = &meta.labels {
-            metadata.insert("labels".into(), json!(labels));
-        }
-        if let Some(created) = &meta.creation_timestamp {
-            metadata.insert("creationTimestamp".into(), json!(created));
-        }
         let mut header = Map::new();
         header.insert("apiVersion".into(), json!(self.api_version()));
         header.insert("kind".into(), json!(self.kind));
-        header.insert("metadata".into(), Value::Object(metadata));
+        header.insert("metadata".into(), metadata(&object.metadata));
         header
     }
 }
 
+/// The metadata the loader reads: name, namespace, labels and creation time.
+pub(super) fn metadata(meta: &ObjectMeta) -> Value {
+    let mut metadata = Map::new();
+    metadata.insert("name".into(), json!(meta.name));
+    if let Some(namespace) = &meta.namespace {
+        metadata.insert("namespace".into(), json!(namespace));
+    }
+    if let Some(labels) = &meta.labels {
+        metadata.insert("labels".into(), json!(labels));
+    }
+    if let Some(created) = &meta.creation_timestamp {
+        metadata.insert("creationTimestamp".into(), json!(created));
+    }
+    Value::Object(metadata)
+}
+
 /// Managed fields and annotations (`kubectl apply` keeps a whole copy of the object in
-/// one) are never read.
+/// one) are never read, nor are owners, finalizers and name prefixes.
 pub(super) fn strip_metadata(object: &mut DynamicObject) {
-    object.metadata.managed_fields = None;
-    object.metadata.annotations = None;
+    strip_meta(&mut object.metadata);
+}
+
+/// [`strip_metadata`] of any object's metadata.
+pub(super) fn strip_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
 }
 
 fn strip_status(object: &mut DynamicObject) {

@@ -2,7 +2,8 @@
 //! config snapshots as the YAML directory.
 //!
 //! Each watched kind ([`kinds::WATCHED`]) has a reflector that keeps a trimmed copy of
-//! its objects. Watch events, debounced, ask the loader thread for a new snapshot, which
+//! its objects; pods have two (this node's and the others', see [`pods`]), of typed
+//! summaries. Watch events, debounced, ask the loader thread for a new snapshot, which
 //! turns the objects into the YAML loader's documents and validates them per object:
 //! an invalid object is logged, listed by `nodemesh status`, reported with a Kubernetes
 //! Event and skipped, while the rest is applied. When the API server is slow or gone the
@@ -12,29 +13,33 @@ mod endpoint_slices;
 mod events;
 mod kinds;
 mod netns;
+mod pod_summary;
 mod pods;
 mod secrets;
 mod snapshot;
 mod status;
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use kube::api::{Api, DynamicObject};
+use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::Client;
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::config::{ConfigStore, LoadOptions, Reloader};
 
-use kinds::{Kind, WATCHED};
+use kinds::WATCHED;
+use pod_summary::PodSummary;
 use snapshot::{NetnsHealth, Snapshots};
 pub use status::Status;
 
@@ -80,25 +85,52 @@ pub(super) async fn start(
         .iter()
         .filter(|k| settings.node.is_some() || !k.agents_only)
         .collect();
-    let status = Arc::new(Status::new(
-        api_server.clone(),
-        watched.iter().map(|k| k.kind),
-    ));
+    let (local_pods, pods) = pod_watches(&client, settings.node.as_deref());
+    let names = watched.iter().map(|k| k.kind);
+    let names = names
+        .chain(local_pods.iter().map(|w| w.name))
+        .chain([pods.name]);
+    let status = Arc::new(Status::new(api_server.clone(), names));
     let changed = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let mut stores = Vec::new();
     for kind in watched {
         let writer = Writer::new(kind.api_resource());
         stores.push((kind, writer.as_reader()));
-        let watch = watch(
-            client.clone(),
-            kind,
+        let mut config = watcher::Config::default();
+        if let Some(selector) = kind.label_selector {
+            config = config.labels(selector);
+        }
+        if let Some(selector) = kind.field_selector {
+            config = config.fields(selector);
+        }
+        let watched = Watched {
+            name: kind.kind,
+            resource: format!("{} {}", kind.api_version(), kind.plural),
+            api: Api::all_with(client.clone(), &kind.api_resource()),
+            config,
+            strip: kind.strip,
+        };
+        tasks.push(tokio::spawn(watch(
+            watched,
             writer,
             status.clone(),
             changed.clone(),
-        );
-        tasks.push(tokio::spawn(watch));
+        )));
     }
+    let mut spawn_pod_watch = |watched: Watched<PodSummary>| {
+        let writer = Writer::default();
+        let reader = writer.as_reader();
+        tasks.push(tokio::spawn(watch(
+            watched,
+            writer,
+            status.clone(),
+            changed.clone(),
+        )));
+        reader
+    };
+    let local_pods = local_pods.map(&mut spawn_pod_watch);
+    let pods = spawn_pod_watch(pods);
     let events = settings.node.as_ref().map(|node| {
         let (sender, invalid) = tokio::sync::mpsc::unbounded_channel();
         tasks.push(tokio::spawn(events::publish(
@@ -111,6 +143,8 @@ pub(super) async fn start(
     let netns = Arc::new(NetnsHealth::default());
     let mut snapshots = Snapshots {
         stores,
+        local_pods,
+        pods,
         opts,
         node: settings.node.clone(),
         status: status.clone(),
@@ -149,27 +183,70 @@ pub(super) async fn start(
     Ok((tasks, status))
 }
 
-/// Keeps the kind's reflector store in line with the API server, forever: errors are
+/// One watch of the API server.
+struct Watched<K: Resource> {
+    /// Its name in `nodemesh status`.
+    name: &'static str,
+    /// `group/version plural`, for logs and errors.
+    resource: String,
+    api: Api<K>,
+    config: watcher::Config,
+    /// Drops what is never read before an object is stored.
+    strip: fn(&mut K),
+}
+
+/// An agent's pod watches: this node's pods, and the other nodes' (see [`pods`]); the
+/// CA's: none of its own, and every pod, as it signs every node's identities.
+fn pod_watches(
+    client: &Client,
+    node: Option<&str>,
+) -> (Option<Watched<PodSummary>>, Watched<PodSummary>) {
+    let watched = |name, selector: Option<String>, strip| Watched {
+        name,
+        resource: "v1 pods".to_owned(),
+        api: Api::all(client.clone()),
+        config: match selector {
+            Some(selector) => watcher::Config::default().fields(&selector),
+            None => watcher::Config::default(),
+        },
+        strip,
+    };
+    match node {
+        Some(node) => (
+            Some(watched(
+                "Pod (this node)",
+                Some(format!("spec.nodeName={node}")),
+                pod_summary::strip_local,
+            )),
+            watched(
+                "Pod (other nodes)",
+                Some(format!("spec.nodeName!={node}")),
+                pod_summary::strip_remote,
+            ),
+        ),
+        None => (None, watched("Pod", None, pod_summary::strip_local)),
+    }
+}
+
+/// Keeps the watch's reflector store in line with the API server, forever: errors are
 /// recorded and retried with back-off, and a re-list replaces the store only once it is
 /// complete, so the last state keeps serving meanwhile.
-async fn watch(
-    client: Client,
-    kind: &'static Kind,
-    writer: Writer<DynamicObject>,
-    status: Arc<Status>,
-    changed: Arc<Notify>,
-) {
-    let api = Api::<DynamicObject>::all_with(client, &kind.api_resource());
-    let mut config = watcher::Config::default();
-    if let Some(selector) = kind.label_selector {
-        config = config.labels(selector);
-    }
-    if let Some(selector) = kind.field_selector {
-        config = config.fields(selector);
-    }
+async fn watch<K>(watched: Watched<K>, writer: Writer<K>, status: Arc<Status>, changed: Arc<Notify>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let Watched {
+        name,
+        resource,
+        api,
+        config,
+        strip,
+    } = watched;
+    let held = writer.as_reader();
     let events = watcher(api, config)
         .default_backoff()
-        .modify(kind.strip)
+        .modify(strip)
         .reflect(writer);
     let mut events = std::pin::pin!(events);
     // Logged once per outage, not at every retry.
@@ -177,25 +254,25 @@ async fn watch(
     while let Some(event) = events.next().await {
         if let Ok(watcher::Event::InitDone | watcher::Event::Apply(_)) = &event {
             if failing.take().is_some() {
-                log::info!("watching {} works again", kind.plural);
+                log::info!("watching {resource} works again");
             }
         }
         match event {
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(watcher::Event::InitDone) => {
-                status.listed(kind.kind);
+                status.listed(name, held.len());
                 changed.notify_one();
             }
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                status.healthy(kind.kind);
+                status.healthy(name, held.len());
                 changed.notify_one();
             }
             Err(e) => {
-                let error = describe(kind, &e);
+                let error = describe(&resource, &e);
                 if failing.as_ref() != Some(&error) {
-                    log::warn!("watching {}: {error} (retrying with back-off)", kind.plural);
+                    log::warn!("watching {resource}: {error} (retrying with back-off)");
                 }
-                if status.failed(kind.kind, error.clone()) {
+                if status.failed(name, error.clone()) {
                     changed.notify_one();
                 }
                 failing = Some(error);
@@ -204,8 +281,8 @@ async fn watch(
     }
 }
 
-/// The watch error, with the likely fix when the kind is not served at all.
-fn describe(kind: &Kind, error: &watcher::Error) -> String {
+/// The watch error, with the likely fix when the resource is not served at all.
+fn describe(resource: &str, error: &watcher::Error) -> String {
     let not_served = match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
         | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
@@ -213,8 +290,7 @@ fn describe(kind: &Kind, error: &watcher::Error) -> String {
     };
     if not_served {
         format!(
-            "the API server does not serve {}/{} {} (is its CustomResourceDefinition installed?)",
-            kind.group, kind.version, kind.plural
+            "the API server does not serve {resource} (is its CustomResourceDefinition installed?)"
         )
     } else {
         error.to_string()

@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::config::{Config, ConfigError, ConfigErrors, ConfigStore, LoadOptions};
 
 use super::kinds::{Context, Kind};
+use super::pod_summary::PodSummary;
 use super::pods;
 use super::status::Status;
 
@@ -44,6 +45,10 @@ impl NetnsHealth {
 
 pub(super) struct Snapshots {
     pub stores: Vec<(&'static Kind, Store<DynamicObject>)>,
+    /// This node's pods, for an agent.
+    pub local_pods: Option<Store<PodSummary>>,
+    /// The other nodes' pods for an agent, all pods for the CA.
+    pub pods: Store<PodSummary>,
     pub opts: LoadOptions,
     pub node: Option<String>,
     pub status: Arc<Status>,
@@ -54,13 +59,32 @@ pub(super) struct Snapshots {
     pub reported: HashSet<(PathBuf, String)>,
     /// The documents of the last snapshot: an object changed into an invalid one keeps
     /// serving its last valid version, as a rejected file does in the YAML mode.
-    pub last_valid: HashMap<PathBuf, Value>,
+    pub last_valid: LastValid,
+}
+
+/// Documents by path, as JSON text: one allocation each rather than a tree of maps, as
+/// every object of the cluster has one.
+pub(super) type LastValid = HashMap<PathBuf, String>;
+
+/// Where a document comes from, to report it with an Event if it is invalid.
+enum Source {
+    Object(&'static Kind, Arc<DynamicObject>),
+    Pod(Arc<PodSummary>),
+}
+
+impl Source {
+    fn reference(&self) -> ObjectReference {
+        match self {
+            Source::Object(kind, object) => reference(kind, object),
+            Source::Pod(pod) => pods::reference(pod),
+        }
+    }
 }
 
 impl Snapshots {
     /// Builds a snapshot of the objects as watched now and installs it in `store`.
     pub fn load(&mut self, store: &ConfigStore) {
-        let local_netns = match (&self.node, self.pod_store()) {
+        let local_netns = match (&self.node, &self.local_pods) {
             (Some(node), Some(pods)) => pods::local_netns(pods.state().iter().map(|p| &**p), node),
             _ => HashMap::new(),
         };
@@ -69,14 +93,22 @@ impl Snapshots {
             netns: &local_netns,
         };
         let mut objects = Vec::new();
-        let mut references = HashMap::new();
+        let mut sources = HashMap::new();
         for (kind, objects_of_kind) in &self.stores {
             for object in objects_of_kind.state() {
                 if let Some(document) = (kind.document)(kind, &object, &ctx) {
                     let path = kind.path(&object);
-                    references.insert(path.clone(), reference(kind, &object));
-                    objects.push((path, document));
+                    objects.push((path.clone(), document));
+                    sources.insert(path, Source::Object(kind, object));
                 }
+            }
+        }
+        let all_pods = self.local_pods.iter().chain([&self.pods]);
+        for pod in all_pods.flat_map(Store::state) {
+            if let Some(document) = pods::workload(&pod, &ctx) {
+                let path = pods::path(&pod);
+                objects.push((path.clone(), document));
+                sources.insert(path, Source::Pod(pod));
             }
         }
         // Store order is arbitrary; conflicts (two pods claiming one address) are settled
@@ -95,7 +127,7 @@ impl Snapshots {
                     store.generation(),
                     skipped.len()
                 );
-                self.report(&skipped, &references);
+                self.report(&skipped, &sources);
                 self.status
                     .synced(skipped.iter().map(ToString::to_string).collect());
             }
@@ -104,11 +136,6 @@ impl Snapshots {
                 store.reject(&errors);
             }
         }
-    }
-
-    fn pod_store(&self) -> Option<&Store<DynamicObject>> {
-        let (_, store) = self.stores.iter().find(|(kind, _)| kind.kind == "Pod")?;
-        Some(store)
     }
 
     fn track_netns(&self, config: &Config) {
@@ -125,7 +152,7 @@ impl Snapshots {
     }
 
     /// Logs every skipped object, and sends an Event for each problem not reported yet.
-    fn report(&mut self, skipped: &[ConfigError], references: &HashMap<PathBuf, ObjectReference>) {
+    fn report(&mut self, skipped: &[ConfigError], sources: &HashMap<PathBuf, Source>) {
         let mut now = HashSet::new();
         for error in skipped {
             let note = match &error.field {
@@ -135,9 +162,9 @@ impl Snapshots {
             let key = (error.file.clone(), note.clone());
             if !self.reported.contains(&key) {
                 log::warn!("skipped invalid object: {error}");
-                let reference = references.get(&error.file);
-                if let (Some(events), Some(reference)) = (&self.events, reference) {
-                    let _ = events.send((reference.clone(), note));
+                let source = sources.get(&error.file);
+                if let (Some(events), Some(source)) = (&self.events, source) {
+                    let _ = events.send((source.reference(), note));
                 }
             }
             now.insert(key);
@@ -147,7 +174,7 @@ impl Snapshots {
 }
 
 /// A config, the documents it was built from, and the problems found.
-type Loaded = (Config, HashMap<PathBuf, Value>, Vec<ConfigError>);
+type Loaded = (Config, LastValid, Vec<ConfigError>);
 
 /// Loads `objects`; an object a problem is found in is replaced by its version in
 /// `last_valid` if that differs, else left out, until the rest loads.
@@ -156,13 +183,18 @@ type Loaded = (Config, HashMap<PathBuf, Value>, Vec<ConfigError>);
 /// one object, so this ends after two or three passes in practice.
 fn load_skipping_invalid(
     mut objects: Vec<(PathBuf, Value)>,
-    last_valid: &HashMap<PathBuf, Value>,
+    last_valid: &LastValid,
     opts: &LoadOptions,
 ) -> Result<Loaded, ConfigErrors> {
     let mut skipped = Vec::new();
     loop {
         match Config::load_objects(objects.iter().cloned(), opts) {
-            Ok(config) => return Ok((config, objects.into_iter().collect(), skipped)),
+            Ok(config) => {
+                let kept = objects
+                    .into_iter()
+                    .map(|(path, doc)| (path, doc.to_string()));
+                return Ok((config, kept.collect(), skipped));
+            }
             Err(errors) => {
                 let invalid: HashSet<&PathBuf> = errors.0.iter().map(|e| &e.file).collect();
                 let mut changed = false;
@@ -171,9 +203,12 @@ fn load_skipping_invalid(
                         return true;
                     }
                     changed = true;
-                    match last_valid.get(path).filter(|valid| *valid != document) {
+                    let valid = last_valid
+                        .get(path)
+                        .and_then(|v| serde_json::from_str(v).ok());
+                    match valid.filter(|valid: &Value| valid != document) {
                         Some(valid) => {
-                            *document = valid.clone();
+                            *document = valid;
                             true
                         }
                         None => false,

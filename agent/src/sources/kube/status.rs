@@ -32,6 +32,8 @@ struct Watch {
     healthy: bool,
     errors: u64,
     last_error: Option<String>,
+    /// Objects held (after the last list or event).
+    objects: usize,
 }
 
 impl Status {
@@ -50,16 +52,21 @@ impl Status {
         f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub(super) fn listed(&self, kind: &'static str) {
+    pub(super) fn listed(&self, kind: &'static str, objects: usize) {
         self.update(|inner| {
             let watch = inner.watches.entry(kind).or_default();
             watch.listed = true;
             watch.healthy = true;
+            watch.objects = objects;
         });
     }
 
-    pub(super) fn healthy(&self, kind: &'static str) {
-        self.update(|inner| inner.watches.entry(kind).or_default().healthy = true);
+    pub(super) fn healthy(&self, kind: &'static str, objects: usize) {
+        self.update(|inner| {
+            let watch = inner.watches.entry(kind).or_default();
+            watch.healthy = true;
+            watch.objects = objects;
+        });
     }
 
     /// Records a failed list or watch; true if the kind had never been listed (its first

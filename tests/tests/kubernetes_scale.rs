@@ -1,0 +1,119 @@
+//! Many pods in the real API server (see `nodemesh_testbed::kube_scale`): an
+//! agent keeps its node's pods apart from the others', and its memory with
+//! the issue's 10 000 Services, 50 000 endpoints and 10 000 routes. Those take
+//! minutes to create, so that measurement runs on demand (`--ignored`;
+//! `NODEMESH_SCALE_SERVICES` scales it down).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use nodemesh_testbed::kube_mesh::{KubeMesh, TIMEOUT};
+use nodemesh_testbed::kube_scale::Scale;
+use nodemesh_testbed::tenants::Usage;
+use nodemesh_testbed::Agent;
+use serde_json::Value;
+
+/// The agent DaemonSet's memory limit (`deploy/kubernetes/04-agent.yaml`).
+const MEMORY_LIMIT_KB: u64 = 1024 * 1024;
+/// Time for a large cluster to reach an agent.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longer than the agent's interval of handing freed memory back.
+const SETTLE: Duration = Duration::from_secs(12);
+
+fn mesh() -> Result<KubeMesh> {
+    KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), true)
+}
+
+/// Waits until `agent` serves at least `scale`'s Services, pods and routes.
+fn wait_synced(agent: &Agent, scale: Scale) -> Result<Value> {
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let status = agent.status_json()?;
+        let config = &status["config"];
+        let at_least = |field: &str, n: u32| config[field].as_u64() >= Some(u64::from(n));
+        if at_least("services", scale.services)
+            && at_least("workloads", scale.pods())
+            && at_least("http_routes", scale.services)
+        {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("{} never served {scale:?}: {config:#}", agent.node());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn rss_kb(agent: &Agent) -> Result<u64> {
+    let pid = agent.pid().unwrap_or_default();
+    Ok(Usage::of(pid)?.rss_kb)
+}
+
+/// Pods of this node and of the others, as `node`'s agent holds them.
+fn pods_held(cluster: &KubeMesh, node: &str) -> Result<(u64, u64)> {
+    let status = cluster.agent(node).status_json()?;
+    let watches = &status["config"]["source"]["watches"];
+    let held = |watch: &str| watches[watch]["objects"].as_u64().unwrap_or_default();
+    Ok((held("Pod (this node)"), held("Pod (other nodes)")))
+}
+
+#[test]
+fn an_agent_holds_its_own_pods_apart_and_routes_to_the_others() -> Result<()> {
+    let mut cluster = mesh()?;
+    cluster.client("node-a")?;
+    cluster.app("node-b", "web-1", &[("app", "web"), ("version", "v1")], &[])?;
+    cluster.service("web", 20)?;
+    let scale = Scale {
+        services: 20,
+        pods_per_service: 5,
+    };
+    let namespace = cluster.namespace().to_owned();
+    cluster.kube().create_at_scale(&namespace, scale)?;
+    for node in ["node-a", "node-b"] {
+        wait_synced(cluster.agent(node), scale)?;
+    }
+    // node-b knows the client, a pod of another node, well enough to accept
+    // its calls (its address, node and identity).
+    cluster.wait_only(&cluster.url("web", "/"), "v1", TIMEOUT)?;
+    let others = u64::from(scale.pods()) + 1;
+    assert_eq!(pods_held(&cluster, "node-a")?, (1, others));
+    assert_eq!(pods_held(&cluster, "node-b")?, (1, others));
+    Ok(())
+}
+
+#[test]
+#[ignore = "creates 10 000 Services, 50 000 pods and 10 000 routes: minutes"]
+fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result<()> {
+    let services = match std::env::var("NODEMESH_SCALE_SERVICES") {
+        Ok(n) => n.parse()?,
+        Err(_) => Scale::ISSUE.services,
+    };
+    let scale = Scale {
+        services,
+        ..Scale::ISSUE
+    };
+    let mut cluster = mesh()?;
+    let idle = rss_kb(cluster.agent("node-a"))?;
+    let namespace = cluster.namespace().to_owned();
+    cluster.kube().create_at_scale(&namespace, scale)?;
+    wait_synced(cluster.agent("node-a"), scale)?;
+    std::thread::sleep(SETTLE);
+    let watched = rss_kb(cluster.agent("node-a"))?;
+
+    let restarted = Instant::now();
+    cluster.restart_agent("node-a")?;
+    wait_synced(cluster.agent("node-a"), scale)?;
+    let serving = restarted.elapsed();
+    std::thread::sleep(SETTLE);
+    let relisted = rss_kb(cluster.agent("node-a"))?;
+    eprintln!(
+        "agent RSS with {scale:?}: {idle} KB idle, {watched} KB after watching them \
+         created, {relisted} KB after a restart (a full list; serving them {serving:.1?} \
+         after the restart, polled)"
+    );
+    for rss in [watched, relisted] {
+        assert!(rss < MEMORY_LIMIT_KB, "{rss} KB");
+    }
+    Ok(())
+}
