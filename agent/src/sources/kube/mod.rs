@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ConfigStore, LoadOptions, Reloader};
 
-use kinds::WATCHED;
+use kinds::{Kind, WATCHED};
 use pod_summary::PodSummary;
 use snapshot::{NetnsHealth, Snapshots};
 pub use status::Status;
