@@ -231,6 +231,17 @@ pub struct ConnectionRecord {
     pub counted_live: bool,
 }
 
+impl ConnectionRecord {
+    /// The workload on this node's side: the caller for outbound, the
+    /// destination for inbound.
+    fn local_workload(&self) -> Option<&str> {
+        match self.direction {
+            Direction::Outbound => self.source_workload.as_deref(),
+            Direction::Inbound => self.destination_workload.as_deref(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, Clone, Copy)]
 pub struct DirectionCounts {
     pub open: u64,
@@ -511,12 +522,8 @@ impl Proxy {
         caller: IpAddr,
         open: bool,
     ) -> Option<LiveBytes> {
-        let done = connection_done(record, caller, None)?;
-        let local = match record.direction {
-            Direction::Outbound => &record.source_workload,
-            Direction::Inbound => &record.destination_workload,
-        };
-        let live = (self.telemetry).record_connection_live(local.as_deref(), &done.edge, open);
+        let edge = tcp_edge(record, caller)?;
+        let live = (self.telemetry).record_connection_live(record.local_workload(), &edge, open);
         record.counted_live = live.is_some();
         live
     }
@@ -568,14 +575,10 @@ impl Tracked<'_> {
         }
         log::debug!("{:?}", self.record);
         if let Some(done) = connection_done(&self.record, self.caller, failed) {
-            let local = match self.record.direction {
-                Direction::Outbound => &self.record.source_workload,
-                Direction::Inbound => &self.record.destination_workload,
-            };
             let start = UNIX_EPOCH + Duration::from_millis(self.record.started_unix_ms);
             let duration = Duration::from_millis(self.record.duration_ms);
             let telemetry = &self.proxy.telemetry;
-            telemetry.record_connection(local.as_deref(), &done, start, duration);
+            telemetry.record_connection(self.record.local_workload(), &done, start, duration);
         }
         let mut recent = self.proxy.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == RECENT_CONNECTIONS {
@@ -592,6 +595,18 @@ fn connection_done(
     caller: IpAddr,
     failed: Option<Flag>,
 ) -> Option<ConnectionDone> {
+    Some(ConnectionDone {
+        edge: tcp_edge(record, caller)?,
+        live: record.counted_live,
+        flags: failed.map_or(ResponseFlags::NONE, ResponseFlags::of),
+        received: record.bytes_sent,
+        sent: record.bytes_received,
+    })
+}
+
+/// The edge Istio reports a connection relayed as TCP under; none for HTTP
+/// connections.
+fn tcp_edge(record: &ConnectionRecord, caller: IpAddr) -> Option<EdgeKey> {
     if record.protocol != "tcp" {
         return None;
     }
@@ -615,13 +630,7 @@ fn connection_done(
             mutual_tls: matches!(record.transport, Some("hbone" | "local")),
         },
     };
-    Some(ConnectionDone {
-        edge,
-        live: record.counted_live,
-        flags: failed.map_or(ResponseFlags::NONE, ResponseFlags::of),
-        received: record.bytes_sent,
-        sent: record.bytes_received,
-    })
+    Some(edge)
 }
 
 /// Envoy's flag for a connection that failed with `error`: it never
