@@ -24,3 +24,9 @@ pub mod telemetry;
 pub mod transport;
 pub mod viz;
 pub mod workloads;
+
+/// The unit tests' allocator counts the bytes each thread holds, for the memory tests of
+/// the Kubernetes source (shared with the memory tests of `tests/`).
+#[cfg(test)]
+#[path = "../tests/counting/mod.rs"]
+mod counting;

@@ -2,7 +2,7 @@
 //! configuration per route of a VirtualService, counted by the allocator of
 //! `counting`. The bound is 1 KB per route (it was about 11 KB); the
 //! figures are printed, run with `--nocapture`. Everything runs in one test
-//! (the counter is process-wide).
+//! (the counter counts the test's own thread).
 
 mod counting;
 

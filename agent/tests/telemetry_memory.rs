@@ -3,7 +3,7 @@
 //! with many pods must not blow up the agent's memory, so the series stop
 //! growing at their bounds and further pods only add to the overflow count.
 //! The figures are printed, run with `--nocapture`. Everything runs in one
-//! test (the counter is process-wide).
+//! test (the counter counts the test's own thread).
 
 mod counting;
 

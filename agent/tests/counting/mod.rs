@@ -1,17 +1,25 @@
 //! A global allocator that counts the live bytes of glibc's malloc (each
 //! block's usable size and its header, which is what RSS pays, not the size
-//! asked), for the memory tests. The counter is process-wide: a test file
-//! using it runs everything in one test, so tests side by side do not count
-//! each other's allocations.
+//! asked), for the memory tests. The counter is per thread (what a thread
+//! allocated minus what it freed), so tests side by side do not count each
+//! other's allocations; a test measures what it builds on its own thread.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::cell::Cell;
 
 /// The system allocator, counting the bytes of the blocks it has handed out
 /// and not had back.
 struct Counting;
 
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+thread_local! {
+    /// Constant-initialised and without a destructor: reading it never
+    /// allocates, as the allocator must not.
+    static LIVE_BYTES: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(bytes: isize) {
+    LIVE_BYTES.with(|live| live.set(live.get() + bytes));
+}
 
 /// glibc's chunk header in front of every block.
 const MALLOC_HEADER: usize = 8;
@@ -34,14 +42,14 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             // SAFETY: `p` was just allocated by `System`.
-            LIVE_BYTES.fetch_add(unsafe { footprint(p) }, Ordering::Relaxed);
+            count(unsafe { footprint(p) });
         }
         p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` is live and was allocated by `System` with `layout`.
-        LIVE_BYTES.fetch_sub(unsafe { footprint(ptr) }, Ordering::Relaxed);
+        count(-unsafe { footprint(ptr) });
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) };
     }
@@ -53,7 +61,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             // SAFETY: `p` was just (re)allocated by `System`.
-            LIVE_BYTES.fetch_add(unsafe { footprint(p) } - old, Ordering::Relaxed);
+            count(unsafe { footprint(p) } - old);
         }
         p
     }
@@ -62,7 +70,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Heap bytes held right now.
+/// Heap bytes held right now by what this thread allocated.
 pub fn live_bytes() -> isize {
-    LIVE_BYTES.load(Ordering::Relaxed)
+    LIVE_BYTES.with(Cell::get)
 }

@@ -12,6 +12,8 @@
 mod endpoint_slices;
 mod events;
 mod kinds;
+#[cfg(test)]
+mod memory_tests;
 mod netns;
 mod pod_summary;
 mod pods;
