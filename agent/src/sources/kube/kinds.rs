@@ -1,25 +1,21 @@
-//! The kinds the agent watches, and how each API object becomes a document of the
-//! YAML loader (so that both sources are validated by the same per-kind code).
+//! The kinds the agent watches, what of each object is kept, and how it becomes a
+//! document of the YAML loader (so that both sources are validated by the same per-kind
+//! code).
 //!
 //! Adding a kind is one line in [`WATCHED`] (plus its support in the YAML loader).
 
 use std::path::PathBuf;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{json, Map, Value};
 
 use super::endpoint_slices;
-use super::pods::LocalNetns;
+use super::object::Object;
 use super::secrets;
 
-/// What an object's document is built from, besides the object.
-pub(super) struct Context<'a> {
-    /// This node, when the source serves an agent (the CA serves none).
-    pub node: Option<&'a str>,
-    pub netns: &'a LocalNetns,
-}
+/// What is kept of an object's fields besides its metadata.
+pub(super) type Trim = fn(Map<String, Value>) -> Map<String, Value>;
 
 /// One watched kind.
 pub(super) struct Kind {
@@ -34,12 +30,10 @@ pub(super) struct Kind {
     pub field_selector: Option<&'static str>,
     /// Read by agents only, not by the CA (which then needs no RBAC for it).
     pub agents_only: bool,
-    /// Drops what the agent never reads before the object is stored, so that a large
-    /// cluster costs the agent only what it needs.
-    pub strip: fn(&mut DynamicObject),
-    /// The object as a document of the YAML loader, `None` when it is not config (a pod
-    /// without an address yet, or on the host network).
-    pub document: fn(&Kind, &DynamicObject, &Context) -> Option<Value>,
+    /// Drops the fields the agent never reads before the object is stored, so that a
+    /// large cluster costs the agent only what it needs; what is left, with the header,
+    /// is the object's document for the loader.
+    pub trim: Trim,
 }
 
 const ISTIO_NETWORKING: &str = "networking.istio.io";
@@ -47,20 +41,15 @@ const ISTIO_SECURITY: &str = "security.istio.io";
 const ISTIO_TELEMETRY: &str = "telemetry.istio.io";
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
-/// Every kind the agent watches, cluster-wide, as untyped objects. Pods, by far the
-/// most numerous, are watched apart as typed summaries (see `pods`).
+/// Every kind the agent watches, cluster-wide, as [`Object`]s. Pods, by far the most
+/// numerous, are watched apart as typed summaries (see `pods`).
 pub(super) const WATCHED: &[Kind] = &[
-    Kind::core("Namespace", "namespaces", false, namespace).selecting(super::MESH_LABEL_SELECTOR),
+    Kind::core("Namespace", "namespaces", false, nothing)
+        .selecting(super::MESH_LABEL_SELECTOR),
     Kind::core("Node", "nodes", false, node),
     Kind::core("Service", "services", true, service),
-    Kind::core(
-        "EndpointSlice",
-        "endpointslices",
-        true,
-        endpoint_slices::document,
-    )
-    .in_group(endpoint_slices::GROUP)
-    .stripping(endpoint_slices::strip),
+    Kind::core("EndpointSlice", "endpointslices", true, endpoint_slices::trim)
+        .in_group(endpoint_slices::GROUP),
     Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
     Kind::spec(ISTIO_NETWORKING, "v1", "Gateway", "gateways"),
     Kind::spec(
@@ -83,8 +72,7 @@ pub(super) const WATCHED: &[Kind] = &[
     ),
     Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
     Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes"),
-    Kind::core("Secret", "secrets", true, secrets::document)
-        .stripping(secrets::strip)
+    Kind::core("Secret", "secrets", true, secrets::trim)
         .with_fields(secrets::FIELD_SELECTOR)
         .for_agents_only(),
 ];
@@ -94,7 +82,7 @@ impl Kind {
         kind: &'static str,
         plural: &'static str,
         namespaced: bool,
-        document: fn(&Kind, &DynamicObject, &Context) -> Option<Value>,
+        trim: Trim,
     ) -> Kind {
         Kind {
             kind,
@@ -105,8 +93,7 @@ impl Kind {
             label_selector: None,
             field_selector: None,
             agents_only: false,
-            strip: strip_metadata,
-            document,
+            trim,
         }
     }
 
@@ -126,8 +113,7 @@ impl Kind {
             label_selector: None,
             field_selector: None,
             agents_only: false,
-            strip: strip_status,
-            document: spec_document,
+            trim: spec,
         }
     }
 
@@ -156,10 +142,6 @@ impl Kind {
         Kind { group, ..self }
     }
 
-    const fn stripping(self, strip: fn(&mut DynamicObject)) -> Kind {
-        Kind { strip, ..self }
-    }
-
     pub fn api_version(&self) -> String {
         match self.group {
             "" => self.version.to_owned(),
@@ -178,7 +160,7 @@ impl Kind {
     }
 
     /// The object's API path, which names it in errors (in place of a file).
-    pub fn path(&self, object: &DynamicObject) -> PathBuf {
+    pub fn path(&self, object: &Object) -> PathBuf {
         let meta = &object.metadata;
         let root = match self.group {
             "" => "/api".to_owned(),
@@ -194,13 +176,20 @@ impl Kind {
         })
     }
 
-    /// `apiVersion`, `kind` and the metadata the loader reads.
-    pub fn header(&self, object: &DynamicObject) -> Map<String, Value> {
-        let mut header = Map::new();
-        header.insert("apiVersion".into(), json!(self.api_version()));
-        header.insert("kind".into(), json!(self.kind));
-        header.insert("metadata".into(), metadata(&object.metadata));
-        header
+    /// Drops what is never read before `object` is stored.
+    pub fn strip(&self, object: &mut Object) {
+        strip_meta(&mut object.metadata);
+        object.trim(self.trim);
+    }
+
+    /// The object as a document of the loader: `apiVersion`, `kind`, the metadata the
+    /// loader reads and the fields kept. Built for one snapshot and dropped after.
+    pub fn document(&self, object: &Object) -> Value {
+        let mut doc = object.body();
+        doc.insert("apiVersion".into(), json!(self.api_version()));
+        doc.insert("kind".into(), json!(self.kind));
+        doc.insert("metadata".into(), metadata(&object.metadata));
+        Value::Object(doc)
     }
 }
 
@@ -222,11 +211,6 @@ pub(super) fn metadata(meta: &ObjectMeta) -> Value {
 
 /// Managed fields and annotations (`kubectl apply` keeps a whole copy of the object in
 /// one) are never read, nor are owners, finalizers and name prefixes.
-pub(super) fn strip_metadata(object: &mut DynamicObject) {
-    strip_meta(&mut object.metadata);
-}
-
-/// [`strip_metadata`] of any object's metadata.
 pub(super) fn strip_meta(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
     meta.annotations = None;
@@ -235,49 +219,45 @@ pub(super) fn strip_meta(meta: &mut ObjectMeta) {
     meta.generate_name = None;
 }
 
-fn strip_status(object: &mut DynamicObject) {
-    strip_metadata(object);
-    if let Value::Object(data) = &mut object.data {
-        data.remove("status");
-    }
+/// Of a namespace only its metadata is read.
+fn nothing(_: Map<String, Value>) -> Map<String, Value> {
+    Map::new()
 }
 
-fn namespace(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
-    Some(Value::Object(kind.header(object)))
-}
-
-fn node(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
-    let mut doc = kind.header(object);
-    let addresses = object.data.pointer("/status/addresses").cloned();
-    doc.insert(
+fn node(mut object: Map<String, Value>) -> Map<String, Value> {
+    let addresses = object
+        .get_mut("status")
+        .and_then(|status| status.get_mut("addresses"))
+        .map(Value::take);
+    let mut kept = Map::new();
+    kept.insert(
         "status".into(),
         json!({ "addresses": addresses.unwrap_or(json!([])) }),
     );
-    Some(Value::Object(doc))
+    kept
 }
 
 /// The fields of a Service the loader reads; the API server adds more (`clusterIPs`,
 /// `ipFamilies`, `sessionAffinity`...) that the strict schema of the YAML mode refuses.
-fn service(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
-    let mut doc = kind.header(object);
-    let spec = object.data.get("spec").cloned().unwrap_or(json!({}));
+fn service(object: Map<String, Value>) -> Map<String, Value> {
+    let spec = object.get("spec").cloned().unwrap_or(json!({}));
     let mut kept = pick(&spec, &["type", "selector", "clusterIP"]);
     if let Some(Value::Array(ports)) = spec.get("ports") {
         let fields = ["name", "port", "targetPort", "protocol", "appProtocol"];
         let ports = ports.iter().map(|p| Value::Object(pick(p, &fields)));
         kept.insert("ports".into(), Value::Array(ports.collect()));
     }
-    doc.insert("spec".into(), Value::Object(kept));
-    Some(Value::Object(doc))
+    let mut object = Map::new();
+    object.insert("spec".into(), Value::Object(kept));
+    object
 }
 
-fn spec_document(kind: &Kind, object: &DynamicObject, _: &Context) -> Option<Value> {
-    let mut doc = kind.header(object);
-    doc.insert(
-        "spec".into(),
-        object.data.get("spec").cloned().unwrap_or(json!({})),
-    );
-    Some(Value::Object(doc))
+/// A kind of which the agent reads `spec`.
+fn spec(mut object: Map<String, Value>) -> Map<String, Value> {
+    let spec = object.remove("spec").unwrap_or(json!({}));
+    let mut kept = Map::new();
+    kept.insert("spec".into(), spec);
+    kept
 }
 
 /// The given fields of `value`, where present.

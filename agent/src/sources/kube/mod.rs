@@ -15,6 +15,7 @@ mod kinds;
 #[cfg(test)]
 mod memory_tests;
 mod netns;
+mod object;
 mod pod_summary;
 mod pods;
 mod secrets;
@@ -41,6 +42,7 @@ use tokio::task::JoinHandle;
 use crate::config::{ConfigStore, LoadOptions, Reloader};
 
 use kinds::{Kind, WATCHED};
+use object::Object;
 use pod_summary::PodSummary;
 use snapshot::{NetnsHealth, Snapshots};
 pub use status::Status;
@@ -111,7 +113,7 @@ pub(super) async fn start(
             resource: format!("{} {}", kind.api_version(), kind.plural),
             api: Api::all_with(client.clone(), &kind.api_resource()),
             config,
-            strip: kind.strip,
+            strip: Box::new(move |object: &mut Object| kind.strip(object)),
         };
         tasks.push(tokio::spawn(watch(
             watched,
@@ -194,7 +196,7 @@ struct Watched<K: Resource> {
     api: Api<K>,
     config: watcher::Config,
     /// Drops what is never read before an object is stored.
-    strip: fn(&mut K),
+    strip: Box<dyn FnMut(&mut K) + Send>,
 }
 
 /// An agent's pod watches: this node's pods, and the other nodes' (see [`pods`]); the
@@ -203,7 +205,7 @@ fn pod_watches(
     client: &Client,
     node: Option<&str>,
 ) -> (Option<Watched<PodSummary>>, Watched<PodSummary>) {
-    let watched = |name, selector: Option<String>, strip| Watched {
+    let watched = |name, selector: Option<String>, strip: fn(&mut PodSummary)| Watched {
         name,
         resource: "v1 pods".to_owned(),
         api: Api::all(client.clone()),
@@ -211,7 +213,7 @@ fn pod_watches(
             Some(selector) => watcher::Config::default().fields(&selector),
             None => watcher::Config::default(),
         },
-        strip,
+        strip: Box::new(strip),
     };
     match node {
         Some(node) => (

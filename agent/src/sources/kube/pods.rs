@@ -15,12 +15,19 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::ObjectReference;
 use serde_json::{json, Map, Value};
 
-use super::kinds::{metadata, Context};
+use super::kinds::metadata;
 use super::netns;
 use super::pod_summary::PodSummary;
 
 /// Network namespaces of this node's pods, by pod UID.
 pub(super) type LocalNetns = HashMap<String, PathBuf>;
+
+/// What a pod's document is built from, besides the pod.
+pub(super) struct Context<'a> {
+    /// This node, when the source serves an agent (the CA serves none).
+    pub node: Option<&'a str>,
+    pub netns: &'a LocalNetns,
+}
 
 /// Stands for the network namespace of a pod on another node (never opened).
 const ON_OTHER_NODE: &str = "/run/nodemesh/netns-of-pod-on-another-node";

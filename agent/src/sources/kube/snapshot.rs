@@ -7,16 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{Config, ConfigError, ConfigErrors, ConfigStore, LoadOptions};
 
-use super::kinds::{Context, Kind};
+use super::kinds::Kind;
+use super::object::Object;
 use super::pod_summary::PodSummary;
-use super::pods;
+use super::pods::{self, Context};
 use super::status::Status;
 
 /// An invalid object to tell about with a Kubernetes Event: the object and what is wrong.
@@ -44,7 +44,7 @@ impl NetnsHealth {
 }
 
 pub(super) struct Snapshots {
-    pub stores: Vec<(&'static Kind, Store<DynamicObject>)>,
+    pub stores: Vec<(&'static Kind, Store<Object>)>,
     /// This node's pods, for an agent.
     pub local_pods: Option<Store<PodSummary>>,
     /// The other nodes' pods for an agent, all pods for the CA.
@@ -57,22 +57,33 @@ pub(super) struct Snapshots {
     pub events: Option<UnboundedSender<Invalid>>,
     /// What was reported already: each problem gets one Event, not one per snapshot.
     pub reported: HashSet<(PathBuf, String)>,
-    /// The documents of the last snapshot: an object changed into an invalid one keeps
+    /// The objects of the last snapshot: an object changed into an invalid one keeps
     /// serving its last valid version, as a rejected file does in the YAML mode.
-    pub last_valid: LastValid,
+    pub last_valid: LastValid<Source>,
 }
 
-/// Documents by path, as JSON text: one allocation each rather than a tree of maps, as
-/// every object of the cluster has one.
-pub(super) type LastValid = HashMap<PathBuf, String>;
+/// Objects by path. They are the watch stores' own (`Arc`s): only the last valid
+/// version of an object changed since costs memory of its own.
+pub(super) type LastValid<S> = HashMap<PathBuf, S>;
 
-/// Where a document comes from, to report it with an Event if it is invalid.
-enum Source {
-    Object(&'static Kind, Arc<DynamicObject>),
+/// A watched object a document is built from.
+#[derive(Clone)]
+pub(super) enum Source {
+    Object(&'static Kind, Arc<Object>),
     Pod(Arc<PodSummary>),
 }
 
 impl Source {
+    /// The object's document, built for one snapshot only: all of them at once would
+    /// cost several times what the objects do.
+    fn document(&self, ctx: &Context) -> Option<Value> {
+        match self {
+            Source::Object(kind, object) => Some(kind.document(object)),
+            Source::Pod(pod) => pods::workload(pod, ctx),
+        }
+    }
+
+    /// The object, for an Event about it.
     fn reference(&self) -> ObjectReference {
         match self {
             Source::Object(kind, object) => reference(kind, object),
@@ -93,29 +104,27 @@ impl Snapshots {
             netns: &local_netns,
         };
         let mut objects = Vec::new();
-        let mut sources = HashMap::new();
         for (kind, objects_of_kind) in &self.stores {
             for object in objects_of_kind.state() {
-                if let Some(document) = (kind.document)(kind, &object, &ctx) {
-                    let path = kind.path(&object);
-                    objects.push((path.clone(), document));
-                    sources.insert(path, Source::Object(kind, object));
-                }
+                objects.push((kind.path(&object), Source::Object(kind, object)));
             }
         }
         let all_pods = self.local_pods.iter().chain([&self.pods]);
         for pod in all_pods.flat_map(Store::state) {
-            if let Some(document) = pods::workload(&pod, &ctx) {
-                let path = pods::path(&pod);
-                objects.push((path.clone(), document));
-                sources.insert(path, Source::Pod(pod));
-            }
+            objects.push((pods::path(&pod), Source::Pod(pod)));
         }
         // Store order is arbitrary; conflicts (two pods claiming one address) are settled
         // the same way every time.
         objects.sort_by(|a, b| a.0.cmp(&b.0));
-        match load_skipping_invalid(objects, &self.last_valid, &self.opts) {
-            Ok((config, kept, skipped)) => {
+        let document = |source: &Source| source.document(&ctx);
+        let loaded = load_skipping_invalid(objects, &self.last_valid, document, &self.opts);
+        match loaded {
+            Ok(Loaded {
+                config,
+                kept,
+                skipped,
+                invalid,
+            }) => {
                 self.last_valid = kept;
                 config.log_warnings();
                 self.track_netns(&config);
@@ -127,7 +136,7 @@ impl Snapshots {
                     store.generation(),
                     skipped.len()
                 );
-                self.report(&skipped, &sources);
+                self.report(&skipped, &invalid);
                 self.status
                     .synced(skipped.iter().map(ToString::to_string).collect());
             }
@@ -173,42 +182,56 @@ impl Snapshots {
     }
 }
 
-/// A config, the documents it was built from, and the problems found.
-type Loaded = (Config, LastValid, Vec<ConfigError>);
+/// A config, the objects it was built from, and the problems found.
+struct Loaded<S> {
+    config: Config,
+    kept: LastValid<S>,
+    skipped: Vec<ConfigError>,
+    /// Each object found invalid, as watched (to report it).
+    invalid: HashMap<PathBuf, S>,
+}
 
-/// Loads `objects`; an object a problem is found in is replaced by its version in
+/// Loads `objects`, each as its `document` (built as the loader reads it, and dropped
+/// once read); an object a problem is found in is replaced by its version in
 /// `last_valid` if that differs, else left out, until the rest loads.
 ///
 /// Each pass replaces or drops at least one object, and problems are nearly always within
 /// one object, so this ends after two or three passes in practice.
-fn load_skipping_invalid(
-    mut objects: Vec<(PathBuf, Value)>,
-    last_valid: &LastValid,
+fn load_skipping_invalid<S: Clone + Versioned>(
+    mut objects: Vec<(PathBuf, S)>,
+    last_valid: &LastValid<S>,
+    document: impl Fn(&S) -> Option<Value>,
     opts: &LoadOptions,
-) -> Result<Loaded, ConfigErrors> {
+) -> Result<Loaded<S>, ConfigErrors> {
     let mut skipped = Vec::new();
+    let mut invalid = HashMap::new();
     loop {
-        match Config::load_objects(objects.iter().cloned(), opts) {
+        let documents = objects
+            .iter()
+            .filter_map(|(path, object)| Some((path.clone(), document(object)?)));
+        match Config::load_objects(documents, opts) {
             Ok(config) => {
-                let kept = objects
-                    .into_iter()
-                    .map(|(path, doc)| (path, doc.to_string()));
-                return Ok((config, kept.collect(), skipped));
+                return Ok(Loaded {
+                    config,
+                    kept: objects.into_iter().collect(),
+                    skipped,
+                    invalid,
+                })
             }
             Err(errors) => {
-                let invalid: HashSet<&PathBuf> = errors.0.iter().map(|e| &e.file).collect();
+                let found: HashSet<&PathBuf> = errors.0.iter().map(|e| &e.file).collect();
                 let mut changed = false;
-                objects.retain_mut(|(path, document)| {
-                    if !invalid.contains(path) {
+                objects.retain_mut(|(path, object)| {
+                    if !found.contains(path) {
                         return true;
                     }
                     changed = true;
-                    let valid = last_valid
-                        .get(path)
-                        .and_then(|v| serde_json::from_str(v).ok());
-                    match valid.filter(|valid: &Value| valid != document) {
+                    invalid
+                        .entry(path.clone())
+                        .or_insert_with(|| object.clone());
+                    match last_valid.get(path).filter(|valid| !valid.same(object)) {
                         Some(valid) => {
-                            *document = valid;
+                            *object = valid.clone();
                             true
                         }
                         None => false,
@@ -223,7 +246,23 @@ fn load_skipping_invalid(
     }
 }
 
-fn reference(kind: &Kind, object: &DynamicObject) -> ObjectReference {
+/// Whether two values are the same version of an object.
+trait Versioned {
+    fn same(&self, other: &Self) -> bool;
+}
+
+impl Versioned for Source {
+    /// The watch store's very object: unchanged.
+    fn same(&self, other: &Source) -> bool {
+        match (self, other) {
+            (Source::Object(_, a), Source::Object(_, b)) => Arc::ptr_eq(a, b),
+            (Source::Pod(a), Source::Pod(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+fn reference(kind: &Kind, object: &Object) -> ObjectReference {
     ObjectReference {
         api_version: Some(kind.api_version()),
         kind: Some(kind.kind.to_owned()),
@@ -243,6 +282,22 @@ mod tests {
 
     fn object(path: &str, document: Value) -> (PathBuf, Value) {
         (PathBuf::from(path), document)
+    }
+
+    impl Versioned for Value {
+        fn same(&self, other: &Value) -> bool {
+            self == other
+        }
+    }
+
+    fn load(
+        objects: Vec<(PathBuf, Value)>,
+        last_valid: &LastValid<Value>,
+    ) -> (Config, LastValid<Value>, Vec<ConfigError>) {
+        let document = |document: &Value| Some(document.clone());
+        let loaded = load_skipping_invalid(objects, last_valid, document, &LoadOptions::default());
+        let loaded = loaded.unwrap();
+        (loaded.config, loaded.kept, loaded.skipped)
     }
 
     #[test]
@@ -269,9 +324,7 @@ mod tests {
                 bad_route,
             ),
         ];
-        let (config, kept, skipped) =
-            load_skipping_invalid(objects.clone(), &HashMap::new(), &LoadOptions::default())
-                .unwrap();
+        let (config, kept, skipped) = load(objects.clone(), &HashMap::new());
         assert_eq!(kept.len(), 2);
         assert!(config.namespace("shop").unwrap().mesh_enabled());
         let services: Vec<_> = config.services().iter().map(|s| s.key()).collect();
@@ -299,13 +352,11 @@ mod tests {
         // version keeps serving.
         let mut objects = objects;
         objects[3].1["spec"]["http"][0]["route"][0]["weight"] = json!(100);
-        let (config, kept, skipped) =
-            load_skipping_invalid(objects.clone(), &kept, &LoadOptions::default()).unwrap();
+        let (config, kept, skipped) = load(objects.clone(), &kept);
         assert_eq!(config.routing().route_count(), 1);
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         objects[3].1["spec"]["http"][0]["route"][0]["weight"] = json!(150);
-        let (config, _, skipped) =
-            load_skipping_invalid(objects, &kept, &LoadOptions::default()).unwrap();
+        let (config, _, skipped) = load(objects, &kept);
         assert_eq!(config.routing().route_count(), 1);
         assert_eq!(skipped.len(), 2, "{skipped:?}");
     }
