@@ -44,12 +44,16 @@ const GATEWAY_API: &str = "gateway.networking.k8s.io";
 /// Every kind the agent watches, cluster-wide, as [`Object`]s. Pods, by far the most
 /// numerous, are watched apart as typed summaries (see `pods`).
 pub(super) const WATCHED: &[Kind] = &[
-    Kind::core("Namespace", "namespaces", false, nothing)
-        .selecting(super::MESH_LABEL_SELECTOR),
+    Kind::core("Namespace", "namespaces", false, nothing).selecting(super::MESH_LABEL_SELECTOR),
     Kind::core("Node", "nodes", false, node),
     Kind::core("Service", "services", true, service),
-    Kind::core("EndpointSlice", "endpointslices", true, endpoint_slices::trim)
-        .in_group(endpoint_slices::GROUP),
+    Kind::core(
+        "EndpointSlice",
+        "endpointslices",
+        true,
+        endpoint_slices::trim,
+    )
+    .in_group(endpoint_slices::GROUP),
     Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
     Kind::spec(ISTIO_NETWORKING, "v1", "Gateway", "gateways"),
     Kind::spec(
@@ -78,12 +82,7 @@ pub(super) const WATCHED: &[Kind] = &[
 ];
 
 impl Kind {
-    const fn core(
-        kind: &'static str,
-        plural: &'static str,
-        namespaced: bool,
-        trim: Trim,
-    ) -> Kind {
+    const fn core(kind: &'static str, plural: &'static str, namespaced: bool, trim: Trim) -> Kind {
         Kind {
             kind,
             group: "",

@@ -121,6 +121,9 @@ fn pod(s: u32, m: u32) -> Value {
     })
 }
 
+/// Object `s` of a kind, as the API server sends it.
+type Synthetic = fn(u32) -> Value;
+
 /// `value` as the watch stream parses it: from JSON text.
 fn parsed<K: DeserializeOwned>(value: &Value) -> K {
     serde_json::from_str(&value.to_string()).unwrap()
@@ -140,7 +143,7 @@ struct Watched {
 fn watch(services: u32) -> Watched {
     let mut held = HashMap::new();
     let mut stores = Vec::new();
-    let objects: [(&str, fn(u32) -> Value); 3] = [
+    let objects: [(&str, Synthetic); 3] = [
         ("Service", service),
         ("EndpointSlice", slice),
         ("VirtualService", route),
@@ -231,6 +234,9 @@ fn bytes_held_per_object_of_a_large_cluster() {
         ("Pod", pods, POD_BOUND),
         ("snapshot per Service", snapshot, SNAPSHOT_BOUND),
     ] {
-        assert!(held <= bound, "{what}: {held} bytes held, the bound is {bound}");
+        assert!(
+            held <= bound,
+            "{what}: {held} bytes held, the bound is {bound}"
+        );
     }
 }
