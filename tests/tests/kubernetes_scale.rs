@@ -25,21 +25,27 @@ fn mesh() -> Result<KubeMesh> {
     KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), true)
 }
 
-/// Waits until `agent` serves at least `scale`'s Services, pods and routes.
+/// Waits until `agent` serves at least `scale`'s Services, pods and routes. An
+/// agent busy with a large list may not answer at once (at 10 000 Services its
+/// admin socket once refused a connection with EAGAIN): asked again until the
+/// deadline.
 fn wait_synced(agent: &Agent, scale: Scale) -> Result<Value> {
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {
-        let status = agent.status_json()?;
-        let config = &status["config"];
-        let at_least = |field: &str, n: u32| config[field].as_u64() >= Some(u64::from(n));
-        if at_least("services", scale.services)
-            && at_least("workloads", scale.pods())
-            && at_least("http_routes", scale.services)
-        {
-            return Ok(status);
+        let status = agent.status_json();
+        if let Ok(status) = &status {
+            let config = &status["config"];
+            let at_least = |field: &str, n: u32| config[field].as_u64() >= Some(u64::from(n));
+            if at_least("services", scale.services)
+                && at_least("workloads", scale.pods())
+                && at_least("http_routes", scale.services)
+            {
+                return Ok(status.clone());
+            }
         }
         if Instant::now() > deadline {
-            bail!("{} never served {scale:?}: {config:#}", agent.node());
+            let last = status.map(|s| s["config"].to_string());
+            bail!("{} never served {scale:?}: {last:?}", agent.node());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
