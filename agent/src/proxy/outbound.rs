@@ -200,7 +200,7 @@ enum Upstream {
     Peer(Charged),
     /// A workload of this node, admitted: this agent's destination side
     /// takes the client's socket itself and relays it to the application.
-    Local(Admitted),
+    Local(Box<Admitted>),
 }
 
 impl Upstream {
@@ -232,7 +232,7 @@ async fn relay_connected(
         Ok(Upstream::Local(admitted)) => {
             let meta = CarriedMeta::of(record, caller, caller);
             let side = CallerSide { meta, live };
-            return proxy.serve_stream(admitted, client, Some(side)).await;
+            return proxy.serve_stream(*admitted, client, Some(side)).await;
         }
         Ok(Upstream::Peer(server)) => Ok(server),
         Err(e) => Err(e),
@@ -297,7 +297,7 @@ async fn connect(
         // The destination side charges its own delivery.
         hop::Hop::Local => peer::admit_local(proxy, pod, upstream)
             .await
-            .map(Upstream::Local)
+            .map(|admitted| Upstream::Local(Box::new(admitted)))
             .map_err(PeerError::from),
         hop => peer::connect(
             proxy,
