@@ -320,13 +320,29 @@ pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'sta
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
 
 /// What inbound connections come in on: a socket or an HBONE stream.
-pub trait Client: Io {
+pub trait Client: Io + Sized {
+    /// Relays to the application; by default as a stream no other agent
+    /// could take over, the application being the relay's client side.
     fn relay_to(
         &mut self,
         proxy: &Proxy,
         app: &mut TcpStream,
         tcp: TcpRelay,
-    ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send {
+        let how = RelayOptions {
+            idle: proxy.settings.idle_timeout,
+            live: tcp.live.map(LiveBytes::reversed),
+        };
+        async move {
+            relay::relay_stream(app, self, how)
+                .await
+                .map(|t| Transferred {
+                    sent: t.received,
+                    received: t.sent,
+                })
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// A plaintext caller's socket: carried to the next agent at a hand-over.
@@ -368,47 +384,10 @@ impl Client for Prefixed<TcpStream> {
 }
 
 /// An HBONE stream from another node, or an in-process one from this
-/// node's L7 proxy: the application is the relay's client side.
-async fn relay_from_app<S: Io>(
-    stream: &mut Prefixed<S>,
-    proxy: &Proxy,
-    app: &mut TcpStream,
-    tcp: TcpRelay,
-) -> Result<Transferred, String> {
-    let how = RelayOptions {
-        idle: proxy.settings.idle_timeout,
-        live: tcp.live.map(LiveBytes::reversed),
-    };
-    relay::relay_stream(app, stream, how)
-        .await
-        .map(|t| Transferred {
-            sent: t.received,
-            received: t.sent,
-        })
-        .map_err(|e| e.to_string())
-}
+/// node's L7 proxy: relayed by [`Client::relay_to`]'s default.
+impl Client for Prefixed<Tunnel> {}
 
-impl Client for Prefixed<Tunnel> {
-    async fn relay_to(
-        &mut self,
-        proxy: &Proxy,
-        app: &mut TcpStream,
-        tcp: TcpRelay,
-    ) -> Result<Transferred, String> {
-        relay_from_app(self, proxy, app, tcp).await
-    }
-}
-
-impl Client for Prefixed<DuplexStream> {
-    async fn relay_to(
-        &mut self,
-        proxy: &Proxy,
-        app: &mut TcpStream,
-        tcp: TcpRelay,
-    ) -> Result<Transferred, String> {
-        relay_from_app(self, proxy, app, tcp).await
-    }
-}
+impl Client for Prefixed<DuplexStream> {}
 
 fn protocol_name(protocol: Detected) -> &'static str {
     match protocol {
