@@ -222,11 +222,17 @@ pub fn inject(headers: &mut HeaderMap, ctx: &Outgoing, values: &mut Values) {
     headers.remove(B3);
     headers.remove(B3_FLAGS);
     let mut hex = [0u8; 32];
-    headers.insert(B3_TRACE_ID, values.value(write_hex(&ctx.trace_id, &mut hex)));
+    headers.insert(
+        B3_TRACE_ID,
+        values.value(write_hex(&ctx.trace_id, &mut hex)),
+    );
     headers.insert(B3_SPAN_ID, values.value(write_hex(&ctx.span_id, &mut hex)));
     match ctx.parent_span_id {
         Some(parent) => {
-            headers.insert(B3_PARENT_SPAN_ID, values.value(write_hex(&parent, &mut hex)));
+            headers.insert(
+                B3_PARENT_SPAN_ID,
+                values.value(write_hex(&parent, &mut hex)),
+            );
         }
         None => {
             headers.remove(B3_PARENT_SPAN_ID);
