@@ -621,6 +621,37 @@ mod tests {
     }
 
     #[test]
+    fn attempts_keep_the_client_host_and_target_and_a_new_authority_gets_its_own_host() {
+        let mut head = Head {
+            method: Method::GET,
+            path_and_query: PathAndQuery::from_static("/reviews/1?x=2"),
+            authority: "reviews:9080".into(),
+            host: None,
+            headers: HeaderMap::new(),
+            http2: false,
+        };
+        head.set_host(Some(HeaderValue::from_static("reviews:9080")));
+        for _ in 0..2 {
+            let request = head.request(body::empty());
+            assert_eq!(request.uri(), "/reviews/1?x=2");
+            assert_eq!(request.headers()[header::HOST], "reviews:9080");
+        }
+        // A rewritten authority (or a mirror's) is not the client's Host.
+        head.authority = shadow(&head.authority);
+        head.set_host(Some(HeaderValue::from_static("reviews:9080")));
+        assert_eq!(
+            head.request(body::empty()).headers()[header::HOST],
+            "reviews-shadow:9080"
+        );
+        head.http2 = true;
+        head.host = None;
+        head.set_host(None);
+        let request = head.request(body::empty());
+        assert_eq!(request.uri(), "http://reviews-shadow:9080/reviews/1?x=2");
+        assert!(!request.headers().contains_key(header::HOST));
+    }
+
+    #[test]
     fn istio_default_retries_503_and_connect_failures_only() {
         let on = RetryPolicy::istio_default().retry_on;
         assert!(retries_status(&on, 503));
