@@ -101,7 +101,7 @@ pub(super) fn run(
                         }))
                     };
                 println!("{}, {agent}:", build.display());
-                println!("  at max:       {}", at(true).describe());
+                println!("  at max:        {}", at(true).describe());
                 println!("  at {FIXED_RATE} req/s: {}", at(false).describe());
             }
         }
@@ -113,7 +113,7 @@ pub(super) fn run(
 fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
     let med = |f: fn(&Counts) -> Option<f64>| {
         let v: Vec<f64> = all.clone().filter_map(|c| f(&c)).collect();
-        (!v.is_empty()).then(|| median(v.into_iter()))
+        (!v.is_empty()).then(|| median(v))
     };
     Counts {
         task_clock_ms: med(|c| c.task_clock_ms),
