@@ -8,12 +8,15 @@
 //! Service (10 routes) at max throughput and at 2000 req/s. Builds alternate
 //! within a round, so a shared machine's load drifts over both alike. The
 //! agents' pids are printed before the meshed phases so that `perf record
-//! -p` or `strace -c -p` can be attached to them.
+//! -p` or `strace -c -p` can be attached to them; with `perf` installed,
+//! each agent's syscalls, context switches and mallocs per request are
+//! counted over both meshed phases (`counters.rs`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use super::counters::{self, Counts};
 use super::report::median;
 use super::results::{per_1000, CpuUse, HttpRun, Mode};
 use super::{human, mtls, Bench, Options, PhaseLog, Tools, CONNECTIONS, FIXED_RATE};
@@ -25,6 +28,9 @@ struct Sample {
     max: (HttpRun, CpuUse),
     fixed: (HttpRun, CpuUse),
     rss_kib: [u64; 2],
+    /// Per request and agent (node-a, node-b), at max and at the fixed
+    /// rate; empty without `perf`.
+    counts: Vec<(Counts, Counts)>,
 }
 
 pub(super) fn run(
@@ -38,11 +44,12 @@ pub(super) fn run(
         .chain(opts.against.iter().cloned())
         .collect();
     let mut samples: Vec<Vec<Sample>> = builds.iter().map(|_| Vec::new()).collect();
+    let count = counters::available();
     for round in 1..=opts.rounds {
         for (build, out) in builds.iter().zip(&mut samples) {
             println!("\n== round {round}/{}: {} ==", opts.rounds, build.display());
             let mut bench = Bench::new(build, oha, tools, opts, clk_tck)?;
-            out.push(measure(&mut bench)?);
+            out.push(measure(&mut bench, count)?);
         }
     }
     println!(
@@ -81,10 +88,43 @@ pub(super) fn run(
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
         );
     }
+    if count {
+        println!(
+            "\nPer request and agent, medians (perf stat on each agent; CPU is its task-clock):"
+        );
+        for (build, s) in builds.iter().zip(&samples) {
+            for (agent, i) in [("node-a", 0), ("node-b", 1)] {
+                let at =
+                    |max: bool| {
+                        median_counts(s.iter().filter_map(|x| {
+                            x.counts.get(i).map(|(m, f)| if max { *m } else { *f })
+                        }))
+                    };
+                println!("{}, {agent}:", build.display());
+                println!("  at max:        {}", at(true).describe());
+                println!("  at {FIXED_RATE} req/s: {}", at(false).describe());
+            }
+        }
+    }
     Ok(())
 }
 
-fn measure(bench: &mut Bench) -> Result<Sample> {
+/// Each counter's median over the rounds.
+fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
+    let med = |f: fn(&Counts) -> Option<f64>| {
+        let v: Vec<f64> = all.clone().filter_map(|c| f(&c)).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    Counts {
+        task_clock_ms: med(|c| c.task_clock_ms),
+        context_switches: med(|c| c.context_switches),
+        syscalls: med(|c| c.syscalls),
+        mallocs: med(|c| c.mallocs),
+        instructions: med(|c| c.instructions),
+    }
+}
+
+fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
     let mut log = PhaseLog {
         mode: Mode::Direct,
         steps: (0, 3),
@@ -113,10 +153,29 @@ fn measure(bench: &mut Bench) -> Result<Sample> {
         "  agents: node-a pid {}, node-b pid {} (attach profilers now)",
         pids[0], pids[1]
     );
+    let counting = |phase: &str| -> Result<Option<counters::Counting>> {
+        match count {
+            true => counters::start(&pids, &bench.config_dir, phase).map(Some),
+            false => Ok(None),
+        }
+    };
+    let stop = |counting: Option<counters::Counting>, requests: u64| -> Result<Vec<Counts>> {
+        let counts = match counting {
+            Some(c) => c.stop()?,
+            None => Vec::new(),
+        };
+        let counts: Vec<Counts> = counts.iter().map(|c| c.per(requests)).collect();
+        for (agent, c) in ["node-a", "node-b"].iter().zip(&counts) {
+            println!("        {agent} per request: {}", c.describe());
+        }
+        Ok(counts)
+    };
     log.step("L7 + mTLS max throughput");
+    let running = counting("max")?;
     let max = bench.phase(&mut log, "max", |b| {
         b.oha(&["-c", &conns, "-z", &d, &url], "max")
     })?;
+    let at_max = stop(running, max.0.ok)?;
     println!(
         "        {:.0} req/s; agents {:.1} ms CPU per 1000 req, {:.2} context switches per req",
         max.0.rps,
@@ -125,9 +184,11 @@ fn measure(bench: &mut Bench) -> Result<Sample> {
     );
     log.step(&format!("L7 + mTLS at {FIXED_RATE} req/s"));
     let rate = FIXED_RATE.to_string();
+    let running = counting("fixed")?;
     let fixed = bench.phase(&mut log, "fixed", |b| {
         b.oha(&["-c", &conns, "-q", &rate, "-z", &d, &url], "fixed")
     })?;
+    let at_fixed = stop(running, fixed.0.ok)?;
     println!(
         "        {} requests, p50 {:.3} ms; agents {:.1} ms CPU per 1000 req, {:.2} context switches \
          per req",
@@ -142,5 +203,6 @@ fn measure(bench: &mut Bench) -> Result<Sample> {
         max,
         fixed,
         rss_kib: [memory[0].rss_kib, memory[1].rss_kib],
+        counts: at_max.into_iter().zip(at_fixed).collect(),
     })
 }

@@ -94,6 +94,7 @@ use nodemesh_testbed::{config, otlp, Agent, Topology};
 use serde_json::{json, Value};
 
 mod authz;
+mod counters;
 mod focus;
 mod haproxy;
 mod mtls;
@@ -123,7 +124,8 @@ usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
   --quick        smoke run: 3 s phases
   --rounds N     repeat every mode N times and report medians (default 1)
   --focus        only direct and L7 + mTLS (max throughput, 2000 req/s),
-                 with context switches per request: for profiling
+                 with each agent's syscalls, context switches and mallocs
+                 per request (perf stat): for profiling
   --against B    with --focus: the same phases with the agent binary B,
                  alternating with this build's in every round (A/B);
                  may be given more than once

@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 
 use super::balance::{ClusterKey, HashInput, Observation, Pick};
@@ -35,13 +37,13 @@ static NO_RETRIES: LazyLock<RetryPolicy> = LazyLock::new(|| RetryPolicy {
 });
 
 /// Hop-by-hop headers: they describe one connection and are not forwarded.
-const HOP_BY_HOP: [&str; 6] = [
+/// (`Host` is set again from the authority.)
+const HOP_BY_HOP: [&str; 5] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "transfer-encoding",
     "upgrade",
-    "host",
 ];
 
 /// What the request matched, against one config snapshot.
@@ -134,11 +136,13 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
 /// The request after faults: to its destination, under the route's policy.
 async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> Response<Body> {
     let route = plan.route;
+    // The client's own bytes (hyper parses them into shared buffers): every
+    // attempt's URI refers to them instead of copying them.
     let path_and_query = request
         .uri()
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let own;
     let (destination, destination_headers) = match route.map(|r| &r.action) {
         None => {
@@ -150,7 +154,12 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
             (&own, None)
         }
         Some(RouteAction::Redirect(redirect)) => {
-            return edit::redirect(redirect, &plan.authority, &path_and_query, plan.matched)
+            return edit::redirect(
+                redirect,
+                &plan.authority,
+                path_and_query.as_str(),
+                plan.matched,
+            )
         }
         Some(RouteAction::DirectResponse { status, body }) => {
             let mut reply = Response::new(body::full(body.clone()));
@@ -194,9 +203,11 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         method: parts.method,
         path_and_query,
         authority: plan.authority,
+        host: None,
         headers: parts.headers,
         http2: down.http2,
     };
+    let client_host = head.headers.remove(header::HOST);
     for name in HOP_BY_HOP {
         head.headers.remove(name);
     }
@@ -209,12 +220,15 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
     }
     if let Some(rewrite) = route.and_then(|r| r.rewrite.as_ref()) {
         if let Some(path) = &rewrite.path {
-            head.path_and_query = edit::rewrite_path(path, &head.path_and_query, plan.matched);
+            let rewritten = edit::rewrite_path(path, head.path_and_query.as_str(), plan.matched);
+            head.path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(rewritten))
+                .unwrap_or_else(|_| PathAndQuery::from_static("/"));
         }
         if let Some(authority) = &rewrite.authority {
             head.authority = authority.clone();
         }
     }
+    head.set_host(client_host);
     let replay = Replay::new(incoming);
 
     if let Some(route) = route.filter(|r| !r.mirrors.is_empty()) {
@@ -228,6 +242,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
             };
             let mut copy = head.clone();
             copy.authority = shadow(&copy.authority);
+            copy.set_host(None);
             let request = copy.request(body::with_trailers(bytes, trailers));
             tokio::spawn(send_mirror(down.attempts(target), request, plan.source_ip));
         }
@@ -242,7 +257,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
     let attempts = down.attempts(target);
     let hash = HashInput {
         headers: &head.headers,
-        query: head.path_and_query.split_once('?').map(|(_, q)| q),
+        query: head.path_and_query.query(),
         source_ip: plan.source_ip,
     };
     let tries = attempts.run(&head, &replay, retries, &hash, plan.grpc);
@@ -313,28 +328,42 @@ async fn send_mirror(attempts: Attempts, request: Request<Body>, source_ip: Opti
 #[derive(Clone)]
 pub struct Head {
     method: Method,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     authority: String,
+    /// HTTP/1 only: the `Host` of every attempt.
+    host: Option<HeaderValue>,
     headers: HeaderMap,
     http2: bool,
 }
 
 impl Head {
+    /// For HTTP/1, the `Host` naming the authority: the client's `host`
+    /// when it does (shared, so attempts do not copy it), else a new one.
+    fn set_host(&mut self, host: Option<HeaderValue>) {
+        if self.http2 {
+            return;
+        }
+        self.host = match host {
+            Some(host) if host.as_bytes() == self.authority.as_bytes() => Some(host),
+            _ => HeaderValue::from_str(&self.authority).ok(),
+        };
+    }
+
     fn request(&self, body: Body) -> Request<Body> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.headers_mut() = self.headers.clone();
-        // `Uri::try_from(String)` takes the string's buffer: no second copy.
-        let uri = if self.http2 {
+        if self.http2 {
             *request.version_mut() = Version::HTTP_2;
-            http::Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query))
+            // `Uri::try_from(String)` takes the string's buffer: no second copy.
+            let uri = format!("http://{}{}", self.authority, self.path_and_query);
+            *request.uri_mut() = http::Uri::try_from(uri).unwrap_or_default();
         } else {
-            if let Ok(host) = HeaderValue::from_str(&self.authority) {
-                request.headers_mut().insert(header::HOST, host);
+            if let Some(host) = &self.host {
+                request.headers_mut().insert(header::HOST, host.clone());
             }
-            http::Uri::try_from(self.path_and_query.as_str())
-        };
-        *request.uri_mut() = uri.unwrap_or_default();
+            *request.uri_mut() = http::Uri::from(self.path_and_query.clone());
+        }
         request
     }
 }
@@ -589,6 +618,37 @@ mod tests {
     fn shadow_host_keeps_the_port() {
         assert_eq!(shadow("reviews:9080"), "reviews-shadow:9080");
         assert_eq!(shadow("reviews"), "reviews-shadow");
+    }
+
+    #[test]
+    fn attempts_keep_the_client_host_and_target_and_a_new_authority_gets_its_own_host() {
+        let mut head = Head {
+            method: Method::GET,
+            path_and_query: PathAndQuery::from_static("/reviews/1?x=2"),
+            authority: "reviews:9080".into(),
+            host: None,
+            headers: HeaderMap::new(),
+            http2: false,
+        };
+        head.set_host(Some(HeaderValue::from_static("reviews:9080")));
+        for _ in 0..2 {
+            let request = head.request(body::empty());
+            assert_eq!(request.uri(), "/reviews/1?x=2");
+            assert_eq!(request.headers()[header::HOST], "reviews:9080");
+        }
+        // A rewritten authority (or a mirror's) is not the client's Host.
+        head.authority = shadow(&head.authority);
+        head.set_host(Some(HeaderValue::from_static("reviews:9080")));
+        assert_eq!(
+            head.request(body::empty()).headers()[header::HOST],
+            "reviews-shadow:9080"
+        );
+        head.http2 = true;
+        head.host = None;
+        head.set_host(None);
+        let request = head.request(body::empty());
+        assert_eq!(request.uri(), "http://reviews-shadow:9080/reviews/1?x=2");
+        assert!(!request.headers().contains_key(header::HOST));
     }
 
     #[test]

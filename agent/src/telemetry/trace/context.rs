@@ -7,6 +7,7 @@
 //! Parsing never allocates: a request that is not sampled and already
 //! carries a context is passed on untouched.
 
+use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub type TraceId = [u8; 16];
@@ -187,28 +188,51 @@ fn write_hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a [u8] {
     &out[..2 * bytes.len()]
 }
 
-fn value(bytes: &[u8]) -> HeaderValue {
-    HeaderValue::from_bytes(bytes).expect("hex digits, dashes and digits are valid header bytes")
+/// The header values one request gets, written into one buffer that they
+/// share: one allocation for all of them, and copies of the request's
+/// headers (one for every upstream attempt) share them too, where values
+/// each made on its own would be copied again by their first clone.
+#[derive(Default)]
+pub struct Values(BytesMut);
+
+/// Room for a request id and a full context.
+const VALUES_CAPACITY: usize = 36 + 55 + 3 * 16 + 32;
+
+impl Values {
+    fn value(&mut self, bytes: &[u8]) -> HeaderValue {
+        if self.0.capacity() < bytes.len() {
+            self.0.reserve(VALUES_CAPACITY.max(bytes.len()));
+        }
+        self.0.extend_from_slice(bytes);
+        HeaderValue::from_maybe_shared(self.0.split().freeze())
+            .expect("hex digits, dashes and digits are valid header bytes")
+    }
 }
 
 /// Writes `ctx` as `traceparent` and B3 multi-headers, replacing any
 /// context the request carried (`tracestate` is vendors' and passes on).
-pub fn inject(headers: &mut HeaderMap, ctx: &Outgoing) {
+pub fn inject(headers: &mut HeaderMap, ctx: &Outgoing, values: &mut Values) {
     let mut buf = [0u8; 55];
     buf[..3].copy_from_slice(b"00-");
     write_hex(&ctx.trace_id, &mut buf[3..35]);
     buf[35] = b'-';
     write_hex(&ctx.span_id, &mut buf[36..52]);
     buf[52..].copy_from_slice(if ctx.sampled { b"-01" } else { b"-00" });
-    headers.insert(TRACEPARENT, value(&buf));
+    headers.insert(TRACEPARENT, values.value(&buf));
     headers.remove(B3);
     headers.remove(B3_FLAGS);
     let mut hex = [0u8; 32];
-    headers.insert(B3_TRACE_ID, value(write_hex(&ctx.trace_id, &mut hex)));
-    headers.insert(B3_SPAN_ID, value(write_hex(&ctx.span_id, &mut hex)));
+    headers.insert(
+        B3_TRACE_ID,
+        values.value(write_hex(&ctx.trace_id, &mut hex)),
+    );
+    headers.insert(B3_SPAN_ID, values.value(write_hex(&ctx.span_id, &mut hex)));
     match ctx.parent_span_id {
         Some(parent) => {
-            headers.insert(B3_PARENT_SPAN_ID, value(write_hex(&parent, &mut hex)));
+            headers.insert(
+                B3_PARENT_SPAN_ID,
+                values.value(write_hex(&parent, &mut hex)),
+            );
         }
         None => {
             headers.remove(B3_PARENT_SPAN_ID);
@@ -219,9 +243,9 @@ pub fn inject(headers: &mut HeaderMap, ctx: &Outgoing) {
 }
 
 /// Sets `x-request-id` to a new UUIDv4 unless the request has one.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
+pub fn ensure_request_id(headers: &mut HeaderMap, values: &mut Values) {
     if !headers.contains_key(REQUEST_ID) {
-        headers.insert(REQUEST_ID, value(&uuid_v4()));
+        headers.insert(REQUEST_ID, values.value(&uuid_v4()));
     }
 }
 
@@ -393,7 +417,7 @@ mod tests {
             parent_span_id: None,
             sampled: true,
         };
-        inject(&mut map, &ctx);
+        inject(&mut map, &ctx, &mut Values::default());
         assert_eq!(
             map["traceparent"],
             format!("00-{TRACE}-abababababababab-01")
@@ -414,6 +438,7 @@ mod tests {
                 sampled: false,
                 ..ctx
             },
+            &mut Values::default(),
         );
         assert_eq!(map["x-b3-parentspanid"], "0101010101010101");
         assert_eq!(extract(&map).sampled, Some(false));
@@ -422,17 +447,17 @@ mod tests {
     #[test]
     fn request_id_is_kept_or_a_new_uuid_v4() {
         let mut kept = headers(&[("x-request-id", "mine")]);
-        ensure_request_id(&mut kept);
+        ensure_request_id(&mut kept, &mut Values::default());
         assert_eq!(kept["x-request-id"], "mine");
         let mut new = HeaderMap::new();
-        ensure_request_id(&mut new);
+        ensure_request_id(&mut new, &mut Values::default());
         let id = new["x-request-id"].to_str().unwrap().to_owned();
         let groups: Vec<&str> = id.split('-').collect();
         let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
         assert_eq!(lengths, [8, 4, 4, 4, 12], "{id}");
         assert!(groups[2].starts_with('4'), "{id}");
         assert!("89ab".contains(&groups[3][..1]), "{id}");
-        ensure_request_id(&mut new);
+        ensure_request_id(&mut new, &mut Values::default());
         assert_eq!(new["x-request-id"], id.as_str());
     }
 }

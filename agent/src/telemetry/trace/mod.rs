@@ -73,7 +73,8 @@ impl Tracer {
     ) -> Option<ActiveSpan> {
         let headers = &mut parts.headers;
         let incoming: Incoming = context::extract(headers);
-        context::ensure_request_id(headers);
+        let mut values = context::Values::default();
+        context::ensure_request_id(headers, &mut values);
         let sampled = self.sampler.sample(incoming.sampled, workload_percent);
         if !sampled {
             // A decision that came with the request passes on untouched;
@@ -91,6 +92,7 @@ impl Tracer {
                         parent_span_id: None,
                         sampled: false,
                     },
+                    &mut values,
                 );
             }
             return None;
@@ -103,7 +105,7 @@ impl Tracer {
             parent_span_id: incoming.parent.map(|p| p.span_id),
             sampled: true,
         };
-        context::inject(headers, &ctx);
+        context::inject(headers, &ctx, &mut values);
         let trace_state = headers
             .get("tracestate")
             .and_then(|v| v.to_str().ok())
