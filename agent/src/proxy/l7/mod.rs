@@ -44,6 +44,7 @@ pub use body::Body;
 pub use inspect::ExplainRequest;
 pub use limits::{InFlight, WorkloadLimits};
 pub use upstream::Pool;
+pub(super) use forward::{pick_weighted, resolve};
 
 use super::idle::{Activity, Tracked};
 use super::{Pod, Proxy};
