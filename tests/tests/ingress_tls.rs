@@ -380,7 +380,11 @@ fn tls_app(mesh: &mut Mesh, node: &str, name: &str, host: &str) -> String {
         std::fs::write(&path, text).unwrap();
         path.to_string_lossy().into_owned()
     };
-    let (cert, key, ca) = (path("cert.pem", &cert), path("key.pem", &key), path("ca.pem", &ca.pem));
+    let (cert, key, ca) = (
+        path("cert.pem", &cert),
+        path("key.pem", &key),
+        path("ca.pem", &ca.pem),
+    );
     let pod = mesh.pod(node, name, &[("app", name)]).unwrap();
     let port = nodemesh_testbed::config::ServicePort {
         name: "tls",
@@ -410,7 +414,11 @@ fn passthrough_by_sni_and_tcp_servers() {
     let https = |host: &str, ca: &str| {
         let resolve = format!("{host}:443:{node}");
         let url = format!("https://{host}/hello");
-        curl(&mesh, &outside, &["--resolve", &resolve, "--cacert", ca, &url])
+        curl(
+            &mesh,
+            &outside,
+            &["--resolve", &resolve, "--cacert", ca, &url],
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     while https("a.example.com", &ca_a).0 != 200 {
@@ -442,8 +450,15 @@ fn passthrough_by_sni_and_tcp_servers() {
         "import socket; s = socket.create_connection(('{node}', 7000), timeout=10); \
          s.sendall(b'ping'); s.shutdown(socket.SHUT_WR); print(s.makefile().read())"
     );
-    let out = mesh.topo().run_in(&outside, &["python3", "-c", &echo]).unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ping", "{out:?}");
+    let out = mesh
+        .topo()
+        .run_in(&outside, &["python3", "-c", &echo])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ping",
+        "{out:?}"
+    );
 
     // The rest of the gateway keeps serving.
     let resolve = format!("web.example.com:80:{node}");

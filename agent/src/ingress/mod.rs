@@ -197,7 +197,8 @@ impl Ingress {
                     (None, None) => "pending".to_owned(),
                 };
                 let http = server.routes.iter();
-                let http = http.map(|r| json!({ "host": r.domain, "virtualService": r.routes.origin }));
+                let http =
+                    http.map(|r| json!({ "host": r.domain, "virtualService": r.routes.origin }));
                 let l4 = server.l4_routes.iter().map(|r| {
                     let sni: Vec<_> = r.matches.iter().flat_map(|m| &m.sni_hosts).collect();
                     json!({

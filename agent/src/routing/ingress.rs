@@ -17,8 +17,8 @@ use crate::config::{Config, Issues, Origin};
 use crate::ingress::tls::{self, PortKind, ServerTls, TlsContext};
 
 use super::compile::{Scope, VirtualServiceDraft};
-use super::istio_gateway::{GatewayDraft, ServerDraft};
 use super::ingress_l4::{self, L4Route};
+use super::istio_gateway::{GatewayDraft, ServerDraft};
 use super::VirtualHost;
 
 /// The label every node counts as carrying.
@@ -333,11 +333,11 @@ pub(super) fn bind(
             let terminated = |t: &ServerTls| matches!(t.mode, Some(tls::TlsMode::Terminate(_)));
             let not_served = match &tls {
                 Err(issues) => Some(issues.clone()),
-                Ok(Some(t)) if server.protocol == ServerProtocol::Tls && terminated(t) => {
-                    Some("TLS servers that terminate TLS are not supported yet (use \
+                Ok(Some(t)) if server.protocol == ServerProtocol::Tls && terminated(t) => Some(
+                    "TLS servers that terminate TLS are not supported yet (use \
                           PASSTHROUGH, or HTTPS)"
-                        .to_owned())
-                }
+                        .to_owned(),
+                ),
                 Ok(_) => None,
             };
             if let Some(reason) = &not_served {
@@ -379,6 +379,11 @@ pub(super) fn bind(
             default_ports(&mut routes, config, origin, warnings);
             for server in &mut gateway.servers {
                 if server.protocol.is_http() {
+                    // A VirtualService of tls or tcp rules only claims no
+                    // HTTP host.
+                    if vs.routes.is_empty() && !vs.l4.is_empty() {
+                        continue;
+                    }
                     bind_hosts(origin, vs, &routes, server, &gateway.key, config, warnings);
                 } else if admits_any(server, vs, config) {
                     let before = server.l4_routes.len();

@@ -186,7 +186,10 @@ fn draft(
 ) -> Option<L4RouteDraft> {
     let specs = spec.matches.unwrap_or_default();
     if kind == L4Kind::Tls && specs.is_empty() {
-        issues.add(format!("{at}.match"), "a tls rule needs a match with sniHosts");
+        issues.add(
+            format!("{at}.match"),
+            "a tls rule needs a match with sniHosts",
+        );
     }
     let mut matches = Vec::new();
     let mut match_gateways = Vec::new();
@@ -223,7 +226,10 @@ fn draft(
         match_gateways.push(m.gateways);
     }
     let Some(route) = spec.route.filter(|r| !r.is_empty()) else {
-        issues.add(format!("{at}.route"), "at least one destination is required");
+        issues.add(
+            format!("{at}.route"),
+            "at least one destination is required",
+        );
         return None;
     };
     let route: Vec<_> = route
@@ -303,9 +309,13 @@ pub(super) fn bind(
 pub(super) fn named_gateways(vs: &VirtualServiceDraft) -> impl Iterator<Item = (String, &String)> {
     vs.l4.iter().flat_map(|draft| {
         let rule = &draft.route.route.name;
-        draft.match_gateways.iter().enumerate().flat_map(move |(m, list)| {
-            let named = list.iter().enumerate();
-            named.map(move |(k, name)| (format!("{rule}.match[{m}].gateways[{k}]"), name))
-        })
+        draft
+            .match_gateways
+            .iter()
+            .enumerate()
+            .flat_map(move |(m, list)| {
+                let named = list.iter().enumerate();
+                named.map(move |(k, name)| (format!("{rule}.match[{m}].gateways[{k}]"), name))
+            })
     })
 }

@@ -13,11 +13,11 @@ use crate::config::{
     check_dns_label, check_labels, check_metadata, port_number, Issues, Meta, Object,
 };
 
-use super::ingress_l4::L4RouteSpec;
 use super::compile::{
     check_host, count, duration, full_match_regex, header_name, header_value, percent, regex,
     DestinationRuleDraft, RouteDraft, VirtualServiceDraft, Warnings,
 };
+use super::ingress_l4::L4RouteSpec;
 use super::{
     AbortStatus, ConnectionPool, Destination, DestinationPolicy, Fault, FaultAbort, FaultDelay,
     HashKey, HeaderEdits, HeaderOps, HttpRoute, LoadBalancer, Mirror, OutlierDetection,

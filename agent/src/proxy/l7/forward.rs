@@ -171,18 +171,16 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
             *reply.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             return reply;
         }
-        Some(RouteAction::Forward(destinations)) => {
-            match pick_weighted(destinations) {
-                Some(d) => (&d.destination, d.headers.as_deref()),
-                None => {
-                    return body::local_reply(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "route has no destination",
-                        plan.grpc,
-                    )
-                }
+        Some(RouteAction::Forward(destinations)) => match pick_weighted(destinations) {
+            Some(d) => (&d.destination, d.headers.as_deref()),
+            None => {
+                return body::local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "route has no destination",
+                    plan.grpc,
+                )
             }
-        }
+        },
     };
     let port = down.service_addr.port();
     let ipv4 = down.service_addr.is_ipv4();
