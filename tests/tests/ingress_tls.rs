@@ -119,6 +119,15 @@ fn curl(mesh: &Mesh, netns: &str, args: &[&str]) -> (u16, String, String) {
     )
 }
 
+/// `nodemesh gateways -o json` of node-a.
+fn gateways(mesh: &Mesh) -> Value {
+    let out = mesh
+        .agent("node-a")
+        .cli(&["gateways", "-o", "json"])
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Service `web` (one pod, on node-b), the agents started, a host outside
 /// the mesh; returns the mesh, the host's netns and node-a's address (where
 /// the tests reach the ingress, which crosses nodes into the mesh).
@@ -238,11 +247,7 @@ fn https_by_sni_from_secrets_redirect_and_mutual() {
     assert_eq!(status, 200, "{body}");
 
     // `nodemesh gateways` shows each server's mode and certificate expiry.
-    let out = mesh
-        .agent("node-a")
-        .cli(&["gateways", "-o", "json"])
-        .unwrap();
-    let gateways: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gateways = gateways(&mesh);
     let servers = gateways["servers"].as_array().unwrap();
     let tls: Vec<_> = servers.iter().map(|s| s["tls"]["mode"].clone()).collect();
     assert_eq!(
@@ -485,11 +490,7 @@ fn passthrough_by_sni_and_tcp_servers() {
     }
 
     // `nodemesh gateways` shows the bound tls and tcp rules.
-    let out = mesh
-        .agent("node-a")
-        .cli(&["gateways", "-o", "json"])
-        .unwrap();
-    let gateways: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gateways = gateways(&mesh);
     let servers = gateways["servers"].as_array().unwrap();
     let rules = |i: usize| servers[i]["routes"].to_string();
     assert!(rules(0).contains("spec.tls[1]"), "{gateways:#}");

@@ -74,7 +74,7 @@ fn choose(
     let selected = ingress
         .select_l4(labels, port, at, sni)
         .ok_or_else(|| format!("no TCP or TLS server on port {port}"))?;
-    let route = selected.route.ok_or_else(|| {
+    let route = selected.routes.ok_or_else(|| {
         format!(
             "no tls or tcp rule at Gateway {} ({}) matches SNI {sni:?}",
             selected.gateway.key, selected.server.field

@@ -217,12 +217,13 @@ pub struct ServerRef {
     pub server: String,
 }
 
-/// What a request arriving at the ingress gets.
-pub struct Selected<'a> {
+/// What a request (or, with `R` an [`L4Route`], a relayed connection)
+/// arriving at the ingress gets.
+pub struct Selected<'a, R = IngressHost> {
     pub gateway: &'a Gateway,
     pub server: &'a Server,
-    /// `None`: no VirtualService binds the host there (404).
-    pub routes: Option<&'a IngressHost>,
+    /// `None`: nothing there routes it (404, or the connection is closed).
+    pub routes: Option<&'a R>,
 }
 
 impl IngressTable {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{port_number, Issues, Origin};
 
 use super::compile::{RouteDraft, Scope, VirtualServiceDraft, Warnings};
-use super::ingress::{host_matches, Gateway, IngressTable, Server, ServerProtocol, ServerRef};
+use super::ingress::{host_matches, IngressTable, Selected, Server, ServerProtocol, ServerRef};
 use super::istio::{weighted, RouteDestinationSpec};
 use super::{HttpRoute, RouteAction, WeightedDestination};
 
@@ -121,14 +121,6 @@ impl Server {
     }
 }
 
-/// What a connection relayed at the ingress gets.
-pub struct SelectedL4<'a> {
-    pub gateway: &'a Gateway,
-    pub server: &'a Server,
-    /// `None`: no rule there matches (the connection is closed).
-    pub route: Option<&'a L4Route>,
-}
-
 impl IngressTable {
     /// The server and rule of a connection to `port`: over TLS the server
     /// its SNI chose (`only`), else the port's first TCP server.
@@ -138,16 +130,16 @@ impl IngressTable {
         port: u16,
         only: Option<&ServerRef>,
         sni: Option<&str>,
-    ) -> Option<SelectedL4<'a>> {
+    ) -> Option<Selected<'a, L4Route>> {
         let mut servers = self.servers_on(labels, port);
         let (gateway, server) = servers.find(|(gateway, server)| match only {
             Some(o) => o.gateway == gateway.key && o.server == server.field,
             None => server.protocol == ServerProtocol::Tcp,
         })?;
-        Some(SelectedL4 {
+        Some(Selected {
             gateway,
             server,
-            route: server.l4_route(sni),
+            routes: server.l4_route(sni),
         })
     }
 }

@@ -186,7 +186,7 @@ fn tls_and_tcp_rules_bind_to_passthrough_and_tcp_servers() {
         let selected = ingress
             .select_l4(&labels, port, only, sni)
             .expect("a server");
-        selected.route.map(|r| r.field().to_owned())
+        selected.routes.map(|r| r.field().to_owned())
     };
     let tls = "spec.servers[0]";
     assert_eq!(
