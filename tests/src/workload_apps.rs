@@ -34,6 +34,8 @@ p.add_argument("--bind", default="0.0.0.0")
 p.add_argument("--body-size", type=int, default=0)
 p.add_argument("--echo-headers", action="store_true")
 p.add_argument("--verbose", action="store_true")
+p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+p.add_argument("--tls-key", help="and this key (PEM)")
 args = p.parse_args()
 
 
@@ -89,6 +91,11 @@ class Server(ThreadingHTTPServer):
 
 
 server = Server((args.bind, args.port), Handler)
+if args.tls_cert:
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(args.tls_cert, args.tls_key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
 print("http echo %s listening on %s:%d" % (args.name, args.bind, args.port), flush=True)
 server.serve_forever()
 "#;

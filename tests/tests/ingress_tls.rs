@@ -1,11 +1,13 @@
 //! TLS at the ingress gateway, from a host outside the mesh with curl:
 //! certificates from Secrets chosen by SNI, `httpsRedirect`, and MUTUAL
-//! servers requiring a client certificate.
+//! servers requiring a client certificate; PASSTHROUGH to apps that
+//! terminate TLS themselves, and TCP servers.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodemesh_testbed::mesh::Mesh;
+use nodemesh_testbed::workload_apps;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -115,6 +117,15 @@ fn curl(mesh: &Mesh, netns: &str, args: &[&str]) -> (u16, String, String) {
         location.to_owned(),
         body.to_owned(),
     )
+}
+
+/// `nodemesh gateways -o json` of node-a.
+fn gateways(mesh: &Mesh) -> Value {
+    let out = mesh
+        .agent("node-a")
+        .cli(&["gateways", "-o", "json"])
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Service `web` (one pod, on node-b), the agents started, a host outside
@@ -236,11 +247,7 @@ fn https_by_sni_from_secrets_redirect_and_mutual() {
     assert_eq!(status, 200, "{body}");
 
     // `nodemesh gateways` shows each server's mode and certificate expiry.
-    let out = mesh
-        .agent("node-a")
-        .cli(&["gateways", "-o", "json"])
-        .unwrap();
-    let gateways: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gateways = gateways(&mesh);
     let servers = gateways["servers"].as_array().unwrap();
     let tls: Vec<_> = servers.iter().map(|s| s["tls"]["mode"].clone()).collect();
     assert_eq!(
@@ -317,4 +324,177 @@ fn a_bad_secret_skips_only_its_servers() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+const PASSTHROUGH: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [a.example.com, '*.b.example.com', c.example.com]
+    tls: {mode: PASSTHROUGH}
+  - port: {number: 7000, name: tcp, protocol: TCP}
+    hosts: ['*']
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [web.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: apps}
+spec:
+  hosts: [a.example.com, '*.b.example.com']
+  gateways: [edge]
+  tls:
+  - match: [{sniHosts: [a.example.com]}]
+    route: [{destination: {host: tls-a, port: {number: 8443}}}]
+  - match: [{port: 443, sniHosts: ['*.b.example.com']}]
+    route: [{destination: {host: tls-b}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: ['*']
+  gateways: [edge]
+  tcp:
+  - match: [{port: 7000}]
+    route: [{destination: {host: echo, port: {number: 7000}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web.example.com]
+  gateways: [edge]
+  http:
+  - route: [{destination: {host: web}}]
+";
+
+/// Adds a pod `name` on `node` whose app terminates TLS itself with a
+/// certificate for `host` from its own CA, and its Service (port 8443,
+/// named `tls`); returns the CA's file.
+fn tls_app(mesh: &mut Mesh, node: &str, name: &str, host: &str) -> String {
+    let dir = mesh.topo().work_dir().to_owned();
+    let ca = Ca::new(name);
+    let (cert, key) = ca.leaf(host);
+    let path = |file: &str, text: &str| {
+        let path = dir.join(format!("{name}-{file}"));
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (cert, key, ca) = (
+        path("cert.pem", &cert),
+        path("key.pem", &key),
+        path("ca.pem", &ca.pem),
+    );
+    let pod = mesh.pod(node, name, &[("app", name)]).unwrap();
+    let port = nodemesh_testbed::config::ServicePort {
+        name: "tls",
+        port: 8443,
+        target_port: 8443,
+    };
+    mesh.service(name, &[port]);
+    let args = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    workload_apps::start_http_echo_with(mesh.topo_mut(), &pod, 8443, name, &args).unwrap();
+    ca
+}
+
+#[test]
+fn passthrough_by_sni_and_tcp_servers() {
+    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
+    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
+    mesh.http_service("web");
+    // One app behind another node (HBONE), one on the ingress's own.
+    let ca_a = tls_app(&mut mesh, "node-b", "tls-a", "a.example.com");
+    let ca_b = tls_app(&mut mesh, "node-a", "tls-b", "x.b.example.com");
+    mesh.tcp_echo("node-b", "echo", &[], 7000).unwrap();
+    mesh.start(&[]).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
+    let node = mesh.topo().node("node-a").address.to_string();
+    mesh.apply("gateway.yaml", PASSTHROUGH).unwrap();
+
+    let https = |host: &str, ca: &str| {
+        let resolve = format!("{host}:443:{node}");
+        let url = format!("https://{host}/hello");
+        curl(
+            &mesh,
+            &outside,
+            &["--resolve", &resolve, "--cacert", ca, &url],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while https("a.example.com", &ca_a).0 != 200 {
+        let last = https("a.example.com", &ca_a);
+        assert!(Instant::now() < deadline, "{last:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The app's own certificate, from its own CA: each SNI reaches its app.
+    let (status, _, body) = https("a.example.com", &ca_a);
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["server"], "tls-a", "{doc:#}");
+    let (status, _, body) = https("x.b.example.com", &ca_b);
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["server"], "tls-b", "{doc:#}");
+    assert_eq!(https("x.b.example.com", &ca_a).0, 0);
+    // A host of the server that no rule routes, and one of no server:
+    // closed, even for a client that trusts any certificate.
+    for host in ["c.example.com", "d.example.com"] {
+        let resolve = format!("{host}:443:{node}");
+        let url = format!("https://{host}/");
+        let refused = curl(&mesh, &outside, &["--resolve", &resolve, "-k", &url]);
+        assert_eq!(refused.0, 0, "{host}: {refused:?}");
+    }
+
+    // TCP: the echo server answers through the gateway.
+    let echo = format!(
+        "import socket; s = socket.create_connection(('{node}', 7000), timeout=10); \
+         s.sendall(b'ping'); s.shutdown(socket.SHUT_WR); print(s.makefile().read())"
+    );
+    let out = mesh
+        .topo()
+        .run_in(&outside, &["python3", "-c", &echo])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ping",
+        "{out:?}"
+    );
+
+    // The rest of the gateway keeps serving.
+    let resolve = format!("web.example.com:80:{node}");
+    let (status, _, body) = curl(
+        &mesh,
+        &outside,
+        &["--resolve", &resolve, "http://web.example.com/"],
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // Telemetry reports the relayed connections from the ingress.
+    let metrics = format!("http://{node}:15020/metrics");
+    let (_, _, metrics) = curl(&mesh, &outside, &[&metrics]);
+    let from_ingress = |service: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("source_workload=\"nodemesh-ingress\"")
+                && l.contains(&format!("destination_service_name=\"{service}\""))
+        })
+    };
+    for service in ["tls-a", "tls-b", "echo"] {
+        assert!(from_ingress(service), "{service}: {metrics}");
+    }
+
+    // `nodemesh gateways` shows the bound tls and tcp rules.
+    let gateways = gateways(&mesh);
+    let servers = gateways["servers"].as_array().unwrap();
+    let rules = |i: usize| servers[i]["routes"].to_string();
+    assert!(rules(0).contains("spec.tls[1]"), "{gateways:#}");
+    assert!(rules(0).contains("*.b.example.com"), "{gateways:#}");
+    assert!(rules(1).contains("spec.tcp[0]"), "{gateways:#}");
+    assert_eq!(servers[0]["state"], "listening", "{gateways:#}");
 }

@@ -1,5 +1,6 @@
 //! One bound Gateway port: accept TCP → (the TLS step, for servers that
-//! need one) → serve HTTP into the mesh.
+//! need one) → serve HTTP into the mesh, or relay the bytes (TLS
+//! PASSTHROUGH and TCP servers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::tls::{Accepted, Alpn, PortTls};
 
-use crate::proxy::budget::FDS_PER_CONNECTION;
+use crate::proxy::budget::{Fds, FDS_PER_CONNECTION};
 use crate::proxy::detect::{self, Detected};
 use crate::proxy::{self, Pod, Proxy};
 
@@ -49,7 +50,7 @@ pub async fn serve(
             }
         };
         // The ingress's share of descriptors bounds its connections.
-        let fds = match pod.tenant.charge(FDS_PER_CONNECTION, None) {
+        let mut fds = match pod.tenant.charge(FDS_PER_CONNECTION, None) {
             Ok(fds) => fds,
             Err(refused) => {
                 log::debug!("ingress connection from {client} refused: {refused}");
@@ -62,7 +63,7 @@ pub async fn serve(
         // The TLS step as the config is when the connection comes.
         let tls = tls.load_full();
         tokio::spawn(async move {
-            if let Err(e) = connection(proxy, pod, stream, client, tls).await {
+            if let Err(e) = connection(proxy, pod, stream, client, tls, &mut fds).await {
                 log::debug!("ingress connection from {client}: {e}");
             }
             drop(fds);
@@ -77,12 +78,17 @@ async fn connection(
     stream: TcpStream,
     client: SocketAddr,
     tls: Option<Arc<PortTls>>,
+    fds: &mut Fds,
 ) -> Result<(), String> {
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     if let Some(tls) = tls {
         if starts_tls(&stream).await {
-            return terminate(proxy, pod, stream, (local, client), &tls).await;
+            return terminate(proxy, pod, stream, (local, client), &tls, fds).await;
         }
+    }
+    if serves_tcp(&proxy, local.port()) {
+        let addresses = (local, client);
+        return proxy::relay_gateway(proxy, pod, stream, &[], addresses, None, None, fds).await;
     }
     let detected = detect::sniff(&stream, FIRST_BYTES_TIMEOUT, detect::classify_declared).await;
     let Some(detected) = detected else {
@@ -107,6 +113,7 @@ async fn terminate(
     stream: TcpStream,
     addresses: (SocketAddr, SocketAddr),
     tls: &PortTls,
+    fds: &mut Fds,
 ) -> Result<(), String> {
     let accepted = tls.acceptor.accept(stream, FIRST_BYTES_TIMEOUT).await;
     match accepted.map_err(|e| e.to_string())? {
@@ -115,6 +122,24 @@ async fn terminate(
             let http2 = t.alpn == Some(Alpn::H2);
             proxy::serve_gateway(proxy, pod, t.stream, addresses, http2, Some(server)).await
         }
-        Accepted::Passthrough { .. } => Err("TLS passthrough is not supported yet".into()),
+        Accepted::Passthrough {
+            stream,
+            server,
+            sni,
+        } => {
+            let (head, stream) = stream.into_parts();
+            let at = Some(&*tls.servers[server]);
+            let sni = sni.as_deref();
+            proxy::relay_gateway(proxy, pod, stream, &head, addresses, at, sni, fds).await
+        }
     }
+}
+
+/// Whether `port` is a TCP server's: its connections are relayed as bytes.
+fn serves_tcp(proxy: &Proxy, port: u16) -> bool {
+    let cfg = proxy.config.current();
+    let no_labels = Default::default();
+    let labels = cfg.node(&proxy.node).map_or(&no_labels, |n| &n.labels);
+    let ingress = cfg.routing().ingress();
+    ingress.select_l4(labels, port, None, None).is_some()
 }

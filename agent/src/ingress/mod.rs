@@ -196,11 +196,24 @@ impl Ingress {
                     (None, Some(_)) => "listening".to_owned(),
                     (None, None) => "pending".to_owned(),
                 };
-                let routes: Vec<_> = server
-                    .routes
-                    .iter()
-                    .map(|r| json!({ "host": r.domain, "virtualService": r.routes.origin }))
-                    .collect();
+                let http = server.routes.iter();
+                let http =
+                    http.map(|r| json!({ "host": r.domain, "virtualService": r.routes.origin }));
+                let l4 = server.l4_routes.iter().map(|r| {
+                    let sni: Vec<_> = r.matches.iter().flat_map(|m| &m.sni_hosts).collect();
+                    json!({
+                        "host": if sni.is_empty() { "*".to_owned() } else { join(&sni) },
+                        "virtualService": r.origin,
+                        "rule": r.field(),
+                        "destinations": r.destinations().iter().map(|d| json!({
+                            "service": d.destination.service,
+                            "subset": d.destination.subset,
+                            "port": d.destination.port,
+                            "weight": d.weight,
+                        })).collect::<Vec<_>>(),
+                    })
+                });
+                let routes: Vec<_> = http.chain(l4).collect();
                 servers.push(json!({
                     "gateway": gateway.key,
                     "origin": gateway.origin,
@@ -224,6 +237,11 @@ impl Ingress {
             "servers": servers,
         })
     }
+}
+
+fn join(hosts: &[&String]) -> String {
+    let hosts: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
+    hosts.join(" ")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

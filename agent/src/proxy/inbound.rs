@@ -437,6 +437,15 @@ impl Admitted {
             Err(_) => std::future::pending().await,
         }
     }
+
+    /// Writes `head`, read from the client already (a ClientHello), to the
+    /// application before the relay starts; nothing if it was not delivered.
+    pub async fn send_first(&mut self, head: &[u8]) -> std::io::Result<()> {
+        match &mut self.app {
+            Ok(app) => tokio::io::AsyncWriteExt::write_all(app, head).await,
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 impl Inbound for Proxy {

@@ -16,6 +16,7 @@ mod authorize;
 pub mod budget;
 pub mod carry;
 pub mod detect;
+mod gateway_relay;
 mod hop;
 mod idle;
 mod inbound;
@@ -274,6 +275,7 @@ impl Counters {
 /// How many finished connections the agent remembers for `nodemesh connections`.
 const RECENT_CONNECTIONS: usize = 512;
 
+pub use gateway_relay::serve as relay_gateway;
 pub use l7::{http1_server, ExplainRequest, HttpSettings};
 
 /// Serves the HTTP connection of a client outside the mesh that reached

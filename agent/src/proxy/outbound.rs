@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::budget::Fds;
@@ -211,6 +212,14 @@ impl Upstream {
             Upstream::Local(admitted) => admitted.spoken().await,
         }
     }
+
+    /// Writes `head` to the far end before the relay starts.
+    async fn send_first(&mut self, head: &[u8]) -> std::io::Result<()> {
+        match self {
+            Upstream::Peer(charged) => charged.write_all(head).await,
+            Upstream::Local(admitted) => admitted.send_first(head).await,
+        }
+    }
 }
 
 /// Relays to `server` (a plaintext one, or a workload of this node, is
@@ -262,9 +271,36 @@ async fn relay_connected(
     })
 }
 
-/// Picks the endpoint and the hop to it (filling in the record) and
-/// connects on `fd` (a workload of this node is admitted instead: the
-/// client's socket is relayed to its application directly).
+/// Relays a connection whose upstream a Gateway's tls or tcp rule chose
+/// (`record.upstream`); `head`, already read from the client (its
+/// ClientHello), is sent first.
+pub(super) async fn relay_chosen(
+    proxy: &Arc<Proxy>,
+    pod: &Pod,
+    client: TcpStream,
+    head: &[u8],
+    record: &mut ConnectionRecord,
+    fds: &mut Fds,
+) -> Result<Transferred, String> {
+    let server = match connect(proxy, pod, record, fds.split_one()).await {
+        Ok(mut server) => match server.send_first(head).await {
+            Ok(()) => Ok(server),
+            Err(e) => Err(format!("connecting to {:?}: {e}", record.upstream)),
+        },
+        Err(e) => Err(e),
+    };
+    let relayed = relay_connected(proxy, pod, client, server, record).await?;
+    Ok(relayed
+        + Transferred {
+            sent: head.len() as u64,
+            received: 0,
+        })
+}
+
+/// Picks the endpoint (unless the record names it already) and the hop to
+/// it, filling in the record, and connects on `fd` (a workload of this node
+/// is admitted instead: the client's socket is relayed to its application
+/// directly).
 async fn connect(
     proxy: &Arc<Proxy>,
     pod: &Pod,
@@ -274,7 +310,10 @@ async fn connect(
     let fd = fd.ok_or("no descriptor left for the upstream connection")?;
     let hop = {
         let cfg = proxy.config.current();
-        let upstream = destination(proxy, &cfg, record)?;
+        let upstream = match record.upstream {
+            Some(chosen) => chosen,
+            None => destination(proxy, &cfg, record)?,
+        };
         record.upstream = Some(upstream);
         let port = record.original_destination.port();
         let tls = record

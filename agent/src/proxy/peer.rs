@@ -193,6 +193,11 @@ impl<S: AsyncRead + Unpin> Prefixed<S> {
         self.io.read_buf(&mut self.head).await
     }
 
+    /// The bytes read ahead, and the stream after them.
+    pub fn into_parts(self) -> (BytesMut, S) {
+        (self.head, self.io)
+    }
+
     /// Reads once into the head unless it already holds bytes.
     pub async fn fill(&mut self) -> io::Result<()> {
         if self.head.is_empty() {

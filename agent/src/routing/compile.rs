@@ -30,6 +30,8 @@ pub(crate) struct VirtualServiceDraft {
     /// `spec.gateways` as written: empty means the mesh only.
     pub(super) gateways: Vec<String>,
     pub(super) routes: Vec<RouteDraft>,
+    /// `spec.tls` then `spec.tcp`: served at Gateways only.
+    pub(super) l4: Vec<super::ingress_l4::L4RouteDraft>,
     pub(super) warnings: Warnings,
 }
 
@@ -99,7 +101,7 @@ impl VirtualServiceDraft {
         }
     }
 
-    fn listed(&self, list: &[String], scope: Scope<'_>) -> bool {
+    pub(super) fn listed(&self, list: &[String], scope: Scope<'_>) -> bool {
         if list.is_empty() {
             // No list: the object's, and no list there either: the mesh.
             return match self.gateways.is_empty() {
@@ -117,6 +119,7 @@ impl VirtualServiceDraft {
                 .routes
                 .iter()
                 .flat_map(|r| &r.match_gateways)
+                .chain(self.l4.iter().flat_map(|r| &r.match_gateways))
                 .any(|list| !list.is_empty() && self.listed(list, scope))
     }
 
@@ -246,13 +249,15 @@ pub(crate) fn compile(
     let mut services = drafts.virtual_services;
     let gateway_keys: Vec<String> = drafts.gateways.iter().map(|(_, g)| g.key()).collect();
     for (origin, vs) in &mut services {
-        let bound =
-            vs.applies(Scope::Mesh) || gateway_keys.iter().any(|g| vs.applies(Scope::Gateway(g)));
-        if !bound {
+        let at_gateway = gateway_keys.iter().any(|g| vs.applies(Scope::Gateway(g)));
+        if !at_gateway && !vs.applies(Scope::Mesh) {
             continue;
         }
         let namespace = vs.meta.namespace.clone();
-        for route in &mut vs.routes {
+        // tls and tcp rules are served at Gateways only.
+        let l4 = vs.l4.iter_mut().filter(|_| at_gateway);
+        let l4 = l4.map(|r| &mut r.route);
+        for route in vs.routes.iter_mut().chain(l4) {
             resolve_destinations(
                 config,
                 route,

@@ -17,6 +17,7 @@ use crate::config::{Config, Issues, Origin};
 use crate::ingress::tls::{self, PortKind, ServerTls, TlsContext};
 
 use super::compile::{Scope, VirtualServiceDraft};
+use super::ingress_l4::{self, L4Route};
 use super::istio_gateway::{GatewayDraft, ServerDraft};
 use super::VirtualHost;
 
@@ -175,8 +176,10 @@ pub struct Server {
     /// `None` without `tls` settings.
     #[serde(skip)]
     pub tls: Option<ServerTls>,
-    /// Routes by domain, in binding order.
+    /// Routes by domain, in binding order (HTTP servers).
     pub routes: Vec<IngressHost>,
+    /// `tls:` or `tcp:` rules in binding order (TLS and TCP servers).
+    pub l4_routes: Vec<L4Route>,
 }
 
 impl Server {
@@ -214,12 +217,13 @@ pub struct ServerRef {
     pub server: String,
 }
 
-/// What a request arriving at the ingress gets.
-pub struct Selected<'a> {
+/// What a request (or, with `R` an [`L4Route`], a relayed connection)
+/// arriving at the ingress gets.
+pub struct Selected<'a, R = IngressHost> {
     pub gateway: &'a Gateway,
     pub server: &'a Server,
-    /// `None`: no VirtualService binds the host there (404).
-    pub routes: Option<&'a IngressHost>,
+    /// `None`: nothing there routes it (404, or the connection is closed).
+    pub routes: Option<&'a R>,
 }
 
 impl IngressTable {
@@ -327,11 +331,14 @@ pub(super) fn bind(
                     ));
                 }
             }
+            let terminated = |t: &ServerTls| matches!(t.mode, Some(tls::TlsMode::Terminate(_)));
             let not_served = match &tls {
                 Err(issues) => Some(issues.clone()),
-                Ok(_) if !server.protocol.is_http() => {
-                    Some(format!("{} servers are not supported yet", server.protocol))
-                }
+                Ok(Some(t)) if server.protocol == ServerProtocol::Tls && terminated(t) => Some(
+                    "TLS servers that terminate TLS are not supported yet (use \
+                          PASSTHROUGH, or HTTPS)"
+                        .to_owned(),
+                ),
                 Ok(_) => None,
             };
             if let Some(reason) = &not_served {
@@ -350,6 +357,7 @@ pub(super) fn bind(
                 not_served,
                 tls: tls.ok().flatten(),
                 routes: Vec::new(),
+                l4_routes: Vec::new(),
             });
         }
         gateways.push(Gateway {
@@ -370,12 +378,36 @@ pub(super) fn bind(
             }
             let mut routes = vs.routes_at(scope);
             default_ports(&mut routes, config, origin, warnings);
-            for server in gateway.servers.iter_mut().filter(|s| s.protocol.is_http()) {
-                bind_hosts(origin, vs, &routes, server, &gateway.key, config, warnings);
+            for server in &mut gateway.servers {
+                if server.protocol.is_http() {
+                    // A VirtualService of tls or tcp rules only claims no
+                    // HTTP host.
+                    if vs.routes.is_empty() && !vs.l4.is_empty() {
+                        continue;
+                    }
+                    bind_hosts(origin, vs, &routes, server, &gateway.key, config, warnings);
+                } else if admits_any(server, vs, config) {
+                    let before = server.l4_routes.len();
+                    ingress_l4::bind(origin, vs, &gateway.key, server, warnings);
+                    let added = server.l4_routes[before..].iter_mut().map(|r| &mut r.route);
+                    for route in added {
+                        default_ports(std::slice::from_mut(route), config, origin, warnings);
+                    }
+                }
             }
         }
     }
     IngressTable { gateways }
+}
+
+/// Whether one of `vs`'s hosts is among `server`'s (Istio binds a
+/// VirtualService to a server only then).
+fn admits_any(server: &Server, vs: &VirtualServiceDraft, config: &Config) -> bool {
+    vs.hosts.iter().any(|host| {
+        let host = qualified(host, &vs.meta.namespace, config.cluster_domain());
+        let mut hosts = server.hosts.iter();
+        hosts.any(|g| g.admits(&vs.meta.namespace, &host).is_some())
+    })
 }
 
 fn bind_hosts(
@@ -508,7 +540,8 @@ fn report_missing(
                 })
             })
     });
-    for (field, name) in top.chain(per_match) {
+    let l4 = ingress_l4::named_gateways(vs);
+    for (field, name) in top.chain(per_match).chain(l4) {
         if name == "mesh" {
             continue;
         }

@@ -129,3 +129,94 @@ spec:
     let ports = table.ingress().ports(&BTreeMap::new());
     assert_eq!(ports.keys().copied().collect::<Vec<_>>(), [80, 8081]);
 }
+
+const L4: &str = "
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [a.example.com, \"*.b.example.com\"]
+    tls: {mode: PASSTHROUGH}
+  - port: {number: 7000, name: tcp, protocol: TCP}
+    hosts: [\"*\"]
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [\"*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: l4}
+spec:
+  hosts: [\"*\"]
+  gateways: [edge, mesh]
+  tls:
+  - match: [{sniHosts: [a.example.com, c.example.com]}]
+    route: [{destination: {host: reviews, port: {number: 9080}}}]
+  - match: [{port: 443, sniHosts: [\"*.b.example.com\"]}]
+    route:
+    - {destination: {host: reviews, subset: v1, port: {number: 9080}}, weight: 20}
+    - {destination: {host: reviews, subset: v2, port: {number: 9080}}, weight: 80}
+  tcp:
+  - match: [{port: 7001}]
+    route: [{destination: {host: ratings}}]
+  - route: [{destination: {host: ratings}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+
+#[test]
+fn tls_and_tcp_rules_bind_to_passthrough_and_tcp_servers() {
+    let table = table(&[("l4.yaml", L4)]);
+    let labels = BTreeMap::new();
+    let ingress = table.ingress();
+    let rule = |port, server: &str, sni| {
+        let at = super::ingress::ServerRef {
+            gateway: "default/edge".into(),
+            server: server.into(),
+        };
+        let only = (port == 443).then_some(&at);
+        let selected = ingress
+            .select_l4(&labels, port, only, sni)
+            .expect("a server");
+        selected.routes.map(|r| r.field().to_owned())
+    };
+    let tls = "spec.servers[0]";
+    assert_eq!(
+        rule(443, tls, Some("a.example.com")).as_deref(),
+        Some("spec.tls[0]")
+    );
+    assert_eq!(
+        rule(443, tls, Some("X.B.example.com.")).as_deref(),
+        Some("spec.tls[1]")
+    );
+    // Not a host of the server: left out of the rule, and reported.
+    assert_eq!(rule(443, tls, Some("c.example.com")), None);
+    assert_eq!(rule(443, tls, None), None);
+    let warnings = table.warnings.join("\n");
+    assert!(
+        warnings.contains("spec.tls[0]: sniHost c.example.com is not among the hosts of Gateway"),
+        "{warnings}"
+    );
+    // The match for another port is dropped; the catch-all rule applies.
+    assert_eq!(rule(7000, "", None).as_deref(), Some("spec.tcp[1]"));
+    let server = &ingress.select_l4(&labels, 7000, None, None).unwrap().server;
+    let to = server.l4_routes[0].destinations();
+    // A destination without a port gets the Service's only port.
+    assert_eq!(to[0].destination.port, Some(9080));
+    // A TLS port has no TCP server.
+    assert!(ingress.select_l4(&labels, 443, None, None).is_none());
+    // On the mesh they stay accepted, not enforced; no HTTP host is claimed.
+    assert!(
+        warnings.contains("spec.tls: accepted, not enforced on the mesh"),
+        "{warnings}"
+    );
+    assert!(ingress.select(&labels, 80, "x").unwrap().routes.is_none());
+}

@@ -17,6 +17,7 @@ use super::compile::{
     check_host, count, duration, full_match_regex, header_name, header_value, percent, regex,
     DestinationRuleDraft, RouteDraft, VirtualServiceDraft, Warnings,
 };
+use super::ingress_l4::L4RouteSpec;
 use super::{
     AbortStatus, ConnectionPool, Destination, DestinationPolicy, Fault, FaultAbort, FaultDelay,
     HashKey, HeaderEdits, HeaderOps, HttpRoute, LoadBalancer, Mirror, OutlierDetection,
@@ -34,9 +35,9 @@ pub(crate) struct VirtualServiceSpec {
     #[serde(default)]
     http: Vec<HttpRouteSpec>,
     #[serde(default)]
-    tls: Vec<TlsRouteSpec>,
+    tls: Vec<L4RouteSpec>,
     #[serde(default)]
-    tcp: Vec<TcpRouteSpec>,
+    tcp: Vec<L4RouteSpec>,
     #[serde(default)]
     export_to: Vec<String>,
 }
@@ -101,15 +102,26 @@ struct StringMatchSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RouteDestinationSpec {
+pub(super) struct RouteDestinationSpec {
     destination: DestinationSpec,
     weight: Option<i64>,
     headers: Option<HeadersSpec>,
 }
 
+impl RouteDestinationSpec {
+    /// A destination without header edits (`tls:` and `tcp:` rules).
+    pub(super) fn plain(destination: DestinationSpec, weight: Option<i64>) -> Self {
+        RouteDestinationSpec {
+            destination,
+            weight,
+            headers: None,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DestinationSpec {
+pub(super) struct DestinationSpec {
     host: String,
     subset: Option<String>,
     port: Option<PortSelector>,
@@ -279,52 +291,6 @@ struct CorsPolicySpec {
 }
 
 /// Parsed so that typos are caught; TLS and TCP routes are not enforced.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TlsRouteSpec {
-    #[serde(rename = "match")]
-    _match: Vec<L4MatchSpec>,
-    #[serde(rename = "route")]
-    _route: Option<Vec<L4RouteSpec>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TcpRouteSpec {
-    #[serde(rename = "match")]
-    _match: Option<Vec<L4MatchSpec>>,
-    #[serde(rename = "route")]
-    _route: Option<Vec<L4RouteSpec>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct L4MatchSpec {
-    #[serde(rename = "sniHosts")]
-    _sni_hosts: Option<Vec<String>>,
-    #[serde(rename = "destinationSubnets")]
-    _destination_subnets: Option<Vec<String>>,
-    #[serde(rename = "port")]
-    _port: Option<u32>,
-    #[serde(rename = "sourceSubnet")]
-    _source_subnet: Option<String>,
-    #[serde(rename = "sourceLabels")]
-    _source_labels: Option<BTreeMap<String, String>>,
-    #[serde(rename = "gateways")]
-    _gateways: Option<Vec<String>>,
-    #[serde(rename = "sourceNamespace")]
-    _source_namespace: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct L4RouteSpec {
-    #[serde(rename = "destination")]
-    _destination: DestinationSpec,
-    #[serde(rename = "weight")]
-    _weight: Option<i64>,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct DestinationRuleSpec {
@@ -579,12 +545,8 @@ pub(crate) fn virtual_service(
     for (i, host) in spec.hosts.iter().enumerate() {
         check_host(host, format!("spec.hosts[{i}]"), issues);
     }
-    if !spec.tls.is_empty() {
-        warnings.not_enforced("spec.tls");
-    }
-    if !spec.tcp.is_empty() {
-        warnings.not_enforced("spec.tcp");
-    }
+    let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+    let l4 = super::ingress_l4::drafts(spec.tls, spec.tcp, mesh, &mut warnings, issues);
     export_to(&spec.export_to, &mut warnings);
     let routes = spec.http.into_iter().enumerate();
     let routes = routes
@@ -598,6 +560,7 @@ pub(crate) fn virtual_service(
         hosts: spec.hosts,
         gateways: spec.gateways,
         routes,
+        l4,
         warnings,
     }
 }
@@ -836,7 +799,7 @@ fn string_match(s: StringMatchSpec, at: &str, issues: &mut Issues) -> Option<Str
     }
 }
 
-fn weighted(
+pub(super) fn weighted(
     route: Vec<RouteDestinationSpec>,
     at: &str,
     fields: &mut Vec<String>,

@@ -10,6 +10,7 @@ mod compile;
 mod gateway;
 mod index;
 pub mod ingress;
+pub mod ingress_l4;
 #[cfg(test)]
 mod ingress_tests;
 mod istio;
@@ -165,6 +166,23 @@ pub struct HttpRoute {
     /// `None`: no header edits.
     pub headers: Option<Box<HeaderOps>>,
     pub rewrite: Option<Box<Rewrite>>,
+}
+
+impl HttpRoute {
+    /// A route that only forwards (a VirtualService `tls:` or `tcp:` rule).
+    pub fn forward(name: String, destinations: Vec<WeightedDestination>) -> HttpRoute {
+        HttpRoute {
+            name: name.into(),
+            matches: Box::new([]),
+            action: RouteAction::Forward(destinations.into()),
+            timeout: None,
+            retries: None,
+            fault: None,
+            mirrors: Box::new([]),
+            headers: None,
+            rewrite: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -19,7 +19,7 @@ use super::{edit, tunnel, Downstream};
 use crate::config::{Config, Protocol};
 use crate::routing::{
     AbortStatus, Destination, HttpRoute, RequestMatch, RetryOn, RetryPolicy, RouteAction,
-    TrafficPolicy,
+    TrafficPolicy, WeightedDestination,
 };
 use crate::telemetry::flags::{mark, Flag};
 use crate::telemetry::http::Upstream;
@@ -97,6 +97,20 @@ pub fn resolve(config: &Config, dest: &Destination, port: u16, ipv4: bool) -> Op
     })
 }
 
+/// One of `destinations`, each with the chance of its weight.
+pub fn pick_weighted(destinations: &[WeightedDestination]) -> Option<&WeightedDestination> {
+    let total: u32 = destinations.iter().map(|d| d.weight).sum();
+    let mut roll = fastrand::u32(..total.max(1));
+    destinations
+        .iter()
+        .find(|d| {
+            let found = roll < d.weight;
+            roll = roll.saturating_sub(d.weight);
+            found
+        })
+        .or(destinations.first())
+}
+
 /// True for `percentage` percent of calls.
 fn hit(percentage: f64) -> bool {
     fastrand::f64() * 100.0 < percentage
@@ -166,28 +180,16 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
             *reply.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             return reply;
         }
-        Some(RouteAction::Forward(destinations)) => {
-            let total: u32 = destinations.iter().map(|d| d.weight).sum();
-            let mut roll = fastrand::u32(..total.max(1));
-            let chosen = destinations
-                .iter()
-                .find(|d| {
-                    let found = roll < d.weight;
-                    roll = roll.saturating_sub(d.weight);
-                    found
-                })
-                .or(destinations.first());
-            match chosen {
-                Some(d) => (&d.destination, d.headers.as_deref()),
-                None => {
-                    return body::local_reply(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "route has no destination",
-                        plan.grpc,
-                    )
-                }
+        Some(RouteAction::Forward(destinations)) => match pick_weighted(destinations) {
+            Some(d) => (&d.destination, d.headers.as_deref()),
+            None => {
+                return body::local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "route has no destination",
+                    plan.grpc,
+                )
             }
-        }
+        },
     };
     let port = down.service_addr.port();
     let ipv4 = down.service_addr.is_ipv4();

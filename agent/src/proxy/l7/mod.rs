@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use balance::Clusters;
 pub use body::Body;
+pub(super) use forward::{pick_weighted, resolve};
 pub use inspect::ExplainRequest;
 pub use limits::{InFlight, WorkloadLimits};
 pub use upstream::Pool;
