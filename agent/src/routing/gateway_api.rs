@@ -257,7 +257,8 @@ fn listener(
             AllowedNamespaces::Same
         }
     };
-    let (kinds, invalid_kinds) = match allowed.kinds {
+    // An empty list, like none, means the protocol's default kinds.
+    let (kinds, invalid_kinds) = match allowed.kinds.filter(|k| !k.is_empty()) {
         None => (HTTP_KINDS.map(str::to_owned).to_vec(), None),
         Some(list) => {
             let (known, unknown): (Vec<_>, Vec<_>) = list.into_iter().partition(|k| {

@@ -45,7 +45,7 @@ pub(super) struct Kind {
 const ISTIO_NETWORKING: &str = "networking.istio.io";
 const ISTIO_SECURITY: &str = "security.istio.io";
 const ISTIO_TELEMETRY: &str = "telemetry.istio.io";
-const GATEWAY_API: &str = "gateway.networking.k8s.io";
+pub(super) const GATEWAY_API: &str = crate::routing::gateway_api::GROUP;
 
 /// Every kind the agent watches, cluster-wide, as untyped objects. Pods, by far the
 /// most numerous, are watched apart as typed summaries (see `pods`).
@@ -82,7 +82,15 @@ pub(super) const WATCHED: &[Kind] = &[
         "authorizationpolicies",
     ),
     Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
-    Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes"),
+    // Their status is kept: agents write it only when it differs (see `gateway_status`).
+    Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes").stripping(strip_metadata),
+    Kind::spec(GATEWAY_API, "v1", "Gateway", "gateways")
+        .stripping(strip_metadata)
+        .for_agents_only(),
+    Kind::spec(GATEWAY_API, "v1", "GatewayClass", "gatewayclasses")
+        .cluster_scoped()
+        .stripping(strip_metadata)
+        .for_agents_only(),
     Kind::core("Secret", "secrets", true, secrets::document)
         .stripping(secrets::strip)
         .with_fields(secrets::FIELD_SELECTOR)
@@ -148,6 +156,13 @@ impl Kind {
     const fn for_agents_only(self) -> Kind {
         Kind {
             agents_only: true,
+            ..self
+        }
+    }
+
+    const fn cluster_scoped(self) -> Kind {
+        Kind {
+            namespaced: false,
             ..self
         }
     }
