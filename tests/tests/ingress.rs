@@ -491,12 +491,21 @@ fn the_same_through_a_gateway_api_gateway_and_http_route() {
         for reply in &replies {
             assert_eq!(reply.status, 200, "{node}: {reply:?}");
             let doc = reply.json().unwrap();
-            assert!(doc["name"].as_str().unwrap_or_default().starts_with("web-"), "{doc:#}");
+            assert!(
+                doc["name"].as_str().unwrap_or_default().starts_with("web-"),
+                "{doc:#}"
+            );
             assert_eq!(doc["headers"]["x-route"], "gateway-api", "{doc:#}");
             assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.210", "{doc:#}");
         }
     }
-    let plain = get(&mesh, &outside, &at(&mesh, "node-a", "/"), 1, &["-H", "Host: web.example.com"]);
+    let plain = get(
+        &mesh,
+        &outside,
+        &at(&mesh, "node-a", "/"),
+        1,
+        &["-H", "Host: web.example.com"],
+    );
     assert_eq!(plain[0].status, 200, "{plain:?}");
     assert!(plain[0].json().unwrap()["headers"]["x-route"].is_null());
 
@@ -510,7 +519,13 @@ fn the_same_through_a_gateway_api_gateway_and_http_route() {
             "spec.parentRefs[0]: no hostname of the route matches listener web",
         ],
     );
-    let other = get(&mesh, &outside, &at(&mesh, "node-a", "/"), 1, &["-H", "Host: shop.other.org"]);
+    let other = get(
+        &mesh,
+        &outside,
+        &at(&mesh, "node-a", "/"),
+        1,
+        &["-H", "Host: shop.other.org"],
+    );
     assert_eq!(other[0].status, 404, "{other:?}");
     let gateways = cli_json(&mesh, "node-a", &["gateways", "-o", "json"]);
     let server = gateways["servers"]
@@ -519,6 +534,15 @@ fn the_same_through_a_gateway_api_gateway_and_http_route() {
         .flatten()
         .find(|s| s["gateway"] == "default/public")
         .unwrap();
-    assert_eq!(server["hosts"], serde_json::json!(["*.example.com"]), "{server:#}");
-    assert!(server["routes"].to_string().contains("HTTPRoute default/web ("), "{server:#}");
+    assert_eq!(
+        server["hosts"],
+        serde_json::json!(["*.example.com"]),
+        "{server:#}"
+    );
+    assert!(
+        server["routes"]
+            .to_string()
+            .contains("HTTPRoute default/web ("),
+        "{server:#}"
+    );
 }

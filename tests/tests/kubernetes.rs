@@ -250,16 +250,24 @@ fn agents_write_gateway_api_status_and_warn_with_events() -> Result<()> {
     cluster.apply(GATEWAY_API)?;
     let namespace = cluster.namespace().to_owned();
     let accepted = |parent: &Value| {
-        conditions(&parent["conditions"]).first().map(|c| c.1.clone()) == Some("True".into())
+        conditions(&parent["conditions"])
+            .first()
+            .map(|c| c.1.clone())
+            == Some("True".into())
     };
     let status = wait_object_status(&cluster, "HTTPRoute", "web", |s| {
-        s["parents"].as_array().is_some_and(|p| p.len() == 1 && accepted(&p[0]))
+        s["parents"]
+            .as_array()
+            .is_some_and(|p| p.len() == 1 && accepted(&p[0]))
     })?;
     let parent = &status["parents"][0];
     assert_eq!(parent["controllerName"], "nodemesh.io/gateway-controller");
     assert_eq!(parent["parentRef"]["name"], "public", "{status:#}");
     assert_eq!(parent["parentRef"]["namespace"], namespace.as_str());
-    assert!(parent["conditions"][0]["observedGeneration"].is_i64(), "{status:#}");
+    assert!(
+        parent["conditions"][0]["observedGeneration"].is_i64(),
+        "{status:#}"
+    );
     assert_eq!(
         conditions(&parent["conditions"]),
         [
@@ -274,7 +282,11 @@ fn agents_write_gateway_api_status_and_warn_with_events() -> Result<()> {
         conditions(&broken["parents"][0]["conditions"]),
         [
             ("Accepted".into(), "True".into(), "Accepted".into()),
-            ("ResolvedRefs".into(), "False".into(), "BackendNotFound".into())
+            (
+                "ResolvedRefs".into(),
+                "False".into(),
+                "BackendNotFound".into()
+            )
         ]
     );
     let gateway = wait_object_status(&cluster, "Gateway", "public", |s| {
@@ -303,12 +315,17 @@ fn agents_write_gateway_api_status_and_warn_with_events() -> Result<()> {
     let later = wait_object_status(&cluster, "HTTPRoute", "web", |s| {
         s["parents"][0]["conditions"][0]["observedGeneration"] == 2
     })?;
-    assert_eq!(later["parents"][0]["conditions"][0]["lastTransitionTime"], since);
+    assert_eq!(
+        later["parents"][0]["conditions"][0]["lastTransitionTime"],
+        since
+    );
 
     // The Istio Gateway warning, as an Event on the VirtualService.
     let deadline = Instant::now() + TIMEOUT;
     let notes = loop {
-        let notes = cluster.kube().event_notes(&namespace, "VirtualService", "stray")?;
+        let notes = cluster
+            .kube()
+            .event_notes(&namespace, "VirtualService", "stray")?;
         if !notes.is_empty() || Instant::now() > deadline {
             break notes;
         }

@@ -1359,6 +1359,8 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
+                         gateway.networking.k8s.io/v1|v1beta1 GatewayClass, \
+                         gateway.networking.k8s.io/v1|v1beta1 Gateway, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
                          telemetry.istio.io/v1|v1alpha1 Telemetry, v1 Secret)";

@@ -275,7 +275,15 @@ pub(crate) fn compile(
     // Unresolved backends are reported in the routes' status, not as errors.
     let mut resolve = |draft: &mut RouteDraft, namespace: &str, origin: &Origin| {
         let fields = (&GATEWAY_FIELDS, &mut names);
-        resolve_destinations(config, draft, namespace, &policies, fields, origin, &mut Vec::new());
+        resolve_destinations(
+            config,
+            draft,
+            namespace,
+            &policies,
+            fields,
+            origin,
+            &mut Vec::new(),
+        );
     };
     let (api_gateways, gateway_api) = super::gateway_api::compile(
         drafts.gateway_classes,

@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_dns_label, check_metadata, port_number, Config, Issues, Meta, Object, Origin};
+use crate::config::{
+    check_dns_label, check_metadata, port_number, Config, Issues, Meta, Object, Origin,
+};
 use crate::ingress::tls::{self, PortKind, ServerTls, ServerTlsSpec, TlsContext};
 
 use super::compile::{check_host, HttpRouteDraft, Precedence, RouteDraft, Warnings};
@@ -41,10 +43,16 @@ pub(crate) struct GatewayClassDraft {
     controller: String,
 }
 
-pub(crate) fn gateway_class(doc: Object<GatewayClassSpec>, issues: &mut Issues) -> GatewayClassDraft {
+pub(crate) fn gateway_class(
+    doc: Object<GatewayClassSpec>,
+    issues: &mut Issues,
+) -> GatewayClassDraft {
     check_dns_label(&doc.metadata.name, "metadata.name", issues);
     if doc.spec.parameters_ref.is_some() && doc.spec.controller_name == CONTROLLER_NAME {
-        issues.add("spec.parametersRef", "not supported: nodemesh takes no parameters");
+        issues.add(
+            "spec.parametersRef",
+            "not supported: nodemesh takes no parameters",
+        );
     }
     GatewayClassDraft {
         name: doc.metadata.name,
@@ -184,7 +192,10 @@ pub(crate) fn gateway(doc: Object<GatewaySpec>, issues: &mut Issues) -> GatewayD
             continue;
         };
         if listeners.iter().any(|l| l.name == listener.name) {
-            issues.add(format!("{at}.name"), format!("listener name {:?} is used twice", listener.name));
+            issues.add(
+                format!("{at}.name"),
+                format!("listener name {:?} is used twice", listener.name),
+            );
         }
         listeners.push(listener);
     }
@@ -213,19 +224,30 @@ fn listener(
     };
     let hostname = spec.hostname.map(|h| {
         if h == "*" || h.parse::<std::net::IpAddr>().is_ok() {
-            issues.add(format!("{at}.hostname"), "must be a DNS name or *.domain, not * or an IP address");
+            issues.add(
+                format!("{at}.hostname"),
+                "must be a DNS name or *.domain, not * or an IP address",
+            );
         }
         check_host(&h, format!("{at}.hostname"), issues);
         h.trim_end_matches('.').to_ascii_lowercase()
     });
     let certificate = match (protocol, spec.tls) {
         (Some(ServerProtocol::Https), None) => {
-            issues.add(format!("{at}.tls"), "an HTTPS listener needs tls.certificateRefs");
+            issues.add(
+                format!("{at}.tls"),
+                "an HTTPS listener needs tls.certificateRefs",
+            );
             Ok(None)
         }
-        (Some(ServerProtocol::Https), Some(tls)) => certificate(tls, at, namespace, warnings, issues),
+        (Some(ServerProtocol::Https), Some(tls)) => {
+            certificate(tls, at, namespace, warnings, issues)
+        }
         (_, Some(_)) if protocol.is_some() => {
-            issues.add(format!("{at}.tls"), "an HTTP listener takes no tls (use protocol HTTPS)");
+            issues.add(
+                format!("{at}.tls"),
+                "an HTTP listener takes no tls (use protocol HTTPS)",
+            );
             Ok(None)
         }
         _ => Ok(None),
@@ -244,16 +266,25 @@ fn listener(
         ("All", _) => AllowedNamespaces::All,
         ("Selector", Some(selector)) => {
             if selector.match_expressions.is_some() {
-                issues.add(format!("{field}.selector.matchExpressions"), "not supported: use matchLabels");
+                issues.add(
+                    format!("{field}.selector.matchExpressions"),
+                    "not supported: use matchLabels",
+                );
             }
             AllowedNamespaces::Selector(selector.match_labels)
         }
         ("Selector", None) => {
-            issues.add(format!("{field}.selector"), "from: Selector needs a selector");
+            issues.add(
+                format!("{field}.selector"),
+                "from: Selector needs a selector",
+            );
             AllowedNamespaces::Same
         }
         (other, _) => {
-            issues.add(format!("{field}.from"), format!("must be Same, All or Selector, not {other:?}"));
+            issues.add(
+                format!("{field}.from"),
+                format!("must be Same, All or Selector, not {other:?}"),
+            );
             AllowedNamespaces::Same
         }
     };
@@ -262,7 +293,8 @@ fn listener(
         None => (HTTP_KINDS.map(str::to_owned).to_vec(), None),
         Some(list) => {
             let (known, unknown): (Vec<_>, Vec<_>) = list.into_iter().partition(|k| {
-                k.group.as_deref().unwrap_or(GROUP) == GROUP && HTTP_KINDS.contains(&k.kind.as_str())
+                k.group.as_deref().unwrap_or(GROUP) == GROUP
+                    && HTTP_KINDS.contains(&k.kind.as_str())
             });
             let invalid = (!unknown.is_empty()).then(|| {
                 let names: Vec<_> = unknown.iter().map(|k| k.kind.as_str()).collect();
@@ -300,23 +332,35 @@ fn certificate(
             format!("{mode:?} is not supported on an HTTPS listener: only Terminate"),
         );
     }
-    for (field, set) in [("options", tls.options.is_some()), ("frontendValidation", tls.frontend_validation.is_some())] {
+    for (field, set) in [
+        ("options", tls.options.is_some()),
+        ("frontendValidation", tls.frontend_validation.is_some()),
+    ] {
         if set {
             warnings.not_enforced(format!("{at}.tls.{field}"));
         }
     }
     if tls.certificate_refs.len() > 1 {
-        warnings.add(format!("{at}.tls.certificateRefs"), "only the first certificate is served");
+        warnings.add(
+            format!("{at}.tls.certificateRefs"),
+            "only the first certificate is served",
+        );
     }
     let Some(first) = tls.certificate_refs.into_iter().next() else {
-        issues.add(format!("{at}.tls.certificateRefs"), "an HTTPS listener needs a certificateRef");
+        issues.add(
+            format!("{at}.tls.certificateRefs"),
+            "an HTTPS listener needs a certificateRef",
+        );
         return Ok(None);
     };
     let field = format!("{at}.tls.certificateRefs[0]");
     let group = first.group.as_deref().unwrap_or("");
     let kind = first.kind.as_deref().unwrap_or("Secret");
     if kind != "Secret" || !matches!(group, "" | "core") {
-        return Err(("InvalidCertificateRef", format!("{field}: only Secrets are supported, not {kind:?} in group {group:?}")));
+        return Err((
+            "InvalidCertificateRef",
+            format!("{field}: only Secrets are supported, not {kind:?} in group {group:?}"),
+        ));
     }
     if first.namespace.as_deref().is_some_and(|ns| ns != namespace) {
         return Err((
@@ -355,7 +399,12 @@ pub struct Condition {
 }
 
 impl Condition {
-    fn new(kind: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+    fn new(
+        kind: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Condition {
             kind,
             status,
@@ -380,12 +429,16 @@ pub struct ObjectStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum StatusKind {
-    GatewayClass { conditions: Vec<Condition> },
+    GatewayClass {
+        conditions: Vec<Condition>,
+    },
     Gateway {
         conditions: Vec<Condition>,
         listeners: Vec<ListenerStatus>,
     },
-    Route { parents: Vec<ParentStatus> },
+    Route {
+        parents: Vec<ParentStatus>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -419,7 +472,12 @@ struct Compiled {
     routes: Vec<BTreeMap<String, Vec<Attached>>>,
 }
 
-type Attached = (Precedence, (bool, String, String, String), HttpRoute, String);
+type Attached = (
+    Precedence,
+    (bool, String, String, String),
+    HttpRoute,
+    String,
+);
 
 /// Compiles the Gateways of nodemesh's classes and attaches the HTTPRoutes
 /// naming them; returns them for the ingress table, with every object's
@@ -433,17 +491,29 @@ pub(super) fn compile(
     warnings: &mut Vec<String>,
 ) -> (Vec<Gateway>, Vec<ObjectStatus>) {
     let mut statuses = Vec::new();
-    for (_, class) in classes.iter().filter(|(_, c)| c.controller == CONTROLLER_NAME) {
+    for (_, class) in classes
+        .iter()
+        .filter(|(_, c)| c.controller == CONTROLLER_NAME)
+    {
         statuses.push(ObjectStatus {
             kind: "GatewayClass",
             namespace: None,
             name: class.name.clone(),
             status: StatusKind::GatewayClass {
-                conditions: vec![Condition::new("Accepted", true, "Accepted", "served by every nodemesh agent")],
+                conditions: vec![Condition::new(
+                    "Accepted",
+                    true,
+                    "Accepted",
+                    "served by every nodemesh agent",
+                )],
             },
         });
     }
-    let ours = |class: &str| classes.iter().any(|(_, c)| c.name == class && c.controller == CONTROLLER_NAME);
+    let ours = |class: &str| {
+        classes
+            .iter()
+            .any(|(_, c)| c.name == class && c.controller == CONTROLLER_NAME)
+    };
     let mut gateways: Vec<_> = gateways.into_iter().collect();
     gateways.sort_by(|(_, a), (_, b)| a.meta.rank().cmp(&b.meta.rank()));
     // Gateways of another controller, by `namespace/name`: routes naming
@@ -466,7 +536,10 @@ pub(super) fn compile(
         compiled.push(gateway_of(origin, key, draft, config, warnings));
     }
 
-    let mut routes: Vec<_> = routes.iter().filter(|(_, r)| !r.gateway_parents.is_empty()).collect();
+    let mut routes: Vec<_> = routes
+        .iter()
+        .filter(|(_, r)| !r.gateway_parents.is_empty())
+        .collect();
     routes.sort_by(|(_, a), (_, b)| a.meta.rank().cmp(&b.meta.rank()));
     for (origin, route) in routes {
         let namespace = &route.meta.namespace;
@@ -482,22 +555,30 @@ pub(super) fn compile(
                     redirect_port: None,
                     match_gateways: Vec::new(),
                 };
-                refs.extend(check_backends(&mut draft, namespace, config, resolve, origin));
+                refs.extend(check_backends(
+                    &mut draft, namespace, config, resolve, origin,
+                ));
                 (*precedence, draft.route)
             })
             .collect();
+        let (precedences, mut rules): (Vec<_>, Vec<_>) = drafts.into_iter().unzip();
+        // A backend without a port takes its Service's only one, as at Istio Gateways.
+        super::ingress::default_ports(&mut rules, config, origin, warnings);
+        let drafts: Vec<_> = precedences.into_iter().zip(rules).collect();
         refs.sort();
         refs.dedup();
         let resolved = match refs.first() {
-            None => Condition::new("ResolvedRefs", true, "ResolvedRefs", "all references resolved"),
+            None => Condition::new(
+                "ResolvedRefs",
+                true,
+                "ResolvedRefs",
+                "all references resolved",
+            ),
             Some((reason, _)) => {
                 let messages: Vec<_> = refs.iter().map(|(_, m)| m.as_str()).collect();
                 Condition::new("ResolvedRefs", false, reason, messages.join("; "))
             }
         };
-        for (_, message) in &refs {
-            warnings.push(format!("{origin}: {message}; requests for it get 500 at the Gateway"));
-        }
         let mut parents = Vec::new();
         for parent in &route.gateway_parents {
             let key = format!("{}/{}", parent.namespace, parent.name);
@@ -514,7 +595,10 @@ pub(super) fn compile(
                 Some(gateway) => attach(gateway, parent, route, origin, &drafts, config),
             };
             if !accepted.status {
-                warnings.push(format!("{origin}: {}: {}; not attached there", parent.field, accepted.message));
+                warnings.push(format!(
+                    "{origin}: {}: {}; not attached there",
+                    parent.field, accepted.message
+                ));
             }
             parents.push(ParentStatus {
                 namespace: parent.namespace.clone(),
@@ -523,6 +607,14 @@ pub(super) fn compile(
                 port: parent.port,
                 conditions: vec![accepted, resolved.clone()],
             });
+        }
+        // Backends matter where the route is attached.
+        if parents.iter().any(|p| p.conditions[0].status) {
+            for (_, message) in &refs {
+                warnings.push(format!(
+                    "{origin}: {message}; requests for it get 500 at the Gateway"
+                ));
+            }
         }
         if !parents.is_empty() {
             statuses.push(ObjectStatus {
@@ -639,7 +731,10 @@ fn server_tls(
     let spec = ServerTlsSpec::terminate(secret.to_owned());
     let compiled = tls::compile(Some(&spec), PortKind::Http, &field, &ctx, &mut issues);
     if !issues.is_empty() {
-        let issues: Vec<_> = issues.iter().map(|(_, m)| format!("{field}: {m}")).collect();
+        let issues: Vec<_> = issues
+            .iter()
+            .map(|(_, m)| format!("{field}: {m}"))
+            .collect();
         return Err(issues.join("; "));
     }
     Ok(compiled)
@@ -659,7 +754,11 @@ fn check_backends(
     // Cross-namespace backends need a ReferenceGrant, which is not supported.
     let fields = draft.destination_fields.clone();
     for (destination, field) in super::compile::destinations_mut(&mut draft.route).zip(&fields) {
-        let other = destination.service.split_once('.').map(|(_, ns)| ns).filter(|ns| *ns != namespace);
+        let other = destination
+            .service
+            .split_once('.')
+            .map(|(_, ns)| ns)
+            .filter(|ns| *ns != namespace);
         if let Some(other) = other {
             refs.push((
                 "RefNotPermitted",
@@ -671,19 +770,42 @@ fn check_backends(
     resolve(draft, namespace, origin);
     let fields = draft.destination_fields.clone();
     let valid = |d: &super::Destination| {
-        config
-            .service_by_key(&d.service)
-            .is_some_and(|s| d.port.is_none_or(|p| s.port(p, crate::config::Protocol::Tcp).is_some()))
+        config.service_by_key(&d.service).is_some_and(|s| {
+            d.port
+                .is_none_or(|p| s.port(p, crate::config::Protocol::Tcp).is_some())
+        })
     };
     for (destination, field) in super::compile::destinations_mut(&mut draft.route).zip(&fields) {
         if !valid(destination) && !destination.service.is_empty() {
-            refs.push(("BackendNotFound", format!("{field}: Service {} (port {:?}) not found", destination.service, destination.port)));
+            let message = match (
+                config.service_by_key(&destination.service),
+                destination.port,
+            ) {
+                (Some(_), Some(port)) => format!(
+                    "{field}.port: Service {} has no TCP port {port}",
+                    destination.service
+                ),
+                _ => format!(
+                    "{field}.name: Service {} does not exist",
+                    destination.service
+                ),
+            };
+            refs.push(("BackendNotFound", message));
         }
     }
     let route = &mut draft.route;
-    route.mirrors = route.mirrors.iter().filter(|m| valid(&m.destination)).cloned().collect();
+    route.mirrors = route
+        .mirrors
+        .iter()
+        .filter(|m| valid(&m.destination))
+        .cloned()
+        .collect();
     if let RouteAction::Forward(backends) = &route.action {
-        let kept: Vec<_> = backends.iter().filter(|b| valid(&b.destination)).cloned().collect();
+        let kept: Vec<_> = backends
+            .iter()
+            .filter(|b| valid(&b.destination))
+            .cloned()
+            .collect();
         route.action = match kept.is_empty() {
             true => RouteAction::DirectResponse {
                 status: 500,
@@ -709,7 +831,8 @@ fn attach(
     let mut reason = None;
     let mut attached = false;
     let candidates = gateway.listeners.iter().enumerate().filter(|(_, l)| {
-        parent.section_name.as_ref().is_none_or(|s| *s == l.name) && parent.port.is_none_or(|p| p == l.port)
+        parent.section_name.as_ref().is_none_or(|s| *s == l.name)
+            && parent.port.is_none_or(|p| p == l.port)
     });
     for (i, listener) in candidates {
         let allowed = match &listener.namespaces {
@@ -720,19 +843,25 @@ fn attach(
                 .is_some_and(|ns| labels.iter().all(|(k, v)| ns.labels.get(k) == Some(v))),
         };
         if !allowed || !listener.kinds.iter().any(|k| k == "HTTPRoute") {
-            reason.get_or_insert(("NotAllowedByListeners", format!(
-                "listener {} does not allow HTTPRoutes of namespace {namespace}",
-                listener.name
-            )));
+            reason.get_or_insert((
+                "NotAllowedByListeners",
+                format!(
+                    "listener {} does not allow HTTPRoutes of namespace {namespace}",
+                    listener.name
+                ),
+            ));
             continue;
         }
         let domains = domains(listener.hostname.as_deref(), &route.hostnames);
         if domains.is_empty() {
-            reason = Some(("NoMatchingListenerHostname", format!(
-                "no hostname of the route matches listener {} ({})",
-                listener.name,
-                listener.hostname.as_deref().unwrap_or("*")
-            )));
+            reason = Some((
+                "NoMatchingListenerHostname",
+                format!(
+                    "no hostname of the route matches listener {} ({})",
+                    listener.name,
+                    listener.hostname.as_deref().unwrap_or("*")
+                ),
+            ));
             continue;
         }
         if gateway.gateway.servers[i].not_served.is_some() {
@@ -741,7 +870,12 @@ fn attach(
         attached = true;
         gateway.attached[i] += 1;
         let rank = route.meta.rank();
-        let rank = (rank.0, rank.1.to_owned(), rank.2.to_owned(), rank.3.to_owned());
+        let rank = (
+            rank.0,
+            rank.1.to_owned(),
+            rank.2.to_owned(),
+            rank.3.to_owned(),
+        );
         for domain in domains {
             let entry = gateway.routes[i].entry(domain).or_default();
             for (precedence, draft) in drafts {
@@ -750,7 +884,12 @@ fn attach(
         }
     }
     match (attached, reason) {
-        (true, _) => Condition::new("Accepted", true, "Accepted", format!("attached to Gateway {}", gateway.gateway.key)),
+        (true, _) => Condition::new(
+            "Accepted",
+            true,
+            "Accepted",
+            format!("attached to Gateway {}", gateway.gateway.key),
+        ),
         (false, Some((reason, message))) => Condition::new("Accepted", false, reason, message),
         (false, None) => {
             let mut wanted = Vec::new();
@@ -758,7 +897,11 @@ fn attach(
             wanted.extend(parent.port.map(|p| format!("on port {p}")));
             let message = match wanted.is_empty() {
                 true => format!("Gateway {} has no listener served", gateway.gateway.key),
-                false => format!("Gateway {} has no listener {}", gateway.gateway.key, wanted.join(" ")),
+                false => format!(
+                    "Gateway {} has no listener {}",
+                    gateway.gateway.key,
+                    wanted.join(" ")
+                ),
             };
             Condition::new("Accepted", false, "NoMatchingParent", message)
         }
@@ -791,21 +934,52 @@ fn domains(listener: Option<&str>, hostnames: &[String]) -> Vec<String> {
 fn gateway_status(compiled: &Compiled) -> ObjectStatus {
     let gateway = &compiled.gateway;
     let mut listeners = Vec::new();
-    for ((listener, server), attached) in compiled.listeners.iter().zip(&gateway.servers).zip(&compiled.attached) {
+    for ((listener, server), attached) in compiled
+        .listeners
+        .iter()
+        .zip(&gateway.servers)
+        .zip(&compiled.attached)
+    {
         let accepted = match listener.protocol {
             Some(_) => Condition::new("Accepted", true, "Accepted", "accepted"),
-            None => Condition::new("Accepted", false, "UnsupportedProtocol", server.not_served.clone().unwrap_or_default()),
+            None => Condition::new(
+                "Accepted",
+                false,
+                "UnsupportedProtocol",
+                server.not_served.clone().unwrap_or_default(),
+            ),
         };
-        let resolved = match (&listener.certificate, &listener.invalid_kinds, &server.not_served) {
-            (Err((reason, message)), ..) => Condition::new("ResolvedRefs", false, reason, message.clone()),
-            (_, Some(kinds), _) => Condition::new("ResolvedRefs", false, "InvalidRouteKinds", kinds.clone()),
-            (Ok(Some(_)), _, Some(message)) if listener.protocol.is_some() => {
-                Condition::new("ResolvedRefs", false, "InvalidCertificateRef", message.clone())
+        let resolved = match (
+            &listener.certificate,
+            &listener.invalid_kinds,
+            &server.not_served,
+        ) {
+            (Err((reason, message)), ..) => {
+                Condition::new("ResolvedRefs", false, reason, message.clone())
             }
-            _ => Condition::new("ResolvedRefs", true, "ResolvedRefs", "all references resolved"),
+            (_, Some(kinds), _) => {
+                Condition::new("ResolvedRefs", false, "InvalidRouteKinds", kinds.clone())
+            }
+            (Ok(Some(_)), _, Some(message)) if listener.protocol.is_some() => Condition::new(
+                "ResolvedRefs",
+                false,
+                "InvalidCertificateRef",
+                message.clone(),
+            ),
+            _ => Condition::new(
+                "ResolvedRefs",
+                true,
+                "ResolvedRefs",
+                "all references resolved",
+            ),
         };
         let programmed = match &server.not_served {
-            None => Condition::new("Programmed", true, "Programmed", "served by every nodemesh agent"),
+            None => Condition::new(
+                "Programmed",
+                true,
+                "Programmed",
+                "served by every nodemesh agent",
+            ),
             Some(message) => Condition::new("Programmed", false, "Invalid", message.clone()),
         };
         listeners.push(ListenerStatus {
@@ -816,13 +990,26 @@ fn gateway_status(compiled: &Compiled) -> ObjectStatus {
         });
     }
     let served = gateway.servers.iter().any(|s| s.not_served.is_none());
-    let addresses = gateway.servers.iter().any(|s| s.not_served.as_deref() == Some("spec.addresses is not supported"));
+    let addresses = gateway
+        .servers
+        .iter()
+        .any(|s| s.not_served.as_deref() == Some("spec.addresses is not supported"));
     let accepted = match addresses {
-        true => Condition::new("Accepted", false, "UnsupportedAddress", "spec.addresses is not supported: the Gateway is served on every node's own addresses"),
+        true => Condition::new(
+            "Accepted",
+            false,
+            "UnsupportedAddress",
+            "spec.addresses is not supported: the Gateway is served on every node's own addresses",
+        ),
         false => Condition::new("Accepted", true, "Accepted", "accepted by nodemesh"),
     };
     let programmed = match served {
-        true => Condition::new("Programmed", true, "Programmed", "served by every nodemesh agent"),
+        true => Condition::new(
+            "Programmed",
+            true,
+            "Programmed",
+            "served by every nodemesh agent",
+        ),
         false => Condition::new("Programmed", false, "Invalid", "no listener can be served"),
     };
     ObjectStatus {

@@ -88,7 +88,11 @@ spec:
 
 fn loaded() -> RoutingTable {
     let infra = "apiVersion: v1\nkind: Namespace\nmetadata: {name: infra}\n";
-    table(&[("ns.yaml", infra), ("gw.yaml", GATEWAY), ("routes.yaml", ROUTES)])
+    table(&[
+        ("ns.yaml", infra),
+        ("gw.yaml", GATEWAY),
+        ("routes.yaml", ROUTES),
+    ])
 }
 
 fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStatus {
@@ -96,18 +100,31 @@ fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStat
     found
         .filter(|s| s.kind == kind && s.name == name)
         .next()
-        .unwrap_or_else(|| panic!("no status of {kind} {name}: {:#?}", table.gateway_api_status()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no status of {kind} {name}: {:#?}",
+                table.gateway_api_status()
+            )
+        })
 }
 
 /// `(type, status, reason)` of each condition per parent of a route.
-fn route_conditions(table: &RoutingTable, name: &str) -> Vec<(String, Vec<(&'static str, bool, &'static str)>)> {
+fn route_conditions(
+    table: &RoutingTable,
+    name: &str,
+) -> Vec<(String, Vec<(&'static str, bool, &'static str)>)> {
     let StatusKind::Route { parents } = &status(table, "HTTPRoute", name).status else {
         panic!("not a route status");
     };
     parents
         .iter()
         .map(|p| {
-            let parent = format!("{}/{}:{}", p.namespace, p.name, p.section_name.as_deref().unwrap_or(""));
+            let parent = format!(
+                "{}/{}:{}",
+                p.namespace,
+                p.name,
+                p.section_name.as_deref().unwrap_or("")
+            );
             (parent, p.conditions.iter().map(short).collect())
         })
         .collect()
@@ -121,21 +138,40 @@ fn short(c: &Condition) -> (&'static str, bool, &'static str) {
 fn an_attached_route_serves_its_hostname_at_the_listener_and_the_mesh() {
     let table = loaded();
     let labels = BTreeMap::new();
-    let selected = table.ingress().select(&labels, 80, "Reviews.Example.com").expect("served");
+    let selected = table
+        .ingress()
+        .select(&labels, 80, "Reviews.Example.com")
+        .expect("served");
     assert_eq!(selected.gateway.key, "infra/public");
     let routes = &selected.routes.expect("routes bound").routes;
-    assert!(routes.origin.starts_with("HTTPRoute default/reviews"), "{}", routes.origin);
+    assert!(
+        routes.origin.starts_with("HTTPRoute default/reviews"),
+        "{}",
+        routes.origin
+    );
     assert_eq!(select(routes, "/", &[("qa", "canary-test")]), "rules[0]");
-    assert_eq!(forward(&routes.routes()[1]), [("default/reviews-v1".into(), None, 1)]);
+    assert_eq!(
+        forward(&routes.routes()[1]),
+        [("default/reviews-v1".into(), None, 1)]
+    );
     // Another host of the listener's domain has no route (404).
-    let other = table.ingress().select(&labels, 80, "x.example.com").expect("listener admits it");
+    let other = table
+        .ingress()
+        .select(&labels, 80, "x.example.com")
+        .expect("listener admits it");
     assert!(other.routes.is_none());
     // The Service parent applies too, with the same rules.
     let mesh = super::tests::host(&table, "default/reviews");
     assert_eq!(select(mesh, "/", &[("qa", "canary-test")]), "rules[0]");
     assert_eq!(
         route_conditions(&table, "reviews"),
-        [("infra/public:".into(), vec![("Accepted", true, "Accepted"), ("ResolvedRefs", true, "ResolvedRefs")])]
+        [(
+            "infra/public:".into(),
+            vec![
+                ("Accepted", true, "Accepted"),
+                ("ResolvedRefs", true, "ResolvedRefs")
+            ]
+        )]
     );
 }
 
@@ -145,17 +181,43 @@ fn listeners_refuse_routes_they_do_not_allow_and_say_why() {
     assert_eq!(
         route_conditions(&table, "elsewhere"),
         [
-            ("infra/public:own".into(), vec![("Accepted", false, "NotAllowedByListeners"), ("ResolvedRefs", true, "ResolvedRefs")]),
-            ("infra/public:web".into(), vec![("Accepted", false, "NoMatchingListenerHostname"), ("ResolvedRefs", true, "ResolvedRefs")]),
-            ("infra/absent:".into(), vec![("Accepted", false, "NoMatchingParent"), ("ResolvedRefs", true, "ResolvedRefs")]),
+            (
+                "infra/public:own".into(),
+                vec![
+                    ("Accepted", false, "NotAllowedByListeners"),
+                    ("ResolvedRefs", true, "ResolvedRefs")
+                ]
+            ),
+            (
+                "infra/public:web".into(),
+                vec![
+                    ("Accepted", false, "NoMatchingListenerHostname"),
+                    ("ResolvedRefs", true, "ResolvedRefs")
+                ]
+            ),
+            (
+                "infra/absent:".into(),
+                vec![
+                    ("Accepted", false, "NoMatchingParent"),
+                    ("ResolvedRefs", true, "ResolvedRefs")
+                ]
+            ),
         ],
         "a Gateway of another class is not reported on"
     );
     let labels = BTreeMap::new();
-    let own = table.ingress().select(&labels, 8080, "shop.other.org").expect("listener with any host");
+    let own = table
+        .ingress()
+        .select(&labels, 8080, "shop.other.org")
+        .expect("listener with any host");
     assert!(own.routes.is_none(), "not attached from another namespace");
     let warnings = table.warnings.join("\n");
-    assert!(warnings.contains("spec.parentRefs[0]: listener own does not allow HTTPRoutes of namespace default"), "{warnings}");
+    assert!(
+        warnings.contains(
+            "spec.parentRefs[0]: listener own does not allow HTTPRoutes of namespace default"
+        ),
+        "{warnings}"
+    );
     // Gateways of other classes are left to their controllers.
     assert!(table.ingress().select(&labels, 81, "x").is_none());
 }
@@ -165,39 +227,102 @@ fn a_missing_backend_answers_500_and_is_reported_without_failing_the_load() {
     let table = loaded();
     assert_eq!(
         route_conditions(&table, "broken"),
-        [("infra/public:web".into(), vec![("Accepted", true, "Accepted"), ("ResolvedRefs", false, "BackendNotFound")])]
+        [(
+            "infra/public:web".into(),
+            vec![
+                ("Accepted", true, "Accepted"),
+                ("ResolvedRefs", false, "BackendNotFound")
+            ]
+        )]
     );
     let labels = BTreeMap::new();
-    let selected = table.ingress().select(&labels, 80, "broken.example.com").unwrap();
+    let selected = table
+        .ingress()
+        .select(&labels, 80, "broken.example.com")
+        .unwrap();
     let route = &selected.routes.unwrap().routes.routes()[0];
-    assert!(matches!(route.action, RouteAction::DirectResponse { status: 500, .. }), "{route:?}");
+    assert!(
+        matches!(
+            route.action,
+            RouteAction::DirectResponse { status: 500, .. }
+        ),
+        "{route:?}"
+    );
 }
 
 #[test]
 fn gateway_status_counts_routes_and_reports_listeners_it_cannot_serve() {
     let table = loaded();
-    let StatusKind::Gateway { conditions, listeners } = &status(&table, "Gateway", "public").status else {
+    let StatusKind::Gateway {
+        conditions,
+        listeners,
+    } = &status(&table, "Gateway", "public").status
+    else {
         panic!("not a Gateway status");
     };
     let conditions: Vec<_> = conditions.iter().map(short).collect();
-    assert_eq!(conditions, [("Accepted", true, "Accepted"), ("Programmed", true, "Programmed")]);
+    assert_eq!(
+        conditions,
+        [
+            ("Accepted", true, "Accepted"),
+            ("Programmed", true, "Programmed")
+        ]
+    );
     let listeners: Vec<_> = listeners
         .iter()
-        .map(|l| (l.name.as_str(), l.attached_routes, l.conditions.iter().map(short).collect::<Vec<_>>()))
+        .map(|l| {
+            (
+                l.name.as_str(),
+                l.attached_routes,
+                l.conditions.iter().map(short).collect::<Vec<_>>(),
+            )
+        })
         .collect();
     assert_eq!(
         listeners,
         [
-            ("web", 2, vec![("Accepted", true, "Accepted"), ("Programmed", true, "Programmed"), ("ResolvedRefs", true, "ResolvedRefs")]),
-            ("own", 0, vec![("Accepted", true, "Accepted"), ("Programmed", true, "Programmed"), ("ResolvedRefs", true, "ResolvedRefs")]),
-            ("secure", 0, vec![("Accepted", true, "Accepted"), ("Programmed", false, "Invalid"), ("ResolvedRefs", false, "InvalidCertificateRef")]),
+            (
+                "web",
+                2,
+                vec![
+                    ("Accepted", true, "Accepted"),
+                    ("Programmed", true, "Programmed"),
+                    ("ResolvedRefs", true, "ResolvedRefs")
+                ]
+            ),
+            (
+                "own",
+                0,
+                vec![
+                    ("Accepted", true, "Accepted"),
+                    ("Programmed", true, "Programmed"),
+                    ("ResolvedRefs", true, "ResolvedRefs")
+                ]
+            ),
+            (
+                "secure",
+                0,
+                vec![
+                    ("Accepted", true, "Accepted"),
+                    ("Programmed", false, "Invalid"),
+                    ("ResolvedRefs", false, "InvalidCertificateRef")
+                ]
+            ),
         ]
     );
-    let StatusKind::GatewayClass { conditions } = &status(&table, "GatewayClass", "nodemesh").status else {
+    let StatusKind::GatewayClass { conditions } =
+        &status(&table, "GatewayClass", "nodemesh").status
+    else {
         panic!("not a class status");
     };
-    assert_eq!(conditions.iter().map(short).collect::<Vec<_>>(), [("Accepted", true, "Accepted")]);
-    assert!(table.gateway_api_status().iter().all(|s| s.name != "other" && s.name != "theirs"));
+    assert_eq!(
+        conditions.iter().map(short).collect::<Vec<_>>(),
+        [("Accepted", true, "Accepted")]
+    );
+    assert!(table
+        .gateway_api_status()
+        .iter()
+        .all(|s| s.name != "other" && s.name != "theirs"));
 }
 
 #[test]
@@ -231,9 +356,15 @@ spec:
     let StatusKind::Gateway { conditions, .. } = &status(&table, "Gateway", "fixed").status else {
         panic!();
     };
-    assert_eq!(short(&conditions[0]), ("Accepted", false, "UnsupportedAddress"));
+    assert_eq!(
+        short(&conditions[0]),
+        ("Accepted", false, "UnsupportedAddress")
+    );
     let StatusKind::Gateway { listeners, .. } = &status(&table, "Gateway", "tcp").status else {
         panic!();
     };
-    assert_eq!(short(&listeners[0].conditions[0]), ("Accepted", false, "UnsupportedProtocol"));
+    assert_eq!(
+        short(&listeners[0].conditions[0]),
+        ("Accepted", false, "UnsupportedProtocol")
+    );
 }

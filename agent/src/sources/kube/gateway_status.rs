@@ -38,7 +38,8 @@ pub(super) struct Apply {
 }
 
 /// The watched Gateway API objects by (kind, namespace, name).
-pub(super) type Watched = HashMap<(&'static str, Option<String>, String), (&'static Kind, Arc<DynamicObject>)>;
+pub(super) type Watched =
+    HashMap<(&'static str, Option<String>, String), (&'static Kind, Arc<DynamicObject>)>;
 
 /// The writes `statuses` need, given the objects as watched now.
 pub(super) fn needed(statuses: &[ObjectStatus], watched: &Watched) -> Vec<Apply> {
@@ -86,7 +87,14 @@ fn render(status: &StatusKind, current: &Value, generation: Option<i64>, now: &s
         let current = current.and_then(Value::as_array);
         let rendered: Vec<_> = wanted
             .iter()
-            .map(|c| condition(c, current.map(Vec::as_slice).unwrap_or_default(), generation, now))
+            .map(|c| {
+                condition(
+                    c,
+                    current.map(Vec::as_slice).unwrap_or_default(),
+                    generation,
+                    now,
+                )
+            })
             .collect();
         Value::Array(rendered)
     };
@@ -171,7 +179,9 @@ fn condition(wanted: &Condition, current: &[Value], generation: Option<i64>, now
     let status = if wanted.status { "True" } else { "False" };
     let since = current
         .iter()
-        .find(|c| c.get("type") == Some(&json!(wanted.kind)) && c.get("status") == Some(&json!(status)))
+        .find(|c| {
+            c.get("type") == Some(&json!(wanted.kind)) && c.get("status") == Some(&json!(status))
+        })
         .and_then(|c| c.get("lastTransitionTime").cloned())
         .unwrap_or_else(|| json!(now));
     let mut rendered = json!({
@@ -199,7 +209,10 @@ pub(super) async fn write(client: Client, mut needed: watch::Receiver<Vec<Apply>
                 Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
                 None => Api::all_with(client.clone(), &resource),
             };
-            match api.patch_status(&apply.name, &params, &Patch::Apply(&apply.body)).await {
+            match api
+                .patch_status(&apply.name, &params, &Patch::Apply(&apply.body))
+                .await
+            {
                 Ok(_) => log::info!("wrote the status of {} {}", apply.kind.kind, apply.name),
                 Err(e) => log::warn!(
                     "cannot write the status of {} {}: {e} (does the agent's role allow patching \
@@ -225,12 +238,19 @@ mod tests {
             reason: "Accepted",
             message: "attached".into(),
         };
-        let before = [json!({"type": "Accepted", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"})];
+        let before = [
+            json!({"type": "Accepted", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}),
+        ];
         let kept = condition(&wanted, &before, Some(3), "now");
         assert_eq!(kept["lastTransitionTime"], "2026-01-01T00:00:00Z");
         assert_eq!(kept["observedGeneration"], 3);
-        let flipped = [json!({"type": "Accepted", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"})];
-        assert_eq!(condition(&wanted, &flipped, None, "now")["lastTransitionTime"], "now");
+        let flipped = [
+            json!({"type": "Accepted", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}),
+        ];
+        assert_eq!(
+            condition(&wanted, &flipped, None, "now")["lastTransitionTime"],
+            "now"
+        );
     }
 
     #[test]
