@@ -598,7 +598,8 @@ fn a_remote_host_forging_the_pods_own_address_cannot_reach_the_application() {
     };
     // The control: outside the mesh the forged SYN reaches plainweb's
     // listener.
-    assert_eq!(forge(&shop.topo, "plainweb"), 1, "the control saw no SYN");
+    // (Under load the SYN may be retransmitted and counted twice.)
+    assert!(forge(&shop.topo, "plainweb") >= 1, "the control saw no SYN");
 
     // With the agent down, web's lookup drops the SYN (fail closed) instead
     // of letting it through as one of the agent's deliveries.
@@ -776,9 +777,8 @@ fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
     assert_eq!(run("15006", "send", "10"), "0 RESET");
 
     // 3 connections recorded out and in; the last one only out (its inbound
-    // half is refused before it is tracked). The idle one ends cleanly on
-    // its inbound half: a same-node destination side sees the caller's end
-    // as the end of its stream.
+    // half is refused before it is tracked). Between two workloads of the
+    // node one relay carries both halves, so both see the idle timeout.
     wait_for("the connection records", || connections(&agent).len() == 7);
     let records = connections(&agent);
     let outcomes: Vec<&str> = records
@@ -787,7 +787,7 @@ fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
         .collect();
     assert_eq!(
         outcomes.iter().filter(|o| **o == "ok").count(),
-        3,
+        2,
         "{records:#?}"
     );
     assert!(
@@ -797,7 +797,11 @@ fn l4_proxy_keeps_half_close_propagates_resets_and_closes_idle_connections() {
         "{outcomes:?}"
     );
     assert!(
-        outcomes.iter().any(|o| o.contains("idle timeout")),
+        outcomes
+            .iter()
+            .filter(|o| o.contains("idle timeout"))
+            .count()
+            == 2,
         "{outcomes:?}"
     );
 }

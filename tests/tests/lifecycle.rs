@@ -556,10 +556,10 @@ fn sessions_open_across_an_upgrade_end_as_the_readme_promises() {
     );
     println!("idle HTTP/1.1 keep-alive: {http}");
     handed_over(&mut first, &mut second);
-    // Past the drain deadline, the opaque session is closed (README).
+    // Past the drain deadline, the opaque session between two workloads of
+    // the node still works: the new agent relays it (README).
     writeln!(to).unwrap();
-    let echo = line();
-    assert!(echo.starts_with("echo closed"), "{echo}");
+    assert_eq!(line(), "echo ok");
     let _ = sessions.wait();
 }
 
@@ -675,10 +675,12 @@ fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
     let mut first = shop.agent();
     let web = shop.topo.pod("web").address.to_string();
     let plainweb = shop.topo.pod("plainweb").address.to_string();
-    // Plaintext inbound (a caller outside the mesh to an enrolled pod), and
-    // plaintext outbound (an enrolled pod to an address outside the mesh).
+    // Plaintext inbound (a caller outside the mesh to an enrolled pod),
+    // plaintext outbound (an enrolled pod to an address outside the mesh),
+    // and between two enrolled pods of the node (through Service `echo`).
     let inbound = CounterStream::start(&shop, "outsider", &web);
     let outbound = CounterStream::start(&shop, "client", &plainweb);
+    let local = CounterStream::start(&shop, "client", ECHO_IP);
     sleep(Duration::from_secs(1));
     let mut second = shop.another("second", &["--take-over"]);
     handed_over(&mut first, &mut second);
@@ -695,13 +697,41 @@ fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
             .lines()
             .find(|l| l.contains("relay(s) to the new agent"))
             .unwrap_or_else(|| panic!("the {what} agent carried no relay:\n{log}"));
-        assert!(carried.contains("carried 2 relay(s)"), "{carried}");
+        assert!(carried.contains("carried 3 relay(s)"), "{carried}");
         println!("{what} agent: {carried}");
     }
     assert_whole("plaintext inbound", &inbound.finish());
     assert_whole("plaintext outbound", &outbound.finish());
-    // The third agent relays them, and counts them as its own.
+    assert_whole("between two workloads of the node", &local.finish());
+    // The third agent relays them, and counts them as its own: the
+    // same-node one on both sides, still with the caller's identity.
     let status = third.status_json().unwrap();
-    assert_eq!(status["connections"]["inbound"]["total"], 1, "{status}");
-    assert_eq!(status["connections"]["outbound"]["total"], 1, "{status}");
+    assert_eq!(status["connections"]["inbound"]["total"], 2, "{status}");
+    assert_eq!(status["connections"]["outbound"]["total"], 2, "{status}");
+    let web_ip = shop.topo.pod("web").address;
+    let client_ip = shop.topo.pod("client").address;
+    wait_for("the carried connections to be reported", || {
+        third.connections().unwrap().len() >= 4
+    });
+    let finished = third.connections().unwrap();
+    let local_in = finished
+        .iter()
+        .find(|c| c["direction"] == "inbound" && c["transport"] == "local")
+        .unwrap_or_else(|| panic!("no same-node inbound record: {finished:?}"));
+    let source = local_in["source"].as_str().unwrap();
+    assert!(source.starts_with(&format!("{client_ip}:")), "{local_in}");
+    assert_eq!(local_in["upstream"], format!("{web_ip}:9000"), "{local_in}");
+    assert!(
+        local_in["source_identity"]
+            .as_str()
+            .is_some_and(|id| id.contains("/ns/shop/sa/")),
+        "{local_in}"
+    );
+    assert!(local_in["bytes_sent"].as_u64().unwrap() > 0, "{local_in}");
+    assert!(
+        finished
+            .iter()
+            .any(|c| c["direction"] == "outbound" && c["transport"] == "local"),
+        "{finished:?}"
+    );
 }

@@ -10,8 +10,10 @@
 //! so none is lost or sent twice. A relay that quiesces too late (after
 //! [`Carrier::collect`]) goes on in the old agent until the drain deadline.
 //!
-//! Relays through an HBONE tunnel or to a same-node workload (an in-process
-//! stream) hold state no socket carries; they stay with the old agent.
+//! A relay between two workloads of this node is one such relay (the
+//! caller's socket relayed to the application's), carried with the records
+//! of both its ends. Relays through an HBONE tunnel hold TLS and HTTP/2
+//! state no socket carries; they stay with the old agent.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,7 +27,8 @@ use tokio::sync::{watch, Notify};
 use super::budget::{self, CallerKey};
 use super::detect::Detected;
 use super::relay::{self, Ended, RelayOptions, Stopped, Transferred};
-use super::{inbound, ConnectionRecord, Direction, Proxy};
+use super::{inbound, ConnectionRecord, Direction, Proxy, Tracked};
+use crate::identity::SpiffeId;
 use crate::telemetry::LiveBytes;
 
 /// The outcome a relay carried away ends with in this agent: not a failure,
@@ -53,6 +56,13 @@ pub struct CarriedMeta {
     /// Moved before this agent had it (earlier agents included).
     pub transferred: Transferred,
     pub ended: Ended,
+    /// The TLS server name the caller asked for, when a policy needs it.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// For a relay between two workloads of this node (inbound), the same
+    /// connection as its caller's side records it.
+    #[serde(default)]
+    pub caller_side: Option<Box<CarriedMeta>>,
 }
 
 impl CarriedMeta {
@@ -74,6 +84,8 @@ impl CarriedMeta {
             started_unix_ms: record.started_unix_ms,
             transferred: Transferred::default(),
             ended: Ended::default(),
+            sni: None,
+            caller_side: None,
         }
     }
 }
@@ -264,6 +276,45 @@ impl Proxy {
                 return;
             }
         };
+        // A same-node relay was "local" on both sides; others plaintext.
+        let transport = match meta.caller_side {
+            Some(_) => "local",
+            None => "plaintext",
+        };
+        let mut tracked = self.track_carried(&meta, transport);
+        let mut caller_side = meta
+            .caller_side
+            .as_deref()
+            .map(|side| (self.track_carried(side, transport), side.caller));
+        // The agent it came from counted it opened.
+        let live = self.count_live(&mut tracked.record, meta.caller, false);
+        let caller_live = caller_side
+            .as_mut()
+            .and_then(|(side, caller)| self.count_live(&mut side.record, *caller, false));
+        let live = LiveBytes::both(live, caller_live);
+        let relayed = self.relay_carriable(&client, &upstream, meta.clone(), live);
+        let outcome = match meta.direction {
+            Direction::Outbound => relayed.await,
+            // The configuration may refuse it from now on, as any other.
+            Direction::Inbound => {
+                let app = meta.upstream.unwrap_or(meta.original_destination);
+                // Only a same-node caller's is set (HBONE relays stay).
+                let identity =
+                    (meta.source_identity.as_deref()).and_then(|id| SpiffeId::parse(id).ok());
+                let mut caller = inbound::Caller::new(identity, meta.caller);
+                caller.sni.clone_from(&meta.sni);
+                let tcp = Detected::Opaque;
+                inbound::unless_refused(&self, &pod, &caller, app, tcp, relayed).await
+            }
+        };
+        if let Some((side, _)) = caller_side {
+            side.finish(outcome.clone());
+        }
+        tracked.finish(outcome);
+    }
+
+    /// The record of a relay handed over, as the agent it came from had it.
+    fn track_carried(&self, meta: &CarriedMeta, transport: &'static str) -> Tracked<'_> {
         let mut tracked = self.track(meta.direction, meta.source, meta.original_destination);
         let ago = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -275,7 +326,7 @@ impl Proxy {
         tracked.caller = meta.caller;
         let record = &mut tracked.record;
         record.started_unix_ms = meta.started_unix_ms;
-        record.transport = Some("plaintext");
+        record.transport = Some(transport);
         record.upstream = meta.upstream;
         record.service.clone_from(&meta.service);
         record.source_workload.clone_from(&meta.source_workload);
@@ -286,20 +337,7 @@ impl Proxy {
         record
             .destination_identity
             .clone_from(&meta.destination_identity);
-        // The agent it came from counted it opened.
-        let live = self.count_live(record, meta.caller, false);
-        let relayed = self.relay_carriable(&client, &upstream, meta.clone(), live);
-        let outcome = match meta.direction {
-            Direction::Outbound => relayed.await,
-            // The configuration may refuse it from now on, as any other.
-            Direction::Inbound => {
-                let app = meta.upstream.unwrap_or(meta.original_destination);
-                let caller = inbound::Caller::new(None, meta.caller);
-                let tcp = Detected::Opaque;
-                inbound::unless_refused(&self, &pod, &caller, app, tcp, relayed).await
-            }
-        };
-        tracked.finish(outcome);
+        tracked
     }
 }
 

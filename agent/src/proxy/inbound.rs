@@ -12,17 +12,19 @@
 //! HTTP is served request by request so that `X-Forwarded-Client-Cert`
 //! carries the authenticated caller, and no caller can forge it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 
 pub use super::authorize::Caller;
 use super::budget::{self, CallerKey, Fds};
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
+use super::idle::{self, Activity};
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, RelayOptions, Transferred};
 use super::{authorize, l7, sni, Direction, Pod, Proxy, Tracked, AGENT_PORTS};
@@ -120,7 +122,7 @@ pub async fn handle(
     let timeout = proxy.settings.connect_timeout;
     let outcome = match peer::deliver(proxy, pod, app, caller.address, timeout, fd).await {
         Ok(server) => {
-            let to = Delivered::of(proxy, pod, &mut tracked, protocol);
+            let to = Delivered::of(proxy, pod, &mut tracked, &caller, protocol, None);
             serve_until_refused(proxy, client, &caller, to, protocol, server).await
         }
         Err(e) => Err(format!("delivering to {app}: {e}")),
@@ -131,13 +133,7 @@ pub async fn handle(
 /// Answers a connection that no request on it may pass: every HTTP request
 /// gets Envoy's `403 RBAC: access denied`, anything else is closed before a
 /// byte reaches the application.
-async fn refuse<S: Client>(
-    proxy: &Proxy,
-    pod: &Pod,
-    client: S,
-    caller: &Caller,
-    protocol: Detected,
-) {
+async fn refuse<S: Io>(proxy: &Proxy, pod: &Pod, client: S, caller: &Caller, protocol: Detected) {
     match protocol {
         Detected::Http1 | Detected::Http2 => {
             let http2 = protocol == Detected::Http2;
@@ -229,14 +225,24 @@ where
     match protocol {
         Detected::Http1 | Detected::Http2 => {
             let http2 = protocol == Detected::Http2;
-            l7::inbound::serve(proxy, to.pod, client, caller, to.app, http2, server).await?;
+            let (pod, app) = (to.pod, to.app);
+            match to.caller_side.and_then(|side| side.live) {
+                // A same-node caller's agent side counts its connection's
+                // bytes as TCP (it relayed them opaque).
+                Some(live) => {
+                    let counted = Activity::counting(Some(live.reversed()));
+                    let client = idle::Tracked::new(client, counted);
+                    l7::inbound::serve(proxy, pod, client, caller, app, http2, server).await?
+                }
+                None => l7::inbound::serve(proxy, pod, client, caller, app, http2, server).await?,
+            }
             Ok(Transferred::default())
         }
         Detected::Opaque => {
-            let Stream::Tcp(socket) = &mut server.stream else {
-                unreachable!("deliveries are sockets");
+            let (Stream::Tcp(socket), Some(tcp)) = (&mut server.stream, to.tcp) else {
+                unreachable!("deliveries are sockets, and opaque ones are relayed as TCP");
             };
-            client.relay_to(proxy, socket, to).await
+            client.relay_to(proxy, socket, tcp).await
         }
     }
 }
@@ -244,41 +250,99 @@ where
 /// Where an inbound connection was delivered.
 pub struct Delivered<'a> {
     pod: &'a Pod,
-    caller: IpAddr,
     app: SocketAddr,
-    /// A TCP relay's counters, added to as bytes move.
+    /// Set when relayed as TCP.
+    tcp: Option<TcpRelay>,
+    caller_side: Option<CallerSide>,
+}
+
+/// An inbound TCP relay's counters, added to as bytes move, and what the
+/// next agent needs if it is carried there.
+pub struct TcpRelay {
     live: Option<LiveBytes>,
+    meta: CarriedMeta,
+}
+
+/// The caller's side of a connection between two workloads of this node,
+/// which this agent reports as both ends: its outbound half hands the
+/// caller's socket itself to the destination side, which relays it to the
+/// application (one relay of two sockets, carried at a hand-over as any
+/// plaintext one).
+pub struct CallerSide {
+    pub meta: CarriedMeta,
+    pub live: Option<LiveBytes>,
 }
 
 impl<'a> Delivered<'a> {
-    /// Where `tracked`'s connection was delivered; relayed as TCP, it
-    /// counts as opened from now.
-    fn of(proxy: &Proxy, pod: &'a Pod, tracked: &mut Tracked<'_>, protocol: Detected) -> Self {
-        let caller = tracked.caller;
+    /// Where `tracked`'s connection from `caller` was delivered; relayed as
+    /// TCP, it counts as opened from now.
+    fn of(
+        proxy: &Proxy,
+        pod: &'a Pod,
+        tracked: &mut Tracked<'_>,
+        caller: &Caller,
+        protocol: Detected,
+        caller_side: Option<CallerSide>,
+    ) -> Self {
+        let address = tracked.caller;
         let app = tracked
             .record
             .upstream
             .unwrap_or(tracked.record.original_destination);
-        let live = (protocol == Detected::Opaque)
-            .then(|| proxy.count_live(&mut tracked.record, caller, true))
-            .flatten();
+        let (tcp, caller_side) = match protocol {
+            Detected::Opaque => {
+                let live = proxy.count_live(&mut tracked.record, address, true);
+                let mut meta = CarriedMeta::of(&tracked.record, app.ip(), address);
+                meta.sni.clone_from(&caller.sni);
+                let live = match caller_side {
+                    Some(side) => {
+                        meta.caller_side = Some(Box::new(side.meta));
+                        LiveBytes::both(live, side.live)
+                    }
+                    None => live,
+                };
+                (Some(TcpRelay { live, meta }), None)
+            }
+            Detected::Http1 | Detected::Http2 => (None, caller_side),
+        };
         Delivered {
             pod,
-            caller,
             app,
-            live,
+            tcp,
+            caller_side,
         }
     }
 }
 
+/// An I/O stream the proxy serves.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
+
 /// What inbound connections come in on: a socket or an HBONE stream.
-pub trait Client: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+pub trait Client: Io + Sized {
+    /// Relays to the application; by default as a stream no other agent
+    /// could take over, the application being the relay's client side.
     fn relay_to(
         &mut self,
         proxy: &Proxy,
         app: &mut TcpStream,
-        to: Delivered<'_>,
-    ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send;
+        tcp: TcpRelay,
+    ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send {
+        let how = RelayOptions {
+            idle: proxy.settings.idle_timeout,
+            live: tcp.live.map(LiveBytes::reversed),
+        };
+        async move {
+            relay::relay_stream(app, self, how)
+                .await
+                .map(|t| Transferred {
+                    sent: t.received,
+                    received: t.sent,
+                })
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// A plaintext caller's socket: carried to the next agent at a hand-over.
@@ -287,42 +351,43 @@ impl Client for TcpStream {
         &mut self,
         proxy: &Proxy,
         app: &mut TcpStream,
-        to: Delivered<'_>,
+        tcp: TcpRelay,
     ) -> Result<Transferred, String> {
-        let source = self.peer_addr().map_err(|e| e.to_string())?;
-        let mut record = proxy.record(Direction::Inbound, source, to.app);
-        record.upstream = Some(to.app);
-        record.destination_workload = Some(to.pod.key.clone());
-        record.destination_identity = Some(to.pod.identity.to_string());
-        let meta = CarriedMeta::of(&record, to.app.ip(), to.caller);
-        proxy.relay_carriable(self, app, meta, to.live).await
+        proxy.relay_carriable(self, app, tcp.meta, tcp.live).await
     }
 }
 
-impl<S> Client for Prefixed<S>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+/// A same-node caller's socket, maybe read ahead: carried to the next
+/// agent at a hand-over, with both sides' records.
+impl Client for Prefixed<TcpStream> {
     async fn relay_to(
         &mut self,
         proxy: &Proxy,
         app: &mut TcpStream,
-        to: Delivered<'_>,
+        mut tcp: TcpRelay,
     ) -> Result<Transferred, String> {
-        // The app is the relay's client side here.
-        let how = RelayOptions {
-            idle: proxy.settings.idle_timeout,
-            live: to.live.map(LiveBytes::reversed),
-        };
-        relay::relay_stream(app, self, how)
+        let head = self.take_head();
+        if !head.is_empty() {
+            if let Err(e) = app.write_all(&head).await {
+                relay::reset(self.get_ref());
+                return Err(e.to_string());
+            }
+            if let Some(live) = &tcp.live {
+                live.moved(true, head.len() as u64);
+            }
+            tcp.meta.transferred.sent += head.len() as u64;
+        }
+        proxy
+            .relay_carriable(self.get_ref(), app, tcp.meta, tcp.live)
             .await
-            .map(|t| Transferred {
-                sent: t.received,
-                received: t.sent,
-            })
-            .map_err(|e| e.to_string())
     }
 }
+
+/// An HBONE stream from another node, or an in-process one from this
+/// node's L7 proxy: relayed by [`Client::relay_to`]'s default.
+impl Client for Prefixed<Tunnel> {}
+
+impl Client for Prefixed<DuplexStream> {}
 
 fn protocol_name(protocol: Detected) -> &'static str {
     match protocol {
@@ -363,6 +428,17 @@ pub struct Admitted {
     app: Result<Charged, String>,
 }
 
+impl Admitted {
+    /// Resolves once the application has sent something (a server that
+    /// speaks first); nothing is consumed. Never, if it was not delivered.
+    pub async fn spoken(&mut self) -> std::io::Result<()> {
+        match &mut self.app {
+            Ok(app) => app.spoken().await,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
 impl Inbound for Proxy {
     type Admitted = Admitted;
 
@@ -371,7 +447,8 @@ impl Inbound for Proxy {
     }
 
     async fn serve(self: Arc<Self>, admitted: Admitted, tunnel: Tunnel) {
-        self.serve_stream(admitted, tunnel).await
+        // Reported here; nothing waits for the outcome.
+        let _ = self.serve_stream(admitted, tunnel, None).await;
     }
 }
 
@@ -573,10 +650,18 @@ impl Proxy {
     }
 
     /// Serves an admitted stream to its end: detected, delivered from the
-    /// caller's address, HTTP request by request.
-    pub async fn serve_stream<S>(self: Arc<Self>, admitted: Admitted, stream: S)
+    /// caller's address, HTTP request by request. `caller_side` is set when
+    /// the stream is a same-node caller's socket itself. Returns how it
+    /// ended (also reported here).
+    pub async fn serve_stream<S>(
+        &self,
+        admitted: Admitted,
+        stream: S,
+        caller_side: Option<CallerSide>,
+    ) -> Result<Transferred, String>
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: Io,
+        Prefixed<S>: Client,
     {
         let Admitted {
             pod,
@@ -585,7 +670,7 @@ impl Proxy {
             transport,
             app: server,
         } = admitted;
-        let proxy = &*self;
+        let proxy = self;
         let app = request.to;
         let mut tracked = proxy.track_stream(&request, &pod, source_workload, transport);
         let declared = {
@@ -634,11 +719,12 @@ impl Proxy {
                 Err(denied)
             }
             (None, Ok(server)) => {
-                let to = Delivered::of(proxy, &pod, &mut tracked, protocol);
+                let to = Delivered::of(proxy, &pod, &mut tracked, &caller, protocol, caller_side);
                 serve_until_refused(proxy, client, &caller, to, protocol, server).await
             }
             (None, Err(_)) => unreachable!("a stream without delivery was denied"),
         };
-        tracked.finish(outcome);
+        tracked.finish(outcome.clone());
+        outcome
     }
 }

@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 use super::budget::Fds;
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
-use super::peer::{Charged, Stream};
+use super::inbound::{Admitted, CallerSide};
+use super::peer::{Charged, PeerError, Stream};
 use super::relay::{self, RelayOptions, Transferred};
 use super::{hop, l7, peer, ConnectionRecord, Direction, Pod, Proxy};
 use crate::config::{Config, Protocol};
@@ -151,7 +152,7 @@ async fn connect_as(
     pod: &Pod,
     mut record: ConnectionRecord,
     fd: Option<Fds>,
-) -> (ConnectionRecord, Result<Charged, String>) {
+) -> (ConnectionRecord, Result<Upstream, String>) {
     let server = connect(proxy, pod, &mut record, fd).await;
     (record, server)
 }
@@ -193,13 +194,33 @@ async fn l4(
     relay_connected(proxy, pod, client, server, record).await
 }
 
-/// Relays to `server` (a plaintext one is carried to the next agent at a
-/// hand-over), or resets the client if connecting failed.
+/// Where an L4 connection goes once connected.
+enum Upstream {
+    /// A socket, or an HBONE stream to another node.
+    Peer(Charged),
+    /// A workload of this node, admitted: this agent's destination side
+    /// takes the client's socket itself and relays it to the application.
+    Local(Box<Admitted>),
+}
+
+impl Upstream {
+    /// Resolves once the far end has sent something; nothing is consumed.
+    async fn spoken(&mut self) -> std::io::Result<()> {
+        match self {
+            Upstream::Peer(charged) => charged.spoken().await,
+            Upstream::Local(admitted) => admitted.spoken().await,
+        }
+    }
+}
+
+/// Relays to `server` (a plaintext one, or a workload of this node, is
+/// carried to the next agent at a hand-over), or resets the client if
+/// connecting failed.
 async fn relay_connected(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     pod: &Pod,
     mut client: TcpStream,
-    server: Result<Charged, String>,
+    server: Result<Upstream, String>,
     record: &mut ConnectionRecord,
 ) -> Result<Transferred, String> {
     let caller = pod.address_for(record.original_destination.ip());
@@ -207,6 +228,15 @@ async fn relay_connected(
         .is_ok()
         .then(|| proxy.count_live(record, caller, true))
         .flatten();
+    let server = match server {
+        Ok(Upstream::Local(admitted)) => {
+            let meta = CarriedMeta::of(record, caller, caller);
+            let side = CallerSide { meta, live };
+            return proxy.serve_stream(*admitted, client, Some(side)).await;
+        }
+        Ok(Upstream::Peer(server)) => Ok(server),
+        Err(e) => Err(e),
+    };
     let how = RelayOptions {
         idle: proxy.settings.idle_timeout,
         live,
@@ -233,13 +263,14 @@ async fn relay_connected(
 }
 
 /// Picks the endpoint and the hop to it (filling in the record) and
-/// connects on `fd`.
+/// connects on `fd` (a workload of this node is admitted instead: the
+/// client's socket is relayed to its application directly).
 async fn connect(
     proxy: &Arc<Proxy>,
     pod: &Pod,
     record: &mut ConnectionRecord,
     fd: Option<Fds>,
-) -> Result<Charged, String> {
+) -> Result<Upstream, String> {
     let fd = fd.ok_or("no descriptor left for the upstream connection")?;
     let hop = {
         let cfg = proxy.config.current();
@@ -262,16 +293,24 @@ async fn connect(
         hop
     };
     let upstream = record.upstream.unwrap_or(record.original_destination);
-    peer::connect(
-        proxy,
-        pod,
-        upstream,
-        hop,
-        proxy.settings.connect_timeout,
-        fd,
-    )
-    .await
-    .map_err(|e| format!("connecting to {upstream}: {e}"))
+    let connected = match hop {
+        // The destination side charges its own delivery.
+        hop::Hop::Local => peer::admit_local(proxy, pod, upstream)
+            .await
+            .map(|admitted| Upstream::Local(Box::new(admitted)))
+            .map_err(PeerError::from),
+        hop => peer::connect(
+            proxy,
+            pod,
+            upstream,
+            hop,
+            proxy.settings.connect_timeout,
+            fd,
+        )
+        .await
+        .map(Upstream::Peer),
+    };
+    connected.map_err(|e| format!("connecting to {upstream}: {e}"))
 }
 
 /// Where the connection really goes; fills in the service and workload.

@@ -15,6 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::budget::Fds;
 use super::hop::Hop;
+use super::inbound::Admitted;
 use super::{Pod, Proxy};
 use crate::transport::server::StreamRequest;
 use crate::transport::{Source, TransportError, Tunnel};
@@ -44,22 +45,10 @@ pub async fn connect(
     match hop {
         Hop::Plain => Ok(connect_within(from.socket(to)?, to, timeout, fd).await?),
         Hop::Local => {
-            // The destination side runs as for a stream from another node,
-            // with the caller's own identity: same policy, same delivery.
-            let request = StreamRequest {
-                peer: from.identity.clone(),
-                source,
-                to,
-                remote: SocketAddr::new(source, 0),
-            };
-            let admitted = proxy
-                .admit_stream(&request, "local")
-                .await
-                .map_err(|refused| {
-                    io::Error::new(io::ErrorKind::ConnectionRefused, refused.reason)
-                })?;
+            let admitted = admit_local(proxy, from, to).await?;
             let (near, far) = tokio::io::duplex(LOCAL_BUFFER);
-            tokio::spawn(proxy.clone().serve_stream(admitted, far));
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.serve_stream(admitted, far, None).await });
             Ok(Charged::new(Stream::Local(Prefixed::new(near)), fd))
         }
         Hop::Mesh(destination) => {
@@ -71,6 +60,23 @@ pub async fn connect(
             Ok(Charged::new(Stream::Tunnel(Prefixed::new(tunnel)), fd))
         }
     }
+}
+
+/// Admits a connection from the workload `from` to `to`, a workload of
+/// this node: the destination side runs as for a stream from another node,
+/// with the caller's own identity (same policy, same delivery).
+pub async fn admit_local(proxy: &Proxy, from: &Pod, to: SocketAddr) -> io::Result<Admitted> {
+    let source = from.address_for(to.ip());
+    let request = StreamRequest {
+        peer: from.identity.clone(),
+        source,
+        to,
+        remote: SocketAddr::new(source, 0),
+    };
+    proxy
+        .admit_stream(&request, "local")
+        .await
+        .map_err(|refused| io::Error::new(io::ErrorKind::ConnectionRefused, refused.reason))
 }
 
 /// Delivers an inbound connection to the application in `pod` from the
@@ -166,6 +172,15 @@ impl<S: AsyncRead + Unpin> Prefixed<S> {
     /// Bytes read ahead and not yet consumed.
     pub fn head(&self) -> &[u8] {
         &self.head
+    }
+
+    /// Consumes the bytes read ahead, leaving the stream itself to read.
+    pub fn take_head(&mut self) -> BytesMut {
+        std::mem::take(&mut self.head)
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
     }
 
     /// Reads once more into the head, unless it holds `limit` bytes

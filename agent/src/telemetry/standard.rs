@@ -147,6 +147,9 @@ pub struct LiveBytes {
     series: Arc<ConnectionSeries>,
     /// The relay's client side is the destination (an inbound tunnel).
     reversed: bool,
+    /// The other reporter's counters of the same bytes, for a relay this
+    /// agent reports as both ends (between two workloads of its node).
+    also: Option<Box<LiveBytes>>,
 }
 
 impl LiveBytes {
@@ -159,13 +162,28 @@ impl LiveBytes {
             &self.series.sent
         };
         counter.fetch_add(n, Ordering::Relaxed);
+        if let Some(also) = &self.also {
+            also.moved(to_upstream, n);
+        }
     }
 
     /// The same counters for a relay whose client side is the destination.
     pub fn reversed(self) -> LiveBytes {
         LiveBytes {
             reversed: !self.reversed,
+            also: self.also.map(|also| Box::new(also.reversed())),
             ..self
+        }
+    }
+
+    /// Counters that add to both `one` and `other` (either may be off).
+    pub fn both(one: Option<LiveBytes>, other: Option<LiveBytes>) -> Option<LiveBytes> {
+        match (one, other) {
+            (Some(one), Some(other)) => Some(LiveBytes {
+                also: Some(Box::new(other)),
+                ..one
+            }),
+            (one, other) => one.or(other),
         }
     }
 }
@@ -274,6 +292,7 @@ impl Standard {
         LiveBytes {
             series,
             reversed: false,
+            also: None,
         }
     }
 

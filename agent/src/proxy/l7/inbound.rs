@@ -25,7 +25,7 @@ use crate::identity::SpiffeId;
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
 use crate::proxy::idle::{Activity, Tracked};
-use crate::proxy::inbound::{Caller, Client};
+use crate::proxy::inbound::{Caller, Io};
 use crate::proxy::peer::Charged;
 use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
@@ -112,7 +112,7 @@ fn admit_request(
 /// Serves an HTTP connection that no request may pass (the caller matches
 /// no rule whatever it asks): each request gets the denial, and HTTP/1.1
 /// connections close after it, so a retry is judged anew.
-pub async fn refuse<S: Client>(proxy: &Proxy, pod: &Pod, client: S, caller: &Caller, http2: bool) {
+pub async fn refuse<S: Io>(proxy: &Proxy, pod: &Pod, client: S, caller: &Caller, http2: bool) {
     let settings = proxy.settings.http;
     let service = service_fn(|request: Request<Incoming>| {
         let mut response = access_denied(is_grpc(&request));
@@ -144,7 +144,7 @@ pub async fn refuse<S: Client>(proxy: &Proxy, pod: &Pod, client: S, caller: &Cal
 /// Serves the HTTP connection `client` until it ends, forwarding each
 /// request that may pass to the application `app` over `server`; each
 /// request is measured for Istio's metrics (reporter `destination`).
-pub async fn serve<S: Client>(
+pub async fn serve<S: Io>(
     proxy: &Proxy,
     pod: &Pod,
     client: S,
