@@ -442,12 +442,9 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
 /// `*.example.com` on port 80, a route for `web.example.com` sending
 /// `/tagged` with a header the application echoes, and a route
 /// whose hostname the listener does not admit.
-const WEB_GATEWAY_API: &str = "
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: nodemesh}
-spec: {controllerName: nodemesh.io/gateway-controller}
----
+const WEB_GATEWAY_API: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: public}
@@ -477,7 +474,8 @@ spec:
   parentRefs: [{name: public}]
   hostnames: [shop.other.org]
   rules: [{backendRefs: [{name: web, port: 9080}]}]
-";
+",
+);
 
 #[test]
 fn the_same_through_a_gateway_api_gateway_and_http_route() {

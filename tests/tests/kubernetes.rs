@@ -170,12 +170,9 @@ fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<(
 /// A nodemesh Gateway with an HTTPRoute to Service `web`, one to a missing
 /// Service, and a VirtualService bound to an Istio Gateway that does not
 /// exist.
-const GATEWAY_API: &str = "
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: nodemesh}
-spec: {controllerName: nodemesh.io/gateway-controller}
----
+const GATEWAY_API: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: public}
@@ -205,7 +202,8 @@ spec:
   hosts: [web.example.com]
   gateways: [nowhere]
   http: [{route: [{destination: {host: web}}]}]
-";
+",
+);
 
 /// `(type, status, reason)` of each condition in `conditions`.
 fn conditions(conditions: &Value) -> Vec<(String, String, String)> {

@@ -11,12 +11,9 @@ use super::{RouteAction, RoutingTable};
 /// A nodemesh class, a Gateway in `infra` with an HTTP listener for
 /// `*.example.com` admitting routes of every namespace, one only for
 /// `infra`'s own on port 8080, and an HTTPS one whose Secret is missing.
-const GATEWAY: &str = "
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: nodemesh}
-spec: {controllerName: nodemesh.io/gateway-controller}
----
+const GATEWAY: &str = concat!(
+    include_str!("../../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata: {name: other}
@@ -47,7 +44,8 @@ metadata: {name: theirs, namespace: infra}
 spec:
   gatewayClassName: other
   listeners: [{name: web, port: 81, protocol: HTTP}]
-";
+",
+);
 
 const ROUTES: &str = "
 apiVersion: gateway.networking.k8s.io/v1
@@ -327,12 +325,9 @@ fn gateway_status_counts_routes_and_reports_listeners_it_cannot_serve() {
 
 #[test]
 fn addresses_and_unsupported_protocols_are_refused_per_gateway_and_listener() {
-    let gateway = "
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: nodemesh}
-spec: {controllerName: nodemesh.io/gateway-controller}
----
+    let gateway = concat!(
+        include_str!("../../../deploy/kubernetes/05-gatewayclass.yaml"),
+        "---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: fixed}
@@ -347,7 +342,8 @@ metadata: {name: tcp}
 spec:
   gatewayClassName: nodemesh
   listeners: [{name: raw, port: 9000, protocol: TCP}, {name: web, port: 8000, protocol: HTTP}]
-";
+",
+    );
     let table = table(&[("gw.yaml", gateway)]);
     let labels = BTreeMap::new();
     assert!(table.ingress().select(&labels, 80, "x").is_none());
