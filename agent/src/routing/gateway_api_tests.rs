@@ -94,10 +94,9 @@ fn loaded() -> RoutingTable {
 }
 
 fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStatus {
-    let found = table.gateway_api_status().iter();
+    let mut found = table.gateway_api_status().iter();
     found
-        .filter(|s| s.kind == kind && s.name == name)
-        .next()
+        .find(|s| s.kind == kind && s.name == name)
         .unwrap_or_else(|| {
             panic!(
                 "no status of {kind} {name}: {:#?}",
@@ -106,11 +105,11 @@ fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStat
         })
 }
 
-/// `(type, status, reason)` of each condition per parent of a route.
-fn route_conditions(
-    table: &RoutingTable,
-    name: &str,
-) -> Vec<(String, Vec<(&'static str, bool, &'static str)>)> {
+/// `(type, status, reason)` of a condition.
+type Short = (&'static str, bool, &'static str);
+
+/// The conditions of each parent of a route.
+fn route_conditions(table: &RoutingTable, name: &str) -> Vec<(String, Vec<Short>)> {
     let StatusKind::Route { parents } = &status(table, "HTTPRoute", name).status else {
         panic!("not a route status");
     };
@@ -128,7 +127,7 @@ fn route_conditions(
         .collect()
 }
 
-fn short(c: &Condition) -> (&'static str, bool, &'static str) {
+fn short(c: &Condition) -> Short {
     (c.kind, c.status, c.reason)
 }
 
