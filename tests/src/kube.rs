@@ -439,6 +439,29 @@ impl Kube {
             .as_str()
             .context("no name")?
             .to_owned();
+        let namespace = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
+        let api = self.api(api_version, kind, namespace)?;
+        let mut params = PatchParams::apply(MANAGER).force();
+        params.dry_run = dry_run;
+        self.block_on(api.patch(&name, &params, &Patch::Apply(&doc)))
+            .with_context(|| format!("applying {kind} {name}"))
+    }
+
+    /// Object `kind` `name` (in `namespace` if the kind is namespaced), as
+    /// the API server has it now, status included; `None` if absent.
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<DynamicObject>> {
+        let api = self.api(api_version, kind, namespace)?;
+        Ok(self.block_on(api.get_opt(name))?)
+    }
+
+    /// The API of `kind`, in `namespace` if it is namespaced.
+    fn api(&self, api_version: &str, kind: &str, namespace: &str) -> Result<Api<DynamicObject>> {
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
         let gvk = GroupVersionKind::gvk(group, version, kind);
         // A CRD applied just before takes a moment to be served.
@@ -452,17 +475,10 @@ impl Kube {
                 Err(_) => thread::sleep(Duration::from_millis(100)),
             }
         };
-        let api: Api<DynamicObject> = match caps.scope {
+        Ok(match caps.scope {
             Scope::Cluster => Api::all_with(self.client(), &resource),
-            Scope::Namespaced => {
-                let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
-                Api::namespaced_with(self.client(), ns, &resource)
-            }
-        };
-        let mut params = PatchParams::apply(MANAGER).force();
-        params.dry_run = dry_run;
-        self.block_on(api.patch(&name, &params, &Patch::Apply(&doc)))
-            .with_context(|| format!("applying {kind} {name}"))
+            Scope::Namespaced => Api::namespaced_with(self.client(), namespace, &resource),
+        })
     }
 
     /// Deletes `kind` `name` in `namespace` (no-op if absent).

@@ -437,3 +437,110 @@ fn bad_gateway_input_is_reported_by_file_object_and_field_and_the_rest_keeps_rou
     let replies = get(&mesh, &outside, &url, 20, &host);
     assert_eq!(count_by(&replies, Reply::version), only("v1", 20));
 }
+
+/// Gateway API: a nodemesh GatewayClass, a Gateway with an HTTP listener for
+/// `*.example.com` on port 80, a route for `web.example.com` sending
+/// `/tagged` with a header the application echoes, and a route
+/// whose hostname the listener does not admit.
+const WEB_GATEWAY_API: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public}
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - {name: web, port: 80, protocol: HTTP, hostname: \"*.example.com\"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{name: public, sectionName: web}]
+  hostnames: [web.example.com]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /tagged}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-route, value: gateway-api}]}
+    backendRefs: [{name: web, port: 9080}]
+  - backendRefs: [{name: web, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: elsewhere}
+spec:
+  parentRefs: [{name: public}]
+  hostnames: [shop.other.org]
+  rules: [{backendRefs: [{name: web, port: 9080}]}]
+",
+);
+
+#[test]
+fn the_same_through_a_gateway_api_gateway_and_http_route() {
+    let (mesh, outside) = web_mesh();
+    mesh.apply("gateway-api.yaml", WEB_GATEWAY_API).unwrap();
+    wait_listening(&mesh, "default/public");
+    // Every node serves it, into the mesh over mutual TLS.
+    for node in ["node-a", "node-b"] {
+        let url = at(&mesh, node, "/tagged");
+        let replies = get(&mesh, &outside, &url, 10, &["-H", "Host: web.example.com"]);
+        for reply in &replies {
+            assert_eq!(reply.status, 200, "{node}: {reply:?}");
+            let doc = reply.json().unwrap();
+            assert!(
+                doc["name"].as_str().unwrap_or_default().starts_with("web-"),
+                "{doc:#}"
+            );
+            assert_eq!(doc["headers"]["x-route"], "gateway-api", "{doc:#}");
+            assert_eq!(doc["headers"]["x-forwarded-for"], "10.0.0.210", "{doc:#}");
+        }
+    }
+    let plain = get(
+        &mesh,
+        &outside,
+        &at(&mesh, "node-a", "/"),
+        1,
+        &["-H", "Host: web.example.com"],
+    );
+    assert_eq!(plain[0].status, 200, "{plain:?}");
+    assert!(plain[0].json().unwrap()["headers"]["x-route"].is_null());
+
+    // The listener does not admit the other route's hostname: not attached,
+    // reported, and its host is not found.
+    wait_warning(
+        &mesh,
+        &[
+            "HTTPRoute default/elsewhere (",
+            "gateway-api.yaml",
+            "spec.parentRefs[0]: no hostname of the route matches listener web",
+        ],
+    );
+    let other = get(
+        &mesh,
+        &outside,
+        &at(&mesh, "node-a", "/"),
+        1,
+        &["-H", "Host: shop.other.org"],
+    );
+    assert_eq!(other[0].status, 404, "{other:?}");
+    let gateways = cli_json(&mesh, "node-a", &["gateways", "-o", "json"]);
+    let server = gateways["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["gateway"] == "default/public")
+        .unwrap();
+    assert_eq!(
+        server["hosts"],
+        serde_json::json!(["*.example.com"]),
+        "{server:#}"
+    );
+    assert!(
+        server["routes"]
+            .to_string()
+            .contains("HTTPRoute default/web ("),
+        "{server:#}"
+    );
+}

@@ -167,6 +167,173 @@ fn labelling_a_namespace_enrols_its_pods_and_istio_routing_applies() -> Result<(
     Ok(())
 }
 
+/// A nodemesh Gateway with an HTTPRoute to Service `web`, one to a missing
+/// Service, and a VirtualService bound to an Istio Gateway that does not
+/// exist.
+const GATEWAY_API: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public}
+spec:
+  gatewayClassName: nodemesh
+  listeners: [{name: web, port: 8081, protocol: HTTP, hostname: \"*.example.com\"}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{name: public}]
+  hostnames: [web.example.com]
+  rules: [{backendRefs: [{name: web, port: 9080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: broken}
+spec:
+  parentRefs: [{name: public, sectionName: web}]
+  rules: [{backendRefs: [{name: missing, port: 9080}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: stray}
+spec:
+  hosts: [web.example.com]
+  gateways: [nowhere]
+  http: [{route: [{destination: {host: web}}]}]
+",
+);
+
+/// `(type, status, reason)` of each condition in `conditions`.
+fn conditions(conditions: &Value) -> Vec<(String, String, String)> {
+    let text = |c: &Value, f: &str| c[f].as_str().unwrap_or_default().to_owned();
+    let all = conditions.as_array().into_iter().flatten();
+    all.map(|c| (text(c, "type"), text(c, "status"), text(c, "reason")))
+        .collect()
+}
+
+/// Polls the status of Gateway API object `kind` `name` until `done` holds.
+fn wait_object_status(
+    cluster: &KubeMesh,
+    kind: &str,
+    name: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let object = cluster.kube().get(
+            "gateway.networking.k8s.io/v1",
+            kind,
+            cluster.namespace(),
+            name,
+        )?;
+        let status = object
+            .and_then(|o| o.data.get("status").cloned())
+            .unwrap_or_default();
+        if done(&status) {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("{kind} {name}: status {status:#}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn agents_write_gateway_api_status_and_warn_with_events() -> Result<()> {
+    let cluster = mesh(true)?;
+    cluster.service("web", 31)?;
+    cluster.apply(GATEWAY_API)?;
+    let namespace = cluster.namespace().to_owned();
+    let accepted = |parent: &Value| {
+        conditions(&parent["conditions"])
+            .first()
+            .map(|c| c.1.clone())
+            == Some("True".into())
+    };
+    let status = wait_object_status(&cluster, "HTTPRoute", "web", |s| {
+        s["parents"]
+            .as_array()
+            .is_some_and(|p| p.len() == 1 && accepted(&p[0]))
+    })?;
+    let parent = &status["parents"][0];
+    assert_eq!(parent["controllerName"], "nodemesh.io/gateway-controller");
+    assert_eq!(parent["parentRef"]["name"], "public", "{status:#}");
+    assert_eq!(parent["parentRef"]["namespace"], namespace.as_str());
+    assert!(
+        parent["conditions"][0]["observedGeneration"].is_i64(),
+        "{status:#}"
+    );
+    assert_eq!(
+        conditions(&parent["conditions"]),
+        [
+            ("Accepted".into(), "True".into(), "Accepted".into()),
+            ("ResolvedRefs".into(), "True".into(), "ResolvedRefs".into())
+        ]
+    );
+    let broken = wait_object_status(&cluster, "HTTPRoute", "broken", |s| {
+        s["parents"][0]["conditions"].is_array()
+    })?;
+    assert_eq!(
+        conditions(&broken["parents"][0]["conditions"]),
+        [
+            ("Accepted".into(), "True".into(), "Accepted".into()),
+            (
+                "ResolvedRefs".into(),
+                "False".into(),
+                "BackendNotFound".into()
+            )
+        ]
+    );
+    let gateway = wait_object_status(&cluster, "Gateway", "public", |s| {
+        s["listeners"][0]["attachedRoutes"] == 2
+    })?;
+    assert_eq!(
+        conditions(&gateway["conditions"]),
+        [
+            ("Accepted".into(), "True".into(), "Accepted".into()),
+            ("Programmed".into(), "True".into(), "Programmed".into())
+        ]
+    );
+    wait_object_status(&cluster, "GatewayClass", "nodemesh", |s| {
+        conditions(&s["conditions"]).first().map(|c| c.1.as_str()) == Some("True")
+    })?;
+
+    // A transition time stays while the condition holds: a change elsewhere
+    // in the route rewrites its status, not the time.
+    let since = parent["conditions"][0]["lastTransitionTime"].clone();
+    let edited = GATEWAY_API.replace(
+        "rules: [{backendRefs: [{name: web, port: 9080}]}]",
+        "rules: [{backendRefs: [{name: web, port: 9080, weight: 2}]}]",
+    );
+    assert_ne!(edited, GATEWAY_API);
+    cluster.apply(&edited)?;
+    let later = wait_object_status(&cluster, "HTTPRoute", "web", |s| {
+        s["parents"][0]["conditions"][0]["observedGeneration"] == 2
+    })?;
+    assert_eq!(
+        later["parents"][0]["conditions"][0]["lastTransitionTime"],
+        since
+    );
+
+    // The Istio Gateway warning, as an Event on the VirtualService.
+    let deadline = Instant::now() + TIMEOUT;
+    let notes = loop {
+        let notes = cluster
+            .kube()
+            .event_notes(&namespace, "VirtualService", "stray")?;
+        if !notes.is_empty() || Instant::now() > deadline {
+            break notes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let missing = format!("spec.gateways[0]: Gateway {namespace}/nowhere does not exist");
+    assert!(notes.iter().any(|n| n.contains(&missing)), "{notes:?}");
+    Ok(())
+}
+
 #[test]
 fn pods_enrol_and_release_as_they_come_and_go() -> Result<()> {
     let mut cluster = mesh(true)?;

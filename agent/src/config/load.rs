@@ -107,6 +107,9 @@ enum Kind {
     DestinationRule,
     HttpRoute,
     Gateway,
+    GatewayClass,
+    /// The Gateway API's `Gateway`, named like Istio's.
+    ApiGateway,
     PeerAuthentication,
     AuthorizationPolicy,
     Telemetry,
@@ -120,7 +123,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 15] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -130,6 +133,8 @@ impl Kind {
         Kind::DestinationRule,
         Kind::HttpRoute,
         Kind::Gateway,
+        Kind::GatewayClass,
+        Kind::ApiGateway,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
@@ -144,7 +149,7 @@ impl Kind {
             Kind::Namespace | Kind::Node | Kind::Service | Kind::Secret => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
             Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => ISTIO_NETWORKING,
-            Kind::HttpRoute => &[
+            Kind::HttpRoute | Kind::GatewayClass | Kind::ApiGateway => &[
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
@@ -165,7 +170,8 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
-            Kind::Gateway => "Gateway",
+            Kind::Gateway | Kind::ApiGateway => "Gateway",
+            Kind::GatewayClass => "GatewayClass",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
@@ -446,6 +452,16 @@ impl Loader {
                     self.routing.gateways.push((origin, draft));
                 }
             }
+            Kind::GatewayClass => {
+                if let Some(draft) = self.parse(&origin, doc, routing::gateway_class) {
+                    self.routing.gateway_classes.push((origin, draft));
+                }
+            }
+            Kind::ApiGateway => {
+                if let Some(draft) = self.parse(&origin, doc, routing::api_gateway) {
+                    self.routing.api_gateways.push((origin, draft));
+                }
+            }
             Kind::PeerAuthentication => {
                 if let Some(draft) = self.parse(&origin, doc, security::peer_authentication) {
                     self.peer_authentications.push((origin, draft));
@@ -684,7 +700,15 @@ fn object_name(kind: Kind, doc: &Map<String, Value>) -> Option<String> {
     let metadata = doc.get("metadata")?;
     let name = metadata.get("name")?.as_str()?;
     Some(match kind {
-        Kind::Namespace | Kind::Node => format!("{} {name}", kind.name()),
+        Kind::Namespace | Kind::Node | Kind::GatewayClass => format!("{} {name}", kind.name()),
+        // Told apart from an Istio Gateway of the same name.
+        Kind::ApiGateway => format!(
+            "Gateway.gateway.networking.k8s.io {}/{name}",
+            metadata
+                .get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(model::DEFAULT)
+        ),
         _ => {
             let namespace = metadata.get("namespace").and_then(Value::as_str);
             format!(
@@ -1335,6 +1359,8 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
+                         gateway.networking.k8s.io/v1|v1beta1 GatewayClass, \
+                         gateway.networking.k8s.io/v1|v1beta1 Gateway, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
                          telemetry.istio.io/v1|v1alpha1 Telemetry, v1 Secret)";

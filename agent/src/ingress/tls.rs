@@ -53,6 +53,18 @@ pub struct ServerTlsSpec {
     cipher_suites: Vec<String>,
 }
 
+impl ServerTlsSpec {
+    /// Terminating with the certificate of Secret `credential_name`, as a
+    /// Gateway API listener's `certificateRefs` asks.
+    pub(crate) fn terminate(credential_name: String) -> ServerTlsSpec {
+        ServerTlsSpec {
+            mode: Some(ModeSpec::Simple),
+            credential_name: Some(credential_name),
+            ..ServerTlsSpec::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 enum ModeSpec {

@@ -21,6 +21,8 @@ pub(crate) struct Drafts {
     pub destination_rules: Vec<(Origin, DestinationRuleDraft)>,
     pub http_routes: Vec<(Origin, HttpRouteDraft)>,
     pub gateways: Vec<(Origin, super::istio_gateway::GatewayDraft)>,
+    pub gateway_classes: Vec<(Origin, super::gateway_api::GatewayClassDraft)>,
+    pub api_gateways: Vec<(Origin, super::gateway_api::GatewayDraft)>,
 }
 
 pub(crate) struct VirtualServiceDraft {
@@ -46,6 +48,10 @@ pub(crate) struct DestinationRuleDraft {
 pub(crate) struct HttpRouteDraft {
     pub(super) meta: Meta,
     pub(super) parents: Vec<ParentRef>,
+    /// Gateway API Gateways it attaches to (see [`super::gateway_api`]).
+    pub(super) gateway_parents: Vec<super::gateway_api::GatewayParent>,
+    /// `spec.hostnames`, lowercase: read at Gateways only.
+    pub(super) hostnames: Vec<String>,
     /// One route per rule and match, so that matches of all rules (and of
     /// all routes attached to a Service) can be ordered by precedence.
     pub(super) routes: Vec<(Precedence, RouteDraft)>,
@@ -238,7 +244,8 @@ pub(crate) fn compile(
             .map(|(o, d)| (o, &d.warnings)),
     )
     .chain(drafts.http_routes.iter().map(|(o, d)| (o, &d.warnings)))
-    .chain(drafts.gateways.iter().map(|(o, d)| (o, &d.warnings)));
+    .chain(drafts.gateways.iter().map(|(o, d)| (o, &d.warnings)))
+    .chain(drafts.api_gateways.iter().map(|(o, d)| (o, &d.warnings)));
     for (origin, object_warnings) in objects {
         for (field, message) in &object_warnings.0 {
             warnings.push(format!("{origin}: {field}: {message}"));
@@ -269,7 +276,29 @@ pub(crate) fn compile(
             );
         }
     }
-    let ingress = super::ingress::bind(drafts.gateways, &services, config, &mut warnings);
+    let mut ingress = super::ingress::bind(drafts.gateways, &services, config, &mut warnings);
+    // Unresolved backends are reported in the routes' status, not as errors.
+    let mut resolve = |draft: &mut RouteDraft, namespace: &str, origin: &Origin| {
+        let fields = (&GATEWAY_FIELDS, &mut names);
+        resolve_destinations(
+            config,
+            draft,
+            namespace,
+            &policies,
+            fields,
+            origin,
+            &mut Vec::new(),
+        );
+    };
+    let (api_gateways, gateway_api) = super::gateway_api::compile(
+        drafts.gateway_classes,
+        drafts.api_gateways,
+        &drafts.http_routes,
+        config,
+        &mut resolve,
+        &mut warnings,
+    );
+    ingress.gateways.extend(api_gateways);
     let mut hosts = bind_virtual_services(config, &services, errors, &mut warnings);
     bind_http_routes(
         config,
@@ -286,6 +315,7 @@ pub(crate) fn compile(
         warnings,
     );
     table.ingress = ingress;
+    table.gateway_api = gateway_api;
     table
 }
 

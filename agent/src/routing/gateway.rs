@@ -12,9 +12,10 @@ use serde::Deserialize;
 use crate::config::{check_dns_label, check_metadata, port_number, Issues, Meta, Object};
 
 use super::compile::{
-    count, duration, full_match_regex, header_name, header_value, path_rank, percent,
+    check_host, count, duration, full_match_regex, header_name, header_value, path_rank, percent,
     HttpRouteDraft, ParentRef, Precedence, RouteDraft, Warnings,
 };
+use super::gateway_api;
 use super::{
     Destination, HeaderEdits, HeaderOps, HttpRoute, Mirror, PathRewrite, Redirect, RequestMatch,
     RetryPolicy, Rewrite, RouteAction, StringMatch, WeightedDestination,
@@ -237,22 +238,35 @@ pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> Htt
         warnings.add("spec.parentRefs", "no parent: the route applies to nothing");
     }
     let mut parents = Vec::new();
+    let mut gateway_parents = Vec::new();
     for (i, p) in spec.parent_refs.into_iter().enumerate() {
         let field = format!("spec.parentRefs[{i}]");
-        let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+        let group = p.group.as_deref().unwrap_or(gateway_api::GROUP);
         let kind = p.kind.as_deref().unwrap_or("Gateway");
+        let parent_namespace = p.namespace.as_deref().unwrap_or(namespace);
+        if gateway_api::is_gateway(group, kind) {
+            check_dns_label(&p.name, &format!("{field}.name"), issues);
+            gateway_parents.push(gateway_api::GatewayParent {
+                namespace: parent_namespace.to_owned(),
+                name: p.name,
+                section_name: p.section_name,
+                port: p
+                    .port
+                    .and_then(|n| port_number(n, format!("{field}.port"), issues)),
+                field,
+            });
+            continue;
+        }
         if kind != "Service" || !matches!(group, "" | "core") {
             warnings.add(
                 &field,
                 format!(
-                    "parent {kind} {} is not a Service; only routes attached to Services apply \
-                     to mesh traffic, this parent is ignored",
+                    "parent {kind} {} is neither a Service nor a Gateway; this parent is ignored",
                     p.name
                 ),
             );
             continue;
         }
-        let parent_namespace = p.namespace.as_deref().unwrap_or(namespace);
         check_dns_label(&p.name, &format!("{field}.name"), issues);
         parents.push(ParentRef {
             host: format!("{}.{parent_namespace}", p.name),
@@ -263,10 +277,14 @@ pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> Htt
             field,
         });
     }
+    for (i, host) in spec.hostnames.iter().enumerate() {
+        check_host(host, format!("spec.hostnames[{i}]"), issues);
+    }
     if !parents.is_empty() && !spec.hostnames.is_empty() {
         warnings.add(
             "spec.hostnames",
-            "ignored: a route attached to a Service applies to all its traffic",
+            "ignored for Service parents: a route attached to a Service applies to all its \
+             traffic",
         );
     }
     let mut routes = Vec::new();
@@ -276,6 +294,12 @@ pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> Htt
     HttpRouteDraft {
         meta: Meta::new(&doc.metadata),
         parents,
+        gateway_parents,
+        hostnames: spec
+            .hostnames
+            .iter()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            .collect(),
         routes,
         warnings,
     }

@@ -138,7 +138,8 @@ pub fn request_host(authority: &str) -> String {
 /// Every Gateway of the config, oldest first, with what is bound to it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IngressTable {
-    gateways: Vec<Gateway>,
+    /// Istio's, then the Gateway API's (see [`super::gateway_api`]).
+    pub(super) gateways: Vec<Gateway>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -445,7 +446,7 @@ fn bind_hosts(
 
 /// A destination without a port at a Gateway goes to the Service's only
 /// port, as in Istio (a workload's request keeps the port it dialled).
-fn default_ports(
+pub(super) fn default_ports(
     routes: &mut [super::HttpRoute],
     config: &Config,
     origin: &Origin,

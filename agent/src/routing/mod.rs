@@ -8,6 +8,9 @@
 
 mod compile;
 mod gateway;
+pub mod gateway_api;
+#[cfg(test)]
+mod gateway_api_tests;
 mod index;
 pub mod ingress;
 pub mod ingress_l4;
@@ -28,6 +31,7 @@ use serde::Serialize;
 
 pub(crate) use compile::{compile, Drafts};
 pub(crate) use gateway::http_route;
+pub(crate) use gateway_api::{gateway as api_gateway, gateway_class};
 use index::PathIndex;
 pub(crate) use istio::{destination_rule, virtual_service};
 pub(crate) use istio_gateway::istio_gateway;
@@ -43,8 +47,11 @@ pub struct RoutingTable {
     /// Conflicts resolved and settings accepted but not enforced; reported by
     /// `nodemesh status` and `nodemesh routes`.
     pub warnings: Vec<String>,
-    /// Istio Gateways and the VirtualServices bound to them.
+    /// Istio Gateways and the VirtualServices bound to them, then Gateway
+    /// API Gateways and the HTTPRoutes attached to them.
     ingress: ingress::IngressTable,
+    /// The status of the Gateway API objects nodemesh controls.
+    gateway_api: Vec<gateway_api::ObjectStatus>,
 }
 
 impl RoutingTable {
@@ -58,7 +65,13 @@ impl RoutingTable {
             policies,
             warnings,
             ingress: ingress::IngressTable::default(),
+            gateway_api: Vec::new(),
         }
+    }
+
+    /// What Kubernetes mode writes to the status of Gateway API objects.
+    pub fn gateway_api_status(&self) -> &[gateway_api::ObjectStatus] {
+        &self.gateway_api
     }
 
     /// Gateways, their servers and the routes bound to them.

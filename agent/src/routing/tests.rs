@@ -706,13 +706,14 @@ fn gateway_api_routes_attach_to_services() {
     let expected = [("default/reviews-v1".to_owned(), None, 1)];
     assert_eq!(forward(&reviews.routes[1]), expected);
 
-    // Attached to Gateways only: valid, and nothing for the mesh.
+    // Attached to Gateways only: valid, and nothing for the mesh (the
+    // Gateway does not exist; its missing backend is not reported then).
     let table3 = table(&[("f.yaml", HTTP_FILTER), ("t.yaml", TIMEOUT_EXAMPLE)]);
     assert_eq!(table3.route_count(), 0);
     assert_eq!(table3.warnings.len(), 2, "{:#?}", table3.warnings);
     assert!(table3.warnings[0].contains("spec.parentRefs: no parent"));
     assert!(table3.warnings[1]
-        .contains("spec.parentRefs[0]: parent Gateway example-gateway is not a Service"));
+        .contains("spec.parentRefs[0]: Gateway default/example-gateway does not exist"));
 }
 
 #[test]

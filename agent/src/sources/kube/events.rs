@@ -1,29 +1,35 @@
 //! Kubernetes Events on invalid objects, so that `kubectl describe` and `kubectl get
-//! events` show why the mesh ignores an object.
+//! events` show why the mesh ignores an object, and on objects the mesh applies with a
+//! warning (a Gateway host claimed by an older Gateway, a VirtualService bound to a
+//! Gateway that does not exist...).
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::snapshot::Invalid;
+use super::snapshot::{Notice, Problem};
 
 /// Reporting component of the Events.
 const CONTROLLER: &str = "nodemesh-agent";
 /// The API server refuses longer notes.
 const NOTE_MAX: usize = 1024;
 
-/// Publishes a Warning Event for each invalid object received, until the sender is gone.
-pub(super) async fn publish(client: Client, node: String, mut invalid: UnboundedReceiver<Invalid>) {
+/// Publishes a Warning Event for each notice received, until the sender is gone.
+pub(super) async fn publish(client: Client, node: String, mut invalid: UnboundedReceiver<Notice>) {
     let reporter = Reporter {
         controller: CONTROLLER.to_owned(),
         instance: Some(node),
     };
     let recorder = Recorder::new(client, reporter);
-    while let Some((reference, note)) = invalid.recv().await {
+    while let Some((reference, problem, note)) = invalid.recv().await {
+        let (reason, note) = match problem {
+            Problem::Invalid => ("InvalidConfig", format!("skipped by the mesh: {note}")),
+            Problem::Warning => ("ConfigWarning", note),
+        };
         let event = Event {
             type_: EventType::Warning,
-            reason: "InvalidConfig".to_owned(),
-            note: Some(truncate(format!("skipped by the mesh: {note}"))),
+            reason: reason.to_owned(),
+            note: Some(truncate(note)),
             action: "Validate".to_owned(),
             secondary: None,
         };

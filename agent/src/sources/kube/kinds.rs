@@ -39,7 +39,7 @@ pub(super) struct Kind {
 const ISTIO_NETWORKING: &str = "networking.istio.io";
 const ISTIO_SECURITY: &str = "security.istio.io";
 const ISTIO_TELEMETRY: &str = "telemetry.istio.io";
-const GATEWAY_API: &str = "gateway.networking.k8s.io";
+pub(super) const GATEWAY_API: &str = crate::routing::gateway_api::GROUP;
 
 /// Every kind the agent watches, cluster-wide, as [`Object`]s. Pods, by far the most
 /// numerous, are watched apart as typed summaries (see `pods`).
@@ -75,7 +75,15 @@ pub(super) const WATCHED: &[Kind] = &[
         "authorizationpolicies",
     ),
     Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
-    Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes"),
+    // Their status is kept: agents write it only when it differs (see `gateway_status`).
+    Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes").keeping(spec_and_status),
+    Kind::spec(GATEWAY_API, "v1", "Gateway", "gateways")
+        .keeping(spec_and_status)
+        .for_agents_only(),
+    Kind::spec(GATEWAY_API, "v1", "GatewayClass", "gatewayclasses")
+        .cluster_scoped()
+        .keeping(spec_and_status)
+        .for_agents_only(),
     Kind::core("Secret", "secrets", true, secrets::trim)
         .with_fields(secrets::FIELD_SELECTOR)
         .for_agents_only(),
@@ -175,6 +183,17 @@ impl Kind {
         })
     }
 
+    const fn cluster_scoped(self) -> Kind {
+        Kind {
+            namespaced: false,
+            ..self
+        }
+    }
+
+    const fn keeping(self, trim: Trim) -> Kind {
+        Kind { trim, ..self }
+    }
+
     /// Drops what is never read before `object` is stored.
     pub fn strip(&self, object: &mut Object) {
         strip_meta(&mut object.metadata);
@@ -185,6 +204,10 @@ impl Kind {
     /// loader reads and the fields kept. Built for one snapshot and dropped after.
     pub fn document(&self, object: &Object) -> Value {
         let mut doc = object.body();
+        if self.group == GATEWAY_API {
+            // Kept for `gateway_status` only.
+            doc.remove("status");
+        }
         doc.insert("apiVersion".into(), json!(self.api_version()));
         doc.insert("kind".into(), json!(self.kind));
         doc.insert("metadata".into(), metadata(&object.metadata));
@@ -256,6 +279,15 @@ fn spec(mut object: Map<String, Value>) -> Map<String, Value> {
     let spec = object.remove("spec").unwrap_or(json!({}));
     let mut kept = Map::new();
     kept.insert("spec".into(), spec);
+    kept
+}
+
+fn spec_and_status(mut object: Map<String, Value>) -> Map<String, Value> {
+    let status = object.remove("status");
+    let mut kept = spec(object);
+    if let Some(status) = status {
+        kept.insert("status".into(), status);
+    }
     kept
 }
 

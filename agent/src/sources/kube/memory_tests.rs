@@ -196,6 +196,7 @@ fn held_at(services: u32) -> HashMap<&'static str, isize> {
         netns: Arc::new(NetnsHealth::default()),
         events: None,
         reported: HashSet::new(),
+        statuses: None,
         last_valid: HashMap::new(),
     };
     let before = live_bytes();

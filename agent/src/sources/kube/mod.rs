@@ -11,6 +11,7 @@
 
 mod endpoint_slices;
 mod events;
+mod gateway_status;
 mod kinds;
 #[cfg(test)]
 mod memory_tests;
@@ -144,6 +145,12 @@ pub(super) async fn start(
         )));
         sender
     });
+    // Agents write the status of the Gateway API objects they serve; the CA does not.
+    let statuses = settings.node.as_ref().map(|_| {
+        let (sender, needed) = tokio::sync::watch::channel(Vec::new());
+        tasks.push(tokio::spawn(gateway_status::write(client.clone(), needed)));
+        sender
+    });
     let netns = Arc::new(NetnsHealth::default());
     let mut snapshots = Snapshots {
         stores,
@@ -155,6 +162,7 @@ pub(super) async fn start(
         netns: netns.clone(),
         events,
         reported: HashSet::new(),
+        statuses,
         last_valid: HashMap::new(),
     };
     let reloader = Reloader::spawn_with(store, move |store| snapshots.load(store))

@@ -10,17 +10,28 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::reflector::Store;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, ConfigErrors, ConfigStore, LoadOptions};
 
-use super::kinds::Kind;
+use super::gateway_status;
+use super::kinds::{Kind, GATEWAY_API};
 use super::object::Object;
 use super::pod_summary::PodSummary;
 use super::pods::{self, Context};
 use super::status::Status;
 
-/// An invalid object to tell about with a Kubernetes Event: the object and what is wrong.
-pub(super) type Invalid = (ObjectReference, String);
+/// An object to tell about with a Kubernetes Event: the object, the kind of problem
+/// and what it is.
+pub(super) type Notice = (ObjectReference, Problem, String);
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Problem {
+    /// The object is skipped.
+    Invalid,
+    /// The object applies, with a routing warning.
+    Warning,
+}
 
 /// Whether the local pods' network namespaces need looking for again.
 #[derive(Default)]
@@ -53,10 +64,12 @@ pub(super) struct Snapshots {
     pub node: Option<String>,
     pub status: Arc<Status>,
     pub netns: Arc<NetnsHealth>,
-    /// Invalid objects to publish Events for, when the source serves an agent.
-    pub events: Option<UnboundedSender<Invalid>>,
+    /// Objects to publish Events for, when the source serves an agent.
+    pub events: Option<UnboundedSender<Notice>>,
     /// What was reported already: each problem gets one Event, not one per snapshot.
     pub reported: HashSet<(PathBuf, String)>,
+    /// The status writes of Gateway API objects, when the source serves an agent.
+    pub statuses: Option<watch::Sender<Vec<gateway_status::Apply>>>,
     /// The objects of the last snapshot: an object changed into an invalid one keeps
     /// serving its last valid version, as a rejected file does in the YAML mode.
     pub last_valid: LastValid<Source>,
@@ -128,6 +141,8 @@ impl Snapshots {
                 self.last_valid = kept;
                 config.log_warnings();
                 self.track_netns(&config);
+                self.write_statuses(&config);
+                let warnings = config.routing().warnings.clone();
                 let (workloads, services) = (config.workloads().len(), config.services().len());
                 store.replace(config);
                 log::info!(
@@ -136,7 +151,7 @@ impl Snapshots {
                     store.generation(),
                     skipped.len()
                 );
-                self.report(&skipped, &invalid);
+                self.report(&skipped, &warnings, &invalid);
                 self.status
                     .synced(skipped.iter().map(ToString::to_string).collect());
             }
@@ -160,8 +175,39 @@ impl Snapshots {
         *self.netns.used.lock().unwrap_or_else(|e| e.into_inner()) = used;
     }
 
-    /// Logs every skipped object, and sends an Event for each problem not reported yet.
-    fn report(&mut self, skipped: &[ConfigError], sources: &HashMap<PathBuf, Source>) {
+    /// Sends the writes the Gateway API objects' status needs to the writer.
+    fn write_statuses(&self, config: &Config) {
+        let Some(statuses) = &self.statuses else {
+            return;
+        };
+        let mut watched = gateway_status::Watched::new();
+        for (kind, objects) in self.stores.iter().filter(|(k, _)| k.group == GATEWAY_API) {
+            for object in objects.state() {
+                let meta = &object.metadata;
+                let key = (
+                    kind.kind,
+                    meta.namespace.clone(),
+                    meta.name.clone().unwrap_or_default(),
+                );
+                watched.insert(key, (*kind, object));
+            }
+        }
+        let needed = gateway_status::needed(config.routing().gateway_api_status(), &watched);
+        if !needed.is_empty() {
+            statuses.send_replace(needed);
+        }
+    }
+
+    /// Logs every skipped object (`invalid`, as watched), and sends an Event for each
+    /// problem not reported yet: for skipped objects, and for routing warnings on objects
+    /// of the API server (they name the object's path, which the YAML mode's file takes
+    /// the place of).
+    fn report(
+        &mut self,
+        skipped: &[ConfigError],
+        warnings: &[String],
+        invalid: &HashMap<PathBuf, Source>,
+    ) {
         let mut now = HashSet::new();
         for error in skipped {
             let note = match &error.field {
@@ -171,14 +217,31 @@ impl Snapshots {
             let key = (error.file.clone(), note.clone());
             if !self.reported.contains(&key) {
                 log::warn!("skipped invalid object: {error}");
-                let source = sources.get(&error.file);
-                if let (Some(events), Some(source)) = (&self.events, source) {
-                    let _ = events.send((source.reference(), note));
-                }
+                self.notify(invalid.get(&error.file), Problem::Invalid, note);
+            }
+            now.insert(key);
+        }
+        for warning in warnings {
+            let Some(path) = warned_path(warning) else {
+                continue;
+            };
+            let key = (path, warning.clone());
+            if !self.reported.contains(&key) {
+                self.notify(
+                    self.last_valid.get(&key.0),
+                    Problem::Warning,
+                    warning.clone(),
+                );
             }
             now.insert(key);
         }
         self.reported = now;
+    }
+
+    fn notify(&self, source: Option<&Source>, problem: Problem, note: String) {
+        if let (Some(events), Some(source)) = (&self.events, source) {
+            let _ = events.send((source.reference(), problem, note));
+        }
     }
 }
 
@@ -262,6 +325,14 @@ impl Versioned for Source {
     }
 }
 
+/// The object a routing warning is about: warnings start with `Kind ns/name (path):`.
+fn warned_path(warning: &str) -> Option<PathBuf> {
+    let start = warning.find(" (/")? + 2;
+    let end = start + warning[start..].find("):")?;
+    let path = &warning[start..end];
+    (!path.contains(' ')).then(|| PathBuf::from(path))
+}
+
 fn reference(kind: &Kind, object: &Object) -> ObjectReference {
     ObjectReference {
         api_version: Some(kind.api_version()),
@@ -298,6 +369,19 @@ mod tests {
         let loaded = load_skipping_invalid(objects, last_valid, document, &LoadOptions::default());
         let loaded = loaded.unwrap();
         (loaded.config, loaded.kept, loaded.skipped)
+    }
+
+    #[test]
+    fn warnings_name_the_object_path() {
+        let warning = "Gateway shop/b (/apis/networking.istio.io/v1/namespaces/shop/gateways/b): \
+                       spec.servers[0].hosts[0]: host a.com on port 80 is already claimed";
+        assert_eq!(
+            warned_path(warning),
+            Some(PathBuf::from(
+                "/apis/networking.istio.io/v1/namespaces/shop/gateways/b"
+            ))
+        );
+        assert_eq!(warned_path("Service shop/web: also binds it"), None);
     }
 
     #[test]
