@@ -5,10 +5,13 @@
 //!   mesh caller whose hop is DISABLE): PeerAuthentication decides, and a
 //!   STRICT port refuses them;
 //! - as HBONE streams from another node's agent ([`Proxy::admit`]), whose
-//!   caller is authenticated by its certificate.
+//!   caller is authenticated by its certificate;
+//! - from a mesh caller on this node, admitted the same way with the
+//!   caller's own identity: its routed HTTP requests as in-process streams
+//!   from the L7 proxy, its opaque connections as the caller's socket itself
+//!   (one relay of two sockets, carried to the next agent at a hand-over).
 //!
-//! (Same-node mesh callers are delivered by the outbound side directly.)
-//! Either way the connection is delivered from the caller's own address;
+//! In every case the connection is delivered from the caller's own address;
 //! HTTP is served request by request so that `X-Forwarded-Client-Cert`
 //! carries the authenticated caller, and no caller can forge it.
 
