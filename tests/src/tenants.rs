@@ -132,7 +132,7 @@ impl Lab {
     /// Starts the victim's steady traffic: a GET of [`WEB_URL`] every
     /// 50 ms, each on a new connection (so it needs the agent to accept, to
     /// find a descriptor and an endpoint connection every time), until
-    /// [`VictimTraffic::stop`].
+    /// [`VictimTraffic::stop`] (and [`MIN_VICTIM_REQUESTS`] at least).
     pub fn victim_traffic(&self) -> Result<VictimTraffic> {
         let topo = self.mesh.topo();
         let script = write_script(topo, "victim.py", VICTIM_PY)?;
@@ -140,12 +140,14 @@ impl Lab {
         let report = topo
             .work_dir()
             .join(format!("victim-report-{}.json", unique()));
+        let least = MIN_VICTIM_REQUESTS.to_string();
         let args = [
             python3(),
             &*script.to_string_lossy(),
             WEB_URL,
             &*stop_file.to_string_lossy(),
             &*report.to_string_lossy(),
+            &least,
         ];
         let netns = &topo.pod("victim").netns;
         let child = topo
@@ -344,16 +346,18 @@ fn unique() -> String {
     )
 }
 
-/// GET URL every 50 ms on a new connection until STOP_FILE exists; writes
-/// `STOP_FILE.started` after the first success and the report as JSON.
+/// GET URL every 50 ms on a new connection until STOP_FILE exists (and at
+/// least MIN requests were sent, so that a quick attack still overlaps
+/// them); writes `STOP_FILE.started` after the first success and the report
+/// as JSON.
 const VICTIM_PY: &str = r#"
 import http.client, json, os, sys, time, urllib.parse
-url, stop_file, report = sys.argv[1], sys.argv[2], sys.argv[3]
+url, stop_file, report, least = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 u = urllib.parse.urlsplit(url)
 sent = ok = failed = 0
 errors = []
 started = False
-while not os.path.exists(stop_file):
+while sent < least or not os.path.exists(stop_file):
     sent += 1
     try:
         conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=5)
