@@ -75,18 +75,24 @@ impl Endpoint {
     }
 
     /// Peak-EWMA latency scaled by the work queued on the endpoint.
+    ///
+    /// An endpoint never observed costs nothing while no request waits on
+    /// it, so a new endpoint is tried at once (a scale-out gets traffic
+    /// under any load), and [`DEFAULT_RTT`] per request sent to it before
+    /// it answers, so a burst does not all land there. An idle endpoint's
+    /// estimate decays towards zero (as in Finagle and tower): with
+    /// requests one at a time, the slower of three endpoints is never in
+    /// the cheaper of two, and without the decay it would never be tried
+    /// again.
     fn cost(&self, now: u64) -> f64 {
-        let ewma = match self.ewma_ns.load(Ordering::Relaxed) {
-            0 => DEFAULT_RTT.as_nanos() as f64,
+        let pending = self.pending.load(Ordering::Relaxed) as f64;
+        match self.ewma_ns.load(Ordering::Relaxed) {
+            0 => DEFAULT_RTT.as_nanos() as f64 * pending,
             ns => {
-                // Decay towards the default while the endpoint is not used, so
-                // a slow spell is forgotten.
                 let age = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-                let w = (-age / DECAY.as_nanos() as f64).exp();
-                ns as f64 * w + DEFAULT_RTT.as_nanos() as f64 * (1.0 - w)
+                ns as f64 * (-age / DECAY.as_nanos() as f64).exp() * (pending + 1.0)
             }
-        };
-        ewma * (self.pending.load(Ordering::Relaxed) as f64 + 1.0)
+        }
     }
 
     fn observe_latency(&self, rtt: Duration, now: u64) {
@@ -163,11 +169,22 @@ impl Cluster {
         lb: Option<&LoadBalancer>,
         hash: &HashInput<'_>,
     ) -> Option<Pick> {
+        self.pick_at(candidates, avoid, lb, hash, now_ns())
+    }
+
+    /// [`Cluster::pick`] at time `now` (tests move it).
+    fn pick_at(
+        &self,
+        candidates: &[SocketAddr],
+        avoid: &[SocketAddr],
+        lb: Option<&LoadBalancer>,
+        hash: &HashInput<'_>,
+        now: u64,
+    ) -> Option<Pick> {
         if let [addr] = candidates {
             // Healthy or not (panic mode), tried or not: the only one.
             return Some(Pick::new(*addr, &self.endpoint(*addr)));
         }
-        let now = now_ns();
         let all: Vec<(SocketAddr, Arc<Endpoint>)> =
             candidates.iter().map(|&a| (a, self.endpoint(a))).collect();
         let healthy: Vec<_> = all.iter().filter(|(_, e)| !e.is_ejected(now)).collect();
@@ -419,6 +436,40 @@ mod tests {
             .filter(|_| cluster.pick(&eps, &[], None, &no_hash()).unwrap().addr == eps[1])
             .count();
         assert_eq!(fast_picks, 100);
+    }
+
+    /// Requests one at a time to three endpoints, one of them new: the new
+    /// one is tried at once, and the one left slowest is tried again once
+    /// its estimate has decayed below the others'.
+    #[test]
+    fn peak_ewma_tries_new_endpoints_and_starves_none() {
+        let cluster = Cluster::default();
+        let eps = addrs(3);
+        let now = now_ns();
+        for (addr, rtt) in [(eps[0], 300), (eps[1], 600)] {
+            cluster
+                .endpoint(addr)
+                .observe_latency(Duration::from_micros(rtt), now);
+        }
+        let picked: Vec<_> = (0..30)
+            .map(|_| cluster.pick(&eps, &[], None, &no_hash()).unwrap().addr)
+            .collect();
+        assert!(picked.contains(&eps[2]), "the new endpoint: {picked:?}");
+
+        // 30 s later, the slowest beats the others just used.
+        let later = now + 30_000_000_000;
+        for addr in [eps[0], eps[2]] {
+            cluster
+                .endpoint(addr)
+                .observe_latency(Duration::from_micros(100), later);
+        }
+        let picked: Vec<_> = (0..30)
+            .map(|_| {
+                let pick = cluster.pick_at(&eps, &[], None, &no_hash(), later);
+                pick.unwrap().addr
+            })
+            .collect();
+        assert!(picked.contains(&eps[1]), "the idle slow one: {picked:?}");
     }
 
     #[test]
