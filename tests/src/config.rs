@@ -202,9 +202,13 @@ pub fn join(docs: &[String]) -> String {
 }
 
 /// Atomically writes `docs` (joined with `---`) to `dir/file`: the text goes
-/// to a hidden temporary file `.<file>.tmp-…` in the same directory, which
-/// is then renamed over `dir/file`, so a watching agent never reads half a
-/// file. Creates `dir` if needed.
+/// to a hidden temporary file `.<file>.tmp-…` beside `dir` (in its parent,
+/// the test's work directory), which is then renamed over `dir/file`. A
+/// watching agent never reads half a file, and sees one event per write:
+/// a temporary file inside `dir` would start a reload of the old content
+/// whenever writing it outlasts the agent's 20 ms debounce, and a test
+/// waiting for "a newer generation" would take that stale one. Creates
+/// `dir` if needed.
 pub fn write(dir: &Path, file: &str, docs: &[String]) -> Result<()> {
     write_raw(dir, file, &join(docs))
 }
@@ -215,7 +219,7 @@ pub fn write_raw(dir: &Path, file: &str, text: &str) -> Result<()> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let target = dir.join(file);
-    let tmp = dir.join(format!(
+    let tmp = dir.parent().unwrap_or(dir).join(format!(
         ".{file}.tmp-{}-{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
