@@ -568,7 +568,7 @@ fn sessions_open_across_an_upgrade_end_as_the_readme_promises() {
 /// order. After a line on stdin it stops writing, waits for the echoes of
 /// all it wrote and reports them and the longest wait between two echoes.
 const COUNTER_PY: &str = r#"
-import socket, sys, threading, time
+import select, socket, sys, threading, time
 conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
 stop, written = threading.Event(), [0]
 def write():
@@ -587,6 +587,13 @@ def read():
     global echoed, pending, longest, last, verdict
     try:
         while not (stop.is_set() and not writer.is_alive() and echoed >= written[0]):
+            # Waits in short steps: the last echo may arrive before the
+            # writer has stopped, and nothing would wake a blocking recv.
+            if not select.select([conn], [], [], 0.1)[0]:
+                if time.monotonic() - last > 15:
+                    verdict = "stalled"
+                    break
+                continue
             chunk = conn.recv(65536)
             if not chunk:
                 verdict = "closed"
