@@ -591,6 +591,48 @@ mod tests {
     }
 
     #[test]
+    fn locality_priorities_fail_over_to_the_next_tier_only_when_one_is_all_ejected() {
+        let cluster = Cluster::default();
+        let eps = addrs(3);
+        let groups = Groups::Priorities(vec![vec![eps[0]], vec![eps[1], eps[2]]]);
+        let pick = |avoid: &[SocketAddr]| {
+            cluster
+                .pick_grouped(Some(&groups), &eps, avoid, None, &no_hash())
+                .unwrap()
+                .addr
+        };
+        for _ in 0..20 {
+            assert_eq!(pick(&[]), eps[0]);
+        }
+        // Tried but not ejected: still the best tier.
+        assert_eq!(pick(&[eps[0]]), eps[0]);
+        let od = ejecting_after(1);
+        let failed = cluster.pick(&[eps[0]], &[], None, &no_hash()).unwrap();
+        cluster.observe(&failed, Observation::Failure, Some(&od), eps.len());
+        for _ in 0..20 {
+            assert_ne!(pick(&[]), eps[0]);
+        }
+    }
+
+    #[test]
+    fn locality_weights_split_traffic_and_skip_an_ejected_group() {
+        let cluster = Cluster::default();
+        let eps = addrs(2);
+        let groups = Groups::Weighted(vec![(20, vec![eps[0]]), (80, vec![eps[1]])]);
+        let pick = || {
+            cluster
+                .pick_grouped(Some(&groups), &eps, &[], None, &no_hash())
+                .unwrap()
+                .addr
+        };
+        let second = (0..2000).filter(|_| pick() == eps[1]).count();
+        assert!((1500..=1700).contains(&second), "{second} of 2000");
+        let failed = cluster.pick(&[eps[1]], &[], None, &no_hash()).unwrap();
+        cluster.observe(&failed, Observation::Failure, Some(&ejecting_after(1)), 2);
+        assert!((0..50).all(|_| pick() == eps[0]));
+    }
+
+    #[test]
     fn consistent_hash_is_stable_per_key() {
         let cluster = Cluster::default();
         let eps = addrs(5);
