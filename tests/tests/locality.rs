@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nodemesh_testbed::config;
-use nodemesh_testbed::mesh::{count_by, Mesh, CLIENT};
+use nodemesh_testbed::mesh::{count_by, Mesh, CLIENT, NAMESPACE};
 use nodemesh_testbed::workload_apps::Reply;
 
 const URL: &str = "http://zoned:9080/";
@@ -54,6 +54,20 @@ fn answered_by(replies: &[Reply]) -> BTreeMap<String, u64> {
     })
 }
 
+/// `nodemesh explain`'s locality line for a request from the client.
+fn explained_locality(mesh: &Mesh) -> String {
+    let from = format!("{NAMESPACE}/{CLIENT}");
+    let out = mesh
+        .agent("node-a")
+        .cli(&["explain", "--from", &from, URL, "-o", "json"])
+        .unwrap();
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    explained["destinations"][0]["locality"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[test]
 fn requests_stay_in_the_callers_zone_fail_over_when_it_is_ejected_and_come_back() {
     let mesh = zoned_mesh();
@@ -68,19 +82,18 @@ fn requests_stay_in_the_callers_zone_fail_over_when_it_is_ejected_and_come_back(
     // The first request fails in z-a: `near` is ejected, the retry and
     // everything after it go to z-b.
     let during = mesh.get_many(CLIENT, URL, 20, &[]).unwrap();
-    assert_eq!(
-        answered_by(&during),
-        BTreeMap::from([("far".into(), 20)])
-    );
+    assert_eq!(answered_by(&during), BTreeMap::from([("far".into(), 20)]));
     assert_eq!(mesh.served("near").unwrap(), 1);
+    assert!(
+        explained_locality(&mesh).starts_with("failover, requests go to priority 1;"),
+        "{}",
+        explained_locality(&mesh)
+    );
 
     // Once its ejection ends, `near` (healthy now) takes all the traffic.
     std::thread::sleep(Duration::from_secs(6));
     let after = mesh.get_many(CLIENT, URL, 40, &[]).unwrap();
-    assert_eq!(
-        answered_by(&after),
-        BTreeMap::from([("near".into(), 40)])
-    );
+    assert_eq!(answered_by(&after), BTreeMap::from([("near".into(), 40)]));
     assert_eq!(mesh.served("far").unwrap(), 20);
 
     // Without outlierDetection Istio does not fail over by locality: round

@@ -1355,7 +1355,17 @@ fn load_balancer(
     let locality = lb
         .locality_lb_setting
         .map(|l| locality_lb(l, &format!("{at}.localityLbSetting"), issues));
-    (algorithm(lb.simple, lb.consistent_hash, lb.warmup_duration_secs, at, warnings, issues), locality)
+    (
+        algorithm(
+            lb.simple,
+            lb.consistent_hash,
+            lb.warmup_duration_secs,
+            at,
+            warnings,
+            issues,
+        ),
+        locality,
+    )
 }
 
 fn algorithm(

@@ -276,6 +276,40 @@ pub fn of_endpoints(
     )
 }
 
+/// For `nodemesh explain`: the groups, and the one a request goes to with
+/// `ejected` out.
+pub fn describe(groups: Option<&Groups>, ejected: &[SocketAddr]) -> String {
+    let list = |addrs: &[SocketAddr]| {
+        let addrs: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+        addrs.join(", ")
+    };
+    let live = |addrs: &[SocketAddr]| addrs.iter().any(|a| !ejected.contains(a));
+    match groups {
+        None => "none: every endpoint alike (failover needs outlierDetection; \
+                 distribute a `from` matching this node)"
+            .into(),
+        Some(Groups::Priorities(tiers)) => {
+            let now = tiers.iter().position(|t| live(t)).unwrap_or(0);
+            let tiers: Vec<String> = tiers
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("priority {i}: {}", list(t)))
+                .collect();
+            format!(
+                "failover, requests go to priority {now}; {}",
+                tiers.join("; ")
+            )
+        }
+        Some(Groups::Weighted(groups)) => {
+            let groups: Vec<String> = groups
+                .iter()
+                .map(|(w, a)| format!("weight {w}: {}", list(a)))
+                .collect();
+            format!("distribute; {}", groups.join("; "))
+        }
+    }
+}
+
 /// Istio's `applyLocalityWeights`: each `to` pattern (in name order) takes
 /// the endpoints' localities it matches and not taken yet, and splits its
 /// weight over them, rounding up.
@@ -397,6 +431,15 @@ mod tests {
         assert_eq!(
             group(Some(&setting), false, &at("r5", "", ""), &endpoints),
             None
+        );
+    }
+
+    #[test]
+    fn explain_names_the_priority_requests_go_to() {
+        let groups = Groups::Priorities(vec![vec![addr(1)], vec![addr(2)]]);
+        assert_eq!(
+            describe(Some(&groups), &[addr(1)]),
+            "failover, requests go to priority 1; priority 0: 10.0.0.1:80; priority 1: 10.0.0.2:80"
         );
     }
 

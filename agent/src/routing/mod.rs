@@ -529,12 +529,11 @@ impl TrafficPolicy {
     fn over(self, base: TrafficPolicy) -> TrafficPolicy {
         // `loadBalancer` is one group: its algorithm and locality setting
         // come from the same level.
-        let (load_balancer, locality) =
-            if self.load_balancer.is_some() || self.locality.is_some() {
-                (self.load_balancer, self.locality)
-            } else {
-                (base.load_balancer, base.locality)
-            };
+        let (load_balancer, locality) = if self.load_balancer.is_some() || self.locality.is_some() {
+            (self.load_balancer, self.locality)
+        } else {
+            (base.load_balancer, base.locality)
+        };
         TrafficPolicy {
             tls: self.tls.or(base.tls),
             load_balancer,
