@@ -255,6 +255,14 @@ pub fn of_endpoints(
     policy: &TrafficPolicy,
     endpoints: &[SocketAddr],
 ) -> Option<Groups> {
+    let applies = match &policy.locality {
+        Some(LocalityLb::Disabled) => false,
+        Some(LocalityLb::Distribute(_)) => true,
+        _ => policy.outlier_detection.is_some(),
+    };
+    if !applies {
+        return None; // no lookups for the common case
+    }
     let locality_of = |node: &str| {
         config
             .node(node)
