@@ -329,6 +329,7 @@ fn explain_with(
                 "subset": dest.subset,
                 "chance": format!("{}%", (*weight as f64 * 100.0 / total as f64).round()),
                 "endpoints": target.as_ref().map(|t| endpoints(config, t, ejected)).unwrap_or_default(),
+                "locality": target.as_ref().map(|t| locality(config, &source.node, t, ejected)),
                 "trafficPolicy": target.as_ref().map(|t| traffic_policy(&t.policy)),
                 "upstreamTls": target.as_ref().map(|t| upstream_tls(config, t).to_string()),
                 "mtls": target.as_ref().map(|t| mtls_modes(config, t)),
@@ -352,12 +353,17 @@ fn explain_with(
 /// Endpoints of a destination that outlier detection has ejected.
 type Ejected = (super::balance::ClusterKey, Vec<SocketAddr>);
 
-fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<String> {
-    let out_now: Vec<SocketAddr> = ejected
+/// The endpoints of `target` ejected now.
+fn ejected_from(target: &Target, ejected: &[Ejected]) -> Vec<SocketAddr> {
+    ejected
         .iter()
         .filter(|(k, _)| *k == target.key)
         .flat_map(|(_, a)| a.iter().copied())
-        .collect();
+        .collect()
+}
+
+fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<String> {
+    let out_now = ejected_from(target, ejected);
     target
         .endpoints
         .iter()
@@ -374,6 +380,15 @@ fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<Strin
             format!("{name} {addr}{state}")
         })
         .collect()
+}
+
+/// How the caller's locality groups `target`'s endpoints, and which group
+/// requests go to now.
+fn locality(config: &Config, node: &str, target: &Target, ejected: &[Ejected]) -> String {
+    let groups =
+        crate::routing::locality::of_endpoints(config, node, &target.policy, &target.endpoints);
+    let out_now = ejected_from(target, ejected);
+    crate::routing::locality::describe(groups.as_ref(), &out_now)
 }
 
 /// The DestinationRule `tls` setting the proxy applies towards `target`.
