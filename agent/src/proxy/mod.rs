@@ -22,8 +22,10 @@ mod idle;
 mod inbound;
 mod l7;
 mod outbound;
+mod quiesce;
 pub(crate) mod peer;
 pub mod relay;
+mod resume;
 pub(crate) mod sni;
 
 use std::collections::{HashMap, VecDeque};

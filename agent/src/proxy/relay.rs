@@ -23,8 +23,8 @@ use tokio::sync::watch;
 use super::idle::{Activity, Tracked};
 use crate::telemetry::LiveBytes;
 
-const FIRST_BUFFER: usize = 16 * 1024;
-const MAX_BUFFER: usize = 256 * 1024;
+pub(super) const FIRST_BUFFER: usize = 16 * 1024;
+pub(super) const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -180,10 +180,8 @@ async fn copy(
         };
         let full = n == buf.len();
         if n == 0 {
-            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok((total, true)),
-            }
+            shutdown_write(to)?;
+            return Ok((total, true));
         }
         write_all(to, &buf[..n]).await?;
         total += n as u64;
@@ -194,7 +192,15 @@ async fn copy(
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Passes an EOF on: a FIN to `to` (one already gone is no error).
+pub(super) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
+pub(super) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
