@@ -195,22 +195,38 @@ async fn down<S: AsyncRead + Unpin>(
     }
 }
 
-/// Ends a quiesced stream cleanly: its end, then the other end's (which
-/// comes after all it wrote), so neither end resets data the other has
-/// not read yet.
-pub async fn close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, ended: Ended) {
+/// Which end of a quiesced stream ends it first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// The end that asked for the quiesce: it closes, then waits for the
+    /// other end's close.
+    First,
+    /// The other end: closes once the first end closed. Closing sooner
+    /// could reach the first end before it knows the count to read up to,
+    /// and look like the application's own EOF.
+    Second,
+}
+
+/// Ends a quiesced stream cleanly (its end, and the other end's, which
+/// comes after all it wrote), so neither end resets data the other has not
+/// read yet.
+pub async fn close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, ended: Ended, order: Closing) {
     let closing = async {
-        if !ended.sent {
+        if !ended.sent && order == Closing::First {
             stream.shutdown().await?;
         }
         let mut rest = [0u8; 512];
         let mut surplus = 0;
         loop {
             match stream.read(&mut rest).await? {
-                0 => return Ok::<_, io::Error>(surplus),
+                0 => break,
                 n => surplus += n,
             }
         }
+        if !ended.sent && order == Closing::Second {
+            stream.shutdown().await?;
+        }
+        Ok::<_, io::Error>(surplus)
     };
     match tokio::time::timeout(CLOSE_GRACE, closing).await {
         Ok(Ok(0)) => {}
@@ -282,7 +298,8 @@ mod tests {
             let stopped = relay(&socket, &mut stream, how(), Ended::default(), told_now, exchange)
                 .await
                 .unwrap();
-            close(&mut stream, Ended::default()).await;
+            let order = if starts { Closing::First } else { Closing::Second };
+            close(&mut stream, Ended::default(), order).await;
             (stopped, socket)
         })
     }

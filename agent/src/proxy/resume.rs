@@ -20,7 +20,8 @@ use tokio::net::TcpStream;
 use super::carry::{Carried, CarriedMeta, HANDED_OVER};
 use super::peer::Prefixed;
 use super::relay::{self, RelayOptions, Stopped, Transferred};
-use super::{quiesce, Pod, Proxy};
+use super::quiesce::{self, Closing};
+use super::{Pod, Proxy};
 use crate::identity::SpiffeId;
 use crate::telemetry::LiveBytes;
 use crate::transport::resume::{ResumeId, Resumable, PARK_GRACE};
@@ -128,7 +129,7 @@ impl Proxy {
                     false
                 }
             };
-            quiesce::close(stream, ended).await;
+            quiesce::close(stream, ended, Closing::First).await;
             if offered {
                 return Err(HANDED_OVER.into());
             }
@@ -243,7 +244,7 @@ pub(super) async fn relay_parkable(
             Stopped::Quiesced(transferred, now_ended) => (transferred, now_ended),
         };
         (moved, ended) = (moved + transferred, now_ended);
-        quiesce::close(stream, ended).await;
+        quiesce::close(stream, ended, Closing::Second).await;
         let parked = lock(&next).take();
         let parked = parked.expect("a quiesced stream has its next one coming");
         log::info!("stream {id} quiesced: its application socket waits for the caller's next agent");
