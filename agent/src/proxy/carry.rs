@@ -101,6 +101,21 @@ impl CarriedMeta {
     }
 }
 
+impl CarriedMeta {
+    /// Adds what a relay moved until it `stopped`: everything it moved
+    /// once closed, `None` when quiesced (what ended is kept).
+    pub(super) fn moved(&mut self, stopped: Stopped) -> Option<Transferred> {
+        match stopped {
+            Stopped::Closed(transferred) => Some(self.transferred + transferred),
+            Stopped::Quiesced(transferred, ended) => {
+                self.transferred = self.transferred + transferred;
+                self.ended = ended;
+                None
+            }
+        }
+    }
+}
+
 /// A quiesced relay: its client's socket, and its upstream's unless it
 /// relays to a resumable HBONE stream (`meta.hbone`).
 pub struct Carried {
@@ -233,12 +248,9 @@ impl Proxy {
             let stopped = relay::relay(client, upstream, how.clone(), meta.ended, quiesce.take())
                 .await
                 .map_err(|e| e.to_string())?;
-            let (transferred, ended) = match stopped {
-                Stopped::Closed(transferred) => return Ok(meta.transferred + transferred),
-                Stopped::Quiesced(transferred, ended) => (transferred, ended),
-            };
-            meta.transferred = meta.transferred + transferred;
-            meta.ended = ended;
+            if let Some(moved) = meta.moved(stopped) {
+                return Ok(moved);
+            }
             let carried = (|| {
                 Ok::<_, std::io::Error>(Carried {
                     meta: meta.clone(),

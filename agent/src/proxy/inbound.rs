@@ -416,7 +416,6 @@ impl Client for Prefixed<Tunnel> {
 }
 
 /// An in-process stream from this node's L7 proxy.
-
 impl Client for Prefixed<DuplexStream> {}
 
 fn protocol_name(protocol: Detected) -> &'static str {
@@ -487,7 +486,12 @@ impl Inbound for Proxy {
         self.admit_stream(request, "hbone").await
     }
 
-    async fn serve(self: Arc<Self>, mut admitted: Admitted, tunnel: Tunnel, resume: Option<Resumable>) {
+    async fn serve(
+        self: Arc<Self>,
+        mut admitted: Admitted,
+        tunnel: Tunnel,
+        resume: Option<Resumable>,
+    ) {
         admitted.resume = resume;
         // Reported here; nothing waits for the outcome.
         let _ = self.serve_stream(admitted, tunnel, None).await;

@@ -259,7 +259,7 @@ async fn relay_connected(
             }
             (Stream::Tunnel(tunnel), Some(resume)) => {
                 let mut meta = CarriedMeta::of(record, address, address);
-                meta.hbone = Some(resume);
+                meta.hbone = Some(*resume);
                 return proxy.relay_hbone(&client, tunnel, meta, how.live).await;
             }
             (Stream::Tunnel(tunnel), None) => relay::relay_stream(&mut client, tunnel, how).await,

@@ -81,7 +81,7 @@ pub async fn connect_resumable(
         .connect_resumable(&source, &destination, timeout)
         .await?;
     let mut charged = Charged::new(Stream::Tunnel(Prefixed::new(tunnel)), fd);
-    charged.resume = id.map(|id| Resume::of(id, &destination));
+    charged.resume = id.map(|id| Box::new(Resume::of(id, &destination)));
     Ok(charged)
 }
 
@@ -152,7 +152,7 @@ async fn connect_within(
 pub struct Charged {
     pub stream: Stream,
     /// How a resumable HBONE stream resumes.
-    pub resume: Option<Resume>,
+    pub resume: Option<Box<Resume>>,
     _fd: Fds,
 }
 

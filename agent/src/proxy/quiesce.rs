@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::Activity;
-use super::relay::{self, Ended, RelayOptions, Stopped, Transferred, FIRST_BUFFER, MAX_BUFFER};
+use super::relay::{self, Ended, RelayOptions, Stopped, FIRST_BUFFER, MAX_BUFFER};
 
 /// How long a quiesced stream may take to end cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -56,7 +56,13 @@ where
     };
     let (mut from_stream, mut to_stream) = tokio::io::split(stream);
     let up = up(socket, &mut to_stream, &activity, ended.sent, &signals);
-    let down = down(&mut from_stream, socket, &activity, ended.received, &signals);
+    let down = down(
+        &mut from_stream,
+        socket,
+        &activity,
+        ended.received,
+        &signals,
+    );
     let quiesce = async {
         told.await;
         signals.pause.send_replace(true);
@@ -76,16 +82,7 @@ where
     };
     let both = activity.unless_idle(how.idle, async { tokio::try_join!(up, down) });
     let outcome = tokio::select! {
-        copied = both => match copied {
-            Some(copied) => copied.map(|((sent, up_closed), (received, down_closed))| {
-                let transferred = Transferred { sent, received };
-                match (up_closed, down_closed) {
-                    (true, true) => Stopped::Closed(transferred),
-                    (sent, received) => Stopped::Quiesced(transferred, Ended { sent, received }),
-                }
-            }),
-            None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
-        },
+        copied = both => relay::stopped(copied),
         () = quiesce => unreachable!("a quiesce never ends the relay by itself"),
     };
     if outcome.is_err() {
@@ -132,13 +129,8 @@ async fn up<S: AsyncWrite + Unpin>(
             signals.paused.send_replace(None);
             continue;
         }
-        if buf.is_empty() {
-            buf.resize(FIRST_BUFFER, 0);
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let Some(n) = relay::read_some(from, &mut buf)? else {
+            continue;
         };
         if n == 0 {
             to.shutdown().await?;
@@ -148,9 +140,6 @@ async fn up<S: AsyncWrite + Unpin>(
         to.write_all(&buf[..n]).await?;
         to.flush().await?;
         total += n as u64;
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf.resize(buf.len() * 2, 0);
-        }
         activity.moved(true, n as u64);
     }
 }
@@ -210,7 +199,11 @@ pub enum Closing {
 /// Ends a quiesced stream cleanly (its end, and the other end's, which
 /// comes after all it wrote), so neither end resets data the other has not
 /// read yet.
-pub async fn close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, ended: Ended, order: Closing) {
+pub async fn close<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    ended: Ended,
+    order: Closing,
+) {
     let closing = async {
         if !ended.sent && order == Closing::First {
             stream.shutdown().await?;
@@ -295,10 +288,21 @@ mod tests {
                     }
                 }
             };
-            let stopped = relay(&socket, &mut stream, how(), Ended::default(), told_now, exchange)
-                .await
-                .unwrap();
-            let order = if starts { Closing::First } else { Closing::Second };
+            let stopped = relay(
+                &socket,
+                &mut stream,
+                how(),
+                Ended::default(),
+                told_now,
+                exchange,
+            )
+            .await
+            .unwrap();
+            let order = if starts {
+                Closing::First
+            } else {
+                Closing::Second
+            };
             close(&mut stream, Ended::default(), order).await;
             (stopped, socket)
         })

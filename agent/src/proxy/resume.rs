@@ -19,12 +19,12 @@ use tokio::net::TcpStream;
 
 use super::carry::{Carried, CarriedMeta, HANDED_OVER};
 use super::peer::Prefixed;
-use super::relay::{self, RelayOptions, Stopped, Transferred};
 use super::quiesce::{self, Closing};
+use super::relay::{self, RelayOptions, Stopped, Transferred};
 use super::{Pod, Proxy};
 use crate::identity::SpiffeId;
 use crate::telemetry::LiveBytes;
-use crate::transport::resume::{ResumeId, Resumable, PARK_GRACE};
+use crate::transport::resume::{Resumable, ResumeId, PARK_GRACE};
 use crate::transport::{Destination, Source, Tunnel};
 
 /// How a resumable stream resumes: its id, and where it goes.
@@ -111,12 +111,10 @@ impl Proxy {
             let stopped = quiesce::relay(client, stream, how.clone(), meta.ended, told, exchange)
                 .await
                 .map_err(|e| e.to_string())?;
-            let (transferred, ended) = match stopped {
-                Stopped::Closed(transferred) => return Ok(meta.transferred + transferred),
-                Stopped::Quiesced(transferred, ended) => (transferred, ended),
-            };
-            meta.transferred = meta.transferred + transferred;
-            meta.ended = ended;
+            if let Some(moved) = meta.moved(stopped) {
+                return Ok(moved);
+            }
+            let ended = meta.ended;
             let carried = client.as_fd().try_clone_to_owned().map(|client| Carried {
                 meta: meta.clone(),
                 client,
@@ -247,7 +245,9 @@ pub(super) async fn relay_parkable(
         quiesce::close(stream, ended, Closing::Second).await;
         let parked = lock(&next).take();
         let parked = parked.expect("a quiesced stream has its next one coming");
-        log::info!("stream {id} quiesced: its application socket waits for the caller's next agent");
+        log::info!(
+            "stream {id} quiesced: its application socket waits for the caller's next agent"
+        );
         match tokio::time::timeout(PARK_GRACE, parked).await {
             Ok(Ok(tunnel)) => resumed = Some(Prefixed::new(tunnel)),
             _ => {

@@ -128,7 +128,10 @@ impl Pool {
         sent: u64,
         timeout: Duration,
     ) -> Result<u64, TransportError> {
-        match self.request(source, to, timeout, Ask::Quiesce(id, sent)).await? {
+        match self
+            .request(source, to, timeout, Ask::Quiesce(id, sent))
+            .await?
+        {
             Answered::Quiesced(theirs) => Ok(theirs),
             Answered::Stream(..) => unreachable!("a quiesce is answered with a count"),
         }

@@ -232,8 +232,8 @@ impl Caller<'_> {
         let what = || self.what("stream", &format!(" to {}", request.uri()));
         let asked = parse(self.peer, self.remote, &request).map_err(|r| (what(), r))?;
         let admitted = inbound.admit(&asked).await.map_err(|r| (what(), r))?;
-        let resumable = matches!(resume, Resume::New)
-            .then(|| self.registry.open(self.peer, self.remote.ip()));
+        let resumable =
+            matches!(resume, Resume::New).then(|| self.registry.open(self.peer, self.remote.ip()));
         let mut response = Response::new(Full::default());
         if let Some(resumable) = &resumable {
             let id = resumable.id.to_string();
