@@ -25,8 +25,8 @@ use tokio::sync::watch;
 use super::idle::{Activity, Tracked};
 use crate::telemetry::LiveBytes;
 
-const FIRST_BUFFER: usize = 16 * 1024;
-const MAX_BUFFER: usize = 256 * 1024;
+pub(super) const FIRST_BUFFER: usize = 16 * 1024;
+pub(super) const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -93,10 +93,24 @@ pub async fn relay(
         quiesce.clone(),
     );
     let down = copy(upstream, client, &activity, false, ended.received, quiesce);
-    let outcome = match activity
+    let copied = activity
         .unless_idle(idle, async { tokio::try_join!(up, down) })
-        .await
-    {
+        .await;
+    let outcome = stopped(copied);
+    if outcome.is_err() {
+        reset(client);
+        reset(upstream);
+    }
+    outcome
+}
+
+/// What one direction copied, and whether it closed.
+pub(super) type Copied = (u64, bool);
+
+/// How a relay whose two directions each copied `(bytes, closed)` stopped;
+/// `None`: idle for too long.
+pub(super) fn stopped(copied: Option<io::Result<(Copied, Copied)>>) -> io::Result<Stopped> {
+    match copied {
         Some(copied) => copied.map(|((sent, up_closed), (received, down_closed))| {
             let transferred = Transferred { sent, received };
             match (up_closed, down_closed) {
@@ -105,12 +119,7 @@ pub async fn relay(
             }
         }),
         None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
-    };
-    if outcome.is_err() {
-        reset(client);
-        reset(upstream);
     }
-    outcome
 }
 
 /// [`relay`] between a socket and any other stream (an HBONE tunnel): the
@@ -267,31 +276,45 @@ async fn copy(
             () = &mut quiesced => return Ok((total, false)),
             readable = from.readable() => readable?,
         }
-        if buf.is_empty() {
-            buf.resize(FIRST_BUFFER, 0);
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let Some(n) = read_some(from, &mut buf)? else {
+            continue;
         };
-        let full = n == buf.len();
         if n == 0 {
-            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok((total, true)),
-            }
+            shutdown_write(to)?;
+            return Ok((total, true));
         }
         write_all(to, &buf[..n]).await?;
         total += n as u64;
-        if full && buf.len() < MAX_BUFFER {
-            buf.resize(buf.len() * 2, 0);
-        }
         activity.moved(to_upstream, n as u64);
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Reads what `from` has into `buf` (`None`: nothing after all, 0: EOF).
+/// The buffer is allocated at the first read and grows while reads fill it.
+pub(super) fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    if buf.is_empty() {
+        buf.resize(FIRST_BUFFER, 0);
+    }
+    let n = match from.try_read(buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if n == buf.len() && buf.len() < MAX_BUFFER {
+        buf.resize(buf.len() * 2, 0);
+    }
+    Ok(Some(n))
+}
+
+/// Passes an EOF on: a FIN to `to` (one already gone is no error).
+pub(super) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
+pub(super) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
