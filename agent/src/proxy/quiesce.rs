@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::Activity;
-use super::relay::{self, Ended, RelayOptions, Stopped, FIRST_BUFFER, MAX_BUFFER};
+use super::relay::{self, Ended, FinishedPeer, RelayOptions, Stopped, FIRST_BUFFER, MAX_BUFFER};
 
 /// How long a quiesced stream may take to end cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -54,7 +54,8 @@ where
         paused: watch::Sender::new(None),
         target: watch::Sender::new(None),
     };
-    let (mut from_stream, mut to_stream) = tokio::io::split(stream);
+    let mut stream = FinishedPeer::new(stream);
+    let (mut from_stream, mut to_stream) = tokio::io::split(&mut stream);
     let up = up(socket, &mut to_stream, &activity, ended.sent, &signals);
     let down = down(
         &mut from_stream,

@@ -150,7 +150,7 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
 /// fail; with TCP the same FIN would be answered by a reset nobody sees.
 /// Counting such a connection as failed would report most short-lived
 /// connections to a closing server as errors.
-struct FinishedPeer<S> {
+pub struct FinishedPeer<S> {
     inner: S,
     /// The peer's end of stream was read.
     ended: bool,
@@ -159,7 +159,7 @@ struct FinishedPeer<S> {
 }
 
 impl<S> FinishedPeer<S> {
-    fn new(inner: S) -> FinishedPeer<S> {
+    pub fn new(inner: S) -> FinishedPeer<S> {
         FinishedPeer {
             inner,
             ended: false,
