@@ -506,8 +506,21 @@ fn print_policies(answer: &Value) {
 
 fn print_explain(answer: &Value) {
     for key in [
-        "summary", "gateway", "server", "port", "protocol", "hosts", "tls", "identity", "service",
-        "host", "origin", "route", "matchedBy", "policy", "retries",
+        "summary",
+        "gateway",
+        "server",
+        "port",
+        "protocol",
+        "hosts",
+        "tls",
+        "identity",
+        "service",
+        "host",
+        "origin",
+        "route",
+        "matchedBy",
+        "policy",
+        "retries",
     ] {
         let value = &answer[key];
         let shown = match key {
@@ -543,10 +556,7 @@ fn print_explain(answer: &Value) {
 
 /// `SIMPLE, SNI a.example.com, certificate Secret a-cred (expires …)`.
 fn explain_tls(tls: &Value) -> String {
-    let mut parts = vec![
-        text(&tls["mode"]),
-        format!("SNI {}", text(&tls["sni"])),
-    ];
+    let mut parts = vec![text(&tls["mode"]), format!("SNI {}", text(&tls["sni"]))];
     if !tls["certificate"].is_null() {
         parts.push(format!("certificate {}", text(&tls["certificate"])));
     }

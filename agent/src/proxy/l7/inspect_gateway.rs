@@ -98,9 +98,7 @@ pub(super) fn explain(
     };
     out["tls"] = tls_facts(server, sni);
     match tls::mode(server) {
-        Some(TlsMode::Passthrough) => {
-            Ok(request.relayed(&mut out, Some(&at), Some(sni)))
-        }
+        Some(TlsMode::Passthrough) => Ok(request.relayed(&mut out, Some(&at), Some(sni))),
         _ => {
             describe_server(&mut out, gateway, server);
             request.http(&mut out, Some(&at))
@@ -166,7 +164,8 @@ impl Request<'_> {
                     }
                 }
                 out["summary"] = json!(match no_route.redirect {
-                    Some(location) => format!("the ingress answers 301 to {location} (httpsRedirect)"),
+                    Some(location) =>
+                        format!("the ingress answers 301 to {location} (httpsRedirect)"),
                     None => format!("the ingress answers 404: {}", no_route.message),
                 });
                 return Ok(out.take());
@@ -217,7 +216,8 @@ impl Request<'_> {
             .iter()
             .map(|d| (d.destination.clone(), d.weight))
             .collect();
-        let picks = inspect::destinations_of(self.facts, &self.call(None), self.port, &destinations);
+        let picks =
+            inspect::destinations_of(self.facts, &self.call(None), self.port, &destinations);
         out["destinations"] = json!(picks);
         out["summary"] = json!(format!(
             "relayed as bytes by {} {} (no HTTP routing)",
