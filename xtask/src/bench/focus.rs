@@ -134,10 +134,12 @@ fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
     let d = human(bench.opts.duration);
     let conns = CONNECTIONS.to_string();
     let pod = bench.pod_url();
-    bench.warm_up(&pod)?;
+    let from = bench.client_netns.clone();
+    let from = from.as_str();
+    bench.warm_up(from, &pod)?;
     log.step("direct max throughput");
     let (direct, _) = bench.phase(&mut log, "direct", |b| {
-        b.oha(&["-c", &conns, "-z", &d, &pod], "direct")
+        b.oha(from, &["-c", &conns, "-z", &d, &pod], "direct")
     })?;
     println!("        {:.0} req/s", direct.rps);
 
@@ -147,7 +149,7 @@ fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
     super::until_config_applied(|| {
         mtls::check_hop(&bench.topo, &bench.client_netns, &url, Mode::MeshedMtls)
     })?;
-    bench.warm_up(&url)?;
+    bench.warm_up(from, &url)?;
     let pids = bench.agent_pids()?;
     println!(
         "  agents: node-a pid {}, node-b pid {} (attach profilers now)",
@@ -173,7 +175,7 @@ fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
     log.step("L7 + mTLS max throughput");
     let running = counting("max")?;
     let max = bench.phase(&mut log, "max", |b| {
-        b.oha(&["-c", &conns, "-z", &d, &url], "max")
+        b.oha(from, &["-c", &conns, "-z", &d, &url], "max")
     })?;
     let at_max = stop(running, max.0.ok)?;
     println!(
@@ -186,7 +188,7 @@ fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
     let rate = FIXED_RATE.to_string();
     let running = counting("fixed")?;
     let fixed = bench.phase(&mut log, "fixed", |b| {
-        b.oha(&["-c", &conns, "-q", &rate, "-z", &d, &url], "fixed")
+        b.oha(from, &["-c", &conns, "-q", &rate, "-z", &d, &url], "fixed")
     })?;
     let at_fixed = stop(running, fixed.0.ok)?;
     println!(

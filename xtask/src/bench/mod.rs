@@ -51,6 +51,10 @@
 //!    (see `telemetry.rs`). The agents always trace to a real OTLP
 //!    receiver in node-a's namespace, at Istio's default 1 %, so the
 //!    headline L7 figures carry the cost of metrics and default tracing.
+//! 6. the ingress: phases 1 to 3 from a host outside the mesh, through
+//!    node-a's agent serving an Istio Gateway, over mutual TLS to node-b
+//!    (nodemesh + mTLS), and straight to the server pod (direct); see
+//!    `ingress.rs`.
 //!
 //! Before a meshed mode is measured, the bench checks the hop its requests
 //! take: nginx echoes the `X-Forwarded-Client-Cert` that the destination
@@ -97,6 +101,7 @@ mod authz;
 mod counters;
 mod focus;
 mod haproxy;
+mod ingress;
 mod mtls;
 mod probe;
 mod procfs;
@@ -293,6 +298,18 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         print!("{}", rows.render());
     }
     println!("Target: metrics on cost at most 10 % more agent CPU than metrics off.");
+    let ingress_rows = l7_table(
+        &results,
+        [Variant::FromOutside.label(), Variant::Ingress.label()],
+        &|r, i| r.l7_variant([Variant::FromOutside, Variant::Ingress][i]),
+    );
+    println!(
+        "\nIngress: a client outside the mesh, straight to the server pod (direct mode) against \
+         through node-a's\nIstio Gateway (port {}), routed by a VirtualService bound to it and \
+         forwarded over mutual TLS as the\ningress's identity to node-b's agent and nginx:",
+        ingress::PORT
+    );
+    print!("{}", ingress_rows.render());
     let warnings: Vec<&String> = results.iter().flat_map(|r| &r.warnings).collect();
     if warnings.is_empty() {
         println!(
@@ -332,6 +349,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         "versus_haproxy_pair": comparison.versus_haproxy.to_json(),
         "route_count_cost": route_rows.to_json(),
         "allow_list_cost": allow_rows.to_json(),
+        "ingress_cost": ingress_rows.to_json(),
     });
     for mode in modes {
         doc[mode.key()] = results
@@ -539,6 +557,9 @@ struct Bench<'a> {
     opts: &'a Options,
     config_dir: PathBuf,
     client_netns: String,
+    /// A host on the inter-node fabric, outside the mesh: the ingress
+    /// phases' client.
+    outside_netns: String,
     server_ip: String,
     nginx_pid: u32,
     iperf3_server_pid: u32,
@@ -586,11 +607,22 @@ impl<'a> Bench<'a> {
         topo.add_node("node-b")?;
         let client = topo.add_pod("node-a", CLIENT)?;
         let server = topo.add_pod("node-b", SERVER)?;
+        let outside_netns = topo.add_host("outside", ingress::OUTSIDE_INDEX)?;
+        // The outside client reaches the server pod directly through its
+        // node, the ingress path's last hop.
+        let server_route = format!("{}/32", server.address);
+        let node_b = topo.node("node-b").address.to_string();
+        topo.run_in_ok(
+            &outside_netns,
+            &["ip", "route", "add", &server_route, "via", &node_b],
+        )
+        .context("routing the outside host to the server pod")?;
         for ns in [
             topo.node("node-a").netns.clone(),
             topo.node("node-b").netns.clone(),
             client.netns.clone(),
             server.netns.clone(),
+            outside_netns.clone(),
         ] {
             topo.run_in_ok(
                 &ns,
@@ -649,6 +681,7 @@ impl<'a> Bench<'a> {
             opts,
             config_dir,
             client_netns: client.netns.clone(),
+            outside_netns,
             server_ip: server.address.to_string(),
             nginx_pid,
             iperf3_server_pid,
@@ -800,6 +833,8 @@ impl<'a> Bench<'a> {
         // Bulk TCP and the route tables on the default path only.
         let full = matches!(mode, Mode::Direct | Mode::MeshedMtls);
         let bulk_steps = usize::from(full);
+        // The outside client's phases: direct to the pod, or the ingress.
+        let outside_steps = 3 * usize::from(full);
         let l7_steps = if mode == Mode::MeshedMtls {
             3 * (ROUTE_COUNTS.len() + authz::ALLOW_LISTS.len() + telemetry::SETTINGS.len())
         } else {
@@ -807,14 +842,14 @@ impl<'a> Bench<'a> {
         };
         let mut log = PhaseLog {
             mode,
-            steps: (0, 3 + bulk_steps + l7_steps),
+            steps: (0, 3 + bulk_steps + outside_steps + l7_steps),
             warnings: Vec::new(),
             memory_trace: vec![("start".into(), self.proxy_memory(mode)?)],
         };
 
         let tls_before = self.haproxy_tls_connections(mode)?;
-        self.warm_up(&url)?;
-        let main = self.path_phases(&mut log, &url, &path)?;
+        self.warm_up(&self.client_netns, &url)?;
+        let main = self.path_phases(&mut log, &self.client_netns, &url, &path)?;
         let haproxy_tls_connections = match (tls_before, self.haproxy_tls_connections(mode)?) {
             (Some(before), Some(after)) => {
                 let n = after.saturating_sub(before);
@@ -855,6 +890,10 @@ impl<'a> Bench<'a> {
                 l7.push(self.telemetry_phases(&mut log, setting)?);
             }
             self.set_config_file(telemetry::FILE, None)?;
+            l7.push(self.ingress_phases(&mut log)?);
+        }
+        if mode == Mode::Direct {
+            l7.push(self.outside_direct_phases(&mut log)?);
         }
 
         let counts_after = self.agent_counts()?;
@@ -937,8 +976,9 @@ impl<'a> Bench<'a> {
              a request takes the last route",
             applied_after.as_secs_f64() * 1000.0
         );
-        self.warm_up(&url)?;
-        let path = self.path_phases(log, &url, &format!("L7, {routes} routes"))?;
+        let from = &self.client_netns;
+        self.warm_up(from, &url)?;
+        let path = self.path_phases(log, from, &url, &format!("L7, {routes} routes"))?;
         // Last: the listing's own allocations must not count as the table's.
         let listing =
             routes::check_table(&self.agents[0], &format!("{NAMESPACE}/{SERVER}"), routes)?;
@@ -1008,13 +1048,58 @@ impl<'a> Bench<'a> {
             setting.label(),
             applied_after.as_secs_f64() * 1000.0
         );
-        self.warm_up(&url)?;
-        let path = self.path_phases(log, &url, &format!("L7, {}", setting.label()))?;
+        let from = &self.client_netns;
+        self.warm_up(from, &url)?;
+        let path = self.path_phases(log, from, &url, &format!("L7, {}", setting.label()))?;
         Ok(L7Result {
             routes,
             variant: Variant::Telemetry(setting),
             path,
             applied_after,
+        })
+    }
+
+    /// The outside client's phases through node-a's ingress Gateway, into
+    /// the mesh over mutual TLS to the server on node-b.
+    fn ingress_phases(&mut self, log: &mut PhaseLog) -> Result<L7Result> {
+        let yaml = ingress::gateway(NAMESPACE, SERVER);
+        let written = Instant::now();
+        self.set_config_file(ingress::FILE, Some(&yaml))?;
+        let node_a = self.topo.node("node-a").address;
+        let url = format!("http://{node_a}:{}{}", ingress::PORT, routes::PATH);
+        let from = self.outside_netns.clone();
+        // The listener follows the config once the agent reconciles.
+        until_config_applied(|| ingress::check_response(&self.topo, &from, &url, BODY_SIZE))?;
+        let applied_after = written.elapsed();
+        println!(
+            "  Gateway on port {} served {:.0} ms after the write; an outside request reaches \
+             nginx over mutual TLS as the ingress",
+            ingress::PORT,
+            applied_after.as_secs_f64() * 1000.0
+        );
+        self.warm_up(&from, &url)?;
+        let path = self.path_phases(log, &from, &url, "outside client, ingress")?;
+        self.set_config_file(ingress::FILE, None)?;
+        Ok(L7Result {
+            routes: 1,
+            variant: Variant::Ingress,
+            path,
+            applied_after,
+        })
+    }
+
+    /// Direct mode: the outside client's phases straight to the server pod,
+    /// the reference of the ingress phases.
+    fn outside_direct_phases(&self, log: &mut PhaseLog) -> Result<L7Result> {
+        let url = self.pod_url();
+        let from = &self.outside_netns;
+        self.warm_up(from, &url)?;
+        let path = self.path_phases(log, from, &url, "outside client, direct")?;
+        Ok(L7Result {
+            routes: 0,
+            variant: Variant::FromOutside,
+            path,
+            applied_after: Duration::ZERO,
         })
     }
 
@@ -1033,8 +1118,10 @@ impl<'a> Bench<'a> {
             "  allow-list of {rules} rules served {:.0} ms after the write; the client's              requests match its last rule",
             applied_after.as_secs_f64() * 1000.0
         );
-        self.warm_up(&url)?;
-        let path = self.path_phases(log, &url, &format!("L7, allow-list of {rules} rules"))?;
+        let from = &self.client_netns;
+        self.warm_up(from, &url)?;
+        let label = format!("L7, allow-list of {rules} rules");
+        let path = self.path_phases(log, from, &url, &label)?;
         Ok(L7Result {
             routes,
             variant: Variant::AllowList(rules),
@@ -1043,10 +1130,16 @@ impl<'a> Bench<'a> {
         })
     }
 
-    /// The HTTP phases against `url`, then its connection rate; the
-    /// proxies' memory after them.
-    fn path_phases(&self, log: &mut PhaseLog, url: &str, path: &str) -> Result<PathResult> {
-        let http = self.http_phases(log, url, path)?;
+    /// The HTTP phases from `from` against `url`, then its connection
+    /// rate; the proxies' memory after them.
+    fn path_phases(
+        &self,
+        log: &mut PhaseLog,
+        from: &str,
+        url: &str,
+        path: &str,
+    ) -> Result<PathResult> {
+        let http = self.http_phases(log, from, url, path)?;
         let d = human(self.opts.duration);
         log.step(&format!(
             "connection rate ({path}): a new connection per request, {CONNECTIONS} concurrent, {d}"
@@ -1055,6 +1148,7 @@ impl<'a> Bench<'a> {
         let phase = format!("connection rate ({path})");
         let (conn_rate, conn_rate_cpu) = self.phase(log, &phase, |b| {
             b.oha(
+                from,
                 &["-c", &conns, "--disable-keepalive", "-z", &d, url],
                 &phase,
             )
@@ -1073,7 +1167,13 @@ impl<'a> Bench<'a> {
     }
 
     /// Max throughput, then latency at the fixed rate, against `url`.
-    fn http_phases(&self, log: &mut PhaseLog, url: &str, path: &str) -> Result<HttpPhases> {
+    fn http_phases(
+        &self,
+        log: &mut PhaseLog,
+        from: &str,
+        url: &str,
+        path: &str,
+    ) -> Result<HttpPhases> {
         let conns = CONNECTIONS.to_string();
         let d = human(self.opts.duration);
         log.step(&format!(
@@ -1081,7 +1181,7 @@ impl<'a> Bench<'a> {
         ));
         let phase = format!("max throughput ({path})");
         let (throughput, throughput_cpu) = self.phase(log, &phase, |b| {
-            b.oha(&["-c", &conns, "-z", &d, url], &phase)
+            b.oha(from, &["-c", &conns, "-z", &d, url], &phase)
         })?;
         println!(
             "        {:.0} req/s, p50 {:.3} ms; proxies {:.1} ms CPU per 1000 req",
@@ -1096,7 +1196,7 @@ impl<'a> Bench<'a> {
         let rate = FIXED_RATE.to_string();
         let phase = format!("fixed rate ({path})");
         let (latency, latency_cpu) = self.phase(log, &phase, |b| {
-            b.oha(&["-c", &conns, "-q", &rate, "-z", &d, url], &phase)
+            b.oha(from, &["-c", &conns, "-q", &rate, "-z", &d, url], &phase)
         })?;
         println!(
             "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
@@ -1112,9 +1212,9 @@ impl<'a> Bench<'a> {
 
     /// Opens the keep-alive connections (and, meshed, the agents' upstream
     /// pools) before anything is measured.
-    fn warm_up(&self, url: &str) -> Result<()> {
+    fn warm_up(&self, from: &str, url: &str) -> Result<()> {
         let conns = CONNECTIONS.to_string();
-        self.oha(&["-c", &conns, "-z", &human(WARMUP), url], "warm-up")?;
+        self.oha(from, &["-c", &conns, "-z", &human(WARMUP), url], "warm-up")?;
         Ok(())
     }
 
@@ -1138,9 +1238,9 @@ impl<'a> Bench<'a> {
         Ok((value, cpu))
     }
 
-    /// Runs oha in the client pod and checks that (almost) every request
-    /// succeeded.
-    fn oha(&self, args: &[&str], what: &str) -> Result<HttpRun> {
+    /// Runs oha in the network namespace `from` (the client pod, or the
+    /// outside host) and checks that (almost) every request succeeded.
+    fn oha(&self, from: &str, args: &[&str], what: &str) -> Result<HttpRun> {
         self.check_processes()?;
         let oha = self.oha.path.to_string_lossy().into_owned();
         let mut cmd = vec![oha.as_str(), "--no-tui"];
@@ -1151,7 +1251,7 @@ impl<'a> Bench<'a> {
         cmd.extend_from_slice(args);
         let out = self
             .topo
-            .command_in(&self.client_netns, &cmd)?
+            .command_in(from, &cmd)?
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
@@ -1275,25 +1375,32 @@ impl<'a> Bench<'a> {
     /// Why recent proxied connections failed, from each agent's
     /// `nodemesh connections` (its last few hundred connections).
     fn recent_failures(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
+        // (node, direction, protocol, outcome) → count, over the records
+        // each agent keeps: thousands of failures are usually a few kinds.
+        let mut kinds = std::collections::BTreeMap::<String, u64>::new();
         for agent in &self.agents {
             let list = agent.cli(&["connections", "-o", "json"])?;
             let list: Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
             for c in list.as_array().into_iter().flatten() {
                 if c["outcome"] != "ok" {
-                    out.push(format!(
-                        "{}: {} {} to {} after {} ms: {}",
+                    let kind = format!(
+                        "{}: {} {} to {}: {}",
                         agent.node(),
                         c["direction"].as_str().unwrap_or("?"),
                         c["protocol"].as_str().unwrap_or("?"),
                         c["original_destination"].as_str().unwrap_or("?"),
-                        c["duration_ms"],
                         c["outcome"].as_str().unwrap_or("?")
-                    ));
+                    );
+                    *kinds.entry(kind).or_default() += 1;
                 }
             }
         }
-        Ok(out)
+        let mut kinds: Vec<(String, u64)> = kinds.into_iter().collect();
+        kinds.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        Ok(kinds
+            .into_iter()
+            .map(|(kind, n)| format!("{n} × {kind}"))
+            .collect())
     }
 
     /// On the HAProxy pair, the TLS connections B has accepted so far.

@@ -8,9 +8,9 @@ use serde_json::{json, Map, Value};
 
 use super::procfs::num_cpus;
 use super::{
-    per_1000, CpuUse, HttpRun, L7Result, Memory, Mode, ModeResult, PathResult, CONNECTIONS,
-    FIXED_RATE, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000, TARGET_CPU_MS_PER_1000_FIXED_RATE,
-    TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
+    per_1000, CpuUse, HttpRun, L7Result, Memory, Mode, ModeResult, PathResult, Variant,
+    CONNECTIONS, FIXED_RATE, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000,
+    TARGET_CPU_MS_PER_1000_FIXED_RATE, TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
 };
 
 /// A table of figures: a metric column, one column per compared figure,
@@ -574,28 +574,31 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
     }
 }
 
-/// Two meshed L7 runs side by side, the results `pick` finds for column 0
-/// and 1 (titled `titles`), and what the second costs over the first: a
-/// larger table (routes, allow-list rules, whose requests match the last
-/// entry, so each request goes past every entry before it unless it is
-/// indexed) or a telemetry setting.
+/// Two L7 runs side by side, the results `pick` finds for column 0 and 1
+/// (titled `titles`), and what the second costs over the first: a larger
+/// table (routes, allow-list rules, whose requests match the last entry,
+/// so each request goes past every entry before it unless it is indexed),
+/// a telemetry setting, or the ingress against the outside client's
+/// direct run.
 pub(super) fn l7_table(
     results: &[ModeResult],
     titles: [String; 2],
     pick: &dyn Fn(&ModeResult, usize) -> Option<&L7Result>,
 ) -> Table {
-    let meshed: Vec<&ModeResult> = results
-        .iter()
-        .filter(|r| r.mode == Mode::MeshedMtls)
-        .collect();
-    let pair_in = |rounds: &[&ModeResult], f: &dyn Fn(&L7Result) -> f64| {
-        let at = |column: usize| median(rounds.iter().filter_map(|r| pick(r, column)).map(f));
+    let pair = |f: &dyn Fn(&L7Result) -> f64| {
+        let at = |column: usize| median(results.iter().filter_map(|r| pick(r, column)).map(f));
         (at(0), at(1))
     };
-    let pair = |f: &dyn Fn(&L7Result) -> f64| pair_in(&meshed, f);
     // Memory from the first round alone, as in `comparison`.
-    let first = &meshed[..meshed.len().min(1)];
-    let rss = |node: usize| pair_in(first, &|l| mb(l.path.memory[node].rss_kib));
+    let rss = |node: usize| {
+        let first = |column: usize| {
+            results
+                .iter()
+                .find_map(|r| pick(r, column))
+                .map_or(f64::NAN, |l| mb(l.path.memory[node].rss_kib))
+        };
+        (first(0), first(1))
+    };
     let latency = |get: fn(&HttpRun) -> f64| pair(&|l| get(&l.path.http.latency));
     let path = |get: fn(&PathResult) -> f64| pair(&|l| get(&l.path));
     let row = |metric: String, key: &str, (s, l): (f64, f64), left, right, change| Row {
@@ -761,13 +764,17 @@ pub(super) fn cpu_breakdown(results: &[ModeResult]) -> String {
             ),
         ];
         for l7 in &r.l7 {
+            let run = match l7.variant {
+                Variant::Default => format!("L7 {} routes", l7.routes),
+                variant => variant.label(),
+            };
             phases.push((
-                format!("L7 {} routes throughput", l7.routes),
+                format!("{run} throughput"),
                 &l7.path.http.throughput_cpu,
                 l7.path.http.throughput.ok,
             ));
             phases.push((
-                format!("L7 {} routes conn rate", l7.routes),
+                format!("{run} conn rate"),
                 &l7.path.conn_rate_cpu,
                 l7.path.conn_rate.ok,
             ));

@@ -316,6 +316,11 @@ pub(super) enum Variant {
     AllowList(usize),
     /// A mesh-wide `Telemetry` resource.
     Telemetry(super::telemetry::Setting),
+    /// Direct mode: a client outside the mesh calls the server pod.
+    FromOutside,
+    /// The same client through node-a's ingress Gateway, into the mesh
+    /// over mutual TLS.
+    Ingress,
 }
 
 impl Variant {
@@ -324,6 +329,8 @@ impl Variant {
             Variant::Default => "default".into(),
             Variant::AllowList(rules) => format!("allow-list of {rules} rules"),
             Variant::Telemetry(setting) => setting.label().into(),
+            Variant::FromOutside => "outside client, direct".into(),
+            Variant::Ingress => "outside client, ingress + mTLS".into(),
         }
     }
 }
@@ -366,8 +373,9 @@ pub(super) struct ModeResult {
     /// The mode's own path: to the server pod's address (direct, or relayed
     /// as opaque TCP by both agents), or through the HAProxy pair.
     pub(super) main: PathResult,
-    /// Meshed modes only: to the Service, through the client-side agent's
-    /// L7 proxy, once per route-table size (smallest first).
+    /// Meshed: to the Service, through the client-side agent's L7 proxy,
+    /// once per route-table size (smallest first), then the other L7
+    /// variants and the ingress; direct: the outside client's run.
     pub(super) l7: Vec<L7Result>,
     /// TCP modes only (not through the HAProxy pair, which speaks HTTP).
     pub(super) bulk: Option<Bulk>,
