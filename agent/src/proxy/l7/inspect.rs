@@ -237,13 +237,8 @@ fn explain_with(
     let source = config
         .workload_by_key(from)
         .ok_or_else(|| format!("no workload {from} (expected namespace/name)"))?;
-    let uri: http::Uri = ask
-        .url
-        .parse()
-        .map_err(|e| format!("bad URL {}: {e}", ask.url))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("URL {} has no host", ask.url))?;
+    let (uri, host) = url(ask)?;
+    let host = host.as_str();
     let port = uri.port_u16().unwrap_or(80);
     let service = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
         Ok(ip) => config.service_by_cluster_ip(ip),
@@ -412,6 +407,19 @@ pub(super) fn destinations_of(
         .collect()
 }
 
+/// The request's URL, and its host.
+pub(super) fn url(ask: &ExplainRequest) -> Result<(http::Uri, String), String> {
+    let uri: http::Uri = ask
+        .url
+        .parse()
+        .map_err(|e| format!("bad URL {}: {e}", ask.url))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("URL {} has no host", ask.url))?
+        .to_owned();
+    Ok((uri, host))
+}
+
 /// The request headers `-H` gave.
 pub(super) fn headers(ask: &ExplainRequest) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
@@ -554,7 +562,7 @@ fn traffic_policy(policy: &TrafficPolicy) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::PathBuf;
 
     use super::*;
@@ -562,7 +570,7 @@ mod tests {
 
     /// `web` in `shop`: v1 and v2, HTTP on 80 and opaque TCP on 5432, both
     /// to the workloads' port 8080 and 5432.
-    const MESH: &str = "
+    pub(in crate::proxy::l7) const MESH: &str = "
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
@@ -624,7 +632,7 @@ spec:
   - route: [{destination: {host: web, subset: v1}}]
 ";
 
-    fn config(files: &[(&str, &str)]) -> Config {
+    pub(in crate::proxy::l7) fn config(files: &[(&str, &str)]) -> Config {
         let files: Vec<_> = files
             .iter()
             .map(|(name, text)| (PathBuf::from(name), text.to_string()))
@@ -632,8 +640,9 @@ spec:
         Config::load_documents(&files, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn explain(config: &Config, url: &str, headers: &[(&str, &str)]) -> Value {
-        let ask = ExplainRequest {
+    /// A GET of `url` with `headers`, from `shop/client`.
+    pub(in crate::proxy::l7) fn ask(url: &str, headers: &[(&str, &str)]) -> ExplainRequest {
+        ExplainRequest {
             from: Some("shop/client".into()),
             gateway: None,
             sni: None,
@@ -643,8 +652,11 @@ spec:
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
             method: "GET".into(),
-        };
-        explain_with(config, "cluster.local", &[], &ask).unwrap()
+        }
+    }
+
+    fn explain(config: &Config, url: &str, headers: &[(&str, &str)]) -> Value {
+        explain_with(config, "cluster.local", &[], &ask(url, headers)).unwrap()
     }
 
     #[test]

@@ -52,13 +52,7 @@ pub(super) fn explain(
             ),
         }));
     }
-    let uri: http::Uri = ask
-        .url
-        .parse()
-        .map_err(|e| format!("bad URL {}: {e}", ask.url))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("URL {} has no host", ask.url))?;
+    let (uri, host) = inspect::url(ask)?;
     let https = uri.scheme_str() == Some("https");
     let request = Request {
         facts,
@@ -81,7 +75,7 @@ pub(super) fn explain(
         }
         return request.http(&mut out, None);
     }
-    let sni = ask.sni.as_deref().unwrap_or(host);
+    let sni = ask.sni.as_deref().unwrap_or(&host);
     let Some(chosen) = tls::sni_index(&servers).select(Some(sni)) else {
         let summary = if servers.iter().all(|(_, s)| tls::mode(s).is_none()) {
             format!("no server on port {port} speaks TLS: the handshake fails")

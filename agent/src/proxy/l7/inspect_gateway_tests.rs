@@ -1,50 +1,21 @@
 //! `explain --gateway` against a loaded config: a Gateway with an HTTP
 //! server that redirects, two HTTPS servers picked by SNI, a PASSTHROUGH
-//! server, and STRICT mTLS with an AuthorizationPolicy behind them.
-
-use std::path::PathBuf;
+//! server, in front of `explain`'s own mesh with an AuthorizationPolicy.
 
 use serde_json::{json, Value};
 
 use super::*;
-use crate::config::{Config, LoadOptions};
+use crate::config::Config;
+use crate::proxy::l7::inspect::tests::MESH;
 
-const MESH: &str = "
+/// Node `n1`, the ingress, and in front of `MESH`'s `web` a Gateway
+/// whose routes send `jason` to v2 (DISABLE: plaintext) and others to v1
+/// (STRICT), where only the ingress's identity is allowed.
+const GATEWAY: &str = "
 apiVersion: v1
 kind: Node
 metadata: {name: n1}
 status: {addresses: [{type: InternalIP, address: 10.1.0.1}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: nodemesh.io/v1alpha1
-kind: Workload
-metadata: {name: web-v1, namespace: shop, labels: {app: web, version: v1}}
-spec: {netns: /run/netns/web-v1, addresses: [10.0.0.1], node: n1}
----
-apiVersion: nodemesh.io/v1alpha1
-kind: Workload
-metadata: {name: web-v2, namespace: shop, labels: {app: web, version: v2}}
-spec: {netns: /run/netns/web-v2, addresses: [10.0.0.2], node: n1}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: shop}
-spec:
-  host: web
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -82,9 +53,9 @@ spec:
   http:
   - name: jason
     match: [{headers: {end-user: {exact: jason}}}]
-    route: [{destination: {host: web, subset: v2}}]
+    route: [{destination: {host: web, subset: v2, port: {number: 80}}}]
   - name: others
-    route: [{destination: {host: web, subset: v1}}]
+    route: [{destination: {host: web, subset: v1, port: {number: 80}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -113,21 +84,16 @@ fn secret(name: &str, host: &str) -> String {
 }
 
 fn config() -> Config {
-    let files = [
-        ("mesh.yaml", MESH.to_owned()),
-        ("shop-cred.yaml", secret("shop-cred", "shop.example.com")),
-        ("api-cred.yaml", secret("api-cred", "api.example.com")),
-    ];
-    let files: Vec<_> = files
-        .into_iter()
-        .map(|(name, text)| (PathBuf::from(name), text))
-        .collect();
-    let config = Config::load_documents(&files, &LoadOptions::default()).unwrap();
-    assert!(
-        config.routing().warnings.is_empty(),
-        "{:?}",
-        config.routing().warnings
-    );
+    let shop = secret("shop-cred", "shop.example.com");
+    let api = secret("api-cred", "api.example.com");
+    let config = inspect::tests::config(&[
+        ("mesh.yaml", MESH),
+        ("gateway.yaml", GATEWAY),
+        ("shop-cred.yaml", &shop),
+        ("api-cred.yaml", &api),
+    ]);
+    let warnings = &config.routing().warnings;
+    assert!(warnings.is_empty(), "{warnings:?}");
     config
 }
 
@@ -136,12 +102,7 @@ fn at(config: &Config, at: &str, url: &str, sni: Option<&str>, headers: &[(&str,
         from: None,
         gateway: Some(at.into()),
         sni: sni.map(Into::into),
-        url: url.into(),
-        headers: headers
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect(),
-        method: "GET".into(),
+        ..inspect::tests::ask(url, headers)
     };
     let facts = Facts {
         config,
@@ -177,23 +138,35 @@ fn sni_picks_the_server_and_certificate_then_the_bound_route_decides() {
         out["identity"],
         "spiffe://cluster.local/ns/istio-system/sa/nodemesh-ingress"
     );
-    let web = &out["destinations"][0];
-    assert_eq!(web["service"], "shop/web");
-    assert_eq!(web["subset"], "v2");
-    assert_eq!(web["endpoints"], json!(["shop/web-v2 10.0.0.2:8080"]));
+    // v2 takes plaintext (DISABLE): the ingress is known by its address
+    // only there, and the policy that allows its identity does not match.
+    let v2 = &out["destinations"][0];
+    assert_eq!(v2["service"], "shop/web");
+    assert_eq!(v2["subset"], "v2");
+    assert_eq!(v2["endpoints"], json!(["shop/web-v2 10.0.0.2:8080"]));
     assert_eq!(
-        web["mtls"],
-        json!(["STRICT (PeerAuthentication shop/default) at shop/web-v2"])
+        v2["mtls"],
+        json!(["DISABLE (PeerAuthentication shop/web-v2) at shop/web-v2"])
     );
-    let allowed = web["authorization"][0].as_str().unwrap();
-    assert!(
-        allowed.starts_with("allowed by ALLOW policy shop/ingress-only"),
-        "the ingress identity over mTLS: {out:#}"
+    assert_eq!(
+        v2["authorization"],
+        json!(["denied: no rule of ALLOW policy shop/ingress-only matches at shop/web-v2"]),
+        "{out:#}"
     );
 
     let other = at(&config, "443", "https://shop.example.com/", None, &[]);
     assert_eq!(other["route"], "others");
-    assert_eq!(other["destinations"][0]["subset"], "v1");
+    let v1 = &other["destinations"][0];
+    assert_eq!(v1["subset"], "v1");
+    assert_eq!(
+        v1["mtls"],
+        json!(["STRICT (PeerAuthentication shop/default) at shop/web-v1"])
+    );
+    assert_eq!(
+        v1["authorization"],
+        json!(["allowed by ALLOW policy shop/ingress-only, rule 0 at shop/web-v1"]),
+        "the ingress identity over mutual TLS: {other:#}"
+    );
 
     // The other server's SNI: its certificate, and only its hosts.
     let api = at(
