@@ -91,12 +91,22 @@ pub fn namespace(name: &str, mesh_enabled: bool) -> String {
 /// A `v1/Node` for `node`: its name and its address on the inter-node
 /// fabric, which other agents reach it on.
 pub fn node(node: &NodeInfo) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  \
-         - type: InternalIP\n    address: {}\n",
-        scalar(&node.node_name),
+    node_labelled(node, &[])
+}
+
+/// [`node`] with `labels` (e.g. its topology zone).
+pub fn node_labelled(node: &NodeInfo, labels: &[(&str, &str)]) -> String {
+    let mut out = String::from("apiVersion: v1\nkind: Node\nmetadata:\n");
+    let _ = writeln!(out, "  name: {}", scalar(&node.node_name));
+    if !labels.is_empty() {
+        map(&mut out, 2, "labels", labels);
+    }
+    let _ = write!(
+        out,
+        "status:\n  addresses:\n  - type: InternalIP\n    address: {}\n",
         node.address
-    )
+    );
+    out
 }
 
 /// A `nodemesh.io/v1alpha1/Workload` for `pod` with service account

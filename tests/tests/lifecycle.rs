@@ -675,6 +675,38 @@ fn assert_whole(what: &str, verdict: &str) {
     println!("{what}: {verdict}");
 }
 
+/// Two hand-overs of node-a: from `first` to a new agent (`--take-over`),
+/// then from that one to a standby once it is stopped; `after` runs after
+/// each. Returns the second and third agents.
+fn hand_over_twice(shop: &mut Shop, first: &mut Agent, after: impl Fn(&Shop)) -> (Agent, Agent) {
+    let mut second = shop.another("second", &["--take-over"]);
+    handed_over(first, &mut second);
+    after(shop);
+    sleep(Duration::from_secs(1));
+    let mut third = shop.another("third", &[]);
+    second.stop();
+    wait_for("the standby to own the node", || is_owner_and_ready(&third));
+    second.set_uninstall_on_drop(false);
+    third.set_uninstall_on_drop(true);
+    after(shop);
+    sleep(Duration::from_secs(1));
+    (second, third)
+}
+
+/// Each of the old agents carried `count` relays to the next.
+fn assert_carried(old_agents: &[(&str, &Agent)], count: usize) {
+    for (what, old) in old_agents {
+        let log = old.log();
+        let carried = log
+            .lines()
+            .find(|l| l.contains("relay(s) to the new agent"))
+            .unwrap_or_else(|| panic!("the {what} agent carried no relay:\n{log}"));
+        let expected = format!("carried {count} relay(s)");
+        assert!(carried.contains(&expected), "{carried}");
+        println!("{what} agent: {carried}");
+    }
+}
+
 #[test]
 fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
     let mut shop = Shop::new();
@@ -689,24 +721,8 @@ fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
     let outbound = CounterStream::start(&shop, "client", &plainweb);
     let local = CounterStream::start(&shop, "client", ECHO_IP);
     sleep(Duration::from_secs(1));
-    let mut second = shop.another("second", &["--take-over"]);
-    handed_over(&mut first, &mut second);
-    sleep(Duration::from_secs(1));
-    let mut third = shop.another("third", &[]);
-    second.stop();
-    wait_for("the standby to own the node", || is_owner_and_ready(&third));
-    second.set_uninstall_on_drop(false);
-    third.set_uninstall_on_drop(true);
-    sleep(Duration::from_secs(1));
-    for (what, old) in [("first", &first), ("second", &second)] {
-        let log = old.log();
-        let carried = log
-            .lines()
-            .find(|l| l.contains("relay(s) to the new agent"))
-            .unwrap_or_else(|| panic!("the {what} agent carried no relay:\n{log}"));
-        assert!(carried.contains("carried 3 relay(s)"), "{carried}");
-        println!("{what} agent: {carried}");
-    }
+    let (second, third) = hand_over_twice(&mut shop, &mut first, |_| {});
+    assert_carried(&[("first", &first), ("second", &second)], 3);
     assert_whole("plaintext inbound", &inbound.finish());
     assert_whole("plaintext outbound", &outbound.finish());
     assert_whole("between two workloads of the node", &local.finish());
@@ -741,4 +757,61 @@ fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
             .any(|c| c["direction"] == "outbound" && c["transport"] == "local"),
         "{finished:?}"
     );
+}
+
+/// The README's promise for an opaque connection to a workload on another
+/// node: it survives hand-overs of the caller's agent (the HBONE stream is
+/// quiesced with node-b's agent and resumed by the next agent), while
+/// another tenant's requests go on.
+#[test]
+fn opaque_relays_to_another_node_survive_two_hand_overs_of_the_callers_agent() {
+    let mut shop = Shop::new();
+    start_tcp_echo(&mut shop.topo, "remote", 9000).unwrap();
+    let dir = shop.config_dir.clone();
+    let node_b = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    let mut first = shop.agent();
+    let remote = shop.topo.pod("remote").address.to_string();
+    let web = format!("http://{}:8080/", shop.topo.pod("web").address);
+    let across = CounterStream::start(&shop, "client", &remote);
+    sleep(Duration::from_secs(1));
+    // Another tenant's requests go on meanwhile.
+    let (second, third) = hand_over_twice(&mut shop, &mut first, |shop| shop.get("outsider", &web));
+    assert_carried(&[("first", &first), ("second", &second)], 1);
+    assert_whole("to a workload on another node", &across.finish());
+    // node-b's agent resumed the stream twice and kept it as one connection.
+    let resumed = node_b.log().matches("resumed").count();
+    assert_eq!(resumed, 2, "{}", node_b.log());
+    let is_across = |c: &serde_json::Value| {
+        c["transport"] == "hbone"
+            && c["source_workload"] == "shop/client"
+            && c["upstream"] == format!("{remote}:9000")
+    };
+    for (agent, direction) in [(&third, "outbound"), (&node_b, "inbound")] {
+        wait_for("the connection to be reported", || {
+            agent
+                .connections()
+                .unwrap()
+                .iter()
+                .any(|c| c["direction"] == direction && is_across(c))
+        });
+        let records: Vec<_> = agent
+            .connections()
+            .unwrap()
+            .into_iter()
+            .filter(|c| c["direction"] == direction && is_across(c))
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        let record = &records[0];
+        assert!(record["bytes_sent"].as_u64().unwrap() > 0, "{record}");
+        // Every line echoed, counted once over the three streams.
+        assert_eq!(record["bytes_sent"], record["bytes_received"], "{record}");
+        assert_eq!(record["outcome"], "ok", "{record}");
+        assert!(
+            record["source_identity"]
+                .as_str()
+                .is_some_and(|id| id.contains("/ns/shop/sa/")),
+            "{record}"
+        );
+        println!("{direction} record: {record}");
+    }
 }

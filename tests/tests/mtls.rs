@@ -266,6 +266,21 @@ fn the_destination_sees_the_callers_identity_and_address_and_no_forged_header() 
     });
     let plaintext = plaintext.unwrap_or_else(|| panic!("{inbound:#?}"));
     assert!(plaintext["source_identity"].is_null());
+
+    // A server that closes after its answer (`Connection: close`) ends the
+    // HBONE stream before the caller closes: no failure on either side.
+    let url = lab.web_url(9080);
+    let urls = vec![url.as_str(); 20];
+    let replies = curl_many(lab.mesh.topo(), CLIENT, &urls, &["-H", "connection: close"]).unwrap();
+    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    for node in ["node-a", "node-b"] {
+        let failed: Vec<Value> = lab
+            .connections(node)
+            .into_iter()
+            .filter(|c| c["outcome"] != "ok")
+            .collect();
+        assert!(failed.is_empty(), "{node}: {failed:#?}");
+    }
 }
 
 const ROOT_NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: istio-system\n";

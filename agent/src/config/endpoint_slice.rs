@@ -36,7 +36,7 @@ struct EndpointDoc {
     #[serde(default)]
     conditions: Conditions,
     node_name: Option<String>,
-    /// Read but not used: routing has no locality preference.
+    /// Read but not used: an endpoint's locality is that of its pod's Node.
     zone: Option<String>,
     #[serde(rename = "hostname")]
     _hostname: Option<IgnoredAny>,

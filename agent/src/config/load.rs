@@ -579,6 +579,7 @@ impl Loader {
                 self.peer_authentications,
                 &opts.root_namespace,
             ),
+            generation: super::next_generation(),
         };
         // Routes refer to Services, so they are resolved once all are known.
         config.routing = routing::compile(&config, self.routing, &mut self.errors);

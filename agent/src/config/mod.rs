@@ -238,6 +238,16 @@ pub struct Config {
     telemetries: Telemetries,
     #[serde(skip)]
     secrets: Secrets,
+    /// Unique per snapshot: state derived from one (locality groups) is
+    /// recomputed only when it changes.
+    #[serde(skip)]
+    generation: u64,
+}
+
+/// A number no snapshot had before.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Lookup tables built at load time so that request-path queries are O(1).
@@ -266,7 +276,13 @@ impl Config {
             authorizations: Authorizations::default(),
             telemetries: Telemetries::default(),
             secrets: Secrets::default(),
+            generation: next_generation(),
         }
+    }
+
+    /// Changes with every snapshot loaded.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Logs what the routing and policy compilers warned about (objects kept, but not

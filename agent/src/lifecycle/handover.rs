@@ -123,7 +123,8 @@ enum Message {
     /// Standby → owner: serving now (and whether it kept the admin socket).
     Accepting { took_admin: bool },
     /// Owner → new owner: relays carried over, two descriptors each (client,
-    /// upstream); `last` ends them.
+    /// upstream; the client's alone for a resumable HBONE stream); `last`
+    /// ends them.
     Relays {
         relays: Vec<CarriedMeta>,
         last: bool,
@@ -242,7 +243,8 @@ impl HandedOver {
             let metas = chunk.iter().map(|c| c.meta.clone()).collect();
             let fds: Vec<BorrowedFd<'_>> = chunk
                 .iter()
-                .flat_map(|c| [c.client.as_fd(), c.upstream.as_fd()])
+                .flat_map(|c| [Some(c.client.as_fd()), c.upstream.as_ref().map(AsFd::as_fd)])
+                .flatten()
                 .collect();
             let last = i + 1 == chunks.len();
             send(
@@ -488,7 +490,9 @@ impl CarriedIn {
         loop {
             match recv(&self.0)? {
                 Some((Message::Relays { relays, last }, fds)) => {
-                    if fds.len() != 2 * relays.len() {
+                    // Two each, but one for a relay to a resumable stream.
+                    let wanted: usize = relays.iter().map(|r| 2 - r.hbone.is_some() as usize).sum();
+                    if fds.len() != wanted {
                         return Err(HandoverError::Protocol(format!(
                             "{} descriptors for {} relays",
                             fds.len(),
@@ -497,8 +501,10 @@ impl CarriedIn {
                     }
                     let mut fds = fds.into_iter();
                     for meta in relays {
-                        let (Some(client), Some(upstream)) = (fds.next(), fds.next()) else {
-                            unreachable!("counted above");
+                        let client = fds.next().expect("counted above");
+                        let upstream = match meta.hbone {
+                            Some(_) => None,
+                            None => Some(fds.next().expect("counted above")),
                         };
                         carried.push(Carried {
                             meta,

@@ -12,8 +12,12 @@
 //!
 //! A relay between two workloads of this node is one such relay (the
 //! caller's socket relayed to the application's), carried with the records
-//! of both its ends. Relays through an HBONE tunnel hold TLS and HTTP/2
-//! state no socket carries; they stay with the old agent.
+//! of both its ends. A relay to a workload on another node, through a
+//! resumable HBONE stream, is carried with its client's socket alone: TLS
+//! and HTTP/2 state cannot move, so the stream is quiesced with the
+//! destination's agent and the next agent opens a new one (`resume`).
+//! Streams that are not resumable (to a ztunnel, or an L7 tunnel) stay
+//! with the old agent.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
@@ -27,6 +31,7 @@ use tokio::sync::{watch, Notify};
 use super::budget::{self, CallerKey};
 use super::detect::Detected;
 use super::relay::{self, Ended, RelayOptions, Stopped, Transferred};
+use super::resume::Resume;
 use super::{inbound, ConnectionRecord, Direction, Proxy, Tracked};
 use crate::identity::SpiffeId;
 use crate::telemetry::LiveBytes;
@@ -63,6 +68,11 @@ pub struct CarriedMeta {
     /// connection as its caller's side records it.
     #[serde(default)]
     pub caller_side: Option<Box<CarriedMeta>>,
+    /// For a relay to a workload on another node, the resumable HBONE
+    /// stream it relays to (quiesced with the destination's agent): the
+    /// next agent resumes it with a new stream.
+    #[serde(default)]
+    pub hbone: Option<Resume>,
 }
 
 impl CarriedMeta {
@@ -86,15 +96,32 @@ impl CarriedMeta {
             ended: Ended::default(),
             sni: None,
             caller_side: None,
+            hbone: None,
         }
     }
 }
 
-/// A quiesced relay: its client's and its upstream's sockets.
+impl CarriedMeta {
+    /// Adds what a relay moved until it `stopped`: everything it moved
+    /// once closed, `None` when quiesced (what ended is kept).
+    pub(super) fn moved(&mut self, stopped: Stopped) -> Option<Transferred> {
+        match stopped {
+            Stopped::Closed(transferred) => Some(self.transferred + transferred),
+            Stopped::Quiesced(transferred, ended) => {
+                self.transferred = self.transferred + transferred;
+                self.ended = ended;
+                None
+            }
+        }
+    }
+}
+
+/// A quiesced relay: its client's socket, and its upstream's unless it
+/// relays to a resumable HBONE stream (`meta.hbone`).
 pub struct Carried {
     pub meta: CarriedMeta,
     pub client: OwnedFd,
-    pub upstream: OwnedFd,
+    pub upstream: Option<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -124,7 +151,7 @@ impl Default for Carrier {
 }
 
 /// A carriable relay running; counted until carried or dropped.
-struct Relaying<'a> {
+pub(super) struct Relaying<'a> {
     carrier: &'a Carrier,
     counted: bool,
 }
@@ -132,7 +159,7 @@ struct Relaying<'a> {
 impl Relaying<'_> {
     /// Hands a quiesced relay over, unless collecting is over (`false`:
     /// relay on here; the duplicates close).
-    fn offer(&mut self, carried: Carried) -> bool {
+    pub(super) fn offer(&mut self, carried: Carried) -> bool {
         let mut state = self.carrier.lock();
         if state.closed || !self.counted {
             return false;
@@ -160,12 +187,17 @@ impl Carrier {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn enter(&self) -> Relaying<'_> {
+    pub(super) fn enter(&self) -> Relaying<'_> {
         self.lock().relaying += 1;
         Relaying {
             carrier: self,
             counted: true,
         }
+    }
+
+    /// Turns true when the relays are to quiesce.
+    pub(super) fn told(&self) -> watch::Receiver<bool> {
+        self.quiesce.subscribe()
     }
 
     /// Quiesces every carriable relay and returns those that stopped within
@@ -211,22 +243,19 @@ impl Proxy {
             live,
         };
         let mut relaying = self.carrier.enter();
-        let mut quiesce = Some(self.carrier.quiesce.subscribe());
+        let mut quiesce = Some(self.carrier.told());
         loop {
             let stopped = relay::relay(client, upstream, how.clone(), meta.ended, quiesce.take())
                 .await
                 .map_err(|e| e.to_string())?;
-            let (transferred, ended) = match stopped {
-                Stopped::Closed(transferred) => return Ok(meta.transferred + transferred),
-                Stopped::Quiesced(transferred, ended) => (transferred, ended),
-            };
-            meta.transferred = meta.transferred + transferred;
-            meta.ended = ended;
+            if let Some(moved) = meta.moved(stopped) {
+                return Ok(moved);
+            }
             let carried = (|| {
                 Ok::<_, std::io::Error>(Carried {
                     meta: meta.clone(),
                     client: client.as_fd().try_clone_to_owned()?,
-                    upstream: upstream.as_fd().try_clone_to_owned()?,
+                    upstream: Some(upstream.as_fd().try_clone_to_owned()?),
                 })
             })();
             match carried.map(|carried| relaying.offer(carried)) {
@@ -246,22 +275,23 @@ impl Proxy {
             client,
             upstream,
         } = carried;
-        let (client, upstream) = match (stream(client), stream(upstream)) {
+        let (client, upstream) = match (stream(client), upstream.map(stream).transpose()) {
             (Ok(client), Ok(upstream)) => (client, upstream),
             (Err(e), _) | (_, Err(e)) => {
                 log::warn!("a relay handed over cannot be resumed: {e}");
                 return;
             }
         };
-        let Some(pod) = self.local_pod(meta.workload_address) else {
-            log::warn!(
-                "relay from {} handed over: no enrolled workload at {} any more; closed",
-                meta.source,
-                meta.workload_address
-            );
+        let close = |why: &dyn std::fmt::Display| {
+            log::warn!("relay from {} handed over closed: {why}", meta.source);
             relay::reset(&client);
-            relay::reset(&upstream);
-            return;
+            if let Some(upstream) = &upstream {
+                relay::reset(upstream);
+            }
+        };
+        let Some(pod) = self.local_pod(meta.workload_address) else {
+            let gone = format!("no enrolled workload at {} any more", meta.workload_address);
+            return close(&gone);
         };
         let caller = match meta.direction {
             Direction::Inbound => Some(CallerKey::Address(meta.caller)),
@@ -269,12 +299,11 @@ impl Proxy {
         };
         let _fds = match pod.tenant.charge(budget::FDS_PER_CONNECTION, caller) {
             Ok(fds) => fds,
-            Err(refused) => {
-                log::warn!("{}: relay handed over closed: {refused}", pod.key);
-                relay::reset(&client);
-                relay::reset(&upstream);
-                return;
-            }
+            Err(refused) => return close(&format!("{}: {refused}", pod.key)),
+        };
+        let Some(upstream) = upstream else {
+            // To a workload on another node: a new HBONE stream resumes it.
+            return self.resume_hbone(&pod, &client, meta).await;
         };
         // A same-node relay was "local" on both sides; others plaintext.
         let transport = match meta.caller_side {
@@ -314,7 +343,7 @@ impl Proxy {
     }
 
     /// The record of a relay handed over, as the agent it came from had it.
-    fn track_carried(&self, meta: &CarriedMeta, transport: &'static str) -> Tracked<'_> {
+    pub(super) fn track_carried(&self, meta: &CarriedMeta, transport: &'static str) -> Tracked<'_> {
         let mut tracked = self.track(meta.direction, meta.source, meta.original_destination);
         let ago = SystemTime::now()
             .duration_since(UNIX_EPOCH)

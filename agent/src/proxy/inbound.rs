@@ -30,12 +30,13 @@ use super::detect::{self, Declared, Detected};
 use super::idle::{self, Activity};
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, RelayOptions, Transferred};
-use super::{authorize, l7, sni, Direction, Pod, Proxy, Tracked, AGENT_PORTS};
+use super::{authorize, l7, resume, sni, Direction, Pod, Proxy, Tracked, AGENT_PORTS};
 use crate::config::{Config, Protocol, Workload};
 use crate::identity;
 use crate::security::authorization::HttpView;
 use crate::security::MtlsMode;
 use crate::telemetry::LiveBytes;
+use crate::transport::resume::Resumable;
 use crate::transport::server::{Inbound, Refusal, StreamRequest};
 use crate::transport::Tunnel;
 
@@ -264,6 +265,8 @@ pub struct Delivered<'a> {
 pub struct TcpRelay {
     live: Option<LiveBytes>,
     meta: CarriedMeta,
+    /// Set for a resumable HBONE stream.
+    resume: Option<Resumable>,
 }
 
 /// The caller's side of a connection between two workloads of this node,
@@ -304,7 +307,8 @@ impl<'a> Delivered<'a> {
                     }
                     None => live,
                 };
-                (Some(TcpRelay { live, meta }), None)
+                let resume = None;
+                (Some(TcpRelay { live, meta, resume }), None)
             }
             Detected::Http1 | Detected::Http2 => (None, caller_side),
         };
@@ -332,20 +336,29 @@ pub trait Client: Io + Sized {
         app: &mut TcpStream,
         tcp: TcpRelay,
     ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send {
-        let how = RelayOptions {
-            idle: proxy.settings.idle_timeout,
-            live: tcp.live.map(LiveBytes::reversed),
-        };
-        async move {
-            relay::relay_stream(app, self, how)
-                .await
-                .map(|t| Transferred {
-                    sent: t.received,
-                    received: t.sent,
-                })
-                .map_err(|e| e.to_string())
-        }
+        relay_opaque(self, proxy, app, tcp.live)
     }
+}
+
+/// Relays `client`, a stream, to the application; `live` counts as seen
+/// from the caller.
+async fn relay_opaque<S: Io>(
+    client: &mut S,
+    proxy: &Proxy,
+    app: &mut TcpStream,
+    live: Option<LiveBytes>,
+) -> Result<Transferred, String> {
+    let how = RelayOptions {
+        idle: proxy.settings.idle_timeout,
+        live: live.map(LiveBytes::reversed),
+    };
+    relay::relay_stream(app, client, how)
+        .await
+        .map(|t| Transferred {
+            sent: t.received,
+            received: t.sent,
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// A plaintext caller's socket: carried to the next agent at a hand-over.
@@ -386,10 +399,23 @@ impl Client for Prefixed<TcpStream> {
     }
 }
 
-/// An HBONE stream from another node, or an in-process one from this
-/// node's L7 proxy: relayed by [`Client::relay_to`]'s default.
-impl Client for Prefixed<Tunnel> {}
+/// An HBONE stream from another node: resumable if its caller asked for
+/// it, else relayed by [`Client::relay_to`]'s default.
+impl Client for Prefixed<Tunnel> {
+    async fn relay_to(
+        &mut self,
+        proxy: &Proxy,
+        app: &mut TcpStream,
+        tcp: TcpRelay,
+    ) -> Result<Transferred, String> {
+        match tcp.resume {
+            Some(resume) => resume::relay_parkable(self, proxy, app, tcp.live, resume).await,
+            None => relay_opaque(self, proxy, app, tcp.live).await,
+        }
+    }
+}
 
+/// An in-process stream from this node's L7 proxy.
 impl Client for Prefixed<DuplexStream> {}
 
 fn protocol_name(protocol: Detected) -> &'static str {
@@ -429,6 +455,8 @@ pub struct Admitted {
     /// The delivery, already accepted by the application; or, when no
     /// request on the stream may pass, why (its HTTP requests then get 403).
     app: Result<Charged, String>,
+    /// Set for a resumable HBONE stream.
+    resume: Option<Resumable>,
 }
 
 impl Admitted {
@@ -458,7 +486,13 @@ impl Inbound for Proxy {
         self.admit_stream(request, "hbone").await
     }
 
-    async fn serve(self: Arc<Self>, admitted: Admitted, tunnel: Tunnel) {
+    async fn serve(
+        self: Arc<Self>,
+        mut admitted: Admitted,
+        tunnel: Tunnel,
+        resume: Option<Resumable>,
+    ) {
+        admitted.resume = resume;
         // Reported here; nothing waits for the outcome.
         let _ = self.serve_stream(admitted, tunnel, None).await;
     }
@@ -530,6 +564,7 @@ impl Proxy {
                 request: request.clone(),
                 transport,
                 app: Err(denied),
+                resume: None,
             });
         }
         let timeout = self.settings.connect_timeout;
@@ -540,6 +575,7 @@ impl Proxy {
                 request: request.clone(),
                 transport,
                 app: Ok(app),
+                resume: None,
             }),
             Err(e) => {
                 let reason = format!("delivering to {to}: {e}");
@@ -681,6 +717,7 @@ impl Proxy {
             source_workload,
             transport,
             app: server,
+            resume,
         } = admitted;
         let proxy = self;
         let app = request.to;
@@ -731,7 +768,11 @@ impl Proxy {
                 Err(denied)
             }
             (None, Ok(server)) => {
-                let to = Delivered::of(proxy, &pod, &mut tracked, &caller, protocol, caller_side);
+                let mut to =
+                    Delivered::of(proxy, &pod, &mut tracked, &caller, protocol, caller_side);
+                if let Some(tcp) = &mut to.tcp {
+                    tcp.resume = resume;
+                }
                 serve_until_refused(proxy, client, &caller, to, protocol, server).await
             }
             (None, Err(_)) => unreachable!("a stream without delivery was denied"),

@@ -23,7 +23,9 @@ mod inbound;
 mod l7;
 mod outbound;
 pub(crate) mod peer;
+mod quiesce;
 pub mod relay;
+mod resume;
 pub(crate) mod sni;
 
 use std::collections::{HashMap, VecDeque};

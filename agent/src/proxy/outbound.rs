@@ -222,9 +222,9 @@ impl Upstream {
     }
 }
 
-/// Relays to `server` (a plaintext one, or a workload of this node, is
-/// carried to the next agent at a hand-over), or resets the client if
-/// connecting failed.
+/// Relays to `server` (a plaintext one, a workload of this node, or a
+/// resumable HBONE stream, is carried to the next agent at a hand-over), or
+/// resets the client if connecting failed.
 async fn relay_connected(
     proxy: &Arc<Proxy>,
     pod: &Pod,
@@ -250,15 +250,20 @@ async fn relay_connected(
         idle: proxy.settings.idle_timeout,
         live,
     };
+    let address = pod.address_for(record.original_destination.ip());
     let outcome = match server {
-        Ok(mut server) => match &mut server.stream {
-            Stream::Tcp(server) => {
-                let address = pod.address_for(record.original_destination.ip());
+        Ok(mut server) => match (&mut server.stream, server.resume.take()) {
+            (Stream::Tcp(server), _) => {
                 let meta = CarriedMeta::of(record, address, address);
                 return proxy.relay_carriable(&client, server, meta, how.live).await;
             }
-            Stream::Tunnel(tunnel) => relay::relay_stream(&mut client, tunnel, how).await,
-            Stream::Local(local) => relay::relay_stream(&mut client, local, how).await,
+            (Stream::Tunnel(tunnel), Some(resume)) => {
+                let mut meta = CarriedMeta::of(record, address, address);
+                meta.hbone = Some(*resume);
+                return proxy.relay_hbone(&client, tunnel, meta, how.live).await;
+            }
+            (Stream::Tunnel(tunnel), None) => relay::relay_stream(&mut client, tunnel, how).await,
+            (Stream::Local(local), _) => relay::relay_stream(&mut client, local, how).await,
         },
         Err(e) => {
             relay::reset(&client);
@@ -338,6 +343,13 @@ async fn connect(
             .await
             .map(|admitted| Upstream::Local(Box::new(admitted)))
             .map_err(PeerError::from),
+        // Resumable: the relay survives a hand-over of this agent.
+        hop::Hop::Mesh(destination) => {
+            let timeout = proxy.settings.connect_timeout;
+            peer::connect_resumable(proxy, pod, destination, timeout, fd)
+                .await
+                .map(Upstream::Peer)
+        }
         hop => peer::connect(
             proxy,
             pod,

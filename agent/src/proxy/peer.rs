@@ -16,9 +16,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use super::budget::Fds;
 use super::hop::Hop;
 use super::inbound::Admitted;
+use super::resume::Resume;
 use super::{Pod, Proxy};
 use crate::transport::server::StreamRequest;
-use crate::transport::{Source, TransportError, Tunnel};
+use crate::transport::{Destination, Source, TransportError, Tunnel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -60,6 +61,28 @@ pub async fn connect(
             Ok(Charged::new(Stream::Tunnel(Prefixed::new(tunnel)), fd))
         }
     }
+}
+
+/// [`connect`] over HBONE for a relay that outlives this agent: the stream
+/// is resumable if the destination's agent agrees.
+pub async fn connect_resumable(
+    proxy: &Arc<Proxy>,
+    from: &Pod,
+    destination: Destination,
+    timeout: Duration,
+    fd: Fds,
+) -> Result<Charged, PeerError> {
+    let source = Source {
+        identity: from.identity.clone(),
+        address: from.address_for(destination.to.ip()),
+    };
+    let hbone = &proxy.hbone;
+    let (tunnel, id) = hbone
+        .connect_resumable(&source, &destination, timeout)
+        .await?;
+    let mut charged = Charged::new(Stream::Tunnel(Prefixed::new(tunnel)), fd);
+    charged.resume = id.map(|id| Box::new(Resume::of(id, &destination)));
+    Ok(charged)
 }
 
 /// Admits a connection from the workload `from` to `to`, a workload of
@@ -128,6 +151,8 @@ async fn connect_within(
 /// tunnel) and ends when it closes.
 pub struct Charged {
     pub stream: Stream,
+    /// How a resumable HBONE stream resumes.
+    pub resume: Option<Box<Resume>>,
     _fd: Fds,
 }
 
@@ -141,7 +166,11 @@ pub enum Stream {
 
 impl Charged {
     fn new(stream: Stream, fd: Fds) -> Charged {
-        Charged { stream, _fd: fd }
+        Charged {
+            stream,
+            resume: None,
+            _fd: fd,
+        }
     }
 
     /// Resolves once the far end has sent something (a server that speaks

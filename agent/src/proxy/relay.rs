@@ -13,18 +13,20 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::{Activity, Tracked};
 use crate::telemetry::LiveBytes;
 
-const FIRST_BUFFER: usize = 16 * 1024;
-const MAX_BUFFER: usize = 256 * 1024;
+pub(super) const FIRST_BUFFER: usize = 16 * 1024;
+pub(super) const MAX_BUFFER: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -91,10 +93,24 @@ pub async fn relay(
         quiesce.clone(),
     );
     let down = copy(upstream, client, &activity, false, ended.received, quiesce);
-    let outcome = match activity
+    let copied = activity
         .unless_idle(idle, async { tokio::try_join!(up, down) })
-        .await
-    {
+        .await;
+    let outcome = stopped(copied);
+    if outcome.is_err() {
+        reset(client);
+        reset(upstream);
+    }
+    outcome
+}
+
+/// What one direction copied, and whether it closed.
+pub(super) type Copied = (u64, bool);
+
+/// How a relay whose two directions each copied `(bytes, closed)` stopped;
+/// `None`: idle for too long.
+pub(super) fn stopped(copied: Option<io::Result<(Copied, Copied)>>) -> io::Result<Stopped> {
+    match copied {
         Some(copied) => copied.map(|((sent, up_closed), (received, down_closed))| {
             let transferred = Transferred { sent, received };
             match (up_closed, down_closed) {
@@ -103,12 +119,7 @@ pub async fn relay(
             }
         }),
         None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
-    };
-    if outcome.is_err() {
-        reset(client);
-        reset(upstream);
     }
-    outcome
 }
 
 /// [`relay`] between a socket and any other stream (an HBONE tunnel): the
@@ -120,7 +131,7 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<Transferred> {
     let idle = how.idle;
     let activity = Activity::counting(how.live);
-    let mut upstream = Tracked::new(upstream, activity.clone());
+    let mut upstream = FinishedPeer::new(Tracked::new(upstream, activity.clone()));
     let copied = tokio::io::copy_bidirectional(client, &mut upstream);
     let outcome = match activity.unless_idle(idle, copied).await {
         Some(copied) => copied.map(|(sent, received)| Transferred { sent, received }),
@@ -130,6 +141,101 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
         reset(client);
     }
     outcome
+}
+
+/// A stream whose end of stream cannot fail once its peer has ended its
+/// own side. A peer that sent all it had and then dropped the stream (an
+/// HTTP server closing after `Connection: close` resets the HBONE stream
+/// with `NO_ERROR`, as HTTP/2 lets it) makes sending our end of stream
+/// fail; with TCP the same FIN would be answered by a reset nobody sees.
+/// Counting such a connection as failed would report most short-lived
+/// connections to a closing server as errors.
+pub struct FinishedPeer<S> {
+    inner: S,
+    /// The peer's end of stream was read.
+    ended: bool,
+    /// The task of a refused end of stream, woken when the peer's arrives.
+    refused: Option<Waker>,
+}
+
+impl<S> FinishedPeer<S> {
+    pub fn new(inner: S) -> FinishedPeer<S> {
+        FinishedPeer {
+            inner,
+            ended: false,
+            refused: None,
+        }
+    }
+
+    /// `polled` (a flush or shutdown) once the peer has ended; until then
+    /// a failure waits for what the peer sends next, which the relay's
+    /// other direction is reading on the same task: its end of stream (no
+    /// failure: polled again, this returns `Ok`) or a reset (the read
+    /// fails, and with it the relay).
+    fn after_end(
+        &mut self,
+        cx: &Context<'_>,
+        polled: Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
+        match polled {
+            Poll::Ready(Err(_)) if self.ended => Poll::Ready(Ok(())),
+            Poll::Ready(Err(_)) => {
+                self.refused = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FinishedPeer<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before {
+            self.ended = true;
+            if let Some(refused) = self.refused.take() {
+                refused.wake();
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FinishedPeer<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.after_end(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.after_end(cx, polled)
+    }
 }
 
 /// Closes with RST instead of FIN when the socket is dropped.
@@ -170,31 +276,45 @@ async fn copy(
             () = &mut quiesced => return Ok((total, false)),
             readable = from.readable() => readable?,
         }
-        if buf.is_empty() {
-            buf.resize(FIRST_BUFFER, 0);
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let Some(n) = read_some(from, &mut buf)? else {
+            continue;
         };
-        let full = n == buf.len();
         if n == 0 {
-            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok((total, true)),
-            }
+            shutdown_write(to)?;
+            return Ok((total, true));
         }
         write_all(to, &buf[..n]).await?;
         total += n as u64;
-        if full && buf.len() < MAX_BUFFER {
-            buf.resize(buf.len() * 2, 0);
-        }
         activity.moved(to_upstream, n as u64);
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Reads what `from` has into `buf` (`None`: nothing after all, 0: EOF).
+/// The buffer is allocated at the first read and grows while reads fill it.
+pub(super) fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    if buf.is_empty() {
+        buf.resize(FIRST_BUFFER, 0);
+    }
+    let n = match from.try_read(buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if n == buf.len() && buf.len() < MAX_BUFFER {
+        buf.resize(buf.len() * 2, 0);
+    }
+    Ok(Some(n))
+}
+
+/// Passes an EOF on: a FIN to `to` (one already gone is no error).
+pub(super) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
+pub(super) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
@@ -318,5 +438,79 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         let mut buf = [0u8; 1];
         assert!(client.read(&mut buf).await.is_err());
+    }
+
+    /// A tunnel that refuses our end of stream, as an HBONE stream reset
+    /// by a peer that closed; what reading it gives: its end of stream at
+    /// once, only after our end of stream was refused, or a reset.
+    enum ResetTunnel {
+        Ended,
+        /// Whether our end of stream was refused yet.
+        EndsLater(bool),
+        Resets,
+    }
+
+    impl AsyncRead for ResetTunnel {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match *self {
+                ResetTunnel::Ended | ResetTunnel::EndsLater(true) => Poll::Ready(Ok(())),
+                ResetTunnel::EndsLater(false) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                ResetTunnel::Resets => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            }
+        }
+    }
+
+    impl AsyncWrite for ResetTunnel {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if let ResetTunnel::EndsLater(refused) = &mut *self {
+                *refused = true;
+            }
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+    }
+
+    /// Relays a client's request and close into a [`ResetTunnel`].
+    async fn close_into(tunnel: ResetTunnel) -> io::Result<Transferred> {
+        let (mut client, mut proxy_client) = pair().await;
+        client.write_all(b"GET").await.unwrap();
+        client.shutdown().await.unwrap();
+        // Long: a relay left waiting would end by this timeout, an error.
+        let how = RelayOptions {
+            idle: Duration::from_secs(60),
+            live: None,
+        };
+        let mut tunnel = tunnel;
+        relay_stream(&mut proxy_client, &mut tunnel, how).await
+    }
+
+    #[tokio::test]
+    async fn a_close_after_the_peer_ended_is_no_failure() {
+        let done = close_into(ResetTunnel::Ended).await.unwrap();
+        assert_eq!((done.sent, done.received), (3, 0));
+        // Refused first, then the peer's end of stream arrives.
+        let done = close_into(ResetTunnel::EndsLater(false)).await.unwrap();
+        assert_eq!((done.sent, done.received), (3, 0));
+        // A peer that resets its side too fails the relay.
+        let reset = close_into(ResetTunnel::Resets).await;
+        assert_eq!(reset.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
     }
 }

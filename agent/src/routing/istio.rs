@@ -18,6 +18,7 @@ use super::compile::{
     DestinationRuleDraft, RouteDraft, VirtualServiceDraft, Warnings,
 };
 use super::ingress_l4::L4RouteSpec;
+use super::locality::{locality_lb, LocalityLb};
 use super::{
     AbortStatus, ConnectionPool, Destination, DestinationPolicy, Fault, FaultAbort, FaultDelay,
     HashKey, HeaderEdits, HeaderOps, HttpRoute, LoadBalancer, Mirror, OutlierDetection,
@@ -338,7 +339,7 @@ struct PortTrafficPolicySpec {
 struct LoadBalancerSpec {
     simple: Option<SimpleLb>,
     consistent_hash: Option<ConsistentHashSpec>,
-    locality_lb_setting: Option<LocalityLbSpec>,
+    locality_lb_setting: Option<super::locality::LocalityLbSpec>,
     warmup_duration_secs: Option<String>,
 }
 
@@ -385,37 +386,6 @@ struct RingHashSpec {
 struct MaglevSpec {
     #[serde(rename = "tableSize")]
     _table_size: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LocalityLbSpec {
-    #[serde(rename = "distribute")]
-    _distribute: Option<Vec<LocalityDistributeSpec>>,
-    #[serde(rename = "failover")]
-    _failover: Option<Vec<LocalityFailoverSpec>>,
-    #[serde(rename = "failoverPriority")]
-    _failover_priority: Option<Vec<String>>,
-    #[serde(rename = "enabled")]
-    _enabled: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LocalityDistributeSpec {
-    #[serde(rename = "from")]
-    _from: Option<String>,
-    #[serde(rename = "to")]
-    _to: Option<BTreeMap<String, u32>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LocalityFailoverSpec {
-    #[serde(rename = "from")]
-    _from: Option<String>,
-    #[serde(rename = "to")]
-    _to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1316,11 +1286,13 @@ fn policy_groups(
     warnings: &mut Warnings,
     issues: &mut Issues,
 ) -> TrafficPolicy {
+    let (load_balancer, locality) = load_balancer.map_or((None, None), |lb| {
+        self::load_balancer(lb, &format!("{at}.loadBalancer"), warnings, issues)
+    });
     TrafficPolicy {
         tls: tls.map(|tls| client_tls(tls, &format!("{at}.tls"), warnings)),
-        load_balancer: load_balancer.and_then(|lb| {
-            self::load_balancer(lb, &format!("{at}.loadBalancer"), warnings, issues)
-        }),
+        load_balancer,
+        locality,
         connection_pool: connection_pool
             .map(|cp| self::connection_pool(cp, &format!("{at}.connectionPool"), warnings, issues)),
         outlier_detection: outlier
@@ -1373,20 +1345,42 @@ fn client_tls(tls: ClientTlsSpec, at: &str, warnings: &mut Warnings) -> Upstream
     upstream
 }
 
+/// The algorithm (`None`: the default) and the locality setting.
 fn load_balancer(
     lb: LoadBalancerSpec,
     at: &str,
     warnings: &mut Warnings,
     issues: &mut Issues,
+) -> (Option<LoadBalancer>, Option<LocalityLb>) {
+    let locality = lb
+        .locality_lb_setting
+        .map(|l| locality_lb(l, &format!("{at}.localityLbSetting"), issues));
+    (
+        algorithm(
+            lb.simple,
+            lb.consistent_hash,
+            lb.warmup_duration_secs,
+            at,
+            warnings,
+            issues,
+        ),
+        locality,
+    )
+}
+
+fn algorithm(
+    simple: Option<SimpleLb>,
+    consistent_hash: Option<ConsistentHashSpec>,
+    warmup_duration_secs: Option<String>,
+    at: &str,
+    warnings: &mut Warnings,
+    issues: &mut Issues,
 ) -> Option<LoadBalancer> {
-    if lb.locality_lb_setting.is_some() {
-        warnings.not_enforced(format!("{at}.localityLbSetting"));
-    }
-    if let Some(warmup) = lb.warmup_duration_secs {
+    if let Some(warmup) = warmup_duration_secs {
         duration(&warmup, format!("{at}.warmupDurationSecs"), issues);
         warnings.not_enforced(format!("{at}.warmupDurationSecs"));
     }
-    match (lb.simple, lb.consistent_hash) {
+    match (simple, consistent_hash) {
         (Some(_), Some(_)) => {
             issues.add(at, "only one of simple and consistentHash may be set");
             None
@@ -1405,7 +1399,7 @@ fn load_balancer(
             }
         },
         (None, Some(hash)) => {
-            consistent_hash(hash, &format!("{at}.consistentHash"), warnings, issues)
+            self::consistent_hash(hash, &format!("{at}.consistentHash"), warnings, issues)
         }
         (None, None) => None,
     }

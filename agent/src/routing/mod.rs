@@ -18,6 +18,7 @@ pub mod ingress_l4;
 mod ingress_tests;
 mod istio;
 mod istio_gateway;
+pub mod locality;
 mod matching;
 #[cfg(test)]
 mod tests;
@@ -516,6 +517,9 @@ pub struct TrafficPolicy {
     pub tls: Option<UpstreamTls>,
     /// `None`: the default, peak-EWMA with two random choices.
     pub load_balancer: Option<LoadBalancer>,
+    /// `loadBalancer.localityLbSetting`; `None`: Istio's default (failover
+    /// by locality when `outlierDetection` is set).
+    pub locality: Option<locality::LocalityLb>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
 }
@@ -523,9 +527,17 @@ pub struct TrafficPolicy {
 impl TrafficPolicy {
     /// This policy's field groups where set, `base`'s elsewhere.
     fn over(self, base: TrafficPolicy) -> TrafficPolicy {
+        // `loadBalancer` is one group: its algorithm and locality setting
+        // come from the same level.
+        let (load_balancer, locality) = if self.load_balancer.is_some() || self.locality.is_some() {
+            (self.load_balancer, self.locality)
+        } else {
+            (base.load_balancer, base.locality)
+        };
         TrafficPolicy {
             tls: self.tls.or(base.tls),
-            load_balancer: self.load_balancer.or(base.load_balancer),
+            load_balancer,
+            locality,
             connection_pool: self.connection_pool.or(base.connection_pool),
             outlier_detection: self.outlier_detection.or(base.outlier_detection),
         }

@@ -11,12 +11,14 @@
 //! - `pool`: the caller's side, connections shared by streams.
 //! - `server`: the destination's side, which authenticates the caller and
 //!   hands each admitted stream to the proxy's inbound path.
+//! - `resume`: streams that survive a hand-over of the caller's agent.
 //!
 //! The caller's pod address travels in `Forwarded: for=` (RFC 7239), which
 //! ztunnel also reads; the destination accepts it only for an address of a
 //! workload with the certificate's identity.
 
 mod pool;
+pub mod resume;
 pub mod server;
 pub(crate) mod tls;
 

@@ -15,6 +15,7 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::resume::{self, ResumeId};
 use super::{forwarded_for, tls, Destination, Source, TransportError, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
 
@@ -87,15 +88,71 @@ impl Pool {
         to: &Destination,
         timeout: Duration,
     ) -> Result<Tunnel, TransportError> {
+        let asked = self.request(source, to, timeout, Ask::Stream(None)).await?;
+        Ok(asked.stream().0)
+    }
+
+    /// [`connect`](Pool::connect), asking for a resumable stream: its id,
+    /// unless the destination does not resume streams (a ztunnel).
+    pub async fn connect_resumable(
+        &self,
+        source: &Source,
+        to: &Destination,
+        timeout: Duration,
+    ) -> Result<(Tunnel, Option<ResumeId>), TransportError> {
+        let asked = self
+            .request(source, to, timeout, Ask::Stream(Some(Resume::New)))
+            .await?;
+        Ok(asked.stream())
+    }
+
+    /// A new stream for the quiesced stream `id`.
+    pub async fn resume(
+        &self,
+        source: &Source,
+        to: &Destination,
+        id: ResumeId,
+        timeout: Duration,
+    ) -> Result<Tunnel, TransportError> {
+        let ask = Ask::Stream(Some(Resume::Stream(id)));
+        Ok(self.request(source, to, timeout, ask).await?.stream().0)
+    }
+
+    /// Quiesces stream `id`, into which this side wrote `sent` bytes: the
+    /// bytes the destination wrote into it.
+    pub async fn quiesce(
+        &self,
+        source: &Source,
+        to: &Destination,
+        id: ResumeId,
+        sent: u64,
+        timeout: Duration,
+    ) -> Result<u64, TransportError> {
+        match self
+            .request(source, to, timeout, Ask::Quiesce(id, sent))
+            .await?
+        {
+            Answered::Quiesced(theirs) => Ok(theirs),
+            Answered::Stream(..) => unreachable!("a quiesce is answered with a count"),
+        }
+    }
+
+    async fn request(
+        &self,
+        source: &Source,
+        to: &Destination,
+        timeout: Duration,
+        ask: Ask,
+    ) -> Result<Answered, TransportError> {
         let within = async {
             let slot = self.slot(source, to);
             let mut sender = self.sender(&slot, source, to, false).await?;
-            match open_stream(&mut sender, source, to).await {
+            match send(&mut sender, source, to, &ask).await {
                 Err(TransportError::Http2 { source: e, .. })
                     if e.is_canceled() || e.is_closed() =>
                 {
                     let mut sender = self.sender(&slot, source, to, true).await?;
-                    open_stream(&mut sender, source, to).await
+                    send(&mut sender, source, to, &ask).await
                 }
                 other => other,
             }
@@ -209,24 +266,67 @@ impl Pool {
     }
 }
 
-/// `CONNECT ip:port` on `sender`; the tunnel once the destination says 200.
-async fn open_stream(
+/// What a request to the destination's agent is for.
+enum Ask {
+    Stream(Option<Resume>),
+    Quiesce(ResumeId, u64),
+}
+
+enum Resume {
+    New,
+    Stream(ResumeId),
+}
+
+/// A stream (with its resume id, if resumable), or a quiesce's answer:
+/// the bytes the destination wrote into the stream.
+enum Answered {
+    Stream(Tunnel, Option<ResumeId>),
+    Quiesced(u64),
+}
+
+impl Answered {
+    fn stream(self) -> (Tunnel, Option<ResumeId>) {
+        match self {
+            Answered::Stream(tunnel, id) => (tunnel, id),
+            Answered::Quiesced(_) => unreachable!("a CONNECT is answered with a stream"),
+        }
+    }
+}
+
+/// `CONNECT ip:port` (or a quiesce) on `sender`; the tunnel once the
+/// destination says 200.
+async fn send(
     sender: &mut SendRequest<Empty<Bytes>>,
     source: &Source,
     to: &Destination,
-) -> Result<Tunnel, TransportError> {
+    ask: &Ask,
+) -> Result<Answered, TransportError> {
     let http2 = |source| TransportError::Http2 {
         node: to.node.clone(),
         source,
     };
     sender.ready().await.map_err(http2)?;
     let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(to.to.to_string())
         .version(http::Version::HTTP_2)
-        .header(FORWARDED, forwarded_for(source.address))
+        .header(FORWARDED, forwarded_for(source.address));
+    let request = match ask {
+        Ask::Stream(resume) => {
+            let request = request.method(Method::CONNECT).uri(to.to.to_string());
+            match resume {
+                None => request,
+                Some(Resume::New) => request.header(resume::RESUME, "new"),
+                Some(Resume::Stream(id)) => request.header(resume::RESUME, id.to_string()),
+            }
+        }
+        Ask::Quiesce(id, sent) => request
+            .method(Method::POST)
+            .uri(format!("https://{}{}", to.node, resume::QUIESCE_PATH))
+            .header(resume::RESUME, id.to_string())
+            .header(resume::SENT, sent.to_string()),
+    };
+    let request = request
         .body(Empty::new())
-        .expect("a CONNECT request to a socket address is valid");
+        .expect("a request to a socket address or node name is valid");
     let mut response = sender.send_request(request).await.map_err(http2)?;
     if response.status() != StatusCode::OK {
         let status = response.status();
@@ -241,6 +341,19 @@ async fn open_stream(
             reason,
         });
     }
+    let header = |name| response.headers().get(name)?.to_str().ok();
+    if let Ask::Quiesce(..) = ask {
+        return header(resume::SENT)
+            .and_then(|sent| sent.parse().ok())
+            .map(Answered::Quiesced)
+            .ok_or_else(|| TransportError::Refused {
+                node: to.node.clone(),
+                to: to.to,
+                status: response.status(),
+                reason: "no byte count in the answer to a quiesce".into(),
+            });
+    }
+    let id = header(resume::RESUME_ID).and_then(|id| id.parse().ok());
     let upgraded = hyper::upgrade::on(response).await.map_err(http2)?;
-    Ok(TokioIo::new(upgraded))
+    Ok(Answered::Stream(TokioIo::new(upgraded), id))
 }

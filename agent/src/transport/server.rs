@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::resume::{self, Registry, Resumable, ResumeId};
 use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::until_drained;
@@ -64,11 +65,13 @@ pub trait Inbound: Send + Sync + 'static {
         request: &StreamRequest,
     ) -> impl Future<Output = Result<Self::Admitted, Refusal>> + Send;
 
-    /// Serves an admitted stream to its end.
+    /// Serves an admitted stream to its end; `resume` is set when the
+    /// caller asked for a resumable stream.
     fn serve(
         self: Arc<Self>,
         admitted: Self::Admitted,
         tunnel: Tunnel,
+        resume: Option<Resumable>,
     ) -> impl Future<Output = ()> + Send;
 }
 
@@ -79,6 +82,7 @@ pub async fn serve<I: Inbound>(
     inbound: Arc<I>,
     drain: watch::Receiver<bool>,
 ) {
+    let registry = Arc::new(Registry::default());
     loop {
         let (tcp, remote) = match listener.accept().await {
             // The listener is dual-stack: show IPv4 callers as such.
@@ -93,8 +97,9 @@ pub async fn serve<I: Inbound>(
             }
         };
         let (identities, inbound, drain) = (identities.clone(), inbound.clone(), drain.clone());
+        let registry = registry.clone();
         tokio::spawn(async move {
-            match connection(tcp, remote, &identities, inbound, drain).await {
+            match connection(tcp, remote, &identities, inbound, registry, drain).await {
                 Err(Failure::Refused(reason)) => {
                     log::warn!("HBONE connection from {remote} refused: {reason}")
                 }
@@ -117,14 +122,22 @@ async fn connection<I: Inbound>(
     remote: SocketAddr,
     identities: &Arc<Identities>,
     inbound: Arc<I>,
+    registry: Arc<Registry>,
     drain: watch::Receiver<bool>,
 ) -> Result<(), Failure> {
     let (tls, peer) = authenticate(tcp, identities)
         .await
         .map_err(Failure::Refused)?;
     let service = service_fn(move |request| {
-        let (inbound, peer) = (inbound.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(stream(&inbound, &peer, remote, request).await) }
+        let (inbound, peer, registry) = (inbound.clone(), peer.clone(), registry.clone());
+        async move {
+            let caller = Caller {
+                peer: &peer,
+                remote,
+                registry: &registry,
+            };
+            Ok::<_, Infallible>(caller.answer(&inbound, request).await)
+        }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -168,40 +181,164 @@ async fn authenticate(
     Ok((tls, peer))
 }
 
-/// Answers one `CONNECT`: 200 and the stream goes to the inbound path, or
-/// the refusal.
-async fn stream<I: Inbound>(
-    inbound: &Arc<I>,
-    peer: &SpiffeId,
+/// Who sent a request on an authenticated connection.
+struct Caller<'a> {
+    peer: &'a SpiffeId,
     remote: SocketAddr,
-    mut request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let admitted = match parse(peer, remote, &request) {
-        Ok(asked) => inbound.admit(&asked).await,
-        Err(refusal) => Err(refusal),
-    };
-    match admitted {
-        Ok(admitted) => {
-            let upgrade = hyper::upgrade::on(&mut request);
-            let inbound = inbound.clone();
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => inbound.serve(admitted, TokioIo::new(upgraded)).await,
-                    Err(e) => log::debug!("HBONE stream ended before it started: {e}"),
-                }
-            });
-            Response::new(Full::default())
-        }
-        Err(refusal) => {
-            log::warn!(
-                "HBONE stream from {peer} ({remote}) to {} refused: {}",
-                request.uri(),
-                refusal.reason
-            );
+    registry: &'a Arc<Registry>,
+}
+
+/// What the `nodemesh-resume` request header asks for.
+enum Resume {
+    No,
+    New,
+    Stream(ResumeId),
+}
+
+impl Caller<'_> {
+    /// What was asked, as logged: `stream from <peer> (<remote>) to ...`.
+    fn what(&self, kind: &str, detail: &str) -> String {
+        format!("{kind} from {} ({}){detail}", self.peer, self.remote)
+    }
+
+    /// Answers one request: a `CONNECT` (a new stream, or one resumed), or
+    /// a quiesce of a resumable stream.
+    async fn answer<I: Inbound>(
+        &self,
+        inbound: &Arc<I>,
+        request: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        let answered = match resume_asked(&request) {
+            Err(refusal) => Err((self.what("request", ""), refusal)),
+            Ok(_) if request.method() == Method::POST => self.quiesce(&request).await,
+            Ok(Resume::Stream(id)) => self.resume(id, request),
+            Ok(resume) => self.stream(inbound, request, resume).await,
+        };
+        answered.unwrap_or_else(|(what, refusal)| {
+            log::warn!("HBONE {what} refused: {}", refusal.reason);
             let mut response = Response::new(Full::new(Bytes::from(refusal.reason)));
             *response.status_mut() = refusal.status;
             response
+        })
+    }
+
+    /// A new stream: 200 and it goes to the inbound path, or the refusal.
+    async fn stream<I: Inbound>(
+        &self,
+        inbound: &Arc<I>,
+        mut request: Request<Incoming>,
+        resume: Resume,
+    ) -> Answer {
+        let what = || self.what("stream", &format!(" to {}", request.uri()));
+        let asked = parse(self.peer, self.remote, &request).map_err(|r| (what(), r))?;
+        let admitted = inbound.admit(&asked).await.map_err(|r| (what(), r))?;
+        let resumable =
+            matches!(resume, Resume::New).then(|| self.registry.open(self.peer, self.remote.ip()));
+        let mut response = Response::new(Full::default());
+        if let Some(resumable) = &resumable {
+            let id = resumable.id.to_string();
+            let value = http::HeaderValue::from_str(&id).expect("hex is a header value");
+            response.headers_mut().insert(resume::RESUME_ID, value);
         }
+        let upgrade = hyper::upgrade::on(&mut request);
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let tunnel = TokioIo::new(upgraded);
+                    inbound.serve(admitted, tunnel, resumable).await
+                }
+                Err(e) => log::debug!("HBONE stream ended before it started: {e}"),
+            }
+        });
+        Ok(response)
+    }
+
+    /// A quiesced stream resumed: the new stream goes to the relay that
+    /// parked its application socket.
+    fn resume(&self, id: ResumeId, mut request: Request<Incoming>) -> Answer {
+        let what = || self.what("resume", &format!(" of stream {id}"));
+        if request.method() != Method::CONNECT {
+            return Err((what(), not_connect(&request)));
+        }
+        let parked = self
+            .registry
+            .attach(id, self.peer, self.remote.ip())
+            .map_err(|e| (what(), forbidden(e.to_string())))?;
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    if parked.send(TokioIo::new(upgraded)).is_err() {
+                        log::debug!("stream {id} ended before it was resumed");
+                    }
+                }
+                Err(e) => log::debug!("HBONE stream {id} ended before it resumed: {e}"),
+            }
+        });
+        log::info!("HBONE stream {id} from {} resumed", self.peer);
+        Ok(Response::new(Full::default()))
+    }
+
+    /// `POST /nodemesh/quiesce`: stops the stream's relay reading the
+    /// application; answers with the bytes it wrote into the stream.
+    async fn quiesce(&self, request: &Request<Incoming>) -> Answer {
+        let what = || self.what("quiesce", "");
+        let bad = |reason: &str| (what(), refusal(StatusCode::BAD_REQUEST, reason.into()));
+        if request.uri().path() != resume::QUIESCE_PATH {
+            return Err(bad("unknown path"));
+        }
+        let Resume::Stream(id) = resume_asked(request).map_err(|r| (what(), r))? else {
+            return Err(bad("no stream named (nodemesh-resume: <id>)"));
+        };
+        let sent = header(request, resume::SENT)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| bad("no byte count (nodemesh-sent)"))?;
+        let ours = self
+            .registry
+            .quiesce(id, self.peer, self.remote.ip(), sent)
+            .await
+            .map_err(|e| (what(), forbidden(e.to_string())))?;
+        let mut response = Response::new(Full::default());
+        response
+            .headers_mut()
+            .insert(resume::SENT, http::HeaderValue::from(ours));
+        Ok(response)
+    }
+}
+
+/// A response, or what was refused and why.
+type Answer = Result<Response<Full<Bytes>>, (String, Refusal)>;
+
+fn refusal(status: StatusCode, reason: String) -> Refusal {
+    Refusal { status, reason }
+}
+
+fn forbidden(reason: String) -> Refusal {
+    refusal(StatusCode::FORBIDDEN, reason)
+}
+
+fn not_connect(request: &Request<Incoming>) -> Refusal {
+    refusal(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not CONNECT", request.method()),
+    )
+}
+
+fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn resume_asked(request: &Request<Incoming>) -> Result<Resume, Refusal> {
+    match header(request, resume::RESUME) {
+        None => Ok(Resume::No),
+        Some("new") => Ok(Resume::New),
+        Some(id) => id.parse().map(Resume::Stream).map_err(|_| {
+            refusal(
+                StatusCode::BAD_REQUEST,
+                format!("{id:?} is not a resume id"),
+            )
+        }),
     }
 }
 
@@ -215,10 +352,7 @@ fn parse(
         reason,
     };
     if request.method() != Method::CONNECT {
-        return Err(Refusal {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            reason: format!("{} is not CONNECT", request.method()),
-        });
+        return Err(not_connect(request));
     }
     let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
     let to = authority

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::routing::locality::Groups;
 use crate::routing::{HashKey, LoadBalancer, OutlierDetection};
 
 /// Latency assumed for an endpoint with no observations yet.
@@ -34,7 +35,13 @@ pub struct ClusterKey {
 pub struct Cluster {
     endpoints: RwLock<HashMap<SocketAddr, Arc<Endpoint>>>,
     next: AtomicUsize,
+    /// The endpoints grouped by locality, for one config snapshot and
+    /// address family: computed once per snapshot, not per request.
+    groups: RwLock<Option<(GroupsKey, Option<Arc<Groups>>)>>,
 }
+
+/// Config generation, IPv4.
+type GroupsKey = (u64, bool);
 
 #[derive(Default)]
 pub struct Endpoint {
@@ -157,6 +164,74 @@ impl Cluster {
             .entry(addr)
             .or_default()
             .clone()
+    }
+
+    /// The locality groups of this snapshot's endpoints; `compute` runs
+    /// only for a snapshot not seen before.
+    pub fn groups(
+        &self,
+        generation: u64,
+        ipv4: bool,
+        compute: impl FnOnce() -> Option<Groups>,
+    ) -> Option<Arc<Groups>> {
+        let key = (generation, ipv4);
+        if let Some((k, groups)) = &*self.groups.read().unwrap_or_else(|e| e.into_inner()) {
+            if *k == key {
+                return groups.clone();
+            }
+        }
+        let groups = compute().map(Arc::new);
+        *self.groups.write().unwrap_or_else(|e| e.into_inner()) = Some((key, groups.clone()));
+        groups
+    }
+
+    /// [`Cluster::pick`] within the locality group a request goes to: the
+    /// best priority with an endpoint not ejected, or one chosen by weight
+    /// among those with one. With every endpoint ejected, the first
+    /// priority (or any group) in panic mode, as Envoy.
+    pub fn pick_grouped(
+        &self,
+        groups: Option<&Groups>,
+        candidates: &[SocketAddr],
+        avoid: &[SocketAddr],
+        lb: Option<&LoadBalancer>,
+        hash: &HashInput<'_>,
+    ) -> Option<Pick> {
+        let now = now_ns();
+        let pool = match groups {
+            Some(groups) => self.group(groups, now),
+            None => candidates,
+        };
+        self.pick_at(pool, avoid, lb, hash, now)
+    }
+
+    /// The endpoints of the group a request goes to now.
+    fn group<'g>(&self, groups: &'g Groups, now: u64) -> &'g [SocketAddr] {
+        let live = |addrs: &[SocketAddr]| addrs.iter().any(|&a| !self.endpoint(a).is_ejected(now));
+        match groups {
+            Groups::Priorities(tiers) => tiers
+                .iter()
+                .find(|t| live(t))
+                .or(tiers.first())
+                .map_or(&[], Vec::as_slice),
+            Groups::Weighted(groups) => {
+                let healthy: Vec<_> = groups.iter().filter(|(_, a)| live(a)).collect();
+                let pool = if healthy.is_empty() {
+                    groups.iter().collect()
+                } else {
+                    healthy
+                };
+                let total: u32 = pool.iter().map(|(w, _)| w).sum();
+                let mut roll = fastrand::u32(..total.max(1));
+                pool.iter()
+                    .find(|(w, _)| {
+                        let hit = roll < *w;
+                        roll = roll.saturating_sub(*w);
+                        hit
+                    })
+                    .map_or(&[], |(_, a)| a.as_slice())
+            }
+        }
     }
 
     /// Picks one of `candidates` (the cluster's current endpoints), avoiding
@@ -513,6 +588,48 @@ mod tests {
         assert_eq!(endpoint.pending.load(Ordering::Relaxed), 1);
         drop(pick);
         assert_eq!(endpoint.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn locality_priorities_fail_over_to_the_next_tier_only_when_one_is_all_ejected() {
+        let cluster = Cluster::default();
+        let eps = addrs(3);
+        let groups = Groups::Priorities(vec![vec![eps[0]], vec![eps[1], eps[2]]]);
+        let pick = |avoid: &[SocketAddr]| {
+            cluster
+                .pick_grouped(Some(&groups), &eps, avoid, None, &no_hash())
+                .unwrap()
+                .addr
+        };
+        for _ in 0..20 {
+            assert_eq!(pick(&[]), eps[0]);
+        }
+        // Tried but not ejected: still the best tier.
+        assert_eq!(pick(&[eps[0]]), eps[0]);
+        let od = ejecting_after(1);
+        let failed = cluster.pick(&[eps[0]], &[], None, &no_hash()).unwrap();
+        cluster.observe(&failed, Observation::Failure, Some(&od), eps.len());
+        for _ in 0..20 {
+            assert_ne!(pick(&[]), eps[0]);
+        }
+    }
+
+    #[test]
+    fn locality_weights_split_traffic_and_skip_an_ejected_group() {
+        let cluster = Cluster::default();
+        let eps = addrs(2);
+        let groups = Groups::Weighted(vec![(20, vec![eps[0]]), (80, vec![eps[1]])]);
+        let pick = || {
+            cluster
+                .pick_grouped(Some(&groups), &eps, &[], None, &no_hash())
+                .unwrap()
+                .addr
+        };
+        let second = (0..2000).filter(|_| pick() == eps[1]).count();
+        assert!((1500..=1700).contains(&second), "{second} of 2000");
+        let failed = cluster.pick(&[eps[1]], &[], None, &no_hash()).unwrap();
+        cluster.observe(&failed, Observation::Failure, Some(&ejecting_after(1)), 2);
+        assert!((0..50).all(|_| pick() == eps[0]));
     }
 
     #[test]

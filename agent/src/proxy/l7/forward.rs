@@ -17,6 +17,7 @@ use super::limits::{Admitted, Overflow};
 use super::upstream::{Dial, UpstreamError, DEFAULT_IDLE_TIMEOUT};
 use super::{edit, tunnel, Downstream};
 use crate::config::{Config, Protocol};
+use crate::routing::locality::{self, Groups};
 use crate::routing::{
     AbortStatus, Destination, HttpRoute, RequestMatch, RetryOn, RetryPolicy, RouteAction,
     TrafficPolicy, WeightedDestination,
@@ -246,7 +247,11 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
             copy.authority = shadow(&copy.authority);
             copy.set_host(None);
             let request = copy.request(body::with_trailers(bytes, trailers));
-            tokio::spawn(send_mirror(down.attempts(target), request, plan.source_ip));
+            tokio::spawn(send_mirror(
+                down.attempts(plan.config, target),
+                request,
+                plan.source_ip,
+            ));
         }
     }
 
@@ -256,7 +261,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         Some(r) => (r.timeout, r.retries.as_deref().unwrap_or(&ISTIO_RETRIES)),
         None => (None, &*ISTIO_RETRIES),
     };
-    let attempts = down.attempts(target);
+    let attempts = down.attempts(plan.config, target);
     let hash = HashInput {
         headers: &head.headers,
         query: head.path_and_query.query(),
@@ -307,10 +312,7 @@ async fn send_mirror(attempts: Attempts, request: Request<Body>, source_ip: Opti
         query: None,
         source_ip,
     };
-    let Some(pick) = attempts
-        .cluster
-        .pick(&attempts.target.endpoints, &[], attempts.lb(), &hash)
-    else {
+    let Some(pick) = attempts.pick(&[], &hash) else {
         return;
     };
     let dial = attempts.dial(pick.addr);
@@ -377,16 +379,24 @@ pub struct Attempts {
     pod: std::sync::Arc<crate::proxy::Pod>,
     cluster: std::sync::Arc<super::balance::Cluster>,
     target: Target,
+    /// The endpoints by locality, when locality load balancing applies.
+    groups: Option<std::sync::Arc<Groups>>,
     connect_timeout: Duration,
 }
 
 impl Downstream {
-    fn attempts(&self, target: Target) -> Attempts {
+    fn attempts(&self, config: &Config, target: Target) -> Attempts {
         let pool = target.policy.connection_pool.clone().unwrap_or_default();
+        let cluster = self.proxy.clusters.get(&target.key);
+        let ipv4 = self.service_addr.is_ipv4();
+        let groups = cluster.groups(config.generation(), ipv4, || {
+            locality::of_endpoints(config, &self.proxy.node, &target.policy, &target.endpoints)
+        });
         Attempts {
             proxy: self.proxy.clone(),
             pod: self.pod.clone(),
-            cluster: self.proxy.clusters.get(&target.key),
+            cluster,
+            groups,
             connect_timeout: pool
                 .connect_timeout
                 .unwrap_or(self.proxy.settings.connect_timeout),
@@ -396,8 +406,14 @@ impl Downstream {
 }
 
 impl Attempts {
-    fn lb(&self) -> Option<&crate::routing::LoadBalancer> {
-        self.target.policy.load_balancer.as_ref()
+    fn pick(&self, tried: &[SocketAddr], hash: &HashInput<'_>) -> Option<Pick> {
+        self.cluster.pick_grouped(
+            self.groups.as_deref(),
+            &self.target.endpoints,
+            tried,
+            self.target.policy.load_balancer.as_ref(),
+            hash,
+        )
     }
 
     fn dial(&self, addr: SocketAddr) -> Dial {
@@ -450,10 +466,7 @@ impl Attempts {
                 }
                 break;
             };
-            let Some(pick) = self
-                .cluster
-                .pick(&self.target.endpoints, &tried, self.lb(), hash)
-            else {
+            let Some(pick) = self.pick(&tried, hash) else {
                 break;
             };
             let admitted = match limits.admit(!head.http2).await {

@@ -276,6 +276,7 @@ fn explain_with(
     let call = Call {
         identity: SpiffeId::new(trust_domain, &source.namespace, &source.service_account),
         source_ip: source.addresses.first().copied(),
+        node: &source.node,
         http: (protocol != "tcp (opaque)").then_some(HttpRequest {
             method: &ask.method,
             path: uri.path(),
@@ -398,6 +399,7 @@ pub(super) fn destinations_of(
                 "port": dest.port,
                 "chance": format!("{}%", (*weight as f64 * 100.0 / total as f64).round()),
                 "endpoints": target.as_ref().map(|t| endpoints(config, t, facts.ejected)).unwrap_or_default(),
+                "locality": target.as_ref().map(|t| locality(config, call.node, t, facts.ejected)),
                 "trafficPolicy": target.as_ref().map(|t| traffic_policy(&t.policy)),
                 "upstreamTls": target.as_ref().map(|t| upstream_tls(config, t).to_string()),
                 "mtls": target.as_ref().map(|t| mtls_modes(config, t)),
@@ -436,12 +438,17 @@ pub(super) fn headers(ask: &ExplainRequest) -> Result<HeaderMap, String> {
 /// Endpoints of a destination that outlier detection has ejected.
 pub(super) type Ejected = (super::balance::ClusterKey, Vec<SocketAddr>);
 
-fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<String> {
-    let out_now: Vec<SocketAddr> = ejected
+/// The endpoints of `target` ejected now.
+fn ejected_from(target: &Target, ejected: &[Ejected]) -> Vec<SocketAddr> {
+    ejected
         .iter()
         .filter(|(k, _)| *k == target.key)
         .flat_map(|(_, a)| a.iter().copied())
-        .collect();
+        .collect()
+}
+
+fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<String> {
+    let out_now = ejected_from(target, ejected);
     target
         .endpoints
         .iter()
@@ -458,6 +465,15 @@ fn endpoints(config: &Config, target: &Target, ejected: &[Ejected]) -> Vec<Strin
             format!("{name} {addr}{state}")
         })
         .collect()
+}
+
+/// How the caller's locality groups `target`'s endpoints, and which group
+/// requests go to now.
+fn locality(config: &Config, node: &str, target: &Target, ejected: &[Ejected]) -> String {
+    let groups =
+        crate::routing::locality::of_endpoints(config, node, &target.policy, &target.endpoints);
+    let out_now = ejected_from(target, ejected);
+    crate::routing::locality::describe(groups.as_ref(), &out_now)
 }
 
 /// The DestinationRule `tls` setting the proxy applies towards `target`.
@@ -507,6 +523,8 @@ pub(super) struct Call<'a> {
     pub identity: SpiffeId,
     /// The address its connections come from.
     pub source_ip: Option<IpAddr>,
+    /// Its node, whose locality ranks endpoints.
+    pub node: &'a str,
     pub http: Option<HttpRequest<'a>>,
 }
 

@@ -118,10 +118,11 @@ struct Request<'a> {
 
 impl Request<'_> {
     /// The ingress calling with `http` (`None`: bytes relayed).
-    fn call<'r>(&self, http: Option<HttpRequest<'r>>) -> Call<'r> {
+    fn call<'r>(&'r self, http: Option<HttpRequest<'r>>) -> Call<'r> {
         Call {
             identity: self.identity.clone(),
             source_ip: self.source_ip,
+            node: self.node,
             http,
         }
     }
