@@ -507,16 +507,30 @@ fn print_policies(answer: &Value) {
 fn print_explain(answer: &Value) {
     for key in [
         "summary",
-        "service",
+        "gateway",
+        "server",
+        "port",
         "protocol",
+        "hosts",
+        "tls",
+        "identity",
+        "service",
+        "host",
         "origin",
         "route",
         "matchedBy",
         "policy",
         "retries",
     ] {
-        if !answer[key].is_null() {
-            println!("{key:<10} {}", text(&answer[key]));
+        let value = &answer[key];
+        let shown = match key {
+            "hosts" => list(value),
+            "port" if !value.is_null() => value.to_string(),
+            "tls" if !value.is_null() => explain_tls(value),
+            _ => text(value),
+        };
+        if !value.is_null() {
+            println!("{key:<10} {shown}");
         }
     }
     print_security(answer, "");
@@ -538,4 +552,16 @@ fn print_explain(answer: &Value) {
             println!("  endpoint  {}", text(e));
         }
     }
+}
+
+/// `SIMPLE, SNI a.example.com, certificate Secret a-cred (expires …)`.
+fn explain_tls(tls: &Value) -> String {
+    let mut parts = vec![text(&tls["mode"]), format!("SNI {}", text(&tls["sni"]))];
+    if !tls["certificate"].is_null() {
+        parts.push(format!("certificate {}", text(&tls["certificate"])));
+    }
+    if !tls["certificateExpiry"].is_null() {
+        parts.push(format!("expires {}", text(&tls["certificateExpiry"])));
+    }
+    parts.join(", ")
 }

@@ -48,11 +48,21 @@ enum Command {
     Gateways(QueryArgs),
     /// Which route, subset, endpoints, faults, timeout and retries a request
     /// would get, and whether AuthorizationPolicy lets it through; nothing
-    /// is sent.
+    /// is sent. From a workload (--from) or arriving at the node's ingress
+    /// (--gateway): then also the Gateway server, TLS mode and certificate.
     Explain {
         /// The calling workload, `namespace/name`.
-        #[arg(long)]
-        from: String,
+        #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+        from: Option<String>,
+        /// Explain a request from outside the mesh arriving at this node's
+        /// ingress on `[ADDRESS:]PORT` (an `https` URL goes through the TLS
+        /// step with its host as SNI).
+        #[arg(long, value_name = "[ADDRESS:]PORT")]
+        gateway: Option<String>,
+        /// The TLS server name the client sends (with --gateway), if not the
+        /// URL's host; implies TLS.
+        #[arg(long, requires = "gateway")]
+        sni: Option<String>,
         /// e.g. http://reviews:9080/reviews/1
         url: String,
         /// A request header, `name: value` (repeatable).
@@ -393,6 +403,8 @@ fn main() -> ExitCode {
         Command::Gateways(q) => show(q, admin::Query::Gateways),
         Command::Explain {
             from,
+            gateway,
+            sni,
             url,
             headers,
             method,
@@ -400,6 +412,8 @@ fn main() -> ExitCode {
         } => parse_headers(&headers).and_then(|headers| {
             let ask = proxy::ExplainRequest {
                 from,
+                gateway,
+                sni,
                 url,
                 headers,
                 method,

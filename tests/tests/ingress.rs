@@ -316,6 +316,7 @@ fn a_canary_at_a_gateway_and_strict_mtls_behind_it() {
     // A host the Gateway does not serve.
     let other = get(&mesh, &outside, &url, 1, &["-H", "Host: other.example.com"]);
     assert_eq!(other[0].status, 404, "{other:?}");
+    explain_agrees_with_the_canary(&mesh);
 
     // STRICT in the application's namespace: the ingress's calls are
     // mutual TLS (its own identity), a direct plaintext call is refused.
@@ -341,6 +342,79 @@ fn a_canary_at_a_gateway_and_strict_mtls_behind_it() {
         assert_eq!(count_by(&replies, Reply::version), only("v2", 40), "{node}");
         let replies = get(&mesh, &outside, &at(&mesh, node, "/"), 40, &host);
         assert_eq!(count_by(&replies, Reply::version), only("v1", 40), "{node}");
+    }
+    let strict = explain_gateway(&mesh, "80", "http://web.example.com/", &[]);
+    assert_eq!(
+        strict["destinations"][0]["mtls"][0],
+        "STRICT (PeerAuthentication default/default) at default/web-v1-a, default/web-v1-b, \
+         default/web-v1-c, default/web-v1-d",
+        "{strict:#}"
+    );
+}
+
+/// `nodemesh explain --gateway PORT URL -H ... -o json` on node-a.
+fn explain_gateway(mesh: &Mesh, port: &str, url: &str, headers: &[&str]) -> Value {
+    let mut args = vec!["explain", "--gateway", port, url, "-o", "json"];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    cli_json(mesh, "node-a", &args)
+}
+
+/// What the canary's requests got, `explain --gateway` says, from the
+/// same routing: the Gateway server, the rule and why, the endpoints, and
+/// the identity the ingress calls them as.
+fn explain_agrees_with_the_canary(mesh: &Mesh) {
+    let address = mesh.topo().node("node-a").address;
+    let at_address = format!("{address}:80");
+    let url = "http://web.example.com/";
+    let canary = explain_gateway(mesh, &at_address, url, &["qa: canary-test"]);
+    assert_eq!(canary["gateway"], "default/website-gateway", "{canary:#}");
+    assert_eq!(canary["server"], "spec.servers[0]");
+    assert_eq!(canary["protocol"], "HTTP");
+    assert_eq!(canary["matchedBy"], "header qa=canary-test");
+    assert_eq!(
+        canary["identity"],
+        "spiffe://cluster.local/ns/istio-system/sa/nodemesh-ingress"
+    );
+    let v2 = &canary["destinations"][0];
+    assert_eq!(v2["subset"], "v2", "{canary:#}");
+    let endpoints = v2["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1, "{canary:#}");
+    assert!(endpoints[0]
+        .as_str()
+        .unwrap()
+        .starts_with("default/web-v2 "));
+
+    let others = explain_gateway(mesh, "80", url, &[]);
+    assert_eq!(others["matchedBy"], "any request", "{others:#}");
+    assert_eq!(others["destinations"][0]["subset"], "v1");
+    let endpoints = others["destinations"][0]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 4, "the four v1 pods: {others:#}");
+
+    let port = explain_gateway(mesh, "81", url, &[]);
+    assert_eq!(
+        port["summary"],
+        "no Gateway server of this node is on port 81: the connection is refused (ports \
+         served: 80)"
+    );
+    let host = explain_gateway(mesh, "80", "http://other.example.com/", &[]);
+    assert_eq!(
+        host["summary"],
+        "the ingress answers 404: no Gateway server on port 80 admits host \"other.example.com\""
+    );
+    // For people: one line per fact.
+    let table = mesh
+        .agent("node-a")
+        .cli(&["explain", "--gateway", "80", url])
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    for line in [
+        "gateway    default/website-gateway",
+        "identity   spiffe://cluster.local/ns/istio-system/sa/nodemesh-ingress",
+        "→ default/web subset v1 (100%)",
+    ] {
+        assert!(table.contains(line), "{line:?} in {table}");
     }
 }
 

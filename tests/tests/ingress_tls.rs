@@ -498,3 +498,150 @@ fn passthrough_by_sni_and_tcp_servers() {
     assert!(rules(1).contains("spec.tcp[0]"), "{gateways:#}");
     assert_eq!(servers[0]["state"], "listening", "{gateways:#}");
 }
+
+/// Gateway API over HTTPS: two HTTPS listeners on port 443, each with its
+/// own host and Secret, and a route attached to each by `sectionName`. The
+/// first route's hostnames cover both hosts, so only `sectionName` keeps it
+/// off listener `b`, whose own route serves `/b` only.
+const GATEWAY_API_HTTPS: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: secure-api}
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - name: a
+    port: 443
+    protocol: HTTPS
+    hostname: a.example.com
+    tls: {mode: Terminate, certificateRefs: [{kind: Secret, name: a-cred}]}
+  - name: b
+    port: 443
+    protocol: HTTPS
+    hostname: b.example.com
+    tls: {certificateRefs: [{name: b-cred}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: only-a}
+spec:
+  parentRefs: [{name: secure-api, sectionName: a}]
+  hostnames: [\"*.example.com\"]
+  rules:
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-listener, value: a}]}
+    backendRefs: [{name: web, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-b}
+spec:
+  parentRefs: [{name: secure-api, sectionName: b}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /b}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-listener, value: b}]}
+    backendRefs: [{name: web, port: 9080}]
+",
+);
+
+#[test]
+fn gateway_api_https_listeners_by_sni_with_routes_by_section_name() {
+    let (mesh, outside, node) = web_mesh();
+    let dir = mesh.topo().work_dir().to_owned();
+    let (ca_a, ca_b) = (Ca::new("a"), Ca::new("b"));
+    let (a_cert, a_key) = ca_a.leaf("a.example.com");
+    let (b_cert, b_key) = ca_b.leaf("b.example.com");
+    let secrets = [
+        secret("a-cred", &[("tls.crt", &a_cert), ("tls.key", &a_key)]),
+        secret("b-cred", &[("tls.crt", &b_cert), ("tls.key", &b_key)]),
+    ];
+    mesh.apply("secrets.yaml", &secrets.join("\n---\n"))
+        .unwrap();
+    mesh.apply("gateway-api.yaml", GATEWAY_API_HTTPS).unwrap();
+    let ca_path = |name: &str, ca: &Ca| {
+        let path = dir.join(name);
+        std::fs::write(&path, &ca.pem).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (ca_a, ca_b) = (ca_path("ca-a.pem", &ca_a), ca_path("ca-b.pem", &ca_b));
+    let https = |host: &str, path: &str, ca: &str, extra: &[&str]| {
+        let resolve = format!("{host}:443:{node}");
+        let url = format!("https://{host}{path}");
+        let mut args = vec!["--resolve", &resolve, "--cacert", ca];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&mesh, &outside, &args)
+    };
+    let listener = |(status, _, body): (u16, String, String)| {
+        assert_eq!(status, 200, "{body}");
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["headers"]["x-forwarded-proto"], "https", "{doc:#}");
+        doc["headers"]["x-listener"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while https("a.example.com", "/", &ca_a, &[]).0 != 200 {
+        let last = https("a.example.com", "/", &ca_a, &[]);
+        assert!(Instant::now() < deadline, "{last:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SNI picks each listener's certificate (the other CA's is not trusted)
+    // and its routes.
+    assert_eq!(listener(https("a.example.com", "/", &ca_a, &[])), "a");
+    assert_eq!(listener(https("a.example.com", "/b", &ca_a, &[])), "a");
+    assert_eq!(listener(https("b.example.com", "/b", &ca_b, &[])), "b");
+    assert_eq!(
+        listener(https("b.example.com", "/b", &ca_b, &["--http2"])),
+        "b"
+    );
+    assert_eq!(https("b.example.com", "/b", &ca_a, &[]).0, 0);
+    assert_eq!(https("a.example.com", "/", &ca_b, &[]).0, 0);
+    // `only-a` covers b.example.com by hostname, but its sectionName keeps
+    // it on listener a: at b, only `to-b`'s /b is routed.
+    let (status, _, body) = https("b.example.com", "/", &ca_b, &[]);
+    assert_eq!(status, 404, "{body}");
+    // A's SNI does not reach listener b's routes.
+    let (status, _, body) = https("a.example.com", "/b", &ca_a, &["-H", "Host: b.example.com"]);
+    assert_eq!(status, 404, "{body}");
+
+    // `explain --gateway` tells the same: listener, certificate, route.
+    let explain = |url: &str| {
+        let out = mesh
+            .agent("node-a")
+            .cli(&["explain", "--gateway", "443", url, "-o", "json"])
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let b = explain("https://b.example.com/b/1");
+    assert_eq!(b["gateway"], "default/secure-api", "{b:#}");
+    assert_eq!(b["server"], "spec.listeners[1] (b)");
+    assert_eq!(b["tls"]["mode"], "SIMPLE");
+    assert_eq!(b["tls"]["certificate"], "Secret b-cred");
+    assert!(b["origin"]
+        .as_str()
+        .unwrap()
+        .starts_with("HTTPRoute default/to-b ("));
+    assert_eq!(b["destinations"][0]["service"], "default/web");
+    let root = explain("https://b.example.com/");
+    assert!(
+        root["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("the ingress answers 404: no route of HTTPRoute default/to-b ("),
+        "{root:#}"
+    );
+    let a = explain("https://a.example.com/");
+    assert_eq!(a["tls"]["certificate"], "Secret a-cred", "{a:#}");
+    assert!(a["origin"]
+        .as_str()
+        .unwrap()
+        .starts_with("HTTPRoute default/only-a ("));
+}

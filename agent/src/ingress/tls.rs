@@ -8,6 +8,7 @@
 //! is an error.
 
 mod accept;
+mod by_sni;
 mod ciphers;
 #[cfg(test)]
 mod tests;
@@ -25,9 +26,10 @@ use serde::Deserialize;
 use crate::config::secret::Secrets;
 use crate::config::{Config, Issues};
 use crate::identity::{x509, Identities};
-use crate::routing::ingress::ServerRef;
+use crate::routing::ingress::{Gateway, Server, ServerRef};
 
 pub use accept::{AcceptError, Accepted, Alpn, ClientIdentity, Terminated, TlsAcceptor, TlsError};
+pub use by_sni::SniIndex;
 
 /// `servers[].tls` of an Istio Gateway (`ServerTLSSettings`).
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +139,9 @@ pub struct Termination {
     http: bool,
     /// Of the server certificate: for `nodemesh gateways`.
     pub not_after: Option<SystemTime>,
+    /// The Secret it came from (`credentialName`, `certificateRefs`), for
+    /// `nodemesh explain`; `None` for ISTIO_MUTUAL.
+    pub credential_name: Option<String>,
 }
 
 impl std::fmt::Debug for Termination {
@@ -146,6 +151,7 @@ impl std::fmt::Debug for Termination {
             .field("versions", &self.versions)
             .field("subject_alt_names", &self.subject_alt_names)
             .field("not_after", &self.not_after)
+            .field("credential_name", &self.credential_name)
             .finish_non_exhaustive()
     }
 }
@@ -352,6 +358,7 @@ fn termination(
         subject_alt_names: spec.subject_alt_names.clone(),
         http,
         not_after,
+        credential_name: spec.credential_name.clone(),
     })
 }
 
@@ -410,19 +417,11 @@ impl PortTls {
         identities: &Arc<Identities>,
     ) -> Result<Option<PortTls>, TlsError> {
         let servers: Vec<_> = cfg.routing().ingress().servers_on(labels, port).collect();
-        let mode =
-            |s: &'_ crate::routing::ingress::Server| s.tls.as_ref().and_then(|t| t.mode.clone());
         if servers.iter().all(|(_, s)| mode(s).is_none()) {
             return Ok(None);
         }
-        let modes: Vec<_> = servers.iter().map(|(_, s)| mode(s)).collect();
-        let hosts = servers
-            .iter()
-            .map(|(_, s)| s.hosts.iter().map(|h| h.dns.as_str()));
-        let acceptor = TlsAcceptor::new(
-            hosts.zip(modes.iter().map(Option::as_ref)),
-            Some(identities),
-        )?;
+        let modes = servers.iter().map(|(_, s)| mode(s));
+        let acceptor = TlsAcceptor::new(hosts(&servers).zip(modes), Some(identities))?;
         let servers = servers
             .iter()
             .map(|(gateway, server)| {
@@ -434,6 +433,29 @@ impl PortTls {
             .collect();
         Ok(Some(PortTls { acceptor, servers }))
     }
+}
+
+/// The TLS mode of a Gateway server; `None`: plaintext (or TCP).
+pub fn mode(server: &Server) -> Option<&TlsMode> {
+    server.tls.as_ref().and_then(|t| t.mode.as_ref())
+}
+
+/// The hosts of each of a port's servers, as the TLS step claims them.
+fn hosts<'a>(
+    servers: &'a [(&'a Gateway, &'a Server)],
+) -> impl Iterator<Item = impl Iterator<Item = &'a str>> + 'a {
+    servers
+        .iter()
+        .map(|(_, s)| s.hosts.iter().map(|h| h.dns.as_str()))
+}
+
+/// Which of `servers` (a port's, as [`IngressTable::servers_on`] lists
+/// them) a ClientHello's SNI picks, exactly as that port's acceptor does.
+///
+/// [`IngressTable::servers_on`]: crate::routing::ingress::IngressTable::servers_on
+pub fn sni_index(servers: &[(&Gateway, &Server)]) -> SniIndex {
+    let has_tls = servers.iter().map(|(_, s)| mode(s).is_some());
+    SniIndex::new(hosts(servers).zip(has_tls))
 }
 
 impl TlsMode {

@@ -3,12 +3,9 @@
 //! terminate TLS with that server's settings or hand back the raw
 //! connection with the ClientHello replayed in front (PASSTHROUGH).
 //!
-//! Server choice (Envoy's filter chain match by server name): an exact host
-//! beats the longest matching wildcard (`*.example.com` matches any name
-//! below `example.com`), which beats `*`; a ClientHello without SNI only
-//! reaches a `*` server; anything else is refused.
+//! Server choice is Envoy's filter chain match by server name
+//! ([`super::by_sni`]); a ClientHello no server takes is refused.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +23,7 @@ use crate::proxy::peer::Prefixed;
 use crate::proxy::sni;
 use crate::transport::tls::NodeCertificate;
 
+use super::by_sni::SniIndex;
 use super::{ClientAuth, Termination, TlsMode};
 
 const ALPN_H2: &[u8] = b"h2";
@@ -112,28 +110,21 @@ pub struct TlsAcceptor {
     /// By index in the list given to [`TlsAcceptor::new`]; `None` for
     /// servers without TLS.
     servers: Vec<Option<Action>>,
-    exact: HashMap<String, usize>,
-    /// `.example.com` for `*.example.com`, longest first.
-    wildcards: Vec<(String, usize)>,
-    catch_all: Option<usize>,
+    by_sni: SniIndex,
 }
 
 impl TlsAcceptor {
     /// From the servers of one port as `(hosts, mode)`, a server's hosts in
-    /// Istio's form (`namespace/` prefixes are dropped here). When two
-    /// servers claim a host, the first wins (conflicts are the config's to
-    /// report). `identities` are needed for ISTIO_MUTUAL only.
+    /// Istio's form (see [`SniIndex::new`]). When two servers claim a host,
+    /// the first wins (conflicts are the config's to report). `identities`
+    /// are needed for ISTIO_MUTUAL only.
     pub fn new<'a, H: IntoIterator<Item = &'a str>>(
         servers: impl IntoIterator<Item = (H, Option<&'a TlsMode>)>,
         identities: Option<&Arc<Identities>>,
     ) -> Result<TlsAcceptor, TlsError> {
-        let mut acceptor = TlsAcceptor {
-            servers: Vec::new(),
-            exact: HashMap::new(),
-            wildcards: Vec::new(),
-            catch_all: None,
-        };
-        for (index, (hosts, mode)) in servers.into_iter().enumerate() {
+        let mut actions = Vec::new();
+        let mut claims = Vec::new();
+        for (hosts, mode) in servers {
             let action = match mode {
                 None => None,
                 Some(TlsMode::Passthrough) => Some(Action::Passthrough),
@@ -142,49 +133,18 @@ impl TlsAcceptor {
                     termination: termination.clone(),
                 }),
             };
-            if action.is_some() {
-                hosts
-                    .into_iter()
-                    .for_each(|host| acceptor.claim(host, index));
-            }
-            acceptor.servers.push(action);
+            claims.push((hosts, action.is_some()));
+            actions.push(action);
         }
-        acceptor
-            .wildcards
-            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
-        Ok(acceptor)
-    }
-
-    fn claim(&mut self, host: &str, index: usize) {
-        let host = host.rsplit_once('/').map_or(host, |(_, h)| h);
-        let host = host.to_ascii_lowercase();
-        if host == "*" {
-            self.catch_all.get_or_insert(index);
-        } else if let Some(suffix) = host.strip_prefix('*') {
-            if !self.wildcards.iter().any(|(s, _)| s == suffix) {
-                self.wildcards.push((suffix.to_owned(), index));
-            }
-        } else {
-            self.exact.entry(host).or_insert(index);
-        }
+        Ok(TlsAcceptor {
+            servers: actions,
+            by_sni: SniIndex::new(claims),
+        })
     }
 
     /// The server a ClientHello with `sni` goes to.
     pub fn select(&self, sni: Option<&str>) -> Option<usize> {
-        let Some(name) = sni else {
-            return self.catch_all;
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.exact
-            .get(&name)
-            .copied()
-            .or_else(|| {
-                let mut below = self.wildcards.iter();
-                below
-                    .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(suffix))
-                    .map(|&(_, index)| index)
-            })
-            .or(self.catch_all)
+        self.by_sni.select(sni)
     }
 
     /// The server certificate expiry of each terminating server, by index.

@@ -12,8 +12,8 @@ use http::{Response, StatusCode};
 use super::body::{self, Body};
 use super::{Chosen, NoRoute};
 use crate::config::Config;
-use crate::routing::ingress::{request_host, ServerRef};
-use crate::routing::RequestInfo;
+use crate::routing::ingress::{request_host, Selected, ServerRef};
+use crate::routing::{HttpRoute, RequestInfo};
 
 /// Headers Istio's ingress gateway sets: the client's address appended to
 /// `x-forwarded-for`, the scheme it used, and a request id when it has none.
@@ -76,6 +76,19 @@ pub(super) fn route<'c>(
     info: &RequestInfo<'_>,
     tls: Option<&ServerRef>,
 ) -> Result<Chosen<'c>, NoRoute> {
+    let (selected, found) = select(config, node, info, tls)?;
+    Ok((selected.gateway.key.clone(), Some(found)))
+}
+
+/// The Gateway server a request takes and the route (with its matching
+/// block) of the VirtualService or HTTPRoute bound there: the data path's
+/// choice, and what `nodemesh explain --gateway` shows.
+pub(super) fn select<'c>(
+    config: &'c Config,
+    node: &str,
+    info: &RequestInfo<'_>,
+    tls: Option<&ServerRef>,
+) -> Result<(Selected<'c>, (&'c HttpRoute, Option<usize>)), NoRoute> {
     let labels = config.node(node).map(|n| &n.labels);
     let no_labels = Default::default();
     let ingress = config.routing().ingress();
@@ -104,7 +117,7 @@ pub(super) fn route<'c>(
         )));
     };
     match routes.routes.select(info) {
-        Some(found) => Ok((selected.gateway.key.clone(), Some(found))),
+        Some(found) => Ok((selected, found)),
         None => Err(NoRoute::not_found(format!(
             "no route of {} matches this request",
             routes.routes.origin

@@ -24,8 +24,17 @@ use crate::security::authorization::{HttpRequest, HttpView};
 /// What `nodemesh explain` asks about.
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct ExplainRequest {
-    /// `namespace/workload` making the request.
-    pub from: String,
+    /// `namespace/workload` making the request; `None` with `gateway`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// `[ADDRESS:]PORT` of this node's ingress the request arrives at, from
+    /// outside the mesh.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// The TLS ClientHello's server name (at a gateway; an `https` URL
+    /// sends its host).
+    #[serde(default)]
+    pub sni: Option<String>,
     pub url: String,
     #[serde(default)]
     pub headers: Vec<(String, String)>,
@@ -193,7 +202,25 @@ fn policy_summary(route: &HttpRoute) -> String {
 /// What the proxy would do with one request, without sending anything.
 pub fn explain(proxy: &Proxy, config: &Config, ask: &ExplainRequest) -> Result<Value, String> {
     let trust_domain = proxy.identities.trust_domain();
-    explain_with(config, trust_domain, &proxy.clusters.ejections(), ask)
+    let ejected = proxy.clusters.ejections();
+    match &ask.gateway {
+        Some(at) => {
+            let facts = Facts {
+                config,
+                trust_domain,
+                ejected: &ejected,
+            };
+            super::inspect_gateway::explain(&facts, &proxy.node, at, ask)
+        }
+        None => explain_with(config, trust_domain, &ejected, ask),
+    }
+}
+
+/// What every explanation reads besides the request.
+pub(super) struct Facts<'a> {
+    pub config: &'a Config,
+    pub trust_domain: &'a str,
+    pub ejected: &'a [Ejected],
 }
 
 /// [`explain`] with the endpoints that outlier detection has ejected now.
@@ -203,16 +230,15 @@ fn explain_with(
     ejected: &[Ejected],
     ask: &ExplainRequest,
 ) -> Result<Value, String> {
+    let from = ask
+        .from
+        .as_deref()
+        .ok_or("say who calls (--from namespace/name) or where the request arrives (--gateway)")?;
     let source = config
-        .workload_by_key(&ask.from)
-        .ok_or_else(|| format!("no workload {} (expected namespace/name)", ask.from))?;
-    let uri: http::Uri = ask
-        .url
-        .parse()
-        .map_err(|e| format!("bad URL {}: {e}", ask.url))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("URL {} has no host", ask.url))?;
+        .workload_by_key(from)
+        .ok_or_else(|| format!("no workload {from} (expected namespace/name)"))?;
+    let (uri, host) = url(ask)?;
+    let host = host.as_str();
     let port = uri.port_u16().unwrap_or(80);
     let service = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
         Ok(ip) => config.service_by_cluster_ip(ip),
@@ -230,14 +256,7 @@ fn explain_with(
         );
     }
     let protocol = protocol_of(service, port);
-    let mut headers = HeaderMap::new();
-    for (name, value) in &ask.headers {
-        let name = HeaderName::from_bytes(name.trim().as_bytes())
-            .map_err(|e| format!("header {name}: {e}"))?;
-        let value =
-            HeaderValue::from_str(value.trim()).map_err(|e| format!("header {name}: {e}"))?;
-        headers.append(name, value);
-    }
+    let headers = headers(ask)?;
     let authority = uri.authority().map_or(host.to_owned(), |a| a.to_string());
     let info = RequestInfo {
         method: &ask.method,
@@ -255,8 +274,9 @@ fn explain_with(
         "protocol": protocol,
     });
     let call = Call {
-        source,
-        trust_domain,
+        identity: SpiffeId::new(trust_domain, &source.namespace, &source.service_account),
+        source_ip: source.addresses.first().copied(),
+        node: &source.node,
         http: (protocol != "tcp (opaque)").then_some(HttpRequest {
             method: &ask.method,
             path: uri.path(),
@@ -302,56 +322,121 @@ fn explain_with(
                 out["summary"] = json!("no route matches: the proxy answers 404");
                 return Ok(out);
             };
-            out["route"] = json!(route.name);
-            out["matchedBy"] =
-                json!(matched.map_or("any request".to_owned(), |i| route.matches[i].to_string()));
-            out["policy"] = json!(policy_summary(route));
-            let destinations = match &route.action {
-                RouteAction::Forward(ds) => ds
-                    .iter()
-                    .map(|d| (d.destination.clone(), d.weight))
-                    .collect(),
-                other => {
-                    out["summary"] = json!(action_summary(config, other));
-                    return Ok(out);
-                }
+            let Some(destinations) = route_taken(&mut out, config, route, matched) else {
+                return Ok(out);
             };
             (Some(route), destinations)
         }
     };
+    let facts = Facts {
+        config,
+        trust_domain,
+        ejected,
+    };
+    out["destinations"] = json!(destinations_of(&facts, &call, port, &destinations));
+    out["summary"] = json!(match route {
+        Some(route) => route_summary_line(config, route),
+        None => format!("default route → {key}"),
+    });
+    Ok(out)
+}
+
+/// Where a route sends requests, with its weight.
+pub(super) type Weighted = (crate::routing::Destination, u32);
+
+/// Records in `out` the route taken and why; its destinations, or `None`
+/// when it answers itself (a redirect, a direct response: then `summary`
+/// says so).
+pub(super) fn route_taken(
+    out: &mut Value,
+    config: &Config,
+    route: &HttpRoute,
+    matched: Option<usize>,
+) -> Option<Vec<Weighted>> {
+    out["route"] = json!(route.name);
+    out["matchedBy"] =
+        json!(matched.map_or("any request".to_owned(), |i| route.matches[i].to_string()));
+    out["policy"] = json!(policy_summary(route));
+    match &route.action {
+        RouteAction::Forward(ds) => Some(
+            ds.iter()
+                .map(|d| (d.destination.clone(), d.weight))
+                .collect(),
+        ),
+        other => {
+            out["summary"] = json!(action_summary(config, other));
+            None
+        }
+    }
+}
+
+/// `route NAME → destinations`.
+pub(super) fn route_summary_line(config: &Config, route: &HttpRoute) -> String {
+    format!(
+        "route {} → {}",
+        route.name,
+        action_summary(config, &route.action)
+    )
+}
+
+/// Each destination's chance, endpoints, policies and the security
+/// decisions on the way to it, for a request to `port`.
+pub(super) fn destinations_of(
+    facts: &Facts<'_>,
+    call: &Call<'_>,
+    port: u16,
+    destinations: &[Weighted],
+) -> Vec<Value> {
+    let config = facts.config;
     let total: u32 = destinations.iter().map(|(_, w)| *w).sum::<u32>().max(1);
-    let picks: Vec<Value> = destinations
+    destinations
         .iter()
         .map(|(dest, weight)| {
             let target = forward::resolve(config, dest, port, true);
             json!({
                 "service": dest.service,
                 "subset": dest.subset,
+                "port": dest.port,
                 "chance": format!("{}%", (*weight as f64 * 100.0 / total as f64).round()),
-                "endpoints": target.as_ref().map(|t| endpoints(config, t, ejected)).unwrap_or_default(),
-                "locality": target.as_ref().map(|t| locality(config, &source.node, t, ejected)),
+                "endpoints": target.as_ref().map(|t| endpoints(config, t, facts.ejected)).unwrap_or_default(),
+                "locality": target.as_ref().map(|t| locality(config, call.node, t, facts.ejected)),
                 "trafficPolicy": target.as_ref().map(|t| traffic_policy(&t.policy)),
                 "upstreamTls": target.as_ref().map(|t| upstream_tls(config, t).to_string()),
                 "mtls": target.as_ref().map(|t| mtls_modes(config, t)),
-                "authorization": target.as_ref().map(|t| authorization(config, t, &call)),
+                "authorization": target.as_ref().map(|t| authorization(config, t, call)),
             })
         })
-        .collect();
-    out["destinations"] = json!(picks);
-    if let Some(route) = route {
-        out["summary"] = json!(format!(
-            "route {} → {}",
-            route.name,
-            action_summary(config, &route.action)
-        ));
-    } else {
-        out["summary"] = json!(format!("default route → {key}"));
+        .collect()
+}
+
+/// The request's URL, and its host.
+pub(super) fn url(ask: &ExplainRequest) -> Result<(http::Uri, String), String> {
+    let uri: http::Uri = ask
+        .url
+        .parse()
+        .map_err(|e| format!("bad URL {}: {e}", ask.url))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("URL {} has no host", ask.url))?
+        .to_owned();
+    Ok((uri, host))
+}
+
+/// The request headers `-H` gave.
+pub(super) fn headers(ask: &ExplainRequest) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &ask.headers {
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|e| format!("header {name}: {e}"))?;
+        let value =
+            HeaderValue::from_str(value.trim()).map_err(|e| format!("header {name}: {e}"))?;
+        headers.append(name, value);
     }
-    Ok(out)
+    Ok(headers)
 }
 
 /// Endpoints of a destination that outlier detection has ejected.
-type Ejected = (super::balance::ClusterKey, Vec<SocketAddr>);
+pub(super) type Ejected = (super::balance::ClusterKey, Vec<SocketAddr>);
 
 /// The endpoints of `target` ejected now.
 fn ejected_from(target: &Target, ejected: &[Ejected]) -> Vec<SocketAddr> {
@@ -433,10 +518,14 @@ fn per_endpoint(
 }
 
 /// Who calls, and with what request (none on an opaque port).
-struct Call<'a> {
-    source: &'a Workload,
-    trust_domain: &'a str,
-    http: Option<HttpRequest<'a>>,
+pub(super) struct Call<'a> {
+    /// The caller's identity when the hop is mutual TLS.
+    pub identity: SpiffeId,
+    /// The address its connections come from.
+    pub source_ip: Option<IpAddr>,
+    /// Its node, whose locality ranks endpoints.
+    pub node: &'a str,
+    pub http: Option<HttpRequest<'a>>,
 }
 
 /// The AuthorizationPolicy decision at each endpoint of `target`, one line
@@ -445,12 +534,7 @@ struct Call<'a> {
 /// address only in plaintext.
 fn authorization(config: &Config, target: &Target, call: &Call<'_>) -> Vec<String> {
     let tls = upstream_tls(config, target).tls;
-    let identity = SpiffeId::new(
-        call.trust_domain,
-        &call.source.namespace,
-        &call.source.service_account,
-    );
-    let source_ip = call.source.addresses.first().copied();
+    let (identity, source_ip) = (&call.identity, call.source_ip);
     let normalized = call.http.as_ref().and_then(|h| path::normalize(h.path));
     per_endpoint(config, target, |workload, addr| {
         let Some(source_ip) = source_ip else {
@@ -496,7 +580,7 @@ fn traffic_policy(policy: &TrafficPolicy) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::PathBuf;
 
     use super::*;
@@ -504,7 +588,7 @@ mod tests {
 
     /// `web` in `shop`: v1 and v2, HTTP on 80 and opaque TCP on 5432, both
     /// to the workloads' port 8080 and 5432.
-    const MESH: &str = "
+    pub(in crate::proxy::l7) const MESH: &str = "
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
@@ -566,7 +650,7 @@ spec:
   - route: [{destination: {host: web, subset: v1}}]
 ";
 
-    fn config(files: &[(&str, &str)]) -> Config {
+    pub(in crate::proxy::l7) fn config(files: &[(&str, &str)]) -> Config {
         let files: Vec<_> = files
             .iter()
             .map(|(name, text)| (PathBuf::from(name), text.to_string()))
@@ -574,17 +658,23 @@ spec:
         Config::load_documents(&files, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn explain(config: &Config, url: &str, headers: &[(&str, &str)]) -> Value {
-        let ask = ExplainRequest {
-            from: "shop/client".into(),
+    /// A GET of `url` with `headers`, from `shop/client`.
+    pub(in crate::proxy::l7) fn ask(url: &str, headers: &[(&str, &str)]) -> ExplainRequest {
+        ExplainRequest {
+            from: Some("shop/client".into()),
+            gateway: None,
+            sni: None,
             url: url.into(),
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
             method: "GET".into(),
-        };
-        explain_with(config, "cluster.local", &[], &ask).unwrap()
+        }
+    }
+
+    fn explain(config: &Config, url: &str, headers: &[(&str, &str)]) -> Value {
+        explain_with(config, "cluster.local", &[], &ask(url, headers)).unwrap()
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod forward;
 mod gateway;
 pub mod inbound;
 pub mod inspect;
+mod inspect_gateway;
 mod limits;
 mod path;
 mod trace;
