@@ -554,7 +554,7 @@ fn print_explain(answer: &Value) {
     }
 }
 
-/// `SIMPLE, SNI a.example.com, certificate Secret a-cred (expires …)`.
+/// `SIMPLE, SNI a.example.com, certificate Secret default/a-cred (expires …)`.
 fn explain_tls(tls: &Value) -> String {
     let mut parts = vec![text(&tls["mode"]), format!("SNI {}", text(&tls["sni"]))];
     if !tls["certificate"].is_null() {

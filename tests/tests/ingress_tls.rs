@@ -1,7 +1,8 @@
 //! TLS at the ingress gateway, from a host outside the mesh with curl:
 //! certificates from Secrets chosen by SNI, `httpsRedirect`, and MUTUAL
 //! servers requiring a client certificate; PASSTHROUGH to apps that
-//! terminate TLS themselves, and TCP servers.
+//! terminate TLS themselves, TLS servers terminating into TCP routes, and
+//! TCP servers.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -499,6 +500,192 @@ fn passthrough_by_sni_and_tcp_servers() {
     assert_eq!(servers[0]["state"], "listening", "{gateways:#}");
 }
 
+/// Istio TLS servers that terminate TLS themselves on port 9443 and relay
+/// the decrypted bytes: `a` (SIMPLE) by a `tcp:` rule to an echo server on
+/// node-b, `b` (SIMPLE) by a `tls:` rule's `sniHosts` to one on the
+/// ingress's own node, `m` (MUTUAL) by a `tcp:` rule to the HTTP app.
+const TERMINATED_TLS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tls-edge}
+spec:
+  servers:
+  - port: {number: 9443, name: tls-a, protocol: TLS}
+    hosts: [a.example.com]
+    tls: {mode: SIMPLE, credentialName: a-cred}
+  - port: {number: 9443, name: tls-b, protocol: TLS}
+    hosts: [b.example.com]
+    tls: {mode: SIMPLE, credentialName: b-cred}
+  - port: {number: 9443, name: tls-m, protocol: TLS}
+    hosts: [m.example.com]
+    tls: {mode: MUTUAL, credentialName: m-cred}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: to-echo}
+spec:
+  hosts: [a.example.com]
+  gateways: [tls-edge]
+  tcp:
+  - route: [{destination: {host: echo, port: {number: 7000}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: to-echo-local}
+spec:
+  hosts: [b.example.com]
+  gateways: [tls-edge]
+  tls:
+  - match: [{sniHosts: [b.example.com]}]
+    route: [{destination: {host: echo-local, port: {number: 7001}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: to-web}
+spec:
+  hosts: [m.example.com]
+  gateways: [tls-edge]
+  tcp:
+  - route: [{destination: {host: web}}]
+";
+
+/// A TLS client (Python `ssl`) that sends 64 KiB of every byte value and
+/// prints `exact` when the same bytes come back.
+const TLS_ECHO_CLIENT: &str = r#"
+import socket, ssl, sys
+host, ca, address = sys.argv[1], sys.argv[2], sys.argv[3]
+context = ssl.create_default_context(cafile=ca)
+raw = socket.create_connection((address, 9443), timeout=10)
+s = context.wrap_socket(raw, server_hostname=host)
+data = bytes(range(256)) * 256
+s.sendall(data)
+got = b""
+while len(got) < len(data):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+print("exact" if got == data else "differs after %d bytes" % len(got))
+"#;
+
+#[test]
+fn terminated_tls_servers_relay_by_tcp_and_tls_rules() {
+    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
+    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
+    mesh.http_service("web");
+    // One echo behind another node (HBONE), one on the ingress's own.
+    mesh.tcp_echo("node-b", "echo", &[], 7000).unwrap();
+    mesh.tcp_echo("node-a", "echo-local", &[], 7001).unwrap();
+    mesh.start(&[]).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
+    let node = mesh.topo().node("node-a").address.to_string();
+    let dir = mesh.topo().work_dir().to_owned();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (ca_a, ca_b, ca_m, clients) =
+        (Ca::new("a"), Ca::new("b"), Ca::new("m"), Ca::new("clients"));
+    let (a_cert, a_key) = ca_a.leaf("a.example.com");
+    let (b_cert, b_key) = ca_b.leaf("b.example.com");
+    let (m_cert, m_key) = ca_m.leaf("m.example.com");
+    let (client_cert, client_key) = clients.leaf("client.example.com");
+    let secrets = [
+        secret("a-cred", &[("tls.crt", &a_cert), ("tls.key", &a_key)]),
+        secret("b-cred", &[("tls.crt", &b_cert), ("tls.key", &b_key)]),
+        secret(
+            "m-cred",
+            &[
+                ("tls.crt", &m_cert),
+                ("tls.key", &m_key),
+                ("ca.crt", &clients.pem),
+            ],
+        ),
+    ];
+    mesh.apply("secrets.yaml", &secrets.join("\n---\n"))
+        .unwrap();
+    mesh.apply("gateway.yaml", TERMINATED_TLS).unwrap();
+    let (ca_a, ca_b, ca_m) = (
+        file("ca-a.pem", &ca_a.pem),
+        file("ca-b.pem", &ca_b.pem),
+        file("ca-m.pem", &ca_m.pem),
+    );
+    let client = file("tls_echo_client.py", TLS_ECHO_CLIENT);
+    let echo = |host: &str, ca: &str| {
+        let out = mesh.topo().run_in(&outside, &["python3", &client, host, ca, &node]);
+        let out = out.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (said, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while echo("a.example.com", &ca_a).0 != "exact" {
+        let last = echo("a.example.com", &ca_a);
+        assert!(Instant::now() < deadline, "{last:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Each SNI gets its server's certificate and its rule's echo server,
+    // byte-exact; the other server's CA is not trusted.
+    assert_eq!(echo("b.example.com", &ca_b).0, "exact");
+    assert_ne!(echo("b.example.com", &ca_a).0, "exact");
+    assert_ne!(echo("a.example.com", &ca_b).0, "exact");
+
+    // MUTUAL: refused without a client certificate; with one, the decrypted
+    // bytes (an HTTP request) reach the HTTP app as TCP.
+    let resolve = format!("m.example.com:9443:{node}");
+    let url = "https://m.example.com:9443/hello";
+    let plain = ["--resolve", resolve.as_str(), "--cacert", ca_m.as_str()];
+    let refused = curl(&mesh, &outside, &[&plain[..], &[url]].concat());
+    assert_eq!(refused.0, 0, "{refused:?}");
+    let (client_cert, client_key) = (
+        file("client.pem", &client_cert),
+        file("client-key.pem", &client_key),
+    );
+    let with_cert = ["--cert", client_cert.as_str(), "--key", client_key.as_str(), url];
+    let (status, _, body) = curl(&mesh, &outside, &[&plain[..], &with_cert].concat());
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["name"], "web-1", "{doc:#}");
+
+    // Telemetry reports each relayed connection from the ingress.
+    let metrics = format!("http://{node}:15020/metrics");
+    let (_, _, metrics) = curl(&mesh, &outside, &[&metrics]);
+    for service in ["echo", "echo-local", "web"] {
+        let from_ingress = metrics.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("source_workload=\"nodemesh-ingress\"")
+                && l.contains(&format!("destination_service_name=\"{service}\""))
+        });
+        assert!(from_ingress, "{service}: {metrics}");
+    }
+
+    // `nodemesh gateways`: the servers are served, with mode and rules.
+    let gateways = gateways(&mesh);
+    let servers = gateways["servers"].as_array().unwrap();
+    let modes: Vec<_> = servers.iter().map(|s| s["tls"]["mode"].clone()).collect();
+    assert_eq!(modes, [json!("SIMPLE"), json!("SIMPLE"), json!("MUTUAL")]);
+    for server in servers {
+        assert_eq!(server["state"], "listening", "{gateways:#}");
+    }
+    assert!(servers[0]["routes"].to_string().contains("spec.tcp[0]"));
+    assert!(servers[1]["routes"].to_string().contains("spec.tls[0]"));
+
+    // `explain --gateway`: the server the SNI picks, its certificate and
+    // the rule that relays the decrypted bytes.
+    let out = mesh
+        .agent("node-a")
+        .cli(&["explain", "--gateway", "9443", "https://b.example.com/", "-o", "json"])
+        .unwrap();
+    let b: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["server"], "spec.servers[1] (tls-b)", "{b:#}");
+    assert_eq!(b["tls"]["mode"], "SIMPLE", "{b:#}");
+    assert_eq!(b["tls"]["certificate"], "Secret default/b-cred", "{b:#}");
+    assert_eq!(b["route"], "spec.tls[0]", "{b:#}");
+    assert_eq!(b["destinations"][0]["service"], "default/echo-local", "{b:#}");
+}
+
 /// Gateway API over HTTPS: two HTTPS listeners on port 443, each with its
 /// own host and Secret, and a route attached to each by `sectionName`. The
 /// first route's hostnames cover both hosts, so only `sectionName` keeps it
@@ -624,7 +811,7 @@ fn gateway_api_https_listeners_by_sni_with_routes_by_section_name() {
     assert_eq!(b["gateway"], "default/secure-api", "{b:#}");
     assert_eq!(b["server"], "spec.listeners[1] (b)");
     assert_eq!(b["tls"]["mode"], "SIMPLE");
-    assert_eq!(b["tls"]["certificate"], "Secret b-cred");
+    assert_eq!(b["tls"]["certificate"], "Secret default/b-cred");
     assert!(b["origin"]
         .as_str()
         .unwrap()
@@ -639,7 +826,7 @@ fn gateway_api_https_listeners_by_sni_with_routes_by_section_name() {
         "{root:#}"
     );
     let a = explain("https://a.example.com/");
-    assert_eq!(a["tls"]["certificate"], "Secret a-cred", "{a:#}");
+    assert_eq!(a["tls"]["certificate"], "Secret default/a-cred", "{a:#}");
     assert!(a["origin"]
         .as_str()
         .unwrap()

@@ -1,6 +1,6 @@
 //! One bound Gateway port: accept TCP → (the TLS step, for servers that
-//! need one) → serve HTTP into the mesh, or relay the bytes (TLS
-//! PASSTHROUGH and TCP servers).
+//! need one) → serve HTTP into the mesh, or relay the bytes (TLS and TCP
+//! servers: passed through or decrypted).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,7 +119,13 @@ async fn terminate(
     match accepted.map_err(|e| e.to_string())? {
         Accepted::Terminated(t) => {
             let server = tls.servers[t.server].clone();
-            let http2 = t.alpn == Some(Alpn::H2);
+            let Some(alpn) = t.alpn else {
+                // A TLS server: the decrypted bytes are relayed.
+                let (at, sni) = (Some(&*server), t.sni.as_deref());
+                return proxy::relay_gateway(proxy, pod, t.stream, &[], addresses, at, sni, fds)
+                    .await;
+            };
+            let http2 = alpn == Alpn::H2;
             proxy::serve_gateway(proxy, pod, t.stream, addresses, http2, Some(server)).await
         }
         Accepted::Passthrough {

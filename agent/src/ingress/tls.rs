@@ -139,8 +139,8 @@ pub struct Termination {
     http: bool,
     /// Of the server certificate: for `nodemesh gateways`.
     pub not_after: Option<SystemTime>,
-    /// The Secret it came from (`credentialName`, `certificateRefs`), for
-    /// `nodemesh explain`; `None` for ISTIO_MUTUAL.
+    /// The Secret it came from (`credentialName`, `certificateRefs`) as
+    /// `namespace/name`, for `nodemesh explain`; `None` for ISTIO_MUTUAL.
     pub credential_name: Option<String>,
 }
 
@@ -309,7 +309,8 @@ fn termination(
             None
         }
     };
-    let (credential, client_roots, not_after) = match (client_auth, &spec.credential_name) {
+    let (credential, client_roots, not_after, found_as) = match (client_auth, &spec.credential_name)
+    {
         (ClientAuth::Mesh, Some(_)) => {
             issues.add(
                 at("credentialName"),
@@ -317,7 +318,7 @@ fn termination(
             );
             return None;
         }
-        (ClientAuth::Mesh, None) => (None, None, None),
+        (ClientAuth::Mesh, None) => (None, None, None, None),
         (_, None) => {
             issues.add(
                 at("credentialName"),
@@ -342,10 +343,14 @@ fn termination(
                 roots.add_parsable_certificates(certs.iter().cloned());
                 Arc::new(roots)
             });
+            // The namespace of the lookup that found it, for explain.
+            let namespace = ctx.namespaces.iter().find(|ns| ctx.secrets.find(&[ns], name).is_ok());
+            let found_as = namespace.map_or_else(|| name.clone(), |ns| format!("{ns}/{name}"));
             (
                 Some(credential.key.clone()),
                 roots,
                 Some(credential.not_after),
+                Some(found_as),
             )
         }
     };
@@ -358,7 +363,7 @@ fn termination(
         subject_alt_names: spec.subject_alt_names.clone(),
         http,
         not_after,
-        credential_name: spec.credential_name.clone(),
+        credential_name: found_as,
     })
 }
 

@@ -1,8 +1,9 @@
-//! Connections a Gateway's TLS PASSTHROUGH or TCP server relays: the rule
-//! their SNI (or port) selects picks a destination, and the bytes leave as
-//! the ingress over the workloads' outbound L4 path (HBONE to another node,
-//! in process to a pod of this one), with its idle timeout, descriptor
-//! budget and telemetry.
+//! Connections a Gateway's TLS or TCP server relays: the rule their SNI (or
+//! port) selects picks a destination, and the bytes leave as the ingress
+//! over the workloads' outbound L4 path (HBONE to another node, in process
+//! to a pod of this one), with its idle timeout, descriptor budget and
+//! telemetry. A TLS server passes the TLS bytes through (PASSTHROUGH) or
+//! relays what its own TLS step decrypted (SIMPLE, MUTUAL...).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::budget::Fds;
+use super::inbound::{Client, Io};
+use super::peer::Prefixed;
+use super::relay::ClientConn;
 use super::{l7, outbound, relay, Direction, Pod, Proxy};
 use crate::config::Config;
 use crate::routing::ingress::ServerRef;
@@ -23,25 +27,42 @@ struct Chosen {
     workload: Option<String>,
 }
 
+/// A client connection whose TLS the ingress terminated.
+pub type Terminated = tokio_rustls::server::TlsStream<Prefixed<TcpStream>>;
+
+impl ClientConn for Terminated {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0.get_ref()
+    }
+}
+
+/// Delivered to a workload of this node as a stream no other agent could
+/// take over.
+impl Client for Prefixed<Terminated> {}
+
 /// Relays `client` (which reached `local` from `peer`) by the rules of the
-/// server `at` (a PASSTHROUGH one; `None`: the port's TCP server). `head`
-/// was read from the client already; `sni` is its ClientHello's.
+/// server `at` (a TLS one; `None`: the port's TCP server). `head` was read
+/// from the client already; `sni` is its ClientHello's.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
+pub async fn serve<C>(
     proxy: Arc<Proxy>,
     pod: Arc<Pod>,
-    client: TcpStream,
+    client: C,
     head: &[u8],
     (local, peer): (SocketAddr, SocketAddr),
     at: Option<&ServerRef>,
     sni: Option<&str>,
     fds: &mut Fds,
-) -> Result<(), String> {
+) -> Result<(), String>
+where
+    C: ClientConn + Io,
+    Prefixed<C>: Client,
+{
     let chosen = choose(&proxy, &proxy.config.current(), local, at, sni);
     let chosen = match chosen {
         Ok(chosen) => chosen,
         Err(e) => {
-            relay::reset(&client);
+            relay::reset(client.socket());
             return Err(e);
         }
     };

@@ -13,9 +13,9 @@ use tokio::net::TcpStream;
 use super::budget::Fds;
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
-use super::inbound::{Admitted, CallerSide};
-use super::peer::{Charged, PeerError, Stream};
-use super::relay::{self, RelayOptions, Transferred};
+use super::inbound::{Admitted, CallerSide, Client, Io};
+use super::peer::{Charged, PeerError, Prefixed, Stream};
+use super::relay::{self, ClientConn, RelayOptions, Transferred};
 use super::{hop, l7, peer, ConnectionRecord, Direction, Pod, Proxy};
 use crate::config::{Config, Protocol};
 
@@ -154,7 +154,7 @@ async fn connect_as(
     mut record: ConnectionRecord,
     fd: Option<Fds>,
 ) -> (ConnectionRecord, Result<Upstream, String>) {
-    let server = connect(proxy, pod, &mut record, fd).await;
+    let server = connect(proxy, pod, &mut record, fd, true).await;
     (record, server)
 }
 
@@ -191,7 +191,7 @@ async fn l4(
     record: &mut ConnectionRecord,
     fds: &mut Fds,
 ) -> Result<Transferred, String> {
-    let server = connect(proxy, pod, record, fds.split_one()).await;
+    let server = connect(proxy, pod, record, fds.split_one(), true).await;
     relay_connected(proxy, pod, client, server, record).await
 }
 
@@ -223,15 +223,20 @@ impl Upstream {
 }
 
 /// Relays to `server` (a plaintext one, a workload of this node, or a
-/// resumable HBONE stream, is carried to the next agent at a hand-over), or
-/// resets the client if connecting failed.
-async fn relay_connected(
+/// resumable HBONE stream, is carried to the next agent at a hand-over when
+/// the client is a plaintext socket), or resets the client if connecting
+/// failed.
+async fn relay_connected<C>(
     proxy: &Arc<Proxy>,
     pod: &Pod,
-    mut client: TcpStream,
+    mut client: C,
     server: Result<Upstream, String>,
     record: &mut ConnectionRecord,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, String>
+where
+    C: ClientConn + Io,
+    Prefixed<C>: Client,
+{
     let caller = pod.address_for(record.original_destination.ip());
     let live = server
         .is_ok()
@@ -251,43 +256,52 @@ async fn relay_connected(
         live,
     };
     let address = pod.address_for(record.original_destination.ip());
+    let carriable = client.carriable();
     let outcome = match server {
         Ok(mut server) => match (&mut server.stream, server.resume.take()) {
-            (Stream::Tcp(server), _) => {
+            (Stream::Tcp(server), _) if carriable => {
                 let meta = CarriedMeta::of(record, address, address);
-                return proxy.relay_carriable(&client, server, meta, how.live).await;
+                let client = client.socket();
+                return proxy.relay_carriable(client, server, meta, how.live).await;
             }
-            (Stream::Tunnel(tunnel), Some(resume)) => {
+            (Stream::Tunnel(tunnel), Some(resume)) if carriable => {
                 let mut meta = CarriedMeta::of(record, address, address);
                 meta.hbone = Some(*resume);
-                return proxy.relay_hbone(&client, tunnel, meta, how.live).await;
+                return proxy.relay_hbone(client.socket(), tunnel, meta, how.live).await;
             }
-            (Stream::Tunnel(tunnel), None) => relay::relay_stream(&mut client, tunnel, how).await,
+            (Stream::Tcp(server), _) => relay::relay_stream(&mut client, server, how).await,
+            (Stream::Tunnel(tunnel), _) => relay::relay_stream(&mut client, tunnel, how).await,
             (Stream::Local(local), _) => relay::relay_stream(&mut client, local, how).await,
         },
         Err(e) => {
-            relay::reset(&client);
+            relay::reset(client.socket());
             return Err(e);
         }
     };
     outcome.map_err(|e| {
-        relay::reset(&client);
+        relay::reset(client.socket());
         e.to_string()
     })
 }
 
 /// Relays a connection whose upstream a Gateway's tls or tcp rule chose
 /// (`record.upstream`); `head`, already read from the client (its
-/// ClientHello), is sent first.
-pub(super) async fn relay_chosen(
+/// ClientHello, when passed through), is sent first. A client whose TLS the
+/// ingress terminated is relayed decrypted, and not carried at a hand-over.
+pub(super) async fn relay_chosen<C>(
     proxy: &Arc<Proxy>,
     pod: &Pod,
-    client: TcpStream,
+    client: C,
     head: &[u8],
     record: &mut ConnectionRecord,
     fds: &mut Fds,
-) -> Result<Transferred, String> {
-    let server = match connect(proxy, pod, record, fds.split_one()).await {
+) -> Result<Transferred, String>
+where
+    C: ClientConn + Io,
+    Prefixed<C>: Client,
+{
+    let resumable = client.carriable();
+    let server = match connect(proxy, pod, record, fds.split_one(), resumable).await {
         Ok(mut server) => match server.send_first(head).await {
             Ok(()) => Ok(server),
             Err(e) => Err(format!("connecting to {:?}: {e}", record.upstream)),
@@ -305,12 +319,14 @@ pub(super) async fn relay_chosen(
 /// Picks the endpoint (unless the record names it already) and the hop to
 /// it, filling in the record, and connects on `fd` (a workload of this node
 /// is admitted instead: the client's socket is relayed to its application
-/// directly).
+/// directly). `resumable`: an HBONE stream that can outlive this agent (the
+/// client's socket is carried at a hand-over).
 async fn connect(
     proxy: &Arc<Proxy>,
     pod: &Pod,
     record: &mut ConnectionRecord,
     fd: Option<Fds>,
+    resumable: bool,
 ) -> Result<Upstream, String> {
     let fd = fd.ok_or("no descriptor left for the upstream connection")?;
     let hop = {
@@ -344,7 +360,7 @@ async fn connect(
             .map(|admitted| Upstream::Local(Box::new(admitted)))
             .map_err(PeerError::from),
         // Resumable: the relay survives a hand-over of this agent.
-        hop::Hop::Mesh(destination) => {
+        hop::Hop::Mesh(destination) if resumable => {
             let timeout = proxy.settings.connect_timeout;
             peer::connect_resumable(proxy, pod, destination, timeout, fd)
                 .await

@@ -122,10 +122,33 @@ pub(super) fn stopped(copied: Option<io::Result<(Copied, Copied)>>) -> io::Resul
     }
 }
 
-/// [`relay`] between a socket and any other stream (an HBONE tunnel): the
-/// same idle rule, half-close and reset of the socket on failure.
-pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut TcpStream,
+/// A relay's client connection: a socket, or TLS the ingress terminated on
+/// one. A failed relay resets the socket underneath.
+pub trait ClientConn: AsyncRead + AsyncWrite + Unpin {
+    fn socket(&self) -> &TcpStream;
+
+    /// Whether the relay can be carried to the next agent at a hand-over:
+    /// plaintext sockets only (a TLS session's state cannot be).
+    fn carriable(&self) -> bool {
+        false
+    }
+}
+
+impl ClientConn for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+
+    fn carriable(&self) -> bool {
+        true
+    }
+}
+
+/// [`relay`] between a client connection and any other stream (an HBONE
+/// tunnel): the same idle rule, half-close and reset of the client's socket
+/// on failure.
+pub async fn relay_stream<C: ClientConn, S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     upstream: &mut S,
     how: RelayOptions,
 ) -> io::Result<Transferred> {
@@ -138,7 +161,7 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
         None => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
     };
     if outcome.is_err() {
-        reset(client);
+        reset(client.socket());
     }
     outcome
 }

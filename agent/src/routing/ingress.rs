@@ -184,6 +184,12 @@ pub struct Server {
 }
 
 impl Server {
+    /// Whether its TLS step terminates TLS (SIMPLE, MUTUAL...).
+    pub fn terminates_tls(&self) -> bool {
+        let tls = self.tls.as_ref().and_then(|t| t.mode.as_ref());
+        matches!(tls, Some(tls::TlsMode::Terminate(_)))
+    }
+
     pub fn admits_host(&self, host: &str) -> bool {
         self.hosts.iter().any(|h| host_matches(&h.dns, host))
     }
@@ -332,16 +338,7 @@ pub(super) fn bind(
                     ));
                 }
             }
-            let terminated = |t: &ServerTls| matches!(t.mode, Some(tls::TlsMode::Terminate(_)));
-            let not_served = match &tls {
-                Err(issues) => Some(issues.clone()),
-                Ok(Some(t)) if server.protocol == ServerProtocol::Tls && terminated(t) => Some(
-                    "TLS servers that terminate TLS are not supported yet (use \
-                          PASSTHROUGH, or HTTPS)"
-                        .to_owned(),
-                ),
-                Ok(_) => None,
-            };
+            let not_served = tls.as_ref().err().cloned();
             if let Some(reason) = &not_served {
                 warnings.push(format!(
                     "{origin}: {}: {reason}; this server is not served (the Gateway's other \

@@ -1,7 +1,10 @@
-//! VirtualService `tls:` and `tcp:` routes at a Gateway's TLS (PASSTHROUGH)
-//! and TCP servers: read from the spec, bound per server, and chosen per
+//! VirtualService `tls:` and `tcp:` routes at a Gateway's TLS and TCP
+//! servers: read from the spec, bound per server, and chosen per
 //! connection (by SNI for `tls:`). The first matching rule wins, as in
-//! Istio. On the mesh they stay accepted and not enforced.
+//! Istio. A TLS server that terminates TLS relays the decrypted bytes by
+//! `tcp:` rules, then `tls:` ones (Istio's order for such servers); a
+//! PASSTHROUGH one by `tls:` rules only. On the mesh they stay accepted and
+//! not enforced.
 
 use std::collections::BTreeMap;
 
@@ -52,12 +55,13 @@ pub enum L4Kind {
 }
 
 impl L4Kind {
-    /// The server protocol its rules bind to.
-    fn serves(self, protocol: ServerProtocol) -> bool {
-        matches!(
-            (self, protocol),
-            (L4Kind::Tls, ServerProtocol::Tls) | (L4Kind::Tcp, ServerProtocol::Tcp)
-        )
+    /// Whether its rules bind to `server`.
+    fn serves(self, server: &Server) -> bool {
+        match (self, server.protocol) {
+            (L4Kind::Tls, ServerProtocol::Tls) | (L4Kind::Tcp, ServerProtocol::Tcp) => true,
+            (L4Kind::Tcp, ServerProtocol::Tls) => server.terminates_tls(),
+            _ => false,
+        }
     }
 }
 
@@ -254,7 +258,11 @@ pub(super) fn bind(
     warnings: &mut Vec<String>,
 ) {
     let scope = Scope::Gateway(gateway);
-    for draft in vs.l4.iter().filter(|d| d.kind.serves(server.protocol)) {
+    // tcp rules first: a terminating server takes both lists, tcp first.
+    let tcp = vs.l4.iter().filter(|d| d.kind == L4Kind::Tcp);
+    let tls = vs.l4.iter().filter(|d| d.kind == L4Kind::Tls);
+    let bound: Vec<_> = tcp.chain(tls).filter(|d| d.kind.serves(server)).collect();
+    for draft in bound {
         let field = &draft.route.route.name;
         let kept: Vec<_> = draft
             .matches

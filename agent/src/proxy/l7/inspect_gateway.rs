@@ -91,12 +91,12 @@ pub(super) fn explain(
         server: server.field.clone(),
     };
     out["tls"] = tls_facts(server, sni);
-    match tls::mode(server) {
-        Some(TlsMode::Passthrough) => Ok(request.relayed(&mut out, Some(&at), Some(sni))),
-        _ => {
-            describe_server(&mut out, gateway, server);
-            request.http(&mut out, Some(&at))
-        }
+    // A TLS server relays bytes: passed through, or what it decrypted.
+    if server.protocol.is_http() {
+        describe_server(&mut out, gateway, server);
+        request.http(&mut out, Some(&at))
+    } else {
+        Ok(request.relayed(&mut out, Some(&at), Some(sni)))
     }
 }
 

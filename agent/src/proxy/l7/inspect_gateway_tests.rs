@@ -126,7 +126,7 @@ fn sni_picks_the_server_and_certificate_then_the_bound_route_decides() {
     assert_eq!(out["server"], "spec.servers[1]");
     assert_eq!(out["tls"]["sni"], "shop.example.com");
     assert_eq!(out["tls"]["mode"], "SIMPLE");
-    assert_eq!(out["tls"]["certificate"], "Secret shop-cred");
+    assert_eq!(out["tls"]["certificate"], "Secret shop/shop-cred");
     assert!(out["tls"]["certificateExpiry"].is_string(), "{out:#}");
     assert!(out["origin"]
         .as_str()
@@ -177,7 +177,7 @@ fn sni_picks_the_server_and_certificate_then_the_bound_route_decides() {
         &[],
     );
     assert_eq!(api["server"], "spec.servers[2]", "{api:#}");
-    assert_eq!(api["tls"]["certificate"], "Secret api-cred");
+    assert_eq!(api["tls"]["certificate"], "Secret shop/api-cred");
     let crossed = at(
         &config,
         "443",
@@ -186,7 +186,7 @@ fn sni_picks_the_server_and_certificate_then_the_bound_route_decides() {
         &[],
     );
     assert_eq!(
-        crossed["tls"]["certificate"], "Secret api-cred",
+        crossed["tls"]["certificate"], "Secret shop/api-cred",
         "{crossed:#}"
     );
     assert_eq!(
