@@ -2,7 +2,8 @@
 //! certificates from Secrets chosen by SNI, `httpsRedirect`, and MUTUAL
 //! servers requiring a client certificate; PASSTHROUGH to apps that
 //! terminate TLS themselves, TLS servers terminating into TCP routes, and
-//! TCP servers.
+//! TCP servers; client certificates forwarded in `X-Forwarded-Client-Cert`,
+//! and ISTIO_MUTUAL presenting the ingress's own certificate.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -613,7 +614,9 @@ fn terminated_tls_servers_relay_by_tcp_and_tls_rules() {
     );
     let client = file("tls_echo_client.py", TLS_ECHO_CLIENT);
     let echo = |host: &str, ca: &str| {
-        let out = mesh.topo().run_in(&outside, &["python3", &client, host, ca, &node]);
+        let out = mesh
+            .topo()
+            .run_in(&outside, &["python3", &client, host, ca, &node]);
         let out = out.unwrap();
         let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         (said, String::from_utf8_lossy(&out.stderr).into_owned())
@@ -642,7 +645,13 @@ fn terminated_tls_servers_relay_by_tcp_and_tls_rules() {
         file("client.pem", &client_cert),
         file("client-key.pem", &client_key),
     );
-    let with_cert = ["--cert", client_cert.as_str(), "--key", client_key.as_str(), url];
+    let with_cert = [
+        "--cert",
+        client_cert.as_str(),
+        "--key",
+        client_key.as_str(),
+        url,
+    ];
     let (status, _, body) = curl(&mesh, &outside, &[&plain[..], &with_cert].concat());
     assert_eq!(status, 200, "{body}");
     let doc: Value = serde_json::from_str(&body).unwrap();
@@ -676,14 +685,265 @@ fn terminated_tls_servers_relay_by_tcp_and_tls_rules() {
     // the rule that relays the decrypted bytes.
     let out = mesh
         .agent("node-a")
-        .cli(&["explain", "--gateway", "9443", "https://b.example.com/", "-o", "json"])
+        .cli(&[
+            "explain",
+            "--gateway",
+            "9443",
+            "https://b.example.com/",
+            "-o",
+            "json",
+        ])
         .unwrap();
     let b: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(b["server"], "spec.servers[1] (tls-b)", "{b:#}");
+    assert_eq!(b["server"], "spec.servers[1]", "{b:#}");
     assert_eq!(b["tls"]["mode"], "SIMPLE", "{b:#}");
     assert_eq!(b["tls"]["certificate"], "Secret default/b-cred", "{b:#}");
     assert_eq!(b["route"], "spec.tls[0]", "{b:#}");
-    assert_eq!(b["destinations"][0]["service"], "default/echo-local", "{b:#}");
+    assert_eq!(
+        b["destinations"][0]["service"], "default/echo-local",
+        "{b:#}"
+    );
+}
+
+/// MUTUAL and ISTIO_MUTUAL servers in front of `web` (node-b) and `near`
+/// (the ingress's own node, under `/near`), and a plaintext server.
+const CLIENT_CERTS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: certs}
+spec:
+  servers:
+  - port: {number: 8443, name: https-mutual, protocol: HTTPS}
+    hosts: [m.example.com]
+    tls: {mode: MUTUAL, credentialName: m-cred}
+  - port: {number: 9443, name: https-mesh, protocol: HTTPS}
+    hosts: [m.example.com]
+    tls: {mode: ISTIO_MUTUAL}
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [m.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [m.example.com]
+  gateways: [certs]
+  http:
+  - match: [{uri: {prefix: /near}}]
+    route: [{destination: {host: near}}]
+  - route: [{destination: {host: web}}]
+";
+
+/// An HTTP/1.1 request over TLS (Python `ssl`, the server's certificate
+/// checked against a CA file, not its name) with a forged XFCC; prints the
+/// server certificate's URI SANs and the response body as JSON.
+const CERT_CLIENT: &str = r#"
+import json, socket, ssl, sys
+address, port, host, path, ca, cert, key = sys.argv[1:8]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.load_verify_locations(ca)
+if cert != "-":
+    context.load_cert_chain(cert, key)
+raw = socket.create_connection((address, int(port)), timeout=10)
+s = context.wrap_socket(raw, server_hostname=host)
+uris = [v for k, v in s.getpeercert().get("subjectAltName", ()) if k == "URI"]
+request = "GET %s HTTP/1.1\r\nHost: %s\r\nx-forwarded-client-cert: Hash=forged\r\n" \
+    "Connection: close\r\n\r\n" % (path, host)
+s.sendall(request.encode())
+reply = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    reply += chunk
+body = reply[reply.index(b"{"):reply.rindex(b"}") + 1]
+print(json.dumps({"server": uris, "body": json.loads(body)}))
+"#;
+
+#[test]
+fn client_certificates_at_the_gateway_reach_the_app_in_xfcc() {
+    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
+    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
+    mesh.http_service("web");
+    mesh.app("node-a", "near-1", &[("app", "near")], &[])
+        .unwrap();
+    mesh.http_service("near");
+    mesh.start(&[]).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
+    let node = mesh.topo().node("node-a").address.to_string();
+    let dir = mesh.topo().work_dir().to_owned();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (ca_m, clients) = (Ca::new("m"), Ca::new("clients"));
+    let (m_cert, m_key) = ca_m.leaf("m.example.com");
+    let (client_cert, client_key) = clients.leaf("client.example.com");
+    let m_cred = secret(
+        "m-cred",
+        &[
+            ("tls.crt", &m_cert),
+            ("tls.key", &m_key),
+            ("ca.crt", &clients.pem),
+        ],
+    );
+    mesh.apply("secrets.yaml", &m_cred).unwrap();
+    mesh.apply("gateway.yaml", CLIENT_CERTS).unwrap();
+    let ca_m = file("ca-m.pem", &ca_m.pem);
+    let (client_cert, client_key) = (
+        file("client.pem", &client_cert),
+        file("client-key.pem", &client_key),
+    );
+    let client = file("cert_client.py", CERT_CLIENT);
+    let ingress = gateways(&mesh)["identity"].as_str().unwrap().to_owned();
+    let own = |app_account: &str| {
+        format!("By=spiffe://cluster.local/ns/default/sa/{app_account};URI={ingress}")
+    };
+    // (server URI SANs, the app's JSON), or the client's error.
+    let call = |port: u16, path: &str, ca: &str, cert: &str, key: &str| {
+        let port = port.to_string();
+        let args = [
+            "python3",
+            &client,
+            &node,
+            &port,
+            "m.example.com",
+            path,
+            ca,
+            cert,
+            key,
+        ];
+        let out = mesh.topo().run_in(&outside, &args).unwrap();
+        serde_json::from_slice::<Value>(&out.stdout)
+            .map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let xfcc = |doc: &Value| doc["body"]["headers"]["x-forwarded-client-cert"].clone();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = call(8443, "/", &ca_m, &client_cert, &client_key) {
+        assert!(Instant::now() < deadline, "{e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // MUTUAL: the gateway's element for the client certificate (Envoy's
+    // Hash, Subject, URI, DNS), the forged one gone, then the destination's
+    // own for the ingress, on another node and on the ingress's own.
+    let fingerprint = mesh
+        .topo()
+        .run_in(
+            &outside,
+            &[
+                "openssl",
+                "x509",
+                "-in",
+                &client_cert,
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+            ],
+        )
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout);
+    let hash = fingerprint
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_lowercase();
+    assert_eq!(hash.len(), 64, "{fingerprint}");
+    let gateway_element =
+        format!("Hash={hash};Subject=\"CN=rcgen self signed cert\";URI=;DNS=client.example.com");
+    let far = call(8443, "/hello", &ca_m, &client_cert, &client_key).unwrap();
+    assert_eq!(far["body"]["name"], "web-1", "{far:#}");
+    assert_eq!(
+        xfcc(&far),
+        format!("{gateway_element},{}", own("default")),
+        "{far:#}"
+    );
+    let near = call(8443, "/near", &ca_m, &client_cert, &client_key).unwrap();
+    assert_eq!(near["body"]["name"], "near-1", "{near:#}");
+    assert_eq!(
+        xfcc(&near),
+        format!("{gateway_element},{}", own("default")),
+        "{near:#}"
+    );
+    // Without a client certificate: refused.
+    assert!(call(8443, "/hello", &ca_m, "-", "-").is_err());
+    // Plaintext: the forged element is removed at the gateway; the app
+    // sees the destination's own only.
+    let resolve = format!("m.example.com:80:{node}");
+    let forged = "x-forwarded-client-cert: Hash=forged";
+    let (status, _, body) = curl(
+        &mesh,
+        &outside,
+        &[
+            "--resolve",
+            &resolve,
+            "-H",
+            forged,
+            "http://m.example.com/hello",
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        doc["headers"]["x-forwarded-client-cert"],
+        own("default"),
+        "{doc:#}"
+    );
+
+    // ISTIO_MUTUAL presents the ingress's own workload certificate and takes
+    // a client certificate of the mesh (here node-b's credential).
+    let credential = dir.join("credential-node-b");
+    let path = |name: &str| credential.join(name).to_string_lossy().into_owned();
+    let (roots, cert, key) = (
+        path("root-cert.pem"),
+        path("node-cert.pem"),
+        path("node-key.pem"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mesh_call = loop {
+        match call(9443, "/hello", &roots, &cert, &key) {
+            Ok(doc) => break doc,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(mesh_call["server"], json!([ingress]), "{mesh_call:#}");
+    let element = xfcc(&mesh_call);
+    let element = element.as_str().unwrap();
+    assert!(
+        element.starts_with(&format!("By={ingress};Hash=")),
+        "{element}"
+    );
+    assert!(
+        element.ends_with(&format!(",{}", own("default"))),
+        "{element}"
+    );
+    assert!(call(9443, "/hello", &roots, "-", "-").is_err());
+    // A client certificate from another CA is refused.
+    assert!(call(9443, "/hello", &roots, &client_cert, &client_key).is_err());
+
+    // explain names the certificate ISTIO_MUTUAL presents.
+    let out = mesh
+        .agent("node-a")
+        .cli(&[
+            "explain",
+            "--gateway",
+            "9443",
+            "https://m.example.com/",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+    let explained: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        explained["tls"]["certificate"],
+        format!("the ingress's workload certificate, {ingress} (ISTIO_MUTUAL)"),
+        "{explained:#}"
+    );
 }
 
 /// Gateway API over HTTPS: two HTTPS listeners on port 443, each with its

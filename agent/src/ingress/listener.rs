@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use http::HeaderValue;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::tls::{Accepted, Alpn, PortTls};
@@ -126,7 +127,11 @@ async fn terminate(
                     .await;
             };
             let http2 = alpn == Alpn::H2;
-            proxy::serve_gateway(proxy, pod, t.stream, addresses, http2, Some(server)).await
+            let tls = proxy::GatewayTls {
+                server,
+                client_cert: t.xfcc.and_then(|x| HeaderValue::try_from(x).ok()),
+            };
+            proxy::serve_gateway(proxy, pod, t.stream, addresses, http2, Some(tls)).await
         }
         Accepted::Passthrough {
             stream,

@@ -12,6 +12,7 @@ mod by_sni;
 mod ciphers;
 #[cfg(test)]
 mod tests;
+mod xfcc;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,10 +26,12 @@ use serde::Deserialize;
 
 use crate::config::secret::Secrets;
 use crate::config::{Config, Issues};
-use crate::identity::{x509, Identities};
+use crate::identity::{self, x509, Identities};
 use crate::routing::ingress::{Gateway, Server, ServerRef};
 
-pub use accept::{AcceptError, Accepted, Alpn, ClientIdentity, Terminated, TlsAcceptor, TlsError};
+pub use accept::{
+    AcceptError, Accepted, Alpn, ClientIdentity, MeshIdentity, Terminated, TlsAcceptor, TlsError,
+};
 pub use by_sni::SniIndex;
 
 /// `servers[].tls` of an Istio Gateway (`ServerTLSSettings`).
@@ -118,15 +121,16 @@ pub enum ClientAuth {
     Required,
     /// OPTIONAL_MUTUAL: verified when presented.
     Optional,
-    /// ISTIO_MUTUAL: the node's mesh credential as server certificate,
-    /// client certificates of mesh identities.
+    /// ISTIO_MUTUAL: the ingress's workload certificate as server
+    /// certificate, client certificates chained to the mesh roots.
     Mesh,
 }
 
 /// The settings of a terminating server.
 pub struct Termination {
     pub client_auth: ClientAuth,
-    /// `None` for [`ClientAuth::Mesh`], which presents the node credential.
+    /// `None` for [`ClientAuth::Mesh`], which presents the ingress's
+    /// workload certificate.
     credential: Option<Arc<CertifiedKey>>,
     /// For [`ClientAuth::Required`] and [`ClientAuth::Optional`].
     client_roots: Option<Arc<RootCertStore>>,
@@ -344,7 +348,10 @@ fn termination(
                 Arc::new(roots)
             });
             // The namespace of the lookup that found it, for explain.
-            let namespace = ctx.namespaces.iter().find(|ns| ctx.secrets.find(&[ns], name).is_ok());
+            let namespace = ctx
+                .namespaces
+                .iter()
+                .find(|ns| ctx.secrets.find(&[ns], name).is_ok());
             let found_as = namespace.map_or_else(|| name.clone(), |ns| format!("{ns}/{name}"));
             (
                 Some(credential.key.clone()),
@@ -426,7 +433,11 @@ impl PortTls {
             return Ok(None);
         }
         let modes = servers.iter().map(|(_, s)| mode(s));
-        let acceptor = TlsAcceptor::new(hosts(&servers).zip(modes), Some(identities))?;
+        let mesh = MeshIdentity {
+            identities: identities.clone(),
+            id: identity::ingress_id(cfg, identities.trust_domain()),
+        };
+        let acceptor = TlsAcceptor::new(hosts(&servers).zip(modes), Some(&mesh))?;
         let servers = servers
             .iter()
             .map(|(gateway, server)| {

@@ -280,6 +280,8 @@ const RECENT_CONNECTIONS: usize = 512;
 pub use gateway_relay::serve as relay_gateway;
 pub use l7::{http1_server, ExplainRequest, HttpSettings};
 
+pub use l7::GatewayTls;
+
 /// Serves the HTTP connection of a client outside the mesh that reached
 /// the ingress at `local` from `client`; its requests go into the mesh as
 /// `pod`, the ingress's own identity.
@@ -289,7 +291,7 @@ pub async fn serve_gateway<S>(
     stream: S,
     (local, client): (SocketAddr, SocketAddr),
     http2: bool,
-    tls: Option<Arc<crate::routing::ingress::ServerRef>>,
+    tls: Option<GatewayTls>,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

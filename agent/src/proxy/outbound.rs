@@ -267,7 +267,9 @@ where
             (Stream::Tunnel(tunnel), Some(resume)) if carriable => {
                 let mut meta = CarriedMeta::of(record, address, address);
                 meta.hbone = Some(*resume);
-                return proxy.relay_hbone(client.socket(), tunnel, meta, how.live).await;
+                return proxy
+                    .relay_hbone(client.socket(), tunnel, meta, how.live)
+                    .await;
             }
             (Stream::Tcp(server), _) => relay::relay_stream(&mut client, server, how).await,
             (Stream::Tunnel(tunnel), _) => relay::relay_stream(&mut client, tunnel, how).await,

@@ -67,9 +67,18 @@ pub fn node_server_name(node: &str) -> Result<ServerName<'static>, Error> {
         .map_err(|_| Error::General(format!("node name {node:?} is not a DNS name")))
 }
 
-struct WorkloadCertificate {
-    identities: Arc<Identities>,
-    id: SpiffeId,
+/// A workload identity's certificate, as renewed at each handshake: a
+/// caller's client certificate, or the ingress's server certificate at an
+/// ISTIO_MUTUAL Gateway server.
+pub(crate) struct WorkloadCertificate {
+    pub(crate) identities: Arc<Identities>,
+    pub(crate) id: SpiffeId,
+}
+
+impl ResolvesServerCert for WorkloadCertificate {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.identities.certified_key(&self.id)
+    }
 }
 
 impl ResolvesClientCert for WorkloadCertificate {
@@ -83,7 +92,7 @@ impl ResolvesClientCert for WorkloadCertificate {
 }
 
 /// Presents the node credential, as renewed at each handshake.
-pub(crate) struct NodeCertificate(pub(crate) Arc<Identities>);
+struct NodeCertificate(Arc<Identities>);
 
 impl ResolvesServerCert for NodeCertificate {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

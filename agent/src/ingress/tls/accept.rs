@@ -21,9 +21,10 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::identity::{Identities, SpiffeId};
 use crate::proxy::peer::Prefixed;
 use crate::proxy::sni;
-use crate::transport::tls::NodeCertificate;
+use crate::transport::tls::WorkloadCertificate;
 
 use super::by_sni::SniIndex;
+use super::xfcc;
 use super::{ClientAuth, Termination, TlsMode};
 
 const ALPN_H2: &[u8] = b"h2";
@@ -34,7 +35,10 @@ const HANDSHAKE: u8 = 22;
 /// Why a port's acceptor cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("ISTIO_MUTUAL needs the agent's mesh node credential (--node-credential)")]
+    #[error(
+        "ISTIO_MUTUAL presents the ingress's workload certificate: the agent needs the mesh CA \
+         (--ca-address) and its node credential (--node-credential)"
+    )]
     NoMeshCredential,
     #[error("client certificate verifier: {0}")]
     Verifier(String),
@@ -95,6 +99,9 @@ pub struct Terminated<S> {
     /// `None` on a TLS (not HTTP) server.
     pub alpn: Option<Alpn>,
     pub client: Option<ClientIdentity>,
+    /// The `X-Forwarded-Client-Cert` element for the client's certificate,
+    /// if it presented one.
+    pub xfcc: Option<String>,
 }
 
 enum Action {
@@ -102,7 +109,19 @@ enum Action {
     Terminate {
         acceptor: tokio_rustls::TlsAcceptor,
         termination: Arc<Termination>,
+        /// The URI SANs of the server's certificate (XFCC's `By`).
+        by: Vec<String>,
     },
+}
+
+/// What ISTIO_MUTUAL servers present: the workload certificate of the
+/// ingress's identity `id`, which `identities` keeps issued and renewed (as
+/// for its hop into the mesh), and they check clients against the mesh
+/// roots.
+#[derive(Clone)]
+pub struct MeshIdentity {
+    pub identities: Arc<Identities>,
+    pub id: SpiffeId,
 }
 
 /// The TLS servers of one port.
@@ -116,11 +135,11 @@ pub struct TlsAcceptor {
 impl TlsAcceptor {
     /// From the servers of one port as `(hosts, mode)`, a server's hosts in
     /// Istio's form (see [`SniIndex::new`]). When two servers claim a host,
-    /// the first wins (conflicts are the config's to report). `identities`
-    /// are needed for ISTIO_MUTUAL only.
+    /// the first wins (conflicts are the config's to report). `mesh` is
+    /// needed for ISTIO_MUTUAL only.
     pub fn new<'a, H: IntoIterator<Item = &'a str>>(
         servers: impl IntoIterator<Item = (H, Option<&'a TlsMode>)>,
-        identities: Option<&Arc<Identities>>,
+        mesh: Option<&MeshIdentity>,
     ) -> Result<TlsAcceptor, TlsError> {
         let mut actions = Vec::new();
         let mut claims = Vec::new();
@@ -129,8 +148,13 @@ impl TlsAcceptor {
                 None => None,
                 Some(TlsMode::Passthrough) => Some(Action::Passthrough),
                 Some(TlsMode::Terminate(termination)) => Some(Action::Terminate {
-                    acceptor: server_config(termination, identities)?.into(),
+                    acceptor: server_config(termination, mesh)?.into(),
                     termination: termination.clone(),
+                    by: match (&termination.credential, mesh) {
+                        (Some(key), _) => xfcc::uri_sans(&key.cert[0]),
+                        (None, Some(mesh)) => vec![mesh.id.to_string()],
+                        (None, None) => Vec::new(),
+                    },
                 }),
             };
             claims.push((hosts, action.is_some()));
@@ -183,7 +207,7 @@ impl TlsAcceptor {
         let Some((server, Some(action))) = found.map(|i| (i, &self.servers[i])) else {
             return Err(AcceptError::NoServer(sni));
         };
-        let (acceptor, termination) = match action {
+        let (acceptor, termination, by) = match action {
             Action::Passthrough => {
                 return Ok(Accepted::Passthrough {
                     stream: io,
@@ -194,7 +218,8 @@ impl TlsAcceptor {
             Action::Terminate {
                 acceptor,
                 termination,
-            } => (acceptor, termination),
+                by,
+            } => (acceptor, termination, by),
         };
         let stream = acceptor.accept(io).await.map_err(AcceptError::Handshake)?;
         let (_, connection) = stream.get_ref();
@@ -204,6 +229,7 @@ impl TlsAcceptor {
         });
         let leaf = connection.peer_certificates().and_then(|c| c.first());
         let client = leaf.map(ClientIdentity::of);
+        let xfcc = leaf.and_then(|leaf| xfcc::element(leaf, by));
         let wanted = &termination.subject_alt_names;
         if let Some(client) = &client {
             if !wanted.is_empty() && !client.subject_alt_names.iter().any(|n| wanted.contains(n)) {
@@ -216,13 +242,14 @@ impl TlsAcceptor {
             sni,
             alpn,
             client,
+            xfcc,
         })))
     }
 }
 
 fn server_config(
     termination: &Termination,
-    identities: Option<&Arc<Identities>>,
+    mesh: Option<&MeshIdentity>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = termination.provider.clone();
     let verifier = |roots, optional: bool| {
@@ -245,12 +272,16 @@ fn server_config(
     let (verifier, resolver): (_, Arc<dyn ResolvesServerCert>) =
         match (termination.client_auth, &termination.credential) {
             (ClientAuth::Mesh, _) => {
-                let identities = identities
-                    .filter(|i| i.node_certified_key().is_some())
+                let mesh = mesh
+                    .filter(|m| m.identities.has_ca())
                     .ok_or(TlsError::NoMeshCredential)?;
+                let presented = WorkloadCertificate {
+                    identities: mesh.identities.clone(),
+                    id: mesh.id.clone(),
+                };
                 (
-                    verifier(identities.trust_anchors(), false)?,
-                    Arc::new(NodeCertificate(identities.clone())),
+                    verifier(mesh.identities.trust_anchors(), false)?,
+                    Arc::new(presented),
                 )
             }
             (_, None) => return Err(TlsError::Verifier("no server certificate".into())),

@@ -479,45 +479,75 @@ fn reports_unusable_settings_by_field() {
     assert_eq!(issues, ["spec.servers[0].tls.credentialName: Secret cred-cacert not found (looked in web, istio-system)"]);
 }
 
+/// A Gateway with an ISTIO_MUTUAL server: the node serving it holds the
+/// ingress's identity.
+const ISTIO_MUTUAL_GATEWAY: &str = r#"{"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+ "metadata": {"name": "mesh-edge", "namespace": "web"},
+ "spec": {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+   "hosts": ["*"], "tls": {"mode": "ISTIO_MUTUAL"}}]}}"#;
+
 #[tokio::test]
-async fn istio_mutual_presents_the_node_credential_and_requires_a_mesh_client() {
-    use crate::ca::{self, Authority, Source};
+async fn istio_mutual_presents_the_ingress_identity_and_requires_a_mesh_client() {
+    use crate::ca::{self, Authority, CaServer, Source};
     use crate::config::test_support::TestDir;
-    use crate::identity::{Identities, IdentitiesSettings, NodeCredential};
+    use crate::config::ConfigStore;
+    use crate::identity::{self, Identities, IdentitiesSettings, NodeCredential, SpiffeId};
 
     let dir = TestDir::new();
     let source = Source::StateDir(dir.path().join("state"));
     let credential = dir.path().join("node-a");
-    ca::issue_node(
-        &source,
-        "cluster.local",
-        "node-a",
-        Duration::from_secs(3600),
-        &credential,
-    )
-    .unwrap();
-    let identities = Identities::new(IdentitiesSettings {
+    let lifetime = Duration::from_secs(3600);
+    ca::issue_node(&source, "cluster.local", "node-a", lifetime, &credential).unwrap();
+    let gateway = (
+        PathBuf::from("gateway.json"),
+        ISTIO_MUTUAL_GATEWAY.to_owned(),
+    );
+    let config = secrets(vec![gateway]);
+    // A real mesh CA, which signs the ingress's identity for a node serving
+    // a Gateway.
+    let store = Arc::new(ConfigStore::unloaded());
+    store.replace(secrets(vec![(
+        PathBuf::from("gateway.json"),
+        ISTIO_MUTUAL_GATEWAY.to_owned(),
+    )]));
+    let authority = Authority::load(&source, "cluster.local").unwrap();
+    let server = CaServer::new(authority, store, lifetime).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ca_address = listener.local_addr().unwrap().to_string();
+    let serving = tokio::spawn(server.serve(listener));
+    let settings = |ca_address: Option<String>| IdentitiesSettings {
         trust_domain: "cluster.local".into(),
-        cert_lifetime: Duration::from_secs(3600),
-        ca_address: None,
+        cert_lifetime: lifetime,
+        ca_address,
         node_credential: Some(
             NodeCredential::load(&credential, "node-a", "cluster.local").unwrap(),
         ),
-    });
-    let config = secrets(vec![]);
+    };
+    let identities = Identities::new(settings(Some(ca_address)));
+    let ingress = identity::ingress_id(&config, "cluster.local");
+    identities.set_wanted(identity::on_node(&config, "node-a", "cluster.local"));
+    let issued = identities.wait_for(&ingress, Duration::from_secs(20)).await;
+    let issued = issued.expect("the ingress's certificate is issued");
+
     let tls = compile_tls(&config, PortKind::Http, json!({"mode": "ISTIO_MUTUAL"})).unwrap();
     let hosts = ["*"];
-    // Without the node credential there is nothing to present.
+    // Without a mesh CA there is no workload certificate to present.
+    let no_ca = MeshIdentity {
+        identities: Identities::new(settings(None)),
+        id: ingress.clone(),
+    };
     assert!(matches!(
-        TlsAcceptor::new([(hosts, tls.mode.as_ref())], None),
+        TlsAcceptor::new([(hosts, tls.mode.as_ref())], Some(&no_ca)),
         Err(TlsError::NoMeshCredential)
     ));
-    let port = TlsAcceptor::new([(hosts, tls.mode.as_ref())], Some(&identities)).unwrap();
+    let mesh = MeshIdentity {
+        identities: identities.clone(),
+        id: ingress.clone(),
+    };
+    let port = TlsAcceptor::new([(hosts, tls.mode.as_ref())], Some(&mesh)).unwrap();
     // A mesh member's certificate (another node's, from the same CA).
     let authority = Authority::load(&source, "cluster.local").unwrap();
-    let member = authority
-        .issue_node("node-b", Duration::from_secs(3600))
-        .unwrap();
+    let member = authority.issue_node("node-b", lifetime).unwrap();
     let versions = rustls::DEFAULT_VERSIONS;
     let mesh_client = |auth: Option<&ca::Credential>| {
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -540,16 +570,20 @@ async fn istio_mutual_presents_the_node_credential_and_requires_a_mesh_client() 
             None => builder.with_no_client_auth(),
         }
     };
-    let (server, client_side) = handshake(&port, mesh_client(Some(&member)), "node-a").await;
+    let (server, client_side) = handshake(&port, mesh_client(Some(&member)), "edge").await;
     let server = terminated(server);
+    // The ingress's workload certificate, not the node credential.
     let presented = leaf_of(&client_side.unwrap());
+    assert_eq!(presented, issued.cert[0].to_vec());
+    assert_eq!(SpiffeId::from_cert(&presented).unwrap(), ingress);
     let node_leaf = identities.node_certified_key().unwrap().cert[0].to_vec();
-    assert_eq!(presented, node_leaf);
+    assert_ne!(presented, node_leaf);
     let member_id = crate::identity::NodeId::new("cluster.local", "node-b").to_string();
     assert_eq!(server.client.unwrap().subject_alt_names, [member_id]);
 
-    let (server, _) = handshake(&port, mesh_client(None), "node-a").await;
+    let (server, _) = handshake(&port, mesh_client(None), "edge").await;
     assert!(matches!(server, Err(AcceptError::Handshake(_))));
+    serving.abort();
 }
 
 /// Chains to the mesh roots, whatever the name: node credentials carry a

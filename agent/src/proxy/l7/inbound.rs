@@ -4,7 +4,8 @@
 //! application), and gets `X-Forwarded-Client-Cert` set from the
 //! authenticated caller, in Envoy's format (`By=<workload>;URI=<caller>`),
 //! any copy the caller sent removed, so an application can trust the header
-//! (plaintext callers reach it with none). One connection to the
+//! (plaintext callers reach it with none). The ingress alone keeps what it
+//! set for an outside client's certificate, this element appended. One connection to the
 //! application per inbound connection: it carries the caller's address, so
 //! it is never shared.
 
@@ -21,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body, BoxError};
 use super::{http1_server, http2_server, is_grpc, path, trace};
-use crate::identity::SpiffeId;
+use crate::identity::{self, SpiffeId};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
 use crate::proxy::idle::{Activity, Tracked};
@@ -36,17 +37,50 @@ use crate::telemetry::{EdgeKey, Mode, Reporter};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
+/// How a connection's requests get the header.
+enum ClientCert {
+    /// Whatever the caller sent is replaced by this (`None`: removed), so
+    /// no tenant can forge it.
+    Replace(Option<HeaderValue>),
+    /// The ingress's identity: the elements it set for the outside client's
+    /// certificate stay, this one is appended (Envoy's `APPEND_FORWARD`, as
+    /// an Istio sidecar behind an Istio gateway).
+    Append(HeaderValue),
+}
+
 /// The header for calls from `caller` to `pod`, when the caller has an
 /// identity; made once per connection, as both ends are the connection's.
-fn client_cert(pod: &Pod, caller: Option<&SpiffeId>) -> Option<HeaderValue> {
-    caller.and_then(|peer| HeaderValue::try_from(format!("By={};URI={peer}", pod.identity)).ok())
+fn client_cert(pod: &Pod, caller: Option<&SpiffeId>, ingress: &SpiffeId) -> ClientCert {
+    let own = caller
+        .and_then(|peer| HeaderValue::try_from(format!("By={};URI={peer}", pod.identity)).ok());
+    match own {
+        Some(own) if caller == Some(ingress) => ClientCert::Append(own),
+        own => ClientCert::Replace(own),
+    }
 }
 
 /// Removes the header a caller may have sent, and sets `value`, if any.
-fn set_client_cert(headers: &mut http::HeaderMap, value: Option<&HeaderValue>) {
+pub(super) fn set_client_cert(headers: &mut http::HeaderMap, value: Option<&HeaderValue>) {
     headers.remove(XFCC);
     if let Some(value) = value {
         headers.insert(XFCC, value.clone());
+    }
+}
+
+impl ClientCert {
+    fn apply(&self, headers: &mut http::HeaderMap) {
+        let own = match self {
+            ClientCert::Replace(value) => return set_client_cert(headers, value.as_ref()),
+            ClientCert::Append(own) => own,
+        };
+        let mut joined = Vec::new();
+        for before in headers.get_all(XFCC) {
+            joined.extend_from_slice(before.as_bytes());
+            joined.push(b',');
+        }
+        joined.extend_from_slice(own.as_bytes());
+        let value = HeaderValue::from_bytes(&joined).unwrap_or_else(|_| own.clone());
+        headers.insert(XFCC, value);
     }
 }
 
@@ -74,7 +108,7 @@ fn admit_request(
     proxy: &Proxy,
     pod: &Pod,
     caller: &Caller,
-    client_cert: Option<&HeaderValue>,
+    client_cert: &ClientCert,
     app: SocketAddr,
     request: &mut Request<Body>,
 ) -> Result<(), Box<Response<Body>>> {
@@ -87,7 +121,7 @@ fn admit_request(
             *request.uri_mut() = uri;
         }
     }
-    set_client_cert(request.headers_mut(), client_cert);
+    client_cert.apply(request.headers_mut());
     let host = request
         .uri()
         .authority()
@@ -157,7 +191,8 @@ pub async fn serve<S: Io>(
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
-    let client_cert = client_cert(pod, caller.identity.as_ref());
+    let ingress = identity::ingress_id(&proxy.config.current(), proxy.identities.trust_domain());
+    let client_cert = client_cert(pod, caller.identity.as_ref(), &ingress);
     let stamp = move |request: Request<Incoming>| {
         let grpc = is_grpc(&request);
         let (mut parts, incoming) = request.into_parts();
@@ -168,7 +203,7 @@ pub async fn serve<S: Io>(
         let (measured, counted) = Measured::start(&proxy.telemetry, &side, grpc, &parts, incoming);
         let mut request =
             Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
-        let cert = client_cert.as_ref();
+        let cert = &client_cert;
         let admitted = admit_request(proxy, pod, caller, cert, app, &mut request).map(|()| request);
         (Answer { measured, span }, admitted)
     };
@@ -308,5 +343,31 @@ fn reply(
             ),
             Flag::UpstreamConnectionTermination,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_ingress_keeps_the_elements_it_set() {
+        let forged = HeaderValue::from_static("Hash=abc;URI=spiffe://td/ns/x/sa/admin");
+        let own = HeaderValue::from_static("By=spiffe://td/ns/a/sa/app;URI=spiffe://td/ns/b/sa/c");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(XFCC, forged.clone());
+        ClientCert::Replace(Some(own.clone())).apply(&mut headers);
+        assert_eq!(headers[XFCC], own);
+        ClientCert::Replace(None).apply(&mut headers);
+        assert!(!headers.contains_key(XFCC));
+
+        headers.insert(XFCC, forged.clone());
+        ClientCert::Append(own.clone()).apply(&mut headers);
+        let both = format!("{},{}", forged.to_str().unwrap(), own.to_str().unwrap());
+        assert_eq!(headers[XFCC], both.as_str());
+        // Nothing set by the ingress (no client certificate): its own only.
+        headers.remove(XFCC);
+        ClientCert::Append(own.clone()).apply(&mut headers);
+        assert_eq!(headers[XFCC], own);
     }
 }

@@ -90,7 +90,7 @@ pub(super) fn explain(
         gateway: gateway.key.clone(),
         server: server.field.clone(),
     };
-    out["tls"] = tls_facts(server, sni);
+    out["tls"] = tls_facts(server, sni, &request.identity);
     // A TLS server relays bytes: passed through, or what it decrypted.
     if server.protocol.is_http() {
         describe_server(&mut out, gateway, server);
@@ -252,8 +252,9 @@ fn describe_server(out: &mut Value, gateway: &Gateway, server: &Server) {
         .collect::<Vec<_>>());
 }
 
-/// The TLS step's outcome at the server `sni` chose.
-fn tls_facts(server: &Server, sni: &str) -> Value {
+/// The TLS step's outcome at the server `sni` chose; ISTIO_MUTUAL presents
+/// the certificate of `ingress`.
+fn tls_facts(server: &Server, sni: &str, ingress: &SpiffeId) -> Value {
     let mode = tls::mode(server);
     let termination = match mode {
         Some(TlsMode::Terminate(t)) => Some(t),
@@ -264,7 +265,9 @@ fn tls_facts(server: &Server, sni: &str) -> Value {
         "mode": mode.map(TlsMode::name),
         "certificate": termination.map(|t| match &t.credential_name {
             Some(name) => format!("Secret {name}"),
-            None => "the node's mesh credential (ISTIO_MUTUAL)".to_owned(),
+            None => format!(
+                "the ingress's workload certificate, {ingress} (ISTIO_MUTUAL)"
+            ),
         }),
         "certificateExpiry": mode.and_then(TlsMode::expiry),
     })

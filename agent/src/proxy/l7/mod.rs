@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -93,8 +93,17 @@ pub enum Entry {
     /// server its handshake chose, whose routes alone apply.
     Gateway {
         client: SocketAddr,
-        tls: Option<Arc<ServerRef>>,
+        tls: Option<GatewayTls>,
     },
+}
+
+/// The TLS step of a connection at the ingress.
+pub struct GatewayTls {
+    /// The server its handshake chose, whose routes alone apply.
+    pub server: Arc<ServerRef>,
+    /// The `X-Forwarded-Client-Cert` element for the client's certificate,
+    /// if it presented one.
+    pub client_cert: Option<HeaderValue>,
 }
 
 /// One downstream connection: who opened it and which Service it dialled.
@@ -269,6 +278,9 @@ impl Downstream {
         let config = self.proxy.config.current();
         if let Entry::Gateway { client, tls } = &self.entry {
             gateway::forwarded(request.headers_mut(), *client, tls.is_some());
+            // Envoy's SANITIZE_SET: what the client sent never passes.
+            let client_cert = tls.as_ref().and_then(|t| t.client_cert.as_ref());
+            inbound::set_client_cert(request.headers_mut(), client_cert);
         }
         let authority = authority(&request);
         let source = match self.entry {
@@ -293,7 +305,8 @@ impl Downstream {
         let chosen = match &self.entry {
             Entry::Workload => self.service_route(&config, &info),
             Entry::Gateway { tls, .. } => {
-                gateway::route(&config, &self.proxy.node, &info, tls.as_deref())
+                let server = tls.as_ref().map(|t| &*t.server);
+                gateway::route(&config, &self.proxy.node, &info, server)
             }
         };
         let (service_key, selected) = match chosen {
