@@ -98,6 +98,7 @@ pub enum Entry {
 }
 
 /// The TLS step of a connection at the ingress.
+#[derive(Clone)]
 pub struct GatewayTls {
     /// The server its handshake chose, whose routes alone apply.
     pub server: Arc<ServerRef>,
