@@ -130,31 +130,27 @@ fn gateways(mesh: &Mesh) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Service `web` (one pod, on node-b), the agents started, a host outside
-/// the mesh; returns the mesh, the host's netns and node-a's address (where
-/// the tests reach the ingress, which crosses nodes into the mesh).
-fn web_mesh() -> (Mesh, String, String) {
-    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
-    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
-    mesh.http_service("web");
-    mesh.start(&[]).unwrap();
-    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
-    let node = mesh.topo().node("node-a").address.to_string();
-    (mesh, outside, node)
+/// Writes `text` to `name` in the test's work dir; returns the path.
+fn work_file(mesh: &Mesh, name: &str, text: &str) -> String {
+    let path = mesh.topo().work_dir().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
 }
 
-#[test]
-fn https_by_sni_from_secrets_redirect_and_mutual() {
-    let (mesh, outside, node) = web_mesh();
-    let dir = mesh.topo().work_dir().to_owned();
-    let file = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_string_lossy().into_owned()
-    };
+/// The files of [`abm_secrets`]: each host's CA, and a client certificate
+/// signed by the CA of `m-cred`'s `ca.crt`.
+struct AbmFiles {
+    ca_a: String,
+    ca_b: String,
+    ca_m: String,
+    client_cert: String,
+    client_key: String,
+}
 
-    // Each host's certificate from its own CA, so that the CA a client
-    // trusts tells which certificate the SNI chose.
+/// Secrets `a-cred`, `b-cred` and `m-cred` (with `ca.crt` for MUTUAL) for
+/// a, b and m.example.com, each from its own CA, so that the CA a client
+/// trusts tells which certificate the SNI chose; applied to the mesh.
+fn abm_secrets(mesh: &Mesh) -> AbmFiles {
     let (ca_a, ca_b, ca_m, clients) =
         (Ca::new("a"), Ca::new("b"), Ca::new("m"), Ca::new("clients"));
     let (a_cert, a_key) = ca_a.leaf("a.example.com");
@@ -175,16 +171,45 @@ fn https_by_sni_from_secrets_redirect_and_mutual() {
     ];
     mesh.apply("secrets.yaml", &secrets.join("\n---\n"))
         .unwrap();
+    AbmFiles {
+        ca_a: work_file(mesh, "ca-a.pem", &ca_a.pem),
+        ca_b: work_file(mesh, "ca-b.pem", &ca_b.pem),
+        ca_m: work_file(mesh, "ca-m.pem", &ca_m.pem),
+        client_cert: work_file(mesh, "client.pem", &client_cert),
+        client_key: work_file(mesh, "client-key.pem", &client_key),
+    }
+}
+
+/// Service `web` (one pod, on node-b), the agents started, a host outside
+/// the mesh; returns the mesh, the host's netns and node-a's address (where
+/// the tests reach the ingress, which crosses nodes into the mesh).
+fn web_mesh() -> (Mesh, String, String) {
+    web_mesh_with(|_| ())
+}
+
+/// [`web_mesh`] with what `more` adds before the agents start.
+fn web_mesh_with(more: impl FnOnce(&mut Mesh)) -> (Mesh, String, String) {
+    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
+    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
+    mesh.http_service("web");
+    more(&mut mesh);
+    mesh.start(&[]).unwrap();
+    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
+    let node = mesh.topo().node("node-a").address.to_string();
+    (mesh, outside, node)
+}
+
+#[test]
+fn https_by_sni_from_secrets_redirect_and_mutual() {
+    let (mesh, outside, node) = web_mesh();
+    let AbmFiles {
+        ca_a,
+        ca_b,
+        ca_m,
+        client_cert,
+        client_key,
+    } = abm_secrets(&mesh);
     mesh.apply("gateway.yaml", GATEWAY).unwrap();
-    let (ca_a, ca_b, ca_m) = (
-        file("ca-a.pem", &ca_a.pem),
-        file("ca-b.pem", &ca_b.pem),
-        file("ca-m.pem", &ca_m.pem),
-    );
-    let (client_cert, client_key) = (
-        file("client.pem", &client_cert),
-        file("client-key.pem", &client_key),
-    );
     let resolve = |host: &str, port: u16| format!("{host}:{port}:{node}");
     let https = |host: &str, port: u16, ca: &str, extra: &[&str]| {
         let (resolve, url) = (
@@ -571,48 +596,20 @@ print("exact" if got == data else "differs after %d bytes" % len(got))
 
 #[test]
 fn terminated_tls_servers_relay_by_tcp_and_tls_rules() {
-    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
-    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
-    mesh.http_service("web");
     // One echo behind another node (HBONE), one on the ingress's own.
-    mesh.tcp_echo("node-b", "echo", &[], 7000).unwrap();
-    mesh.tcp_echo("node-a", "echo-local", &[], 7001).unwrap();
-    mesh.start(&[]).unwrap();
-    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
-    let node = mesh.topo().node("node-a").address.to_string();
-    let dir = mesh.topo().work_dir().to_owned();
-    let file = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_string_lossy().into_owned()
-    };
-    let (ca_a, ca_b, ca_m, clients) =
-        (Ca::new("a"), Ca::new("b"), Ca::new("m"), Ca::new("clients"));
-    let (a_cert, a_key) = ca_a.leaf("a.example.com");
-    let (b_cert, b_key) = ca_b.leaf("b.example.com");
-    let (m_cert, m_key) = ca_m.leaf("m.example.com");
-    let (client_cert, client_key) = clients.leaf("client.example.com");
-    let secrets = [
-        secret("a-cred", &[("tls.crt", &a_cert), ("tls.key", &a_key)]),
-        secret("b-cred", &[("tls.crt", &b_cert), ("tls.key", &b_key)]),
-        secret(
-            "m-cred",
-            &[
-                ("tls.crt", &m_cert),
-                ("tls.key", &m_key),
-                ("ca.crt", &clients.pem),
-            ],
-        ),
-    ];
-    mesh.apply("secrets.yaml", &secrets.join("\n---\n"))
-        .unwrap();
+    let (mesh, outside, node) = web_mesh_with(|mesh| {
+        mesh.tcp_echo("node-b", "echo", &[], 7000).unwrap();
+        mesh.tcp_echo("node-a", "echo-local", &[], 7001).unwrap();
+    });
+    let AbmFiles {
+        ca_a,
+        ca_b,
+        ca_m,
+        client_cert,
+        client_key,
+    } = abm_secrets(&mesh);
     mesh.apply("gateway.yaml", TERMINATED_TLS).unwrap();
-    let (ca_a, ca_b, ca_m) = (
-        file("ca-a.pem", &ca_a.pem),
-        file("ca-b.pem", &ca_b.pem),
-        file("ca-m.pem", &ca_m.pem),
-    );
-    let client = file("tls_echo_client.py", TLS_ECHO_CLIENT);
+    let client = work_file(&mesh, "tls_echo_client.py", TLS_ECHO_CLIENT);
     let echo = |host: &str, ca: &str| {
         let out = mesh
             .topo()
@@ -641,10 +638,6 @@ fn terminated_tls_servers_relay_by_tcp_and_tls_rules() {
     let plain = ["--resolve", resolve.as_str(), "--cacert", ca_m.as_str()];
     let refused = curl(&mesh, &outside, &[&plain[..], &[url]].concat());
     assert_eq!(refused.0, 0, "{refused:?}");
-    let (client_cert, client_key) = (
-        file("client.pem", &client_cert),
-        file("client-key.pem", &client_key),
-    );
     let with_cert = [
         "--cert",
         client_cert.as_str(),
@@ -763,40 +756,19 @@ print(json.dumps({"server": uris, "body": json.loads(body)}))
 
 #[test]
 fn client_certificates_at_the_gateway_reach_the_app_in_xfcc() {
-    let mut mesh = Mesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app"))).unwrap();
-    mesh.app("node-b", "web-1", &[("app", "web")], &[]).unwrap();
-    mesh.http_service("web");
-    mesh.app("node-a", "near-1", &[("app", "near")], &[])
-        .unwrap();
-    mesh.http_service("near");
-    mesh.start(&[]).unwrap();
-    let outside = mesh.topo_mut().add_host("outside", OUTSIDE_INDEX).unwrap();
-    let node = mesh.topo().node("node-a").address.to_string();
-    let dir = mesh.topo().work_dir().to_owned();
-    let file = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_string_lossy().into_owned()
-    };
-    let (ca_m, clients) = (Ca::new("m"), Ca::new("clients"));
-    let (m_cert, m_key) = ca_m.leaf("m.example.com");
-    let (client_cert, client_key) = clients.leaf("client.example.com");
-    let m_cred = secret(
-        "m-cred",
-        &[
-            ("tls.crt", &m_cert),
-            ("tls.key", &m_key),
-            ("ca.crt", &clients.pem),
-        ],
-    );
-    mesh.apply("secrets.yaml", &m_cred).unwrap();
+    let (mesh, outside, node) = web_mesh_with(|mesh| {
+        mesh.app("node-a", "near-1", &[("app", "near")], &[])
+            .unwrap();
+        mesh.http_service("near");
+    });
+    let AbmFiles {
+        ca_m,
+        client_cert,
+        client_key,
+        ..
+    } = abm_secrets(&mesh);
     mesh.apply("gateway.yaml", CLIENT_CERTS).unwrap();
-    let ca_m = file("ca-m.pem", &ca_m.pem);
-    let (client_cert, client_key) = (
-        file("client.pem", &client_cert),
-        file("client-key.pem", &client_key),
-    );
-    let client = file("cert_client.py", CERT_CLIENT);
+    let client = work_file(&mesh, "cert_client.py", CERT_CLIENT);
     let ingress = gateways(&mesh)["identity"].as_str().unwrap().to_owned();
     let own = |app_account: &str| {
         format!("By=spiffe://cluster.local/ns/default/sa/{app_account};URI={ingress}")
@@ -896,7 +868,7 @@ fn client_certificates_at_the_gateway_reach_the_app_in_xfcc() {
 
     // ISTIO_MUTUAL presents the ingress's own workload certificate and takes
     // a client certificate of the mesh (here node-b's credential).
-    let credential = dir.join("credential-node-b");
+    let credential = mesh.topo().work_dir().join("credential-node-b");
     let path = |name: &str| credential.join(name).to_string_lossy().into_owned();
     let (roots, cert, key) = (
         path("root-cert.pem"),
