@@ -868,7 +868,8 @@ fn client_certificates_at_the_gateway_reach_the_app_in_xfcc() {
 
     // ISTIO_MUTUAL presents the ingress's own workload certificate and takes
     // a client certificate of the mesh (here node-b's credential).
-    let credential = mesh.topo().work_dir().join("credential-node-b");
+    let node_b = &mesh.topo().node("node-b").node_name;
+    let credential = mesh.topo().work_dir().join(format!("credential-{node_b}"));
     let path = |name: &str| credential.join(name).to_string_lossy().into_owned();
     let (roots, cert, key) = (
         path("root-cert.pem"),
