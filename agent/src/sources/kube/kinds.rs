@@ -84,6 +84,7 @@ pub(super) const WATCHED: &[Kind] = &[
         .cluster_scoped()
         .keeping(spec_and_status)
         .for_agents_only(),
+    Kind::spec(GATEWAY_API, "v1beta1", "ReferenceGrant", "referencegrants").for_agents_only(),
     Kind::core("Secret", "secrets", true, secrets::trim)
         .with_fields(secrets::FIELD_SELECTOR)
         .for_agents_only(),
