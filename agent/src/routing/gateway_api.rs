@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
+use crate::config::label_selector::{LabelSelector, LabelSelectorSpec};
 use crate::config::{
     check_dns_label, check_metadata, port_number, Config, Issues, Meta, Object, Origin,
 };
@@ -117,14 +118,6 @@ struct RouteNamespacesSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct LabelSelectorSpec {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    match_expressions: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteKindSpec {
     group: Option<String>,
@@ -135,8 +128,8 @@ struct RouteKindSpec {
 enum AllowedNamespaces {
     Same,
     All,
-    /// Namespaces carrying every label.
-    Selector(BTreeMap<String, String>),
+    /// Namespaces the selector selects.
+    Selector(LabelSelector),
 }
 
 /// A Gateway checked on its own, waiting for its class, Secrets and routes.
@@ -265,15 +258,11 @@ fn listener(
     let namespaces = match (from.from.as_deref().unwrap_or("Same"), from.selector) {
         ("Same", _) => AllowedNamespaces::Same,
         ("All", _) => AllowedNamespaces::All,
-        ("Selector", Some(selector)) => {
-            if selector.match_expressions.is_some() {
-                issues.add(
-                    format!("{field}.selector.matchExpressions"),
-                    "not supported: use matchLabels",
-                );
-            }
-            AllowedNamespaces::Selector(selector.match_labels)
-        }
+        ("Selector", Some(selector)) => AllowedNamespaces::Selector(LabelSelector::compile(
+            selector,
+            &format!("{field}.selector"),
+            issues,
+        )),
         ("Selector", None) => {
             issues.add(
                 format!("{field}.selector"),
@@ -880,9 +869,9 @@ fn attach(
         let allowed = match &listener.namespaces {
             AllowedNamespaces::Same => *namespace == gateway.meta.namespace,
             AllowedNamespaces::All => true,
-            AllowedNamespaces::Selector(labels) => config
+            AllowedNamespaces::Selector(selector) => config
                 .namespace(namespace)
-                .is_some_and(|ns| labels.iter().all(|(k, v)| ns.labels.get(k) == Some(v))),
+                .is_some_and(|ns| selector.matches(&ns.labels)),
         };
         if !allowed || !listener.kinds.iter().any(|k| k == "HTTPRoute") {
             reason.get_or_insert((
