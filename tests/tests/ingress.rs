@@ -623,7 +623,9 @@ fn the_same_through_a_gateway_api_gateway_and_http_route() {
 /// is `shop` or `web` and that are not `internal`; a route from each of
 /// namespaces `shop` (selected) and `partners` (not), both sending to `web`
 /// in `default`, which a ReferenceGrant there allows.
-const SELECTED_NAMESPACES: &str = "\
+const SELECTED_NAMESPACES: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {team: shop}}
@@ -673,7 +675,8 @@ spec:
   parentRefs: [{name: selected, namespace: default}]
   hostnames: [partner.example.com]
   rules: [{backendRefs: [{name: web, namespace: default, port: 9080}]}]
-";
+",
+);
 
 #[test]
 fn a_listener_admits_the_routes_of_namespaces_its_selector_expressions_select() {

@@ -790,7 +790,14 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
             break;
         }
         if Instant::now() > deadline {
-            bail!("https: {out:?}");
+            let gateways = cluster.agent("node-a").cli(&["gateways", "-o", "json"])?;
+            let log = cluster.agent("node-a").log();
+            let tail: Vec<_> = log.lines().rev().take(40).collect();
+            bail!(
+                "https: {out:?}\n{}\n{}",
+                String::from_utf8_lossy(&gateways.stdout),
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
