@@ -714,15 +714,8 @@ fn permit_certificate(listener: &mut ListenerDraft, namespace: &str, grants: &Re
     let Ok(Some((secret_namespace, secret))) = &listener.certificate else {
         return;
     };
-    let gateway = GrantKind {
-        group: GROUP,
-        kind: "Gateway",
-    };
-    let to = GrantKind {
-        group: "",
-        kind: "Secret",
-    };
-    if !grants.permits(gateway, namespace, to, secret_namespace, secret) {
+    let (gateway, secret_kind) = (GrantKind::GATEWAY, GrantKind::SECRET);
+    if !grants.permits(gateway, namespace, secret_kind, secret_namespace, secret) {
         listener.certificate = Err((
             "RefNotPermitted",
             format!(
@@ -775,14 +768,7 @@ fn check_backends(
     let mut refs = Vec::new();
     // A backend of another namespace needs a ReferenceGrant there.
     let fields = draft.destination_fields.clone();
-    let route = GrantKind {
-        group: GROUP,
-        kind: "HTTPRoute",
-    };
-    let service = GrantKind {
-        group: "",
-        kind: "Service",
-    };
+    let (route, service) = (GrantKind::HTTP_ROUTE, GrantKind::SERVICE);
     for (destination, field) in super::compile::destinations_mut(&mut draft.route).zip(&fields) {
         let Some((name, other)) = destination.service.split_once('.') else {
             continue;

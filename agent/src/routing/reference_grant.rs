@@ -83,6 +83,25 @@ pub(crate) struct Kind<'a> {
     pub kind: &'a str,
 }
 
+impl Kind<'static> {
+    pub const GATEWAY: Self = Kind {
+        group: super::gateway_api::GROUP,
+        kind: "Gateway",
+    };
+    pub const HTTP_ROUTE: Self = Kind {
+        group: super::gateway_api::GROUP,
+        kind: "HTTPRoute",
+    };
+    pub const SECRET: Self = Kind {
+        group: "",
+        kind: "Secret",
+    };
+    pub const SERVICE: Self = Kind {
+        group: "",
+        kind: "Service",
+    };
+}
+
 /// The core group is written `""`; `core` is accepted as its other name.
 fn same_group(a: &str, b: &str) -> bool {
     fn core(g: &str) -> &str {

@@ -113,9 +113,10 @@ fn reported_elsewhere(status: &Value, name: &str) -> Option<String> {
     let listener = listeners.iter().find(|l| l["name"] == name)?;
     let conditions = listener.get("conditions")?.as_array()?;
     let accepted = conditions.iter().find(|c| c["type"] == "Accepted")?;
-    (accepted["reason"] == UNAVAILABLE && accepted["status"] == "False")
-        .then(|| accepted["message"].as_str().map(str::to_owned))
-        .flatten()
+    if accepted["reason"] != UNAVAILABLE || accepted["status"] != "False" {
+        return None;
+    }
+    accepted["message"].as_str().map(str::to_owned)
 }
 
 fn mark(conditions: &mut [Condition], message: &str) {
