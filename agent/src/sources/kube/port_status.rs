@@ -149,8 +149,12 @@ mod tests {
     fn config() -> Config {
         let docs = [
             include_str!("../../../../deploy/kubernetes/05-gatewayclass.yaml").to_owned(),
-            "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n".to_owned(),
-            "apiVersion: v1\nkind: Node\nmetadata: {name: b}\n".to_owned(),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n\
+             status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}\n"
+                .to_owned(),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: b}\n\
+             status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}\n"
+                .to_owned(),
             "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
              metadata: {name: public, namespace: infra}\n\
              spec:\n  gatewayClassName: nodemesh\n  listeners:\n\
