@@ -86,7 +86,10 @@ fn route(table: &RoutingTable) -> Vec<Short> {
 }
 
 /// What the route does at the listener: its backends, or the status it answers.
-fn served(table: &RoutingTable) -> Result<Vec<(String, Option<&str>, u32)>, u16> {
+/// (Service, subset, weight) of each backend, as [`forward`] lists them.
+type Backends<'t> = Vec<(String, Option<&'t str>, u32)>;
+
+fn served(table: &RoutingTable) -> Result<Backends<'_>, u16> {
     let labels = BTreeMap::new();
     let selected = table
         .ingress()
