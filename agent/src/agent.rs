@@ -192,13 +192,15 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     // The first load runs on the loader's thread while the data path is set up; until it
     // ends, nothing is enrolled and the admin socket reports the node as not ready.
     let config = Arc::new(ConfigStore::unloaded());
-    let source = sources::start(
-        settings.source.clone(),
-        settings.load.clone(),
-        config.clone(),
-    )
-    .await
-    .context("starting the configuration source")?;
+    // The ingress's ports it cannot bind, which the Kubernetes source reports.
+    let (port_failures, failures) = tokio::sync::watch::channel(Default::default());
+    let mut source_settings = settings.source.clone();
+    if let Source::Kubernetes(kube) = &mut source_settings {
+        kube.port_failures = Some(failures);
+    }
+    let source = sources::start(source_settings, settings.load.clone(), config.clone())
+        .await
+        .context("starting the configuration source")?;
     let (datapath, orig_dst, deliveries) =
         Datapath::load(&settings.bpffs, &settings.node).context("setting up the eBPF data path")?;
     // Measured once the data path holds its descriptors: what the agent
@@ -257,7 +259,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         proxy,
         identities,
         enroller,
-        ingress: Ingress::new(proxy_for_ingress),
+        ingress: Ingress::new(proxy_for_ingress, port_failures),
         ready: AtomicBool::new(false),
     });
     front.owned_by(node.clone());

@@ -306,6 +306,7 @@ impl SourceArgs {
             None => sources::Source::Kubernetes(sources::kube::Settings {
                 kubeconfig: self.kubeconfig,
                 node,
+                port_failures: None,
             }),
         }
     }

@@ -618,3 +618,94 @@ fn the_same_through_a_gateway_api_gateway_and_http_route() {
         "{server:#}"
     );
 }
+
+/// A Gateway on port 8080 admitting the routes of namespaces whose `team`
+/// is `shop` or `web` and that are not `internal`; a route from each of
+/// namespaces `shop` (selected) and `partners` (not), both sending to `web`
+/// in `default`, which a ReferenceGrant there allows.
+const SELECTED_NAMESPACES: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: shop}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: partners, labels: {team: shop, internal: \"yes\"}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: selected}
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - name: teams
+    port: 8080
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Selector
+        selector:
+          matchExpressions:
+          - {key: team, operator: In, values: [shop, web]}
+          - {key: internal, operator: DoesNotExist}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: team-routes}
+spec:
+  from:
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: partners}
+  to: [{group: \"\", kind: Service, name: web}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: shop}
+spec:
+  parentRefs: [{name: selected, namespace: default}]
+  hostnames: [shop.example.com]
+  rules: [{backendRefs: [{name: web, namespace: default, port: 9080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: partner, namespace: partners}
+spec:
+  parentRefs: [{name: selected, namespace: default}]
+  hostnames: [partner.example.com]
+  rules: [{backendRefs: [{name: web, namespace: default, port: 9080}]}]
+",
+);
+
+#[test]
+fn a_listener_admits_the_routes_of_namespaces_its_selector_expressions_select() {
+    let (mesh, outside) = web_mesh();
+    mesh.apply("selected.yaml", SELECTED_NAMESPACES).unwrap();
+    wait_listening(&mesh, "default/selected");
+    wait_warning(
+        &mesh,
+        &[
+            "HTTPRoute partners/partner (",
+            "listener teams does not allow HTTPRoutes of namespace partners",
+        ],
+    );
+    let url = format!("http://{}:8080/", mesh.topo().node("node-a").address);
+    let shop = get(&mesh, &outside, &url, 5, &["-H", "Host: shop.example.com"]);
+    for reply in &shop {
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let doc = reply.json().unwrap();
+        assert!(
+            doc["name"].as_str().unwrap_or_default().starts_with("web-"),
+            "{doc:#}"
+        );
+    }
+    let partner = get(
+        &mesh,
+        &outside,
+        &url,
+        1,
+        &["-H", "Host: partner.example.com"],
+    );
+    assert_eq!(partner[0].status, 404, "{partner:?}");
+}

@@ -1065,3 +1065,116 @@ fn gateway_api_https_listeners_by_sni_with_routes_by_section_name() {
         .unwrap()
         .starts_with("HTTPRoute default/only-a ("));
 }
+
+/// A Gateway in `infra` whose HTTPS listener takes its certificate from a
+/// Secret in `certs`, and a route in `infra` to Service `web` of `default`:
+/// both references cross namespaces.
+const CROSS_NAMESPACE: &str = concat!(
+    include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"),
+    "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: shop, namespace: infra}
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - name: https
+    port: 443
+    protocol: HTTPS
+    hostname: shop.example.com
+    tls: {certificateRefs: [{kind: Secret, name: shop-cred, namespace: certs}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: infra}
+spec:
+  parentRefs: [{name: shop}]
+  rules:
+  - backendRefs: [{name: web, namespace: default, port: 9080}]
+",
+);
+
+/// Lets Gateways of `infra` use the Secrets of `certs`.
+const GRANT_SECRET: &str = "\
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: gateways-of-infra, namespace: certs}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}]
+  to: [{group: \"\", kind: Secret}]
+";
+
+/// Lets HTTPRoutes of `infra` send to Service `web` of `default`.
+const GRANT_SERVICE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: ReferenceGrant
+metadata: {name: routes-of-infra, namespace: default}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}]
+  to: [{group: \"\", kind: Service, name: web}]
+";
+
+#[test]
+fn reference_grants_allow_a_certificate_and_a_backend_of_other_namespaces() {
+    let (mesh, outside, node) = web_mesh();
+    let dir = mesh.topo().work_dir().to_owned();
+    let ca = Ca::new("shop");
+    let (cert, key) = ca.leaf("shop.example.com");
+    let in_certs = secret("shop-cred", &[("tls.crt", &cert), ("tls.key", &key)])
+        .replace("\"namespace\":\"default\"", "\"namespace\":\"certs\"");
+    assert!(in_certs.contains("\"certs\""), "{in_certs}");
+    mesh.apply("secret.yaml", &in_certs).unwrap();
+    mesh.apply("service-grant.yaml", GRANT_SERVICE).unwrap();
+    mesh.apply("gateway.yaml", CROSS_NAMESPACE).unwrap();
+    let ca_path = dir.join("ca-shop.pem");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let ca_path = ca_path.to_string_lossy().into_owned();
+    let resolve = format!("shop.example.com:443:{node}");
+    let https = || {
+        let args = ["--resolve", &resolve, "--cacert", &ca_path];
+        curl(
+            &mesh,
+            &outside,
+            &[&args[..], &["https://shop.example.com/"]].concat(),
+        )
+    };
+    let until = |wanted: u16| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = https();
+            if got.0 == wanted {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "wanted {wanted}, got {got:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let warnings = || {
+        let status = mesh.agent("node-a").status_json().unwrap();
+        status["config"]["routing_warnings"].to_string()
+    };
+    let refused = "Secret certs/shop-cred is in another namespace and no ReferenceGrant";
+
+    // Without a grant in `certs`, the listener is not served, once the
+    // Gateway is loaded (a generation `apply` counts may be an earlier file's).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !warnings().contains(refused) {
+        assert!(Instant::now() < deadline, "{}", warnings());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(https().0, 0);
+    // The grant there lets the listener serve the Secret of `certs`, and the
+    // route reach `web` in `default`.
+    mesh.apply("secret-grant.yaml", GRANT_SECRET).unwrap();
+    let (_, _, body) = until(200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["headers"]["x-forwarded-proto"], "https", "{doc:#}");
+    assert!(!warnings().contains(refused));
+    // Removing the backend's grant revokes it: the rule answers 500.
+    mesh.delete("service-grant.yaml").unwrap();
+    let (_, _, body) = until(500);
+    assert_eq!(body, "");
+    // Removing the Secret's grant takes the listener down.
+    mesh.delete("secret-grant.yaml").unwrap();
+    until(0);
+}

@@ -691,3 +691,180 @@ fn the_helm_chart_renders_the_manifests_objects_and_passes_a_server_side_dry_run
     );
     Ok(())
 }
+
+/// Gateway API over HTTPS in Kubernetes mode: listener `secure` takes its
+/// certificate from a Secret of namespace `NS-certs` (a ReferenceGrant there
+/// allows it), and listener `plain` is on a port another process holds on
+/// node-a.
+const GATEWAY_API_HTTPS: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: secure}
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - name: secure
+    port: 8443
+    protocol: HTTPS
+    hostname: secure.example.com
+    tls: {certificateRefs: [{name: secure-cred, namespace: NS-certs}]}
+  - {name: plain, port: 8082, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: secure}
+spec:
+  parentRefs: [{name: secure}]
+  rules: [{backendRefs: [{name: web, port: 9080}]}]
+";
+
+#[test]
+fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_node() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.app("node-b", "web-1", &[("app", "web")], &[])?;
+    cluster.service("web", 33)?;
+    let namespace = cluster.namespace().to_owned();
+    let certs = format!("{namespace}-certs");
+    let outside = cluster.topo_mut().add_host("outside", 210)?;
+    // Port 8082 taken on node-a's address.
+    let node_a = cluster.topo().node("node-a").clone();
+    let taken = node_a.address.to_string();
+    let taker = cluster.topo_mut().spawn_in(
+        &node_a.netns,
+        &["python3", "-m", "http.server", "8082", "--bind", &taken],
+        "port-taker",
+    )?;
+    nodemesh_testbed::workload_apps::wait_listening(cluster.topo(), &node_a.netns, 8082)?;
+
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec!["secure.example.com".to_owned()])?;
+    let cert = params.self_signed(&key)?.pem();
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "secure-cred", "namespace": certs},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert, "tls.key": key.serialize_pem()},
+    });
+    let grant = format!(
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+         metadata: {{name: gateways, namespace: {certs}}}\nspec:\n  \
+         from: [{{group: gateway.networking.k8s.io, kind: Gateway, namespace: {namespace}}}]\n  \
+         to: [{{group: \"\", kind: Secret}}]\n"
+    );
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {certs}}}\n---\n{secret}\n---\n{grant}"
+    ))?;
+    cluster.apply(include_str!("../../deploy/kubernetes/05-gatewayclass.yaml"))?;
+    cluster.apply(&GATEWAY_API_HTTPS.replace("NS-certs", &certs))?;
+    let ca = cluster.topo().work_dir().join("secure.pem");
+    std::fs::write(&ca, &cert)?;
+    let ca = ca.to_string_lossy().into_owned();
+
+    // Curl from outside with SNI, through node-a (its port 8443 is free).
+    let resolve = format!("secure.example.com:8443:{}", node_a.address);
+    let https = || {
+        cluster.topo().run_in(
+            &outside,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--resolve",
+                &resolve,
+                "--cacert",
+                &ca,
+                "https://secure.example.com:8443/",
+            ],
+        )
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let out = https()?;
+        if String::from_utf8_lossy(&out.stdout) == "200" {
+            break;
+        }
+        if Instant::now() > deadline {
+            let gateways = cluster.agent("node-a").cli(&["gateways", "-o", "json"])?;
+            let log = cluster.agent("node-a").log();
+            let tail: Vec<_> = log.lines().rev().take(40).collect();
+            bail!(
+                "https: {out:?}\n{}\n{}",
+                String::from_utf8_lossy(&gateways.stdout),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The status: `secure` resolved and programmed; `plain` unavailable,
+    // reported by node-a (node-b serves it).
+    let listener = |status: &Value, name: &str| {
+        let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
+        let found = listeners.into_iter().find(|l| l["name"] == name);
+        found
+            .map(|l| conditions(&l["conditions"]))
+            .unwrap_or_default()
+    };
+    let reason = |status: &Value, name: &str| {
+        listener(status, name)
+            .first()
+            .map(|c| c.2.clone())
+            .unwrap_or_default()
+    };
+    let status = wait_object_status(&cluster, "Gateway", "secure", |s| {
+        reason(s, "plain") == "PortUnavailable"
+    })?;
+    let c = |t: &str, s: &str, r: &str| (t.to_owned(), s.to_owned(), r.to_owned());
+    assert_eq!(
+        listener(&status, "secure"),
+        [
+            c("Accepted", "True", "Accepted"),
+            c("Programmed", "True", "Programmed"),
+            c("ResolvedRefs", "True", "ResolvedRefs")
+        ],
+        "{status:#}"
+    );
+    assert_eq!(
+        listener(&status, "plain")[..2],
+        [
+            c("Accepted", "False", "PortUnavailable"),
+            c("Programmed", "False", "Pending")
+        ],
+        "{status:#}"
+    );
+    let message = status.to_string();
+    assert!(
+        message.contains("port 8082 is not served: cannot listen on"),
+        "{status:#}"
+    );
+    // And a Warning Event on the Gateway.
+    let deadline = Instant::now() + TIMEOUT;
+    let notes = loop {
+        let notes = cluster
+            .kube()
+            .event_notes(&namespace, "Gateway", "secure")?;
+        if notes.iter().any(|n| n.contains("port 8082")) || Instant::now() > deadline {
+            break notes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        notes.iter().any(
+            |n| n.contains("spec.listeners[1]: node ") && n.contains("port 8082 is not served")
+        ),
+        "{notes:?}"
+    );
+
+    // The port freed, node-a serves it and clears the condition.
+    cluster.topo_mut().stop_process(taker)?;
+    wait_object_status(&cluster, "Gateway", "secure", |s| {
+        reason(s, "plain") == "Accepted"
+    })?;
+    Ok(())
+}

@@ -110,6 +110,7 @@ enum Kind {
     GatewayClass,
     /// The Gateway API's `Gateway`, named like Istio's.
     ApiGateway,
+    ReferenceGrant,
     PeerAuthentication,
     AuthorizationPolicy,
     Telemetry,
@@ -123,7 +124,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -135,6 +136,7 @@ impl Kind {
         Kind::Gateway,
         Kind::GatewayClass,
         Kind::ApiGateway,
+        Kind::ReferenceGrant,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
@@ -152,6 +154,10 @@ impl Kind {
             Kind::HttpRoute | Kind::GatewayClass | Kind::ApiGateway => &[
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
+            ],
+            Kind::ReferenceGrant => &[
+                "gateway.networking.k8s.io/v1beta1",
+                "gateway.networking.k8s.io/v1alpha2",
             ],
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
@@ -172,6 +178,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::Gateway | Kind::ApiGateway => "Gateway",
             Kind::GatewayClass => "GatewayClass",
+            Kind::ReferenceGrant => "ReferenceGrant",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
@@ -460,6 +467,11 @@ impl Loader {
             Kind::ApiGateway => {
                 if let Some(draft) = self.parse(&origin, doc, routing::api_gateway) {
                     self.routing.api_gateways.push((origin, draft));
+                }
+            }
+            Kind::ReferenceGrant => {
+                if let Some(draft) = self.parse(&origin, doc, routing::reference_grant) {
+                    self.routing.reference_grants.push(draft);
                 }
             }
             Kind::PeerAuthentication => {
@@ -1362,6 +1374,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          gateway.networking.k8s.io/v1|v1beta1 GatewayClass, \
                          gateway.networking.k8s.io/v1|v1beta1 Gateway, \
+                         gateway.networking.k8s.io/v1beta1|v1alpha2 ReferenceGrant, \
                          security.istio.io/v1|v1beta1 PeerAuthentication, \
                          security.istio.io/v1|v1beta1 AuthorizationPolicy, \
                          telemetry.istio.io/v1|v1alpha1 Telemetry, v1 Secret)";

@@ -7,6 +7,7 @@
 
 mod cluster_ip;
 mod endpoint_slice;
+pub(crate) mod label_selector;
 #[cfg(test)]
 mod limits_tests;
 mod load;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use serde_json::json;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -27,12 +28,17 @@ use crate::proxy::budget::Tenant;
 use crate::proxy::{Pod, Proxy};
 use tls::{PortTls, TlsMode};
 
+/// The ports this node cannot bind, with why (taken on the host...).
+pub type PortFailures = BTreeMap<u16, String>;
+
 /// The ingress of one node.
 pub struct Ingress {
     proxy: Arc<Proxy>,
     /// The caller requests go into the mesh as; made on first use.
     pod: Mutex<Option<Arc<Pod>>>,
     listeners: Mutex<BTreeMap<u16, Port>>,
+    /// Published at each change, for the Kubernetes source to report.
+    failures: watch::Sender<PortFailures>,
 }
 
 /// One port the node's Gateways need.
@@ -55,11 +61,12 @@ impl Drop for Port {
 }
 
 impl Ingress {
-    pub fn new(proxy: Arc<Proxy>) -> Ingress {
+    pub fn new(proxy: Arc<Proxy>, failures: watch::Sender<PortFailures>) -> Ingress {
         Ingress {
             proxy,
             pod: Mutex::new(None),
             listeners: Mutex::new(BTreeMap::new()),
+            failures,
         }
     }
 
@@ -76,6 +83,7 @@ impl Ingress {
         };
         let mut listeners = lock(&self.listeners);
         listeners.retain(|port, _| wanted.contains_key(port));
+        self.publish_failures(&listeners);
         if wanted.is_empty() {
             return;
         }
@@ -94,6 +102,19 @@ impl Ingress {
             listeners.remove(&port);
             listeners.insert(port, self.open(&pod, addresses, tls));
         }
+        self.publish_failures(&listeners);
+    }
+
+    fn publish_failures(&self, listeners: &BTreeMap<u16, Port>) {
+        let failures: PortFailures = listeners
+            .iter()
+            .filter_map(|(port, p)| Some((*port, p.error.clone()?)))
+            .collect();
+        self.failures.send_if_modified(|current| {
+            let changed = *current != failures;
+            *current = failures;
+            changed
+        });
     }
 
     /// The TLS step of `port`; a server whose settings rustls refuses is

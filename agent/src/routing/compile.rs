@@ -23,6 +23,7 @@ pub(crate) struct Drafts {
     pub gateways: Vec<(Origin, super::istio_gateway::GatewayDraft)>,
     pub gateway_classes: Vec<(Origin, super::gateway_api::GatewayClassDraft)>,
     pub api_gateways: Vec<(Origin, super::gateway_api::GatewayDraft)>,
+    pub reference_grants: Vec<super::reference_grant::ReferenceGrantDraft>,
 }
 
 pub(crate) struct VirtualServiceDraft {
@@ -295,6 +296,7 @@ pub(crate) fn compile(
         drafts.api_gateways,
         &drafts.http_routes,
         config,
+        &super::reference_grant::ReferenceGrants::new(drafts.reference_grants),
         &mut resolve,
         &mut warnings,
     );

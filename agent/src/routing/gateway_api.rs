@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
+use crate::config::label_selector::{LabelSelector, LabelSelectorSpec};
 use crate::config::{
     check_dns_label, check_metadata, port_number, Config, Issues, Meta, Object, Origin,
 };
@@ -22,6 +23,7 @@ use crate::ingress::tls::{self, PortKind, ServerTls, ServerTlsSpec, TlsContext};
 
 use super::compile::{check_host, HttpRouteDraft, Precedence, RouteDraft, Warnings};
 use super::ingress::{host_matches, Gateway, GatewayHost, IngressHost, Server, ServerProtocol};
+use super::reference_grant::{Kind as GrantKind, ReferenceGrants};
 use super::{HttpRoute, RouteAction, VirtualHost};
 
 /// The `controllerName` of the GatewayClasses nodemesh serves.
@@ -116,14 +118,6 @@ struct RouteNamespacesSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct LabelSelectorSpec {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    match_expressions: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteKindSpec {
     group: Option<String>,
@@ -134,8 +128,8 @@ struct RouteKindSpec {
 enum AllowedNamespaces {
     Same,
     All,
-    /// Namespaces carrying every label.
-    Selector(BTreeMap<String, String>),
+    /// Namespaces the selector selects.
+    Selector(LabelSelector),
 }
 
 /// A Gateway checked on its own, waiting for its class, Secrets and routes.
@@ -156,8 +150,8 @@ struct ListenerDraft {
     protocol_name: String,
     /// Lowercase; `None`: any.
     hostname: Option<String>,
-    /// The first certificateRef's Secret, in the Gateway's namespace.
-    certificate: Result<Option<String>, (&'static str, String)>,
+    /// The first certificateRef's Secret: (namespace, name).
+    certificate: Result<Option<(String, String)>, (&'static str, String)>,
     namespaces: AllowedNamespaces,
     /// Route kinds it admits (by name; group checked when read).
     kinds: Vec<String>,
@@ -264,15 +258,11 @@ fn listener(
     let namespaces = match (from.from.as_deref().unwrap_or("Same"), from.selector) {
         ("Same", _) => AllowedNamespaces::Same,
         ("All", _) => AllowedNamespaces::All,
-        ("Selector", Some(selector)) => {
-            if selector.match_expressions.is_some() {
-                issues.add(
-                    format!("{field}.selector.matchExpressions"),
-                    "not supported: use matchLabels",
-                );
-            }
-            AllowedNamespaces::Selector(selector.match_labels)
-        }
+        ("Selector", Some(selector)) => AllowedNamespaces::Selector(LabelSelector::compile(
+            selector,
+            &format!("{field}.selector"),
+            issues,
+        )),
         ("Selector", None) => {
             issues.add(
                 format!("{field}.selector"),
@@ -317,15 +307,15 @@ fn listener(
     })
 }
 
-/// The Secret an HTTPS listener terminates with, or why it has none
-/// (reason, message), which only that listener suffers from.
+/// The Secret an HTTPS listener terminates with, (namespace, name), or why
+/// it has none (reason, message), which only that listener suffers from.
 fn certificate(
     tls: ListenerTlsSpec,
     at: &str,
     namespace: &str,
     warnings: &mut Warnings,
     issues: &mut Issues,
-) -> Result<Option<String>, (&'static str, String)> {
+) -> Result<Option<(String, String)>, (&'static str, String)> {
     if let Some(mode) = tls.mode.as_deref().filter(|m| *m != "Terminate") {
         issues.add(
             format!("{at}.tls.mode"),
@@ -362,13 +352,9 @@ fn certificate(
             format!("{field}: only Secrets are supported, not {kind:?} in group {group:?}"),
         ));
     }
-    if first.namespace.as_deref().is_some_and(|ns| ns != namespace) {
-        return Err((
-            "RefNotPermitted",
-            format!("{field}: a Secret of another namespace needs a ReferenceGrant, which nodemesh does not support; put the Secret in the Gateway's namespace"),
-        ));
-    }
-    Ok(Some(first.name))
+    // Another namespace's Secret is checked against its ReferenceGrants once all are loaded.
+    let namespace = first.namespace.unwrap_or_else(|| namespace.to_owned());
+    Ok(Some((namespace, first.name)))
 }
 
 /// A Gateway parent of an HTTPRoute, as written.
@@ -487,6 +473,7 @@ pub(super) fn compile(
     gateways: Vec<(Origin, GatewayDraft)>,
     routes: &[(Origin, HttpRouteDraft)],
     config: &Config,
+    grants: &ReferenceGrants,
     resolve: &mut dyn FnMut(&mut RouteDraft, &str, &Origin),
     warnings: &mut Vec<String>,
 ) -> (Vec<Gateway>, Vec<ObjectStatus>) {
@@ -533,7 +520,7 @@ pub(super) fn compile(
             others.push(key);
             continue;
         }
-        compiled.push(gateway_of(origin, key, draft, config, warnings));
+        compiled.push(gateway_of(origin, key, draft, config, grants, warnings));
     }
 
     let mut routes: Vec<_> = routes
@@ -556,7 +543,7 @@ pub(super) fn compile(
                     match_gateways: Vec::new(),
                 };
                 refs.extend(check_backends(
-                    &mut draft, namespace, config, resolve, origin,
+                    &mut draft, namespace, config, grants, resolve, origin,
                 ));
                 (*precedence, draft.route)
             })
@@ -653,10 +640,14 @@ pub(super) fn compile(
 fn gateway_of(
     origin: Origin,
     key: String,
-    draft: GatewayDraft,
+    mut draft: GatewayDraft,
     config: &Config,
+    grants: &ReferenceGrants,
     warnings: &mut Vec<String>,
 ) -> Compiled {
+    for listener in &mut draft.listeners {
+        permit_certificate(listener, &draft.meta.namespace, grants);
+    }
     let mut servers = Vec::new();
     for listener in &draft.listeners {
         let not_served = match (&listener.protocol, &listener.certificate) {
@@ -669,7 +660,9 @@ fn gateway_of(
             _ => None,
         };
         let tls = match (&listener.certificate, &not_served) {
-            (Ok(Some(secret)), None) => server_tls(&draft.meta.namespace, listener, secret, config),
+            (Ok(Some((namespace, secret))), None) => {
+                server_tls(namespace, listener, secret, config)
+            }
             _ => Ok(None),
         };
         let not_served = not_served.or_else(|| tls.as_ref().err().cloned());
@@ -715,8 +708,28 @@ fn gateway_of(
     }
 }
 
+/// Refuses a listener's Secret of another namespace unless a ReferenceGrant
+/// there lets this Gateway's namespace refer to it.
+fn permit_certificate(listener: &mut ListenerDraft, namespace: &str, grants: &ReferenceGrants) {
+    let Ok(Some((secret_namespace, secret))) = &listener.certificate else {
+        return;
+    };
+    let (gateway, secret_kind) = (GrantKind::GATEWAY, GrantKind::SECRET);
+    if !grants.permits(gateway, namespace, secret_kind, secret_namespace, secret) {
+        listener.certificate = Err((
+            "RefNotPermitted",
+            format!(
+                "{}.tls.certificateRefs[0]: Secret {secret_namespace}/{secret} is in another \
+                 namespace and no ReferenceGrant there allows Gateways of namespace {namespace} \
+                 to refer to it",
+                listener.field
+            ),
+        ));
+    }
+}
+
 /// An HTTPS listener's certificate, compiled as an Istio `SIMPLE` server
-/// with `credentialName` would be, from the Gateway's namespace only.
+/// with `credentialName` would be, from the Secret's namespace only.
 fn server_tls(
     namespace: &str,
     listener: &ListenerDraft,
@@ -748,22 +761,25 @@ fn check_backends(
     draft: &mut RouteDraft,
     namespace: &str,
     config: &Config,
+    grants: &ReferenceGrants,
     resolve: &mut dyn FnMut(&mut RouteDraft, &str, &Origin),
     origin: &Origin,
 ) -> Vec<(&'static str, String)> {
     let mut refs = Vec::new();
-    // Cross-namespace backends need a ReferenceGrant, which is not supported.
+    // A backend of another namespace needs a ReferenceGrant there.
     let fields = draft.destination_fields.clone();
+    let (route, service) = (GrantKind::HTTP_ROUTE, GrantKind::SERVICE);
     for (destination, field) in super::compile::destinations_mut(&mut draft.route).zip(&fields) {
-        let other = destination
-            .service
-            .split_once('.')
-            .map(|(_, ns)| ns)
-            .filter(|ns| *ns != namespace);
-        if let Some(other) = other {
+        let Some((name, other)) = destination.service.split_once('.') else {
+            continue;
+        };
+        if !grants.permits(route, namespace, service, other, name) {
             refs.push((
                 "RefNotPermitted",
-                format!("{field}: a backend in namespace {other} needs a ReferenceGrant, which nodemesh does not support"),
+                format!(
+                    "{field}: Service {other}/{name} is in another namespace and no \
+                     ReferenceGrant there allows HTTPRoutes of namespace {namespace} to refer to it"
+                ),
             ));
             destination.service = "".into();
         }
@@ -839,9 +855,9 @@ fn attach(
         let allowed = match &listener.namespaces {
             AllowedNamespaces::Same => *namespace == gateway.meta.namespace,
             AllowedNamespaces::All => true,
-            AllowedNamespaces::Selector(labels) => config
+            AllowedNamespaces::Selector(selector) => config
                 .namespace(namespace)
-                .is_some_and(|ns| labels.iter().all(|(k, v)| ns.labels.get(k) == Some(v))),
+                .is_some_and(|ns| selector.matches(&ns.labels)),
         };
         if !allowed || !listener.kinds.iter().any(|k| k == "HTTPRoute") {
             reason.get_or_insert((

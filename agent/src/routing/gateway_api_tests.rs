@@ -93,7 +93,7 @@ fn loaded() -> RoutingTable {
     ])
 }
 
-fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStatus {
+pub(super) fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStatus {
     let mut found = table.gateway_api_status().iter();
     found
         .find(|s| s.kind == kind && s.name == name)
@@ -106,7 +106,7 @@ fn status<'t>(table: &'t RoutingTable, kind: &str, name: &str) -> &'t ObjectStat
 }
 
 /// `(type, status, reason)` of a condition.
-type Short = (&'static str, bool, &'static str);
+pub(super) type Short = (&'static str, bool, &'static str);
 
 /// The conditions of each parent of a route.
 fn route_conditions(table: &RoutingTable, name: &str) -> Vec<(String, Vec<Short>)> {
@@ -127,7 +127,7 @@ fn route_conditions(table: &RoutingTable, name: &str) -> Vec<(String, Vec<Short>
         .collect()
 }
 
-fn short(c: &Condition) -> Short {
+pub(super) fn short(c: &Condition) -> Short {
     (c.kind, c.status, c.reason)
 }
 

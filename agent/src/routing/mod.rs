@@ -20,6 +20,9 @@ mod istio;
 mod istio_gateway;
 pub mod locality;
 mod matching;
+mod reference_grant;
+#[cfg(test)]
+mod reference_grant_tests;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +40,7 @@ use index::PathIndex;
 pub(crate) use istio::{destination_rule, virtual_service};
 pub(crate) use istio_gateway::istio_gateway;
 pub use matching::RequestInfo;
+pub(crate) use reference_grant::reference_grant;
 
 /// Routes and traffic policies of every Service that has any.
 #[derive(Debug, Clone, Default, Serialize)]

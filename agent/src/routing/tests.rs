@@ -118,7 +118,7 @@ const HTTP_FILTER: &str = "#$ Used in:\n#$ - site-src/api-types/httproute.md\nap
 // Gateway API examples/standard/http-route-timeouts/timeout-example.yaml
 const TIMEOUT_EXAMPLE: &str = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata:\n  name: timeout-example\nspec:\n  parentRefs:\n  - name: example-gateway\n  hostnames:\n  - \"timeout.example.com\"\n  rules:\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /timeout\n    backendRefs:\n    - name: timeout-svc\n      port: 8080\n    timeouts:\n      request: 10s\n      backendRequest: 2s";
 
-fn load(files: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+pub(super) fn load(files: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
     let dir = TestDir::new();
     dir.write("services.yaml", SERVICES);
     for (name, contents) in files {

@@ -77,13 +77,12 @@ pub(super) const WATCHED: &[Kind] = &[
     Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
     // Their status is kept: agents write it only when it differs (see `gateway_status`).
     Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes").keeping(spec_and_status),
-    Kind::spec(GATEWAY_API, "v1", "Gateway", "gateways")
-        .keeping(spec_and_status)
-        .for_agents_only(),
+    // Read by the CA too: a node serving a Gateway gets the ingress's identity.
+    Kind::spec(GATEWAY_API, "v1", "Gateway", "gateways").keeping(spec_and_status),
     Kind::spec(GATEWAY_API, "v1", "GatewayClass", "gatewayclasses")
         .cluster_scoped()
-        .keeping(spec_and_status)
-        .for_agents_only(),
+        .keeping(spec_and_status),
+    Kind::spec(GATEWAY_API, "v1beta1", "ReferenceGrant", "referencegrants").for_agents_only(),
     Kind::core("Secret", "secrets", true, secrets::trim)
         .with_fields(secrets::FIELD_SELECTOR)
         .for_agents_only(),

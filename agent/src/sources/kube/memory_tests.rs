@@ -198,6 +198,7 @@ fn held_at(services: u32) -> HashMap<&'static str, isize> {
         reported: HashSet::new(),
         statuses: None,
         last_valid: HashMap::new(),
+        port_failures: None,
     };
     let before = live_bytes();
     snapshots.load(&store);

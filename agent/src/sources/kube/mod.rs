@@ -19,6 +19,7 @@ mod netns;
 mod object;
 mod pod_summary;
 mod pods;
+mod port_status;
 mod secrets;
 mod snapshot;
 mod status;
@@ -37,7 +38,7 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{ConfigStore, LoadOptions, Reloader};
@@ -64,6 +65,8 @@ pub struct Settings {
     /// The node whose pods are enrolled and that reports invalid objects with Events; the
     /// CA, which enrolls nothing, has none.
     pub node: Option<String>,
+    /// The Gateway ports this node's agent cannot bind, reported on the Gateways.
+    pub port_failures: Option<watch::Receiver<crate::ingress::PortFailures>>,
 }
 
 pub(super) async fn start(
@@ -164,6 +167,7 @@ pub(super) async fn start(
         reported: HashSet::new(),
         statuses,
         last_valid: HashMap::new(),
+        port_failures: settings.port_failures.clone(),
     };
     let reloader = Reloader::spawn_with(store, move |store| snapshots.load(store))
         .context("starting the config loader thread")?;
@@ -175,6 +179,15 @@ pub(super) async fn start(
                 if netns.needs_rescan() {
                     changed.notify_one();
                 }
+            }
+        }));
+    }
+    // A Gateway port bound or lost is reported with the next snapshot.
+    if let (Some(_), Some(mut failures)) = (&settings.node, settings.port_failures) {
+        let changed = changed.clone();
+        tasks.push(tokio::spawn(async move {
+            while failures.changed().await.is_ok() {
+                changed.notify_one();
             }
         }));
     }

@@ -13,12 +13,14 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, ConfigErrors, ConfigStore, LoadOptions};
+use crate::ingress::PortFailures;
 
 use super::gateway_status;
 use super::kinds::{Kind, GATEWAY_API};
 use super::object::Object;
 use super::pod_summary::PodSummary;
 use super::pods::{self, Context};
+use super::port_status;
 use super::status::Status;
 
 /// An object to tell about with a Kubernetes Event: the object, the kind of problem
@@ -73,6 +75,8 @@ pub(super) struct Snapshots {
     /// The objects of the last snapshot: an object changed into an invalid one keeps
     /// serving its last valid version, as a rejected file does in the YAML mode.
     pub last_valid: LastValid<Source>,
+    /// The Gateway ports this node's agent cannot bind (see `port_status`).
+    pub port_failures: Option<watch::Receiver<PortFailures>>,
 }
 
 /// Objects by path. They are the watch stores' own (`Arc`s): only the last valid
@@ -141,8 +145,13 @@ impl Snapshots {
                 self.last_valid = kept;
                 config.log_warnings();
                 self.track_netns(&config);
-                self.write_statuses(&config);
-                let warnings = config.routing().warnings.clone();
+                let failures = self.port_failures.as_ref().map(|f| f.borrow().clone());
+                let failures = failures.unwrap_or_default();
+                self.write_statuses(&config, &failures);
+                let mut warnings = config.routing().warnings.clone();
+                if let Some(node) = &self.node {
+                    warnings.extend(port_status::warnings(&config, node, &failures));
+                }
                 let (workloads, services) = (config.workloads().len(), config.services().len());
                 store.replace(config);
                 log::info!(
@@ -176,7 +185,7 @@ impl Snapshots {
     }
 
     /// Sends the writes the Gateway API objects' status needs to the writer.
-    fn write_statuses(&self, config: &Config) {
+    fn write_statuses(&self, config: &Config, failures: &PortFailures) {
         let Some(statuses) = &self.statuses else {
             return;
         };
@@ -192,7 +201,14 @@ impl Snapshots {
                 watched.insert(key, (*kind, object));
             }
         }
-        let needed = gateway_status::needed(config.routing().gateway_api_status(), &watched);
+        let computed = config.routing().gateway_api_status();
+        let needed = match &self.node {
+            Some(node) => {
+                let computed = port_status::with_ports(computed, config, node, failures, &watched);
+                gateway_status::needed(&computed, &watched)
+            }
+            None => gateway_status::needed(computed, &watched),
+        };
         if !needed.is_empty() {
             statuses.send_replace(needed);
         }
