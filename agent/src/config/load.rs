@@ -106,6 +106,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    GrpcRoute,
     Gateway,
     GatewayClass,
     /// The Gateway API's `Gateway`, named like Istio's.
@@ -123,7 +124,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -132,6 +133,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::Gateway,
         Kind::GatewayClass,
         Kind::ApiGateway,
@@ -153,6 +155,10 @@ impl Kind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
+            Kind::GrpcRoute => &[
+                "gateway.networking.k8s.io/v1",
+                "gateway.networking.k8s.io/v1alpha2",
+            ],
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
@@ -170,6 +176,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::Gateway | Kind::ApiGateway => "Gateway",
             Kind::GatewayClass => "GatewayClass",
             Kind::PeerAuthentication => "PeerAuthentication",
@@ -444,6 +451,12 @@ impl Loader {
             }
             Kind::HttpRoute => {
                 if let Some(draft) = self.parse(&origin, doc, routing::http_route) {
+                    self.routing.http_routes.push((origin, draft));
+                }
+            }
+            // Compiled into the HTTPRoute model (see `routing::grpc_route`).
+            Kind::GrpcRoute => {
+                if let Some(draft) = self.parse(&origin, doc, routing::grpc_route) {
                     self.routing.http_routes.push((origin, draft));
                 }
             }
@@ -1359,6 +1372,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
+                         gateway.networking.k8s.io/v1|v1alpha2 GRPCRoute, \
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          gateway.networking.k8s.io/v1|v1beta1 GatewayClass, \
                          gateway.networking.k8s.io/v1|v1beta1 Gateway, \

@@ -166,7 +166,7 @@ struct ListenerDraft {
 }
 
 /// Route kinds an HTTP or HTTPS listener admits unless it narrows them.
-const HTTP_KINDS: [&str; 1] = ["HTTPRoute"];
+const HTTP_KINDS: [&str; 2] = ["HTTPRoute", "GRPCRoute"];
 
 pub(crate) fn gateway(doc: Object<GatewaySpec>, issues: &mut Issues) -> GatewayDraft {
     check_metadata(&doc.metadata, issues);
@@ -298,7 +298,7 @@ fn listener(
             });
             let invalid = (!unknown.is_empty()).then(|| {
                 let names: Vec<_> = unknown.iter().map(|k| k.kind.as_str()).collect();
-                format!("route kinds {names:?} are not supported on this listener (only HTTPRoute)")
+                format!("route kinds {names:?} are not supported on this listener (only HTTPRoute and GRPCRoute)")
             });
             (known.into_iter().map(|k| k.kind).collect(), invalid)
         }
@@ -470,6 +470,9 @@ struct Compiled {
     /// precedence order (precedence, route rank, route, route origin).
     attached: Vec<u32>,
     routes: Vec<BTreeMap<String, Vec<Attached>>>,
+    /// Per listener: the routes attached, for the rule that an HTTPRoute
+    /// and a GRPCRoute do not share a hostname there.
+    bound: Vec<Vec<super::grpc_route::Bound>>,
 }
 
 type Attached = (
@@ -618,7 +621,7 @@ pub(super) fn compile(
         }
         if !parents.is_empty() {
             statuses.push(ObjectStatus {
-                kind: "HTTPRoute",
+                kind: route.kind.name(),
                 namespace: Some(namespace.clone()),
                 name: route.meta.name.clone(),
                 status: StatusKind::Route { parents },
@@ -712,6 +715,7 @@ fn gateway_of(
         listeners: draft.listeners,
         attached: vec![0; n],
         routes: (0..n).map(|_| BTreeMap::new()).collect(),
+        bound: (0..n).map(|_| Vec::new()).collect(),
     }
 }
 
@@ -843,11 +847,12 @@ fn attach(
                 .namespace(namespace)
                 .is_some_and(|ns| labels.iter().all(|(k, v)| ns.labels.get(k) == Some(v))),
         };
-        if !allowed || !listener.kinds.iter().any(|k| k == "HTTPRoute") {
+        let kind = route.kind.name();
+        if !allowed || !listener.kinds.iter().any(|k| k == kind) {
             reason.get_or_insert((
                 "NotAllowedByListeners",
                 format!(
-                    "listener {} does not allow HTTPRoutes of namespace {namespace}",
+                    "listener {} does not allow {kind}s of namespace {namespace}",
                     listener.name
                 ),
             ));
@@ -868,6 +873,23 @@ fn attach(
         if gateway.gateway.servers[i].not_served.is_some() {
             continue;
         }
+        let bound = &mut gateway.bound[i];
+        if let Some(other) = super::grpc_route::conflict(bound, route.kind, &domains) {
+            reason = Some((
+                "NotAllowedByListeners",
+                format!(
+                    "listener {} already has {}, older, for the same hostname; an HTTPRoute and \
+                     a GRPCRoute cannot share one",
+                    listener.name, other.object
+                ),
+            ));
+            continue;
+        }
+        bound.push(super::grpc_route::Bound {
+            kind: route.kind,
+            object: format!("{kind} {}/{}", route.meta.namespace, route.meta.name),
+            domains: domains.clone(),
+        });
         attached = true;
         gateway.attached[i] += 1;
         let rank = route.meta.rank();
