@@ -232,53 +232,58 @@ struct RetrySpec {
 
 pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> HttpRouteDraft {
     check_metadata(&doc.metadata, issues);
-    let namespace = &doc.metadata.namespace;
     let spec = doc.spec;
-    let mut warnings = Warnings::default();
-    let attachment = attachment(
-        spec.parent_refs,
-        &spec.hostnames,
-        namespace,
-        &mut warnings,
+    let parts = (spec.parent_refs, spec.hostnames, spec.rules);
+    route_draft(
+        Meta::new(&doc.metadata),
+        RouteKind::Http,
+        parts,
+        rule,
         issues,
-    );
+    )
+}
+
+/// Compiles one rule (its index, the route's namespace) into a route per
+/// match.
+pub(super) type RuleFn<R> =
+    fn(R, usize, &str, &mut Warnings, &mut Issues) -> Vec<(Precedence, RouteDraft)>;
+
+/// An HTTPRoute or a GRPCRoute from its `parentRefs`, `hostnames` and
+/// rules.
+pub(super) fn route_draft<R>(
+    meta: Meta,
+    kind: RouteKind,
+    (parent_refs, hostnames, rules): (Vec<ParentRefSpec>, Vec<String>, Vec<R>),
+    rule: RuleFn<R>,
+    issues: &mut Issues,
+) -> HttpRouteDraft {
+    let namespace = meta.namespace.clone();
+    let mut warnings = Warnings::default();
+    let attachment = attachment(parent_refs, &hostnames, &namespace, &mut warnings, issues);
     let mut routes = Vec::new();
-    for (i, rule) in spec.rules.into_iter().enumerate() {
-        routes.extend(self::rule(rule, i, namespace, &mut warnings, issues));
+    for (i, r) in rules.into_iter().enumerate() {
+        routes.extend(rule(r, i, &namespace, &mut warnings, issues));
     }
-    attachment.draft(Meta::new(&doc.metadata), RouteKind::Http, routes, warnings)
+    HttpRouteDraft {
+        meta,
+        kind,
+        parents: attachment.parents,
+        gateway_parents: attachment.gateway_parents,
+        hostnames: attachment.hostnames,
+        routes,
+        warnings,
+    }
 }
 
 /// Where a route attaches: its `parentRefs` and `hostnames`, checked.
-pub(super) struct Attachment {
+struct Attachment {
     parents: Vec<ParentRef>,
     gateway_parents: Vec<gateway_api::GatewayParent>,
     hostnames: Vec<String>,
 }
 
-impl Attachment {
-    pub(super) fn draft(
-        self,
-        meta: Meta,
-        kind: RouteKind,
-        routes: Vec<(Precedence, RouteDraft)>,
-        warnings: Warnings,
-    ) -> HttpRouteDraft {
-        HttpRouteDraft {
-            meta,
-            kind,
-            parents: self.parents,
-            gateway_parents: self.gateway_parents,
-            hostnames: self.hostnames,
-            routes,
-            warnings,
-        }
-    }
-}
-
-/// Reads `parentRefs` (Services and Gateways) and `hostnames`, shared by
-/// HTTPRoute and GRPCRoute.
-pub(super) fn attachment(
+/// Reads `parentRefs` (Services and Gateways) and `hostnames`.
+fn attachment(
     parent_refs: Vec<ParentRefSpec>,
     hostnames: &[String],
     namespace: &str,
@@ -360,6 +365,33 @@ pub(super) struct Filters {
     replace_prefix: Option<String>,
 }
 
+/// A rule's `filters`; a type `refused` names (with why) is reported on
+/// its field and skipped.
+pub(super) fn rule_filters(
+    specs: Vec<FilterSpec>,
+    at: &str,
+    namespace: &str,
+    refused: fn(FilterType) -> Option<&'static str>,
+    warnings: &mut Warnings,
+    issues: &mut Issues,
+) -> Filters {
+    let mut filters = Filters::default();
+    let mut seen = Vec::new();
+    for (k, f) in specs.into_iter().enumerate() {
+        let field = format!("{at}.filters[{k}]");
+        if let Some(why) = refused(f.kind) {
+            issues.add(format!("{field}.type"), why);
+            continue;
+        }
+        if !matches!(f.kind, FilterType::RequestMirror) && seen.contains(&f.kind) {
+            issues.add(&field, "this filter type may be used only once per rule");
+        }
+        seen.push(f.kind);
+        filter(f, &field, namespace, &mut filters, warnings, issues);
+    }
+    filters
+}
+
 fn rule(
     r: RuleSpec,
     i: usize,
@@ -368,16 +400,7 @@ fn rule(
     issues: &mut Issues,
 ) -> Vec<(Precedence, RouteDraft)> {
     let at = format!("spec.rules[{i}]");
-    let mut filters = Filters::default();
-    let mut seen = Vec::new();
-    for (k, f) in r.filters.into_iter().enumerate() {
-        let field = format!("{at}.filters[{k}]");
-        if !matches!(f.kind, FilterType::RequestMirror) && seen.contains(&f.kind) {
-            issues.add(&field, "this filter type may be used only once per rule");
-        }
-        seen.push(f.kind);
-        filter(f, &field, namespace, &mut filters, warnings, issues);
-    }
+    let mut filters = rule_filters(r.filters, &at, namespace, |_| None, warnings, issues);
     if filters.redirect.is_some() && filters.rewrite.is_some() {
         issues.add(
             format!("{at}.filters"),
@@ -636,7 +659,7 @@ fn value_match(
     }
 }
 
-pub(super) fn filter(
+fn filter(
     f: FilterSpec,
     at: &str,
     namespace: &str,

@@ -20,8 +20,8 @@ use crate::config::{check_metadata, Issues, Meta, Object, Origin};
 
 use super::compile::{full_match_regex, HttpRouteDraft, Precedence, RouteDraft, Warnings};
 use super::gateway::{
-    attachment, backend_refs, filter, forward, header_matches, BackendRefSpec, FilterSpec,
-    FilterType, Filters, ParentRefSpec, ValueMatchSpec,
+    backend_refs, forward, header_matches, route_draft, rule_filters, BackendRefSpec, FilterSpec,
+    FilterType, ParentRefSpec, ValueMatchSpec,
 };
 use super::ingress::host_matches;
 use super::{HttpRoute, RequestMatch, StringMatch};
@@ -90,21 +90,28 @@ enum MethodMatchType {
 
 pub(crate) fn grpc_route(doc: Object<GrpcRouteSpec>, issues: &mut Issues) -> HttpRouteDraft {
     check_metadata(&doc.metadata, issues);
-    let namespace = &doc.metadata.namespace;
     let spec = doc.spec;
-    let mut warnings = Warnings::default();
-    let attachment = attachment(
-        spec.parent_refs,
-        &spec.hostnames,
-        namespace,
-        &mut warnings,
+    let parts = (spec.parent_refs, spec.hostnames, spec.rules);
+    route_draft(
+        Meta::new(&doc.metadata),
+        RouteKind::Grpc,
+        parts,
+        rule,
         issues,
-    );
-    let mut routes = Vec::new();
-    for (i, rule) in spec.rules.into_iter().enumerate() {
-        routes.extend(self::rule(rule, i, namespace, &mut warnings, issues));
+    )
+}
+
+/// The filters the GRPCRoute spec defines (others are HTTPRoute's).
+fn refused(kind: FilterType) -> Option<&'static str> {
+    match kind {
+        FilterType::RequestHeaderModifier
+        | FilterType::ResponseHeaderModifier
+        | FilterType::RequestMirror => None,
+        _ => Some(
+            "not supported on a GRPCRoute: only RequestHeaderModifier, ResponseHeaderModifier \
+             and RequestMirror",
+        ),
     }
-    attachment.draft(Meta::new(&doc.metadata), RouteKind::Grpc, routes, warnings)
 }
 
 fn rule(
@@ -115,29 +122,7 @@ fn rule(
     issues: &mut Issues,
 ) -> Vec<(Precedence, RouteDraft)> {
     let at = format!("spec.rules[{i}]");
-    let mut filters = Filters::default();
-    let mut seen = Vec::new();
-    for (k, f) in r.filters.into_iter().enumerate() {
-        let field = format!("{at}.filters[{k}]");
-        match f.kind {
-            FilterType::RequestHeaderModifier | FilterType::ResponseHeaderModifier => {
-                if seen.contains(&f.kind) {
-                    issues.add(&field, "this filter type may be used only once per rule");
-                }
-            }
-            FilterType::RequestMirror => {}
-            _ => {
-                issues.add(
-                    format!("{field}.type"),
-                    "not supported on a GRPCRoute: only RequestHeaderModifier, \
-                     ResponseHeaderModifier and RequestMirror",
-                );
-                continue;
-            }
-        }
-        seen.push(f.kind);
-        filter(f, &field, namespace, &mut filters, warnings, issues);
-    }
+    let mut filters = rule_filters(r.filters, &at, namespace, refused, warnings, issues);
     let (backends, mut destination_fields) =
         backend_refs(r.backend_refs, &at, namespace, warnings, issues);
     destination_fields.append(&mut filters.mirror_fields);
