@@ -653,7 +653,6 @@ fn grpc_routes_split_calls_by_method_and_header_at_a_gateway_and_on_the_mesh() {
         mesh.service_selecting(&format!("web-{version}"), &labels, &[port]);
     }
     mesh.http_service("web");
-    mesh.pod("node-a", "client", &[("app", "client")]).unwrap();
     let (mesh, outside) = with_outside(mesh);
     mesh.apply("gateway-api.yaml", WEB_GATEWAY_API).unwrap();
     mesh.apply("grpc.yaml", WEB_GRPC_ROUTE).unwrap();
@@ -710,6 +709,7 @@ fn grpc_routes_split_calls_by_method_and_header_at_a_gateway_and_on_the_mesh() {
         assert!(error.contains(part), "{part:?} not in {error}");
     }
     assert_eq!(calls("node-b", "/shop.Catalog/Get", &[]), only("v2", 20));
+    mesh.delete("bad.yaml").unwrap();
 
     // On the mesh: the same rules with Service `web` as the parent.
     let on_mesh = WEB_GRPC_ROUTE
@@ -719,7 +719,7 @@ fn grpc_routes_split_calls_by_method_and_header_at_a_gateway_and_on_the_mesh() {
             "[{group: \"\", kind: Service, name: web, port: 9080}]",
         )
         .replace("  hostnames: [grpc.example.com]\n", "");
-    mesh.apply("mesh.yaml", &on_mesh).unwrap();
+    mesh.apply("grpc-mesh.yaml", &on_mesh).unwrap();
     let target = "web.default.svc.cluster.local:9080";
     assert_eq!(
         mesh.grpc_many("client", target, "/shop.Catalog/Get", 20, &[])
