@@ -30,15 +30,12 @@ use tokio::sync::{watch, Notify};
 
 use super::budget::{self, CallerKey};
 use super::detect::Detected;
+use super::outcome::RelayError;
 use super::relay::{self, Ended, RelayOptions, Stopped, Transferred};
 use super::resume::Resume;
 use super::{inbound, ConnectionRecord, Direction, Proxy, Tracked};
 use crate::identity::SpiffeId;
 use crate::telemetry::LiveBytes;
-
-/// The outcome a relay carried away ends with in this agent: not a failure,
-/// and not reported (the next agent reports the connection when it ends).
-pub const HANDED_OVER: &str = "handed over to the next agent";
 
 /// What the next agent needs to relay a connection on, report it and charge
 /// it to its workload.
@@ -228,7 +225,7 @@ impl Carrier {
 impl Proxy {
     /// Relays `client` and `upstream` to their end, or until the node is
     /// handed over: then the relay is carried to the next agent and ends
-    /// here with [`HANDED_OVER`]. On failure both sockets are reset. What
+    /// here with [`RelayError::HandedOver`]. On failure both sockets are reset. What
     /// moved counts from the connection's start (`meta` says what moved
     /// before).
     pub(super) async fn relay_carriable(
@@ -237,7 +234,7 @@ impl Proxy {
         upstream: &TcpStream,
         mut meta: CarriedMeta,
         live: Option<LiveBytes>,
-    ) -> Result<Transferred, String> {
+    ) -> Result<Transferred, RelayError> {
         let how = RelayOptions {
             idle: self.settings.idle_timeout,
             live,
@@ -245,9 +242,8 @@ impl Proxy {
         let mut relaying = self.carrier.enter();
         let mut quiesce = Some(self.carrier.told());
         loop {
-            let stopped = relay::relay(client, upstream, how.clone(), meta.ended, quiesce.take())
-                .await
-                .map_err(|e| e.to_string())?;
+            let stopped =
+                relay::relay(client, upstream, how.clone(), meta.ended, quiesce.take()).await?;
             if let Some(moved) = meta.moved(stopped) {
                 return Ok(moved);
             }
@@ -259,7 +255,7 @@ impl Proxy {
                 })
             })();
             match carried.map(|carried| relaying.offer(carried)) {
-                Ok(true) => return Err(HANDED_OVER.into()),
+                Ok(true) => return Err(RelayError::HandedOver),
                 // Too late, or out of descriptors: relayed here until the
                 // drain deadline.
                 Ok(false) => {}

@@ -54,7 +54,7 @@ pub async fn serve(
     record.upstream = Some(chosen.upstream);
     record.destination_workload = chosen.workload;
     let outcome = outbound::relay_chosen(&proxy, &pod, client, head, record, fds).await;
-    let failed = outcome.as_ref().err().cloned();
+    let failed = outcome.as_ref().err().map(ToString::to_string);
     tracked.finish(outcome);
     failed.map_or(Ok(()), Err)
 }

@@ -28,6 +28,7 @@ use super::budget::{self, CallerKey, Fds};
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::idle::{self, Activity};
+use super::outcome::RelayError;
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, RelayOptions, Transferred};
 use super::{authorize, l7, resume, sni, Direction, Pod, Proxy, Tracked, AGENT_PORTS};
@@ -86,7 +87,7 @@ pub async fn handle(
                 app.port()
             );
             relay::reset(&client);
-            return tracked.finish(Err(format!("plaintext refused: {mtls}")));
+            return tracked.finish(Err(format!("plaintext refused: {mtls}").into()));
         }
         declared_protocol(&cfg, workload, app.port())
     };
@@ -117,7 +118,7 @@ pub async fn handle(
     }
     if let Err(denied) = proxy.authorize_connection(pod, &caller, app, protocol) {
         refuse(proxy, pod, client, &caller, protocol).await;
-        return tracked.finish(Err(denied));
+        return tracked.finish(Err(denied.into()));
     }
     let Some(fd) = fds.split_one() else {
         relay::reset(&client);
@@ -129,7 +130,7 @@ pub async fn handle(
             let to = Delivered::of(proxy, pod, &mut tracked, &caller, protocol, None);
             serve_until_refused(proxy, client, &caller, to, protocol, server).await
         }
-        Err(e) => Err(format!("delivering to {app}: {e}")),
+        Err(e) => Err(RelayError::Unreachable(format!("delivering to {app}: {e}"))),
     };
     tracked.finish(outcome);
 }
@@ -158,7 +159,7 @@ async fn serve_until_refused<S: Client>(
     to: Delivered<'_>,
     protocol: Detected,
     server: Charged,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let (pod, app) = (to.pod, to.app);
     let serving = serve(proxy, client, caller, to, protocol, server);
     unless_refused(proxy, pod, caller, app, protocol, serving).await
@@ -172,13 +173,13 @@ pub(super) async fn unless_refused(
     caller: &Caller,
     app: SocketAddr,
     protocol: Detected,
-    serving: impl std::future::Future<Output = Result<Transferred, String>>,
-) -> Result<Transferred, String> {
+    serving: impl std::future::Future<Output = Result<Transferred, RelayError>>,
+) -> Result<Transferred, RelayError> {
     tokio::select! {
         served = serving => served,
         refused = until_refused(proxy, pod, app, caller, protocol) => {
             log::warn!("{}: connection from {} closed: {refused}", pod.key, caller.address);
-            Err(refused)
+            Err(refused.into())
         }
     }
 }
@@ -222,7 +223,7 @@ async fn serve<S>(
     to: Delivered<'_>,
     protocol: Detected,
     mut server: Charged,
-) -> Result<Transferred, String>
+) -> Result<Transferred, RelayError>
 where
     S: Client,
 {
@@ -335,7 +336,7 @@ pub trait Client: Io + Sized {
         proxy: &Proxy,
         app: &mut TcpStream,
         tcp: TcpRelay,
-    ) -> impl std::future::Future<Output = Result<Transferred, String>> + Send {
+    ) -> impl std::future::Future<Output = Result<Transferred, RelayError>> + Send {
         relay_opaque(self, proxy, app, tcp.live)
     }
 }
@@ -347,7 +348,7 @@ async fn relay_opaque<S: Io>(
     proxy: &Proxy,
     app: &mut TcpStream,
     live: Option<LiveBytes>,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let how = RelayOptions {
         idle: proxy.settings.idle_timeout,
         live: live.map(LiveBytes::reversed),
@@ -358,7 +359,7 @@ async fn relay_opaque<S: Io>(
             sent: t.received,
             received: t.sent,
         })
-        .map_err(|e| e.to_string())
+        .map_err(RelayError::from)
 }
 
 /// A plaintext caller's socket: carried to the next agent at a hand-over.
@@ -368,7 +369,7 @@ impl Client for TcpStream {
         proxy: &Proxy,
         app: &mut TcpStream,
         tcp: TcpRelay,
-    ) -> Result<Transferred, String> {
+    ) -> Result<Transferred, RelayError> {
         proxy.relay_carriable(self, app, tcp.meta, tcp.live).await
     }
 }
@@ -381,12 +382,12 @@ impl Client for Prefixed<TcpStream> {
         proxy: &Proxy,
         app: &mut TcpStream,
         mut tcp: TcpRelay,
-    ) -> Result<Transferred, String> {
+    ) -> Result<Transferred, RelayError> {
         let head = self.take_head();
         if !head.is_empty() {
             if let Err(e) = app.write_all(&head).await {
                 relay::reset(self.get_ref());
-                return Err(e.to_string());
+                return Err(e.into());
             }
             if let Some(live) = &tcp.live {
                 live.moved(true, head.len() as u64);
@@ -407,7 +408,7 @@ impl Client for Prefixed<Tunnel> {
         proxy: &Proxy,
         app: &mut TcpStream,
         tcp: TcpRelay,
-    ) -> Result<Transferred, String> {
+    ) -> Result<Transferred, RelayError> {
         match tcp.resume {
             Some(resume) => resume::relay_parkable(self, proxy, app, tcp.live, resume).await,
             None => relay_opaque(self, proxy, app, tcp.live).await,
@@ -580,7 +581,7 @@ impl Proxy {
             Err(e) => {
                 let reason = format!("delivering to {to}: {e}");
                 let tracked = self.track_stream(request, &pod, source_workload, transport);
-                tracked.finish(Err(reason.clone()));
+                tracked.finish(Err(RelayError::Unreachable(reason.clone())));
                 Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason))
             }
         }
@@ -706,7 +707,7 @@ impl Proxy {
         admitted: Admitted,
         stream: S,
         caller_side: Option<CallerSide>,
-    ) -> Result<Transferred, String>
+    ) -> Result<Transferred, RelayError>
     where
         S: Io,
         Prefixed<S>: Client,
@@ -765,7 +766,7 @@ impl Proxy {
         let outcome = match (denied, server) {
             (Some(denied), _) => {
                 refuse(proxy, &pod, client, &caller, protocol).await;
-                Err(denied)
+                Err(denied.into())
             }
             (None, Ok(server)) => {
                 let mut to =

@@ -22,6 +22,7 @@ mod idle;
 mod inbound;
 mod l7;
 mod outbound;
+mod outcome;
 pub(crate) mod peer;
 mod quiesce;
 pub mod relay;
@@ -42,6 +43,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
 use budget::{CallerKey, Descriptors, Tenant};
+use outcome::RelayError;
 
 use crate::config::ConfigStore;
 use crate::ebpf::{DeliveryTable, OrigDstTable};
@@ -555,17 +557,17 @@ struct Tracked<'a> {
 }
 
 impl Tracked<'_> {
-    fn finish(mut self, outcome: Result<relay::Transferred, String>) {
+    fn finish(mut self, outcome: Result<relay::Transferred, RelayError>) {
         let counters = self.proxy.counters(self.record.direction);
         counters.open.fetch_sub(1, Ordering::Relaxed);
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        if matches!(&outcome, Err(e) if e == carry::HANDED_OVER) {
+        if let Err(handed_over @ RelayError::HandedOver) = &outcome {
             // Neither failed nor over: the next agent reports it.
-            self.record.outcome = carry::HANDED_OVER.into();
+            self.record.outcome = handed_over.to_string();
             log::debug!("{:?}", self.record);
             return;
         }
-        let failed = outcome.as_ref().err().map(|e| flag_of(e));
+        let failed = outcome.as_ref().err().map(RelayError::flag);
         match outcome {
             Ok(t) => {
                 self.record.bytes_sent = t.sent;
@@ -574,7 +576,7 @@ impl Tracked<'_> {
             }
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.record.outcome = e;
+                self.record.outcome = e.to_string();
             }
         }
         log::debug!("{:?}", self.record);
@@ -635,16 +637,6 @@ fn tcp_edge(record: &ConnectionRecord, caller: IpAddr) -> Option<EdgeKey> {
         },
     };
     Some(edge)
-}
-
-/// Envoy's flag for a connection that failed with `error`: it never
-/// reached its upstream, or it ended abnormally once there.
-fn flag_of(error: &str) -> Flag {
-    if error.starts_with("connecting to") || error.starts_with("delivering to") {
-        Flag::UpstreamConnectionFailure
-    } else {
-        Flag::UpstreamConnectionTermination
-    }
 }
 
 /// Serves one of a workload's listeners; each connection gets its own task,

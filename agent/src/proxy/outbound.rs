@@ -14,6 +14,7 @@ use super::budget::Fds;
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::inbound::{Admitted, CallerSide};
+use super::outcome::RelayError;
 use super::peer::{Charged, PeerError, Stream};
 use super::relay::{self, RelayOptions, Transferred};
 use super::{hop, l7, peer, ConnectionRecord, Direction, Pod, Proxy};
@@ -52,7 +53,7 @@ async fn dispatch(
     client: TcpStream,
     record: &mut ConnectionRecord,
     fds: &mut Fds,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let orig = record.original_destination;
     let declared = {
         let config = proxy.config.current();
@@ -74,7 +75,7 @@ async fn dispatch(
             let wait = proxy.settings.http.header_read_timeout;
             match detect::sniff(&client, wait, detect::classify_declared).await {
                 Some(http) => serve_l7(proxy, pod, client, record, http, fds).await,
-                None => Err(format!("no request within {wait:?}")),
+                None => Err(format!("no request within {wait:?}").into()),
             }
         }
         Some(Declared::Unknown) => detect_or_relay(proxy, pod, client, record, fds).await,
@@ -96,7 +97,7 @@ async fn detect_or_relay(
     client: TcpStream,
     record: &mut ConnectionRecord,
     fds: &mut Fds,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     // `peek`, not `readable()`: readiness may be reported spuriously.
     let spoke = tokio::time::timeout(CLIENT_FIRST_GRACE, client.peek(&mut [0u8; 1])).await;
     if let Ok(Ok(_)) = spoke {
@@ -153,7 +154,7 @@ async fn connect_as(
     pod: &Pod,
     mut record: ConnectionRecord,
     fd: Option<Fds>,
-) -> (ConnectionRecord, Result<Upstream, String>) {
+) -> (ConnectionRecord, Result<Upstream, RelayError>) {
     let server = connect(proxy, pod, &mut record, fd).await;
     (record, server)
 }
@@ -165,7 +166,7 @@ async fn serve_l7(
     record: &mut ConnectionRecord,
     detected: Detected,
     fds: &mut Fds,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     // Only the client's side stays; upstream connections are pooled and
     // charged one by one.
     fds.keep(1);
@@ -190,7 +191,7 @@ async fn l4(
     client: TcpStream,
     record: &mut ConnectionRecord,
     fds: &mut Fds,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let server = connect(proxy, pod, record, fds.split_one()).await;
     relay_connected(proxy, pod, client, server, record).await
 }
@@ -229,9 +230,9 @@ async fn relay_connected(
     proxy: &Arc<Proxy>,
     pod: &Pod,
     mut client: TcpStream,
-    server: Result<Upstream, String>,
+    server: Result<Upstream, RelayError>,
     record: &mut ConnectionRecord,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let caller = pod.address_for(record.original_destination.ip());
     let live = server
         .is_ok()
@@ -272,7 +273,7 @@ async fn relay_connected(
     };
     outcome.map_err(|e| {
         relay::reset(&client);
-        e.to_string()
+        e.into()
     })
 }
 
@@ -286,11 +287,14 @@ pub(super) async fn relay_chosen(
     head: &[u8],
     record: &mut ConnectionRecord,
     fds: &mut Fds,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let server = match connect(proxy, pod, record, fds.split_one()).await {
         Ok(mut server) => match server.send_first(head).await {
             Ok(()) => Ok(server),
-            Err(e) => Err(format!("connecting to {:?}: {e}", record.upstream)),
+            Err(e) => Err(RelayError::Unreachable(format!(
+                "connecting to {:?}: {e}",
+                record.upstream
+            ))),
         },
         Err(e) => Err(e),
     };
@@ -311,7 +315,7 @@ async fn connect(
     pod: &Pod,
     record: &mut ConnectionRecord,
     fd: Option<Fds>,
-) -> Result<Upstream, String> {
+) -> Result<Upstream, RelayError> {
     let fd = fd.ok_or("no descriptor left for the upstream connection")?;
     let hop = {
         let cfg = proxy.config.current();
@@ -361,7 +365,7 @@ async fn connect(
         .await
         .map(Upstream::Peer),
     };
-    connected.map_err(|e| format!("connecting to {upstream}: {e}"))
+    connected.map_err(|e| RelayError::Unreachable(format!("connecting to {upstream}: {e}")))
 }
 
 /// Where the connection really goes; fills in the service and workload.

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::Activity;
-use super::relay::{self, Ended, FinishedPeer, RelayOptions, Stopped, FIRST_BUFFER, MAX_BUFFER};
+use super::relay::{self, Ended, FinishedPeer, RelayBuffer, RelayOptions, Stopped};
 
 /// How long a quiesced stream may take to end cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -107,7 +107,7 @@ async fn up<S: AsyncWrite + Unpin>(
     }
     let mut pause = signals.pause.subscribe();
     let mut target = signals.target.subscribe();
-    let mut buf = Vec::new();
+    let mut buf = RelayBuffer::default();
     loop {
         // The only point where this direction stops: nothing read is unwritten.
         let told = tokio::select! {
@@ -138,7 +138,7 @@ async fn up<S: AsyncWrite + Unpin>(
             signals.paused.send_replace(Some(total));
             return Ok((total, true));
         }
-        to.write_all(&buf[..n]).await?;
+        to.write_all(buf.filled(n)).await?;
         to.flush().await?;
         total += n as u64;
         activity.moved(true, n as u64);
@@ -159,15 +159,12 @@ async fn down<S: AsyncRead + Unpin>(
     }
     let mut target = signals.target.subscribe();
     let mut total = 0u64;
-    let mut buf = Vec::new();
+    let mut buf = RelayBuffer::default();
     loop {
-        if buf.is_empty() {
-            buf.resize(FIRST_BUFFER, 0);
-        }
         let read = tokio::select! {
             biased;
             _ = target.wait_for(|t| t.is_some_and(|t| total >= t)) => None,
-            n = from.read(&mut buf) => Some(n?),
+            n = from.read(buf.space()) => Some(n?),
         };
         let Some(n) = read else {
             return Ok((total, false));
@@ -176,11 +173,8 @@ async fn down<S: AsyncRead + Unpin>(
             relay::shutdown_write(to)?;
             return Ok((total, true));
         }
-        relay::write_all(to, &buf[..n]).await?;
+        relay::write_all(to, buf.filled(n)).await?;
         total += n as u64;
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf.resize(buf.len() * 2, 0);
-        }
         activity.moved(false, n as u64);
     }
 }

@@ -25,8 +25,32 @@ use tokio::sync::watch;
 use super::idle::{Activity, Tracked};
 use crate::telemetry::LiveBytes;
 
-pub(super) const FIRST_BUFFER: usize = 16 * 1024;
-pub(super) const MAX_BUFFER: usize = 256 * 1024;
+const FIRST_BUFFER: usize = 16 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// One direction's buffer: allocated at the first read, so idle connections
+/// hold none, and doubled up to [`MAX_BUFFER`] while reads fill it.
+#[derive(Default)]
+pub(super) struct RelayBuffer(Vec<u8>);
+
+impl RelayBuffer {
+    /// Where the next read goes.
+    pub(super) fn space(&mut self) -> &mut [u8] {
+        if self.0.is_empty() {
+            self.0.resize(FIRST_BUFFER, 0);
+        }
+        &mut self.0
+    }
+
+    /// The `n` bytes a read just put in [`Self::space`]; grows the buffer
+    /// (keeping them) when the read filled it.
+    pub(super) fn filled(&mut self, n: usize) -> &[u8] {
+        if n == self.0.len() && n < MAX_BUFFER {
+            self.0.resize(n * 2, 0);
+        }
+        &self.0[..n]
+    }
+}
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -242,7 +266,7 @@ async fn copy(
     closed: bool,
     quiesce: Option<watch::Receiver<bool>>,
 ) -> io::Result<(u64, bool)> {
-    let mut buf = Vec::new();
+    let mut buf = RelayBuffer::default();
     let mut total = 0u64;
     if closed {
         return Ok((0, true));
@@ -272,27 +296,19 @@ async fn copy(
             shutdown_write(to)?;
             return Ok((total, true));
         }
-        write_all(to, &buf[..n]).await?;
+        write_all(to, buf.filled(n)).await?;
         total += n as u64;
         activity.moved(to_upstream, n as u64);
     }
 }
 
 /// Reads what `from` has into `buf` (`None`: nothing after all, 0: EOF).
-/// The buffer is allocated at the first read and grows while reads fill it.
-pub(super) fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-    if buf.is_empty() {
-        buf.resize(FIRST_BUFFER, 0);
+pub(super) fn read_some(from: &TcpStream, buf: &mut RelayBuffer) -> io::Result<Option<usize>> {
+    match from.try_read(buf.space()) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
-    let n = match from.try_read(buf) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if n == buf.len() && buf.len() < MAX_BUFFER {
-        buf.resize(buf.len() * 2, 0);
-    }
-    Ok(Some(n))
 }
 
 /// Passes an EOF on: a FIN to `to` (one already gone is no error).

@@ -17,7 +17,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use super::carry::{Carried, CarriedMeta, HANDED_OVER};
+use super::carry::{Carried, CarriedMeta};
+use super::outcome::RelayError;
 use super::peer::Prefixed;
 use super::quiesce::{self, Closing};
 use super::relay::{self, RelayOptions, Stopped, Transferred};
@@ -61,14 +62,14 @@ impl Proxy {
     /// Relays `client` and a resumable stream (`meta.hbone`) to their end;
     /// at a hand-over, quiesces the stream with the destination's agent and
     /// carries the client to the next agent (then ends with
-    /// [`HANDED_OVER`]). What moved counts from the connection's start.
+    /// [`RelayError::HandedOver`]). What moved counts from the connection's start.
     pub(super) async fn relay_hbone(
         &self,
         client: &TcpStream,
         first: &mut Prefixed<Tunnel>,
         mut meta: CarriedMeta,
         live: Option<LiveBytes>,
-    ) -> Result<Transferred, String> {
+    ) -> Result<Transferred, RelayError> {
         let resume = meta.hbone.clone().expect("a resumable relay's stream");
         let (source, destination) = (self.source_of(&meta)?, resume.destination());
         let how = RelayOptions {
@@ -108,9 +109,8 @@ impl Proxy {
                     }
                 }
             };
-            let stopped = quiesce::relay(client, stream, how.clone(), meta.ended, told, exchange)
-                .await
-                .map_err(|e| e.to_string())?;
+            let stopped =
+                quiesce::relay(client, stream, how.clone(), meta.ended, told, exchange).await?;
             if let Some(moved) = meta.moved(stopped) {
                 return Ok(moved);
             }
@@ -129,7 +129,7 @@ impl Proxy {
             };
             quiesce::close(stream, ended, Closing::First).await;
             if offered {
-                return Err(HANDED_OVER.into());
+                return Err(RelayError::HandedOver);
             }
             // Too late to be carried: resumed here, until the drain deadline.
             let timeout = self.settings.connect_timeout;
@@ -155,10 +155,10 @@ impl Proxy {
         let outcome = async {
             let source = self.source_of(&meta)?;
             if source.identity != pod.identity {
-                return Err(format!(
+                return Err(RelayError::Failed(format!(
                     "{} is {} now, not {}",
                     meta.workload_address, pod.identity, source.identity
-                ));
+                )));
             }
             let timeout = self.settings.connect_timeout;
             let destination = resume.destination();
@@ -172,7 +172,7 @@ impl Proxy {
         };
         let outcome = outcome.await;
         if let Err(e) = &outcome {
-            if e != HANDED_OVER {
+            if *e != RelayError::HandedOver {
                 log::warn!("{}: relay handed over closed: {e}", pod.key);
                 relay::reset(client);
             }
@@ -203,7 +203,7 @@ pub(super) async fn relay_parkable(
     app: &TcpStream,
     live: Option<LiveBytes>,
     mut resumable: Resumable,
-) -> Result<Transferred, String> {
+) -> Result<Transferred, RelayError> {
     let how = RelayOptions {
         idle: proxy.settings.idle_timeout,
         live: live.map(LiveBytes::reversed),
@@ -234,9 +234,7 @@ pub(super) async fn relay_parkable(
                 Some(quiesce.their_sent)
             }
         };
-        let stopped = quiesce::relay(app, stream, how.clone(), ended, told, exchange)
-            .await
-            .map_err(|e| e.to_string())?;
+        let stopped = quiesce::relay(app, stream, how.clone(), ended, told, exchange).await?;
         let (transferred, now_ended) = match stopped {
             Stopped::Closed(transferred) => return Ok(flip(moved + transferred)),
             Stopped::Quiesced(transferred, now_ended) => (transferred, now_ended),
@@ -254,7 +252,8 @@ pub(super) async fn relay_parkable(
                 relay::reset(app);
                 return Err(format!(
                     "the caller's agent did not resume stream {id} within {PARK_GRACE:?}"
-                ));
+                )
+                .into());
             }
         }
     }
