@@ -417,17 +417,32 @@ impl Mesh {
         n: usize,
         metadata: &[&str],
     ) -> Result<BTreeMap<String, u64>> {
+        let netns = self.topo.pod(pod).netns.clone();
+        self.grpc_many_in(&netns, target, method, n, metadata)
+    }
+
+    /// [`Mesh::grpc_many`] from any network namespace (a host outside the
+    /// mesh); `metadata` may start with `--authority=HOST` (`:authority`,
+    /// which a Gateway's hostnames match).
+    pub fn grpc_many_in(
+        &self,
+        netns: &str,
+        target: &str,
+        method: &str,
+        n: usize,
+        metadata: &[&str],
+    ) -> Result<BTreeMap<String, u64>> {
         let script = write_script(&self.topo, "grpc_client.py", GRPC_CLIENT_PY)?;
         let script = script.to_string_lossy().into_owned();
         let n = n.to_string();
         let mut cmd = vec![python3(), &script, target, method, &n];
         cmd.extend_from_slice(metadata);
-        let out = self.topo.run_in(&self.topo.pod(pod).netns, &cmd)?;
+        let out = self.topo.run_in(netns, &cmd)?;
         // Why calls failed, for the test's output.
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
             bail!(
-                "gRPC client in {pod} failed ({}): {}",
+                "gRPC client in {netns} failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
@@ -450,8 +465,11 @@ os.environ.setdefault("GRPC_DNS_RESOLVER", "native")
 import grpc
 
 target, method, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-metadata = [tuple(kv.split("=", 1)) for kv in sys.argv[4:]]
-call = grpc.insecure_channel(target).unary_unary(method)
+args, options = sys.argv[4:], []
+if args and args[0].startswith("--authority="):
+    options.append(("grpc.default_authority", args.pop(0).split("=", 1)[1]))
+metadata = [tuple(kv.split("=", 1)) for kv in args]
+call = grpc.insecure_channel(target, options=options).unary_unary(method)
 counts = {}
 for _ in range(n):
     try:

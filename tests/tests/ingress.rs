@@ -709,3 +709,122 @@ fn a_listener_admits_the_routes_of_namespaces_its_selector_expressions_select() 
     );
     assert_eq!(partner[0].status, 404, "{partner:?}");
 }
+
+/// Gateway API `GRPCRoute` at the nodemesh Gateway of
+/// [`WEB_GATEWAY_API`]: one method to v2, calls carrying `qa:
+/// canary-test` to v2, the rest to v1 (per-version Services, as the
+/// Gateway API has no subsets).
+const WEB_GRPC_ROUTE: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc}
+spec:
+  parentRefs: [{name: public, sectionName: web}]
+  hostnames: [grpc.example.com]
+  rules:
+  - matches: [{method: {service: shop.Catalog, method: Get}}]
+    backendRefs: [{name: web-v2, port: 9080}]
+  - matches: [{headers: [{name: qa, value: canary-test}]}]
+    backendRefs: [{name: web-v2, port: 9080}]
+  - backendRefs: [{name: web-v1, port: 9080}]
+";
+
+#[test]
+fn grpc_routes_split_calls_by_method_and_header_at_a_gateway_and_on_the_mesh() {
+    let mut mesh = Mesh::new(app_bin()).unwrap();
+    for (node, version) in [("node-a", "v1"), ("node-b", "v2")] {
+        let labels = [("app", "web"), ("version", version)];
+        mesh.app(node, &format!("web-{version}"), &labels, &[])
+            .unwrap();
+        let port = nodemesh_testbed::config::ServicePort {
+            name: "grpc",
+            port: 9080,
+            target_port: 9080,
+        };
+        mesh.service_selecting(&format!("web-{version}"), &labels, &[port]);
+    }
+    mesh.http_service("web");
+    let (mesh, outside) = with_outside(mesh);
+    mesh.apply("gateway-api.yaml", WEB_GATEWAY_API).unwrap();
+    mesh.apply("grpc.yaml", WEB_GRPC_ROUTE).unwrap();
+    wait_listening(&mesh, "default/public");
+
+    // From the outside host, through either node's Gateway, into the mesh.
+    let authority = "--authority=grpc.example.com";
+    let calls = |node: &str, method: &str, extra: &[&str]| {
+        let target = format!("{}:80", mesh.topo().node(node).address);
+        let metadata: Vec<&str> = [authority].iter().chain(extra).copied().collect();
+        mesh.grpc_many_in(&outside, &target, method, 20, &metadata)
+            .unwrap()
+    };
+    for node in ["node-a", "node-b"] {
+        assert_eq!(calls(node, "/shop.Catalog/Get", &[]), only("v2", 20));
+        assert_eq!(calls(node, "/shop.Catalog/List", &[]), only("v1", 20));
+        let canary = calls(node, "/shop.Catalog/List", &["qa=canary-test"]);
+        assert_eq!(canary, only("v2", 20));
+    }
+    let gateways = cli_json(&mesh, "node-a", &["gateways", "-o", "json"]);
+    assert!(
+        gateways.to_string().contains("GRPCRoute default/grpc ("),
+        "{gateways:#}"
+    );
+
+    // An HTTPRoute for the same hostname on the listener: the GRPCRoute is
+    // older (without timestamps: first by namespace/name), so the HTTPRoute
+    // is not attached, and gRPC keeps its routes.
+    let http = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                metadata: {name: z-http}\nspec:\n  parentRefs: [{name: public}]\n  \
+                hostnames: [grpc.example.com]\n  rules: [{backendRefs: [{name: web, port: 9080}]}]\n";
+    mesh.apply("http.yaml", http).unwrap();
+    wait_warning(
+        &mesh,
+        &[
+            "HTTPRoute default/z-http (",
+            "listener web already has GRPCRoute default/grpc, older",
+        ],
+    );
+    assert_eq!(calls("node-a", "/shop.Catalog/Get", &[]), only("v2", 20));
+
+    // An invalid GRPCRoute is refused by file, object and field; the
+    // running routes stay.
+    let bad = WEB_GRPC_ROUTE.replace("name: grpc}", "name: bad}").replace(
+        "  - backendRefs: [{name: web-v1",
+        "  - filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n    backendRefs: [{name: web-v1",
+    );
+    let error = mesh.reject("bad.yaml", &bad).unwrap();
+    for part in [
+        "bad.yaml",
+        "GRPCRoute default/bad",
+        "spec.rules[2].filters[0].type",
+    ] {
+        assert!(error.contains(part), "{part:?} not in {error}");
+    }
+    assert_eq!(calls("node-b", "/shop.Catalog/Get", &[]), only("v2", 20));
+    mesh.delete("bad.yaml").unwrap();
+
+    // On the mesh: the same rules with Service `web` as the parent.
+    let on_mesh = WEB_GRPC_ROUTE
+        .replace("name: grpc}", "name: web-grpc}")
+        .replace(
+            "[{name: public, sectionName: web}]",
+            "[{group: \"\", kind: Service, name: web, port: 9080}]",
+        )
+        .replace("  hostnames: [grpc.example.com]\n", "");
+    mesh.apply("grpc-mesh.yaml", &on_mesh).unwrap();
+    let target = "web.default.svc.cluster.local:9080";
+    assert_eq!(
+        mesh.grpc_many("client", target, "/shop.Catalog/Get", 20, &[])
+            .unwrap(),
+        only("v2", 20)
+    );
+    let list = mesh.grpc_many("client", target, "/shop.Catalog/List", 20, &[]);
+    assert_eq!(list.unwrap(), only("v1", 20));
+    let canary = ["qa=canary-test"];
+    let list = mesh.grpc_many("client", target, "/shop.Catalog/List", 20, &canary);
+    assert_eq!(list.unwrap(), only("v2", 20));
+    let routes = cli_json(&mesh, "node-a", &["routes", "-o", "json"]);
+    assert!(
+        routes.to_string().contains("GRPCRoute default/web-grpc ("),
+        "{routes:#}"
+    );
+}

@@ -287,6 +287,25 @@ fn agents_write_gateway_api_status_and_warn_with_events() -> Result<()> {
             )
         ]
     );
+    // A GRPCRoute on the same listener: `broken` (no hostnames: all of the
+    // listener's) is older, and the two kinds never share a hostname.
+    cluster.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: rpc}\n\
+         spec:\n  parentRefs: [{name: public}]\n  hostnames: [rpc.example.com]\n  \
+         rules: [{backendRefs: [{name: web, port: 9080}]}]\n",
+    )?;
+    let rpc = wait_object_status(&cluster, "GRPCRoute", "rpc", |s| {
+        s["parents"][0]["conditions"].is_array()
+    })?;
+    assert_eq!(
+        conditions(&rpc["parents"][0]["conditions"])[0],
+        (
+            "Accepted".into(),
+            "False".into(),
+            "NotAllowedByListeners".into()
+        ),
+        "{rpc:#}"
+    );
     let gateway = wait_object_status(&cluster, "Gateway", "public", |s| {
         s["listeners"][0]["attachedRoutes"] == 2
     })?;

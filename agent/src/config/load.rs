@@ -106,6 +106,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    GrpcRoute,
     Gateway,
     GatewayClass,
     /// The Gateway API's `Gateway`, named like Istio's.
@@ -124,7 +125,7 @@ const ISTIO_NETWORKING: &[&str] = &[
 ];
 
 impl Kind {
-    const ALL: [Kind; 16] = [
+    const ALL: [Kind; 17] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Workload,
@@ -133,6 +134,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::Gateway,
         Kind::GatewayClass,
         Kind::ApiGateway,
@@ -159,6 +161,10 @@ impl Kind {
                 "gateway.networking.k8s.io/v1beta1",
                 "gateway.networking.k8s.io/v1alpha2",
             ],
+            Kind::GrpcRoute => &[
+                "gateway.networking.k8s.io/v1",
+                "gateway.networking.k8s.io/v1alpha2",
+            ],
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
@@ -176,6 +182,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::Gateway | Kind::ApiGateway => "Gateway",
             Kind::GatewayClass => "GatewayClass",
             Kind::ReferenceGrant => "ReferenceGrant",
@@ -451,6 +458,12 @@ impl Loader {
             }
             Kind::HttpRoute => {
                 if let Some(draft) = self.parse(&origin, doc, routing::http_route) {
+                    self.routing.http_routes.push((origin, draft));
+                }
+            }
+            // Compiled into the HTTPRoute model (see `routing::grpc_route`).
+            Kind::GrpcRoute => {
+                if let Some(draft) = self.parse(&origin, doc, routing::grpc_route) {
                     self.routing.http_routes.push((origin, draft));
                 }
             }
@@ -1371,6 +1384,7 @@ spec:
                          networking.istio.io/v1|v1beta1|v1alpha3 VirtualService, \
                          networking.istio.io/v1|v1beta1|v1alpha3 DestinationRule, \
                          gateway.networking.k8s.io/v1|v1beta1 HTTPRoute, \
+                         gateway.networking.k8s.io/v1|v1alpha2 GRPCRoute, \
                          networking.istio.io/v1|v1beta1|v1alpha3 Gateway, \
                          gateway.networking.k8s.io/v1|v1beta1 GatewayClass, \
                          gateway.networking.k8s.io/v1|v1beta1 Gateway, \

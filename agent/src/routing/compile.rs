@@ -48,6 +48,8 @@ pub(crate) struct DestinationRuleDraft {
 
 pub(crate) struct HttpRouteDraft {
     pub(super) meta: Meta,
+    /// An HTTPRoute, or a GRPCRoute compiled into the same model.
+    pub(super) kind: super::grpc_route::RouteKind,
     pub(super) parents: Vec<ParentRef>,
     /// Gateway API Gateways it attaches to (see [`super::gateway_api`]).
     pub(super) gateway_parents: Vec<super::gateway_api::GatewayParent>,
@@ -617,6 +619,8 @@ fn bind_http_routes(
     }
 
     for (service, attached) in attached {
+        let attached =
+            super::grpc_route::one_kind_per_service(&service, attached, &routes, warnings);
         if let Some(host) = hosts.get(&service) {
             for (i, _) in attached {
                 warnings.push(format!(

@@ -16,6 +16,7 @@ use super::compile::{
     HttpRouteDraft, ParentRef, Precedence, RouteDraft, Warnings,
 };
 use super::gateway_api;
+use super::grpc_route::RouteKind;
 use super::{
     Destination, HeaderEdits, HeaderOps, HttpRoute, Mirror, PathRewrite, Redirect, RequestMatch,
     RetryPolicy, Rewrite, RouteAction, StringMatch, WeightedDestination,
@@ -34,7 +35,7 @@ pub(crate) struct HttpRouteSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ParentRefSpec {
+pub(super) struct ParentRefSpec {
     group: Option<String>,
     kind: Option<String>,
     namespace: Option<String>,
@@ -85,7 +86,7 @@ enum PathMatchType {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ValueMatchSpec {
+pub(super) struct ValueMatchSpec {
     #[serde(rename = "type")]
     kind: Option<ValueMatchType>,
     name: String,
@@ -93,16 +94,16 @@ struct ValueMatchSpec {
 }
 
 #[derive(Deserialize)]
-enum ValueMatchType {
+pub(super) enum ValueMatchType {
     Exact,
     RegularExpression,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct FilterSpec {
+pub(super) struct FilterSpec {
     #[serde(rename = "type")]
-    kind: FilterType,
+    pub(super) kind: FilterType,
     request_header_modifier: Option<HeaderModifierSpec>,
     response_header_modifier: Option<HeaderModifierSpec>,
     request_mirror: Option<MirrorSpec>,
@@ -113,7 +114,7 @@ struct FilterSpec {
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
-enum FilterType {
+pub(super) enum FilterType {
     RequestHeaderModifier,
     ResponseHeaderModifier,
     RequestMirror,
@@ -202,7 +203,7 @@ struct UrlRewriteSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BackendRefSpec {
+pub(super) struct BackendRefSpec {
     group: Option<String>,
     kind: Option<String>,
     name: String,
@@ -231,15 +232,70 @@ struct RetrySpec {
 
 pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> HttpRouteDraft {
     check_metadata(&doc.metadata, issues);
-    let namespace = &doc.metadata.namespace;
     let spec = doc.spec;
+    let parts = (spec.parent_refs, spec.hostnames, spec.rules);
+    route_draft(
+        Meta::new(&doc.metadata),
+        RouteKind::Http,
+        parts,
+        rule,
+        issues,
+    )
+}
+
+/// Compiles one rule (its index, the route's namespace) into a route per
+/// match.
+pub(super) type RuleFn<R> =
+    fn(R, usize, &str, &mut Warnings, &mut Issues) -> Vec<(Precedence, RouteDraft)>;
+
+/// An HTTPRoute or a GRPCRoute from its `parentRefs`, `hostnames` and
+/// rules.
+pub(super) fn route_draft<R>(
+    meta: Meta,
+    kind: RouteKind,
+    (parent_refs, hostnames, rules): (Vec<ParentRefSpec>, Vec<String>, Vec<R>),
+    rule: RuleFn<R>,
+    issues: &mut Issues,
+) -> HttpRouteDraft {
+    let namespace = meta.namespace.clone();
     let mut warnings = Warnings::default();
-    if spec.parent_refs.is_empty() {
+    let attachment = attachment(parent_refs, &hostnames, &namespace, &mut warnings, issues);
+    let mut routes = Vec::new();
+    for (i, r) in rules.into_iter().enumerate() {
+        routes.extend(rule(r, i, &namespace, &mut warnings, issues));
+    }
+    HttpRouteDraft {
+        meta,
+        kind,
+        parents: attachment.parents,
+        gateway_parents: attachment.gateway_parents,
+        hostnames: attachment.hostnames,
+        routes,
+        warnings,
+    }
+}
+
+/// Where a route attaches: its `parentRefs` and `hostnames`, checked.
+struct Attachment {
+    parents: Vec<ParentRef>,
+    gateway_parents: Vec<gateway_api::GatewayParent>,
+    hostnames: Vec<String>,
+}
+
+/// Reads `parentRefs` (Services and Gateways) and `hostnames`.
+fn attachment(
+    parent_refs: Vec<ParentRefSpec>,
+    hostnames: &[String],
+    namespace: &str,
+    warnings: &mut Warnings,
+    issues: &mut Issues,
+) -> Attachment {
+    if parent_refs.is_empty() {
         warnings.add("spec.parentRefs", "no parent: the route applies to nothing");
     }
     let mut parents = Vec::new();
     let mut gateway_parents = Vec::new();
-    for (i, p) in spec.parent_refs.into_iter().enumerate() {
+    for (i, p) in parent_refs.into_iter().enumerate() {
         let field = format!("spec.parentRefs[{i}]");
         let group = p.group.as_deref().unwrap_or(gateway_api::GROUP);
         let kind = p.kind.as_deref().unwrap_or("Gateway");
@@ -277,44 +333,63 @@ pub(crate) fn http_route(doc: Object<HttpRouteSpec>, issues: &mut Issues) -> Htt
             field,
         });
     }
-    for (i, host) in spec.hostnames.iter().enumerate() {
+    for (i, host) in hostnames.iter().enumerate() {
         check_host(host, format!("spec.hostnames[{i}]"), issues);
     }
-    if !parents.is_empty() && !spec.hostnames.is_empty() {
+    if !parents.is_empty() && !hostnames.is_empty() {
         warnings.add(
             "spec.hostnames",
             "ignored for Service parents: a route attached to a Service applies to all its \
              traffic",
         );
     }
-    let mut routes = Vec::new();
-    for (i, rule) in spec.rules.into_iter().enumerate() {
-        routes.extend(self::rule(rule, i, namespace, &mut warnings, issues));
-    }
-    HttpRouteDraft {
-        meta: Meta::new(&doc.metadata),
+    Attachment {
         parents,
         gateway_parents,
-        hostnames: spec
-            .hostnames
+        hostnames: hostnames
             .iter()
             .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
             .collect(),
-        routes,
-        warnings,
     }
 }
 
 /// What a rule's filters configure.
 #[derive(Default)]
-struct Filters {
-    headers: HeaderOps,
+pub(super) struct Filters {
+    pub(super) headers: HeaderOps,
     redirect: Option<Redirect>,
     rewrite: Option<Rewrite>,
-    mirrors: Vec<Mirror>,
-    mirror_fields: Vec<String>,
+    pub(super) mirrors: Vec<Mirror>,
+    pub(super) mirror_fields: Vec<String>,
     /// Where a ReplacePrefixMatch was used: it needs a PathPrefix match.
     replace_prefix: Option<String>,
+}
+
+/// A rule's `filters`; a type `refused` names (with why) is reported on
+/// its field and skipped.
+pub(super) fn rule_filters(
+    specs: Vec<FilterSpec>,
+    at: &str,
+    namespace: &str,
+    refused: fn(FilterType) -> Option<&'static str>,
+    warnings: &mut Warnings,
+    issues: &mut Issues,
+) -> Filters {
+    let mut filters = Filters::default();
+    let mut seen = Vec::new();
+    for (k, f) in specs.into_iter().enumerate() {
+        let field = format!("{at}.filters[{k}]");
+        if let Some(why) = refused(f.kind) {
+            issues.add(format!("{field}.type"), why);
+            continue;
+        }
+        if !matches!(f.kind, FilterType::RequestMirror) && seen.contains(&f.kind) {
+            issues.add(&field, "this filter type may be used only once per rule");
+        }
+        seen.push(f.kind);
+        filter(f, &field, namespace, &mut filters, warnings, issues);
+    }
+    filters
 }
 
 fn rule(
@@ -325,16 +400,7 @@ fn rule(
     issues: &mut Issues,
 ) -> Vec<(Precedence, RouteDraft)> {
     let at = format!("spec.rules[{i}]");
-    let mut filters = Filters::default();
-    let mut seen = Vec::new();
-    for (k, f) in r.filters.into_iter().enumerate() {
-        let field = format!("{at}.filters[{k}]");
-        if !matches!(f.kind, FilterType::RequestMirror) && seen.contains(&f.kind) {
-            issues.add(&field, "this filter type may be used only once per rule");
-        }
-        seen.push(f.kind);
-        filter(f, &field, namespace, &mut filters, warnings, issues);
-    }
+    let mut filters = rule_filters(r.filters, &at, namespace, |_| None, warnings, issues);
     if filters.redirect.is_some() && filters.rewrite.is_some() {
         issues.add(
             format!("{at}.filters"),
@@ -348,75 +414,13 @@ fn rule(
         );
     }
 
-    let mut destination_fields = Vec::new();
-    let mut backends = Vec::new();
-    for (k, b) in r.backend_refs.into_iter().enumerate() {
-        let field = format!("{at}.backendRefs[{k}]");
-        let weight = match b.weight {
-            None => 1,
-            Some(w @ 0..=1_000_000) => w as u32,
-            Some(_) => {
-                issues.add(format!("{field}.weight"), "must be between 0 and 1000000");
-                1
-            }
-        };
-        let object = BackendObjectRef {
-            group: b.group,
-            kind: b.kind,
-            name: b.name,
-            namespace: b.namespace,
-            port: b.port,
-        };
-        let destination = backend(object, &field, namespace, issues);
-        destination_fields.push(field.clone());
-        let mut backend_filters = Filters::default();
-        for (f, spec) in b.filters.into_iter().enumerate() {
-            let field = format!("{field}.filters[{f}]");
-            if !matches!(
-                spec.kind,
-                FilterType::RequestHeaderModifier | FilterType::ResponseHeaderModifier
-            ) {
-                issues.add(
-                    format!("{field}.type"),
-                    "only RequestHeaderModifier and ResponseHeaderModifier are supported on a \
-                     backendRef",
-                );
-                continue;
-            }
-            filter(
-                spec,
-                &field,
-                namespace,
-                &mut backend_filters,
-                warnings,
-                issues,
-            );
-        }
-        backends.push(WeightedDestination {
-            destination,
-            weight,
-            headers: backend_filters.headers.boxed(),
-        });
-    }
+    let (backends, mut destination_fields) =
+        backend_refs(r.backend_refs, &at, namespace, warnings, issues);
     destination_fields.append(&mut filters.mirror_fields);
 
     let action = match filters.redirect.take() {
         Some(redirect) => RouteAction::Redirect(Box::new(redirect)),
-        // The Gateway API answers 500 for a rule with nowhere to send requests.
-        None if backends.is_empty() => RouteAction::DirectResponse {
-            status: 500,
-            body: Bytes::new(),
-        },
-        None => {
-            if backends.iter().all(|b| b.weight == 0) {
-                issues.add(
-                    format!("{at}.backendRefs"),
-                    "every weight is 0, so every request would fail with 500; remove the rule \
-                     or give a backend a weight",
-                );
-            }
-            RouteAction::Forward(backends.into())
-        }
+        None => forward(backends, &at, issues),
     };
 
     let (timeout, retries) = timeouts_and_retry(r.timeouts, r.retry, &at, warnings, issues);
@@ -486,6 +490,90 @@ fn rule(
     out
 }
 
+/// A rule's `backendRefs` with their own filters, and each one's field.
+pub(super) fn backend_refs(
+    refs: Vec<BackendRefSpec>,
+    at: &str,
+    namespace: &str,
+    warnings: &mut Warnings,
+    issues: &mut Issues,
+) -> (Vec<WeightedDestination>, Vec<String>) {
+    let mut destination_fields = Vec::new();
+    let mut backends = Vec::new();
+    for (k, b) in refs.into_iter().enumerate() {
+        let field = format!("{at}.backendRefs[{k}]");
+        let weight = match b.weight {
+            None => 1,
+            Some(w @ 0..=1_000_000) => w as u32,
+            Some(_) => {
+                issues.add(format!("{field}.weight"), "must be between 0 and 1000000");
+                1
+            }
+        };
+        let object = BackendObjectRef {
+            group: b.group,
+            kind: b.kind,
+            name: b.name,
+            namespace: b.namespace,
+            port: b.port,
+        };
+        let destination = backend(object, &field, namespace, issues);
+        destination_fields.push(field.clone());
+        let mut backend_filters = Filters::default();
+        for (f, spec) in b.filters.into_iter().enumerate() {
+            let field = format!("{field}.filters[{f}]");
+            if !matches!(
+                spec.kind,
+                FilterType::RequestHeaderModifier | FilterType::ResponseHeaderModifier
+            ) {
+                issues.add(
+                    format!("{field}.type"),
+                    "only RequestHeaderModifier and ResponseHeaderModifier are supported on a \
+                     backendRef",
+                );
+                continue;
+            }
+            filter(
+                spec,
+                &field,
+                namespace,
+                &mut backend_filters,
+                warnings,
+                issues,
+            );
+        }
+        backends.push(WeightedDestination {
+            destination,
+            weight,
+            headers: backend_filters.headers.boxed(),
+        });
+    }
+    (backends, destination_fields)
+}
+
+/// Where a rule without a redirect sends requests.
+pub(super) fn forward(
+    backends: Vec<WeightedDestination>,
+    at: &str,
+    issues: &mut Issues,
+) -> RouteAction {
+    // The Gateway API answers 500 for a rule with nowhere to send requests.
+    if backends.is_empty() {
+        return RouteAction::DirectResponse {
+            status: 500,
+            body: Bytes::new(),
+        };
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        issues.add(
+            format!("{at}.backendRefs"),
+            "every weight is 0, so every request would fail with 500; remove the rule or give a \
+             backend a weight",
+        );
+    }
+    RouteAction::Forward(backends.into())
+}
+
 fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestMatch> {
     let path = m.path.unwrap_or(PathMatchSpec {
         kind: None,
@@ -504,18 +592,7 @@ fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestM
         PathMatchType::Exact => Some(StringMatch::Exact(value.into())),
         PathMatchType::PathPrefix => Some(StringMatch::PathPrefix(value.into())),
     };
-    let mut headers: Vec<(String, StringMatch)> = Vec::new();
-    for (k, h) in m.headers.into_iter().enumerate() {
-        let field = format!("{at}.headers[{k}]");
-        let Some(name) = header_name(&h.name, format!("{field}.name"), issues) else {
-            continue;
-        };
-        // The Gateway API ignores later matches of the same header.
-        if headers.iter().any(|(n, _)| *n == name) {
-            continue;
-        }
-        headers.extend(value_match(h.kind, h.value, &field, issues).map(|v| (name, v)));
-    }
+    let headers = header_matches(m.headers, at, issues);
     let mut query_params: Vec<(String, StringMatch)> = Vec::new();
     for (k, q) in m.query_params.into_iter().enumerate() {
         let field = format!("{at}.queryParams[{k}]");
@@ -538,13 +615,34 @@ fn request_match(m: MatchSpec, at: &str, issues: &mut Issues) -> Option<RequestM
     Some(RequestMatch {
         uri: Some(uri?),
         method: m.method.map(|m| StringMatch::Exact(m.into())),
-        headers: headers.into_iter().map(|(n, m)| (n.into(), m)).collect(),
+        headers,
         query_params: query_params
             .into_iter()
             .map(|(n, m)| (n.into(), m))
             .collect(),
         ..RequestMatch::default()
     })
+}
+
+/// A match's `headers`, shared by HTTPRoute and GRPCRoute.
+pub(super) fn header_matches(
+    specs: Vec<ValueMatchSpec>,
+    at: &str,
+    issues: &mut Issues,
+) -> Box<[(Box<str>, StringMatch)]> {
+    let mut headers: Vec<(String, StringMatch)> = Vec::new();
+    for (k, h) in specs.into_iter().enumerate() {
+        let field = format!("{at}.headers[{k}]");
+        let Some(name) = header_name(&h.name, format!("{field}.name"), issues) else {
+            continue;
+        };
+        // The Gateway API ignores later matches of the same header.
+        if headers.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        headers.extend(value_match(h.kind, h.value, &field, issues).map(|v| (name, v)));
+    }
+    headers.into_iter().map(|(n, m)| (n.into(), m)).collect()
 }
 
 fn value_match(

@@ -22,6 +22,7 @@ use crate::config::{
 use crate::ingress::tls::{self, PortKind, ServerTls, ServerTlsSpec, TlsContext};
 
 use super::compile::{check_host, HttpRouteDraft, Precedence, RouteDraft, Warnings};
+use super::grpc_route::RouteKind;
 use super::ingress::{host_matches, Gateway, GatewayHost, IngressHost, Server, ServerProtocol};
 use super::reference_grant::{Kind as GrantKind, ReferenceGrants};
 use super::{HttpRoute, RouteAction, VirtualHost};
@@ -160,7 +161,7 @@ struct ListenerDraft {
 }
 
 /// Route kinds an HTTP or HTTPS listener admits unless it narrows them.
-const HTTP_KINDS: [&str; 1] = ["HTTPRoute"];
+const HTTP_KINDS: [&str; 2] = ["HTTPRoute", "GRPCRoute"];
 
 pub(crate) fn gateway(doc: Object<GatewaySpec>, issues: &mut Issues) -> GatewayDraft {
     check_metadata(&doc.metadata, issues);
@@ -288,7 +289,7 @@ fn listener(
             });
             let invalid = (!unknown.is_empty()).then(|| {
                 let names: Vec<_> = unknown.iter().map(|k| k.kind.as_str()).collect();
-                format!("route kinds {names:?} are not supported on this listener (only HTTPRoute)")
+                format!("route kinds {names:?} are not supported on this listener (only HTTPRoute and GRPCRoute)")
             });
             (known.into_iter().map(|k| k.kind).collect(), invalid)
         }
@@ -456,6 +457,9 @@ struct Compiled {
     /// precedence order (precedence, route rank, route, route origin).
     attached: Vec<u32>,
     routes: Vec<BTreeMap<String, Vec<Attached>>>,
+    /// Per listener: the routes attached, for the rule that an HTTPRoute
+    /// and a GRPCRoute do not share a hostname there.
+    bound: Vec<Vec<super::grpc_route::Bound>>,
 }
 
 type Attached = (
@@ -543,7 +547,7 @@ pub(super) fn compile(
                     match_gateways: Vec::new(),
                 };
                 refs.extend(check_backends(
-                    &mut draft, namespace, config, grants, resolve, origin,
+                    &mut draft, route.kind, namespace, config, grants, resolve, origin,
                 ));
                 (*precedence, draft.route)
             })
@@ -605,7 +609,7 @@ pub(super) fn compile(
         }
         if !parents.is_empty() {
             statuses.push(ObjectStatus {
-                kind: "HTTPRoute",
+                kind: route.kind.name(),
                 namespace: Some(namespace.clone()),
                 name: route.meta.name.clone(),
                 status: StatusKind::Route { parents },
@@ -705,6 +709,7 @@ fn gateway_of(
         listeners: draft.listeners,
         attached: vec![0; n],
         routes: (0..n).map(|_| BTreeMap::new()).collect(),
+        bound: (0..n).map(|_| Vec::new()).collect(),
     }
 }
 
@@ -759,6 +764,7 @@ fn server_tls(
 /// and returned as (reason, message).
 fn check_backends(
     draft: &mut RouteDraft,
+    kind: RouteKind,
     namespace: &str,
     config: &Config,
     grants: &ReferenceGrants,
@@ -768,7 +774,11 @@ fn check_backends(
     let mut refs = Vec::new();
     // A backend of another namespace needs a ReferenceGrant there.
     let fields = draft.destination_fields.clone();
-    let (route, service) = (GrantKind::HTTP_ROUTE, GrantKind::SERVICE);
+    let route = match kind {
+        RouteKind::Http => GrantKind::HTTP_ROUTE,
+        RouteKind::Grpc => GrantKind::GRPC_ROUTE,
+    };
+    let service = GrantKind::SERVICE;
     for (destination, field) in super::compile::destinations_mut(&mut draft.route).zip(&fields) {
         let Some((name, other)) = destination.service.split_once('.') else {
             continue;
@@ -778,7 +788,8 @@ fn check_backends(
                 "RefNotPermitted",
                 format!(
                     "{field}: Service {other}/{name} is in another namespace and no \
-                     ReferenceGrant there allows HTTPRoutes of namespace {namespace} to refer to it"
+                     ReferenceGrant there allows {}s of namespace {namespace} to refer to it",
+                    kind.name()
                 ),
             ));
             destination.service = "".into();
@@ -859,11 +870,12 @@ fn attach(
                 .namespace(namespace)
                 .is_some_and(|ns| selector.matches(&ns.labels)),
         };
-        if !allowed || !listener.kinds.iter().any(|k| k == "HTTPRoute") {
+        let kind = route.kind.name();
+        if !allowed || !listener.kinds.iter().any(|k| k == kind) {
             reason.get_or_insert((
                 "NotAllowedByListeners",
                 format!(
-                    "listener {} does not allow HTTPRoutes of namespace {namespace}",
+                    "listener {} does not allow {kind}s of namespace {namespace}",
                     listener.name
                 ),
             ));
@@ -884,6 +896,23 @@ fn attach(
         if gateway.gateway.servers[i].not_served.is_some() {
             continue;
         }
+        let bound = &mut gateway.bound[i];
+        if let Some(other) = super::grpc_route::conflict(bound, route.kind, &domains) {
+            reason = Some((
+                "NotAllowedByListeners",
+                format!(
+                    "listener {} already has {}, older, for the same hostname; an HTTPRoute and \
+                     a GRPCRoute cannot share one",
+                    listener.name, other.object
+                ),
+            ));
+            continue;
+        }
+        bound.push(super::grpc_route::Bound {
+            kind: route.kind,
+            object: format!("{kind} {}/{}", route.meta.namespace, route.meta.name),
+            domains: domains.clone(),
+        });
         attached = true;
         gateway.attached[i] += 1;
         let rank = route.meta.rank();

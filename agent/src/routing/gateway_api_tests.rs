@@ -11,7 +11,7 @@ use super::{RouteAction, RoutingTable};
 /// A nodemesh class, a Gateway in `infra` with an HTTP listener for
 /// `*.example.com` admitting routes of every namespace, one only for
 /// `infra`'s own on port 8080, and an HTTPS one whose Secret is missing.
-const GATEWAY: &str = concat!(
+pub(super) const GATEWAY: &str = concat!(
     include_str!("../../../deploy/kubernetes/05-gatewayclass.yaml"),
     "---
 apiVersion: gateway.networking.k8s.io/v1
@@ -110,7 +110,16 @@ pub(super) type Short = (&'static str, bool, &'static str);
 
 /// The conditions of each parent of a route.
 fn route_conditions(table: &RoutingTable, name: &str) -> Vec<(String, Vec<Short>)> {
-    let StatusKind::Route { parents } = &status(table, "HTTPRoute", name).status else {
+    conditions_of(table, "HTTPRoute", name)
+}
+
+/// The conditions of each parent of a route of `kind`.
+pub(super) fn conditions_of(
+    table: &RoutingTable,
+    kind: &str,
+    name: &str,
+) -> Vec<(String, Vec<Short>)> {
+    let StatusKind::Route { parents } = &status(table, kind, name).status else {
         panic!("not a route status");
     };
     parents

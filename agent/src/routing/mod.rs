@@ -11,6 +11,9 @@ mod gateway;
 pub mod gateway_api;
 #[cfg(test)]
 mod gateway_api_tests;
+mod grpc_route;
+#[cfg(test)]
+mod grpc_route_tests;
 mod index;
 pub mod ingress;
 pub mod ingress_l4;
@@ -36,6 +39,7 @@ use serde::Serialize;
 pub(crate) use compile::{compile, Drafts};
 pub(crate) use gateway::http_route;
 pub(crate) use gateway_api::{gateway as api_gateway, gateway_class};
+pub(crate) use grpc_route::grpc_route;
 use index::PathIndex;
 pub(crate) use istio::{destination_rule, virtual_service};
 pub(crate) use istio_gateway::istio_gateway;

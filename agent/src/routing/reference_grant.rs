@@ -1,7 +1,7 @@
 //! Gateway API `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`,
 //! `v1alpha2`): the owner of a namespace lets objects of another namespace
 //! refer to its objects. A Gateway's `certificateRefs` Secret and an
-//! HTTPRoute's `backendRefs` Service in another namespace are used only when
+//! HTTPRoute's or GRPCRoute's `backendRefs` Service in another namespace are used only when
 //! a grant in the *target's* namespace lists the referrer (`from`) and the
 //! target (`to`). Grants are read at every load, so removing one revokes the
 //! reference at the next reload. Istio's `credentialName` does not use them.
@@ -91,6 +91,10 @@ impl Kind<'static> {
     pub const HTTP_ROUTE: Self = Kind {
         group: super::gateway_api::GROUP,
         kind: "HTTPRoute",
+    };
+    pub const GRPC_ROUTE: Self = Kind {
+        group: super::gateway_api::GROUP,
+        kind: "GRPCRoute",
     };
     pub const SECRET: Self = Kind {
         group: "",

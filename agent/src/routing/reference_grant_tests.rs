@@ -79,7 +79,11 @@ fn listener(table: &RoutingTable) -> Vec<Short> {
 }
 
 fn route(table: &RoutingTable) -> Vec<Short> {
-    let StatusKind::Route { parents } = &status(table, "HTTPRoute", "shop").status else {
+    route_of_kind(table, "HTTPRoute")
+}
+
+fn route_of_kind(table: &RoutingTable, kind: &str) -> Vec<Short> {
+    let StatusKind::Route { parents } = &status(table, kind, "shop").status else {
         panic!("not a route status");
     };
     parents[0].conditions.iter().map(short).collect()
@@ -222,5 +226,36 @@ spec: {from: [], to: [{group: \"\", kind: Secret}]}
     assert!(
         errors[0].contains("ReferenceGrant certs/empty") && errors[0].contains("spec.from"),
         "{errors:?}"
+    );
+}
+
+#[test]
+fn a_grpcroute_backend_needs_a_grant_for_grpcroutes() {
+    let objects = gateway_and_route().replace(
+        "kind: HTTPRoute\nmetadata: {name: shop",
+        "kind: GRPCRoute\nmetadata: {name: shop",
+    );
+    let certificate = grant("certs", "Gateway", "infra", "{group: \"\", kind: Secret}");
+    let service = "{group: \"\", kind: Service, name: reviews}";
+    let with = |from_kind: &str| {
+        let backend = grant("default", from_kind, "apps", service);
+        let files = [
+            ("gw.yaml", objects.as_str()),
+            ("g0.yaml", certificate.as_str()),
+            ("g1.yaml", backend.as_str()),
+        ];
+        table(&files)
+    };
+    // A grant for HTTPRoutes does not cover a GRPCRoute.
+    let table = with("HTTPRoute");
+    let refs = route_of_kind(&table, "GRPCRoute")[1];
+    assert_eq!(refs, ("ResolvedRefs", false, "RefNotPermitted"));
+    assert_eq!(served(&table), Err(500));
+    let table = with("GRPCRoute");
+    let refs = route_of_kind(&table, "GRPCRoute")[1];
+    assert_eq!(refs, ("ResolvedRefs", true, "ResolvedRefs"));
+    assert_eq!(
+        served(&table),
+        Ok(vec![("default/reviews".to_owned(), None, 1)])
     );
 }

@@ -137,7 +137,7 @@ pub(super) fn table(files: &[(&str, &str)]) -> RoutingTable {
 
 /// Asserts one error, containing every part.
 #[track_caller]
-fn assert_error(files: &[(&str, &str)], parts: &[&str]) {
+pub(super) fn assert_error(files: &[(&str, &str)], parts: &[&str]) {
     let errors = load(files).expect_err("load should fail").0;
     let errors: Vec<_> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 1, "{errors:#?}");

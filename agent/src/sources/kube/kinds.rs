@@ -77,6 +77,7 @@ pub(super) const WATCHED: &[Kind] = &[
     Kind::spec(ISTIO_TELEMETRY, "v1", "Telemetry", "telemetries"),
     // Their status is kept: agents write it only when it differs (see `gateway_status`).
     Kind::spec(GATEWAY_API, "v1", "HTTPRoute", "httproutes").keeping(spec_and_status),
+    Kind::spec(GATEWAY_API, "v1", "GRPCRoute", "grpcroutes").keeping(spec_and_status),
     // Read by the CA too: a node serving a Gateway gets the ingress's identity.
     Kind::spec(GATEWAY_API, "v1", "Gateway", "gateways").keeping(spec_and_status),
     Kind::spec(GATEWAY_API, "v1", "GatewayClass", "gatewayclasses")
