@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use nodemesh_testbed::config::ServicePort;
 use nodemesh_testbed::mesh::{bookinfo_example, count_by, replace_object, Mesh, CLIENT};
 use nodemesh_testbed::prometheus::Prometheus;
 use nodemesh_testbed::workload_apps::python3;
@@ -52,13 +53,33 @@ assert s.recv(1) == b"x"
 time.sleep(600)
 "#;
 
-/// Bookinfo plus a TCP echo Service, both agents, and Prometheus in
-/// node-a's namespace scraping them.
+/// Connects to `host:port`, sends a byte, and prints how the connection
+/// ended: `closed` (reset or closed without a byte back) or `answered`.
+const TCP_PROBE_PY: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+try:
+    s.sendall(b"x")
+    print("answered" if s.recv(1) else "closed")
+except ConnectionResetError:
+    print("closed")
+"#;
+
+/// Bookinfo plus a TCP echo Service, a TCP Service without endpoints, both
+/// agents, and Prometheus in node-a's namespace scraping them.
 fn mesh_with_prometheus() -> (Mesh, Prometheus) {
     let mut mesh = Mesh::new(app_bin()).unwrap();
     mesh.bookinfo().unwrap();
     mesh.tcp_echo("node-b", "echo", &[("version", "v1")], 7000)
         .unwrap();
+    mesh.service(
+        "vacant",
+        &[ServicePort {
+            name: "tcp-vacant",
+            port: 7100,
+            target_port: 7100,
+        }],
+    );
     mesh.start(&[]).unwrap();
     let prometheus = Prometheus::scrape_mesh(&mut mesh).unwrap();
     (mesh, prometheus)
@@ -196,6 +217,20 @@ fn prometheus_counts_routed_requests_faults_and_tcp_bytes_from_both_agents() {
     q(
         r#"sum(istio_tcp_connections_closed_total{reporter="destination",destination_workload="echo",connection_security_policy="mutual_tls"})"#,
         TCP_SIZES.len() as f64,
+    );
+
+    // A connection to a Service without endpoints is closed by the caller's
+    // agent and counted with Envoy's flag for it, `UH`.
+    nodemesh_testbed::config::write_raw(&work, "tcp_probe.py", TCP_PROBE_PY).unwrap();
+    let probe = work.join("tcp_probe.py").to_string_lossy().into_owned();
+    let ended = mesh
+        .topo()
+        .run_in_ok(&client_netns, &[python3(), &probe, "vacant", "7100"])
+        .unwrap();
+    assert_eq!(ended.trim(), "closed");
+    q(
+        r#"sum(istio_tcp_connections_closed_total{reporter="source",source_workload="client",destination_service_name="vacant",response_flags="UH"})"#,
+        1.0,
     );
 
     // The agents' own health.

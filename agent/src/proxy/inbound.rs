@@ -122,7 +122,8 @@ pub async fn handle(
     }
     let Some(fd) = fds.split_one() else {
         relay::reset(&client);
-        return tracked.finish(Err("no descriptor left for the delivery".into()));
+        let full = RelayError::Overflow("no descriptor left for the delivery".into());
+        return tracked.finish(Err(full));
     };
     let timeout = proxy.settings.connect_timeout;
     let outcome = match peer::deliver(proxy, pod, app, caller.address, timeout, fd).await {

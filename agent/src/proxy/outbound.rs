@@ -334,7 +334,9 @@ async fn connect(
     fd: Option<Fds>,
     resumable: bool,
 ) -> Result<Upstream, RelayError> {
-    let fd = fd.ok_or("no descriptor left for the upstream connection")?;
+    let fd = fd.ok_or_else(|| {
+        RelayError::Overflow("no descriptor left for the upstream connection".into())
+    })?;
     let hop = {
         let cfg = proxy.config.current();
         let upstream = match record.upstream {
@@ -349,7 +351,8 @@ async fn connect(
             .map_or_else(Default::default, |service| {
                 cfg.routing().upstream_tls(service, None, port).tls
             });
-        let hop = hop::choose(proxy, &cfg, upstream, tls).map_err(|e| e.to_string())?;
+        let hop = hop::choose(proxy, &cfg, upstream, tls)
+            .map_err(|e| RelayError::Unreachable(e.to_string()))?;
         record.transport = Some(hop.name());
         if !matches!(hop, hop::Hop::Plain) {
             record.destination_identity = cfg
@@ -391,29 +394,34 @@ fn destination(
     proxy: &Proxy,
     cfg: &Config,
     record: &mut ConnectionRecord,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, RelayError> {
     let orig = record.original_destination;
     let Some(service) = cfg.service_by_cluster_ip(orig.ip()) else {
         record.destination_workload = cfg.workload_by_address(orig.ip()).map(|w| w.key());
         return Ok(orig);
     };
     let key = service.key();
-    let port = service
-        .port(orig.port(), Protocol::Tcp)
-        .ok_or_else(|| format!("service {key} has no port {}", orig.port()))?;
+    let port = service.port(orig.port(), Protocol::Tcp).ok_or_else(|| {
+        RelayError::Unreachable(format!("service {key} has no port {}", orig.port()))
+    })?;
     let endpoints: Vec<_> = cfg.endpoints(service).collect();
     let chosen = proxy
         .next_index(&key, endpoints.len())
-        .map(|i| endpoints[i])
-        .ok_or_else(|| format!("service {key} has no endpoints"))?;
+        .map(|i| endpoints[i]);
+    // Named in the record even when it has no endpoint (`UH`).
+    let chosen = chosen
+        .ok_or_else(|| RelayError::NoHealthyUpstream(format!("service {key} has no endpoints")));
+    record.service = Some(key);
+    let chosen = chosen?;
     let ip = chosen
         .addresses
         .iter()
         .find(|ip| ip.is_ipv4() == orig.is_ipv4())
         .or(chosen.addresses.first())
         .copied()
-        .ok_or_else(|| format!("workload {} has no address", chosen.key()))?;
-    record.service = Some(key);
+        .ok_or_else(|| {
+            RelayError::NoHealthyUpstream(format!("workload {} has no address", chosen.key()))
+        })?;
     record.destination_workload = Some(chosen.key());
     Ok(SocketAddr::new(ip, port.target_port))
 }
