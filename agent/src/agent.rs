@@ -107,6 +107,7 @@ async fn serve_hbone(
         listener,
         identities.clone(),
         proxy.clone(),
+        proxy.resumable.clone(),
         proxy.drain.watch(),
     );
     Ok(Some((tokio::spawn(serving), kept)))

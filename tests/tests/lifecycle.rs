@@ -88,8 +88,12 @@ impl Shop {
     }
 
     fn another(&mut self, label: &str, flags: &[&str]) -> Agent {
+        self.another_on("node-a", label, flags)
+    }
+
+    fn another_on(&mut self, node: &str, label: &str, flags: &[&str]) -> Agent {
         let dir = self.config_dir.clone();
-        Agent::start_another(&mut self.topo, "node-a", &dir, label, flags).unwrap()
+        Agent::start_another(&mut self.topo, node, &dir, label, flags).unwrap()
     }
 
     fn get(&self, pod: &str, url: &str) {
@@ -675,15 +679,20 @@ fn assert_whole(what: &str, verdict: &str) {
     println!("{what}: {verdict}");
 }
 
-/// Two hand-overs of node-a: from `first` to a new agent (`--take-over`),
+/// Two hand-overs of `node`: from `first` to a new agent (`--take-over`),
 /// then from that one to a standby once it is stopped; `after` runs after
 /// each. Returns the second and third agents.
-fn hand_over_twice(shop: &mut Shop, first: &mut Agent, after: impl Fn(&Shop)) -> (Agent, Agent) {
-    let mut second = shop.another("second", &["--take-over"]);
+fn hand_over_twice(
+    shop: &mut Shop,
+    node: &str,
+    first: &mut Agent,
+    after: impl Fn(&Shop),
+) -> (Agent, Agent) {
+    let mut second = shop.another_on(node, "second", &["--take-over"]);
     handed_over(first, &mut second);
     after(shop);
     sleep(Duration::from_secs(1));
-    let mut third = shop.another("third", &[]);
+    let mut third = shop.another_on(node, "third", &[]);
     second.stop();
     wait_for("the standby to own the node", || is_owner_and_ready(&third));
     second.set_uninstall_on_drop(false);
@@ -721,7 +730,7 @@ fn opaque_relays_are_carried_across_two_hand_overs_without_losing_a_byte() {
     let outbound = CounterStream::start(&shop, "client", &plainweb);
     let local = CounterStream::start(&shop, "client", ECHO_IP);
     sleep(Duration::from_secs(1));
-    let (second, third) = hand_over_twice(&mut shop, &mut first, |_| {});
+    let (second, third) = hand_over_twice(&mut shop, "node-a", &mut first, |_| {});
     assert_carried(&[("first", &first), ("second", &second)], 3);
     assert_whole("plaintext inbound", &inbound.finish());
     assert_whole("plaintext outbound", &outbound.finish());
@@ -775,43 +784,85 @@ fn opaque_relays_to_another_node_survive_two_hand_overs_of_the_callers_agent() {
     let across = CounterStream::start(&shop, "client", &remote);
     sleep(Duration::from_secs(1));
     // Another tenant's requests go on meanwhile.
-    let (second, third) = hand_over_twice(&mut shop, &mut first, |shop| shop.get("outsider", &web));
+    let (second, third) = hand_over_twice(&mut shop, "node-a", &mut first, |shop| {
+        shop.get("outsider", &web)
+    });
     assert_carried(&[("first", &first), ("second", &second)], 1);
     assert_whole("to a workload on another node", &across.finish());
     // node-b's agent resumed the stream twice and kept it as one connection.
     let resumed = node_b.log().matches("resumed").count();
     assert_eq!(resumed, 2, "{}", node_b.log());
+    assert_reported_once(&third, "outbound", &remote);
+    assert_reported_once(&node_b, "inbound", &remote);
+}
+
+/// `agent` reports the counter stream from `shop/client` to `remote`:9000
+/// as one connection in `direction`, whole (every line echoed, counted
+/// once over all its streams) and with the caller's identity.
+fn assert_reported_once(agent: &Agent, direction: &str, remote: &str) {
     let is_across = |c: &serde_json::Value| {
-        c["transport"] == "hbone"
+        c["direction"] == direction
+            && c["transport"] == "hbone"
             && c["source_workload"] == "shop/client"
             && c["upstream"] == format!("{remote}:9000")
     };
-    for (agent, direction) in [(&third, "outbound"), (&node_b, "inbound")] {
-        wait_for("the connection to be reported", || {
-            agent
-                .connections()
-                .unwrap()
-                .iter()
-                .any(|c| c["direction"] == direction && is_across(c))
-        });
-        let records: Vec<_> = agent
-            .connections()
-            .unwrap()
-            .into_iter()
-            .filter(|c| c["direction"] == direction && is_across(c))
-            .collect();
-        assert_eq!(records.len(), 1, "{records:?}");
-        let record = &records[0];
-        assert!(record["bytes_sent"].as_u64().unwrap() > 0, "{record}");
-        // Every line echoed, counted once over the three streams.
-        assert_eq!(record["bytes_sent"], record["bytes_received"], "{record}");
-        assert_eq!(record["outcome"], "ok", "{record}");
-        assert!(
-            record["source_identity"]
-                .as_str()
-                .is_some_and(|id| id.contains("/ns/shop/sa/")),
-            "{record}"
-        );
-        println!("{direction} record: {record}");
+    wait_for("the connection to be reported", || {
+        agent.connections().unwrap().iter().any(is_across)
+    });
+    let records: Vec<_> = agent
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(is_across)
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert!(record["bytes_sent"].as_u64().unwrap() > 0, "{record}");
+    assert_eq!(record["bytes_sent"], record["bytes_received"], "{record}");
+    assert_eq!(record["outcome"], "ok", "{record}");
+    assert!(
+        record["source_identity"]
+            .as_str()
+            .is_some_and(|id| id.contains("/ns/shop/sa/")),
+        "{record}"
+    );
+    println!("{direction} record: {record}");
+}
+
+/// The same connection across two hand-overs of the *destination's* agent
+/// (node-b): the old agent quiesces the stream with node-a's agent and
+/// carries the server's socket to the next one, where node-a's agent
+/// resumes the stream; another tenant's requests through node-b go on.
+#[test]
+fn opaque_relays_from_another_node_survive_two_hand_overs_of_the_destinations_agent() {
+    let mut shop = Shop::new();
+    start_tcp_echo(&mut shop.topo, "remote", 9000).unwrap();
+    let dir = shop.config_dir.clone();
+    let mut first = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    let node_a = shop.agent();
+    let remote = shop.topo.pod("remote").address.to_string();
+    let across = CounterStream::start(&shop, "client", &remote);
+    sleep(Duration::from_secs(1));
+    let other_tenant = |shop: &Shop| {
+        let remote_app = format!("http://{}:9080/", shop.topo.pod("remote").address);
+        shop.get("outsider", &remote_app);
+        shop.get("web", &format!("http://{REMOTE_IP}/"));
+    };
+    other_tenant(&shop);
+    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, other_tenant);
+    assert_carried(&[("first", &first), ("second", &second)], 1);
+    assert_whole("from a workload on another node", &across.finish());
+    for (what, agent) in [("second", &second), ("third", &third)] {
+        let log = agent.log();
+        let took = log.lines().find(|l| l.contains("took node "));
+        println!("{what} agent: {}", took.unwrap_or("(no take-over line)"));
     }
+    // node-a's agent resumed the stream with each new agent of node-b.
+    let moved = node_a
+        .log()
+        .matches("moved by its destination's agent")
+        .count();
+    assert_eq!(moved, 2, "{}", node_a.log());
+    assert_reported_once(&node_a, "outbound", &remote);
+    assert_reported_once(&third, "inbound", &remote);
 }

@@ -15,7 +15,10 @@
 //! of both its ends. A relay to a workload on another node, through a
 //! resumable HBONE stream, is carried with its client's socket alone: TLS
 //! and HTTP/2 state cannot move, so the stream is quiesced with the
-//! destination's agent and the next agent opens a new one (`resume`).
+//! destination's agent and the next agent opens a new one (`resume`). The
+//! destination's end of such a stream is carried with its application's
+//! socket alone, parked until the caller's agent resumes the stream with
+//! the next agent (`moved`).
 //! Streams that are not resumable (to a ztunnel, or an L7 tunnel) stay
 //! with the old agent.
 
@@ -114,7 +117,8 @@ impl CarriedMeta {
 }
 
 /// A quiesced relay: its client's socket, and its upstream's unless it
-/// relays to a resumable HBONE stream (`meta.hbone`).
+/// relays to a resumable HBONE stream (`meta.hbone`; at the stream's
+/// destination, `client` is the application's socket).
 pub struct Carried {
     pub meta: CarriedMeta,
     pub client: OwnedFd,

@@ -411,7 +411,10 @@ impl Client for Prefixed<Tunnel> {
         tcp: TcpRelay,
     ) -> Result<Transferred, RelayError> {
         match tcp.resume {
-            Some(resume) => resume::relay_parkable(self, proxy, app, tcp.live, resume).await,
+            Some(resume) => {
+                let (first, meta) = (Some(self), tcp.meta);
+                resume::relay_parkable(proxy, app, first, None, meta, tcp.live, resume).await
+            }
             None => relay_opaque(self, proxy, app, tcp.live).await,
         }
     }
@@ -773,6 +776,10 @@ impl Proxy {
                 let mut to =
                     Delivered::of(proxy, &pod, &mut tracked, &caller, protocol, caller_side);
                 if let Some(tcp) = &mut to.tcp {
+                    // Where the caller's end is, to move the stream at a
+                    // hand-over of this agent.
+                    tcp.meta.hbone =
+                        (resume.as_ref()).and_then(|r| proxy.caller_end(&request, r.id));
                     tcp.resume = resume;
                 }
                 serve_until_refused(proxy, client, &caller, to, protocol, server).await

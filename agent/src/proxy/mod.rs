@@ -21,6 +21,7 @@ mod hop;
 mod idle;
 mod inbound;
 mod l7;
+mod moved;
 mod outbound;
 mod outcome;
 pub(crate) mod peer;
@@ -333,6 +334,8 @@ pub struct Proxy {
     pub drain: Drain,
     /// Opaque relays that can be carried to the next agent.
     pub carrier: carry::Carrier,
+    /// Resumable HBONE streams with an end here (either end).
+    pub resumable: Arc<transport::resume::Registry>,
     /// Connections and requests that AuthorizationPolicy denied.
     pub denials: authorize::Denials,
     /// Istio's metrics of every request and connection.
@@ -378,6 +381,7 @@ impl Proxy {
             clusters: l7::Clusters::default(),
             drain: Drain::default(),
             carrier: carry::Carrier::default(),
+            resumable: Arc::default(),
             denials: authorize::Denials::default(),
         }
     }

@@ -9,31 +9,38 @@
 //!   application socket is parked, still charged to its workload, for at
 //!   most [`PARK_GRACE`]; a resumed stream picks it up, and the connection
 //!   goes on as one, with one record.
+//! - At a hand-over of the destination's agent the roles swap (`moved`):
+//!   its relay quiesces the stream with the caller's agent, the parked
+//!   application socket goes to the next agent, and the caller's agent
+//!   resumes the stream there.
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use super::carry::{Carried, CarriedMeta};
+use super::moved::{relay_resumable, QuiescedBy};
 use super::outcome::RelayError;
 use super::peer::Prefixed;
 use super::quiesce::{self, Closing};
-use super::relay::{self, RelayOptions, Stopped, Transferred};
-use super::{Pod, Proxy};
+use super::relay::{self, Ended, RelayOptions, Stopped, Transferred};
+use super::{Direction, Pod, Proxy};
 use crate::identity::SpiffeId;
 use crate::telemetry::LiveBytes;
 use crate::transport::resume::{Resumable, ResumeId, PARK_GRACE};
 use crate::transport::{Destination, Source, Tunnel};
 
-/// How a resumable stream resumes: its id, and where it goes.
+/// How a resumable stream resumes: its id, and where its other end is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Resume {
     pub id: ResumeId,
-    /// The destination's node, its HBONE address, and the workload's
-    /// `ip:port` there.
+    /// The other end's node, its agent's HBONE address, and the workload's
+    /// `ip:port` there (the destination's, on the caller's side; the
+    /// caller's address on the destination's side, whose agent quiesces
+    /// it from there).
     pub node: String,
     pub node_addr: SocketAddr,
     pub to: SocketAddr,
@@ -49,7 +56,7 @@ impl Resume {
         }
     }
 
-    fn destination(&self) -> Destination {
+    pub(super) fn destination(&self) -> Destination {
         Destination {
             node: self.node.clone(),
             node_addr: self.node_addr,
@@ -62,7 +69,9 @@ impl Proxy {
     /// Relays `client` and a resumable stream (`meta.hbone`) to their end;
     /// at a hand-over, quiesces the stream with the destination's agent and
     /// carries the client to the next agent (then ends with
-    /// [`RelayError::HandedOver`]). What moved counts from the connection's start.
+    /// [`RelayError::HandedOver`]). At a hand-over of the destination's
+    /// agent, quiesced by it, resumes the stream with the next one. What
+    /// moved counts from the connection's start.
     pub(super) async fn relay_hbone(
         &self,
         client: &TcpStream,
@@ -78,43 +87,40 @@ impl Proxy {
         };
         let id = resume.id;
         let mut relaying = self.carrier.enter();
+        // Disarmed once quiesced here (too late to be carried).
         let mut hand_over = Some(self.carrier.told());
+        let mut moves = self.movable_end(&meta, &resume);
         let mut resumed: Option<Prefixed<Tunnel>> = None;
         loop {
             let stream = match resumed.as_mut() {
                 Some(stream) => stream,
                 None => &mut *first,
             };
-            let quiesce = hand_over.take();
-            let told = async move {
-                if let Some(mut quiesce) = quiesce {
-                    if quiesce.wait_for(|q| *q).await.is_ok() {
-                        return;
-                    }
-                }
-                // Quiesced here once already (too late to be carried).
-                std::future::pending().await
-            };
-            let exchange = |sent| {
-                let (source, destination) = (&source, &destination);
-                async move {
-                    let timeout = self.settings.connect_timeout;
-                    let hbone = &self.hbone;
-                    match hbone.quiesce(source, destination, id, sent, timeout).await {
-                        Ok(theirs) => Some(theirs),
-                        Err(e) => {
-                            log::warn!("stream {id} cannot be quiesced, relayed on: {e}");
-                            None
-                        }
-                    }
-                }
-            };
-            let stopped =
-                quiesce::relay(client, stream, how.clone(), meta.ended, told, exchange).await?;
+            let ask = |sent| self.ask_to_quiesce(&source, &destination, id, sent);
+            let requests = moves.as_mut().map(|end| &mut end.control);
+            let (stopped, by) = relay_resumable(
+                client,
+                stream,
+                how.clone(),
+                meta.ended,
+                hand_over.as_mut(),
+                requests,
+                ask,
+            )
+            .await?;
             if let Some(moved) = meta.moved(stopped) {
                 return Ok(moved);
             }
             let ended = meta.ended;
+            if let QuiescedBy::Peer(_) = by {
+                // The destination's agent was handed over: its next one
+                // resumes the stream.
+                quiesce::close(stream, ended, Closing::Second).await;
+                let next = self.resume_moved(&source, &destination, id).await;
+                resumed = Some(next.inspect_err(|_| relay::reset(client))?);
+                continue;
+            }
+            hand_over = None;
             let carried = client.as_fd().try_clone_to_owned().map(|client| Carried {
                 meta: meta.clone(),
                 client,
@@ -149,6 +155,10 @@ impl Proxy {
     /// as the same workload (still enrolled here with the same identity)
     /// to the same node.
     pub(super) async fn resume_hbone(&self, pod: &Pod, client: &TcpStream, meta: CarriedMeta) {
+        if meta.direction == Direction::Inbound {
+            // The destination's end, moved here with its application's socket.
+            return self.resume_parked(pod, client, meta).await;
+        }
         let mut tracked = self.track_carried(&meta, "hbone");
         let live = self.count_live(&mut tracked.record, meta.caller, false);
         let resume = meta.hbone.clone().expect("an HBONE relay's stream");
@@ -193,14 +203,19 @@ impl Proxy {
 }
 
 /// The destination's side of a resumable stream: relays the application's
-/// socket `app` and the stream until both end; quiesced (the caller's agent
-/// is handed over), parks `app` until a new stream resumes it, or closes it
-/// after [`PARK_GRACE`]. `sent` is what the caller sent, as for any
-/// inbound relay.
+/// socket `app` and the stream (`first`, or the one that resumes the
+/// stream `parked`) until both end. Quiesced by the caller's agent (it is
+/// handed over), parks `app` until a new stream resumes it, or closes it
+/// after [`PARK_GRACE`]. At a hand-over of this agent, quiesces the stream
+/// with the caller's agent and carries `app` to the next agent (then ends
+/// with [`RelayError::HandedOver`]). What moved counts from the
+/// connection's start, as the caller sees it (`sent`: what it sent).
 pub(super) async fn relay_parkable(
-    first: &mut Prefixed<Tunnel>,
     proxy: &Proxy,
     app: &TcpStream,
+    mut first: Option<&mut Prefixed<Tunnel>>,
+    mut parked: Option<oneshot::Receiver<Tunnel>>,
+    mut meta: CarriedMeta,
     live: Option<LiveBytes>,
     mut resumable: Resumable,
 ) -> Result<Transferred, RelayError> {
@@ -209,64 +224,103 @@ pub(super) async fn relay_parkable(
         live: live.map(LiveBytes::reversed),
     };
     let id = resumable.id;
-    let (mut moved, mut ended) = (Transferred::default(), relay::Ended::default());
+    // Movable at this agent's hand-over when the caller's end is known.
+    let mover = meta.hbone.as_ref().and_then(|caller_end| {
+        let identity = SpiffeId::parse(meta.destination_identity.as_deref()?).ok()?;
+        let address = meta.upstream.unwrap_or(meta.original_destination).ip();
+        Some((Source { identity, address }, caller_end.destination()))
+    });
+    let mut relaying = mover.as_ref().map(|_| proxy.carrier.enter());
+    let mut hand_over = mover.as_ref().map(|_| proxy.carrier.told());
     let mut resumed: Option<Prefixed<Tunnel>> = None;
     loop {
-        let stream = match resumed.as_mut() {
-            Some(stream) => stream,
-            None => &mut *first,
-        };
-        // The quiesce asked for, then the stream that will resume it.
-        let (asked, next) = (Mutex::new(None), Mutex::new(None));
-        let told = async {
-            match resumable.control.recv().await {
-                Some(quiesce) => *lock(&asked) = Some(quiesce),
-                None => std::future::pending().await,
-            }
-        };
-        let exchange = |sent| {
-            let quiesce = lock(&asked).take();
-            let next = &next;
-            async move {
-                let quiesce = quiesce?;
-                quiesce.reply.send(sent).ok()?;
-                *lock(next) = Some(quiesce.next);
-                Some(quiesce.their_sent)
-            }
-        };
-        let stopped = quiesce::relay(app, stream, how.clone(), ended, told, exchange).await?;
-        let (transferred, now_ended) = match stopped {
-            Stopped::Closed(transferred) => return Ok(flip(moved + transferred)),
-            Stopped::Quiesced(transferred, now_ended) => (transferred, now_ended),
-        };
-        (moved, ended) = (moved + transferred, now_ended);
-        quiesce::close(stream, ended, Closing::Second).await;
-        let parked = lock(&next).take();
-        let parked = parked.expect("a quiesced stream has its next one coming");
-        log::info!(
-            "stream {id} quiesced: its application socket waits for the caller's next agent"
-        );
-        match tokio::time::timeout(PARK_GRACE, parked).await {
-            Ok(Ok(tunnel)) => resumed = Some(Prefixed::new(tunnel)),
-            _ => {
-                relay::reset(app);
-                return Err(format!(
-                    "the caller's agent did not resume stream {id} within {PARK_GRACE:?}"
-                )
-                .into());
+        if let Some(next) = parked.take() {
+            log::info!(
+                "stream {id} quiesced: its application socket waits for the caller's next agent"
+            );
+            match tokio::time::timeout(PARK_GRACE, next).await {
+                Ok(Ok(tunnel)) => resumed = Some(Prefixed::new(tunnel)),
+                _ => {
+                    relay::reset(app);
+                    return Err(format!(
+                        "the caller's agent did not resume stream {id} within {PARK_GRACE:?}"
+                    )
+                    .into());
+                }
             }
         }
+        let stream = match resumed.as_mut() {
+            Some(stream) => stream,
+            None => first
+                .as_deref_mut()
+                .expect("a stream to relay, or one resuming"),
+        };
+        let mover = mover.as_ref();
+        let ask = |sent| async move {
+            let (source, caller_node) = mover?;
+            proxy.ask_to_quiesce(source, caller_node, id, sent).await
+        };
+        let ended = flip_ended(meta.ended);
+        let requests = Some(&mut resumable.control);
+        let (stopped, by) = relay_resumable(
+            app,
+            stream,
+            how.clone(),
+            ended,
+            hand_over.as_mut(),
+            requests,
+            ask,
+        )
+        .await?;
+        if let Some(moved) = meta.moved(flip_stopped(stopped)) {
+            return Ok(moved);
+        }
+        let ended = flip_ended(meta.ended);
+        if let QuiescedBy::Peer(next) = by {
+            quiesce::close(stream, ended, Closing::Second).await;
+            parked = Some(next);
+            continue;
+        }
+        // Moved: the caller's agent resumes the stream with the next agent,
+        // which gets the application's socket, parked under the same id.
+        let carried = app.as_fd().try_clone_to_owned().map(|app| Carried {
+            meta: meta.clone(),
+            client: app,
+            upstream: None,
+        });
+        let offered = match (carried, relaying.as_mut()) {
+            (Ok(carried), Some(relaying)) => relaying.offer(carried),
+            (Err(e), _) => {
+                log::warn!("stream {id} cannot be handed over: {e}");
+                false
+            }
+            (_, None) => false,
+        };
+        quiesce::close(stream, ended, Closing::First).await;
+        if offered {
+            return Err(RelayError::HandedOver);
+        }
+        relay::reset(app);
+        return Err(format!("stream {id} was quiesced too late to be handed over").into());
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+/// From the application's view (sent: to the caller) to the caller's, and
+/// back.
+fn flip_ended(ended: Ended) -> Ended {
+    Ended {
+        sent: ended.received,
+        received: ended.sent,
+    }
 }
 
-/// From the application's view (sent: to the caller) to the caller's.
-fn flip(moved: Transferred) -> Transferred {
-    Transferred {
+fn flip_stopped(stopped: Stopped) -> Stopped {
+    let flip = |moved: Transferred| Transferred {
         sent: moved.received,
         received: moved.sent,
+    };
+    match stopped {
+        Stopped::Closed(moved) => Stopped::Closed(flip(moved)),
+        Stopped::Quiesced(moved, ended) => Stopped::Quiesced(flip(moved), flip_ended(ended)),
     }
 }

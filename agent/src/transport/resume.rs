@@ -12,6 +12,15 @@
 //! the destination then parks the application socket for [`PARK_GRACE`]
 //! until a `CONNECT` with `nodemesh-resume: <id>` (from the next agent)
 //! gives it a new stream.
+//!
+//! At a hand-over of the destination's agent the same exchange runs the
+//! other way: the caller's agent registers its end of the stream here too
+//! ([`Registry::register`], bound to the destination's workload identity
+//! and node), the old destination agent sends the same quiesce to the
+//! caller's node as that workload, and once both ends read up to the
+//! other's count the caller's agent resumes the stream with a `CONNECT`,
+//! which reaches the new destination agent: it adopted the parked
+//! application socket with the id ([`Registry::adopt`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -111,6 +120,9 @@ struct Entry {
     remote: IpAddr,
     control: mpsc::Sender<Quiesce>,
     next: Option<oneshot::Sender<Tunnel>>,
+    /// The destination's end: a `CONNECT` may resume it. The caller's end
+    /// is only ever quiesced.
+    resumes_here: bool,
 }
 
 /// The destination's resumable streams.
@@ -140,7 +152,6 @@ impl Registry {
 
     /// A new resumable stream for `peer` calling from `remote` (its node).
     pub fn open(self: &Arc<Self>, peer: &SpiffeId, remote: IpAddr) -> Resumable {
-        let (control, requests) = mpsc::channel(1);
         let mut entries = self.lock();
         let id = loop {
             let id = ResumeId::random();
@@ -148,20 +159,67 @@ impl Registry {
                 break id;
             }
         };
-        entries.insert(
-            id,
-            Entry {
-                peer: peer.clone(),
-                remote: remote.to_canonical(),
-                control,
-                next: None,
-            },
-        );
-        Resumable {
+        let (resumable, _) = self.insert(&mut entries, id, peer, remote, true);
+        resumable
+    }
+
+    /// The caller's end of stream `id`, which the destination's workload
+    /// `peer` on the node at `remote` may quiesce (when its agent is handed
+    /// over); `None` if the id is taken here.
+    pub fn register(
+        self: &Arc<Self>,
+        id: ResumeId,
+        peer: &SpiffeId,
+        remote: IpAddr,
+    ) -> Option<Resumable> {
+        let mut entries = self.lock();
+        if entries.contains_key(&id) {
+            return None;
+        }
+        Some(self.insert(&mut entries, id, peer, remote, false).0)
+    }
+
+    /// The destination's end of stream `id`, handed over quiesced by the
+    /// previous agent: the stream that resumes it arrives on the receiver
+    /// (from `peer` at `remote` only, as before); `None` if the id is taken.
+    pub fn adopt(
+        self: &Arc<Self>,
+        id: ResumeId,
+        peer: &SpiffeId,
+        remote: IpAddr,
+    ) -> Option<(Resumable, oneshot::Receiver<Tunnel>)> {
+        let mut entries = self.lock();
+        if entries.contains_key(&id) {
+            return None;
+        }
+        let (resumable, entry) = self.insert(&mut entries, id, peer, remote, true);
+        let (next, resumed) = oneshot::channel();
+        entry.next = Some(next);
+        Some((resumable, resumed))
+    }
+
+    fn insert<'a>(
+        self: &Arc<Self>,
+        entries: &'a mut HashMap<ResumeId, Entry>,
+        id: ResumeId,
+        peer: &SpiffeId,
+        remote: IpAddr,
+        resumes_here: bool,
+    ) -> (Resumable, &'a mut Entry) {
+        let (control, requests) = mpsc::channel(1);
+        let entry = entries.entry(id).insert_entry(Entry {
+            peer: peer.clone(),
+            remote: remote.to_canonical(),
+            control,
+            next: None,
+            resumes_here,
+        });
+        let resumable = Resumable {
             id,
             control: requests,
             registry: self.clone(),
-        }
+        };
+        (resumable, entry.into_mut())
     }
 
     /// The entry `id`, if `peer` from `remote` may use it: exactly the
@@ -217,6 +275,9 @@ impl Registry {
     ) -> Result<oneshot::Sender<Tunnel>, ResumeRefused> {
         let mut entries = self.lock();
         let entry = Self::check(&mut entries, id, peer, remote)?;
+        if !entry.resumes_here {
+            return Err(ResumeRefused::Unknown);
+        }
         entry.next.take().ok_or(ResumeRefused::NotQuiesced)
     }
 }
@@ -271,5 +332,53 @@ mod tests {
         drop(stream);
         let gone = registry.attach(stream_id, &id("client"), node_a);
         assert_eq!(gone.err(), Some(ResumeRefused::Unknown));
+    }
+
+    /// A stream moved to the next destination agent keeps its binding: only
+    /// the caller's identity from the caller's node resumes it; and the
+    /// caller's end, registered for the destination's move, is quiesced
+    /// only by the destination's workload from its node, never resumed.
+    #[tokio::test]
+    async fn a_moved_stream_is_resumed_and_quiesced_only_by_its_two_ends() {
+        let registry = Arc::new(Registry::default());
+        let node_a: IpAddr = "10.0.0.1".parse().unwrap();
+        let node_b: IpAddr = "10.0.0.2".parse().unwrap();
+        let stream_id = ResumeId::random();
+        let (_parked, mut resumed) = registry.adopt(stream_id, &id("client"), node_a).unwrap();
+        // Adopted once: the same id again is refused.
+        assert!(registry.adopt(stream_id, &id("client"), node_a).is_none());
+        assert!(registry
+            .register(stream_id, &id("server"), node_b)
+            .is_none());
+        // A forged resume (another workload, or the same from another node).
+        let forged = registry.attach(stream_id, &id("thief"), node_a);
+        assert_eq!(forged.err(), Some(ResumeRefused::NotYours));
+        let elsewhere = registry.attach(stream_id, &id("client"), node_b);
+        assert_eq!(elsewhere.err(), Some(ResumeRefused::NotYours));
+        assert!(resumed.try_recv().is_err(), "nothing resumed it yet");
+        // The caller's agent resumes it, once.
+        assert!(registry.attach(stream_id, &id("client"), node_a).is_ok());
+        let again = registry.attach(stream_id, &id("client"), node_a);
+        assert_eq!(again.err(), Some(ResumeRefused::NotQuiesced));
+
+        // The caller's end of another stream, on the caller's node.
+        let callers = Arc::new(Registry::default());
+        let other = ResumeId::random();
+        let mut end = callers.register(other, &id("server"), node_b).unwrap();
+        let stolen = callers.quiesce(other, &id("thief"), node_b, 3).await;
+        assert_eq!(stolen, Err(ResumeRefused::NotYours));
+        let from_elsewhere = callers.quiesce(other, &id("server"), node_a, 3).await;
+        assert_eq!(from_elsewhere, Err(ResumeRefused::NotYours));
+        let moving = tokio::spawn({
+            let callers = callers.clone();
+            async move { callers.quiesce(other, &id("server"), node_b, 3).await }
+        });
+        let asked = end.control.recv().await.unwrap();
+        assert_eq!(asked.their_sent, 3);
+        asked.reply.send(9).unwrap();
+        assert_eq!(moving.await.unwrap(), Ok(9));
+        // Quiesced, the caller's end is still not a stream to resume.
+        let connect = callers.attach(other, &id("server"), node_b);
+        assert_eq!(connect.err(), Some(ResumeRefused::Unknown));
     }
 }

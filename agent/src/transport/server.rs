@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::resume::{self, Registry, Resumable, ResumeId};
+use super::resume::{self, Registry, Resumable, ResumeId, ResumeRefused};
 use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::until_drained;
@@ -75,14 +75,15 @@ pub trait Inbound: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Accepts HBONE connections on `listener` for as long as it runs.
+/// Accepts HBONE connections on `listener` for as long as it runs;
+/// `registry` holds this agent's resumable streams.
 pub async fn serve<I: Inbound>(
     listener: TcpListener,
     identities: Arc<Identities>,
     inbound: Arc<I>,
+    registry: Arc<Registry>,
     drain: watch::Receiver<bool>,
 ) {
-    let registry = Arc::new(Registry::default());
     loop {
         let (tcp, remote) = match listener.accept().await {
             // The listener is dual-stack: show IPv4 callers as such.
@@ -264,7 +265,7 @@ impl Caller<'_> {
         let parked = self
             .registry
             .attach(id, self.peer, self.remote.ip())
-            .map_err(|e| (what(), forbidden(e.to_string())))?;
+            .map_err(|e| (what(), resume_refused(e)))?;
         let upgrade = hyper::upgrade::on(&mut request);
         tokio::spawn(async move {
             match upgrade.await {
@@ -316,6 +317,15 @@ fn refusal(status: StatusCode, reason: String) -> Refusal {
 
 fn forbidden(reason: String) -> Refusal {
     refusal(StatusCode::FORBIDDEN, reason)
+}
+
+/// 404 for an id unknown here (a stream whose application socket is still
+/// on its way from the previous agent is, for a moment), 403 otherwise.
+fn resume_refused(refused: ResumeRefused) -> Refusal {
+    match refused {
+        ResumeRefused::Unknown => refusal(StatusCode::NOT_FOUND, refused.to_string()),
+        _ => forbidden(refused.to_string()),
+    }
 }
 
 fn not_connect(request: &Request<Incoming>) -> Refusal {
