@@ -114,7 +114,7 @@ pub async fn run(down: &Downstream, target: &Target, mut request: Request<Body>)
                         Err(tunnel) => Spliced::Sockets(tunnel),
                     },
                     (Ok(tunnel), None) => Spliced::Sockets(tunnel),
-                    (Err(other), _) => other,
+                    (Err(other), _) => *other,
                 };
                 tunnel.splice(activity, idle_timeout).await;
             }
@@ -151,15 +151,15 @@ enum Spliced {
 
 impl SocketTunnel {
     /// The tunnel's two sockets, if it has two (else it is spliced here).
-    fn of(client: Upgraded, server: Upgraded, held: Held) -> Result<SocketTunnel, Spliced> {
+    fn of(client: Upgraded, server: Upgraded, held: Held) -> Result<SocketTunnel, Box<Spliced>> {
         let server = match server.downcast::<TokioIo<Charged>>() {
             Ok(server) => server,
-            Err(server) => return Err(Spliced::Upgrades(client, server, held)),
+            Err(server) => return Err(Box::new(Spliced::Upgrades(client, server, held))),
         };
         let (upstream, upstream_head) = (server.io.into_inner(), server.read_buf);
         if !matches!(upstream.stream, Stream::Tcp(_)) {
             let upstream = Prefixed::with_head(BytesMut::from(upstream_head), upstream);
-            return Err(Spliced::Other(client, upstream, held));
+            return Err(Box::new(Spliced::Other(client, upstream, held)));
         }
         match client.downcast::<TokioIo<Tracked<TcpStream>>>() {
             Ok(client) => Ok(SocketTunnel {
@@ -171,7 +171,7 @@ impl SocketTunnel {
             }),
             Err(client) => {
                 let upstream = Prefixed::with_head(BytesMut::from(upstream_head), upstream);
-                Err(Spliced::Other(client, upstream, held))
+                Err(Box::new(Spliced::Other(client, upstream, held)))
             }
         }
     }
