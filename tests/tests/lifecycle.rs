@@ -571,9 +571,22 @@ fn sessions_open_across_an_upgrade_end_as_the_readme_promises() {
 /// echo at ARGV[1]:ARGV[2] and checks every line comes back once and in
 /// order. After a line on stdin it stops writing, waits for the echoes of
 /// all it wrote and reports them and the longest wait between two echoes.
+/// With ARGV[3] (`upgrade`), the connection first switches protocols with
+/// an HTTP/1.1 `Upgrade` request, as a WebSocket does.
 const COUNTER_PY: &str = r#"
 import select, socket, sys, threading, time
 conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
+rest = b""
+if len(sys.argv) > 3:
+    conn.sendall(b"GET /counter HTTP/1.1\r\nHost: ws\r\nUpgrade: counter\r\nConnection: Upgrade\r\n\r\n")
+    while b"\r\n\r\n" not in rest:
+        chunk = conn.recv(4096)
+        if not chunk:
+            sys.exit("closed before switching protocols: %r" % rest)
+        rest += chunk
+    head, rest = rest.split(b"\r\n\r\n", 1)
+    if not head.startswith(b"HTTP/1.1 101 "):
+        sys.exit("not switched: %r" % head)
 stop, written = threading.Event(), [0]
 def write():
     n = 0
@@ -585,7 +598,7 @@ def write():
 writer = threading.Thread(target=write)
 writer.start()
 print("streaming", flush=True)
-echoed, pending, longest, last, verdict = 0, b"", 0.0, time.monotonic(), "ok"
+echoed, pending, longest, last, verdict = 0, rest, 0.0, time.monotonic(), "ok"
 reader_done = threading.Event()
 def read():
     global echoed, pending, longest, last, verdict
@@ -624,7 +637,8 @@ reader_done.wait(15)
 print("%s %d of %d, longest wait %.0f ms" % (verdict, echoed, written[0], longest * 1000), flush=True)
 "#;
 
-/// A counter stream through a TCP echo, from `pod` to `ip`:9000.
+/// A counter stream through a TCP echo, from `pod` to `ip`:9000, or through
+/// an upgraded HTTP connection ([`CounterStream::upgraded`]).
 struct CounterStream {
     process: std::process::Child,
     to: std::process::ChildStdin,
@@ -633,16 +647,26 @@ struct CounterStream {
 
 impl CounterStream {
     fn start(shop: &Shop, pod: &str, ip: &str) -> CounterStream {
+        CounterStream::run(shop, pod, &[ip, "9000"])
+    }
+
+    /// Through an HTTP/1.1 `Upgrade` to `ip`:`port` once switched.
+    fn upgraded(shop: &Shop, pod: &str, ip: &str, port: &str) -> CounterStream {
+        CounterStream::run(shop, pod, &[ip, port, "upgrade"])
+    }
+
+    fn run(shop: &Shop, pod: &str, args: &[&str]) -> CounterStream {
         use std::io::BufRead;
         let script = shop.topo.work_dir().join("counter.py");
         std::fs::write(&script, COUNTER_PY).unwrap();
         let netns = shop.topo.pod(pod).netns.clone();
         let python = nodemesh_testbed::workload_apps::python3();
         let script = script.display().to_string();
-        let mut cmd = shop
-            .topo
-            .command_in(&netns, &[python, &script, ip, "9000"])
-            .unwrap();
+        let command: Vec<&str> = [python, &script]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let mut cmd = shop.topo.command_in(&netns, &command).unwrap();
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped());
         let mut process = cmd.spawn().unwrap();
@@ -650,7 +674,7 @@ impl CounterStream {
         let mut from = std::io::BufReader::new(process.stdout.take().unwrap());
         let mut line = String::new();
         from.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "streaming");
+        assert_eq!(line.trim(), "streaming", "the counter stream did not start");
         CounterStream { process, to, from }
     }
 
@@ -865,4 +889,89 @@ fn opaque_relays_from_another_node_survive_two_hand_overs_of_the_destinations_ag
     assert_eq!(moved, 2, "{}", node_a.log());
     assert_reported_once(&node_a, "outbound", &remote);
     assert_reported_once(&third, "inbound", &remote);
+}
+
+/// Answers any request `101 Switching Protocols`, then echoes what comes:
+/// a WebSocket server without the framing. Argument: the port.
+const UPGRADE_ECHO_PY: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Switch(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(101)
+        self.send_header("Upgrade", self.headers.get("Upgrade", "echo"))
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        while True:
+            data = self.rfile.read1(65536)
+            if not data:
+                break
+            self.wfile.write(data)
+        self.close_connection = True
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Switch).serve_forever()
+"#;
+
+const WS_IP: &str = "10.96.0.33";
+
+/// The README's promise for an upgraded HTTP connection (a WebSocket) from
+/// an enrolled pod to a plaintext endpoint behind a Service: once switched,
+/// it is carried across hand-overs of the caller's agent like an opaque
+/// relay, every message once and in order, and reported once, as the HTTP
+/// connection it is, while another tenant's requests go on.
+#[test]
+fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
+    let mut shop = Shop::new();
+    let script = shop.topo.work_dir().join("upgrade_echo.py");
+    std::fs::write(&script, UPGRADE_ECHO_PY).unwrap();
+    let script = script.display().to_string();
+    let netns = shop.topo.pod("plainweb").netns.clone();
+    let python = nodemesh_testbed::workload_apps::python3();
+    let cmd = [python, script.as_str(), "8090"];
+    shop.topo.spawn_in(&netns, &cmd, "upgrade-echo").unwrap();
+    wait_listening(&shop.topo, &netns, 8090).unwrap();
+    let ws = config::ServicePort {
+        name: "http-ws",
+        port: 80,
+        target_port: 8090,
+    };
+    let plainweb = [("app", "plainweb")];
+    let service = config::service_with_ports("ws", "plain", &plainweb, &[ws], Some(WS_IP));
+    config::write(&shop.config_dir, "ws.yaml", &[service]).unwrap();
+    let mut first = shop.agent();
+    let web = format!("http://{}:8080/", shop.topo.pod("web").address);
+    let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
+    sleep(Duration::from_secs(1));
+    let (second, third) = hand_over_twice(&mut shop, &mut first, |shop| shop.get("outsider", &web));
+    assert_carried(&[("first", &first), ("second", &second)], 1);
+    assert_whole("an upgraded connection", &upgraded.finish());
+    // One record, the third agent's: the HTTP connection, with every byte
+    // since the switch (all echoed) and the caller's identity.
+    let is_ws = |c: &serde_json::Value| c["direction"] == "outbound" && c["service"] == "plain/ws";
+    wait_for("the upgraded connection to be reported", || {
+        third.connections().unwrap().iter().any(is_ws)
+    });
+    let records: Vec<_> = third
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(is_ws)
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["protocol"], "http/1.1", "{record}");
+    assert_eq!(record["transport"], "plaintext", "{record}");
+    assert_eq!(record["outcome"], "ok", "{record}");
+    assert!(record["bytes_sent"].as_u64().unwrap() > 0, "{record}");
+    assert_eq!(record["bytes_sent"], record["bytes_received"], "{record}");
+    assert!(
+        record["source_identity"]
+            .as_str()
+            .is_some_and(|id| id.contains("/ns/shop/sa/")),
+        "{record}"
+    );
+    println!("record: {record}");
 }

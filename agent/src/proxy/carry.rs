@@ -20,7 +20,9 @@
 //! socket alone, parked until the caller's agent resumes the stream with
 //! the next agent (`moved`).
 //! Streams that are not resumable (to a ztunnel, or an L7 tunnel) stay
-//! with the old agent.
+//! with the old agent. An L7 tunnel between two plain sockets (a WebSocket
+//! to a plaintext endpoint) is relayed, and carried, as an opaque relay
+//! once its protocol switched (`l7::tunnel`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
@@ -73,6 +75,10 @@ pub struct CarriedMeta {
     /// next agent resumes it with a new stream.
     #[serde(default)]
     pub hbone: Option<Resume>,
+    /// An HTTP/1.1 connection that switched protocols (a WebSocket): its
+    /// record stays an HTTP one (see `l7::tunnel`).
+    #[serde(default)]
+    pub upgraded: bool,
 }
 
 impl CarriedMeta {
@@ -97,6 +103,7 @@ impl CarriedMeta {
             sni: None,
             caller_side: None,
             hbone: None,
+            upgraded: false,
         }
     }
 }
@@ -239,10 +246,12 @@ impl Proxy {
         mut meta: CarriedMeta,
         live: Option<LiveBytes>,
     ) -> Result<Transferred, RelayError> {
-        let how = RelayOptions {
-            idle: self.settings.idle_timeout,
-            live,
+        // An upgraded HTTP connection keeps HTTP's idle timeout.
+        let idle = match meta.upgraded {
+            true => self.settings.http.idle_timeout,
+            false => self.settings.idle_timeout,
         };
+        let how = RelayOptions { idle, live };
         let mut relaying = self.carrier.enter();
         let mut quiesce = Some(self.carrier.told());
         loop {
@@ -356,6 +365,9 @@ impl Proxy {
         let record = &mut tracked.record;
         record.started_unix_ms = meta.started_unix_ms;
         record.transport = Some(transport);
+        if meta.upgraded {
+            record.protocol = "http/1.1";
+        }
         record.upstream = meta.upstream;
         record.service.clone_from(&meta.service);
         record.source_workload.clone_from(&meta.source_workload);

@@ -93,6 +93,10 @@ impl<T> Tracked<T> {
     pub fn new(inner: T, activity: Activity) -> Tracked<T> {
         Tracked { inner, activity }
     }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {

@@ -300,7 +300,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let entry = (local, l7::Entry::Gateway { client, tls });
-    l7::serve(proxy, pod, stream, entry, http2).await
+    l7::serve(proxy, pod, stream, entry, http2, None).await
 }
 
 /// State shared by every listener of the node.

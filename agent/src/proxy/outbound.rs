@@ -173,15 +173,28 @@ async fn serve_l7(
     let http2 = detected == Detected::Http2;
     record.protocol = if http2 { "h2" } else { "http/1.1" };
     let orig = record.original_destination;
+    let (hand_back, upgraded) = tokio::sync::oneshot::channel();
+    let entry = (orig, l7::Entry::Workload);
     l7::serve(
         proxy.clone(),
         pod.clone(),
         client,
-        (orig, l7::Entry::Workload),
+        entry,
         http2,
+        Some(hand_back),
     )
     .await?;
-    Ok(Transferred::default())
+    // A tunnel between two sockets (a WebSocket to a plaintext endpoint)
+    // goes on as this connection, carried at a hand-over with its record.
+    let Ok(tunnel) = upgraded.await else {
+        return Ok(Transferred::default());
+    };
+    record.upstream = tunnel.upstream().ok();
+    record.transport = Some(hop::Hop::Plain.name());
+    let address = pod.address_for(orig.ip());
+    tunnel
+        .relay(proxy, CarriedMeta::of(record, address, address))
+        .await
 }
 
 /// Relays the whole connection to one endpoint.

@@ -198,6 +198,11 @@ impl<S: AsyncRead + Unpin> Prefixed<S> {
         }
     }
 
+    /// `io`, with `head` read from it already.
+    pub fn with_head(head: BytesMut, io: S) -> Prefixed<S> {
+        Prefixed { head, io }
+    }
+
     /// Bytes read ahead and not yet consumed.
     pub fn head(&self) -> &[u8] {
         &self.head

@@ -45,6 +45,7 @@ pub use body::Body;
 pub(super) use forward::{pick_weighted, resolve};
 pub use inspect::ExplainRequest;
 pub use limits::{InFlight, WorkloadLimits};
+pub use tunnel::HandBack;
 pub use upstream::Pool;
 
 use super::idle::{Activity, Tracked};
@@ -118,15 +119,21 @@ struct Downstream {
     http2: bool,
     /// Bytes moving on the connection, and on the tunnel it may become.
     activity: Activity,
+    /// Where a tunnel between two sockets goes once the protocol switched
+    /// (to be relayed, and carried at a hand-over, by the connection's
+    /// task); taken by the tunnel.
+    upgraded: std::sync::Mutex<Option<HandBack>>,
 }
 
-/// Serves HTTP on a connection whose protocol detection said `http2` or not.
+/// Serves HTTP on a connection whose protocol detection said `http2` or not;
+/// a tunnel it becomes between two sockets goes to `upgraded`.
 pub async fn serve<S>(
     proxy: Arc<Proxy>,
     pod: Arc<Pod>,
     stream: S,
     (service_addr, entry): (SocketAddr, Entry),
     http2: bool,
+    upgraded: Option<HandBack>,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -140,8 +147,10 @@ where
         entry,
         http2,
         activity: activity.clone(),
+        upgraded: std::sync::Mutex::new(upgraded),
     });
     let settings = downstream.proxy.settings.http;
+    let served_here = downstream.clone();
     let drain = downstream.proxy.drain.watch();
     let draining = downstream.proxy.drain.draining();
     let service = service_fn(move |request| {
@@ -165,10 +174,18 @@ where
             until_drained(conn, drain, IDLE_GRACE, |c| c.graceful_shutdown()).await
         }
     };
-    let Some(served) = activity.unless_idle(settings.idle_timeout, serving).await else {
+    let served = activity.unless_idle(settings.idle_timeout, serving).await;
+    // Not upgraded: nothing comes back (tasks may hold the connection's
+    // state a little longer).
+    drop(lock(&served_here.upgraded).take());
+    let Some(served) = served else {
         return Err(format!("idle for {:?}", settings.idle_timeout));
     };
     served.map_err(|e| e.to_string())
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The HTTP/2 server every downstream connection gets.

@@ -4,17 +4,34 @@
 //! The splice outlives the downstream connection's own charge, so it takes
 //! a descriptor of its own for the client's side (and the upstream's comes
 //! with its connection): a tunnel costs the workload two, like an L4 relay.
+//!
+//! A tunnel between a workload's socket and a plaintext upstream socket is
+//! an opaque relay of two sockets once the protocol switched: it goes back
+//! to the connection's own task ([`SocketTunnel`]), which relays it as any
+//! opaque relay, carried to the next agent at a hand-over with its record.
+//! Other tunnels (to another node over HBONE, to a workload of this node,
+//! from the ingress) are spliced here and stay with this agent.
 
+use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
+use super::balance::Pick;
 use super::body::{self, Body};
 use super::forward::Target;
 use super::Downstream;
-use crate::proxy::hop;
-use crate::proxy::idle::Tracked;
-use crate::proxy::{peer, Direction};
+use crate::proxy::budget::Fds;
+use crate::proxy::carry::CarriedMeta;
+use crate::proxy::idle::{Activity, Tracked};
+use crate::proxy::outcome::RelayError;
+use crate::proxy::peer::{Charged, Prefixed, Stream};
+use crate::proxy::relay::{self, Transferred};
+use crate::proxy::{hop, peer, Direction, Proxy};
 
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
     request.version() <= http::Version::HTTP_11
@@ -84,20 +101,151 @@ pub async fn run(down: &Downstream, target: &Target, mut request: Request<Body>)
         let server_side = hyper::upgrade::on(&mut response);
         let idle_timeout = down.proxy.settings.http.idle_timeout;
         let activity = down.activity.clone();
+        let hand_back = super::lock(&down.upgraded).take();
         tokio::spawn(async move {
             if let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) {
-                // The connection's idle timeout still applies once spliced
-                // (as Envoy's stream idle timeout does to upgrades): an idle
-                // tunnel would otherwise hold the tenant's descriptors for
-                // good. The client's side already records its activity.
-                let mut client = TokioIo::new(client);
-                let mut server = Tracked::new(TokioIo::new(server), activity.clone());
-                let splice = tokio::io::copy_bidirectional(&mut client, &mut server);
-                activity.unless_idle(idle_timeout, splice).await;
+                let held = Held {
+                    _pick: pick,
+                    _client_fd: client_fd,
+                };
+                let tunnel = match (SocketTunnel::of(client, server, held), hand_back) {
+                    (Ok(tunnel), Some(hand_back)) => match hand_back.send(tunnel) {
+                        Ok(()) => return,
+                        Err(tunnel) => Spliced::Sockets(tunnel),
+                    },
+                    (Ok(tunnel), None) => Spliced::Sockets(tunnel),
+                    (Err(other), _) => *other,
+                };
+                tunnel.splice(activity, idle_timeout).await;
             }
-            drop((pick, client_fd));
         });
         return response.map(|_| body::empty());
     }
     response.map(body::incoming)
 }
+
+/// What a tunnel holds until it ends: the endpoint's pick (counted as in
+/// flight) and the client's descriptor.
+struct Held {
+    _pick: Pick,
+    _client_fd: Fds,
+}
+
+/// A tunnel whose two ends are plain TCP sockets, with what hyper read from
+/// each past the HTTP exchange (the client's first bytes after its
+/// request, the endpoint's after its answer), not passed on yet.
+pub struct SocketTunnel {
+    client: TcpStream,
+    client_head: Bytes,
+    upstream: Charged,
+    upstream_head: Bytes,
+    _held: Held,
+}
+
+/// A tunnel to splice here.
+enum Spliced {
+    Sockets(SocketTunnel),
+    Other(Upgraded, Prefixed<Charged>, Held),
+    Upgrades(Upgraded, Upgraded, Held),
+}
+
+impl SocketTunnel {
+    /// The tunnel's two sockets, if it has two (else it is spliced here).
+    fn of(client: Upgraded, server: Upgraded, held: Held) -> Result<SocketTunnel, Box<Spliced>> {
+        let server = match server.downcast::<TokioIo<Charged>>() {
+            Ok(server) => server,
+            Err(server) => return Err(Box::new(Spliced::Upgrades(client, server, held))),
+        };
+        let (upstream, upstream_head) = (server.io.into_inner(), server.read_buf);
+        if !matches!(upstream.stream, Stream::Tcp(_)) {
+            let upstream = Prefixed::with_head(BytesMut::from(upstream_head), upstream);
+            return Err(Box::new(Spliced::Other(client, upstream, held)));
+        }
+        match client.downcast::<TokioIo<Tracked<TcpStream>>>() {
+            Ok(client) => Ok(SocketTunnel {
+                client: client.io.into_inner().into_inner(),
+                client_head: client.read_buf,
+                upstream,
+                upstream_head,
+                _held: held,
+            }),
+            Err(client) => {
+                let upstream = Prefixed::with_head(BytesMut::from(upstream_head), upstream);
+                Err(Box::new(Spliced::Other(client, upstream, held)))
+            }
+        }
+    }
+
+    /// The endpoint's address.
+    pub fn upstream(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.upstream_socket().peer_addr()
+    }
+
+    fn upstream_socket(&self) -> &TcpStream {
+        match &self.upstream.stream {
+            Stream::Tcp(socket) => socket,
+            _ => unreachable!("a socket tunnel's upstream is a socket"),
+        }
+    }
+
+    /// Relays the tunnel to its end, or until the node is handed over
+    /// (then it is carried with `meta`, the connection's, and ends here
+    /// with [`RelayError::HandedOver`]). What moved counts from the switch.
+    pub async fn relay(
+        self,
+        proxy: &Proxy,
+        mut meta: CarriedMeta,
+    ) -> Result<Transferred, RelayError> {
+        let upstream = self.upstream_socket();
+        meta.upgraded = true;
+        let heads = async {
+            relay::write_all(upstream, &self.client_head).await?;
+            relay::write_all(&self.client, &self.upstream_head).await
+        };
+        if let Err(e) = heads.await {
+            relay::reset(&self.client);
+            relay::reset(upstream);
+            return Err(e.into());
+        }
+        meta.transferred.sent += self.client_head.len() as u64;
+        meta.transferred.received += self.upstream_head.len() as u64;
+        proxy
+            .relay_carriable(&self.client, upstream, meta, None)
+            .await
+    }
+}
+
+impl Spliced {
+    /// Splices until both ends close, under the connection's idle timeout
+    /// (as Envoy's stream idle timeout applies to upgrades: an idle tunnel
+    /// would otherwise hold the tenant's descriptors for good). The
+    /// client's side already records its activity.
+    async fn splice(self, activity: Activity, idle: std::time::Duration) {
+        match self {
+            Spliced::Sockets(tunnel) => {
+                let client = Prefixed::with_head(tunnel.client_head.into(), tunnel.client);
+                let upstream = Prefixed::with_head(tunnel.upstream_head.into(), tunnel.upstream);
+                splice(client, upstream, activity, idle).await;
+            }
+            Spliced::Other(client, upstream, _held) => {
+                splice(TokioIo::new(client), upstream, activity, idle).await;
+            }
+            Spliced::Upgrades(client, server, _held) => {
+                splice(TokioIo::new(client), TokioIo::new(server), activity, idle).await;
+            }
+        }
+    }
+}
+
+async fn splice<C, S>(mut client: C, server: S, activity: Activity, idle: std::time::Duration)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut server = Tracked::new(server, activity.clone());
+    let spliced = tokio::io::copy_bidirectional(&mut client, &mut server);
+    activity.unless_idle(idle, spliced).await;
+}
+
+/// Where a connection's tunnel between two sockets goes once switched.
+pub type HandBack = oneshot::Sender<SocketTunnel>;
