@@ -220,14 +220,23 @@ fn wait_object_status(
     name: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
+    wait_status_of(cluster, "gateway.networking.k8s.io/v1", kind, name, done)
+}
+
+/// Polls the status of object `kind` `name` of `api_version` until `done`
+/// holds.
+fn wait_status_of(
+    cluster: &KubeMesh,
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let object = cluster.kube().get(
-            "gateway.networking.k8s.io/v1",
-            kind,
-            cluster.namespace(),
-            name,
-        )?;
+        let object = cluster
+            .kube()
+            .get(api_version, kind, cluster.namespace(), name)?;
         let status = object
             .and_then(|o| o.data.get("status").cloned())
             .unwrap_or_default();
@@ -885,5 +894,255 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
     wait_object_status(&cluster, "Gateway", "secure", |s| {
         reason(s, "plain") == "Accepted"
     })?;
+    Ok(())
+}
+
+/// Istio objects with each bad input of issue 14 next to a good Gateway and
+/// VirtualService: `stray` is bound to Gateway `later` (missing), `secure`
+/// names Secret `secure-cred` (missing), `taken` is on port 8083 (another
+/// process holds it on node-a), `broken` is invalid. `newer` (applied later)
+/// claims `good`'s host.
+const ISTIO_BAD_INPUT: &str = "\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: good}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 8090, name: http, protocol: HTTP}, hosts: [good.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: good}
+spec:
+  hosts: [good.example.com]
+  gateways: [good]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: stray}
+spec:
+  hosts: [stray.example.com]
+  gateways: [later]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: secure}
+spec:
+  servers:
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: [secure.example.com]
+    tls: {mode: SIMPLE, credentialName: secure-cred}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure}
+spec:
+  hosts: [secure.example.com]
+  gateways: [secure]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: taken}
+spec:
+  servers: [{port: {number: 8083, name: http, protocol: HTTP}, hosts: [taken.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: broken}
+spec:
+  hosts: [broken.example.com]
+  gateways: [good]
+  http: [{timeout: soon, route: [{destination: {host: web}}]}]
+";
+
+/// `status` of an Istio object: its conditions and the codes of its
+/// validation messages.
+fn istio_summary(status: &Value) -> (Vec<(String, String, String)>, Vec<String>) {
+    let messages = status["validationMessages"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    let codes = messages.map(|m| m["type"]["code"].as_str().unwrap_or_default().to_owned());
+    (conditions(&status["conditions"]), codes.collect())
+}
+
+#[test]
+fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.app("node-b", "web-1", &[("app", "web")], &[])?;
+    cluster.service("web", 35)?;
+    let outside = cluster.topo_mut().add_host("outside", 211)?;
+    let node_a = cluster.topo().node("node-a").clone();
+    let address = node_a.address.to_string();
+    let taker = cluster.topo_mut().spawn_in(
+        &node_a.netns,
+        &["python3", "-m", "http.server", "8083", "--bind", &address],
+        "port-taker",
+    )?;
+    nodemesh_testbed::workload_apps::wait_listening(cluster.topo(), &node_a.netns, 8083)?;
+    cluster.apply(ISTIO_BAD_INPUT)?;
+    let istio = |kind: &str, name: &str, done: &dyn Fn(&Value) -> bool| {
+        wait_status_of(&cluster, "networking.istio.io/v1", kind, name, done)
+    };
+    let accepted = |s: &Value| conditions(&s["conditions"]).first().map(|c| c.1.clone());
+    // The good pair serves from outside, through node-a, while the rest is bad.
+    let get = |host: &str| -> Result<String> {
+        let resolve = format!("{host}:8090:{address}");
+        let url = format!("http://{host}:8090/");
+        let args = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ];
+        let mut args = args.to_vec();
+        args.extend(["--resolve", &resolve, &url]);
+        let out = cluster.topo().run_in(&outside, &args)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let wait_served = |host: &str| -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while get(host)? != "200" {
+            if Instant::now() > deadline {
+                bail!("{host}: {}", get(host)?);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    wait_served("good.example.com")?;
+    let good = istio("Gateway", "good", &|s| accepted(s).is_some())?;
+    let c = |t: &str, s: &str, r: &str| (t.to_owned(), s.to_owned(), r.to_owned());
+    let fine = (
+        vec![
+            c("Accepted", "True", "Accepted"),
+            c("Programmed", "True", "Programmed"),
+        ],
+        vec![],
+    );
+    assert_eq!(istio_summary(&good), fine, "{good:#}");
+    assert!(good["observedGeneration"].is_i64(), "{good:#}");
+    let vs = istio("VirtualService", "good", &|s| accepted(s).is_some())?;
+    assert_eq!(
+        istio_summary(&vs),
+        (vec![c("Accepted", "True", "Accepted")], vec![]),
+        "{vs:#}"
+    );
+
+    // Each bad input, with Istio's code and the field named.
+    let namespace = cluster.namespace().to_owned();
+    let stray = istio("VirtualService", "stray", &|s| accepted(s).is_some())?;
+    assert_eq!(
+        istio_summary(&stray),
+        (
+            vec![c("Accepted", "False", "ReferencedResourceNotFound")],
+            vec!["IST0101".into()]
+        ),
+        "{stray:#}"
+    );
+    let message = stray["conditions"][0]["message"].to_string();
+    let missing = format!("spec.gateways[0]: Gateway {namespace}/later does not exist");
+    assert!(message.contains(&missing), "{stray:#}");
+    assert_eq!(
+        stray["validationMessages"][0]["documentationUrl"],
+        "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
+    );
+    let secure = istio("Gateway", "secure", &|s| accepted(s).is_some())?;
+    assert_eq!(istio_summary(&secure).1, ["IST0161"], "{secure:#}");
+    assert_eq!(
+        istio_summary(&secure).0[0],
+        c("Accepted", "False", "InvalidGatewayCredential")
+    );
+    assert!(
+        secure
+            .to_string()
+            .contains("spec.servers[0].tls.credentialName"),
+        "{secure:#}"
+    );
+    let taken = istio("Gateway", "taken", &|s| {
+        conditions(&s["conditions"]).get(1).map(|c| c.2.as_str()) == Some("PortUnavailable")
+    })?;
+    assert_eq!(
+        istio_summary(&taken),
+        (
+            vec![
+                c("Accepted", "True", "Accepted"),
+                c("Programmed", "False", "PortUnavailable"),
+            ],
+            vec!["IST0104".into()]
+        ),
+        "{taken:#}"
+    );
+    let message = taken["conditions"][1]["message"]
+        .as_str()
+        .unwrap_or_default();
+    let node = format!("node {}: port 8083 is not served", node_a.node_name);
+    assert!(message.starts_with(&node), "{taken:#}");
+    let broken = istio("VirtualService", "broken", &|s| accepted(s).is_some())?;
+    assert_eq!(
+        istio_summary(&broken),
+        (
+            vec![c("Accepted", "False", "SchemaValidationError")],
+            vec!["IST0106".into()]
+        ),
+        "{broken:#}"
+    );
+    assert!(
+        broken.to_string().contains("spec.http[0].timeout"),
+        "{broken:#}"
+    );
+    // A host claimed by two Gateways: the newer one does not get it.
+    cluster.apply(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: newer}\n\
+         spec:\n  servers: [{port: {number: 8090, name: http, protocol: HTTP}, \
+         hosts: [good.example.com]}]\n",
+    )?;
+    let newer = istio("Gateway", "newer", &|s| accepted(s).is_some())?;
+    assert_eq!(istio_summary(&newer).1, ["IST0145"], "{newer:#}");
+    assert!(
+        newer.to_string().contains(&format!(
+            "spec.servers[0].hosts[0]: host good.example.com on port 8090 is already claimed \
+             by Gateway {namespace}/good"
+        )),
+        "{newer:#}"
+    );
+    assert_eq!(get("good.example.com")?, "200");
+
+    // Fixed: the missing Gateway created, the Secret created, the port freed.
+    cluster.apply(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: later}\n\
+         spec:\n  servers: [{port: {number: 8090, name: http, protocol: HTTP}, \
+         hosts: [stray.example.com]}]\n",
+    )?;
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec!["secure.example.com".to_owned()])?;
+    let cert = params.self_signed(&key)?.pem();
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "secure-cred"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert, "tls.key": key.serialize_pem()},
+    });
+    cluster.apply(&secret.to_string())?;
+    cluster.topo_mut().stop_process(taker)?;
+    let fixed = |s: &Value| accepted(s).as_deref() == Some("True");
+    let stray = istio("VirtualService", "stray", &fixed)?;
+    assert_eq!(istio_summary(&stray).1, Vec::<String>::new(), "{stray:#}");
+    wait_served("stray.example.com")?;
+    let secure = istio("Gateway", "secure", &fixed)?;
+    assert_eq!(istio_summary(&secure), fine, "{secure:#}");
+    let taken = istio("Gateway", "taken", &|s| {
+        conditions(&s["conditions"]).get(1).map(|c| c.1.as_str()) == Some("True")
+    })?;
+    assert_eq!(istio_summary(&taken), fine, "{taken:#}");
+    assert_eq!(get("good.example.com")?, "200");
     Ok(())
 }
