@@ -165,26 +165,30 @@ fn messages(problems: &[(Analysis, String)]) -> String {
     all.join("; ")
 }
 
+/// `(type, status, reason)` of each condition of an Istio status, and its
+/// codes.
+#[cfg(test)]
+pub(crate) fn summary(
+    status: &ObjectStatus,
+) -> (Vec<(&'static str, bool, &'static str)>, Vec<&'static str>) {
+    let StatusKind::Istio {
+        conditions,
+        validation_messages,
+    } = &status.status
+    else {
+        panic!("not an Istio status: {status:?}");
+    };
+    let conditions = conditions.iter().map(|c| (c.kind, c.status, c.reason));
+    let codes = validation_messages.iter().map(|a| a.code());
+    (conditions.collect(), codes.collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn object(kind: &'static str, name: &str) -> IstioObject {
         (kind, "shop".into(), name.into())
-    }
-
-    /// `(type, status, reason)` of each condition, and the codes.
-    fn summary(status: &ObjectStatus) -> (Vec<(&str, bool, &str)>, Vec<&str>) {
-        let StatusKind::Istio {
-            conditions,
-            validation_messages,
-        } = &status.status
-        else {
-            panic!("not an Istio status: {status:?}");
-        };
-        let conditions = conditions.iter().map(|c| (c.kind, c.status, c.reason));
-        let codes = validation_messages.iter().map(|a| a.code());
-        (conditions.collect(), codes.collect())
     }
 
     #[test]

@@ -319,20 +319,10 @@ mod tests {
         );
     }
 
-    /// `(type, status, reason)` of the Istio Gateway's conditions, and its
-    /// codes.
+    /// The Istio Gateway's conditions and codes.
     fn istio(statuses: &[ObjectStatus]) -> (Vec<(&'static str, bool, &'static str)>, Vec<&str>) {
         let gateway = statuses.iter().find(|s| s.kind == "Gateway").unwrap();
-        let StatusKind::Istio {
-            conditions,
-            validation_messages,
-        } = &gateway.status
-        else {
-            panic!("not an Istio status");
-        };
-        let conditions = conditions.iter().map(|c| (c.kind, c.status, c.reason));
-        let codes = validation_messages.iter().map(|m| m.code());
-        (conditions.collect(), codes.collect())
+        crate::routing::istio_status::summary(gateway)
     }
 
     #[test]
