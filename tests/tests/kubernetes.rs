@@ -972,8 +972,8 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
     let address = node_a.address.to_string();
     let taker = take_port(&mut cluster, "node-a", 8083)?;
     cluster.apply(&istio_bad_input())?;
-    let istio = |kind: &str, name: &str, done: &dyn Fn(&Value) -> bool| {
-        wait_status_of(&cluster, "networking.istio.io/v1", kind, name, done)
+    let istio = |cluster: &KubeMesh, kind: &str, name: &str, done: &dyn Fn(&Value) -> bool| {
+        wait_status_of(cluster, "networking.istio.io/v1", kind, name, done)
     };
     let accepted = |s: &Value| conditions(&s["conditions"]).first().map(|c| c.1.clone());
     // The good pair serves from outside, through node-a, while the rest is bad.
@@ -987,18 +987,18 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
             &[],
         )
     };
-    let wait_served = |host: &str| -> Result<()> {
+    let wait_served = |cluster: &KubeMesh, host: &str| -> Result<()> {
         let deadline = Instant::now() + TIMEOUT;
-        while get(host)? != "200" {
+        while get(cluster, host)? != "200" {
             if Instant::now() > deadline {
-                bail!("{host}: {}", get(host)?);
+                bail!("{host}: {}", get(cluster, host)?);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
     };
-    wait_served("good.example.com")?;
-    let good = istio("Gateway", "good", &|s| accepted(s).is_some())?;
+    wait_served(&cluster, "good.example.com")?;
+    let good = istio(&cluster, "Gateway", "good", &|s| accepted(s).is_some())?;
     let c = |t: &str, s: &str, r: &str| (t.to_owned(), s.to_owned(), r.to_owned());
     let fine = (
         vec![
@@ -1009,7 +1009,9 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
     );
     assert_eq!(istio_summary(&good), fine, "{good:#}");
     assert!(good["observedGeneration"].is_i64(), "{good:#}");
-    let vs = istio("VirtualService", "good", &|s| accepted(s).is_some())?;
+    let vs = istio(&cluster, "VirtualService", "good", &|s| {
+        accepted(s).is_some()
+    })?;
     assert_eq!(
         istio_summary(&vs),
         (vec![c("Accepted", "True", "Accepted")], vec![]),
@@ -1018,7 +1020,9 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
 
     // Each bad input, with Istio's code and the field named.
     let namespace = cluster.namespace().to_owned();
-    let stray = istio("VirtualService", "stray", &|s| accepted(s).is_some())?;
+    let stray = istio(&cluster, "VirtualService", "stray", &|s| {
+        accepted(s).is_some()
+    })?;
     assert_eq!(
         istio_summary(&stray),
         (
@@ -1034,7 +1038,7 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
         stray["validationMessages"][0]["documentationUrl"],
         "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
     );
-    let secure = istio("Gateway", "secure", &|s| accepted(s).is_some())?;
+    let secure = istio(&cluster, "Gateway", "secure", &|s| accepted(s).is_some())?;
     assert_eq!(istio_summary(&secure).1, ["IST0161"], "{secure:#}");
     assert_eq!(
         istio_summary(&secure).0[0],
@@ -1046,7 +1050,7 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
             .contains("spec.servers[0].tls.credentialName"),
         "{secure:#}"
     );
-    let taken = istio("Gateway", "taken", &|s| {
+    let taken = istio(&cluster, "Gateway", "taken", &|s| {
         conditions(&s["conditions"]).get(1).map(|c| c.2.as_str()) == Some("PortUnavailable")
     })?;
     assert_eq!(
@@ -1065,7 +1069,9 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
         .unwrap_or_default();
     let node = format!("node {}: port 8083 is not served", node_a.node_name);
     assert!(message.starts_with(&node), "{taken:#}");
-    let broken = istio("VirtualService", "broken", &|s| accepted(s).is_some())?;
+    let broken = istio(&cluster, "VirtualService", "broken", &|s| {
+        accepted(s).is_some()
+    })?;
     assert_eq!(
         istio_summary(&broken),
         (
@@ -1080,7 +1086,7 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
     );
     // A host claimed by two Gateways: the newer one does not get it.
     cluster.apply(&istio_gateway("newer", 8090, "good.example.com"))?;
-    let newer = istio("Gateway", "newer", &|s| accepted(s).is_some())?;
+    let newer = istio(&cluster, "Gateway", "newer", &|s| accepted(s).is_some())?;
     assert_eq!(istio_summary(&newer).1, ["IST0145"], "{newer:#}");
     assert!(
         newer.to_string().contains(&format!(
@@ -1089,7 +1095,7 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
         )),
         "{newer:#}"
     );
-    assert_eq!(get("good.example.com")?, "200");
+    assert_eq!(get(&cluster, "good.example.com")?, "200");
 
     // Fixed: the missing Gateway created, the Secret created, the port freed.
     cluster.apply(&istio_gateway("later", 8090, "stray.example.com"))?;
@@ -1097,15 +1103,15 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
     cluster.apply(&secret.to_string())?;
     cluster.topo_mut().stop_process(taker)?;
     let fixed = |s: &Value| accepted(s).as_deref() == Some("True");
-    let stray = istio("VirtualService", "stray", &fixed)?;
+    let stray = istio(&cluster, "VirtualService", "stray", &fixed)?;
     assert_eq!(istio_summary(&stray).1, Vec::<String>::new(), "{stray:#}");
-    wait_served("stray.example.com")?;
-    let secure = istio("Gateway", "secure", &fixed)?;
+    wait_served(&cluster, "stray.example.com")?;
+    let secure = istio(&cluster, "Gateway", "secure", &fixed)?;
     assert_eq!(istio_summary(&secure), fine, "{secure:#}");
-    let taken = istio("Gateway", "taken", &|s| {
+    let taken = istio(&cluster, "Gateway", "taken", &|s| {
         conditions(&s["conditions"]).get(1).map(|c| c.1.as_str()) == Some("True")
     })?;
     assert_eq!(istio_summary(&taken), fine, "{taken:#}");
-    assert_eq!(get("good.example.com")?, "200");
+    assert_eq!(get(&cluster, "good.example.com")?, "200");
     Ok(())
 }
