@@ -977,10 +977,10 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
     };
     let accepted = |s: &Value| conditions(&s["conditions"]).first().map(|c| c.1.clone());
     // The good pair serves from outside, through node-a, while the rest is bad.
-    let get = |host: &str| {
+    let get = |cluster: &KubeMesh, host: &str| {
         let resolve = format!("{host}:8090:{address}");
         curl_code(
-            &cluster,
+            cluster,
             &outside,
             &resolve,
             &format!("http://{host}:8090/"),
