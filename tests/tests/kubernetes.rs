@@ -220,14 +220,23 @@ fn wait_object_status(
     name: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
+    wait_status_of(cluster, "gateway.networking.k8s.io/v1", kind, name, done)
+}
+
+/// Polls the status of object `kind` `name` of `api_version` until `done`
+/// holds.
+fn wait_status_of(
+    cluster: &KubeMesh,
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let object = cluster.kube().get(
-            "gateway.networking.k8s.io/v1",
-            kind,
-            cluster.namespace(),
-            name,
-        )?;
+        let object = cluster
+            .kube()
+            .get(api_version, kind, cluster.namespace(), name)?;
         let status = object
             .and_then(|o| o.data.get("status").cloned())
             .unwrap_or_default();
@@ -711,6 +720,54 @@ fn the_helm_chart_renders_the_manifests_objects_and_passes_a_server_side_dry_run
     Ok(())
 }
 
+/// Another process listening on `port` of `node`'s address: its pid.
+fn take_port(cluster: &mut KubeMesh, node: &str, port: u16) -> Result<u32> {
+    let node = cluster.topo().node(node).clone();
+    let address = node.address.to_string();
+    let port = port.to_string();
+    let taker = cluster.topo_mut().spawn_in(
+        &node.netns,
+        &["python3", "-m", "http.server", &port, "--bind", &address],
+        "port-taker",
+    )?;
+    let port = port.parse()?;
+    nodemesh_testbed::workload_apps::wait_listening(cluster.topo(), &node.netns, port)?;
+    Ok(taker)
+}
+
+/// The HTTP status code (`000`: none) of `curl URL` from `netns`, with
+/// `--resolve RESOLVE` and `args`.
+fn curl_code(
+    cluster: &KubeMesh,
+    netns: &str,
+    resolve: &str,
+    url: &str,
+    args: &[&str],
+) -> Result<String> {
+    let mut cmd = vec!["curl", "-sS", "--max-time", "5", "-o", "/dev/null"];
+    cmd.extend(["-w", "%{http_code}", "--resolve", resolve]);
+    cmd.extend(args);
+    cmd.push(url);
+    let out = cluster.topo().run_in(netns, &cmd)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A `kubernetes.io/tls` Secret `name` with a self-signed certificate for
+/// `host`, and the certificate (PEM).
+fn tls_secret(name: &str, host: &str) -> Result<(Value, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec![host.to_owned()])?;
+    let cert = params.self_signed(&key)?.pem();
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert, "tls.key": key.serialize_pem()},
+    });
+    Ok((secret, cert))
+}
+
 /// Gateway API over HTTPS in Kubernetes mode: listener `secure` takes its
 /// certificate from a Secret of namespace `NS-certs` (a ReferenceGrant there
 /// allows it), and listener `plain` is on a port another process holds on
@@ -745,26 +802,11 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
     let namespace = cluster.namespace().to_owned();
     let certs = format!("{namespace}-certs");
     let outside = cluster.topo_mut().add_host("outside", 210)?;
-    // Port 8082 taken on node-a's address.
     let node_a = cluster.topo().node("node-a").clone();
-    let taken = node_a.address.to_string();
-    let taker = cluster.topo_mut().spawn_in(
-        &node_a.netns,
-        &["python3", "-m", "http.server", "8082", "--bind", &taken],
-        "port-taker",
-    )?;
-    nodemesh_testbed::workload_apps::wait_listening(cluster.topo(), &node_a.netns, 8082)?;
-
-    let key = rcgen::KeyPair::generate()?;
-    let params = rcgen::CertificateParams::new(vec!["secure.example.com".to_owned()])?;
-    let cert = params.self_signed(&key)?.pem();
-    let secret = json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "secure-cred", "namespace": certs},
-        "type": "kubernetes.io/tls",
-        "stringData": {"tls.crt": cert, "tls.key": key.serialize_pem()},
-    });
+    let taker = take_port(&mut cluster, "node-a", 8082)?;
+    let (secret, cert) = tls_secret("secure-cred", "secure.example.com")?;
+    let mut secret = secret;
+    secret["metadata"]["namespace"] = json!(certs);
     let grant = format!(
         "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
          metadata: {{name: gateways, namespace: {certs}}}\nspec:\n  \
@@ -782,30 +824,12 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
 
     // Curl from outside with SNI, through node-a (its port 8443 is free).
     let resolve = format!("secure.example.com:8443:{}", node_a.address);
-    let https = || {
-        cluster.topo().run_in(
-            &outside,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--resolve",
-                &resolve,
-                "--cacert",
-                &ca,
-                "https://secure.example.com:8443/",
-            ],
-        )
-    };
+    let url = "https://secure.example.com:8443/";
+    let https = || curl_code(&cluster, &outside, &resolve, url, &["--cacert", &ca]);
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let out = https()?;
-        if String::from_utf8_lossy(&out.stdout) == "200" {
+        if out == "200" {
             break;
         }
         if Instant::now() > deadline {
@@ -885,5 +909,209 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
     wait_object_status(&cluster, "Gateway", "secure", |s| {
         reason(s, "plain") == "Accepted"
     })?;
+    Ok(())
+}
+
+/// An Istio Gateway `name` with an HTTP server on `port` for `host`.
+fn istio_gateway(name: &str, port: u16, host: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}}}\n\
+         spec:\n  servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, \
+         hosts: [{host}]}}]\n"
+    )
+}
+
+/// A VirtualService `name` routing `host` at Gateway `gateway` to `web`,
+/// with `extra` fields in its route.
+fn istio_route(name: &str, host: &str, gateway: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\n\
+         spec:\n  hosts: [{host}]\n  gateways: [{gateway}]\n  \
+         http: [{{{extra}route: [{{destination: {{host: web}}}}]}}]\n"
+    )
+}
+
+/// Istio objects with each bad input of issue 14 next to a good Gateway and
+/// VirtualService: `stray` is bound to Gateway `later` (missing), `secure`
+/// names Secret `secure-cred` (missing), `taken` is on port 8083 (another
+/// process holds it on node-a), `broken` is invalid.
+fn istio_bad_input() -> String {
+    let secure = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: secure}\n\
+                  spec:\n  servers:\n  - port: {number: 8443, name: https, protocol: HTTPS}\n    \
+                  hosts: [secure.example.com]\n    tls: {mode: SIMPLE, credentialName: secure-cred}\n";
+    [
+        istio_gateway("good", 8090, "good.example.com"),
+        istio_route("good", "good.example.com", "good", ""),
+        istio_route("stray", "stray.example.com", "later", ""),
+        secure.to_owned(),
+        istio_route("secure", "secure.example.com", "secure", ""),
+        istio_gateway("taken", 8083, "taken.example.com"),
+        istio_route("broken", "broken.example.com", "good", "timeout: soon, "),
+    ]
+    .join("---\n")
+}
+
+/// `status` of an Istio object: its conditions and the codes of its
+/// validation messages.
+fn istio_summary(status: &Value) -> (Vec<(String, String, String)>, Vec<String>) {
+    let messages = status["validationMessages"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    let codes = messages.map(|m| m["type"]["code"].as_str().unwrap_or_default().to_owned());
+    (conditions(&status["conditions"]), codes.collect())
+}
+
+#[test]
+fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Result<()> {
+    let mut cluster = mesh(true)?;
+    cluster.app("node-b", "web-1", &[("app", "web")], &[])?;
+    cluster.service("web", 35)?;
+    let outside = cluster.topo_mut().add_host("outside", 211)?;
+    let node_a = cluster.topo().node("node-a").clone();
+    let address = node_a.address.to_string();
+    let taker = take_port(&mut cluster, "node-a", 8083)?;
+    cluster.apply(&istio_bad_input())?;
+    let istio = |cluster: &KubeMesh, kind: &str, name: &str, done: &dyn Fn(&Value) -> bool| {
+        wait_status_of(cluster, "networking.istio.io/v1", kind, name, done)
+    };
+    let accepted = |s: &Value| conditions(&s["conditions"]).first().map(|c| c.1.clone());
+    // The good pair serves from outside, through node-a, while the rest is bad.
+    let get = |cluster: &KubeMesh, host: &str| {
+        let resolve = format!("{host}:8090:{address}");
+        curl_code(
+            cluster,
+            &outside,
+            &resolve,
+            &format!("http://{host}:8090/"),
+            &[],
+        )
+    };
+    let wait_served = |cluster: &KubeMesh, host: &str| -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while get(cluster, host)? != "200" {
+            if Instant::now() > deadline {
+                bail!("{host}: {}", get(cluster, host)?);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    wait_served(&cluster, "good.example.com")?;
+    let good = istio(&cluster, "Gateway", "good", &|s| accepted(s).is_some())?;
+    let c = |t: &str, s: &str, r: &str| (t.to_owned(), s.to_owned(), r.to_owned());
+    let fine = (
+        vec![
+            c("Accepted", "True", "Accepted"),
+            c("Programmed", "True", "Programmed"),
+        ],
+        vec![],
+    );
+    assert_eq!(istio_summary(&good), fine, "{good:#}");
+    assert!(good["observedGeneration"].is_i64(), "{good:#}");
+    let vs = istio(&cluster, "VirtualService", "good", &|s| {
+        accepted(s).is_some()
+    })?;
+    assert_eq!(
+        istio_summary(&vs),
+        (vec![c("Accepted", "True", "Accepted")], vec![]),
+        "{vs:#}"
+    );
+
+    // Each bad input, with Istio's code and the field named.
+    let namespace = cluster.namespace().to_owned();
+    let stray = istio(&cluster, "VirtualService", "stray", &|s| {
+        accepted(s).is_some()
+    })?;
+    assert_eq!(
+        istio_summary(&stray),
+        (
+            vec![c("Accepted", "False", "ReferencedResourceNotFound")],
+            vec!["IST0101".into()]
+        ),
+        "{stray:#}"
+    );
+    let message = stray["conditions"][0]["message"].to_string();
+    let missing = format!("spec.gateways[0]: Gateway {namespace}/later does not exist");
+    assert!(message.contains(&missing), "{stray:#}");
+    assert_eq!(
+        stray["validationMessages"][0]["documentationUrl"],
+        "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
+    );
+    let secure = istio(&cluster, "Gateway", "secure", &|s| accepted(s).is_some())?;
+    assert_eq!(istio_summary(&secure).1, ["IST0161"], "{secure:#}");
+    assert_eq!(
+        istio_summary(&secure).0[0],
+        c("Accepted", "False", "InvalidGatewayCredential")
+    );
+    assert!(
+        secure
+            .to_string()
+            .contains("spec.servers[0].tls.credentialName"),
+        "{secure:#}"
+    );
+    let taken = istio(&cluster, "Gateway", "taken", &|s| {
+        conditions(&s["conditions"]).get(1).map(|c| c.2.as_str()) == Some("PortUnavailable")
+    })?;
+    assert_eq!(
+        istio_summary(&taken),
+        (
+            vec![
+                c("Accepted", "True", "Accepted"),
+                c("Programmed", "False", "PortUnavailable"),
+            ],
+            vec!["IST0104".into()]
+        ),
+        "{taken:#}"
+    );
+    let message = taken["conditions"][1]["message"]
+        .as_str()
+        .unwrap_or_default();
+    let node = format!("node {}: port 8083 is not served", node_a.node_name);
+    assert!(message.starts_with(&node), "{taken:#}");
+    let broken = istio(&cluster, "VirtualService", "broken", &|s| {
+        accepted(s).is_some()
+    })?;
+    assert_eq!(
+        istio_summary(&broken),
+        (
+            vec![c("Accepted", "False", "SchemaValidationError")],
+            vec!["IST0106".into()]
+        ),
+        "{broken:#}"
+    );
+    assert!(
+        broken.to_string().contains("spec.http[0].timeout"),
+        "{broken:#}"
+    );
+    // A host claimed by two Gateways: the newer one does not get it.
+    cluster.apply(&istio_gateway("newer", 8090, "good.example.com"))?;
+    let newer = istio(&cluster, "Gateway", "newer", &|s| accepted(s).is_some())?;
+    assert_eq!(istio_summary(&newer).1, ["IST0145"], "{newer:#}");
+    assert!(
+        newer.to_string().contains(&format!(
+            "spec.servers[0].hosts[0]: host good.example.com on port 8090 is already claimed \
+             by Gateway {namespace}/good"
+        )),
+        "{newer:#}"
+    );
+    assert_eq!(get(&cluster, "good.example.com")?, "200");
+
+    // Fixed: the missing Gateway created, the Secret created, the port freed.
+    cluster.apply(&istio_gateway("later", 8090, "stray.example.com"))?;
+    let (secret, _) = tls_secret("secure-cred", "secure.example.com")?;
+    cluster.apply(&secret.to_string())?;
+    cluster.topo_mut().stop_process(taker)?;
+    let fixed = |s: &Value| accepted(s).as_deref() == Some("True");
+    let stray = istio(&cluster, "VirtualService", "stray", &fixed)?;
+    assert_eq!(istio_summary(&stray).1, Vec::<String>::new(), "{stray:#}");
+    wait_served(&cluster, "stray.example.com")?;
+    let secure = istio(&cluster, "Gateway", "secure", &fixed)?;
+    assert_eq!(istio_summary(&secure), fine, "{secure:#}");
+    let taken = istio(&cluster, "Gateway", "taken", &|s| {
+        conditions(&s["conditions"]).get(1).map(|c| c.1.as_str()) == Some("True")
+    })?;
+    assert_eq!(istio_summary(&taken), fine, "{taken:#}");
+    assert_eq!(get(&cluster, "good.example.com")?, "200");
     Ok(())
 }

@@ -279,7 +279,18 @@ pub(crate) fn compile(
             );
         }
     }
-    let mut ingress = super::ingress::bind(drafts.gateways, &services, config, &mut warnings);
+    let gateways = drafts.gateways.iter().map(|(_, g)| ("Gateway", &g.meta));
+    let virtual_services = services.iter().map(|(_, vs)| ("VirtualService", &vs.meta));
+    let istio_objects: Vec<_> = gateways
+        .chain(virtual_services)
+        .map(|(kind, meta)| super::ingress::istio_object(kind, meta))
+        .collect();
+    let mut reports = super::ingress::Reports {
+        warnings: &mut warnings,
+        findings: Vec::new(),
+    };
+    let mut ingress = super::ingress::bind(drafts.gateways, &services, config, &mut reports);
+    let istio = super::istio_status::statuses(&istio_objects, &reports.findings);
     // Unresolved backends are reported in the routes' status, not as errors.
     let mut resolve = |draft: &mut RouteDraft, namespace: &str, origin: &Origin| {
         let fields = (&GATEWAY_FIELDS, &mut names);
@@ -320,6 +331,7 @@ pub(crate) fn compile(
     );
     table.ingress = ingress;
     table.gateway_api = gateway_api;
+    table.istio = istio;
     table
 }
 

@@ -386,7 +386,7 @@ pub struct Condition {
 }
 
 impl Condition {
-    fn new(
+    pub(super) fn new(
         kind: &'static str,
         status: bool,
         reason: &'static str,
@@ -401,11 +401,14 @@ impl Condition {
     }
 }
 
-/// The status nodemesh computes for one Gateway API object.
+/// The status nodemesh computes for one Gateway API (or Istio, see
+/// [`super::istio_status`]) object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectStatus {
-    /// `GatewayClass`, `Gateway` or `HTTPRoute`.
+    /// The API group: both APIs have a `Gateway`.
+    pub group: &'static str,
+    /// `GatewayClass`, `Gateway`, `HTTPRoute`, `GRPCRoute` or `VirtualService`.
     pub kind: &'static str,
     /// `None` for a GatewayClass.
     pub namespace: Option<String>,
@@ -425,6 +428,11 @@ pub enum StatusKind {
     },
     Route {
         parents: Vec<ParentStatus>,
+    },
+    /// An Istio object's `conditions` and `validationMessages`.
+    Istio {
+        conditions: Vec<Condition>,
+        validation_messages: Vec<super::istio_status::Analysis>,
     },
 }
 
@@ -487,6 +495,7 @@ pub(super) fn compile(
         .filter(|(_, c)| c.controller == CONTROLLER_NAME)
     {
         statuses.push(ObjectStatus {
+            group: GROUP,
             kind: "GatewayClass",
             namespace: None,
             name: class.name.clone(),
@@ -609,6 +618,7 @@ pub(super) fn compile(
         }
         if !parents.is_empty() {
             statuses.push(ObjectStatus {
+                group: GROUP,
                 kind: route.kind.name(),
                 namespace: Some(namespace.clone()),
                 name: route.meta.name.clone(),
@@ -1059,6 +1069,7 @@ fn gateway_status(compiled: &Compiled) -> ObjectStatus {
         false => Condition::new("Programmed", false, "Invalid", "no listener can be served"),
     };
     ObjectStatus {
+        group: GROUP,
         kind: "Gateway",
         namespace: Some(compiled.meta.namespace.clone()),
         name: compiled.meta.name.clone(),

@@ -13,12 +13,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::config::{Config, Issues, Origin};
+use crate::config::{Config, Issues, Meta, Origin};
 use crate::ingress::tls::{self, PortKind, ServerTls, TlsContext};
 
 use super::compile::{Scope, VirtualServiceDraft};
 use super::ingress_l4::{self, L4Route};
 use super::istio_gateway::{GatewayDraft, ServerDraft};
+use super::istio_status::{Analysis, Finding, IstioObject};
 use super::VirtualHost;
 
 /// The label every node counts as carrying.
@@ -307,12 +308,47 @@ impl IngressTable {
     }
 }
 
+/// What binding found wrong in Istio objects: as routing warnings, and as
+/// findings for their status.
+pub(super) struct Reports<'w> {
+    pub warnings: &'w mut Vec<String>,
+    pub findings: Vec<Finding>,
+}
+
+impl Reports<'_> {
+    fn add(
+        &mut self,
+        origin: &Origin,
+        object: IstioObject,
+        field: String,
+        analysis: Analysis,
+        message: String,
+    ) {
+        self.warnings.push(format!("{origin}: {field}: {message}"));
+        self.findings.push(Finding {
+            object,
+            field,
+            analysis,
+            message,
+        });
+    }
+}
+
+/// An Istio object of `kind` by its metadata.
+pub(super) fn istio_object(kind: &'static str, meta: &Meta) -> IstioObject {
+    (kind, meta.namespace.clone(), meta.name.clone())
+}
+
+fn object(meta: &Meta) -> IstioObject {
+    istio_object("Gateway", meta)
+}
+
 /// Compiles the Gateways and binds the VirtualServices naming them.
 pub(super) fn bind(
     mut drafts: Vec<(Origin, GatewayDraft)>,
     services: &[(Origin, VirtualServiceDraft)],
     config: &Config,
-    warnings: &mut Vec<String>,
+    reports: &mut Reports<'_>,
 ) -> IngressTable {
     drafts.sort_by(|(_, a), (_, b)| a.meta.rank().cmp(&b.meta.rank()));
     // (port, host) → the Gateway that claimed it first.
@@ -331,20 +367,28 @@ pub(super) fn bind(
                 if *owner == key {
                     hosts.push(host);
                 } else {
-                    warnings.push(format!(
-                        "{origin}: {}.hosts[{j}]: host {} on port {} is already claimed by \
-                         Gateway {owner}, which is older and serves it; not served by this one",
-                        server.field, host.dns, server.port
-                    ));
+                    let message = format!(
+                        "host {} on port {} is already claimed by Gateway {owner}, which is \
+                         older and serves it; not served by this one",
+                        host.dns, server.port
+                    );
+                    let field = format!("{}.hosts[{j}]", server.field);
+                    let analysis = Analysis::ConflictingGateways;
+                    reports.add(&origin, object(&draft.meta), field, analysis, message);
                 }
             }
             let not_served = tls.as_ref().err().cloned();
             if let Some(reason) = &not_served {
-                warnings.push(format!(
-                    "{origin}: {}: {reason}; this server is not served (the Gateway's other \
-                     servers are)",
-                    server.field
-                ));
+                let analysis = if reason.contains(".credentialName: ") {
+                    Analysis::InvalidGatewayCredential
+                } else {
+                    Analysis::SchemaValidationError
+                };
+                let message = format!(
+                    "{reason}; this server is not served (the Gateway's other servers are)"
+                );
+                let field = server.field.clone();
+                reports.add(&origin, object(&draft.meta), field, analysis, message);
             }
             servers.push(Server {
                 field: server.field,
@@ -368,7 +412,8 @@ pub(super) fn bind(
     let mut services: Vec<_> = services.iter().collect();
     services.sort_by(|(_, a), (_, b)| a.meta.rank().cmp(&b.meta.rank()));
     for (origin, vs) in services {
-        report_missing(origin, vs, &gateways, warnings);
+        report_missing(origin, vs, &gateways, reports);
+        let warnings = &mut *reports.warnings;
         for gateway in &mut gateways {
             let scope = Scope::Gateway(&gateway.key);
             if !vs.applies(scope) {
@@ -520,7 +565,7 @@ fn report_missing(
     origin: &Origin,
     vs: &VirtualServiceDraft,
     gateways: &[Gateway],
-    warnings: &mut Vec<String>,
+    reports: &mut Reports<'_>,
 ) {
     let top = vs
         .gateways
@@ -545,10 +590,12 @@ fn report_missing(
         }
         let key = super::compile::gateway_key(name, &vs.meta.namespace);
         if !gateways.iter().any(|g| g.key == key) {
-            warnings.push(format!(
-                "{origin}: {field}: Gateway {key} does not exist; nothing is routed there by \
-                 this VirtualService"
-            ));
+            let message = format!(
+                "Gateway {key} does not exist; nothing is routed there by this VirtualService"
+            );
+            let object = istio_object("VirtualService", &vs.meta);
+            let analysis = Analysis::ReferencedResourceNotFound;
+            reports.add(origin, object, field, analysis, message);
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod ingress_l4;
 mod ingress_tests;
 mod istio;
 mod istio_gateway;
+pub mod istio_status;
 pub mod locality;
 mod matching;
 mod reference_grant;
@@ -61,6 +62,8 @@ pub struct RoutingTable {
     ingress: ingress::IngressTable,
     /// The status of the Gateway API objects nodemesh controls.
     gateway_api: Vec<gateway_api::ObjectStatus>,
+    /// The status of the Istio Gateways and VirtualServices.
+    istio: Vec<gateway_api::ObjectStatus>,
 }
 
 impl RoutingTable {
@@ -75,12 +78,19 @@ impl RoutingTable {
             warnings,
             ingress: ingress::IngressTable::default(),
             gateway_api: Vec::new(),
+            istio: Vec::new(),
         }
     }
 
     /// What Kubernetes mode writes to the status of Gateway API objects.
     pub fn gateway_api_status(&self) -> &[gateway_api::ObjectStatus] {
         &self.gateway_api
+    }
+
+    /// What Kubernetes mode writes to the status of Istio Gateways and
+    /// VirtualServices (see [`istio_status`]).
+    pub fn istio_status(&self) -> &[gateway_api::ObjectStatus] {
+        &self.istio
     }
 
     /// Gateways, their servers and the routes bound to them.

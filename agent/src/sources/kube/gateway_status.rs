@@ -1,7 +1,8 @@
-//! The status of the Gateway API objects nodemesh serves (GatewayClass, Gateway,
-//! HTTPRoute), as computed with each snapshot ([`crate::routing::gateway_api`]),
-//! written to their status subresource with server-side apply (field manager
-//! `nodemesh`).
+//! The status of the objects nodemesh serves: Gateway API GatewayClass,
+//! Gateway, HTTPRoute and GRPCRoute ([`crate::routing::gateway_api`]), and
+//! Istio Gateway and VirtualService ([`crate::routing::istio_status`]), as
+//! computed with each snapshot, written to their status subresource with
+//! server-side apply (field manager `nodemesh`).
 //!
 //! Every agent computes the same status from the same objects, so each writes
 //! only what differs from the status it watches: once one agent has written it,
@@ -38,17 +39,24 @@ pub(super) struct Apply {
     body: Value,
 }
 
-/// The watched Gateway API objects by (kind, namespace, name).
-pub(super) type Watched =
-    HashMap<(&'static str, Option<String>, String), (&'static Kind, Arc<Object>)>;
+/// An object by (group, kind, namespace, name): both APIs have a `Gateway`.
+pub(super) type Key = (&'static str, &'static str, Option<String>, String);
+
+/// The watched objects that get a status, by [`Key`].
+pub(super) type Watched = HashMap<Key, (&'static Kind, Arc<Object>)>;
+
+/// The key of `status`'s object.
+pub(super) fn key(status: &ObjectStatus) -> Key {
+    let namespace = status.namespace.clone();
+    (status.group, status.kind, namespace, status.name.clone())
+}
 
 /// The writes `statuses` need, given the objects as watched now.
 pub(super) fn needed(statuses: &[ObjectStatus], watched: &Watched) -> Vec<Apply> {
     let now = rfc3339(SystemTime::now());
     let mut applies = Vec::new();
     for status in statuses {
-        let key = (status.kind, status.namespace.clone(), status.name.clone());
-        let Some((kind, object)) = watched.get(&key) else {
+        let Some((kind, object)) = watched.get(&key(status)) else {
             continue;
         };
         let current = object.body().remove("status").unwrap_or(json!({}));
@@ -155,6 +163,29 @@ fn render(status: &StatusKind, current: &Value, generation: Option<i64>, now: &s
                 }));
             }
             json!({ "parents": rendered })
+        }
+        StatusKind::Istio {
+            conditions: wanted,
+            validation_messages,
+        } => {
+            let messages: Vec<_> = validation_messages
+                .iter()
+                .map(|m| {
+                    json!({
+                        "type": { "code": m.code(), "name": m.name() },
+                        "level": m.level(),
+                        "documentationUrl": m.documentation_url(),
+                    })
+                })
+                .collect();
+            let mut rendered = json!({
+                "conditions": conditions(wanted, current.get("conditions")),
+                "validationMessages": messages,
+            });
+            if let Some(generation) = generation {
+                rendered["observedGeneration"] = json!(generation);
+            }
+            rendered
         }
     }
 }

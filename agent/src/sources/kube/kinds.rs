@@ -36,7 +36,7 @@ pub(super) struct Kind {
     pub trim: Trim,
 }
 
-const ISTIO_NETWORKING: &str = "networking.istio.io";
+pub(super) const ISTIO_NETWORKING: &str = crate::routing::istio_status::GROUP;
 const ISTIO_SECURITY: &str = "security.istio.io";
 const ISTIO_TELEMETRY: &str = "telemetry.istio.io";
 pub(super) const GATEWAY_API: &str = crate::routing::gateway_api::GROUP;
@@ -54,8 +54,10 @@ pub(super) const WATCHED: &[Kind] = &[
         endpoint_slices::trim,
     )
     .in_group(endpoint_slices::GROUP),
-    Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices"),
-    Kind::spec(ISTIO_NETWORKING, "v1", "Gateway", "gateways"),
+    // Their status is kept as well (see `gateway_status`).
+    Kind::spec(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices")
+        .keeping(spec_and_status),
+    Kind::spec(ISTIO_NETWORKING, "v1", "Gateway", "gateways").keeping(spec_and_status),
     Kind::spec(
         ISTIO_NETWORKING,
         "v1",

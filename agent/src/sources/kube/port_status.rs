@@ -3,7 +3,9 @@
 //! Gateway (Istio or Gateway API) with a server on the port, and on a
 //! Gateway API listener the conditions the spec gives for it: `Accepted:
 //! False` with reason `PortUnavailable`, and `Programmed: False` with reason
-//! `Pending` (the agent binds it as soon as the port is free).
+//! `Pending` (the agent binds it as soon as the port is free); on an Istio
+//! Gateway `Programmed: False` with reason `PortUnavailable` and Istio's
+//! message IST0104 GatewayPortNotOnWorkload.
 //!
 //! Every agent writes the same Gateway status, so one node's failure must not
 //! be undone by the others: the conditions' message names the node (`node N:
@@ -19,8 +21,10 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::ingress::PortFailures;
 use crate::routing::gateway_api::{Condition, ObjectStatus, StatusKind};
+use crate::routing::ingress::Server;
+use crate::routing::istio_status::Analysis;
 
-use super::gateway_status::Watched;
+use super::gateway_status::{key, Watched};
 
 const UNAVAILABLE: &str = "PortUnavailable";
 
@@ -52,8 +56,9 @@ fn message(node: &str, port: u16, error: &str) -> String {
     format!("node {node}: port {port} is not served: {error}")
 }
 
-/// `statuses` with the listeners on a port this node cannot bind marked as
-/// such, and those another node marked (see the module's doc) kept.
+/// `statuses` with what is on a port this node cannot bind marked as such
+/// (a Gateway API listener, an Istio Gateway's `Programmed`), and what
+/// another node marked (see the module's doc) kept.
 pub(super) fn with_ports(
     statuses: &[ObjectStatus],
     config: &Config,
@@ -62,13 +67,9 @@ pub(super) fn with_ports(
     watched: &Watched,
 ) -> Vec<ObjectStatus> {
     let mut statuses = statuses.to_vec();
-    for status in &mut statuses {
-        let StatusKind::Gateway { listeners, .. } = &mut status.status else {
-            continue;
-        };
-        let key = ("Gateway", status.namespace.clone(), status.name.clone());
+    for status in statuses.iter_mut().filter(|s| s.kind == "Gateway") {
         let current = watched
-            .get(&key)
+            .get(&key(status))
             .and_then(|(_, o)| o.body().remove("status"))
             .unwrap_or_default();
         let gateway = format!(
@@ -76,55 +77,108 @@ pub(super) fn with_ports(
             status.namespace.as_deref().unwrap_or_default(),
             status.name
         );
-        for listener in listeners {
-            let port = port_of(config, node, &gateway, &listener.name);
-            let own = port.and_then(|p| Some(message(node, p, failures.get(&p)?)));
-            let reported = own.or_else(|| {
-                let message = reported_elsewhere(&current, &listener.name)?;
-                let (other, _) = message.strip_prefix("node ")?.split_once(':')?;
-                (other != node && config.node(other).is_some()).then_some(message)
-            });
-            if let Some(message) = reported {
-                mark(&mut listener.conditions, &message);
+        let servers = |pick: &dyn Fn(&Server) -> bool| served_ports(config, node, &gateway, pick);
+        match &mut status.status {
+            StatusKind::Gateway { listeners, .. } => {
+                for listener in listeners {
+                    let name = Some(listener.name.as_str());
+                    let ports = servers(&|s| {
+                        s.field.starts_with("spec.listeners[") && s.name.as_deref() == name
+                    });
+                    let written = current["listeners"].as_array().and_then(|all| {
+                        let mine = all.iter().find(|l| l["name"] == listener.name)?;
+                        unavailable(&mine["conditions"], "Accepted")
+                    });
+                    let own = own_report(node, &ports, failures);
+                    if let Some(message) = report(own, written, config, node) {
+                        mark(&mut listener.conditions, LISTENER_MARKS, &message);
+                    }
+                }
             }
+            StatusKind::Istio {
+                conditions,
+                validation_messages,
+            } => {
+                let ports = servers(&|s| s.field.starts_with("spec.servers["));
+                let written = unavailable(&current["conditions"], "Programmed");
+                let own = own_report(node, &ports, failures);
+                if let Some(message) = report(own, written, config, node) {
+                    mark(conditions, ISTIO_MARKS, &message);
+                    validation_messages.push(Analysis::GatewayPortNotOnWorkload);
+                    validation_messages.sort();
+                    validation_messages.dedup();
+                }
+            }
+            _ => {}
         }
     }
     statuses
 }
 
-/// The port of listener `name` of Gateway API Gateway `gateway`, if
-/// `node` serves it.
-fn port_of(config: &Config, node: &str, gateway: &str, name: &str) -> Option<u16> {
+/// The ports of the servers `pick` selects of Gateway `gateway` (either API:
+/// `pick` tells them apart), if `node` serves them.
+fn served_ports(
+    config: &Config,
+    node: &str,
+    gateway: &str,
+    pick: &dyn Fn(&Server) -> bool,
+) -> Vec<u16> {
     let no_labels = BTreeMap::new();
     let labels = config.node(node).map_or(&no_labels, |n| &n.labels);
-    let mut served = config.routing().ingress().served_by(labels);
-    let gateway = served.find(|g| g.key == gateway)?;
-    let server = gateway
-        .servers
-        .iter()
-        .find(|s| s.field.starts_with("spec.listeners[") && s.name.as_deref() == Some(name))?;
-    server.not_served.is_none().then_some(server.port)
+    let served = config.routing().ingress().served_by(labels);
+    let servers = served.filter(|g| g.key == gateway).flat_map(|g| &g.servers);
+    servers
+        .filter(|s| s.not_served.is_none() && pick(s))
+        .map(|s| s.port)
+        .collect()
 }
 
-/// The message of listener `name`'s `PortUnavailable` condition in the
-/// watched status, if any.
-fn reported_elsewhere(status: &Value, name: &str) -> Option<String> {
-    let listeners = status.get("listeners")?.as_array()?;
-    let listener = listeners.iter().find(|l| l["name"] == name)?;
-    let conditions = listener.get("conditions")?.as_array()?;
-    let accepted = conditions.iter().find(|c| c["type"] == "Accepted")?;
-    if accepted["reason"] != UNAVAILABLE || accepted["status"] != "False" {
+/// This node's report on `ports`: the first it cannot bind.
+fn own_report(node: &str, ports: &[u16], failures: &PortFailures) -> Option<String> {
+    let mut failed = ports.iter().filter_map(|p| Some((*p, failures.get(p)?)));
+    failed
+        .next()
+        .map(|(port, error)| message(node, port, error))
+}
+
+/// This node's own report, else the one another node wrote while that
+/// Node exists.
+fn report(
+    own: Option<String>,
+    written: Option<String>,
+    config: &Config,
+    node: &str,
+) -> Option<String> {
+    own.or_else(|| {
+        let written = written?;
+        let (other, _) = written.strip_prefix("node ")?.split_once(':')?;
+        (other != node && config.node(other).is_some()).then_some(written)
+    })
+}
+
+/// The message of the `PortUnavailable` condition of type `kind` in the
+/// watched `conditions`, if any.
+fn unavailable(conditions: &Value, kind: &str) -> Option<String> {
+    let conditions = conditions.as_array()?;
+    let condition = conditions.iter().find(|c| c["type"] == kind)?;
+    if condition["reason"] != UNAVAILABLE || condition["status"] != "False" {
         return None;
     }
-    accepted["message"].as_str().map(str::to_owned)
+    condition["message"].as_str().map(str::to_owned)
 }
 
-fn mark(conditions: &mut [Condition], message: &str) {
+/// A Gateway API listener's conditions on a port not served, as its spec
+/// gives them: (type, reason).
+const LISTENER_MARKS: &[(&str, &str)] = &[("Accepted", UNAVAILABLE), ("Programmed", "Pending")];
+
+/// An Istio Gateway's: it stays `Accepted` (the config is), not `Programmed`.
+const ISTIO_MARKS: &[(&str, &str)] = &[("Programmed", UNAVAILABLE)];
+
+/// Sets the conditions `marks` names to False with their reason.
+fn mark(conditions: &mut [Condition], marks: &[(&str, &'static str)], message: &str) {
     for condition in conditions {
-        let reason = match condition.kind {
-            "Accepted" => UNAVAILABLE,
-            "Programmed" => "Pending",
-            _ => continue,
+        let Some((_, reason)) = marks.iter().find(|(kind, _)| *kind == condition.kind) else {
+            continue;
         };
         condition.status = false;
         condition.reason = reason;
@@ -161,6 +215,10 @@ mod tests {
              \x20 - {name: web, port: 80, protocol: HTTP}\n\
              \x20 - {name: alt, port: 81, protocol: HTTP}\n"
                 .to_owned(),
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\n\
+             metadata: {name: public, namespace: infra}\n\
+             spec:\n  servers: [{port: {number: 82, name: http, protocol: HTTP}, hosts: ['*']}]\n"
+                .to_owned(),
         ];
         let files: Vec<_> = docs
             .into_iter()
@@ -170,11 +228,16 @@ mod tests {
         Config::load_documents(&files, &LoadOptions::default()).unwrap()
     }
 
-    /// The Gateway as watched, with `status`.
+    /// The Gateway API Gateway as watched, with `status`.
     fn watched(status: Value) -> Watched {
+        watched_of(crate::routing::gateway_api::GROUP, status)
+    }
+
+    /// The Gateway of API `group` as watched, with `status`.
+    fn watched_of(group: &str, status: Value) -> Watched {
         let kind = WATCHED
             .iter()
-            .find(|k| k.kind == "Gateway" && k.group == crate::routing::gateway_api::GROUP)
+            .find(|k| k.kind == "Gateway" && k.group == group)
             .unwrap();
         let metadata = ObjectMeta {
             name: Some("public".into()),
@@ -183,7 +246,7 @@ mod tests {
         };
         let body = json!({ "status": status });
         let object = Object::new(metadata, body.as_object().unwrap().clone());
-        let key = ("Gateway", Some("infra".into()), "public".into());
+        let key = (kind.group, "Gateway", Some("infra".into()), "public".into());
         Watched::from([(key, (kind, Arc::new(object)))])
     }
 
@@ -253,6 +316,71 @@ mod tests {
         assert_eq!(
             listeners(&cleared)[0],
             ("web".into(), "Accepted", "Programmed")
+        );
+    }
+
+    /// The Istio Gateway's conditions and codes.
+    fn istio(statuses: &[ObjectStatus]) -> (Vec<(&'static str, bool, &'static str)>, Vec<&str>) {
+        let gateway = statuses.iter().find(|s| s.kind == "Gateway").unwrap();
+        crate::routing::istio_status::summary(gateway)
+    }
+
+    #[test]
+    fn an_istio_gateway_on_a_port_taken_on_one_node_is_not_programmed_there() {
+        use crate::routing::istio_status::GROUP;
+        let config = config();
+        let statuses = config.routing().istio_status();
+        let failures = PortFailures::from([(82, "cannot listen on 10.0.0.1:82: in use".into())]);
+        let marked = with_ports(
+            statuses,
+            &config,
+            "a",
+            &failures,
+            &watched_of(GROUP, json!({})),
+        );
+        let unavailable = (
+            vec![
+                ("Accepted", true, "Accepted"),
+                ("Programmed", false, "PortUnavailable"),
+            ],
+            vec!["IST0104"],
+        );
+        assert_eq!(istio(&marked), unavailable);
+        // The Gateway API Gateway of the same name is not on that port.
+        let api = with_ports(
+            config.routing().gateway_api_status(),
+            &config,
+            "a",
+            &failures,
+            &watched(json!({})),
+        );
+        assert_eq!(listeners(&api)[0], ("web".into(), "Accepted", "Programmed"));
+
+        // As node a wrote it: node b keeps it, node a clears it once bound.
+        let written = json!({"conditions": [
+            {"type": "Accepted", "status": "True", "reason": "Accepted"},
+            {"type": "Programmed", "status": "False", "reason": "PortUnavailable",
+             "message": "node a: port 82 is not served: in use"},
+        ]});
+        let none = PortFailures::new();
+        let kept = with_ports(
+            statuses,
+            &config,
+            "b",
+            &none,
+            &watched_of(GROUP, written.clone()),
+        );
+        assert_eq!(istio(&kept), unavailable);
+        let cleared = with_ports(statuses, &config, "a", &none, &watched_of(GROUP, written));
+        assert_eq!(
+            istio(&cleared),
+            (
+                vec![
+                    ("Accepted", true, "Accepted"),
+                    ("Programmed", true, "Programmed")
+                ],
+                vec![]
+            )
         );
     }
 }

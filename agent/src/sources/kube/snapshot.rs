@@ -1,7 +1,7 @@
 //! Building a config snapshot from the watched objects: the YAML mode's validation, run
 //! per object, with invalid objects skipped (and reported) instead of failing the whole.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,9 +14,11 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, ConfigErrors, ConfigStore, LoadOptions};
 use crate::ingress::PortFailures;
+use crate::routing::gateway_api::ObjectStatus;
+use crate::routing::istio_status::{self, IstioObject};
 
 use super::gateway_status;
-use super::kinds::{Kind, GATEWAY_API};
+use super::kinds::{Kind, GATEWAY_API, ISTIO_NETWORKING};
 use super::object::Object;
 use super::pod_summary::PodSummary;
 use super::pods::{self, Context};
@@ -147,7 +149,7 @@ impl Snapshots {
                 self.track_netns(&config);
                 let failures = self.port_failures.as_ref().map(|f| f.borrow().clone());
                 let failures = failures.unwrap_or_default();
-                self.write_statuses(&config, &failures);
+                self.write_statuses(&config, &failures, &skipped, &invalid);
                 let mut warnings = config.routing().warnings.clone();
                 if let Some(node) = &self.node {
                     warnings.extend(port_status::warnings(&config, node, &failures));
@@ -184,16 +186,24 @@ impl Snapshots {
         *self.netns.used.lock().unwrap_or_else(|e| e.into_inner()) = used;
     }
 
-    /// Sends the writes the Gateway API objects' status needs to the writer.
-    fn write_statuses(&self, config: &Config, failures: &PortFailures) {
+    /// Sends the writes the status of the Gateway API and Istio objects needs
+    /// to the writer. An Istio object skipped as invalid gets its problems.
+    fn write_statuses(
+        &self,
+        config: &Config,
+        failures: &PortFailures,
+        skipped: &[ConfigError],
+        invalid: &HashMap<PathBuf, Source>,
+    ) {
         let Some(statuses) = &self.statuses else {
             return;
         };
         let mut watched = gateway_status::Watched::new();
-        for (kind, objects) in self.stores.iter().filter(|(k, _)| k.group == GATEWAY_API) {
+        for (kind, objects) in self.stores.iter().filter(|(k, _)| has_status(k)) {
             for object in objects.state() {
                 let meta = &object.metadata;
                 let key = (
+                    kind.group,
                     kind.kind,
                     meta.namespace.clone(),
                     meta.name.clone().unwrap_or_default(),
@@ -201,14 +211,17 @@ impl Snapshots {
                 watched.insert(key, (*kind, object));
             }
         }
-        let computed = config.routing().gateway_api_status();
-        let needed = match &self.node {
-            Some(node) => {
-                let computed = port_status::with_ports(computed, config, node, failures, &watched);
-                gateway_status::needed(&computed, &watched)
-            }
-            None => gateway_status::needed(computed, &watched),
-        };
+        let routing = config.routing();
+        let mut computed = routing.gateway_api_status().to_vec();
+        computed.extend(istio_status_with_skipped(
+            routing.istio_status(),
+            skipped,
+            invalid,
+        ));
+        if let Some(node) = &self.node {
+            computed = port_status::with_ports(&computed, config, node, failures, &watched);
+        }
+        let needed = gateway_status::needed(&computed, &watched);
         if !needed.is_empty() {
             statuses.send_replace(needed);
         }
@@ -226,10 +239,7 @@ impl Snapshots {
     ) {
         let mut now = HashSet::new();
         for error in skipped {
-            let note = match &error.field {
-                Some(field) => format!("{field}: {}", error.message),
-                None => error.message.clone(),
-            };
+            let note = note(error);
             let key = (error.file.clone(), note.clone());
             if !self.reported.contains(&key) {
                 log::warn!("skipped invalid object: {error}");
@@ -347,6 +357,60 @@ fn warned_path(warning: &str) -> Option<PathBuf> {
     let end = start + warning[start..].find("):")?;
     let path = &warning[start..end];
     (!path.contains(' ')).then(|| PathBuf::from(path))
+}
+
+/// `field: message`.
+fn note(error: &ConfigError) -> String {
+    match &error.field {
+        Some(field) => format!("{field}: {}", error.message),
+        None => error.message.clone(),
+    }
+}
+
+/// Whether nodemesh writes the status of objects of `kind`.
+fn has_status(kind: &Kind) -> bool {
+    kind.group == GATEWAY_API
+        || (kind.group == ISTIO_NETWORKING && ISTIO_STATUS.contains(&kind.kind))
+}
+
+/// The Istio kinds that get a status.
+const ISTIO_STATUS: [&str; 2] = ["Gateway", "VirtualService"];
+
+/// `computed` with each Istio object of `skipped` (as watched: `invalid`)
+/// marked invalid, whether or not a last valid version of it serves.
+fn istio_status_with_skipped(
+    computed: &[ObjectStatus],
+    skipped: &[ConfigError],
+    invalid: &HashMap<PathBuf, Source>,
+) -> Vec<ObjectStatus> {
+    let mut problems: BTreeMap<IstioObject, Vec<String>> = BTreeMap::new();
+    for error in skipped {
+        let Some(Source::Object(kind, object)) = invalid.get(&error.file) else {
+            continue;
+        };
+        let kind = ISTIO_STATUS
+            .iter()
+            .find(|k| **k == kind.kind && has_status(kind));
+        let Some(kind) = kind else { continue };
+        let meta = &object.metadata;
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let key = (*kind, namespace, meta.name.clone().unwrap_or_default());
+        problems.entry(key).or_default().push(note(error));
+    }
+    let mut statuses: Vec<_> = computed
+        .iter()
+        .filter(|s| {
+            let key = (
+                s.kind,
+                s.namespace.clone().unwrap_or_default(),
+                s.name.clone(),
+            );
+            !problems.contains_key(&key)
+        })
+        .cloned()
+        .collect();
+    statuses.extend(problems.iter().map(|(o, p)| istio_status::invalid(o, p)));
+    statuses
 }
 
 fn reference(kind: &Kind, object: &Object) -> ObjectReference {
