@@ -945,7 +945,9 @@ fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
     let web = format!("http://{}:8080/", shop.topo.pod("web").address);
     let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
     sleep(Duration::from_secs(1));
-    let (second, third) = hand_over_twice(&mut shop, &mut first, |shop| shop.get("outsider", &web));
+    let (second, third) = hand_over_twice(&mut shop, "node-a", &mut first, |shop| {
+        shop.get("outsider", &web)
+    });
     assert_carried(&[("first", &first), ("second", &second)], 1);
     assert_whole("an upgraded connection", &upgraded.finish());
     // One record, the third agent's: the HTTP connection, with every byte
