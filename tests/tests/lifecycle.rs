@@ -830,17 +830,27 @@ fn assert_reported_once(agent: &Agent, direction: &str, remote: &str) {
             && c["source_workload"] == "shop/client"
             && c["upstream"] == format!("{remote}:9000")
     };
+    let record = the_whole_record(agent, is_across);
+    println!("{direction} record: {record}");
+}
+
+/// The one record of `agent` that `is_it` matches, once reported: bytes
+/// moved and all echoed, ended ok, with the caller's identity.
+fn the_whole_record(
+    agent: &Agent,
+    is_it: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     wait_for("the connection to be reported", || {
-        agent.connections().unwrap().iter().any(is_across)
+        agent.connections().unwrap().iter().any(&is_it)
     });
-    let records: Vec<_> = agent
+    let mut records: Vec<_> = agent
         .connections()
         .unwrap()
         .into_iter()
-        .filter(is_across)
+        .filter(&is_it)
         .collect();
     assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
+    let record = records.remove(0);
     assert!(record["bytes_sent"].as_u64().unwrap() > 0, "{record}");
     assert_eq!(record["bytes_sent"], record["bytes_received"], "{record}");
     assert_eq!(record["outcome"], "ok", "{record}");
@@ -850,7 +860,7 @@ fn assert_reported_once(agent: &Agent, direction: &str, remote: &str) {
             .is_some_and(|id| id.contains("/ns/shop/sa/")),
         "{record}"
     );
-    println!("{direction} record: {record}");
+    record
 }
 
 /// The same connection across two hand-overs of the *destination's* agent
@@ -953,27 +963,8 @@ fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
     // One record, the third agent's: the HTTP connection, with every byte
     // since the switch (all echoed) and the caller's identity.
     let is_ws = |c: &serde_json::Value| c["direction"] == "outbound" && c["service"] == "plain/ws";
-    wait_for("the upgraded connection to be reported", || {
-        third.connections().unwrap().iter().any(is_ws)
-    });
-    let records: Vec<_> = third
-        .connections()
-        .unwrap()
-        .into_iter()
-        .filter(is_ws)
-        .collect();
-    assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
+    let record = the_whole_record(&third, is_ws);
     assert_eq!(record["protocol"], "http/1.1", "{record}");
     assert_eq!(record["transport"], "plaintext", "{record}");
-    assert_eq!(record["outcome"], "ok", "{record}");
-    assert!(record["bytes_sent"].as_u64().unwrap() > 0, "{record}");
-    assert_eq!(record["bytes_sent"], record["bytes_received"], "{record}");
-    assert!(
-        record["source_identity"]
-            .as_str()
-            .is_some_and(|id| id.contains("/ns/shop/sa/")),
-        "{record}"
-    );
     println!("record: {record}");
 }
