@@ -85,6 +85,8 @@ pub struct Agent {
     bin: PathBuf,
     extra_args: Vec<String>,
     open_file_limit: Option<u64>,
+    /// How long a start may take before it counts as failed.
+    ready_timeout: Duration,
     child: Option<Child>,
     last_exit: Option<ExitStatus>,
     starts: u32,
@@ -219,6 +221,7 @@ impl Agent {
             bin: bin.to_path_buf(),
             extra_args,
             open_file_limit: None,
+            ready_timeout: READY_TIMEOUT,
             child: None,
             last_exit: None,
             starts: 0,
@@ -278,7 +281,7 @@ impl Agent {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + self.ready_timeout;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
@@ -311,7 +314,7 @@ impl Agent {
                 bail!(
                     "agent on {} not ready after {:?} (last `nodemesh status`: {last}); log:\n{}",
                     self.node,
-                    READY_TIMEOUT,
+                    self.ready_timeout,
                     self.log_tail(80)
                 );
             }
@@ -324,6 +327,12 @@ impl Agent {
     /// limit is that low.
     pub fn set_open_file_limit(&mut self, limit: Option<u64>) {
         self.open_file_limit = limit;
+    }
+
+    /// Gives the agent's next starts `timeout` to be ready (a large
+    /// cluster takes longer to list than [`READY_TIMEOUT`]).
+    pub fn set_ready_timeout(&mut self, timeout: Duration) {
+        self.ready_timeout = timeout;
     }
 
     /// Whether dropping this agent runs `nodemesh uninstall` (by default,

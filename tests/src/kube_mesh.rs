@@ -94,6 +94,13 @@ impl KubeMesh {
             .unwrap_or_else(|| panic!("no agent on {node}"))
     }
 
+    pub fn agent_mut(&mut self, node: &str) -> &mut Agent {
+        self.agents
+            .iter_mut()
+            .find(|a| a.node() == node)
+            .unwrap_or_else(|| panic!("no agent on {node}"))
+    }
+
     /// Stops the agent of `node`, starts it again and waits until it is
     /// ready; returns how long the start took (not the stop).
     pub fn restart_agent(&mut self, node: &str) -> Result<Duration> {

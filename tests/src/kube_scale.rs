@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use serde_json::{json, Value};
 
 use crate::kube::Kube;
@@ -60,15 +62,7 @@ impl Kube {
         let services: Api<Service> = Api::namespaced(self.client(), namespace);
         let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
         let slices: Api<EndpointSlice> = Api::namespaced(self.client(), namespace);
-        let virtual_service = ApiResource {
-            group: "networking.istio.io".into(),
-            version: "v1".into(),
-            api_version: "networking.istio.io/v1".into(),
-            kind: "VirtualService".into(),
-            plural: "virtualservices".into(),
-        };
-        let routes: Api<DynamicObject> =
-            Api::namespaced_with(self.client(), namespace, &virtual_service);
+        let routes = virtual_services(self, namespace);
         let create = PostParams::default();
 
         self.in_flight("Services", scale.services, |s| {
@@ -173,6 +167,24 @@ impl Kube {
         Ok(())
     }
 
+    /// Deletes the pods, slices and routes [`Kube::create_at_scale`] made in
+    /// `namespace`, leaving its Services: an agent's tables shrink to them.
+    pub fn shrink_to_services(&self, namespace: &str) -> Result<()> {
+        // No kubelet confirms a pod's end: deleted at once.
+        let now = DeleteParams::default().grace_period(0);
+        let all = ListParams::default();
+        let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client(), namespace);
+        let routes = virtual_services(self, namespace);
+        self.block_on(async {
+            pods.delete_collection(&now, &all).await?;
+            slices.delete_collection(&now, &all).await?;
+            routes.delete_collection(&now, &all).await?;
+            anyhow::Ok(())
+        })
+        .with_context(|| format!("deleting the pods, slices and routes of {namespace}"))
+    }
+
     /// Runs `request(0..n)` with [`IN_FLIGHT`] requests at a time; the results
     /// in order.
     fn in_flight<T, E, F>(&self, what: &str, n: u32, request: impl Fn(u32) -> F) -> Result<Vec<T>>
@@ -197,4 +209,15 @@ impl Kube {
         );
         Ok(results)
     }
+}
+
+fn virtual_services(kube: &Kube, namespace: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "VirtualService".into(),
+        plural: "virtualservices".into(),
+    };
+    Api::namespaced_with(kube.client(), namespace, &resource)
 }

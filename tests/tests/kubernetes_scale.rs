@@ -25,27 +25,41 @@ fn mesh() -> Result<KubeMesh> {
     KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), true)
 }
 
-/// Waits until `agent` serves at least `scale`'s Services, pods and routes. An
-/// agent busy with a large list may not answer at once (at 10 000 Services its
-/// admin socket once refused a connection with EAGAIN): asked again until the
-/// deadline.
+/// Waits until `agent` serves at least `scale`'s Services, pods and routes.
 fn wait_synced(agent: &Agent, scale: Scale) -> Result<Value> {
+    wait_config(agent, &format!("{scale:?}"), |config| {
+        let at_least = |field: &str, n: u32| config[field].as_u64() >= Some(u64::from(n));
+        at_least("services", scale.services)
+            && at_least("workloads", scale.pods())
+            && at_least("http_routes", scale.services)
+    })
+}
+
+/// Waits until `agent` serves `scale`'s Services and nothing else.
+fn wait_shrunk(agent: &Agent, scale: Scale) -> Result<Value> {
+    wait_config(agent, "the Services alone", |config| {
+        config["services"].as_u64() >= Some(u64::from(scale.services))
+            && config["workloads"].as_u64() == Some(0)
+            && config["http_routes"].as_u64() == Some(0)
+    })
+}
+
+/// Waits until the configuration `agent` serves is `wanted`. An agent busy
+/// with a large list may not answer at once (at 10 000 Services its admin
+/// socket once refused a connection with EAGAIN): asked again until the
+/// deadline.
+fn wait_config(agent: &Agent, what: &str, wanted: impl Fn(&Value) -> bool) -> Result<Value> {
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {
         let status = agent.status_json();
         if let Ok(status) = &status {
-            let config = &status["config"];
-            let at_least = |field: &str, n: u32| config[field].as_u64() >= Some(u64::from(n));
-            if at_least("services", scale.services)
-                && at_least("workloads", scale.pods())
-                && at_least("http_routes", scale.services)
-            {
+            if wanted(&status["config"]) {
                 return Ok(status.clone());
             }
         }
         if Instant::now() > deadline {
             let last = status.map(|s| s["config"].to_string());
-            bail!("{} never served {scale:?}: {last:?}", agent.node());
+            bail!("{} never served {what}: {last:?}", agent.node());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -106,6 +120,8 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
     wait_synced(cluster.agent("node-a"), scale)?;
     std::thread::sleep(SETTLE);
     let watched = rss_kb(cluster.agent("node-a"))?;
+    eprintln!("agent RSS with {scale:?}: {idle} KB idle, {watched} KB after watching them created");
+    cluster.agent_mut("node-a").set_ready_timeout(SYNC_TIMEOUT);
 
     let restarted = Instant::now();
     cluster.restart_agent("node-a")?;
@@ -114,12 +130,31 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
     std::thread::sleep(SETTLE);
     let relisted = rss_kb(cluster.agent("node-a"))?;
     eprintln!(
-        "agent RSS with {scale:?}: {idle} KB idle, {watched} KB after watching them \
-         created, {relisted} KB after a restart (a full list; serving them {serving:.1?} \
-         after the restart, polled)"
+        "agent RSS with {scale:?}: {relisted} KB after a restart (a full list; serving \
+         them {serving:.1?} after the restart, polled)"
     );
     for rss in [watched, relisted] {
         assert!(rss < MEMORY_LIMIT_KB, "{rss} KB");
     }
+
+    // The tables shrink to the Services alone: the memory they held comes
+    // back, to about what an agent started with only the Services holds.
+    cluster.kube().shrink_to_services(&namespace)?;
+    wait_shrunk(cluster.agent("node-a"), scale)?;
+    std::thread::sleep(SETTLE);
+    let shrunk = rss_kb(cluster.agent("node-a"))?;
+    cluster.restart_agent("node-a")?;
+    wait_shrunk(cluster.agent("node-a"), scale)?;
+    std::thread::sleep(SETTLE);
+    let fresh = rss_kb(cluster.agent("node-a"))?;
+    eprintln!(
+        "agent RSS with the {} Services alone: {shrunk} KB after the rest was deleted, \
+         {fresh} KB after a restart",
+        scale.services
+    );
+    assert!(
+        shrunk < fresh * 5 / 4 + 4096,
+        "{shrunk} KB kept, {fresh} KB needed"
+    );
     Ok(())
 }

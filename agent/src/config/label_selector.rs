@@ -88,14 +88,14 @@ impl LabelSelector {
         }
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    pub fn matches(&self, labels: &crate::config::Labels) -> bool {
+        labels.contains_all(self.labels.iter().map(|(k, v)| (&**k, &**v)))
             && self.requirements.iter().all(|(key, operator)| {
                 let value = labels.get(key);
                 match operator {
-                    Operator::In(values) => value.is_some_and(|v| values.contains(v)),
+                    Operator::In(values) => value.is_some_and(|v| values.iter().any(|x| x == v)),
                     // A missing label is not in any set, as in Kubernetes.
-                    Operator::NotIn(values) => value.is_none_or(|v| !values.contains(v)),
+                    Operator::NotIn(values) => value.is_none_or(|v| !values.iter().any(|x| x == v)),
                     Operator::Exists => value.is_some(),
                     Operator::DoesNotExist => value.is_none(),
                 }
@@ -119,11 +119,8 @@ mod tests {
         }
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn labels(pairs: &[(&str, &str)]) -> crate::config::Labels {
+        pairs.iter().copied().collect()
     }
 
     #[test]
@@ -152,7 +149,7 @@ mod tests {
         assert!(!selector.matches(&labels(&[("team", "web"), ("exposed", "")])));
         assert!(!selector.matches(&labels(&[("team", "web"), ("env", "prod")])));
         assert!(!selector.matches(&labels(&[("env", "prod"), ("exposed", "")])));
-        assert!(compile(json!({})).unwrap().matches(&BTreeMap::new()));
+        assert!(compile(json!({})).unwrap().matches(&Default::default()));
     }
 
     #[test]

@@ -779,7 +779,7 @@ fn namespace(doc: NamespaceDoc, issues: &mut Issues) -> Namespace {
     check_metadata(&doc.metadata, issues);
     Namespace {
         name: doc.metadata.name,
-        labels: doc.metadata.labels,
+        labels: doc.metadata.labels.into(),
     }
 }
 
@@ -812,7 +812,7 @@ fn node(doc: NodeDoc, issues: &mut Issues) -> Node {
     }
     Node {
         name: doc.metadata.name,
-        labels: doc.metadata.labels,
+        labels: doc.metadata.labels.into(),
         addresses,
     }
 }
@@ -842,7 +842,7 @@ fn workload(doc: Object<WorkloadSpec>, issues: &mut Issues) -> Workload {
     Workload {
         name,
         namespace,
-        labels,
+        labels: labels.into(),
         service_account: spec.service_account,
         netns: spec.netns,
         addresses: spec.addresses,
@@ -916,8 +916,8 @@ fn service(doc: Object<ServiceSpec>, issues: &mut Issues) -> ServiceDraft {
         service: Service {
             name,
             namespace,
-            labels,
-            selector: spec.selector,
+            labels: labels.into(),
+            selector: spec.selector.into(),
             ports,
             cluster_ip,
         },

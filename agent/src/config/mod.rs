@@ -8,6 +8,7 @@
 mod cluster_ip;
 mod endpoint_slice;
 pub(crate) mod label_selector;
+mod labels;
 #[cfg(test)]
 mod limits_tests;
 mod load;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use labels::Labels;
 pub(crate) use load::{check_dns_label, check_labels, check_metadata, port_number, Issues, Origin};
 pub(crate) use model::{Meta, Object};
 pub use reload::Reloader;
@@ -101,7 +103,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Namespace {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
 }
 
 impl Namespace {
@@ -115,7 +117,7 @@ impl Namespace {
 pub struct Node {
     pub name: String,
     /// Gateways select the agents that serve them by these.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// `InternalIP` addresses, in the order given.
     pub addresses: Vec<IpAddr>,
 }
@@ -138,7 +140,7 @@ impl Node {
 pub struct Workload {
     pub name: String,
     pub namespace: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub service_account: String,
     /// Network namespace of the workload, e.g. `/var/run/netns/pod-a`.
     pub netns: PathBuf,
@@ -159,8 +161,8 @@ impl Workload {
 pub struct Service {
     pub name: String,
     pub namespace: String,
-    pub labels: BTreeMap<String, String>,
-    pub selector: BTreeMap<String, String>,
+    pub labels: Labels,
+    pub selector: Labels,
     pub ports: Vec<ServicePort>,
     /// `None` for a headless service.
     #[serde(rename = "clusterIP")]

@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, Labels};
 use crate::identity;
 use crate::netns::NetNs;
 use crate::proxy::budget::Tenant;
@@ -74,7 +74,7 @@ impl Ingress {
     /// the others; a port that cannot be bound is retried on the next call.
     pub fn reconcile(&self, cfg: &Config) {
         let node = cfg.node(&self.proxy.node);
-        let no_labels = BTreeMap::new();
+        let no_labels = Default::default();
         let labels = node.map_or(&no_labels, |n| &n.labels);
         let wanted = cfg.routing().ingress().ports(labels);
         let ips = match node {
@@ -119,12 +119,7 @@ impl Ingress {
 
     /// The TLS step of `port`; a server whose settings rustls refuses is
     /// logged, and the port then serves plaintext servers only.
-    fn port_tls(
-        &self,
-        cfg: &Config,
-        labels: &BTreeMap<String, String>,
-        port: u16,
-    ) -> Option<Arc<PortTls>> {
+    fn port_tls(&self, cfg: &Config, labels: &Labels, port: u16) -> Option<Arc<PortTls>> {
         match PortTls::build(cfg, labels, port, &self.proxy.identities) {
             Ok(tls) => tls.map(Arc::new),
             Err(e) => {
@@ -204,7 +199,7 @@ impl Ingress {
     /// bound to it.
     pub fn status(&self, cfg: &Config) -> serde_json::Value {
         let node = cfg.node(&self.proxy.node);
-        let no_labels = BTreeMap::new();
+        let no_labels = Default::default();
         let labels = node.map_or(&no_labels, |n| &n.labels);
         let listeners = lock(&self.listeners);
         let mut servers = Vec::new();

@@ -14,7 +14,6 @@ mod ciphers;
 mod tests;
 mod xfcc;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -25,7 +24,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::config::secret::Secrets;
-use crate::config::{Config, Issues};
+use crate::config::{Config, Issues, Labels};
 use crate::identity::{self, x509, Identities};
 use crate::routing::ingress::{Gateway, Server, ServerRef};
 
@@ -424,7 +423,7 @@ impl PortTls {
     /// server there has TLS.
     pub fn build(
         cfg: &Config,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         port: u16,
         identities: &Arc<Identities>,
     ) -> Result<Option<PortTls>, TlsError> {

@@ -2,7 +2,7 @@
 //! attached by `parentRefs` where the listeners allow them, and the status
 //! conditions computed for each object.
 
-use std::collections::BTreeMap;
+use crate::config::Labels;
 
 use super::gateway_api::{Condition, ObjectStatus, StatusKind};
 use super::tests::{forward, select, table};
@@ -143,7 +143,7 @@ pub(super) fn short(c: &Condition) -> Short {
 #[test]
 fn an_attached_route_serves_its_hostname_at_the_listener_and_the_mesh() {
     let table = loaded();
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let selected = table
         .ingress()
         .select(&labels, 80, "Reviews.Example.com")
@@ -211,7 +211,7 @@ fn listeners_refuse_routes_they_do_not_allow_and_say_why() {
         ],
         "a Gateway of another class is not reported on"
     );
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let own = table
         .ingress()
         .select(&labels, 8080, "shop.other.org")
@@ -241,7 +241,7 @@ fn a_missing_backend_answers_500_and_is_reported_without_failing_the_load() {
             ]
         )]
     );
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let selected = table
         .ingress()
         .select(&labels, 80, "broken.example.com")
@@ -353,7 +353,7 @@ spec:
 ",
     );
     let table = table(&[("gw.yaml", gateway)]);
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     assert!(table.ingress().select(&labels, 80, "x").is_none());
     assert!(table.ingress().select(&labels, 9000, "x").is_none());
     assert!(table.ingress().select(&labels, 8000, "x").is_some());

@@ -3,7 +3,7 @@
 //! listener, the rule that HTTPRoutes and GRPCRoutes are not merged, and
 //! validation naming the field.
 
-use std::collections::BTreeMap;
+use crate::config::Labels;
 
 use super::gateway_api::StatusKind;
 use super::gateway_api_tests::{conditions_of, status, GATEWAY};
@@ -113,7 +113,7 @@ fn at_a_gateway_grpcroutes_attach_but_never_share_a_hostname_with_an_httproute()
         ("gw.yaml", GATEWAY),
         ("routes.yaml", AT_GATEWAY),
     ]);
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let selected = table
         .ingress()
         .select(&labels, 80, "grpc.example.com")

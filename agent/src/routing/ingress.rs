@@ -156,7 +156,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Whether an agent whose Node carries `labels` serves it.
-    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn selects(&self, labels: &crate::config::Labels) -> bool {
         self.selector.iter().all(|(k, v)| {
             labels.get(k) == Some(v) || (k.as_str(), v.as_str()) == IMPLICIT_NODE_LABEL
         })
@@ -238,7 +238,7 @@ impl IngressTable {
     /// The Gateways an agent whose Node carries `labels` serves.
     pub fn served_by<'a>(
         &'a self,
-        labels: &'a BTreeMap<String, String>,
+        labels: &'a crate::config::Labels,
     ) -> impl Iterator<Item = &'a Gateway> + 'a {
         self.gateways.iter().filter(|g| g.selects(labels))
     }
@@ -247,7 +247,7 @@ impl IngressTable {
     /// `labels`, in the order requests pick them.
     pub fn servers_on<'a>(
         &'a self,
-        labels: &'a BTreeMap<String, String>,
+        labels: &'a crate::config::Labels,
         port: u16,
     ) -> impl Iterator<Item = (&'a Gateway, &'a Server)> + 'a {
         self.served_by(labels).flat_map(move |gateway| {
@@ -259,7 +259,7 @@ impl IngressTable {
     }
 
     /// The ports such an agent listens on, and whether each serves HTTP.
-    pub fn ports(&self, labels: &BTreeMap<String, String>) -> BTreeMap<u16, ServerProtocol> {
+    pub fn ports(&self, labels: &crate::config::Labels) -> BTreeMap<u16, ServerProtocol> {
         let mut ports = BTreeMap::new();
         for gateway in self.served_by(labels) {
             for server in gateway.servers.iter().filter(|s| s.not_served.is_none()) {
@@ -272,7 +272,7 @@ impl IngressTable {
     /// The server and routes for a request to `port` with `authority`.
     pub fn select(
         &self,
-        labels: &BTreeMap<String, String>,
+        labels: &crate::config::Labels,
         port: u16,
         authority: &str,
     ) -> Option<Selected<'_>> {
@@ -285,7 +285,7 @@ impl IngressTable {
     /// SNI of a SIMPLE one.
     pub fn select_at(
         &self,
-        labels: &BTreeMap<String, String>,
+        labels: &crate::config::Labels,
         port: u16,
         only: Option<&ServerRef>,
         authority: &str,

@@ -6,8 +6,6 @@
 //! PASSTHROUGH one by `tls:` rules only. On the mesh they stay accepted and
 //! not enforced.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::config::{port_number, Issues, Origin};
@@ -130,7 +128,7 @@ impl IngressTable {
     /// its SNI chose (`only`), else the port's first TCP server.
     pub fn select_l4<'a>(
         &'a self,
-        labels: &'a BTreeMap<String, String>,
+        labels: &'a crate::config::Labels,
         port: u16,
         only: Option<&ServerRef>,
         sni: Option<&str>,

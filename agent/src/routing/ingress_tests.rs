@@ -2,7 +2,7 @@
 //! sample verbatim (Apache-2.0), `gateways:` semantics at the top and per
 //! match, selectors, and what is reported instead of applied.
 
-use std::collections::BTreeMap;
+use crate::config::Labels;
 
 use super::tests::{forward, host, select, table};
 use super::RoutingTable;
@@ -14,7 +14,7 @@ const BOOKINFO_GATEWAY: &str =
 /// node labelled `labels`.
 fn at_gateway<'t>(
     table: &'t RoutingTable,
-    labels: &BTreeMap<String, String>,
+    labels: &Labels,
     port: u16,
     host: &str,
 ) -> Option<&'t super::VirtualHost> {
@@ -26,7 +26,7 @@ fn at_gateway<'t>(
 fn bookinfo_gateway_routes_productpage_on_port_80_for_any_host() {
     let table = table(&[("gw.yaml", BOOKINFO_GATEWAY)]);
     assert!(table.warnings.is_empty(), "{:?}", table.warnings);
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let routes = at_gateway(&table, &labels, 80, "1.2.3.4").expect("served");
     assert!(routes.origin.starts_with("VirtualService default/bookinfo"));
     assert_eq!(select(routes, "/productpage", &[]), "http[0]");
@@ -73,9 +73,9 @@ fn per_match_gateways_and_mesh_apply_as_in_istio() {
     assert_eq!(mesh.routes().len(), 1, "{mesh:?}");
     assert_eq!(select(mesh, "/", &[("qa", "canary-test")]), "http[1]");
     // The Gateway selects nodes labelled `ingress: public` only.
-    let unlabelled = BTreeMap::new();
+    let unlabelled = Labels::default();
     assert!(at_gateway(&table, &unlabelled, 8080, "reviews.example.com").is_none());
-    let public = BTreeMap::from([("ingress".to_owned(), "public".to_owned())]);
+    let public = Labels::from_iter([("ingress", "public")]);
     let gateway = at_gateway(&table, &public, 8080, "Reviews.Example.com:8080").unwrap();
     assert_eq!(select(gateway, "/", &[("qa", "canary-test")]), "http[0]");
     assert_eq!(select(gateway, "/", &[]), "http[1]");
@@ -126,7 +126,7 @@ spec:
     ] {
         assert!(warnings.contains(part), "{part:?} not in {warnings}");
     }
-    let ports = table.ingress().ports(&BTreeMap::new());
+    let ports = table.ingress().ports(&Labels::default());
     assert_eq!(ports.keys().copied().collect::<Vec<_>>(), [80, 8081]);
 }
 
@@ -175,7 +175,7 @@ spec:
 #[test]
 fn tls_and_tcp_rules_bind_to_passthrough_and_tcp_servers() {
     let table = table(&[("l4.yaml", L4)]);
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let ingress = table.ingress();
     let rule = |port, server: &str, sni| {
         let at = super::ingress::ServerRef {

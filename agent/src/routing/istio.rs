@@ -1200,7 +1200,7 @@ pub(crate) fn destination_rule(
         subsets.push(Subset {
             origin: String::new(),
             name: s.name,
-            labels: s.labels,
+            labels: s.labels.into(),
             policy,
             ports,
         });

@@ -29,8 +29,8 @@ pub struct Locality {
 
 impl Locality {
     /// From a Node's topology labels.
-    pub fn from_labels(labels: &BTreeMap<String, String>) -> Locality {
-        let get = |k| labels.get(k).cloned().unwrap_or_default();
+    pub fn from_labels(labels: &crate::config::Labels) -> Locality {
+        let get = |k| labels.get(k).unwrap_or_default().to_owned();
         Locality {
             region: get(REGION_LABEL),
             zone: get(ZONE_LABEL),

@@ -1,7 +1,5 @@
 //! Evaluating match conditions against one request.
 
-use std::collections::BTreeMap;
-
 use http::HeaderMap;
 
 use super::{RequestMatch, StringMatch};
@@ -18,7 +16,7 @@ pub struct RequestInfo<'a> {
     /// The port the client connected to.
     pub port: u16,
     pub source_namespace: &'a str,
-    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_labels: &'a crate::config::Labels,
 }
 
 impl RequestMatch {
@@ -113,11 +111,12 @@ fn path_prefix(path: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Labels;
 
     fn info<'a>(
         path: &'a str,
         headers: &'a HeaderMap,
-        labels: &'a BTreeMap<String, String>,
+        labels: &'a crate::config::Labels,
     ) -> RequestInfo<'a> {
         let (path, query) = match path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -159,7 +158,7 @@ mod tests {
     fn all_conditions_must_hold() {
         let mut headers = HeaderMap::new();
         headers.insert("end-user", "jason".parse().unwrap());
-        let labels = BTreeMap::from([("app".to_owned(), "productpage".to_owned())]);
+        let labels = Labels::from_iter([("app", "productpage")]);
         let request = info("/reviews/1?debug=yes", &headers, &labels);
         let mut m = RequestMatch {
             uri: Some(StringMatch::Prefix("/reviews".into())),

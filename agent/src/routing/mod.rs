@@ -30,7 +30,7 @@ mod reference_grant_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -522,7 +522,7 @@ pub struct Subset {
     pub origin: String,
     pub name: String,
     /// Endpoints of the Service carrying all of these labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::config::Labels,
     pub policy: TrafficPolicy,
     pub ports: Vec<(u16, TrafficPolicy)>,
 }

@@ -2,7 +2,7 @@
 //! an HTTPRoute's backend in another namespace are used only with a grant
 //! in that namespace naming the referrer and the target.
 
-use std::collections::BTreeMap;
+use crate::config::Labels;
 
 use super::gateway_api::StatusKind;
 use super::gateway_api_tests::{short, status, Short};
@@ -94,7 +94,7 @@ fn route_of_kind(table: &RoutingTable, kind: &str) -> Vec<Short> {
 type Backends<'t> = Vec<(String, Option<&'t str>, u32)>;
 
 fn served(table: &RoutingTable) -> Result<Backends<'_>, u16> {
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let selected = table
         .ingress()
         .select(&labels, 443, "shop.example.com")
@@ -119,7 +119,7 @@ fn without_a_grant_cross_namespace_refs_are_refused_by_field() {
     );
     assert!(table
         .ingress()
-        .select(&BTreeMap::new(), 443, "shop.example.com")
+        .select(&Labels::default(), 443, "shop.example.com")
         .is_none());
     let warnings = table.warnings.join("\n");
     assert!(

@@ -6,14 +6,13 @@
 //! documentation (all Apache-2.0), so that what users already have keeps
 //! loading.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::HeaderMap;
 
 use super::*;
 use crate::config::test_support::TestDir;
-use crate::config::{Config, ConfigErrors, LoadOptions};
+use crate::config::{Config, ConfigErrors, Labels, LoadOptions};
 
 /// Bookinfo and httpbin, in `default` like the samples.
 const SERVICES: &str = "
@@ -187,7 +186,7 @@ pub(super) fn select<'h>(
     for (name, value) in headers {
         map.insert(*name, value.parse().unwrap());
     }
-    let labels = BTreeMap::new();
+    let labels = Labels::default();
     let request = RequestInfo {
         method: "GET",
         path,
@@ -229,7 +228,10 @@ fn loads_bookinfo_all_v1() {
         assert!(policy
             .origin
             .starts_with(&format!("DestinationRule default/{service} (")));
-        assert_eq!(policy.subset("v1").unwrap().labels["version"], "v1");
+        assert_eq!(
+            policy.subset("v1").unwrap().labels.get("version"),
+            Some("v1")
+        );
         assert_eq!(policy.policy, TrafficPolicy::default());
     }
     let ratings = table.policy("default/ratings").unwrap();
@@ -1037,8 +1039,14 @@ fn destination_rules_merge_subsets() {
     let table = table(&[("dr.yaml", &(newer + &older))]);
     let policy = table.policy("default/reviews").unwrap();
     assert!(policy.origin.starts_with("DestinationRule default/old ("));
-    assert_eq!(policy.subset("v1").unwrap().labels["version"], "v1");
-    assert_eq!(policy.subset("v2").unwrap().labels["version"], "v2");
+    assert_eq!(
+        policy.subset("v1").unwrap().labels.get("version"),
+        Some("v1")
+    );
+    assert_eq!(
+        policy.subset("v2").unwrap().labels.get("version"),
+        Some("v2")
+    );
     assert_eq!(table.warnings.len(), 1);
     let warning = &table.warnings[0];
     assert!(

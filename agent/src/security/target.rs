@@ -114,7 +114,7 @@ pub(crate) fn selectors(
     targets: &[String],
     services: &[Service],
     warnings: &mut Vec<String>,
-) -> Vec<BTreeMap<String, String>> {
+) -> Vec<crate::config::Labels> {
     let mut selectors = Vec::new();
     for target in targets {
         let service = services

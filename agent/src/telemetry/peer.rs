@@ -46,7 +46,12 @@ impl Peer {
 
     /// `principal`: the SPIFFE id, when the reporter knows it.
     pub fn of(w: &Workload, principal: Option<String>) -> Peer {
-        let label = |names: &[&str]| names.iter().find_map(|n| w.labels.get(*n)).cloned();
+        let label = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| w.labels.get(*n))
+                .map(str::to_owned)
+        };
         let workload = workload_name(w).to_owned();
         Peer {
             app: label(&["app"]).unwrap_or_else(|| UNKNOWN.into()),
@@ -109,7 +114,7 @@ pub fn workload_name(w: &Workload) -> &str {
     }
     if let Some(hash) = w.labels.get("pod-template-hash") {
         let replica_set = w.name.rsplit_once('-').map(|(rs, _)| rs);
-        if let Some(deployment) = replica_set.and_then(|rs| rs.strip_suffix(hash.as_str())) {
+        if let Some(deployment) = replica_set.and_then(|rs| rs.strip_suffix(hash)) {
             if let Some(deployment) = deployment.strip_suffix('-').filter(|d| !d.is_empty()) {
                 return deployment;
             }
@@ -138,16 +143,12 @@ pub fn label(out: &mut String, name: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn workload(name: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
             name: name.into(),
             namespace: "default".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
+            labels: labels.iter().copied().collect(),
             service_account: "default".into(),
             netns: "/x".into(),
             addresses: vec![],

@@ -19,7 +19,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::filter::Filter;
-use crate::config::{check_metadata, Issues, Meta, Object, Origin, Service, Workload};
+use crate::config::{check_metadata, Issues, Labels, Meta, Object, Origin, Service, Workload};
 use crate::security::target::{self, TargetRefSpec};
 use crate::security::WorkloadSelectorSpec;
 
@@ -419,7 +419,7 @@ struct Policy {
 #[derive(Debug, Clone)]
 struct Selected {
     /// Any of them (a selector, or the selectors of the target Services).
-    selectors: Vec<BTreeMap<String, String>>,
+    selectors: Vec<Labels>,
     policy: Arc<Policy>,
 }
 
@@ -427,7 +427,7 @@ impl Selected {
     fn selects(&self, w: &Workload) -> bool {
         self.selectors
             .iter()
-            .any(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .any(|s| w.labels.contains_all(s.iter()))
     }
 }
 
@@ -461,7 +461,7 @@ impl Telemetries {
             let namespace = draft.meta.namespace.clone();
             let policy = Arc::new(Policy { rules: draft.rules });
             let selectors = match (draft.selector, draft.targets.is_empty()) {
-                (Some(labels), _) => vec![labels],
+                (Some(labels), _) => vec![labels.into()],
                 (None, false) => target::selectors(
                     &origin,
                     &namespace,

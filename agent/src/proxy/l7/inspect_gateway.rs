@@ -5,7 +5,6 @@
 //! relayed connection's rule, then the same destination facts as a
 //! workload's `explain`, for the ingress's identity.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
@@ -109,7 +108,7 @@ struct Request<'a> {
     port: u16,
     /// This node, and its labels (which Gateways it serves).
     node: &'a str,
-    labels: &'a BTreeMap<String, String>,
+    labels: &'a crate::config::Labels,
     /// The ingress, as destinations see it: its identity over mutual TLS,
     /// else the node's address.
     identity: SpiffeId,

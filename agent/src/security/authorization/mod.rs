@@ -14,14 +14,14 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Origin, Service, Workload};
+use crate::config::{Labels, Origin, Service, Workload};
 use crate::security::target;
 use rule::Rule;
 pub(crate) use spec::{authorization_policy, AuthorizationPolicyDraft};
@@ -145,9 +145,9 @@ impl fmt::Display for Decision {
 #[derive(Debug, Clone)]
 enum Scope {
     All,
-    Selector(BTreeMap<String, String>),
+    Selector(Labels),
     /// `targetRefs`: the selectors of the Services named.
-    Services(Vec<BTreeMap<String, String>>),
+    Services(Vec<Labels>),
 }
 
 /// One compiled policy.
@@ -193,11 +193,7 @@ impl Policy {
     }
 
     fn selects(&self, workload: &Workload) -> bool {
-        let within = |labels: &BTreeMap<String, String>| {
-            labels
-                .iter()
-                .all(|(k, v)| workload.labels.get(k) == Some(v))
-        };
+        let within = |labels: &Labels| workload.labels.contains_all(labels.iter());
         match &self.scope {
             Scope::All => true,
             Scope::Selector(labels) => within(labels),
@@ -246,7 +242,7 @@ impl Policy {
     }
 
     pub fn scope(&self) -> String {
-        let labels = |l: &BTreeMap<String, String>| {
+        let labels = |l: &Labels| {
             let pairs: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
             pairs.join(",")
         };
@@ -376,7 +372,7 @@ impl Authorizations {
                 Scope::Services(selectors)
             } else {
                 match draft.selector {
-                    Some(labels) => Scope::Selector(labels),
+                    Some(labels) => Scope::Selector(labels.into()),
                     None => Scope::All,
                 }
             };

@@ -94,7 +94,11 @@ pub(super) fn workload(pod: &PodSummary, ctx: &Context) -> Option<Value> {
     let mut doc = Map::new();
     doc.insert("apiVersion".into(), json!("nodemesh.io/v1alpha1"));
     doc.insert("kind".into(), json!("Workload"));
-    doc.insert("metadata".into(), metadata(&pod.metadata));
+    let mut meta = metadata(&pod.metadata);
+    if !pod.labels.is_empty() {
+        meta["labels"] = json!(pod.labels);
+    }
+    doc.insert("metadata".into(), meta);
     doc.insert(
         "spec".into(),
         json!({
@@ -214,6 +218,7 @@ mod tests {
         let doc = workload(&remote, &on_node_b).unwrap();
         assert_eq!(doc["spec"]["netns"], ON_OTHER_NODE);
         assert_eq!(doc["spec"]["serviceAccount"], "web");
+        assert_eq!(doc["metadata"]["labels"], json!({"app": "web"}));
 
         for not_a_workload in [pod(true, "Running"), pod(false, "Succeeded")] {
             assert!(workload(&not_a_workload, &on_node_a).is_none());

@@ -14,8 +14,6 @@
 //! A second node failing on the same port meanwhile reports with Events only,
 //! and writes its conditions once the first node's are cleared.
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 
 use crate::config::Config;
@@ -35,7 +33,7 @@ pub(super) fn warnings(config: &Config, node: &str, failures: &PortFailures) -> 
     if failures.is_empty() {
         return warnings;
     }
-    let no_labels = BTreeMap::new();
+    let no_labels = Default::default();
     let labels = config.node(node).map_or(&no_labels, |n| &n.labels);
     for gateway in config.routing().ingress().served_by(labels) {
         for server in gateway.servers.iter().filter(|s| s.not_served.is_none()) {
@@ -123,7 +121,7 @@ fn served_ports(
     gateway: &str,
     pick: &dyn Fn(&Server) -> bool,
 ) -> Vec<u16> {
-    let no_labels = BTreeMap::new();
+    let no_labels = Default::default();
     let labels = config.node(node).map_or(&no_labels, |n| &n.labels);
     let served = config.routing().ingress().served_by(labels);
     let servers = served.filter(|g| g.key == gateway).flat_map(|g| &g.servers);
