@@ -927,6 +927,28 @@ ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Switch).serve_forever()
 
 const WS_IP: &str = "10.96.0.33";
 
+impl Shop {
+    /// [`UPGRADE_ECHO_PY`] in `pod` on port 8090, behind Service `ws` of
+    /// `namespace` (`WS_IP`, port 80, an HTTP port) selecting `label`.
+    fn upgrade_echo(&mut self, pod: &str, namespace: &str, label: (&str, &str)) {
+        let script = self.topo.work_dir().join("upgrade_echo.py");
+        std::fs::write(&script, UPGRADE_ECHO_PY).unwrap();
+        let script = script.display().to_string();
+        let netns = self.topo.pod(pod).netns.clone();
+        let python = nodemesh_testbed::workload_apps::python3();
+        let cmd = [python, script.as_str(), "8090"];
+        self.topo.spawn_in(&netns, &cmd, "upgrade-echo").unwrap();
+        wait_listening(&self.topo, &netns, 8090).unwrap();
+        let ws = config::ServicePort {
+            name: "http-ws",
+            port: 80,
+            target_port: 8090,
+        };
+        let service = config::service_with_ports("ws", namespace, &[label], &[ws], Some(WS_IP));
+        config::write(&self.config_dir, "ws.yaml", &[service]).unwrap();
+    }
+}
+
 /// The README's promise for an upgraded HTTP connection (a WebSocket) from
 /// an enrolled pod to a plaintext endpoint behind a Service: once switched,
 /// it is carried across hand-overs of the caller's agent like an opaque
@@ -935,22 +957,7 @@ const WS_IP: &str = "10.96.0.33";
 #[test]
 fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
     let mut shop = Shop::new();
-    let script = shop.topo.work_dir().join("upgrade_echo.py");
-    std::fs::write(&script, UPGRADE_ECHO_PY).unwrap();
-    let script = script.display().to_string();
-    let netns = shop.topo.pod("plainweb").netns.clone();
-    let python = nodemesh_testbed::workload_apps::python3();
-    let cmd = [python, script.as_str(), "8090"];
-    shop.topo.spawn_in(&netns, &cmd, "upgrade-echo").unwrap();
-    wait_listening(&shop.topo, &netns, 8090).unwrap();
-    let ws = config::ServicePort {
-        name: "http-ws",
-        port: 80,
-        target_port: 8090,
-    };
-    let plainweb = [("app", "plainweb")];
-    let service = config::service_with_ports("ws", "plain", &plainweb, &[ws], Some(WS_IP));
-    config::write(&shop.config_dir, "ws.yaml", &[service]).unwrap();
+    shop.upgrade_echo("plainweb", "plain", ("app", "plainweb"));
     let mut first = shop.agent();
     let web = format!("http://{}:8080/", shop.topo.pod("web").address);
     let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
@@ -967,4 +974,45 @@ fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
     assert_eq!(record["protocol"], "http/1.1", "{record}");
     assert_eq!(record["transport"], "plaintext", "{record}");
     println!("record: {record}");
+}
+
+/// The README's promise for an upgraded HTTP connection (a WebSocket) from
+/// an enrolled pod to a workload on another node: its HBONE stream is
+/// resumable, so once switched it survives hand-overs of the caller's agent
+/// as an opaque relay to another node does (node-b's agent parks the
+/// application's socket and the next agent resumes the stream), every
+/// message once and in order, while another tenant's requests go on. Each
+/// agent reports it once, as the HTTP connection it is.
+#[test]
+fn upgraded_connections_to_another_node_survive_two_hand_overs_of_the_callers_agent() {
+    let mut shop = Shop::new();
+    shop.upgrade_echo("remote", "shop", ("app", "remote"));
+    let dir = shop.config_dir.clone();
+    let node_b = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    let mut first = shop.agent();
+    let web = format!("http://{}:8080/", shop.topo.pod("web").address);
+    let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
+    sleep(Duration::from_secs(1));
+    let (second, third) = hand_over_twice(&mut shop, "node-a", &mut first, |shop| {
+        shop.get("outsider", &web)
+    });
+    assert_carried(&[("first", &first), ("second", &second)], 1);
+    assert_whole("an upgraded connection to another node", &upgraded.finish());
+    // node-b's agent resumed the stream twice and kept it as one connection.
+    let resumed = node_b.log().matches("resumed").count();
+    assert_eq!(resumed, 2, "{}", node_b.log());
+    let is_ws = |direction: &'static str| {
+        move |c: &serde_json::Value| {
+            c["direction"] == direction
+                && c["transport"] == "hbone"
+                && c["protocol"] == "http/1.1"
+                && c["source_workload"] == "shop/client"
+        }
+    };
+    let outbound = the_whole_record(&third, is_ws("outbound"));
+    assert_eq!(outbound["service"], "shop/ws", "{outbound}");
+    println!("outbound record: {outbound}");
+    let inbound = the_whole_record(&node_b, is_ws("inbound"));
+    assert_eq!(inbound["bytes_sent"], outbound["bytes_sent"], "{inbound}");
+    println!("inbound record: {inbound}");
 }

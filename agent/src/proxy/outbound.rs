@@ -184,13 +184,15 @@ async fn serve_l7(
         Some(hand_back),
     )
     .await?;
-    // A tunnel between two sockets (a WebSocket to a plaintext endpoint)
-    // goes on as this connection, carried at a hand-over with its record.
+    // A tunnel from the client's socket to a socket or a resumable stream
+    // (a WebSocket to a plaintext endpoint, or to a workload on another
+    // node) goes on as this connection, carried at a hand-over with its
+    // record.
     let Ok(tunnel) = upgraded.await else {
         return Ok(Transferred::default());
     };
-    record.upstream = tunnel.upstream().ok();
-    record.transport = Some(hop::Hop::Plain.name());
+    record.upstream = tunnel.upstream();
+    record.transport = Some(tunnel.transport());
     let address = pod.address_for(orig.ip());
     tunnel
         .relay(proxy, CarriedMeta::of(record, address, address))
@@ -282,7 +284,7 @@ where
                 let mut meta = CarriedMeta::of(record, address, address);
                 meta.hbone = Some(*resume);
                 return proxy
-                    .relay_hbone(client.socket(), tunnel, meta, how.live)
+                    .relay_hbone(client.socket(), (tunnel, &[]), meta, how.live)
                     .await;
             }
             (Stream::Tcp(server), _) => relay::relay_stream(&mut client, server, how).await,

@@ -30,17 +30,34 @@ struct Signals {
     target: watch::Sender<Option<u64>>,
 }
 
+/// Where a relay starts on a stream.
+#[derive(Clone, Copy, Default)]
+pub struct Start<'a> {
+    /// The directions that closed before (a relay resumed).
+    pub ended: Ended,
+    /// Bytes read from the socket already (behind an HTTP exchange that
+    /// switched protocols), written into the stream first and counted as
+    /// written by this relay, as the other end counts them read.
+    pub head: &'a [u8],
+}
+
+impl From<Ended> for Start<'_> {
+    fn from(ended: Ended) -> Self {
+        Start { ended, head: &[] }
+    }
+}
+
 /// Relays until both directions are closed, either side fails, nothing
 /// moves for `how.idle`, or the relay is quiesced: `told` resolves, and
 /// `exchange` gets the bytes this side wrote into the stream and returns
 /// those the other end wrote (`None`: the quiesce failed, relay on). The
-/// directions in `ended` closed before. On failure the socket is reset.
+/// relay starts as `start` says. On failure the socket is reset.
 /// What moved counts on this stream only; `sent` is socket to stream.
 pub async fn relay<S, F>(
     socket: &TcpStream,
     stream: &mut S,
     how: RelayOptions,
-    ended: Ended,
+    start: Start<'_>,
     told: impl Future<Output = ()>,
     exchange: impl FnOnce(u64) -> F,
 ) -> io::Result<Stopped>
@@ -56,12 +73,12 @@ where
     };
     let mut stream = FinishedPeer::new(stream);
     let (mut from_stream, mut to_stream) = tokio::io::split(&mut stream);
-    let up = up(socket, &mut to_stream, &activity, ended.sent, &signals);
+    let up = up(socket, &mut to_stream, &activity, start, &signals);
     let down = down(
         &mut from_stream,
         socket,
         &activity,
-        ended.received,
+        start.ended.received,
         &signals,
     );
     let quiesce = async {
@@ -92,18 +109,25 @@ where
     outcome
 }
 
-/// Socket to stream: until EOF (`true`), or until quiesced (`false`).
+/// Socket to stream (`start.head` first): until EOF (`true`), or until
+/// quiesced (`false`).
 async fn up<S: AsyncWrite + Unpin>(
     from: &TcpStream,
     to: &mut WriteHalf<&mut S>,
     activity: &Activity,
-    closed: bool,
+    start: Start<'_>,
     signals: &Signals,
 ) -> io::Result<(u64, bool)> {
     let mut total = 0u64;
-    if closed {
-        signals.paused.send_replace(Some(0));
-        return Ok((0, true));
+    if !start.head.is_empty() {
+        to.write_all(start.head).await?;
+        to.flush().await?;
+        total = start.head.len() as u64;
+        activity.moved(true, total);
+    }
+    if start.ended.sent {
+        signals.paused.send_replace(Some(total));
+        return Ok((total, true));
     }
     let mut pause = signals.pause.subscribe();
     let mut target = signals.target.subscribe();
@@ -283,14 +307,8 @@ mod tests {
                     }
                 }
             };
-            let stopped = relay(
-                &socket,
-                &mut stream,
-                how(),
-                Ended::default(),
-                told_now,
-                exchange,
-            )
+            let start = Start::default();
+            let stopped = relay(&socket, &mut stream, how(), start, told_now, exchange)
             .await
             .unwrap();
             let order = if starts {
@@ -311,7 +329,7 @@ mod tests {
         tokio::spawn(async move {
             let never = std::future::pending();
             let exchange = |_| async { None };
-            relay(&socket, &mut stream, how(), ended, never, exchange)
+            relay(&socket, &mut stream, how(), ended.into(), never, exchange)
                 .await
                 .unwrap();
         })
