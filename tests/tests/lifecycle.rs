@@ -877,13 +877,8 @@ fn opaque_relays_from_another_node_survive_two_hand_overs_of_the_destinations_ag
     let remote = shop.topo.pod("remote").address.to_string();
     let across = CounterStream::start(&shop, "client", &remote);
     sleep(Duration::from_secs(1));
-    let other_tenant = |shop: &Shop| {
-        let remote_app = format!("http://{}:9080/", shop.topo.pod("remote").address);
-        shop.get("outsider", &remote_app);
-        shop.get("web", &format!("http://{REMOTE_IP}/"));
-    };
-    other_tenant(&shop);
-    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, other_tenant);
+    requests_through_node_b(&shop);
+    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, requests_through_node_b);
     assert_carried(&[("first", &first), ("second", &second)], 1);
     assert_whole("from a workload on another node", &across.finish());
     for (what, agent) in [("second", &second), ("third", &third)] {
@@ -899,6 +894,14 @@ fn opaque_relays_from_another_node_survive_two_hand_overs_of_the_destinations_ag
     assert_eq!(moved, 2, "{}", node_a.log());
     assert_reported_once(&node_a, "outbound", &remote);
     assert_reported_once(&third, "inbound", &remote);
+}
+
+/// Another tenant's requests through node-b's agent: from a plain pod to
+/// node-b's app, and from `web` to Service `remote`.
+fn requests_through_node_b(shop: &Shop) {
+    let remote_app = format!("http://{}:9080/", shop.topo.pod("remote").address);
+    shop.get("outsider", &remote_app);
+    shop.get("web", &format!("http://{REMOTE_IP}/"));
 }
 
 /// Answers any request `101 Switching Protocols`, then echoes what comes:
@@ -1001,6 +1004,13 @@ fn upgraded_connections_to_another_node_survive_two_hand_overs_of_the_callers_ag
     // node-b's agent resumed the stream twice and kept it as one connection.
     let resumed = node_b.log().matches("resumed").count();
     assert_eq!(resumed, 2, "{}", node_b.log());
+    assert_upgraded_reported_once(&third, &node_b);
+}
+
+/// The caller's agent `caller` and the destination's `destination` each
+/// report the upgraded counter stream from `shop/client` once, whole, as
+/// the HTTP/1.1 connection it is (over HBONE, to Service `shop/ws`).
+fn assert_upgraded_reported_once(caller: &Agent, destination: &Agent) {
     let is_ws = |direction: &'static str| {
         move |c: &serde_json::Value| {
             c["direction"] == direction
@@ -1009,10 +1019,40 @@ fn upgraded_connections_to_another_node_survive_two_hand_overs_of_the_callers_ag
                 && c["source_workload"] == "shop/client"
         }
     };
-    let outbound = the_whole_record(&third, is_ws("outbound"));
+    let outbound = the_whole_record(caller, is_ws("outbound"));
     assert_eq!(outbound["service"], "shop/ws", "{outbound}");
     println!("outbound record: {outbound}");
-    let inbound = the_whole_record(&node_b, is_ws("inbound"));
+    let inbound = the_whole_record(destination, is_ws("inbound"));
     assert_eq!(inbound["bytes_sent"], outbound["bytes_sent"], "{inbound}");
     println!("inbound record: {inbound}");
+}
+
+/// The same upgraded connection across two hand-overs of the
+/// *destination's* agent (node-b): the old agent quiesces the stream with
+/// node-a's agent and carries the application's socket to the next one,
+/// where node-a's agent resumes the stream; another tenant's requests
+/// through node-b go on.
+#[test]
+fn upgraded_connections_from_another_node_survive_two_hand_overs_of_the_destinations_agent() {
+    let mut shop = Shop::new();
+    shop.upgrade_echo("remote", "shop", ("app", "remote"));
+    let dir = shop.config_dir.clone();
+    let mut first = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    let node_a = shop.agent();
+    let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
+    sleep(Duration::from_secs(1));
+    requests_through_node_b(&shop);
+    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, requests_through_node_b);
+    assert_carried(&[("first", &first), ("second", &second)], 1);
+    assert_whole(
+        "an upgraded connection from another node",
+        &upgraded.finish(),
+    );
+    // node-a's agent resumed the stream with each new agent of node-b.
+    let moved = node_a
+        .log()
+        .matches("moved by its destination's agent")
+        .count();
+    assert_eq!(moved, 2, "{}", node_a.log());
+    assert_upgraded_reported_once(&node_a, &third);
 }

@@ -252,7 +252,9 @@ where
                     let client = idle::Tracked::new(client, counted);
                     l7::inbound::serve(proxy, pod, client, caller, app, version, server).await?
                 }
-                None => l7::inbound::serve(proxy, pod, client, caller, app, version, server).await?,
+                None => {
+                    l7::inbound::serve(proxy, pod, client, caller, app, version, server).await?
+                }
             }
             match switched {
                 Some((switched, upgradable)) => match switched.await {
@@ -285,7 +287,8 @@ pub struct Delivered<'a> {
 
 /// An HTTP/1.1 connection on a resumable HBONE stream: once upgraded (a
 /// WebSocket), it is relayed as an opaque stream from another node,
-/// parkable under the stream's id while the caller's agent is handed over.
+/// parkable under the stream's id while the caller's agent is handed over,
+/// and moved at a hand-over of this agent.
 pub struct Upgradable {
     meta: CarriedMeta,
     resume: Resumable,
@@ -830,19 +833,18 @@ impl Proxy {
             (None, Ok(server)) => {
                 let mut to =
                     Delivered::of(proxy, &pod, &mut tracked, &caller, protocol, caller_side);
+                // Where the caller's end is, to move the stream at a
+                // hand-over of this agent.
+                let caller_end = (resume.as_ref()).and_then(|r| proxy.caller_end(&request, r.id));
                 match &mut to.tcp {
                     Some(tcp) => {
-                        // Where the caller's end is, to move the stream at
-                        // a hand-over of this agent.
-                        tcp.meta.hbone =
-                            (resume.as_ref()).and_then(|r| proxy.caller_end(&request, r.id));
+                        tcp.meta.hbone = caller_end;
                         tcp.resume = resume;
                     }
-                    // Not moved at a hand-over of this agent (no caller's
-                    // end in its record): it stays until the drain deadline.
                     None if protocol == Detected::Http1 => {
                         let (app, address) = (to.app.ip(), tracked.caller);
-                        let meta = CarriedMeta::of(&tracked.record, app, address);
+                        let mut meta = CarriedMeta::of(&tracked.record, app, address);
+                        meta.hbone = caller_end;
                         to.upgradable = resume.map(|resume| Upgradable::new(meta, resume));
                     }
                     None => {}

@@ -212,9 +212,15 @@ impl Proxy {
                 Some((resumable, next)) => {
                     let to = meta.upstream.unwrap_or(meta.original_destination);
                     let caller = Caller::new(Some(peer), meta.caller);
+                    // An upgraded HTTP connection is judged as HTTP (its
+                    // request was, when it switched).
+                    let protocol = match meta.upgraded {
+                        true => Detected::Http1,
+                        false => Detected::Opaque,
+                    };
                     let relayed =
                         relay_parkable(self, app, None, Some(next), meta, live, resumable);
-                    inbound::unless_refused(self, pod, &caller, to, Detected::Opaque, relayed).await
+                    inbound::unless_refused(self, pod, &caller, to, protocol, relayed).await
                 }
                 None => Err(format!("stream {} is known here already", resume.id).into()),
             },

@@ -271,12 +271,13 @@ mod tests {
         }
     }
 
-    /// One end of a stream between two applications' relays: quiesced
-    /// when `told` resolves (the side that starts) or when the other end
-    /// sends its count on `counts`.
+    /// One end of a stream between two applications' relays, starting with
+    /// `head`: quiesced when `told` resolves (the side that starts) or when
+    /// the other end sends its count on `counts`.
     fn spawn_end<S>(
         socket: TcpStream,
         mut stream: S,
+        head: &'static [u8],
         told: Option<oneshot::Receiver<()>>,
         counts: (oneshot::Sender<u64>, oneshot::Receiver<u64>),
     ) -> tokio::task::JoinHandle<(Stopped, TcpStream)>
@@ -307,10 +308,13 @@ mod tests {
                     }
                 }
             };
-            let start = Start::default();
+            let start = Start {
+                ended: Ended::default(),
+                head,
+            };
             let stopped = relay(&socket, &mut stream, how(), start, told_now, exchange)
-            .await
-            .unwrap();
+                .await
+                .unwrap();
             let order = if starts {
                 Closing::First
             } else {
@@ -335,19 +339,19 @@ mod tests {
         })
     }
 
-    /// Both ends quiesce together while both applications write; a new
-    /// stream takes over and each application gets every byte once, in
-    /// order.
-    #[tokio::test]
-    async fn both_ends_quiesce_then_a_new_stream_loses_and_repeats_nothing() {
+    /// Both ends quiesce together while both applications write, each
+    /// relay starting with its head from `heads` (what its socket sent
+    /// behind an HTTP exchange); a new stream takes over and each
+    /// application gets every byte once, in order.
+    async fn quiesce_and_resume(heads: (&'static [u8], &'static [u8])) {
         let (mut app_a, relay_a) = pair().await;
         let (mut app_b, relay_b) = pair().await;
         let (near, far) = tokio::io::duplex(1024);
         let (told, told_rx) = oneshot::channel();
         let (a_to_b, from_a) = oneshot::channel();
         let (b_to_a, from_b) = oneshot::channel();
-        let a = spawn_end(relay_a, near, Some(told_rx), (a_to_b, from_b));
-        let b = spawn_end(relay_b, far, None, (b_to_a, from_a));
+        let a = spawn_end(relay_a, near, heads.0, Some(told_rx), (a_to_b, from_b));
+        let b = spawn_end(relay_b, far, heads.1, None, (b_to_a, from_a));
         app_a.write_all(b"one-a").await.unwrap();
         app_b.write_all(b"one-b").await.unwrap();
         told.send(()).unwrap();
@@ -365,10 +369,25 @@ mod tests {
         let (near, far) = tokio::io::duplex(1024);
         let _a = spawn_relay(relay_a, near, Ended::default());
         let _b = spawn_relay(relay_b, far, Ended::default());
-        let mut got = [0u8; 10];
-        app_b.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"one-atwo-a");
-        app_a.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"one-btwo-b");
+        for (app, sent) in [
+            (&mut app_b, [heads.0, b"one-atwo-a"]),
+            (&mut app_a, [heads.1, b"one-btwo-b"]),
+        ] {
+            let mut got = vec![0u8; sent.concat().len()];
+            app.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, sent.concat());
+        }
+    }
+
+    #[tokio::test]
+    async fn both_ends_quiesce_then_a_new_stream_loses_and_repeats_nothing() {
+        quiesce_and_resume((b"", b"")).await;
+    }
+
+    /// What each relay's socket sent behind an HTTP exchange goes into the
+    /// stream first and counts in the quiesce: delivered once, before the rest.
+    #[tokio::test]
+    async fn bytes_read_behind_an_http_exchange_go_first_and_are_counted() {
+        quiesce_and_resume((b"head-a", b"hb")).await;
     }
 }

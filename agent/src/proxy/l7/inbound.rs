@@ -36,8 +36,8 @@ use crate::security::authorization::{HttpRequest, HttpView};
 use crate::telemetry::flags::{mark, Flag};
 use crate::telemetry::http::{Measured, Upstream};
 use crate::telemetry::trace::ActiveSpan;
-use crate::transport::Tunnel;
 use crate::telemetry::{EdgeKey, Mode, Reporter};
+use crate::transport::Tunnel;
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 

@@ -31,11 +31,11 @@ use super::forward::Target;
 use super::Downstream;
 use crate::proxy::budget::Fds;
 use crate::proxy::carry::CarriedMeta;
+use crate::proxy::hop::{self, Hop};
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::outcome::RelayError;
 use crate::proxy::peer::{Charged, Prefixed, Stream};
 use crate::proxy::relay::{self, Transferred};
-use crate::proxy::hop::{self, Hop};
 use crate::proxy::{peer, Direction, Proxy};
 
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
