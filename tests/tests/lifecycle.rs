@@ -988,23 +988,59 @@ fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
 /// agent reports it once, as the HTTP connection it is.
 #[test]
 fn upgraded_connections_to_another_node_survive_two_hand_overs_of_the_callers_agent() {
+    // node-b's agent resumed the stream with each new agent of node-a.
+    upgraded_stream_across_two_hand_overs_of("node-a", requests_through_node_a, "resumed");
+}
+
+/// The same upgraded connection across two hand-overs of the
+/// *destination's* agent (node-b): the old agent quiesces the stream with
+/// node-a's agent and carries the application's socket to the next one,
+/// where node-a's agent resumes the stream; another tenant's requests
+/// through node-b go on.
+#[test]
+fn upgraded_connections_from_another_node_survive_two_hand_overs_of_the_destinations_agent() {
+    let moved = "moved by its destination's agent";
+    upgraded_stream_across_two_hand_overs_of("node-b", requests_through_node_b, moved);
+}
+
+/// Another tenant's requests through node-a's agent: from a plain pod to
+/// `web`.
+fn requests_through_node_a(shop: &Shop) {
+    shop.get(
+        "outsider",
+        &format!("http://{}:8080/", shop.topo.pod("web").address),
+    );
+}
+
+/// An upgraded counter stream from node-a's `client` to node-b's app
+/// (through Service `shop/ws`) across two hand-overs of `node`'s agent,
+/// while `other_tenant`'s requests go on: every message comes back once
+/// and in order, the other node's agent logs `moved` once per hand-over,
+/// and the last agents of both ends report the connection once.
+fn upgraded_stream_across_two_hand_overs_of(node: &str, other_tenant: fn(&Shop), moved: &str) {
     let mut shop = Shop::new();
     shop.upgrade_echo("remote", "shop", ("app", "remote"));
     let dir = shop.config_dir.clone();
     let node_b = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
-    let mut first = shop.agent();
-    let web = format!("http://{}:8080/", shop.topo.pod("web").address);
+    let node_a = shop.agent();
+    let (mut first, steady) = match node {
+        "node-a" => (node_a, node_b),
+        _ => (node_b, node_a),
+    };
     let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
     sleep(Duration::from_secs(1));
-    let (second, third) = hand_over_twice(&mut shop, "node-a", &mut first, |shop| {
-        shop.get("outsider", &web)
-    });
+    other_tenant(&shop);
+    let (second, third) = hand_over_twice(&mut shop, node, &mut first, other_tenant);
     assert_carried(&[("first", &first), ("second", &second)], 1);
-    assert_whole("an upgraded connection to another node", &upgraded.finish());
-    // node-b's agent resumed the stream twice and kept it as one connection.
-    let resumed = node_b.log().matches("resumed").count();
-    assert_eq!(resumed, 2, "{}", node_b.log());
-    assert_upgraded_reported_once(&third, &node_b);
+    let what = format!("an upgraded connection across hand-overs of {node}");
+    assert_whole(&what, &upgraded.finish());
+    let seen = steady.log().matches(moved).count();
+    assert_eq!(seen, 2, "{}", steady.log());
+    let (caller, destination) = match node {
+        "node-a" => (&third, &steady),
+        _ => (&steady, &third),
+    };
+    assert_upgraded_reported_once(caller, destination);
 }
 
 /// The caller's agent `caller` and the destination's `destination` each
@@ -1025,34 +1061,4 @@ fn assert_upgraded_reported_once(caller: &Agent, destination: &Agent) {
     let inbound = the_whole_record(destination, is_ws("inbound"));
     assert_eq!(inbound["bytes_sent"], outbound["bytes_sent"], "{inbound}");
     println!("inbound record: {inbound}");
-}
-
-/// The same upgraded connection across two hand-overs of the
-/// *destination's* agent (node-b): the old agent quiesces the stream with
-/// node-a's agent and carries the application's socket to the next one,
-/// where node-a's agent resumes the stream; another tenant's requests
-/// through node-b go on.
-#[test]
-fn upgraded_connections_from_another_node_survive_two_hand_overs_of_the_destinations_agent() {
-    let mut shop = Shop::new();
-    shop.upgrade_echo("remote", "shop", ("app", "remote"));
-    let dir = shop.config_dir.clone();
-    let mut first = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
-    let node_a = shop.agent();
-    let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
-    sleep(Duration::from_secs(1));
-    requests_through_node_b(&shop);
-    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, requests_through_node_b);
-    assert_carried(&[("first", &first), ("second", &second)], 1);
-    assert_whole(
-        "an upgraded connection from another node",
-        &upgraded.finish(),
-    );
-    // node-a's agent resumed the stream with each new agent of node-b.
-    let moved = node_a
-        .log()
-        .matches("moved by its destination's agent")
-        .count();
-    assert_eq!(moved, 2, "{}", node_a.log());
-    assert_upgraded_reported_once(&node_a, &third);
 }
