@@ -877,13 +877,8 @@ fn opaque_relays_from_another_node_survive_two_hand_overs_of_the_destinations_ag
     let remote = shop.topo.pod("remote").address.to_string();
     let across = CounterStream::start(&shop, "client", &remote);
     sleep(Duration::from_secs(1));
-    let other_tenant = |shop: &Shop| {
-        let remote_app = format!("http://{}:9080/", shop.topo.pod("remote").address);
-        shop.get("outsider", &remote_app);
-        shop.get("web", &format!("http://{REMOTE_IP}/"));
-    };
-    other_tenant(&shop);
-    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, other_tenant);
+    requests_through_node_b(&shop);
+    let (second, third) = hand_over_twice(&mut shop, "node-b", &mut first, requests_through_node_b);
     assert_carried(&[("first", &first), ("second", &second)], 1);
     assert_whole("from a workload on another node", &across.finish());
     for (what, agent) in [("second", &second), ("third", &third)] {
@@ -899,6 +894,14 @@ fn opaque_relays_from_another_node_survive_two_hand_overs_of_the_destinations_ag
     assert_eq!(moved, 2, "{}", node_a.log());
     assert_reported_once(&node_a, "outbound", &remote);
     assert_reported_once(&third, "inbound", &remote);
+}
+
+/// Another tenant's requests through node-b's agent: from a plain pod to
+/// node-b's app, and from `web` to Service `remote`.
+fn requests_through_node_b(shop: &Shop) {
+    let remote_app = format!("http://{}:9080/", shop.topo.pod("remote").address);
+    shop.get("outsider", &remote_app);
+    shop.get("web", &format!("http://{REMOTE_IP}/"));
 }
 
 /// Answers any request `101 Switching Protocols`, then echoes what comes:
@@ -927,6 +930,28 @@ ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Switch).serve_forever()
 
 const WS_IP: &str = "10.96.0.33";
 
+impl Shop {
+    /// [`UPGRADE_ECHO_PY`] in `pod` on port 8090, behind Service `ws` of
+    /// `namespace` (`WS_IP`, port 80, an HTTP port) selecting `label`.
+    fn upgrade_echo(&mut self, pod: &str, namespace: &str, label: (&str, &str)) {
+        let script = self.topo.work_dir().join("upgrade_echo.py");
+        std::fs::write(&script, UPGRADE_ECHO_PY).unwrap();
+        let script = script.display().to_string();
+        let netns = self.topo.pod(pod).netns.clone();
+        let python = nodemesh_testbed::workload_apps::python3();
+        let cmd = [python, script.as_str(), "8090"];
+        self.topo.spawn_in(&netns, &cmd, "upgrade-echo").unwrap();
+        wait_listening(&self.topo, &netns, 8090).unwrap();
+        let ws = config::ServicePort {
+            name: "http-ws",
+            port: 80,
+            target_port: 8090,
+        };
+        let service = config::service_with_ports("ws", namespace, &[label], &[ws], Some(WS_IP));
+        config::write(&self.config_dir, "ws.yaml", &[service]).unwrap();
+    }
+}
+
 /// The README's promise for an upgraded HTTP connection (a WebSocket) from
 /// an enrolled pod to a plaintext endpoint behind a Service: once switched,
 /// it is carried across hand-overs of the caller's agent like an opaque
@@ -935,22 +960,7 @@ const WS_IP: &str = "10.96.0.33";
 #[test]
 fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
     let mut shop = Shop::new();
-    let script = shop.topo.work_dir().join("upgrade_echo.py");
-    std::fs::write(&script, UPGRADE_ECHO_PY).unwrap();
-    let script = script.display().to_string();
-    let netns = shop.topo.pod("plainweb").netns.clone();
-    let python = nodemesh_testbed::workload_apps::python3();
-    let cmd = [python, script.as_str(), "8090"];
-    shop.topo.spawn_in(&netns, &cmd, "upgrade-echo").unwrap();
-    wait_listening(&shop.topo, &netns, 8090).unwrap();
-    let ws = config::ServicePort {
-        name: "http-ws",
-        port: 80,
-        target_port: 8090,
-    };
-    let plainweb = [("app", "plainweb")];
-    let service = config::service_with_ports("ws", "plain", &plainweb, &[ws], Some(WS_IP));
-    config::write(&shop.config_dir, "ws.yaml", &[service]).unwrap();
+    shop.upgrade_echo("plainweb", "plain", ("app", "plainweb"));
     let mut first = shop.agent();
     let web = format!("http://{}:8080/", shop.topo.pod("web").address);
     let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
@@ -967,4 +977,88 @@ fn upgraded_connections_to_a_plaintext_endpoint_survive_two_hand_overs() {
     assert_eq!(record["protocol"], "http/1.1", "{record}");
     assert_eq!(record["transport"], "plaintext", "{record}");
     println!("record: {record}");
+}
+
+/// The README's promise for an upgraded HTTP connection (a WebSocket) from
+/// an enrolled pod to a workload on another node: its HBONE stream is
+/// resumable, so once switched it survives hand-overs of the caller's agent
+/// as an opaque relay to another node does (node-b's agent parks the
+/// application's socket and the next agent resumes the stream), every
+/// message once and in order, while another tenant's requests go on. Each
+/// agent reports it once, as the HTTP connection it is.
+#[test]
+fn upgraded_connections_to_another_node_survive_two_hand_overs_of_the_callers_agent() {
+    // node-b's agent resumed the stream with each new agent of node-a.
+    upgraded_stream_across_two_hand_overs_of("node-a", requests_through_node_a, "resumed");
+}
+
+/// The same upgraded connection across two hand-overs of the
+/// *destination's* agent (node-b): the old agent quiesces the stream with
+/// node-a's agent and carries the application's socket to the next one,
+/// where node-a's agent resumes the stream; another tenant's requests
+/// through node-b go on.
+#[test]
+fn upgraded_connections_from_another_node_survive_two_hand_overs_of_the_destinations_agent() {
+    let moved = "moved by its destination's agent";
+    upgraded_stream_across_two_hand_overs_of("node-b", requests_through_node_b, moved);
+}
+
+/// Another tenant's requests through node-a's agent: from a plain pod to
+/// `web`.
+fn requests_through_node_a(shop: &Shop) {
+    shop.get(
+        "outsider",
+        &format!("http://{}:8080/", shop.topo.pod("web").address),
+    );
+}
+
+/// An upgraded counter stream from node-a's `client` to node-b's app
+/// (through Service `shop/ws`) across two hand-overs of `node`'s agent,
+/// while `other_tenant`'s requests go on: every message comes back once
+/// and in order, the other node's agent logs `moved` once per hand-over,
+/// and the last agents of both ends report the connection once.
+fn upgraded_stream_across_two_hand_overs_of(node: &str, other_tenant: fn(&Shop), moved: &str) {
+    let mut shop = Shop::new();
+    shop.upgrade_echo("remote", "shop", ("app", "remote"));
+    let dir = shop.config_dir.clone();
+    let node_b = Agent::start(&mut shop.topo, "node-b", &dir).unwrap();
+    let node_a = shop.agent();
+    let (mut first, steady) = match node {
+        "node-a" => (node_a, node_b),
+        _ => (node_b, node_a),
+    };
+    let upgraded = CounterStream::upgraded(&shop, "client", WS_IP, "80");
+    sleep(Duration::from_secs(1));
+    other_tenant(&shop);
+    let (second, third) = hand_over_twice(&mut shop, node, &mut first, other_tenant);
+    assert_carried(&[("first", &first), ("second", &second)], 1);
+    let what = format!("an upgraded connection across hand-overs of {node}");
+    assert_whole(&what, &upgraded.finish());
+    let seen = steady.log().matches(moved).count();
+    assert_eq!(seen, 2, "{}", steady.log());
+    let (caller, destination) = match node {
+        "node-a" => (&third, &steady),
+        _ => (&steady, &third),
+    };
+    assert_upgraded_reported_once(caller, destination);
+}
+
+/// The caller's agent `caller` and the destination's `destination` each
+/// report the upgraded counter stream from `shop/client` once, whole, as
+/// the HTTP/1.1 connection it is (over HBONE, to Service `shop/ws`).
+fn assert_upgraded_reported_once(caller: &Agent, destination: &Agent) {
+    let is_ws = |direction: &'static str| {
+        move |c: &serde_json::Value| {
+            c["direction"] == direction
+                && c["transport"] == "hbone"
+                && c["protocol"] == "http/1.1"
+                && c["source_workload"] == "shop/client"
+        }
+    };
+    let outbound = the_whole_record(caller, is_ws("outbound"));
+    assert_eq!(outbound["service"], "shop/ws", "{outbound}");
+    println!("outbound record: {outbound}");
+    let inbound = the_whole_record(destination, is_ws("inbound"));
+    assert_eq!(inbound["bytes_sent"], outbound["bytes_sent"], "{inbound}");
+    println!("inbound record: {inbound}");
 }

@@ -19,10 +19,12 @@
 //! destination's end of such a stream is carried with its application's
 //! socket alone, parked until the caller's agent resumes the stream with
 //! the next agent (`moved`).
-//! Streams that are not resumable (to a ztunnel, or an L7 tunnel) stay
-//! with the old agent. An L7 tunnel between two plain sockets (a WebSocket
-//! to a plaintext endpoint) is relayed, and carried, as an opaque relay
-//! once its protocol switched (`l7::tunnel`).
+//! Streams that are not resumable (to a ztunnel) stay with the old agent.
+//! An L7 tunnel from a workload's socket to a plain socket or a resumable
+//! HBONE stream (a WebSocket to a plaintext endpoint, or to a workload on
+//! another node) is relayed, and carried, as an opaque relay once its
+//! protocol switched (`l7::tunnel`); at the stream's destination, the
+//! upgraded connection becomes a parkable relay (`l7::inbound`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
@@ -246,12 +248,10 @@ impl Proxy {
         mut meta: CarriedMeta,
         live: Option<LiveBytes>,
     ) -> Result<Transferred, RelayError> {
-        // An upgraded HTTP connection keeps HTTP's idle timeout.
-        let idle = match meta.upgraded {
-            true => self.settings.http.idle_timeout,
-            false => self.settings.idle_timeout,
+        let how = RelayOptions {
+            idle: self.idle_of(&meta),
+            live,
         };
-        let how = RelayOptions { idle, live };
         let mut relaying = self.carrier.enter();
         let mut quiesce = Some(self.carrier.told());
         loop {
@@ -274,6 +274,15 @@ impl Proxy {
                 Ok(false) => {}
                 Err(e) => log::warn!("a relay cannot be handed over: {e}"),
             }
+        }
+    }
+
+    /// How long a carriable relay may stand idle: an upgraded HTTP
+    /// connection keeps HTTP's idle timeout.
+    pub(super) fn idle_of(&self, meta: &CarriedMeta) -> Duration {
+        match meta.upgraded {
+            true => self.settings.http.idle_timeout,
+            false => self.settings.idle_timeout,
         }
     }
 

@@ -22,12 +22,14 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 pub use super::authorize::Caller;
 use super::budget::{self, CallerKey, Fds};
 use super::carry::CarriedMeta;
 use super::detect::{self, Declared, Detected};
 use super::idle::{self, Activity};
+use super::l7::inbound::Switched;
 use super::outcome::RelayError;
 use super::peer::{self, Charged, Prefixed, Stream};
 use super::relay::{self, RelayOptions, Transferred};
@@ -230,19 +232,38 @@ where
 {
     match protocol {
         Detected::Http1 | Detected::Http2 => {
-            let http2 = protocol == Detected::Http2;
             let (pod, app) = (to.pod, to.app);
+            let (upgrades, switched) = match to.upgradable {
+                Some(upgradable) => {
+                    let (upgrades, switched) = oneshot::channel();
+                    (Some(upgrades), Some((switched, upgradable)))
+                }
+                None => (None, None),
+            };
+            let version = match protocol {
+                Detected::Http2 => l7::inbound::Version::Http2,
+                _ => l7::inbound::Version::Http1(upgrades),
+            };
             match to.caller_side.and_then(|side| side.live) {
                 // A same-node caller's agent side counts its connection's
                 // bytes as TCP (it relayed them opaque).
                 Some(live) => {
                     let counted = Activity::counting(Some(live.reversed()));
                     let client = idle::Tracked::new(client, counted);
-                    l7::inbound::serve(proxy, pod, client, caller, app, http2, server).await?
+                    l7::inbound::serve(proxy, pod, client, caller, app, version, server).await?
                 }
-                None => l7::inbound::serve(proxy, pod, client, caller, app, http2, server).await?,
+                None => {
+                    l7::inbound::serve(proxy, pod, client, caller, app, version, server).await?
+                }
             }
-            Ok(Transferred::default())
+            match switched {
+                Some((switched, upgradable)) => match switched.await {
+                    Ok(switched) => upgradable.relay(proxy, switched).await,
+                    // Not upgraded.
+                    Err(_) => Ok(Transferred::default()),
+                },
+                None => Ok(Transferred::default()),
+            }
         }
         Detected::Opaque => {
             let (Stream::Tcp(socket), Some(tcp)) = (&mut server.stream, to.tcp) else {
@@ -260,6 +281,42 @@ pub struct Delivered<'a> {
     /// Set when relayed as TCP.
     tcp: Option<TcpRelay>,
     caller_side: Option<CallerSide>,
+    /// Set for HTTP/1.1 on a resumable stream.
+    upgradable: Option<Upgradable>,
+}
+
+/// An HTTP/1.1 connection on a resumable HBONE stream: once upgraded (a
+/// WebSocket), it is relayed as an opaque stream from another node,
+/// parkable under the stream's id while the caller's agent is handed over,
+/// and moved at a hand-over of this agent.
+pub struct Upgradable {
+    meta: CarriedMeta,
+    resume: Resumable,
+}
+
+impl Upgradable {
+    /// The connection since it switched (`meta`: its record, the caller's
+    /// address and the application's), resumable as the stream `resume`.
+    fn new(mut meta: CarriedMeta, resume: Resumable) -> Upgradable {
+        meta.upgraded = true;
+        Upgradable { meta, resume }
+    }
+
+    /// Relays the upgraded connection (the bytes either side sent behind
+    /// the HTTP exchange, read already, are passed on first, once). What
+    /// moved counts from the switch, as the caller sees it.
+    async fn relay(self, proxy: &Proxy, switched: Switched) -> Result<Transferred, RelayError> {
+        let Switched {
+            mut stream,
+            app,
+            app_head,
+        } = switched;
+        let Stream::Tcp(socket) = &app.stream else {
+            unreachable!("deliveries are sockets");
+        };
+        let first = Some((&mut stream, &app_head[..]));
+        resume::relay_parkable(proxy, socket, first, None, self.meta, None, self.resume).await
+    }
 }
 
 /// An inbound TCP relay's counters, added to as bytes move, and what the
@@ -319,6 +376,7 @@ impl<'a> Delivered<'a> {
             app,
             tcp,
             caller_side,
+            upgradable: None,
         }
     }
 }
@@ -412,7 +470,7 @@ impl Client for Prefixed<Tunnel> {
     ) -> Result<Transferred, RelayError> {
         match tcp.resume {
             Some(resume) => {
-                let (first, meta) = (Some(self), tcp.meta);
+                let (first, meta) = (Some((self, &[][..])), tcp.meta);
                 resume::relay_parkable(proxy, app, first, None, meta, tcp.live, resume).await
             }
             None => relay_opaque(self, proxy, app, tcp.live).await,
@@ -775,12 +833,21 @@ impl Proxy {
             (None, Ok(server)) => {
                 let mut to =
                     Delivered::of(proxy, &pod, &mut tracked, &caller, protocol, caller_side);
-                if let Some(tcp) = &mut to.tcp {
-                    // Where the caller's end is, to move the stream at a
-                    // hand-over of this agent.
-                    tcp.meta.hbone =
-                        (resume.as_ref()).and_then(|r| proxy.caller_end(&request, r.id));
-                    tcp.resume = resume;
+                // Where the caller's end is, to move the stream at a
+                // hand-over of this agent.
+                let caller_end = (resume.as_ref()).and_then(|r| proxy.caller_end(&request, r.id));
+                match &mut to.tcp {
+                    Some(tcp) => {
+                        tcp.meta.hbone = caller_end;
+                        tcp.resume = resume;
+                    }
+                    None if protocol == Detected::Http1 => {
+                        let (app, address) = (to.app.ip(), tracked.caller);
+                        let mut meta = CarriedMeta::of(&tracked.record, app, address);
+                        meta.hbone = caller_end;
+                        to.upgradable = resume.map(|resume| Upgradable::new(meta, resume));
+                    }
+                    None => {}
                 }
                 serve_until_refused(proxy, client, &caller, to, protocol, server).await
             }

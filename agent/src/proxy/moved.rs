@@ -29,8 +29,8 @@ use super::detect::Detected;
 use super::inbound::{self, Caller};
 use super::outcome::RelayError;
 use super::peer::Prefixed;
-use super::quiesce;
-use super::relay::{self, Ended, RelayOptions, Stopped};
+use super::quiesce::{self, Start};
+use super::relay::{self, RelayOptions, Stopped};
 use super::resume::{relay_parkable, Resume};
 use super::{Pod, Proxy};
 use crate::identity::SpiffeId;
@@ -51,15 +51,16 @@ pub(super) enum QuiescedBy {
     Peer(oneshot::Receiver<Tunnel>),
 }
 
-/// [`quiesce::relay`] on a resumable stream that either end's agent can
-/// quiesce: this agent's hand-over (`hand_over`, when armed), and then
-/// `ask` exchanges the counts with the other end's agent; or a request of
-/// the other end's agent on `requests`, answered with this side's count.
+/// [`quiesce::relay`] (from `start`) on a resumable stream that either
+/// end's agent can quiesce: this agent's hand-over (`hand_over`, when
+/// armed), and then `ask` exchanges the counts with the other end's agent;
+/// or a request of the other end's agent on `requests`, answered with this
+/// side's count.
 pub(super) async fn relay_resumable<F: Future<Output = Option<u64>>>(
     socket: &TcpStream,
     stream: &mut Prefixed<Tunnel>,
     how: RelayOptions,
-    ended: Ended,
+    start: Start<'_>,
     hand_over: Option<&mut watch::Receiver<bool>>,
     requests: Option<&mut mpsc::Receiver<Quiesce>>,
     ask: impl FnOnce(u64) -> F,
@@ -103,7 +104,7 @@ pub(super) async fn relay_resumable<F: Future<Output = Option<u64>>>(
             }
         }
     };
-    let stopped = quiesce::relay(socket, stream, how, ended, told, exchange).await?;
+    let stopped = quiesce::relay(socket, stream, how, start, told, exchange).await?;
     let by = by.into_inner().unwrap_or_else(|e| e.into_inner());
     Ok((stopped, by))
 }
@@ -211,9 +212,15 @@ impl Proxy {
                 Some((resumable, next)) => {
                     let to = meta.upstream.unwrap_or(meta.original_destination);
                     let caller = Caller::new(Some(peer), meta.caller);
+                    // An upgraded HTTP connection is judged as HTTP (its
+                    // request was, when it switched).
+                    let protocol = match meta.upgraded {
+                        true => Detected::Http1,
+                        false => Detected::Opaque,
+                    };
                     let relayed =
                         relay_parkable(self, app, None, Some(next), meta, live, resumable);
-                    inbound::unless_refused(self, pod, &caller, to, Detected::Opaque, relayed).await
+                    inbound::unless_refused(self, pod, &caller, to, protocol, relayed).await
                 }
                 None => Err(format!("stream {} is known here already", resume.id).into()),
             },

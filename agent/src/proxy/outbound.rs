@@ -184,13 +184,20 @@ async fn serve_l7(
         Some(hand_back),
     )
     .await?;
-    // A tunnel between two sockets (a WebSocket to a plaintext endpoint)
-    // goes on as this connection, carried at a hand-over with its record.
+    // A tunnel from the client's socket to a socket or a resumable stream
+    // (a WebSocket to a plaintext endpoint, or to a workload on another
+    // node) goes on as this connection, carried at a hand-over with its
+    // record.
     let Ok(tunnel) = upgraded.await else {
         return Ok(Transferred::default());
     };
-    record.upstream = tunnel.upstream().ok();
-    record.transport = Some(hop::Hop::Plain.name());
+    record.upstream = tunnel.upstream();
+    record.transport = Some(tunnel.transport());
+    if let (Some(upstream), "hbone") = (record.upstream, tunnel.transport()) {
+        // The destination's agent moves the stream, as that workload, at
+        // its own hand-over.
+        record.destination_identity = identity_at(proxy, &proxy.config.current(), upstream);
+    }
     let address = pod.address_for(orig.ip());
     tunnel
         .relay(proxy, CarriedMeta::of(record, address, address))
@@ -282,7 +289,7 @@ where
                 let mut meta = CarriedMeta::of(record, address, address);
                 meta.hbone = Some(*resume);
                 return proxy
-                    .relay_hbone(client.socket(), tunnel, meta, how.live)
+                    .relay_hbone(client.socket(), (tunnel, &[]), meta, how.live)
                     .await;
             }
             (Stream::Tcp(server), _) => relay::relay_stream(&mut client, server, how).await,
@@ -368,9 +375,7 @@ async fn connect(
             .map_err(|e| RelayError::Unreachable(e.to_string()))?;
         record.transport = Some(hop.name());
         if !matches!(hop, hop::Hop::Plain) {
-            record.destination_identity = cfg
-                .workload_by_address(upstream.ip())
-                .map(|w| proxy.identity_of(w).to_string());
+            record.destination_identity = identity_at(proxy, &cfg, upstream);
         }
         hop
     };
@@ -400,6 +405,12 @@ async fn connect(
         .map(Upstream::Peer),
     };
     connected.map_err(|e| RelayError::Unreachable(format!("connecting to {upstream}: {e}")))
+}
+
+/// The identity of the workload at `upstream`, if it is one.
+fn identity_at(proxy: &Proxy, cfg: &Config, upstream: SocketAddr) -> Option<String> {
+    cfg.workload_by_address(upstream.ip())
+        .map(|w| proxy.identity_of(w).to_string())
 }
 
 /// Where the connection really goes; fills in the service and workload.

@@ -208,6 +208,14 @@ impl<S: AsyncRead + Unpin> Prefixed<S> {
         &self.head
     }
 
+    /// Puts `bytes`, read from the stream before the head, back in front
+    /// of it.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        let mut head = BytesMut::from(bytes);
+        head.extend_from_slice(&self.head);
+        self.head = head;
+    }
+
     /// Consumes the bytes read ahead, leaving the stream itself to read.
     pub fn take_head(&mut self) -> BytesMut {
         std::mem::take(&mut self.head)

@@ -30,17 +30,34 @@ struct Signals {
     target: watch::Sender<Option<u64>>,
 }
 
+/// Where a relay starts on a stream.
+#[derive(Clone, Copy, Default)]
+pub struct Start<'a> {
+    /// The directions that closed before (a relay resumed).
+    pub ended: Ended,
+    /// Bytes read from the socket already (behind an HTTP exchange that
+    /// switched protocols), written into the stream first and counted as
+    /// written by this relay, as the other end counts them read.
+    pub head: &'a [u8],
+}
+
+impl From<Ended> for Start<'_> {
+    fn from(ended: Ended) -> Self {
+        Start { ended, head: &[] }
+    }
+}
+
 /// Relays until both directions are closed, either side fails, nothing
 /// moves for `how.idle`, or the relay is quiesced: `told` resolves, and
 /// `exchange` gets the bytes this side wrote into the stream and returns
 /// those the other end wrote (`None`: the quiesce failed, relay on). The
-/// directions in `ended` closed before. On failure the socket is reset.
+/// relay starts as `start` says. On failure the socket is reset.
 /// What moved counts on this stream only; `sent` is socket to stream.
 pub async fn relay<S, F>(
     socket: &TcpStream,
     stream: &mut S,
     how: RelayOptions,
-    ended: Ended,
+    start: Start<'_>,
     told: impl Future<Output = ()>,
     exchange: impl FnOnce(u64) -> F,
 ) -> io::Result<Stopped>
@@ -56,12 +73,12 @@ where
     };
     let mut stream = FinishedPeer::new(stream);
     let (mut from_stream, mut to_stream) = tokio::io::split(&mut stream);
-    let up = up(socket, &mut to_stream, &activity, ended.sent, &signals);
+    let up = up(socket, &mut to_stream, &activity, start, &signals);
     let down = down(
         &mut from_stream,
         socket,
         &activity,
-        ended.received,
+        start.ended.received,
         &signals,
     );
     let quiesce = async {
@@ -92,18 +109,25 @@ where
     outcome
 }
 
-/// Socket to stream: until EOF (`true`), or until quiesced (`false`).
+/// Socket to stream (`start.head` first): until EOF (`true`), or until
+/// quiesced (`false`).
 async fn up<S: AsyncWrite + Unpin>(
     from: &TcpStream,
     to: &mut WriteHalf<&mut S>,
     activity: &Activity,
-    closed: bool,
+    start: Start<'_>,
     signals: &Signals,
 ) -> io::Result<(u64, bool)> {
     let mut total = 0u64;
-    if closed {
-        signals.paused.send_replace(Some(0));
-        return Ok((0, true));
+    if !start.head.is_empty() {
+        to.write_all(start.head).await?;
+        to.flush().await?;
+        total = start.head.len() as u64;
+        activity.moved(true, total);
+    }
+    if start.ended.sent {
+        signals.paused.send_replace(Some(total));
+        return Ok((total, true));
     }
     let mut pause = signals.pause.subscribe();
     let mut target = signals.target.subscribe();
@@ -247,12 +271,13 @@ mod tests {
         }
     }
 
-    /// One end of a stream between two applications' relays: quiesced
-    /// when `told` resolves (the side that starts) or when the other end
-    /// sends its count on `counts`.
+    /// One end of a stream between two applications' relays, starting with
+    /// `head`: quiesced when `told` resolves (the side that starts) or when
+    /// the other end sends its count on `counts`.
     fn spawn_end<S>(
         socket: TcpStream,
         mut stream: S,
+        head: &'static [u8],
         told: Option<oneshot::Receiver<()>>,
         counts: (oneshot::Sender<u64>, oneshot::Receiver<u64>),
     ) -> tokio::task::JoinHandle<(Stopped, TcpStream)>
@@ -283,16 +308,13 @@ mod tests {
                     }
                 }
             };
-            let stopped = relay(
-                &socket,
-                &mut stream,
-                how(),
-                Ended::default(),
-                told_now,
-                exchange,
-            )
-            .await
-            .unwrap();
+            let start = Start {
+                ended: Ended::default(),
+                head,
+            };
+            let stopped = relay(&socket, &mut stream, how(), start, told_now, exchange)
+                .await
+                .unwrap();
             let order = if starts {
                 Closing::First
             } else {
@@ -311,25 +333,25 @@ mod tests {
         tokio::spawn(async move {
             let never = std::future::pending();
             let exchange = |_| async { None };
-            relay(&socket, &mut stream, how(), ended, never, exchange)
+            relay(&socket, &mut stream, how(), ended.into(), never, exchange)
                 .await
                 .unwrap();
         })
     }
 
-    /// Both ends quiesce together while both applications write; a new
-    /// stream takes over and each application gets every byte once, in
-    /// order.
-    #[tokio::test]
-    async fn both_ends_quiesce_then_a_new_stream_loses_and_repeats_nothing() {
+    /// Both ends quiesce together while both applications write, each
+    /// relay starting with its head from `heads` (what its socket sent
+    /// behind an HTTP exchange); a new stream takes over and each
+    /// application gets every byte once, in order.
+    async fn quiesce_and_resume(heads: (&'static [u8], &'static [u8])) {
         let (mut app_a, relay_a) = pair().await;
         let (mut app_b, relay_b) = pair().await;
         let (near, far) = tokio::io::duplex(1024);
         let (told, told_rx) = oneshot::channel();
         let (a_to_b, from_a) = oneshot::channel();
         let (b_to_a, from_b) = oneshot::channel();
-        let a = spawn_end(relay_a, near, Some(told_rx), (a_to_b, from_b));
-        let b = spawn_end(relay_b, far, None, (b_to_a, from_a));
+        let a = spawn_end(relay_a, near, heads.0, Some(told_rx), (a_to_b, from_b));
+        let b = spawn_end(relay_b, far, heads.1, None, (b_to_a, from_a));
         app_a.write_all(b"one-a").await.unwrap();
         app_b.write_all(b"one-b").await.unwrap();
         told.send(()).unwrap();
@@ -347,10 +369,25 @@ mod tests {
         let (near, far) = tokio::io::duplex(1024);
         let _a = spawn_relay(relay_a, near, Ended::default());
         let _b = spawn_relay(relay_b, far, Ended::default());
-        let mut got = [0u8; 10];
-        app_b.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"one-atwo-a");
-        app_a.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"one-btwo-b");
+        for (app, sent) in [
+            (&mut app_b, [heads.0, b"one-atwo-a"]),
+            (&mut app_a, [heads.1, b"one-btwo-b"]),
+        ] {
+            let mut got = vec![0u8; sent.concat().len()];
+            app.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, sent.concat());
+        }
+    }
+
+    #[tokio::test]
+    async fn both_ends_quiesce_then_a_new_stream_loses_and_repeats_nothing() {
+        quiesce_and_resume((b"", b"")).await;
+    }
+
+    /// What each relay's socket sent behind an HTTP exchange goes into the
+    /// stream first and counts in the quiesce: delivered once, before the rest.
+    #[tokio::test]
+    async fn bytes_read_behind_an_http_exchange_go_first_and_are_counted() {
+        quiesce_and_resume((b"head-a", b"hb")).await;
     }
 }

@@ -25,7 +25,7 @@ use super::carry::{Carried, CarriedMeta};
 use super::moved::{relay_resumable, QuiescedBy};
 use super::outcome::RelayError;
 use super::peer::Prefixed;
-use super::quiesce::{self, Closing};
+use super::quiesce::{self, Closing, Start};
 use super::relay::{self, Ended, RelayOptions, Stopped, Transferred};
 use super::{Direction, Pod, Proxy};
 use crate::identity::SpiffeId;
@@ -70,19 +70,20 @@ impl Proxy {
     /// at a hand-over, quiesces the stream with the destination's agent and
     /// carries the client to the next agent (then ends with
     /// [`RelayError::HandedOver`]). At a hand-over of the destination's
-    /// agent, quiesced by it, resumes the stream with the next one. What
+    /// agent, quiesced by it, resumes the stream with the next one. `head`,
+    /// read from the client already, goes into the first stream first. What
     /// moved counts from the connection's start.
     pub(super) async fn relay_hbone(
         &self,
         client: &TcpStream,
-        first: &mut Prefixed<Tunnel>,
+        (first, mut head): (&mut Prefixed<Tunnel>, &[u8]),
         mut meta: CarriedMeta,
         live: Option<LiveBytes>,
     ) -> Result<Transferred, RelayError> {
         let resume = meta.hbone.clone().expect("a resumable relay's stream");
         let (source, destination) = (self.source_of(&meta)?, resume.destination());
         let how = RelayOptions {
-            idle: self.settings.idle_timeout,
+            idle: self.idle_of(&meta),
             live,
         };
         let id = resume.id;
@@ -98,11 +99,15 @@ impl Proxy {
             };
             let ask = |sent| self.ask_to_quiesce(&source, &destination, id, sent);
             let requests = moves.as_mut().map(|end| &mut end.control);
+            let start = Start {
+                ended: meta.ended,
+                head: std::mem::take(&mut head),
+            };
             let (stopped, by) = relay_resumable(
                 client,
                 stream,
                 how.clone(),
-                meta.ended,
+                start,
                 hand_over.as_mut(),
                 requests,
                 ask,
@@ -177,7 +182,7 @@ impl Proxy {
                 .await
                 .map_err(|e| format!("resuming stream {}: {e}", resume.id))?;
             let mut tunnel = Prefixed::new(tunnel);
-            self.relay_hbone(client, &mut tunnel, meta.clone(), live)
+            self.relay_hbone(client, (&mut tunnel, &[]), meta.clone(), live)
                 .await
         };
         let outcome = outcome.await;
@@ -203,8 +208,9 @@ impl Proxy {
 }
 
 /// The destination's side of a resumable stream: relays the application's
-/// socket `app` and the stream (`first`, or the one that resumes the
-/// stream `parked`) until both end. Quiesced by the caller's agent (it is
+/// socket `app` and the stream (`first`, with what the application sent
+/// already to write into it first; or the one that resumes the stream
+/// `parked`) until both end. Quiesced by the caller's agent (it is
 /// handed over), parks `app` until a new stream resumes it, or closes it
 /// after [`PARK_GRACE`]. At a hand-over of this agent, quiesces the stream
 /// with the caller's agent and carries `app` to the next agent (then ends
@@ -213,14 +219,14 @@ impl Proxy {
 pub(super) async fn relay_parkable(
     proxy: &Proxy,
     app: &TcpStream,
-    mut first: Option<&mut Prefixed<Tunnel>>,
+    mut first: Option<(&mut Prefixed<Tunnel>, &[u8])>,
     mut parked: Option<oneshot::Receiver<Tunnel>>,
     mut meta: CarriedMeta,
     live: Option<LiveBytes>,
     mut resumable: Resumable,
 ) -> Result<Transferred, RelayError> {
     let how = RelayOptions {
-        idle: proxy.settings.idle_timeout,
+        idle: proxy.idle_of(&meta),
         live: live.map(LiveBytes::reversed),
     };
     let id = resumable.id;
@@ -249,24 +255,26 @@ pub(super) async fn relay_parkable(
                 }
             }
         }
-        let stream = match resumed.as_mut() {
-            Some(stream) => stream,
-            None => first
-                .as_deref_mut()
-                .expect("a stream to relay, or one resuming"),
+        let (stream, head) = match (resumed.as_mut(), first.take()) {
+            (Some(stream), _) => (stream, &[][..]),
+            (None, Some(first)) => first,
+            (None, None) => unreachable!("a stream to relay, or one resuming"),
         };
         let mover = mover.as_ref();
         let ask = |sent| async move {
             let (source, caller_node) = mover?;
             proxy.ask_to_quiesce(source, caller_node, id, sent).await
         };
-        let ended = flip_ended(meta.ended);
+        let start = Start {
+            ended: flip_ended(meta.ended),
+            head,
+        };
         let requests = Some(&mut resumable.control);
         let (stopped, by) = relay_resumable(
             app,
             stream,
             how.clone(),
-            ended,
+            start,
             hand_over.as_mut(),
             requests,
             ask,

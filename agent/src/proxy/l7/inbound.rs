@@ -14,26 +14,30 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 
 use super::body::{self, Body, BoxError};
-use super::{http1_server, http2_server, is_grpc, path, trace};
+use super::{http1_server, http2_server, is_grpc, lock, path, trace};
 use crate::identity::{self, SpiffeId};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::inbound::{Caller, Io};
-use crate::proxy::peer::Charged;
+use crate::proxy::peer::{Charged, Prefixed};
 use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
 use crate::telemetry::flags::{mark, Flag};
 use crate::telemetry::http::{Measured, Upstream};
 use crate::telemetry::trace::ActiveSpan;
 use crate::telemetry::{EdgeKey, Mode, Reporter};
+use crate::transport::Tunnel;
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -175,6 +179,27 @@ pub async fn refuse<S: Io>(proxy: &Proxy, pod: &Pod, client: S, caller: &Caller,
     }
 }
 
+/// The HTTP version a connection speaks.
+pub enum Version {
+    Http2,
+    /// HTTP/1.1; once upgraded, a connection on a resumable HBONE stream
+    /// goes to the hand-back, if set (anything else is spliced here).
+    Http1(Option<Upgrades>),
+}
+
+/// An HTTP/1.1 connection upgraded on a resumable HBONE stream, once both
+/// sides switched: the stream (what hyper read from it past the request
+/// back in front), the application's delivery, and what hyper read from
+/// the application past its answer (not passed on yet).
+pub struct Switched {
+    pub stream: Prefixed<Tunnel>,
+    pub app: Charged,
+    pub app_head: Bytes,
+}
+
+/// Where an upgraded connection on a resumable stream goes once switched.
+pub type Upgrades = oneshot::Sender<Switched>;
+
 /// Serves the HTTP connection `client` until it ends, forwarding each
 /// request that may pass to the application `app` over `server`; each
 /// request is measured for Istio's metrics (reporter `destination`).
@@ -184,9 +209,13 @@ pub async fn serve<S: Io>(
     client: S,
     caller: &Caller,
     app: SocketAddr,
-    http2: bool,
+    version: Version,
     server: Charged,
 ) -> Result<(), String> {
+    let (http2, upgrades) = match version {
+        Version::Http2 => (true, None),
+        Version::Http1(upgrades) => (false, upgrades),
+    };
     let settings = proxy.settings.http;
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
@@ -259,9 +288,10 @@ pub async fn serve<S: Io>(
             let send = Arc::new(tokio::sync::Mutex::new(send));
             let (activity, idle) = (activity.clone(), settings.idle_timeout);
             let draining = proxy.drain.draining();
+            let upgrades = Arc::new(std::sync::Mutex::new(upgrades));
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let (send, activity) = (send.clone(), activity.clone());
-                let draining = draining.clone();
+                let (draining, upgrades) = (draining.clone(), upgrades.clone());
                 let client_side = hyper::upgrade::on(&mut request);
                 let (pending, request) = stamp(request);
                 async move {
@@ -273,7 +303,9 @@ pub async fn serve<S: Io>(
                     if let Ok(response) = &mut response {
                         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                             let app_side = hyper::upgrade::on(response);
-                            tokio::spawn(splice(client_side, app_side, activity, idle));
+                            let upgrades = lock(&upgrades).take();
+                            let spliced = Spliced { activity, idle };
+                            tokio::spawn(switch(client_side, app_side, upgrades, spliced));
                         }
                     }
                     let response = reply(response, app, pending.measured.logged());
@@ -304,19 +336,65 @@ struct Answer {
     span: Option<ActiveSpan>,
 }
 
-/// Once both sides have switched protocols (WebSocket...), bytes pass
-/// through, under the connection's idle timeout.
-async fn splice(
+/// Once both sides have switched protocols (WebSocket...): a connection on
+/// a resumable stream goes to `upgrades` if set, to be relayed as any
+/// opaque stream from another node; anything else is spliced here.
+async fn switch(
     client: hyper::upgrade::OnUpgrade,
     app: hyper::upgrade::OnUpgrade,
-    activity: Activity,
-    idle: std::time::Duration,
+    upgrades: Option<Upgrades>,
+    spliced: Spliced,
 ) {
-    if let (Ok(client), Ok(app)) = tokio::join!(client, app) {
-        let mut client = TokioIo::new(client);
-        let mut app = Tracked::new(TokioIo::new(app), activity.clone());
+    let (Ok(client), Ok(app)) = tokio::join!(client, app) else {
+        return;
+    };
+    let (app, app_head) = match app.downcast::<TokioIo<Tracked<Charged>>>() {
+        Ok(app) => (app.io.into_inner().into_inner(), app.read_buf),
+        Err(app) => return spliced.run(TokioIo::new(client), TokioIo::new(app)).await,
+    };
+    let stream = match client.downcast::<TokioIo<Tracked<Prefixed<Tunnel>>>>() {
+        Ok(client) => {
+            let mut stream = client.io.into_inner().into_inner();
+            stream.unread(&client.read_buf);
+            stream
+        }
+        Err(client) => {
+            let app = Prefixed::with_head(BytesMut::from(app_head), app);
+            return spliced.run(TokioIo::new(client), app).await;
+        }
+    };
+    let switched = Switched {
+        stream,
+        app,
+        app_head,
+    };
+    let switched = match upgrades {
+        Some(upgrades) => match upgrades.send(switched) {
+            Ok(()) => return,
+            Err(switched) => switched,
+        },
+        None => switched,
+    };
+    let app = Prefixed::with_head(BytesMut::from(switched.app_head), switched.app);
+    spliced.run(switched.stream, app).await
+}
+
+/// How a connection that switched protocols is spliced here: bytes pass
+/// through, under the connection's idle timeout.
+struct Spliced {
+    activity: Activity,
+    idle: Duration,
+}
+
+impl Spliced {
+    async fn run<C, A>(self, mut client: C, app: A)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        A: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut app = Tracked::new(app, self.activity.clone());
         let spliced = tokio::io::copy_bidirectional(&mut client, &mut app);
-        activity.unless_idle(idle, spliced).await;
+        self.activity.unless_idle(self.idle, spliced).await;
     }
 }
 

@@ -9,8 +9,12 @@
 //! an opaque relay of two sockets once the protocol switched: it goes back
 //! to the connection's own task ([`SocketTunnel`]), which relays it as any
 //! opaque relay, carried to the next agent at a hand-over with its record.
-//! Other tunnels (to another node over HBONE, to a workload of this node,
-//! from the ingress) are spliced here and stay with this agent.
+//! So does a tunnel from a workload's socket to a workload on another node:
+//! its HBONE stream is opened resumable, and it is relayed (and carried) as
+//! an opaque relay to another node; the destination's agent parks its end
+//! under the stream's id (`l7::inbound`). Other tunnels (to a workload of
+//! this node, from the ingress, to a peer that does not resume) are
+//! spliced here and stay with this agent.
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, UPGRADE};
@@ -27,11 +31,12 @@ use super::forward::Target;
 use super::Downstream;
 use crate::proxy::budget::Fds;
 use crate::proxy::carry::CarriedMeta;
+use crate::proxy::hop::{self, Hop};
 use crate::proxy::idle::{Activity, Tracked};
 use crate::proxy::outcome::RelayError;
 use crate::proxy::peer::{Charged, Prefixed, Stream};
 use crate::proxy::relay::{self, Transferred};
-use crate::proxy::{hop, peer, Direction, Proxy};
+use crate::proxy::{peer, Direction, Proxy};
 
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
     request.version() <= http::Version::HTTP_11
@@ -77,7 +82,14 @@ pub async fn run(down: &Downstream, target: &Target, mut request: Request<Body>)
         Err(e) => return fail(&format!("upstream connect error: {e}")),
     };
     let timeout = proxy.settings.connect_timeout;
-    let connected = peer::connect(proxy, &down.pod, pick.addr, hop, timeout, upstream_fd).await;
+    // Resumable when the connection's task can carry the tunnel.
+    let carriable = super::lock(&down.upgraded).is_some();
+    let connected = match hop {
+        Hop::Mesh(destination) if carriable => {
+            peer::connect_resumable(proxy, &down.pod, destination, timeout, upstream_fd).await
+        }
+        hop => peer::connect(proxy, &down.pod, pick.addr, hop, timeout, upstream_fd).await,
+    };
     let stream = match connected {
         Ok(stream) => stream,
         Err(e) => return fail(&format!("upstream connect error: {e}")),
@@ -131,9 +143,10 @@ struct Held {
     _client_fd: Fds,
 }
 
-/// A tunnel whose two ends are plain TCP sockets, with what hyper read from
-/// each past the HTTP exchange (the client's first bytes after its
-/// request, the endpoint's after its answer), not passed on yet.
+/// A tunnel from a plain TCP socket to a plain TCP socket or a resumable
+/// HBONE stream, with what hyper read from each past the HTTP exchange
+/// (the client's first bytes after its request, the endpoint's after its
+/// answer), not passed on yet.
 pub struct SocketTunnel {
     client: TcpStream,
     client_head: Bytes,
@@ -150,14 +163,20 @@ enum Spliced {
 }
 
 impl SocketTunnel {
-    /// The tunnel's two sockets, if it has two (else it is spliced here).
+    /// The tunnel's client socket and its upstream socket or resumable
+    /// stream, if it has them (else it is spliced here).
     fn of(client: Upgraded, server: Upgraded, held: Held) -> Result<SocketTunnel, Box<Spliced>> {
         let server = match server.downcast::<TokioIo<Charged>>() {
             Ok(server) => server,
             Err(server) => return Err(Box::new(Spliced::Upgrades(client, server, held))),
         };
         let (upstream, upstream_head) = (server.io.into_inner(), server.read_buf);
-        if !matches!(upstream.stream, Stream::Tcp(_)) {
+        let carriable = match upstream.stream {
+            Stream::Tcp(_) => true,
+            Stream::Tunnel(_) => upstream.resume.is_some(),
+            Stream::Local(_) => false,
+        };
+        if !carriable {
             let upstream = Prefixed::with_head(BytesMut::from(upstream_head), upstream);
             return Err(Box::new(Spliced::Other(client, upstream, held)));
         }
@@ -177,14 +196,19 @@ impl SocketTunnel {
     }
 
     /// The endpoint's address.
-    pub fn upstream(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.upstream_socket().peer_addr()
+    pub fn upstream(&self) -> Option<std::net::SocketAddr> {
+        match &self.upstream.stream {
+            Stream::Tcp(socket) => socket.peer_addr().ok(),
+            _ => self.upstream.resume.as_ref().map(|resume| resume.to),
+        }
     }
 
-    fn upstream_socket(&self) -> &TcpStream {
+    /// How the tunnel reaches the endpoint, as `nodemesh connections`
+    /// names it.
+    pub fn transport(&self) -> &'static str {
         match &self.upstream.stream {
-            Stream::Tcp(socket) => socket,
-            _ => unreachable!("a socket tunnel's upstream is a socket"),
+            Stream::Tcp(_) => Hop::Plain.name(),
+            _ => "hbone",
         }
     }
 
@@ -192,12 +216,23 @@ impl SocketTunnel {
     /// (then it is carried with `meta`, the connection's, and ends here
     /// with [`RelayError::HandedOver`]). What moved counts from the switch.
     pub async fn relay(
-        self,
+        mut self,
         proxy: &Proxy,
         mut meta: CarriedMeta,
     ) -> Result<Transferred, RelayError> {
-        let upstream = self.upstream_socket();
         meta.upgraded = true;
+        let resume = self.upstream.resume.take();
+        let upstream = match (&mut self.upstream.stream, resume) {
+            (Stream::Tcp(socket), _) => &*socket,
+            (Stream::Tunnel(stream), Some(resume)) => {
+                // The endpoint's first bytes are read from the stream first.
+                stream.unread(&self.upstream_head);
+                meta.hbone = Some(*resume);
+                let first = (stream, &self.client_head[..]);
+                return proxy.relay_hbone(&self.client, first, meta, None).await;
+            }
+            _ => unreachable!("a socket tunnel's upstream is a socket or a resumable stream"),
+        };
         let heads = async {
             relay::write_all(upstream, &self.client_head).await?;
             relay::write_all(&self.client, &self.upstream_head).await
