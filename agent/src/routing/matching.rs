@@ -43,7 +43,7 @@ impl RequestMatch {
             && self
                 .source_labels
                 .iter()
-                .all(|(k, v)| r.source_labels.get(&**k).is_some_and(|have| *have == **v))
+                .all(|(k, v)| r.source_labels.get(k) == Some(&**v))
             && self
                 .headers
                 .iter()

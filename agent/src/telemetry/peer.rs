@@ -49,7 +49,7 @@ impl Peer {
         let label = |names: &[&str]| {
             names
                 .iter()
-                .find_map(|n| w.labels.get(*n))
+                .find_map(|n| w.labels.get(n))
                 .map(str::to_owned)
         };
         let workload = workload_name(w).to_owned();
