@@ -139,7 +139,7 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
 
     // The tables shrink to the Services alone: the memory they held comes
     // back, to about what an agent started with only the Services holds.
-    cluster.kube().shrink_to_services(&namespace)?;
+    cluster.kube().shrink_to_services(&namespace, scale)?;
     wait_shrunk(cluster.agent("node-a"), scale)?;
     std::thread::sleep(SETTLE);
     let shrunk = rss_kb(cluster.agent("node-a"))?;

@@ -319,6 +319,26 @@ ports: [{name: grpc, port: 5000}]
         assert_eq!(api.ports[0].target_port, 5000);
         let endpoints: Vec<_> = config.endpoints(api).map(|w| w.name.as_str()).collect();
         assert_eq!(endpoints, ["web-c"]);
+        // Scaled to zero: the controller's slice has neither endpoints nor ports, and no
+        // workload is selected. The Service stays one (its address, name and routes),
+        // its port unresolved and unused.
+        let scaled_to_zero = named.replace("{app: web}", "{app: api}")
+            + "
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: []
+";
+        for services in [
+            scaled_to_zero.as_str(),
+            &named.replace("{app: web}", "{app: api}"),
+        ] {
+            let config = load(services).unwrap();
+            let api = config.service_by_key("shop/api").unwrap();
+            assert_eq!(config.endpoints(api).count(), 0, "{services}");
+        }
     }
 
     #[test]

@@ -549,7 +549,7 @@ impl Loader {
         let workload_by_address = self.index_addresses();
         let service_by_cluster_ip = self.assign_cluster_ips(opts.service_cidr);
         let slices = SlicesByService::new(std::mem::take(&mut self.endpoint_slices));
-        self.resolve_ports(&slices);
+        self.resolve_ports(&slices, &workload_by_address);
 
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
@@ -569,7 +569,7 @@ impl Loader {
             .map(|s| {
                 slices
                     .endpoints(s, &workload_by_address)
-                    .unwrap_or_else(|| select(s, &workloads))
+                    .unwrap_or_else(|| select(s, &workloads, |w| w))
             })
             .collect();
         let mut config = Config {
@@ -622,12 +622,18 @@ impl Loader {
     }
 
     /// Takes Services' target port numbers from their EndpointSlices, reporting named
-    /// target ports that none resolves.
-    fn resolve_ports(&mut self, slices: &SlicesByService) {
+    /// target ports that none resolves while the Service has endpoints. Without any (a
+    /// Deployment scaled to zero leaves an EndpointSlice without endpoints or ports) the
+    /// port is never used, and the Service stays one: its address, name and routes.
+    fn resolve_ports(&mut self, slices: &SlicesByService, by_address: &HashMap<IpAddr, usize>) {
         for (origin, draft) in &mut self.services {
             slices.resolve_ports(&mut draft.service);
+            let has_endpoints = || match slices.endpoints(&draft.service, by_address) {
+                Some(endpoints) => !endpoints.is_empty(),
+                None => !select(&draft.service, &self.workloads, |(_, w)| w).is_empty(),
+            };
             for (i, field, name) in &draft.named_targets {
-                if draft.service.ports[*i].target_port == UNRESOLVED_PORT {
+                if draft.service.ports[*i].target_port == UNRESOLVED_PORT && has_endpoints() {
                     let message = format!(
                         "named port {name:?} needs an EndpointSlice of the Service giving its \
                          number (Workloads declare no ports), else use a number"
@@ -757,20 +763,19 @@ fn claim(owners: &mut HashMap<IpAddr, usize>, ip: IpAddr, owner: usize) -> Resul
     }
 }
 
-/// Indices of the workloads selected by `service`; `workloads` is sorted by namespace.
-fn select(service: &Service, workloads: &[Workload]) -> Vec<usize> {
+/// Indices of the workloads selected by `service`; `items` (each holding a
+/// `workload`) are sorted by namespace.
+fn select<T>(service: &Service, items: &[T], workload: impl Fn(&T) -> &Workload) -> Vec<usize> {
     if service.selector.is_empty() {
         return Vec::new();
     }
-    let start = workloads.partition_point(|w| w.namespace < service.namespace);
-    let len = workloads[start..].partition_point(|w| w.namespace == service.namespace);
+    let start = items.partition_point(|t| workload(t).namespace < service.namespace);
+    let len = items[start..].partition_point(|t| workload(t).namespace == service.namespace);
     (start..start + len)
         .filter(|&i| {
-            let labels = &workloads[i].labels;
-            service
-                .selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
+            workload(&items[i])
+                .labels
+                .contains_all(service.selector.iter())
         })
         .collect()
 }
@@ -1457,10 +1462,6 @@ spec:
             (
                 s("{ports: [{port: 80}, {port: 8080}, {port: 80, protocol: TCP}]}"),
                 "spec.ports[2].port: duplicate port 80/TCP",
-            ),
-            (
-                s("{ports: [{port: 80, targetPort: http}]}"),
-                "spec.ports[0].targetPort: named port \"http\" needs an EndpointSlice",
             ),
             (
                 s("{ports: [{port: 80, protocol: SCTP}]}"),
