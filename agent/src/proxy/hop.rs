@@ -24,13 +24,58 @@ pub enum Hop {
     Plain,
 }
 
+/// [`Hop::name`]s.
+const LOCAL: &str = "local";
+const HBONE: &str = "hbone";
+const PLAINTEXT: &str = "plaintext";
+
 impl Hop {
     /// As `nodemesh connections` names it.
     pub fn name(&self) -> &'static str {
         match self {
-            Hop::Local => "local",
-            Hop::Mesh(_) => "hbone",
-            Hop::Plain => "plaintext",
+            Hop::Local => LOCAL,
+            Hop::Mesh(_) => HBONE,
+            Hop::Plain => PLAINTEXT,
+        }
+    }
+}
+
+/// A [`Hop`] that borrows the destination node's name from the config
+/// snapshot: what a request on a pooled connection needs (the hop's name)
+/// without copying the name for every request.
+pub enum HopIn<'c> {
+    Local,
+    Mesh {
+        node: &'c str,
+        node_addr: SocketAddr,
+        to: SocketAddr,
+    },
+    Plain,
+}
+
+impl HopIn<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            HopIn::Local => LOCAL,
+            HopIn::Mesh { .. } => HBONE,
+            HopIn::Plain => PLAINTEXT,
+        }
+    }
+
+    /// The hop, owned (to open a connection over it).
+    pub fn to_hop(&self) -> Hop {
+        match *self {
+            HopIn::Local => Hop::Local,
+            HopIn::Mesh {
+                node,
+                node_addr,
+                to,
+            } => Hop::Mesh(Destination {
+                node: node.to_owned(),
+                node_addr,
+                to,
+            }),
+            HopIn::Plain => Hop::Plain,
         }
     }
 }
@@ -59,24 +104,34 @@ pub fn choose(
     to: SocketAddr,
     tls: UpstreamTls,
 ) -> Result<Hop, HopError> {
+    choose_in(proxy, cfg, to, tls).map(|hop| hop.to_hop())
+}
+
+/// [`choose`], borrowing from the snapshot `cfg`.
+pub fn choose_in<'c>(
+    proxy: &Proxy,
+    cfg: &'c Config,
+    to: SocketAddr,
+    tls: UpstreamTls,
+) -> Result<HopIn<'c>, HopError> {
     let in_mesh = cfg
         .workload_by_address(to.ip())
         .filter(|w| cfg.is_enrolled(w));
     let Some(workload) = in_mesh else {
         return match tls {
             UpstreamTls::IstioMutual => Err(HopError::MutualOutsideMesh { to }),
-            _ => Ok(Hop::Plain),
+            _ => Ok(HopIn::Plain),
         };
     };
     if !is_mutual(cfg, workload, to.port(), tls) {
         // Also on this node: the destination then sees a plaintext caller.
-        return Ok(Hop::Plain);
+        return Ok(HopIn::Plain);
     }
     if workload.node == proxy.node {
         // Nothing to encrypt: the destination side applies the caller's
         // identity as if it had come over mutual TLS.
         return match proxy.local_pod(to.ip()) {
-            Some(_) => Ok(Hop::Local),
+            Some(_) => Ok(HopIn::Local),
             None => Err(HopError::NotEnrolledHere {
                 to,
                 workload: workload.key(),
@@ -91,11 +146,11 @@ pub fn choose(
             workload: workload.key(),
             node: workload.node.clone(),
         })?;
-    Ok(Hop::Mesh(Destination {
-        node: workload.node.clone(),
+    Ok(HopIn::Mesh {
+        node: &workload.node,
         node_addr: SocketAddr::new(address, HBONE_PORT),
         to,
-    }))
+    })
 }
 
 /// Whether a call to the mesh `workload` on `port` goes over mutual TLS

@@ -20,7 +20,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{self, Body, Guarded};
-use crate::proxy::hop::{self, Hop};
+use crate::proxy::hop::{self, HopIn};
 use crate::proxy::peer::{self, Charged};
 use crate::proxy::Proxy;
 use crate::proxy::{Direction, Pod};
@@ -82,7 +82,7 @@ pub struct Pool {
     http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
 }
 
-/// An endpoint, and the hop ([`Hop::name`]) its connections take.
+/// An endpoint, and the hop ([`HopIn::name`]) its connections take.
 type PoolKey = (SocketAddr, &'static str);
 
 /// A connection on its way back to the pool once its response ends.
@@ -102,7 +102,8 @@ impl Pool {
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let hop = hop::choose(proxy, &proxy.config.current(), dial.addr, dial.tls)
+        let config = proxy.config.current();
+        let hop = hop::choose_in(proxy, &config, dial.addr, dial.tls)
             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         let to = Connecting { proxy, from, hop };
         if dial.http2 {
@@ -211,7 +212,7 @@ impl Pool {
 struct Connecting<'a> {
     proxy: &'a Arc<Proxy>,
     from: &'a Pod,
-    hop: Hop,
+    hop: HopIn<'a>,
 }
 
 impl Connecting<'_> {
@@ -226,7 +227,7 @@ impl Connecting<'_> {
             self.proxy,
             from,
             dial.addr,
-            self.hop,
+            self.hop.to_hop(),
             dial.connect_timeout,
             fd,
         )
