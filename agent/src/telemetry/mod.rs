@@ -24,6 +24,7 @@ pub mod peer;
 pub mod policy;
 #[cfg(test)]
 mod policy_tests;
+mod series_cache;
 pub mod server;
 pub mod standard;
 pub mod trace;

@@ -6,8 +6,10 @@
 //! snapshot into an interned label set (an "edge": reporter, both peers,
 //! the Service, the security policy) rendered once as text. Every series
 //! (edge × protocol × response code × gRPC status × flags) holds atomics
-//! only: a record is one short lock of this module's own map (never one a
-//! config reload takes) and a few atomic adds.
+//! only. A record is a lookup in its thread's own cache of series
+//! ([`series_cache`]) and a few atomic adds; only a call that thread has
+//! not seen under the current snapshot takes one short lock of this
+//! module's own map (never one a config reload takes).
 //!
 //! Cardinality is bounded: at most [`MAX_EDGES`] label sets and
 //! [`MAX_SERIES`] series of each kind (paths never are labels, and pods of
@@ -26,6 +28,7 @@ use std::time::Duration;
 use super::flags::ResponseFlags;
 use super::histogram::{self, Histogram};
 use super::peer::{label, Peer, UNKNOWN};
+use super::series_cache::{self, CallKey, Resolved};
 use super::window::EdgeTotals;
 use crate::config::{Config, ConfigStore, Protocol, Service, Workload};
 use crate::identity::SpiffeId;
@@ -132,7 +135,7 @@ struct ConnectionKey {
     flags: ResponseFlags,
 }
 
-struct RequestSeries {
+pub(super) struct RequestSeries {
     total: AtomicU64,
     duration: Histogram,
     request_bytes: Histogram,
@@ -215,6 +218,8 @@ struct State {
 
 /// See the module documentation.
 pub struct Standard {
+    /// Tells this instance's entries in each thread's [`series_cache`].
+    id: u64,
     config: Arc<ConfigStore>,
     trust_domain: String,
     state: Mutex<State>,
@@ -236,7 +241,9 @@ impl Standard {
             let id = intern(&mut state, unknown).unwrap_or_default();
             debug_assert_eq!(id, reporter.overflow_edge());
         }
+        static INSTANCES: AtomicU64 = AtomicU64::new(1);
         Standard {
+            id: INSTANCES.fetch_add(1, Ordering::Relaxed),
             config,
             trust_domain: trust_domain.to_owned(),
             state: Mutex::new(state),
@@ -245,41 +252,62 @@ impl Standard {
     }
 
     pub fn record_request(&self, done: &RequestDone) {
-        let series = {
-            let mut state = self.lock();
-            let edge = self.edge(&mut state, &done.edge);
-            let key = RequestKey {
-                edge,
-                grpc: done.grpc,
-                code: done.code,
-                grpc_status: done.grpc_status,
-                flags: done.flags,
-            };
-            let key = if state.requests.len() < MAX_SERIES || state.requests.contains_key(&key) {
-                key
-            } else {
-                self.overflow.fetch_add(1, Ordering::Relaxed);
-                RequestKey::overflow(done.edge.reporter)
-            };
-            state
-                .requests
-                .entry(key)
-                .or_insert_with(|| {
-                    Arc::new(RequestSeries {
-                        total: AtomicU64::new(0),
-                        duration: Histogram::new(histogram::DURATION_MS),
-                        request_bytes: Histogram::new(histogram::BYTES),
-                        response_bytes: Histogram::new(histogram::BYTES),
-                    })
-                })
-                .clone()
+        let config = self.config.current();
+        let key = CallKey {
+            edge: done.edge,
+            grpc: done.grpc,
+            code: done.code,
+            grpc_status: done.grpc_status,
+            flags: done.flags,
         };
-        series.total.fetch_add(1, Ordering::Relaxed);
-        series
-            .duration
-            .observe(done.duration.as_secs_f64() * 1000.0);
-        series.request_bytes.observe(done.request_bytes as f64);
-        series.response_bytes.observe(done.response_bytes as f64);
+        let resolve = || self.request_series(&config, &key);
+        series_cache::with_request_series(self.id, &config, key, resolve, |resolved| {
+            if resolved.overflowed {
+                self.overflow.fetch_add(1, Ordering::Relaxed);
+            }
+            let series = &resolved.series;
+            series.total.fetch_add(1, Ordering::Relaxed);
+            series
+                .duration
+                .observe(done.duration.as_secs_f64() * 1000.0);
+            series.request_bytes.observe(done.request_bytes as f64);
+            series.response_bytes.observe(done.response_bytes as f64);
+        });
+    }
+
+    /// The series of the call `call`, created unless a bound was reached
+    /// (then the reporter's overflow series).
+    fn request_series(&self, config: &Arc<Config>, call: &CallKey) -> Resolved {
+        let mut state = self.lock();
+        let edge = self.edge(&mut state, config, &call.edge);
+        let key = RequestKey {
+            edge,
+            grpc: call.grpc,
+            code: call.code,
+            grpc_status: call.grpc_status,
+            flags: call.flags,
+        };
+        let kept = state.requests.len() < MAX_SERIES || state.requests.contains_key(&key);
+        let key = match kept {
+            true => key,
+            false => RequestKey::overflow(call.edge.reporter),
+        };
+        let series = state
+            .requests
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(RequestSeries {
+                    total: AtomicU64::new(0),
+                    duration: Histogram::new(histogram::DURATION_MS),
+                    request_bytes: Histogram::new(histogram::BYTES),
+                    response_bytes: Histogram::new(histogram::BYTES),
+                })
+            })
+            .clone();
+        Resolved {
+            series,
+            overflowed: !kept,
+        }
     }
 
     /// The counters of a relay that started, under its edge without flags;
@@ -309,8 +337,9 @@ impl Standard {
     /// The series of `edge` with `flags`, created unless a bound was reached
     /// (then the reporter's overflow series).
     fn connection_series(&self, edge: &EdgeKey, flags: ResponseFlags) -> Arc<ConnectionSeries> {
+        let config = self.config.current();
         let mut state = self.lock();
-        let id = self.edge(&mut state, edge);
+        let id = self.edge(&mut state, &config, edge);
         let key = ConnectionKey { edge: id, flags };
         let kept = state.connections.len() < MAX_SERIES;
         let key = if kept || state.connections.contains_key(&key) {
@@ -373,17 +402,16 @@ impl Standard {
     /// The edge of `key`, resolved against the current config when this
     /// snapshot has not seen it. The snapshot is read lock-free, as the
     /// request path reads it: no lock is shared with reloads.
-    fn edge(&self, state: &mut State, key: &EdgeKey) -> EdgeId {
-        let config = self.config.current();
-        let same = std::ptr::eq(state.snapshot.as_ptr(), Arc::as_ptr(&config));
+    fn edge(&self, state: &mut State, config: &Arc<Config>, key: &EdgeKey) -> EdgeId {
+        let same = std::ptr::eq(state.snapshot.as_ptr(), Arc::as_ptr(config));
         if !same || state.resolved.len() >= MAX_RESOLVED {
-            state.snapshot = Arc::downgrade(&config);
+            state.snapshot = Arc::downgrade(config);
             state.resolved.clear();
         }
         if let Some(&id) = state.resolved.get(key) {
             return id;
         }
-        let labels = self.resolve(&config, key);
+        let labels = self.resolve(config, key);
         let id = intern(state, labels).unwrap_or_else(|| {
             self.overflow.fetch_add(1, Ordering::Relaxed);
             key.reporter.overflow_edge()
@@ -686,6 +714,60 @@ mod tests {
         );
         assert!(line("istio_request_duration_milliseconds_count{").ends_with(" 2"));
         assert!(line("istio_response_bytes_sum{").ends_with(" 40"));
+    }
+
+    /// A store whose workload at 10.0.0.1 is `name`.
+    fn load_workload(store: &ConfigStore, name: &str) {
+        let doc = format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, \
+             namespace: default}}\nspec: {{netns: /run/netns/{name}, addresses: [10.0.0.1], \
+             node: n1}}\n"
+        );
+        let docs = [(std::path::PathBuf::from("w.yaml"), doc)];
+        let options = crate::config::LoadOptions::default();
+        store.replace(Config::load_documents(&docs, &options).unwrap());
+    }
+
+    /// `istio_requests_total` by destination workload.
+    fn totals_by_destination(metrics: &Standard) -> Vec<(String, u64)> {
+        let mut out = String::new();
+        metrics.write(&mut out);
+        let mut totals: Vec<(String, u64)> = out
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .map(|l| {
+                let workload = l.split("destination_workload=\"").nth(1).unwrap_or("");
+                let workload = workload.split('"').next().unwrap_or("").to_owned();
+                (workload, l.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect();
+        totals.sort();
+        totals
+    }
+
+    #[test]
+    fn calls_follow_the_config_and_threads_share_series() {
+        let store = Arc::new(ConfigStore::unloaded());
+        load_workload(&store, "reviews-v1");
+        let metrics = Arc::new(Standard::new(store.clone(), "cluster.local"));
+        metrics.record_request(&request(200, ResponseFlags::NONE));
+        let other = metrics.clone();
+        std::thread::spawn(move || other.record_request(&request(200, ResponseFlags::NONE)))
+            .join()
+            .unwrap();
+        assert_eq!(totals_by_destination(&metrics), [("reviews-v1".into(), 2)]);
+        // The same call under a new snapshot resolves to the new labels.
+        load_workload(&store, "reviews-v2");
+        metrics.record_request(&request(200, ResponseFlags::NONE));
+        assert_eq!(
+            totals_by_destination(&metrics),
+            [("reviews-v1".into(), 2), ("reviews-v2".into(), 1)]
+        );
+        // Another instance's calls never land in this one's series.
+        let fresh = standard();
+        fresh.record_request(&request(200, ResponseFlags::NONE));
+        assert_eq!(totals_by_destination(&fresh), [("unknown".into(), 1)]);
+        assert_eq!(metrics.sizes().1, 2);
     }
 
     /// The sum of one TCP family over every series.
