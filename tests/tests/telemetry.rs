@@ -57,8 +57,10 @@ time.sleep(600)
 /// ended: `closed` (reset or closed without a byte back) or `answered`.
 const TCP_PROBE_PY: &str = r#"
 import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 try:
+    # The agent may reset the connection before connect() has even
+    # returned here: that is the same outcome, the caller sees it closed.
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
     s.sendall(b"x")
     print("answered" if s.recv(1) else "closed")
 except ConnectionResetError:
