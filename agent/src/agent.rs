@@ -266,7 +266,6 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     front.owned_by(node.clone());
     let metrics =
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
-    let trimmer = tokio::spawn(crate::memory::return_freed_memory());
     let window = tokio::spawn(node.proxy.telemetry.clone().keep_window());
 
     let loaded = tokio::select! {
@@ -385,7 +384,6 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     if let Some(reconciler) = reconciler {
         reconciler.abort();
     }
-    trimmer.abort();
     window.abort();
     if let Some(metrics) = metrics {
         metrics.abort();

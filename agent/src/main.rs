@@ -14,6 +14,16 @@ use nodemesh::{
     viz,
 };
 
+/// jemalloc rather than glibc's malloc (why: `nodemesh::memory`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its first allocation (before `main`): exported
+/// under the name its prefixed build looks for, as the `const char *` it
+/// expects (a thin pointer to the first of NUL-terminated bytes).
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_CONF: &u8 = &nodemesh::memory::JEMALLOC_OPTIONS[0];
+
 #[derive(Parser)]
 #[command(
     name = "nodemesh",
@@ -485,7 +495,6 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
-    nodemesh::memory::tune_allocator();
     let nofile = nofile::raise_to_hard().context("raising RLIMIT_NOFILE")?;
     log::info!(
         "RLIMIT_NOFILE: soft limit {} (was {}), hard limit {}",

@@ -41,6 +41,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    // jemalloc, the agent's allocator, is built from its sources.
+    "make",
     "iproute2",
     "curl",
     "bpftool",

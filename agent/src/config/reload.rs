@@ -66,7 +66,6 @@ fn serve(store: &ConfigStore, pending: &Receiver<()>, load: &mut impl FnMut(&Con
     while pending.recv().is_ok() {
         store.load_started();
         load(store);
-        crate::memory::trim();
     }
 }
 
