@@ -44,12 +44,12 @@ pub(super) fn run(
         .chain(opts.against.iter().cloned())
         .collect();
     let mut samples: Vec<Vec<Sample>> = builds.iter().map(|_| Vec::new()).collect();
-    let count = counters::available();
+    let probes = counters::probes(&builds, opts.allocations);
     for round in 1..=opts.rounds {
         for (build, out) in builds.iter().zip(&mut samples) {
             println!("\n== round {round}/{}: {} ==", opts.rounds, build.display());
             let mut bench = Bench::new(build, oha, tools, opts, clk_tck)?;
-            out.push(measure(&mut bench, count)?);
+            out.push(measure(&mut bench, probes.as_ref())?);
         }
     }
     println!(
@@ -88,7 +88,7 @@ pub(super) fn run(
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
         );
     }
-    if count {
+    if probes.is_some() {
         println!(
             "\nPer request and agent, medians (perf stat on each agent; CPU is its task-clock):"
         );
@@ -124,7 +124,7 @@ fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
     }
 }
 
-fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
+fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sample> {
     let mut log = PhaseLog {
         mode: Mode::Direct,
         steps: (0, 3),
@@ -156,10 +156,9 @@ fn measure(bench: &mut Bench, count: bool) -> Result<Sample> {
         pids[0], pids[1]
     );
     let counting = |phase: &str| -> Result<Option<counters::Counting>> {
-        match count {
-            true => counters::start(&pids, &bench.config_dir, phase).map(Some),
-            false => Ok(None),
-        }
+        probes
+            .map(|probes| counters::start(&pids, probes, &bench.config_dir, phase))
+            .transpose()
     };
     let stop = |counting: Option<counters::Counting>, requests: u64| -> Result<Vec<Counts>> {
         let counts = match counting {

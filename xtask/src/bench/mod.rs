@@ -123,14 +123,16 @@ use results::{
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
-                         [--focus [--against NODEMESH]...]
+                         [--focus [--allocations] [--against NODEMESH]...]
 
   --duration D   length of each oha phase, e.g. 10s, 1500ms, 1m (default 10s)
   --quick        smoke run: 3 s phases
   --rounds N     repeat every mode N times and report medians (default 1)
   --focus        only direct and L7 + mTLS (max throughput, 2000 req/s),
-                 with each agent's syscalls, context switches and mallocs
-                 per request (perf stat): for profiling
+                 with each agent's syscalls and context switches per
+                 request (perf stat): for profiling
+  --allocations  with --focus: count allocations per request too (uprobes:
+                 they slow every allocation, so that run's times are skewed)
   --against B    with --focus: the same phases with the agent binary B,
                  alternating with this build's in every round (A/B);
                  may be given more than once
@@ -380,6 +382,8 @@ struct Options {
     focus: bool,
     /// With `focus`: more agent binaries to compare against.
     against: Vec<PathBuf>,
+    /// With `focus`: count allocations (`counters.rs`).
+    allocations: bool,
 }
 
 impl Options {
@@ -389,6 +393,7 @@ impl Options {
         let mut rounds = 1;
         let mut focus = false;
         let mut against = Vec::new();
+        let mut allocations = false;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             match arg.as_str() {
@@ -402,6 +407,7 @@ impl Options {
                     rounds = parse_rounds(v)?;
                 }
                 "--focus" => focus = true,
+                "--allocations" => allocations = true,
                 "--against" => {
                     let v = it.next().context("--against needs an agent binary")?;
                     against.push(PathBuf::from(v));
@@ -425,12 +431,16 @@ impl Options {
         if !against.is_empty() && !focus {
             bail!("--against compares builds in --focus mode only");
         }
+        if allocations && !focus {
+            bail!("--allocations counts in --focus mode only");
+        }
         Ok(Some(Options {
             duration,
             bulk: duration.min(BULK_MAX),
             rounds,
             focus,
             against,
+            allocations,
         }))
     }
 }
