@@ -18,8 +18,13 @@ use serde_json::Value;
 const MEMORY_LIMIT_KB: u64 = 1024 * 1024;
 /// Time for a large cluster to reach an agent.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
-/// Longer than the agent's interval of handing freed memory back.
-const SETTLE: Duration = Duration::from_secs(12);
+/// RSS has settled once it has not dropped by more than [`SETTLE_STEP_KB`]
+/// for this long: the allocator hands freed pages back over seconds, more
+/// after tens of thousands of deletions.
+const SETTLE_QUIET: Duration = Duration::from_secs(10);
+const SETTLE_STEP_KB: u64 = 512;
+/// The longest wait for RSS to settle.
+const SETTLE_MAX: Duration = Duration::from_secs(120);
 
 fn mesh() -> Result<KubeMesh> {
     KubeMesh::new(Path::new(env!("CARGO_BIN_EXE_mesh-app")), true)
@@ -70,6 +75,22 @@ fn rss_kb(agent: &Agent) -> Result<u64> {
     Ok(Usage::of(pid)?.rss_kb)
 }
 
+/// `agent`'s RSS once it stops falling (see [`SETTLE_QUIET`]).
+fn settled_rss_kb(agent: &Agent) -> Result<u64> {
+    let started = Instant::now();
+    let mut lowest = rss_kb(agent)?;
+    let mut since = Instant::now();
+    while since.elapsed() < SETTLE_QUIET && started.elapsed() < SETTLE_MAX {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rss_kb(agent)?;
+        if now + SETTLE_STEP_KB < lowest {
+            since = Instant::now();
+        }
+        lowest = lowest.min(now);
+    }
+    Ok(lowest)
+}
+
 /// Pods of this node and of the others, as `node`'s agent holds them.
 fn pods_held(cluster: &KubeMesh, node: &str) -> Result<(u64, u64)> {
     let status = cluster.agent(node).status_json()?;
@@ -114,12 +135,11 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
         ..Scale::ISSUE
     };
     let mut cluster = mesh()?;
-    let idle = rss_kb(cluster.agent("node-a"))?;
+    let idle = settled_rss_kb(cluster.agent("node-a"))?;
     let namespace = cluster.namespace().to_owned();
     cluster.kube().create_at_scale(&namespace, scale)?;
     wait_synced(cluster.agent("node-a"), scale)?;
-    std::thread::sleep(SETTLE);
-    let watched = rss_kb(cluster.agent("node-a"))?;
+    let watched = settled_rss_kb(cluster.agent("node-a"))?;
     eprintln!("agent RSS with {scale:?}: {idle} KB idle, {watched} KB after watching them created");
     cluster.agent_mut("node-a").set_ready_timeout(SYNC_TIMEOUT);
 
@@ -127,8 +147,7 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
     cluster.restart_agent("node-a")?;
     wait_synced(cluster.agent("node-a"), scale)?;
     let serving = restarted.elapsed();
-    std::thread::sleep(SETTLE);
-    let relisted = rss_kb(cluster.agent("node-a"))?;
+    let relisted = settled_rss_kb(cluster.agent("node-a"))?;
     eprintln!(
         "agent RSS with {scale:?}: {relisted} KB after a restart (a full list; serving \
          them {serving:.1?} after the restart, polled)"
@@ -141,12 +160,10 @@ fn agent_memory_with_10000_services_50000_endpoints_and_10000_routes() -> Result
     // back, to about what an agent started with only the Services holds.
     cluster.kube().shrink_to_services(&namespace, scale)?;
     wait_shrunk(cluster.agent("node-a"), scale)?;
-    std::thread::sleep(SETTLE);
-    let shrunk = rss_kb(cluster.agent("node-a"))?;
+    let shrunk = settled_rss_kb(cluster.agent("node-a"))?;
     cluster.restart_agent("node-a")?;
     wait_shrunk(cluster.agent("node-a"), scale)?;
-    std::thread::sleep(SETTLE);
-    let fresh = rss_kb(cluster.agent("node-a"))?;
+    let fresh = settled_rss_kb(cluster.agent("node-a"))?;
     eprintln!(
         "agent RSS with the {} Services alone: {shrunk} KB after the rest was deleted, \
          {fresh} KB after a restart",
