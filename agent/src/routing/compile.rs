@@ -801,29 +801,22 @@ pub(super) fn regex(source: &str, field: String, issues: &mut Issues) -> Option<
 
 /// Lowercased; `None` (and an issue) unless a valid HTTP header name.
 pub(super) fn header_name(name: &str, field: String, issues: &mut Issues) -> Option<String> {
-    typed_header_name(name, field, issues).map(|name| name.as_str().to_owned())
+    let lower = name.to_ascii_lowercase();
+    match http::HeaderName::from_bytes(lower.as_bytes()) {
+        Ok(_) => Some(lower),
+        Err(_) => {
+            issues.add(field, format!("invalid header name {name:?}"));
+            None
+        }
+    }
 }
 
-/// As [`header_name`], parsed for the proxy to use as it is.
-pub(super) fn typed_header_name(
-    name: &str,
-    field: String,
-    issues: &mut Issues,
-) -> Option<http::HeaderName> {
-    http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
-        .map_err(|_| issues.add(field, format!("invalid header name {name:?}")))
-        .ok()
-}
-
-/// `None` (and an issue) unless a valid HTTP header value.
-pub(super) fn header_value(
-    value: &str,
-    field: String,
-    issues: &mut Issues,
-) -> Option<http::HeaderValue> {
-    http::HeaderValue::from_str(value)
-        .map_err(|_| issues.add(field, format!("invalid header value {value:?}")))
-        .ok()
+pub(super) fn header_value(value: &str, field: String, issues: &mut Issues) -> bool {
+    let valid = http::HeaderValue::from_str(value).is_ok();
+    if !valid {
+        issues.add(field, format!("invalid header value {value:?}"));
+    }
+    valid
 }
 
 /// A count that Istio and the Gateway API declare as a signed 32-bit integer.

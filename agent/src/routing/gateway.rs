@@ -13,7 +13,7 @@ use crate::config::{check_dns_label, check_metadata, port_number, Issues, Meta, 
 
 use super::compile::{
     check_host, count, duration, full_match_regex, header_name, header_value, path_rank, percent,
-    typed_header_name, HttpRouteDraft, ParentRef, Precedence, RouteDraft, Warnings,
+    HttpRouteDraft, ParentRef, Precedence, RouteDraft, Warnings,
 };
 use super::gateway_api;
 use super::grpc_route::RouteKind;
@@ -807,13 +807,15 @@ fn path_modifier(
 
 fn header_edits(h: HeaderModifierSpec, at: &str, issues: &mut Issues) -> HeaderEdits {
     let pairs = |headers: Vec<HeaderSpec>, op: &str, issues: &mut Issues| {
-        let mut out = Vec::new();
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::new();
         for (k, h) in headers.into_iter().enumerate() {
             let field = format!("{at}.{op}[{k}]");
-            let name = typed_header_name(&h.name, format!("{field}.name"), issues);
-            let value = header_value(&h.value, format!("{field}.value"), issues);
-            if let (Some(name), Some(value)) = (name, value) {
-                out.push((name, value));
+            let name = header_name(&h.name, format!("{field}.name"), issues);
+            if let (Some(name), true) = (
+                name,
+                header_value(&h.value, format!("{field}.value"), issues),
+            ) {
+                out.push((name.into(), h.value.into()));
             }
         }
         out.into()
@@ -822,7 +824,8 @@ fn header_edits(h: HeaderModifierSpec, at: &str, issues: &mut Issues) -> HeaderE
     let add = pairs(h.add, "add", issues);
     let remove = h.remove.iter().enumerate();
     let remove = remove
-        .filter_map(|(k, name)| typed_header_name(name, format!("{at}.remove[{k}]"), issues))
+        .filter_map(|(k, name)| header_name(name, format!("{at}.remove[{k}]"), issues))
+        .map(Into::into)
         .collect();
     HeaderEdits { set, add, remove }
 }

@@ -73,7 +73,7 @@ fn methods_and_headers_route_on_a_service_in_grpcroute_precedence() {
             ("default/reviews-v1".into(), None, 1)
         ]
     );
-    assert_eq!(get.headers.as_ref().unwrap().request.set[0].0, "x-route");
+    assert_eq!(&*get.headers.as_ref().unwrap().request.set[0].0, "x-route");
 }
 
 const AT_GATEWAY: &str = "

@@ -15,7 +15,7 @@ use crate::config::{
 
 use super::compile::{
     check_host, count, duration, full_match_regex, header_name, header_value, percent, regex,
-    typed_header_name, DestinationRuleDraft, RouteDraft, VirtualServiceDraft, Warnings,
+    DestinationRuleDraft, RouteDraft, VirtualServiceDraft, Warnings,
 };
 use super::ingress_l4::L4RouteSpec;
 use super::locality::{locality_lb, LocalityLb};
@@ -857,12 +857,12 @@ fn header_ops(h: HeadersSpec, at: &str, issues: &mut Issues) -> HeaderOps {
 
 fn header_edits(e: HeaderOperationsSpec, at: &str, issues: &mut Issues) -> HeaderEdits {
     let pairs = |map: BTreeMap<String, String>, op: &str, issues: &mut Issues| {
-        let mut out = Vec::new();
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::new();
         for (name, value) in map {
             let field = format!("{at}.{op}.{name}");
-            let name = typed_header_name(&name, field.clone(), issues);
-            if let (Some(name), Some(value)) = (name, header_value(&value, field, issues)) {
-                out.push((name, value));
+            let name = header_name(&name, field.clone(), issues);
+            if let (Some(name), true) = (name, header_value(&value, field, issues)) {
+                out.push((name.into(), value.into()));
             }
         }
         out.into()
@@ -871,7 +871,8 @@ fn header_edits(e: HeaderOperationsSpec, at: &str, issues: &mut Issues) -> Heade
     let add = pairs(e.add, "add", issues);
     let remove = e.remove.iter().enumerate();
     let remove = remove
-        .filter_map(|(k, name)| typed_header_name(name, format!("{at}.remove[{k}]"), issues))
+        .filter_map(|(k, name)| header_name(name, format!("{at}.remove[{k}]"), issues))
+        .map(Into::into)
         .collect();
     HeaderEdits { set, add, remove }
 }

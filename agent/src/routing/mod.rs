@@ -14,7 +14,6 @@ mod gateway_api_tests;
 mod grpc_route;
 #[cfg(test)]
 mod grpc_route_tests;
-mod header_edits;
 mod index;
 pub mod ingress;
 pub mod ingress_l4;
@@ -42,7 +41,6 @@ pub(crate) use compile::{compile, Drafts};
 pub(crate) use gateway::http_route;
 pub(crate) use gateway_api::{gateway as api_gateway, gateway_class};
 pub(crate) use grpc_route::grpc_route;
-pub use header_edits::HeaderEdits;
 use index::PathIndex;
 pub(crate) use istio::{destination_rule, virtual_service};
 pub(crate) use istio_gateway::istio_gateway;
@@ -395,6 +393,21 @@ impl HeaderOps {
     /// As routes hold them: `None` when there is nothing to edit.
     pub fn boxed(self) -> Option<Box<HeaderOps>> {
         (!self.is_empty()).then(|| Box::new(self))
+    }
+}
+
+/// Lowercase names; values as written.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderEdits {
+    pub set: Box<[(Box<str>, Box<str>)]>,
+    pub add: Box<[(Box<str>, Box<str>)]>,
+    pub remove: Box<[Box<str>]>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
     }
 }
 

@@ -162,15 +162,12 @@ pub(super) fn forward(route: &HttpRoute) -> Vec<(String, Option<&str>, u32)> {
 }
 
 /// Header edits as `(name, value)` pairs of `&str`.
-fn pairs(edits: &[(http::HeaderName, http::HeaderValue)]) -> Vec<(&str, &str)> {
-    edits
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
-        .collect()
+fn pairs(edits: &[(Box<str>, Box<str>)]) -> Vec<(&str, &str)> {
+    edits.iter().map(|(n, v)| (&**n, &**v)).collect()
 }
 
-fn header_names(names: &[http::HeaderName]) -> Vec<&str> {
-    names.iter().map(http::HeaderName::as_str).collect()
+fn header_names(names: &[Box<str>]) -> Vec<&str> {
+    names.iter().map(|n| &**n).collect()
 }
 
 pub(super) fn host<'t>(table: &'t RoutingTable, service: &str) -> &'t VirtualHost {
