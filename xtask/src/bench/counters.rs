@@ -136,8 +136,9 @@ pub(super) fn probes(builds: &[PathBuf], allocations: bool) -> Option<Probes> {
     }
     if !events.iter().any(|e| e.starts_with(PROBE_GROUP)) {
         println!(
-            "bench: no jemalloc in the agent builds, so their allocations are counted only \
-             with glibc's malloc probe:\n  {LIBC_MALLOC_HINT}"
+            "bench: no allocation probe could be defined on the agent builds (no jemalloc \
+             symbols in them, or no uprobe support); only glibc's malloc probe counts, once \
+             defined:\n  {LIBC_MALLOC_HINT}"
         );
     }
     Some(Probes { events })
