@@ -9,6 +9,7 @@
 //! Event and skipped, while the rest is applied. When the API server is slow or gone the
 //! last snapshot keeps serving; watches resume with back-off and a full re-list.
 
+mod compaction;
 mod endpoint_slices;
 mod events;
 mod gateway_status;
@@ -43,6 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ConfigStore, LoadOptions, Reloader};
 
+use compaction::Compaction;
 use kinds::{Kind, WATCHED};
 use object::Object;
 use pod_summary::PodSummary;
@@ -256,8 +258,12 @@ fn pod_watches(
 /// Keeps the watch's reflector store in line with the API server, forever: errors are
 /// recorded and retried with back-off, and a re-list replaces the store only once it is
 /// complete, so the last state keeps serving meanwhile.
-async fn watch<K>(watched: Watched<K>, writer: Writer<K>, status: Arc<Status>, changed: Arc<Notify>)
-where
+async fn watch<K>(
+    watched: Watched<K>,
+    mut writer: Writer<K>,
+    status: Arc<Status>,
+    changed: Arc<Notify>,
+) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
@@ -269,14 +275,15 @@ where
         strip,
     } = watched;
     let held = writer.as_reader();
-    let events = watcher(api, config)
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer);
+    let events = watcher(api, config).default_backoff().modify(strip);
     let mut events = std::pin::pin!(events);
     // Logged once per outage, not at every retry.
     let mut failing: Option<String> = None;
+    let mut compaction = Compaction::default();
     while let Some(event) = events.next().await {
+        if let Ok(event) = &event {
+            writer.apply_watcher_event(event);
+        }
         if let Ok(watcher::Event::InitDone | watcher::Event::Apply(_)) = &event {
             if failing.take().is_some() {
                 log::info!("watching {resource} works again");
@@ -285,10 +292,16 @@ where
         match event {
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(watcher::Event::InitDone) => {
+                compaction.rebuilt(held.len());
                 status.listed(name, held.len());
                 changed.notify_one();
             }
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                if compaction.due(held.len()) {
+                    log::debug!("rebuilding the store of {resource} ({} left)", held.len());
+                    compaction::rebuild(&mut writer, &held);
+                    compaction.rebuilt(held.len());
+                }
                 status.healthy(name, held.len());
                 changed.notify_one();
             }
