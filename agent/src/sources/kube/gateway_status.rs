@@ -245,7 +245,7 @@ pub(super) async fn write(client: Client, mut needed: watch::Receiver<Vec<Apply>
                 .patch_status(&apply.name, &params, &Patch::Apply(&apply.body))
                 .await
             {
-                Ok(_) => log::info!("wrote the status of {} {}", apply.kind.kind, apply.name),
+                Ok(_) => log::debug!("wrote the status of {} {}", apply.kind.kind, apply.name),
                 Err(e) => log::warn!(
                     "cannot write the status of {} {}: {e} (does the agent's role allow patching \
                      {}/status?)",
