@@ -503,7 +503,9 @@ fn test(extra: &[String]) -> Result<()> {
 
     let mut cmd = cargo();
     cmd.current_dir(root())
-        .args(["test", "--release"])
+        // Every test binary runs even when one fails, so one red file does not
+        // hide the results of the others.
+        .args(["test", "--release", "--no-fail-fast"])
         .env("NODEMESH_BIN", &bin)
         .env("RUST_TEST_THREADS", "2");
     // `--workspace` unless packages were chosen explicitly (before `--`).
