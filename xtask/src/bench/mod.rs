@@ -1435,8 +1435,12 @@ impl<'a> Bench<'a> {
         let pids = self.proxy_pids(mode)?;
         let mut out = [Memory::default(); 2];
         for (m, pid) in out.iter_mut().zip(pids) {
-            let (rss_kib, hwm_kib) = proc_memory_kib(pid)?;
-            *m = Memory { rss_kib, hwm_kib };
+            let (rss_kib, hwm_kib, anon_kib) = proc_memory_kib(pid)?;
+            *m = Memory {
+                rss_kib,
+                hwm_kib,
+                anon_kib,
+            };
         }
         Ok(out)
     }

@@ -104,8 +104,9 @@ pub(super) fn proc_context_switches(pid: u32) -> (u64, u64) {
     (switches, threads)
 }
 
-/// (VmRSS, VmHWM) of a process in KiB.
-pub(super) fn proc_memory_kib(pid: u32) -> Result<(u64, u64)> {
+/// (VmRSS, VmHWM, RssAnon) of a process in KiB. RssAnon leaves out the pages of the
+/// binary and libraries mapped from the page cache, shared by every process using them.
+pub(super) fn proc_memory_kib(pid: u32) -> Result<(u64, u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let get = |key: &str| -> Result<u64> {
@@ -116,7 +117,7 @@ pub(super) fn proc_memory_kib(pid: u32) -> Result<(u64, u64)> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {key} in /proc/{pid}/status"))
     };
-    Ok((get("VmRSS:")?, get("VmHWM:")?))
+    Ok((get("VmRSS:")?, get("VmHWM:")?, get("RssAnon:")?))
 }
 
 // ---------------------------------------------------------------- results

@@ -530,12 +530,18 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
             cells.push("-".into());
             continue;
         };
-        cells.push(format!("{:.1} / {:.1} MB", mb(a.rss_kib), mb(b.rss_kib)));
+        cells.push(format!(
+            "{:.1} / {:.1} MB (anon {:.1} / {:.1})",
+            mb(a.rss_kib),
+            mb(b.rss_kib),
+            mb(a.anon_kib),
+            mb(b.anon_kib)
+        ));
         values.insert(
             path.key().into(),
             json!({
-                "node_a": { "rss": mb(a.rss_kib), "peak": mb(a.hwm_kib) },
-                "node_b": { "rss": mb(b.rss_kib), "peak": mb(b.hwm_kib) },
+                "node_a": { "rss": mb(a.rss_kib), "peak": mb(a.hwm_kib), "anon": mb(a.anon_kib) },
+                "node_b": { "rss": mb(b.rss_kib), "peak": mb(b.hwm_kib), "anon": mb(b.anon_kib) },
             }),
         );
         if path == judged {
@@ -859,6 +865,7 @@ mod tests {
         p.memory = [Memory {
             rss_kib,
             hwm_kib: rss_kib,
+            anon_kib: rss_kib,
         }; 2];
         p
     }

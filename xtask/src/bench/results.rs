@@ -226,6 +226,8 @@ pub(super) struct CpuSnapshot {
 pub(super) struct Memory {
     pub(super) rss_kib: u64,
     pub(super) hwm_kib: u64,
+    /// The part of `rss_kib` not mapped from files (heap, stacks).
+    pub(super) anon_kib: u64,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
