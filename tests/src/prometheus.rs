@@ -23,7 +23,8 @@ use crate::workload_apps::wait_listening;
 /// Prometheus' HTTP API, on the loopback of the namespace it runs in.
 const LISTEN: &str = "127.0.0.1:9090";
 const PORT: u16 = 9090;
-/// How long [`Prometheus::wait_for`] waits for a query to reach a value.
+/// How long [`Prometheus::wait_for`] waits for a query to reach a value, and
+/// [`Prometheus::start`] for Prometheus to be ready.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Prometheus {
@@ -32,7 +33,7 @@ pub struct Prometheus {
 
 impl Prometheus {
     /// Starts Prometheus in `netns` scraping `targets` (`host:port`) every
-    /// second, and waits until its API answers. It stops with the topology.
+    /// second, and waits until it is ready to answer queries. It stops with the topology.
     pub fn start(topo: &mut Topology, netns: &str, targets: &[String]) -> Result<Prometheus> {
         let dir = topo.work_dir().join("prometheus");
         std::fs::create_dir_all(&dir)?;
@@ -54,9 +55,28 @@ impl Prometheus {
         topo.spawn_in(netns, &args, "prometheus")
             .context("starting prometheus (`cargo xtask setup` installs it)")?;
         wait_listening(topo, netns, PORT)?;
-        Ok(Prometheus {
+        let prometheus = Prometheus {
             netns: netns.to_owned(),
-        })
+        };
+        prometheus.wait_ready(topo)?;
+        Ok(prometheus)
+    }
+
+    /// Prometheus listens before its storage is open, and answers every
+    /// query "Service Unavailable" until then (seconds on a busy machine).
+    fn wait_ready(&self, topo: &Topology) -> Result<()> {
+        let url = format!("http://{LISTEN}/-/ready");
+        let deadline = Instant::now() + QUERY_TIMEOUT;
+        loop {
+            let probe = ["curl", "-sf", "--max-time", "5", &url];
+            if topo.run_in(&self.netns, &probe)?.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("prometheus is not ready after {QUERY_TIMEOUT:?} ({url})");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Starts Prometheus in node-a's namespace scraping both agents of a
