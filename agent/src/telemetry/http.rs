@@ -2,6 +2,7 @@
 //! the response's bytes, gRPC status and end, recorded once when the
 //! response ends (or the caller goes away).
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,11 +19,6 @@ use super::flags::{Flag, ResponseFlags};
 use super::policy::{AccessLog, Side};
 use super::standard::{EdgeKey, RequestDone};
 use super::Telemetry;
-
-/// The endpoint that answered a request, set by the L7 path on the
-/// response so the caller's side knows the destination workload.
-#[derive(Debug, Clone, Copy)]
-pub struct Upstream(pub std::net::SocketAddr);
 
 /// The name of the route that took a request, set on its response by the
 /// L7 path when the request is logged.
@@ -82,10 +78,11 @@ impl Measured {
     }
 
     /// Hands the response on; the request is recorded against `edge` when
-    /// its body ends.
+    /// its body ends (`upstream`: the endpoint that answered, if any).
     pub fn finish<B: http_body::Body>(
         mut self,
         edge: EdgeKey,
+        upstream: Option<SocketAddr>,
         response: Response<B>,
     ) -> Response<Watched<B, Recorder>> {
         let flags = response
@@ -105,7 +102,6 @@ impl Measured {
             response_bytes: 0,
         };
         let log = self.log.take().map(|(log, head)| {
-            let upstream = response.extensions().get::<Upstream>().map(|u| u.0);
             let line = HttpLine {
                 head,
                 done,

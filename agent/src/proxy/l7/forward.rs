@@ -23,7 +23,6 @@ use crate::routing::{
     TrafficPolicy, WeightedDestination,
 };
 use crate::telemetry::flags::{mark, Flag};
-use crate::telemetry::http::Upstream;
 
 /// Envoy's retry back-off: exponential from 25 ms, capped at ten times that,
 /// with full jitter.
@@ -117,7 +116,13 @@ fn hit(percentage: f64) -> bool {
     fastrand::f64() * 100.0 < percentage
 }
 
-pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> Response<Body> {
+/// `upstream`: set to the endpoint that answered, if one did.
+pub async fn run(
+    down: &Downstream,
+    plan: Plan<'_>,
+    request: Request<Body>,
+    upstream: &mut Option<SocketAddr>,
+) -> Response<Body> {
     let fault = plan.route.and_then(|r| r.fault.as_ref());
     let delay = fault
         .and_then(|f| f.delay.as_ref())
@@ -140,7 +145,7 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
             };
             mark(reply, Flag::FaultInjected)
         }
-        None => forward(down, plan, request).await,
+        None => forward(down, plan, request, upstream).await,
     };
     match delay {
         Some(_) => mark(response, Flag::DelayInjected),
@@ -149,7 +154,12 @@ pub async fn run(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
 }
 
 /// The request after faults: to its destination, under the route's policy.
-async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> Response<Body> {
+async fn forward(
+    down: &Downstream,
+    plan: Plan<'_>,
+    request: Request<Body>,
+    upstream: &mut Option<SocketAddr>,
+) -> Response<Body> {
     let route = plan.route;
     // The client's own bytes (hyper parses them into shared buffers): every
     // attempt's URI refers to them instead of copying them.
@@ -267,7 +277,7 @@ async fn forward(down: &Downstream, plan: Plan<'_>, request: Request<Body>) -> R
         query: head.path_and_query.query(),
         source_ip: plan.source_ip,
     };
-    let tries = attempts.run(&head, &replay, retries, &hash, plan.grpc);
+    let tries = attempts.run(&head, &replay, retries, &hash, plan.grpc, upstream);
     let mut response = match timeout {
         Some(limit) => tokio::time::timeout(limit, tries)
             .await
@@ -441,6 +451,7 @@ impl Attempts {
         policy: &RetryPolicy,
         hash: &HashInput<'_>,
         grpc: bool,
+        upstream: &mut Option<SocketAddr>,
     ) -> Response<Body> {
         let default_pool = Default::default();
         let pool_settings = self
@@ -510,14 +521,13 @@ impl Attempts {
                 self.target.endpoints.len(),
             );
             let last_try = attempt == policy.attempts;
-            let upstream = Upstream(pick.addr);
             match outcome.response {
-                Ok(mut response) if !outcome.retriable || last_try => {
-                    response.extensions_mut().insert(upstream);
+                Ok(response) if !outcome.retriable || last_try => {
+                    *upstream = Some(pick.addr);
                     return response.map(|b| Guarded::wrap(b, (admitted, pick), release));
                 }
                 Err(mut reply) if !outcome.retriable || last_try => {
-                    reply.extensions_mut().insert(upstream);
+                    *upstream = Some(pick.addr);
                     if outcome.retriable && attempt > 0 {
                         reply = mark(reply, Flag::UpstreamRetryLimitExceeded);
                     }

@@ -34,7 +34,7 @@ use crate::proxy::peer::{Charged, Prefixed};
 use crate::proxy::{Pod, Proxy};
 use crate::security::authorization::{HttpRequest, HttpView};
 use crate::telemetry::flags::{mark, Flag};
-use crate::telemetry::http::{Measured, Upstream};
+use crate::telemetry::http::Measured;
 use crate::telemetry::trace::ActiveSpan;
 use crate::telemetry::{EdgeKey, Mode, Reporter};
 use crate::transport::Tunnel;
@@ -243,11 +243,11 @@ pub async fn serve<S: Io>(
         service: None,
         mutual_tls: caller.identity.is_some(),
     };
-    let answer = move |pending: Answer, response: Response<Body>| {
+    let answer = move |pending: Answer, (response, upstream): Answered| {
         let response = trace::answer(pending.span, response);
         pending
             .measured
-            .finish(edge, response)
+            .finish(edge, upstream, response)
             .map(BodyExt::boxed_unsync)
     };
     let serving = async {
@@ -263,11 +263,8 @@ pub async fn serve<S: Io>(
                 let (pending, request) = stamp(request);
                 async move {
                     let response = match request {
-                        Ok(request) => {
-                            let logged = pending.measured.logged();
-                            reply(send.send_request(request).await, app, logged)
-                        }
-                        Err(denied) => *denied,
+                        Ok(request) => reply(send.send_request(request).await, app),
+                        Err(denied) => (*denied, None),
                     };
                     Ok::<_, Infallible>(answer(pending, response))
                 }
@@ -297,7 +294,7 @@ pub async fn serve<S: Io>(
                 async move {
                     let request = match request {
                         Ok(request) => request,
-                        Err(denied) => return Ok(answer(pending, *denied)),
+                        Err(denied) => return Ok(answer(pending, (*denied, None))),
                     };
                     let mut response = send.lock().await.send_request(request).await;
                     if let Ok(response) = &mut response {
@@ -308,8 +305,7 @@ pub async fn serve<S: Io>(
                             tokio::spawn(switch(client_side, app_side, upgrades, spliced));
                         }
                     }
-                    let response = reply(response, app, pending.measured.logged());
-                    let mut response = answer(pending, response);
+                    let mut response = answer(pending, reply(response, app));
                     draining.close_after(&mut response);
                     Ok::<_, Infallible>(response)
                 }
@@ -398,29 +394,18 @@ impl Spliced {
     }
 }
 
-/// The application's answer, or a 502. `app` is marked as the upstream
-/// that gave it only for the access log (`logged`): the extension costs two
-/// allocations a request.
-fn reply(
-    response: hyper::Result<Response<Incoming>>,
-    app: SocketAddr,
-    logged: bool,
-) -> Response<Body> {
+/// A response, and the endpoint that gave it (none for the proxy's own).
+type Answered = (Response<Body>, Option<SocketAddr>);
+
+/// The application's answer (from `app`), or a 502.
+fn reply(response: hyper::Result<Response<Incoming>>, app: SocketAddr) -> Answered {
     match response {
-        Ok(mut response) => {
-            if logged {
-                response.extensions_mut().insert(Upstream(app));
-            }
-            response.map(body::incoming)
+        Ok(response) => (response.map(body::incoming), Some(app)),
+        Err(e) => {
+            let message = format!("application connection: {e}");
+            let reply = body::local_reply(StatusCode::BAD_GATEWAY, &message, false);
+            (mark(reply, Flag::UpstreamConnectionTermination), None)
         }
-        Err(e) => mark(
-            body::local_reply(
-                StatusCode::BAD_GATEWAY,
-                &format!("application connection: {e}"),
-                false,
-            ),
-            Flag::UpstreamConnectionTermination,
-        ),
     }
 }
 

@@ -54,7 +54,7 @@ use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::routing::ingress::ServerRef;
 use crate::routing::RequestInfo;
 use crate::telemetry::flags::mark;
-use crate::telemetry::http::{Measured, RouteName, Upstream};
+use crate::telemetry::http::{Measured, RouteName};
 use crate::telemetry::{EdgeKey, Flag, Mode, Reporter};
 use body::BoxError;
 
@@ -254,23 +254,32 @@ impl Downstream {
         let span = trace::client(&self.proxy, &self.pod, &side, self.service_addr, &mut parts);
         let (measured, counted) = Measured::start(telemetry, &side, grpc, &parts, incoming);
         let request = Request::from_parts(parts, counted.map_err(BoxError::from).boxed_unsync());
-        let response = trace::answer(span, self.admit(request, grpc, measured.logged()).await);
+        let mut upstream = None;
+        let answered = self.admit(request, grpc, measured.logged(), &mut upstream);
+        let response = trace::answer(span, answered.await);
         let service = self.service_addr;
         let edge = EdgeKey {
             reporter: Reporter::Source,
             source: Some(self.pod.address_for(service.ip())),
-            destination: response
-                .extensions()
-                .get::<Upstream>()
-                .map_or(service, |u| u.0),
+            destination: upstream.unwrap_or(service),
             service: Some(service),
             mutual_tls: false,
         };
-        measured.finish(edge, response).map(BodyExt::boxed_unsync)
+        measured
+            .finish(edge, upstream, response)
+            .map(BodyExt::boxed_unsync)
     }
 
-    /// `named`: the response gets the name of the route taken.
-    async fn admit(&self, request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
+    /// `named`: the response gets the name of the route taken; `upstream`:
+    /// set to the endpoint that answered (a return value would have to pass
+    /// every local reply on the way).
+    async fn admit(
+        &self,
+        request: Request<Body>,
+        grpc: bool,
+        named: bool,
+        upstream: &mut Option<SocketAddr>,
+    ) -> Response<Body> {
         if !is_canonical_method(request.method()) {
             // `get` is a different method from `GET` to a policy, but some
             // servers treat them alike: refuse it rather than let it past
@@ -287,12 +296,18 @@ impl Downstream {
             }
             return reply;
         };
-        self.route(request, grpc, named)
+        self.route(request, grpc, named, upstream)
             .await
             .map(|b| body::Guarded::wrap(b, admitted, drop))
     }
 
-    async fn route(&self, mut request: Request<Body>, grpc: bool, named: bool) -> Response<Body> {
+    async fn route(
+        &self,
+        mut request: Request<Body>,
+        grpc: bool,
+        named: bool,
+        upstream: &mut Option<SocketAddr>,
+    ) -> Response<Body> {
         let config = self.proxy.config.current();
         if let Entry::Gateway { client, tls } = &self.entry {
             gateway::forwarded(request.headers_mut(), *client, tls.is_some());
@@ -357,7 +372,7 @@ impl Downstream {
                 Entry::Gateway { client, .. } => Some(client.ip()),
             },
         };
-        let mut response = forward::run(self, plan, request).await;
+        let mut response = forward::run(self, plan, request, upstream).await;
         if let Some(name) = route_name {
             response.extensions_mut().insert(name);
         }
