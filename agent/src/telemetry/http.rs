@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::Response;
+use http::{HeaderName, Response};
 use http_body::{Frame, SizeHint};
 
 use super::access_log::{Head, HttpLine};
@@ -19,6 +19,9 @@ use super::flags::{Flag, ResponseFlags};
 use super::policy::{AccessLog, Side};
 use super::standard::{EdgeKey, RequestDone};
 use super::Telemetry;
+
+/// gRPC's status header (in a response's headers or trailers).
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The name of the route that took a request, set on its response by the
 /// L7 path when the request is logged.
@@ -127,7 +130,7 @@ impl Measured {
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

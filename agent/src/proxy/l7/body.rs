@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
 use crate::telemetry::flags::{mark, Flag};
+use crate::telemetry::http::GRPC_STATUS;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -101,7 +102,7 @@ pub fn grpc_reply(code: u32, message: &str) -> Response<Body> {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         headers.insert("grpc-message", v);
     }

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 
@@ -23,6 +23,7 @@ use crate::routing::{
     TrafficPolicy, WeightedDestination,
 };
 use crate::telemetry::flags::{mark, Flag};
+use crate::telemetry::http::GRPC_STATUS;
 
 /// Envoy's retry back-off: exponential from 25 ms, capped at ten times that,
 /// with full jitter.
@@ -37,13 +38,15 @@ static NO_RETRIES: LazyLock<RetryPolicy> = LazyLock::new(|| RetryPolicy {
 });
 
 /// Hop-by-hop headers: they describe one connection and are not forwarded.
-/// (`Host` is set again from the authority.)
-const HOP_BY_HOP: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
+/// (`Host` is set again from the authority.) Parsed names: a `&str` would
+/// be parsed again at every removal. A response keeps `upgrade` (the last),
+/// which a 101 needs.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// What the request matched, against one config snapshot.
@@ -221,7 +224,7 @@ async fn forward(
         http2: down.http2,
     };
     let client_host = head.headers.remove(header::HOST);
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         head.headers.remove(name);
     }
     let edits = [
@@ -291,12 +294,7 @@ async fn forward(
             }),
         None => tries.await,
     };
-    for name in [
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "proxy-connection",
-    ] {
+    for name in &HOP_BY_HOP[..4] {
         response.headers_mut().remove(name);
     }
     for ops in edits.iter().flatten() {
@@ -603,7 +601,7 @@ impl Outcome {
                 let status = response.status().as_u16();
                 let grpc_status = response
                     .headers()
-                    .get("grpc-status")
+                    .get(GRPC_STATUS)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u32>().ok());
                 Outcome {
