@@ -109,6 +109,7 @@ async fn serve_hbone(
         proxy.clone(),
         proxy.resumable.clone(),
         proxy.drain.watch(),
+        proxy.workers.clone(),
     );
     Ok(Some((tokio::spawn(serving), kept)))
 }
@@ -211,15 +212,18 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         nofile::open_count().context("counting the agent's open descriptors")?,
         settings.proxy.max_connections_per_workload,
     )?;
-    let proxy = Arc::new(Proxy::new(
-        settings.node.clone(),
-        config.clone(),
-        identities.clone(),
-        orig_dst,
-        deliveries,
-        settings.proxy.clone(),
-        Arc::new(descriptors),
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            settings.node.clone(),
+            config.clone(),
+            identities.clone(),
+            orig_dst,
+            deliveries,
+            settings.proxy.clone(),
+            Arc::new(descriptors),
+        )
+        .context("starting the proxy's worker threads")?,
+    );
     let upstream = Upstream {
         addr: dns_upstream(settings.upstream_dns),
         timeout: Duration::from_secs(2),
@@ -300,7 +304,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
                 Ok(Ok(relays)) => {
                     log::info!("resuming {} relay(s) carried over", relays.len());
                     for relay in relays {
-                        tokio::spawn(proxy.clone().resume(relay));
+                        proxy.workers.spawn(proxy.clone().resume(relay));
                     }
                 }
                 Ok(Err(e)) => log::warn!("relays carried over are lost: {e}"),
@@ -622,6 +626,7 @@ impl Node {
             ],
             hbone_open: self.proxy.hbone.connections_open(),
             hbone_opened: self.proxy.hbone.connections_opened(),
+            worker_connections: self.proxy.workers.serving(),
             ebpf_maps: self.enroller.with_datapath(|d| {
                 d.status()
                     .maps

@@ -23,6 +23,7 @@ pub mod sources;
 pub mod telemetry;
 pub mod transport;
 pub mod viz;
+pub mod workers;
 pub mod workloads;
 
 /// The unit tests' allocator counts the bytes each thread holds, for the memory tests of

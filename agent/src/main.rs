@@ -210,7 +210,9 @@ struct AgentArgs {
     /// all its connections; beyond, new ones get an immediate 503.
     #[arg(long, default_value_t = 1024)]
     max_requests_per_workload: u32,
-    /// Proxy worker threads.
+    /// Proxy worker threads. Each runs its own event loop and serves the
+    /// connections placed on it from start to end; the agent's control work
+    /// runs on one more thread.
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// SPIFFE trust domain of the mesh's identities.
@@ -530,6 +532,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 sampling_percent: args.trace_sampling,
             }),
             access_log: args.access_log.0,
+            workers: args.workers,
             http: proxy::HttpSettings {
                 header_read_timeout: args.http_header_read_timeout,
                 idle_timeout: args.http_idle_timeout,
@@ -549,7 +552,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         node_credential,
     });
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
+        .worker_threads(1)
         .enable_all()
         .build()?
         .block_on(agent::run(settings, identities))

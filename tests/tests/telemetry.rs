@@ -275,6 +275,34 @@ fn prometheus_counts_routed_requests_faults_and_tcp_bytes_from_both_agents() {
     mesh.topo_mut().stop_process(holder).unwrap();
     count(&mesh, "istio_tcp_connections_closed_total", sized + 1.0);
     count(&mesh, "istio_tcp_connections_opened_total", sized + 1.0);
+
+    // Connections are spread over the caller's agent's two worker threads
+    // (the least busy one takes the next), and each is counted on its
+    // worker for as long as it lives.
+    let node_a = format!(r#"instance="{}:15020""#, mesh.topo().node("node-a").address);
+    let serving = format!("sum(nodemesh_proxy_worker_connections{{{node_a}}})");
+    let before = prometheus.query(mesh.topo(), &serving).unwrap().unwrap();
+    let holders: Vec<_> = (0..6)
+        .map(|i| {
+            let name = format!("tcp-hold-{i}");
+            let argv = [python3(), &hold, "echo", "7000"];
+            mesh.topo_mut()
+                .spawn_in(&client_netns, &argv, &name)
+                .unwrap()
+        })
+        .collect();
+    count(&mesh, "istio_tcp_connections_opened_total", sized + 7.0);
+    assert_query(
+        &mesh,
+        &prometheus,
+        &format!("count(nodemesh_proxy_worker_connections{{{node_a}}} >= 3)"),
+        2.0,
+    );
+    for holder in holders {
+        mesh.topo_mut().stop_process(holder).unwrap();
+    }
+    count(&mesh, "istio_tcp_connections_closed_total", sized + 7.0);
+    assert_query(&mesh, &prometheus, &serving, before);
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Accepts until aborted; each connection gets its own task, so stopping
+/// Accepts until aborted; each connection gets its own task on a worker, so stopping
 /// the listener (the port left the config) lets open connections finish.
 pub async fn serve(
     proxy: Arc<Proxy>,
@@ -60,10 +60,11 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (proxy, pod) = (proxy.clone(), pod.clone());
+        let served = (proxy.clone(), pod.clone());
         // The TLS step as the config is when the connection comes.
         let tls = tls.load_full();
-        tokio::spawn(async move {
+        proxy.workers.serve(stream, move |stream| async move {
+            let (proxy, pod) = served;
             if let Err(e) = connection(proxy, pod, stream, client, tls, &mut fds).await {
                 log::debug!("ingress connection from {client}: {e}");
             }

@@ -56,6 +56,7 @@ use crate::telemetry::{
     ConnectionDone, EdgeKey, Flag, LiveBytes, Reporter, ResponseFlags, Telemetry,
 };
 use crate::transport;
+use crate::workers::Workers;
 
 /// Ports of the agent's own listeners inside a workload.
 const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
@@ -76,6 +77,8 @@ pub struct Settings {
     /// `--access-log`: the format every workload logs in unless a
     /// Telemetry says otherwise; `None`: off.
     pub access_log: Option<crate::telemetry::Format>,
+    /// `--workers`: the event loops connections are served on.
+    pub workers: usize,
 }
 
 /// An enrolled workload, as its listeners know it.
@@ -340,6 +343,8 @@ pub struct Proxy {
     pub denials: authorize::Denials,
     /// Istio's metrics of every request and connection.
     pub telemetry: Arc<Telemetry>,
+    /// The threads connections are served on.
+    pub workers: Arc<Workers>,
 }
 
 impl Proxy {
@@ -351,7 +356,7 @@ impl Proxy {
         deliveries: DeliveryTable,
         settings: Settings,
         descriptors: Arc<Descriptors>,
-    ) -> Proxy {
+    ) -> std::io::Result<Proxy> {
         let trust_domain = identities.trust_domain();
         let tracer = settings
             .tracing
@@ -363,7 +368,8 @@ impl Proxy {
             tracer,
             settings.access_log,
         ));
-        Proxy {
+        Ok(Proxy {
+            workers: Arc::new(Workers::start(settings.workers)?),
             node,
             config,
             telemetry,
@@ -383,7 +389,7 @@ impl Proxy {
             carrier: carry::Carrier::default(),
             resumable: Arc::default(),
             denials: authorize::Denials::default(),
-        }
+        })
     }
 
     /// The effective routing table (`nodemesh routes`).
@@ -645,8 +651,8 @@ fn tcp_edge(record: &ConnectionRecord, caller: IpAddr) -> Option<EdgeKey> {
     Some(edge)
 }
 
-/// Serves one of a workload's listeners; each connection gets its own task,
-/// so stopping the listener leaves open connections to finish. A connection
+/// Serves one of a workload's listeners; each connection gets its own task
+/// on a worker ([`Workers`]), so stopping the listener leaves open connections to finish. A connection
 /// is admitted only with the descriptors it needs (its own and its
 /// upstream's); otherwise it is reset at once.
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, direction: Direction) {
@@ -671,8 +677,9 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, dire
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move {
+                let served = (proxy.clone(), pod.clone());
+                proxy.workers.serve(stream, move |stream| async move {
+                    let (proxy, pod) = served;
                     match direction {
                         Direction::Outbound => {
                             outbound::handle(proxy, pod, stream, peer, fds).await

@@ -41,6 +41,8 @@ pub struct Health {
     pub directions: Vec<DirectionHealth>,
     pub hbone_open: usize,
     pub hbone_opened: u64,
+    /// Connections each proxy worker serves, by worker index.
+    pub worker_connections: Vec<usize>,
     /// Entries of each eBPF map.
     pub ebpf_maps: Vec<(String, usize)>,
     /// Expiry of each workload certificate held, by SPIFFE id.
@@ -174,6 +176,16 @@ impl Health {
             "HBONE connections to other nodes' agents opened.",
             self.hbone_opened as f64,
         );
+        let name = "nodemesh_proxy_worker_connections";
+        header(
+            out,
+            name,
+            "gauge",
+            "Connections each proxy worker thread serves (HBONE and ingress included).",
+        );
+        for (worker, connections) in self.worker_connections.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{worker=\"{worker}\"}} {connections}");
+        }
         header(
             out,
             "nodemesh_ebpf_map_entries",

@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::resume::{self, ResumeId};
 use super::{forwarded_for, tls, Destination, Source, TransportError, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
+use crate::workers;
 
 /// Flow-control windows of a pooled connection: it carries many streams, so
 /// the connection's window is larger than one stream's.
@@ -32,6 +33,8 @@ struct Key {
     source: SpiffeId,
     node: String,
     node_addr: std::net::SocketAddr,
+    /// Connections are used on the worker that drives them.
+    worker: Option<usize>,
 }
 
 /// A slot's connection is (re)made under its async lock, so concurrent
@@ -172,6 +175,7 @@ impl Pool {
             source: source.identity.clone(),
             node: to.node.clone(),
             node_addr: to.node_addr,
+            worker: workers::current(),
         };
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.entry(key).or_default().clone()

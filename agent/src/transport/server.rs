@@ -24,6 +24,7 @@ use super::resume::{self, Registry, Resumable, ResumeId, ResumeRefused};
 use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::until_drained;
+use crate::workers::Workers;
 
 /// A TLS handshake must complete within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,14 +76,16 @@ pub trait Inbound: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Accepts HBONE connections on `listener` for as long as it runs;
-/// `registry` holds this agent's resumable streams.
+/// Accepts HBONE connections on `listener` for as long as it runs, each
+/// served on one of `workers`; `registry` holds this agent's resumable
+/// streams.
 pub async fn serve<I: Inbound>(
     listener: TcpListener,
     identities: Arc<Identities>,
     inbound: Arc<I>,
     registry: Arc<Registry>,
     drain: watch::Receiver<bool>,
+    workers: Arc<Workers>,
 ) {
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -99,7 +102,7 @@ pub async fn serve<I: Inbound>(
         };
         let (identities, inbound, drain) = (identities.clone(), inbound.clone(), drain.clone());
         let registry = registry.clone();
-        tokio::spawn(async move {
+        workers.serve(tcp, move |tcp| async move {
             match connection(tcp, remote, &identities, inbound, registry, drain).await {
                 Err(Failure::Refused(reason)) => {
                     log::warn!("HBONE connection from {remote} refused: {reason}")

@@ -25,6 +25,7 @@ use crate::proxy::peer::{self, Charged};
 use crate::proxy::Proxy;
 use crate::proxy::{Direction, Pod};
 use crate::routing::UpstreamTls;
+use crate::workers;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -82,8 +83,9 @@ pub struct Pool {
     http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
 }
 
-/// An endpoint, and the hop ([`HopIn::name`]) its connections take.
-type PoolKey = (SocketAddr, &'static str);
+/// An endpoint, the hop ([`HopIn::name`]) its connections take, and the
+/// worker that drives them ([`workers::current`]).
+type PoolKey = (SocketAddr, &'static str, Option<usize>);
 
 /// A connection on its way back to the pool once its response ends.
 struct Returning {
@@ -130,7 +132,7 @@ impl Pool {
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let key = (dial.addr, to.hop.name());
+        let key = (dial.addr, to.hop.name(), workers::current());
         let (mut send, used, reused) = match self.take_idle(&key, &dial) {
             Some(idle) => (idle.send, idle.used, true),
             None => {
@@ -168,7 +170,7 @@ impl Pool {
         dial: Dial,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let key = (dial.addr, to.hop.name());
+        let key = (dial.addr, to.hop.name(), workers::current());
         let existing = self
             .http2
             .lock()
