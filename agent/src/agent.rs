@@ -332,11 +332,10 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
             () = &mut stop => true,
             () = take_over => false,
         };
-        let Some(standbys) = standbys.clone().filter(|s| s.any_waiting()) else {
-            if stopping {
-                break;
-            }
-            continue;
+        let standbys = match standbys.clone() {
+            Some(standbys) if standbys.any_waiting().await => standbys,
+            _ if stopping => break,
+            _ => continue,
         };
         // From here on, enrollment is the next agent's.
         node.ready.store(false, Ordering::Relaxed);

@@ -294,8 +294,13 @@ impl KubeMesh {
 
     /// Polls until 30 requests to `url` are answered by exactly `versions`
     /// (each at least once, no other).
+    ///
+    /// Waits longer than [`TIMEOUT`]: requests one at a time are balanced
+    /// by each endpoint's peak latency, decaying over 10 s, so an endpoint
+    /// whose first answer was slow (a cold start on a loaded machine: 20 ms
+    /// against the others' 1 ms) gets its next request some 30 s later.
     pub fn wait_versions(&self, url: &str, versions: &[&str]) -> Result<()> {
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = Instant::now() + 3 * TIMEOUT;
         loop {
             let seen = self.versions(url, 30)?;
             let answered: Vec<&str> = seen.keys().map(String::as_str).collect();

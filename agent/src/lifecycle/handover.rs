@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -220,6 +220,9 @@ pub struct Standbys {
     /// The bound hand-over socket, until [`close`](Standbys::close).
     listener: Mutex<Option<Arc<Socket>>>,
     closed: AtomicBool,
+    /// Standbys accepted whose registration is under way: they already
+    /// consider themselves standing by.
+    registering: AtomicUsize,
 }
 
 /// How a hand-over ended for the old owner.
@@ -271,6 +274,7 @@ impl Standbys {
             take_over: tokio::sync::Notify::new(),
             listener: Mutex::default(),
             closed: AtomicBool::new(false),
+            registering: AtomicUsize::new(0),
         });
         let registry = standbys.clone();
         std::thread::Builder::new()
@@ -302,9 +306,11 @@ impl Standbys {
         while !self.closed.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((conn, _)) => {
+                    self.registering.fetch_add(1, Ordering::AcqRel);
                     if let Err(e) = self.register(conn, hello) {
                         log::warn!("a standby agent could not register: {e}");
                     }
+                    self.registering.fetch_sub(1, Ordering::AcqRel);
                 }
                 Err(_) if self.closed.load(Ordering::Relaxed) => {}
                 Err(e) => {
@@ -365,8 +371,16 @@ impl Standbys {
         self.take_over.notified().await
     }
 
-    /// Whether a standby is connected (it may have gone since).
-    pub fn any_waiting(&self) -> bool {
+    /// Whether a standby is connected (it may have gone since). Registrations
+    /// under way are waited for (each at most `REGISTER_TIMEOUT`): a standby
+    /// that was told who owns the node must not be left behind by a stop
+    /// that comes meanwhile.
+    pub async fn any_waiting(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+        while self.registering.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         !self
             .waiting
             .lock()
