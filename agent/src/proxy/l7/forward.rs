@@ -324,10 +324,11 @@ async fn send_mirror(attempts: Attempts, request: Request<Body>, source_ip: Opti
         return;
     };
     let dial = attempts.dial(pick.addr);
-    if let Ok(response) = attempts
-        .pod
-        .pool
-        .send(&attempts.proxy, &attempts.pod, dial, request)
+    // A mirror's answer teaches the balancer nothing: its latency is unused.
+    let mut opening = Duration::ZERO;
+    let pool = &attempts.pod.pool;
+    if let Ok(response) = pool
+        .send(&attempts.proxy, &attempts.pod, dial, request, &mut opening)
         .await
     {
         use http_body_util::BodyExt;
@@ -475,7 +476,7 @@ impl Attempts {
                 }
                 break;
             };
-            let Some(pick) = self.pick(&tried, hash) else {
+            let Some(mut pick) = self.pick(&tried, hash) else {
                 break;
             };
             let admitted = match limits.admit(!head.http2).await {
@@ -484,14 +485,19 @@ impl Attempts {
             };
             let mut dial = self.dial(pick.addr);
             dial.http2 = head.http2;
-            let sent = self
-                .pod
-                .pool
-                .send(&self.proxy, &self.pod, dial, head.request(body));
+            let mut opening = Duration::ZERO;
+            let sent = self.pod.pool.send(
+                &self.proxy,
+                &self.pod,
+                dial,
+                head.request(body),
+                &mut opening,
+            );
             let result = match policy.per_try_timeout {
                 Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
                 None => Some(sent.await),
             };
+            pick.set_aside(opening);
             if let Some(Err(UpstreamError::Stale(_))) = &result {
                 // The endpoint closed an idle connection under us: try again
                 // on a fresh one, without counting it against the endpoint.

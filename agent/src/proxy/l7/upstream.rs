@@ -97,21 +97,25 @@ struct Returning {
 }
 
 impl Pool {
+    /// Sends `request` on a pooled connection to `dial.addr`, or a new one;
+    /// `opening` is set to the time a new one took to open (and stays zero
+    /// on a pooled one): not the endpoint's latency.
     pub async fn send(
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
         from: &Pod,
         dial: Dial,
         request: Request<Body>,
+        opening: &mut Duration,
     ) -> Result<Response<Body>, UpstreamError> {
         let config = proxy.config.current();
         let hop = hop::choose_in(proxy, &config, dial.addr, dial.tls)
             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         let to = Connecting { proxy, from, hop };
         if dial.http2 {
-            self.send_http2(to, dial, request).await
+            self.send_http2(to, dial, request, opening).await
         } else {
-            self.send_http1(to, dial, request).await
+            self.send_http1(to, dial, request, opening).await
         }
     }
 
@@ -131,11 +135,13 @@ impl Pool {
         to: Connecting<'_>,
         dial: Dial,
         request: Request<Body>,
+        opening: &mut Duration,
     ) -> Result<Response<Body>, UpstreamError> {
         let key = (dial.addr, to.hop.name(), workers::current());
         let (mut send, used, reused) = match self.take_idle(&key, &dial) {
             Some(idle) => (idle.send, idle.used, true),
             None => {
+                let started = Instant::now();
                 let stream = to.connect(&dial).await?;
                 let (send, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(stream))
@@ -144,6 +150,7 @@ impl Pool {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
+                *opening = started.elapsed();
                 (send, 0, false)
             }
         };
@@ -169,6 +176,7 @@ impl Pool {
         to: Connecting<'_>,
         dial: Dial,
         request: Request<Body>,
+        opening: &mut Duration,
     ) -> Result<Response<Body>, UpstreamError> {
         let key = (dial.addr, to.hop.name(), workers::current());
         let existing = self
@@ -181,6 +189,7 @@ impl Pool {
         let (mut send, reused) = match existing {
             Some(send) => (send, true),
             None => {
+                let started = Instant::now();
                 let stream = to.connect(&dial).await?;
                 // Windows as small as the downstream side's: what an endpoint
                 // may push ahead of a caller that does not read.
@@ -199,6 +208,7 @@ impl Pool {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(key, send.clone());
+                *opening = started.elapsed();
                 (send, false)
             }
         };
