@@ -33,8 +33,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Accepts until aborted; each connection gets its own task on a worker, so stopping
-/// the listener (the port left the config) lets open connections finish.
+/// Accepts until aborted; each connection gets its own task on a worker,
+/// so stopping the listener (the port left the config) lets open
+/// connections finish.
 pub async fn serve(
     proxy: Arc<Proxy>,
     pod: Arc<Pod>,

@@ -652,9 +652,10 @@ fn tcp_edge(record: &ConnectionRecord, caller: IpAddr) -> Option<EdgeKey> {
 }
 
 /// Serves one of a workload's listeners; each connection gets its own task
-/// on a worker ([`Workers`]), so stopping the listener leaves open connections to finish. A connection
-/// is admitted only with the descriptors it needs (its own and its
-/// upstream's); otherwise it is reset at once.
+/// on a worker ([`Workers`]), so stopping the listener leaves open
+/// connections to finish. A connection is admitted only with the
+/// descriptors it needs (its own and its upstream's); otherwise it is reset
+/// at once.
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, direction: Direction) {
     loop {
         match listener.accept().await {

@@ -133,9 +133,7 @@ impl Pick {
             started: Instant::now(),
         }
     }
-}
 
-impl Pick {
     /// Leaves `spent` (opening a connection for the attempt) out of the
     /// latency it records: a new connection's handshakes are not the
     /// endpoint's answer time, and as a peak they would keep it out of
@@ -523,9 +521,6 @@ mod tests {
         assert_eq!(fast_picks, 100);
     }
 
-    /// Requests one at a time to three endpoints, one of them new: the new
-    /// one is tried at once, and the one left slowest is tried again once
-    /// its estimate has decayed below the others'.
     #[test]
     fn the_time_a_new_connection_took_to_open_is_not_latency() {
         let cluster = Cluster::default();
@@ -547,6 +542,9 @@ mod tests {
         assert_eq!(picks, 50);
     }
 
+    /// Requests one at a time to three endpoints, one of them new: the new
+    /// one is tried at once, and the one left slowest is tried again once
+    /// its estimate has decayed below the others'.
     #[test]
     fn peak_ewma_tries_new_endpoints_and_starves_none() {
         let cluster = Cluster::default();
