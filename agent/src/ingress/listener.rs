@@ -86,7 +86,9 @@ async fn connection(
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     if let Some(tls) = tls {
         if starts_tls(&stream).await {
-            return terminate(proxy, pod, stream, (local, client), &tls, fds).await;
+            // Boxed: TLS and its decrypted service would otherwise make
+            // every gateway connection's future as large (`large_futures`).
+            return Box::pin(terminate(proxy, pod, stream, (local, client), &tls, fds)).await;
         }
     }
     if serves_tcp(&proxy, local.port()) {
@@ -125,8 +127,9 @@ async fn terminate(
             let Some(alpn) = t.alpn else {
                 // A TLS server: the decrypted bytes are relayed.
                 let (at, sni) = (Some(&*server), t.sni.as_deref());
-                return proxy::relay_gateway(proxy, pod, t.stream, &[], addresses, at, sni, fds)
-                    .await;
+                let relay =
+                    proxy::relay_gateway(proxy, pod, t.stream, &[], addresses, at, sni, fds);
+                return Box::pin(relay).await;
             };
             let http2 = alpn == Alpn::H2;
             let tls = proxy::GatewayTls {

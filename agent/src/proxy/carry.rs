@@ -28,6 +28,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -339,7 +340,7 @@ impl Proxy {
             .as_mut()
             .and_then(|(side, caller)| self.count_live(&mut side.record, *caller, false));
         let live = LiveBytes::both(live, caller_live);
-        let relayed = self.relay_carriable(&client, &upstream, meta.clone(), live);
+        let relayed = pin!(self.relay_carriable(&client, &upstream, meta.clone(), live));
         let outcome = match meta.direction {
             Direction::Outbound => relayed.await,
             // The configuration may refuse it from now on, as any other.

@@ -15,7 +15,9 @@
 //! HTTP is served request by request so that `X-Forwarded-Client-Cert`
 //! carries the authenticated caller, and no caller can forge it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,19 +166,23 @@ async fn serve_until_refused<S: Client>(
     server: Charged,
 ) -> Result<Transferred, RelayError> {
     let (pod, app) = (to.pod, to.app);
-    let serving = serve(proxy, client, caller, to, protocol, server);
-    unless_refused(proxy, pod, caller, app, protocol, serving).await
+    // Boxed: HTTP and TCP serving differ in size, and a connection's
+    // future is otherwise as large as the larger of them (`large_futures`).
+    let mut serving = Box::pin(serve(proxy, client, caller, to, protocol, server));
+    unless_refused(proxy, pod, caller, app, protocol, serving.as_mut()).await
 }
 
 /// Runs `serving` (a connection's service) until it ends, or until the
-/// configuration refuses the connection.
+/// configuration refuses the connection. `serving` is pinned by the caller:
+/// taken by value, a connection's whole service would be stored twice in
+/// this future, once as the argument and once where `select!` polls it.
 pub(super) async fn unless_refused(
     proxy: &Proxy,
     pod: &Pod,
     caller: &Caller,
     app: SocketAddr,
     protocol: Detected,
-    serving: impl std::future::Future<Output = Result<Transferred, RelayError>>,
+    serving: Pin<&mut impl Future<Output = Result<Transferred, RelayError>>>,
 ) -> Result<Transferred, RelayError> {
     tokio::select! {
         served = serving => served,

@@ -18,6 +18,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -218,8 +219,15 @@ impl Proxy {
                         true => Detected::Http1,
                         false => Detected::Opaque,
                     };
-                    let relayed =
-                        relay_parkable(self, app, None, Some(next), meta, live, resumable);
+                    let relayed = pin!(relay_parkable(
+                        self,
+                        app,
+                        None,
+                        Some(next),
+                        meta,
+                        live,
+                        resumable
+                    ));
                     inbound::unless_refused(self, pod, &caller, to, protocol, relayed).await
                 }
                 None => Err(format!("stream {} is known here already", resume.id).into()),

@@ -78,7 +78,9 @@ async fn dispatch(
                 None => Err(format!("no request within {wait:?}").into()),
             }
         }
-        Some(Declared::Unknown) => detect_or_relay(proxy, pod, client, record, fds).await,
+        // Boxed: it may hold a connection's detection, its spare upstream
+        // and its relay at once (`large_futures`).
+        Some(Declared::Unknown) => Box::pin(detect_or_relay(proxy, pod, client, record, fds)).await,
     }
 }
 
