@@ -1,16 +1,18 @@
 //! `cargo xtask bench --focus [--against OTHER_NODEMESH]...`: the headline
-//! L7 + mTLS path alone, for profiling and for A/B comparisons of two agent
-//! builds.
+//! L7 + mTLS path alone, and the cost of a new L4 + mTLS connection, for
+//! profiling and for A/B comparisons of two agent builds.
 //!
 //! The full bench takes many minutes; working on the data path's cost needs
 //! a measurement that takes one. Per round and per agent build, on a fresh
 //! topology: direct max throughput (the reference), then L7 + mTLS to the
-//! Service (10 routes) at max throughput and at 2000 req/s. Builds alternate
+//! Service (10 routes) at max throughput and at 2000 req/s, then new
+//! connections to the server pod's address (opaque TCP relayed over HBONE,
+//! a new connection per request, as many concurrent). Builds alternate
 //! within a round, so a shared machine's load drifts over both alike. The
 //! agents' pids are printed before the meshed phases so that `perf record
 //! -p` or `strace -c -p` can be attached to them; with `perf` installed,
-//! each agent's syscalls, context switches and mallocs per request are
-//! counted over both meshed phases (`counters.rs`).
+//! each agent's syscalls, context switches and mallocs per request (or new
+//! connection) are counted over the meshed phases (`counters.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -27,10 +29,12 @@ struct Sample {
     direct_rps: f64,
     max: (HttpRun, CpuUse),
     fixed: (HttpRun, CpuUse),
+    /// New L4 + mTLS connections, one request each.
+    connections: (HttpRun, CpuUse),
     rss_kib: [u64; 2],
-    /// Per request and agent (node-a, node-b), at max and at the fixed
-    /// rate; empty without `perf`.
-    counts: Vec<(Counts, Counts)>,
+    /// Per request and agent (node-a, node-b), at max, at the fixed rate
+    /// and per new connection; empty without `perf`.
+    counts: Vec<[Counts; 3]>,
 }
 
 pub(super) fn run(
@@ -54,13 +58,14 @@ pub(super) fn run(
     }
     println!(
         "\nL7 + mTLS ({} routes), {CONNECTIONS} keep-alive connections, {} phases, medians of {} \
-         round(s); CPU and context switches are both agents' per request:",
+         round(s); CPU and context switches are both agents' per request; L4 con/s and \
+         ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent:",
         ROUTE_COUNTS[0],
         human(opts.duration),
         opts.rounds
     );
     println!(
-        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>12}",
+        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
         "build",
         "req/s",
         "% direct",
@@ -69,13 +74,16 @@ pub(super) fn run(
         "ms/1000@2k",
         "cs/req@2k",
         "p50@2k ms",
+        "L4 con/s",
+        "ms/1000con",
         "RSS a/b MB"
     );
     for (build, s) in builds.iter().zip(&samples) {
         let med = |f: &dyn Fn(&Sample) -> f64| median(s.iter().map(f));
         let cs = |(run, cpu): &(HttpRun, CpuUse)| cpu.proxy_context_switches as f64 / run.ok as f64;
         println!(
-            "{:<40} {:>9.0} {:>8.1} {:>10.1} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>5.1}/{:<5.1}",
+            "{:<40} {:>9.0} {:>8.1} {:>10.1} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>8.0} {:>10.1} \
+             {:>5.1}/{:<5.1}",
             build.display().to_string(),
             med(&|x| x.max.0.rps),
             med(&|x| 100.0 * x.max.0.rps / x.direct_rps),
@@ -84,25 +92,26 @@ pub(super) fn run(
             med(&|x| per_1000(x.fixed.1.proxies_total(), x.fixed.0.ok)),
             med(&|x| cs(&x.fixed)),
             med(&|x| x.fixed.0.p50_ms),
+            med(&|x| x.connections.0.rps),
+            med(&|x| per_1000(x.connections.1.proxies_total(), x.connections.0.ok)),
             med(&|x| x.rss_kib[0] as f64 / 1024.0),
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
         );
     }
     if probes.is_some() {
         println!(
-            "\nPer request and agent, medians (perf stat on each agent; CPU is its task-clock):"
+            "\nPer request (or new connection) and agent, medians (perf stat on each agent; CPU is \
+             its task-clock):"
         );
         for (build, s) in builds.iter().zip(&samples) {
             for (agent, i) in [("node-a", 0), ("node-b", 1)] {
-                let at =
-                    |max: bool| {
-                        median_counts(s.iter().filter_map(|x| {
-                            x.counts.get(i).map(|(m, f)| if max { *m } else { *f })
-                        }))
-                    };
+                let at = |phase: usize| {
+                    median_counts(s.iter().filter_map(|x| x.counts.get(i).map(|c| c[phase])))
+                };
                 println!("{}, {agent}:", build.display());
-                println!("  at max:        {}", at(true).describe());
-                println!("  at {FIXED_RATE} req/s: {}", at(false).describe());
+                println!("  at max:        {}", at(0).describe());
+                println!("  at {FIXED_RATE} req/s: {}", at(1).describe());
+                println!("  new L4 conn:   {}", at(2).describe());
             }
         }
     }
@@ -127,7 +136,7 @@ fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
 fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sample> {
     let mut log = PhaseLog {
         mode: Mode::Direct,
-        steps: (0, 3),
+        steps: (0, 4),
         warnings: Vec::new(),
         memory_trace: Vec::new(),
     };
@@ -198,12 +207,28 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
         per_1000(fixed.1.proxies_total(), fixed.0.ok),
         fixed.1.proxy_context_switches as f64 / fixed.0.ok as f64
     );
+    // After the L7 phases, as before this phase was added.
     let memory = bench.proxy_memory(Mode::MeshedMtls)?;
+    log.step("L4 + mTLS new connections (server pod's address)");
+    let running = counting("connections")?;
+    let connections = bench.phase(&mut log, "connections", |b| {
+        let args = ["-c", &conns, "--disable-keepalive", "-z", &d, &pod];
+        b.oha(from, &args, "connections")
+    })?;
+    let per_connection = stop(running, connections.0.ok)?;
+    println!(
+        "        {:.0} connections/s; agents {:.1} ms CPU per 1000 connections",
+        connections.0.rps,
+        per_1000(connections.1.proxies_total(), connections.0.ok)
+    );
     Ok(Sample {
         direct_rps: direct.rps,
         max,
         fixed,
+        connections,
         rss_kib: [memory[0].rss_kib, memory[1].rss_kib],
-        counts: at_max.into_iter().zip(at_fixed).collect(),
+        counts: (at_max.into_iter().zip(at_fixed).zip(per_connection))
+            .map(|((max, fixed), connection)| [max, fixed, connection])
+            .collect(),
     })
 }
