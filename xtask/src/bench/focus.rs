@@ -207,20 +207,11 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
         per_1000(fixed.1.proxies_total(), fixed.0.ok),
         fixed.1.proxy_context_switches as f64 / fixed.0.ok as f64
     );
-    // After the L7 phases, as before this phase was added.
+    // Read here, the RSS column describes the L7 phases.
     let memory = bench.proxy_memory(Mode::MeshedMtls)?;
-    log.step("L4 + mTLS new connections (server pod's address)");
     let running = counting("connections")?;
-    let connections = bench.phase(&mut log, "connections", |b| {
-        let args = ["-c", &conns, "--disable-keepalive", "-z", &d, &pod];
-        b.oha(from, &args, "connections")
-    })?;
+    let connections = bench.connection_rate(&mut log, from, &pod, "L4 + mTLS, pod IP")?;
     let per_connection = stop(running, connections.0.ok)?;
-    println!(
-        "        {:.0} connections/s; agents {:.1} ms CPU per 1000 connections",
-        connections.0.rps,
-        per_1000(connections.1.proxies_total(), connections.0.ok)
-    );
     Ok(Sample {
         direct_rps: direct.rps,
         max,

@@ -1150,13 +1150,31 @@ impl<'a> Bench<'a> {
         path: &str,
     ) -> Result<PathResult> {
         let http = self.http_phases(log, from, url, path)?;
+        let (conn_rate, conn_rate_cpu) = self.connection_rate(log, from, url, path)?;
+        Ok(PathResult {
+            http,
+            conn_rate,
+            conn_rate_cpu,
+            memory: self.proxy_memory(log.mode)?,
+        })
+    }
+
+    /// New connections per second from `from` to `url`, one request each,
+    /// and the proxies' CPU meanwhile.
+    fn connection_rate(
+        &self,
+        log: &mut PhaseLog,
+        from: &str,
+        url: &str,
+        path: &str,
+    ) -> Result<(HttpRun, CpuUse)> {
         let d = human(self.opts.duration);
         log.step(&format!(
             "connection rate ({path}): a new connection per request, {CONNECTIONS} concurrent, {d}"
         ));
         let conns = CONNECTIONS.to_string();
         let phase = format!("connection rate ({path})");
-        let (conn_rate, conn_rate_cpu) = self.phase(log, &phase, |b| {
+        let (run, cpu) = self.phase(log, &phase, |b| {
             b.oha(
                 from,
                 &["-c", &conns, "--disable-keepalive", "-z", &d, url],
@@ -1165,15 +1183,10 @@ impl<'a> Bench<'a> {
         })?;
         println!(
             "        {:.0} connections/s; proxies {:.1} ms CPU per 1000 connections",
-            conn_rate.rps,
-            per_1000(conn_rate_cpu.proxies_total(), conn_rate.ok)
+            run.rps,
+            per_1000(cpu.proxies_total(), run.ok)
         );
-        Ok(PathResult {
-            http,
-            conn_rate,
-            conn_rate_cpu,
-            memory: self.proxy_memory(log.mode)?,
-        })
+        Ok((run, cpu))
     }
 
     /// Max throughput, then latency at the fixed rate, against `url`.
