@@ -9,15 +9,22 @@
 //! by a tenth (README, Performance).
 //!
 //! Control work (configuration, enrollment, certificates, DNS, the admin
-//! and metrics servers) stays on the agent's main runtime.
+//! and metrics servers) stays on the agent's main runtime. Listeners are
+//! polled there too, but a connection they accept is never registered with
+//! that runtime: [`Acceptor`] hands it over as a plain socket, and only the
+//! worker that serves it registers it.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 
 thread_local! {
@@ -102,29 +109,57 @@ impl Workers {
         });
     }
 
-    /// Serves a connection accepted elsewhere on the least busy worker: its
-    /// socket moves to that worker's event loop.
-    pub fn serve<S, F>(&self, stream: TcpStream, serve: S)
+    /// Serves a connection from an [`Acceptor`] on the least busy worker,
+    /// which registers its socket with its own event loop.
+    pub fn serve<S, F>(&self, stream: std::net::TcpStream, peer: SocketAddr, serve: S)
     where
         S: FnOnce(TcpStream) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let peer = stream.peer_addr().ok();
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("connection from {peer:?} dropped: cannot move it to a worker: {e}");
-                return;
-            }
-        };
         self.spawn(async move {
             match TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream).await,
                 Err(e) => {
-                    log::warn!("connection from {peer:?} dropped: a worker cannot poll it: {e}")
+                    log::warn!("connection from {peer} dropped: a worker cannot poll it: {e}")
                 }
             }
         });
+    }
+}
+
+/// A listener whose connections go to the workers. tokio's own `accept`
+/// registers each connection with the accepting runtime, and moving it to
+/// a worker deregisters it again: two `epoll_ctl` and a registration per
+/// connection spent on a runtime that never reads from it.
+pub struct Acceptor(AsyncFd<std::net::TcpListener>);
+
+impl Acceptor {
+    /// Takes over `listener`; it must be polled from a runtime's task.
+    pub fn new(listener: TcpListener) -> io::Result<Acceptor> {
+        let listener = listener.into_std()?;
+        // SAFETY: the listener owns its descriptor, and the `AsyncFd` owns
+        // the listener and lends it out only by reference, so the
+        // descriptor stays open and the same for as long as it is
+        // registered.
+        let registered = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) };
+        Ok(Acceptor(registered?))
+    }
+
+    /// The next connection, non-blocking and not registered anywhere yet,
+    /// with its peer's address.
+    pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            let accepted = ready.try_io(|listener| {
+                SockRef::from(listener.get_ref()).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            });
+            let Ok(accepted) = accepted else { continue };
+            let (socket, peer) = accepted?;
+            let peer = peer.as_socket().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP connection")
+            })?;
+            return Ok((socket.into(), peer));
+        }
     }
 }
 
@@ -172,5 +207,25 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(current(), None);
+    }
+
+    #[tokio::test]
+    async fn an_accepted_connection_is_served_on_a_worker_with_its_peer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let workers = Workers::start(1).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let acceptor = Acceptor::new(listener).unwrap();
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let (stream, peer) = acceptor.accept().await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        workers.serve(stream, peer, |mut stream| async move {
+            let worker = current().expect("on a worker") as u8;
+            stream.write_all(&[worker]).await.unwrap();
+        });
+        let mut served_by = [9u8; 1];
+        client.read_exact(&mut served_by).await.unwrap();
+        assert_eq!(served_by, [0]);
     }
 }

@@ -15,6 +15,7 @@ use super::tls::{Accepted, Alpn, PortTls};
 use crate::proxy::budget::{Fds, FDS_PER_CONNECTION};
 use crate::proxy::detect::{self, Detected};
 use crate::proxy::{self, Pod, Proxy};
+use crate::workers::Acceptor;
 
 /// Longest wait for a client's first bytes (the HTTP/2 preface or not),
 /// and for a TLS handshake.
@@ -42,6 +43,13 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<ArcSwapOption<PortTls>>,
 ) {
+    let listener = match Acceptor::new(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::error!("ingress listener: cannot poll it: {e}");
+            return;
+        }
+    };
     loop {
         let (stream, client) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -64,13 +72,15 @@ pub async fn serve(
         let served = (proxy.clone(), pod.clone());
         // The TLS step as the config is when the connection comes.
         let tls = tls.load_full();
-        proxy.workers.serve(stream, move |stream| async move {
-            let (proxy, pod) = served;
-            if let Err(e) = connection(proxy, pod, stream, client, tls, &mut fds).await {
-                log::debug!("ingress connection from {client}: {e}");
-            }
-            drop(fds);
-        });
+        proxy
+            .workers
+            .serve(stream, client, move |stream| async move {
+                let (proxy, pod) = served;
+                if let Err(e) = connection(proxy, pod, stream, client, tls, &mut fds).await {
+                    log::debug!("ingress connection from {client}: {e}");
+                }
+                drop(fds);
+            });
     }
 }
 

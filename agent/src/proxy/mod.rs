@@ -56,7 +56,7 @@ use crate::telemetry::{
     ConnectionDone, EdgeKey, Flag, LiveBytes, Reporter, ResponseFlags, Telemetry,
 };
 use crate::transport;
-use crate::workers::Workers;
+use crate::workers::{Acceptor, Workers};
 
 /// Ports of the agent's own listeners inside a workload.
 const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
@@ -657,6 +657,13 @@ fn tcp_edge(record: &ConnectionRecord, caller: IpAddr) -> Option<EdgeKey> {
 /// descriptors it needs (its own and its upstream's); otherwise it is reset
 /// at once.
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, direction: Direction) {
+    let listener = match Acceptor::new(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::error!("{} {direction:?} listener: cannot poll it: {e}", pod.key);
+            return;
+        }
+    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -679,7 +686,7 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, dire
                 };
                 let _ = stream.set_nodelay(true);
                 let served = (proxy.clone(), pod.clone());
-                proxy.workers.serve(stream, move |stream| async move {
+                proxy.workers.serve(stream, peer, move |stream| async move {
                     let (proxy, pod) = served;
                     match direction {
                         Direction::Outbound => {

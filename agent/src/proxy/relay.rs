@@ -13,6 +13,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -275,7 +276,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FinishedPeer<S> {
 }
 
 /// Closes with RST instead of FIN when the socket is dropped.
-pub fn reset(stream: &TcpStream) {
+pub fn reset(stream: &impl AsFd) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 

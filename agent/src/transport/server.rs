@@ -24,7 +24,7 @@ use super::resume::{self, Registry, Resumable, ResumeId, ResumeRefused};
 use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::until_drained;
-use crate::workers::Workers;
+use crate::workers::{Acceptor, Workers};
 
 /// A TLS handshake must complete within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,6 +87,13 @@ pub async fn serve<I: Inbound>(
     drain: watch::Receiver<bool>,
     workers: Arc<Workers>,
 ) {
+    let listener = match Acceptor::new(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::error!("HBONE listener: cannot poll it: {e}");
+            return;
+        }
+    };
     loop {
         let (tcp, remote) = match listener.accept().await {
             // The listener is dual-stack: show IPv4 callers as such.
@@ -102,7 +109,7 @@ pub async fn serve<I: Inbound>(
         };
         let (identities, inbound, drain) = (identities.clone(), inbound.clone(), drain.clone());
         let registry = registry.clone();
-        workers.serve(tcp, move |tcp| async move {
+        workers.serve(tcp, remote, move |tcp| async move {
             match connection(tcp, remote, &identities, inbound, registry, drain).await {
                 Err(Failure::Refused(reason)) => {
                     log::warn!("HBONE connection from {remote} refused: {reason}")
