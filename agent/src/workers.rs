@@ -134,6 +134,14 @@ impl Workers {
 pub struct Acceptor(AsyncFd<std::net::TcpListener>);
 
 impl Acceptor {
+    /// Takes over `listener`, named `what` in the error logged when it
+    /// cannot be polled (then `None`: the accept loop has nothing to run).
+    pub fn polled(listener: TcpListener, what: &dyn std::fmt::Display) -> Option<Acceptor> {
+        Acceptor::new(listener)
+            .inspect_err(|e| log::error!("{what} listener: cannot poll it: {e}"))
+            .ok()
+    }
+
     /// Takes over `listener`; it must be polled from a runtime's task.
     pub fn new(listener: TcpListener) -> io::Result<Acceptor> {
         let listener = listener.into_std()?;

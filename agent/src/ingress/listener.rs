@@ -43,12 +43,8 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<ArcSwapOption<PortTls>>,
 ) {
-    let listener = match Acceptor::new(listener) {
-        Ok(listener) => listener,
-        Err(e) => {
-            log::error!("ingress listener: cannot poll it: {e}");
-            return;
-        }
+    let Some(listener) = Acceptor::polled(listener, &"ingress") else {
+        return;
     };
     loop {
         let (stream, client) = match listener.accept().await {

@@ -657,12 +657,9 @@ fn tcp_edge(record: &ConnectionRecord, caller: IpAddr) -> Option<EdgeKey> {
 /// descriptors it needs (its own and its upstream's); otherwise it is reset
 /// at once.
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, direction: Direction) {
-    let listener = match Acceptor::new(listener) {
-        Ok(listener) => listener,
-        Err(e) => {
-            log::error!("{} {direction:?} listener: cannot poll it: {e}", pod.key);
-            return;
-        }
+    let Some(listener) = Acceptor::polled(listener, &format_args!("{} {direction:?}", pod.key))
+    else {
+        return;
     };
     loop {
         match listener.accept().await {

@@ -87,12 +87,8 @@ pub async fn serve<I: Inbound>(
     drain: watch::Receiver<bool>,
     workers: Arc<Workers>,
 ) {
-    let listener = match Acceptor::new(listener) {
-        Ok(listener) => listener,
-        Err(e) => {
-            log::error!("HBONE listener: cannot poll it: {e}");
-            return;
-        }
+    let Some(listener) = Acceptor::polled(listener, &"HBONE") else {
+        return;
     };
     loop {
         let (tcp, remote) = match listener.accept().await {
