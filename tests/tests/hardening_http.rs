@@ -183,6 +183,32 @@ print(json.dumps(results))
     assert_usage_returns(&lab, &before);
 }
 
+/// The outcome node-a recorded for each of the client connections from
+/// `addresses`, once it has recorded all of them.
+fn outcomes_of(lab: &Lab, addresses: &Value) -> Vec<String> {
+    let addresses: Vec<&str> = addresses
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(Value::as_str)
+        .collect();
+    let agent = lab.mesh().agent("node-a");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let records = agent.connections().unwrap();
+        let outcomes: Vec<String> = addresses
+            .iter()
+            .filter_map(|a| records.iter().find(|c| c["source"] == *a))
+            .map(|c| c["outcome"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if outcomes.len() == addresses.len() || std::time::Instant::now() > deadline {
+            assert_eq!(outcomes.len(), addresses.len(), "records of {addresses:?}");
+            return outcomes;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn connections_that_never_finish_a_request_are_closed() {
     let lab = Lab::new(
@@ -201,7 +227,12 @@ fn connections_that_never_finish_a_request_are_closed() {
 import select
 port = int(sys.argv[1])
 H2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-kinds = {"silent": [], "slowloris": [], "stalled_upload": [], "idle_h2": [], "idle_upgrade": []}
+kinds = {"silent": [], "slowloris": [], "stalled_upload": [], "idle_h2": [], "idle_upgrade": [],
+         "idle_keepalive": []}
+for _ in range(10):
+    s = connect("recorder", port)
+    s.sendall(b"GET /ok HTTP/1.1\r\nHost: recorder\r\n\r\n")
+    kinds["idle_keepalive"].append(s)
 for _ in range(30):
     kinds["silent"].append(connect("recorder", port))
     s = connect("recorder", port)
@@ -221,6 +252,7 @@ for _ in range(20):
     s.sendall(b"ping\n")
     assert s.recv(64) == b"ping\n", "the upgraded connection is not spliced"
     kinds["idle_upgrade"].append(s)
+addresses = {kind: ["%s:%d" % s.getsockname()[:2] for s in socks] for kind, socks in kinds.items()}
 open_socks = {s: kind for kind, socks in kinds.items() for s in socks}
 closed = {kind: 0 for kind in kinds}
 deadline = time.time() + 60
@@ -243,7 +275,7 @@ while open_socks and time.time() < deadline:
         if not data:
             closed[open_socks.pop(s)] += 1
             s.close()
-print(json.dumps({"closed": closed, "still_open": len(open_socks)}))
+print(json.dumps({"closed": closed, "still_open": len(open_socks), "addresses": addresses}))
 "#;
     let result = attack_json(&lab, attack, &[&RECORDER_PORT.to_string()]);
     victim.stop().unwrap().assert_clean();
@@ -253,6 +285,23 @@ print(json.dumps({"closed": closed, "still_open": len(open_socks)}))
     assert_eq!(result["closed"]["stalled_upload"], 20, "{result}");
     assert_eq!(result["closed"]["idle_h2"], 20, "{result}");
     assert_eq!(result["closed"]["idle_upgrade"], 20, "{result}");
+    assert_eq!(result["closed"]["idle_keepalive"], 10, "{result}");
+    // Closing a keep-alive connection idle between requests lost nothing:
+    // the agent records it as ended cleanly. A connection that never sent
+    // a request, or a request head cut off, is a failure.
+    let outcomes = |kind: &str| outcomes_of(&lab, &result["addresses"][kind]);
+    let idle = outcomes("idle_keepalive");
+    assert!(idle.iter().all(|o| o == "ok"), "{idle:?}");
+    let silent = outcomes("silent");
+    assert!(
+        silent.iter().all(|o| o.starts_with("no request within")),
+        "{silent:?}"
+    );
+    let slowloris = outcomes("slowloris");
+    assert!(
+        slowloris.iter().all(|o| o.contains("timeout")),
+        "{slowloris:?}"
+    );
     // The cut-short upload never reached the server as complete.
     for upload in recorded_with(&lab, b"POST /upload") {
         assert!(upload.len() < 1000, "{}", String::from_utf8_lossy(&upload));

@@ -61,6 +61,11 @@ impl Activity {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
+    /// Nothing has moved for at least `span`.
+    pub fn quiet_for(&self, span: Duration) -> bool {
+        Instant::now() >= self.last() + span
+    }
+
     /// Runs `work` until it ends, or until nothing has moved for `timeout`
     /// (then `None`, and `work` is dropped).
     pub async fn unless_idle<F: Future>(&self, timeout: Duration, work: F) -> Option<F::Output> {

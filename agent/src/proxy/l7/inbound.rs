@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::body::{self, Body, BoxError};
-use super::{http1_server, http2_server, is_grpc, lock, path, trace};
+use super::{closed_by, http1_server, http2_server, is_grpc, lock, path, trace};
 use crate::identity::{self, SpiffeId};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
@@ -270,11 +270,10 @@ pub async fn serve<S: Io>(
                 }
             });
             let conn = http2_server(&settings).serve_connection(io, service);
-            until_drained(conn, proxy.drain.watch(), Duration::ZERO, |c| {
+            let served = until_drained(conn, proxy.drain.watch(), Duration::ZERO, |c| {
                 c.graceful_shutdown()
-            })
-            .await
-            .map_err(|e| e.to_string())
+            });
+            Ok(served.await)
         } else {
             let (send, connection) = hyper::client::conn::http1::handshake(server)
                 .await
@@ -313,15 +312,15 @@ pub async fn serve<S: Io>(
             let conn = http1_server(&settings)
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_drained(conn, proxy.drain.watch(), IDLE_GRACE, |c| {
+            let served = until_drained(conn, proxy.drain.watch(), IDLE_GRACE, |c| {
                 c.graceful_shutdown()
-            })
-            .await
-            .map_err(|e| e.to_string())
+            });
+            Ok(served.await)
         }
     };
     match activity.unless_idle(settings.idle_timeout, serving).await {
-        Some(served) => served,
+        Some(Ok(served)) => served.or_else(|e| closed_by(e, &activity, &settings)),
+        Some(Err(handshake)) => Err(handshake),
         None => Err(format!("idle for {:?}", settings.idle_timeout)),
     }
 }

@@ -181,7 +181,21 @@ where
     let Some(served) = served else {
         return Err(format!("idle for {:?}", settings.idle_timeout));
     };
-    served.map_err(|e| e.to_string())
+    served.or_else(|e| closed_by(e, &activity, &settings))
+}
+
+/// How a connection hyper ended with `e` is recorded. A keep-alive
+/// connection left idle past the header-read timeout ends with hyper's
+/// timeout error but lost nothing: it is closed cleanly, as a server
+/// closes its idle keep-alive connections. A request head cut off by the
+/// timeout (a slowloris) is a failure. (A connection silent from its start
+/// never gets here: it is refused before, as `no request within`.)
+fn closed_by(e: hyper::Error, activity: &Activity, settings: &HttpSettings) -> Result<(), String> {
+    if e.is_timeout() && activity.quiet_for(settings.header_read_timeout) {
+        Ok(())
+    } else {
+        Err(e.to_string())
+    }
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
