@@ -24,7 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::body::{self, Body, BoxError};
-use super::{closed_by, http1_server, http2_server, is_grpc, lock, path, trace};
+use super::{closed_by, http1_server, http2_server, idle_close, is_grpc, lock, path, trace};
+use super::{open_until_answered, InFlight};
 use crate::identity::{self, SpiffeId};
 use crate::lifecycle::drain::{until_drained, IDLE_GRACE};
 use crate::proxy::authorize;
@@ -217,6 +218,7 @@ pub async fn serve<S: Io>(
         Version::Http1(upgrades) => (false, upgrades),
     };
     let settings = proxy.settings.http;
+    let open = InFlight::default();
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
@@ -258,15 +260,18 @@ pub async fn serve<S: Io>(
                 .await
                 .map_err(|e| format!("HTTP/2 to the application: {e}"))?;
             tokio::spawn(connection);
+            let requests = open.clone();
             let service = service_fn(move |request| {
                 let mut send = send.clone();
+                let entered = requests.enter();
                 let (pending, request) = stamp(request);
                 async move {
                     let response = match request {
                         Ok(request) => reply(send.send_request(request).await, app),
                         Err(denied) => (*denied, None),
                     };
-                    Ok::<_, Infallible>(answer(pending, response))
+                    let response = answer(pending, response);
+                    Ok::<_, Infallible>(open_until_answered(response, Some(entered)))
                 }
             });
             let conn = http2_server(&settings).serve_connection(io, service);
@@ -321,7 +326,7 @@ pub async fn serve<S: Io>(
     match activity.unless_idle(settings.idle_timeout, serving).await {
         Some(Ok(served)) => served.or_else(|e| closed_by(e, &activity, &settings)),
         Some(Err(handshake)) => Err(handshake),
-        None => Err(format!("idle for {:?}", settings.idle_timeout)),
+        None => idle_close(http2.then_some(&open), &settings),
     }
 }
 

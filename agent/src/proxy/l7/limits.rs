@@ -108,7 +108,7 @@ impl WorkloadLimits {
 /// Requests in flight of one workload over all its connections, so that a
 /// tenant holding many streams open (an HTTP/2 window kept at zero, say)
 /// bounds its own cost instead of the node's memory.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct InFlight(Arc<AtomicU32>);
 
 /// One admitted request; leaving frees its place.
@@ -123,6 +123,12 @@ impl InFlight {
             })
             .is_ok();
         entered.then(|| InFlightRequest(self.0.clone()))
+    }
+
+    /// Counted without a limit (a connection's own requests).
+    pub fn enter(&self) -> InFlightRequest {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightRequest(self.0.clone())
     }
 
     pub fn count(&self) -> u32 {

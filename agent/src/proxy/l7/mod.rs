@@ -44,6 +44,7 @@ pub use balance::Clusters;
 pub use body::Body;
 pub(super) use forward::{pick_weighted, resolve};
 pub use inspect::ExplainRequest;
+use limits::InFlightRequest;
 pub use limits::{InFlight, WorkloadLimits};
 pub use tunnel::HandBack;
 pub use upstream::Pool;
@@ -153,14 +154,17 @@ where
     let served_here = downstream.clone();
     let drain = downstream.proxy.drain.watch();
     let draining = downstream.proxy.drain.draining();
+    let open = InFlight::default();
+    let requests = open.clone();
     let service = service_fn(move |request| {
         let (downstream, draining) = (downstream.clone(), draining.clone());
+        let entered = http2.then(|| requests.enter());
         async move {
             let mut response = downstream.handle(request).await;
             if !http2 {
                 draining.close_after(&mut response);
             }
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(open_until_answered(response, entered))
         }
     });
     let serving = async {
@@ -179,9 +183,32 @@ where
     // state a little longer).
     drop(lock(&served_here.upgraded).take());
     let Some(served) = served else {
-        return Err(format!("idle for {:?}", settings.idle_timeout));
+        return idle_close(http2.then_some(&open), &settings);
     };
     served.or_else(|e| closed_by(e, &activity, &settings))
+}
+
+/// A response that keeps its request counted in its connection's `open`
+/// requests until its body ends or is dropped.
+fn open_until_answered(
+    response: Response<Body>,
+    entered: Option<InFlightRequest>,
+) -> Response<Body> {
+    match entered {
+        Some(entered) => response.map(|b| body::Guarded::wrap(b, entered, drop)),
+        None => response,
+    }
+}
+
+/// How a connection closed by the idle timeout is recorded: an HTTP/2
+/// connection with no request open lost nothing (clients keep them idle
+/// for long, gRPC's especially) and is closed cleanly; anything else (a
+/// stalled stream or upload, an HTTP/1 request or tunnel) failed.
+fn idle_close(open: Option<&InFlight>, settings: &HttpSettings) -> Result<(), String> {
+    match open {
+        Some(open) if open.count() == 0 => Ok(()),
+        _ => Err(format!("idle for {:?}", settings.idle_timeout)),
+    }
 }
 
 /// How a connection hyper ended with `e` is recorded. A keep-alive
