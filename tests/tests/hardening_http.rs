@@ -317,8 +317,11 @@ print(json.dumps({"closed": closed, "still_open": len(open_socks), "addresses": 
     );
     // The cut-short upload never reached the server as complete (on a
     // pooled connection, after other requests).
-    for recorded in recorded_with(&lab, b"POST /upload") {
-        let at = recorded.windows(12).position(|w| w == b"POST /upload");
+    let upload_head = b"POST /upload";
+    for recorded in recorded_with(&lab, upload_head) {
+        let at = recorded
+            .windows(upload_head.len())
+            .position(|w| w == upload_head);
         let upload = &recorded[at.unwrap_or_default()..];
         assert!(upload.len() < 1000, "{}", String::from_utf8_lossy(upload));
     }

@@ -218,7 +218,8 @@ pub async fn serve<S: Io>(
         Version::Http1(upgrades) => (false, upgrades),
     };
     let settings = proxy.settings.http;
-    let open = InFlight::default();
+    // Counted on HTTP/2 only, as on the outbound side.
+    let open = http2.then(InFlight::default);
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(client, activity.clone()));
     let server = TokioIo::new(Tracked::new(server, activity.clone()));
@@ -263,7 +264,7 @@ pub async fn serve<S: Io>(
             let requests = open.clone();
             let service = service_fn(move |request| {
                 let mut send = send.clone();
-                let entered = requests.enter();
+                let entered = requests.as_ref().map(InFlight::enter);
                 let (pending, request) = stamp(request);
                 async move {
                     let response = match request {
@@ -271,7 +272,7 @@ pub async fn serve<S: Io>(
                         Err(denied) => (*denied, None),
                     };
                     let response = answer(pending, response);
-                    Ok::<_, Infallible>(open_until_answered(response, Some(entered)))
+                    Ok::<_, Infallible>(open_until_answered(response, entered))
                 }
             });
             let conn = http2_server(&settings).serve_connection(io, service);
@@ -326,7 +327,7 @@ pub async fn serve<S: Io>(
     match activity.unless_idle(settings.idle_timeout, serving).await {
         Some(Ok(served)) => served.or_else(|e| closed_by(e, &activity, &settings)),
         Some(Err(handshake)) => Err(handshake),
-        None => idle_close(http2.then_some(&open), &settings),
+        None => idle_close(open.as_ref(), &settings),
     }
 }
 

@@ -107,7 +107,8 @@ impl WorkloadLimits {
 
 /// Requests in flight of one workload over all its connections, so that a
 /// tenant holding many streams open (an HTTP/2 window kept at zero, say)
-/// bounds its own cost instead of the node's memory.
+/// bounds its own cost instead of the node's memory; and of one HTTP/2
+/// connection, so that closing it idle can tell whether it cut a request.
 #[derive(Default, Clone)]
 pub struct InFlight(Arc<AtomicU32>);
 

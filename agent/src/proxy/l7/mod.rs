@@ -154,11 +154,13 @@ where
     let served_here = downstream.clone();
     let drain = downstream.proxy.drain.watch();
     let draining = downstream.proxy.drain.draining();
-    let open = InFlight::default();
+    // HTTP/2 only: an HTTP/1 connection idle between requests is closed
+    // by the header-read timeout first.
+    let open = http2.then(InFlight::default);
     let requests = open.clone();
     let service = service_fn(move |request| {
         let (downstream, draining) = (downstream.clone(), draining.clone());
-        let entered = http2.then(|| requests.enter());
+        let entered = requests.as_ref().map(InFlight::enter);
         async move {
             let mut response = downstream.handle(request).await;
             if !http2 {
@@ -183,7 +185,7 @@ where
     // state a little longer).
     drop(lock(&served_here.upgraded).take());
     let Some(served) = served else {
-        return idle_close(http2.then_some(&open), &settings);
+        return idle_close(open.as_ref(), &settings);
     };
     served.or_else(|e| closed_by(e, &activity, &settings))
 }
@@ -200,8 +202,9 @@ fn open_until_answered(
     }
 }
 
-/// How a connection closed by the idle timeout is recorded: an HTTP/2
-/// connection with no request open lost nothing (clients keep them idle
+/// How a connection closed by the idle timeout is recorded, given the
+/// requests `open` on it if they are counted: an HTTP/2 connection with
+/// no request open lost nothing (clients keep them idle
 /// for long, gRPC's especially) and is closed cleanly; anything else (a
 /// stalled stream or upload, an HTTP/1 request or tunnel) failed.
 fn idle_close(open: Option<&InFlight>, settings: &HttpSettings) -> Result<(), String> {
