@@ -27,6 +27,7 @@ use crate::ingress::Ingress;
 use crate::lifecycle::handover::{HandedOver, Hello, Inherited, Kind, SocketId, Standbys, Start};
 use crate::lifecycle::ownership::{NodeLock, Owner};
 use crate::lifecycle::{self, Front};
+use crate::memory;
 use crate::nofile::{self, Nofile};
 use crate::proxy::budget::Descriptors;
 use crate::proxy::{self, Direction, Proxy};
@@ -290,6 +291,14 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
             config.generation(),
             node.settings.admin_socket.display()
         );
+        match memory::release_start_up_pages() {
+            Ok(released) => log::debug!(
+                "unmapped {} KiB of start-up code in {} mappings",
+                released.bytes / 1024,
+                released.mappings
+            ),
+            Err(e) => log::warn!("could not unmap the start-up code: {e}"),
+        }
         tokio::spawn(reconcile_loop(node.clone()))
     });
     if let Some((ack, from)) = handed_in.filter(|_| loaded) {
