@@ -14,8 +14,11 @@ usage: cargo xtask <command> [args]
 commands:
   setup            install what building and testing need (idempotent, quick
                    when everything is present; must run as root)
-  build            setup, then build the agent and the test application
-                   (`mesh-app`) in release mode
+  build [--pgo]    setup, then build the agent and the test application
+                   (`mesh-app`) in release mode; with --pgo the agent alone,
+                   profile-guided: built instrumented, trained on a quick
+                   bench (root, as the bench), built again with the counts
+                   (target/pgo/optimized/release/nodemesh; about 15 min)
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`);
                    without ARGS also `cargo fmt --check`, clippy with
@@ -28,10 +31,11 @@ commands:
   fuzz [--seconds N] [TARGET...]
                    run the fuzz targets of fuzz/ (cargo-fuzz, nightly) for
                    N seconds each (default 60); all targets when none named
-  bench [--duration 10s | --quick] [--rounds N]
+  bench [--pgo] [--duration 10s | --quick] [--rounds N]
                    build, then measure direct, an HAProxy pair with mutual
                    TLS and the mesh (oha, nginx, iperf3) on two nodes;
-                   results in target/bench/results.json; with NODEMESH_BIN
+                   results in target/bench/results.json; with --pgo the
+                   profile-guided build (`build --pgo`); with NODEMESH_BIN
                    set, that agent binary, not built
 ";
 
@@ -96,6 +100,7 @@ mod demo;
 mod demo_kube;
 mod fuzz;
 mod helm_render;
+mod pgo;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -125,11 +130,17 @@ fn run(args: &[String]) -> Result<()> {
             no_args("setup")?;
             setup()
         }
-        "build" => {
-            no_args("build")?;
-            setup()?;
-            build()
-        }
+        "build" => match rest {
+            [] => {
+                setup()?;
+                build()
+            }
+            [flag] if flag == "--pgo" => {
+                setup()?;
+                pgo::build(&root(), &target_dir()).map(drop)
+            }
+            _ => bail!("build takes no arguments but --pgo, got {rest:?}"),
+        },
         "test" => {
             setup()?;
             if rest.is_empty() {
@@ -176,15 +187,19 @@ fn run(args: &[String]) -> Result<()> {
         }
         "bench" => {
             setup()?;
+            let pgo = rest.iter().any(|a| a == "--pgo");
+            let rest: Vec<String> = rest.iter().filter(|a| *a != "--pgo").cloned().collect();
             // An agent binary given by NODEMESH_BIN is benched as it is.
             let bin = match std::env::var_os("NODEMESH_BIN") {
+                Some(_) if pgo => bail!("bench takes --pgo or NODEMESH_BIN, not both"),
                 Some(bin) => PathBuf::from(bin),
+                None if pgo => pgo::build(&root(), &target_dir())?,
                 None => {
                     build()?;
                     target_dir().join("release/nodemesh")
                 }
             };
-            bench::run(&bin, rest)
+            bench::run(&bin, &rest)
         }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");

@@ -122,9 +122,12 @@ use results::{
 };
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--duration DURATION | --quick] [--rounds N]
+usage: cargo xtask bench [--pgo] [--duration DURATION | --quick] [--rounds N]
                          [--focus [--allocations] [--against NODEMESH]...]
 
+  --pgo          bench the profile-guided build (`cargo xtask build --pgo`)
+  --results F    write the full run's results to F (default
+                 target/bench/results.json)
   --duration D   length of each oha phase, e.g. 10s, 1500ms, 1m (default 10s)
   --quick        smoke run: 3 s phases
   --rounds N     repeat every mode N times and report medians (default 1)
@@ -360,10 +363,11 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
             .map(ModeResult::to_json)
             .collect();
     }
-    let out_dir = super::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out = out_dir.join("results.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
+    let out = &opts.results;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     println!("\nbench: results written to {}", out.display());
     Ok(())
@@ -384,6 +388,8 @@ struct Options {
     against: Vec<PathBuf>,
     /// With `focus`: count allocations (`counters.rs`).
     allocations: bool,
+    /// Where the full run's results go.
+    results: PathBuf,
 }
 
 impl Options {
@@ -394,6 +400,7 @@ impl Options {
         let mut focus = false;
         let mut against = Vec::new();
         let mut allocations = false;
+        let mut results = super::target_dir().join("bench/results.json");
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             match arg.as_str() {
@@ -408,6 +415,9 @@ impl Options {
                 }
                 "--focus" => focus = true,
                 "--allocations" => allocations = true,
+                "--results" => {
+                    results = PathBuf::from(it.next().context("--results needs a file")?);
+                }
                 "--against" => {
                     let v = it.next().context("--against needs an agent binary")?;
                     against.push(PathBuf::from(v));
@@ -441,6 +451,7 @@ impl Options {
             focus,
             against,
             allocations,
+            results,
         }))
     }
 }
