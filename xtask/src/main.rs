@@ -18,7 +18,7 @@ commands:
                    (`mesh-app`) in release mode; with --pgo the agent alone,
                    profile-guided: built instrumented, trained on a quick
                    bench (root, as the bench), built again with the counts
-                   (target/pgo/optimized/release/nodemesh; about 15 min)
+                   (target/pgo/optimized/release/nodemesh; about 12 min)
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`);
                    without ARGS also `cargo fmt --check`, clippy with
