@@ -122,8 +122,10 @@ struct RustcInfo {
 }
 
 impl RustcInfo {
+    /// The rustc cargo builds with: `$RUSTC` if set, as cargo reads it.
     fn query() -> Result<RustcInfo> {
-        let out = output_ok(Command::new("rustc").arg("-vV"))
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        let out = output_ok(Command::new(rustc).arg("-vV"))
             .context("`rustc -vV` failed: is the Rust toolchain installed?")?;
         let field = |name: &str| {
             out.lines()
