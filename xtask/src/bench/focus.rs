@@ -1,18 +1,20 @@
 //! `cargo xtask bench --focus [--against OTHER_NODEMESH]...`: the headline
-//! L7 + mTLS path alone, and the cost of a new L4 + mTLS connection, for
-//! profiling and for A/B comparisons of two agent builds.
+//! L7 + mTLS path alone, the cost of a new L4 + mTLS connection, and bulk
+//! TCP, for profiling and for A/B comparisons of two agent builds.
 //!
-//! The full bench takes many minutes; working on the data path's cost needs
-//! a measurement that takes one. Per round and per agent build, on a fresh
-//! topology: direct max throughput (the reference), then L7 + mTLS to the
-//! Service (10 routes) at max throughput and at 2000 req/s, then new
-//! connections to the server pod's address (opaque TCP relayed over HBONE,
-//! a new connection per request, as many concurrent). Builds alternate
-//! within a round, so a shared machine's load drifts over both alike. The
-//! agents' pids are printed before the meshed phases so that `perf record
-//! -p` or `strace -c -p` can be attached to them; with `perf` installed,
-//! each agent's syscalls, context switches and mallocs per request (or new
-//! connection) are counted over the meshed phases (`counters.rs`).
+//! The full bench takes many minutes; working on the data path's cost needs a
+//! measurement that takes a minute or two. Per round and per agent build, on
+//! a fresh topology: direct max throughput (the reference), then L7 + mTLS to
+//! the Service (10 routes) at max throughput and at 2000 req/s, then new
+//! connections to the server pod's address (opaque TCP relayed over HBONE, a
+//! new connection per request, as many concurrent), then bulk TCP (one iperf3
+//! stream to the pod's address, relayed over HBONE, against the same stream
+//! before the namespace was labelled). Builds alternate within a round, so a
+//! shared machine's load drifts over both alike. The agents' pids are printed
+//! before the meshed phases so that `perf record -p` or `strace -c -p` can be
+//! attached to them; with `perf` installed, each agent's syscalls, context
+//! switches and mallocs per request (or new connection) are counted over the
+//! meshed phases (`counters.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +34,9 @@ struct Sample {
     /// New L4 + mTLS connections, one request each.
     connections: (HttpRun, CpuUse),
     rss_kib: [u64; 2],
+    /// Bulk TCP, bits per second: direct, and over L4 + mTLS with both
+    /// agents' CPU.
+    bulk: (f64, (f64, CpuUse)),
     /// Per request and agent (node-a, node-b), at max, at the fixed rate
     /// and per new connection; empty without `perf`.
     counts: Vec<[Counts; 3]>,
@@ -59,13 +64,15 @@ pub(super) fn run(
     println!(
         "\nL7 + mTLS ({} routes), {CONNECTIONS} keep-alive connections, {} phases, medians of {} \
          round(s); CPU and context switches are both agents' per request; L4 con/s and \
-         ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent:",
+         ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent; bulk: one iperf3 \
+         stream over L4 + mTLS, ms of agent CPU per GB:",
         ROUTE_COUNTS[0],
         human(opts.duration),
         opts.rounds
     );
     println!(
-        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
+        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12} {:>11} {:>8} \
+         {:>8}",
         "build",
         "req/s",
         "% direct",
@@ -76,14 +83,17 @@ pub(super) fn run(
         "p50@2k ms",
         "L4 con/s",
         "ms/1000con",
-        "RSS a/b MB"
+        "RSS a/b MB",
+        "bulk Gb/s",
+        "% direct",
+        "ms/GB"
     );
     for (build, s) in builds.iter().zip(&samples) {
         let med = |f: &dyn Fn(&Sample) -> f64| median(s.iter().map(f));
         let cs = |(run, cpu): &(HttpRun, CpuUse)| cpu.proxy_context_switches as f64 / run.ok as f64;
         println!(
             "{:<40} {:>9.0} {:>8.1} {:>10.1} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>8.0} {:>10.1} \
-             {:>5.1}/{:<5.1}",
+             {:>5.1}/{:<5.1} {:>11.2} {:>8.1} {:>8.1}",
             build.display().to_string(),
             med(&|x| x.max.0.rps),
             med(&|x| 100.0 * x.max.0.rps / x.direct_rps),
@@ -96,6 +106,9 @@ pub(super) fn run(
             med(&|x| per_1000(x.connections.1.proxies_total(), x.connections.0.ok)),
             med(&|x| x.rss_kib[0] as f64 / 1024.0),
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
+            med(&|x| x.bulk.1 .0 / 1e9),
+            med(&|x| 100.0 * x.bulk.1 .0 / x.bulk.0),
+            med(&|x| per_gigabyte(&x.bulk.1)),
         );
     }
     if probes.is_some() {
@@ -118,6 +131,13 @@ pub(super) fn run(
     Ok(())
 }
 
+/// Both agents' CPU per gigabyte a bulk phase moved (bits per second over
+/// the phase's wall time).
+fn per_gigabyte((bits_per_second, cpu): &(f64, CpuUse)) -> f64 {
+    let gigabytes = bits_per_second / 8.0 * cpu.wall / 1000.0 / 1e9;
+    cpu.proxies_total() / gigabytes.max(f64::MIN_POSITIVE)
+}
+
 /// Each counter's median over the rounds.
 fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
     let med = |f: fn(&Counts) -> Option<f64>| {
@@ -136,7 +156,7 @@ fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
 fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sample> {
     let mut log = PhaseLog {
         mode: Mode::Direct,
-        steps: (0, 4),
+        steps: (0, 6),
         warnings: Vec::new(),
         memory_trace: Vec::new(),
     };
@@ -151,6 +171,12 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
         b.oha(from, &["-c", &conns, "-z", &d, &pod], "direct")
     })?;
     println!("        {:.0} req/s", direct.rps);
+    log.step(&format!(
+        "direct bulk TCP: iperf3, {}",
+        human(bench.opts.bulk)
+    ));
+    let (direct_bulk, _) = bench.phase(&mut log, "direct bulk", |b| b.iperf3())?;
+    println!("        {:.2} Gbit/s", direct_bulk / 1e9);
 
     bench.set_enrolled(true)?;
     log.mode = Mode::MeshedMtls;
@@ -212,12 +238,24 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     let running = counting("connections")?;
     let connections = bench.connection_rate(&mut log, from, &pod, "L4 + mTLS, pod IP")?;
     let per_connection = stop(running, connections.0.ok)?;
+    log.step(&format!(
+        "L4 + mTLS bulk TCP: iperf3, {}",
+        human(bench.opts.bulk)
+    ));
+    let bulk = bench.phase(&mut log, "bulk", |b| b.iperf3())?;
+    println!(
+        "        {:.2} Gbit/s ({:.1} % of direct); agents {:.1} ms CPU per GB",
+        bulk.0 / 1e9,
+        100.0 * bulk.0 / direct_bulk,
+        per_gigabyte(&bulk)
+    );
     Ok(Sample {
         direct_rps: direct.rps,
         max,
         fixed,
         connections,
         rss_kib: [memory[0].rss_kib, memory[1].rss_kib],
+        bulk: (direct_bulk, bulk),
         counts: (at_max.into_iter().zip(at_fixed).zip(per_connection))
             .map(|((max, fixed), connection)| [max, fixed, connection])
             .collect(),

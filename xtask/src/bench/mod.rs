@@ -132,8 +132,9 @@ usage: cargo xtask bench [--pgo] [--duration DURATION | --quick] [--rounds N]
   --quick        smoke run: 3 s phases
   --rounds N     repeat every mode N times and report medians (default 1)
   --focus        only direct and L7 + mTLS (max throughput, 2000 req/s),
-                 with each agent's syscalls and context switches per
-                 request (perf stat): for profiling
+                 new L4 + mTLS connections and bulk TCP, with each agent's
+                 syscalls and context switches per request (perf stat):
+                 for profiling
   --allocations  with --focus: count allocations per request too (uprobes:
                  they slow every allocation, so that run's times are skewed)
   --against B    with --focus: the same phases with the agent binary B,
