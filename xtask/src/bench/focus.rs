@@ -23,7 +23,7 @@ use anyhow::Result;
 use super::counters::{self, Counts};
 use super::report::median;
 use super::results::{per_1000, CpuUse, HttpRun, Mode};
-use super::{human, mtls, Bench, Options, PhaseLog, Tools, CONNECTIONS, FIXED_RATE};
+use super::{human, mtls, Bench, Options, PhaseLog, Tools, Transfer, CONNECTIONS, FIXED_RATE};
 use super::{Oha, ROUTE_COUNTS};
 
 /// One build's figures from one round.
@@ -34,9 +34,8 @@ struct Sample {
     /// New L4 + mTLS connections, one request each.
     connections: (HttpRun, CpuUse),
     rss_kib: [u64; 2],
-    /// Bulk TCP, bits per second: direct, and over L4 + mTLS with both
-    /// agents' CPU.
-    bulk: (f64, (f64, CpuUse)),
+    /// Bulk TCP: direct, and over L4 + mTLS with both agents' CPU.
+    bulk: (Transfer, (Transfer, CpuUse)),
     /// Per request and agent (node-a, node-b), at max, at the fixed rate
     /// and per new connection; empty without `perf`.
     counts: Vec<[Counts; 3]>,
@@ -106,8 +105,8 @@ pub(super) fn run(
             med(&|x| per_1000(x.connections.1.proxies_total(), x.connections.0.ok)),
             med(&|x| x.rss_kib[0] as f64 / 1024.0),
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
-            med(&|x| x.bulk.1 .0 / 1e9),
-            med(&|x| 100.0 * x.bulk.1 .0 / x.bulk.0),
+            med(&|x| x.bulk.1 .0.bits_per_second / 1e9),
+            med(&|x| 100.0 * x.bulk.1 .0.bits_per_second / x.bulk.0.bits_per_second),
             med(&|x| per_gigabyte(&x.bulk.1)),
         );
     }
@@ -131,11 +130,9 @@ pub(super) fn run(
     Ok(())
 }
 
-/// Both agents' CPU per gigabyte a bulk phase moved (bits per second over
-/// the phase's wall time).
-fn per_gigabyte((bits_per_second, cpu): &(f64, CpuUse)) -> f64 {
-    let gigabytes = bits_per_second / 8.0 * cpu.wall / 1000.0 / 1e9;
-    cpu.proxies_total() / gigabytes.max(f64::MIN_POSITIVE)
+/// Both agents' CPU per gigabyte a bulk phase delivered.
+fn per_gigabyte((transfer, cpu): &(Transfer, CpuUse)) -> f64 {
+    cpu.proxies_total() / (transfer.bytes / 1e9).max(f64::MIN_POSITIVE)
 }
 
 /// Each counter's median over the rounds.
@@ -171,12 +168,7 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
         b.oha(from, &["-c", &conns, "-z", &d, &pod], "direct")
     })?;
     println!("        {:.0} req/s", direct.rps);
-    log.step(&format!(
-        "direct bulk TCP: iperf3, {}",
-        human(bench.opts.bulk)
-    ));
-    let (direct_bulk, _) = bench.phase(&mut log, "direct bulk", |b| b.iperf3())?;
-    println!("        {:.2} Gbit/s", direct_bulk / 1e9);
+    let (direct_bulk, _) = bench.bulk_phase(&mut log, "direct bulk TCP", "direct bulk")?;
 
     bench.set_enrolled(true)?;
     log.mode = Mode::MeshedMtls;
@@ -238,15 +230,10 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     let running = counting("connections")?;
     let connections = bench.connection_rate(&mut log, from, &pod, "L4 + mTLS, pod IP")?;
     let per_connection = stop(running, connections.0.ok)?;
-    log.step(&format!(
-        "L4 + mTLS bulk TCP: iperf3, {}",
-        human(bench.opts.bulk)
-    ));
-    let bulk = bench.phase(&mut log, "bulk", |b| b.iperf3())?;
+    let bulk = bench.bulk_phase(&mut log, "L4 + mTLS bulk TCP", "bulk")?;
     println!(
-        "        {:.2} Gbit/s ({:.1} % of direct); agents {:.1} ms CPU per GB",
-        bulk.0 / 1e9,
-        100.0 * bulk.0 / direct_bulk,
+        "        {:.1} % of direct; agents {:.1} ms CPU per GB",
+        100.0 * bulk.0.bits_per_second / direct_bulk.bits_per_second,
         per_gigabyte(&bulk)
     );
     Ok(Sample {

@@ -163,6 +163,12 @@ const CONNECTIONS: u32 = 16;
 const FIXED_RATE: u32 = 2000;
 /// nginx's response body size.
 const BODY_SIZE: usize = 1024;
+/// What one iperf3 run delivered to the server.
+struct Transfer {
+    bits_per_second: f64,
+    bytes: f64,
+}
+
 /// Longest iperf3 run.
 const BULK_MAX: Duration = Duration::from_secs(5);
 const WARMUP: Duration = Duration::from_secs(1);
@@ -889,11 +895,9 @@ impl<'a> Bench<'a> {
         let bulk = if !full {
             None
         } else {
-            log.step(&format!("bulk TCP: iperf3, {}", human(self.opts.bulk)));
-            let (bits_per_second, cpu) = self.phase(&mut log, "bulk", |b| b.iperf3())?;
-            println!("        {:.2} Gbit/s", bits_per_second / 1e9);
+            let (transfer, cpu) = self.bulk_phase(&mut log, "bulk TCP", "bulk")?;
             Some(Bulk {
-                bits_per_second,
+                bits_per_second: transfer.bits_per_second,
                 cpu,
             })
         };
@@ -1325,7 +1329,21 @@ impl<'a> Bench<'a> {
     }
 
     /// Runs the iperf3 client in the client pod; returns bits/s received.
-    fn iperf3(&self) -> Result<f64> {
+    /// Bulk TCP, one iperf3 stream from the client pod to the server pod
+    /// (`what` in the log, `phase` in the phase's warnings and memory).
+    fn bulk_phase(
+        &self,
+        log: &mut PhaseLog,
+        what: &str,
+        phase: &str,
+    ) -> Result<(Transfer, CpuUse)> {
+        log.step(&format!("{what}: iperf3, {}", human(self.opts.bulk)));
+        let (transfer, cpu) = self.phase(log, phase, |b| b.iperf3())?;
+        println!("        {:.2} Gbit/s", transfer.bits_per_second / 1e9);
+        Ok((transfer, cpu))
+    }
+
+    fn iperf3(&self) -> Result<Transfer> {
         self.check_processes()?;
         let iperf3 = self.iperf3.to_string_lossy().into_owned();
         let port = IPERF_PORT.to_string();
@@ -1357,12 +1375,15 @@ impl<'a> Bench<'a> {
         if !out.status.success() {
             bail!("`{}` failed ({})", cmd.join(" "), out.status);
         }
-        let bps = doc["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .with_context(|| {
-                format!("no end.sum_received.bits_per_second in iperf3's JSON: {doc}")
-            })?;
-        Ok(bps)
+        let received = |field: &str| {
+            doc["end"]["sum_received"][field]
+                .as_f64()
+                .with_context(|| format!("no end.sum_received.{field} in iperf3's JSON: {doc}"))
+        };
+        Ok(Transfer {
+            bits_per_second: received("bits_per_second")?,
+            bytes: received("bytes")?,
+        })
     }
 
     fn check_processes(&self) -> Result<()> {
