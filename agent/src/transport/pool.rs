@@ -16,14 +16,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::resume::{self, ResumeId};
-use super::{forwarded_for, tls, Destination, Source, TransportError, Tunnel, FORWARDED};
+use super::{
+    forwarded_for, tls, Destination, Source, TransportError, Tunnel, CONNECTION_WINDOW, FORWARDED,
+    STREAM_WINDOW,
+};
 use crate::identity::{Identities, SpiffeId};
 use crate::workers;
 
-/// Flow-control windows of a pooled connection: it carries many streams, so
-/// the connection's window is larger than one stream's.
-const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// A connection that stops answering pings is closed, and its streams fail
 /// instead of hanging.
 const KEEPALIVE: Duration = Duration::from_secs(20);

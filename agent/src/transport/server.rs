@@ -21,7 +21,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::resume::{self, Registry, Resumable, ResumeId, ResumeRefused};
-use super::{parse_forwarded_for, tls, Tunnel, FORWARDED};
+use super::{parse_forwarded_for, tls, Tunnel, CONNECTION_WINDOW, FORWARDED, STREAM_WINDOW};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::until_drained;
 use crate::workers::{Acceptor, Workers};
@@ -31,8 +31,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one connection may have open: each holds descriptors at the
 /// destination, charged to the destination workload on behalf of the caller.
 const MAX_STREAMS: u32 = 1024;
-const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// A stream the caller asks for, authenticated.
