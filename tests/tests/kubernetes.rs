@@ -736,7 +736,7 @@ fn take_port(cluster: &mut KubeMesh, node: &str, port: u16) -> Result<u32> {
 }
 
 /// The HTTP status code (`000`: none) of `curl URL` from `netns`, with
-/// `--resolve RESOLVE` and `args`.
+/// `--resolve RESOLVE` and `args`, followed by curl's error if it printed one.
 fn curl_code(
     cluster: &KubeMesh,
     netns: &str,
@@ -749,7 +749,13 @@ fn curl_code(
     cmd.extend(args);
     cmd.push(url);
     let out = cluster.topo().run_in(netns, &cmd)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    let error = String::from_utf8_lossy(&out.stderr);
+    // curl's own error (refused, timed out, handshake) says where it failed.
+    Ok(match error.trim() {
+        "" => code,
+        error => format!("{code} ({error})"),
+    })
 }
 
 /// A `kubernetes.io/tls` Secret `name` with a self-signed certificate for
@@ -834,12 +840,17 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
         }
         if Instant::now() > deadline {
             let gateways = cluster.agent("node-a").cli(&["gateways", "-o", "json"])?;
-            let log = cluster.agent("node-a").log();
-            let tail: Vec<_> = log.lines().rev().take(40).collect();
+            // node-a terminates TLS, node-b holds the backend.
+            let tail = |node: &str| {
+                let log = cluster.agent(node).log();
+                let tail: Vec<_> = log.lines().rev().take(40).collect();
+                format!("{node}'s log, newest first:\n{}", tail.join("\n"))
+            };
             bail!(
-                "https: {out:?}\n{}\n{}",
+                "https: {out:?}\n{}\n{}\n{}",
                 String::from_utf8_lossy(&gateways.stdout),
-                tail.join("\n")
+                tail("node-a"),
+                tail("node-b")
             );
         }
         std::thread::sleep(Duration::from_millis(100));
