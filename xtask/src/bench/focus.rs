@@ -22,8 +22,8 @@ use anyhow::Result;
 
 use super::counters::{self, Counts};
 use super::report::median;
-use super::results::{per_1000, CpuUse, HttpRun, Mode};
-use super::{human, mtls, Bench, Options, PhaseLog, Tools, Transfer, CONNECTIONS, FIXED_RATE};
+use super::results::{per_1000, Bulk, CpuUse, HttpRun, Mode, Transfer};
+use super::{human, mtls, Bench, Options, PhaseLog, Tools, CONNECTIONS, FIXED_RATE};
 use super::{Oha, ROUTE_COUNTS};
 
 /// One build's figures from one round.
@@ -35,7 +35,7 @@ struct Sample {
     connections: (HttpRun, CpuUse),
     rss_kib: [u64; 2],
     /// Bulk TCP: direct, and over L4 + mTLS with both agents' CPU.
-    bulk: (Transfer, (Transfer, CpuUse)),
+    bulk: (Transfer, Bulk),
     /// Per request and agent (node-a, node-b), at max, at the fixed rate
     /// and per new connection; empty without `perf`.
     counts: Vec<[Counts; 3]>,
@@ -105,9 +105,9 @@ pub(super) fn run(
             med(&|x| per_1000(x.connections.1.proxies_total(), x.connections.0.ok)),
             med(&|x| x.rss_kib[0] as f64 / 1024.0),
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
-            med(&|x| x.bulk.1 .0.bits_per_second / 1e9),
-            med(&|x| 100.0 * x.bulk.1 .0.bits_per_second / x.bulk.0.bits_per_second),
-            med(&|x| per_gigabyte(&x.bulk.1)),
+            med(&|x| x.bulk.1.transfer.bits_per_second / 1e9),
+            med(&|x| 100.0 * x.bulk.1.transfer.bits_per_second / x.bulk.0.bits_per_second),
+            med(&|x| x.bulk.1.cpu_ms_per_gigabyte()),
         );
     }
     if probes.is_some() {
@@ -128,11 +128,6 @@ pub(super) fn run(
         }
     }
     Ok(())
-}
-
-/// Both agents' CPU per gigabyte a bulk phase delivered.
-fn per_gigabyte((transfer, cpu): &(Transfer, CpuUse)) -> f64 {
-    cpu.proxies_total() / (transfer.bytes / 1e9).max(f64::MIN_POSITIVE)
 }
 
 /// Each counter's median over the rounds.
@@ -168,7 +163,10 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
         b.oha(from, &["-c", &conns, "-z", &d, &pod], "direct")
     })?;
     println!("        {:.0} req/s", direct.rps);
-    let (direct_bulk, _) = bench.bulk_phase(&mut log, "direct bulk TCP", "direct bulk")?;
+    let pod_iperf3 = bench.pod_iperf3();
+    let direct_bulk = bench
+        .bulk_phase(&mut log, "direct bulk TCP", "direct bulk", &pod_iperf3)?
+        .transfer;
 
     bench.set_enrolled(true)?;
     log.mode = Mode::MeshedMtls;
@@ -230,11 +228,11 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     let running = counting("connections")?;
     let connections = bench.connection_rate(&mut log, from, &pod, "L4 + mTLS, pod IP")?;
     let per_connection = stop(running, connections.0.ok)?;
-    let bulk = bench.bulk_phase(&mut log, "L4 + mTLS bulk TCP", "bulk")?;
+    let bulk = bench.bulk_phase(&mut log, "L4 + mTLS bulk TCP", "bulk", &pod_iperf3)?;
     println!(
         "        {:.1} % of direct; agents {:.1} ms CPU per GB",
-        100.0 * bulk.0.bits_per_second / direct_bulk.bits_per_second,
-        per_gigabyte(&bulk)
+        100.0 * bulk.transfer.bits_per_second / direct_bulk.bits_per_second,
+        bulk.cpu_ms_per_gigabyte()
     );
     Ok(Sample {
         direct_rps: direct.rps,

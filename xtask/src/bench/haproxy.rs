@@ -1,17 +1,20 @@
 //! The bench's real peer: a pair of HAProxies (Debian's `haproxy`) doing
-//! what the meshed L7 path does, with mutual TLS between them.
+//! what the meshed L7 and L4 paths do, with mutual TLS between them.
 //!
 //! ```text
 //! client pod ──HTTP/1.1──▶ HAProxy A ══TLS 1.3, client cert══▶ HAProxy B ──HTTP/1.1──▶ nginx
 //!                          node-a netns                        node-b netns          server pod
 //!                          10.1.1.1:10080                      10.0.0.2:10443
+//!            ──TCP───────▶ 10.1.1.1:10081 ═════════════════▶ 10.0.0.2:10444 ──TCP──▶ iperf3
 //! ```
 //!
-//! Both run `mode http` with `nbthread 2`, the agents' default worker count
+//! Both run with `nbthread 2`, the agents' default worker count
 //! (`--workers 2`), so both peers get the same number of threads that do
-//! the proxying. A keeps its connections to B open and shares them between
-//! client connections (`http-reuse always`), as the agents pool theirs: a
-//! new client connection costs no TLS handshake on either peer.
+//! the proxying. The HTTP pair runs `mode http`: A keeps its connections to
+//! B open and shares them between client connections (`http-reuse
+//! always`), as the agents pool theirs, so a new client connection costs no
+//! TLS handshake on either peer. The bulk pair runs `mode tcp`, a TLS
+//! connection per client connection, on the same certificates.
 //!
 //! The certificates come from Debian's `openssl` CLI: one ECDSA P-256 CA,
 //! B's server certificate (DNS SAN [`B_NAME`], which A verifies) and A's
@@ -37,6 +40,9 @@ pub(super) const THREADS: u32 = 2;
 const FRONT_PORT: u16 = 10080;
 /// B's TLS port, on node-b's fabric address.
 const TLS_PORT: u16 = 10443;
+/// A's plain-TCP front for bulk TCP, and B's TLS port behind it.
+const BULK_FRONT_PORT: u16 = 10081;
+const BULK_TLS_PORT: u16 = 10444;
 /// B's name in its certificate, which A verifies.
 const B_NAME: &str = "haproxy-b.bench";
 /// A's certificate subject, which B reports back.
@@ -78,6 +84,8 @@ pub(super) struct HaproxyPair {
     pub(super) pids: [u32; 2],
     /// What the client pod requests: A's front, the bench path.
     pub(super) url: String,
+    /// Where the client pod sends bulk TCP: A's TCP front.
+    pub(super) bulk_front: (Ipv4Addr, u16),
     dir: PathBuf,
     /// B's address on the fabric.
     b_ip: Ipv4Addr,
@@ -87,11 +95,13 @@ pub(super) struct HaproxyPair {
 
 impl HaproxyPair {
     /// Writes the certificates and configs under the work directory and
-    /// starts B then A; `backend` is nginx.
+    /// starts B then A; `backend` is nginx, `bulk_backend` the iperf3
+    /// server.
     pub(super) fn start(
         topo: &mut Topology,
         haproxy: &Path,
         backend: (Ipv4Addr, u16),
+        bulk_backend: (Ipv4Addr, u16),
         path: &str,
     ) -> Result<HaproxyPair> {
         let dir = topo.work_dir().join("haproxy");
@@ -100,7 +110,16 @@ impl HaproxyPair {
         let (a, b) = (topo.node("node-a").clone(), topo.node("node-b").clone());
         let front = format!("{}:{FRONT_PORT}", a.gateway);
         let b_address = format!("{}:{TLS_PORT}", b.address);
+        let b_bulk_address = format!("{}:{BULK_TLS_PORT}", b.address);
         let d = dir.display();
+        // What B requires of A, and what A presents and checks of B: one
+        // line each, for both pairs of ports.
+        let b_tls =
+            format!("ssl crt {d}/b.pem ca-file {d}/ca.crt verify required ssl-min-ver TLSv1.3");
+        let a_tls = format!(
+            "ssl verify required ca-file {d}/ca.crt verifyhost {B_NAME} sni str({B_NAME}) \
+             crt {d}/a.pem ssl-min-ver TLSv1.3"
+        );
         let global = format!("global\n    nbthread {THREADS}\n    maxconn 4096\n");
         let defaults = "defaults\n    mode http\n    timeout connect 5s\n    \
                         timeout client 30s\n    timeout server 30s\n";
@@ -108,17 +127,22 @@ impl HaproxyPair {
         let b_conf = format!(
             "{global}    stats socket {d}/{B_STATS_SOCKET} mode 600 level user\n{defaults}\
              frontend mtls\n    \
-             bind {b_address} ssl crt {d}/b.pem ca-file {d}/ca.crt verify required ssl-min-ver TLSv1.3\n    \
+             bind {b_address} {b_tls}\n    \
              http-response set-header {MTLS_HEADER} \"%[ssl_fc_protocol] %[ssl_c_s_dn(CN)]\"\n    \
              default_backend nginx\n\
-             backend nginx\n    http-reuse always\n    server nginx {}:{}\n",
-            backend.0, backend.1
+             backend nginx\n    http-reuse always\n    server nginx {}:{}\n\
+             frontend bulk\n    mode tcp\n    bind {b_bulk_address} {b_tls}\n    \
+             default_backend iperf3\n\
+             backend iperf3\n    mode tcp\n    server iperf3 {}:{}\n",
+            backend.0, backend.1, bulk_backend.0, bulk_backend.1
         );
         let a_conf = format!(
             "{global}{defaults}frontend front\n    bind {front}\n    default_backend b\n\
-             backend b\n    http-reuse always\n    \
-             server b {b_address} ssl verify required ca-file {d}/ca.crt verifyhost {B_NAME} \
-             sni str({B_NAME}) crt {d}/a.pem ssl-min-ver TLSv1.3\n"
+             backend b\n    http-reuse always\n    server b {b_address} {a_tls}\n\
+             frontend bulk\n    mode tcp\n    bind {}:{BULK_FRONT_PORT}\n    \
+             default_backend b_bulk\n\
+             backend b_bulk\n    mode tcp\n    server b {b_bulk_address} {a_tls}\n",
+            a.gateway
         );
         let b_pid = spawn(topo, haproxy, &b.netns, &dir, "b", &b_conf)?;
         wait_listening(topo, &b.netns, TLS_PORT).context("HAProxy B did not start")?;
@@ -127,6 +151,7 @@ impl HaproxyPair {
         Ok(HaproxyPair {
             pids: [a_pid, b_pid],
             url: format!("http://{front}{path}"),
+            bulk_front: (a.gateway, BULK_FRONT_PORT),
             dir,
             b_ip: b.address,
             a_netns: a.netns,

@@ -18,7 +18,8 @@
 //!   nothing); requests go to the server pod's address.
 //! - HAPROXY PAIR: still not labelled; requests go to HAProxy A (plain
 //!   HTTP), which forwards them over TLS 1.3 with a client certificate to
-//!   HAProxy B, which forwards them to nginx.
+//!   HAProxy B, which forwards them to nginx; bulk TCP goes the same way
+//!   to the iperf3 server, relayed in `mode tcp`.
 //! - NODEMESH + mTLS: the namespace labelled `nodemesh.io/mesh: enabled`;
 //!   the agents hold their workloads' certificates from the test bed's mesh
 //!   CA and reach each other over mutual TLS (HBONE), as by default.
@@ -37,8 +38,8 @@
 //! 3. connection rate: a new TCP connection per request (oha
 //!    `--disable-keepalive`), 16 concurrent;
 //!
-//! and besides, direct and nodemesh + mTLS:
-//! 4. bulk TCP: iperf3, one stream (L4);
+//! and besides, direct, the HAProxy pair and nodemesh + mTLS:
+//! 4. bulk TCP: iperf3, one stream (L4), with the proxies' CPU per GB;
 //! 5. nodemesh + mTLS only, L7: phases 1 to 3 to the Service, once with a
 //!    VirtualService of 10 routes (the headline L7 figures) and once with
 //!    10 000, requests matching only the last route (see `routes.rs`); the
@@ -118,7 +119,7 @@ use procfs::{
 use report::{comparison, cpu_breakdown, l7_table};
 use results::{
     per_1000, Bulk, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
-    ModeResult, PathResult, Variant,
+    ModeResult, PathResult, Transfer, Variant,
 };
 
 const USAGE: &str = "\
@@ -163,12 +164,6 @@ const CONNECTIONS: u32 = 16;
 const FIXED_RATE: u32 = 2000;
 /// nginx's response body size.
 const BODY_SIZE: usize = 1024;
-/// What one iperf3 run delivered to the server.
-struct Transfer {
-    bits_per_second: f64,
-    bytes: f64,
-}
-
 /// Longest iperf3 run.
 const BULK_MAX: Duration = Duration::from_secs(5);
 const WARMUP: Duration = Duration::from_secs(1);
@@ -260,7 +255,8 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
          matching). + mTLS: the agents reach each other over mutual TLS (HBONE),\nas by \
          default; plaintext hop: under a mesh-wide PeerAuthentication DISABLE. HAProxy pair: \
          L7\nwith mutual TLS between two HAProxies ({} threads each, as the agents' 2 \
-         workers).\nProxy CPU sums both proxies of the path. Targets \
+         workers), and bulk TCP in\ntheir `mode tcp`, also over mutual TLS. Proxy CPU sums \
+         both proxies of the path. Targets \
          are the design's for L7 + mTLS through two agents, judged here on {} (informative \
          only).\np99 on shared VMs is dominated by hypervisor steal: judge by p50/p90 and CPU.",
         ROUTE_COUNTS[0],
@@ -681,6 +677,7 @@ impl<'a> Bench<'a> {
             &mut topo,
             &tools.haproxy,
             (server.address, HTTP_PORT),
+            (server.address, IPERF_PORT),
             routes::PATH,
         )?;
 
@@ -858,9 +855,9 @@ impl<'a> Bench<'a> {
             println!("  {url} reaches nginx over the hop of {}", mode.name());
         }
         let counts_before = self.agent_counts()?;
-        // Bulk TCP and the route tables on the default path only.
+        // The route tables and the outside client on the default path only.
         let full = matches!(mode, Mode::Direct | Mode::MeshedMtls);
-        let bulk_steps = usize::from(full);
+        let bulk_steps = usize::from(self.bulk_target(mode).is_some());
         // The outside client's phases: direct to the pod, or the ingress.
         let outside_steps = 3 * usize::from(full);
         let l7_steps = if mode == Mode::MeshedMtls {
@@ -891,15 +888,27 @@ impl<'a> Bench<'a> {
             _ => None,
         };
 
-        // iperf3 is plain TCP: the HAProxy pair only speaks HTTP.
-        let bulk = if !full {
-            None
-        } else {
-            let (transfer, cpu) = self.bulk_phase(&mut log, "bulk TCP", "bulk")?;
-            Some(Bulk {
-                bits_per_second: transfer.bits_per_second,
-                cpu,
-            })
+        let bulk = match self.bulk_target(mode) {
+            None => None,
+            Some(to) => {
+                let tls_before = self.haproxy_tls_connections(mode)?;
+                let bulk = self.bulk_phase(&mut log, "bulk TCP", "bulk", &to)?;
+                // iperf3's control and data connections: A opens a TLS
+                // connection to B for each.
+                if let (Some(before), Some(after)) =
+                    (tls_before, self.haproxy_tls_connections(mode)?)
+                {
+                    let n = after.saturating_sub(before);
+                    if n < 2 {
+                        bail!(
+                            "bulk TCP through the HAProxy pair did not reach B over TLS: B \
+                             accepted {n} TLS connections for iperf3's two\n{}",
+                            self.haproxy.logs(&self.topo)
+                        );
+                    }
+                }
+                Some(bulk)
+            }
         };
 
         let mut l7 = Vec::new();
@@ -978,6 +987,25 @@ impl<'a> Bench<'a> {
             captured,
             haproxy_tls_connections,
         })
+    }
+
+    /// Where `mode` sends bulk TCP: the server pod's iperf3 (directly or
+    /// relayed by the agents), or HAProxy A's TCP front; none on the L7-only
+    /// plaintext hop.
+    fn bulk_target(&self, mode: Mode) -> Option<(String, u16)> {
+        match mode {
+            Mode::Direct | Mode::MeshedMtls => Some(self.pod_iperf3()),
+            Mode::HaproxyPair => {
+                let (ip, port) = self.haproxy.bulk_front;
+                Some((ip.to_string(), port))
+            }
+            Mode::MeshedPlaintext => None,
+        }
+    }
+
+    /// The server pod's iperf3 server.
+    fn pod_iperf3(&self) -> (String, u16) {
+        (self.server_ip.clone(), IPERF_PORT)
     }
 
     /// The server pod's address: the only one reachable without the mesh.
@@ -1328,36 +1356,29 @@ impl<'a> Bench<'a> {
         Ok(run)
     }
 
-    /// Runs the iperf3 client in the client pod; returns bits/s received.
-    /// Bulk TCP, one iperf3 stream from the client pod to the server pod
-    /// (`what` in the log, `phase` in the phase's warnings and memory).
+    /// Bulk TCP, one iperf3 stream from the client pod to `to` (`what` in
+    /// the log, `phase` in the phase's warnings and memory).
     fn bulk_phase(
         &self,
         log: &mut PhaseLog,
         what: &str,
         phase: &str,
-    ) -> Result<(Transfer, CpuUse)> {
+        to: &(String, u16),
+    ) -> Result<Bulk> {
         log.step(&format!("{what}: iperf3, {}", human(self.opts.bulk)));
-        let (transfer, cpu) = self.phase(log, phase, |b| b.iperf3())?;
+        let (transfer, cpu) = self.phase(log, phase, |b| b.iperf3(to))?;
         println!("        {:.2} Gbit/s", transfer.bits_per_second / 1e9);
-        Ok((transfer, cpu))
+        Ok(Bulk { transfer, cpu })
     }
 
-    fn iperf3(&self) -> Result<Transfer> {
+    /// Runs the iperf3 client in the client pod against `to`; returns what
+    /// the server received.
+    fn iperf3(&self, (host, port): &(String, u16)) -> Result<Transfer> {
         self.check_processes()?;
         let iperf3 = self.iperf3.to_string_lossy().into_owned();
-        let port = IPERF_PORT.to_string();
+        let port = port.to_string();
         let secs = format!("{}", self.opts.bulk.as_secs().max(1));
-        let cmd = [
-            iperf3.as_str(),
-            "-c",
-            &self.server_ip,
-            "-p",
-            &port,
-            "-t",
-            &secs,
-            "-J",
-        ];
+        let cmd = [iperf3.as_str(), "-c", host, "-p", &port, "-t", &secs, "-J"];
         let out = self.topo.run_in(&self.client_netns, &cmd)?;
         self.check_processes().context("bulk TCP")?;
         let doc: Value = serde_json::from_slice(&out.stdout).with_context(|| {

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::procfs::num_cpus;
 use super::{
-    per_1000, CpuUse, HttpRun, L7Result, Memory, Mode, ModeResult, PathResult, Variant,
+    per_1000, Bulk, CpuUse, HttpRun, L7Result, Memory, Mode, ModeResult, PathResult, Variant,
     CONNECTIONS, FIXED_RATE, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000,
     TARGET_CPU_MS_PER_1000_FIXED_RATE, TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
 };
@@ -446,47 +446,9 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
         });
     }
 
-    // Bulk TCP: only the TCP paths carry it.
-    let bulk = |path: Path| {
-        median(
-            results
-                .iter()
-                .filter(|r| r.mode == path.mode())
-                .filter_map(|r| r.bulk.as_ref().map(|b| b.bits_per_second)),
-        )
-    };
-    let direct_bulk = bulk(Path::Direct);
-    let mut cells = vec!["bulk TCP, iperf3".to_string()];
-    let mut values = Map::new();
-    let mut target = None;
-    for &path in &paths {
-        let v = bulk(path);
-        let pct = percent(v, direct_bulk);
-        match path {
-            Path::Direct => {
-                cells.push(format!("{:.2} Gbit/s", v / 1e9));
-                values.insert(path.key().into(), json!({ "value": v }));
-            }
-            Path::L4Mtls => {
-                cells.push(format!("{:.2} Gbit/s ({pct:.1} %)", v / 1e9));
-                values.insert(path.key().into(), json!({ "value": v, "percent": pct }));
-            }
-            _ => cells.push("-".into()),
-        }
-        // The design's bulk target is for the L4 relay.
-        if path == Path::L4Mtls {
-            target = Some((
-                format!("L4 ≥ {TARGET_BULK_PERCENT:.0} %"),
-                pct >= TARGET_BULK_PERCENT,
-            ));
-        }
-    }
-    main.rows.push(Row {
-        cells,
-        target,
-        key: "bulk_bits_per_second".into(),
-        values: Value::Object(values),
-    });
+    let (bulk_main, bulk_versus) = bulk_rows(results, &paths, &nodemesh);
+    main.rows.extend(bulk_main);
+    versus.rows.extend(bulk_versus);
 
     // CPU per proxy at max: where the summed figure goes.
     let mut cells = vec!["  per proxy, node-a / node-b (max)".to_string()];
@@ -578,6 +540,84 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
         versus_haproxy: versus,
         judged,
     }
+}
+
+/// A bulk TCP figure: its label, its JSON key and how to read it.
+type BulkFigure = (&'static str, &'static str, fn(&Bulk) -> f64);
+
+/// Bulk TCP rows, for the main table and against the HAProxy pair. Only
+/// the TCP paths carry it (the pair's in `mode tcp`): one iperf3 stream.
+fn bulk_rows(results: &[ModeResult], paths: &[Path], nodemesh: &[Path]) -> (Vec<Row>, Vec<Row>) {
+    let bulk = |path: Path, get: fn(&Bulk) -> f64| {
+        median(
+            results
+                .iter()
+                .filter(|r| r.mode == path.mode())
+                .filter_map(|r| r.bulk.as_ref().map(get)),
+        )
+    };
+    let relayed = |path: Path| matches!(path, Path::Haproxy | Path::L4Mtls);
+    let [rate, cpu]: [BulkFigure; 2] = [
+        ("bulk TCP, iperf3", "bulk_bits_per_second", |b| {
+            b.transfer.bits_per_second
+        }),
+        (
+            "proxy CPU per GB, both (bulk)",
+            "proxy_cpu_ms_per_gigabyte",
+            Bulk::cpu_ms_per_gigabyte,
+        ),
+    ];
+    let row = |(label, key, _): BulkFigure| Row {
+        cells: vec![label.to_string()],
+        target: None,
+        key: key.into(),
+        values: Value::Object(Map::new()),
+    };
+
+    let direct = bulk(Path::Direct, rate.2);
+    let (mut rate_row, mut cpu_row) = (row(rate), row(cpu));
+    for &path in paths {
+        let (v, ms) = (bulk(path, rate.2), bulk(path, cpu.2));
+        let pct = percent(v, direct);
+        if path == Path::Direct {
+            rate_row.cells.push(format!("{:.2} Gbit/s", v / 1e9));
+            rate_row.values[path.key()] = json!({ "value": v });
+            cpu_row.cells.push("-".into());
+        } else if relayed(path) {
+            rate_row
+                .cells
+                .push(format!("{:.2} Gbit/s ({pct:.1} %)", v / 1e9));
+            rate_row.values[path.key()] = json!({ "value": v, "percent": pct });
+            cpu_row.cells.push(format!("{ms:.0} ms"));
+            cpu_row.values[path.key()] = json!({ "value": ms });
+        } else {
+            rate_row.cells.push("-".into());
+            cpu_row.cells.push("-".into());
+        }
+        // The design's bulk target is for the L4 relay.
+        if path == Path::L4Mtls {
+            rate_row.target = Some((
+                format!("L4 ≥ {TARGET_BULK_PERCENT:.0} %"),
+                pct >= TARGET_BULK_PERCENT,
+            ));
+        }
+    }
+
+    let versus = [rate, cpu].map(|figure| {
+        let haproxy = bulk(Path::Haproxy, figure.2);
+        let mut versus = row(figure);
+        for &path in nodemesh {
+            if relayed(path) {
+                let r = percent(bulk(path, figure.2), haproxy);
+                versus.cells.push(format!("{r:.1} %"));
+                versus.values[path.key()] = json!({ "percent": r });
+            } else {
+                versus.cells.push("-".into());
+            }
+        }
+        versus
+    });
+    (vec![rate_row, cpu_row], versus.into())
 }
 
 /// Two L7 runs side by side, the results `pick` finds for column 0 and 1

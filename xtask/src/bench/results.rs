@@ -362,11 +362,25 @@ impl L7Result {
     }
 }
 
-/// iperf3, one stream.
+/// What one iperf3 run delivered to the server.
+#[derive(Debug)]
+pub(super) struct Transfer {
+    pub(super) bits_per_second: f64,
+    pub(super) bytes: f64,
+}
+
+/// iperf3, one stream: what it delivered, and the CPU that took.
 #[derive(Debug)]
 pub(super) struct Bulk {
-    pub(super) bits_per_second: f64,
+    pub(super) transfer: Transfer,
     pub(super) cpu: CpuUse,
+}
+
+impl Bulk {
+    /// Both proxies' CPU per gigabyte delivered, in ms.
+    pub(super) fn cpu_ms_per_gigabyte(&self) -> f64 {
+        self.cpu.proxies_total() / (self.transfer.bytes / 1e9).max(f64::MIN_POSITIVE)
+    }
 }
 
 #[derive(Debug)]
@@ -408,7 +422,8 @@ impl ModeResult {
         json!({
             "path": self.main.to_json(),
             "http_l7": self.l7.iter().map(L7Result::to_json).collect::<Vec<_>>(),
-            "bulk_tcp_bits_per_second": self.bulk.as_ref().map(|b| b.bits_per_second),
+            "bulk_tcp_bits_per_second": self.bulk.as_ref().map(|b| b.transfer.bits_per_second),
+            "bulk_tcp_bytes": self.bulk.as_ref().map(|b| b.transfer.bytes),
             "bulk_tcp_cpu": self.bulk.as_ref().map(|b| b.cpu.to_json()),
             "warnings": self.warnings,
             "proxy_memory_kib": self
