@@ -6,8 +6,9 @@
 //! measurement that takes a minute or two. Per round and per agent build, on
 //! a fresh topology: direct max throughput (the reference), then L7 + mTLS to
 //! the Service (10 routes) at max throughput and at 2000 req/s, then new
-//! connections to the server pod's address (opaque TCP relayed over HBONE, a
-//! new connection per request, as many concurrent), then bulk TCP (one iperf3
+//! connections to the server pod's address (relayed as opaque TCP by the
+//! client's agent over HBONE, served as HTTP by the server's agent; a new
+//! connection per request, as many concurrent), then bulk TCP (one iperf3
 //! stream to the pod's address, relayed over HBONE, against the same stream
 //! before the namespace was labelled). Builds alternate within a round, so a
 //! shared machine's load drifts over both alike. The agents' pids are printed

@@ -23,9 +23,12 @@
 //! - NODEMESH + mTLS: the namespace labelled `nodemesh.io/mesh: enabled`;
 //!   the agents hold their workloads' certificates from the test bed's mesh
 //!   CA and reach each other over mutual TLS (HBONE), as by default.
-//!   Requests to the pod's address are relayed as opaque TCP by both agents
-//!   (L4 + mTLS), requests to the Service's cluster IP are terminated and
-//!   routed by the client-side agent (L7 + mTLS).
+//!   Requests to the pod's address are relayed as opaque TCP by the
+//!   client-side agent (L4 + mTLS; the server-side agent serves nginx's
+//!   port as the HTTP its Service declares, to set the caller's
+//!   `X-Forwarded-Client-Cert`, and iperf3's undeclared port as opaque
+//!   TCP); requests to the Service's cluster IP are terminated and routed
+//!   by the client-side agent (L7 + mTLS).
 //! - NODEMESH, PLAINTEXT HOP: the same agents with a mesh-wide
 //!   PeerAuthentication `DISABLE` (root namespace `istio-system`), so
 //!   automatic mTLS chooses a plaintext hop: L7 to the Service only, the
@@ -250,7 +253,8 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
     print!("{}", comparison.main.render());
     println!(
         "\nEvery path as a ratio of (or delta to) the direct run of the same invocation. L4: \
-         to the server pod's\naddress, relayed as opaque TCP by both agents. L7: to the \
+         to the server pod's\naddress, relayed as opaque TCP by the client's agent (the server's agent serves \
+         HTTP ports as HTTP). L7: to the \
          Service, routed by the client-side agent\n(VirtualService, {} routes, the last \
          matching). + mTLS: the agents reach each other over mutual TLS (HBONE),\nas by \
          default; plaintext hop: under a mesh-wide PeerAuthentication DISABLE. HAProxy pair: \
