@@ -17,8 +17,9 @@ commands:
   build [--pgo]    setup, then build the agent and the test application
                    (`mesh-app`) in release mode; with --pgo the agent alone,
                    profile-guided: built instrumented, trained on a quick
-                   bench (root, as the bench), built again with the counts
-                   (target/pgo/optimized/release/nodemesh; about 12 min)
+                   bench (root, as the bench), built again with the counts,
+                   then laid out by BOLT from a second training
+                   (target/pgo/bolt/nodemesh; about 20 min)
   test [ARGS]      build, then `cargo test --release --workspace ARGS` with
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`);
                    without ARGS also `cargo fmt --check`, clippy with
@@ -43,6 +44,8 @@ commands:
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
+    // `build --pgo`: BOLT lays out the profile-guided agent (bolt.rs).
+    "bolt-22",
     "libzstd-dev",
     "zlib1g-dev",
     // jemalloc, the agent's allocator, is built from its sources.
@@ -96,6 +99,7 @@ const TEST_NETNS_PREFIX: &str = "nm";
 const PIN_DIR: &str = "/sys/fs/bpf/nodemesh";
 
 mod bench;
+mod bolt;
 mod demo;
 mod demo_kube;
 mod fuzz;

@@ -16,7 +16,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::{bench, cargo, display, output_ok, status, LLVM_BIN};
+use crate::{bench, bolt, cargo, display, output_ok, status, LLVM_BIN};
 
 /// Where the two builds, the raw counts and the merged profile go.
 struct Layout {
@@ -35,6 +35,10 @@ impl Layout {
     }
     fn profile(&self) -> PathBuf {
         self.dir.join("nodemesh.profdata")
+    }
+    /// BOLT's instrumented copy, its counts and the agent it lays out.
+    fn bolt(&self) -> PathBuf {
+        self.dir.join("bolt")
     }
 }
 
@@ -70,12 +74,7 @@ pub fn build(root: &Path, target_dir: &Path) -> Result<PathBuf> {
         "pgo: training {} on the bench's traffic",
         instrumented.display()
     );
-    let training = [
-        "--quick".to_string(),
-        "--results".to_string(),
-        layout.dir.join("training.json").display().to_string(),
-    ];
-    bench::run(&instrumented, &training)
+    train(&instrumented, &layout.dir.join("training.json"))
         .context("the training run of the instrumented agent failed")?;
 
     status(
@@ -86,14 +85,32 @@ pub fn build(root: &Path, target_dir: &Path) -> Result<PathBuf> {
             .arg(&raw),
     )
     .context("merging the training's counts")?;
+    // BOLT moves functions only in a binary that keeps its relocations.
     let optimized = build_agent(
         root,
         &rustc.host,
         &layout.optimized_target(),
-        &format!("-Cprofile-use={}", layout.profile().display()),
+        &format!(
+            "-Cprofile-use={} -Clink-arg=-Wl,--emit-relocs",
+            layout.profile().display()
+        ),
     )?;
-    println!("pgo: the optimized agent is {}", optimized.display());
-    Ok(optimized)
+    let bolt = layout.bolt();
+    let laid_out = bolt::optimize(&optimized, &bolt, |binary| {
+        train(binary, &bolt.join("training.json"))
+    })?;
+    println!("pgo: the optimized agent is {}", laid_out.display());
+    Ok(laid_out)
+}
+
+/// A quick bench of `agent`: the traffic every training run serves.
+fn train(agent: &Path, results: &Path) -> Result<()> {
+    let args = [
+        "--quick".to_string(),
+        "--results".to_string(),
+        results.display().to_string(),
+    ];
+    bench::run(agent, &args)
 }
 
 /// `cargo build --release` of the agent in its own target directory, with

@@ -513,6 +513,27 @@ fn find_program(name: &str, fallbacks: &[&str]) -> Result<PathBuf> {
         })
 }
 
+/// Drops the proxies' binaries from the page cache, so that each is read
+/// back as a node reads a binary it starts: a page-cache folio is mapped
+/// whole on a fault, and one just written by a linker or by BOLT is held in
+/// folios of up to 2 MB where reading it back makes the readahead's (128 KB
+/// here). Without this, RSS measured right after a build depends on the
+/// tool that wrote the file (3–4 MB more for the same agent).
+fn read_back_from_disk(binaries: &[&Path]) -> Result<()> {
+    for binary in binaries {
+        // `sync` writes the file's dirty pages, which no advice drops;
+        // `dd iflag=nocache count=0` then advises the kernel to drop all of it.
+        super::status(std::process::Command::new("sync").arg(binary))?;
+        super::status(
+            std::process::Command::new("dd")
+                .arg(format!("if={}", binary.display()))
+                .args(["iflag=nocache", "count=0", "status=none"]),
+        )
+        .with_context(|| format!("dropping {} from the page cache", binary.display()))?;
+    }
+    Ok(())
+}
+
 /// The installed oha and the flags its version understands.
 struct Oha {
     path: PathBuf,
@@ -624,6 +645,7 @@ impl<'a> Bench<'a> {
         opts: &'a Options,
         clk_tck: u64,
     ) -> Result<Bench<'a>> {
+        read_back_from_disk(&[nodemesh, &tools.haproxy])?;
         // Locals drop in reverse order: on an error below, agents already
         // started stop before `topo` goes.
         let mut topo = Topology::new()?;
