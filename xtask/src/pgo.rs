@@ -8,8 +8,9 @@
 //! the agent is built again with them. LLVM then inlines and lays out the
 //! data path for the branches it really takes, optimizes for size what never
 //! ran, and places the code that ran next to each other, so fewer pages of
-//! the binary are mapped under load. Each build is trained afresh: a profile
-//! of older code would be partly ignored, partly misleading.
+//! the binary are mapped under load. BOLT then lays out the linked binary
+//! from a second training run (`bolt.rs`). Each build is trained afresh: a
+//! profile of older code would be partly ignored, partly misleading.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
