@@ -15,7 +15,7 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{status, LLVM_BIN};
+use crate::{pgo, status, LLVM_BIN};
 
 /// Instruments `binary`, runs `train` on the instrumented copy, and returns
 /// the optimized copy; all of it in `dir`.
@@ -24,10 +24,7 @@ pub fn optimize(
     dir: &Path,
     train: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    pgo::empty_dir(dir)?;
     let bolt = Path::new(LLVM_BIN).join("llvm-bolt");
     let instrumented = dir.join("nodemesh.instrumented");
     // Every process of the training (both agents, each CLI call) writes its

@@ -67,10 +67,7 @@ pub fn build(root: &Path, target_dir: &Path) -> Result<PathBuf> {
         &format!("-Cprofile-generate={}", raw.display()),
     )?;
     // What the build scripts of that build counted is not the agent's.
-    if raw.exists() {
-        std::fs::remove_dir_all(&raw).with_context(|| format!("emptying {}", raw.display()))?;
-    }
-    std::fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
+    empty_dir(&raw)?;
     println!(
         "pgo: training {} on the bench's traffic",
         instrumented.display()
@@ -102,6 +99,15 @@ pub fn build(root: &Path, target_dir: &Path) -> Result<PathBuf> {
     })?;
     println!("pgo: the optimized agent is {}", laid_out.display());
     Ok(laid_out)
+}
+
+/// Makes `dir` an empty directory: what a training leaves there is read as
+/// the counts of that training alone.
+pub fn empty_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
 /// A quick bench of `agent`: the traffic every training run serves.

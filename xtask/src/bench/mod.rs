@@ -515,10 +515,10 @@ fn find_program(name: &str, fallbacks: &[&str]) -> Result<PathBuf> {
 
 /// Drops the proxies' binaries from the page cache, so that each is read
 /// back as a node reads a binary it starts: a page-cache folio is mapped
-/// whole on a fault, and one just written by a linker or by BOLT is held in
-/// folios of up to 2 MB where reading it back makes the readahead's (128 KB
-/// here). Without this, RSS measured right after a build depends on the
-/// tool that wrote the file (3–4 MB more for the same agent).
+/// whole on a fault, and a file just written by a linker or by BOLT is held
+/// in folios of up to 2 MB, not in those its readahead makes. Without this,
+/// RSS measured right after a build depends on the tool that wrote the file
+/// (1.4 MB more for a linker's output here, 7.9 MB for BOLT's).
 fn read_back_from_disk(binaries: &[&Path]) -> Result<()> {
     for binary in binaries {
         // `sync` writes the file's dirty pages, which no advice drops;
