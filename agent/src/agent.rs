@@ -272,6 +272,12 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     let metrics =
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
     let window = tokio::spawn(node.proxy.telemetry.clone().keep_window());
+    // Subscribed before the first load: starting is the first burst.
+    let releaser = tokio::spawn(memory::release_after_each_burst(
+        vec![config.subscribe(), node.identities.subscribe_issued()],
+        memory::SETTLED_AFTER,
+        memory::release_code_pages_logged,
+    ));
 
     let loaded = tokio::select! {
         () = config.first_load() => true,
@@ -291,14 +297,6 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
             config.generation(),
             node.settings.admin_socket.display()
         );
-        match memory::release_start_up_pages() {
-            Ok(released) => log::debug!(
-                "unmapped {} KiB of start-up code in {} mappings",
-                released.bytes / 1024,
-                released.mappings
-            ),
-            Err(e) => log::warn!("could not unmap the start-up code: {e}"),
-        }
         tokio::spawn(reconcile_loop(node.clone()))
     });
     if let Some((ack, from)) = handed_in.filter(|_| loaded) {
@@ -397,6 +395,7 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         reconciler.abort();
     }
     window.abort();
+    releaser.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
     }

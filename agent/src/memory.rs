@@ -11,6 +11,13 @@
 //! `malloc_trim` every 5 s; 46 MB in another run). Measured too: jemalloc's
 //! defaults (63 MB: four arenas per core, pages kept for ten seconds),
 //! mimalloc v2 and v3 (23 MB more at start, never came down).
+//!
+//! It also unmaps the code that only its control plane runs, once each burst
+//! of control work is over ([`release_after_each_burst`]).
+
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 /// jemalloc's options (`malloc_conf`): two arenas serve the agent's few
 /// threads without contention that shows in the bench (its default of four
@@ -21,7 +28,13 @@
 pub const JEMALLOC_OPTIONS: &[u8] =
     b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:true\0";
 
-/// What [`release_start_up_pages`] unmapped.
+/// How long the control plane must stay quiet after a burst (a configuration
+/// change, a certificate issued) before its code is unmapped again. Changes
+/// come in bursts (a rollout, every identity of a node at start), and
+/// unmapping in the middle of one would only map the same pages back.
+pub const SETTLED_AFTER: Duration = Duration::from_secs(10);
+
+/// What [`release_code_pages`] unmapped.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Released {
     pub mappings: usize,
@@ -32,7 +45,9 @@ pub struct Released {
 /// binary's and the C libraries'), so that only those it runs from now on
 /// come back. Starting touches code that never runs again (loading the eBPF
 /// programs and parsing the kernel's BTF, the command line, the first
-/// configuration). Such pages are clean copies of the files in the page
+/// configuration), and so does every later burst of control work (parsing
+/// YAML, building tables, making a key and a CSR, checking a certificate):
+/// see [`release_after_each_burst`]. Such pages are clean copies of the files in the page
 /// cache, so dropping them loses nothing: the next access maps the same
 /// bytes back (a minor fault), and the ones no longer mapped become the
 /// first the kernel reclaims when the node needs memory. What comes back
@@ -44,7 +59,7 @@ pub struct Released {
 /// Only private mappings without write permission and without a single
 /// anonymous page are touched: relocated data (RELRO) and pages a debugger
 /// or a uprobe patched are copies that exist nowhere else.
-pub fn release_start_up_pages() -> std::io::Result<Released> {
+pub fn release_code_pages() -> std::io::Result<Released> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let exe = std::fs::read_link("/proc/self/exe")?;
     let mut released = Released::default();
@@ -72,6 +87,43 @@ pub fn release_start_up_pages() -> std::io::Result<Released> {
         released.bytes += mapping.rss_kib * 1024;
     }
     Ok(released)
+}
+
+/// Waits for bursts of control work, each signalled by a change on one of
+/// `changes` (configuration generations, certificates issued; starting is
+/// the first), and calls `release` once `settled_after` ([`SETTLED_AFTER`])
+/// has passed without another. Ends when a sender is gone (they live as
+/// long as the agent).
+pub async fn release_after_each_burst(
+    mut changes: Vec<watch::Receiver<u64>>,
+    settled_after: Duration,
+    mut release: impl FnMut(),
+) {
+    while next_change(&mut changes).await {
+        while let Ok(true) = tokio::time::timeout(settled_after, next_change(&mut changes)).await {}
+        release();
+    }
+}
+
+/// [`release_code_pages`], logged: the data path's pages come back at their
+/// next use, the control plane's stay out until its next burst.
+pub fn release_code_pages_logged() {
+    match release_code_pages() {
+        Ok(released) => log::debug!(
+            "control work settled: unmapped {} KiB of code in {} mappings",
+            released.bytes / 1024,
+            released.mappings
+        ),
+        Err(e) => log::warn!("could not unmap code no longer in use: {e}"),
+    }
+}
+
+/// Resolves at the next change on any of `changes` (at least one): `false`
+/// once one of their senders is gone.
+async fn next_change(changes: &mut [watch::Receiver<u64>]) -> bool {
+    let changed = changes.iter_mut().map(|c| Box::pin(c.changed()));
+    let (result, ..) = futures_util::future::select_all(changed).await;
+    result.is_ok()
 }
 
 /// One mapping of `/proc/self/smaps`, the fields that decide whether its
@@ -148,6 +200,9 @@ fn header(line: &str) -> Option<Mapping<'_>> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     const SMAPS: &str = "\
@@ -217,10 +272,51 @@ Anonymous:             0 kB
             .sum()
     }
 
+    #[tokio::test]
+    async fn code_is_released_once_per_burst_once_it_has_settled() {
+        const SETTLED: Duration = Duration::from_millis(500);
+        let (config, config_changes) = watch::channel(0);
+        let (issued, issuances) = watch::channel(0);
+        let releases = Arc::new(AtomicUsize::new(0));
+        let released = releases.clone();
+        let releaser = tokio::spawn(release_after_each_burst(
+            vec![config_changes, issuances],
+            SETTLED,
+            move || {
+                released.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        // A burst: changes on either source, closer together than SETTLED.
+        for n in 1..=10 {
+            if n % 2 == 0 {
+                config.send_replace(n);
+            } else {
+                issued.send_replace(n);
+            }
+            tokio::time::sleep(SETTLED / 20).await;
+        }
+        assert_eq!(
+            releases.load(Ordering::SeqCst),
+            0,
+            "released within a burst"
+        );
+        tokio::time::sleep(SETTLED * 2).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 1, "one release per burst");
+        issued.send_replace(11);
+        tokio::time::sleep(SETTLED * 2).await;
+        assert_eq!(
+            releases.load(Ordering::SeqCst),
+            2,
+            "the next burst's release"
+        );
+        drop(config);
+        releaser.await.unwrap();
+    }
+
     #[test]
     fn a_process_keeps_running_from_the_pages_it_maps_back() {
         let before = resident_code_kib();
-        let released = release_start_up_pages().unwrap();
+        let released = release_code_pages().unwrap();
         assert!(released.mappings > 0 && released.bytes > 0, "{released:?}");
         let after = resident_code_kib();
         assert!(

@@ -288,10 +288,15 @@ impl Identities {
         (!issued.facts.expired(SystemTime::now())).then(|| issued.key.clone())
     }
 
+    /// Yields the count of certificates issued so far after every issuance.
+    pub fn subscribe_issued(&self) -> watch::Receiver<u64> {
+        self.issued.subscribe()
+    }
+
     /// Like [`certified_key`](Self::certified_key), waiting up to `timeout`
     /// for a first issuance.
     pub async fn wait_for(&self, id: &SpiffeId, timeout: Duration) -> Option<Arc<CertifiedKey>> {
-        let mut issued = self.issued.subscribe();
+        let mut issued = self.subscribe_issued();
         tokio::time::timeout(timeout, async {
             loop {
                 if let Some(key) = self.certified_key(id) {
