@@ -272,7 +272,6 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
     let metrics =
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
     let window = tokio::spawn(node.proxy.telemetry.clone().keep_window());
-    // Subscribed before the first load: starting is the first burst.
     let releaser = tokio::spawn(memory::release_after_each_burst(
         vec![config.subscribe(), node.identities.subscribe_issued()],
         memory::SETTLED_AFTER,
