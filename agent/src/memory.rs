@@ -48,10 +48,10 @@ pub struct Released {
 /// programs and parsing the kernel's BTF, the command line, the first
 /// configuration), and so does every later burst of control work (parsing
 /// YAML, building tables, making a key and a CSR, checking a certificate):
-/// see [`release_after_each_burst`]. Such pages are clean copies of the files in the page
-/// cache, so dropping them loses nothing: the next access maps the same
-/// bytes back (a minor fault), and the ones no longer mapped become the
-/// first the kernel reclaims when the node needs memory. What comes back
+/// see [`release_after_each_burst`]. Such pages are clean copies of the
+/// files in the page cache, so dropping them loses nothing: the next access
+/// maps the same bytes back (a minor fault), and the ones no longer mapped
+/// become the first the kernel reclaims when the node needs memory. What comes back
 /// depends on the layout: the kernel maps the 16 pages around each fault, so
 /// a data path spread over the binary maps most of it again (2.5 MB less
 /// under load in a plain build), one laid out together by a profile-guided
