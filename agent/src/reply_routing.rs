@@ -42,6 +42,7 @@
 //! hundred lines of message encoding and error decoding to maintain.
 
 use std::io;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use nodemesh_common::DELIVERY_MARK;
@@ -78,6 +79,12 @@ pub enum ReplyRoutingError {
          network namespace: {0}"
     )]
     Sysctl(io::Error),
+    #[error(
+        "setting net.ipv4.tcp_fwmark_accept in the workload's network namespace: {0}: \
+         in a container /proc/sys is read-only; mount the node's /proc/sys/net at \
+         {HOST_PROC_SYS_NET} (a hostPath volume, as deploy/kubernetes/04-agent.yaml does)"
+    )]
+    ReadOnlySysctl(io::Error),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -115,27 +122,42 @@ pub fn remove(netns: &NetNs) -> Result<(), ReplyRoutingError> {
     set_fwmark_accept(netns, false)
 }
 
+/// Where a container finds the node's `/proc/sys/net` writable: container
+/// runtimes mount `/proc/sys` read-only, so the DaemonSet mounts the node's
+/// at this path (as Cilium's does). What a sysctl file under it shows and
+/// sets is the network namespace of the thread that opens it.
+pub const HOST_PROC_SYS_NET: &str = "/host/proc/sys/net";
+
 /// In the workload: `tcp_fwmark_accept` (IPv4 and IPv6), so a connection
 /// the application accepts takes the mark of its SYN and its side of a
 /// delivery carries `DELIVERY_MARK`; `fwmark_reflect`, so the kernel's reset
 /// to a delivery nobody listens for carries it too (and reaches the agent).
 fn set_fwmark_accept(netns: &NetNs, on: bool) -> Result<(), ReplyRoutingError> {
     const SYSCTLS: [&str; 3] = [
-        "/proc/sys/net/ipv4/tcp_fwmark_accept",
-        "/proc/sys/net/ipv4/fwmark_reflect",
-        "/proc/sys/net/ipv6/fwmark_reflect",
+        "ipv4/tcp_fwmark_accept",
+        "ipv4/fwmark_reflect",
+        "ipv6/fwmark_reflect",
     ];
+    let host = Path::new(HOST_PROC_SYS_NET);
+    let dir = if host.is_dir() {
+        host
+    } else {
+        Path::new("/proc/sys/net")
+    };
     let value = if on { "1" } else { "0" };
     netns
         .enter(|| {
             SYSCTLS[..2]
                 .iter()
-                .try_for_each(|path| std::fs::write(path, value))?;
+                .try_for_each(|sysctl| std::fs::write(dir.join(sysctl), value))?;
             // IPv6 is optional in a workload.
-            let _ = std::fs::write(SYSCTLS[2], value);
+            let _ = std::fs::write(dir.join(SYSCTLS[2]), value);
             Ok(())
         })
-        .map_err(ReplyRoutingError::Sysctl)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::ReadOnlyFilesystem => ReplyRoutingError::ReadOnlySysctl(e),
+            _ => ReplyRoutingError::Sysctl(e),
+        })
 }
 
 fn install_family(netns: &NetNs, family: Family) -> Result<(), ReplyRoutingError> {
