@@ -7,6 +7,8 @@
 //!   Service) into a config directory.
 //! * [`agent`] — starts, crashes, restarts and queries a `nodemesh` agent.
 //! * [`ca`] — a real `nodemesh ca` on a host of its own, and node credentials.
+//! * [`container`] — the container image run by a real container runtime
+//!   (podman, runc) as the Kubernetes manifests run it.
 //! * [`workload_apps`] — small real servers and clients run inside pods
 //!   (HTTP echo, TCP echo, curl).
 //! * [`helm`] — the Helm chart rendered by a Helm-compatible renderer.
@@ -31,6 +33,7 @@
 pub mod agent;
 pub mod ca;
 pub mod config;
+pub mod container;
 pub mod helm;
 pub mod kube;
 pub mod kube_endpoints;

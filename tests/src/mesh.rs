@@ -243,9 +243,15 @@ impl Mesh {
     /// Writes the base config and starts one agent per node with `flags`;
     /// returns once both enrolled their workloads.
     pub fn start(&mut self, flags: &[&str]) -> Result<()> {
+        self.start_from(|_| crate::nodemesh_bin(), flags)
+    }
+
+    /// [`Mesh::start`] with each node's agent run by `bin_of(node)` (e.g.
+    /// from the container image).
+    pub fn start_from(&mut self, bin_of: impl Fn(&str) -> PathBuf, flags: &[&str]) -> Result<()> {
         config::write(&self.config_dir, BASE_FILE, &self.base)?;
         for node in ["node-a", "node-b"] {
-            let bin = crate::nodemesh_bin();
+            let bin = bin_of(node);
             let agent = Agent::start_with(&mut self.topo, node, &self.config_dir, &bin, flags)?;
             self.agents.push(agent);
         }

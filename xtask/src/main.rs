@@ -24,6 +24,13 @@ commands:
                    NODEMESH_BIN set (e.g. `cargo xtask test -- topology`);
                    without ARGS also `cargo fmt --check`, clippy with
                    `-D warnings` and every fuzz target for 45 s
+  image [--pgo] [--output FILE]
+                   build, then write the container image the Kubernetes
+                   manifests run (ghcr.io/nodemesh/nodemesh:VERSION) as an
+                   archive for `docker load`, `podman load`, `ctr images
+                   import` or `skopeo copy` (default
+                   target/image/nodemesh-VERSION.tar); with --pgo of the
+                   profile-guided build, the one to ship
   demo [--kubernetes]
                    build, then run Istio's Bookinfo on a two-node mesh and
                    show routing by header, a weighted split and a fault
@@ -82,6 +89,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "golang-go",
     "golang-github-masterminds-sprig-dev",
     "golang-gopkg-yaml.v3-dev",
+    // The image test loads the image and runs the agent from it as the
+    // DaemonSet does; runc, as crun refuses hosts with cgroup v1 and v2 mixed.
+    "podman",
+    "runc",
 ];
 
 /// The tracing tests' OTLP receiver decodes with OTLP's official protobuf
@@ -104,6 +115,7 @@ mod demo;
 mod demo_kube;
 mod fuzz;
 mod helm_render;
+mod image;
 mod pgo;
 
 fn main() -> ExitCode {
@@ -155,6 +167,35 @@ fn run(args: &[String]) -> Result<()> {
             if rest.is_empty() {
                 fuzz::run(&root(), &[], fuzz::SECONDS_IN_TEST)?;
             }
+            Ok(())
+        }
+        "image" => {
+            let (pgo, output) = match rest {
+                [] => (false, None),
+                [flag] if flag == "--pgo" => (true, None),
+                [flag, file] if flag == "--output" => (false, Some(file)),
+                [pgo, flag, file] | [flag, file, pgo] if pgo == "--pgo" && flag == "--output" => {
+                    (true, Some(file))
+                }
+                _ => bail!("image takes --pgo and --output FILE, got {rest:?}"),
+            };
+            setup()?;
+            let agent = if pgo {
+                pgo::build(&root(), &target_dir())?
+            } else {
+                build()?;
+                target_dir().join("release/nodemesh")
+            };
+            let output = output.map(PathBuf::from).unwrap_or_else(|| {
+                target_dir().join(format!("image/nodemesh-{}.tar", env!("CARGO_PKG_VERSION")))
+            });
+            let id = image::write(&agent, &output)?;
+            println!(
+                "image: {} ({id}) of {} written to {}",
+                image::reference(),
+                agent.display(),
+                output.display()
+            );
             Ok(())
         }
         "fuzz" => {
@@ -519,6 +560,9 @@ fn test(extra: &[String]) -> Result<()> {
         bail!("the build did not produce {}", bin.display());
     }
     report_leftovers("before the tests");
+    // The image test runs the agent from the image of the binary under test.
+    let image = target_dir().join("image/nodemesh-test.tar");
+    image::write(&bin, &image)?;
 
     let mut cmd = cargo();
     cmd.current_dir(root())
@@ -526,6 +570,7 @@ fn test(extra: &[String]) -> Result<()> {
         // hide the results of the others.
         .args(["test", "--release", "--no-fail-fast"])
         .env("NODEMESH_BIN", &bin)
+        .env("NODEMESH_IMAGE", &image)
         .env("RUST_TEST_THREADS", "2");
     // `--workspace` unless packages were chosen explicitly (before `--`).
     let cargo_args = extra.split(|a| a == "--").next().unwrap_or_default();
