@@ -174,6 +174,17 @@ impl Agent {
     /// ready (its first snapshot from the API server applied). The node's
     /// `Node` object is the test's to create.
     pub fn start_kubernetes(topo: &mut Topology, node: &str, kubeconfig: &Path) -> Result<Agent> {
+        Agent::start_kubernetes_from(topo, node, kubeconfig, &nodemesh_bin())
+    }
+
+    /// [`Agent::start_kubernetes`] with the agent run by `bin` (e.g. from
+    /// the container image); the CA and the node's credential as there.
+    pub fn start_kubernetes_from(
+        topo: &mut Topology,
+        node: &str,
+        kubeconfig: &Path,
+        bin: &Path,
+    ) -> Result<Agent> {
         let info = topo.node(node).clone();
         let source_args = vec![
             "--kubernetes".to_owned(),
@@ -189,8 +200,7 @@ impl Agent {
             credential.display().to_string(),
         ];
         let dir = kubeconfig.parent().unwrap_or(topo.work_dir()).to_owned();
-        let bin = nodemesh_bin();
-        Agent::launch_new(topo, node, dir, source_args, &bin, extra_args, None)
+        Agent::launch_new(topo, node, dir, source_args, bin, extra_args, None)
     }
 
     fn launch_new(

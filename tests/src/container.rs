@@ -134,15 +134,16 @@ impl Podman {
     /// Writes `script`, an executable that runs `nodemesh "$@"` from
     /// `image` as the DaemonSet runs the agent (security context, host PID
     /// namespace, host network: the network namespace it is started in,
-    /// and the DaemonSet's host mounts), with `node_credential` as
-    /// `/etc/nodemesh/node-credential` and `shared` mounted at the same path
-    /// (the test's config, admin socket and logs). [`crate::Agent`] takes it
-    /// as its binary, for the agent and for the CLI alike.
+    /// and the DaemonSet's host mounts), with `node_credential` (if given)
+    /// as `/etc/nodemesh/node-credential` and `shared` mounted at the same
+    /// path (the test's config, credentials, kubeconfig, admin socket and
+    /// logs). [`crate::Agent`] takes it as its binary, for the agent and for
+    /// the CLI alike.
     pub fn daemonset_script(
         &self,
         script: &Path,
         image: &str,
-        node_credential: &Path,
+        node_credential: Option<&Path>,
         shared: &Path,
     ) -> Result<PathBuf> {
         let shared = shared.display();
@@ -162,15 +163,17 @@ impl Podman {
                 "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
                 "--volume=/run/netns:/run/netns:ro,rslave",
                 "--volume=/proc/sys/net:/host/proc/sys/net",
-                &format!(
-                    "--volume={}:/etc/nodemesh/node-credential:ro",
-                    node_credential.display()
-                ),
                 &format!("--volume={shared}:{shared}"),
-                image,
             ]
             .map(str::to_owned),
         );
+        if let Some(credential) = node_credential {
+            args.push(format!(
+                "--volume={}:/etc/nodemesh/node-credential:ro",
+                credential.display()
+            ));
+        }
+        args.push(image.to_owned());
         let text = format!("#!/bin/sh\nexec {} \"$@\"\n", args.join(" "));
         fs::write(script, text).with_context(|| format!("writing {}", script.display()))?;
         fs::set_permissions(script, fs::Permissions::from_mode(0o755))?;

@@ -47,6 +47,16 @@ impl KubeMesh {
     /// `deploy/kubernetes/`, a namespace (labelled for the mesh or not), and
     /// an agent on each node.
     pub fn new(mesh_bin: &Path, mesh_enabled: bool) -> Result<KubeMesh> {
+        KubeMesh::new_from(mesh_bin, mesh_enabled, |_, _| Ok(crate::nodemesh_bin()))
+    }
+
+    /// [`KubeMesh::new`] with each node's agent run by `bin_of(topology,
+    /// node)` (e.g. from the container image).
+    pub fn new_from(
+        mesh_bin: &Path,
+        mesh_enabled: bool,
+        bin_of: impl Fn(&Topology, &str) -> Result<PathBuf>,
+    ) -> Result<KubeMesh> {
         let (api, turn) = ApiServer::shared()?;
         let mut topo = Topology::new()?;
         let forwarder = ApiForwarder::start(&mut topo, api)?;
@@ -67,10 +77,12 @@ impl KubeMesh {
         }
         let mut agents = Vec::new();
         for node in ["node-a", "node-b"] {
-            agents.push(Agent::start_kubernetes(
+            let bin = bin_of(&topo, node)?;
+            agents.push(Agent::start_kubernetes_from(
                 &mut topo,
                 node,
                 forwarder.kubeconfig(),
+                &bin,
             )?);
         }
         Ok(KubeMesh {

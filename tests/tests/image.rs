@@ -5,7 +5,9 @@
 //! mounted read-only as the kubelet writes a Secret), and both agents as the
 //! DaemonSet of `04-agent.yaml` does (its capabilities instead of
 //! privileged, read-only root, host PID, the node's network, its host
-//! mounts), serving a request over mutual TLS between two nodes.
+//! mounts), serving a request over mutual TLS between two nodes; then the
+//! same agents in Kubernetes mode, against a real API server, meshing the
+//! pods of a labelled namespace found by their processes.
 
 use std::fs;
 use std::os::unix::fs::{chown, PermissionsExt};
@@ -15,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use nodemesh_testbed::config;
 use nodemesh_testbed::container::{image_archive, Podman, CA_USER};
+use nodemesh_testbed::kube_mesh::KubeMesh;
 use nodemesh_testbed::mesh::{Mesh, CLIENT, NAMESPACE};
-use nodemesh_testbed::nodemesh_bin;
 use nodemesh_testbed::topology::netns_path;
 use nodemesh_testbed::workload_apps::curl_many;
+use nodemesh_testbed::{nodemesh_bin, Topology};
 
 const CA_ADDRESS: &str = "10.0.0.200:15012";
 /// The DaemonSet's `--node-credential`, a hostPath mount.
@@ -176,7 +179,7 @@ fn the_image_runs_the_ca_and_the_agents_as_the_manifests_do() {
         ]);
         let script = work.join(format!("nodemesh-{node}.sh"));
         podman
-            .daemonset_script(&script, &image, &credential, &work)
+            .daemonset_script(&script, &image, Some(&credential), &work)
             .unwrap();
         scripts.push((node, script));
     }
@@ -211,4 +214,38 @@ fn the_image_runs_the_ca_and_the_agents_as_the_manifests_do() {
     let certs = mesh.agent("node-a").cli(&["certs", "-o", "json"]).unwrap();
     let certs = String::from_utf8_lossy(&certs.stdout);
     assert!(certs.contains(&id(CLIENT)), "{certs}");
+}
+
+#[test]
+fn the_daemonset_from_the_image_meshes_the_pods_of_a_labelled_namespace() {
+    let podman = Podman::new().unwrap();
+    let image = podman.load(&image_archive()).unwrap();
+    let script = |topo: &Topology, node: &str| {
+        let script = topo.work_dir().join(format!("nodemesh-{node}.sh"));
+        podman.daemonset_script(&script, &image, None, topo.work_dir())
+    };
+    let mut cluster = KubeMesh::new_from(app_bin(), true, script).unwrap();
+    cluster.client("node-a").unwrap();
+    cluster
+        .app("node-b", "web", &[("app", "web")], &[])
+        .unwrap();
+    cluster.service("web", 40).unwrap();
+    cluster.wait_enrolled("node-a", 1).unwrap();
+    cluster.wait_enrolled("node-b", 1).unwrap();
+    assert_eq!(podman.running().unwrap().len(), 2, "an agent per node");
+
+    let namespace = cluster.namespace().to_owned();
+    let id = |account: &str| format!("spiffe://cluster.local/ns/{namespace}/sa/{account}");
+    let url = cluster.url("web", "/");
+    let replies = curl_many(cluster.topo(), "client", &[url.as_str()], &[]).unwrap();
+    assert_eq!(replies[0].status, 200, "{replies:?}");
+    let doc = replies[0].json().unwrap();
+    assert_eq!(
+        doc["headers"]["x-forwarded-client-cert"],
+        format!("By={};URI={}", id("bookinfo"), id("client"))
+    );
+    assert_eq!(
+        doc["client"],
+        cluster.topo().pod("client").address.to_string()
+    );
 }
