@@ -43,7 +43,7 @@ pub fn reference() -> String {
 /// digest of its configuration, as `docker images` shows it).
 pub fn write(agent: &Path, out: &Path) -> Result<String> {
     let ip = host_ip()?;
-    let mut layer = Layer::default();
+    let mut layer = TarFiles::default();
     for dir in ["etc", "run", "tmp", "usr/bin"] {
         layer.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 });
     }
@@ -61,7 +61,11 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
     layer.file(
         "/etc/passwd",
         0o644,
-        format!("root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:{NONROOT}:{NONROOT}:nonroot:/home/nonroot:/sbin/nologin\n").into_bytes(),
+        format!(
+            "root:x:0:0:root:/root:/sbin/nologin\n\
+             nonroot:x:{NONROOT}:{NONROOT}:nonroot:/home/nonroot:/sbin/nologin\n"
+        )
+        .into_bytes(),
     );
     layer.file(
         "/etc/group",
@@ -90,11 +94,21 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "cargo xtask image"}],
     }))?;
     let config_digest = sha256(&config);
+    let config_descriptor = descriptor(
+        "application/vnd.oci.image.config.v1+json",
+        &config_digest,
+        config.len(),
+    );
+    let layer_descriptor = descriptor(
+        "application/vnd.oci.image.layer.v1.tar",
+        &layer_digest,
+        layer.len(),
+    );
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": descriptor("application/vnd.oci.image.config.v1+json", &config_digest, config.len()),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer_digest, layer.len())],
+        "config": config_descriptor,
+        "layers": [layer_descriptor],
     }))?;
     let manifest_digest = sha256(&manifest);
     let mut manifest_descriptor = descriptor(
@@ -117,7 +131,7 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
         "Layers": [blob_path(&layer_digest)],
     }]))?;
 
-    let mut archive = Layer::default();
+    let mut archive = TarFiles::default();
     archive.file(
         "oci-layout",
         0o644,
@@ -139,11 +153,11 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
     Ok(config_digest)
 }
 
-/// The files of an image layer (or of the archive), by path without the
-/// leading `/`; parents are added as directories. A `BTreeMap`, so a
+/// The files of a tar (the image's layer, or the archive), by path without
+/// the leading `/`; parents are added as directories. A `BTreeMap`, so a
 /// directory comes before what it holds and the order is always the same.
 #[derive(Default)]
-struct Layer(BTreeMap<String, Entry>);
+struct TarFiles(BTreeMap<String, Entry>);
 
 enum Entry {
     Dir(u32),
@@ -151,7 +165,7 @@ enum Entry {
     Symlink(String),
 }
 
-impl Layer {
+impl TarFiles {
     fn dir(&mut self, path: &str, mode: u32) {
         self.add(path, Entry::Dir(mode));
     }
