@@ -9,13 +9,15 @@
 //! container it started and that directory: declare it before the topology
 //! and the agents that run through it, so that it drops after them.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::topology::run_checked;
 
 /// The image archive under test: `$NODEMESH_IMAGE` (set by `cargo xtask
 /// test`, from the binary under test). Panics with a hint when missing.
@@ -59,7 +61,7 @@ impl Podman {
     /// `podman` and its global options: storage here (vfs: plain
     /// directories, nothing mounted to clean up), runc (crun refuses hosts
     /// that mix cgroup v1 and v2), cgroupfs (no systemd here).
-    pub fn global_args(&self) -> Vec<String> {
+    fn global_args(&self) -> Vec<String> {
         vec![
             "podman".to_owned(),
             format!("--root={}", self.dir.join("storage").display()),
@@ -71,30 +73,11 @@ impl Podman {
         ]
     }
 
-    fn command(&self, args: &[&str]) -> Command {
-        let global = self.global_args();
-        let mut cmd = Command::new(&global[0]);
-        cmd.args(&global[1..]).args(args).stdin(Stdio::null());
-        cmd
-    }
-
-    /// Runs `podman ARGS` to completion; a failure is an error with its
-    /// output.
+    /// Runs `podman ARGS` to completion ([`run_checked`]).
     pub fn run(&self, args: &[&str]) -> Result<Output> {
-        let out = self
-            .command(args)
-            .output()
-            .with_context(|| format!("cannot run `podman {}`", args.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "`podman {}` failed ({}): {}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim(),
-                String::from_utf8_lossy(&out.stdout).trim()
-            );
-        }
-        Ok(out)
+        let mut argv = self.global_args();
+        argv.extend(args.iter().map(|a| a.to_string()));
+        run_checked(&argv.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// `podman load -i ARCHIVE`; returns the reference it loaded.
@@ -103,32 +86,31 @@ impl Podman {
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
             .find_map(|l| l.strip_prefix("Loaded image: "))
-            .or_else(|| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("Loaded image(s): "))
-            })
             .map(|r| r.trim().to_owned())
             .with_context(|| format!("`podman load` named no image: {text}"))
     }
 
-    /// The options of `podman run` every container here gets: removed when
-    /// it exits, labelled, the environment's `RUST_LOG`, this process's
-    /// open-file limit and a process limit that needs no raising. Podman's
-    /// own defaults for root (2^20 files, 2^22 processes) exceed what this
+    /// The command line that runs `image` with `args`, and `options`
+    /// besides the ones every container here gets: removed when it exits,
+    /// labelled, the environment's `RUST_LOG`, this process's open-file
+    /// limit and a process limit that needs no raising. Podman's own
+    /// defaults for root (2^20 files, 2^22 processes) exceed what this
     /// machine lets even root set (it lacks `CAP_SYS_RESOURCE`).
-    pub fn run_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = ["run", "--rm", "--label", LABEL, "--env", "RUST_LOG"]
-            .map(str::to_owned)
-            .to_vec();
+    pub fn container(&self, options: &[String], image: &str, args: &[&str]) -> Vec<String> {
+        let mut argv = self.global_args();
+        argv.extend(["run", "--rm", "--label", LABEL, "--env", "RUST_LOG"].map(str::to_owned));
         if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
             let limit = |l: u64| match l {
                 RLIM_INFINITY => "-1".to_owned(),
                 l => l.to_string(),
             };
-            args.push(format!("--ulimit=nofile={}:{}", limit(soft), limit(hard)));
+            argv.push(format!("--ulimit=nofile={}:{}", limit(soft), limit(hard)));
         }
-        args.push("--ulimit=nproc=4096:4096".to_owned());
-        args
+        argv.push("--ulimit=nproc=4096:4096".to_owned());
+        argv.extend_from_slice(options);
+        argv.push(image.to_owned());
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
     }
 
     /// Writes `script`, an executable that runs `nodemesh "$@"` from
@@ -147,34 +129,31 @@ impl Podman {
         shared: &Path,
     ) -> Result<PathBuf> {
         let shared = shared.display();
-        let mut args = self.global_args();
-        args.extend(self.run_args());
-        args.extend(
-            [
-                "--network=host",
-                "--pid=host",
-                "--cgroupns=host",
-                "--read-only",
-                "--cap-drop=ALL",
-                &format!("--cap-add={AGENT_CAPABILITIES}"),
-                "--security-opt=seccomp=unconfined",
-                "--security-opt=no-new-privileges",
-                "--volume=/sys/fs/bpf:/sys/fs/bpf:rslave",
-                "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
-                "--volume=/run/netns:/run/netns:ro,rslave",
-                "--volume=/proc/sys/net:/host/proc/sys/net",
-                &format!("--volume={shared}:{shared}"),
-            ]
-            .map(str::to_owned),
-        );
+        let mut options = [
+            "--network=host",
+            "--pid=host",
+            "--cgroupns=host",
+            "--read-only",
+            "--cap-drop=ALL",
+            &format!("--cap-add={AGENT_CAPABILITIES}"),
+            "--security-opt=seccomp=unconfined",
+            "--security-opt=no-new-privileges",
+            "--volume=/sys/fs/bpf:/sys/fs/bpf:rslave",
+            "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "--volume=/run/netns:/run/netns:ro,rslave",
+            "--volume=/proc/sys/net:/host/proc/sys/net",
+            &format!("--volume={shared}:{shared}"),
+        ]
+        .map(str::to_owned)
+        .to_vec();
         if let Some(credential) = node_credential {
-            args.push(format!(
+            options.push(format!(
                 "--volume={}:/etc/nodemesh/node-credential:ro",
                 credential.display()
             ));
         }
-        args.push(image.to_owned());
-        let text = format!("#!/bin/sh\nexec {} \"$@\"\n", args.join(" "));
+        let argv = self.container(&options, image, &[]);
+        let text = format!("#!/bin/sh\nexec {} \"$@\"\n", argv.join(" "));
         fs::write(script, text).with_context(|| format!("writing {}", script.display()))?;
         fs::set_permissions(script, fs::Permissions::from_mode(0o755))?;
         Ok(script.to_path_buf())

@@ -19,7 +19,7 @@ use nodemesh_testbed::config;
 use nodemesh_testbed::container::{image_archive, Podman, CA_USER};
 use nodemesh_testbed::kube_mesh::KubeMesh;
 use nodemesh_testbed::mesh::{Mesh, CLIENT, NAMESPACE};
-use nodemesh_testbed::topology::netns_path;
+use nodemesh_testbed::topology::{netns_path, run_checked};
 use nodemesh_testbed::workload_apps::curl_many;
 use nodemesh_testbed::{nodemesh_bin, Topology};
 
@@ -108,14 +108,9 @@ fn the_image_runs_the_ca_and_the_agents_as_the_manifests_do() {
     assert_eq!(chart_image, image);
     // The manifests give only `args`: the entrypoint is the agent, the one
     // under test.
-    let mut run = podman.run_args();
-    run.extend([
-        "--network=none".to_owned(),
-        image.clone(),
-        "--version".to_owned(),
-    ]);
+    let run = podman.container(&["--network=none".to_owned()], &image, &["--version"]);
     let run: Vec<&str> = run.iter().map(String::as_str).collect();
-    let version = podman.run(&run).unwrap().stdout;
+    let version = run_checked(&run).unwrap().stdout;
     assert_eq!(String::from_utf8_lossy(&version), nodemesh(&["--version"]));
 
     let mut mesh = Mesh::new(app_bin()).unwrap();
@@ -128,23 +123,24 @@ fn the_image_runs_the_ca_and_the_agents_as_the_manifests_do() {
     // The CA, on a host of the nodes' network, as 03-ca.yaml runs it.
     let cacerts = plugin_certs(&work);
     let ca_host = mesh.topo_mut().add_host("ca", 200).unwrap();
-    let mut ca = podman.global_args();
-    ca.extend(podman.run_args());
-    ca.extend([
+    let config = config_dir.display().to_string();
+    let ca_options = [
         format!("--network=ns:{}", netns_path(&ca_host).display()),
         format!("--user={CA_USER}:{CA_USER}"),
         "--read-only".to_owned(),
         "--cap-drop=ALL".to_owned(),
         "--security-opt=no-new-privileges".to_owned(),
         format!("--volume={}:/etc/cacerts:ro", cacerts.display()),
-        format!("--volume={0}:{0}:ro", config_dir.display()),
-        image.clone(),
-        "ca".to_owned(),
-        format!("--listen={CA_ADDRESS}"),
-        "--plugin-certs=/etc/cacerts".to_owned(),
-        "--config-dir".to_owned(),
-        config_dir.display().to_string(),
-    ]);
+        format!("--volume={config}:{config}:ro"),
+    ];
+    let ca_args = [
+        "ca",
+        &format!("--listen={CA_ADDRESS}"),
+        "--plugin-certs=/etc/cacerts",
+        "--config-dir",
+        &config,
+    ];
+    let ca = podman.container(&ca_options, &image, &ca_args);
     let ca: Vec<&str> = ca.iter().map(String::as_str).collect();
     // Started from the fabric's namespace: `ip netns exec`, which enters a
     // host's, hides the machine's cgroups from podman.
