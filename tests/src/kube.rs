@@ -16,7 +16,6 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +34,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
+use crate::exit_cleanup::ExitCleanup;
 use crate::topology::{netns_path, pid_alive, PodInfo, Topology};
 
 /// The fabric host the API server is reached at by the topology.
@@ -254,20 +254,15 @@ impl ApiReplica {
 /// however it ends. Each run leaves 60 MB of etcd data otherwise (the
 /// watchdog of `start.sh` stops the servers but keeps the directory).
 fn clean_up_after_exit(stop: &Path, dir: &Path) -> Result<()> {
-    const WATCH: &str = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
-[ -d "$3" ] && exec "$2" "$3" --rm"#;
-    Command::new("sh")
-        .args(["-c", WATCH, "nodemesh-k8s-watchdog"])
-        .arg(std::process::id().to_string())
-        .args([stop, dir])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Out of the test's process group, so a ^C reaches the test and not
-        // the cleanup.
-        .process_group(0)
-        .spawn()
-        .context("starting the API server's cleanup")?;
+    const STOP_IF_THERE: &str = r#"[ -d "$2" ] && exec "$1" "$2" --rm"#;
+    let path = |p: &Path| {
+        p.to_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{} is not UTF-8", p.display()))
+    };
+    let (stop, dir) = (path(stop)?, path(dir)?);
+    // Never withdrawn: the server lives as long as the process.
+    ExitCleanup::register(&["sh", "-c", STOP_IF_THERE, "-", &stop, &dir])?;
     Ok(())
 }
 

@@ -3,6 +3,8 @@
 //!
 //! * [`topology`] — nodes, pods and the links between them; spawns processes
 //!   inside them and cleans everything up on drop, even when a test panics.
+//! * [`exit_cleanup`] — cleanups that run once the test process has exited,
+//!   also when a signal killed it and no `Drop` ran.
 //! * [`config`] — writes the agent's YAML configuration (Namespace, Workload,
 //!   Service) into a config directory.
 //! * [`agent`] — starts, crashes, restarts and queries a `nodemesh` agent.
@@ -34,6 +36,7 @@ pub mod agent;
 pub mod ca;
 pub mod config;
 pub mod container;
+pub mod exit_cleanup;
 pub mod helm;
 pub mod kube;
 pub mod kube_endpoints;

@@ -27,9 +27,13 @@
 //!
 //! Dropping a [`Topology`] stops every process it spawned, deletes every
 //! namespace it made (the veths go with them), removes the `/etc/netns`
-//! directories and the work directory — also when the test panics.
+//! directories and the work directory — also when the test panics. When a
+//! signal ends the test process instead, `LEFTOVER_CLEANUP` does the same
+//! from the process's [`ExitCleanup`] watchdog, and also removes what the
+//! topology's agents had pinned.
 
 use crate::ca::MeshCa;
+use crate::exit_cleanup::ExitCleanup;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -62,6 +66,49 @@ pub const KEEP_DIR_ENV: &str = "NODEMESH_KEEP_TEST_DIR";
 
 /// How long a process gets after SIGTERM before SIGKILL, on drop.
 const TERM_GRACE: Duration = Duration::from_secs(3);
+
+/// `bash -c LEFTOVER_CLEANUP - PREFIX [WORK_DIR]` removes what a topology
+/// whose test process died without dropping it left: the processes in its
+/// namespaces and in its pod cgroups (the Kubernetes tests'), its agents'
+/// pinned eBPF links (unpinning the last reference detaches a program), the
+/// namespaces, their `/etc/netns` directories and the work directory.
+const LEFTOVER_CLEANUP: &str = r#"p=$1 work=$2 found=() killed=()
+cgroup=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)/$p.slice
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  pids=()
+  for ns in /var/run/netns/"$p"-*; do
+    [ -e "$ns" ] && pids+=($(ip netns pids "${ns##*/}"))
+  done
+  [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}" 2>/dev/null
+  populated=
+  if [ -f "$cgroup/cgroup.events" ] && grep -q 'populated 1' "$cgroup/cgroup.events"; then
+    echo 1 >"$cgroup/cgroup.kill"
+    populated=1
+  fi
+  [ ${#pids[@]} -eq 0 ] && [ -z "$populated" ] && break
+  killed+=("${pids[@]}")
+  sleep 0.2
+done
+[ ${#killed[@]} -gt 0 ] && found+=("processes: ${killed[*]}")
+[ -d "$cgroup" ] && find "$cgroup" -depth -type d -exec rmdir {} + && found+=("$cgroup")
+for pin in /sys/fs/bpf/nodemesh/"$p"-*; do
+  [ -e "$pin" ] && rm -rf "$pin" && found+=("$pin")
+done
+rmdir /sys/fs/bpf/nodemesh 2>/dev/null
+deleted=()
+for ns in /var/run/netns/"$p"-*; do
+  [ -e "$ns" ] && ip netns del "${ns##*/}" && deleted+=("${ns##*/}")
+done
+[ ${#deleted[@]} -gt 0 ] && found+=("network namespaces: ${deleted[*]}")
+deleted=()
+for dir in /etc/netns/"$p"-* "$work"; do
+  [ -n "$dir" ] && [ -e "$dir" ] && rm -rf "$dir" && deleted+=("$dir")
+done
+[ ${#deleted[@]} -gt 0 ] && found+=("directories: ${deleted[*]}")
+if [ ${#found[@]} -gt 0 ]; then
+  printf 'nodemesh-testbed: topology %s outlived its test process; removed:\n' "$p" >&2
+  printf '  %s\n' "${found[@]}" >&2
+fi"#;
 
 /// Proxy variables that must never leak into processes in the topology: a
 /// test's traffic goes to test addresses only, never through a proxy.
@@ -138,6 +185,8 @@ pub struct Topology {
     procs: Vec<Spawned>,
     /// The mesh CA its agents get their certificates from, once started.
     mesh_ca: Option<MeshCa>,
+    /// [`LEFTOVER_CLEANUP`], withdrawn once `Drop` has cleaned up.
+    leftover_cleanup: Option<ExitCleanup>,
 }
 
 /// Names of existing network namespaces that start with `prefix`.
@@ -268,6 +317,20 @@ impl Topology {
             }
         };
         let fabric = format!("{prefix}-fabric");
+        let work = work_dir
+            .to_str()
+            .context("the temporary directory's path is not UTF-8")?;
+        let mut cleanup = vec!["bash", "-c", LEFTOVER_CLEANUP, "-", &prefix];
+        if std::env::var_os(KEEP_DIR_ENV).is_none() {
+            cleanup.push(work);
+        }
+        let leftover_cleanup = match ExitCleanup::register(&cleanup) {
+            Ok(registered) => Some(registered),
+            Err(e) => {
+                let _ = fs::remove_dir(&work_dir);
+                return Err(e);
+            }
+        };
         // From here on `Drop` cleans up whatever the setup below made.
         let mut topo = Topology {
             prefix,
@@ -279,6 +342,7 @@ impl Topology {
             etc_dirs: Vec::new(),
             procs: Vec::new(),
             mesh_ca: None,
+            leftover_cleanup,
         };
         topo.add_netns(&fabric)?;
         ip(&["-n", &fabric, "link", "add", BRIDGE, "type", "bridge"])?;
@@ -779,6 +843,9 @@ impl Drop for Topology {
                 self.prefix,
                 self.work_dir.display()
             );
+        }
+        if let Some(cleanup) = self.leftover_cleanup.take() {
+            cleanup.withdraw();
         }
     }
 }

@@ -1,9 +1,15 @@
-//! Self-test of the test bed (no agent needed): two nodes with two pods
-//! each, cross-node and same-node HTTP, and a clean teardown.
+//! Self-test of the test bed: two nodes with two pods each, cross-node and
+//! same-node HTTP, and a clean teardown, also after a panic and after a
+//! signal killed the test process (with an agent running).
 
+use nodemesh_testbed::topology::pid_alive;
 use nodemesh_testbed::workload_apps::{curl, curl_raw, python3, start_http_echo, start_tcp_echo};
-use nodemesh_testbed::{netns_with_prefix, Topology};
-use std::path::PathBuf;
+use nodemesh_testbed::{config, netns_with_prefix, Agent, Topology};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[test]
 fn two_nodes_route_between_pods_and_clean_up() {
@@ -148,4 +154,176 @@ fn ip_errors_carry_the_command_and_stderr() {
     let msg = format!("{err:#}");
     assert!(msg.contains("ip link del nosuchdev"), "{msg}");
     assert!(msg.to_lowercase().contains("cannot find device"), "{msg}");
+}
+
+/// Builds a topology with an agent that enrolls a pod, says so on stdout and
+/// waits to be killed. Run in a process of its own by
+/// `a_killed_test_process_leaves_nothing_behind`.
+#[test]
+#[ignore = "run, and killed, by a_killed_test_process_leaves_nothing_behind"]
+fn victim_waits_to_be_killed() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node("node-a").unwrap();
+    let web = topo.add_pod("node-a", "web").unwrap();
+    start_http_echo(&mut topo, "web", 8080, "web").unwrap();
+    let config_dir = topo.work_dir().join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    config::write(
+        &config_dir,
+        "mesh.yaml",
+        &[
+            config::namespace("shop", true),
+            config::workload(&web, "shop", &[("app", "web")]),
+        ],
+    )
+    .unwrap();
+    let agent = Agent::start(&mut topo, "node-a", &config_dir).unwrap();
+    println!(
+        "victim ready: {} {} {}",
+        topo.prefix(),
+        agent.pid().unwrap(),
+        topo.work_dir().display()
+    );
+    std::thread::sleep(Duration::from_secs(600));
+    panic!("the victim was not killed");
+}
+
+/// A test process killed by a signal runs no `Drop`: its exit-cleanup
+/// watchdog removes the topology instead (processes, the agent's pinned eBPF
+/// links and so its programs, namespaces, directories), and touches nothing
+/// of another topology.
+#[test]
+fn a_killed_test_process_leaves_nothing_behind() {
+    let mut bystander = Topology::new().unwrap();
+    bystander.add_node("n1").unwrap();
+    let pod = bystander.add_pod("n1", "p1").unwrap();
+    let sleeper = bystander
+        .spawn_in(&pod.netns, &["sleep", "600"], "sleeper")
+        .unwrap();
+
+    let stderr_path = bystander.work_dir().join("victim.stderr");
+    let mut victim = Victim(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "victim_waits_to_be_killed",
+                "--ignored",
+                "--nocapture",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = BufReader::new(victim.0.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("victim ready: ").map(str::to_owned));
+    let Some(ready) = ready else {
+        drop(victim);
+        panic!(
+            "the victim did not get ready:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
+    };
+    let mut fields = ready.split(' ');
+    let (prefix, agent_pid, work_dir) = match (fields.next(), fields.next(), fields.next()) {
+        (Some(p), Some(pid), Some(dir)) => (
+            p.to_owned(),
+            pid.parse::<u32>().unwrap(),
+            PathBuf::from(dir),
+        ),
+        _ => panic!("unexpected ready line {ready:?}"),
+    };
+    let pins = PathBuf::from("/sys/fs/bpf/nodemesh").join(format!("{prefix}-node-a"));
+    let link_ids = pinned_link_ids(&pins.join("links"));
+    assert!(
+        !link_ids.is_empty(),
+        "no links pinned under {}",
+        pins.display()
+    );
+    let namespaces = netns_with_prefix(&prefix);
+    assert!(
+        namespaces.contains(&format!("{prefix}-web")),
+        "{namespaces:?}"
+    );
+    assert!(pid_alive(agent_pid) && work_dir.is_dir());
+
+    drop(victim);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let left = || {
+        let mut left: Vec<String> = netns_with_prefix(&prefix);
+        left.extend(pid_alive(agent_pid).then(|| format!("agent {agent_pid}")));
+        left.extend(
+            [&pins, &work_dir]
+                .into_iter()
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string()),
+        );
+        left
+    };
+    while !left().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(
+        left(),
+        Vec::<String>::new(),
+        "left behind; victim's stderr:\n{stderr}"
+    );
+    for id in link_ids {
+        let out = Command::new("bpftool")
+            .args(["link", "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "link {id} is still attached: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(
+        stderr.contains(&format!("topology {prefix} outlived its test process")),
+        "{stderr}"
+    );
+
+    // The other topology of this process is untouched.
+    assert_eq!(
+        bystander.leftovers().len(),
+        3,
+        "{:?}",
+        bystander.leftovers()
+    );
+    assert!(bystander.is_running(sleeper));
+}
+
+/// The victim's test process, killed (SIGKILL) and reaped when dropped.
+struct Victim(Child);
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The ids of the eBPF links pinned in `dir`.
+fn pinned_link_ids(dir: &Path) -> Vec<u64> {
+    let entries = std::fs::read_dir(dir).map(|d| d.flatten().collect::<Vec<_>>());
+    entries
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| {
+            let out = Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(entry.path())
+                .output()
+                .unwrap();
+            let link: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("bpftool on {}: {e}", entry.path().display()));
+            link["id"].as_u64().expect("a link id")
+        })
+        .collect()
 }
