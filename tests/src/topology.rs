@@ -106,7 +106,7 @@ for dir in /etc/netns/"$p"-* "$work"; do
 done
 [ ${#deleted[@]} -gt 0 ] && found+=("directories: ${deleted[*]}")
 if [ ${#found[@]} -gt 0 ]; then
-  printf 'nodemesh-testbed: topology %s outlived its test process; removed:\n' "$p" >&2
+  printf 'nodemesh-testbed: topology %s outlived the process that built it (a test or the bench); removed:\n' "$p" >&2
   printf '  %s\n' "${found[@]}" >&2
 fi"#;
 

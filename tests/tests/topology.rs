@@ -285,7 +285,9 @@ fn a_killed_test_process_leaves_nothing_behind() {
         );
     }
     assert!(
-        stderr.contains(&format!("topology {prefix} outlived its test process")),
+        stderr.contains(&format!(
+            "topology {prefix} outlived the process that built it"
+        )),
         "{stderr}"
     );
 
