@@ -9,9 +9,10 @@
 //! user). The archive is what `docker save` writes since Docker 25: a Docker
 //! archive (`manifest.json`) that is also an OCI image layout (`index.json`),
 //! so `docker load`, `podman load`, `ctr images import`, `kind load
-//! image-archive` and `skopeo copy docker-archive:…` all take it. Every
-//! timestamp is zero and entries are sorted: the same binary gives the same
-//! image digest.
+//! image-archive` and `skopeo copy docker-archive:…` all take it. The layer
+//! is gzip-compressed, as registries store and serve layers (a third of its
+//! size). Every timestamp is zero and entries are sorted: the same binary
+//! gives the same image digest.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -73,6 +74,10 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
         format!("root:x:0:\nnonroot:x:{NONROOT}:\n").into_bytes(),
     );
     let layer = layer.into_tar()?;
+    // The config names the layer by its content (`diff_ids`); the manifest
+    // and the archive by its blob, compressed.
+    let diff_id = sha256(&layer);
+    let layer = gzip(&layer)?;
     let layer_digest = sha256(&layer);
 
     let reference = reference();
@@ -90,7 +95,7 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
                 "org.opencontainers.image.licenses": env!("CARGO_PKG_LICENSE"),
             },
         },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "cargo xtask image"}],
     }))?;
     let config_digest = sha256(&config);
@@ -100,7 +105,7 @@ pub fn write(agent: &Path, out: &Path) -> Result<String> {
         config.len(),
     );
     let layer_descriptor = descriptor(
-        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
         &layer_digest,
         layer.len(),
     );
@@ -229,6 +234,16 @@ impl TarFiles {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// gzip at the best compression, with no name and a zero timestamp in its
+/// header, so the same layer always compresses to the same bytes.
+fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut encoder = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::best());
+    encoder.write_all(data)?;
+    Ok(encoder.finish()?)
 }
 
 fn sha256(data: &[u8]) -> String {
