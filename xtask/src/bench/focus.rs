@@ -23,7 +23,7 @@ use anyhow::Result;
 
 use super::counters::{self, Counts};
 use super::report::median;
-use super::results::{per_1000, Bulk, CpuUse, HttpRun, Mode, Transfer};
+use super::results::{per_1000, Bulk, CpuUse, HttpRun, HttpVersion, Mode, Transfer};
 use super::{human, mtls, Bench, Options, PhaseLog, Tools, CONNECTIONS, FIXED_RATE};
 use super::{Oha, ROUTE_COUNTS};
 
@@ -227,7 +227,13 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     // Read here, the RSS column describes the L7 phases.
     let memory = bench.proxy_memory(Mode::MeshedMtls)?;
     let running = counting("connections")?;
-    let connections = bench.connection_rate(&mut log, from, &pod, "L4 + mTLS, pod IP")?;
+    let connections = bench.connection_rate(
+        &mut log,
+        from,
+        &pod,
+        "L4 + mTLS, pod IP",
+        HttpVersion::Http1,
+    )?;
     let per_connection = stop(running, connections.0.ok)?;
     let bulk = bench.bulk_phase(&mut log, "L4 + mTLS bulk TCP", "bulk", &pod_iperf3)?;
     println!(

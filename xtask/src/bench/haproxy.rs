@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use nodemesh_testbed::workload_apps::wait_listening;
 use nodemesh_testbed::Topology;
 
-use super::probe::Probe;
+use super::probe::{Probe, CURL};
 
 /// Threads per HAProxy: the agents' default `--workers`.
 pub(super) const THREADS: u32 = 2;
@@ -190,18 +190,8 @@ impl HaproxyPair {
         let url = format!("https://{B_NAME}:{TLS_PORT}/");
         let ca = format!("{d}/ca.crt");
         let tls_curl = |extra: &[&str]| {
-            let mut cmd = vec![
-                "curl",
-                "--max-time",
-                "5",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "--cacert",
-                &ca,
-                "--resolve",
-                &resolve,
-            ];
+            let mut cmd = CURL.to_vec();
+            cmd.extend(["--cacert", &ca, "--resolve", &resolve]);
             cmd.extend_from_slice(extra);
             cmd.push(&url);
             topo.run_in(&self.a_netns, &cmd)

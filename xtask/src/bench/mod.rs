@@ -59,6 +59,10 @@
 //!    node-a's agent serving an Istio Gateway, over mutual TLS to node-b
 //!    (nodemesh + mTLS), and straight to the server pod (direct); see
 //!    `ingress.rs`.
+//! 7. HTTP/2 with prior knowledge (h2c, as gRPC runs in a mesh): phases 1
+//!    to 3 with 8 streams in flight on each connection, straight to nginx's
+//!    HTTP/2 port (direct) and to the Service's `http2` port (nodemesh +
+//!    mTLS, 10 routes; the agents keep the client's HTTP/2 on every hop).
 //!
 //! Before a meshed mode is measured, the bench checks the hop its requests
 //! take: nginx echoes the `X-Forwarded-Client-Cert` that the destination
@@ -97,6 +101,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nodemesh_testbed::config::ServicePort;
 use nodemesh_testbed::workload_apps::wait_listening;
 use nodemesh_testbed::{config, otlp, Agent, Topology};
 use serde_json::{json, Value};
@@ -115,14 +120,15 @@ mod routes;
 mod telemetry;
 
 use haproxy::HaproxyPair;
+use probe::Probe;
 use procfs::{
     children_cpu_ticks, clock_ticks_per_second, loadavg, machine_ticks, num_cpus,
     proc_context_switches, proc_cpu_ticks, proc_memory_kib,
 };
 use report::{comparison, cpu_breakdown, l7_table};
 use results::{
-    per_1000, Bulk, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, L7Result, Memory, Mode,
-    ModeResult, PathResult, Transfer, Variant,
+    per_1000, Bulk, Captured, CpuSnapshot, CpuUse, HttpPhases, HttpRun, HttpVersion, L7Result,
+    Memory, Mode, ModeResult, PathResult, Transfer, Variant,
 };
 
 const USAGE: &str = "\
@@ -154,6 +160,14 @@ const HTTP_PORT: u16 = 8080;
 /// The Service's port; named `http`, so the agent routes it without
 /// waiting for detection.
 const SERVICE_PORT: u16 = 80;
+/// nginx's HTTP/2 port (h2c, prior knowledge), for the HTTP/2 phases.
+const HTTP2_PORT: u16 = 8081;
+/// The Service's port to it, named `http2`.
+const SERVICE_HTTP2_PORT: u16 = 81;
+/// Streams each HTTP/2 connection of the load keeps in flight (oha `-p`).
+const HTTP2_STREAMS: &str = "8";
+/// The response header in which nginx names the protocol it was asked in.
+const PROTOCOL_HEADER: &str = "x-bench-protocol";
 /// Pinned rather than allocated, so the URL is known up front and no DNS
 /// lookup sits in the measurement.
 const SERVICE_IP: &str = "10.96.0.80";
@@ -322,6 +336,19 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         ingress::PORT
     );
     print!("{}", ingress_rows.render());
+    let http2_rows = l7_table(
+        &results,
+        [Variant::Http2Direct.label(), Variant::Http2.label()],
+        &|r, i| r.l7_variant([Variant::Http2Direct, Variant::Http2][i]),
+    );
+    println!(
+        "\nHTTP/2 with prior knowledge (h2c, as gRPC runs in a mesh), {CONNECTIONS} connections \
+         × {HTTP2_STREAMS} streams: straight\nto nginx's HTTP/2 port (direct mode) against to the \
+         Service's `http2` port, routed by node-a's agent ({} routes)\nand carried over mutual \
+         TLS, in HTTP/2 on every hop (new connections: one request each, in HTTP/2):",
+        ROUTE_COUNTS[0]
+    );
+    print!("{}", http2_rows.render());
     let warnings: Vec<&String> = results.iter().flat_map(|r| &r.warnings).collect();
     if warnings.is_empty() {
         println!(
@@ -362,6 +389,7 @@ pub fn run(nodemesh: &Path, args: &[String]) -> Result<()> {
         "route_count_cost": route_rows.to_json(),
         "allow_list_cost": allow_rows.to_json(),
         "ingress_cost": ingress_rows.to_json(),
+        "http2_cost": http2_rows.to_json(),
     });
     for mode in modes {
         doc[mode.key()] = results
@@ -884,8 +912,9 @@ impl<'a> Bench<'a> {
         // The route tables and the outside client on the default path only.
         let full = matches!(mode, Mode::Direct | Mode::MeshedMtls);
         let bulk_steps = usize::from(self.bulk_target(mode).is_some());
-        // The outside client's phases: direct to the pod, or the ingress.
-        let outside_steps = 3 * usize::from(full);
+        // The outside client's phases (direct to the pod, or the ingress),
+        // and HTTP/2's.
+        let outside_steps = 6 * usize::from(full);
         let l7_steps = if mode == Mode::MeshedMtls {
             3 * (ROUTE_COUNTS.len() + authz::ALLOW_LISTS.len() + telemetry::SETTINGS.len())
         } else {
@@ -900,7 +929,13 @@ impl<'a> Bench<'a> {
 
         let tls_before = self.haproxy_tls_connections(mode)?;
         self.warm_up(&self.client_netns, &url)?;
-        let main = self.path_phases(&mut log, &self.client_netns, &url, &path)?;
+        let main = self.path_phases(
+            &mut log,
+            &self.client_netns,
+            &url,
+            &path,
+            HttpVersion::Http1,
+        )?;
         let haproxy_tls_connections = match (tls_before, self.haproxy_tls_connections(mode)?) {
             (Some(before), Some(after)) => {
                 let n = after.saturating_sub(before);
@@ -955,6 +990,9 @@ impl<'a> Bench<'a> {
         }
         if mode == Mode::Direct {
             l7.push(self.outside_direct_phases(&mut log)?);
+        }
+        if full {
+            l7.push(self.http2_phases(&mut log)?);
         }
 
         let counts_after = self.agent_counts()?;
@@ -1058,7 +1096,8 @@ impl<'a> Bench<'a> {
         );
         let from = &self.client_netns;
         self.warm_up(from, &url)?;
-        let path = self.path_phases(log, from, &url, &format!("L7, {routes} routes"))?;
+        let label = format!("L7, {routes} routes");
+        let path = self.path_phases(log, from, &url, &label, HttpVersion::Http1)?;
         // Last: the listing's own allocations must not count as the table's.
         let listing =
             routes::check_table(&self.agents[0], &format!("{NAMESPACE}/{SERVER}"), routes)?;
@@ -1130,7 +1169,8 @@ impl<'a> Bench<'a> {
         );
         let from = &self.client_netns;
         self.warm_up(from, &url)?;
-        let path = self.path_phases(log, from, &url, &format!("L7, {}", setting.label()))?;
+        let label = format!("L7, {}", setting.label());
+        let path = self.path_phases(log, from, &url, &label, HttpVersion::Http1)?;
         Ok(L7Result {
             routes,
             variant: Variant::Telemetry(setting),
@@ -1158,7 +1198,13 @@ impl<'a> Bench<'a> {
             applied_after.as_secs_f64() * 1000.0
         );
         self.warm_up(&from, &url)?;
-        let path = self.path_phases(log, &from, &url, "outside client, ingress")?;
+        let path = self.path_phases(
+            log,
+            &from,
+            &url,
+            "outside client, ingress",
+            HttpVersion::Http1,
+        )?;
         self.set_config_file(ingress::FILE, None)?;
         Ok(L7Result {
             routes: 1,
@@ -1174,10 +1220,66 @@ impl<'a> Bench<'a> {
         let url = self.pod_url();
         let from = &self.outside_netns;
         self.warm_up(from, &url)?;
-        let path = self.path_phases(log, from, &url, "outside client, direct")?;
+        let path = self.path_phases(
+            log,
+            from,
+            &url,
+            "outside client, direct",
+            HttpVersion::Http1,
+        )?;
         Ok(L7Result {
             routes: 0,
             variant: Variant::FromOutside,
+            path,
+            applied_after: Duration::ZERO,
+        })
+    }
+
+    /// HTTP/2 with prior knowledge, as gRPC runs in a mesh: direct to
+    /// nginx's HTTP/2 port, or (meshed) to the Service's `http2` port,
+    /// routed by the client-side agent with the 10 routes and carried over
+    /// mutual TLS. First a request checks that nginx was asked in HTTP/2
+    /// (so every hop spoke it: an agent keeps the client's protocol) and,
+    /// meshed, through the last route and by the caller's SPIFFE id.
+    fn http2_phases(&self, log: &mut PhaseLog) -> Result<L7Result> {
+        let direct = log.mode == Mode::Direct;
+        let (url, variant, routes) = if direct {
+            let url = format!("http://{}:{HTTP2_PORT}{}", self.server_ip, routes::PATH);
+            (url, Variant::Http2Direct, 0)
+        } else {
+            let url = format!("http://{SERVICE_IP}:{SERVICE_HTTP2_PORT}{}", routes::PATH);
+            (url, Variant::Http2, ROUTE_COUNTS[0])
+        };
+        let from = &self.client_netns;
+        let probe = Probe::get_with(&self.topo, from, &url, &["--http2-prior-knowledge"])?;
+        let last_route = probe.header(routes::ROUTE_HEADER) == Some(routes.to_string());
+        let caller = probe
+            .header(mtls::ECHO_HEADER)
+            .is_some_and(|v| v.contains("URI=spiffe://"));
+        let ok = probe.summary == format!("200 {BODY_SIZE}")
+            && probe.header(PROTOCOL_HEADER).as_deref() == Some("HTTP/2.0")
+            && (direct || (last_route && caller));
+        if !ok {
+            bail!(
+                "an HTTP/2 request to {url} got {:?} (want 200 {BODY_SIZE}, nginx asked in                  HTTP/2.0{}); headers:\n{}",
+                probe.summary,
+                if direct { "" } else { ", the last route, the caller's SPIFFE id" },
+                probe.headers
+            );
+        }
+        println!(
+            "  an HTTP/2 request to {url} reaches nginx in HTTP/2{}",
+            if direct {
+                ""
+            } else {
+                " through the last route, over mutual TLS"
+            }
+        );
+        self.warm_up_with(from, &url, HttpVersion::Http2)?;
+        let path = self.path_phases(log, from, &url, &variant.label(), HttpVersion::Http2)?;
+        Ok(L7Result {
+            routes,
+            variant,
             path,
             applied_after: Duration::ZERO,
         })
@@ -1201,7 +1303,7 @@ impl<'a> Bench<'a> {
         let from = &self.client_netns;
         self.warm_up(from, &url)?;
         let label = format!("L7, allow-list of {rules} rules");
-        let path = self.path_phases(log, from, &url, &label)?;
+        let path = self.path_phases(log, from, &url, &label, HttpVersion::Http1)?;
         Ok(L7Result {
             routes,
             variant: Variant::AllowList(rules),
@@ -1218,10 +1320,12 @@ impl<'a> Bench<'a> {
         from: &str,
         url: &str,
         path: &str,
+        version: HttpVersion,
     ) -> Result<PathResult> {
-        let http = self.http_phases(log, from, url, path)?;
-        let (conn_rate, conn_rate_cpu) = self.connection_rate(log, from, url, path)?;
+        let http = self.http_phases(log, from, url, path, version)?;
+        let (conn_rate, conn_rate_cpu) = self.connection_rate(log, from, url, path, version)?;
         Ok(PathResult {
+            version,
             http,
             conn_rate,
             conn_rate_cpu,
@@ -1237,6 +1341,7 @@ impl<'a> Bench<'a> {
         from: &str,
         url: &str,
         path: &str,
+        version: HttpVersion,
     ) -> Result<(HttpRun, CpuUse)> {
         let d = human(self.opts.duration);
         log.step(&format!(
@@ -1244,13 +1349,9 @@ impl<'a> Bench<'a> {
         ));
         let conns = CONNECTIONS.to_string();
         let phase = format!("connection rate ({path})");
-        let (run, cpu) = self.phase(log, &phase, |b| {
-            b.oha(
-                from,
-                &["-c", &conns, "--disable-keepalive", "-z", &d, url],
-                &phase,
-            )
-        })?;
+        let mut args = version.oha_args(false).to_vec();
+        args.extend(["-c", &conns, "--disable-keepalive", "-z", &d, url]);
+        let (run, cpu) = self.phase(log, &phase, |b| b.oha(from, &args, &phase))?;
         println!(
             "        {:.0} connections/s; proxies {:.1} ms CPU per 1000 connections",
             run.rps,
@@ -1266,16 +1367,27 @@ impl<'a> Bench<'a> {
         from: &str,
         url: &str,
         path: &str,
+        version: HttpVersion,
     ) -> Result<HttpPhases> {
         let conns = CONNECTIONS.to_string();
         let d = human(self.opts.duration);
+        let streams = match version {
+            HttpVersion::Http1 => String::new(),
+            HttpVersion::Http2 => format!(" × {HTTP2_STREAMS} streams"),
+        };
         log.step(&format!(
-            "HTTP/1.1 max throughput ({path}): {CONNECTIONS} keep-alive connections, {d}"
+            "{} max throughput ({path}): {CONNECTIONS} keep-alive connections{streams}, {d}",
+            version.name()
         ));
         let phase = format!("max throughput ({path})");
-        let (throughput, throughput_cpu) = self.phase(log, &phase, |b| {
-            b.oha(from, &["-c", &conns, "-z", &d, url], &phase)
-        })?;
+        fn with_version<'a>(version: HttpVersion, args: &[&'a str]) -> Vec<&'a str> {
+            let mut all = version.oha_args(true).to_vec();
+            all.extend_from_slice(args);
+            all
+        }
+        let args = with_version(version, &["-c", &conns, "-z", &d, url]);
+        let (throughput, throughput_cpu) =
+            self.phase(log, &phase, |b| b.oha(from, &args, &phase))?;
         println!(
             "        {:.0} req/s, p50 {:.3} ms; proxies {:.1} ms CPU per 1000 req",
             throughput.rps,
@@ -1288,9 +1400,8 @@ impl<'a> Bench<'a> {
         ));
         let rate = FIXED_RATE.to_string();
         let phase = format!("fixed rate ({path})");
-        let (latency, latency_cpu) = self.phase(log, &phase, |b| {
-            b.oha(from, &["-c", &conns, "-q", &rate, "-z", &d, url], &phase)
-        })?;
+        let args = with_version(version, &["-c", &conns, "-q", &rate, "-z", &d, url]);
+        let (latency, latency_cpu) = self.phase(log, &phase, |b| b.oha(from, &args, &phase))?;
         println!(
             "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
             latency.rps, latency.p50_ms, latency.p90_ms, latency.p99_ms
@@ -1306,8 +1417,14 @@ impl<'a> Bench<'a> {
     /// Opens the keep-alive connections (and, meshed, the agents' upstream
     /// pools) before anything is measured.
     fn warm_up(&self, from: &str, url: &str) -> Result<()> {
-        let conns = CONNECTIONS.to_string();
-        self.oha(from, &["-c", &conns, "-z", &human(WARMUP), url], "warm-up")?;
+        self.warm_up_with(from, url, HttpVersion::Http1)
+    }
+
+    fn warm_up_with(&self, from: &str, url: &str, version: HttpVersion) -> Result<()> {
+        let (conns, duration) = (CONNECTIONS.to_string(), human(WARMUP));
+        let mut args = version.oha_args(true).to_vec();
+        args.extend(["-c", &conns, "-z", &duration, url]);
+        self.oha(from, &args, "warm-up")?;
         Ok(())
     }
 
@@ -1631,12 +1748,22 @@ fn write_config(topo: &Topology, dir: &Path, enrolled: bool) -> Result<()> {
             config::namespace(NAMESPACE, enrolled),
             config::workload(topo.pod(CLIENT), NAMESPACE, &[("app", CLIENT)]),
             config::workload(topo.pod(SERVER), NAMESPACE, &[("app", SERVER)]),
-            config::service(
+            config::service_with_ports(
                 SERVER,
                 NAMESPACE,
                 &[("app", SERVER)],
-                SERVICE_PORT,
-                HTTP_PORT,
+                &[
+                    ServicePort {
+                        name: "http",
+                        port: SERVICE_PORT,
+                        target_port: HTTP_PORT,
+                    },
+                    ServicePort {
+                        name: "http2",
+                        port: SERVICE_HTTP2_PORT,
+                        target_port: HTTP2_PORT,
+                    },
+                ],
                 Some(SERVICE_IP),
             ),
         ],
@@ -1684,10 +1811,19 @@ http {{
             return 200 \"{body}\";
         }}
     }}
+    server {{
+        listen {HTTP2_PORT} http2 backlog=4096;
+        location / {{
+            add_header {echo} $http_x_forwarded_client_cert;
+            add_header {protocol} $server_protocol;
+            return 200 \"{body}\";
+        }}
+    }}
 }}
 ",
         w = topo.work_dir().display(),
-        echo = mtls::ECHO_HEADER
+        echo = mtls::ECHO_HEADER,
+        protocol = PROTOCOL_HEADER,
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;
@@ -1701,12 +1837,14 @@ http {{
         &[&nginx, "-p", &prefix, "-e", &error_s, "-c", &conf_s],
         "nginx",
     )?;
-    wait_listening(topo, netns, HTTP_PORT).with_context(|| {
-        format!(
-            "nginx did not start; error log:\n{}",
-            tail(&std::fs::read_to_string(&error_log).unwrap_or_default(), 20)
-        )
-    })?;
+    wait_listening(topo, netns, HTTP_PORT)
+        .and_then(|()| wait_listening(topo, netns, HTTP2_PORT))
+        .with_context(|| {
+            format!(
+                "nginx did not start; error log:\n{}",
+                tail(&std::fs::read_to_string(&error_log).unwrap_or_default(), 20)
+            )
+        })?;
     Ok(pid)
 }
 

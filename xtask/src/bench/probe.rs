@@ -4,6 +4,9 @@
 use anyhow::Result;
 use nodemesh_testbed::Topology;
 
+/// curl for one check: at most 5 s, errors shown, the body dropped.
+pub(super) const CURL: [&str; 6] = ["curl", "--max-time", "5", "-sS", "-o", "/dev/null"];
+
 /// What one request got.
 pub(super) struct Probe {
     /// `STATUS BODY_BYTES`, e.g. `200 1024`.
@@ -15,22 +18,22 @@ pub(super) struct Probe {
 impl Probe {
     /// A GET of `url` from `netns`; fails when curl does (no answer).
     pub(super) fn get(topo: &Topology, netns: &str, url: &str) -> Result<Probe> {
-        let text = topo.run_in_ok(
-            netns,
-            &[
-                "curl",
-                "--max-time",
-                "5",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-D",
-                "-",
-                "-w",
-                "%{http_code} %{size_download}",
-                url,
-            ],
-        )?;
+        Probe::get_with(topo, netns, url, &[])
+    }
+
+    /// [`get`](Self::get) with more curl options, e.g.
+    /// `--http2-prior-knowledge`.
+    pub(super) fn get_with(
+        topo: &Topology,
+        netns: &str,
+        url: &str,
+        options: &[&str],
+    ) -> Result<Probe> {
+        let mut cmd = CURL.to_vec();
+        cmd.extend(["-D", "-", "-w", "%{http_code} %{size_download}"]);
+        cmd.extend_from_slice(options);
+        cmd.push(url);
+        let text = topo.run_in_ok(netns, &cmd)?;
         let (headers, summary) = text.rsplit_once('\n').unwrap_or(("", &text));
         Ok(Probe {
             summary: summary.trim().to_string(),

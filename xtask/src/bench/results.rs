@@ -284,6 +284,8 @@ impl HttpPhases {
 /// connection rate, and the memory of the two proxies that carry it.
 #[derive(Default, Debug)]
 pub(super) struct PathResult {
+    /// What the load spoke.
+    pub(super) version: HttpVersion,
     pub(super) http: HttpPhases,
     /// A new connection per request (oha `--disable-keepalive`).
     pub(super) conn_rate: HttpRun,
@@ -300,11 +302,43 @@ impl PathResult {
 
     fn to_json(&self) -> Value {
         let mut doc = self.http.to_json();
+        doc["http_version"] = json!(self.version.name());
         doc["connection_rate"] = self.conn_rate.to_json();
         doc["connection_rate_cpu"] = self.conn_rate_cpu.to_json();
         doc["proxy_cpu_ms_per_1000_connections"] = json!(self.proxy_cpu_per_1000_connections());
         doc["proxy_memory_kib"] = memory_json("path", &self.memory);
         doc
+    }
+}
+
+/// How oha speaks to the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum HttpVersion {
+    /// HTTP/1.1, one request at a time per connection.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c, as gRPC runs inside a mesh),
+    /// [`HTTP2_STREAMS`](super::HTTP2_STREAMS) streams at a time per
+    /// connection.
+    Http2,
+}
+
+impl HttpVersion {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "HTTP/1.1",
+            HttpVersion::Http2 => "HTTP/2",
+        }
+    }
+
+    /// oha's flags for it; with `streams`, HTTP/2's concurrent streams on
+    /// each connection (none when each request opens one).
+    pub(super) fn oha_args(self, streams: bool) -> &'static [&'static str] {
+        match (self, streams) {
+            (HttpVersion::Http1, _) => &[],
+            (HttpVersion::Http2, true) => &["--http2", "-p", super::HTTP2_STREAMS],
+            (HttpVersion::Http2, false) => &["--http2"],
+        }
     }
 }
 
@@ -323,6 +357,11 @@ pub(super) enum Variant {
     /// The same client through node-a's ingress Gateway, into the mesh
     /// over mutual TLS.
     Ingress,
+    /// Direct mode: HTTP/2 from the client pod to nginx's HTTP/2 port.
+    Http2Direct,
+    /// HTTP/2 to the Service's `http2` port, routed by node-a's agent and
+    /// carried over mutual TLS, HTTP/2 on every hop.
+    Http2,
 }
 
 impl Variant {
@@ -333,6 +372,8 @@ impl Variant {
             Variant::Telemetry(setting) => setting.label().into(),
             Variant::FromOutside => "outside client, direct".into(),
             Variant::Ingress => "outside client, ingress + mTLS".into(),
+            Variant::Http2Direct => "HTTP/2, direct".into(),
+            Variant::Http2 => "HTTP/2, L7 + mTLS".into(),
         }
     }
 }

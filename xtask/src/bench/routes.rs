@@ -22,7 +22,7 @@ pub(super) const PATH: &str = "/bench";
 
 /// Set on responses by the last route only, to the size of its table: a
 /// response carrying it was routed by that route of that table.
-const ROUTE_HEADER: &str = "x-bench-routes";
+pub(super) const ROUTE_HEADER: &str = "x-bench-routes";
 
 /// A VirtualService for `service` whose `routes` routes all forward to it;
 /// a request for [`PATH`] matches only the last.
