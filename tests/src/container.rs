@@ -7,7 +7,8 @@
 //! Each [`Podman`] keeps its images and containers in a directory of its
 //! own (not the machine's podman storage), and when dropped removes every
 //! container it started and that directory: declare it before the topology
-//! and the agents that run through it, so that it drops after them.
+//! and the agents that run through it, so that it drops after them. If a
+//! signal ends the test instead, the process's [`ExitCleanup`] does the same.
 
 use anyhow::{Context, Result};
 use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::exit_cleanup::ExitCleanup;
 use crate::topology::run_checked;
 
 /// The image archive under test: `$NODEMESH_IMAGE` (set by `cargo xtask
@@ -39,9 +41,23 @@ pub const CA_USER: u32 = 65532;
 /// Every container started here carries this label, so drop finds them.
 const LABEL: &str = "nodemesh-testbed=1";
 
+/// `sh -c LEFTOVER_CLEANUP - DIR PODMAN_COMMAND…`: what `Drop` does, once a
+/// test process ended without it. Their processes were in the topology's
+/// namespaces, so they are gone: removing the containers unmounts what
+/// podman mounted for them.
+const LEFTOVER_CLEANUP: &str = r#"dir=$1; shift
+"$@" rm --force --all --time=1 >/dev/null 2>&1
+if grep -qF " $dir/" /proc/self/mounts; then
+  echo "podman: mounts left under $dir: not removing it" >&2
+else
+  rm -rf "$dir" && echo "nodemesh-testbed: podman's $dir outlived its test process; removed" >&2
+fi"#;
+
 /// A podman with private storage; see the module documentation.
 pub struct Podman {
     dir: PathBuf,
+    /// [`LEFTOVER_CLEANUP`], withdrawn once `Drop` has removed `dir`.
+    leftover_cleanup: Option<ExitCleanup>,
 }
 
 impl Podman {
@@ -55,7 +71,24 @@ impl Podman {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Podman { dir })
+        let mut podman = Podman {
+            dir,
+            leftover_cleanup: None,
+        };
+        let dir = podman
+            .dir
+            .to_str()
+            .context("the temporary directory is not UTF-8")?;
+        let mut cleanup = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            LEFTOVER_CLEANUP.to_owned(),
+        ];
+        cleanup.extend(["-".to_owned(), dir.to_owned()]);
+        cleanup.extend(podman.global_args());
+        let cleanup: Vec<&str> = cleanup.iter().map(String::as_str).collect();
+        podman.leftover_cleanup = Some(ExitCleanup::register(&cleanup)?);
+        Ok(podman)
     }
 
     /// `podman` and its global options: storage here (vfs: plain
@@ -192,8 +225,13 @@ impl Drop for Podman {
             eprintln!("podman: mounts left under {inside}: not removing it");
             return;
         }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("podman: removing {inside}: {e}");
+        match fs::remove_dir_all(&self.dir) {
+            Err(e) => eprintln!("podman: removing {inside}: {e}"),
+            Ok(()) => {
+                if let Some(cleanup) = self.leftover_cleanup.take() {
+                    cleanup.withdraw();
+                }
+            }
         }
     }
 }
