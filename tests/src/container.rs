@@ -79,14 +79,9 @@ impl Podman {
             .dir
             .to_str()
             .context("the temporary directory is not UTF-8")?;
-        let mut cleanup = vec![
-            "sh".to_owned(),
-            "-c".to_owned(),
-            LEFTOVER_CLEANUP.to_owned(),
-        ];
-        cleanup.extend(["-".to_owned(), dir.to_owned()]);
-        cleanup.extend(podman.global_args());
-        let cleanup: Vec<&str> = cleanup.iter().map(String::as_str).collect();
+        let podman_command = podman.global_args();
+        let mut cleanup = vec!["sh", "-c", LEFTOVER_CLEANUP, "-", dir];
+        cleanup.extend(podman_command.iter().map(String::as_str));
         podman.leftover_cleanup = Some(ExitCleanup::register(&cleanup)?);
         Ok(podman)
     }

@@ -1252,21 +1252,20 @@ impl<'a> Bench<'a> {
         };
         let from = &self.client_netns;
         let probe = Probe::get_with(&self.topo, from, &url, &["--http2-prior-knowledge"])?;
-        let last_route = probe.header(routes::ROUTE_HEADER) == Some(routes.to_string());
-        let caller = probe
-            .header(mtls::ECHO_HEADER)
-            .is_some_and(|v| v.contains("URI=spiffe://"));
-        let ok = probe.summary == format!("200 {BODY_SIZE}")
-            && probe.header(PROTOCOL_HEADER).as_deref() == Some("HTTP/2.0")
-            && (direct || (last_route && caller));
-        if !ok {
+        let want = format!("200 {BODY_SIZE}");
+        let protocol = probe.header(PROTOCOL_HEADER);
+        if probe.summary != want || protocol.as_deref() != Some("HTTP/2.0") {
             bail!(
-                "an HTTP/2 request to {url} got {:?} (want 200 {BODY_SIZE}, nginx asked in                  HTTP/2.0{}); headers:\n{}",
+                "an HTTP/2 request to {url} got {:?} and nginx saw {protocol:?} (want {want:?} \
+                 and HTTP/2.0); headers:\n{}",
                 probe.summary,
-                if direct { "" } else { ", the last route, the caller's SPIFFE id" },
                 probe.headers
             );
         }
+        if !direct {
+            routes::check_last_route(&probe, &url, routes, BODY_SIZE)?;
+        }
+        mtls::check_caller(&probe, &url, log.mode)?;
         println!(
             "  an HTTP/2 request to {url} reaches nginx in HTTP/2{}",
             if direct {
@@ -1297,7 +1296,8 @@ impl<'a> Bench<'a> {
         let routes = ROUTE_COUNTS[0];
         routes::check_response(&self.topo, &self.client_netns, &url, routes, BODY_SIZE)?;
         println!(
-            "  allow-list of {rules} rules served {:.0} ms after the write; the client's              requests match its last rule",
+            "  allow-list of {rules} rules served {:.0} ms after the write; the client's \
+             requests match its last rule",
             applied_after.as_secs_f64() * 1000.0
         );
         let from = &self.client_netns;
@@ -1349,8 +1349,7 @@ impl<'a> Bench<'a> {
         ));
         let conns = CONNECTIONS.to_string();
         let phase = format!("connection rate ({path})");
-        let mut args = version.oha_args(false).to_vec();
-        args.extend(["-c", &conns, "--disable-keepalive", "-z", &d, url]);
+        let args = version.oha_args(false, &["-c", &conns, "--disable-keepalive", "-z", &d, url]);
         let (run, cpu) = self.phase(log, &phase, |b| b.oha(from, &args, &phase))?;
         println!(
             "        {:.0} connections/s; proxies {:.1} ms CPU per 1000 connections",
@@ -1371,21 +1370,13 @@ impl<'a> Bench<'a> {
     ) -> Result<HttpPhases> {
         let conns = CONNECTIONS.to_string();
         let d = human(self.opts.duration);
-        let streams = match version {
-            HttpVersion::Http1 => String::new(),
-            HttpVersion::Http2 => format!(" × {HTTP2_STREAMS} streams"),
-        };
+        let streams = version.streams_label();
         log.step(&format!(
             "{} max throughput ({path}): {CONNECTIONS} keep-alive connections{streams}, {d}",
             version.name()
         ));
         let phase = format!("max throughput ({path})");
-        fn with_version<'a>(version: HttpVersion, args: &[&'a str]) -> Vec<&'a str> {
-            let mut all = version.oha_args(true).to_vec();
-            all.extend_from_slice(args);
-            all
-        }
-        let args = with_version(version, &["-c", &conns, "-z", &d, url]);
+        let args = version.oha_args(true, &["-c", &conns, "-z", &d, url]);
         let (throughput, throughput_cpu) =
             self.phase(log, &phase, |b| b.oha(from, &args, &phase))?;
         println!(
@@ -1400,7 +1391,7 @@ impl<'a> Bench<'a> {
         ));
         let rate = FIXED_RATE.to_string();
         let phase = format!("fixed rate ({path})");
-        let args = with_version(version, &["-c", &conns, "-q", &rate, "-z", &d, url]);
+        let args = version.oha_args(true, &["-c", &conns, "-q", &rate, "-z", &d, url]);
         let (latency, latency_cpu) = self.phase(log, &phase, |b| b.oha(from, &args, &phase))?;
         println!(
             "        {:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
@@ -1422,8 +1413,7 @@ impl<'a> Bench<'a> {
 
     fn warm_up_with(&self, from: &str, url: &str, version: HttpVersion) -> Result<()> {
         let (conns, duration) = (CONNECTIONS.to_string(), human(WARMUP));
-        let mut args = version.oha_args(true).to_vec();
-        args.extend(["-c", &conns, "-z", &duration, url]);
+        let args = version.oha_args(true, &["-c", &conns, "-z", &duration, url]);
         self.oha(from, &args, "warm-up")?;
         Ok(())
     }

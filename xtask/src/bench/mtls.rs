@@ -83,7 +83,11 @@ pub(super) fn write_policy(dir: &std::path::Path, plaintext_hop: bool) -> Result
 /// Checks that a request to `url` reaches nginx over `mode`'s hop: with the
 /// caller's certificate (mutual TLS) or without (plaintext).
 pub(super) fn check_hop(topo: &Topology, netns: &str, url: &str, mode: Mode) -> Result<()> {
-    let probe = Probe::get(topo, netns, url)?;
+    check_caller(&Probe::get(topo, netns, url)?, url, mode)
+}
+
+/// What [`check_hop`] checks, on a request already made.
+pub(super) fn check_caller(probe: &Probe, url: &str, mode: Mode) -> Result<()> {
     let seen = probe.header(ECHO_HEADER);
     let (ok, want) = match mode {
         Mode::MeshedMtls => (

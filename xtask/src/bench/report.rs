@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::procfs::num_cpus;
 use super::{
     per_1000, Bulk, CpuUse, HttpRun, HttpVersion, L7Result, Memory, Mode, ModeResult, PathResult,
-    Variant, CONNECTIONS, FIXED_RATE, HTTP2_STREAMS, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000,
+    Variant, CONNECTIONS, FIXED_RATE, TARGET_BULK_PERCENT, TARGET_CPU_MS_PER_1000,
     TARGET_CPU_MS_PER_1000_FIXED_RATE, TARGET_P50_DELTA_MS, TARGET_RPS_PERCENT, TARGET_RSS_MB,
 };
 
@@ -658,10 +658,7 @@ pub(super) fn l7_table(
         .iter()
         .find_map(|r| pick(r, 0))
         .map_or(HttpVersion::Http1, |l| l.path.version);
-    let streams = match version {
-        HttpVersion::Http1 => String::new(),
-        HttpVersion::Http2 => format!(" × {HTTP2_STREAMS} streams"),
-    };
+    let streams = version.streams_label();
     let mut rows = Vec::new();
     for (metric, key, (s, l)) in [
         (

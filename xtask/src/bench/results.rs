@@ -331,14 +331,25 @@ impl HttpVersion {
         }
     }
 
-    /// oha's flags for it; with `streams`, HTTP/2's concurrent streams on
-    /// each connection (none when each request opens one).
-    pub(super) fn oha_args(self, streams: bool) -> &'static [&'static str] {
-        match (self, streams) {
+    /// What each connection carries at a time, after the connection count
+    /// in a label: nothing for HTTP/1.1.
+    pub(super) fn streams_label(self) -> String {
+        match self {
+            HttpVersion::Http1 => String::new(),
+            HttpVersion::Http2 => format!(" × {} streams", super::HTTP2_STREAMS),
+        }
+    }
+
+    /// oha's arguments `args` preceded by this version's flags; with
+    /// `streams`, HTTP/2's concurrent streams on each connection (none when
+    /// each request opens one).
+    pub(super) fn oha_args<'a>(self, streams: bool, args: &[&'a str]) -> Vec<&'a str> {
+        let flags: &[&'static str] = match (self, streams) {
             (HttpVersion::Http1, _) => &[],
             (HttpVersion::Http2, true) => &["--http2", "-p", super::HTTP2_STREAMS],
             (HttpVersion::Http2, false) => &["--http2"],
-        }
+        };
+        flags.iter().chain(args).copied().collect()
     }
 }
 

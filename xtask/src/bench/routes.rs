@@ -55,7 +55,16 @@ pub(super) fn check_response(
     routes: usize,
     body_size: usize,
 ) -> Result<()> {
-    let probe = Probe::get(topo, netns, url)?;
+    check_last_route(&Probe::get(topo, netns, url)?, url, routes, body_size)
+}
+
+/// What [`check_response`] checks, on a request already made.
+pub(super) fn check_last_route(
+    probe: &Probe,
+    url: &str,
+    routes: usize,
+    body_size: usize,
+) -> Result<()> {
     let want = format!("200 {body_size}");
     if probe.summary != want || probe.header(ROUTE_HEADER) != Some(routes.to_string()) {
         bail!(
