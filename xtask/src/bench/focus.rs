@@ -1,5 +1,5 @@
-//! `cargo xtask bench --focus [--against OTHER_NODEMESH]...`: the headline
-//! L7 + mTLS path alone, the cost of a new L4 + mTLS connection, and bulk
+//! `cargo xtask bench --focus [--http2] [--against OTHER_NODEMESH]...`: the
+//! headline L7 + mTLS path alone (in HTTP/1.1, or HTTP/2 with `--http2`), the cost of a new L4 + mTLS connection, and bulk
 //! TCP, for profiling and for A/B comparisons of two agent builds.
 //!
 //! The full bench takes many minutes; working on the data path's cost needs a
@@ -62,11 +62,13 @@ pub(super) fn run(
         }
     }
     println!(
-        "\nL7 + mTLS ({} routes), {CONNECTIONS} keep-alive connections, {} phases, medians of {} \
-         round(s); CPU and context switches are both agents' per request; L4 con/s and \
+        "\nL7 + mTLS ({} routes), {} over {CONNECTIONS} keep-alive connections{}, {} phases, \
+         medians of {} round(s); CPU and context switches are both agents' per request; L4 con/s and \
          ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent; bulk: one iperf3 \
          stream over L4 + mTLS, ms of agent CPU per GB:",
         ROUTE_COUNTS[0],
+        opts.version.name(),
+        opts.version.streams_label(),
         human(opts.duration),
         opts.rounds
     );
@@ -155,13 +157,19 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     };
     let d = human(bench.opts.duration);
     let conns = CONNECTIONS.to_string();
+    let version = bench.opts.version;
     let pod = bench.pod_url();
     let from = bench.client_netns.clone();
     let from = from.as_str();
-    bench.warm_up(from, &pod)?;
+    let direct_url = match version {
+        HttpVersion::Http1 => pod.clone(),
+        HttpVersion::Http2 => bench.check_http2(Mode::Direct)?,
+    };
+    bench.warm_up_with(from, &direct_url, version)?;
     log.step("direct max throughput");
     let (direct, _) = bench.phase(&mut log, "direct", |b| {
-        b.oha(from, &["-c", &conns, "-z", &d, &pod], "direct")
+        let args = version.oha_args(true, &["-c", &conns, "-z", &d, &direct_url]);
+        b.oha(from, &args, "direct")
     })?;
     println!("        {:.0} req/s", direct.rps);
     let pod_iperf3 = bench.pod_iperf3();
@@ -171,11 +179,15 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
 
     bench.set_enrolled(true)?;
     log.mode = Mode::MeshedMtls;
-    let url = bench.service_url();
-    super::until_config_applied(|| {
-        mtls::check_hop(&bench.topo, &bench.client_netns, &url, Mode::MeshedMtls)
+    let url = super::until_config_applied(|| match version {
+        HttpVersion::Http1 => {
+            let url = bench.service_url();
+            mtls::check_hop(&bench.topo, &bench.client_netns, &url, Mode::MeshedMtls)?;
+            Ok(url)
+        }
+        HttpVersion::Http2 => bench.check_http2(Mode::MeshedMtls),
     })?;
-    bench.warm_up(from, &url)?;
+    bench.warm_up_with(from, &url, version)?;
     let pids = bench.agent_pids()?;
     println!(
         "  agents: node-a pid {}, node-b pid {} (attach profilers now)",
@@ -200,7 +212,8 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     log.step("L7 + mTLS max throughput");
     let running = counting("max")?;
     let max = bench.phase(&mut log, "max", |b| {
-        b.oha(from, &["-c", &conns, "-z", &d, &url], "max")
+        let args = version.oha_args(true, &["-c", &conns, "-z", &d, &url]);
+        b.oha(from, &args, "max")
     })?;
     let at_max = stop(running, max.0.ok)?;
     println!(
@@ -213,7 +226,8 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     let rate = FIXED_RATE.to_string();
     let running = counting("fixed")?;
     let fixed = bench.phase(&mut log, "fixed", |b| {
-        b.oha(from, &["-c", &conns, "-q", &rate, "-z", &d, &url], "fixed")
+        let args = version.oha_args(true, &["-c", &conns, "-q", &rate, "-z", &d, &url]);
+        b.oha(from, &args, "fixed")
     })?;
     let at_fixed = stop(running, fixed.0.ok)?;
     println!(

@@ -133,7 +133,7 @@ use results::{
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--pgo] [--duration DURATION | --quick] [--rounds N]
-                         [--focus [--allocations] [--against NODEMESH]...]
+                         [--focus [--http2] [--allocations] [--against NODEMESH]...]
 
   --pgo          bench the profile-guided build (`cargo xtask build --pgo`)
   --results F    write the full run's results to F (default
@@ -145,6 +145,9 @@ usage: cargo xtask bench [--pgo] [--duration DURATION | --quick] [--rounds N]
                  new L4 + mTLS connections and bulk TCP, with each agent's
                  syscalls and context switches per request (perf stat):
                  for profiling
+  --http2        with --focus: the L7 phases in HTTP/2 with prior knowledge
+                 (8 streams on each connection), direct to nginx's HTTP/2
+                 port and meshed to the Service's `http2` port
   --allocations  with --focus: count allocations per request too (uprobes:
                  they slow every allocation, so that run's times are skewed)
   --against B    with --focus: the same phases with the agent binary B,
@@ -423,6 +426,8 @@ struct Options {
     against: Vec<PathBuf>,
     /// With `focus`: count allocations (`counters.rs`).
     allocations: bool,
+    /// With `focus`: the L7 phases' HTTP version.
+    version: HttpVersion,
     /// Where the full run's results go.
     results: PathBuf,
 }
@@ -435,6 +440,7 @@ impl Options {
         let mut focus = false;
         let mut against = Vec::new();
         let mut allocations = false;
+        let mut version = HttpVersion::Http1;
         let mut results = super::target_dir().join("bench/results.json");
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -450,6 +456,7 @@ impl Options {
                 }
                 "--focus" => focus = true,
                 "--allocations" => allocations = true,
+                "--http2" => version = HttpVersion::Http2,
                 "--results" => {
                     results = PathBuf::from(it.next().context("--results needs a file")?);
                 }
@@ -479,6 +486,9 @@ impl Options {
         if allocations && !focus {
             bail!("--allocations counts in --focus mode only");
         }
+        if version == HttpVersion::Http2 && !focus {
+            bail!("--http2 is for --focus: the full bench always has its HTTP/2 table");
+        }
         Ok(Some(Options {
             duration,
             bulk: duration.min(BULK_MAX),
@@ -486,6 +496,7 @@ impl Options {
             focus,
             against,
             allocations,
+            version,
             results,
         }))
     }
@@ -1074,12 +1085,30 @@ impl<'a> Bench<'a> {
 
     /// The server pod's address: the only one reachable without the mesh.
     fn pod_url(&self) -> String {
-        format!("http://{}:{HTTP_PORT}{}", self.server_ip, routes::PATH)
+        self.pod_url_in(HttpVersion::Http1)
+    }
+
+    /// nginx's port for `version` on the server pod's address.
+    fn pod_url_in(&self, version: HttpVersion) -> String {
+        let port = match version {
+            HttpVersion::Http1 => HTTP_PORT,
+            HttpVersion::Http2 => HTTP2_PORT,
+        };
+        format!("http://{}:{port}{}", self.server_ip, routes::PATH)
     }
 
     /// The Service's address: routed by the client-side agent's L7 proxy.
     fn service_url(&self) -> String {
-        format!("http://{SERVICE_IP}:{SERVICE_PORT}{}", routes::PATH)
+        self.service_url_in(HttpVersion::Http1)
+    }
+
+    /// The Service's port for `version` (`http` or `http2`).
+    fn service_url_in(&self, version: HttpVersion) -> String {
+        let port = match version {
+            HttpVersion::Http1 => SERVICE_PORT,
+            HttpVersion::Http2 => SERVICE_HTTP2_PORT,
+        };
+        format!("http://{SERVICE_IP}:{port}{}", routes::PATH)
     }
 
     /// The HTTP phases through the client-side agent's L7 proxy, with a
@@ -1235,23 +1264,24 @@ impl<'a> Bench<'a> {
         })
     }
 
-    /// HTTP/2 with prior knowledge, as gRPC runs in a mesh: direct to
-    /// nginx's HTTP/2 port, or (meshed) to the Service's `http2` port,
-    /// routed by the client-side agent with the 10 routes and carried over
-    /// mutual TLS. First a request checks that nginx was asked in HTTP/2
-    /// (so every hop spoke it: an agent keeps the client's protocol) and,
-    /// meshed, through the last route and by the caller's SPIFFE id.
-    fn http2_phases(&self, log: &mut PhaseLog) -> Result<L7Result> {
-        let direct = log.mode == Mode::Direct;
-        let (url, variant, routes) = if direct {
-            let url = format!("http://{}:{HTTP2_PORT}{}", self.server_ip, routes::PATH);
-            (url, Variant::Http2Direct, 0)
+    /// Checks that an HTTP/2 request (prior knowledge) reaches nginx in
+    /// HTTP/2 (so every hop spoke it: an agent keeps the client's
+    /// protocol) and, meshed, through the last of the 10 routes and by the
+    /// caller's SPIFFE id; returns the URL: nginx's HTTP/2 port in direct
+    /// mode, the Service's `http2` port meshed.
+    fn check_http2(&self, mode: Mode) -> Result<String> {
+        let direct = mode == Mode::Direct;
+        let url = if direct {
+            self.pod_url_in(HttpVersion::Http2)
         } else {
-            let url = format!("http://{SERVICE_IP}:{SERVICE_HTTP2_PORT}{}", routes::PATH);
-            (url, Variant::Http2, ROUTE_COUNTS[0])
+            self.service_url_in(HttpVersion::Http2)
         };
-        let from = &self.client_netns;
-        let probe = Probe::get_with(&self.topo, from, &url, &["--http2-prior-knowledge"])?;
+        let probe = Probe::get_with(
+            &self.topo,
+            &self.client_netns,
+            &url,
+            &["--http2-prior-knowledge"],
+        )?;
         let want = format!("200 {BODY_SIZE}");
         let protocol = probe.header(PROTOCOL_HEADER);
         if probe.summary != want || protocol.as_deref() != Some("HTTP/2.0") {
@@ -1263,9 +1293,9 @@ impl<'a> Bench<'a> {
             );
         }
         if !direct {
-            routes::check_last_route(&probe, &url, routes, BODY_SIZE)?;
+            routes::check_last_route(&probe, &url, ROUTE_COUNTS[0], BODY_SIZE)?;
         }
-        mtls::check_caller(&probe, &url, log.mode)?;
+        mtls::check_caller(&probe, &url, mode)?;
         println!(
             "  an HTTP/2 request to {url} reaches nginx in HTTP/2{}",
             if direct {
@@ -1274,6 +1304,20 @@ impl<'a> Bench<'a> {
                 " through the last route, over mutual TLS"
             }
         );
+        Ok(url)
+    }
+
+    /// HTTP/2 with prior knowledge, as gRPC runs in a mesh: direct to
+    /// nginx's HTTP/2 port, or (meshed) to the Service's `http2` port,
+    /// routed by the client-side agent with the 10 routes and carried over
+    /// mutual TLS, after [`Self::check_http2`].
+    fn http2_phases(&self, log: &mut PhaseLog) -> Result<L7Result> {
+        let (variant, routes) = match log.mode {
+            Mode::Direct => (Variant::Http2Direct, 0),
+            _ => (Variant::Http2, ROUTE_COUNTS[0]),
+        };
+        let url = self.check_http2(log.mode)?;
+        let from = &self.client_netns;
         self.warm_up_with(from, &url, HttpVersion::Http2)?;
         let path = self.path_phases(log, from, &url, &variant.label(), HttpVersion::Http2)?;
         Ok(L7Result {
