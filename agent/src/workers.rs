@@ -103,6 +103,10 @@ impl Workers {
             .min_by_key(|worker| worker.serving.load(Ordering::Relaxed))
             .expect("at least one worker");
         let serving = Serving::count(&worker.serving);
+        // Boxed: a connection's future is tens of kilobytes, which tokio
+        // would move by value several times on its way into a task (and
+        // this wrapper would hold twice); a box moves as a pointer.
+        let task = Box::pin(task);
         worker.handle.spawn(async move {
             let _serving = serving;
             task.await

@@ -49,7 +49,11 @@ pub async fn connect(
             let admitted = admit_local(proxy, from, to).await?;
             let (near, far) = tokio::io::duplex(LOCAL_BUFFER);
             let proxy = proxy.clone();
-            tokio::spawn(async move { proxy.serve_stream(admitted, far, None).await });
+            // Boxed: kilobytes of state, which tokio would move by value
+            // several times on its way into a task.
+            tokio::spawn(Box::pin(async move {
+                proxy.serve_stream(admitted, far, None).await
+            }));
             Ok(Charged::new(Stream::Local(Prefixed::new(near)), fd))
         }
         Hop::Mesh(destination) => {

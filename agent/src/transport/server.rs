@@ -251,7 +251,9 @@ impl Caller<'_> {
             match upgrade.await {
                 Ok(upgraded) => {
                     let tunnel = TokioIo::new(upgraded);
-                    inbound.serve(admitted, tunnel, resumable).await
+                    // Boxed: kilobytes of state, allocated only once the
+                    // stream is up, instead of in every spawned task.
+                    Box::pin(inbound.serve(admitted, tunnel, resumable)).await
                 }
                 Err(e) => log::debug!("HBONE stream ended before it started: {e}"),
             }

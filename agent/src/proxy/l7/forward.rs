@@ -211,7 +211,8 @@ async fn forward(
         return no_healthy_upstream(plan.grpc);
     };
     if tunnel::is_upgrade(&request) {
-        return tunnel::run(down, &target, request).await;
+        // Boxed: an upgrade's state would otherwise enlarge every request's.
+        return Box::pin(tunnel::run(down, &target, request)).await;
     }
 
     let (parts, incoming) = request.into_parts();

@@ -161,13 +161,16 @@ where
     let service = service_fn(move |request| {
         let (downstream, draining) = (downstream.clone(), draining.clone());
         let entered = requests.as_ref().map(InFlight::enter);
-        async move {
+        // Boxed: hyper spawns every HTTP/2 request's future as a task, and
+        // tokio moves a future by value several times on its way into one;
+        // a request's routing state is kilobytes, a box is a pointer.
+        Box::pin(async move {
             let mut response = downstream.handle(request).await;
             if !http2 {
                 draining.close_after(&mut response);
             }
             Ok::<_, Infallible>(open_until_answered(response, entered))
-        }
+        })
     });
     let serving = async {
         if http2 {

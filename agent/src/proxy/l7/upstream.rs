@@ -142,14 +142,7 @@ impl Pool {
             Some(idle) => (idle.send, idle.used, true),
             None => {
                 let started = Instant::now();
-                let stream = to.connect(&dial).await?;
-                let (send, conn) = http1::Builder::new()
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                let send = Box::pin(to.open_http1(&dial)).await?;
                 *opening = started.elapsed();
                 (send, 0, false)
             }
@@ -190,20 +183,7 @@ impl Pool {
             Some(send) => (send, true),
             None => {
                 let started = Instant::now();
-                let stream = to.connect(&dial).await?;
-                // Windows as small as the downstream side's: what an endpoint
-                // may push ahead of a caller that does not read.
-                let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
-                    .initial_connection_window_size(UPSTREAM_H2_CONNECTION_WINDOW)
-                    .max_send_buf_size(UPSTREAM_H2_SEND_BUFFER)
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                let send = Box::pin(to.open_http2(&dial)).await?;
                 self.http2
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -221,6 +201,11 @@ impl Pool {
 }
 
 /// What a new connection needs: who opens it and over which hop.
+///
+/// Opening one awaits a TLS handshake and an HBONE stream: kilobytes of
+/// future state that every request's future would carry (and tokio copy
+/// when hyper spawns an HTTP/2 request) if it were awaited inline, so the
+/// pool awaits it boxed.
 struct Connecting<'a> {
     proxy: &'a Arc<Proxy>,
     from: &'a Pod,
@@ -228,6 +213,34 @@ struct Connecting<'a> {
 }
 
 impl Connecting<'_> {
+    /// A new HTTP/1.1 connection, driven by a task of its own.
+    async fn open_http1(self, dial: &Dial) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let io = TokioIo::new(self.connect(dial).await?);
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(handshake_failed)?;
+        tokio::spawn(conn);
+        Ok(send)
+    }
+
+    /// A new HTTP/2 connection, driven by a task of its own.
+    async fn open_http2(self, dial: &Dial) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let io = TokioIo::new(self.connect(dial).await?);
+        // Windows as small as the downstream side's: what an endpoint may
+        // push ahead of a caller that does not read.
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
+            .initial_connection_window_size(UPSTREAM_H2_CONNECTION_WINDOW)
+            .max_send_buf_size(UPSTREAM_H2_SEND_BUFFER)
+            .handshake(io)
+            .await
+            .map_err(handshake_failed)?;
+        tokio::spawn(conn);
+        Ok(send)
+    }
+
     /// A new connection to the endpoint, on a descriptor charged to `from`.
     async fn connect(self, dial: &Dial) -> Result<Charged, UpstreamError> {
         let from = self.from;
@@ -246,6 +259,10 @@ impl Connecting<'_> {
         .await
         .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))
     }
+}
+
+fn handshake_failed(e: hyper::Error) -> UpstreamError {
+    UpstreamError::Connect(std::io::Error::other(e))
 }
 
 impl Returning {
