@@ -942,20 +942,30 @@ fn istio_route(name: &str, host: &str, gateway: &str, extra: &str) -> String {
     )
 }
 
+/// The host of the Istio bad-input test's HTTPS Gateway.
+const ISTIO_SECURE_HOST: &str = "istio-secure.example.com";
+
 /// Istio objects with each bad input of issue 14 next to a good Gateway and
 /// VirtualService: `stray` is bound to Gateway `later` (missing), `secure`
 /// names Secret `secure-cred` (missing), `taken` is on port 8083 (another
 /// process holds it on node-a), `broken` is invalid.
+///
+/// The tests share one API server and every agent serves the Gateways of
+/// all namespaces, so no host and port here is another test's: `secure`
+/// once shared `secure.example.com:8443` with the Gateway API test, and
+/// whichever Gateway was older served the other test's certificate.
 fn istio_bad_input() -> String {
-    let secure = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: secure}\n\
-                  spec:\n  servers:\n  - port: {number: 8443, name: https, protocol: HTTPS}\n    \
-                  hosts: [secure.example.com]\n    tls: {mode: SIMPLE, credentialName: secure-cred}\n";
+    let secure = format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: secure}}\n\
+         spec:\n  servers:\n  - port: {{number: 8444, name: https, protocol: HTTPS}}\n    \
+         hosts: [{ISTIO_SECURE_HOST}]\n    tls: {{mode: SIMPLE, credentialName: secure-cred}}\n"
+    );
     [
         istio_gateway("good", 8090, "good.example.com"),
         istio_route("good", "good.example.com", "good", ""),
         istio_route("stray", "stray.example.com", "later", ""),
-        secure.to_owned(),
-        istio_route("secure", "secure.example.com", "secure", ""),
+        secure,
+        istio_route("secure", ISTIO_SECURE_HOST, "secure", ""),
         istio_gateway("taken", 8083, "taken.example.com"),
         istio_route("broken", "broken.example.com", "good", "timeout: soon, "),
     ]
@@ -1110,7 +1120,7 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
 
     // Fixed: the missing Gateway created, the Secret created, the port freed.
     cluster.apply(&istio_gateway("later", 8090, "stray.example.com"))?;
-    let (secret, _) = tls_secret("secure-cred", "secure.example.com")?;
+    let (secret, _) = tls_secret("secure-cred", ISTIO_SECURE_HOST)?;
     cluster.apply(&secret.to_string())?;
     cluster.topo_mut().stop_process(taker)?;
     let fixed = |s: &Value| accepted(s).as_deref() == Some("True");
