@@ -839,19 +839,7 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
             break;
         }
         if Instant::now() > deadline {
-            let gateways = cluster.agent("node-a").cli(&["gateways", "-o", "json"])?;
-            // node-a terminates TLS, node-b holds the backend.
-            let tail = |node: &str| {
-                let log = cluster.agent(node).log();
-                let tail: Vec<_> = log.lines().rev().take(40).collect();
-                format!("{node}'s log, newest first:\n{}", tail.join("\n"))
-            };
-            bail!(
-                "https: {out:?}\n{}\n{}\n{}",
-                String::from_utf8_lossy(&gateways.stdout),
-                tail("node-a"),
-                tail("node-b")
-            );
+            bail!("https: {out:?}\n{}", gateway_diagnostics(&cluster)?);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -921,6 +909,24 @@ fn gateway_api_https_with_a_secret_of_the_api_server_and_a_port_taken_on_one_nod
         reason(s, "plain") == "Accepted"
     })?;
     Ok(())
+}
+
+/// What a failed request through node-a's gateway prints: the gateways
+/// node-a serves, and both agents' newest log lines (node-a terminates,
+/// node-b holds the backend).
+fn gateway_diagnostics(cluster: &KubeMesh) -> Result<String> {
+    let gateways = cluster.agent("node-a").cli(&["gateways", "-o", "json"])?;
+    let tail = |node: &str| {
+        let log = cluster.agent(node).log();
+        let tail: Vec<_> = log.lines().rev().take(40).collect();
+        format!("{node}'s log, newest first:\n{}", tail.join("\n"))
+    };
+    Ok(format!(
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&gateways.stdout),
+        tail("node-a"),
+        tail("node-b")
+    ))
 }
 
 /// An Istio Gateway `name` with an HTTP server on `port` for `host`.
@@ -1012,7 +1018,8 @@ fn istio_objects_get_a_status_naming_each_bad_input_and_fixes_clear_it() -> Resu
         let deadline = Instant::now() + TIMEOUT;
         while get(cluster, host)? != "200" {
             if Instant::now() > deadline {
-                bail!("{host}: {}", get(cluster, host)?);
+                let out = get(cluster, host)?;
+                bail!("{host}: {out}\n{}", gateway_diagnostics(cluster)?);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
