@@ -956,10 +956,12 @@ const ISTIO_SECURE_HOST: &str = "istio-secure.example.com";
 /// names Secret `secure-cred` (missing), `taken` is on port 8083 (another
 /// process holds it on node-a), `broken` is invalid.
 ///
-/// The tests share one API server and every agent serves the Gateways of
-/// all namespaces, so no host and port here is another test's: `secure`
-/// once shared `secure.example.com:8443` with the Gateway API test, and
-/// whichever Gateway was older served the other test's certificate.
+/// The tests take turns on one API server, whose namespaces are never
+/// emptied (it runs no namespace controller), and every agent serves the
+/// Gateways of all namespaces; so no host and port here may be another
+/// test's. `secure` once shared `secure.example.com:8443` with the Gateway
+/// API test: when this test ran first, its Gateway, being older, kept the
+/// host, and the other test was served this one's certificate.
 fn istio_bad_input() -> String {
     let secure = format!(
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: secure}}\n\
