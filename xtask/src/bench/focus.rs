@@ -1,6 +1,7 @@
 //! `cargo xtask bench --focus [--http2] [--against OTHER_NODEMESH]...`: the
-//! headline L7 + mTLS path alone (in HTTP/1.1, or HTTP/2 with `--http2`), the cost of a new L4 + mTLS connection, and bulk
-//! TCP, for profiling and for A/B comparisons of two agent builds.
+//! headline L7 + mTLS path alone (in HTTP/1.1, or HTTP/2 with `--http2`),
+//! the cost of a new L4 + mTLS connection, and bulk TCP, for profiling and
+//! for A/B comparisons of two agent builds.
 //!
 //! The full bench takes many minutes; working on the data path's cost needs a
 //! measurement that takes a minute or two. Per round and per agent build, on
@@ -63,9 +64,9 @@ pub(super) fn run(
     }
     println!(
         "\nL7 + mTLS ({} routes), {} over {CONNECTIONS} keep-alive connections{}, {} phases, \
-         medians of {} round(s); CPU and context switches are both agents' per request; L4 con/s and \
-         ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent; bulk: one iperf3 \
-         stream over L4 + mTLS, ms of agent CPU per GB:",
+         medians of {} round(s); CPU and context switches are both agents' per request; L4 \
+         con/s and ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent; bulk: one \
+         iperf3 stream over L4 + mTLS, ms of agent CPU per GB:",
         ROUTE_COUNTS[0],
         opts.version.name(),
         opts.version.streams_label(),
