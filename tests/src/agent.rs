@@ -155,7 +155,7 @@ impl Agent {
         if !extra_args.iter().any(|a| a == "--ca-address") {
             let node_doc = format!("node-{}.yaml", info.node_name);
             crate::config::write(&config_dir, &node_doc, &[crate::config::node(&info)])?;
-            let ca = topo.mesh_ca(&config_dir)?;
+            let ca = topo.mesh_ca(&config_dir, bin)?;
             let credential = ca.issue_node(topo, &info.node_name)?;
             extra_args.extend([
                 "--ca-address".to_owned(),
@@ -191,7 +191,7 @@ impl Agent {
             "--kubeconfig".to_owned(),
             kubeconfig.display().to_string(),
         ];
-        let ca = topo.mesh_ca_from(&source_args)?;
+        let ca = topo.mesh_ca_from(&source_args, bin)?;
         let credential = ca.issue_node(topo, &info.node_name)?;
         let extra_args = vec![
             "--ca-address".to_owned(),

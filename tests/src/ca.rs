@@ -1,7 +1,6 @@
 //! A real `nodemesh ca` process on a host of its own on the inter-node
 //! fabric, and node credentials issued with the real `issue-node`.
 
-use crate::agent::nodemesh_bin;
 use crate::topology::Topology;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -18,31 +17,34 @@ const LOG: &str = "mesh-ca";
 /// A running CA; the topology stops it when dropped.
 #[derive(Clone)]
 pub struct MeshCa {
+    /// The `nodemesh` binary the CA runs from, which also issues the node
+    /// credentials.
+    bin: PathBuf,
     state_dir: PathBuf,
     address: String,
     pid: u32,
 }
 
 impl MeshCa {
-    /// Starts `nodemesh ca` on host `ca` (10.0.0.200) with its state dir
-    /// under the topology's work dir, reading `config_dir`, and waits until it
+    /// Starts `bin ca` on host `ca` (10.0.0.200) with its state dir under
+    /// the topology's work dir, reading `config_dir`, and waits until it
     /// listens.
-    pub fn start(topo: &mut Topology, config_dir: &Path) -> Result<MeshCa> {
+    pub fn start(topo: &mut Topology, config_dir: &Path, bin: &Path) -> Result<MeshCa> {
         std::fs::create_dir_all(config_dir)?;
         let source = ["--config-dir".to_owned(), config_dir.display().to_string()];
-        MeshCa::start_from(topo, &source)
+        MeshCa::start_from(topo, &source, bin)
     }
 
     /// Like [`MeshCa::start`], with the CA's config source given as its
     /// arguments (e.g. `--kubernetes --kubeconfig FILE`).
-    pub fn start_from(topo: &mut Topology, source: &[String]) -> Result<MeshCa> {
+    pub fn start_from(topo: &mut Topology, source: &[String], bin: &Path) -> Result<MeshCa> {
         let netns = topo.add_host("ca", HOST_INDEX)?;
         let state_dir = topo.work_dir().join("ca-state");
         let address = format!("10.0.0.{HOST_INDEX}:{CA_PORT}");
-        let bin = nodemesh_bin().display().to_string();
+        let program = bin.display().to_string();
         let state = state_dir.display().to_string();
         let mut cmd = vec![
-            bin.as_str(),
+            program.as_str(),
             "ca",
             "--state-dir",
             &state,
@@ -59,6 +61,7 @@ impl MeshCa {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(MeshCa {
+            bin: bin.to_path_buf(),
             state_dir,
             address,
             pid,
@@ -82,7 +85,7 @@ impl MeshCa {
     /// directory holding the credential (for the agent's `--node-credential`).
     pub fn issue_node(&self, topo: &Topology, node_name: &str) -> Result<PathBuf> {
         let out = topo.work_dir().join(format!("credential-{node_name}"));
-        let output = Command::new(nodemesh_bin())
+        let output = Command::new(&self.bin)
             .args(["ca", "issue-node", node_name, "--state-dir"])
             .arg(&self.state_dir)
             .arg("--out")

@@ -455,21 +455,23 @@ impl Topology {
         Ok(())
     }
 
-    /// The topology's mesh CA, reading `config_dir`: started on first use,
+    /// The topology's mesh CA, reading `config_dir`: started from `bin` on
+    /// first use (the agent binary that first needs it: a bench or a
+    /// training run of another build has no `target/release/nodemesh`),
     /// stopped with the other processes.
-    pub fn mesh_ca(&mut self, config_dir: &Path) -> Result<MeshCa> {
+    pub fn mesh_ca(&mut self, config_dir: &Path, bin: &Path) -> Result<MeshCa> {
         std::fs::create_dir_all(config_dir)?;
         let source = ["--config-dir".to_owned(), config_dir.display().to_string()];
-        self.mesh_ca_from(&source)
+        self.mesh_ca_from(&source, bin)
     }
 
     /// The topology's mesh CA, with its config source given as its
     /// arguments (e.g. `--kubernetes --kubeconfig FILE`).
-    pub fn mesh_ca_from(&mut self, source: &[String]) -> Result<MeshCa> {
+    pub fn mesh_ca_from(&mut self, source: &[String], bin: &Path) -> Result<MeshCa> {
         if let Some(ca) = &self.mesh_ca {
             return Ok(ca.clone());
         }
-        let ca = MeshCa::start_from(self, source)?;
+        let ca = MeshCa::start_from(self, source, bin)?;
         self.mesh_ca = Some(ca.clone());
         Ok(ca)
     }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nodemesh_testbed::mesh::NAMESPACE;
+use nodemesh_testbed::nodemesh_bin;
 use nodemesh_testbed::tenants::{Lab, RECORDER_PORT};
 use nodemesh_testbed::workload_apps::python3;
 use rcgen::{
@@ -245,7 +246,10 @@ impl Signer {
     /// its state directory.
     fn mesh_ca(lab: &mut Lab, dir: &Path) -> Result<Signer> {
         let config_dir = lab.mesh().config_dir().to_path_buf();
-        let ca = lab.mesh_mut().topo_mut().mesh_ca(&config_dir)?;
+        let ca = lab
+            .mesh_mut()
+            .topo_mut()
+            .mesh_ca(&config_dir, &nodemesh_bin())?;
         let read = |file: &str| {
             let path = ca.state_dir().join(file);
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
