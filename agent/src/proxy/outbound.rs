@@ -290,9 +290,10 @@ where
             (Stream::Tunnel(tunnel), Some(resume)) if carriable => {
                 let mut meta = CarriedMeta::of(record, address, address);
                 meta.hbone = Some(*resume);
-                return proxy
-                    .relay_hbone(client.socket(), (tunnel, &[]), meta, how.live)
-                    .await;
+                // Boxed: 13 KiB that every connection's task would
+                // otherwise hold, whichever way it goes.
+                let relay = proxy.relay_hbone(client.socket(), (tunnel, &[]), meta, how.live);
+                return Box::pin(relay).await;
             }
             (Stream::Tcp(server), _) => relay::relay_stream(&mut client, server, how).await,
             (Stream::Tunnel(tunnel), _) => relay::relay_stream(&mut client, tunnel, how).await,
