@@ -65,16 +65,19 @@ async fn dispatch(
             .and_then(|s| s.port(orig.port(), Protocol::Tcp))
             .map(detect::declared)
     };
+    // Each way is boxed at its own size: an open connection's task holds
+    // a TCP relay's state (14 KiB) or an HTTP connection's (7.5 KiB), not
+    // always the larger.
     match declared {
         // Not a Service (a pod IP, an outside address) or declared opaque.
-        None | Some(Declared::Opaque) => l4(proxy, pod, client, record, fds).await,
+        None | Some(Declared::Opaque) => Box::pin(l4(proxy, pod, client, record, fds)).await,
         // The client speaks first, and whatever it says is parsed as HTTP:
         // a declared HTTP port is never relayed opaque (that would skip L7
         // policy). A client silent for the header read timeout is closed.
         Some(Declared::Http) => {
             let wait = proxy.settings.http.header_read_timeout;
             match detect::sniff(&client, wait, detect::classify_declared).await {
-                Some(http) => serve_l7(proxy, pod, client, record, http, fds).await,
+                Some(http) => Box::pin(serve_l7(proxy, pod, client, record, http, fds)).await,
                 None => Err(format!("no request within {wait:?}").into()),
             }
         }
@@ -290,10 +293,9 @@ where
             (Stream::Tunnel(tunnel), Some(resume)) if carriable => {
                 let mut meta = CarriedMeta::of(record, address, address);
                 meta.hbone = Some(*resume);
-                // Boxed: 13 KiB that every connection's task would
-                // otherwise hold, whichever way it goes.
-                let relay = proxy.relay_hbone(client.socket(), (tunnel, &[]), meta, how.live);
-                return Box::pin(relay).await;
+                return proxy
+                    .relay_hbone(client.socket(), (tunnel, &[]), meta, how.live)
+                    .await;
             }
             (Stream::Tcp(server), _) => relay::relay_stream(&mut client, server, how).await,
             (Stream::Tunnel(tunnel), _) => relay::relay_stream(&mut client, tunnel, how).await,
