@@ -191,7 +191,10 @@ impl Agent {
             "--kubeconfig".to_owned(),
             kubeconfig.display().to_string(),
         ];
-        let ca = topo.mesh_ca_from(&source_args, bin)?;
+        // `bin` may be a script that runs the agent from the container
+        // image; the CA, a Deployment of its own in a cluster, runs from
+        // the build.
+        let ca = topo.mesh_ca_from(&source_args, &nodemesh_bin())?;
         let credential = ca.issue_node(topo, &info.node_name)?;
         let extra_args = vec![
             "--ca-address".to_owned(),
