@@ -196,11 +196,17 @@ fn outcomes_of(lab: &Lab, addresses: &Value) -> Vec<String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let records = agent.connections().unwrap();
-        let outcomes: Vec<String> = addresses
-            .iter()
-            .filter_map(|a| records.iter().find(|c| c["source"] == *a))
-            .map(|c| c["outcome"].as_str().unwrap_or_default().to_owned())
-            .collect();
+        let mut outcomes = Vec::new();
+        for address in &addresses {
+            let of: Vec<&Value> = records.iter().filter(|c| c["source"] == *address).collect();
+            // One source address, one connection: another record of the
+            // same address would make its outcome ambiguous.
+            assert!(of.len() <= 1, "several records of {address}: {of:#?}");
+            outcomes.extend(
+                of.first()
+                    .map(|c| c["outcome"].as_str().unwrap_or_default().to_owned()),
+            );
+        }
         if outcomes.len() == addresses.len() || std::time::Instant::now() > deadline {
             assert_eq!(outcomes.len(), addresses.len(), "records of {addresses:?}");
             return outcomes;
