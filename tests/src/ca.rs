@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// The CA host's index on the fabric: it listens on `10.0.0.200`.
 const HOST_INDEX: u8 = 200;
 pub const CA_PORT: u16 = 15012;
-/// How long [`MeshCa::start`] waits for the CA to listen.
+/// How long the CA gets to start listening.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const LOG: &str = "mesh-ca";
 
@@ -27,17 +27,10 @@ pub struct MeshCa {
 
 impl MeshCa {
     /// Starts `bin ca` on host `ca` (10.0.0.200) with its state dir under
-    /// the topology's work dir, reading `config_dir`, and waits until it
-    /// listens.
-    pub fn start(topo: &mut Topology, config_dir: &Path, bin: &Path) -> Result<MeshCa> {
-        std::fs::create_dir_all(config_dir)?;
-        let source = ["--config-dir".to_owned(), config_dir.display().to_string()];
-        MeshCa::start_from(topo, &source, bin)
-    }
-
-    /// Like [`MeshCa::start`], with the CA's config source given as its
-    /// arguments (e.g. `--kubernetes --kubeconfig FILE`).
-    pub fn start_from(topo: &mut Topology, source: &[String], bin: &Path) -> Result<MeshCa> {
+    /// the topology's work dir and its config source given as its arguments
+    /// (`--config-dir DIR`, or `--kubernetes --kubeconfig FILE`), and waits
+    /// until it listens. Through [`Topology::mesh_ca`], which keeps it.
+    pub(crate) fn start(topo: &mut Topology, source: &[String], bin: &Path) -> Result<MeshCa> {
         let netns = topo.add_host("ca", HOST_INDEX)?;
         let state_dir = topo.work_dir().join("ca-state");
         let address = format!("10.0.0.{HOST_INDEX}:{CA_PORT}");

@@ -471,7 +471,7 @@ impl Topology {
         if let Some(ca) = &self.mesh_ca {
             return Ok(ca.clone());
         }
-        let ca = MeshCa::start_from(self, source, bin)?;
+        let ca = MeshCa::start(self, source, bin)?;
         self.mesh_ca = Some(ca.clone());
         Ok(ca)
     }

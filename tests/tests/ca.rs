@@ -31,7 +31,7 @@ fn shop_on_node_a(other_nodes: &[&str]) -> (Topology, std::path::PathBuf, MeshCa
         ],
     )
     .unwrap();
-    let ca = MeshCa::start(&mut topo, &config_dir, &nodemesh_bin()).unwrap();
+    let ca = topo.mesh_ca(&config_dir, &nodemesh_bin()).unwrap();
     (topo, config_dir, ca)
 }
 
