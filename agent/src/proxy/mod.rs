@@ -27,6 +27,7 @@ mod outcome;
 pub(crate) mod peer;
 mod quiesce;
 pub mod relay;
+mod relay_buffer;
 mod resume;
 pub(crate) mod sni;
 

@@ -6,16 +6,19 @@
 //! the socket's kernel buffer, and the stream holds nothing in flight: a
 //! new stream can take over from there.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::Activity;
-use super::relay::{self, Ended, FinishedPeer, RelayBuffer, RelayOptions, Stopped};
+use super::relay::{self, Ended, FinishedPeer, RelayOptions, Stopped};
+use super::relay_buffer::RelayBuffer;
 
 /// How long a quiesced stream may take to end cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -154,15 +157,25 @@ async fn up<S: AsyncWrite + Unpin>(
             signals.paused.send_replace(None);
             continue;
         }
-        let Some(n) = relay::read_some(from, &mut buf)? else {
+        // Written into the stream as far as it takes it at once.
+        let read = poll_fn(|cx| {
+            let write = |data: &[u8]| match Pin::new(&mut *to).poll_write(cx, data) {
+                Poll::Ready(written) => written,
+                Poll::Pending => Ok(0),
+            };
+            Poll::Ready(relay::read_socket(from, &mut buf, write))
+        });
+        let Poll::Ready(n) = read.await else {
             continue;
         };
+        let n = n?;
         if n == 0 {
             to.shutdown().await?;
             signals.paused.send_replace(Some(total));
             return Ok((total, true));
         }
-        to.write_all(buf.filled(n)).await?;
+        to.write_all(buf.unwritten()).await?;
+        buf.written();
         to.flush().await?;
         total += n as u64;
         activity.moved(true, n as u64);
@@ -185,10 +198,19 @@ async fn down<S: AsyncRead + Unpin>(
     let mut total = 0u64;
     let mut buf = RelayBuffer::default();
     loop {
+        // Written to the socket as far as it takes it at once.
+        let read_stream = poll_fn(|cx| {
+            let read = |space: &mut [u8]| {
+                let mut space = ReadBuf::new(space);
+                ready!(Pin::new(&mut *from).poll_read(cx, &mut space))?;
+                Poll::Ready(Ok(space.filled().len()))
+            };
+            buf.relay_once(read, |data| to.try_write(data))
+        });
         let read = tokio::select! {
             biased;
             _ = target.wait_for(|t| t.is_some_and(|t| total >= t)) => None,
-            n = from.read(buf.space()) => Some(n?),
+            n = read_stream => Some(n?),
         };
         let Some(n) = read else {
             return Ok((total, false));
@@ -197,7 +219,7 @@ async fn down<S: AsyncRead + Unpin>(
             relay::shutdown_write(to)?;
             return Ok((total, true));
         }
-        relay::write_all(to, buf.filled(n)).await?;
+        relay::write_unwritten(to, &mut buf).await?;
         total += n as u64;
         activity.moved(false, n as u64);
     }

@@ -2,10 +2,8 @@
 //!
 //! Half-close is preserved (EOF on one side becomes a FIN on the other), a
 //! reset on either side resets the other, and a connection idle in both
-//! directions for `idle` is reset. Buffers are bounded and only allocated
-//! once data flows, so idle connections cost no buffer memory; they start
-//! small (request/response traffic) and grow while reads keep filling them
-//! (bulk transfers), up to a fixed maximum.
+//! directions for `idle` is reset. A connection holds a buffer only while
+//! a write could not take what was read (see `relay_buffer`).
 //!
 //! A relay can also be quiesced (at a hand-over, see `carry`): each
 //! direction stops before its next read, after writing all it has read, so
@@ -24,34 +22,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::idle::{Activity, Tracked};
+use super::relay_buffer::RelayBuffer;
 use crate::telemetry::LiveBytes;
-
-const FIRST_BUFFER: usize = 16 * 1024;
-const MAX_BUFFER: usize = 256 * 1024;
-
-/// One direction's buffer: allocated at the first read, so idle connections
-/// hold none, and doubled up to [`MAX_BUFFER`] while reads fill it.
-#[derive(Default)]
-pub(super) struct RelayBuffer(Vec<u8>);
-
-impl RelayBuffer {
-    /// Where the next read goes.
-    pub(super) fn space(&mut self) -> &mut [u8] {
-        if self.0.is_empty() {
-            self.0.resize(FIRST_BUFFER, 0);
-        }
-        &mut self.0
-    }
-
-    /// The `n` bytes a read just put in [`Self::space`]; grows the buffer
-    /// (keeping them) when the read filled it.
-    pub(super) fn filled(&mut self, n: usize) -> &[u8] {
-        if n == self.0.len() && n < MAX_BUFFER {
-            self.0.resize(n * 2, 0);
-        }
-        &self.0[..n]
-    }
-}
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -313,26 +285,39 @@ async fn copy(
             () = &mut quiesced => return Ok((total, false)),
             readable = from.readable() => readable?,
         }
-        let Some(n) = read_some(from, &mut buf)? else {
+        let Poll::Ready(n) = read_socket(from, &mut buf, |data| to.try_write(data)) else {
             continue;
         };
+        let n = n?;
         if n == 0 {
             shutdown_write(to)?;
             return Ok((total, true));
         }
-        write_all(to, buf.filled(n)).await?;
+        write_unwritten(to, &mut buf).await?;
         total += n as u64;
         activity.moved(to_upstream, n as u64);
     }
 }
 
-/// Reads what `from` has into `buf` (`None`: nothing after all, 0: EOF).
-pub(super) fn read_some(from: &TcpStream, buf: &mut RelayBuffer) -> io::Result<Option<usize>> {
-    match from.try_read(buf.space()) {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
-    }
+/// Reads what `from` has and passes it to `write` at once (see
+/// [`RelayBuffer::relay_once`]); `Pending`: nothing after all.
+pub(super) fn read_socket(
+    from: &TcpStream,
+    buf: &mut RelayBuffer,
+    write: impl FnOnce(&[u8]) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    let read = |space: &mut [u8]| match from.try_read(space) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+        read => Poll::Ready(read),
+    };
+    buf.relay_once(read, write)
+}
+
+/// Writes what the last read into `buf` left to `to`.
+pub(super) async fn write_unwritten(to: &TcpStream, buf: &mut RelayBuffer) -> io::Result<()> {
+    write_all(to, buf.unwritten()).await?;
+    buf.written();
+    Ok(())
 }
 
 /// Passes an EOF on: a FIN to `to` (one already gone is no error).
