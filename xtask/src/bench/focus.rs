@@ -1,12 +1,13 @@
 //! `cargo xtask bench --focus [--http2] [--against OTHER_NODEMESH]...`: the
 //! headline L7 + mTLS path alone (in HTTP/1.1, or HTTP/2 with `--http2`),
-//! the cost of a new L4 + mTLS connection, and bulk TCP, for profiling and
-//! for A/B comparisons of two agent builds.
+//! the cost of a new L4 + mTLS connection and of an open one, and bulk TCP,
+//! for profiling and for A/B comparisons of two agent builds.
 //!
 //! The full bench takes many minutes; working on the data path's cost needs a
 //! measurement that takes a minute or two. Per round and per agent build, on
 //! a fresh topology: direct max throughput (the reference), then L7 + mTLS to
-//! the Service (10 routes) at max throughput and at 2000 req/s, then new
+//! the Service (10 routes) at max throughput and at 2000 req/s, then the
+//! memory of 1000 connections held open to the server pod's address, then new
 //! connections to the server pod's address (relayed as opaque TCP by the
 //! client's agent over HBONE, served as HTTP by the server's agent; a new
 //! connection per request, as many concurrent), then bulk TCP (one iperf3
@@ -36,6 +37,8 @@ struct Sample {
     /// New L4 + mTLS connections, one request each.
     connections: (HttpRun, CpuUse),
     rss_kib: [u64; 2],
+    /// Anonymous memory per open L4 + mTLS connection (`held.rs`).
+    held_kib: [f64; 2],
     /// Bulk TCP: direct, and over L4 + mTLS with both agents' CPU.
     bulk: (Transfer, Bulk),
     /// Per request and agent (node-a, node-b), at max, at the fixed rate
@@ -65,8 +68,9 @@ pub(super) fn run(
     println!(
         "\nL7 + mTLS ({} routes), {} over {CONNECTIONS} keep-alive connections{}, {} phases, \
          medians of {} round(s); CPU and context switches are both agents' per request; L4 \
-         con/s and ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent; bulk: one \
-         iperf3 stream over L4 + mTLS, ms of agent CPU per GB:",
+         con/s and ms/1000con: new L4 + mTLS connections, {CONNECTIONS} concurrent; KiB/conn: \
+         anonymous memory per open L4 + mTLS connection; bulk: one iperf3 stream over L4 + \
+         mTLS, ms of agent CPU per GB:",
         ROUTE_COUNTS[0],
         opts.version.name(),
         opts.version.streams_label(),
@@ -74,8 +78,8 @@ pub(super) fn run(
         opts.rounds
     );
     println!(
-        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12} {:>11} {:>8} \
-         {:>8}",
+        "{:<40} {:>9} {:>8} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12} {:>13} {:>11} \
+         {:>8} {:>8}",
         "build",
         "req/s",
         "% direct",
@@ -87,6 +91,7 @@ pub(super) fn run(
         "L4 con/s",
         "ms/1000con",
         "RSS a/b MB",
+        "KiB/conn a/b",
         "bulk Gb/s",
         "% direct",
         "ms/GB"
@@ -96,7 +101,7 @@ pub(super) fn run(
         let cs = |(run, cpu): &(HttpRun, CpuUse)| cpu.proxy_context_switches as f64 / run.ok as f64;
         println!(
             "{:<40} {:>9.0} {:>8.1} {:>10.1} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>8.0} {:>10.1} \
-             {:>5.1}/{:<5.1} {:>11.2} {:>8.1} {:>8.1}",
+             {:>5.1}/{:<5.1} {:>6.1}/{:<6.1} {:>11.2} {:>8.1} {:>8.1}",
             build.display().to_string(),
             med(&|x| x.max.0.rps),
             med(&|x| 100.0 * x.max.0.rps / x.direct_rps),
@@ -109,6 +114,8 @@ pub(super) fn run(
             med(&|x| per_1000(x.connections.1.proxies_total(), x.connections.0.ok)),
             med(&|x| x.rss_kib[0] as f64 / 1024.0),
             med(&|x| x.rss_kib[1] as f64 / 1024.0),
+            med(&|x| x.held_kib[0]),
+            med(&|x| x.held_kib[1]),
             med(&|x| x.bulk.1.transfer.bits_per_second / 1e9),
             med(&|x| 100.0 * x.bulk.1.transfer.bits_per_second / x.bulk.0.bits_per_second),
             med(&|x| x.bulk.1.cpu_ms_per_gigabyte()),
@@ -152,7 +159,7 @@ fn median_counts(all: impl Iterator<Item = Counts> + Clone) -> Counts {
 fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sample> {
     let mut log = PhaseLog {
         mode: Mode::Direct,
-        steps: (0, 6),
+        steps: (0, 7),
         warnings: Vec::new(),
         memory_trace: Vec::new(),
     };
@@ -241,6 +248,7 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
     );
     // Read here, the RSS column describes the L7 phases.
     let memory = bench.proxy_memory(Mode::MeshedMtls)?;
+    let held = bench.held_phase(&mut log, from, &pod, "L4 + mTLS, pod IP")?;
     let running = counting("connections")?;
     let connections = bench.connection_rate(
         &mut log,
@@ -262,6 +270,7 @@ fn measure(bench: &mut Bench, probes: Option<&counters::Probes>) -> Result<Sampl
         fixed,
         connections,
         rss_kib: [memory[0].rss_kib, memory[1].rss_kib],
+        held_kib: held.kib,
         bulk: (direct_bulk, bulk),
         counts: (at_max.into_iter().zip(at_fixed).zip(per_connection))
             .map(|((max, fixed), connection)| [max, fixed, connection])

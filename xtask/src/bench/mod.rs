@@ -110,6 +110,7 @@ mod authz;
 mod counters;
 mod focus;
 mod haproxy;
+mod held;
 mod ingress;
 mod mtls;
 mod probe;
@@ -931,16 +932,22 @@ impl<'a> Bench<'a> {
         } else {
             0
         };
+        // Open connections held: on the main path, and on L7 + mTLS's.
+        let held_steps = match mode {
+            Mode::HaproxyPair => 1,
+            Mode::MeshedMtls => 2,
+            Mode::Direct | Mode::MeshedPlaintext => 0,
+        };
         let mut log = PhaseLog {
             mode,
-            steps: (0, 3 + bulk_steps + outside_steps + l7_steps),
+            steps: (0, 3 + bulk_steps + outside_steps + l7_steps + held_steps),
             warnings: Vec::new(),
             memory_trace: vec![("start".into(), self.proxy_memory(mode)?)],
         };
 
         let tls_before = self.haproxy_tls_connections(mode)?;
         self.warm_up(&self.client_netns, &url)?;
-        let main = self.path_phases(
+        let mut main = self.path_phases(
             &mut log,
             &self.client_netns,
             &url,
@@ -959,6 +966,9 @@ impl<'a> Bench<'a> {
             }
             _ => None,
         };
+        if held_steps > 0 {
+            main.held = Some(self.held_phase(&mut log, &self.client_netns, &url, &path)?);
+        }
 
         let bulk = match self.bulk_target(mode) {
             None => None,
@@ -1126,7 +1136,10 @@ impl<'a> Bench<'a> {
         let from = &self.client_netns;
         self.warm_up(from, &url)?;
         let label = format!("L7, {routes} routes");
-        let path = self.path_phases(log, from, &url, &label, HttpVersion::Http1)?;
+        let mut path = self.path_phases(log, from, &url, &label, HttpVersion::Http1)?;
+        if routes == ROUTE_COUNTS[0] {
+            path.held = Some(self.held_phase(log, from, &url, &label)?);
+        }
         // Last: the listing's own allocations must not count as the table's.
         let listing =
             routes::check_table(&self.agents[0], &format!("{NAMESPACE}/{SERVER}"), routes)?;
@@ -1374,6 +1387,7 @@ impl<'a> Bench<'a> {
             conn_rate,
             conn_rate_cpu,
             memory: self.proxy_memory(log.mode)?,
+            held: None,
         })
     }
 

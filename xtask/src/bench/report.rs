@@ -187,6 +187,31 @@ impl Path {
     }
 }
 
+/// Memory per open connection, per proxy, where measured (medians).
+fn held_row(results: &[ModeResult], paths: &[Path]) -> Row {
+    let mut cells = vec!["memory per open connection, node-a / node-b".to_string()];
+    let mut values = Map::new();
+    for &path in paths {
+        let held: Vec<_> = path.rounds(results).iter().filter_map(|p| p.held).collect();
+        if held.is_empty() {
+            cells.push("-".into());
+            continue;
+        }
+        let [a, b] = [0, 1].map(|i| median(held.iter().map(|h| h.kib[i])));
+        cells.push(format!("{a:.1} / {b:.1} KiB"));
+        values.insert(
+            path.key().into(),
+            json!({ "node_a_kib": a, "node_b_kib": b, "connections": held[0].connections }),
+        );
+    }
+    Row {
+        cells,
+        target: None,
+        key: "proxy_kib_per_open_connection".into(),
+        values: Value::Object(values),
+    }
+}
+
 /// The median over the rounds of `f` on `path` (NaN if not measured).
 fn figure(results: &[ModeResult], path: Path, f: impl Fn(&PathResult) -> f64) -> f64 {
     median(path.rounds(results).into_iter().map(f))
@@ -517,6 +542,7 @@ pub(super) fn comparison(results: &[ModeResult]) -> Comparison {
         key: "proxy_rss_mb".into(),
         values: Value::Object(values),
     });
+    main.rows.push(held_row(results, &paths));
     let haproxy_rss = memory(results, Path::Haproxy).map_or(f64::NAN, |m| rss_sum(&m));
     let mut cells = vec!["RSS, both proxies".to_string()];
     let mut values = Map::new();

@@ -292,6 +292,16 @@ pub(super) struct PathResult {
     pub(super) conn_rate_cpu: CpuUse,
     /// The proxies' memory (node-a, node-b) after these phases.
     pub(super) memory: [Memory; 2],
+    /// What an open connection costs each proxy, where measured.
+    pub(super) held: Option<Held>,
+}
+
+/// What each proxy's anonymous memory grew by per connection held open
+/// (node-a, node-b), each having carried one request (`held.rs`).
+#[derive(Default, Debug, Clone, Copy)]
+pub(super) struct Held {
+    pub(super) connections: usize,
+    pub(super) kib: [f64; 2],
 }
 
 impl PathResult {
