@@ -92,7 +92,9 @@ where
             Ok(sent) => sent.unwrap_or_default(),
             Err(_) => 0,
         };
-        match exchange(sent).await {
+        // Boxed: an exchange with the other end (6 KiB of state) happens
+        // at a hand-over only, not in every open relay's future.
+        match Box::pin(exchange(sent)).await {
             Some(theirs) => signals.target.send_replace(Some(theirs)),
             None => {
                 signals.pause.send_replace(false);

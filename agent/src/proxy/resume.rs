@@ -121,7 +121,9 @@ impl Proxy {
                 // The destination's agent was handed over: its next one
                 // resumes the stream.
                 quiesce::close(stream, ended, Closing::Second).await;
-                let next = self.resume_moved(&source, &destination, id).await;
+                // Boxed, as the resumption below: rare, and 6 KiB each
+                // that every open relay's future would hold otherwise.
+                let next = Box::pin(self.resume_moved(&source, &destination, id)).await;
                 resumed = Some(next.inspect_err(|_| relay::reset(client))?);
                 continue;
             }
@@ -144,13 +146,11 @@ impl Proxy {
             }
             // Too late to be carried: resumed here, until the drain deadline.
             let timeout = self.settings.connect_timeout;
-            let tunnel = (self.hbone)
-                .resume(&source, &destination, id, timeout)
-                .await
-                .map_err(|e| {
-                    relay::reset(client);
-                    format!("resuming stream {id}: {e}")
-                })?;
+            let resuming = (self.hbone).resume(&source, &destination, id, timeout);
+            let tunnel = Box::pin(resuming).await.map_err(|e| {
+                relay::reset(client);
+                format!("resuming stream {id}: {e}")
+            })?;
             resumed = Some(Prefixed::new(tunnel));
         }
     }
