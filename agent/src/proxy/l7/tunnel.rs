@@ -229,8 +229,7 @@ impl SocketTunnel {
                 stream.unread(&self.upstream_head);
                 meta.hbone = Some(*resume);
                 let first = (stream, &self.client_head[..]);
-                // Boxed: else every HTTP connection's task holds its 13 KiB.
-                return Box::pin(proxy.relay_hbone(&self.client, first, meta, None)).await;
+                return proxy.relay_hbone(&self.client, first, meta, None).await;
             }
             _ => unreachable!("a socket tunnel's upstream is a socket or a resumable stream"),
         };
