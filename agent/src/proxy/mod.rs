@@ -690,7 +690,11 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<Pod>, listener: TcpListener, dire
                         Direction::Outbound => {
                             outbound::handle(proxy, pod, stream, peer, fds).await
                         }
-                        Direction::Inbound => inbound::handle(proxy, pod, stream, peer, fds).await,
+                        // Boxed at its own size (3 KiB): every outbound
+                        // connection, the most common, holds only its own.
+                        Direction::Inbound => {
+                            Box::pin(inbound::handle(proxy, pod, stream, peer, fds)).await
+                        }
                     }
                 });
             }
