@@ -273,7 +273,11 @@ pub async fn run(settings: Settings, identities: Arc<Identities>) -> anyhow::Res
         metrics.map(|listener| tokio::spawn(telemetry::server::serve(listener, node.clone())));
     let window = tokio::spawn(node.proxy.telemetry.clone().keep_window());
     let releaser = tokio::spawn(memory::release_after_each_burst(
-        vec![config.subscribe(), node.identities.subscribe_issued()],
+        vec![
+            config.subscribe(),
+            node.identities.subscribe_issued(),
+            front.answered(),
+        ],
         memory::SETTLED_AFTER,
         memory::release_code_pages_logged,
     ));

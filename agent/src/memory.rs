@@ -92,7 +92,8 @@ pub fn release_code_pages() -> std::io::Result<Released> {
 
 /// Calls `release` once each burst of control work has settled: starting
 /// (from the call on), then every change on one of `changes`
-/// (configuration generations, certificates issued), each followed by
+/// (configuration generations, certificates issued, admin queries
+/// answered), each followed by
 /// `settled_after` ([`SETTLED_AFTER`]) without another. Ends when a sender
 /// is gone (they live as long as the agent).
 pub async fn release_after_each_burst(

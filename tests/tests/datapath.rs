@@ -693,6 +693,82 @@ fn the_cli_says_clearly_when_no_agent_is_running() {
     assert!(err.contains("nodemesh agent --config-dir"), "{err}");
 }
 
+/// The agent's resident pages of mapped files: its code and read-only data,
+/// and the C libraries'.
+fn mapped_file_kib(agent: &Agent) -> u64 {
+    let pid = agent.pid().expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssFile:"))
+        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssFile in /proc/PID/status")
+}
+
+/// What the agent keeps mapped once it stopped changing for 3 s (longer
+/// than the agent waits for a burst of control work to settle).
+fn settled_mapped_file_kib(agent: &Agent) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut since) = (mapped_file_kib(agent), Instant::now());
+    loop {
+        sleep(Duration::from_millis(250));
+        let now = mapped_file_kib(agent);
+        if now.abs_diff(last) > 64 {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(3) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's mapped code never settled"
+        );
+    }
+}
+
+#[test]
+fn code_that_the_clis_queries_ran_is_unmapped_once_they_settle() {
+    let mut shop = Shop::new().unwrap();
+    let agent = shop.agent().unwrap();
+    let settled = settled_mapped_file_kib(&agent);
+
+    // Queries run code the data path never does (building and printing
+    // the tables they show): the agent maps it for them...
+    let web = format!("http://{WEB_IP}/");
+    let queries: [&[&str]; 6] = [
+        &["workloads"],
+        &["services", "-o", "json"],
+        &["routes", "-o", "json"],
+        &["policies"],
+        &["certs"],
+        &["explain", "--from", "shop/client", &web],
+    ];
+    for args in queries {
+        let out = agent.cli(args).unwrap();
+        assert!(out.status.success(), "nodemesh {args:?}: {out:?}");
+    }
+    let queried = mapped_file_kib(&agent);
+    assert!(
+        queried >= settled + 64,
+        "the queries mapped no code: {settled} KiB before, {queried} KiB after"
+    );
+
+    // ...and lets it go once they stop, as after any burst of control work.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let halfway = settled + (queried - settled) / 2;
+    loop {
+        let now = mapped_file_kib(&agent);
+        if now <= halfway {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queries' code stayed mapped: {settled} KiB before them, {queried} KiB \
+             after, {now} KiB 15 s later"
+        );
+        sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn an_agent_that_cannot_start_says_why() {
     let mut topo = Topology::new().unwrap();

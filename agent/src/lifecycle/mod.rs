@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::admin::{Query, Responder};
 use crate::proxy::{Direction, Proxy};
@@ -28,6 +29,8 @@ pub struct Front {
     owner: OnceLock<Arc<dyn Responder>>,
     /// The owner this standby waits for, when known.
     seen: Mutex<Option<Hello>>,
+    /// Queries answered so far.
+    answered: watch::Sender<u64>,
 }
 
 impl Front {
@@ -36,7 +39,15 @@ impl Front {
             node,
             owner: OnceLock::new(),
             seen: Mutex::default(),
+            answered: watch::Sender::new(0),
         })
+    }
+
+    /// Counts the queries answered: each is a burst of control work (it
+    /// runs code the data path never runs), after which the agent lets
+    /// that code go ([`crate::memory::release_after_each_burst`]).
+    pub fn answered(&self) -> watch::Receiver<u64> {
+        self.answered.subscribe()
     }
 
     pub fn owner_seen(&self, hello: Option<Hello>) {
@@ -64,13 +75,8 @@ impl Front {
             })),
         })
     }
-}
 
-impl Responder for Front {
-    fn answer(&self, query: Query) -> serde_json::Value {
-        if let Some(owner) = self.owner.get() {
-            return owner.answer(query);
-        }
+    fn standby_answer(&self, query: Query) -> serde_json::Value {
         match query {
             Query::Status => self.standby_status(),
             _ => {
@@ -85,6 +91,17 @@ impl Responder for Front {
                 ) })
             }
         }
+    }
+}
+
+impl Responder for Front {
+    fn answer(&self, query: Query) -> serde_json::Value {
+        let answer = match self.owner.get() {
+            Some(owner) => owner.answer(query),
+            None => self.standby_answer(query),
+        };
+        self.answered.send_modify(|n| *n += 1);
+        answer
     }
 }
 
