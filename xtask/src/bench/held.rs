@@ -7,14 +7,22 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::results::Held;
-use super::{Bench, PhaseLog};
+use super::results::{Held, Memory};
+use super::{Bench, Mode, PhaseLog};
 
 /// Connections held at once.
 pub(super) const HELD: usize = 1000;
+
+/// A proxy's memory has settled once it fell by at most this much over
+/// [`SETTLE_STEP`].
+const SETTLE_KIB: u64 = 128;
+const SETTLE_STEP: Duration = Duration::from_secs(1);
+/// Past this, the reading is taken as it is.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `python3 -c HOLD URL N`: N connections to URL, one GET each with its
 /// response read, then `held N` on stdout; closes them all when stdin ends.
@@ -62,7 +70,7 @@ impl Bench<'_> {
             "{HELD} open connections ({path}), one request each"
         ));
         self.check_processes()?;
-        let before = self.proxy_memory(log.mode)?;
+        let before = self.settled_memory(log.mode)?;
         let n = HELD.to_string();
         let mut client = self
             .topo
@@ -102,5 +110,23 @@ impl Bench<'_> {
             connections: HELD,
             kib,
         })
+    }
+
+    /// The proxies' memory once it stopped falling: what the phase before
+    /// freed goes back to the system over a second or two (the agents'
+    /// allocator returns it gradually), and must not be counted against
+    /// the connections held next (1000 of them had just closed).
+    fn settled_memory(&self, mode: Mode) -> Result<[Memory; 2]> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let mut last = self.proxy_memory(mode)?;
+        loop {
+            std::thread::sleep(SETTLE_STEP);
+            let now = self.proxy_memory(mode)?;
+            let fell = (0..2).any(|i| last[i].anon_kib > now[i].anon_kib + SETTLE_KIB);
+            if !fell || Instant::now() >= deadline {
+                return Ok(now);
+            }
+            last = now;
+        }
     }
 }
