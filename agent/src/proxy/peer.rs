@@ -265,6 +265,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = this.head.len().min(buf.remaining());
             buf.put_slice(&this.head[..n]);
             this.head.advance(n);
+            if this.head.is_empty() {
+                // Read on, the head is a copy nothing needs: its 4 KiB would
+                // stay with the connection for its life.
+                this.head = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -340,5 +345,27 @@ impl AsyncWrite for Charged {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each_stream!(&mut self.get_mut().stream, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_head_is_let_go_once_read() {
+        let request = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+        let mut stream = Prefixed::new(&request[..]);
+        stream.fill().await.unwrap();
+        assert_eq!(stream.head(), request);
+        let mut read = [0; 8];
+        stream.read_exact(&mut read).await.unwrap();
+        assert!(stream.head.capacity() > 0, "still holds the rest");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!([&read[..], &rest].concat(), request);
+        assert_eq!(stream.head.capacity(), 0);
     }
 }
