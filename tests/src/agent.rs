@@ -33,6 +33,18 @@ const READY_POLL: Duration = Duration::from_millis(50);
 /// How long [`Agent::stop`] waits after SIGTERM before SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `RssFile`, ...).
+pub fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 /// The `nodemesh` binary under test: `$NODEMESH_BIN`, else
 /// `$CARGO_TARGET_DIR/release/nodemesh`, else
 /// `<workspace>/target/release/nodemesh`. Panics with a hint when missing.

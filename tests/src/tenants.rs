@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::agent::proc_status_kb;
 use crate::config::ServicePort;
 use crate::mesh::Mesh;
 use crate::workload_apps::{python3, start_tcp_echo, wait_listening, write_script};
@@ -222,14 +223,7 @@ pub struct Usage {
 
 impl Usage {
     pub fn of(pid: u32) -> Result<Usage> {
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading /proc/{pid}/status"))?;
-        let rss_kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+        let rss_kb = proc_status_kb(pid, "VmRSS")?;
         let fds = fs::read_dir(format!("/proc/{pid}/fd"))
             .with_context(|| format!("listing /proc/{pid}/fd"))?
             .count() as u64;

@@ -7,7 +7,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use nodemesh_testbed::agent::Agent;
+use nodemesh_testbed::agent::{proc_status_kb, Agent};
 use nodemesh_testbed::config;
 use nodemesh_testbed::workload_apps::{curl, curl_raw, start_http_echo};
 use nodemesh_testbed::{netns_with_prefix, Topology};
@@ -696,13 +696,7 @@ fn the_cli_says_clearly_when_no_agent_is_running() {
 /// The agent's resident pages of mapped files: its code and read-only data,
 /// and the C libraries'.
 fn mapped_file_kib(agent: &Agent) -> u64 {
-    let pid = agent.pid().expect("the agent runs");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("RssFile:"))
-        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("RssFile in /proc/PID/status")
+    proc_status_kb(agent.pid().expect("the agent runs"), "RssFile").unwrap()
 }
 
 /// What the agent keeps mapped once it stopped changing for 3 s (longer
