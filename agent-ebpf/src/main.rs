@@ -73,16 +73,44 @@ static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_PENDING_
 #[map]
 static INBOUND_SOCKS: SockHash<AddrKey> = SockHash::pinned(MAX_WORKLOADS, 0);
 
+/// The cookie of the network namespace the program runs for.
+#[inline(always)]
+fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the helper takes the context the kernel passed to this
+    // program, which `ctx` wraps; it only reads.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// The cookie of the socket the program runs for.
+#[inline(always)]
+fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: as in `netns_cookie`, the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// A socket's original destination as `remember` recorded it, copied out.
+#[inline(always)]
+fn recorded_orig(cookie: u64) -> Option<SockAddr> {
+    // SAFETY: the value stays allocated while the program runs (map values
+    // are freed after an RCU grace period), and it is copied at once. Only
+    // the socket's own connect or sendmsg writes it: a UDP socket sending
+    // to another resolver while a reply is received could at worst get a
+    // mix of its own two destinations.
+    unsafe { COOKIE_ORIG.get(cookie) }.copied()
+}
+
 #[inline(always)]
 fn enrolled<C: EbpfContext>(ctx: &C) -> bool {
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    ENROLLED.get_ptr(cookie).is_some()
+    ENROLLED.get_ptr(netns_cookie(ctx)).is_some()
 }
 
 /// True for the agent's own sockets, which must never be redirected.
 #[inline(always)]
 fn is_agent_socket(addr: &bpf_sock_addr) -> bool {
+    // SAFETY: the union has this one member, the calling socket.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
+    // SAFETY: a non-null `sk` of the context is the calling socket, alive
+    // for the program's run; the verifier admits reading `mark` from it.
     !sk.is_null() && matches!(unsafe { (*sk).mark }, AGENT_MARK | DELIVERY_MARK)
 }
 
@@ -110,7 +138,7 @@ fn redirect_port(addr: &bpf_sock_addr, port: u16, connect: bool) -> Option<u16> 
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig: SockAddr) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     // Overwrites: a UDP socket may ask another resolver next time. A second
     // agent's program (upgrade overlap) never gets here, as the destination is
     // loopback by then.
@@ -122,6 +150,9 @@ fn steer4(ctx: &SockAddrContext, connect: bool) -> i32 {
     if !enrolled(ctx) {
         return ALLOW;
     }
+    // SAFETY: the kernel passes a `bpf_sock_addr` that lives for the
+    // program's run, for this program alone to read and rewrite; the
+    // verifier checks each field it touches.
     let addr = unsafe { &mut *ctx.sock_addr };
     if is_agent_socket(addr) {
         return ALLOW;
@@ -166,6 +197,9 @@ fn steer6(ctx: &SockAddrContext, connect: bool) -> i32 {
     if !enrolled(ctx) {
         return ALLOW;
     }
+    // SAFETY: the kernel passes a `bpf_sock_addr` that lives for the
+    // program's run, for this program alone to read and rewrite; the
+    // verifier checks each field it touches.
     let addr = unsafe { &mut *ctx.sock_addr };
     if is_agent_socket(addr) {
         return ALLOW;
@@ -236,12 +270,12 @@ fn restore_source(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !enrolled(ctx) {
         return ALLOW;
     }
+    // SAFETY: as in `steer4`.
     let addr = unsafe { &mut *ctx.sock_addr };
     if user_port(addr) != DNS_PORT {
         return ALLOW;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { COOKIE_ORIG.get(cookie) }) else {
+    let Some(orig) = recorded_orig(socket_cookie(ctx)) else {
         return ALLOW;
     };
     if v6 {
@@ -274,16 +308,15 @@ pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || !enrolled(&ctx) {
         return 0;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { COOKIE_ORIG.get(cookie) }) else {
+    let cookie = socket_cookie(&ctx);
+    let Some(orig) = recorded_orig(cookie) else {
         return 0;
     };
-    let orig = *orig;
     // Keyed by the family the agent's listener sees the client in: a
     // dual-stack socket that dialled a v4-mapped address (gRPC's clients do)
     // arrives on the IPv4 listener, and its `orig` was recorded as IPv4.
     let key = OrigDstKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie: netns_cookie(&ctx),
         port: ctx.local_port() as u16,
         family: orig.family,
         _pad: 0,
@@ -295,6 +328,8 @@ pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
 
 #[sk_lookup]
 pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel's `bpf_sk_lookup` for this lookup, alive for the
+    // program's run and only read here.
     let lookup = unsafe { &*ctx.lookup };
     if lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
@@ -342,6 +377,8 @@ pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
 /// rejects the pointer arithmetic a whole-array copy compiles to.
 #[inline(always)]
 fn read_ctx_ip6(ip: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: each word is a field of the program's context, valid for
+    // reads; volatile keeps each a single 4-byte load.
     unsafe {
         [
             core::ptr::read_volatile(&ip[0]),
@@ -358,6 +395,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the one symbol of this name, in the section the loader reads the
+// programs' license from (GPL-only helpers need it).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
