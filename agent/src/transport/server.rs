@@ -164,26 +164,17 @@ async fn authenticate(
     identities: &Arc<Identities>,
 ) -> Result<(TlsStream<TcpStream>, SpiffeId), String> {
     let _ = tcp.set_nodelay(true);
-    let config = tls::server_config(identities).map_err(|e| e.to_string())?;
+    let (config, check) = tls::server_config(identities).map_err(|e| e.to_string())?;
     let handshake = TlsAcceptor::from(config).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
-        Err(_) => return Err(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")),
-    };
-    let peer = {
-        let (_, session) = tls.get_ref();
-        let certs = session.peer_certificates().unwrap_or_default();
-        let leaf = certs.first().ok_or("no client certificate")?;
-        SpiffeId::from_cert(leaf).map_err(|e| format!("client certificate: {e}"))?
-    };
-    if peer.trust_domain != identities.trust_domain() {
-        return Err(format!(
-            "{peer} is not in trust domain {}",
-            identities.trust_domain()
-        ));
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+    match (handshake, check.take()) {
+        (Ok(Ok(tls)), Some(Ok(peer))) => Ok((tls, peer)),
+        // Refused by the verifier: its reason, not the alert's.
+        (Ok(_), Some(Err(why))) => Err(format!("TLS handshake: {why}")),
+        (Ok(Err(e)), _) => Err(format!("TLS handshake: {e}")),
+        (Ok(Ok(_)), None) => Err("TLS handshake: no client certificate".to_owned()),
+        (Err(_), _) => Err(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")),
     }
-    Ok((tls, peer))
 }
 
 /// Who sent a request on an authenticated connection.

@@ -9,16 +9,23 @@
 //!   it is the node the configuration places the destination on.
 //! - Both sides verify chains against the mesh roots as they are at that
 //!   handshake (several during a root rotation).
+//! - The destination refuses a caller whose certificate is not exactly one
+//!   workload id of the trust domain in the handshake itself, with the
+//!   alert `access_denied`, so the caller's side learns why.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, Error, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig,
+    SignatureScheme,
+};
 
 use crate::identity::{x509, Identities, NodeId, SpiffeId};
 
@@ -43,22 +50,105 @@ pub fn client_config(identities: &Arc<Identities>, source: &SpiffeId) -> Arc<Cli
     Arc::new(config)
 }
 
-/// The destination's side: the node credential, and client certificates
-/// required and chained to the mesh roots (the SPIFFE id is checked by the
-/// caller of the handshake, which needs it anyway).
-pub fn server_config(identities: &Arc<Identities>) -> Result<Arc<ServerConfig>, Error> {
+/// The destination's side, for one handshake: the node credential, and
+/// the caller's certificate required, chained to the mesh roots and naming
+/// one workload of the trust domain. Once the handshake is over, the
+/// [`CallerCheck`] holds who called, or why it was refused.
+pub fn server_config(
+    identities: &Arc<Identities>,
+) -> Result<(Arc<ServerConfig>, Arc<CallerCheck>), Error> {
     let provider = x509::provider();
-    let verifier =
+    let chain =
         WebPkiClientVerifier::builder_with_provider(identities.trust_anchors(), provider.clone())
             .build()
             .map_err(|e| Error::General(format!("client verifier: {e}")))?;
+    let check = Arc::new(CallerCheck::default());
+    let verifier = CallerVerifier {
+        chain,
+        trust_domain: identities.trust_domain().to_owned(),
+        check: check.clone(),
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs supports TLS 1.3")
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(NodeCertificate(identities.clone())));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), check))
+}
+
+/// What the destination's verifier made of the caller's certificate: its
+/// workload identity, or why it was refused (the alert cannot say).
+#[derive(Default)]
+pub struct CallerCheck(Mutex<Option<Result<SpiffeId, String>>>);
+
+impl CallerCheck {
+    /// The verdict; none when no certificate got past the chain check.
+    pub fn take(&self) -> Option<Result<SpiffeId, String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// The caller's workload id, if `cert` names exactly one of `trust_domain`.
+fn workload_id(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, String> {
+    let id = SpiffeId::from_cert(cert).map_err(|e| format!("client certificate: {e}"))?;
+    if id.trust_domain != trust_domain {
+        return Err(format!("{id} is not in trust domain {trust_domain}"));
+    }
+    Ok(id)
+}
+
+/// The mesh roots' chain check, then the workload id, recorded in `check`.
+struct CallerVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+    check: Arc<CallerCheck>,
+}
+
+impl ClientCertVerifier for CallerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = workload_id(end_entity, &self.trust_domain);
+        let verdict = match id {
+            Ok(_) => Ok(verified),
+            Err(_) => Err(CertificateError::ApplicationVerificationFailure.into()),
+        };
+        *self.check.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
+        verdict
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 /// The server name a caller asks for: the destination node's name.
@@ -178,6 +268,12 @@ impl std::fmt::Debug for WorkloadCertificate {
 impl std::fmt::Debug for NodeCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("NodeCertificate")
+    }
+}
+
+impl std::fmt::Debug for CallerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CallerVerifier({})", self.trust_domain)
     }
 }
 
