@@ -47,6 +47,8 @@ pub fn client_config(identities: &Arc<Identities>, source: &SpiffeId) -> Arc<Cli
             id: source.clone(),
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Destinations never resume (see `server_config`).
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
@@ -74,6 +76,10 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(NodeCertificate(identities.clone())));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: each connection checks the caller's current
+    // certificate, and this config (with its session cache) is the
+    // handshake's alone, so tickets would only cost work.
+    config.send_tls13_tickets = 0;
     Ok((Arc::new(config), check))
 }
 
