@@ -37,12 +37,17 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status_kb(&status, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// A `kB` field of a `/proc/PID/status` text already read, so that several
+/// fields can come from one reading.
+pub fn status_kb(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// The `nodemesh` binary under test: `$NODEMESH_BIN`, else

@@ -1,6 +1,7 @@
 //! What the bench reads from /proc: CPU ticks, context switches, memory.
 
 use anyhow::{Context, Result};
+use nodemesh_testbed::agent::status_kb;
 
 pub(super) fn clock_ticks_per_second() -> u64 {
     crate::output_ok(std::process::Command::new("getconf").arg("CLK_TCK"))
@@ -109,15 +110,10 @@ pub(super) fn proc_context_switches(pid: u32) -> (u64, u64) {
 pub(super) fn proc_memory_kib(pid: u32) -> Result<(u64, u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let get = |key: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {key} in /proc/{pid}/status"))
+    let get = |field: &str| -> Result<u64> {
+        status_kb(&status, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
     };
-    Ok((get("VmRSS:")?, get("VmHWM:")?, get("RssAnon:")?))
+    Ok((get("VmRSS")?, get("VmHWM")?, get("RssAnon")?))
 }
 
 // ---------------------------------------------------------------- results
