@@ -191,9 +191,81 @@ print(ok)
         direct, 0,
         "connections went straight to the pod, not over HBONE"
     );
+    let opened = hbone_opened(&lab);
+    assert!(
+        (1..=3).contains(&opened),
+        "{opened} HBONE connections opened"
+    );
+}
+
+/// HBONE opened by node-a's agent since it started.
+fn hbone_opened(lab: &Lab) -> u64 {
     let status = lab.mesh.agent("node-a").status_json().unwrap();
-    let opened = status["connections"]["hbone"]["opened"].as_u64().unwrap();
-    assert!((1..=3).contains(&opened), "{status}");
+    status["connections"]["hbone"]["opened"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no connections.hbone.opened in {status}"))
+}
+
+/// A JSON report a test load printed; `failed` must be 0.
+fn load_report(what: &str, out: &std::process::Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let doc: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{what}'s report is not JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(doc["failed"], 0, "{what} lost requests: {doc}");
+    doc
+}
+
+/// Tens of thousands of short connections whose server closes first (each
+/// an HBONE stream the destination ends before the caller does) while the
+/// same workload keeps a long-lived connection on the same pooled HBONE
+/// connection. Before, the destination reset each such stream, the
+/// caller's end of stream often arrived after h2 had forgotten it, and
+/// h2's lifetime limit of 1 024 such errors closed the whole connection
+/// (GOAWAY `ENHANCE_YOUR_CALM`), failing every stream on it.
+#[test]
+fn connection_churn_never_tears_down_the_shared_hbone_connection() {
+    // One worker: one pooled connection takes every stream.
+    let lab = lab(&["--workers", "1"]);
+    let web = format!("{}:9080", lab.web.address);
+    let url = format!("http://{web}/");
+    let topo = lab.mesh.topo();
+    let client = topo.pod(CLIENT).netns.clone();
+    let churn = env!("CARGO_BIN_EXE_mesh-churn");
+    // Enough to open the pooled connection of each agent worker.
+    let warm_up = [churn, "--count", "200", &web];
+    load_report("mesh-churn", &topo.run_in(&client, &warm_up).unwrap());
+    let opened = hbone_opened(&lab);
+    let load = env!("CARGO_BIN_EXE_mesh-load");
+    let long_lived = topo
+        .command_in(&client, &[load, "--rate", "50", "--duration", "25", &url])
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let args = [churn, "--count", "40000", "--concurrency", "64", &web];
+    let churned = load_report("mesh-churn", &topo.run_in(&client, &args).unwrap());
+    assert_eq!(churned["answered"], 40_000, "{churned}");
+    let kept = load_report("mesh-load", &long_lived.wait_with_output().unwrap());
+    assert_eq!(kept["connections_opened"], 1, "{kept}");
+    assert_eq!(
+        hbone_opened(&lab),
+        opened,
+        "node-a had to open new HBONE connections"
+    );
+    let log = lab.mesh.agent("node-b").log();
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reached limit"))
+        .collect();
+    assert!(
+        closed.is_empty(),
+        "node-b's h2 closed HBONE connections: {closed:?}"
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! - `server`: the destination's side, which authenticates the caller and
 //!   hands each admitted stream to the proxy's inbound path.
 //! - `resume`: streams that survive a hand-over of the caller's agent.
+//! - `tunnel`: one stream as a byte stream, closed without needless resets.
 //!
 //! The caller's pod address travels in `Forwarded: for=` (RFC 7239), which
 //! ztunnel also reads; the destination accepts it only for an address of a
@@ -21,15 +22,14 @@ mod pool;
 pub mod resume;
 pub mod server;
 pub(crate) mod tls;
+mod tunnel;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-
 pub use pool::Pool;
+pub use tunnel::Tunnel;
 
 use crate::identity::SpiffeId;
 
@@ -47,9 +47,6 @@ const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Request header carrying the caller's address, e.g. `for=10.1.1.11` or
 /// `for="[fd00::1]"`.
 const FORWARDED: &str = "forwarded";
-
-/// One tunneled connection: bytes in both directions, end to end.
-pub type Tunnel = TokioIo<Upgraded>;
 
 /// Where a stream goes: the workload's address, behind the agent of `node`.
 #[derive(Debug, Clone)]

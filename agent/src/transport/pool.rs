@@ -358,5 +358,5 @@ async fn send(
     }
     let id = header(resume::RESUME_ID).and_then(|id| id.parse().ok());
     let upgraded = hyper::upgrade::on(response).await.map_err(http2)?;
-    Ok(Answered::Stream(TokioIo::new(upgraded), id))
+    Ok(Answered::Stream(Tunnel::new(upgraded), id))
 }

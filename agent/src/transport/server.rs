@@ -241,7 +241,7 @@ impl Caller<'_> {
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    let tunnel = TokioIo::new(upgraded);
+                    let tunnel = Tunnel::new(upgraded);
                     // Boxed: kilobytes of state, allocated only once the
                     // stream is up, instead of in every spawned task.
                     Box::pin(inbound.serve(admitted, tunnel, resumable)).await
@@ -267,7 +267,7 @@ impl Caller<'_> {
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    if parked.send(TokioIo::new(upgraded)).is_err() {
+                    if parked.send(Tunnel::new(upgraded)).is_err() {
                         log::debug!("stream {id} ended before it was resumed");
                     }
                 }
