@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodemesh_testbed::mesh::{Mesh, CLIENT, NAMESPACE};
-use nodemesh_testbed::workload_apps::{curl_many, start_http_echo, Reply};
+use nodemesh_testbed::workload_apps::{curl_many, start_http_echo, start_tcp_echo, Reply};
 use nodemesh_testbed::PodInfo;
 use serde_json::Value;
 
@@ -266,6 +266,62 @@ fn connection_churn_never_tears_down_the_shared_hbone_connection() {
         closed.is_empty(),
         "node-b's h2 closed HBONE connections: {closed:?}"
     );
+}
+
+/// More connections open at once from one workload to one node than one
+/// HTTP/2 connection may carry streams (1 024): each is answered at once,
+/// the pool spreading them over more HBONE connections.
+#[test]
+fn more_open_connections_than_one_hbone_connection_carries_are_all_served() {
+    const OPEN: usize = 1_500;
+    const ECHO_PORT: u16 = 9090;
+    let mut lab = lab(&["--workers", "1"]);
+    let web = lab.web.clone();
+    start_tcp_echo(lab.mesh.topo_mut(), &web, ECHO_PORT).unwrap();
+    let script = format!(
+        r#"
+import resource, selectors, socket, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+socks = [socket.create_connection(("{ip}", {ECHO_PORT}), timeout=5) for _ in range({OPEN})]
+def echoed(byte):
+    """Sends `byte` on every connection; how many echo it within 20 s."""
+    waiting = selectors.DefaultSelector()
+    for s in socks:
+        try:
+            s.sendall(byte)
+            waiting.register(s, selectors.EVENT_READ)
+        except OSError:
+            pass
+    ok, deadline = 0, time.time() + 20
+    while waiting.get_map() and time.time() < deadline:
+        for key, _ in waiting.select(timeout=1):
+            waiting.unregister(key.fileobj)
+            try:
+                ok += key.fileobj.recv(1) == byte
+            except OSError:
+                pass
+    return ok
+# Every connection open before any is used, then each used twice.
+print(echoed(b"a"), echoed(b"b"))
+"#,
+        ip = web.address
+    );
+    let client = lab.mesh.topo().pod(CLIENT).netns.clone();
+    let out = lab
+        .mesh
+        .topo()
+        .run_in(&client, &["python3", "-c", &script])
+        .unwrap();
+    let echoed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        echoed,
+        format!("{OPEN} {OPEN}"),
+        "connections echoed, first and second round: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opened = hbone_opened(&lab);
+    assert_eq!(opened, 2, "{opened} HBONE connections for {OPEN} streams");
 }
 
 #[test]

@@ -44,6 +44,11 @@ pub const HBONE_PORT: u16 = 15008;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
+/// Streams one HBONE connection carries at once. Each holds descriptors at
+/// the destination, charged to the destination workload on behalf of the
+/// caller; the caller opens another connection beyond.
+const MAX_STREAMS: u32 = 1024;
+
 /// Request header carrying the caller's address, e.g. `for=10.1.1.11` or
 /// `for="[fd00::1]"`.
 const FORWARDED: &str = "forwarded";

@@ -1,8 +1,9 @@
-//! The caller's side of HBONE: one HTTP/2 connection per (source identity,
-//! destination node), shared by every stream between them.
+//! The caller's side of HBONE: HTTP/2 connections per (source identity,
+//! destination node), shared by every stream between them; one, unless
+//! more streams are open at once than one carries.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,9 +17,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::resume::{self, ResumeId};
+use super::tunnel::OpenStream;
 use super::{
     forwarded_for, tls, Destination, Source, TransportError, Tunnel, CONNECTION_WINDOW, FORWARDED,
-    STREAM_WINDOW,
+    MAX_STREAMS, STREAM_WINDOW,
 };
 use crate::identity::{Identities, SpiffeId};
 use crate::workers;
@@ -36,9 +38,9 @@ struct Key {
     worker: Option<usize>,
 }
 
-/// A slot's connection is (re)made under its async lock, so concurrent
+/// A slot's connections are made under its async lock, so concurrent
 /// first streams wait for one handshake instead of each making their own.
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 
 /// A connection and the certificate it was opened with: once that is
 /// renewed, new streams go to a new connection (the old one ends with its
@@ -46,6 +48,17 @@ type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     certificate: Arc<CertifiedKey>,
+    /// Streams open on it: at [`MAX_STREAMS`], new ones go to another
+    /// connection instead of waiting for one of these to end.
+    open: Arc<AtomicU32>,
+}
+
+/// A stream's place on a pooled connection, taken before it is asked for.
+struct Lease {
+    sender: SendRequest<Empty<Bytes>>,
+    stream: OpenStream,
+    /// Which connection (its count of open streams).
+    on: Arc<AtomicU32>,
 }
 
 pub struct Pool {
@@ -75,11 +88,12 @@ impl Pool {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .values()
-            .filter(|slot| {
-                slot.try_lock()
-                    .map_or(true, |p| p.as_ref().is_some_and(|p| !p.sender.is_closed()))
+            .map(|slot| {
+                slot.try_lock().map_or(1, |pooled| {
+                    pooled.iter().filter(|p| !p.sender.is_closed()).count()
+                })
             })
-            .count()
+            .sum()
     }
 
     /// A stream to `to.to`, opened as `source`. A pooled connection that
@@ -148,13 +162,14 @@ impl Pool {
     ) -> Result<Answered, TransportError> {
         let within = async {
             let slot = self.slot(source, to);
-            let mut sender = self.sender(&slot, source, to, false).await?;
-            match send(&mut sender, source, to, &ask).await {
+            let lease = self.lease(&slot, source, to, None).await?;
+            let failed_on = lease.on.clone();
+            match send(lease, source, to, &ask).await {
                 Err(TransportError::Http2 { source: e, .. })
                     if e.is_canceled() || e.is_closed() =>
                 {
-                    let mut sender = self.sender(&slot, source, to, true).await?;
-                    send(&mut sender, source, to, &ask).await
+                    let lease = self.lease(&slot, source, to, Some(&failed_on)).await?;
+                    send(lease, source, to, &ask).await
                 }
                 other => other,
             }
@@ -180,15 +195,17 @@ impl Pool {
         slots.entry(key).or_default().clone()
     }
 
-    /// The slot's live connection, or a new one (also when `renew`).
-    async fn sender(
+    /// A stream on one of the slot's live connections with room for it, or
+    /// on a new one; never on `failed` (a connection a stream just failed
+    /// on, which is dropped).
+    async fn lease(
         &self,
         slot: &Slot,
         source: &Source,
         to: &Destination,
-        renew: bool,
-    ) -> Result<SendRequest<Empty<Bytes>>, TransportError> {
-        let mut current = slot.lock().await;
+        failed: Option<&Arc<AtomicU32>>,
+    ) -> Result<Lease, TransportError> {
+        let mut pooled = slot.lock().await;
         let certificate = match self.identities.certified_key(&source.identity) {
             Some(certificate) => certificate,
             // A workload that just arrived may race its first certificate.
@@ -198,18 +215,31 @@ impl Pool {
                 .await
                 .ok_or_else(|| TransportError::NoCertificate(source.identity.clone()))?,
         };
-        let live = current.as_ref().filter(|p| {
-            !renew && !p.sender.is_closed() && Arc::ptr_eq(&p.certificate, &certificate)
+        pooled.retain(|p| {
+            !p.sender.is_closed()
+                && Arc::ptr_eq(&p.certificate, &certificate)
+                && !failed.is_some_and(|failed| Arc::ptr_eq(&p.open, failed))
         });
-        if let Some(pooled) = live {
-            return Ok(pooled.sender.clone());
-        }
-        let sender = self.handshake(source, to).await?;
-        *current = Some(Pooled {
-            sender: sender.clone(),
-            certificate,
-        });
-        Ok(sender)
+        let with_room = pooled
+            .iter()
+            .position(|p| p.open.load(Ordering::Relaxed) < MAX_STREAMS);
+        let chosen = match with_room {
+            Some(index) => &pooled[index],
+            None => {
+                let sender = self.handshake(source, to).await?;
+                pooled.push(Pooled {
+                    sender,
+                    certificate,
+                    open: Arc::default(),
+                });
+                &pooled[pooled.len() - 1]
+            }
+        };
+        Ok(Lease {
+            sender: chosen.sender.clone(),
+            stream: OpenStream::on(&chosen.open),
+            on: chosen.open.clone(),
+        })
     }
 
     async fn handshake(
@@ -296,10 +326,10 @@ impl Answered {
     }
 }
 
-/// `CONNECT ip:port` (or a quiesce) on `sender`; the tunnel once the
-/// destination says 200.
+/// `CONNECT ip:port` (or a quiesce) on the lease's connection; the tunnel,
+/// counted open there until it ends, once the destination says 200.
 async fn send(
-    sender: &mut SendRequest<Empty<Bytes>>,
+    lease: Lease,
     source: &Source,
     to: &Destination,
     ask: &Ask,
@@ -308,6 +338,9 @@ async fn send(
         node: to.node.clone(),
         source,
     };
+    let Lease {
+        mut sender, stream, ..
+    } = lease;
     sender.ready().await.map_err(http2)?;
     let request = Request::builder()
         .version(http::Version::HTTP_2)
@@ -358,5 +391,5 @@ async fn send(
     }
     let id = header(resume::RESUME_ID).and_then(|id| id.parse().ok());
     let upgraded = hyper::upgrade::on(response).await.map_err(http2)?;
-    Ok(Answered::Stream(Tunnel::new(upgraded), id))
+    Ok(Answered::Stream(Tunnel::new(upgraded, Some(stream)), id))
 }

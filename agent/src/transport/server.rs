@@ -21,16 +21,15 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::resume::{self, Registry, Resumable, ResumeId, ResumeRefused};
-use super::{parse_forwarded_for, tls, Tunnel, CONNECTION_WINDOW, FORWARDED, STREAM_WINDOW};
+use super::{
+    parse_forwarded_for, tls, Tunnel, CONNECTION_WINDOW, FORWARDED, MAX_STREAMS, STREAM_WINDOW,
+};
 use crate::identity::{Identities, SpiffeId};
 use crate::lifecycle::drain::until_drained;
 use crate::workers::{Acceptor, Workers};
 
 /// A TLS handshake must complete within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Streams one connection may have open: each holds descriptors at the
-/// destination, charged to the destination workload on behalf of the caller.
-const MAX_STREAMS: u32 = 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// A stream the caller asks for, authenticated.
@@ -241,7 +240,7 @@ impl Caller<'_> {
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    let tunnel = Tunnel::new(upgraded);
+                    let tunnel = Tunnel::new(upgraded, None);
                     // Boxed: kilobytes of state, allocated only once the
                     // stream is up, instead of in every spawned task.
                     Box::pin(inbound.serve(admitted, tunnel, resumable)).await
@@ -267,7 +266,7 @@ impl Caller<'_> {
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    if parked.send(Tunnel::new(upgraded)).is_err() {
+                    if parked.send(Tunnel::new(upgraded, None)).is_err() {
                         log::debug!("stream {id} ended before it was resumed");
                     }
                 }

@@ -15,6 +15,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,24 +31,44 @@ const LINGER: Duration = Duration::from_secs(60);
 /// One tunneled connection: bytes in both directions, end to end.
 pub struct Tunnel {
     /// `None` once handed to its linger.
-    stream: Option<TokioIo<Upgraded>>,
+    stream: Option<(TokioIo<Upgraded>, Option<OpenStream>)>,
     /// Our end of stream was sent.
     ours_ended: bool,
     /// The peer's end of stream was read.
     theirs_ended: bool,
 }
 
+/// One of the streams a pooled connection counts open, until dropped.
+pub(super) struct OpenStream(Arc<AtomicU32>);
+
+impl OpenStream {
+    /// Counts a stream on `open`.
+    pub(super) fn on(open: &Arc<AtomicU32>) -> OpenStream {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(open.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Tunnel {
-    pub(super) fn new(upgraded: Upgraded) -> Tunnel {
+    /// `counted`: on the caller's side, the stream counted on its pooled
+    /// connection until it ends.
+    pub(super) fn new(upgraded: Upgraded, counted: Option<OpenStream>) -> Tunnel {
         Tunnel {
-            stream: Some(TokioIo::new(upgraded)),
+            stream: Some((TokioIo::new(upgraded), counted)),
             ours_ended: false,
             theirs_ended: false,
         }
     }
 
     fn stream(&mut self) -> Pin<&mut TokioIo<Upgraded>> {
-        Pin::new(self.stream.as_mut().expect("only a dropped tunnel lingers"))
+        let (stream, _) = self.stream.as_mut().expect("only a dropped tunnel lingers");
+        Pin::new(stream)
     }
 }
 
@@ -83,7 +105,9 @@ impl AsyncWrite for Tunnel {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
+        self.stream
+            .as_ref()
+            .is_some_and(|(s, _)| s.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -115,8 +139,9 @@ impl Drop for Tunnel {
 }
 
 /// Waits for the peer's end of the stream; whatever comes instead, or
-/// nothing within [`LINGER`], ends it with a reset when it is dropped.
-async fn linger(mut stream: TokioIo<Upgraded>) {
+/// nothing within [`LINGER`], ends it with a reset when it is dropped. It
+/// stays counted open until then.
+async fn linger((mut stream, _counted): (TokioIo<Upgraded>, Option<OpenStream>)) {
     let mut byte = [0u8; 1];
     let _ = tokio::time::timeout(LINGER, stream.read(&mut byte)).await;
 }
@@ -144,7 +169,7 @@ mod tests {
             async move {
                 let upgrade = hyper::upgrade::on(&mut request);
                 tokio::spawn(async move {
-                    let _ = accepted.send(Tunnel::new(upgrade.await.unwrap()));
+                    let _ = accepted.send(Tunnel::new(upgrade.await.unwrap(), None));
                 });
                 Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
             }
@@ -164,7 +189,7 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
-        let client = Tunnel::new(hyper::upgrade::on(response).await.unwrap());
+        let client = Tunnel::new(hyper::upgrade::on(response).await.unwrap(), None);
         (client, server_side.recv().await.unwrap())
     }
 
