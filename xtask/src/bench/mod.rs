@@ -1211,7 +1211,15 @@ impl<'a> Bench<'a> {
             std::thread::sleep(CONFIG_POLL * 10);
             after = observe(self)?;
         }
-        setting.check(before, after)?;
+        if let Err(failed) = setting.check(before, after) {
+            match setting {
+                telemetry::Setting::TraceAll => {
+                    let counters = telemetry::trace_counters(&self.topo, &self.agents);
+                    bail!("{failed:#}; the agents' span counters: {counters}")
+                }
+                telemetry::Setting::MetricsOff => return Err(failed),
+            }
+        }
         println!(
             "  Telemetry `{}` served {:.0} ms after the write, and applied",
             setting.label(),

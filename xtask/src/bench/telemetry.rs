@@ -86,21 +86,40 @@ pub(super) const CHECK_REQUESTS: u64 = 5;
 /// How long spans get to reach the receiver (the agents export every second).
 pub(super) const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Requests the agents counted in `istio_requests_total` (both reporters),
-/// from their `/metrics`, fetched from node-a's network namespace.
-pub(super) fn requests_reported(topo: &Topology, agents: &[Agent]) -> Result<u64> {
+/// `agent`'s `/metrics`, fetched from node-a's network namespace.
+fn scrape(topo: &Topology, agent: &Agent) -> Result<String> {
     let from = topo.node("node-a").netns.clone();
+    let url = format!("http://{}:15020/metrics", topo.node(agent.node()).address);
+    topo.run_in_ok(&from, &["curl", "-sS", "--max-time", "5", &url])
+        .with_context(|| format!("scraping {url}"))
+}
+
+/// Requests the agents counted in `istio_requests_total` (both reporters).
+pub(super) fn requests_reported(topo: &Topology, agents: &[Agent]) -> Result<u64> {
     let mut total = 0.0;
     for agent in agents {
-        let url = format!("http://{}:15020/metrics", topo.node(agent.node()).address);
-        let exposition = topo
-            .run_in_ok(&from, &["curl", "-sS", "--max-time", "5", &url])
-            .with_context(|| format!("scraping {url}"))?;
-        total += exposition
+        total += scrape(topo, agent)?
             .lines()
             .filter(|l| l.starts_with("istio_requests_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>();
     }
     Ok(total as u64)
+}
+
+/// Each agent's span counters (`nodemesh_trace_*`: exported, dropped and
+/// why, failed exports), to say where the spans of a failed check went.
+pub(super) fn trace_counters(topo: &Topology, agents: &[Agent]) -> String {
+    let per_agent = agents.iter().map(|agent| {
+        let counters = match scrape(topo, agent) {
+            Ok(exposition) => exposition
+                .lines()
+                .filter(|l| l.starts_with("nodemesh_trace_"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("{e:#}"),
+        };
+        format!("{}: {counters}", agent.node())
+    });
+    per_agent.collect::<Vec<_>>().join("; ")
 }
