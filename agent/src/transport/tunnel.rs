@@ -12,6 +12,10 @@
 //! a closed TCP socket does in `FIN_WAIT2`, until the peer's end of stream
 //! (then it closes without any reset), data (a reset, as TCP answers data
 //! to a closed socket), a reset, or [`LINGER`].
+//!
+//! On the caller's side a tunnel also holds its place in its pooled
+//! connection's count of open streams ([`OpenStream`]) until the stream
+//! has ended, lingering included.
 
 use std::io;
 use std::pin::Pin;
