@@ -235,7 +235,7 @@ fn connection_churn_never_tears_down_the_shared_hbone_connection() {
     let topo = lab.mesh.topo();
     let client = topo.pod(CLIENT).netns.clone();
     let churn = env!("CARGO_BIN_EXE_mesh-churn");
-    // Enough to open the pooled connection of each agent worker.
+    // Opens the pooled connection, so that any new one counts.
     let warm_up = [churn, "--count", "200", &web];
     load_report("mesh-churn", &topo.run_in(&client, &warm_up).unwrap());
     let opened = hbone_opened(&lab);

@@ -57,8 +57,6 @@ struct Pooled {
 struct Lease {
     sender: SendRequest<Empty<Bytes>>,
     stream: OpenStream,
-    /// Which connection (its count of open streams).
-    on: Arc<AtomicU32>,
 }
 
 pub struct Pool {
@@ -163,7 +161,7 @@ impl Pool {
         let within = async {
             let slot = self.slot(source, to);
             let lease = self.lease(&slot, source, to, None).await?;
-            let failed_on = lease.on.clone();
+            let failed_on = lease.stream.connection().clone();
             match send(lease, source, to, &ask).await {
                 Err(TransportError::Http2 { source: e, .. })
                     if e.is_canceled() || e.is_closed() =>
@@ -238,7 +236,6 @@ impl Pool {
         Ok(Lease {
             sender: chosen.sender.clone(),
             stream: OpenStream::on(&chosen.open),
-            on: chosen.open.clone(),
         })
     }
 
@@ -338,9 +335,7 @@ async fn send(
         node: to.node.clone(),
         source,
     };
-    let Lease {
-        mut sender, stream, ..
-    } = lease;
+    let Lease { mut sender, stream } = lease;
     sender.ready().await.map_err(http2)?;
     let request = Request::builder()
         .version(http::Version::HTTP_2)

@@ -51,6 +51,11 @@ impl OpenStream {
         open.fetch_add(1, Ordering::Relaxed);
         OpenStream(open.clone())
     }
+
+    /// The count it is on: which connection.
+    pub(super) fn connection(&self) -> &Arc<AtomicU32> {
+        &self.0
+    }
 }
 
 impl Drop for OpenStream {
